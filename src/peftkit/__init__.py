@@ -1,0 +1,57 @@
+"""peftkit: parameter-efficient fine-tuning of pretrained PyTorch models.
+
+The public verbs take your own ``nn.Module``, change it in place and return it::
+
+    import peftkit
+    model = peftkit.inject(model, peftkit.LoraConfig(r=8, target_modules=["query", "value"]))
+    peftkit.trainable_summary(model)
+    ...train...
+    peftkit.save_adapter(model, "my-adapter")
+"""
+
+from .api import (
+    TrainableSummary,
+    active_adapters,
+    adapter_config,
+    adapter_names,
+    adapter_state_dict,
+    delete_adapter,
+    disable,
+    inject,
+    load_adapter,
+    load_adapter_state_dict,
+    merge,
+    read_adapter_config,
+    save_adapter,
+    set_active,
+    trainable_summary,
+    unload,
+    unmerge,
+)
+from .core.config import AdapterConfig
+from .methods.lora import LoraConfig, lora_plus_param_groups
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AdapterConfig",
+    "LoraConfig",
+    "TrainableSummary",
+    "active_adapters",
+    "adapter_config",
+    "adapter_names",
+    "adapter_state_dict",
+    "delete_adapter",
+    "disable",
+    "inject",
+    "load_adapter",
+    "load_adapter_state_dict",
+    "lora_plus_param_groups",
+    "merge",
+    "read_adapter_config",
+    "save_adapter",
+    "set_active",
+    "trainable_summary",
+    "unload",
+    "unmerge",
+]

@@ -1,0 +1,214 @@
+"""The verbs users call. Each takes the user's own model, changes it in place and returns it."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from . import methods  # noqa: F401  (registers the built-in methods)
+from .core import inject as _inject
+from .core.config import AdapterConfig
+from .core.inject import adapter_layers, saved_modules, state_of
+from .core.io import load_adapter, read_adapter_config, save_adapter
+from .core.state_dict import adapter_state_dict, load_adapter_state_dict
+from .errors import AdapterNameError
+
+
+def inject(model: nn.Module, config: AdapterConfig, adapter_name: str = "default") -> nn.Module:
+    """Add an adapter to ``model`` in place and make it the (only) active, trainable one.
+
+    Every base parameter is frozen; the new adapter's parameters, its ``modules_to_save`` copies
+    (set automatically for sequence-classification heads) and any extra parameters the method trains
+    are trainable. On error the model is unchanged.
+
+    Raises:
+        NoTargetMatchedError: a target matches no module (the message names the closest ones).
+        UnsupportedLayerError: a named target is of a type the method cannot adapt.
+        AdapterNameError: ``adapter_name`` is taken or malformed.
+    """
+    return _inject.inject(model, config, adapter_name)
+
+
+def adapter_names(model: nn.Module) -> list[str]:
+    """Names of the adapters on ``model``, in the order they were added."""
+    state = model.__dict__.get(_inject.STATE_ATTR)
+    return list(state.configs) if state else []
+
+
+def active_adapters(model: nn.Module) -> list[str]:
+    return list(state_of(model).active)
+
+
+def adapter_config(model: nn.Module, adapter_name: str = "default") -> AdapterConfig:
+    state = state_of(model)
+    if adapter_name not in state.configs:
+        raise AdapterNameError(f"no adapter named {adapter_name!r}; adapters on this model: {sorted(state.configs)}")
+    return state.configs[adapter_name]
+
+
+def set_active(model: nn.Module, names: str | list[str]) -> nn.Module:
+    """Make ``names`` the active adapters (their deltas are summed); only they are trainable."""
+    _inject.set_active(model, [names] if isinstance(names, str) else list(names))
+    return model
+
+
+@contextlib.contextmanager
+def disable(model: nn.Module) -> Iterator[nn.Module]:
+    """Within the block the model computes exactly its base output (merged adapters are unmerged
+    for the duration and merged back after, within floating-point rounding)."""
+    merged = {name: list(layer.merged) for name, layer in adapter_layers(model)}
+    wrappers = [w for _, w in adapter_layers(model)] + [w for _, w in saved_modules(model)]
+    for _, layer in adapter_layers(model):
+        layer.unmerge()
+    for wrapper in wrappers:
+        wrapper.disabled = True
+    try:
+        yield model
+    finally:
+        for wrapper in wrappers:
+            wrapper.disabled = False
+        for name, layer in adapter_layers(model):
+            layer.merge(merged.get(name, []))
+
+
+def delete_adapter(model: nn.Module, adapter_name: str) -> nn.Module:
+    """Remove an inactive, unmerged adapter. To remove the last one, use :func:`unload`."""
+    state = state_of(model)
+    if adapter_name not in state.configs:
+        raise AdapterNameError(f"no adapter named {adapter_name!r}; adapters on this model: {sorted(state.configs)}")
+    if adapter_name in state.active:
+        others = [n for n in state.configs if n != adapter_name]
+        fix = f"set_active(model, {others[0]!r}) first" if others else "use unload(model) to remove the last adapter"
+        raise AdapterNameError(f"adapter {adapter_name!r} is active and cannot be deleted; {fix}")
+    if any(adapter_name in layer.merged for _, layer in adapter_layers(model)):
+        raise AdapterNameError(f"adapter {adapter_name!r} is merged into the base weights; unmerge(model) first")
+    _inject.remove_adapter(model, adapter_name)
+    return model
+
+
+def merge(model: nn.Module, adapter_names: str | list[str] | None = None, *, safe: bool = False) -> nn.Module:
+    """Fold adapters (default: the active ones) into the base weights; reversible with :func:`unmerge`.
+
+    With ``safe=True`` each new weight is computed out of place and checked for NaN/inf first;
+    :class:`~peftkit.errors.UnsafeMergeError` names the adapter and module, and no layer is changed
+    for that adapter (layers merged before the failure are unmerged again).
+    """
+    names = _names(model, adapter_names)
+    done: list = []
+    try:
+        for _, layer in adapter_layers(model):
+            wanted = [n for n in names if n in layer.adapters]
+            if wanted:
+                layer.merge(wanted, safe=safe)
+                done.append((layer, wanted))
+    except Exception:
+        for layer, wanted in done:
+            layer.unmerge(wanted)
+        raise
+    return model
+
+
+_merge = merge  # unload() has a parameter named `merge`
+
+
+def unmerge(model: nn.Module, adapter_names: str | list[str] | None = None) -> nn.Module:
+    """Subtract merged adapters (default: all merged) from the base weights again."""
+    names = None if adapter_names is None else _names(model, adapter_names)
+    for _, layer in adapter_layers(model):
+        layer.unmerge(names)
+    return model
+
+
+def unload(model: nn.Module, *, merge: bool = False, safe: bool = True) -> nn.Module:
+    """Remove every adapter and put the original module objects back.
+
+    With ``merge=True`` the active adapters are first merged (safely by default), so the returned
+    plain model computes what the adapted one did; otherwise the base model comes back unchanged
+    (merged adapters are unmerged, PiSSA/OLoRA residuals restored).
+    """
+    state = state_of(model)
+    if merge:
+        _merge(model, list(state.active), safe=safe)
+    else:
+        unmerge(model)
+    return _inject.unload(model, restore_base=not merge)
+
+
+def _names(model: nn.Module, adapter_names: str | list[str] | None) -> list[str]:
+    state = state_of(model)
+    names = list(state.active) if adapter_names is None else (
+        [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+    )
+    unknown = [n for n in names if n not in state.configs]
+    if unknown:
+        raise AdapterNameError(f"unknown adapter(s) {unknown}; adapters on this model: {sorted(state.configs)}")
+    return names
+
+
+@dataclass
+class TrainableSummary:
+    """What :func:`trainable_summary` found; ``str()`` gives the readable table."""
+
+    adapted: list[tuple[str, str, str, int]] = field(default_factory=list)  # module, kind, adapter, params
+    skipped: list[tuple[str, str, str]] = field(default_factory=list)  # module, type, reason
+    modules_to_save: list[tuple[str, str, int]] = field(default_factory=list)  # module, adapter, params
+    trainable: int = 0
+    total: int = 0
+
+    @property
+    def percent(self) -> float:
+        return 100.0 * self.trainable / self.total if self.total else 0.0
+
+    def __str__(self) -> str:
+        lines = [f"{'module':<56} {'kind':<16} {'adapter':<10} {'params':>10}"]
+        for name, kind, adapter, count in self.adapted:
+            lines.append(f"{name:<56} {kind:<16} {adapter:<10} {count:>10,}")
+        for name, adapter, count in self.modules_to_save:
+            lines.append(f"{name:<56} {'full copy':<16} {adapter:<10} {count:>10,}")
+        if self.skipped:
+            lines.append(f"matched but not adapted ({len(self.skipped)}):")
+            lines += [f"  {name} ({kind}): {reason}" for name, kind, reason in self.skipped]
+        lines.append(
+            f"adapted modules: {len(self.adapted)} | trainable params: {self.trainable:,} || "
+            f"all params: {self.total:,} || trainable%: {self.percent:.4f}"
+        )
+        return "\n".join(lines)
+
+
+def trainable_summary(model: nn.Module, *, show: bool = True) -> TrainableSummary:
+    """Which modules were adapted (kind, added parameters), trainable vs total parameters, and which
+    matched modules could not be adapted. Prints the table unless ``show=False``."""
+    summary = TrainableSummary()
+    state = model.__dict__.get(_inject.STATE_ATTR)
+    if state is not None:
+        for name, layer in adapter_layers(model):
+            for adapter_name, adapter in layer.adapters.items():
+                kind = f"{type(adapter).__name__}({type(layer.base_layer).__name__})"
+                summary.adapted.append((name, kind, adapter_name, sum(p.numel() for p in adapter.parameters())))
+        for name, wrapper in saved_modules(model):
+            for adapter_name, copy in wrapper.copies.items():
+                summary.modules_to_save.append((name, adapter_name, sum(p.numel() for p in copy.parameters())))
+        seen = set()
+        for plan in state.plans.values():
+            for item in plan.skipped:
+                if item[0] not in seen:
+                    seen.add(item[0])
+                    summary.skipped.append(item)
+    unique = {id(p): p for p in model.parameters()}.values()
+    # Count what the model computes with: the base weights plus every adapter, not the originals
+    # that modules_to_save keeps aside for the disabled path twice.
+    summary.total = sum(p.numel() for p in unique)
+    summary.trainable = sum(p.numel() for p in unique if p.requires_grad)
+    if show:
+        print(summary)
+    return summary
+
+
+__all__ = [
+    "inject", "adapter_names", "active_adapters", "adapter_config", "set_active", "disable",
+    "delete_adapter", "merge", "unmerge", "unload", "trainable_summary", "TrainableSummary",
+    "save_adapter", "load_adapter", "read_adapter_config", "adapter_state_dict", "load_adapter_state_dict",
+]

@@ -1,0 +1,1 @@
+"""Method-agnostic machinery: nothing in this package names a specific PEFT method."""

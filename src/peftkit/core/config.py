@@ -1,0 +1,181 @@
+"""The base config every method's config extends: what to adapt, and how the saved file looks.
+
+Field names follow the reference library's ``adapter_config.json`` so that a config round-trips
+through the interchange format without renaming.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from ..errors import ConfigError
+from . import registry
+
+ALL_LINEAR = "all-linear"
+
+# Keys every reference adapter_config.json may carry that describe nothing peftkit must act on.
+_BOOKKEEPING_KEYS = {"peft_type", "peft_version", "auto_mapping"}
+
+
+ANY = ...  # in reference_inert: the key is ignored whatever its value
+
+
+def _is_inert(value: Any, inert: Any) -> bool:
+    if inert is ANY:
+        return True
+    empty = (None, False, {}, [], "")
+    return value == inert or (value in empty and inert in empty)
+
+
+@dataclass
+class AdapterConfig:
+    """Targets and bookkeeping shared by every method.
+
+    Attributes:
+        target_modules: Which modules to adapt. A list matches a module whose full name equals an entry
+            or ends with ``"." + entry`` (the reference library's rule); a string is a regular
+            expression that must match the full name; ``"all-linear"`` picks every linear layer except
+            the model's output head. ``None`` lets the method pick its default for known architectures.
+        exclude_modules: Same matching rules; a module matched here is never adapted.
+        layers_to_transform: Only adapt modules inside these layer indices (the number after
+            ``layers_pattern`` in the module name, e.g. ``encoder.layer.3.``).
+        layers_pattern: Name(s) of the module list holding the layers, e.g. ``"layer"`` or ``"h"``.
+        rank_pattern: Per-module rank overrides, keyed by a regex matched against the name's end.
+        alpha_pattern: Per-module alpha overrides, same matching.
+        modules_to_save: Modules (e.g. a freshly initialised classifier head) to train in full; a
+            trainable copy is made per adapter and saved with it.
+        task_type: The reference library's task name, e.g. ``"SEQ_CLS"`` or ``"CAUSAL_LM"``.
+        base_model_name_or_path: Where the base model came from; recorded on save.
+        inference_mode: True once saved; loading with ``is_trainable=False`` keeps the adapter frozen.
+    """
+
+    peft_type: ClassVar[str] = ""
+    # Keys the reference library writes for this method that peftkit does not implement, with the
+    # value meaning "feature off". Loading a file that turns one of them on is refused.
+    reference_inert: ClassVar[dict[str, Any]] = {}
+
+    target_modules: list[str] | str | None = None
+    exclude_modules: list[str] | str | None = None
+    layers_to_transform: list[int] | int | None = None
+    layers_pattern: list[str] | str | None = None
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+    modules_to_save: list[str] | None = None
+    task_type: str | None = None
+    base_model_name_or_path: str | None = None
+    revision: str | None = None
+    inference_mode: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("target_modules", "exclude_modules", "modules_to_save", "layers_pattern"):
+            value = getattr(self, name)
+            if isinstance(value, (tuple, set)):
+                setattr(self, name, sorted(value) if isinstance(value, set) else list(value))
+        problems = self.problems()
+        if problems:
+            raise ConfigError(problems, what=type(self).__name__)
+
+    def problems(self) -> list[str]:
+        """Every problem with this config; subclasses extend the list."""
+        out: list[str] = []
+        for name in ("target_modules", "exclude_modules"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if isinstance(value, str):
+                if value != ALL_LINEAR or name == "exclude_modules":
+                    try:
+                        re.compile(value)
+                    except re.error as exc:
+                        out.append(f"{name}: {value!r} is not a valid regular expression ({exc})")
+            elif isinstance(value, list):
+                if not value:
+                    out.append(f"{name}: empty list; give at least one module name, or None")
+                if not all(isinstance(v, str) and v for v in value):
+                    out.append(f"{name}: every entry must be a non-empty string, got {value!r}")
+            else:
+                out.append(f"{name}: expected a list of names or a regex string, got {type(value).__name__}")
+        ltt = self.layers_to_transform
+        if ltt is not None:
+            items = [ltt] if isinstance(ltt, int) else ltt
+            if not isinstance(items, list) or not all(isinstance(i, int) and i >= 0 for i in items):
+                out.append(f"layers_to_transform: expected a non-negative int or list of them, got {ltt!r}")
+        for name in ("rank_pattern", "alpha_pattern"):
+            pattern = getattr(self, name)
+            if not isinstance(pattern, dict):
+                out.append(f"{name}: expected a dict of regex -> number, got {type(pattern).__name__}")
+                continue
+            for key, val in pattern.items():
+                try:
+                    re.compile(key)
+                except re.error as exc:
+                    out.append(f"{name}: key {key!r} is not a valid regular expression ({exc})")
+                if not isinstance(val, (int, float)) or isinstance(val, bool) or val <= 0:
+                    out.append(f"{name}[{key!r}]: must be a positive number, got {val!r}")
+        if self.modules_to_save is not None and not all(isinstance(m, str) and m for m in self.modules_to_save):
+            out.append(f"modules_to_save: every entry must be a non-empty string, got {self.modules_to_save!r}")
+        return out
+
+    # -- hooks a method implements -----------------------------------------------------------------
+
+    def layer_values(self, target: Any) -> dict[str, Any]:
+        """Plain keyword values for the method's layer builder, for one resolved target."""
+        raise NotImplementedError(f"{type(self).__name__} must implement layer_values()")
+
+    def extra_trainable(self, model: Any, adapted: list[str]) -> list[str]:
+        """Names of base-model parameters this adapter also trains and saves (none by default)."""
+        return []
+
+    # -- interchange -----------------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        """The config as the reference library writes it (``adapter_config.json``)."""
+        data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        inert = {k: v for k, v in self.reference_inert.items() if v is not ANY}
+        data = {**inert, **_jsonable(data), "peft_type": self.peft_type}
+        return dict(sorted(data.items()))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> AdapterConfig:
+        """Build the registered config class named by ``data["peft_type"]`` (or ``cls``).
+
+        Unknown keys (written by a newer version) warn and are ignored; a reference-library feature
+        peftkit does not implement, switched on, is an error rather than a silently different model.
+        """
+        data = dict(data)
+        peft_type = data.get("peft_type") or cls.peft_type
+        target_cls = registry.config_class(peft_type) if peft_type else cls
+        names = {f.name for f in dataclasses.fields(target_cls)}
+        kwargs, unknown, unsupported = {}, [], []
+        for key, value in data.items():
+            if key in names:
+                kwargs[key] = value
+            elif key in target_cls.reference_inert:
+                if not _is_inert(value, target_cls.reference_inert[key]):
+                    unsupported.append(f"{key}={value!r} is a reference-library feature peftkit does not implement")
+            elif key not in _BOOKKEEPING_KEYS:
+                unknown.append(key)
+        if unsupported:
+            raise ConfigError(unsupported, what=f"{peft_type} adapter config")
+        if unknown:
+            warnings.warn(
+                f"ignoring unknown {peft_type} config keys {sorted(unknown)} (written by a newer version?)",
+                stacklevel=2,
+            )
+        return target_cls(**kwargs)
+
+    def replace(self, **changes: Any) -> AdapterConfig:
+        return dataclasses.replace(self, **changes)
+
+
+def _jsonable(data: dict[str, Any]) -> dict[str, Any]:
+    out = {}
+    for key, value in data.items():
+        if isinstance(value, (set, tuple)):
+            value = list(value)
+        out[key] = value
+    return out

@@ -1,0 +1,197 @@
+"""Putting adapters into a model in place, and taking them out again.
+
+The user's own model object is changed and returned: targeted children are swapped for
+:class:`AdapterLayer` wrappers that hold the original module, so ``unload`` can put the very same
+objects back. Per-model bookkeeping lives in one plain attribute, ``model._peftkit``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from ..errors import AdapterNameError
+from .config import AdapterConfig
+from .layer import AdapterLayer, ModulesToSave
+from .targeting import Plan, resolve, sequence_head_names
+
+STATE_ATTR = "_peftkit"
+
+
+@dataclass
+class PeftState:
+    configs: dict[str, AdapterConfig] = field(default_factory=dict)
+    active: list[str] = field(default_factory=list)
+    # adapter -> base parameters it trains and saves (e.g. biases under LoRA's bias="all"); kept as
+    # objects, not names, because wrapping a layer later renames them (x.bias -> x.base_layer.bias)
+    extra_trainable: dict[str, list[nn.Parameter]] = field(default_factory=dict)
+    plans: dict[str, Plan] = field(default_factory=dict)
+    # requires_grad of every parameter before the first inject, restored by unload
+    original_requires_grad: dict[str, bool] = field(default_factory=dict)
+
+
+def state_of(model: nn.Module, create: bool = False) -> PeftState:
+    state = model.__dict__.get(STATE_ATTR)
+    if state is None:
+        if not create:
+            raise AdapterNameError("this model has no peftkit adapters; call peftkit.inject(model, config) first")
+        state = PeftState(original_requires_grad={n: p.requires_grad for n, p in model.named_parameters()})
+        model.__dict__[STATE_ATTR] = state
+    return state
+
+
+def adapter_layers(model: nn.Module) -> list[tuple[str, AdapterLayer]]:
+    return [(m.module_name, m) for m in model.modules() if isinstance(m, AdapterLayer)]
+
+
+def saved_modules(model: nn.Module) -> list[tuple[str, ModulesToSave]]:
+    return [(m.module_name, m) for m in model.modules() if isinstance(m, ModulesToSave)]
+
+
+def _set_child(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def _check_new_name(model: nn.Module, adapter_name: str) -> None:
+    if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
+        raise AdapterNameError(
+            f"adapter name must be a non-empty string without '.', got {adapter_name!r} "
+            "('.' would break the saved tensor names)"
+        )
+    state = model.__dict__.get(STATE_ATTR)
+    if state is not None and adapter_name in state.configs:
+        raise AdapterNameError(
+            f"adapter {adapter_name!r} already exists on this model (adapters: {sorted(state.configs)}); "
+            "choose another name, or delete_adapter(model, name) first. The model was not changed."
+        )
+
+
+def inject(
+    model: nn.Module, config: AdapterConfig, adapter_name: str = "default", *, require_every_entry: bool = True
+) -> nn.Module:
+    """Add adapter ``adapter_name`` described by ``config`` to ``model`` in place; make it the active one.
+
+    Everything that can fail (name checks, target resolution, building adapter tensors) happens before
+    the model is touched, so a failed call leaves the model as it was.
+    """
+    _check_new_name(model, adapter_name)
+    if config.modules_to_save is None and sequence_head_names(model):
+        # A freshly initialised classification head must train in full, or the adapter is useless.
+        config = config.replace(modules_to_save=sequence_head_names(model))
+        if config.task_type is None:
+            config = config.replace(task_type="SEQ_CLS")
+    if config.base_model_name_or_path is None:
+        source = getattr(getattr(model, "config", None), "_name_or_path", None) or getattr(model, "name_or_path", None)
+        if source:
+            config = config.replace(base_model_name_or_path=str(source))
+    plan = resolve(model, config, require_every_entry=require_every_entry)
+    built = [(t, t.row.build(t.module, **config.layer_values(t))) for t in plan.targets]
+
+    state = state_of(model, create=True)
+    existing = {m.module_name: m for m in model.modules() if isinstance(m, (AdapterLayer, ModulesToSave))}
+    for target, adapter in built:
+        layer = existing.get(target.name)
+        if layer is None:
+            layer = AdapterLayer(target.module, target.name)
+            _set_child(model, target.name, layer)
+        layer.adapters[adapter_name] = adapter.to(_device_of(target.module))
+        adapter.attach(target.module)
+    for name in plan.modules_to_save:
+        wrapper = existing.get(name)
+        if wrapper is None:
+            wrapper = ModulesToSave(model.get_submodule(name), name)
+            _set_child(model, name, wrapper)
+        wrapper.add_copy(adapter_name)
+
+    state.configs[adapter_name] = config
+    state.plans[adapter_name] = plan
+    named = dict(model.named_parameters())
+    state.extra_trainable[adapter_name] = [named[n] for n in config.extra_trainable(model, [t.name for t in plan.targets])]
+    set_active(model, [adapter_name])
+    if config.inference_mode:
+        for param in trainable_parameters(model, adapter_name):
+            param.requires_grad_(False)
+    return model
+
+
+def _device_of(module: nn.Module):
+    for tensor in list(module.parameters()) + list(module.buffers()):
+        return tensor.device
+    return None
+
+
+def trainable_parameters(model: nn.Module, adapter_name: str) -> list[nn.Parameter]:
+    """Every parameter adapter ``adapter_name`` trains: its adapter tensors, copies and extra base params."""
+    state = state_of(model)
+    params = [p for _, layer in adapter_layers(model) if adapter_name in layer.adapters
+              for p in layer.adapters[adapter_name].parameters()]
+    params += [p for _, w in saved_modules(model) if adapter_name in w.copies for p in w.copies[adapter_name].parameters()]
+    return params + list(state.extra_trainable.get(adapter_name, []))
+
+
+def set_active(model: nn.Module, names: list[str]) -> None:
+    """Activate ``names`` (their deltas are summed); only active adapters are trainable."""
+    state = state_of(model)
+    unknown = [n for n in names if n not in state.configs]
+    if unknown or not names:
+        raise AdapterNameError(f"cannot activate {unknown or names!r}; adapters on this model: {sorted(state.configs)}")
+    for _, wrapper in saved_modules(model):
+        owners = [n for n in names if n in wrapper.copies]
+        if len(owners) > 1:
+            raise AdapterNameError(
+                f"adapters {owners} each have their own copy of {wrapper.module_name!r} (modules_to_save); "
+                "only one of them can be active at a time"
+            )
+    state.active = list(names)
+    for _, layer in adapter_layers(model):
+        layer.active = [n for n in names if n in layer.adapters]
+    for _, wrapper in saved_modules(model):
+        wrapper.active = [n for n in names if n in wrapper.copies]
+    for param in model.parameters():
+        param.requires_grad_(False)
+    for name in names:
+        if not state.configs[name].inference_mode:
+            for param in trainable_parameters(model, name):
+                param.requires_grad_(True)
+
+
+def remove_adapter(model: nn.Module, adapter_name: str) -> None:
+    state = state_of(model)
+    for _, layer in adapter_layers(model):
+        if adapter_name in layer.adapters:
+            layer.adapters[adapter_name].detach_from(layer.base_layer)
+            del layer.adapters[adapter_name]
+            if not layer.adapters:
+                _set_child(model, layer.module_name, layer.base_layer)
+    for _, wrapper in saved_modules(model):
+        if adapter_name in wrapper.copies:
+            del wrapper.copies[adapter_name]
+            if not wrapper.copies:
+                _set_child(model, wrapper.module_name, wrapper.base_layer)
+    for store in (state.configs, state.plans, state.extra_trainable):
+        store.pop(adapter_name, None)
+    if adapter_name in state.active:
+        state.active.remove(adapter_name)
+
+
+def unload(model: nn.Module, restore_base: bool = True) -> nn.Module:
+    """Put every original module back and restore requires_grad; adapters are dropped.
+
+    With ``restore_base`` unmerged adapters undo what they did to the base weight (PiSSA/OLoRA
+    residuals); without it the base weights stay as they are (e.g. holding merged adapters).
+    """
+    state = state_of(model)
+    for _, layer in adapter_layers(model):
+        for name, adapter in layer.adapters.items():
+            if restore_base and name not in layer.merged:
+                adapter.detach_from(layer.base_layer)
+        _set_child(model, layer.module_name, layer.base_layer)
+    for _, wrapper in saved_modules(model):
+        _set_child(model, wrapper.module_name, wrapper.base_layer)
+    for name, param in model.named_parameters():
+        param.requires_grad_(state.original_requires_grad.get(name, param.requires_grad))
+    del model.__dict__[STATE_ATTR]
+    return model

@@ -1,0 +1,164 @@
+"""The one wrapper every adapted module becomes, and the protocol a method's adapter implements.
+
+An :class:`AdapterLayer` owns the original module as ``base_layer`` and one :class:`AdapterModule`
+per adapter name. Merge, unmerge, enable/disable and activation are written here once; a method only
+says how its adapter changes the output (``delta_output``) and the weight (``delta_weight``).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from ..errors import AdapterNameError, UnsafeMergeError
+
+
+class AdapterModule(nn.Module):
+    """One adapter's parameters on one base layer. Subclassed once per method and layer kind.
+
+    Every parameter and persistent buffer of an AdapterModule belongs to the adapter: this module
+    *is* the declaration of which tensors are adapter tensors (STYLE.md rule 3). Its ``state_dict``
+    keys are the interchange-format suffixes (``lora_A.weight``, ``lora_magnitude_vector`` ...).
+    """
+
+    mergeable: bool = True
+
+    def delta_output(self, x: torch.Tensor, base_out: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
+        """What this adapter adds to ``base_out`` (the base layer's output for input ``x``)."""
+        raise NotImplementedError
+
+    def delta_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        """The change this adapter makes to ``weight`` (in the base layer's own layout)."""
+        raise NotImplementedError
+
+    def attach(self, base_layer: nn.Module) -> None:
+        """Called once the adapter sits on its layer; inits that rewrite the base weight (PiSSA) do it here."""
+
+    def detach_from(self, base_layer: nn.Module) -> None:
+        """Undo what :meth:`attach` did to the base layer, when the adapter is removed unmerged."""
+
+    def merged_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        """The weight with this adapter merged in. Must not modify ``weight`` in place."""
+        return weight + self.delta_weight(weight)
+
+    def unmerged_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        """Invert :meth:`merged_weight`; overridden where the delta depends on the weight (DoRA)."""
+        return weight - self.delta_weight(weight)
+
+    def interchange_state(self) -> dict[str, torch.Tensor]:
+        """Tensors to save, keyed by their interchange-format suffix."""
+        return dict(self.state_dict())
+
+
+def _compute_dtype(weight: torch.Tensor) -> torch.dtype:
+    # Merging in half precision on CPU is both slow and lossy: do the arithmetic in float32, round once.
+    return torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
+
+
+class AdapterLayer(nn.Module):
+    """A base module plus any number of named adapters; output = base + sum of active adapters' deltas."""
+
+    def __init__(self, base_layer: nn.Module, module_name: str) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.adapters = nn.ModuleDict()
+        self.module_name = module_name
+        self.active: list[str] = []
+        self.merged: list[str] = []
+        self.disabled = False
+
+    def __getattr__(self, name: str):
+        # transformers code reads e.g. `self.q_proj.weight.dtype`: let such reads reach the base layer.
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(super().__getattr__("base_layer"), name)
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        base_out = self.base_layer(x, *args, **kwargs)
+        if self.disabled:
+            return base_out
+        out = base_out
+        for name in self.active:
+            if name not in self.merged:
+                out = out + self.adapters[name].delta_output(x, base_out, self.base_layer)
+        return out
+
+    # -- merging, written once for every method --------------------------------------------------
+
+    def _weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    def merge(self, names: Iterable[str], safe: bool = False) -> None:
+        weight = self._weight()
+        for name in names:
+            if name in self.merged:
+                continue
+            adapter = self.adapters[name]
+            if not adapter.mergeable:
+                raise AdapterNameError(
+                    f"adapter {name!r} on {self.module_name!r} ({type(adapter).__name__}) cannot be merged; "
+                    "keep it unmerged, or unload(merge=False)"
+                )
+            with torch.no_grad():
+                work = weight.detach().to(_compute_dtype(weight))
+                new = adapter.merged_weight(work)  # out of place: the base is untouched until checked
+                if safe and not torch.isfinite(new).all():
+                    bad = int((~torch.isfinite(new)).sum())
+                    raise UnsafeMergeError(
+                        f"merging adapter {name!r} into {self.module_name!r} would write {bad} non-finite "
+                        "value(s) into the base weight; the base weight was left unchanged. Check the "
+                        "adapter's tensors (e.g. a diverged training run) before merging."
+                    )
+                weight.data.copy_(new.to(weight.dtype))
+            self.merged.append(name)
+
+    def unmerge(self, names: Iterable[str] | None = None) -> None:
+        weight = self._weight()
+        wanted = set(self.merged if names is None else names)
+        # undo in reverse order of merging: a weight-dependent delta (DoRA) needs the weight it saw
+        for name in reversed(list(self.merged)):
+            if name not in wanted:
+                continue
+            with torch.no_grad():
+                work = weight.detach().to(_compute_dtype(weight))
+                weight.data.copy_(self.adapters[name].unmerged_weight(work).to(weight.dtype))
+            self.merged.remove(name)
+
+
+class ModulesToSave(nn.Module):
+    """A module trained in full: a trainable copy per adapter, the original kept for the base model."""
+
+    def __init__(self, base_layer: nn.Module, module_name: str) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.copies = nn.ModuleDict()
+        self.module_name = module_name
+        self.active: list[str] = []
+        self.disabled = False
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(super().__getattr__("base_layer"), name)
+
+    def add_copy(self, adapter_name: str) -> nn.Module:
+        clone = copy.deepcopy(self.base_layer)
+        for param in clone.parameters():
+            param.requires_grad_(True)
+        self.copies[adapter_name] = clone
+        return clone
+
+    def current(self) -> nn.Module:
+        if not self.disabled:
+            for name in self.active:
+                if name in self.copies:
+                    return self.copies[name]
+        return self.base_layer
+
+    def forward(self, *args, **kwargs):
+        return self.current()(*args, **kwargs)

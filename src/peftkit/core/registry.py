@@ -1,0 +1,110 @@
+"""Where methods and layer kinds add themselves.
+
+A method file calls :func:`register_method` on its config class and :func:`register_layer` once per
+kind of base layer it can wrap. Dispatch is a first-match table per method (STYLE.md rule 5): a
+quantized backend adds its own rows in front with ``first=True`` from an import-guarded module.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+Predicate = Callable[[nn.Module], "str | None"]
+"""Returns None when the module is supported, else a short reason why it is not."""
+
+
+@dataclass
+class LayerRow:
+    """One row of a method's dispatch table."""
+
+    kind: str  # human name shown in summaries and errors, e.g. "Linear"
+    base_types: tuple[type, ...]
+    build: Callable[..., nn.Module]  # (base_layer, **plain values) -> per-adapter module
+    check: Predicate | None = None  # extra configuration check on a module of a matching type
+
+
+@dataclass
+class MethodSpec:
+    peft_type: str
+    config_cls: type
+    rows: list[LayerRow] = field(default_factory=list)
+
+
+_METHODS: dict[str, MethodSpec] = {}
+
+
+def register_method(peft_type: str) -> Callable[[type], type]:
+    """Class decorator for a method's config dataclass; ``peft_type`` is the interchange name (e.g. "LORA")."""
+
+    def decorate(config_cls: type) -> type:
+        spec = _METHODS.get(peft_type)
+        if spec is None:
+            _METHODS[peft_type] = MethodSpec(peft_type, config_cls)
+        else:
+            spec.config_cls = config_cls
+        config_cls.peft_type = peft_type
+        return config_cls
+
+    return decorate
+
+
+def register_layer(
+    peft_type: str,
+    kind: str,
+    base_types: tuple[type, ...],
+    build: Callable[..., nn.Module],
+    check: Predicate | None = None,
+    first: bool = False,
+) -> None:
+    """Add a dispatch row: modules of ``base_types`` (passing ``check``) are adapted by ``build``."""
+    spec = _METHODS.setdefault(peft_type, MethodSpec(peft_type, object))
+    row = LayerRow(kind, base_types, build, check)
+    if first:
+        spec.rows.insert(0, row)
+    else:
+        spec.rows.append(row)
+
+
+def method(peft_type: str) -> MethodSpec:
+    try:
+        return _METHODS[peft_type]
+    except KeyError:
+        known = ", ".join(sorted(_METHODS)) or "none"
+        raise KeyError(f"no PEFT method registered as {peft_type!r}; registered: {known}") from None
+
+
+def registered_methods() -> list[str]:
+    return sorted(_METHODS)
+
+
+def dispatch(peft_type: str, module: nn.Module) -> tuple[LayerRow | None, str | None]:
+    """First matching row for ``module``, or (None, reason) explaining why it cannot be adapted."""
+    reason = None
+    for row in method(peft_type).rows:
+        if isinstance(module, row.base_types):
+            problem = row.check(module) if row.check else None
+            if problem is None:
+                return row, None
+            reason = problem
+    if reason is None:
+        reason = f"type {type(module).__name__} is not supported; supported: {supported_kinds(peft_type)}"
+    return None, reason
+
+
+def supported_kinds(peft_type: str) -> str:
+    seen: list[str] = []
+    for row in method(peft_type).rows:
+        for t in row.base_types:
+            label = f"{t.__module__.split('.')[0]}.{t.__qualname__}" if t.__module__ else t.__qualname__
+            label = label.replace("torch.", "torch.nn.", 1) if label.startswith("torch.") else label
+            if label not in seen:
+                seen.append(label)
+    return ", ".join(seen)
+
+
+def config_class(peft_type: str) -> Any:
+    return method(peft_type).config_cls

@@ -1,0 +1,111 @@
+"""An adapter's tensors under the interchange format's key names, and strict loading of them.
+
+Keys are built by walking adapter layers and asking each adapter module for its own tensors
+(``interchange_state``), never by matching substrings of parameter names.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..errors import AdapterFileError, AdapterMismatchError
+from .inject import adapter_layers, saved_modules, state_of
+
+PREFIX = "base_model.model."
+
+
+def _slots(model: nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:
+    """Key -> the live tensor that holds it, for every tensor adapter ``adapter_name`` saves."""
+    state = state_of(model)
+    if adapter_name not in state.configs:
+        raise AdapterMismatchError(f"no adapter named {adapter_name!r}; adapters on this model: {sorted(state.configs)}")
+    slots: dict[str, torch.Tensor] = {}
+    for name, layer in adapter_layers(model):
+        if adapter_name in layer.adapters:
+            for suffix, tensor in layer.adapters[adapter_name].interchange_state().items():
+                slots[f"{PREFIX}{name}.{suffix}"] = tensor
+    for name, wrapper in saved_modules(model):
+        if adapter_name in wrapper.copies:
+            for suffix, tensor in wrapper.copies[adapter_name].state_dict().items():
+                slots[f"{PREFIX}{name}.{suffix}"] = tensor
+    names = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
+    for param in state.extra_trainable.get(adapter_name, []):
+        slots[PREFIX + names[id(param)]] = param
+    return slots
+
+
+def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:
+    """The tensors of one adapter, keyed as the reference library saves them (detached, not copied)."""
+    return {key: tensor.detach() for key, tensor in _slots(model, adapter_name).items()}
+
+
+@dataclass
+class LoadReport:
+    loaded: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+
+
+def _normalise_reference_keys(tensors: dict[str, torch.Tensor], expected: set[str]) -> dict[str, torch.Tensor]:
+    # The reference library may also write its modules_to_save wrapper's internals
+    # ("<m>.modules_to_save.<p>", "<m>.original_module.<p>") beside the plain "<m>.<p>" keys.
+    out = {}
+    for key, tensor in tensors.items():
+        if key not in expected:
+            for marker in (".modules_to_save.", ".original_module."):
+                if marker in key:
+                    plain = key.replace(marker, ".", 1)
+                    if plain in expected:
+                        if marker == ".modules_to_save." and plain not in tensors:
+                            out[plain] = tensor
+                        key = None
+                        break
+            if key is None:
+                continue
+        out[key] = tensor
+    return out
+
+
+def load_adapter_state_dict(
+    model: nn.Module, tensors: dict[str, torch.Tensor], adapter_name: str = "default", strict: bool = True
+) -> LoadReport:
+    """Copy saved tensors into adapter ``adapter_name``; nothing is copied unless every check passes."""
+    slots = _slots(model, adapter_name)
+    tensors = _normalise_reference_keys(tensors, set(slots))
+    report = LoadReport(
+        missing=sorted(set(slots) - set(tensors)), unexpected=sorted(set(tensors) - set(slots))
+    )
+    if strict and (report.missing or report.unexpected):
+        raise AdapterMismatchError(
+            f"adapter {adapter_name!r} does not fit this model: {len(report.missing)} missing key(s) "
+            f"{_few(report.missing)}, {len(report.unexpected)} unexpected key(s) {_few(report.unexpected)}. "
+            "Is it an adapter for a different model or config? Pass strict=False to load what fits."
+        )
+    shape_errors, nonfinite = [], []
+    for key in sorted(set(slots) & set(tensors)):
+        want, got = slots[key].shape, tensors[key].shape
+        if want != got:
+            module = key[len(PREFIX):].rsplit(".", 1)[0]
+            shape_errors.append(f"{module}: saved {tuple(got)} vs model {tuple(want)} ({key.rsplit('.', 1)[-1]})")
+        elif tensors[key].is_floating_point() and not torch.isfinite(tensors[key]).all():
+            nonfinite.append(key)
+    if shape_errors:
+        raise AdapterMismatchError(
+            f"adapter {adapter_name!r} has {len(shape_errors)} tensor(s) of the wrong shape for this model: "
+            + "; ".join(shape_errors[:5])
+            + ". It was saved from a model with different dimensions or a different rank."
+        )
+    if nonfinite:
+        raise AdapterFileError(f"refusing adapter {adapter_name!r}: non-finite values (NaN/inf) in {_few(nonfinite)}")
+    with torch.no_grad():
+        for key in sorted(set(slots) & set(tensors)):
+            slots[key].copy_(tensors[key].to(device=slots[key].device, dtype=slots[key].dtype))
+            report.loaded.append(key)
+    return report
+
+
+def _few(keys: list[str], n: int = 5) -> str:
+    return "[]" if not keys else "[" + ", ".join(keys[:n]) + (f", ... {len(keys) - n} more" if len(keys) > n else "") + "]"

@@ -1,0 +1,49 @@
+"""The exceptions peftkit raises.
+
+Each subclasses the builtin a caller would naturally catch (ValueError for bad values, TypeError for
+unsupported types), so code written against plain Python exceptions keeps working. Every message says
+what was expected, what was found, and how to fix it.
+"""
+
+from __future__ import annotations
+
+
+class PeftkitError(Exception):
+    """Base class of every error raised deliberately by peftkit."""
+
+
+class ConfigError(PeftkitError, ValueError):
+    """A configuration is invalid. The message lists every problem found, not just the first."""
+
+    def __init__(self, problems: list[str], what: str = "config") -> None:
+        self.problems = list(problems)
+        lines = "\n".join(f"  - {p}" for p in self.problems)
+        super().__init__(f"invalid {what} ({len(self.problems)} problem(s)):\n{lines}")
+
+
+class NoTargetMatchedError(PeftkitError, ValueError):
+    """A target pattern matched no module of the model."""
+
+
+class UnsupportedLayerError(PeftkitError, TypeError):
+    """A targeted module is of a type (or configuration) the method cannot adapt."""
+
+
+class AdapterNameError(PeftkitError, ValueError):
+    """An adapter name is unknown, already taken, or cannot be used for the requested operation."""
+
+
+class AdapterMismatchError(PeftkitError, ValueError):
+    """Saved adapter weights do not fit the model: missing or unexpected keys, or wrong shapes."""
+
+
+class AdapterFileError(PeftkitError, ValueError):
+    """An adapter file cannot be read safely (truncated, corrupt, non-finite, or an unsafe format)."""
+
+
+class UnsafeMergeError(PeftkitError, ArithmeticError):
+    """Merging an adapter would write non-finite values into the base weights."""
+
+
+class BaseModelMismatchWarning(UserWarning):
+    """An adapter is being loaded onto a model that differs from the one it was saved from."""

@@ -1,0 +1,438 @@
+"""LoRA (Hu et al. 2021, arXiv:2106.09685) with rsLoRA scaling, DoRA, PiSSA / OLoRA inits and LoRA+.
+
+A frozen weight W gets a trainable low-rank update: ``h = W x + s * B A x`` with A (r x in),
+B (out x r) and ``s = alpha / r`` (rsLoRA, Kalajdzievski 2023: ``alpha / sqrt(r)``, which keeps the
+update's scale stable as r grows). B starts at zero, so the adapted model starts equal to the base.
+
+One adapter class per base layer kind; they share everything but how the kind stores its weight,
+which each expresses as a 2-D "row view" (one row per output channel) used by merge and DoRA.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..core.config import ANY, AdapterConfig
+from ..core.inject import adapter_layers, state_of
+from ..core.layer import AdapterLayer, AdapterModule, ModulesToSave
+from ..core.registry import register_layer, register_method
+from ..core.targeting import HFConv1D, Target
+from ..errors import UnsupportedLayerError
+from . import dora
+
+PEFT_TYPE = "LORA"
+_INITS = (True, False, "gaussian", "pissa", "olora")
+_PISSA_NITER = re.compile(r"pissa_niter_(\d+)$")
+
+
+@register_method(PEFT_TYPE)
+@dataclass
+class LoraConfig(AdapterConfig):
+    """LoRA and its variants.
+
+    Attributes:
+        r: Rank of the update (per-module overrides via ``rank_pattern``).
+        lora_alpha: Scale numerator; the update is multiplied by ``lora_alpha / r``.
+        lora_dropout: Dropout on the adapter's input during training.
+        bias: Which base biases to train and save with the adapter: "none", "all", or "lora_only"
+            (biases of adapted layers). Trained biases cannot be switched off by ``disable()``.
+        fan_in_fan_out: Recorded for the interchange format; peftkit reads the layout from the layer
+            type itself (GPT-2's ``Conv1D`` stores its weight transposed).
+        use_rslora: Scale by ``lora_alpha / sqrt(r)`` instead of ``lora_alpha / r``.
+        use_dora: DoRA: also learn a per-output-channel magnitude (see ``methods/dora.py``).
+        init_lora_weights: ``True`` / ``"default"`` (A Kaiming-uniform, B zero), ``"gaussian"``
+            (A ~ N(0, 1/r)), ``"pissa"`` / ``"pissa_niter_K"`` (A, B from the top-r singular vectors;
+            the base weight keeps the residual), ``"olora"`` (A, B from a QR decomposition, residual
+            kept likewise), or ``False`` (random A and B: the adapter changes the output from the
+            start; for tests).
+    """
+
+    r: int = 8
+    lora_alpha: float = 8
+    lora_dropout: float = 0.0
+    bias: str = "none"
+    fan_in_fan_out: bool = False
+    use_rslora: bool = False
+    use_dora: bool = False
+    init_lora_weights: bool | str = True
+
+    # The reference library's defaults per architecture (attention query and value projections).
+    default_targets: ClassVar[dict[str, list[str]]] = {
+        "bert": ["query", "value"], "roberta": ["query", "value"], "xlm-roberta": ["query", "value"],
+        "deberta-v2": ["query_proj", "value_proj"], "distilbert": ["q_lin", "v_lin"],
+        "gpt2": ["c_attn"], "llama": ["q_proj", "v_proj"], "mistral": ["q_proj", "v_proj"],
+        "qwen2": ["q_proj", "v_proj"], "opt": ["q_proj", "v_proj"], "bart": ["q_proj", "v_proj"],
+        "t5": ["q", "v"], "mt5": ["q", "v"], "gpt_neox": ["query_key_value"], "phi": ["q_proj", "v_proj"],
+    }
+    reference_inert: ClassVar[dict[str, Any]] = {
+        "alora_invocation_tokens": None, "arrow_config": None, "corda_config": None, "eva_config": None,
+        "ensure_weight_tying": False, "kasa_config": None, "layer_replication": None, "loftq_config": {},
+        "lora_bias": False, "lora_ga_config": None, "megatron_config": None, "megatron_core": "megatron.core",
+        "monteclora_config": None, "qalora_group_size": ANY, "target_parameters": None,
+        "trainable_token_indices": None, "use_bdlora": None, "use_qalora": False, "velora_config": None,
+    }
+
+    def __post_init__(self) -> None:
+        if self.init_lora_weights == "default":
+            self.init_lora_weights = True
+        super().__post_init__()
+
+    def problems(self) -> list[str]:
+        out = super().problems()
+        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
+            out.append(f"r: must be a positive integer, got {self.r!r}")
+        if isinstance(self.lora_alpha, bool) or not isinstance(self.lora_alpha, (int, float)) or self.lora_alpha <= 0:
+            out.append(f"lora_alpha: must be a positive number, got {self.lora_alpha!r}")
+        if not isinstance(self.lora_dropout, (int, float)) or not 0 <= self.lora_dropout < 1:
+            out.append(f"lora_dropout: must be in [0, 1), got {self.lora_dropout!r}")
+        if self.bias not in ("none", "all", "lora_only"):
+            out.append(f"bias: must be 'none', 'all' or 'lora_only', got {self.bias!r}")
+        init = self.init_lora_weights
+        if init not in _INITS and not (isinstance(init, str) and _PISSA_NITER.match(init)):
+            out.append(
+                f"init_lora_weights: must be one of default/True, False, 'gaussian', 'pissa', "
+                f"'pissa_niter_K', 'olora'; got {init!r}"
+            )
+        if any(isinstance(v, float) and not float(v).is_integer() for v in self.rank_pattern.values()):
+            out.append(f"rank_pattern: ranks must be whole numbers, got {self.rank_pattern!r}")
+        return out
+
+    def layer_values(self, target: Target) -> dict[str, Any]:
+        return {
+            "r": int(target.rank or self.r),
+            "alpha": float(target.alpha or self.lora_alpha),
+            "dropout": float(self.lora_dropout),
+            "use_rslora": bool(self.use_rslora),
+            "use_dora": bool(self.use_dora),
+            "init": self.init_lora_weights,
+        }
+
+    def extra_trainable(self, model: nn.Module, adapted: list[str]) -> list[str]:
+        if self.bias == "none":
+            return []
+        inside = {id(p) for m in model.modules() if isinstance(m, (AdapterModule, ModulesToSave)) for p in m.parameters()}
+        if self.bias == "all":
+            owners = list(model.modules())
+        else:
+            owners = [layer.base_layer for name, layer in adapter_layers(model) if name in adapted]
+        wanted = {id(m._parameters["bias"]) for m in owners if isinstance(m._parameters.get("bias"), nn.Parameter)}
+        return [n for n, p in model.named_parameters() if id(p) in wanted - inside]
+
+
+# -- the adapter, shared by every layer kind --------------------------------------------------------
+
+
+def _adapter_dtype(weight: torch.Tensor) -> torch.dtype:
+    # Half-precision bases get float32 adapters (as the reference library does by default): the
+    # adapter is tiny, and its updates are too small to survive bf16 rounding.
+    return torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
+
+
+class LoraAdapter(AdapterModule):
+    """Shared LoRA logic; a subclass supplies the kind-specific pieces marked below."""
+
+    supports_svd_init = False
+
+    def __init__(self, r: int, alpha: float, dropout: float, use_rslora: bool, use_dora: bool, init: Any) -> None:
+        super().__init__()
+        self.r = r
+        self.scaling = alpha / (math.sqrt(r) if use_rslora else r)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.use_dora = use_dora
+        self.init = init
+        if isinstance(init, str) and init != "gaussian" and not self.supports_svd_init:
+            raise UnsupportedLayerError(
+                f"init_lora_weights={init!r} needs a linear weight matrix; {type(self).__name__} layers "
+                "support only True/'default', 'gaussian' or False. Exclude these modules or change the init."
+            )
+
+    # kind-specific: the unscaled low-rank path, its weight in row view, and the base weight's row view
+    def lora_path(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def lora_rows(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def rows(self, weight: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def unrows(self, rows: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def base_without_bias(self, x: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
+        raise NotImplementedError
+
+    channel_dim = -1  # where the output channels are in the layer's output
+
+    def _param_dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    def _new_magnitude(self, shape: tuple[int, ...], like: torch.Tensor) -> None:
+        if self.use_dora:
+            self.lora_magnitude_vector = nn.Parameter(torch.ones(shape, dtype=_adapter_dtype(like), device=like.device))
+
+    def attach(self, base_layer: nn.Module) -> None:
+        weight = base_layer.weight
+        if getattr(self, "_init_rows", None) is not None:  # PiSSA / OLoRA: the base keeps the residual
+            with torch.no_grad():
+                residual = self.rows(weight.float()) - self.scaling * self._init_rows
+                weight.data.copy_(self.unrows(residual, weight).to(weight.dtype))
+        if self.use_dora:
+            with torch.no_grad():
+                rows = self.rows(weight.detach().to(self._param_dtype()))
+                norm = dora.row_norm(rows + self.scaling * self.lora_rows())
+                self.lora_magnitude_vector.data.copy_(norm.reshape(self.lora_magnitude_vector.shape))
+
+    def detach_from(self, base_layer: nn.Module) -> None:
+        if getattr(self, "_init_rows", None) is not None:
+            weight = base_layer.weight
+            with torch.no_grad():
+                restored = self.rows(weight.float()) + self.scaling * self._init_rows
+                weight.data.copy_(self.unrows(restored, weight).to(weight.dtype))
+
+    def delta_output(self, x: torch.Tensor, base_out: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
+        dtype = self._param_dtype()
+        xd = self.dropout(x.to(dtype) if x.is_floating_point() else x)
+        lora = self.lora_path(xd)
+        if not self.use_dora:
+            return (lora * self.scaling).to(base_out.dtype)
+        weight = base_layer.weight.to(dtype)
+        scale = dora.output_scale(self.lora_magnitude_vector, self.rows(weight), self.scaling * self.lora_rows())
+        shape = [1] * base_out.dim()
+        shape[self.channel_dim] = -1
+        scale = scale.view(shape)
+        if isinstance(self.dropout, nn.Identity) or not self.training:
+            bias = getattr(base_layer, "bias", None)
+            base_term = base_out.to(dtype) if bias is None else (base_out - bias.view(shape)).to(dtype)
+        else:  # the base term must see the same dropped-out input as the low-rank path
+            base_term = self.base_without_bias(xd, base_layer)
+        return ((scale - 1) * base_term + scale * lora * self.scaling).to(base_out.dtype)
+
+    def delta_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        if self.use_dora:
+            return self.merged_weight(weight) - weight
+        return self.unrows(self.scaling * self.lora_rows().to(weight.dtype), weight)
+
+    def merged_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        if not self.use_dora:
+            return super().merged_weight(weight)
+        lora_rows = self.scaling * self.lora_rows().to(weight.dtype)
+        merged, self._merge_norm = dora.merged_rows(self.lora_magnitude_vector.to(weight.dtype), self.rows(weight), lora_rows)
+        return self.unrows(merged, weight)
+
+    def unmerged_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        if not self.use_dora:
+            return super().unmerged_weight(weight)
+        lora_rows = self.scaling * self.lora_rows().to(weight.dtype)
+        rows = dora.unmerged_rows(self.lora_magnitude_vector.to(weight.dtype), self.rows(weight), lora_rows, self._merge_norm)
+        return self.unrows(rows, weight)
+
+    def param_roles(self) -> dict[str, list[nn.Parameter]]:
+        """Which parameters are the A and B sides (for LoRA+ learning rates)."""
+        raise NotImplementedError
+
+
+class LoraLinear(LoraAdapter):
+    """LoRA on ``nn.Linear`` and on transformers' GPT-2 ``Conv1D`` (weight stored as in x out)."""
+
+    supports_svd_init = True
+
+    def __init__(self, base_layer: nn.Module, **values: Any) -> None:
+        super().__init__(**values)
+        weight = base_layer.weight
+        self.transposed = not isinstance(base_layer, nn.Linear)
+        out_f, in_f = (weight.shape[1], weight.shape[0]) if self.transposed else weight.shape
+        kw = {"bias": False, "device": weight.device, "dtype": _adapter_dtype(weight)}
+        self.lora_A = nn.Linear(in_f, self.r, **kw)
+        self.lora_B = nn.Linear(self.r, out_f, **kw)
+        self._new_magnitude((out_f,), weight)
+        _initialise(self, self.lora_A.weight, self.lora_B.weight, self.rows(weight.detach()))
+
+    def lora_path(self, x):
+        return self.lora_B(self.lora_A(x))
+
+    def lora_rows(self):
+        return self.lora_B.weight @ self.lora_A.weight
+
+    def rows(self, weight):
+        return weight.T if self.transposed else weight
+
+    def unrows(self, rows, like):
+        return rows.T if self.transposed else rows
+
+    def base_without_bias(self, x, base_layer):
+        return F.linear(x, self.rows(base_layer.weight.to(x.dtype)))
+
+    def param_roles(self):
+        return {"A": [self.lora_A.weight], "B": [self.lora_B.weight]}
+
+
+class LoraEmbedding(LoraAdapter):
+    """LoRA on ``nn.Embedding``: A (r x vocab) is looked up like an embedding table, then B (dim x r)."""
+
+    def __init__(self, base_layer: nn.Embedding, **values: Any) -> None:
+        values["dropout"] = 0.0  # the input is token ids
+        super().__init__(**values)
+        weight = base_layer.weight
+        num, dim = weight.shape
+        kw = {"device": weight.device, "dtype": _adapter_dtype(weight)}
+        # Parameters, not modules: the interchange names are ".lora_embedding_A" with no ".weight".
+        self.lora_embedding_A = nn.Parameter(torch.randn(self.r, num, **kw))
+        self.lora_embedding_B = nn.Parameter(torch.randn(dim, self.r, **kw))
+        self._lookup = {k: getattr(base_layer, k) for k in ("padding_idx", "max_norm", "norm_type", "scale_grad_by_freq", "sparse")}
+        self._new_magnitude((dim,), weight)
+        if self.init is not False:  # the LoRA paper's embedding init: A zero, B normal
+            nn.init.zeros_(self.lora_embedding_A)
+            nn.init.normal_(self.lora_embedding_B)
+
+    def lora_path(self, x):
+        return F.embedding(x, self.lora_embedding_A.T, **self._lookup) @ self.lora_embedding_B.T
+
+    def lora_rows(self):
+        return self.lora_embedding_B @ self.lora_embedding_A
+
+    def rows(self, weight):
+        return weight.T
+
+    def unrows(self, rows, like):
+        return rows.T
+
+    def base_without_bias(self, x, base_layer):
+        return F.embedding(x, base_layer.weight, **self._lookup)
+
+    def param_roles(self):
+        return {"A": [self.lora_embedding_A], "B": [self.lora_embedding_B], "embedding": True}
+
+
+class LoraConv(LoraAdapter):
+    """LoRA on ``nn.Conv1d/2d/3d``: A is a conv with the base's kernel, stride, padding and dilation
+    into r channels, B a 1x1 conv back out; their product is a kernel of the base's shape."""
+
+    channel_dim = 1
+
+    def __init__(self, base_layer: nn.modules.conv._ConvNd, **values: Any) -> None:
+        super().__init__(**values)
+        weight = base_layer.weight
+        kw = {"bias": False, "device": weight.device, "dtype": _adapter_dtype(weight)}
+        conv = type(base_layer)
+        self.lora_A = conv(
+            base_layer.in_channels, self.r, base_layer.kernel_size, base_layer.stride, base_layer.padding,
+            base_layer.dilation, padding_mode=base_layer.padding_mode, **kw,
+        )
+        self.lora_B = conv(self.r, base_layer.out_channels, 1, **kw)
+        ones = (1,) * (weight.dim() - 2)
+        self._new_magnitude((1, base_layer.out_channels, *ones), weight)  # the reference's layout
+        if self.init is True:
+            nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+            nn.init.zeros_(self.lora_B.weight)
+        elif self.init == "gaussian":
+            nn.init.normal_(self.lora_A.weight, std=1 / self.r)
+            nn.init.zeros_(self.lora_B.weight)
+
+    def lora_path(self, x):
+        return self.lora_B(self.lora_A(x))
+
+    def lora_rows(self):
+        return self.lora_B.weight.reshape(-1, self.r) @ self.lora_A.weight.reshape(self.r, -1)
+
+    def rows(self, weight):
+        return weight.reshape(weight.shape[0], -1)
+
+    def unrows(self, rows, like):
+        return rows.reshape(like.shape)
+
+    def base_without_bias(self, x, base_layer):
+        return base_layer._conv_forward(x, base_layer.weight.to(x.dtype), None)
+
+    def param_roles(self):
+        return {"A": [self.lora_A.weight], "B": [self.lora_B.weight]}
+
+
+def _initialise(adapter: LoraAdapter, a: torch.Tensor, b: torch.Tensor, rows: torch.Tensor) -> None:
+    """Set A and B of a linear LoRA; SVD/QR inits also remember B0 A0 so the base keeps W - s B0 A0."""
+    init, r, s = adapter.init, adapter.r, adapter.scaling
+    with torch.no_grad():
+        if init is True:
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+            nn.init.zeros_(b)
+        elif init == "gaussian":
+            nn.init.normal_(a, std=1 / r)
+            nn.init.zeros_(b)
+        elif init is False:
+            return
+        elif init == "olora":
+            # OLoRA (Büyükakyüz 2024): orthonormal B from the QR factors of W, A the matching rows of R.
+            q, rr = torch.linalg.qr(rows.float())
+            b.copy_(q[:, :r]), a.copy_(rr[:r])
+        else:
+            # PiSSA (Meng et al. 2024): W = U S V^T; B = U_r sqrt(S_r / s), A = sqrt(S_r / s) V_r^T so
+            # that s B A is the principal rank-r part of W. "pissa_niter_K" uses a randomised SVD.
+            match = _PISSA_NITER.match(init)
+            if match:
+                u, sv, v = torch.svd_lowrank(rows.float(), q=r, niter=int(match.group(1)))
+                vh = v.T
+            else:
+                u, sv, vh = torch.linalg.svd(rows.float(), full_matrices=False)
+            root = torch.sqrt(sv[:r] / s)
+            b.copy_(u[:, :r] * root), a.copy_(root[:, None] * vh[:r])
+        if init in ("olora",) or (isinstance(init, str) and init.startswith("pissa")):
+            adapter.register_buffer("_init_rows", (b.float() @ a.float()).clone(), persistent=False)
+
+
+def _conv_check(module: nn.Module) -> str | None:
+    if module.groups != 1:
+        return f"groups={module.groups} (grouped or depthwise convolution) is not supported by LoRA"
+    return None
+
+
+register_layer(PEFT_TYPE, "Linear", (nn.Linear,), LoraLinear)
+if HFConv1D:
+    register_layer(PEFT_TYPE, "Conv1D (GPT-2)", (HFConv1D,), LoraLinear)
+register_layer(PEFT_TYPE, "Embedding", (nn.Embedding,), LoraEmbedding)
+register_layer(PEFT_TYPE, "Conv", (nn.Conv1d, nn.Conv2d, nn.Conv3d), LoraConv, check=_conv_check)
+
+
+def lora_plus_param_groups(
+    model: nn.Module,
+    lr: float,
+    lr_ratio: float = 16.0,
+    lr_embedding: float = 1e-6,
+    weight_decay: float = 0.0,
+) -> list[dict[str, Any]]:
+    """Optimizer parameter groups for LoRA+ (Hayou et al. 2024, arXiv:2402.12354).
+
+    LoRA+ trains B with a learning rate ``lr_ratio`` times A's (the paper suggests 2**4); embedding
+    adapters get ``lr_embedding`` (the reference library's default 1e-6). Everything else trainable
+    (DoRA magnitudes, modules_to_save copies, biases) uses ``lr``. Only trainable parameters are
+    included, so pass the result straight to e.g. ``torch.optim.AdamW``.
+    """
+    state_of(model)
+    groups: dict[str, list[nn.Parameter]] = {"A": [], "B": [], "embedding": [], "other": []}
+    claimed: set[int] = set()
+    for _, layer in adapter_layers(model):
+        for adapter in layer.adapters.values():
+            if not isinstance(adapter, LoraAdapter):
+                continue
+            roles = adapter.param_roles()
+            embedding = roles.pop("embedding", False)
+            for role, params in roles.items():
+                for p in params:
+                    if p.requires_grad:
+                        groups["embedding" if embedding else role].append(p)
+                        claimed.add(id(p))
+    groups["other"] = [p for p in model.parameters() if p.requires_grad and id(p) not in claimed]
+    rates = {"A": lr, "B": lr * lr_ratio, "embedding": lr_embedding, "other": lr}
+    return [
+        {"params": params, "lr": rates[role], "weight_decay": weight_decay, "name": f"lora_plus_{role}"}
+        for role, params in groups.items() if params
+    ]
+
+
+__all__ = ["LoraConfig", "LoraLinear", "LoraEmbedding", "LoraConv", "lora_plus_param_groups"]
