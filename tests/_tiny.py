@@ -1,0 +1,46 @@
+"""Tiny models, one per base layer kind, for the contract matrix and property tests."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+
+class Net(nn.Module):
+    """One layer under test followed by a small head (the head exercises modules_to_save)."""
+
+    def __init__(self, layer: nn.Module, example: torch.Tensor) -> None:
+        super().__init__()
+        self.layer = layer
+        with torch.no_grad():
+            width = layer(example).flatten(1).shape[1]
+        self.head = nn.Linear(width, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.layer(x).flatten(1))
+
+
+def build(kind: str, seed: int = 0) -> tuple[Net, torch.Tensor]:
+    """A fresh model with one layer of ``kind`` and an input batch for it."""
+    torch.manual_seed(seed)
+    if kind == "Linear":
+        layer, x = nn.Linear(6, 5), torch.randn(4, 6)
+    elif kind == "Conv1D":  # GPT-2 style, weight stored (in, out)
+        layer, x = Conv1D(5, 6), torch.randn(4, 6)
+        nn.init.normal_(layer.weight, std=0.3)
+    elif kind == "Embedding":
+        layer, x = nn.Embedding(20, 6, padding_idx=0), torch.randint(0, 20, (4, 3))
+    elif kind == "Conv1d":
+        layer, x = nn.Conv1d(3, 4, 3, padding=1), torch.randn(2, 3, 8)
+    elif kind == "Conv2d":
+        layer, x = nn.Conv2d(3, 4, 3, padding=2, dilation=2), torch.randn(2, 3, 6, 6)
+    elif kind == "Conv3d":
+        layer, x = nn.Conv3d(2, 3, 2), torch.randn(2, 2, 4, 4, 4)
+    else:
+        raise ValueError(kind)
+    return Net(layer, x), x
+
+
+KINDS = ["Linear", "Conv1D", "Embedding", "Conv1d", "Conv2d", "Conv3d"]
+MATRIX_KINDS = {"Linear", "Conv1D"}  # kinds with a plain weight matrix (SVD / QR inits)
