@@ -17,8 +17,8 @@ from .inject import adapter_layers, saved_modules, state_of
 PREFIX = "base_model.model."
 
 
-def _slots(model: nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:
-    """Key -> the live tensor that holds it, for every tensor adapter ``adapter_name`` saves."""
+def _slots(model: nn.Module, adapter_name: str) -> dict[str, tuple[torch.Tensor, str]]:
+    """Key -> (the live tensor that holds it, its module's name), for every tensor the adapter saves."""
     state = state_of(model)
     if adapter_name not in state.configs:
         raise AdapterMismatchError(f"no adapter named {adapter_name!r}; adapters on this model: {sorted(state.configs)}")
@@ -26,20 +26,20 @@ def _slots(model: nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:
     for name, layer in adapter_layers(model):
         if adapter_name in layer.adapters:
             for suffix, tensor in layer.adapters[adapter_name].interchange_state().items():
-                slots[f"{PREFIX}{name}.{suffix}"] = tensor
+                slots[f"{PREFIX}{name}.{suffix}"] = (tensor, name)
     for name, wrapper in saved_modules(model):
         if adapter_name in wrapper.copies:
             for suffix, tensor in wrapper.copies[adapter_name].state_dict().items():
-                slots[f"{PREFIX}{name}.{suffix}"] = tensor
+                slots[f"{PREFIX}{name}.{suffix}"] = (tensor, name)
     names = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
     for param in state.extra_trainable.get(adapter_name, []):
-        slots[PREFIX + names[id(param)]] = param
+        slots[PREFIX + names[id(param)]] = (param, names[id(param)].rpartition(".")[0])
     return slots
 
 
 def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:
     """The tensors of one adapter, keyed as the reference library saves them (detached, not copied)."""
-    return {key: tensor.detach() for key, tensor in _slots(model, adapter_name).items()}
+    return {key: tensor.detach() for key, (tensor, _) in _slots(model, adapter_name).items()}
 
 
 @dataclass
@@ -86,10 +86,10 @@ def load_adapter_state_dict(
         )
     shape_errors, nonfinite = [], []
     for key in sorted(set(slots) & set(tensors)):
-        want, got = slots[key].shape, tensors[key].shape
-        if want != got:
-            module = key[len(PREFIX):].rsplit(".", 1)[0]
-            shape_errors.append(f"{module}: saved {tuple(got)} vs model {tuple(want)} ({key.rsplit('.', 1)[-1]})")
+        (slot, module), got = slots[key], tensors[key].shape
+        if slot.shape != got:
+            tensor_name = key[len(PREFIX) + len(module) + 1:]
+            shape_errors.append(f"{module}: saved {tuple(got)} vs model {tuple(slot.shape)} ({tensor_name})")
         elif tensors[key].is_floating_point() and not torch.isfinite(tensors[key]).all():
             nonfinite.append(key)
     if shape_errors:
@@ -102,7 +102,8 @@ def load_adapter_state_dict(
         raise AdapterFileError(f"refusing adapter {adapter_name!r}: non-finite values (NaN/inf) in {_few(nonfinite)}")
     with torch.no_grad():
         for key in sorted(set(slots) & set(tensors)):
-            slots[key].copy_(tensors[key].to(device=slots[key].device, dtype=slots[key].dtype))
+            slot = slots[key][0]
+            slot.copy_(tensors[key].to(device=slot.device, dtype=slot.dtype))
             report.loaded.append(key)
     return report
 

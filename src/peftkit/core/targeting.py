@@ -188,7 +188,7 @@ def _example_linear_names(model: nn.Module) -> list[str]:
     suffixes: list[str] = []
     for name, module in user_modules(model):
         last = name.rsplit(".", 1)[-1]
-        if isinstance(module, LINEAR_TYPES) and last not in suffixes and not last.isdigit():
+        if isinstance(module, LINEAR_TYPES) and last not in suffixes:
             suffixes.append(last)
     return suffixes[:6]
 
