@@ -163,11 +163,11 @@ class TrainableSummary:
         return 100.0 * self.trainable / self.total if self.total else 0.0
 
     def __str__(self) -> str:
-        lines = [f"{'module':<56} {'kind':<16} {'adapter':<10} {'params':>10}"]
+        lines = [f"{'module':<56} {'kind':<26} {'adapter':<10} {'params':>10}"]
         for name, kind, adapter, count in self.adapted:
-            lines.append(f"{name:<56} {kind:<16} {adapter:<10} {count:>10,}")
+            lines.append(f"{name:<56} {kind:<26} {adapter:<10} {count:>10,}")
         for name, adapter, count in self.modules_to_save:
-            lines.append(f"{name:<56} {'full copy':<16} {adapter:<10} {count:>10,}")
+            lines.append(f"{name:<56} {'full copy':<26} {adapter:<10} {count:>10,}")
         if self.skipped:
             lines.append(f"matched but not adapted ({len(self.skipped)}):")
             lines += [f"  {name} ({kind}): {reason}" for name, kind, reason in self.skipped]
