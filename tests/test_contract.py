@@ -6,10 +6,10 @@ import copy
 
 import pytest
 import torch
-from _tiny import KINDS, MATRIX_KINDS, build
 from torch import nn
 
 import peftkit
+from _tiny import KINDS, MATRIX_KINDS, build
 from peftkit.core.layer import AdapterLayer
 from peftkit.errors import UnsafeMergeError
 

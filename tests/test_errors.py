@@ -8,11 +8,11 @@ import os
 
 import pytest
 import torch
-from _tiny import build
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 import peftkit
+from _tiny import build
 from peftkit.errors import (
     AdapterFileError,
     AdapterMismatchError,

@@ -21,7 +21,7 @@ from torch import nn
 
 from ..core.config import ANY, AdapterConfig
 from ..core.inject import adapter_layers, state_of
-from ..core.layer import AdapterLayer, AdapterModule, ModulesToSave
+from ..core.layer import AdapterModule, ModulesToSave
 from ..core.registry import register_layer, register_method
 from ..core.targeting import HFConv1D, Target
 from ..errors import UnsupportedLayerError
