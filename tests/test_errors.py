@@ -60,6 +60,12 @@ def test_target_matching_nothing_names_the_closest_modules():
         peftkit.inject(model, peftkit.LoraConfig(target_modules=r".*\.nothing"))
 
 
+def test_modules_to_save_matching_nothing_is_an_error():
+    model = _model()
+    with pytest.raises(NoTargetMatchedError, match="modules_to_save: target 'nrom' matched 0 modules; closest: '0.norm'"):
+        peftkit.inject(model, peftkit.LoraConfig(target_modules=["query"], modules_to_save=["nrom"]))
+
+
 def test_unsupported_layer_type_names_the_supported_types():
     model = _model()
     snap = _snapshot(model)

@@ -115,6 +115,11 @@ def resolve(model: nn.Module, config: AdapterConfig, require_every_entry: bool =
     save_specs = list(config.modules_to_save or [])
     names = [n for n, _ in user_modules(model) if n]
     plan.modules_to_save = [n for n in names if save_specs and name_matches(save_specs, n)]
+    unmatched_saves = [s for s in save_specs if not any(n == s or n.endswith("." + s) for n in plan.modules_to_save)]
+    if unmatched_saves and (require_every_entry or not plan.modules_to_save):
+        raise NoTargetMatchedError(
+            "modules_to_save: " + _no_match_message(unmatched_saves, names, config)
+        )
     saved_prefixes = tuple(n + "." for n in plan.modules_to_save)
     heads = output_head_names(model) if targets_spec == ALL_LINEAR else set()
 
