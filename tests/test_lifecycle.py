@@ -190,3 +190,22 @@ def test_summary_counts_and_prints(model, capsys):
     assert summary.trainable == 2 * 8 + 8 * 2 + (8 * 2 + 2)
     assert summary.total == sum(p.numel() for p in model.parameters())
     assert "proj" in printed and "full copy" in printed and "trainable%" in printed
+
+
+def test_full_base_weight_saved_beside_an_embedding_adapter_is_applied(model, tmp_path):
+    # The reference library saves "<embedding>.base_layer.weight" with embedding adapters (for resized
+    # vocabularies); equal weights are skipped quietly, different ones replace the model's, with a warning.
+    from safetensors.torch import save_file
+
+    original = copy.deepcopy(model)
+    _add(model, "default", targets=("emb",))
+    peftkit.save_adapter(model, tmp_path / "a")
+    tensors = load_file(tmp_path / "a" / "adapter_model.safetensors")
+    tensors["base_model.model.emb.base_layer.weight"] = model.emb.base_layer.weight.detach().clone()
+    save_file(tensors, tmp_path / "a" / "adapter_model.safetensors")
+    peftkit.load_adapter(copy.deepcopy(original), tmp_path / "a")  # no warning: same weight
+    tensors["base_model.model.emb.base_layer.weight"] += 1.0
+    save_file(tensors, tmp_path / "a" / "adapter_model.safetensors")
+    with pytest.warns(UserWarning, match="replaces the model's weight"):
+        peftkit.load_adapter(original, tmp_path / "a")
+    assert torch.equal(original.emb.base_layer.weight, tensors["base_model.model.emb.base_layer.weight"])

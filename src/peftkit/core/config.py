@@ -126,6 +126,10 @@ class AdapterConfig:
         """Plain keyword values for the method's layer builder, for one resolved target."""
         raise NotImplementedError(f"{type(self).__name__} must implement layer_values()")
 
+    def after_resolve(self, plan: Any) -> AdapterConfig:
+        """The config to record once targets are known (e.g. facts about the layers that were found)."""
+        return self
+
     def extra_trainable(self, model: Any, adapted: list[str]) -> list[str]:
         """Names of base-model parameters this adapter also trains and saves (none by default)."""
         return []

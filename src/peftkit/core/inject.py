@@ -88,6 +88,7 @@ def inject(
         if source:
             config = config.replace(base_model_name_or_path=str(source))
     plan = resolve(model, config, require_every_entry=require_every_entry)
+    config = config.after_resolve(plan)
     built = [(t, t.row.build(t.module, **config.layer_values(t))) for t in plan.targets]
 
     state = state_of(model, create=True)

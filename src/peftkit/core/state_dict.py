@@ -6,6 +6,7 @@ Keys are built by walking adapter layers and asking each adapter module for its 
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -69,12 +70,45 @@ def _normalise_reference_keys(tensors: dict[str, torch.Tensor], expected: set[st
     return out
 
 
+def _split_saved_base_weights(
+    model: nn.Module, tensors: dict[str, torch.Tensor]
+) -> tuple[dict[str, torch.Tensor], list[tuple[torch.Tensor, torch.Tensor]]]:
+    """Separate full base weights of adapted layers, which the reference library saves alongside
+    embedding adapters ("<module>.base_layer.weight", in case the vocabulary was resized).
+
+    Returns the remaining tensors and the (model weight, saved weight) pairs that differ.
+    """
+    layers = dict(adapter_layers(model))
+    rest, writes = {}, []
+    for key, tensor in tensors.items():
+        module = key[len(PREFIX):-len(".base_layer.weight")] if key.endswith(".base_layer.weight") else None
+        layer = layers.get(module) if module and key.startswith(PREFIX) else None
+        if layer is None or not isinstance(getattr(layer.base_layer, "weight", None), torch.Tensor):
+            rest[key] = tensor
+            continue
+        weight = layer.base_layer.weight
+        if tensor.shape != weight.shape:
+            raise AdapterMismatchError(
+                f"{module}: the adapter file carries a full base weight of shape {tuple(tensor.shape)} but the "
+                f"model's is {tuple(weight.shape)}; resize the model's embeddings to match before loading"
+            )
+        if not torch.equal(tensor.to(weight.dtype), weight.detach().cpu()):
+            warnings.warn(
+                f"the adapter file carries a base weight for {module!r} that differs from the model's; it "
+                "replaces the model's weight (as the reference library does) and stays after unload()",
+                stacklevel=3,
+            )
+            writes.append((weight, tensor))
+    return rest, writes
+
+
 def load_adapter_state_dict(
     model: nn.Module, tensors: dict[str, torch.Tensor], adapter_name: str = "default", strict: bool = True
 ) -> LoadReport:
     """Copy saved tensors into adapter ``adapter_name``; nothing is copied unless every check passes."""
     slots = _slots(model, adapter_name)
     tensors = _normalise_reference_keys(tensors, set(slots))
+    tensors, base_writes = _split_saved_base_weights(model, tensors)
     report = LoadReport(
         missing=sorted(set(slots) - set(tensors)), unexpected=sorted(set(tensors) - set(slots))
     )
@@ -101,6 +135,8 @@ def load_adapter_state_dict(
     if nonfinite:
         raise AdapterFileError(f"refusing adapter {adapter_name!r}: non-finite values (NaN/inf) in {_few(nonfinite)}")
     with torch.no_grad():
+        for weight, saved in base_writes:
+            weight.copy_(saved.to(device=weight.device, dtype=weight.dtype))
         for key in sorted(set(slots) & set(tensors)):
             slot = slots[key][0]
             slot.copy_(tensors[key].to(device=slot.device, dtype=slot.dtype))

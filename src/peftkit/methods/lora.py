@@ -114,6 +114,13 @@ class LoraConfig(AdapterConfig):
             "init": self.init_lora_weights,
         }
 
+    def after_resolve(self, plan: Any) -> LoraConfig:
+        # Readers of the interchange format expect fan_in_fan_out=True for GPT-2's transposed Conv1D
+        # weights (the reference library warns and corrects it otherwise).
+        if not self.fan_in_fan_out and HFConv1D and any(isinstance(t.module, HFConv1D) for t in plan.targets):
+            return self.replace(fan_in_fan_out=True)
+        return self
+
     def extra_trainable(self, model: nn.Module, adapted: list[str]) -> list[str]:
         if self.bias == "none":
             return []
