@@ -198,8 +198,8 @@ def trainable_summary(model: nn.Module, *, show: bool = True) -> TrainableSummar
                     seen.add(item[0])
                     summary.skipped.append(item)
     unique = {id(p): p for p in model.parameters()}.values()
-    # Count what the model computes with: the base weights plus every adapter, not the originals
-    # that modules_to_save keeps aside for the disabled path twice.
+    # Every parameter the model holds, adapters and the originals modules_to_save keeps for the
+    # disabled path included (the reference library counts the same way).
     summary.total = sum(p.numel() for p in unique)
     summary.trainable = sum(p.numel() for p in unique if p.requires_grad)
     if show:
