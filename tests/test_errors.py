@@ -275,3 +275,11 @@ def test_bad_adapter_names():
         peftkit.set_active(model, "nope")
     with pytest.raises(AdapterNameError, match="no peftkit adapters"):
         peftkit.merge(_model())
+
+
+def test_saved_files_get_ordinary_permissions(tmp_path):
+    path = _saved(tmp_path)
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        assert (path / name).stat().st_mode & 0o777 == 0o666 & ~umask
