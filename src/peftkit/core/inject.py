@@ -111,10 +111,7 @@ def inject(
     state.plans[adapter_name] = plan
     named = dict(model.named_parameters())
     state.extra_trainable[adapter_name] = [named[n] for n in config.extra_trainable(model, [t.name for t in plan.targets])]
-    set_active(model, [adapter_name])
-    if config.inference_mode:
-        for param in trainable_parameters(model, adapter_name):
-            param.requires_grad_(False)
+    set_active(model, [adapter_name])  # also freezes it when config.inference_mode is set
     return model
 
 
