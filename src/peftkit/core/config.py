@@ -130,6 +130,10 @@ class AdapterConfig:
         """The config to record once targets are known (e.g. facts about the layers that were found)."""
         return self
 
+    def portable(self) -> AdapterConfig:
+        """The config matching ``interchange_state(portable=True)`` tensors (unchanged by default)."""
+        return self
+
     def extra_trainable(self, model: Any, adapted: list[str]) -> list[str]:
         """Names of base-model parameters this adapter also trains and saves (none by default)."""
         return []

@@ -67,22 +67,35 @@ def _atomic_write(path: Path, write) -> Path:
     return Path(tmp)
 
 
-def save_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: str = "default") -> Path:
+def save_adapter(
+    model: nn.Module, directory: str | os.PathLike, adapter_name: str = "default", *, portable: bool = False
+) -> Path:
     """Save one adapter to ``directory`` in the interchange format; returns the directory.
 
-    Refuses (leaving any existing files untouched) if the adapter holds NaN or inf values.
+    Args:
+        model: A model with adapters.
+        directory: Created if missing; existing adapter files in it are replaced atomically.
+        adapter_name: Which adapter to save.
+        portable: For adapters whose init rewrote the base weights (PiSSA, OLoRA): save an equivalent
+            plain adapter relative to the *original* weights (LoRA at twice the rank), which serving
+            engines and other readers that do not re-run the init apply correctly. Other adapters are
+            saved unchanged.
+
+    Raises:
+        AdapterFileError: the adapter holds NaN or inf values (nothing on disk is changed).
     """
     state = state_of(model)
     if adapter_name not in state.configs:
         raise AdapterMismatchError(f"no adapter named {adapter_name!r}; adapters on this model: {sorted(state.configs)}")
-    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in adapter_state_dict(model, adapter_name).items()}
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in adapter_state_dict(model, adapter_name, portable).items()}
     bad = [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:
         raise AdapterFileError(
             f"adapter {adapter_name!r} holds non-finite values in {bad[:3]}; not saved (nothing on disk was changed). "
             "Training probably diverged: lower the learning rate or resume from an earlier checkpoint."
         )
-    config = state.configs[adapter_name].replace(inference_mode=True).to_dict()
+    config = state.configs[adapter_name]
+    config = (config.portable() if portable else config).replace(inference_mode=True).to_dict()
     metadata = {"format": "pt", FINGERPRINT_KEY: _fingerprint_of(model, adapter_name)}
 
     directory = Path(directory)

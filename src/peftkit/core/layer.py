@@ -48,8 +48,12 @@ class AdapterModule(nn.Module):
         """Invert :meth:`merged_weight`; overridden where the delta depends on the weight (DoRA)."""
         return weight - self.delta_weight(weight)
 
-    def interchange_state(self) -> dict[str, torch.Tensor]:
-        """Tensors to save, keyed by their interchange-format suffix."""
+    def interchange_state(self, portable: bool = False) -> dict[str, torch.Tensor]:
+        """Tensors to save, keyed by their interchange-format suffix.
+
+        With ``portable`` the tensors must describe the adapter relative to the *original* base
+        weights, for readers that will not re-run an init that rewrote them (see ``attach``).
+        """
         return dict(self.state_dict())
 
 

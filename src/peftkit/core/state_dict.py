@@ -18,7 +18,7 @@ from .inject import adapter_layers, saved_modules, state_of
 PREFIX = "base_model.model."
 
 
-def _slots(model: nn.Module, adapter_name: str) -> dict[str, tuple[torch.Tensor, str]]:
+def _slots(model: nn.Module, adapter_name: str, portable: bool = False) -> dict[str, tuple[torch.Tensor, str]]:
     """Key -> (the live tensor that holds it, its module's name), for every tensor the adapter saves."""
     state = state_of(model)
     if adapter_name not in state.configs:
@@ -26,7 +26,7 @@ def _slots(model: nn.Module, adapter_name: str) -> dict[str, tuple[torch.Tensor,
     slots: dict[str, torch.Tensor] = {}
     for name, layer in adapter_layers(model):
         if adapter_name in layer.adapters:
-            for suffix, tensor in layer.adapters[adapter_name].interchange_state().items():
+            for suffix, tensor in layer.adapters[adapter_name].interchange_state(portable).items():
                 slots[f"{PREFIX}{name}.{suffix}"] = (tensor, name)
     for name, wrapper in saved_modules(model):
         if adapter_name in wrapper.copies:
@@ -38,9 +38,13 @@ def _slots(model: nn.Module, adapter_name: str) -> dict[str, tuple[torch.Tensor,
     return slots
 
 
-def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:
-    """The tensors of one adapter, keyed as the reference library saves them (detached, not copied)."""
-    return {key: tensor.detach() for key, (tensor, _) in _slots(model, adapter_name).items()}
+def adapter_state_dict(model: nn.Module, adapter_name: str = "default", portable: bool = False) -> dict[str, torch.Tensor]:
+    """The tensors of one adapter, keyed as the reference library saves them (detached, not copied).
+
+    ``portable=True`` expresses adapters whose init rewrote the base weights (PiSSA, OLoRA) relative
+    to the original weights instead (see :func:`peftkit.save_adapter`).
+    """
+    return {key: tensor.detach() for key, (tensor, _) in _slots(model, adapter_name, portable).items()}
 
 
 @dataclass

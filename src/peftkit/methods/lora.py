@@ -121,6 +121,17 @@ class LoraConfig(AdapterConfig):
             return self.replace(fan_in_fan_out=True)
         return self
 
+    def portable(self) -> LoraConfig:
+        if not isinstance(self.init_lora_weights, str) or self.init_lora_weights == "gaussian":
+            return self
+        # Twice the rank at the same scaling: alpha/r (or alpha/sqrt(r) under rsLoRA) is unchanged.
+        grow = math.sqrt(2) if self.use_rslora else 2
+        return self.replace(
+            init_lora_weights=True, r=2 * self.r, lora_alpha=self.lora_alpha * grow,
+            rank_pattern={k: 2 * v for k, v in self.rank_pattern.items()},
+            alpha_pattern={k: v * grow for k, v in self.alpha_pattern.items()},
+        )
+
     def extra_trainable(self, model: nn.Module, adapted: list[str]) -> list[str]:
         if self.bias == "none":
             return []
@@ -187,9 +198,9 @@ class LoraAdapter(AdapterModule):
 
     def attach(self, base_layer: nn.Module) -> None:
         weight = base_layer.weight
-        if getattr(self, "_init_rows", None) is not None:  # PiSSA / OLoRA: the base keeps the residual
+        if self._rewrites_base():  # PiSSA / OLoRA: the base keeps the residual
             with torch.no_grad():
-                residual = self.rows(weight.float()) - self.scaling * self._init_rows
+                residual = self.rows(weight.float()) - self.scaling * self._init_rows()
                 weight.data.copy_(self.unrows(residual, weight).to(weight.dtype))
         if self.use_dora:
             with torch.no_grad():
@@ -197,11 +208,27 @@ class LoraAdapter(AdapterModule):
                 norm = dora.row_norm(rows + self.scaling * self.lora_rows())
                 self.lora_magnitude_vector.data.copy_(norm.reshape(self.lora_magnitude_vector.shape))
 
+    def _rewrites_base(self) -> bool:
+        return getattr(self, "init_A", None) is not None
+
+    def _init_rows(self) -> torch.Tensor:
+        return self.init_B @ self.init_A
+
+    def interchange_state(self, portable: bool = False) -> dict[str, torch.Tensor]:
+        state = super().interchange_state()
+        if portable and self._rewrites_base():
+            # s*B*A on the residual W - s*B0*A0 equals s*[B, B0] @ [A; -A0] on the original W: a plain
+            # LoRA of rank 2r with the same scaling (LoraConfig.portable doubles r and alpha).
+            a, b = state.pop("lora_A.weight"), state.pop("lora_B.weight")
+            state["lora_A.weight"] = torch.cat([a, -self.init_A.to(a.dtype)], dim=0)
+            state["lora_B.weight"] = torch.cat([b, self.init_B.to(b.dtype)], dim=1)
+        return state
+
     def detach_from(self, base_layer: nn.Module) -> None:
-        if getattr(self, "_init_rows", None) is not None:
+        if self._rewrites_base():
             weight = base_layer.weight
             with torch.no_grad():
-                restored = self.rows(weight.float()) + self.scaling * self._init_rows
+                restored = self.rows(weight.float()) + self.scaling * self._init_rows()
                 weight.data.copy_(self.unrows(restored, weight).to(weight.dtype))
 
     def delta_output(self, x: torch.Tensor, base_out: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
@@ -363,18 +390,20 @@ class LoraConv(LoraAdapter):
 
 
 def _initialise(adapter: LoraAdapter, a: torch.Tensor, b: torch.Tensor, rows: torch.Tensor) -> None:
-    """Set A and B of a linear LoRA; SVD/QR inits also remember B0 A0 so the base keeps W - s B0 A0."""
+    """Set A and B of a linear LoRA; SVD/QR inits also remember A0, B0: the base keeps W - s B0 A0."""
     init, r, s = adapter.init, adapter.r, adapter.scaling
     with torch.no_grad():
         if init is True:
             nn.init.kaiming_uniform_(a, a=math.sqrt(5))
             nn.init.zeros_(b)
-        elif init == "gaussian":
+            return
+        if init == "gaussian":
             nn.init.normal_(a, std=1 / r)
             nn.init.zeros_(b)
-        elif init is False:
             return
-        elif init == "olora":
+        if init is False:
+            return
+        if init == "olora":
             # OLoRA (Büyükakyüz 2024): orthonormal B from the QR factors of W, A the matching rows of R.
             q, rr = torch.linalg.qr(rows.float())
             b.copy_(q[:, :r]), a.copy_(rr[:r])
@@ -389,8 +418,9 @@ def _initialise(adapter: LoraAdapter, a: torch.Tensor, b: torch.Tensor, rows: to
                 u, sv, vh = torch.linalg.svd(rows.float(), full_matrices=False)
             root = torch.sqrt(sv[:r] / s)
             b.copy_(u[:, :r] * root), a.copy_(root[:, None] * vh[:r])
-        if init in ("olora",) or (isinstance(init, str) and init.startswith("pissa")):
-            adapter.register_buffer("_init_rows", (b.float() @ a.float()).clone(), persistent=False)
+        # Kept (not saved) to restore the base on unload and for portable saves.
+        adapter.register_buffer("init_A", a.detach().float().clone(), persistent=False)
+        adapter.register_buffer("init_B", b.detach().float().clone(), persistent=False)
 
 
 def _conv_check(module: nn.Module) -> str | None:
