@@ -61,6 +61,7 @@ def disable(model: nn.Module) -> Iterator[nn.Module]:
     for the duration and merged back after, within floating-point rounding)."""
     merged = {name: list(layer.merged) for name, layer in adapter_layers(model)}
     wrappers = [w for _, w in adapter_layers(model)] + [w for _, w in saved_modules(model)]
+    previous = [w.disabled for w in wrappers]  # nested blocks must not re-enable an outer one
     for _, layer in adapter_layers(model):
         layer.unmerge()
     for wrapper in wrappers:
@@ -68,8 +69,8 @@ def disable(model: nn.Module) -> Iterator[nn.Module]:
     try:
         yield model
     finally:
-        for wrapper in wrappers:
-            wrapper.disabled = False
+        for wrapper, was in zip(wrappers, previous):
+            wrapper.disabled = was
         for name, layer in adapter_layers(model):
             layer.merge(merged.get(name, []))
 
@@ -92,22 +93,18 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> nn.Module:
 def merge(model: nn.Module, adapter_names: str | list[str] | None = None, *, safe: bool = False) -> nn.Module:
     """Fold adapters (default: the active ones) into the base weights; reversible with :func:`unmerge`.
 
-    With ``safe=True`` each new weight is computed out of place and checked for NaN/inf first;
-    :class:`~peftkit.errors.UnsafeMergeError` names the adapter and module, and no layer is changed
-    for that adapter (layers merged before the failure are unmerged again).
+    With ``safe=True`` every new weight is first computed out of place and checked for NaN/inf;
+    :class:`~peftkit.errors.UnsafeMergeError` names the adapter and module, and no weight is changed.
+    Merging refuses (before any change) an adapter that cannot be merged exactly, e.g. a DoRA adapter
+    active beside another adapter on the same layer.
     """
     names = _names(model, adapter_names)
-    done: list = []
-    try:
-        for _, layer in adapter_layers(model):
-            wanted = [n for n in names if n in layer.adapters]
-            if wanted:
-                layer.merge(wanted, safe=safe)
-                done.append((layer, wanted))
-    except Exception:
-        for layer, wanted in done:
-            layer.unmerge(wanted)
-        raise
+    layers = [(layer, [n for n in names if n in layer.adapters]) for _, layer in adapter_layers(model)]
+    layers = [(layer, wanted) for layer, wanted in layers if wanted]
+    for layer, wanted in layers:  # refuse, or find a non-finite result, before touching any weight
+        layer.merge(wanted, safe=safe, check_only=True)
+    for layer, wanted in layers:
+        layer.merge(wanted)
     return model
 
 

@@ -71,6 +71,8 @@ class AdapterConfig:
     inference_mode: bool = False
 
     def __post_init__(self) -> None:
+        if isinstance(self.target_modules, str) and self.target_modules.lower() == ALL_LINEAR:
+            self.target_modules = ALL_LINEAR
         for name in ("target_modules", "exclude_modules", "modules_to_save", "layers_pattern"):
             value = getattr(self, name)
             if isinstance(value, (tuple, set)):
@@ -104,6 +106,13 @@ class AdapterConfig:
             items = [ltt] if isinstance(ltt, int) else ltt
             if not isinstance(items, list) or not all(isinstance(i, int) and i >= 0 for i in items):
                 out.append(f"layers_to_transform: expected a non-negative int or list of them, got {ltt!r}")
+        if ltt not in (None, []) and isinstance(self.target_modules, str):
+            out.append(
+                "layers_to_transform: works with a list of target_modules, not a regex or 'all-linear' (the "
+                "reference library refuses the combination); put the layer numbers into the regex instead"
+            )
+        if self.layers_pattern not in (None, [], "") and ltt in (None, []):
+            out.append("layers_pattern: only meaningful with layers_to_transform; set both or neither")
         for name in ("rank_pattern", "alpha_pattern"):
             pattern = getattr(self, name)
             if not isinstance(pattern, dict):
@@ -157,6 +166,7 @@ class AdapterConfig:
         data = dict(data)
         peft_type = data.get("peft_type") or cls.peft_type
         target_cls = registry.config_class(peft_type) if peft_type else cls
+        data = target_cls.normalise_reference(data)
         names = {f.name for f in dataclasses.fields(target_cls)}
         kwargs, unknown, unsupported = {}, [], []
         for key, value in data.items():
@@ -175,6 +185,11 @@ class AdapterConfig:
                 stacklevel=2,
             )
         return target_cls(**kwargs)
+
+    @classmethod
+    def normalise_reference(cls, data: dict[str, Any]) -> dict[str, Any]:
+        """Rewrite reference-library values that mean the same to peftkit once saved (none by default)."""
+        return data
 
     def replace(self, **changes: Any) -> AdapterConfig:
         return dataclasses.replace(self, **changes)

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
 from torch import nn
 
-from ..errors import AdapterNameError
+from ..errors import AdapterNameError, UnsupportedLayerError
 from .config import AdapterConfig
 from .layer import AdapterLayer, ModulesToSave
 from .targeting import Plan, resolve, sequence_head_names
@@ -26,6 +27,7 @@ class PeftState:
     # adapter -> base parameters it trains and saves (e.g. biases under LoRA's bias="all"); kept as
     # objects, not names, because wrapping a layer later renames them (x.bias -> x.base_layer.bias)
     extra_trainable: dict[str, list[nn.Parameter]] = field(default_factory=dict)
+    extra_originals: dict[str, list[torch.Tensor]] = field(default_factory=dict)
     plans: dict[str, Plan] = field(default_factory=dict)
     # requires_grad of every parameter before the first inject, restored by unload
     original_requires_grad: dict[str, bool] = field(default_factory=dict)
@@ -89,10 +91,23 @@ def inject(
             config = config.replace(base_model_name_or_path=str(source))
     plan = resolve(model, config, require_every_entry=require_every_entry)
     config = config.after_resolve(plan)
-    built = [(t, t.row.build(t.module, **config.layer_values(t))) for t in plan.targets]
-
-    state = state_of(model, create=True)
     existing = {m.module_name: m for m in model.modules() if isinstance(m, (AdapterLayer, ModulesToSave))}
+    built = []
+    for target in plan.targets:
+        try:
+            adapter = target.row.build(target.module, **config.layer_values(target))
+        except UnsupportedLayerError as exc:
+            raise UnsupportedLayerError(f"{target.name}: {exc}") from None
+        _check_compatible(existing.get(target.name), AdapterLayer, target.name, adapter)
+        built.append((target, adapter))
+    for name in plan.modules_to_save:
+        _check_compatible(existing.get(name), ModulesToSave, name, None)
+
+    first = STATE_ATTR not in model.__dict__
+    state = state_of(model, create=True)
+    if first:  # the base is frozen once; later calls leave parameters the user unfroze alone
+        for param in model.parameters():
+            param.requires_grad_(False)
     for target, adapter in built:
         layer = existing.get(target.name)
         if layer is None:
@@ -110,9 +125,29 @@ def inject(
     state.configs[adapter_name] = config
     state.plans[adapter_name] = plan
     named = dict(model.named_parameters())
-    state.extra_trainable[adapter_name] = [named[n] for n in config.extra_trainable(model, [t.name for t in plan.targets])]
+    extra = [named[n] for n in config.extra_trainable(model, [t.name for t in plan.targets])]
+    state.extra_trainable[adapter_name] = extra
+    # kept to give the base model back unchanged on unload / delete (e.g. biases LoRA trains)
+    state.extra_originals[adapter_name] = [p.detach().clone() for p in extra]
     set_active(model, [adapter_name])  # also freezes it when config.inference_mode is set
     return model
+
+
+def _check_compatible(wrapper: nn.Module | None, wanted: type, name: str, adapter: nn.Module | None) -> None:
+    if wrapper is None:
+        return
+    if not isinstance(wrapper, wanted):
+        owners = sorted(getattr(wrapper, "copies", None) or getattr(wrapper, "adapters", {}))
+        role = "trained in full (modules_to_save)" if isinstance(wrapper, ModulesToSave) else "adapted"
+        raise AdapterNameError(
+            f"{name!r} is already {role} by adapter(s) {owners}; one module cannot be both adapted and "
+            "trained in full. Drop it from target_modules or modules_to_save. The model was not changed."
+        )
+    if adapter is not None and adapter.rewrites_base and any(a.rewrites_base for a in wrapper.adapters.values()):
+        raise UnsupportedLayerError(
+            f"{name!r} already has an adapter whose init rewrote the base weight (PiSSA/OLoRA); a second "
+            "one would decompose the first one's residual. Use another init for the new adapter."
+        )
 
 
 def _device_of(module: nn.Module):
@@ -148,8 +183,9 @@ def set_active(model: nn.Module, names: list[str]) -> None:
         layer.active = [n for n in names if n in layer.adapters]
     for _, wrapper in saved_modules(model):
         wrapper.active = [n for n in names if n in wrapper.copies]
-    for param in model.parameters():
-        param.requires_grad_(False)
+    for name in state.configs:
+        for param in trainable_parameters(model, name):
+            param.requires_grad_(False)
     for name in names:
         if not state.configs[name].inference_mode:
             for param in trainable_parameters(model, name):
@@ -169,10 +205,19 @@ def remove_adapter(model: nn.Module, adapter_name: str) -> None:
             del wrapper.copies[adapter_name]
             if not wrapper.copies:
                 _set_child(model, wrapper.module_name, wrapper.base_layer)
-    for store in (state.configs, state.plans, state.extra_trainable):
+    _restore_extra(state, adapter_name)
+    for store in (state.configs, state.plans, state.extra_trainable, state.extra_originals):
         store.pop(adapter_name, None)
     if adapter_name in state.active:
         state.active.remove(adapter_name)
+
+
+def _restore_extra(state: PeftState, adapter_name: str) -> None:
+    others = {id(p) for n, ps in state.extra_trainable.items() if n != adapter_name for p in ps}
+    with torch.no_grad():
+        for param, original in zip(state.extra_trainable.get(adapter_name, []), state.extra_originals.get(adapter_name, [])):
+            if id(param) not in others:  # still trained by another adapter: leave it
+                param.copy_(original)
 
 
 def unload(model: nn.Module, restore_base: bool = True) -> nn.Module:
@@ -182,6 +227,11 @@ def unload(model: nn.Module, restore_base: bool = True) -> nn.Module:
     residuals); without it the base weights stay as they are (e.g. holding merged adapters).
     """
     state = state_of(model)
+    if restore_base:
+        with torch.no_grad():
+            for name in state.extra_trainable:
+                for param, original in zip(state.extra_trainable[name], state.extra_originals[name]):
+                    param.copy_(original)
     for _, layer in adapter_layers(model):
         for name, adapter in layer.adapters.items():
             if restore_base and name not in layer.merged:

@@ -172,7 +172,9 @@ def load_adapter(
     previous = list(state_of(model).active) if "_peftkit" in model.__dict__ else []
     inject(model, config, adapter_name, require_every_entry=False)
     try:
-        report: LoadReport = load_adapter_state_dict(model, tensors, adapter_name, strict=strict)
+        # everything is checked before any tensor is copied: a refused load must not leave base
+        # tensors (trained biases, embedding weights) changed
+        load_adapter_state_dict(model, tensors, adapter_name, strict=strict, check_only=True)
         saved_fp, here_fp = metadata.get(FINGERPRINT_KEY), _fingerprint_of(model, adapter_name)
         if saved_fp and saved_fp != here_fp:
             message = (
@@ -183,6 +185,7 @@ def load_adapter(
             if strict:
                 raise AdapterMismatchError(message + "; pass strict=False to load it anyway")
             warnings.warn(message + "; outputs may be meaningless", BaseModelMismatchWarning, stacklevel=2)
+        report: LoadReport = load_adapter_state_dict(model, tensors, adapter_name, strict=strict)
     except BaseException:
         remove_adapter(model, adapter_name)
         if previous:

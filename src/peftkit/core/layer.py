@@ -25,6 +25,11 @@ class AdapterModule(nn.Module):
     """
 
     mergeable: bool = True
+    # True when the adapter's effect is a fixed delta whatever else is merged (LoRA); False when it
+    # depends on the weight it is applied to (DoRA's normalisation).
+    additive: bool = True
+    # True when attach() rewrites the base weight (PiSSA/OLoRA residuals).
+    rewrites_base: bool = False
 
     def delta_output(self, x: torch.Tensor, base_out: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
         """What this adapter adds to ``base_out`` (the base layer's output for input ``x``)."""
@@ -96,20 +101,19 @@ class AdapterLayer(nn.Module):
     def _weight(self) -> torch.Tensor:
         return self.base_layer.weight
 
-    def merge(self, names: Iterable[str], safe: bool = False) -> None:
+    def merge(self, names: Iterable[str], safe: bool = False, check_only: bool = False) -> None:
+        """Merge ``names`` in order. All new weights are computed out of place first; with ``safe``
+        each is checked for NaN/inf, and the base weight is written once, only if every check passed.
+        ``check_only`` runs the computation and checks without writing anything."""
+        names = [n for n in dict.fromkeys(names) if n not in self.merged]
+        if not names:
+            return
+        self._check_mergeable(names)
         weight = self._weight()
-        for name in names:
-            if name in self.merged:
-                continue
-            adapter = self.adapters[name]
-            if not adapter.mergeable:
-                raise AdapterNameError(
-                    f"adapter {name!r} on {self.module_name!r} ({type(adapter).__name__}) cannot be merged; "
-                    "keep it unmerged, or unload(merge=False)"
-                )
-            with torch.no_grad():
-                work = weight.detach().to(_compute_dtype(weight))
-                new = adapter.merged_weight(work)  # out of place: the base is untouched until checked
+        with torch.no_grad():
+            new = weight.detach().to(_compute_dtype(weight))
+            for name in names:
+                new = self.adapters[name].merged_weight(new)
                 if safe and not torch.isfinite(new).all():
                     bad = int((~torch.isfinite(new)).sum())
                     raise UnsafeMergeError(
@@ -117,20 +121,46 @@ class AdapterLayer(nn.Module):
                         "value(s) into the base weight; the base weight was left unchanged. Check the "
                         "adapter's tensors (e.g. a diverged training run) before merging."
                     )
-                weight.data.copy_(new.to(weight.dtype))
-            self.merged.append(name)
+            if check_only:
+                return
+            weight.data.copy_(new.to(weight.dtype))
+        self.merged.extend(names)
+
+    def _check_mergeable(self, names: list[str]) -> None:
+        for name in names:
+            adapter = self.adapters[name]
+            if not adapter.mergeable:
+                raise AdapterNameError(
+                    f"adapter {name!r} on {self.module_name!r} ({type(adapter).__name__}) cannot be merged; "
+                    "keep it unmerged, or unload(merge=False)"
+                )
+        # A non-additive adapter (DoRA rescales the whole weight) gives a different result merged
+        # than unmerged when another adapter is active or merged on the same layer: refuse.
+        involved = list(dict.fromkeys(self.merged + self.active + names))
+        blocking = [n for n in involved if not self.adapters[n].additive]
+        if blocking and len(involved) > 1:
+            raise AdapterNameError(
+                f"cannot merge into {self.module_name!r}: adapter(s) {blocking} rescale the whole weight (e.g. "
+                f"DoRA), so merged and unmerged outputs would differ with {involved} on the layer together. "
+                "Activate one of them alone (set_active) before merging."
+            )
 
     def unmerge(self, names: Iterable[str] | None = None) -> None:
+        """Unmerge ``names`` (default: all). Merges are undone last-in first-out, since a
+        weight-dependent delta (DoRA) must see the weight it was merged into; adapters merged after
+        the earliest requested one are unmerged too, then merged back."""
+        wanted = set(self.merged if names is None else names) & set(self.merged)
+        if not wanted:
+            return
+        first = min(self.merged.index(n) for n in wanted)
+        undone = self.merged[first:]
         weight = self._weight()
-        wanted = set(self.merged if names is None else names)
-        # undo in reverse order of merging: a weight-dependent delta (DoRA) needs the weight it saw
-        for name in reversed(list(self.merged)):
-            if name not in wanted:
-                continue
+        for name in reversed(undone):
             with torch.no_grad():
                 work = weight.detach().to(_compute_dtype(weight))
                 weight.data.copy_(self.adapters[name].unmerged_weight(work).to(weight.dtype))
             self.merged.remove(name)
+        self.merge([n for n in undone if n not in wanted])
 
 
 class ModulesToSave(nn.Module):

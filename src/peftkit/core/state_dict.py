@@ -14,6 +14,7 @@ from torch import nn
 
 from ..errors import AdapterFileError, AdapterMismatchError
 from .inject import adapter_layers, saved_modules, state_of
+from .targeting import user_modules
 
 PREFIX = "base_model.model."
 
@@ -32,10 +33,24 @@ def _slots(model: nn.Module, adapter_name: str, portable: bool = False) -> dict[
         if adapter_name in wrapper.copies:
             for suffix, tensor in wrapper.copies[adapter_name].state_dict().items():
                 slots[f"{PREFIX}{name}.{suffix}"] = (tensor, name)
-    names = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
+    names = _canonical_names(model, adapter_name)
     for param in state.extra_trainable.get(adapter_name, []):
         slots[PREFIX + names[id(param)]] = (param, names[id(param)].rpartition(".")[0])
     return slots
+
+
+def _canonical_names(model: nn.Module, adapter_name: str) -> dict[int, str]:
+    """Parameter names as on a model holding only this adapter (the reference library's names):
+    ``<m>.base_layer.<p>`` inside layers this adapter adapts, plain ``<m>.<p>`` everywhere else, so a
+    saved file does not depend on which other adapters were present."""
+    own = {id(layer.base_layer) for _, layer in adapter_layers(model) if adapter_name in layer.adapters}
+    names: dict[int, str] = {}
+    for module_name, module in user_modules(model):
+        stem = f"{module_name}.base_layer" if id(module) in own else module_name
+        for param_name, param in module._parameters.items():
+            if param is not None:
+                names.setdefault(id(param), f"{stem}.{param_name}" if stem else param_name)
+    return names
 
 
 def adapter_state_dict(model: nn.Module, adapter_name: str = "default", portable: bool = False) -> dict[str, torch.Tensor]:
@@ -76,11 +91,11 @@ def _normalise_reference_keys(tensors: dict[str, torch.Tensor], expected: set[st
 
 def _split_saved_base_weights(
     model: nn.Module, tensors: dict[str, torch.Tensor]
-) -> tuple[dict[str, torch.Tensor], list[tuple[torch.Tensor, torch.Tensor]]]:
+) -> tuple[dict[str, torch.Tensor], list[tuple[str, torch.Tensor, torch.Tensor]]]:
     """Separate full base weights of adapted layers, which the reference library saves alongside
     embedding adapters ("<module>.base_layer.weight", in case the vocabulary was resized).
 
-    Returns the remaining tensors and the (model weight, saved weight) pairs that differ.
+    Returns the remaining tensors and the (module, model weight, saved weight) triples that differ.
     """
     layers = dict(adapter_layers(model))
     rest, writes = {}, []
@@ -97,19 +112,21 @@ def _split_saved_base_weights(
                 f"model's is {tuple(weight.shape)}; resize the model's embeddings to match before loading"
             )
         if not torch.equal(tensor.to(weight.dtype), weight.detach().cpu()):
-            warnings.warn(
-                f"the adapter file carries a base weight for {module!r} that differs from the model's; it "
-                "replaces the model's weight (as the reference library does) and stays after unload()",
-                stacklevel=3,
-            )
-            writes.append((weight, tensor))
+            writes.append((module, weight, tensor))
     return rest, writes
 
 
 def load_adapter_state_dict(
-    model: nn.Module, tensors: dict[str, torch.Tensor], adapter_name: str = "default", strict: bool = True
+    model: nn.Module,
+    tensors: dict[str, torch.Tensor],
+    adapter_name: str = "default",
+    strict: bool = True,
+    check_only: bool = False,
 ) -> LoadReport:
-    """Copy saved tensors into adapter ``adapter_name``; nothing is copied unless every check passes."""
+    """Copy saved tensors into adapter ``adapter_name``; nothing is copied unless every check passes.
+
+    With ``check_only`` the checks run (and raise) but nothing is copied.
+    """
     slots = _slots(model, adapter_name)
     tensors = _normalise_reference_keys(tensors, set(slots))
     tensors, base_writes = _split_saved_base_weights(model, tensors)
@@ -138,8 +155,15 @@ def load_adapter_state_dict(
         )
     if nonfinite:
         raise AdapterFileError(f"refusing adapter {adapter_name!r}: non-finite values (NaN/inf) in {_few(nonfinite)}")
+    if check_only:
+        return report
     with torch.no_grad():
-        for weight, saved in base_writes:
+        for module, weight, saved in base_writes:
+            warnings.warn(
+                f"the adapter file carries a base weight for {module!r} that differs from the model's; it "
+                "replaces the model's weight (as the reference library does) and stays after unload()",
+                stacklevel=3,
+            )
             weight.copy_(saved.to(device=weight.device, dtype=weight.dtype))
         for key in sorted(set(slots) & set(tensors)):
             slot = slots[key][0]

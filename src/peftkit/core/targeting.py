@@ -114,8 +114,10 @@ def resolve(model: nn.Module, config: AdapterConfig, require_every_entry: bool =
     plan = Plan()
     save_specs = list(config.modules_to_save or [])
     names = [n for n, _ in user_modules(model) if n]
-    plan.modules_to_save = [n for n in names if save_specs and name_matches(save_specs, n)]
-    unmatched_saves = [s for s in save_specs if not any(n == s or n.endswith("." + s) for n in plan.modules_to_save)]
+    # The reference library matches modules_to_save by a plain suffix (so "classifier" also takes
+    # DistilBERT's "pre_classifier"); the same rule keeps saved adapters interchangeable.
+    plan.modules_to_save = [n for n in names if any(n.endswith(s) for s in save_specs)]
+    unmatched_saves = [s for s in save_specs if not any(n.endswith(s) for n in plan.modules_to_save)]
     if unmatched_saves and (require_every_entry or not plan.modules_to_save):
         raise NoTargetMatchedError(
             "modules_to_save: " + _no_match_message(unmatched_saves, names, config)
@@ -125,6 +127,10 @@ def resolve(model: nn.Module, config: AdapterConfig, require_every_entry: bool =
 
     hit_entries: set[str] = set()
     explicit_unsupported: list[str] = []
+    # nn.MultiheadAttention reads out_proj.weight directly instead of calling out_proj: a wrapper
+    # there would be silently bypassed.
+    bypassed = {id(m.out_proj) for m in model.modules() if isinstance(m, nn.MultiheadAttention)}
+    seen: dict[int, str] = {}
     for name, module in user_modules(model):
         if not name or name in plan.modules_to_save or name.startswith(saved_prefixes):
             continue
@@ -138,14 +144,23 @@ def resolve(model: nn.Module, config: AdapterConfig, require_every_entry: bool =
                 continue
         elif not name_matches(targets_spec, name):
             continue
-        if config.layers_to_transform is not None:
-            wanted = config.layers_to_transform
-            wanted = [wanted] if isinstance(wanted, int) else wanted
-            if layer_index(name, config.layers_pattern) not in wanted:
-                continue
+        wanted = config.layers_to_transform
+        wanted = [wanted] if isinstance(wanted, int) else wanted
+        exact = isinstance(targets_spec, list) and name in targets_spec  # full names skip the layer filter
+        if wanted and not exact and layer_index(name, config.layers_pattern) not in wanted:
+            continue
         if isinstance(targets_spec, list):
             hit_entries.update(s for s in targets_spec if name == s or name.endswith("." + s))
-        row, reason = registry.dispatch(peft_type, module)
+        if id(module) in seen:
+            raise UnsupportedLayerError(
+                f"{name!r} is the same module object as {seen[id(module)]!r} (shared or tied weights); "
+                "adapting it at one path would leave the other unadapted. Exclude one of the two names."
+            )
+        seen[id(module)] = name
+        if id(module) in bypassed:
+            row, reason = None, "out_proj of nn.MultiheadAttention, which reads its weight without calling it"
+        else:
+            row, reason = registry.dispatch(peft_type, module)
         if row is None:
             plan.skipped.append((name, type(module).__name__, reason or "unsupported"))
             if isinstance(targets_spec, list):

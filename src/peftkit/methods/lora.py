@@ -84,6 +84,14 @@ class LoraConfig(AdapterConfig):
             self.init_lora_weights = True
         super().__post_init__()
 
+    @classmethod
+    def normalise_reference(cls, data: dict[str, Any]) -> dict[str, Any]:
+        # Reference inits that only choose the starting A and B (and leave the base weight alone) do
+        # not matter once an adapter is saved: its tensors are the trained ones.
+        if data.get("init_lora_weights") in ("orthogonal", "eva", "mica"):
+            data = {**data, "init_lora_weights": True, "eva_config": None}
+        return data
+
     def problems(self) -> list[str]:
         out = super().problems()
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
@@ -164,7 +172,9 @@ class LoraAdapter(AdapterModule):
         self.scaling = alpha / (math.sqrt(r) if use_rslora else r)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.use_dora = use_dora
+        self.additive = not use_dora
         self.init = init
+        self.rewrites_base = init == "olora" or (isinstance(init, str) and init.startswith("pissa"))
         if isinstance(init, str) and init != "gaussian" and not self.supports_svd_init:
             raise UnsupportedLayerError(
                 f"init_lora_weights={init!r} needs a linear weight matrix; {type(self).__name__} layers "
@@ -287,6 +297,11 @@ class LoraLinear(LoraAdapter):
         self.lora_A = nn.Linear(in_f, self.r, **kw)
         self.lora_B = nn.Linear(self.r, out_f, **kw)
         self._new_magnitude((out_f,), weight)
+        if self.rewrites_base and self.r > min(out_f, in_f):
+            raise UnsupportedLayerError(
+                f"init_lora_weights={self.init!r} needs r <= min(out, in) = {min(out_f, in_f)} for a "
+                f"{out_f}x{in_f} weight, got r={self.r}; lower r (or its rank_pattern entry)"
+            )
         _initialise(self, self.lora_A.weight, self.lora_B.weight, self.rows(weight.detach()))
 
     def lora_path(self, x):
