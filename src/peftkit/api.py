@@ -124,7 +124,7 @@ def unload(model: nn.Module, *, merge: bool = False, safe: bool = True) -> nn.Mo
 
     With ``merge=True`` the active adapters are first merged (safely by default), so the returned
     plain model computes what the adapted one did; otherwise the base model comes back unchanged
-    (merged adapters are unmerged, PiSSA/OLoRA residuals restored).
+    (merged adapters are unmerged, PiSSA/OLoRA residuals and trained biases restored).
     """
     state = state_of(model)
     if merge:
