@@ -11,7 +11,7 @@ from torch import nn
 from . import methods  # noqa: F401  (registers the built-in methods)
 from .core import inject as _inject
 from .core.config import AdapterConfig
-from .core.inject import adapter_layers, saved_modules, state_of
+from .core.inject import adapter_layers, require_adapter, saved_modules, state_of
 from .core.io import load_adapter, read_adapter_config, save_adapter
 from .core.state_dict import adapter_state_dict, load_adapter_state_dict
 from .errors import AdapterNameError
@@ -43,9 +43,7 @@ def active_adapters(model: nn.Module) -> list[str]:
 
 
 def adapter_config(model: nn.Module, adapter_name: str = "default") -> AdapterConfig:
-    state = state_of(model)
-    if adapter_name not in state.configs:
-        raise AdapterNameError(f"no adapter named {adapter_name!r}; adapters on this model: {sorted(state.configs)}")
+    state = require_adapter(model, adapter_name)
     return state.configs[adapter_name]
 
 
@@ -77,9 +75,7 @@ def disable(model: nn.Module) -> Iterator[nn.Module]:
 
 def delete_adapter(model: nn.Module, adapter_name: str) -> nn.Module:
     """Remove an inactive, unmerged adapter. To remove the last one, use :func:`unload`."""
-    state = state_of(model)
-    if adapter_name not in state.configs:
-        raise AdapterNameError(f"no adapter named {adapter_name!r}; adapters on this model: {sorted(state.configs)}")
+    state = require_adapter(model, adapter_name)
     if adapter_name in state.active:
         others = [n for n in state.configs if n != adapter_name]
         fix = f"set_active(model, {others[0]!r}) first" if others else "use unload(model) to remove the last adapter"

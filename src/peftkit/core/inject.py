@@ -43,6 +43,14 @@ def state_of(model: nn.Module, create: bool = False) -> PeftState:
     return state
 
 
+def require_adapter(model: nn.Module, adapter_name: str, error: type[Exception] = AdapterNameError) -> PeftState:
+    """The model's state, after checking it holds ``adapter_name`` (else ``error`` naming those it has)."""
+    state = state_of(model)
+    if adapter_name not in state.configs:
+        raise error(f"no adapter named {adapter_name!r}; adapters on this model: {sorted(state.configs)}")
+    return state
+
+
 def adapter_layers(model: nn.Module) -> list[tuple[str, AdapterLayer]]:
     return [(m.module_name, m) for m in model.modules() if isinstance(m, AdapterLayer)]
 

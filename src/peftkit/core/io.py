@@ -23,7 +23,7 @@ from torch import nn
 
 from ..errors import AdapterFileError, AdapterMismatchError, BaseModelMismatchWarning
 from .config import AdapterConfig
-from .inject import inject, remove_adapter, set_active, state_of, unload
+from .inject import inject, remove_adapter, require_adapter, set_active, state_of, unload
 from .state_dict import LoadReport, adapter_state_dict, load_adapter_state_dict
 from .targeting import user_modules
 
@@ -84,9 +84,7 @@ def save_adapter(
     Raises:
         AdapterFileError: the adapter holds NaN or inf values (nothing on disk is changed).
     """
-    state = state_of(model)
-    if adapter_name not in state.configs:
-        raise AdapterMismatchError(f"no adapter named {adapter_name!r}; adapters on this model: {sorted(state.configs)}")
+    state = require_adapter(model, adapter_name, AdapterMismatchError)
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in adapter_state_dict(model, adapter_name, portable).items()}
     bad = [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:

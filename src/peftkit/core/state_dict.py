@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ..errors import AdapterFileError, AdapterMismatchError
-from .inject import adapter_layers, saved_modules, state_of
+from .inject import adapter_layers, require_adapter, saved_modules
 from .targeting import user_modules
 
 PREFIX = "base_model.model."
@@ -21,9 +21,7 @@ PREFIX = "base_model.model."
 
 def _slots(model: nn.Module, adapter_name: str, portable: bool = False) -> dict[str, tuple[torch.Tensor, str]]:
     """Key -> (the live tensor that holds it, its module's name), for every tensor the adapter saves."""
-    state = state_of(model)
-    if adapter_name not in state.configs:
-        raise AdapterMismatchError(f"no adapter named {adapter_name!r}; adapters on this model: {sorted(state.configs)}")
+    state = require_adapter(model, adapter_name, AdapterMismatchError)
     slots: dict[str, torch.Tensor] = {}
     for name, layer in adapter_layers(model):
         if adapter_name in layer.adapters:
