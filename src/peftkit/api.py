@@ -98,7 +98,10 @@ def merge(model: nn.Module, adapter_names: str | list[str] | None = None, *, saf
     layers = [(layer, [n for n in names if n in layer.adapters]) for _, layer in adapter_layers(model)]
     layers = [(layer, wanted) for layer, wanted in layers if wanted]
     for layer, wanted in layers:  # refuse, or find a non-finite result, before touching any weight
-        layer.merge(wanted, safe=safe, check_only=True)
+        if safe:  # computing every merged weight twice is the price of a check that changes nothing
+            layer.merge(wanted, safe=True, check_only=True)
+        else:
+            layer.check_mergeable([n for n in wanted if n not in layer.merged])
     for layer, wanted in layers:
         layer.merge(wanted)
     return model

@@ -108,7 +108,7 @@ class AdapterLayer(nn.Module):
         names = [n for n in dict.fromkeys(names) if n not in self.merged]
         if not names:
             return
-        self._check_mergeable(names)
+        self.check_mergeable(names)
         weight = self._weight()
         with torch.no_grad():
             new = weight.detach().to(_compute_dtype(weight))
@@ -126,7 +126,8 @@ class AdapterLayer(nn.Module):
             weight.data.copy_(new.to(weight.dtype))
         self.merged.extend(names)
 
-    def _check_mergeable(self, names: list[str]) -> None:
+    def check_mergeable(self, names: list[str]) -> None:
+        """Raise, without changing anything, if ``names`` cannot be merged exactly into this layer."""
         for name in names:
             adapter = self.adapters[name]
             if not adapter.mergeable:
