@@ -134,20 +134,7 @@ def resolve(model: nn.Module, config: AdapterConfig, require_every_entry: bool =
     for name, module in user_modules(model):
         if not name or name in plan.modules_to_save or name.startswith(saved_prefixes):
             continue
-        if config.exclude_modules and name_matches(config.exclude_modules, name):
-            continue
-        if targets_spec == ALL_LINEAR:
-            if not isinstance(module, LINEAR_TYPES) or name in heads:
-                continue
-        elif isinstance(targets_spec, str):
-            if not name_matches(targets_spec, name):
-                continue
-        elif not name_matches(targets_spec, name):
-            continue
-        wanted = config.layers_to_transform
-        wanted = [wanted] if isinstance(wanted, int) else wanted
-        exact = isinstance(targets_spec, list) and name in targets_spec  # full names skip the layer filter
-        if wanted and not exact and layer_index(name, config.layers_pattern) not in wanted:
+        if not _selected(name, module, config, targets_spec, heads):
             continue
         if isinstance(targets_spec, list):
             hit_entries.update(s for s in targets_spec if name == s or name.endswith("." + s))
@@ -170,6 +157,37 @@ def resolve(model: nn.Module, config: AdapterConfig, require_every_entry: bool =
             Target(name, module, row, pattern_value(config.rank_pattern, name), pattern_value(config.alpha_pattern, name))
         )
 
+    _refuse_mistakes(plan, config, targets_spec, hit_entries, explicit_unsupported, names, require_every_entry)
+    return plan
+
+
+def _selected(name: str, module: nn.Module, config: AdapterConfig, targets_spec: list[str] | str, heads: set[str]) -> bool:
+    """Whether the target spec, exclude_modules and the layer filter all pick module ``name``."""
+    if config.exclude_modules and name_matches(config.exclude_modules, name):
+        return False
+    if targets_spec == ALL_LINEAR:
+        if not isinstance(module, LINEAR_TYPES) or name in heads:
+            return False
+    elif not name_matches(targets_spec, name):
+        return False
+    wanted = config.layers_to_transform
+    wanted = [wanted] if isinstance(wanted, int) else wanted
+    exact = isinstance(targets_spec, list) and name in targets_spec  # full names skip the layer filter
+    return not (wanted and not exact and layer_index(name, config.layers_pattern) not in wanted)
+
+
+def _refuse_mistakes(
+    plan: Plan,
+    config: AdapterConfig,
+    targets_spec: list[str] | str,
+    hit_entries: set[str],
+    explicit_unsupported: list[str],
+    names: list[str],
+    require_every_entry: bool,
+) -> None:
+    """Raise when the selection is surely not what the user meant: an entry matching nothing, a
+    named module that cannot be adapted, or nothing adaptable at all."""
+    peft_type = config.peft_type
     if isinstance(targets_spec, list):
         missing = [s for s in targets_spec if s not in hit_entries]
         if missing and (require_every_entry or not hit_entries):
@@ -189,7 +207,6 @@ def resolve(model: nn.Module, config: AdapterConfig, require_every_entry: bool =
             f"({', '.join(f'{n} ({t})' for n, t, _ in plan.skipped[:5])}). "
             f"Supported layer types: {registry.supported_kinds(peft_type)}."
         )
-    return plan
 
 
 def default_targets(model: nn.Module, config: AdapterConfig) -> list[str] | str:
