@@ -194,12 +194,7 @@ def run_demo(
         size = sum(f.stat().st_size for f in adapter_dir.iterdir() if f.is_file())
         log(f"adapter saved to {adapter_dir}: {size / 1024:.1f} KiB")
 
-        # A different seed gives the fresh model a different random head, so agreement shows that
-        # the trained head really came back from the adapter file.
-        fresh = api.load_adapter(load_base_model(path, seed + 1), adapter_dir)
-        reloaded, _ = predict(fresh, eval_batches)
-        same = bool(torch.equal(reloaded.argmax(-1), logits.argmax(-1)))
-        diff = (reloaded - logits).abs().max().item()
+        same, diff = _reload_and_compare(path, seed, adapter_dir, eval_batches, logits)
         result = DemoResult(
             eval_split, len(evaluated), before, after, summary.trainable, summary.total, seconds, steps,
             adapter_dir, size, same, diff,
@@ -211,6 +206,15 @@ def run_demo(
         )
         log(f"total time: {time.perf_counter() - started:.1f} s")
     return result
+
+
+def _reload_and_compare(path: str, seed: int, adapter_dir: Path, batches: list, logits: torch.Tensor) -> tuple[bool, float]:
+    """Load the saved adapter into a fresh base model: same predictions, and the logits' max difference."""
+    # A different seed gives the fresh model a different random head, so agreement shows that the
+    # trained head really came back from the adapter file.
+    fresh = api.load_adapter(load_base_model(path, seed + 1), adapter_dir)
+    reloaded, _ = predict(fresh, batches)
+    return bool(torch.equal(reloaded.argmax(-1), logits.argmax(-1))), (reloaded - logits).abs().max().item()
 
 
 @contextlib.contextmanager
