@@ -1,4 +1,7 @@
-"""The contract every LoRA variant x layer kind x dtype must keep (STYLE.md rule 10)."""
+"""The contract every method x layer kind x dtype keeps (STYLE.md rule 10).
+
+Rows come from ``contract_rows/<method>.py``; this file never names a method.
+"""
 
 from __future__ import annotations
 
@@ -6,67 +9,69 @@ import copy
 
 import pytest
 import torch
-from torch import nn
 
 import peftkit
-from _tiny import KINDS, MATRIX_KINDS, build
-from peftkit.core.layer import AdapterLayer
-from peftkit.errors import UnsafeMergeError
+from contract_rows import DTYPES, Row, all_rows, call
+from peftkit.core.layer import AdapterLayer, ModulesToSave
+from peftkit.errors import PeftkitError, UnsafeMergeError
 
-VARIANTS = {"lora": {}, "rslora": {"use_rslora": True}, "dora": {"use_dora": True}}
-INITS = ["default", "gaussian", "pissa", "olora"]
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-SVD_INITS = {"pissa", "olora"}
+ROWS = all_rows()
 
 
 def _cases():
-    for kind in KINDS:
-        for variant in VARIANTS:
-            for init in INITS:
-                if init in SVD_INITS and kind not in MATRIX_KINDS:
-                    continue  # refused for these kinds; see test_errors.py
-                for dtype in DTYPES:
-                    yield pytest.param((kind, variant, init, dtype), id=f"{kind}-{variant}-{init}-{dtype}")
+    for row in ROWS:
+        for kind in row.kinds:
+            for dtype in row.dtypes:
+                yield pytest.param((row, kind, dtype), id=f"{row.name}-{kind}-{dtype}")
 
 
 CASES = list(_cases())
 
 
-class Case:
-    """A model with one adapted layer, trained a few steps, and what it looked like before."""
+def _cast(x, dtype):
+    if isinstance(x, dict):
+        return {k: _cast(v, dtype) for k, v in x.items()}
+    return x.to(dtype) if isinstance(x, torch.Tensor) and x.is_floating_point() else x
 
-    def __init__(self, kind: str, variant: str, init: str, dtype: str) -> None:
-        self.kind, self.init, self.dtype = kind, init, DTYPES[dtype]
-        model, x = build(kind)
-        self.original = copy.deepcopy(model).to(self.dtype)
-        self.model = model.to(self.dtype)
-        self.x = x.to(self.dtype) if x.is_floating_point() else x
-        self.base_out = self.original(self.x).detach()
-        self.config = peftkit.LoraConfig(
-            r=2, lora_alpha=4, target_modules=["layer"], modules_to_save=["head"],
-            init_lora_weights=init, **VARIANTS[variant],
-        )
-        self.before = {k: v.clone() for k, v in self.model.state_dict().items()}
-        peftkit.inject(self.model, self.config)
-        self.fresh_out = self.model(self.x).detach()
+
+def _owned(name: str) -> bool:
+    """Whether a parameter name belongs to an adapter (layer adapter, full copy or model part)."""
+    return ".adapters." in name or ".copies." in name or name.startswith("peftkit_parts.")
+
+
+class Case:
+    """A model adapted by one contract row, and what it looked like before."""
+
+    def __init__(self, row: Row, kind: str, dtype: str) -> None:
+        self.row, self.kind, self.dtype = row, kind, DTYPES[dtype]
+        model, x = row.build(kind)
+        self.original = copy.deepcopy(model).to(self.dtype).eval()
+        self.model = model.to(self.dtype).eval()  # no dropout: outputs must be comparable
+        self.x = _cast(x, self.dtype)
+        with torch.no_grad():
+            self.base_out = call(self.original, self.x)
+        peftkit.inject(self.model, row.config(kind))
+        self.fresh_out = self.out()
 
     def train(self, steps: int = 3) -> None:
         params = [p for p in self.model.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=5e-2)
-        target = torch.randn(self.x.shape[0], 3)
+        opt = torch.optim.AdamW(params, lr=self.row.lr)
+        target = torch.randn(self.base_out.shape, generator=torch.Generator().manual_seed(1))
         for _ in range(steps):
             opt.zero_grad()
-            loss = (self.model(self.x).float() - target).pow(2).mean()
+            loss = (call(self.model, self.x).float() - target).pow(2).mean()
             loss.backward()
             opt.step()
 
     def out(self) -> torch.Tensor:
         with torch.no_grad():
-            return self.model(self.x)
+            return call(self.model, self.x)
 
-    @property
-    def layer(self) -> AdapterLayer:
-        return self.model.layer
+    def layers(self) -> list[AdapterLayer]:
+        return [m for m in self.model.modules() if isinstance(m, AdapterLayer)]
+
+    def base_tensors(self) -> dict[str, torch.Tensor]:
+        return {n: p.detach().clone() for n, p in self.model.named_parameters() if not _owned(n)}
 
     def tol(self, fp32: float) -> float:
         # bf16 keeps 8 bits of mantissa: a merged weight is rounded once, so compare at bf16 resolution
@@ -79,13 +84,18 @@ def _trained(*args) -> Case:
     return c
 
 
+def _diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a.float() - b.float()).abs().max().item()
+
+
 @pytest.mark.parametrize("args", CASES)
 def test_fresh_adapter_starts_at_base_and_training_changes_output(args):
     c = Case(*args)
-    # default/gaussian inits start exactly at the base; SVD inits move the residual into the base
-    assert (c.fresh_out.float() - c.base_out.float()).abs().max() <= c.tol(1e-5)
+    if c.row.starts_at_base:
+        # SVD inits move the residual into the base, so they start at the base only up to rounding
+        assert _diff(c.fresh_out, c.base_out) <= c.tol(1e-5)
     c.train()
-    assert (c.out().float() - c.base_out.float()).abs().max() > 1e-3
+    assert _diff(c.out(), c.base_out) > 1e-3
 
 
 @pytest.mark.parametrize("args", CASES)
@@ -93,16 +103,12 @@ def test_disabled_equals_base(args):
     c = _trained(*args)
     with peftkit.disable(c.model):
         disabled = c.out()
-    if c.init in SVD_INITS:
+    if c.row.rewrites_base:
         # PiSSA/OLoRA keep W - s*B0*A0 as the base (as the reference library does): disabling gives
         # that residual model, and unload() gives the original back.
         expected = copy.deepcopy(c.model)
         peftkit.unload(expected)
-        assert not torch.equal(disabled, expected(c.x).detach())
-        weight = c.layer.base_layer.weight
-        for name, p in c.original.named_parameters():
-            if name == "layer.weight":
-                assert not torch.equal(p, weight)
+        assert not torch.equal(disabled, call(expected, c.x).detach())
     else:
         assert torch.equal(disabled, c.base_out)
     assert not torch.equal(c.out(), disabled)  # and the adapter is back after the block
@@ -112,44 +118,48 @@ def test_disabled_equals_base(args):
 def test_merged_equals_unmerged_and_unmerge_restores_weights(args):
     c = _trained(*args)
     unmerged = c.out()
-    weight_before = c.layer.base_layer.weight.detach().clone()
+    before = c.base_tensors()
+    if not c.row.mergeable:
+        with pytest.raises(PeftkitError, match="cannot be merged"):
+            peftkit.merge(c.model, safe=True)
+        assert all(torch.equal(t, before[n]) for n, t in c.base_tensors().items())
+        assert torch.equal(c.out(), unmerged)
+        return
     peftkit.merge(c.model, safe=True)
-    assert c.layer.merged == ["default"]
-    merged = c.out()
-    assert (merged.float() - unmerged.float()).abs().max() <= c.tol(1e-5)
+    assert all(layer.merged == ["default"] for layer in c.layers())
+    assert _diff(c.out(), unmerged) <= c.tol(c.row.tol)
     peftkit.unmerge(c.model)
-    diff = (c.layer.base_layer.weight.float() - weight_before.float()).abs().max()
-    scale = weight_before.float().abs().max()
-    assert diff <= (1e-6 if c.dtype == torch.float32 else 1e-2 * scale)
-    assert (c.out().float() - unmerged.float()).abs().max() <= c.tol(1e-5)
+    for name, tensor in c.base_tensors().items():
+        scale = before[name].float().abs().max()
+        assert _diff(tensor, before[name]) <= (1e-6 if c.dtype == torch.float32 else 1e-2 * scale), name
+    assert _diff(c.out(), unmerged) <= c.tol(c.row.tol)
 
 
 @pytest.mark.parametrize("args", CASES)
 def test_save_then_load_gives_identical_outputs(args, tmp_path):
     c = _trained(*args)
-    c.model.eval()
     peftkit.save_adapter(c.model, tmp_path / "a")
     fresh = copy.deepcopy(c.original)
     peftkit.load_adapter(fresh, tmp_path / "a")
-    fresh.eval()
-    with torch.no_grad():
-        assert torch.equal(fresh(c.x), c.out())
+    assert torch.equal(call(fresh.eval(), c.x).detach(), c.out())
 
 
 @pytest.mark.parametrize("args", CASES)
 def test_training_changes_only_adapter_and_saved_module_parameters(args):
     c = Case(*args)
-    adapter_params = {n for n, _ in c.model.named_parameters() if ".adapters." in n or ".copies." in n}
+    adapter_params = {n for n, _ in c.model.named_parameters() if _owned(n)}
     before = {n: p.detach().clone() for n, p in c.model.named_parameters()}
     c.train()
     changed = {n for n, p in c.model.named_parameters() if not torch.equal(p, before[n])}
     base_changed = changed - adapter_params
     assert not base_changed, f"base parameters changed: {base_changed}"
-    assert any(".adapters.default." in n for n in changed)
-    assert any(".copies.default." in n for n in changed)
+    assert any(".adapters.default." in n or n.startswith("peftkit_parts.default.") for n in changed)
+    if any(isinstance(m, ModulesToSave) for m in c.model.modules()):
+        assert any(".copies.default." in n for n in changed)
     # the declared trainable set is exactly the adapter's own tensors plus the head copy
     trainable = {n for n, p in c.model.named_parameters() if p.requires_grad}
-    assert trainable == adapter_params
+    assert trainable == {n for n, p in c.model.named_parameters() if _owned(n) and p.requires_grad}
+    assert trainable, "nothing is trainable"
 
 
 @pytest.mark.parametrize("args", CASES)
@@ -160,8 +170,8 @@ def test_unload_restores_module_types_and_base_output(args):
     assert restored is c.model
     assert {n: type(m) for n, m in restored.named_modules()} == types
     out = c.out()
-    if c.init in SVD_INITS:  # W_res + s*B0*A0 is W up to float rounding
-        assert (out.float() - c.base_out.float()).abs().max() <= c.tol(1e-5)
+    if c.row.rewrites_base:  # W_res + s*B0*A0 is W up to float rounding
+        assert _diff(out, c.base_out) <= c.tol(1e-5)
     else:
         assert torch.equal(out, c.base_out)
     assert all(p.requires_grad for p in restored.parameters())  # as before inject
@@ -171,28 +181,42 @@ def test_unload_restores_module_types_and_base_output(args):
 def test_unload_with_merge_keeps_the_adapted_function(args):
     c = _trained(*args)
     adapted = c.out()
+    if not c.row.mergeable:
+        with pytest.raises(PeftkitError, match="cannot be merged"):
+            peftkit.unload(c.model, merge=True)
+        assert torch.equal(c.out(), adapted)
+        return
+    types = {n: type(m) for n, m in c.original.named_modules()}
     plain = peftkit.unload(c.model, merge=True)
-    assert not any(isinstance(m, AdapterLayer) for m in plain.modules())
-    assert type(plain.layer) is type(c.original.layer) and type(plain.head) is nn.Linear
-    with torch.no_grad():
-        assert (plain(c.x).float() - adapted.float()).abs().max() <= c.tol(1e-5)
+    assert {n: type(m) for n, m in plain.named_modules()} == types
+    assert _diff(call(plain, c.x).detach(), adapted) <= c.tol(c.row.tol)
 
 
-@pytest.mark.parametrize("args", CASES)
+@pytest.mark.parametrize("args", [c for c in CASES if c.values[0][0].mergeable])
 def test_nan_in_adapter_makes_safe_merge_raise_and_leaves_weights(args):
     c = _trained(*args)
-    adapter = c.layer.adapters["default"]
-    first = next(p for p in adapter.parameters())
+    layer = c.layers()[0]
+    first = next(p for p in layer.adapters["default"].parameters())
     with torch.no_grad():
         first.view(-1)[0] = float("nan")
-    weight = c.layer.base_layer.weight.detach().clone()
-    with pytest.raises(UnsafeMergeError, match="'default'.*'layer'"):
+    before = c.base_tensors()
+    with pytest.raises(UnsafeMergeError, match=f"'default'.*'{layer.module_name}'"):
         peftkit.merge(c.model, safe=True)
-    assert torch.equal(c.layer.base_layer.weight, weight)
-    assert c.layer.merged == []
+    assert all(torch.equal(t, before[n]) for n, t in c.base_tensors().items())
+    assert layer.merged == []
 
 
-def test_matrix_covers_every_registered_lora_layer_kind():
+def test_every_registered_method_has_a_contract_row():
+    from peftkit.core import registry
+
+    covered = {type(row.config(row.kinds[0])).peft_type for row in ROWS}
+    assert set(registry.registered_methods()) <= covered
+
+
+def test_lora_rows_cover_every_registered_lora_layer_kind():
+    from torch import nn
+
+    from _tiny import build
     from peftkit.core import registry
 
     kinds = {row.kind for row in registry.method("LORA").rows}

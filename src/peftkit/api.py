@@ -11,7 +11,7 @@ from torch import nn
 from . import methods  # noqa: F401  (registers the built-in methods)
 from .core import inject as _inject
 from .core.config import AdapterConfig
-from .core.inject import adapter_layers, require_adapter, saved_modules, state_of
+from .core.inject import adapter_layers, model_parts, require_adapter, saved_modules, state_of
 from .core.io import load_adapter, read_adapter_config, save_adapter
 from .core.state_dict import adapter_state_dict, load_adapter_state_dict
 from .errors import AdapterNameError
@@ -59,6 +59,7 @@ def disable(model: nn.Module) -> Iterator[nn.Module]:
     for the duration and merged back after, within floating-point rounding)."""
     merged = {name: list(layer.merged) for name, layer in adapter_layers(model)}
     wrappers = [w for _, w in adapter_layers(model)] + [w for _, w in saved_modules(model)]
+    wrappers += list(model_parts(model).values())
     previous = [w.disabled for w in wrappers]  # nested blocks must not re-enable an outer one
     for _, layer in adapter_layers(model):
         layer.unmerge()
@@ -95,6 +96,13 @@ def merge(model: nn.Module, adapter_names: str | list[str] | None = None, *, saf
     active beside another adapter on the same layer.
     """
     names = _names(model, adapter_names)
+    parts = model_parts(model)
+    for name in names:
+        if name in parts and not parts[name].mergeable:
+            raise AdapterNameError(
+                f"adapter {name!r} ({type(parts[name]).__name__}) changes the model's inputs or attention, not "
+                "its weights, so it cannot be merged; keep it as an adapter, or unload(model) to drop it"
+            )
     layers = [(layer, [n for n in names if n in layer.adapters]) for _, layer in adapter_layers(model)]
     layers = [(layer, wanted) for layer, wanted in layers if wanted]
     for layer, wanted in layers:  # refuse, or find a non-finite result, before touching any weight
@@ -184,6 +192,9 @@ def trainable_summary(model: nn.Module, *, show: bool = True) -> TrainableSummar
             for adapter_name, adapter in layer.adapters.items():
                 kind = f"{type(adapter).__name__}({type(layer.base_layer).__name__})"
                 summary.adapted.append((name, kind, adapter_name, sum(p.numel() for p in adapter.parameters())))
+        for adapter_name, part in model_parts(model).items():
+            kind = f"{type(part).__name__}(model)"
+            summary.adapted.append(("(whole model)", kind, adapter_name, sum(p.numel() for p in part.parameters())))
         for name, wrapper in saved_modules(model):
             for adapter_name, copy in wrapper.copies.items():
                 summary.modules_to_save.append((name, adapter_name, sum(p.numel() for p in copy.parameters())))

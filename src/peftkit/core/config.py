@@ -57,6 +57,9 @@ class AdapterConfig:
     # Keys the reference library writes for this method that peftkit does not implement, with the
     # value meaning "feature off". Loading a file that turns one of them on is refused.
     reference_inert: ClassVar[dict[str, Any]] = {}
+    # False for methods that change the model as a whole (soft prompts) instead of wrapping layers:
+    # target_modules is then not resolved and no layer is wrapped.
+    wraps_layers: ClassVar[bool] = True
 
     target_modules: list[str] | str | None = None
     exclude_modules: list[str] | str | None = None
@@ -146,6 +149,13 @@ class AdapterConfig:
     def extra_trainable(self, model: Any, adapted: list[str]) -> list[str]:
         """Names of base-model parameters this adapter also trains and saves (none by default)."""
         return []
+
+    def build_part(self, model: Any, plan: Any) -> Any:
+        """A :class:`~peftkit.core.layer.ModelPart` holding model-level adapter state, or None.
+
+        Built before the layers; when there is one, each layer builder also receives it as ``part=``
+        (e.g. VeRA's shared projections)."""
+        return None
 
     # -- interchange -----------------------------------------------------------------------------
 

@@ -14,10 +14,11 @@ from torch import nn
 
 from ..errors import AdapterNameError, UnsupportedLayerError
 from .config import AdapterConfig
-from .layer import AdapterLayer, ModulesToSave
+from .layer import AdapterLayer, ModelPart, ModelParts, ModulesToSave
 from .targeting import Plan, resolve, sequence_head_names
 
 STATE_ATTR = "_peftkit"
+PARTS_ATTR = "peftkit_parts"
 
 
 @dataclass
@@ -57,6 +58,11 @@ def adapter_layers(model: nn.Module) -> list[tuple[str, AdapterLayer]]:
 
 def saved_modules(model: nn.Module) -> list[tuple[str, ModulesToSave]]:
     return [(m.module_name, m) for m in model.modules() if isinstance(m, ModulesToSave)]
+
+
+def model_parts(model: nn.Module) -> dict[str, ModelPart]:
+    """Adapter name -> its model-level part, for adapters that have one."""
+    return dict(model._modules.get(PARTS_ATTR) or {})
 
 
 def _set_child(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -100,10 +106,12 @@ def inject(
     plan = resolve(model, config, require_every_entry=require_every_entry)
     config = config.after_resolve(plan)
     existing = {m.module_name: m for m in model.modules() if isinstance(m, (AdapterLayer, ModulesToSave))}
+    part = config.build_part(model, plan)
+    shared = {} if part is None else {"part": part}
     built = []
     for target in plan.targets:
         try:
-            adapter = target.row.build(target.module, **config.layer_values(target))
+            adapter = target.row.build(target.module, **config.layer_values(target), **shared)
         except UnsupportedLayerError as exc:
             raise UnsupportedLayerError(f"{target.name}: {exc}") from None
         _check_compatible(existing.get(target.name), AdapterLayer, target.name, adapter)
@@ -129,6 +137,11 @@ def inject(
             wrapper = ModulesToSave(model.get_submodule(name), name)
             _set_child(model, name, wrapper)
         wrapper.add_copy(adapter_name)
+    if part is not None:
+        if PARTS_ATTR not in model._modules:
+            model.add_module(PARTS_ATTR, ModelParts())
+        model._modules[PARTS_ATTR][adapter_name] = part.to(_device_of(model))
+        part.attach(model)
 
     state.configs[adapter_name] = config
     state.plans[adapter_name] = plan
@@ -170,6 +183,8 @@ def trainable_parameters(model: nn.Module, adapter_name: str) -> list[nn.Paramet
     params = [p for _, layer in adapter_layers(model) if adapter_name in layer.adapters
               for p in layer.adapters[adapter_name].parameters()]
     params += [p for _, w in saved_modules(model) if adapter_name in w.copies for p in w.copies[adapter_name].parameters()]
+    part = model_parts(model).get(adapter_name)
+    params += list(part.parameters()) if part is not None else []
     return params + list(state.extra_trainable.get(adapter_name, []))
 
 
@@ -191,6 +206,8 @@ def set_active(model: nn.Module, names: list[str]) -> None:
         layer.active = [n for n in names if n in layer.adapters]
     for _, wrapper in saved_modules(model):
         wrapper.active = [n for n in names if n in wrapper.copies]
+    for name, part in model_parts(model).items():
+        part.active = name in names
     for name in state.configs:
         for param in trainable_parameters(model, name):
             param.requires_grad_(False)
@@ -213,11 +230,21 @@ def remove_adapter(model: nn.Module, adapter_name: str) -> None:
             del wrapper.copies[adapter_name]
             if not wrapper.copies:
                 _set_child(model, wrapper.module_name, wrapper.base_layer)
+    _remove_part(model, adapter_name)
     _restore_extra(state, adapter_name)
     for store in (state.configs, state.plans, state.extra_trainable, state.extra_originals):
         store.pop(adapter_name, None)
     if adapter_name in state.active:
         state.active.remove(adapter_name)
+
+
+def _remove_part(model: nn.Module, adapter_name: str) -> None:
+    parts = model._modules.get(PARTS_ATTR)
+    if parts is not None and adapter_name in parts:
+        parts[adapter_name].detach(model)
+        del parts[adapter_name]
+        if not len(parts):
+            del model._modules[PARTS_ATTR]
 
 
 def _restore_extra(state: PeftState, adapter_name: str) -> None:
@@ -249,6 +276,8 @@ def unload(model: nn.Module, restore_base: bool = True) -> nn.Module:
         # when keeping merged adapters, the trained copy of a fully trained module is the result too
         keep = wrapper.current() if not restore_base else wrapper.base_layer
         _set_child(model, wrapper.module_name, keep)
+    for name in model_parts(model):
+        _remove_part(model, name)
     for name, param in model.named_parameters():
         param.requires_grad_(state.original_requires_grad.get(name, param.requires_grad))
     del model.__dict__[STATE_ATTR]

@@ -30,6 +30,8 @@ class AdapterModule(nn.Module):
     additive: bool = True
     # True when attach() rewrites the base weight (PiSSA/OLoRA residuals).
     rewrites_base: bool = False
+    # The base layer's tensors a merge writes into, by attribute name (BitFit merges into "bias").
+    merge_into: tuple[str, ...] = ("weight",)
 
     def delta_output(self, x: torch.Tensor, base_out: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
         """What this adapter adds to ``base_out`` (the base layer's output for input ``x``)."""
@@ -52,6 +54,14 @@ class AdapterModule(nn.Module):
     def unmerged_weight(self, weight: torch.Tensor) -> torch.Tensor:
         """Invert :meth:`merged_weight`; overridden where the delta depends on the weight (DoRA)."""
         return weight - self.delta_weight(weight)
+
+    def merged_tensors(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``merge_into`` tensors (by name) with this adapter merged; methods merging more than the
+        weight override this pair instead of ``merged_weight``/``unmerged_weight``."""
+        return {"weight": self.merged_weight(tensors["weight"])}
+
+    def unmerged_tensors(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {"weight": self.unmerged_weight(tensors["weight"])}
 
     def interchange_state(self, portable: bool = False) -> dict[str, torch.Tensor]:
         """Tensors to save, keyed by their interchange-format suffix.
@@ -98,32 +108,36 @@ class AdapterLayer(nn.Module):
 
     # -- merging, written once for every method --------------------------------------------------
 
-    def _weight(self) -> torch.Tensor:
-        return self.base_layer.weight
+    def _merge_tensors(self, names: Iterable[str]) -> dict[str, torch.Tensor]:
+        """The base layer's tensors the given adapters merge into, by attribute name."""
+        wanted = dict.fromkeys(k for n in names for k in self.adapters[n].merge_into)
+        return {k: getattr(self.base_layer, k) for k in wanted}
 
     def merge(self, names: Iterable[str], safe: bool = False, check_only: bool = False) -> None:
-        """Merge ``names`` in order. All new weights are computed out of place first; with ``safe``
-        each is checked for NaN/inf, and the base weight is written once, only if every check passed.
+        """Merge ``names`` in order. All new tensors are computed out of place first; with ``safe``
+        each is checked for NaN/inf, and the base tensors are written once, only if every check passed.
         ``check_only`` runs the computation and checks without writing anything."""
         names = [n for n in dict.fromkeys(names) if n not in self.merged]
         if not names:
             return
         self.check_mergeable(names)
-        weight = self._weight()
+        base = self._merge_tensors(names)
         with torch.no_grad():
-            new = weight.detach().to(_compute_dtype(weight))
+            new = {k: t.detach().to(_compute_dtype(t)) for k, t in base.items()}
             for name in names:
-                new = self.adapters[name].merged_weight(new)
-                if safe and not torch.isfinite(new).all():
-                    bad = int((~torch.isfinite(new)).sum())
+                adapter = self.adapters[name]
+                new.update(adapter.merged_tensors({k: new[k] for k in adapter.merge_into}))
+                bad = sum(int((~torch.isfinite(t)).sum()) for t in new.values())
+                if safe and bad:
                     raise UnsafeMergeError(
                         f"merging adapter {name!r} into {self.module_name!r} would write {bad} non-finite "
-                        "value(s) into the base weight; the base weight was left unchanged. Check the "
+                        "value(s) into the base weights; they were left unchanged. Check the "
                         "adapter's tensors (e.g. a diverged training run) before merging."
                     )
             if check_only:
                 return
-            weight.data.copy_(new.to(weight.dtype))
+            for key, tensor in base.items():
+                tensor.data.copy_(new[key].to(tensor.dtype))
         self.merged.extend(names)
 
     def check_mergeable(self, names: list[str]) -> None:
@@ -155,11 +169,13 @@ class AdapterLayer(nn.Module):
             return
         first = min(self.merged.index(n) for n in wanted)
         undone = self.merged[first:]
-        weight = self._weight()
         for name in reversed(undone):
+            adapter = self.adapters[name]
+            base = self._merge_tensors([name])
             with torch.no_grad():
-                work = weight.detach().to(_compute_dtype(weight))
-                weight.data.copy_(self.adapters[name].unmerged_weight(work).to(weight.dtype))
+                work = {k: t.detach().to(_compute_dtype(t)) for k, t in base.items()}
+                for key, tensor in adapter.unmerged_tensors(work).items():
+                    base[key].data.copy_(tensor.to(base[key].dtype))
             self.merged.remove(name)
         self.merge([n for n in undone if n not in wanted])
 
@@ -197,3 +213,38 @@ class ModulesToSave(nn.Module):
 
     def forward(self, *args, **kwargs):
         return self.current()(*args, **kwargs)
+
+
+class ModelPart(nn.Module):
+    """Adapter state that belongs to the whole model rather than to one layer, for one adapter.
+
+    Soft prompts and prompt encoders, or matrices shared by every layer (VeRA), live here. Parts are
+    held in the model's ``peftkit_parts`` dict (so ``.to()``, ``parameters()`` and optimizers see
+    them) and the core treats their parameters and buffers as the adapter's own, like an
+    :class:`AdapterModule`'s.
+    """
+
+    mergeable: bool = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.active = False
+        self.disabled = False
+
+    def attach(self, model: nn.Module) -> None:
+        """Install what the part needs on ``model`` (e.g. forward hooks); called once, after registration."""
+
+    def detach(self, model: nn.Module) -> None:
+        """Undo :meth:`attach`."""
+
+    def interchange_state(self, portable: bool = False) -> dict[str, torch.Tensor]:
+        """Tensors to save, keyed by their *full* key in the interchange format."""
+        return {}
+
+    @property
+    def enabled(self) -> bool:
+        return self.active and not self.disabled
+
+
+class ModelParts(nn.ModuleDict):
+    """The container registered on a model as ``peftkit_parts``: adapter name -> :class:`ModelPart`."""

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ..errors import AdapterFileError, AdapterMismatchError
-from .inject import adapter_layers, require_adapter, saved_modules
+from .inject import adapter_layers, model_parts, require_adapter, saved_modules
 from .targeting import user_modules
 
 PREFIX = "base_model.model."
@@ -31,6 +31,10 @@ def _slots(model: nn.Module, adapter_name: str, portable: bool = False) -> dict[
         if adapter_name in wrapper.copies:
             for suffix, tensor in wrapper.copies[adapter_name].state_dict().items():
                 slots[f"{PREFIX}{name}.{suffix}"] = (tensor, name)
+    part = model_parts(model).get(adapter_name)
+    if part is not None:
+        for key, tensor in part.interchange_state(portable).items():
+            slots[key] = (tensor, "")
     names = _canonical_names(model, adapter_name)
     for param in state.extra_trainable.get(adapter_name, []):
         slots[PREFIX + names[id(param)]] = (param, names[id(param)].rpartition(".")[0])
@@ -141,7 +145,7 @@ def load_adapter_state_dict(
     for key in sorted(set(slots) & set(tensors)):
         (slot, module), got = slots[key], tensors[key].shape
         if slot.shape != got:
-            tensor_name = key[len(PREFIX) + len(module) + 1:]
+            tensor_name = key[len(PREFIX) + len(module) + 1:] if module else key
             shape_errors.append(f"{module}: saved {tuple(got)} vs model {tuple(slot.shape)} ({tensor_name})")
         elif tensors[key].is_floating_point() and not torch.isfinite(tensors[key]).all():
             nonfinite.append(key)

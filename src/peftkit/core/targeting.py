@@ -17,7 +17,7 @@ from torch import nn
 from ..errors import NoTargetMatchedError, UnsupportedLayerError
 from . import registry
 from .config import ALL_LINEAR, AdapterConfig
-from .layer import AdapterLayer, ModulesToSave
+from .layer import AdapterLayer, ModelParts, ModulesToSave
 
 try:  # GPT-2 style linear layer with a transposed weight
     from transformers.pytorch_utils import Conv1D as HFConv1D
@@ -50,6 +50,8 @@ def user_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
         name, module = stack.pop()
         if isinstance(module, (AdapterLayer, ModulesToSave)):
             yield name, module.base_layer
+            continue
+        if isinstance(module, ModelParts):  # adapter state, not part of the user's model
             continue
         yield name, module
         children = list(module.named_children())
@@ -108,7 +110,7 @@ def resolve(model: nn.Module, config: AdapterConfig, require_every_entry: bool =
     """Work out which modules ``config`` adapts on ``model``; raise if the answer is surely a mistake."""
     peft_type = config.peft_type
     targets_spec = config.target_modules
-    if targets_spec is None:
+    if targets_spec is None and config.wraps_layers:
         targets_spec = default_targets(model, config)
 
     plan = Plan()
@@ -122,6 +124,8 @@ def resolve(model: nn.Module, config: AdapterConfig, require_every_entry: bool =
         raise NoTargetMatchedError(
             "modules_to_save: " + _no_match_message(unmatched_saves, names, config)
         )
+    if not config.wraps_layers:
+        return plan
     saved_prefixes = tuple(n + "." for n in plan.modules_to_save)
     heads = output_head_names(model) if targets_spec == ALL_LINEAR else set()
 

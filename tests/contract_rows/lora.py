@@ -1,0 +1,26 @@
+"""LoRA and its variants (rsLoRA, DoRA) x inits."""
+
+import peftkit
+from _tiny import KINDS, MATRIX_KINDS
+from contract_rows import Row
+
+VARIANTS = {"lora": {}, "rslora": {"use_rslora": True}, "dora": {"use_dora": True}}
+SVD_INITS = {"pissa", "olora"}  # refused for non-matrix kinds; see test_errors.py
+
+
+def _config(init, options):
+    return lambda kind: peftkit.LoraConfig(
+        r=2, lora_alpha=4, target_modules=["layer"], modules_to_save=["head"], init_lora_weights=init, **options
+    )
+
+
+ROWS = [
+    Row(
+        name=f"lora-{variant}-{init}" if variant != "lora" else f"lora-{init}",
+        config=_config(init, options),
+        kinds=sorted(MATRIX_KINDS) if init in SVD_INITS else list(KINDS),
+        rewrites_base=init in SVD_INITS,
+    )
+    for variant, options in VARIANTS.items()
+    for init in ("default", "gaussian", "pissa", "olora")
+]
