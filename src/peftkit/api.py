@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import difflib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 from torch import nn
 
 from . import methods  # noqa: F401  (registers the built-in methods)
 from .core import inject as _inject
+from .core import registry
 from .core.config import AdapterConfig
 from .core.inject import adapter_layers, model_parts, require_adapter, saved_modules, state_of
 from .core.io import load_adapter, read_adapter_config, save_adapter
 from .core.state_dict import adapter_state_dict, load_adapter_state_dict
-from .errors import AdapterNameError
+from .errors import AdapterNameError, ConfigError
 
 
 def inject(model: nn.Module, config: AdapterConfig, adapter_name: str = "default") -> nn.Module:
@@ -30,6 +34,31 @@ def inject(model: nn.Module, config: AdapterConfig, adapter_name: str = "default
         AdapterNameError: ``adapter_name`` is taken or malformed.
     """
     return _inject.inject(model, config, adapter_name)
+
+
+def make_config(method: str, **fields: Any) -> AdapterConfig:
+    """The config of the method named ``method`` ("lora", "ia3", "prefix_tuning" ...) with ``fields``.
+
+    Switching method is then a change of one string; fields the method does not have are reported
+    together with the fields it does have.
+
+    Raises:
+        ConfigError: ``method`` is unknown, a field does not exist for it, or a value is invalid.
+    """
+    try:
+        config_cls = registry.find_method(method).config_cls
+    except KeyError as exc:
+        raise ConfigError([str(exc.args[0])], what="make_config") from None
+    names = {f.name for f in dataclasses.fields(config_cls)}
+    unknown = sorted(set(fields) - names)
+    if unknown:
+        def problem(key: str) -> str:
+            close = difflib.get_close_matches(key, names, n=1)
+            hint = f"did you mean {close[0]!r}?" if close else f"its fields are: {', '.join(sorted(names))}"
+            return f"{config_cls.__name__} has no field {key!r}; {hint}"
+
+        raise ConfigError([problem(k) for k in unknown], what=f"make_config({method!r})")
+    return config_cls(**fields)
 
 
 def adapter_names(model: nn.Module) -> list[str]:
@@ -215,7 +244,7 @@ def trainable_summary(model: nn.Module, *, show: bool = True) -> TrainableSummar
 
 
 __all__ = [
-    "inject", "adapter_names", "active_adapters", "adapter_config", "set_active", "disable",
+    "inject", "make_config", "adapter_names", "active_adapters", "adapter_config", "set_active", "disable",
     "delete_adapter", "merge", "unmerge", "unload", "trainable_summary", "TrainableSummary",
     "save_adapter", "load_adapter", "read_adapter_config", "adapter_state_dict", "load_adapter_state_dict",
 ]

@@ -77,6 +77,25 @@ def method(peft_type: str) -> MethodSpec:
         raise KeyError(f"no PEFT method registered as {peft_type!r}; registered: {known}") from None
 
 
+def _key(name: str) -> str:
+    return name.lower().replace("-", "").replace("_", "")
+
+
+def find_method(name: str) -> MethodSpec:
+    """The method called ``name``, spelled as its interchange type in any case, with or without
+    ``-``/``_`` ("lora", "LORA", "prefix-tuning", "ln_tuning" ...)."""
+    by_key = {_key(t): spec for t, spec in _METHODS.items()}
+    spec = by_key.get(_key(name)) if isinstance(name, str) else None
+    if spec is None:
+        import difflib
+
+        close = difflib.get_close_matches(_key(str(name)), list(by_key), n=1)
+        hint = f"; did you mean {by_key[close[0]].peft_type.lower()!r}?" if close else ""
+        known = ", ".join(t.lower() for t in sorted(_METHODS))
+        raise KeyError(f"unknown PEFT method {name!r}{hint} Known methods: {known}")
+    return spec
+
+
 def registered_methods() -> list[str]:
     return sorted(_METHODS)
 
