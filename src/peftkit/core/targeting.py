@@ -41,6 +41,8 @@ class Plan:
     targets: list[Target] = field(default_factory=list)
     skipped: list[tuple[str, str, str]] = field(default_factory=list)  # (name, type, reason)
     modules_to_save: list[str] = field(default_factory=list)
+    # the model's config.model_type (None for plain modules), for methods with per-architecture defaults
+    model_type: str | None = None
 
 
 def user_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
@@ -113,7 +115,7 @@ def resolve(model: nn.Module, config: AdapterConfig, require_every_entry: bool =
     if targets_spec is None and config.wraps_layers:
         targets_spec = default_targets(model, config)
 
-    plan = Plan()
+    plan = Plan(model_type=getattr(getattr(model, "config", None), "model_type", None))
     save_specs = list(config.modules_to_save or [])
     names = [n for n, _ in user_modules(model) if n]
     # The reference library matches modules_to_save by a plain suffix (so "classifier" also takes
