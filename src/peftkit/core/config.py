@@ -146,6 +146,11 @@ class AdapterConfig:
         """The config matching ``interchange_state(portable=True)`` tensors (unchanged by default)."""
         return self
 
+    def default_target_spec(self, model: Any) -> list[str] | str | None:
+        """What ``target_modules=None`` selects when that depends on the model itself rather than on its
+        model_type (e.g. every module holding a bias); None uses ``default_targets`` by model_type."""
+        return None
+
     def extra_trainable(self, model: Any, adapted: list[str]) -> list[str]:
         """Names of base-model parameters this adapter also trains and saves (none by default)."""
         return []

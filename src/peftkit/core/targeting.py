@@ -216,6 +216,9 @@ def _refuse_mistakes(
 
 
 def default_targets(model: nn.Module, config: AdapterConfig) -> list[str] | str:
+    spec = config.default_target_spec(model)
+    if spec is not None:  # a default worked out from the model itself, whatever its architecture
+        return spec
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     defaults: dict[str, list[str]] = getattr(config, "default_targets", {})
     if model_type in defaults:
