@@ -30,13 +30,30 @@ from .api import (
     unmerge,
 )
 from .core.config import AdapterConfig
+from .methods.adalora import AdaLoraConfig, AdaLoraController
+from .methods.bitfit import BitFitConfig
+from .methods.ia3 import IA3Config
+from .methods.ln_tuning import LNTuningConfig
+from .methods.loha import LoHaConfig
+from .methods.lokr import LoKrConfig
 from .methods.lora import LoraConfig, lora_plus_param_groups
+from .methods.oft import OFTConfig
+from .methods.vera import VeraConfig
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdaLoraConfig",
+    "AdaLoraController",
     "AdapterConfig",
+    "BitFitConfig",
+    "IA3Config",
+    "LNTuningConfig",
+    "LoHaConfig",
+    "LoKrConfig",
     "LoraConfig",
+    "OFTConfig",
+    "VeraConfig",
     "TrainableSummary",
     "active_adapters",
     "adapter_config",
