@@ -170,10 +170,10 @@ def _two_adapters(feedforward: bool) -> tuple[nn.Module, nn.Module, torch.Tensor
 
 
 @pytest.mark.parametrize("feedforward", [False, True], ids=["output", "feedforward"])
-def test_several_active_adapters_add_their_deltas(feedforward):
+def test_several_active_adapters_multiply_their_vectors(feedforward):
     base, model, x = _two_adapters(feedforward)
-    # documented semantics: the deltas add up, i.e. one vector 1 + (l_a - 1) + (l_b - 1)
-    combined = (_vector(model) + _vector(model, "b") - 1).detach().reshape(-1)
+    # as in the reference library: one vector l_a ⊙ l_b
+    combined = (_vector(model) * _vector(model, "b")).detach().reshape(-1)
     with torch.no_grad():
         expected = base(x * combined) if feedforward else base(x) * combined
         assert (model(x) - expected).abs().max() <= 1e-5

@@ -32,9 +32,17 @@ class AdapterModule(nn.Module):
     rewrites_base: bool = False
     # The base layer's tensors a merge writes into, by attribute name (BitFit merges into "bias").
     merge_into: tuple[str, ...] = ("weight",)
+    # "input" / "output" when the adapter transforms the base layer's input or output instead of adding
+    # a delta: the layer calls ``transform`` there, so the base runs once and such adapters compose.
+    transforms: str | None = None
 
     def delta_output(self, x: torch.Tensor, base_out: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
         """What this adapter adds to ``base_out`` (the base layer's output for input ``x``)."""
+        raise NotImplementedError
+
+    def transform(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The base layer's new input (or output), for adapters that set ``transforms`` (used instead
+        of ``delta_output``)."""
         raise NotImplementedError
 
     def delta_weight(self, weight: torch.Tensor) -> torch.Tensor:
@@ -97,13 +105,23 @@ class AdapterLayer(nn.Module):
             return getattr(super().__getattr__("base_layer"), name)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        base_out = self.base_layer(x, *args, **kwargs)
         if self.disabled:
-            return base_out
+            return self.base_layer(x, *args, **kwargs)
+        live = [self.adapters[n] for n in self.active if n not in self.merged]
+        # Adapters that act on the input (IA3 on feed-forward layers, OFT's rotation) or rescale the
+        # output (IA3) compose in order around one call of the base; the others add their deltas.
+        base_in = x
+        for adapter in live:
+            if adapter.transforms == "input":
+                base_in = adapter.transform(base_in)
+        base_out = self.base_layer(base_in, *args, **kwargs)
+        for adapter in live:
+            if adapter.transforms == "output":
+                base_out = adapter.transform(base_out)
         out = base_out
-        for name in self.active:
-            if name not in self.merged:
-                out = out + self.adapters[name].delta_output(x, base_out, self.base_layer)
+        for adapter in live:
+            if adapter.transforms is None:
+                out = out + adapter.delta_output(x, base_out, self.base_layer)
         return out
 
     # -- merging, written once for every method --------------------------------------------------

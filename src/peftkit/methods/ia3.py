@@ -9,12 +9,11 @@ Each adapted layer gets one trainable vector ``l``, initialised to ones:
 Both are diagonal matrices folded into the weight on merge (``diag(l) W`` resp. ``W diag(l)``, and
 the bias ``l ⊙ b`` for the output form), so a merged (IA)³ model costs nothing extra.
 
-peftkit's core adds every active adapter's delta to the base output; an (IA)³ adapter's delta is
-``l ⊙ h - h`` (output form) or ``layer(l ⊙ x) - layer(x)`` (input form). One adapter therefore gives
-exactly the reference library's output; several active (IA)³ adapters on one layer combine
-additively (effective scale ``1 + Σ (l_i - 1)``) where the reference library multiplies the vectors.
-Because the delta depends on the weight it scales, the adapter is marked non-additive: the core
-refuses to merge it beside any other active or merged adapter on the same layer.
+An (IA)³ adapter rescales its layer's input or output around the one base call (the core's
+``transforms`` hook), so several active (IA)³ adapters on one layer multiply their vectors, as in
+the reference library. Because the scaling applies to whatever the weight holds, the adapter is
+marked non-additive: the core refuses to merge it beside any other active or merged adapter on the
+same layer.
 """
 
 from __future__ import annotations
@@ -197,6 +196,9 @@ class IA3Adapter(AdapterModule):
         values = torch.ones(shape, dtype=dtype, device=weight.device) if init else torch.randn(shape, dtype=dtype).to(weight.device)
         self.ia3_l = nn.Parameter(values)
         self.feedforward = feedforward
+        # Scale the base layer's input (l ⊙ x) or its output (l ⊙ h); either way the base runs once and
+        # several active vectors multiply, as in the reference library.
+        self.transforms = "input" if feedforward else "output"
         # The input form leaves the bias alone: W (l ⊙ x) + b.
         self.merge_into = ("weight",) if feedforward or getattr(base_layer, "bias", None) is None else ("weight", "bias")
         self.groups = getattr(base_layer, "groups", 1)
@@ -210,14 +212,9 @@ class IA3Adapter(AdapterModule):
     def weight_scale(self, vec: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def delta_output(self, x: torch.Tensor, base_out: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
+    def transform(self, tensor: torch.Tensor) -> torch.Tensor:
         scale = self.activation_scale(self.ia3_l)
-        if self.feedforward:
-            scaled_in = (x.to(scale.dtype) * scale).to(x.dtype)
-            # Written as new - old so that base_out + delta rounds to exactly layer(l ⊙ x) whenever the
-            # two are within a factor of 2 (Sterbenz); costs one more call of the base layer.
-            return base_layer(scaled_in) - base_out
-        return (base_out.to(scale.dtype) * scale).to(base_out.dtype) - base_out
+        return (tensor.to(scale.dtype) * scale).to(tensor.dtype)
 
     def _scale_for(self, name: str, tensor: torch.Tensor, vec: torch.Tensor) -> torch.Tensor:
         if name == "bias":

@@ -372,11 +372,10 @@ class OFTLinear(OFTAdapter):
         super().__init__(weight.shape[0] if transposed else weight.shape[1], weight, **values)
         self.transposed = transposed
 
-    def delta_output(self, x: torch.Tensor, base_out: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
-        # Run the base layer on x R and report the difference: the core adds it back to base_out, which
-        # gives base(x R) up to one rounding (the reference computes base(x R) directly).
-        turned = _turn(x.to(self._dtype()), self.rotation(self.training)).to(x.dtype)
-        return base_layer(turned) - base_out
+    transforms = "input"  # the base layer runs once, on x R, as in the reference
+
+    def transform(self, x: torch.Tensor) -> torch.Tensor:
+        return _turn(x.to(self._dtype()), self.rotation(self.training)).to(x.dtype)
 
     def rows(self, weight):
         return weight.T if self.transposed else weight
