@@ -60,6 +60,10 @@ class AdapterConfig:
     # False for methods that change the model as a whole (soft prompts) instead of wrapping layers:
     # target_modules is then not resolved and no layer is wrapped.
     wraps_layers: ClassVar[bool] = True
+    # Prefix of the saved keys of module tensors (layer adapters, modules_to_save copies, extra base
+    # parameters). The reference library writes "base_model." instead for methods that leave every module
+    # of the model in place (soft prompts), so their classifier copy is "base_model.classifier.weight".
+    state_key_prefix: ClassVar[str] = "base_model.model."
 
     target_modules: list[str] | str | None = None
     exclude_modules: list[str] | str | None = None

@@ -259,6 +259,11 @@ class ModelPart(nn.Module):
         """Tensors to save, keyed by their *full* key in the interchange format."""
         return {}
 
+    def loaded(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Called once a load has copied saved tensors into the ``interchange_state`` slots, with every
+        loaded tensor by full key. A part whose saved form differs from its trained form (a prompt
+        encoder, saved as its output) takes the saved form over here."""
+
     @property
     def enabled(self) -> bool:
         return self.active and not self.disabled

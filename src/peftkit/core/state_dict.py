@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ..errors import AdapterFileError, AdapterMismatchError
-from .inject import adapter_layers, model_parts, require_adapter, saved_modules
+from .inject import adapter_layers, model_parts, require_adapter, saved_modules, state_of
 from .targeting import user_modules
 
 PREFIX = "base_model.model."
@@ -22,22 +22,23 @@ PREFIX = "base_model.model."
 def _slots(model: nn.Module, adapter_name: str, portable: bool = False) -> dict[str, tuple[torch.Tensor, str]]:
     """Key -> (the live tensor that holds it, its module's name), for every tensor the adapter saves."""
     state = require_adapter(model, adapter_name, AdapterMismatchError)
+    prefix = state.configs[adapter_name].state_key_prefix
     slots: dict[str, torch.Tensor] = {}
     for name, layer in adapter_layers(model):
         if adapter_name in layer.adapters:
             for suffix, tensor in layer.adapters[adapter_name].interchange_state(portable).items():
-                slots[f"{PREFIX}{name}.{suffix}"] = (tensor, name)
+                slots[f"{prefix}{name}.{suffix}"] = (tensor, name)
     for name, wrapper in saved_modules(model):
         if adapter_name in wrapper.copies:
             for suffix, tensor in wrapper.copies[adapter_name].state_dict().items():
-                slots[f"{PREFIX}{name}.{suffix}"] = (tensor, name)
+                slots[f"{prefix}{name}.{suffix}"] = (tensor, name)
     part = model_parts(model).get(adapter_name)
     if part is not None:
         for key, tensor in part.interchange_state(portable).items():
             slots[key] = (tensor, "")
     names = _canonical_names(model, adapter_name)
     for param in state.extra_trainable.get(adapter_name, []):
-        slots[PREFIX + names[id(param)]] = (param, names[id(param)].rpartition(".")[0])
+        slots[prefix + names[id(param)]] = (param, names[id(param)].rpartition(".")[0])
     return slots
 
 
@@ -130,6 +131,7 @@ def load_adapter_state_dict(
     With ``check_only`` the checks run (and raise) but nothing is copied.
     """
     slots = _slots(model, adapter_name)
+    prefix = state_of(model).configs[adapter_name].state_key_prefix
     tensors = _normalise_reference_keys(tensors, set(slots))
     tensors, base_writes = _split_saved_base_weights(model, tensors)
     report = LoadReport(
@@ -145,7 +147,7 @@ def load_adapter_state_dict(
     for key in sorted(set(slots) & set(tensors)):
         (slot, module), got = slots[key], tensors[key].shape
         if slot.shape != got:
-            tensor_name = key[len(PREFIX) + len(module) + 1:] if module else key
+            tensor_name = key[len(prefix) + len(module) + 1:] if module else key
             shape_errors.append(f"{module}: saved {tuple(got)} vs model {tuple(slot.shape)} ({tensor_name})")
         elif tensors[key].is_floating_point() and not torch.isfinite(tensors[key]).all():
             nonfinite.append(key)
@@ -171,6 +173,9 @@ def load_adapter_state_dict(
             slot = slots[key][0]
             slot.copy_(tensors[key].to(device=slot.device, dtype=slot.dtype))
             report.loaded.append(key)
+        part = model_parts(model).get(adapter_name)
+        if part is not None:
+            part.loaded({key: tensors[key] for key in report.loaded})
     return report
 
 
