@@ -1,0 +1,386 @@
+"""Bottleneck adapters: Houlsby (sequential, two per layer), Pfeiffer (sequential, one) and parallel.
+
+A bottleneck adapter is a small two-layer network ``f(h) = s * up(act(down(h)))`` with ``down``:
+d -> d/reduction_factor and ``up`` back to d. ``up`` starts at zero, so a fresh adapter leaves the
+model exactly as it was (He et al.'s init; Houlsby et al. drew both near zero instead).
+
+- **houlsby** (Houlsby et al. 2019, arXiv:1902.00751, section 2.1): sequential adapters after the
+  attention block's output projection and after the feed-forward block's output projection, before
+  the residual connection and layer norm: ``h <- h + f(h)``.
+- **pfeiffer** (Pfeiffer et al. 2020, arXiv:2005.00247, AdapterFusion section 3.1 / figure 3): only the
+  adapter after the feed-forward block, which their search found as good at half the cost.
+- **parallel** (He et al. 2022, arXiv:2110.04366, section 3, "parallel adapter" at the FFN, their best
+  placement): the adapter reads the *input* x of the feed-forward block and runs beside it:
+  ``block(x) + s * up(act(down(x)))``.
+
+Every placement point is an :class:`~peftkit.core.layer.AdapterLayer` around one module; a sequential
+adapter computes its delta from the module's output, a parallel one from its input. BERT-like encoders
+split the feed-forward block over ``intermediate`` (dense + activation) and ``output`` (dense, dropout,
+then ``LayerNorm(h + residual)``), so no single module there has the block's input and output: the
+parallel adapter wraps ``output``, reads its second argument (the residual, which *is* the block's
+input) and adds its result before that LayerNorm, where He et al. put it (see
+:class:`ResidualOutputAdapter`). The adapter is non-linear, so it cannot be merged into a weight.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..core.config import AdapterConfig
+from ..core.layer import AdapterLayer, AdapterModule, ModulesToSave
+from ..core.registry import register_layer, register_method
+from ..core.targeting import LINEAR_TYPES, HFConv1D, Target
+from ..errors import UnsupportedLayerError
+
+PEFT_TYPE = "BOTTLENECK"
+PLACEMENTS = ("houlsby", "pfeiffer", "parallel")
+# The scaling each placement's paper used when `scaling` is None (He et al. table 3: s = 4).
+DEFAULT_SCALING = {"houlsby": 1.0, "pfeiffer": 1.0, "parallel": 4.0}
+
+ACTIVATIONS: dict[str, type[nn.Module] | Any] = {
+    "relu": nn.ReLU,
+    "gelu": nn.GELU,
+    "gelu_tanh": lambda: nn.GELU(approximate="tanh"),
+    "silu": nn.SiLU,
+    "swish": nn.SiLU,
+    "tanh": nn.Tanh,
+    "sigmoid": nn.Sigmoid,
+    "leaky_relu": nn.LeakyReLU,
+}
+
+# Where each placement puts adapters, per model_type. A string is a regular expression over the full
+# module name: BERT-like encoders name both output projections "...output.dense" (the attention one
+# is "attention.output.dense"), which no list of name suffixes can tell apart.
+_BERT_LIKE = ("bert", "roberta", "xlm-roberta", "electra")
+_LLAMA_LIKE = ("llama", "mistral", "qwen2")
+DEFAULT_TARGETS: dict[str, dict[str, list[str] | str]] = {
+    "houlsby": {
+        **dict.fromkeys(_BERT_LIKE, r".*\.layer\.\d+\.(attention\.)?output\.dense"),
+        **dict.fromkeys(_LLAMA_LIKE, ["self_attn.o_proj", "mlp.down_proj"]),
+        "distilbert": ["attention.out_lin", "ffn.lin2"],
+        "gpt2": ["attn.c_proj", "mlp.c_proj"],
+        "t5": ["SelfAttention.o", "DenseReluDense.wo"], "mt5": ["SelfAttention.o", "DenseReluDense.wo"],
+    },
+    "pfeiffer": {
+        **dict.fromkeys(_BERT_LIKE, r".*\.layer\.\d+\.output\.dense"),
+        **dict.fromkeys(_LLAMA_LIKE, ["mlp.down_proj"]),
+        "distilbert": ["ffn.lin2"],
+        "gpt2": ["mlp.c_proj"],
+        "t5": ["DenseReluDense.wo"], "mt5": ["DenseReluDense.wo"],
+    },
+    "parallel": {  # the feed-forward block whose input feeds the adapter
+        **dict.fromkeys(_BERT_LIKE, r".*\.layer\.\d+\.output"),
+        **dict.fromkeys(_LLAMA_LIKE, ["mlp"]),
+        "distilbert": ["ffn"],
+        "gpt2": ["mlp"],
+        "t5": ["DenseReluDense"], "mt5": ["DenseReluDense"],
+    },
+}
+
+
+@register_method(PEFT_TYPE)
+@dataclass
+class BottleneckConfig(AdapterConfig):
+    """Bottleneck adapters (no reference-library format exists; ``peft_type`` is ``"BOTTLENECK"``).
+
+    Attributes:
+        placement: ``"houlsby"`` (after the attention and the feed-forward output projections),
+            ``"pfeiffer"`` (after the feed-forward output projection only) or ``"parallel"`` (beside the
+            feed-forward block, reading its input). Chooses the default ``target_modules`` and whether an
+            adapter reads a module's output (sequential) or its input (parallel).
+        reduction_factor: Bottleneck width is ``d // reduction_factor``, with ``d`` the hidden width
+            (the adapted module's output width; for parallel adapters its input width).
+        bottleneck_size: A fixed bottleneck width instead; overrides ``reduction_factor``.
+            ``rank_pattern`` gives per-module widths (regex on the end of the module name -> width).
+        non_linearity: Activation between down and up projections: relu, gelu, gelu_tanh, silu (or
+            swish), tanh, sigmoid, leaky_relu.
+        scaling: Factor on the adapter's output; None means 1.0 for sequential placements and 4.0 for
+            parallel (He et al.). ``alpha_pattern`` gives per-module factors.
+        dropout: Dropout on the adapter's input while training.
+    """
+
+    placement: str = "houlsby"
+    reduction_factor: float = 16
+    bottleneck_size: int | None = None
+    non_linearity: str = "relu"
+    scaling: float | None = None
+    dropout: float = 0.0
+
+    @property
+    def default_targets(self) -> dict[str, list[str] | str]:
+        """Default ``target_modules`` per model_type for this config's placement."""
+        return DEFAULT_TARGETS.get(self.placement, {})
+
+    def default_target_spec(self, model: Any) -> list[str] | str | None:
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        spec = self.default_targets.get(model_type)
+        return list(spec) if isinstance(spec, list) else spec
+
+    def problems(self) -> list[str]:
+        out = super().problems()
+        if self.placement not in PLACEMENTS:
+            out.append(f"placement: must be one of {', '.join(PLACEMENTS)}; got {self.placement!r}")
+        rf = self.reduction_factor
+        if isinstance(rf, bool) or not isinstance(rf, (int, float)) or not rf > 0:
+            out.append(f"reduction_factor: must be a positive number, got {rf!r}")
+        size = self.bottleneck_size
+        if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size <= 0):
+            out.append(f"bottleneck_size: must be a positive integer or None, got {size!r}")
+        if self.non_linearity not in ACTIVATIONS:
+            out.append(f"non_linearity: must be one of {', '.join(ACTIVATIONS)}; got {self.non_linearity!r}")
+        s = self.scaling
+        if s is not None and (isinstance(s, bool) or not isinstance(s, (int, float)) or not s > 0):
+            out.append(f"scaling: must be a positive number or None (the placement's default), got {s!r}")
+        if not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
+            out.append(f"dropout: must be in [0, 1), got {self.dropout!r}")
+        if isinstance(self.rank_pattern, dict) and any(
+            isinstance(v, float) and not float(v).is_integer() for v in self.rank_pattern.values()
+        ):
+            out.append(f"rank_pattern: bottleneck widths must be whole numbers, got {self.rank_pattern!r}")
+        return out
+
+    def layer_values(self, target: Target) -> dict[str, Any]:
+        size = target.rank or self.bottleneck_size
+        scaling = target.alpha or self.scaling or DEFAULT_SCALING[self.placement]
+        return {
+            "parallel": self.placement == "parallel",
+            "bottleneck_size": None if size is None else int(size),
+            "reduction_factor": float(self.reduction_factor),
+            "non_linearity": self.non_linearity,
+            "scaling": float(scaling),
+            "dropout": float(self.dropout),
+        }
+
+
+# -- the adapters -----------------------------------------------------------------------------------
+
+
+def _adapter_dtype(weight: torch.Tensor) -> torch.dtype:
+    # Half-precision (and integer, i.e. quantized) bases get float32 adapters: small updates do not
+    # survive bf16 rounding.
+    if not weight.is_floating_point() or weight.dtype in (torch.float16, torch.bfloat16):
+        return torch.float32
+    return weight.dtype
+
+
+def _widths(linear: nn.Module) -> tuple[int, int]:
+    """(input width, output width) of an ``nn.Linear`` or GPT-2 ``Conv1D`` (weight stored in x out)."""
+    if isinstance(linear, nn.Linear):
+        return linear.in_features, linear.out_features
+    return linear.weight.shape[0], linear.weight.shape[1]
+
+
+class BottleneckAdapter(AdapterModule):
+    """``s * up(act(down(dropout(h))))`` with ``h`` the module's output (sequential) or input (parallel).
+
+    Tensors (interchange suffixes): ``adapter_down.weight`` (b x d_h), ``adapter_down.bias`` (b),
+    ``adapter_up.weight`` (d_out x b), ``adapter_up.bias`` (d_out), where b is the bottleneck width and
+    d_h the width the adapter reads.
+    """
+
+    mergeable = False  # the activation makes it non-linear: no weight reproduces it
+
+    def __init__(
+        self,
+        d_in: int,
+        d_out: int,
+        like: torch.Tensor,
+        *,
+        parallel: bool,
+        bottleneck_size: int | None,
+        reduction_factor: float,
+        non_linearity: str,
+        scaling: float,
+        dropout: float,
+    ) -> None:
+        super().__init__()
+        self.parallel = parallel
+        d_read = d_in if parallel else d_out
+        size = bottleneck_size or int(d_read // reduction_factor)
+        if size < 1:
+            raise UnsupportedLayerError(
+                f"reduction_factor={reduction_factor:g} on a layer {d_read} wide gives a bottleneck of 0 units; "
+                "set bottleneck_size, or a smaller reduction_factor"
+            )
+        kw = {"device": like.device, "dtype": _adapter_dtype(like)}
+        # down keeps nn.Linear's Kaiming-uniform init; up starts at zero so the adapted model starts at
+        # the base model (He et al. 2022's init; gradients reach down once up has moved).
+        self.adapter_down = nn.Linear(d_read, size, **kw)
+        self.adapter_up = nn.Linear(size, d_out, **kw)
+        nn.init.zeros_(self.adapter_up.weight)
+        nn.init.zeros_(self.adapter_up.bias)
+        self.act = ACTIVATIONS[non_linearity]()
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.scaling = scaling
+
+    def bottleneck(self, h: torch.Tensor) -> torch.Tensor:
+        """The scaled adapter path in the adapter's own dtype."""
+        h = self.dropout(h.to(self.adapter_down.weight.dtype))
+        return self.scaling * self.adapter_up(self.act(self.adapter_down(h)))
+
+    def delta_output(self, x: torch.Tensor, base_out: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
+        if not isinstance(base_out, torch.Tensor):
+            raise UnsupportedLayerError(
+                f"{type(base_layer).__name__} returned {type(base_out).__name__}, not a tensor: a bottleneck "
+                "adapter can only sit on a module returning hidden states (adapt a layer inside it instead)"
+            )
+        return self.bottleneck(x if self.parallel else base_out).to(base_out.dtype)
+
+    def attach(self, base_layer: nn.Module) -> None:
+        # A new module starts in training mode; an adapter added to a model in eval mode must not
+        # apply dropout until the user calls model.train().
+        self.train(base_layer.training)
+
+
+class _Scratch(dict):
+    """Activations a hook hands to ``delta_output`` within one forward; never copied or pickled (a
+    deep copy of a model must not try to copy tensors that are part of an autograd graph)."""
+
+    def __deepcopy__(self, memo: dict) -> _Scratch:
+        return _Scratch()
+
+    def __reduce__(self) -> tuple:
+        return (_Scratch, ())
+
+
+class ResidualOutputAdapter(BottleneckAdapter):
+    """Parallel adapter on a BERT-style output module ``LayerNorm(dropout(dense(h)) + residual)``.
+
+    The residual (the module's second argument) is the input of the block this module closes, so it
+    feeds the adapter, and the adapter's output joins the sum *before* the LayerNorm (He et al.'s
+    placement): the layer computes ``LayerNorm(z + a)`` with ``z`` the sum the module normalises and
+    ``a = s * up(act(down(residual)))``, expressed to the core as ``LayerNorm(z + a) - LayerNorm(z)``.
+    Two forward pre-hooks, installed by :meth:`attach` and removed by :meth:`detach_from`, hand the
+    residual and ``z`` over. Several such adapters active on one module each normalise ``z`` with their
+    own ``a`` (their deltas are summed after the LayerNorm).
+    """
+
+    def __init__(self, d: int, like: torch.Tensor, **values: Any) -> None:
+        super().__init__(d, d, like, **values)
+        self._seen = _Scratch()
+        self._hooks: list[Any] = []
+
+    def attach(self, base_layer: nn.Module) -> None:
+        super().attach(base_layer)
+        self._hooks = [
+            base_layer.register_forward_pre_hook(self._keep_residual, with_kwargs=True),
+            base_layer.LayerNorm.register_forward_pre_hook(self._keep_pre_norm),
+        ]
+
+    def detach_from(self, base_layer: nn.Module) -> None:
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks = []
+        self._seen.clear()
+
+    def _keep_residual(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        self._seen["residual"] = args[1] if len(args) > 1 else kwargs["input_tensor"]
+
+    def _keep_pre_norm(self, module: nn.Module, args: tuple) -> None:
+        self._seen["pre_norm"] = args[0]
+
+    def delta_output(self, x: torch.Tensor, base_out: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
+        residual, pre_norm = self._seen.pop("residual", None), self._seen.pop("pre_norm", None)
+        if residual is None or pre_norm is None:
+            raise UnsupportedLayerError(
+                f"{type(base_layer).__name__} did not pass its residual through its LayerNorm as a BERT-style "
+                "output module does; adapt its 'dense' layer with a sequential placement instead"
+            )
+        # The LayerNorm runs in the base dtype with the base's own parameters, so a fresh adapter
+        # (a = 0) reproduces the base output exactly.
+        norm = base_layer.LayerNorm
+        shifted = pre_norm + self.bottleneck(residual).to(pre_norm.dtype)
+        return F.layer_norm(shifted, norm.normalized_shape, norm.weight, norm.bias, norm.eps) - base_out
+
+
+# -- which modules take which adapter ---------------------------------------------------------------
+
+
+class _Shape(type):
+    """Metaclass of structural layer types: ``isinstance(m, FeedForwardBlock)`` asks about the module's
+    shape, so dispatch rows (and the supported-kinds list in errors) can name kinds of blocks that
+    every architecture implements with its own class."""
+
+    def __instancecheck__(cls, obj: object) -> bool:
+        return isinstance(obj, nn.Module) and cls.matches(obj)
+
+
+def _forward_arguments(module: nn.Module) -> list[str] | None:
+    """Named arguments of ``module.forward`` (None when they cannot be read, e.g. a scripted module)."""
+    try:
+        params = inspect.signature(module.forward).parameters.values()
+    except (TypeError, ValueError):
+        return None
+    return [p.name for p in params if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+
+
+class FeedForwardBlock(metaclass=_Shape):
+    """A module whose forward takes exactly one tensor and which holds at least two linear layers
+    (``nn.Linear`` or GPT-2 ``Conv1D``) as direct children: LlamaMLP, GPT2MLP, T5DenseActDense,
+    DistilBERT's FFN. Its first linear child reads the block's input, its last writes its output.
+    (Attention modules take further arguments, such as the attention mask, and are not blocks.)"""
+
+    @staticmethod
+    def matches(module: nn.Module) -> bool:
+        linears = [c for c in module.children() if isinstance(c, LINEAR_TYPES)]
+        return len(linears) >= 2 and len(_forward_arguments(module) or ()) == 1
+
+
+class BertStyleOutput(metaclass=_Shape):
+    """A module computing ``LayerNorm(dropout(dense(hidden_states)) + input_tensor)``: BERT's
+    ``BertOutput`` / ``BertSelfOutput`` and their copies in RoBERTa, ELECTRA and others."""
+
+    @staticmethod
+    def matches(module: nn.Module) -> bool:
+        return (
+            isinstance(getattr(module, "dense", None), nn.Linear)
+            and isinstance(getattr(module, "LayerNorm", None), nn.LayerNorm)
+            and len(_forward_arguments(module) or ()) == 2
+        )
+
+
+def _no_adapters_inside(module: nn.Module) -> str | None:
+    if any(isinstance(m, (AdapterLayer, ModulesToSave)) for m in module.modules()):
+        return (
+            f"{type(module).__name__} already holds adapted layers; an adapter on a block and another inside "
+            "it cannot be combined (adapt the block's output projection instead)"
+        )
+    return None
+
+
+def _build_linear(base_layer: nn.Module, **values: Any) -> BottleneckAdapter:
+    return BottleneckAdapter(*_widths(base_layer), base_layer.weight, **values)
+
+
+def _build_block(base_layer: nn.Module, **values: Any) -> BottleneckAdapter:
+    # The first linear child reads the block's input, the last one writes its output.
+    linears = [c for c in base_layer.children() if isinstance(c, LINEAR_TYPES)]
+    return BottleneckAdapter(_widths(linears[0])[0], _widths(linears[-1])[1], linears[-1].weight, **values)
+
+
+def _build_residual_output(base_layer: nn.Module, **values: Any) -> ResidualOutputAdapter:
+    if not values["parallel"]:
+        raise UnsupportedLayerError(
+            f"a sequential (houlsby/pfeiffer) adapter belongs after the output projection, before the residual "
+            f"and LayerNorm of this {type(base_layer).__name__}: target its 'dense' layer instead"
+        )
+    return ResidualOutputAdapter(base_layer.dense.out_features, base_layer.dense.weight, **values)
+
+
+register_layer(PEFT_TYPE, "Linear", (nn.Linear,), _build_linear)
+if HFConv1D:
+    register_layer(PEFT_TYPE, "Conv1D (GPT-2)", (HFConv1D,), _build_linear)
+register_layer(PEFT_TYPE, "BERT-style output", (BertStyleOutput,), _build_residual_output, _no_adapters_inside)
+register_layer(PEFT_TYPE, "feed-forward block", (FeedForwardBlock,), _build_block, _no_adapters_inside)
+
+
+__all__ = [
+    "BottleneckConfig", "BottleneckAdapter", "ResidualOutputAdapter", "FeedForwardBlock", "BertStyleOutput",
+    "DEFAULT_TARGETS",
+]
