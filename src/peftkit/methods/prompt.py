@@ -102,6 +102,7 @@ class PromptLearningConfig(AdapterConfig):
         return self.replace()
 
     def build_part(self, model: nn.Module, plan: Any) -> PromptPart:
+        """Record the model's dimensions and task in this config (as the reference does); build the part."""
         geometry = _geometry(model, self)
         for name in ("token_dim", "num_attention_heads", "num_layers"):
             setattr(self, name, geometry[name])
@@ -113,6 +114,7 @@ class PromptLearningConfig(AdapterConfig):
         return self.make_part(model)
 
     def make_part(self, model: nn.Module) -> PromptPart:
+        """The method's :class:`PromptPart`, from this (completed) config."""
         raise NotImplementedError
 
 
