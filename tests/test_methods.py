@@ -82,3 +82,13 @@ def test_every_method_is_exported():
     for peft_type in METHODS:
         cls = registry.config_class(peft_type)
         assert getattr(peftkit, cls.__name__, None) is cls and cls.__name__ in peftkit.__all__
+
+
+def test_methods_page_example_runs(capsys):
+    doc = (ROOT / "docs" / "methods.md").read_text()
+    code = doc.split("```python\n", 1)[1].split("```", 1)[0]
+    exec(compile(code, "docs/methods.md", "exec"), {})
+    printed = dict(line.split() for line in capsys.readouterr().out.splitlines() if line.strip())
+    assert set(printed) == {"lora", "ia3", "vera", "prompt_tuning"}
+    for method, trainable in printed.items():  # the adapter plus the classifier copy (770)
+        assert int(trainable) == methods_table.measure(method.upper())["added"] + 770, method

@@ -32,12 +32,14 @@ from .api import (
 from .core.config import AdapterConfig
 from .methods.adalora import AdaLoraConfig, AdaLoraController
 from .methods.bitfit import BitFitConfig
+from .methods.bottleneck import BottleneckConfig
 from .methods.ia3 import IA3Config
 from .methods.ln_tuning import LNTuningConfig
 from .methods.loha import LoHaConfig
 from .methods.lokr import LoKrConfig
 from .methods.lora import LoraConfig, lora_plus_param_groups
 from .methods.oft import OFTConfig
+from .methods.prompt import PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig
 from .methods.vera import VeraConfig
 
 __version__ = "0.1.0"
@@ -47,12 +49,16 @@ __all__ = [
     "AdaLoraController",
     "AdapterConfig",
     "BitFitConfig",
+    "BottleneckConfig",
     "IA3Config",
     "LNTuningConfig",
     "LoHaConfig",
     "LoKrConfig",
     "LoraConfig",
     "OFTConfig",
+    "PrefixTuningConfig",
+    "PromptEncoderConfig",
+    "PromptTuningConfig",
     "VeraConfig",
     "TrainableSummary",
     "active_adapters",
