@@ -18,6 +18,16 @@ def _randomise_adapter(model: nn.Module, seed: int) -> None:
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.5 + (1.0 if "magnitude" in name else 0.0))
 
 
+def _dora_condition(layer: nn.Module, weight: torch.Tensor) -> float:
+    """How much DoRA's row normalisation m / ||W + dW|| amplifies rounding: large when a row of
+    W + dW nearly cancels (e.g. one input feature), where merged and unmerged must differ more."""
+    adapter = layer.adapters["default"]
+    with torch.no_grad():
+        lora = adapter.scaling * adapter.lora_rows()
+        rows = (weight.norm(dim=1) + lora.norm(dim=1)) / (weight + lora).norm(dim=1)
+    return max(1.0, rows.max().item())
+
+
 @settings(max_examples=40, deadline=None)
 @given(
     d_in=st.integers(1, 24), d_out=st.integers(1, 24), r=st.integers(1, 8),
@@ -35,7 +45,7 @@ def test_linear_merge_unmerge_roundtrip(d_in, d_out, r, alpha, rslora, dora, see
         peftkit.merge(model, safe=True)
         merged = model(x)
         peftkit.unmerge(model)
-    tol = 1e-5 * max(1.0, unmerged.abs().max().item())
+    tol = 1e-5 * max(1.0, unmerged.abs().max().item()) * (_dora_condition(model[0], weight) if dora else 1.0)
     assert (merged - unmerged).abs().max() <= tol
     assert (model[0].base_layer.weight - weight).abs().max() <= 1e-5 * max(1.0, weight.abs().max().item())
 

@@ -129,7 +129,9 @@ def inject(
         if layer is None:
             layer = AdapterLayer(target.module, target.name)
             _set_child(model, target.name, layer)
-        layer.adapters[adapter_name] = adapter.to(_device_of(target.module))
+        # match the layer's train/eval mode: a fresh module is in training mode, which would switch on
+        # adapter dropout in a model the user had put in eval mode
+        layer.adapters[adapter_name] = adapter.to(_device_of(target.module)).train(target.module.training)
         adapter.attach(target.module)
     for name in plan.modules_to_save:
         wrapper = existing.get(name)
@@ -140,7 +142,7 @@ def inject(
     if part is not None:
         if PARTS_ATTR not in model._modules:
             model.add_module(PARTS_ATTR, ModelParts())
-        model._modules[PARTS_ATTR][adapter_name] = part.to(_device_of(model))
+        model._modules[PARTS_ATTR][adapter_name] = part.to(_device_of(model)).train(model.training)
         part.attach(model)
 
     state.configs[adapter_name] = config
