@@ -30,7 +30,7 @@ demo: setup
 	$(BIN)/peftkit demo
 
 lint: setup
-	$(BIN)/ruff check src tests
+	$(BIN)/ruff check src tests scripts
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis
