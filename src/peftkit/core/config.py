@@ -60,6 +60,9 @@ class AdapterConfig:
     # False for methods that change the model as a whole (soft prompts) instead of wrapping layers:
     # target_modules is then not resolved and no layer is wrapped.
     wraps_layers: ClassVar[bool] = True
+    # Shared fields the reference library's config for this method does not have: to_dict leaves them
+    # out while unset, so the reference reads the file without unknown-key warnings.
+    fields_not_in_format: ClassVar[tuple[str, ...]] = ()
     # Prefix of the saved keys of module tensors (layer adapters, modules_to_save copies, extra base
     # parameters). The reference library writes "base_model." instead for methods that leave every module
     # of the model in place (soft prompts), so their classifier copy is "base_model.classifier.weight".
@@ -173,6 +176,9 @@ class AdapterConfig:
         data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         inert = {k: v for k, v in self.reference_inert.items() if v is not ANY}
         data = {**inert, **_jsonable(data), "peft_type": self.peft_type}
+        for name in self.fields_not_in_format:
+            if data.get(name) in (None, {}, [], ""):
+                data.pop(name, None)
         return dict(sorted(data.items()))
 
     @classmethod

@@ -65,6 +65,8 @@ class IA3Config(AdapterConfig):
             ``False`` draws them from N(0, 1), for tests.
     """
 
+    fields_not_in_format: ClassVar[tuple[str, ...]] = _NOT_IN_FORMAT
+
     feedforward_modules: list[str] | str | None = None
     fan_in_fan_out: bool = False
     init_ia3_weights: bool = True
@@ -133,12 +135,6 @@ class IA3Config(AdapterConfig):
                        else "IA3 has no rank or alpha")
                 )
         return out
-
-    def to_dict(self) -> dict[str, Any]:
-        data = super().to_dict()
-        for name in _NOT_IN_FORMAT:
-            data.pop(name, None)
-        return data
 
     def layer_values(self, target: Target) -> dict[str, Any]:
         return {"feedforward": is_feedforward(self.feedforward_modules, target.name), "init": self.init_ia3_weights}

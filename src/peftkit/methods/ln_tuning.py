@@ -47,6 +47,8 @@ class LNTuningConfig(AdapterConfig):
     as the reference's saved configs do, so either library reads a saved adapter the same way.
     """
 
+    fields_not_in_format: ClassVar[tuple[str, ...]] = _NOT_IN_REFERENCE
+
     # The reference 0.21.2 defaults (its LN-tuning target mapping), except "llava", whose default also
     # names non-norm modules (projector, embeddings, head) that this norm-only method cannot adapt.
     default_targets: ClassVar[dict[str, list[str]]] = {
@@ -101,11 +103,6 @@ class LNTuningConfig(AdapterConfig):
             return self.replace(target_modules=list(self.default_targets[plan.model_type]))
         return self
 
-    def to_dict(self) -> dict[str, Any]:
-        data = super().to_dict()
-        for name in _NOT_IN_REFERENCE:
-            data.pop(name, None)
-        return data
 
 
 class LNTuningNorm(AdapterModule):

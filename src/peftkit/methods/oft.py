@@ -92,6 +92,8 @@ class OFTConfig(AdapterConfig):
         num_cayley_neumann_terms: Terms of that series (at least 2).
     """
 
+    fields_not_in_format: ClassVar[tuple[str, ...]] = ("rank_pattern", "alpha_pattern")  # not in the reference
+
     r: int = 0
     oft_block_size: int = 32
     module_dropout: float = 0.0
@@ -167,10 +169,7 @@ class OFTConfig(AdapterConfig):
 
     def to_dict(self) -> dict[str, Any]:
         data = super().to_dict()
-        # The reference's OFTConfig has no rank/alpha patterns (an unknown key there is a warning) and
-        # reads a missing peft_version as "older than the current Cayley-Neumann series".
-        data.pop("rank_pattern", None)
-        data.pop("alpha_pattern", None)
+        # The reference reads a missing peft_version as "older than the current Cayley-Neumann series".
         data["peft_version"] = _NEUMANN_FORMAT_VERSION
         return dict(sorted(data.items()))
 

@@ -65,6 +65,8 @@ class PromptLearningConfig(AdapterConfig):
         num_layers: Number of attention layers receiving a prefix.
     """
 
+    fields_not_in_format: ClassVar[tuple[str, ...]] = _LAYER_FIELDS
+
     wraps_layers: ClassVar[bool] = False
     state_key_prefix: ClassVar[str] = "base_model."
     uses_cache: ClassVar[bool] = False  # prefix tuning: the virtual tokens live in the key/value cache
@@ -91,11 +93,6 @@ class PromptLearningConfig(AdapterConfig):
             out.append("num_transformer_submodules: only 1 is supported (encoder-only or decoder-only "
                        f"models); got {self.num_transformer_submodules!r}")
         return out
-
-    def to_dict(self) -> dict[str, Any]:
-        # The reference's prompt-learning configs have no layer-selection fields; writing them would make
-        # it warn about unknown keys.
-        return {k: v for k, v in super().to_dict().items() if k not in _LAYER_FIELDS}
 
     def after_resolve(self, plan: Any) -> PromptLearningConfig:
         # A private copy: build_part completes it with the model's dimensions, and inject records it.

@@ -62,6 +62,9 @@ class VeraConfig(AdapterConfig):
             d ~ N(0, 1) (the adapter changes the output at once; for tests).
     """
 
+    # the reference VeraConfig has no per-module patterns or exclude list
+    fields_not_in_format: ClassVar[tuple[str, ...]] = ("rank_pattern", "alpha_pattern", "exclude_modules")
+
     r: int = 256
     projection_prng_key: int = 0
     save_projection: bool = True
@@ -131,14 +134,6 @@ class VeraConfig(AdapterConfig):
         wanted = {id(m._parameters["bias"]) for m in owners if isinstance(m._parameters.get("bias"), nn.Parameter)}
         return [n for n, p in model.named_parameters() if id(p) in wanted - inside]
 
-    def to_dict(self) -> dict[str, Any]:
-        # The reference VeraConfig has no per-module patterns or exclude list, and warns about keys it
-        # does not know: leave them out while they are unset (the patterns always are, see problems()).
-        data = super().to_dict()
-        for key in ("rank_pattern", "alpha_pattern", "exclude_modules"):
-            if data.get(key) in (None, {}, []):
-                data.pop(key, None)
-        return data
 
 
 # -- the shared projections ---------------------------------------------------------------------------
