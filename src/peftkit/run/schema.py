@@ -1,0 +1,102 @@
+"""The typed sections of a run config (``peftkit train CONFIG.yaml``).
+
+Every YAML key maps to a dataclass field here; ``run/config.py`` loads and validates a file against
+these classes and reports every problem at once with its field path (``train.lr: ...``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..train.config import TrainConfig
+
+
+@dataclass
+class ModelConfig:
+    """Which pretrained model to start from.
+
+    Attributes:
+        name_or_path: A bundled model ("minilm", "smollm2-135m-instruct", "efficientnet-lite0"), a local
+            directory, or a hub id (the hub only where a network exists).
+        dtype: "float32" or "bfloat16": the dtype the base weights are loaded in.
+        num_labels: Classification tasks: number of classes (None: taken from the data).
+        gguf_file: For a directory holding a GGUF checkpoint, the file to load.
+    """
+
+    name_or_path: str = "minilm"
+    dtype: str = "float32"
+    num_labels: int | None = None
+    gguf_file: str | None = None
+
+
+@dataclass
+class SplitConfig:
+    """How a single data file becomes train / validation / test (a seeded, recorded shuffle)."""
+
+    validation: float = 0.1
+    test: float = 0.1
+    seed: int = 0
+
+
+@dataclass
+class DataConfig:
+    """Where the examples come from and which columns mean what.
+
+    Attributes:
+        name: A bundled data set ("rotten_tomatoes", "freedict_eng_fra", "fashion_mnist"), or None
+            when ``files`` is given.
+        files: A CSV / JSONL / Parquet file, or a mapping split -> file ("train", "validation", "test").
+        format: "csv", "json" or "parquet"; None infers it from the file extension.
+        columns: Task role -> column name in the files, e.g. {"text": "review", "label": "stars"}.
+        split: How a file without ready splits is split (fractions of the whole, seeded).
+        max_length: Tokens per example (text tasks).
+        max_train_examples: Use only the first N training examples (after shuffling), None = all.
+        max_eval_examples: Evaluate on the first N validation / test examples, None = all.
+        labels: Class names in label-id order (classification); None = sorted distinct values.
+    """
+
+    name: str | None = None
+    files: str | dict[str, str] | None = None
+    format: str | None = None
+    columns: dict[str, str] = field(default_factory=dict)
+    split: SplitConfig = field(default_factory=SplitConfig)
+    max_length: int = 128
+    max_train_examples: int | None = None
+    max_eval_examples: int | None = None
+    labels: list[str] | None = None
+
+
+@dataclass
+class EvalConfig:
+    """How evaluation and prediction run.
+
+    Attributes:
+        batch_size: Examples per forward pass.
+        split: The split ``peftkit eval`` reports by default ("test" or "validation").
+        max_new_tokens: Generation tasks: tokens generated per answer.
+        metrics: Metric names to report (the task's defaults when empty).
+    """
+
+    batch_size: int = 32
+    split: str = "test"
+    max_new_tokens: int = 32
+    metrics: list[str] = field(default_factory=list)
+
+
+@dataclass
+class RunConfig:
+    """A whole run: ``task``, ``model``, ``data``, ``adapter``, ``train``, ``eval`` and where results go.
+
+    ``adapter`` holds ``method`` (a name for :func:`peftkit.make_config`, default "lora") and that
+    method's config fields, e.g. ``{"method": "lora", "r": 8, "target_modules": ["query", "value"]}``;
+    ``method: full`` fine-tunes every parameter instead (the baseline PEFT is compared with).
+    """
+
+    task: str = "text-classification"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    adapter: dict[str, Any] = field(default_factory=lambda: {"method": "lora"})
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    output_dir: str = "runs/run"

@@ -1,0 +1,61 @@
+"""Typed settings of the training loop (the ``train:`` section of a run config)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class TrainConfig:
+    """How :func:`peftkit.train.fit` trains.
+
+    Attributes:
+        steps: Optimizer steps; ``None`` runs ``epochs`` full passes over the training split.
+        epochs: Passes over the training split when ``steps`` is None.
+        batch_size: Examples per forward pass.
+        grad_accum: Forward passes accumulated per optimizer step (effective batch = batch_size x grad_accum).
+        lr: Peak learning rate of AdamW.
+        weight_decay: AdamW weight decay (never applied to biases and norm parameters).
+        lora_plus_ratio: LoRA+ (arXiv:2402.12354): B matrices learn this many times faster than A;
+            None = plain AdamW. Only for LoRA-family adapters.
+        schedule: "linear", "cosine" or "constant" after warm-up.
+        warmup_steps: Linear warm-up steps; ``warmup_ratio`` is used when this is None.
+        warmup_ratio: Warm-up as a fraction of all optimizer steps.
+        max_grad_norm: Clip the gradient norm to this (None: no clipping).
+        precision: "fp32" or "bf16" (autocast on CPU and GPU; weights stay in their dtype).
+        gradient_checkpointing: Recompute activations in the backward pass (saves memory).
+        eval_every: Evaluate on the validation split every this many optimizer steps (0: only at the end).
+        metric: The validation metric that picks the best checkpoint and drives early stopping.
+        greater_is_better: Whether a larger ``metric`` is better (False for a loss or perplexity).
+        early_stopping_patience: Stop after this many evaluations without improvement (None: never).
+        save_every: Write a resumable checkpoint every this many optimizer steps (0: only at evaluations and the end).
+        log_every: Log training loss, learning rate and throughput every this many optimizer steps.
+        seed: Seeds the data order, dropout and any initialisation done by the run.
+        device: "auto" (GPU when available), "cpu", "cuda", "cuda:1" ...
+        tensorboard: Also write TensorBoard event files (needs the ``tensorboard`` package).
+        progress: Show a progress bar (loss, throughput, time left) on a terminal.
+    """
+
+    steps: int | None = None
+    epochs: int = 1
+    batch_size: int = 16
+    grad_accum: int = 1
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    lora_plus_ratio: float | None = None
+    schedule: str = "linear"
+    warmup_steps: int | None = None
+    warmup_ratio: float = 0.06
+    max_grad_norm: float | None = 1.0
+    precision: str = "fp32"
+    gradient_checkpointing: bool = False
+    eval_every: int = 0
+    metric: str = "loss"
+    greater_is_better: bool = False
+    early_stopping_patience: int | None = None
+    save_every: int = 0
+    log_every: int = 10
+    seed: int = 0
+    device: str = "auto"
+    tensorboard: bool = True
+    progress: bool = True
