@@ -54,6 +54,7 @@ class DataConfig:
         max_train_examples: Use only the first N training examples (after shuffling), None = all.
         max_eval_examples: Evaluate on the first N validation / test examples, None = all.
         labels: Class names in label-id order (classification); None = sorted distinct values.
+        image_size: Image tasks: side of the square the images are resized to (None: the task's default).
     """
 
     name: str | None = None
@@ -65,6 +66,7 @@ class DataConfig:
     max_train_examples: int | None = None
     max_eval_examples: int | None = None
     labels: list[str] | None = None
+    image_size: int | None = None
 
 
 @dataclass
