@@ -94,6 +94,8 @@ def test_fresh_adapter_starts_at_base_and_training_changes_output(args):
     if c.row.starts_at_base:
         # SVD inits move the residual into the base, so they start at the base only up to rounding
         assert _diff(c.fresh_out, c.base_out) <= c.tol(1e-5)
+    else:  # e.g. random inits, soft prompts: the adapter acts from the start
+        assert _diff(c.fresh_out, c.base_out) > 1e-4
     c.train()
     assert _diff(c.out(), c.base_out) > 1e-3
 
@@ -126,7 +128,7 @@ def test_merged_equals_unmerged_and_unmerge_restores_weights(args):
         assert torch.equal(c.out(), unmerged)
         return
     peftkit.merge(c.model, safe=True)
-    assert all(layer.merged == ["default"] for layer in c.layers())
+    assert c.layers() and all(layer.merged == ["default"] for layer in c.layers())
     assert _diff(c.out(), unmerged) <= c.tol(c.row.tol)
     peftkit.unmerge(c.model)
     for name, tensor in c.base_tensors().items():
@@ -158,8 +160,7 @@ def test_training_changes_only_adapter_and_saved_module_parameters(args):
         assert any(".copies.default." in n for n in changed)
     # the declared trainable set is exactly the adapter's own tensors plus the head copy
     trainable = {n for n, p in c.model.named_parameters() if p.requires_grad}
-    assert trainable == {n for n, p in c.model.named_parameters() if _owned(n) and p.requires_grad}
-    assert trainable, "nothing is trainable"
+    assert trainable == adapter_params and trainable, "trainable must be exactly the adapter's own tensors"
 
 
 @pytest.mark.parametrize("args", CASES)

@@ -35,7 +35,6 @@ pytestmark = [
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "ln_tuning.md"
 ATOL = 1e-5  # fp32 max abs difference allowed between the two libraries' logits
-MAX_DIFFS: dict[str, float] = {}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -149,7 +148,6 @@ def _peft_to_peftkit(base, model_name, directory, caplog):
 def _close(ours, theirs, base, batch, key):
     a, b, ref = _logits(ours, batch), _logits(theirs, batch), _logits(base, batch)
     diff = (a - b).abs().max().item()
-    MAX_DIFFS[key] = diff
     assert (a - ref).abs().max() > 1e-3, "the adapter does not change the output: the comparison proves nothing"
     assert diff <= ATOL, f"{key}: peftkit vs peft max abs diff {diff:.3e} > {ATOL}"
 
@@ -200,13 +198,6 @@ def test_configs_read_in_either_library_without_warnings(bases, tmp_path, caplog
         assert isinstance(mine, LNTuningConfig)
         assert sorted(mine.target_modules) == sorted(written["target_modules"])
         assert mine.task_type == written["task_type"]
-
-
-def test_report_parity_differences():
-    """Runs last in this file: prints the largest differences seen (visible with pytest -s)."""
-    if MAX_DIFFS:
-        worst = max(MAX_DIFFS.items(), key=lambda kv: kv[1])
-        print(f"\nLN tuning parity: {len(MAX_DIFFS)} comparisons, largest max-abs diff {worst[1]:.3e} ({worst[0]})")
 
 
 # -- config ---------------------------------------------------------------------------------------

@@ -127,7 +127,7 @@ def inject(
     for target, adapter in built:
         layer = existing.get(target.name)
         if layer is None:
-            layer = AdapterLayer(target.module, target.name)
+            layer = AdapterLayer(target.module, target.name).train(target.module.training)
             _set_child(model, target.name, layer)
         # match the layer's train/eval mode: a fresh module is in training mode, which would switch on
         # adapter dropout in a model the user had put in eval mode
@@ -136,12 +136,13 @@ def inject(
     for name in plan.modules_to_save:
         wrapper = existing.get(name)
         if wrapper is None:
-            wrapper = ModulesToSave(model.get_submodule(name), name)
+            saved = model.get_submodule(name)
+            wrapper = ModulesToSave(saved, name).train(saved.training)
             _set_child(model, name, wrapper)
         wrapper.add_copy(adapter_name)
     if part is not None:
         if PARTS_ATTR not in model._modules:
-            model.add_module(PARTS_ATTR, ModelParts())
+            model.add_module(PARTS_ATTR, ModelParts().train(model.training))
         model._modules[PARTS_ATTR][adapter_name] = part.to(_device_of(model)).train(model.training)
         part.attach(model)
 
@@ -196,6 +197,12 @@ def set_active(model: nn.Module, names: list[str]) -> None:
     unknown = [n for n in names if n not in state.configs]
     if unknown or not names:
         raise AdapterNameError(f"cannot activate {unknown or names!r}; adapters on this model: {sorted(state.configs)}")
+    exclusive = [n for n, part in model_parts(model).items() if n in names and part.exclusive]
+    if len(exclusive) > 1:
+        raise AdapterNameError(
+            f"adapters {exclusive} cannot be active together (each rewrites the model's input, e.g. two soft "
+            "prompts); activate one of them, possibly beside layer adapters such as LoRA"
+        )
     for _, wrapper in saved_modules(model):
         owners = [n for n in names if n in wrapper.copies]
         if len(owners) > 1:
@@ -224,6 +231,7 @@ def remove_adapter(model: nn.Module, adapter_name: str) -> None:
     for _, layer in adapter_layers(model):
         if adapter_name in layer.adapters:
             layer.adapters[adapter_name].detach_from(layer.base_layer)
+            layer.adapters[adapter_name].release(layer.base_layer)
             del layer.adapters[adapter_name]
             if not layer.adapters:
                 _set_child(model, layer.module_name, layer.base_layer)
@@ -273,6 +281,7 @@ def unload(model: nn.Module, restore_base: bool = True) -> nn.Module:
         for name, adapter in layer.adapters.items():
             if restore_base and name not in layer.merged:
                 adapter.detach_from(layer.base_layer)
+            adapter.release(layer.base_layer)
         _set_child(model, layer.module_name, layer.base_layer)
     for _, wrapper in saved_modules(model):
         # when keeping merged adapters, the trained copy of a fully trained module is the result too

@@ -53,7 +53,11 @@ class AdapterModule(nn.Module):
         """Called once the adapter sits on its layer; inits that rewrite the base weight (PiSSA) do it here."""
 
     def detach_from(self, base_layer: nn.Module) -> None:
-        """Undo what :meth:`attach` did to the base layer, when the adapter is removed unmerged."""
+        """Undo what :meth:`attach` did to the base *weights*, when the adapter is removed unmerged."""
+
+    def release(self, base_layer: nn.Module) -> None:
+        """Remove what :meth:`attach` installed besides weight changes (e.g. forward hooks); called
+        whenever the adapter leaves the model, merged or not."""
 
     def merged_weight(self, weight: torch.Tensor) -> torch.Tensor:
         """The weight with this adapter merged in. Must not modify ``weight`` in place."""
@@ -114,14 +118,17 @@ class AdapterLayer(nn.Module):
         for adapter in live:
             if adapter.transforms == "input":
                 base_in = adapter.transform(base_in)
-        base_out = self.base_layer(base_in, *args, **kwargs)
+        out = self.base_layer(base_in, *args, **kwargs)
         for adapter in live:
             if adapter.transforms == "output":
-                base_out = adapter.transform(base_out)
-        out = base_out
-        for adapter in live:
-            if adapter.transforms is None:
-                out = out + adapter.delta_output(x, base_out, self.base_layer)
+                out = adapter.transform(out)
+        adding = [a for a in live if a.transforms is None]
+        if adding:
+            # delta_output is defined against the plain base output (some methods recompute the
+            # layer and subtract it): beside a transform that costs one more base call.
+            plain = out if len(adding) == len(live) else self.base_layer(x, *args, **kwargs)
+            for adapter in adding:
+                out = out + adapter.delta_output(x, plain, self.base_layer)
         return out
 
     # -- merging, written once for every method --------------------------------------------------
@@ -243,6 +250,9 @@ class ModelPart(nn.Module):
     """
 
     mergeable: bool = False
+    # True when at most one part of this kind may be active at a time (two soft prompts cannot both
+    # prefix the input); set_active refuses such a combination.
+    exclusive: bool = False
 
     def __init__(self) -> None:
         super().__init__()

@@ -35,6 +35,18 @@ class MethodSpec:
 
 
 _METHODS: dict[str, MethodSpec] = {}
+_BUILTINS_LOADED = False
+
+
+def _load_builtin_methods() -> None:
+    # `import peftkit` is lazy (so `peftkit --help` stays fast), so the built-in methods may not have
+    # registered themselves yet when a lookup comes; importing the package registers them all.
+    global _BUILTINS_LOADED
+    if not _BUILTINS_LOADED:
+        _BUILTINS_LOADED = True
+        import importlib
+
+        importlib.import_module("peftkit.methods")
 
 
 def register_method(peft_type: str) -> Callable[[type], type]:
@@ -70,6 +82,8 @@ def register_layer(
 
 
 def method(peft_type: str) -> MethodSpec:
+    if peft_type not in _METHODS:
+        _load_builtin_methods()
     try:
         return _METHODS[peft_type]
     except KeyError:
@@ -84,6 +98,7 @@ def _key(name: str) -> str:
 def find_method(name: str) -> MethodSpec:
     """The method called ``name``, spelled as its interchange type in any case, with or without
     ``-``/``_`` ("lora", "LORA", "prefix-tuning", "ln_tuning" ...)."""
+    _load_builtin_methods()
     by_key = {_key(t): spec for t, spec in _METHODS.items()}
     spec = by_key.get(_key(name)) if isinstance(name, str) else None
     if spec is None:
@@ -97,6 +112,7 @@ def find_method(name: str) -> MethodSpec:
 
 
 def registered_methods() -> list[str]:
+    _load_builtin_methods()
     return sorted(_METHODS)
 
 
@@ -110,7 +126,7 @@ def dispatch(peft_type: str, module: nn.Module) -> tuple[LayerRow | None, str | 
                 return row, None
             reason = problem
     if reason is None:
-        reason = f"type {type(module).__name__} is not supported; supported: {supported_kinds(peft_type)}"
+        reason = f"type {type(module).__name__} is not supported"  # the caller lists what is
     return None, reason
 
 

@@ -220,9 +220,10 @@ def default_targets(model: nn.Module, config: AdapterConfig) -> list[str] | str:
     if spec is not None:  # a default worked out from the model itself, whatever its architecture
         return spec
     model_type = getattr(getattr(model, "config", None), "model_type", None)
-    defaults: dict[str, list[str]] = getattr(config, "default_targets", {})
+    defaults: dict[str, list[str] | str] = getattr(config, "default_targets", {})
     if model_type in defaults:
-        return list(defaults[model_type])
+        spec = defaults[model_type]
+        return spec if isinstance(spec, str) else list(spec)
     raise NoTargetMatchedError(
         f"target_modules is None and {config.peft_type} has no default for model_type={model_type!r} "
         f"(defaults exist for {sorted(defaults) or 'no model type'}); set target_modules, e.g. to "

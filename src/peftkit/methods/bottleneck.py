@@ -117,11 +117,6 @@ class BottleneckConfig(AdapterConfig):
         """Default ``target_modules`` per model_type for this config's placement."""
         return DEFAULT_TARGETS.get(self.placement, {})
 
-    def default_target_spec(self, model: Any) -> list[str] | str | None:
-        model_type = getattr(getattr(model, "config", None), "model_type", None)
-        spec = self.default_targets.get(model_type)
-        return list(spec) if isinstance(spec, list) else spec
-
     def problems(self) -> list[str]:
         out = super().problems()
         if self.placement not in PLACEMENTS:
@@ -232,11 +227,6 @@ class BottleneckAdapter(AdapterModule):
             )
         return self.bottleneck(x if self.parallel else base_out).to(base_out.dtype)
 
-    def attach(self, base_layer: nn.Module) -> None:
-        # A new module starts in training mode; an adapter added to a model in eval mode must not
-        # apply dropout until the user calls model.train().
-        self.train(base_layer.training)
-
 
 class _Scratch(dict):
     """Activations a hook hands to ``delta_output`` within one forward; never copied or pickled (a
@@ -273,7 +263,7 @@ class ResidualOutputAdapter(BottleneckAdapter):
             base_layer.LayerNorm.register_forward_pre_hook(self._keep_pre_norm),
         ]
 
-    def detach_from(self, base_layer: nn.Module) -> None:
+    def release(self, base_layer: nn.Module) -> None:
         for handle in self._hooks:
             handle.remove()
         self._hooks = []

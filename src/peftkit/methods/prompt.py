@@ -33,10 +33,9 @@ import torch
 from torch import nn
 
 from ..core.config import AdapterConfig
-from ..core.inject import model_parts
 from ..core.layer import ModelPart
 from ..core.registry import register_method
-from ..errors import AdapterNameError, ConfigError, UnsupportedLayerError
+from ..errors import ConfigError, UnsupportedLayerError
 
 KEY = "prompt_embeddings"  # the one tensor the interchange format holds for all three methods
 _INITS = ("RANDOM", "TEXT", "SAMPLE_VOCAB")
@@ -303,8 +302,11 @@ class PrefixTuningConfig(PromptLearningConfig):
 def _model_config(model: nn.Module) -> Any:
     config = getattr(model, "config", None)
     if config is None:
-        raise UnsupportedLayerError(f"soft prompts need a transformers model (with a .config); got "
-                                    f"{type(model).__name__}")
+        raise UnsupportedLayerError(
+            f"soft prompts need a transformers model (with a .config); got {type(model).__name__}. Pass the "
+            "transformers model itself (e.g. AutoModelForCausalLM), not a wrapper; for other models use a "
+            "layer method such as LoRA or IA3"
+        )
     if getattr(config, "is_encoder_decoder", False):
         raise UnsupportedLayerError(f"{type(model).__name__} is an encoder-decoder model; peftkit's soft "
                                     "prompts support encoder-only and decoder-only models")
@@ -399,6 +401,8 @@ class PromptPart(ModelPart):
     one row per virtual token, and is what gets saved.
     """
 
+    exclusive = True  # each prepends its own virtual tokens: one soft prompt active at a time
+
     def __init__(self, embedding: nn.Embedding, encoder: nn.Module | None, num_virtual_tokens: int) -> None:
         super().__init__()
         self.embedding = embedding
@@ -450,7 +454,6 @@ class PromptPart(ModelPart):
     def _before(self, model: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         if not self.enabled:
             return None
-        _refuse_other_prompts(model, self)
         kwargs = _as_kwargs(model, args, kwargs)
         inputs = kwargs.get("input_ids")
         inputs = kwargs.get("inputs_embeds") if inputs is None else inputs
@@ -599,13 +602,3 @@ def _as_kwargs(model: nn.Module, args: tuple, kwargs: dict) -> dict:
         else:
             out[name] = value
     return out
-
-
-def _refuse_other_prompts(model: nn.Module, me: PromptPart) -> None:
-    others = [name for name, part in model_parts(model).items()
-              if part is not me and isinstance(part, PromptPart) and part.enabled]
-    if others:
-        raise AdapterNameError(
-            f"soft-prompt adapters {others} are active beside another one; each prepends its own virtual "
-            "tokens, so only one can be active at a time: set_active(model, <one name>)"
-        )
