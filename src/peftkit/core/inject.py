@@ -14,7 +14,7 @@ from torch import nn
 
 from ..errors import AdapterNameError, UnsupportedLayerError
 from .config import AdapterConfig
-from .layer import AdapterLayer, ModelPart, ModelParts, ModulesToSave
+from .layer import AdapterLayer, AdapterModule, ModelPart, ModelParts, ModulesToSave
 from .targeting import Plan, resolve, sequence_head_names
 
 STATE_ATTR = "_peftkit"
@@ -63,6 +63,21 @@ def saved_modules(model: nn.Module) -> list[tuple[str, ModulesToSave]]:
 def model_parts(model: nn.Module) -> dict[str, ModelPart]:
     """Adapter name -> its model-level part, for adapters that have one."""
     return dict(model._modules.get(PARTS_ATTR) or {})
+
+
+def trained_biases(model: nn.Module, adapted: list[str], which: str) -> list[str]:
+    """Names of the base biases an adapter trains with a ``bias`` option: "none", "all", or only those
+    of the layers it adapts (any other value, e.g. LoRA's "lora_only"). Biases inside adapter
+    modules and full copies are never counted."""
+    if which == "none":
+        return []
+    inside = {id(p) for m in model.modules() if isinstance(m, (AdapterModule, ModulesToSave)) for p in m.parameters()}
+    if which == "all":
+        owners = list(model.modules())
+    else:
+        owners = [layer.base_layer for name, layer in adapter_layers(model) if name in adapted]
+    wanted = {id(m._parameters["bias"]) for m in owners if isinstance(m._parameters.get("bias"), nn.Parameter)}
+    return [n for n, p in model.named_parameters() if id(p) in wanted - inside]
 
 
 def _set_child(model: nn.Module, name: str, new: nn.Module) -> None:

@@ -84,6 +84,15 @@ class AdapterModule(nn.Module):
         return dict(self.state_dict())
 
 
+def adapter_dtype(weight: torch.Tensor) -> torch.dtype:
+    """The dtype of an adapter's own tensors for a base weight: float32 for half-precision (and
+    integer, i.e. quantized) bases, since an adapter is small and its updates would not survive bf16
+    rounding (the reference library does the same by default); the weight's dtype otherwise."""
+    if not weight.is_floating_point() or weight.dtype in (torch.float16, torch.bfloat16):
+        return torch.float32
+    return weight.dtype
+
+
 def _compute_dtype(weight: torch.Tensor) -> torch.dtype:
     # Merging in half precision on CPU is both slow and lossy: do the arithmetic in float32, round once.
     return torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype

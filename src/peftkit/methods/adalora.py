@@ -38,7 +38,7 @@ from torch import nn
 
 from ..core.config import ANY, AdapterConfig
 from ..core.inject import adapter_layers, require_adapter
-from ..core.layer import AdapterModule
+from ..core.layer import AdapterModule, adapter_dtype
 from ..core.registry import register_layer, register_method
 from ..core.targeting import HFConv1D, Target
 from ..errors import AdapterNameError, ConfigError
@@ -277,7 +277,7 @@ class SVDAdapter(AdapterModule):
         # Half-precision bases get float32 adapters (as LoRA): their updates would not survive bf16 rounding.
         kw = {
             "device": weight.device,
-            "dtype": torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype,
+            "dtype": adapter_dtype(weight),
         }
         self.lora_A = nn.Parameter(torch.randn(rank, in_f, **kw))
         self.lora_E = nn.Parameter(torch.randn(rank, 1, **kw))

@@ -25,6 +25,7 @@ from torch.nn.modules.batchnorm import _NormBase
 
 from ..core.config import AdapterConfig
 from ..core.layer import AdapterModule
+from ..core.layer import adapter_dtype as _adapter_dtype
 from ..core.registry import register_layer, register_method
 from ..core.targeting import HFConv1D, Target, user_modules
 from ..errors import NoTargetMatchedError
@@ -91,9 +92,6 @@ class BitFitConfig(AdapterConfig):
         return {}
 
 
-def _adapter_dtype(bias: torch.Tensor) -> torch.dtype:
-    # A bf16 delta would lose small updates to rounding; keep it in float32 (as LoRA adapters are).
-    return torch.float32 if bias.dtype in (torch.float16, torch.bfloat16) else bias.dtype
 
 
 class BitFitBias(AdapterModule):

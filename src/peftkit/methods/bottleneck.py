@@ -34,6 +34,7 @@ from torch import nn
 
 from ..core.config import AdapterConfig
 from ..core.layer import AdapterLayer, AdapterModule, ModulesToSave
+from ..core.layer import adapter_dtype as _adapter_dtype
 from ..core.registry import register_layer, register_method
 from ..core.targeting import LINEAR_TYPES, HFConv1D, Target
 from ..errors import UnsupportedLayerError
@@ -156,12 +157,6 @@ class BottleneckConfig(AdapterConfig):
 # -- the adapters -----------------------------------------------------------------------------------
 
 
-def _adapter_dtype(weight: torch.Tensor) -> torch.dtype:
-    # Half-precision (and integer, i.e. quantized) bases get float32 adapters: small updates do not
-    # survive bf16 rounding.
-    if not weight.is_floating_point() or weight.dtype in (torch.float16, torch.bfloat16):
-        return torch.float32
-    return weight.dtype
 
 
 def _widths(linear: nn.Module) -> tuple[int, int]:

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from ..core.config import AdapterConfig
-from ..core.layer import AdapterModule
+from ..core.layer import AdapterModule, adapter_dtype
 from ..core.registry import register_layer, register_method
 from ..core.targeting import HFConv1D, Plan, Target
 from ..errors import ConfigError
@@ -188,7 +188,7 @@ class IA3Adapter(AdapterModule):
         super().__init__()
         weight = base_layer.weight
         # Half-precision bases get a float32 vector: updates of ~1e-3 vanish in bf16 around 1.0.
-        dtype = torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
+        dtype = adapter_dtype(weight)
         values = torch.ones(shape, dtype=dtype, device=weight.device) if init else torch.randn(shape, dtype=dtype).to(weight.device)
         self.ia3_l = nn.Parameter(values)
         self.feedforward = feedforward

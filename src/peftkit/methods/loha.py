@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core.config import AdapterConfig
-from ..core.layer import AdapterModule
+from ..core.layer import AdapterModule, adapter_dtype
 from ..core.registry import register_layer, register_method
 from ..core.targeting import Target
 from .lora import LoraConfig
@@ -60,10 +60,6 @@ def lycoris_problems(config: Any, inits: tuple[Any, ...]) -> list[str]:
     return out
 
 
-def adapter_dtype(weight: torch.Tensor) -> torch.dtype:
-    """float32 factors for half-precision bases (as the reference library does by default): the
-    adapter is small, and its updates are too small to survive bf16 rounding."""
-    return torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
 
 
 def tucker(core: torch.Tensor, mode_out: torch.Tensor, mode_in: torch.Tensor) -> torch.Tensor:

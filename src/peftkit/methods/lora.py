@@ -20,8 +20,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core.config import ANY, AdapterConfig
-from ..core.inject import adapter_layers, state_of
-from ..core.layer import AdapterModule, ModulesToSave
+from ..core.inject import adapter_layers, state_of, trained_biases
+from ..core.layer import AdapterModule
+from ..core.layer import adapter_dtype as _adapter_dtype
 from ..core.registry import register_layer, register_method
 from ..core.targeting import HFConv1D, Target
 from ..errors import UnsupportedLayerError
@@ -141,24 +142,12 @@ class LoraConfig(AdapterConfig):
         )
 
     def extra_trainable(self, model: nn.Module, adapted: list[str]) -> list[str]:
-        if self.bias == "none":
-            return []
-        inside = {id(p) for m in model.modules() if isinstance(m, (AdapterModule, ModulesToSave)) for p in m.parameters()}
-        if self.bias == "all":
-            owners = list(model.modules())
-        else:
-            owners = [layer.base_layer for name, layer in adapter_layers(model) if name in adapted]
-        wanted = {id(m._parameters["bias"]) for m in owners if isinstance(m._parameters.get("bias"), nn.Parameter)}
-        return [n for n, p in model.named_parameters() if id(p) in wanted - inside]
+        return trained_biases(model, adapted, self.bias)
 
 
 # -- the adapter, shared by every layer kind --------------------------------------------------------
 
 
-def _adapter_dtype(weight: torch.Tensor) -> torch.dtype:
-    # Half-precision bases get float32 adapters (as the reference library does by default): the
-    # adapter is tiny, and its updates are too small to survive bf16 rounding.
-    return torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
 
 
 class LoraAdapter(AdapterModule):

@@ -42,8 +42,9 @@ import torch
 from torch import nn
 
 from ..core.config import AdapterConfig
-from ..core.inject import adapter_layers
-from ..core.layer import AdapterModule, ModulesToSave
+from ..core.inject import trained_biases
+from ..core.layer import AdapterModule
+from ..core.layer import adapter_dtype as _adapter_dtype
 from ..core.registry import register_layer, register_method
 from ..core.targeting import HFConv1D, Target
 from ..errors import ConfigError, UnsupportedLayerError
@@ -192,15 +193,7 @@ class OFTConfig(AdapterConfig):
         return self
 
     def extra_trainable(self, model: nn.Module, adapted: list[str]) -> list[str]:
-        if self.bias == "none":
-            return []
-        inside = {id(p) for m in model.modules() if isinstance(m, (AdapterModule, ModulesToSave)) for p in m.parameters()}
-        if self.bias == "all":
-            owners = list(model.modules())
-        else:
-            owners = [layer.base_layer for name, layer in adapter_layers(model) if name in adapted]
-        wanted = {id(m._parameters["bias"]) for m in owners if isinstance(m._parameters.get("bias"), nn.Parameter)}
-        return [n for n, p in model.named_parameters() if id(p) in wanted - inside]
+        return trained_biases(model, adapted, self.bias)
 
 
 # -- the rotation ---------------------------------------------------------------------------------
@@ -278,9 +271,6 @@ class OFTRotation(nn.Module):
 # -- adapters, one per layer kind -----------------------------------------------------------------
 
 
-def _adapter_dtype(weight: torch.Tensor) -> torch.dtype:
-    # As for LoRA: a half-precision base gets a float32 adapter (small, and its updates need the bits).
-    return torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
 
 
 def _split(features: int, r: int, block_size: int) -> tuple[int, int]:

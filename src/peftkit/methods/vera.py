@@ -26,8 +26,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core.config import AdapterConfig
-from ..core.inject import adapter_layers
-from ..core.layer import AdapterModule, ModelPart, ModulesToSave
+from ..core.inject import trained_biases
+from ..core.layer import AdapterModule, ModelPart
+from ..core.layer import adapter_dtype as _adapter_dtype
 from ..core.registry import register_layer, register_method
 from ..core.targeting import HFConv1D, Target
 from ..errors import UnsupportedLayerError
@@ -124,15 +125,7 @@ class VeraConfig(AdapterConfig):
         return VeraProjections(self.r, in_max, out_max, self.projection_prng_key, self.save_projection)
 
     def extra_trainable(self, model: nn.Module, adapted: list[str]) -> list[str]:
-        if self.bias == "none":
-            return []
-        inside = {id(p) for m in model.modules() if isinstance(m, (AdapterModule, ModulesToSave)) for p in m.parameters()}
-        if self.bias == "all":
-            owners = list(model.modules())
-        else:
-            owners = [layer.base_layer for name, layer in adapter_layers(model) if name in adapted]
-        wanted = {id(m._parameters["bias"]) for m in owners if isinstance(m._parameters.get("bias"), nn.Parameter)}
-        return [n for n, p in model.named_parameters() if id(p) in wanted - inside]
+        return trained_biases(model, adapted, self.bias)
 
 
 
@@ -187,10 +180,6 @@ class VeraProjections(ModelPart):
 # -- the per-layer adapter ---------------------------------------------------------------------------
 
 
-def _adapter_dtype(weight: torch.Tensor) -> torch.dtype:
-    # Half-precision bases get float32 vectors (as for LoRA): they are tiny, and bf16 rounding would
-    # swallow their updates.
-    return torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
 
 
 class VeraLinear(AdapterModule):
