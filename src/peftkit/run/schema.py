@@ -78,12 +78,15 @@ class EvalConfig:
         split: The split ``peftkit eval`` reports by default ("test" or "validation").
         max_new_tokens: Generation tasks: tokens generated per answer.
         metrics: Metric names to report (the task's defaults when empty).
+        before_training: ``peftkit train`` also evaluates the test split before training (the base
+            model: adapters disabled), so ``metrics.json`` holds the metric before and after.
     """
 
     batch_size: int = 32
     split: str = "test"
     max_new_tokens: int = 32
     metrics: list[str] = field(default_factory=list)
+    before_training: bool = False
 
 
 @dataclass
