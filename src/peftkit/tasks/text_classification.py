@@ -1,0 +1,326 @@
+"""Text classification (binary or multi-class) with an encoder: ``task: text-classification``.
+
+Examples are ``{"text": str, "label": name or int}``. The class list comes from ``data.labels`` or,
+when that is unset, from the sorted distinct label values of the data (so "negative" < "positive",
+1 < 2 < 5); the model gets a fresh head with that many outputs unless ``model.num_labels`` says more,
+and its config carries the names (``id2label``), so a merged export predicts names too.
+
+Batches are padded to their own longest text (dynamic padding), truncated at ``data.max_length``.
+The loss is cross entropy; evaluation reports loss, accuracy and macro-F1 (``peftkit.metrics``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import metrics
+from ..data.files import load_examples
+from ..errors import ConfigError
+from ..models import bundled_model_path, bundled_models
+from .base import Batch, Example, register_task
+
+if TYPE_CHECKING:
+    from ..run.schema import RunConfig
+
+ROLES = ["text", "label"]
+METRICS = {"accuracy": metrics.accuracy, "macro_f1": metrics.macro_f1}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@register_task("text-classification")
+class TextClassificationTask:
+    """Sequence classification of texts; see the module docstring for labels, batches and metrics.
+
+    Attributes:
+        config: The whole run config.
+        labels: Class names in label-id order (None until given by ``data.labels``, the data or the model).
+        tokenizer: The model's tokenizer (loaded with the model, or on first use).
+        data_info: How the data was loaded and split (``peftkit.data.files.Splits.info``), once loaded.
+    """
+
+    name: str
+    default_metric = "accuracy"
+    greater_is_better = True
+
+    def __init__(self, config: RunConfig) -> None:
+        self.config = config
+        self.labels: list[str] | None = [str(n) for n in config.data.labels] if config.data.labels else None
+        self.tokenizer: Any = None
+        self.data_info: dict[str, Any] | None = None
+        self._ids: dict[Any, int] = {}
+        self._splits: dict[str, list[dict[str, Any]]] | None = None
+        problems = _config_problems(config)
+        if problems:
+            raise ConfigError(problems, what="text-classification config")
+        if self.labels is not None:
+            self._ids = {name: i for i, name in enumerate(self.labels)}
+
+    # -- loading -------------------------------------------------------------------------------
+
+    def model_source(self) -> str:
+        """A local directory (a bundled model's, or the given one) or a hub id."""
+        name = self.config.model.name_or_path
+        return bundled_model_path(name) or name
+
+    def load_data(self) -> dict[str, Sequence[Example]]:
+        """The configured splits (loaded once); fixes the label list from the data when unset.
+
+        Raises:
+            ConfigError: bad data config, or label values that do not fit ``data.labels``.
+        """
+        if self._splits is None:
+            splits = load_examples(self.config.data, ROLES)
+            values = [ex["label"] for part in splits.values() for ex in part]
+            self.labels, self._ids = label_mapping(values, self.labels)
+            self.data_info = dict(splits.info, labels=list(self.labels))
+            self._splits = dict(splits)
+        return self._splits
+
+    def load_model(self) -> nn.Module:
+        """The pretrained encoder with a freshly initialised head (seeded by ``train.seed``).
+
+        The number of classes is ``model.num_labels``, else the length of the label list (from
+        ``data.labels`` or the data, loaded here if needed); with no data configured at all the
+        model's own head and label names are kept (e.g. a merged, fine-tuned model for prediction).
+
+        Raises:
+            ConfigError: ``model.num_labels`` is smaller than the number of labels.
+            OSError: the model cannot be found (the message says where it was looked for).
+        """
+        from transformers import AutoModelForSequenceClassification
+
+        model_cfg, data_cfg = self.config.model, self.config.data
+        if self.labels is None and (data_cfg.name or data_cfg.files):
+            self.load_data()
+        kwargs: dict[str, Any] = {"dtype": DTYPES[model_cfg.dtype]}
+        if model_cfg.gguf_file:
+            kwargs["gguf_file"] = model_cfg.gguf_file
+        if self.labels is not None:
+            num_labels = model_cfg.num_labels or len(self.labels)
+            if num_labels < len(self.labels):
+                raise ConfigError(
+                    [f"model.num_labels is {num_labels} but the data has {len(self.labels)} labels "
+                     f"({', '.join(self.labels)}); raise it or leave it unset"],
+                    what="text-classification config",
+                )
+            names = self.labels + [f"LABEL_{i}" for i in range(len(self.labels), num_labels)]
+            kwargs.update(num_labels=num_labels, id2label=dict(enumerate(names)),
+                          label2id={n: i for i, n in enumerate(names)})
+        elif model_cfg.num_labels:
+            kwargs["num_labels"] = model_cfg.num_labels
+        source = self.model_source()
+        # Seeding here makes the new head's initial weights, and so the whole run, reproducible.
+        torch.manual_seed(self.config.train.seed)
+        with _quiet_transformers(), _explain_missing(model_cfg.name_or_path):
+            model = AutoModelForSequenceClassification.from_pretrained(source, **kwargs)
+            self._load_tokenizer(source)
+        if self.labels is None:
+            self.labels = [str(model.config.id2label[i]) for i in range(model.config.num_labels)]
+            self._ids = {name: i for i, name in enumerate(self.labels)}
+        if model.config.pad_token_id is None:
+            # Decoder classifiers (Llama, GPT-2) pool the last non-pad token and must know the pad id.
+            model.config.pad_token_id = self.tokenizer.pad_token_id
+        return model
+
+    def _load_tokenizer(self, source: str) -> Any:
+        from transformers import AutoTokenizer
+
+        if self.tokenizer is None:
+            with _quiet_transformers(), _explain_missing(self.config.model.name_or_path):
+                tokenizer = AutoTokenizer.from_pretrained(source)
+            if tokenizer.pad_token is None:  # decoder tokenizers often have none; batches need one
+                tokenizer.pad_token = tokenizer.eos_token
+            self.tokenizer = tokenizer
+        return self.tokenizer
+
+    # -- batches and loss ------------------------------------------------------------------------
+
+    def label_id(self, value: Any) -> int:
+        """The class id of a label value (a name, or a value seen in the data).
+
+        Raises:
+            KeyError: the value is not a known label (the message lists the labels).
+        """
+        if not self._ids:
+            raise KeyError("labels are not known yet: call load_data() or load_model() first, or set data.labels")
+        for key in (value, str(value)):
+            if key in self._ids:
+                return self._ids[key]
+        raise KeyError(f"label {value!r} is not one of the labels {self.labels}; add it to data.labels")
+
+    def collate(self, examples: Sequence[Example]) -> Batch:
+        """Token ids and attention mask padded to the batch's longest text; ``labels`` when every
+        example has a label."""
+        tokenizer = self._load_tokenizer(self.model_source())
+        texts = [_text_of(e) for e in examples]
+        batch = dict(tokenizer(texts, padding=True, truncation=True, max_length=self.config.data.max_length,
+                               return_tensors="pt"))
+        if examples and all(isinstance(e, Mapping) and "label" in e for e in examples):
+            batch["labels"] = torch.tensor([self.label_id(e["label"]) for e in examples])
+        return batch
+
+    def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+        """Mean cross entropy of the model's logits against ``batch["labels"]``."""
+        if "labels" not in batch:
+            raise KeyError("the batch has no 'labels': training and evaluation need a label on every example")
+        logits = _logits(model, batch)
+        return F.cross_entropy(logits.float(), batch["labels"].to(logits.device))
+
+    # -- evaluation and prediction ---------------------------------------------------------------
+
+    def evaluate(self, model: nn.Module, examples: Sequence[Example], batch_size: int) -> dict[str, float]:
+        """Loss, accuracy and macro-F1 (or ``eval.metrics``) of ``model`` on labelled ``examples``.
+
+        Macro-F1 averages over the classes that occur in the targets or the predictions.
+
+        Raises:
+            ValueError: ``examples`` is empty.
+        """
+        if not examples:
+            raise ValueError("no examples to evaluate: the split is empty; check data.split or data.files")
+        targets = [self.label_id(e["label"]) for e in examples]
+        total, predictions = 0.0, [0] * len(examples)
+        for idx, logits in self._forward(model, examples, batch_size):
+            labels = torch.tensor([targets[i] for i in idx], device=logits.device)
+            total += F.cross_entropy(logits.float(), labels, reduction="sum").item()
+            for i, p in zip(idx, logits.argmax(-1).tolist()):
+                predictions[i] = p
+        wanted = self.config.eval.metrics or list(METRICS)
+        return {"loss": total / len(examples), **{m: METRICS[m](predictions, targets) for m in wanted}}
+
+    def predict(self, model: nn.Module, inputs: Sequence[Any], batch_size: int) -> list[dict[str, Any]]:
+        """``{"label": name, "score": probability}`` of the most likely class for each input, in order.
+
+        Args:
+            model: The classifier (with or without an adapter).
+            inputs: Texts, or mappings with a ``"text"`` key.
+            batch_size: Texts per forward pass.
+        """
+        names = self.labels or [str(model.config.id2label[i]) for i in range(model.config.num_labels)]
+        out: list[dict[str, Any]] = [{}] * len(inputs)
+        for idx, logits in self._forward(model, inputs, batch_size):
+            probs = logits.float().softmax(-1)
+            score, best = probs.max(-1)
+            for i, b, s in zip(idx, best.tolist(), score.tolist()):
+                out[i] = {"label": names[b] if b < len(names) else f"LABEL_{b}", "score": s}
+        return out
+
+    def _forward(self, model: nn.Module, items: Sequence[Any], batch_size: int) -> Iterator[tuple[list[int], torch.Tensor]]:
+        """``(indices, logits)`` per batch, in eval mode without gradients; the mode is restored after."""
+        if batch_size <= 0:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        # Batching texts of similar length keeps padding, and so evaluation time, small.
+        order = sorted(range(len(items)), key=lambda i: len(_text_of(items[i])))
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                for start in range(0, len(order), batch_size):
+                    idx = order[start : start + batch_size]
+                    batch = self.collate([{"text": _text_of(items[i])} for i in idx])
+                    yield idx, _logits(model, batch)
+        finally:
+            model.train(was_training)
+
+
+def label_mapping(values: Sequence[Any], names: Sequence[str] | None) -> tuple[list[str], dict[Any, int]]:
+    """The class names and a value -> id map for the label ``values`` found in the data.
+
+    With ``names`` (``data.labels``) a value is matched by name (``str(value)``); integers that are
+    not names are read as ids into ``names`` (0/1 data with ``labels: [negative, positive]``).
+    Without ``names`` the classes are the sorted distinct values.
+
+    Raises:
+        ConfigError: fewer than two classes, or values that are neither a name nor a valid id.
+    """
+    distinct = sorted(set(values), key=lambda v: (isinstance(v, str), v))
+    if names is None:
+        if len(distinct) < 2:
+            raise ConfigError(
+                [f"the data has {len(distinct)} distinct label value(s) {distinct}; classification needs at "
+                 "least 2: check data.columns.label points at the label column"],
+                what="text-classification data",
+            )
+        names = [str(v) for v in distinct]
+        return names, {**{v: i for i, v in enumerate(distinct)}, **{n: i for i, n in enumerate(names)}}
+    names = list(names)
+    ids: dict[Any, int] = {n: i for i, n in enumerate(names)}
+    unknown = []
+    for v in distinct:
+        if str(v) in ids:
+            ids[v] = ids[str(v)]
+        elif isinstance(v, int) and not isinstance(v, bool) and 0 <= v < len(names):
+            ids[v] = v
+        else:
+            unknown.append(v)
+    if unknown:
+        raise ConfigError(
+            [f"label values {unknown} are neither names in data.labels {names} nor ids below {len(names)}; "
+             "add them to data.labels (or leave data.labels unset to use the values found)"],
+            what="text-classification data",
+        )
+    return names, ids
+
+
+def _config_problems(config: RunConfig) -> list[str]:
+    """Every problem in the sections this task reads, so they can be reported together."""
+    problems = []
+    if config.model.dtype not in DTYPES:
+        problems.append(f"model.dtype: expected one of {', '.join(DTYPES)}, got {config.model.dtype!r}")
+    if config.model.num_labels is not None and config.model.num_labels < 2:
+        problems.append(f"model.num_labels: expected 2 or more classes (or unset), got {config.model.num_labels}")
+    labels = config.data.labels
+    if labels is not None and (len(labels) < 2 or len({str(n) for n in labels}) != len(labels)):
+        problems.append(f"data.labels: expected 2 or more distinct class names, got {labels!r}")
+    if config.data.max_length <= 0:
+        problems.append(f"data.max_length: expected a positive number of tokens, got {config.data.max_length}")
+    unknown = [m for m in config.eval.metrics if m not in METRICS]
+    if unknown:
+        problems.append(f"eval.metrics: {unknown} unknown for text classification; known: {', '.join(METRICS)}")
+    return problems
+
+
+def _text_of(item: Any) -> str:
+    text = item["text"] if isinstance(item, Mapping) else item
+    return text if isinstance(text, str) else str(text)
+
+
+def _logits(model: nn.Module, batch: Batch) -> torch.Tensor:
+    device = next(model.parameters()).device
+    inputs = {k: v.to(device) for k, v in batch.items() if k != "labels"}
+    return model(**inputs).logits
+
+
+@contextlib.contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    # Loading an encoder for classification makes transformers report the head's weights as newly
+    # initialised, and draw a bar while it loads; the head is meant to be new, so both are noise.
+    # Restore the user's settings after.
+    from transformers.utils import logging
+
+    verbosity, bars = logging.get_verbosity(), logging.is_progress_bar_enabled()
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(verbosity)
+        if bars:
+            logging.enable_progress_bar()
+
+
+@contextlib.contextmanager
+def _explain_missing(name: str) -> Iterator[None]:
+    try:
+        yield
+    except OSError as exc:
+        raise OSError(
+            f"model.name_or_path {name!r} is not a bundled model ({', '.join(bundled_models())}), and loading "
+            f"it as a local directory or hub id failed (the hub needs a network): {exc}"
+        ) from exc
