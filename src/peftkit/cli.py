@@ -1,74 +1,313 @@
-"""Command line: ``peftkit demo [options]``. Thin by design: it parses and calls the library."""
+"""The ``peftkit`` command line. Thin by design: parse, call a library function, print.
+
+``train`` / ``eval`` / ``predict`` / ``merge`` call :mod:`peftkit.run.runner`, ``inspect`` calls
+:mod:`peftkit.run.inspect`, ``demo`` calls :mod:`peftkit.demo`. Exit codes: 0 ok, 1 failure (a file
+missing at run time, training diverged, a model that cannot be loaded ...), 2 usage or config error
+(every problem in the config is printed). The library is imported inside each command, so that
+``peftkit --help`` loads neither torch nor transformers.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
+import textwrap
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
 
 from . import __version__
 
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+EXIT_INTERRUPTED = 130  # the shell's convention for a process stopped by Ctrl-C
+
+EPILOG = """\
+exit codes: 0 ok, 1 failure (missing file at run time, training diverged ...), 2 usage or config error.
+Set PEFTKIT_DEBUG=1 to see the traceback of a failure.
+
+examples:
+  peftkit train configs/sentiment-minilm-lora.yaml train.steps=200 adapter.r=16
+  peftkit train configs/sentiment-minilm-lora.yaml --resume
+  peftkit eval runs/sentiment-minilm-lora --split validation
+  echo "a gripping, funny film" | peftkit predict runs/sentiment-minilm-lora
+  peftkit merge runs/sentiment-minilm-lora exports/sentiment-minilm
+  peftkit inspect minilm
+See docs/cli.md and docs/config.md."""
+
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="peftkit", description="Parameter-efficient fine-tuning of PyTorch models.")
+    parser = argparse.ArgumentParser(
+        prog="peftkit", description="Parameter-efficient fine-tuning of PyTorch models.", epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--version", action="version", version=f"peftkit {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _add_train(commands)
+    _add_eval(commands)
+    _add_predict(commands)
+    _add_merge(commands)
+    _add_inspect(commands)
+    _add_demo(commands)
+    return parser
 
-    demo = commands.add_parser(
-        "demo",
-        help="LoRA-tune MiniLM on Rotten Tomatoes sentiment, save the adapter, reload and check it",
-        description="Fine-tune the bundled MiniLM with LoRA on Rotten Tomatoes review sentiment (a few "
-        "minutes on 2 CPU cores); print accuracy before/after, trainable parameters, training time and "
-        "adapter size; then reload the adapter into a fresh base model and check its predictions.",
+
+def _command(commands: Any, name: str, summary: str, description: str, handler: Callable[..., int]) -> argparse.ArgumentParser:
+    sub = commands.add_parser(name, help=summary, description=textwrap.fill(description, 100),
+                              epilog=EPILOG.split("\n\n")[0],
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub.set_defaults(handler=handler)
+    return sub
+
+
+def _add_train(commands: Any) -> None:
+    sub = _command(
+        commands, "train", "fine-tune a model from a YAML run config",
+        "Train the adapter (or every parameter, with adapter.method: full) described by CONFIG, pick the best "
+        "checkpoint on the validation split, evaluate it on the test split, and save config.yaml, metrics.json "
+        "and the adapter in output_dir. Stop it at any time (Ctrl-C) and continue with --resume.",
+        _train,
+    )
+    sub.add_argument("config", metavar="CONFIG.yaml", help="the run config (see docs/config.md, configs/)")
+    sub.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                     help="dotted overrides applied on top of the file, e.g. train.lr=1e-3 adapter.r=16 "
+                     "data.columns.text=review (values are read as YAML)")
+    sub.add_argument("--resume", action="store_true",
+                     help="continue the run in output_dir from its latest checkpoint (bit-identical to an "
+                     "uninterrupted run)")
+
+
+def _add_eval(commands: Any) -> None:
+    sub = _command(
+        commands, "eval", "evaluate a trained run (or a config's untrained base model)",
+        "Evaluate the trained weights of RUN_DIR on one split and print the metrics as JSON (also written to "
+        "RUN_DIR/eval-SPLIT.json). Given a CONFIG.yaml instead, evaluate its base model without any "
+        "training: the number fine-tuning should beat.",
+        _eval,
+    )
+    sub.add_argument("source", metavar="RUN_DIR|CONFIG.yaml", help="a run's output_dir, or a run config")
+    sub.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides (with CONFIG.yaml only)")
+    sub.add_argument("--split", choices=["train", "validation", "test"], default=None,
+                     help="the split to evaluate (default: the config's eval.split)")
+    sub.add_argument("--batch-size", type=_positive, default=None, help="examples per forward pass (default: eval.batch_size)")
+
+
+def _add_predict(commands: Any) -> None:
+    sub = _command(
+        commands, "predict", "predict with a trained run, inputs from a file or stdin",
+        "Read inputs, one per line (plain text, or a JSON value such as {\"text\": ...} per line: JSONL), "
+        "from FILE or standard input, and print one prediction per line as JSON, in input order.",
+        _predict,
+    )
+    sub.add_argument("run_dir", metavar="RUN_DIR", help="a run's output_dir")
+    sub.add_argument("input", metavar="FILE|-", nargs="?", default="-", help="input file; - or nothing reads stdin")
+    sub.add_argument("--batch-size", type=_positive, default=None, help="inputs per forward pass (default: eval.batch_size)")
+
+
+def _add_merge(commands: Any) -> None:
+    sub = _command(
+        commands, "merge", "export a merged model directory that plain transformers loads",
+        "Fold the run's adapter into the base weights and save the result, with its tokenizer, to OUT_DIR: "
+        "a model directory that transformers' from_pretrained loads without peftkit. Methods that change "
+        "inputs or attention instead of weights (soft prompts, bottleneck adapters) cannot be merged.",
+        _merge,
+    )
+    sub.add_argument("run_dir", metavar="RUN_DIR", help="a run's output_dir")
+    sub.add_argument("out_dir", metavar="OUT_DIR", help="where the merged model goes (must not exist, or be empty)")
+
+
+def _add_inspect(commands: Any) -> None:
+    sub = _command(
+        commands, "inspect", "list a model's adaptable modules, target sets and each method's defaults",
+        "Show the modules of MODEL that a PEFT method can adapt, grouped by kind and layer; the modules and "
+        "parameters each candidate target_modules value selects, and what a rank-8 LoRA on them adds; and "
+        "the targets each registered method picks by default. Transformers models are inspected from their "
+        "config alone (no weights are loaded).",
+        _inspect,
+    )
+    sub.add_argument("model", metavar="MODEL",
+                     help="a bundled model (minilm, smollm2-135m-instruct, efficientnet-lite0), a local model "
+                     "directory, a hub id, or a run config CONFIG.yaml")
+    sub.add_argument("--task", default=None, help="load MODEL the way this task does (needed for non-transformers "
+                     "models such as efficientnet-lite0: --task image-classification)")
+    sub.add_argument("--json", action="store_true", help="print the report as JSON")
+
+
+def _add_demo(commands: Any) -> None:
+    demo = _command(
+        commands, "demo", "LoRA-tune MiniLM on Rotten Tomatoes sentiment, save the adapter, reload and check it",
+        "Fine-tune the bundled MiniLM with LoRA on Rotten Tomatoes review sentiment (a few minutes on 2 CPU "
+        "cores); print accuracy before/after, trainable parameters, training time and adapter size; then "
+        "reload the adapter into a fresh base model and check its predictions.",
+        _demo,
     )
     demo.add_argument("--output-dir", default="runs/demo-adapter", help="where to save the adapter (default: %(default)s)")
     demo.add_argument("--steps", type=_positive, default=200, help="optimizer steps (default: %(default)s)")
     demo.add_argument("--batch-size", type=_positive, default=32, help="reviews per step (default: %(default)s)")
     demo.add_argument("--lr", type=float, default=2e-3, help="peak AdamW learning rate (default: %(default)s)")
     demo.add_argument("--rank", type=_positive, default=8, help="LoRA rank r (default: %(default)s)")
-    demo.add_argument(
-        "--targets", default="query,value",
-        help="comma-separated module names to adapt, or all-linear (default: %(default)s)",
-    )
+    demo.add_argument("--targets", default="query,value",
+                      help="comma-separated module names to adapt, or all-linear (default: %(default)s)")
     demo.add_argument("--max-length", type=_positive, default=64, help="tokens per review (default: %(default)s)")
     demo.add_argument("--eval-split", choices=["test", "validation"], default="test", help="split to report (default: %(default)s)")
     demo.add_argument("--eval-examples", type=_positive, default=None, help="evaluate on the first N reviews only (default: all)")
     demo.add_argument("--seed", type=int, default=0, help="seed of the head init and data order (default: %(default)s)")
     demo.add_argument("--threads", type=_positive, default=None, help="CPU threads (default: all available cores)")
-    return parser
 
 
 def _positive(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
     return value
 
 
+# -- commands --------------------------------------------------------------------------------------
+
+
+def _train(args: argparse.Namespace) -> int:
+    from .run.config import load_config
+    from .run.runner import train_run
+
+    config = load_config(args.config, args.overrides)
+    result = train_run(config, resume=args.resume, log=print)
+    metrics = result.metrics
+    if result.status == "interrupted":
+        print(f"peftkit train: interrupted; checkpoint saved, continue with `peftkit train {args.config} "
+              f"{' '.join(args.overrides)}{' ' if args.overrides else ''}--resume`", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    if not result.ok:
+        print(f"peftkit train: error: training {result.status}: {metrics.get('stop_reason')}", file=sys.stderr)
+        return EXIT_FAILURE
+    test = metrics.get("test") or {}
+    shown = ", ".join(f"{k} {v:.4f}" for k, v in test.items() if isinstance(v, float))
+    print(f"done: {result.run_dir}" + (f" | test {shown}" if shown else " | no test split"))
+    return EXIT_OK
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from .run.runner import eval_run
+
+    source = Path(args.source)
+    if source.is_dir():
+        if args.overrides:
+            return _usage("eval", f"overrides {args.overrides} apply to a CONFIG.yaml, not to a run directory")
+        metrics = eval_run(source, args.split, batch_size=args.batch_size)
+    else:
+        from .run.config import load_config
+
+        metrics = eval_run(load_config(source, args.overrides), args.split, batch_size=args.batch_size)
+    print(json.dumps(metrics, indent=2, default=str))
+    return EXIT_OK
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from .run.runner import predict_run
+
+    if args.input == "-":
+        inputs = parse_inputs(sys.stdin)
+    else:
+        path = Path(args.input)
+        if not path.is_file():
+            raise FileNotFoundError(f"input file {str(path)!r} does not exist; give a file of inputs, one per line, or - for stdin")
+        with path.open(encoding="utf-8") as handle:
+            inputs = parse_inputs(handle)
+    for prediction in predict_run(args.run_dir, inputs, args.batch_size):
+        print(json.dumps(prediction, ensure_ascii=False, default=str))
+    return EXIT_OK
+
+
+def parse_inputs(lines: Iterable[str]) -> list[Any]:
+    """One input per non-empty line: a JSON object, array or string as its value, anything else as text."""
+    inputs: list[Any] = []
+    for line in lines:
+        text = line.rstrip("\r\n")
+        if not text.strip():
+            continue
+        if text.lstrip()[:1] in ('{', '[', '"'):
+            try:
+                inputs.append(json.loads(text))
+                continue
+            except json.JSONDecodeError:
+                pass  # text that merely starts with a bracket or quote
+        inputs.append(text)
+    return inputs
+
+
+def _merge(args: argparse.Namespace) -> int:
+    from .run.runner import merge_run
+
+    out = merge_run(args.run_dir, args.out_dir)
+    print(f"merged model saved to {out} (load it with transformers' from_pretrained)")
+    return EXIT_OK
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from .run.inspect import inspect_model
+
+    config = None
+    if Path(args.model).is_file() and Path(args.model).suffix in (".yaml", ".yml"):
+        from .run.config import load_config
+
+        config = load_config(args.model)
+    report = inspect_model(args.model, task=args.task, config=config)
+    print(json.dumps(report.to_dict(), indent=2) if args.json else report)
+    return EXIT_OK
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo  # imported late: `peftkit --help` should not load transformers
+
+    targets = "all-linear" if args.targets == "all-linear" else [t for t in args.targets.split(",") if t]
+    result = run_demo(
+        args.output_dir, steps=args.steps, batch_size=args.batch_size, lr=args.lr, r=args.rank,
+        target_modules=targets, max_length=args.max_length, eval_split=args.eval_split,
+        eval_examples=args.eval_examples, seed=args.seed, threads=args.threads,
+    )
+    return EXIT_OK if result.ok else EXIT_FAILURE
+
+
+# -- entry point -----------------------------------------------------------------------------------
+
+
+def _usage(command: str, message: str) -> int:
+    print(f"peftkit {command}: error: {message}", file=sys.stderr)
+    return EXIT_USAGE
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Run the command line; returns the exit code (0 ok, 1 failure, 2 usage error)."""
+    """Run the command line; returns the exit code (0 ok, 1 failure, 2 usage or config error)."""
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # argparse exits on --help (0) and on usage errors (2)
-        return exc.code if isinstance(exc.code, int) else 2
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     if args.command is None:
         parser.print_usage(sys.stderr)
-        print("peftkit: error: a command is required (try `peftkit demo`)", file=sys.stderr)
-        return 2
+        print("peftkit: error: a command is required (see `peftkit --help`)", file=sys.stderr)
+        return EXIT_USAGE
+    from .errors import ConfigError
 
-    from .demo import run_demo  # imported late: `peftkit --help` should not load transformers
-
-    targets = "all-linear" if args.targets == "all-linear" else [t for t in args.targets.split(",") if t]
     try:
-        result = run_demo(
-            args.output_dir, steps=args.steps, batch_size=args.batch_size, lr=args.lr, r=args.rank,
-            target_modules=targets, max_length=args.max_length, eval_split=args.eval_split,
-            eval_examples=args.eval_examples, seed=args.seed, threads=args.threads,
-        )
-    except (ImportError, OSError) as exc:  # missing data/model package, unwritable output directory
-        print(f"peftkit demo: error: {exc}", file=sys.stderr)
-        return 1
-    return 0 if result.ok else 1
+        return args.handler(args)
+    except ConfigError as exc:
+        return _usage(args.command, str(exc))
+    except KeyboardInterrupt:
+        hint = " (continue with `peftkit train CONFIG --resume`)" if args.command == "train" else ""
+        print(f"\npeftkit {args.command}: interrupted{hint}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as exc:  # noqa: BLE001 - every failure becomes a message and exit code 1
+        if os.environ.get("PEFTKIT_DEBUG"):
+            raise
+        expected = (OSError, ImportError, ValueError, RuntimeError, TypeError, KeyError)
+        what = "" if isinstance(exc, expected) else f"{type(exc).__name__}: "
+        hint = "" if isinstance(exc, expected) else " (PEFTKIT_DEBUG=1 shows the traceback)"
+        print(f"peftkit {args.command}: error: {what}{exc}{hint}", file=sys.stderr)
+        return EXIT_FAILURE
 
 
 if __name__ == "__main__":

@@ -1,0 +1,411 @@
+"""The library functions behind ``peftkit train / eval / predict / merge``.
+
+A run directory (``output_dir``) holds everything needed to use the result again::
+
+    config.yaml      the resolved run config (defaults filled in, local paths absolute)
+    metrics.json     test metrics of the best weights (and before training, when asked), best step,
+                     steps, time, peak memory, trainable parameters, the data's provenance
+    adapter/         the best adapter in the interchange format (``method: full``: ``model/``, the
+                     trained parameters as a safetensors state dict)
+    best/ final/ checkpoints/ metrics.jsonl tensorboard/    written by :func:`peftkit.train.fit.fit`
+
+Each function builds the task from the registry (``Task(config)``), loads the model, injects the
+adapter (or trains every parameter), and delegates the rest to the task and the training loop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .. import api
+from ..errors import ConfigError
+from ..tasks import Task, task_class
+from .config import FULL_FINE_TUNING, dump_config, load_config, resolved
+from .schema import RunConfig
+
+CONFIG_NAME = "config.yaml"
+METRICS_NAME = "metrics.json"
+ADAPTER_DIR = "adapter"
+FULL_MODEL_DIR = "model"
+ADAPTER_NAME = "default"
+
+Log = Callable[[str], None]
+
+
+@dataclass
+class RunResult:
+    """What :func:`train_run` produced.
+
+    Attributes:
+        run_dir: The run directory.
+        metrics: The contents of ``metrics.json``.
+        fit: The training loop's ``FitResult``.
+    """
+
+    run_dir: Path
+    metrics: dict[str, Any]
+    fit: Any
+
+    @property
+    def status(self) -> str:
+        """"completed", "early_stopped", "diverged" (non-finite loss) or "interrupted" (Ctrl-C)."""
+        return str(self.metrics.get("status", "completed"))
+
+    @property
+    def ok(self) -> bool:
+        """Training ended as planned, and the best weights were evaluated and saved."""
+        return self.status in ("completed", "early_stopped")
+
+
+@dataclass
+class LoadedRun:
+    """A run rebuilt from its directory: the config, the task and the trained model (in eval mode)."""
+
+    config: RunConfig
+    task: Task
+    model: nn.Module
+    weights: Path
+
+
+def is_full_fine_tuning(config: RunConfig) -> bool:
+    return str(config.adapter.get("method", "lora")).lower() == FULL_FINE_TUNING
+
+
+def build_task(config: RunConfig) -> Task:
+    """The registered task of ``config.task``, constructed with the whole run config."""
+    try:
+        cls = task_class(config.task)
+    except KeyError as exc:
+        raise ConfigError([f"task: {exc.args[0]}"], what="run config") from None
+    return cls(config)
+
+
+def adapt(model: nn.Module, config: RunConfig) -> nn.Module:
+    """Inject the configured adapter, or make every parameter trainable (``method: full``).
+
+    Seed first (``seed_everything``) where the adapter's random initialisation must be reproducible.
+    """
+    if is_full_fine_tuning(config):
+        for parameter in model.parameters():
+            parameter.requires_grad_(True)
+        return model
+    fields = {k: v for k, v in config.adapter.items() if k != "method"}
+    adapter = api.make_config(config.adapter.get("method", "lora"), **fields)
+    return api.inject(model, adapter, ADAPTER_NAME)
+
+
+# -- train -----------------------------------------------------------------------------------------
+
+
+def train_run(config: RunConfig, *, resume: bool = False, log: Log = print) -> RunResult:
+    """Train, pick the best weights, evaluate them on the test split and save the run.
+
+    Args:
+        config: A checked run config (:func:`peftkit.run.config.load_config`).
+        resume: Continue the run in ``config.output_dir`` from its latest checkpoint.
+        log: Where progress lines go.
+
+    Returns:
+        The run directory, its metrics and the training loop's result. When training diverged or was
+        interrupted (``result.ok`` is False) the test evaluation and the adapter export are skipped;
+        ``metrics.json`` records why, and an interrupted run continues with ``resume=True``.
+
+    Raises:
+        ConfigError: the task refuses the config, or ``output_dir`` already holds a run and
+            ``resume`` is False.
+    """
+    from ..train.checkpoint import load_weights, save_weights, seed_everything
+    from ..train.fit import fit
+
+    config = resolved(config)
+    run_dir = Path(config.output_dir)
+    _check_run_dir(run_dir, config, resume, log)
+    dump_config(config, run_dir / CONFIG_NAME)
+
+    task = build_task(config)
+    model = task.load_model()
+    seed_everything(config.train.seed)  # the adapter's initialisation draws random numbers
+    model = adapt(model, config)
+    full = is_full_fine_tuning(config)
+    summary = api.trainable_summary(model, show=False)
+    log(f"{config.task}: {config.model.name_or_path} with {_method(config)}: trainable params "
+        f"{summary.trainable:,} of {summary.total:,} ({summary.percent:.2f}%)")
+    splits = task.load_data()
+    log("data: " + ", ".join(f"{name} {len(splits.get(name, [])):,}" for name in ("train", "validation", "test")))
+    if not splits.get("train"):
+        raise ConfigError(["data: the train split is empty; check data.files, data.split and data.max_train_examples"])
+    batch_size = config.eval.batch_size
+    metrics: dict[str, Any] = {"task": config.task, "model": config.model.name_or_path, "method": _method(config),
+                               "trainable_params": summary.trainable, "total_params": summary.total}
+    if config.eval.before_training and splits.get("test"):
+        metrics["before"] = _evaluate_base(task, model, splits["test"], batch_size, full)
+        log(f"test before training: {_format(metrics['before'])}")
+
+    validation = splits.get("validation") or []
+    evaluate = (lambda m: task.evaluate(m, validation, batch_size)) if validation else None
+    result = fit(model, splits["train"], task.collate, task.loss, config.train, evaluate=evaluate, run_dir=run_dir,
+                 resume=resume, adapter_name=ADAPTER_NAME, log=log)
+    if not result.ok:  # diverged or interrupted: keep the checkpoints as they are, report why
+        metrics.update(_fit_facts(result, None))
+        _write_json(run_dir / METRICS_NAME, metrics)
+        return RunResult(run_dir, metrics, result)
+
+    weights = next((run_dir / d for d in ("best", "final") if (run_dir / d).is_dir()), None)
+    if weights is not None:
+        load_weights(model, weights, ADAPTER_NAME)
+    metrics.update(_fit_facts(result, weights))
+    if splits.get("test"):
+        metrics["test"] = task.evaluate(model, splits["test"], batch_size)
+        log(f"test ({metrics['weights']}): {_format(metrics['test'])}")
+    data_info = getattr(task, "data_info", None) or getattr(splits, "info", None)
+    if data_info:
+        metrics["data"] = data_info
+    save_weights(model, run_dir / (FULL_MODEL_DIR if full else ADAPTER_DIR), None if full else ADAPTER_NAME,
+                 {"step": metrics.get("best_step"), "test": metrics.get("test")})
+    _write_json(run_dir / METRICS_NAME, metrics)
+    log(f"saved {run_dir / (FULL_MODEL_DIR if full else ADAPTER_DIR)}, {run_dir / METRICS_NAME}")
+    return RunResult(run_dir, metrics, result)
+
+
+def _check_run_dir(run_dir: Path, config: RunConfig, resume: bool, log: Log) -> None:
+    """Refuse to mix a new run into an old one; on resume, say which settings changed."""
+    previous = run_dir / CONFIG_NAME
+    holds_run = previous.is_file() or (run_dir / "checkpoints").is_dir()
+    if holds_run and not resume:
+        raise ConfigError(
+            [f"output_dir: {str(run_dir)!r} already holds a run; pass --resume to continue it, or start a new "
+             f"one elsewhere (e.g. output_dir={run_dir.name}-2), or delete the directory"],
+            what="run config",
+        )
+    if resume and previous.is_file():
+        changed = _changed_fields(load_config(previous), config)
+        if changed:
+            log(f"resuming with changed settings: {', '.join(changed)}")
+
+
+def _changed_fields(old: Any, new: Any, prefix: str = "") -> list[str]:
+    if dataclasses.is_dataclass(old) and dataclasses.is_dataclass(new):
+        return [path for f in dataclasses.fields(old)
+                for path in _changed_fields(getattr(old, f.name), getattr(new, f.name), f"{prefix}{f.name}.")]
+    return [] if old == new else [prefix.rstrip(".")]
+
+
+def _evaluate_base(task: Task, model: nn.Module, examples: Sequence[Any], batch_size: int, full: bool) -> dict:
+    if full:  # nothing trained yet: the model is the base model
+        return task.evaluate(model, examples, batch_size)
+    with api.disable(model):  # exactly the base model's outputs
+        return task.evaluate(model, examples, batch_size)
+
+
+def _fit_facts(result: Any, weights: Path | None) -> dict[str, Any]:
+    """The training loop's result as JSON-ready facts for ``metrics.json``."""
+    facts = {
+        "status": getattr(result, "status", "completed"),
+        "weights": weights.name if weights is not None else "last step",
+        "best_step": getattr(result, "best_step", None),
+        "best_validation": getattr(result, "best_metric", None),
+        "steps": getattr(result, "steps", None),
+        "stopped_early": getattr(result, "stopped_early", False),
+        "stop_reason": getattr(result, "stop_reason", None),
+        "train_seconds": getattr(result, "train_seconds", None),
+        "peak_memory_mb": getattr(result, "peak_memory_mb", None),
+    }
+    losses = list(getattr(result, "losses", None) or [])
+    facts["final_train_loss"] = losses[-1] if losses else None
+    return facts
+
+
+def _method(config: RunConfig) -> str:
+    return FULL_FINE_TUNING if is_full_fine_tuning(config) else str(config.adapter.get("method", "lora")).lower()
+
+
+def _format(metrics: Mapping[str, Any]) -> str:
+    return ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items())
+
+
+def _write_json(path: Path, data: Any) -> None:
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(json.dumps(data, indent=2, default=_jsonable, allow_nan=True) + "\n")
+    os.replace(temporary, path)
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    if dataclasses.is_dataclass(value):
+        return dataclasses.asdict(value)
+    return str(value)
+
+
+# -- use a finished run ----------------------------------------------------------------------------
+
+
+def load_run(run_dir: str | os.PathLike) -> LoadedRun:
+    """Rebuild the trained model of the run in ``run_dir`` (in eval mode).
+
+    The weights come from ``adapter/`` (``model/`` for full fine-tuning), or, for a run that has not
+    finished, from ``best/``, ``final/`` or the latest checkpoint.
+
+    Raises:
+        FileNotFoundError: ``run_dir`` is not a run directory, or holds no weights yet.
+    """
+    from ..train.checkpoint import load_weights
+
+    run_dir = Path(run_dir)
+    if not (run_dir / CONFIG_NAME).is_file():
+        hint = " (it is a file: give the run's output_dir)" if run_dir.is_file() else ""
+        raise FileNotFoundError(
+            f"{str(run_dir)!r} is not a run directory: it has no {CONFIG_NAME}{hint}; give the output_dir of a "
+            "`peftkit train` run"
+        )
+    config = load_config(run_dir / CONFIG_NAME)
+    full = is_full_fine_tuning(config)
+    weights = _weights_dir(run_dir, full)
+    task = build_task(config)
+    model = task.load_model()
+    if full:
+        load_weights(model, weights)
+    else:
+        api.load_adapter(model, weights, ADAPTER_NAME)
+    model.eval()
+    return LoadedRun(config, task, model, weights)
+
+
+def _weights_dir(run_dir: Path, full: bool) -> Path:
+    marker = "model.safetensors" if full else "adapter_config.json"
+    candidates = [run_dir / (FULL_MODEL_DIR if full else ADAPTER_DIR), run_dir / "best", run_dir / "final"]
+    checkpoints = sorted((run_dir / "checkpoints").glob("step-*"), reverse=True)
+    candidates += [c if full else c / "adapter" for c in checkpoints]
+    for directory in candidates:
+        if (directory / marker).is_file():
+            return directory
+    raise FileNotFoundError(
+        f"run {str(run_dir)!r} holds no trained weights yet (looked for {marker} in "
+        f"{', '.join(str(c.relative_to(run_dir)) for c in candidates[:3])} and checkpoints/); "
+        "train it first, or resume it with `peftkit train CONFIG --resume`"
+    )
+
+
+def eval_run(source: str | os.PathLike | RunConfig, split: str | None = None, *,
+             batch_size: int | None = None) -> dict[str, Any]:
+    """Metrics of a trained run, or of the untrained base model of a config, on one split.
+
+    Args:
+        source: A run directory (its trained weights), or a :class:`RunConfig` (its base model without
+            an adapter: the number training should beat).
+        split: "train", "validation" or "test"; default ``eval.split`` of the config.
+        batch_size: Examples per forward pass; default ``eval.batch_size``.
+
+    Returns:
+        ``{"split": ..., "examples": n, <metric>: value, ...}``; for a run directory also written to
+        ``eval-<split>.json`` there.
+
+    Raises:
+        ConfigError: the split is unknown or empty.
+        FileNotFoundError: ``source`` is not a run directory or holds no weights.
+    """
+    if isinstance(source, RunConfig):
+        config, run_dir = source, None
+        task = build_task(config)
+        model = task.load_model().eval()
+    else:
+        loaded = load_run(source)
+        config, task, model, run_dir = loaded.config, loaded.task, loaded.model, Path(source)
+    split = split or config.eval.split
+    examples = _split_examples(task, split)
+    metrics = {"split": split, "examples": len(examples),
+               **task.evaluate(model, examples, batch_size or config.eval.batch_size)}
+    if run_dir is not None:
+        _write_json(run_dir / f"eval-{split}.json", metrics)
+    return metrics
+
+
+def _split_examples(task: Task, split: str) -> Sequence[Any]:
+    if split not in ("train", "validation", "test"):
+        raise ConfigError([f"split: expected train, validation or test, got {split!r}"], what="evaluation")
+    examples = task.load_data().get(split) or []
+    if not examples:
+        raise ConfigError([f"split: the {split} split is empty for this data; choose another split"], what="evaluation")
+    return examples
+
+
+def predict_run(run_dir: str | os.PathLike, inputs: Sequence[Any], batch_size: int | None = None) -> list[Any]:
+    """The trained run's predictions for raw ``inputs`` (texts, prompts, ... as the task takes them).
+
+    Raises:
+        FileNotFoundError: ``run_dir`` is not a run directory or holds no weights.
+    """
+    loaded = load_run(run_dir)
+    if not inputs:
+        return []
+    return list(loaded.task.predict(loaded.model, list(inputs), batch_size or loaded.config.eval.batch_size))
+
+
+def merge_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
+    """Export the trained run as one plain model directory (adapter folded into the weights).
+
+    The directory is what transformers' ``from_pretrained`` loads, with the tokenizer (or processor)
+    saved beside it, so serving it needs neither peftkit nor the adapter.
+
+    Raises:
+        FileExistsError: ``out_dir`` exists and is not empty.
+        AdapterNameError: the method changes inputs or attention rather than weights (soft prompts,
+            bottleneck adapters) and cannot be merged.
+        TypeError: the model is not a transformers model (it has no ``save_pretrained``).
+    """
+    out_dir = Path(out_dir)
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise FileExistsError(f"{str(out_dir)!r} already exists and is not empty; give a new directory for the merged model")
+    loaded = load_run(run_dir)
+    model = loaded.model
+    if not is_full_fine_tuning(loaded.config):
+        model = api.unload(model, merge=True)  # checked for NaN/inf before any weight changes
+    if not callable(getattr(model, "save_pretrained", None)):
+        raise TypeError(
+            f"merge exports transformers models (with save_pretrained); this run's model is a "
+            f"{type(model).__name__}: use peftkit.unload(model, merge=True) and torch.save its state_dict instead"
+        )
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    # Written next to its final place and renamed: a failed export leaves no half-written model.
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        with _no_progress_bars():
+            model.save_pretrained(staging)
+            processor = getattr(loaded.task, "tokenizer", None) or getattr(loaded.task, "processor", None)
+            if callable(getattr(processor, "save_pretrained", None)):
+                processor.save_pretrained(staging)
+        if out_dir.exists():
+            out_dir.rmdir()
+        os.replace(staging, out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out_dir
+
+
+@contextlib.contextmanager
+def _no_progress_bars() -> Iterator[None]:
+    # transformers draws a bar per saved shard: noise on the command line. Restore the setting after.
+    from transformers.utils import logging
+
+    enabled = logging.is_progress_bar_enabled()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            logging.enable_progress_bar()

@@ -1,0 +1,265 @@
+"""Golden tests of the `peftkit` command line: help, exit codes, config errors, overrides, I/O.
+
+The commands are thin wrappers over `peftkit.run.runner`; these tests check the wrapping (what is
+printed, which exit code) with the runner replaced where training would cost time. The runner itself
+is tested end to end in test_runner.py.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from peftkit import cli
+from peftkit.cli import main, parse_inputs
+from peftkit.run import runner
+
+COMMANDS = ["train", "eval", "predict", "merge", "inspect", "demo"]
+GOOD = """\
+task: text-classification
+model: {name_or_path: minilm}
+data: {name: rotten_tomatoes}
+adapter: {method: lora, r: 8, target_modules: [query, value]}
+train: {steps: 10, lr: 1.0e-3}
+"""
+
+
+@pytest.fixture
+def good_config(tmp_path):
+    path = tmp_path / "good.yaml"
+    path.write_text(GOOD)
+    return path
+
+
+@pytest.fixture
+def captured_train(monkeypatch, tmp_path):
+    """Replace training with a recorder of the config it was given."""
+    seen = {}
+
+    def fake_train_run(config, *, resume=False, log=print):
+        seen.update(config=config, resume=resume)
+        metrics = {"status": "completed", "test": {"accuracy": 0.75, "loss": 0.5}}
+        return SimpleNamespace(ok=True, status="completed", run_dir=tmp_path / "run", metrics=metrics)
+
+    monkeypatch.setattr(runner, "train_run", fake_train_run)
+    return seen
+
+
+def test_help_lists_every_command_and_the_exit_codes(capsys):
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    for command in COMMANDS:
+        assert f"\n    {command} " in out, command
+    assert "exit codes: 0 ok, 1 failure" in out and "2 usage or config error" in out
+
+
+@pytest.mark.parametrize(("command", "expected"), [
+    ("train", "usage: peftkit train [-h] [--resume] CONFIG.yaml [KEY=VALUE ...]"),
+    ("eval", "usage: peftkit eval [-h] [--split {train,validation,test}]"),
+    ("predict", "usage: peftkit predict [-h] [--batch-size BATCH_SIZE] RUN_DIR [FILE|-]"),
+    ("merge", "usage: peftkit merge [-h] RUN_DIR OUT_DIR"),
+    ("inspect", "usage: peftkit inspect [-h] [--task TASK] [--json] MODEL"),
+    ("demo", "usage: peftkit demo [-h] [--output-dir OUTPUT_DIR]"),
+])
+def test_each_command_has_its_own_help(capsys, command, expected):
+    assert main([command, "--help"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(expected) and "exit codes:" in out
+
+
+def test_help_loads_neither_torch_nor_transformers():
+    code = ("import sys; from peftkit.cli import main; main(['--help']); "
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'transformers'}))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_python_dash_m_peftkit_is_the_same_command_line():
+    done = subprocess.run([sys.executable, "-m", "peftkit", "train", "--help"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and "--resume" in done.stdout
+
+
+def test_usage_errors_exit_with_2(capsys):
+    assert main([]) == 2
+    assert "a command is required" in capsys.readouterr().err
+    assert main(["frobnicate"]) == 2
+    assert main(["train"]) == 2  # CONFIG.yaml missing
+    assert "required: CONFIG.yaml" in capsys.readouterr().err
+    assert main(["eval", "x", "--split", "dev"]) == 2
+
+
+def test_a_bad_config_exits_with_2_and_names_every_bad_field(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(
+        "task: text-clasification\n"
+        "model: {name_or_path: minilm, dtype: float64}\n"
+        "data: {name: rotten_tomatoes, max_length: -1}\n"
+        "adapter: {method: lora, rr: 8}\n"
+        "train: {lr: -1, steps: abc, shedule: cosine}\n"
+    )
+    assert main(["train", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"peftkit train: error: invalid run config '{bad}' (7 problem(s)):")
+    for field in ["task", "model.dtype", "data.max_length", "adapter.rr", "train.lr", "train.steps", "train.shedule"]:
+        assert f"  - {field}: " in err, field
+    assert "train.shedule: unknown key; did you mean 'schedule'?" in err
+    assert "adapter.rr: LoraConfig has no field 'rr'; did you mean 'r'?" in err
+
+
+def test_a_missing_config_file_exits_with_2(tmp_path, capsys):
+    assert main(["train", str(tmp_path / "nope.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert f"config file '{tmp_path / 'nope.yaml'}' does not exist" in err
+
+
+def test_an_unknown_method_is_named_with_a_suggestion(good_config, capsys):
+    assert main(["train", str(good_config), "adapter.method=loar"]) == 2
+    assert "adapter.method: unknown PEFT method 'loar'; did you mean 'lora'?" in capsys.readouterr().err
+
+
+def test_overrides_reach_the_runner(good_config, captured_train, capsys):
+    code = main(["train", str(good_config), "train.lr=3e-4", "adapter.r=16", "data.columns.text=review",
+                 "adapter.target_modules=[query,key,value]", "--resume"])
+    assert code == 0
+    config = captured_train["config"]
+    assert config.train.lr == 3e-4 and config.train.steps == 10 and captured_train["resume"] is True
+    assert config.adapter == {"method": "lora", "r": 16, "target_modules": ["query", "key", "value"]}
+    assert config.data.columns == {"text": "review"}
+    out = capsys.readouterr().out
+    assert out.startswith("done: ") and "| test accuracy 0.7500, loss 0.5000" in out
+
+
+def test_bad_overrides_exit_with_2(good_config, captured_train, capsys):
+    assert main(["train", str(good_config), "train.lr", "train.lr=-1"]) == 2
+    err = capsys.readouterr().err
+    assert "override 'train.lr': expected KEY=VALUE" in err and "train.lr: expected a positive learning rate" in err
+    assert "config" not in captured_train  # nothing ran
+
+
+@pytest.mark.parametrize(("status", "code", "message"), [
+    ("diverged", 1, "training diverged: loss is nan at step 3"),
+    ("interrupted", 130, "interrupted; checkpoint saved, continue with `peftkit train"),
+])
+def test_runs_that_end_badly_have_their_exit_codes(good_config, monkeypatch, capsys, status, code, message):
+    def fake(config, *, resume=False, log=print):
+        return SimpleNamespace(ok=False, status=status, run_dir=Path("runs/x"),
+                               metrics={"status": status, "stop_reason": "loss is nan at step 3"})
+
+    monkeypatch.setattr(runner, "train_run", fake)
+    assert main(["train", str(good_config)]) == code
+    assert message in capsys.readouterr().err
+
+
+def test_failures_at_run_time_exit_with_1_and_say_why(good_config, monkeypatch, capsys):
+    def missing(config, *, resume=False, log=print):
+        raise FileNotFoundError("data file 'reviews.csv' not found; fix data.files in the config")
+
+    monkeypatch.setattr(runner, "train_run", missing)
+    assert main(["train", str(good_config)]) == 1
+    assert capsys.readouterr().err == "peftkit train: error: data file 'reviews.csv' not found; fix data.files in the config\n"
+
+    def bug(config, *, resume=False, log=print):
+        raise AttributeError("'NoneType' object has no attribute 'x'")
+
+    monkeypatch.setattr(runner, "train_run", bug)
+    assert main(["train", str(good_config)]) == 1
+    assert "AttributeError: 'NoneType'" in capsys.readouterr().err  # unexpected errors name their type
+    monkeypatch.setenv("PEFTKIT_DEBUG", "1")
+    with pytest.raises(AttributeError):
+        main(["train", str(good_config)])
+
+
+def test_ctrl_c_exits_with_130_and_says_how_to_resume(good_config, monkeypatch, capsys):
+    def interrupted(config, *, resume=False, log=print):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runner, "train_run", interrupted)
+    assert main(["train", str(good_config)]) == 130
+    assert "--resume" in capsys.readouterr().err
+
+
+def test_eval_predict_merge_on_something_that_is_not_a_run_exit_with_1(tmp_path, capsys):
+    assert main(["eval", str(tmp_path)]) == 1
+    assert "is not a run directory: it has no config.yaml" in capsys.readouterr().err
+    assert main(["predict", str(tmp_path), str(tmp_path / "inputs.txt")]) == 1
+    assert "input file" in capsys.readouterr().err
+    assert main(["merge", str(tmp_path), str(tmp_path / "out")]) == 1
+    assert "is not a run directory" in capsys.readouterr().err
+
+
+def test_eval_of_a_config_evaluates_its_base_model(good_config, monkeypatch, capsys):
+    seen = {}
+
+    def fake_eval_run(source, split=None, *, batch_size=None):
+        seen.update(source=source, split=split, batch_size=batch_size)
+        return {"split": split, "examples": 3, "accuracy": 0.5}
+
+    monkeypatch.setattr(runner, "eval_run", fake_eval_run)
+    assert main(["eval", str(good_config), "eval.batch_size=7", "--split", "validation", "--batch-size", "4"]) == 0
+    assert seen["source"].eval.batch_size == 7 and seen["split"] == "validation" and seen["batch_size"] == 4
+    assert json.loads(capsys.readouterr().out) == {"split": "validation", "examples": 3, "accuracy": 0.5}
+    assert main(["eval", str(good_config.parent), "train.lr=1"]) == 2  # overrides need a config file
+
+
+def test_predict_reads_lines_or_jsonl_and_prints_json_lines(monkeypatch, capsys, tmp_path):
+    seen = {}
+
+    def fake_predict_run(run_dir, inputs, batch_size=None):
+        seen.update(run_dir=run_dir, inputs=inputs)
+        return [{"label": "pos", "input": x} for x in inputs]
+
+    monkeypatch.setattr(runner, "predict_run", fake_predict_run)
+    monkeypatch.setattr(sys, "stdin", io.StringIO('great film\n\n{"text": "dull"}\n"quoted"\n'))
+    assert main(["predict", "runs/x"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [json.loads(line)["input"] for line in lines] == ["great film", {"text": "dull"}, "quoted"]
+    inputs = tmp_path / "inputs.jsonl"
+    inputs.write_text('{"text": "é"}\n')
+    assert main(["predict", "runs/x", str(inputs)]) == 0
+    assert capsys.readouterr().out == '{"label": "pos", "input": {"text": "é"}}\n'
+
+
+def test_parse_inputs_keeps_text_that_only_looks_like_json():
+    assert parse_inputs(["[not json\n", "{}\n", "  \n", "42\n", "plain, text\r\n"]) == ["[not json", {}, "42", "plain, text"]
+
+
+def test_inspect_a_model_directory_from_its_config_alone(tmp_path, capsys):
+    from transformers import BertConfig
+
+    BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+               architectures=["BertModel"]).save_pretrained(tmp_path)
+    assert main(["inspect", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"{tmp_path}: BertModel (model_type bert)")
+    assert "encoder.layer.N.attention.self.query" in out and "layers 0-1" in out
+    assert main(["inspect", str(tmp_path), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert {"groups", "kinds", "target_sets", "defaults"} <= set(report)
+
+
+def test_inspect_of_a_non_transformers_file_asks_for_a_task(tmp_path, capsys):
+    (tmp_path / "weights.pth").write_bytes(b"")
+    assert main(["inspect", str(tmp_path / "weights.pth")]) == 2
+    assert "pass --task TASK" in capsys.readouterr().err
+
+
+def test_demo_keeps_its_options(monkeypatch):
+    seen = {}
+
+    def fake_run_demo(output_dir, **kwargs):
+        seen.update(kwargs, output_dir=output_dir)
+        return SimpleNamespace(ok=True)
+
+    import peftkit.demo
+
+    monkeypatch.setattr(peftkit.demo, "run_demo", fake_run_demo)
+    assert main(["demo", "--steps", "5", "--targets", "all-linear"]) == 0
+    assert seen["steps"] == 5 and seen["target_modules"] == "all-linear"
+    assert cli.EXIT_USAGE == 2

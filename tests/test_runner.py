@@ -1,0 +1,250 @@
+"""The runner behind `peftkit train / eval / predict / merge`, end to end on a tiny BERT and a CSV file.
+
+The model is a 2-layer, 32-wide BERT with a word-level vocabulary saved to a temporary directory, so
+the real text-classification task, data loading from a local file with a column mapping, the real
+training loop and the interchange format all take part; every run takes a second or two.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+
+import pytest
+import torch
+
+import peftkit
+from peftkit.errors import ConfigError
+from peftkit.run import runner
+from peftkit.run.config import dump_config, load_config, parse_config
+from peftkit.tasks import register_task, registered_tasks
+from peftkit.tasks.text_classification import TextClassificationTask
+
+POSITIVE = ["good", "great", "fun", "moving", "clever"]
+NEGATIVE = ["bad", "awful", "dull", "boring", "clumsy"]
+FILLER = ["the", "film", "movie", "was", "a", "plot", "and", "very"]
+VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *POSITIVE, *NEGATIVE, *FILLER]
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    """A saved 2-layer BERT (random weights) with a word-level tokenizer: a local model directory."""
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    folder = tmp_path_factory.mktemp("tiny-bert")
+    (folder / "vocab.txt").write_text("\n".join(VOCAB) + "\n")
+    tokenizer = BertTokenizerFast(vocab_file=str(folder / "vocab.txt"), do_lower_case=True)
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=len(VOCAB), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=64)
+    BertModel(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def reviews_csv(tmp_path_factory):
+    """120 made-up reviews: positive exactly when a positive word occurs (columns review, sentiment)."""
+    rng = random.Random(0)
+    path = tmp_path_factory.mktemp("data") / "reviews.csv"
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["review", "sentiment"])
+        for i in range(120):
+            positive = i % 2 == 0
+            words = rng.sample(FILLER, 4) + [rng.choice(POSITIVE if positive else NEGATIVE)]
+            rng.shuffle(words)
+            writer.writerow([" ".join(words), "pos" if positive else "neg"])
+    return path
+
+
+def make_config(model_dir, csv_path, out_dir, **sections):
+    data = {
+        "task": "text-classification",
+        "model": {"name_or_path": str(model_dir)},
+        "data": {"files": str(csv_path), "columns": {"text": "review", "label": "sentiment"}, "max_length": 16,
+                 "split": {"validation": 0.2, "test": 0.2, "seed": 0}},
+        "adapter": {"method": "lora", "r": 4, "lora_alpha": 8, "target_modules": ["query", "value"]},
+        "train": {"steps": 6, "batch_size": 8, "lr": 1e-2, "eval_every": 3, "metric": "accuracy",
+                  "greater_is_better": True, "log_every": 3, "progress": False, "tensorboard": False,
+                  "device": "cpu"},
+        "eval": {"batch_size": 16, "before_training": True},
+        "output_dir": str(out_dir),
+    }
+    for section, values in sections.items():  # the adapter section is replaced, the others updated
+        merge = isinstance(values, dict) and section != "adapter"
+        data[section] = {**data[section], **values} if merge else values
+    return parse_config(data)
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_model_dir, reviews_csv, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "lora"
+    return runner.train_run(make_config(tiny_model_dir, reviews_csv, out), log=lambda line: None)
+
+
+def test_train_run_writes_the_run_directory(trained):
+    run_dir = trained.run_dir
+    assert trained.ok and trained.status == "completed"
+    assert (run_dir / "config.yaml").is_file() and (run_dir / "metrics.json").is_file()
+    assert (run_dir / "adapter" / "adapter_config.json").is_file()
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics == json.loads(json.dumps(trained.metrics))
+    assert metrics["method"] == "lora" and metrics["steps"] == 6 and metrics["status"] == "completed"
+    assert set(metrics["test"]) >= {"loss", "accuracy", "macro_f1"} and set(metrics["before"]) >= {"accuracy"}
+    assert metrics["weights"] == "best" and metrics["best_step"] in (3, 6)
+    assert 0 < metrics["trainable_params"] < metrics["total_params"]
+    assert metrics["data"]["sizes"] == {"train": 72, "validation": 24, "test": 24}
+    # the saved config is the resolved one: it loads back to the config the run used
+    assert load_config(run_dir / "config.yaml").output_dir == str(run_dir)
+
+
+def test_eval_run_reproduces_the_numbers_of_training(trained):
+    test = runner.eval_run(trained.run_dir)
+    assert test["split"] == "test" and test["examples"] == 24
+    assert test["accuracy"] == trained.metrics["test"]["accuracy"]
+    assert test["loss"] == pytest.approx(trained.metrics["test"]["loss"], abs=1e-6)
+    validation = runner.eval_run(trained.run_dir, "validation")
+    assert validation["accuracy"] == trained.metrics["best_validation"]
+    assert json.loads((trained.run_dir / "eval-validation.json").read_text()) == validation
+
+
+def test_eval_run_of_a_config_measures_the_untrained_base_model(trained):
+    config = load_config(trained.run_dir / "config.yaml")
+    base = runner.eval_run(config, "test")
+    assert base["accuracy"] == trained.metrics["before"]["accuracy"]
+    assert base["loss"] == pytest.approx(trained.metrics["before"]["loss"], abs=1e-6)
+
+
+def test_predict_run_gives_one_prediction_per_input_in_order(trained):
+    inputs = ["the film was great", {"text": "a dull plot"}, "boring"]
+    predictions = runner.predict_run(trained.run_dir, inputs)
+    assert len(predictions) == 3
+    assert all(p["label"] in ("neg", "pos") and 0.5 <= p["score"] <= 1 for p in predictions)
+    assert runner.predict_run(trained.run_dir, []) == []
+
+
+def test_merge_run_exports_a_model_plain_transformers_loads(trained, tmp_path):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    out = runner.merge_run(trained.run_dir, tmp_path / "merged")
+    merged = AutoModelForSequenceClassification.from_pretrained(out).eval()
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    batch = tokenizer(["the film was great", "a dull and boring plot"], padding=True, return_tensors="pt")
+    adapted = runner.load_run(trained.run_dir).model
+    with torch.no_grad():
+        expected = adapted(**batch).logits
+        got = merged(**batch).logits
+    assert not any("lora" in name for name, _ in merged.named_parameters())
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    assert merged.config.id2label == {0: "neg", 1: "pos"}
+
+
+def test_merge_run_refuses_a_directory_in_use(trained, tmp_path):
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "file.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match="not empty"):
+        runner.merge_run(trained.run_dir, tmp_path / "taken")
+    assert (tmp_path / "taken" / "file.txt").read_text() == "keep me"
+
+
+def test_a_second_run_into_the_same_directory_needs_resume(trained):
+    config = load_config(trained.run_dir / "config.yaml")
+    with pytest.raises(ConfigError, match="already holds a run; pass --resume"):
+        runner.train_run(config, log=lambda line: None)
+    # resuming a finished run continues from its last checkpoint: nothing left to do, same result
+    again = runner.train_run(config, resume=True, log=lambda line: None)
+    assert again.ok and again.metrics["test"] == trained.metrics["test"]
+
+
+def test_full_fine_tuning_trains_and_exports_every_parameter(tiny_model_dir, reviews_csv, tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    config = make_config(tiny_model_dir, reviews_csv, tmp_path / "full", adapter={"method": "full"},
+                         train={"steps": 2, "eval_every": 0})
+    result = runner.train_run(config, log=lambda line: None)
+    assert result.ok and result.metrics["method"] == "full"
+    assert result.metrics["trainable_params"] == result.metrics["total_params"]
+    assert (tmp_path / "full" / "model" / "model.safetensors").is_file()
+    assert not (tmp_path / "full" / "adapter").exists()
+    assert runner.eval_run(tmp_path / "full")["accuracy"] == result.metrics["test"]["accuracy"]
+    out = runner.merge_run(tmp_path / "full", tmp_path / "export")
+    exported = AutoModelForSequenceClassification.from_pretrained(out)
+    trained_model = runner.load_run(tmp_path / "full").model
+    for (name, a), (_, b) in zip(exported.state_dict().items(), trained_model.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
+def test_every_adapter_method_name_goes_through_make_config(tiny_model_dir, reviews_csv, tmp_path):
+    config = make_config(tiny_model_dir, reviews_csv, tmp_path / "ia3",
+                         adapter={"method": "ia3", "target_modules": ["key", "value", "output.dense"],
+                                  "feedforward_modules": ["output.dense"]})
+    model = runner.adapt(runner.build_task(config).load_model(), config)
+    assert type(peftkit.adapter_config(model)) is peftkit.IA3Config
+
+
+@register_task("test-nan-loss")
+class NanLossTask(TextClassificationTask):
+    """Text classification whose loss becomes NaN: a stand-in for a run that diverges."""
+
+    def loss(self, model, batch):
+        return super().loss(model, batch) * float("nan")
+
+
+def test_a_diverged_run_reports_it_and_exports_nothing(tiny_model_dir, reviews_csv, tmp_path):
+    assert "test-nan-loss" in registered_tasks()
+    config = make_config(tiny_model_dir, reviews_csv, tmp_path / "nan", task="test-nan-loss",
+                         train={"metric": "loss", "greater_is_better": False}, eval={"before_training": False})
+    result = runner.train_run(config, log=lambda line: None)
+    assert not result.ok and result.status == "diverged"
+    metrics = json.loads((tmp_path / "nan" / "metrics.json").read_text())
+    assert metrics["status"] == "diverged" and "test" not in metrics
+    assert not (tmp_path / "nan" / "adapter").exists()
+
+
+def test_load_run_explains_what_a_run_directory_is(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not a run directory: it has no config.yaml"):
+        runner.load_run(tmp_path)
+
+
+def test_a_run_without_weights_says_to_train_first(tiny_model_dir, reviews_csv, tmp_path):
+    config = make_config(tiny_model_dir, reviews_csv, tmp_path / "empty")
+    (tmp_path / "empty").mkdir()
+    dump_config(config, tmp_path / "empty" / "config.yaml")
+    with pytest.raises(FileNotFoundError, match="holds no trained weights yet"):
+        runner.eval_run(tmp_path / "empty")
+
+
+# -- inspect ------------------------------------------------------------------------------------------
+
+
+def test_inspect_groups_modules_prices_target_sets_and_shows_method_defaults(tiny_model_dir):
+    from peftkit.run.inspect import inspect_model
+
+    report = inspect_model(str(tiny_model_dir))
+    assert report.model_class == "BertModel" and report.model_type == "bert"
+    query = next(g for g in report.groups if g.pattern == "encoder.layer.N.attention.self.query")
+    assert (query.kind, query.layers, query.shape, query.params) == ("Linear", [0, 1], "32 -> 32", 2 * (32 * 32 + 32))
+    assert "lora" in report.kinds["Linear"] and "ln_tuning" in report.kinds["LayerNorm"]
+    sets = {t.spec: t for t in report.target_sets}
+    assert (sets["query"].modules, sets["query"].lora_params) == (2, 2 * 8 * (32 + 32))
+    assert "self.query" not in sets  # selects exactly what "query" does
+    assert sets["dense"].modules == 2 * 3 + 1  # attention.output, intermediate, output; pooler
+    per_layer = 4 * 8 * (32 + 32) + 2 * 8 * (32 + 64)
+    assert (sets["all-linear"].modules, sets["all-linear"].lora_params) == (13, 2 * per_layer + 8 * 64)
+    defaults = {d.method: d for d in report.defaults}
+    lora = defaults["lora"]
+    assert lora.targets == ["encoder.layer.N.attention.self.query", "encoder.layer.N.attention.self.value"]
+    assert (lora.modules, lora.added_params) == (4, 4 * 8 * 64)
+    assert defaults["prompt_tuning"].added_params is None and "num_virtual_tokens" in defaults["prompt_tuning"].note
+    text = str(report)
+    assert "candidate target_modules (LoRA r=8 adds)" in text and "layers 0-1" in text
+
+
+def test_inspect_through_a_run_config_uses_the_tasks_model(tiny_model_dir, reviews_csv, tmp_path):
+    from peftkit.run.inspect import inspect_model
+
+    report = inspect_model("ignored", config=make_config(tiny_model_dir, reviews_csv, tmp_path / "x"))
+    assert report.model_class == "BertForSequenceClassification"
+    assert any(g.pattern == "classifier" and g.shape == "32 -> 2" for g in report.groups)
