@@ -203,6 +203,32 @@ def test_a_diverged_run_reports_it_and_exports_nothing(tiny_model_dir, reviews_c
     assert not (tmp_path / "nan" / "adapter").exists()
 
 
+@register_task("test-interrupt-once")
+class InterruptOnceTask(TextClassificationTask):
+    """Text classification whose 5th loss call raises KeyboardInterrupt, once per process (a Ctrl-C)."""
+
+    calls = 0
+
+    def loss(self, model, batch):
+        type(self).calls += 1
+        if type(self).calls == 5:
+            raise KeyboardInterrupt
+        return super().loss(model, batch)
+
+
+def test_an_interrupted_run_resumed_ends_as_the_uninterrupted_one(trained, tiny_model_dir, reviews_csv, tmp_path):
+    config = make_config(tiny_model_dir, reviews_csv, tmp_path / "stopped", task="test-interrupt-once",
+                         train={"save_every": 1})
+    with pytest.raises(KeyboardInterrupt):
+        runner.train_run(config, log=lambda line: None)
+    assert not (tmp_path / "stopped" / "metrics.json").exists()
+    lines: list[str] = []
+    resumed = runner.train_run(config, resume=True, log=lines.append)
+    assert resumed.ok and resumed.metrics["steps"] == 6
+    assert resumed.metrics["test"] == trained.metrics["test"]
+    assert resumed.metrics["best_step"] == trained.metrics["best_step"]
+
+
 def test_load_run_explains_what_a_run_directory_is(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a run directory: it has no config.yaml"):
         runner.load_run(tmp_path)
