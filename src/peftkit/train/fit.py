@@ -1,0 +1,453 @@
+"""``fit``: the one training loop of peftkit, for any ``nn.Module``, resumable bit for bit.
+
+The loop is plain code, read top to bottom in :func:`fit` and :func:`_loop`: each optimizer step
+takes ``grad_accum`` micro-batches from a seeded order (``order.py``), computes ``loss(model, batch)``
+under optional bfloat16 autocast, back-propagates the example-weighted mean, checks the loss and the
+gradient norm are finite, clips, steps AdamW and the schedule; then it logs, evaluates, keeps the
+best weights, stops early, and writes checkpoints (``checkpoint.py``) as the config asks.
+
+Failures: exceptions raised by ``collate``, ``loss`` or ``evaluate`` propagate unchanged (nothing is
+swallowed; the last checkpoint on disk stays as it was). A non-finite loss or gradient does not
+raise: the run stops before applying that step, the message is logged, and the returned
+:class:`FitResult` has ``status="diverged"`` and a ``stop_reason`` naming the step and the fixes to
+try. Ctrl-C (SIGINT, main thread) finishes the current step, writes a checkpoint and returns with
+``status="interrupted"``; a second Ctrl-C aborts at once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+from .checkpoint import (
+    latest_checkpoint,
+    load_checkpoint,
+    preserved_rng,
+    read_trainer_state,
+    remove_stale_temporaries,
+    save_checkpoint,
+    save_weights,
+    seed_everything,
+    set_rng_state,
+)
+from .config import TrainConfig
+from .optim import make_optimizer
+from .order import DataPlan
+from .runtime import (
+    gradient_checkpointing,
+    interrupt_flag,
+    peak_memory_mb,
+    resolve_device,
+    to_device,
+    train_config_problems,
+)
+from .schedule import lr_multiplier, make_scheduler, warmup_steps_for
+from .tracking import Tracker, format_seconds
+
+# Settings that change the weights a run ends with: a resume must use the ones the run started with.
+RESUME_FIELDS = ("steps", "epochs", "batch_size", "grad_accum", "lr", "weight_decay", "lora_plus_ratio",
+                 "schedule", "warmup_steps", "warmup_ratio", "max_grad_norm", "precision", "seed",
+                 "metric", "greater_is_better")
+
+
+@dataclass
+class FitResult:
+    """What a :func:`fit` call did.
+
+    Attributes:
+        steps: Optimizer steps done (including those before a resume).
+        losses: Training loss of every step (the example-weighted mean over its micro-batches).
+        history: One dict per evaluation: ``{"step": s, <metric>: value, ...}``.
+        best_metric: Best value of ``config.metric`` seen (None without evaluation).
+        best_step: The step it was seen at; ``run_dir/best/`` holds those weights.
+        stopped_early: Early stopping ended the run.
+        stop_reason: One sentence on why the run ended.
+        train_seconds: Wall time of the loop (training, evaluation, checkpoints), over all resumes.
+        peak_memory_mb: CUDA: peak allocated memory of this call; CPU: peak resident memory of the process.
+        status: "completed", "early_stopped", "diverged" (non-finite loss) or "interrupted" (Ctrl-C).
+        run_dir: Where files went (None when nothing was written).
+    """
+
+    steps: int
+    losses: list[float]
+    history: list[dict[str, float]]
+    best_metric: float | None
+    best_step: int | None
+    stopped_early: bool
+    stop_reason: str
+    train_seconds: float
+    peak_memory_mb: float
+    status: str = "completed"
+    run_dir: Path | None = None
+
+    @property
+    def ok(self) -> bool:
+        """The run ended as planned (all steps, or early stopping); weights are in ``final/``."""
+        return self.status in ("completed", "early_stopped")
+
+
+@dataclass
+class _State:
+    """Everything about the run's progress that a checkpoint stores (``trainer_state.json``)."""
+
+    step: int = 0
+    losses: list[float] = field(default_factory=list)
+    history: list[dict[str, float]] = field(default_factory=list)
+    best_metric: float | None = None
+    best_step: int | None = None
+    bad_evals: int = 0  # evaluations since the last improvement (early stopping)
+    train_seconds: float = 0.0
+    status: str = "running"
+    stop_reason: str = ""
+
+
+@dataclass
+class _Run:
+    """The fixed parts of one :func:`fit` call, passed to the loop's helpers."""
+
+    model: nn.Module
+    examples: Sequence[Any]
+    collate: Callable[[list[Any]], Any]
+    loss: Callable[[nn.Module, Any], torch.Tensor]
+    config: TrainConfig
+    evaluate: Callable[[nn.Module], Mapping[str, float]] | None
+    run_dir: Path | None
+    adapter: str | None  # None: full fine-tuning (no peftkit adapter on the model)
+    device: torch.device
+    plan: DataPlan
+    warmup: int
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    resume_key: dict[str, Any]
+    state: _State
+
+
+def fit(
+    model: nn.Module,
+    train_examples: Sequence[Any],
+    collate: Callable[[list[Any]], Any],
+    loss: Callable[[nn.Module, Any], torch.Tensor],
+    config: TrainConfig,
+    *,
+    evaluate: Callable[[nn.Module], Mapping[str, float]] | None = None,
+    run_dir: str | Path | None = None,
+    resume: bool = False,
+    adapter_name: str = "default",
+    log: Callable[[str], None] = print,
+) -> FitResult:
+    """Train ``model`` in place on ``train_examples``.
+
+    Seed the model's own initialisation (e.g. :func:`seed_everything` before ``peftkit.inject``)
+    yourself; ``fit`` seeds the data order, dropout and everything after (``config.seed``). The model
+    is moved to ``config.device`` and left there, in training mode, holding the weights of the last
+    step; ``run_dir/best/`` holds the best evaluated weights (:func:`peftkit.train.load_weights`).
+
+    Args:
+        model: Any module. With a peftkit adapter, its trainable parameters are trained and
+            ``best/``/``final/`` hold the adapter; without (full fine-tuning) every parameter with
+            ``requires_grad`` is trained and saved as ``model.safetensors``.
+        train_examples: Indexable examples (a list, a ``datasets.Dataset`` ...).
+        collate: ``collate(list_of_examples) -> batch`` (tensors on CPU; moved to the device here).
+        loss: ``loss(model, batch) -> scalar tensor``, the mean over the batch.
+        config: The settings (:class:`peftkit.train.TrainConfig`).
+        evaluate: ``evaluate(model) -> {metric: value}`` on validation data; called in eval mode,
+            under ``torch.no_grad`` and without disturbing the training random streams.
+        run_dir: Where ``checkpoints/``, ``best/``, ``final/``, ``metrics.jsonl``, ``tensorboard/``
+            go; None writes nothing (and cannot resume).
+        resume: Continue from the newest complete checkpoint in ``run_dir/checkpoints``.
+        adapter_name: The adapter to train and save, when the model has peftkit adapters.
+        log: Receives human-readable progress lines.
+
+    Returns:
+        A :class:`FitResult`; check ``result.ok`` (a non-finite loss returns ``status="diverged"``).
+
+    Raises:
+        ConfigError: invalid settings, no trainable parameter, resume without (or with a mismatching)
+            checkpoint, ``run_dir`` already holding another run's checkpoints, a metric ``evaluate``
+            does not return.
+    """
+    _check_arguments(config, train_examples, evaluate, run_dir, resume)
+    run_dir = Path(run_dir) if run_dir is not None else None
+    device = resolve_device(config.device)
+    adapter = _adapter_of(model, adapter_name)
+    model.to(device)
+    plan = DataPlan.for_run(len(train_examples), config.batch_size, config.grad_accum, config.seed,
+                            config.steps, config.epochs)
+    warmup = warmup_steps_for(config.warmup_steps, config.warmup_ratio, plan.total_steps)
+    optimizer = make_optimizer(model, config.lr, config.weight_decay, config.lora_plus_ratio)
+    scheduler = make_scheduler(optimizer, config.schedule, warmup, plan.total_steps)
+    key = {**{name: getattr(config, name) for name in RESUME_FIELDS},
+           "train_examples": len(train_examples), "device_type": device.type}
+    state, rng = _start(run_dir, resume, key, plan, model, optimizer, scheduler, config.seed)
+    run = _Run(model, train_examples, collate, loss, config, evaluate, run_dir, adapter, device, plan, warmup,
+               optimizer, scheduler, key, state)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    tracker = Tracker(run_dir, state.step, plan.total_steps, tensorboard=config.tensorboard,
+                      progress=config.progress, log=log)
+    try:
+        with gradient_checkpointing(model, config.gradient_checkpointing), interrupt_flag() as interrupt:
+            if rng is not None:
+                set_rng_state(rng)  # last, so that nothing between here and the first step draws from them
+            _loop(run, tracker, interrupt)
+    finally:
+        tracker.close()
+    return _result(run)
+
+
+def _loop(run: _Run, tracker: Tracker, interrupt: SimpleNamespace) -> None:
+    state, plan = run.state, run.plan
+    if state.status != "running":
+        tracker.text(f"nothing to do: the checkpoint is of a finished run ({state.stop_reason})")
+        return
+    tracker.text(f"training {plan.total_steps} steps of {plan.batch_size} x {plan.grad_accum} examples "
+                 f"({plan.n} training examples) on {run.device}" + (f", from step {state.step}" if state.step else ""))
+    if run.evaluate is None and run.config.eval_every:
+        tracker.text(f"train.eval_every is {run.config.eval_every} but fit got no evaluate function: no evaluation")
+    run.model.train()
+    started, seconds_before = time.perf_counter(), state.train_seconds
+    window = SimpleNamespace(losses=[], examples=0, seconds=0.0)
+    while state.step < plan.total_steps:
+        step_started = time.perf_counter()
+        outcome = _train_step(run)
+        if outcome is None:  # non-finite: _train_step set status and reason
+            tracker.text(state.stop_reason)
+            break
+        loss_value, grad_norm, examples = outcome
+        state.step += 1
+        state.losses.append(loss_value)
+        state.train_seconds = seconds_before + time.perf_counter() - started
+        window.losses.append(loss_value)
+        window.examples += examples
+        window.seconds += time.perf_counter() - step_started
+        tracker.step_done(loss_value, examples / max(time.perf_counter() - step_started, 1e-9))
+        if run.config.log_every and (state.step % run.config.log_every == 0 or state.step == plan.total_steps):
+            _log_train(run, tracker, window, grad_norm)
+            window = SimpleNamespace(losses=[], examples=0, seconds=0.0)
+        evaluated = _maybe_evaluate(run, tracker)
+        if state.status == "running" and state.step == plan.total_steps:
+            state.status, state.stop_reason = "completed", f"completed all {plan.total_steps} steps"
+        if state.status == "running" and interrupt.requested:
+            state.status = "interrupted"
+            state.stop_reason = f"interrupted (Ctrl-C) after step {state.step}; fit(..., resume=True) continues"
+        save_every = run.config.save_every
+        if run.run_dir is not None and (evaluated or state.status != "running" or (save_every and state.step % save_every == 0)):
+            state.train_seconds = seconds_before + time.perf_counter() - started
+            _checkpoint(run, tracker)
+        if state.status != "running":
+            break
+    state.train_seconds = seconds_before + time.perf_counter() - started
+    if state.status in ("completed", "early_stopped") and run.run_dir is not None:
+        save_weights(run.model, run.run_dir / "final", run.adapter, {"step": state.step, "status": state.status})
+    if state.status != "diverged":
+        tracker.text(f"{state.stop_reason} in {format_seconds(state.train_seconds)}")
+
+
+def _train_step(run: _Run) -> tuple[float, float, int] | None:
+    """One optimizer step over ``grad_accum`` micro-batches; None (and status "diverged") if non-finite."""
+    config, step = run.config, run.state.step
+    batches = run.plan.step_batches(step)
+    n_examples = sum(len(indices) for indices in batches)
+    run.optimizer.zero_grad(set_to_none=True)
+    total = torch.zeros((), device=run.device)
+    for indices in batches:
+        batch = to_device(run.collate([run.examples[i] for i in indices]), run.device)
+        with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=config.precision == "bf16"):
+            value = run.loss(run.model, batch)
+        _check_loss_tensor(value)
+        # each micro-batch weighs by its share of the step's examples: the mean over micro-batches
+        # when they are equally large, and the loss of one big batch for a per-example mean loss
+        # also when the last batch of an epoch is smaller
+        weighted = value.float() * (len(indices) / n_examples)
+        weighted.backward()
+        total += weighted.detach()
+    loss_value = total.item()
+    if not math.isfinite(loss_value):
+        return _diverged(run, "loss", loss_value)
+    params = [p for group in run.optimizer.param_groups for p in group["params"] if p.grad is not None]
+    if config.max_grad_norm is not None:
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm))
+    else:
+        grad_norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params]))) if params else 0.0
+    if not math.isfinite(grad_norm):
+        return _diverged(run, "gradient norm", grad_norm)
+    run.optimizer.step()
+    run.scheduler.step()
+    return loss_value, grad_norm, n_examples
+
+
+def _check_loss_tensor(value: Any) -> None:
+    if not isinstance(value, torch.Tensor) or value.ndim != 0:
+        shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+        raise TypeError(f"loss(model, batch) must return a scalar tensor; got {shape}. Reduce it (e.g. .mean()).")
+    if not value.requires_grad:
+        raise RuntimeError("loss(model, batch) returned a tensor that does not require grad: did it run under "
+                           "torch.no_grad(), detach the output, or are no parameters of the model trainable?")
+
+
+def _diverged(run: _Run, what: str, value: float, applied: bool = False) -> None:
+    """Stop the run with status "diverged" and a message naming the step and the fixes to try."""
+    state, config = run.state, run.config
+    run.optimizer.zero_grad(set_to_none=True)
+    root = run.run_dir / "checkpoints" if run.run_dir is not None else None
+    last = latest_checkpoint(root) if root is not None else None
+    kept = (f"the last good checkpoint {last} is untouched (resume=True continues from it)" if last
+            else "no checkpoint had been written" if root is not None else "nothing was saved (run_dir is None)")
+    fixes = [f"a lower learning rate (train.lr, now {config.lr:g})"]
+    if config.precision == "bf16":
+        fixes.append("full precision (train.precision: fp32)")
+    fixes.append("gradient clipping (train.max_grad_norm: 1.0)" if config.max_grad_norm is None
+                 else f"stronger gradient clipping (train.max_grad_norm, now {config.max_grad_norm:g})")
+    if applied:
+        where = f"after step {state.step} of {run.plan.total_steps}: training stopped and the model's weights are unusable"
+    else:
+        where = (f"at step {state.step + 1} of {run.plan.total_steps}: training stopped before applying it, so the "
+                 f"model holds the weights after step {state.step}")
+    state.status = "diverged"
+    state.stop_reason = f"non-finite {what} ({value}) {where}; {kept}. Try {', or '.join(fixes)}."
+    return None
+
+
+def _log_train(run: _Run, tracker: Tracker, window: SimpleNamespace, grad_norm: float) -> None:
+    state, plan = run.state, run.plan
+    loss = sum(window.losses) / len(window.losses)
+    lr = run.config.lr * lr_multiplier(state.step - 1, schedule=run.config.schedule, warmup=run.warmup,
+                                       total=plan.total_steps)
+    speed = window.examples / max(window.seconds, 1e-9)
+    left = (plan.total_steps - state.step) * window.seconds / len(window.losses)
+    epoch = plan.position_after(state.step - 1)["epoch"]
+    tracker.event("train", state.step, {"epoch": epoch, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+                                        "examples_per_s": speed, "elapsed": state.train_seconds})
+    tracker.text(f"step {state.step}/{plan.total_steps} | epoch {epoch} | loss {loss:.4f} | lr {lr:.2e} | "
+                 f"{speed:.1f} ex/s | {format_seconds(state.train_seconds)} elapsed, ~{format_seconds(left)} left")
+
+
+def _maybe_evaluate(run: _Run, tracker: Tracker) -> bool:
+    """Evaluate when due; track the best metric, save ``best/``, and stop early. True if evaluated."""
+    state, config = run.state, run.config
+    due = (config.eval_every and state.step % config.eval_every == 0) or state.step == run.plan.total_steps
+    if run.evaluate is None or not due:
+        return False
+    with preserved_rng(run.device), torch.no_grad(), torch.autocast(
+            run.device.type, dtype=torch.bfloat16, enabled=config.precision == "bf16"):
+        run.model.eval()
+        try:
+            metrics = dict(run.evaluate(run.model))
+        finally:
+            run.model.train()
+    metrics = {k: float(v) for k, v in metrics.items() if isinstance(v, int | float | torch.Tensor) and not isinstance(v, bool)}
+    if config.metric not in metrics:
+        raise ConfigError([f"train.metric is {config.metric!r} but evaluate() returned only "
+                           f"{sorted(metrics) or 'no numbers'}: set train.metric to one of them"], what="evaluation")
+    value = metrics[config.metric]
+    state.history.append({"step": state.step, **metrics})
+    if _better(value, state.best_metric, config.greater_is_better):
+        state.best_metric, state.best_step, state.bad_evals = value, state.step, 0
+        if run.run_dir is not None:
+            save_weights(run.model, run.run_dir / "best", run.adapter, {"step": state.step, **metrics})
+    else:
+        state.bad_evals += 1
+    tracker.event("eval", state.step, {**metrics, "elapsed": state.train_seconds})
+    shown = " | ".join(f"{k} {v:.4g}" for k, v in metrics.items())
+    tracker.text(f"eval at step {state.step}: {shown} (best {config.metric} {state.best_metric:.4g} at step {state.best_step})")
+    patience = config.early_stopping_patience
+    if patience is not None and state.bad_evals >= patience:
+        state.status = "early_stopped"
+        state.stop_reason = (f"stopped early at step {state.step}: {config.metric} did not improve in {patience} "
+                             f"evaluation(s); best {state.best_metric:.4g} at step {state.best_step}")
+    return True
+
+
+def _better(value: float, best: float | None, greater_is_better: bool) -> bool:
+    if not math.isfinite(value):
+        return False
+    return best is None or (value > best if greater_is_better else value < best)
+
+
+def _checkpoint(run: _Run, tracker: Tracker) -> None:
+    state = run.state
+    bad = [name for name, p in run.model.named_parameters() if p.requires_grad and not torch.isfinite(p).all()]
+    if bad:  # never overwrite a good checkpoint with broken weights
+        _diverged(run, f"weights in {bad[:3]}", float("nan"), applied=True)
+        tracker.text(state.stop_reason)
+        return
+    trainer_state = {**dataclasses.asdict(state), "total_steps": run.plan.total_steps,
+                     "data_position": run.plan.position_after(state.step), "resume_key": run.resume_key}
+    save_checkpoint(run.run_dir / "checkpoints", state.step, run.model, run.optimizer, run.scheduler,
+                    trainer_state, run.device, run.adapter)
+
+
+def _start(run_dir: Path | None, resume: bool, key: dict[str, Any], plan: DataPlan, model: nn.Module,
+           optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
+           seed: int) -> tuple[_State, dict[str, Any] | None]:
+    """A fresh state (and seeded generators), or the state and RNG of the newest checkpoint."""
+    root = run_dir / "checkpoints" if run_dir is not None else None
+    if root is not None:
+        remove_stale_temporaries(root)
+    latest = latest_checkpoint(root) if root is not None else None
+    if not resume:
+        if latest is not None:
+            raise ConfigError([f"{run_dir} already holds checkpoints of a run (newest: {latest.name}): pass "
+                               "resume=True to continue it, or choose a new or empty run_dir"], what="fit")
+        seed_everything(seed)
+        return _State(), None
+    if latest is None:
+        raise ConfigError([f"resume=True but {root} holds no complete checkpoint to resume from: "
+                           "run without resume to start afresh"], what="resume")
+    saved = read_trainer_state(latest)
+    old = saved.get("resume_key", {})
+    problems = [f"{name}: the run used {old.get(name)!r}, now {key[name]!r}" for name in key if old.get(name) != key[name]]
+    if not problems and saved.get("data_position") != plan.position_after(saved["step"]):
+        problems.append(f"data position {saved.get('data_position')} does not match step {saved['step']}")
+    if problems:
+        problems.append("a resumed run must keep the settings that shape its weights; to change them, start a "
+                        "new run_dir (e.g. from the best adapter)")
+        raise ConfigError(problems, what=f"resume from {latest}")
+    rng = load_checkpoint(latest, model, optimizer, scheduler)
+    fields = {f.name for f in dataclasses.fields(_State)}
+    state = _State(**{k: v for k, v in saved.items() if k in fields})
+    if state.status == "interrupted":
+        state.status, state.stop_reason = "running", ""
+    return state, rng
+
+
+def _result(run: _Run) -> FitResult:
+    state = run.state
+    return FitResult(
+        steps=state.step, losses=list(state.losses), history=[dict(h) for h in state.history],
+        best_metric=state.best_metric, best_step=state.best_step, stopped_early=state.status == "early_stopped",
+        stop_reason=state.stop_reason, train_seconds=state.train_seconds,
+        peak_memory_mb=peak_memory_mb(run.device), status=state.status, run_dir=run.run_dir)
+
+
+def _adapter_of(model: nn.Module, adapter_name: str) -> str | None:
+    from .. import api
+
+    names = api.adapter_names(model)
+    if not names:
+        return None
+    if adapter_name not in names:
+        raise ConfigError([f"adapter_name {adapter_name!r} is not on the model; its adapters: {names}"], what="fit")
+    return adapter_name
+
+
+def _check_arguments(config: TrainConfig, examples: Sequence[Any], evaluate: Any, run_dir: Any, resume: bool) -> None:
+    problems = train_config_problems(config)
+    if len(examples) == 0:
+        problems.append("train_examples is empty: give fit at least one training example")
+    if config.early_stopping_patience is not None and evaluate is None:
+        problems.append("train.early_stopping_patience needs evaluation: pass evaluate= (a validation split)")
+    if resume and run_dir is None:
+        problems.append("resume=True needs the run_dir of the run to continue")
+    if problems:
+        raise ConfigError(problems, what="training config")

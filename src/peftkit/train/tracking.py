@@ -1,0 +1,117 @@
+"""Where a run's progress goes: a progress bar, text lines, ``metrics.jsonl`` and TensorBoard.
+
+``metrics.jsonl`` gets one JSON object per event, flat so that ``pandas.read_json(lines=True)`` reads
+it: ``{"event": "train", "step", "epoch", "loss", "lr", "grad_norm", "examples_per_s", "elapsed"}``
+every ``log_every`` steps and ``{"event": "eval", "step", "elapsed", <metric>: value ...}`` at every
+evaluation. On resume, the events after the checkpoint's step (the work being redone) are dropped
+from the file and from TensorBoard (``purge_step``), so both read as one uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConfigError
+
+METRICS_NAME = "metrics.jsonl"
+TENSORBOARD_DIR = "tensorboard"
+
+
+def format_seconds(seconds: float) -> str:
+    """``95.2`` -> ``"1m35s"``."""
+    if not math.isfinite(seconds):
+        return "?"
+    seconds = round(seconds)
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
+
+
+def _truncate_after(path: Path, step: int) -> None:
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= step:
+                kept.append(line)
+        except json.JSONDecodeError:
+            pass  # a line cut short by a crash
+    path.write_text("".join(f"{line}\n" for line in kept))
+
+
+class Tracker:
+    """Progress bar, log lines, JSON lines and TensorBoard for one :func:`peftkit.train.fit` call.
+
+    Args:
+        run_dir: Where ``metrics.jsonl`` and ``tensorboard/`` go; None writes no files.
+        start_step: Steps already done (resume), 0 for a fresh run.
+        total_steps: Optimizer steps of the whole run.
+        tensorboard: Also write TensorBoard events.
+        progress: Show a tqdm bar (only on a terminal).
+        log: Receives text lines; with the default ``print`` and a visible bar they go through the
+            bar so that they do not tear it.
+    """
+
+    def __init__(self, run_dir: Path | None, start_step: int, total_steps: int, *, tensorboard: bool,
+                 progress: bool, log: Callable[[str], None]) -> None:
+        self._file = None
+        self._writer = None
+        self._bar = None
+        self._log = log
+        if run_dir is not None:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            path = run_dir / METRICS_NAME
+            if start_step:
+                _truncate_after(path, start_step)
+            self._file = open(path, "a" if start_step else "w")  # noqa: SIM115 (closed in close())
+            if tensorboard:
+                self._writer = _summary_writer(run_dir / TENSORBOARD_DIR, start_step)
+        if progress and sys.stderr.isatty():
+            from tqdm.auto import tqdm
+
+            self._bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
+            if log is print:
+                self._log = self._bar.write
+
+    def text(self, line: str) -> None:
+        self._log(line)
+
+    def step_done(self, loss: float, examples_per_s: float) -> None:
+        if self._bar is not None:
+            self._bar.set_postfix(loss=f"{loss:.4f}", ex_s=f"{examples_per_s:.1f}", refresh=False)
+            self._bar.update(1)
+
+    def event(self, kind: str, step: int, values: dict[str, Any]) -> None:
+        """Write one ``train`` or ``eval`` event to the JSON lines file and TensorBoard."""
+        if self._file is not None:
+            self._file.write(json.dumps({"event": kind, "step": step, **values}, allow_nan=True) + "\n")
+            self._file.flush()
+        if self._writer is not None:
+            for key, value in values.items():
+                if isinstance(value, int | float) and not isinstance(value, bool) and key != "step":
+                    self._writer.add_scalar(f"{kind}/{key}", value, step)
+            self._writer.flush()
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+        if self._file is not None:
+            self._file.close()
+        if self._writer is not None:
+            self._writer.close()
+
+
+def _summary_writer(directory: Path, start_step: int) -> Any:
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as exc:
+        raise ConfigError([f"train.tensorboard is true but TensorBoard cannot be imported ({exc}): "
+                           "`pip install tensorboard`, or set train.tensorboard: false"], what="training setup") from exc
+    # purge_step drops events a crashed run wrote after the checkpoint being resumed from
+    return SummaryWriter(str(directory), purge_step=start_step + 1 if start_step else None)
