@@ -171,7 +171,7 @@ class LoraAdapter(AdapterModule):
             )
 
     # kind-specific: the unscaled low-rank path, its weight in row view, and the base weight's row view
-    def lora_path(self, x: torch.Tensor) -> torch.Tensor:
+    def lora_path(self, x: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
         raise NotImplementedError
 
     def lora_rows(self) -> torch.Tensor:
@@ -233,7 +233,7 @@ class LoraAdapter(AdapterModule):
     def delta_output(self, x: torch.Tensor, base_out: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
         dtype = self._param_dtype()
         xd = self.dropout(x.to(dtype) if x.is_floating_point() else x)
-        lora = self.lora_path(xd)
+        lora = self.lora_path(xd, base_layer)
         if not self.use_dora:
             return (lora * self.scaling).to(base_out.dtype)
         weight = base_layer.weight.to(dtype)
@@ -293,7 +293,7 @@ class LoraLinear(LoraAdapter):
             )
         _initialise(self, self.lora_A.weight, self.lora_B.weight, self.rows(weight.detach()))
 
-    def lora_path(self, x):
+    def lora_path(self, x, base_layer):
         return self.lora_B(self.lora_A(x))
 
     def lora_rows(self):
@@ -330,7 +330,7 @@ class LoraEmbedding(LoraAdapter):
             nn.init.zeros_(self.lora_embedding_A)
             nn.init.normal_(self.lora_embedding_B)
 
-    def lora_path(self, x):
+    def lora_path(self, x, base_layer):
         return F.embedding(x, self.lora_embedding_A.T, **self._lookup) @ self.lora_embedding_B.T
 
     def lora_rows(self):
@@ -359,7 +359,10 @@ class LoraConv(LoraAdapter):
         super().__init__(**values)
         weight = base_layer.weight
         kw = {"bias": False, "device": weight.device, "dtype": _adapter_dtype(weight)}
-        conv = type(base_layer)
+        conv = next(c for c in (nn.Conv1d, nn.Conv2d, nn.Conv3d) if isinstance(base_layer, c))
+        # A subclass whose forward does more than the convolution (e.g. TensorFlow-style "same"
+        # padding first, as EfficientNet ports do) is run as itself, with the low-rank kernel swapped in.
+        self.through_base = type(base_layer).forward is not conv.forward
         self.lora_A = conv(
             base_layer.in_channels, self.r, base_layer.kernel_size, base_layer.stride, base_layer.padding,
             base_layer.dilation, padding_mode=base_layer.padding_mode, **kw,
@@ -374,7 +377,10 @@ class LoraConv(LoraAdapter):
             nn.init.normal_(self.lora_A.weight, std=1 / self.r)
             nn.init.zeros_(self.lora_B.weight)
 
-    def lora_path(self, x):
+    def lora_path(self, x, base_layer):
+        if self.through_base:
+            kernel = self.unrows(self.lora_rows(), base_layer.weight)
+            return _with_params(base_layer, x, kernel)
         return self.lora_B(self.lora_A(x))
 
     def lora_rows(self):
@@ -387,10 +393,20 @@ class LoraConv(LoraAdapter):
         return rows.reshape(like.shape)
 
     def base_without_bias(self, x, base_layer):
+        if self.through_base:
+            return _with_params(base_layer, x, base_layer.weight.to(x.dtype))
         return base_layer._conv_forward(x, base_layer.weight.to(x.dtype), None)
 
     def param_roles(self):
         return {"A": [self.lora_A.weight], "B": [self.lora_B.weight]}
+
+
+def _with_params(conv: nn.Module, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``conv``'s own forward on ``x`` with ``weight`` in place of its kernel and no bias."""
+    params = {"weight": weight}
+    if conv.bias is not None:
+        params["bias"] = torch.zeros(conv.bias.shape, dtype=weight.dtype, device=weight.device)
+    return torch.func.functional_call(conv, params, (x,))
 
 
 def _initialise(adapter: LoraAdapter, a: torch.Tensor, b: torch.Tensor, rows: torch.Tensor) -> None:
