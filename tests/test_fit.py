@@ -491,3 +491,22 @@ def test_fit_lora_minilm_learns_rotten_tomatoes(tmp_path):
     reloaded, *_ = minilm_rotten_tomatoes()
     peftkit.train.load_weights(reloaded, tmp_path / "best")
     assert evaluate(reloaded.eval())["accuracy"] == result.best_metric
+
+
+# ------------------------------------------------------------------------ adapters with a training hook
+
+
+def test_fit_drives_an_adalora_adapter_and_fixes_its_ranks():
+    seed_everything(0)
+    config = BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=37, max_position_embeddings=16, num_labels=2)
+    model = BertForSequenceClassification(config)
+    # total_step left unset: fit fills in the run's step count
+    peftkit.inject(model, peftkit.AdaLoraConfig(init_r=4, target_r=2, tinit=1, tfinal=2, deltaT=1,
+                                                target_modules=["query", "value"]))
+    result = fit(model, make_examples(), collate, bert_loss, quiet(steps=8, batch_size=8, lr=1e-2), log=no_log)
+    assert result.ok
+    final = peftkit.adapter_config(model)
+    assert final.total_step == 8
+    kept = sum(sum(flags) for flags in final.rank_pattern.values())
+    assert final.rank_pattern and kept == 2 * len(final.rank_pattern)  # the target budget, fixed at the end

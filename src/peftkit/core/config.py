@@ -162,6 +162,14 @@ class AdapterConfig:
         """Names of base-model parameters this adapter also trains and saves (none by default)."""
         return []
 
+    def training_hook(self, model: Any, adapter_name: str, total_steps: int) -> Any:
+        """An object a training loop drives each step (AdaLoRA's rank allocation), or None.
+
+        Protocol: ``loss_penalty()`` returns a scalar added to every loss, and
+        ``after_optimizer_step(step)`` runs after optimizer step ``step`` (1-based), while the
+        gradients are still there. ``peftkit.train.fit`` does both; a hand-written loop calls them."""
+        return None
+
     def build_part(self, model: Any, plan: Any) -> Any:
         """A :class:`~peftkit.core.layer.ModelPart` holding model-level adapter state, or None.
 

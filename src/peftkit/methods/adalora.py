@@ -157,6 +157,14 @@ class AdaLoraConfig(AdapterConfig):
         data["rank_pattern"] = dict(self.rank_pattern) or None
         return data
 
+    def training_hook(self, model: nn.Module, adapter_name: str, total_steps: int) -> AdaLoraController:
+        """The rank allocator, driven by ``peftkit.train.fit``; an unset ``total_step`` becomes the
+        run's number of optimizer steps (recorded in the adapter's config)."""
+        if self.total_step is None:
+            state = require_adapter(model, adapter_name)
+            state.configs[adapter_name] = state.configs[adapter_name].replace(total_step=total_steps)
+        return AdaLoraController(model, adapter_name)
+
     def problems(self) -> list[str]:
         # The base class checks rank_pattern as LoRA's {regex: rank}; AdaLoRA's holds kept flags per
         # module instead, checked below.
@@ -465,6 +473,14 @@ class AdaLoraController:
         remaining = 1 - (step - c.tinit) / (c.total_step - c.tfinal - c.tinit)
         budget = int((self.init_budget - self.target_budget) * remaining**3 + self.target_budget)
         return budget, step % c.deltaT == 0
+
+    # -- the training-hook protocol (AdapterConfig.training_hook), as peftkit.train.fit calls it --
+
+    def loss_penalty(self) -> torch.Tensor:
+        return self.orthogonal_penalty()
+
+    def after_optimizer_step(self, step: int) -> None:
+        self.step(step)
 
     def orthogonal_penalty(self) -> torch.Tensor:
         """``orth_reg_weight`` times the mean over every P and Q of ``||P^T P - I||_F`` / ``||Q Q^T - I||_F``.

@@ -130,6 +130,7 @@ class _Run:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     resume_key: dict[str, Any]
     state: _State
+    hook: Any = None  # the adapter's training hook (AdapterConfig.training_hook), e.g. AdaLoRA's allocator
 
 
 def fit(
@@ -190,7 +191,7 @@ def fit(
            "train_examples": len(train_examples), "device_type": device.type}
     state, rng = _start(run_dir, resume, key, plan, model, optimizer, scheduler, config.seed)
     run = _Run(model, train_examples, collate, loss, config, evaluate, run_dir, adapter, device, plan, warmup,
-               optimizer, scheduler, key, state)
+               optimizer, scheduler, key, state, _training_hook(model, adapter, plan.total_steps))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     tracker = Tracker(run_dir, state.step, plan.total_steps, tensorboard=config.tensorboard,
@@ -264,6 +265,8 @@ def _train_step(run: _Run) -> tuple[float, float, int] | None:
         batch = to_device(run.collate([run.examples[i] for i in indices]), run.device)
         with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=config.precision == "bf16"):
             value = run.loss(run.model, batch)
+            if run.hook is not None:
+                value = value + run.hook.loss_penalty()
         _check_loss_tensor(value)
         # each micro-batch weighs by its share of the step's examples: the mean over micro-batches
         # when they are equally large, and the loss of one big batch for a per-example mean loss
@@ -282,6 +285,8 @@ def _train_step(run: _Run) -> tuple[float, float, int] | None:
     if not math.isfinite(grad_norm):
         return _diverged(run, "gradient norm", grad_norm)
     run.optimizer.step()
+    if run.hook is not None:  # reads this step's gradients, which zero_grad clears at the next step
+        run.hook.after_optimizer_step(step + 1)
     run.scheduler.step()
     return loss_value, grad_norm, n_examples
 
@@ -428,6 +433,14 @@ def _result(run: _Run) -> FitResult:
         best_metric=state.best_metric, best_step=state.best_step, stopped_early=state.status == "early_stopped",
         stop_reason=state.stop_reason, train_seconds=state.train_seconds,
         peak_memory_mb=peak_memory_mb(run.device), status=state.status, run_dir=run.run_dir)
+
+
+def _training_hook(model: nn.Module, adapter: str | None, total_steps: int) -> Any:
+    if adapter is None:
+        return None
+    from .. import api
+
+    return api.adapter_config(model, adapter).training_hook(model, adapter, total_steps)
 
 
 def _adapter_of(model: nn.Module, adapter_name: str) -> str | None:
