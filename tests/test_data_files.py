@@ -58,6 +58,15 @@ def test_each_format_reads_the_same_examples_through_the_column_mapping(tmp_path
                                                                            "json" if fmt == "jsonl" else "csv")
 
 
+def test_compressed_files_are_read_by_their_inner_extension(tmp_path):
+    plain = write(tmp_path / "reviews.jsonl", ROWS, "jsonl")
+    packed = tmp_path / "reviews.jsonl.gz"
+    packed.write_bytes(gzip.compress(plain.read_bytes()))
+    assert data_files.file_format(packed) == "json"
+    splits = load_examples(mapped(files={"train": str(packed)}), ["text", "label"])
+    assert splits["train"] == load_examples(mapped(files={"train": str(plain)}), ["text", "label"])["train"]
+
+
 def test_declared_format_overrides_the_extension(tmp_path):
     path = write(tmp_path / "reviews.txt", ROWS, "jsonl")
     with pytest.raises(ConfigError, match=r"data\.format: cannot tell the format of .*reviews\.txt"):

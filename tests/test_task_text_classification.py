@@ -11,12 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-import yaml
 
 import peftkit
 from peftkit import metrics
 from peftkit.errors import ConfigError
-from peftkit.run.schema import DataConfig, EvalConfig, ModelConfig, RunConfig, SplitConfig
+from peftkit.run.schema import DataConfig, EvalConfig, ModelConfig, RunConfig
 from peftkit.tasks import task_class
 from peftkit.tasks.text_classification import TextClassificationTask, label_mapping
 from peftkit.train.config import TrainConfig
@@ -269,31 +268,27 @@ def test_metrics_reject_mismatched_or_empty_inputs():
 # -- recipes -----------------------------------------------------------------------------------------
 
 
-def recipe(name: str) -> tuple[str, RunConfig]:
-    """The comment header and the typed config of ``configs/<name>``."""
-    text = (REPO / "configs" / name).read_text(encoding="utf-8")
-    raw = yaml.safe_load(text)
-    data = dict(raw["data"])
-    data["split"] = SplitConfig(**data.get("split", {}))
-    config = RunConfig(
-        task=raw["task"], model=ModelConfig(**raw["model"]), data=DataConfig(**data), adapter=raw["adapter"],
-        train=TrainConfig(**raw["train"]), eval=EvalConfig(**raw.get("eval", {})), output_dir=raw["output_dir"],
-    )
-    return text.splitlines()[0], config
+def recipe(name: str, monkeypatch: pytest.MonkeyPatch) -> tuple[str, RunConfig]:
+    """The comment header of ``configs/<name>`` and the run config it loads into (fully checked)."""
+    from peftkit.run.config import load_config
+
+    monkeypatch.chdir(REPO)  # recipe paths are relative to the repository root, where the command runs
+    path = REPO / "configs" / name
+    return path.read_text(encoding="utf-8").splitlines()[0], load_config(path)
 
 
 @pytest.mark.parametrize("name", ["sentiment-minilm-lora.yaml", "text-classification-csv.yaml"])
-def test_recipes_are_headed_by_their_command_and_fit_the_schema(name):
-    header, config = recipe(name)
+def test_recipes_are_headed_by_their_command_and_fit_the_schema(name, monkeypatch):
+    header, config = recipe(name, monkeypatch)
     assert header == f"# peftkit train configs/{name}"
-    assert config.task == "text-classification"
-    peftkit.make_config(**config.adapter)  # the adapter section is a valid method config
+    assert config.task == "text-classification" and config.model.name_or_path == "minilm"
+    assert config.adapter == {"method": "lora", "r": 8, "lora_alpha": 16, "lora_dropout": 0.1,
+                              "target_modules": ["query", "value"]}
     TextClassificationTask(config)
 
 
 def test_the_csv_recipe_loads_three_classes_from_the_shipped_file(monkeypatch):
-    monkeypatch.chdir(REPO)  # recipe paths are relative to the repository root, where the command runs
-    _, config = recipe("text-classification-csv.yaml")
+    _, config = recipe("text-classification-csv.yaml", monkeypatch)
     task = TextClassificationTask(config)
     splits = task.load_data()
     assert task.labels == ["Democratic", "Moderator", "Republican"]
