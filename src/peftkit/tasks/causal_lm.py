@@ -35,7 +35,7 @@ from ..models import bundled_model_path, bundled_models
 from .base import Batch, Example, register_task
 
 if TYPE_CHECKING:
-    from ..run.schema import RunConfig
+    from ..run.schema import ModelConfig, RunConfig
 
 ROLES = ["prompt", "response"]
 IGNORE = -100  # the label value cross entropy skips (torch's and transformers' convention)
@@ -102,7 +102,7 @@ class CausalLMTask:
 
     def _load_tokenizer(self) -> Any:
         if self.tokenizer is None:
-            self.tokenizer = load_tokenizer(self.config.model.name_or_path, self.model_source())
+            self.tokenizer = load_tokenizer(self.config.model, self.model_source())
         return self.tokenizer
 
     # -- encoding, batches and loss ----------------------------------------------------------------
@@ -224,16 +224,17 @@ def load_pretrained(auto_class: Any, config: RunConfig, source: str, load_tokeni
     return model
 
 
-def load_tokenizer(name: str, source: str) -> Any:
-    """The tokenizer at ``source``, with a pad token (the EOS token when it has none).
+def load_tokenizer(model: ModelConfig, source: str) -> Any:
+    """The tokenizer at ``source`` (from ``model.gguf_file`` when set), with a pad token (EOS when it has none).
 
     Raises:
         OSError: the tokenizer cannot be found.
     """
     from transformers import AutoTokenizer
 
-    with quiet_transformers(), explain_missing(name):
-        tokenizer = AutoTokenizer.from_pretrained(source)
+    kwargs = {"gguf_file": model.gguf_file} if model.gguf_file else {}
+    with quiet_transformers(), explain_missing(model.name_or_path):
+        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
     if tokenizer.pad_token is None:  # decoders often have none; batches need one (positions are masked)
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer

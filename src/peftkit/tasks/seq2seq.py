@@ -29,6 +29,7 @@ from .causal_lm import (
     IGNORE,
     TEXT_METRICS,
     config_problems,
+    explain_missing,
     generate_texts,
     load_pretrained,
     load_tokenizer,
@@ -81,8 +82,9 @@ class Seq2SeqTask:
         """
         from transformers import AutoConfig, AutoModelForSeq2SeqLM
 
-        source = self.model_source()
-        model_config = AutoConfig.from_pretrained(source)
+        source, gguf = self.model_source(), self.config.model.gguf_file
+        with explain_missing(self.config.model.name_or_path):
+            model_config = AutoConfig.from_pretrained(source, **({"gguf_file": gguf} if gguf else {}))
         if not getattr(model_config, "is_encoder_decoder", False):
             raise ConfigError(
                 [f"model.name_or_path: {self.config.model.name_or_path!r} is a {model_config.model_type} model without "
@@ -106,7 +108,7 @@ class Seq2SeqTask:
 
     def _load_tokenizer(self) -> Any:
         if self.tokenizer is None:
-            self.tokenizer = load_tokenizer(self.config.model.name_or_path, self.model_source())
+            self.tokenizer = load_tokenizer(self.config.model, self.model_source())
         return self.tokenizer
 
     def encode_source(self, source: str) -> list[int]:
