@@ -47,17 +47,12 @@ TEXT_METRICS: dict[str, Callable[[Sequence[str], Sequence[str]], float]] = {
 }
 
 
-@register_task("causal-lm")
-class CausalLMTask:
-    """Instruction tuning of a decoder-only model; see the module docstring for encoding and metrics.
-
-    Attributes:
-        config: The whole run config.
-        tokenizer: The model's tokenizer (loaded with the model, or on first use); may be set directly.
-        data_info: How the data was loaded and split (``peftkit.data.files.Splits.info``), once loaded.
-    """
+class GenerationTask:
+    """What the two generation tasks share: config checks, where the model comes from, data and tokenizer
+    loaded once. ``roles`` names the example keys the data must provide."""
 
     name: str
+    roles: list[str]
     default_metric = "chrf"
     greater_is_better = True
 
@@ -70,12 +65,43 @@ class CausalLMTask:
         if problems:
             raise ConfigError(problems, what=f"{self.name} config")
 
-    # -- loading -------------------------------------------------------------------------------
-
     def model_source(self) -> str:
         """A local directory (a bundled model's, or the given one) or a hub id."""
         name = self.config.model.name_or_path
         return bundled_model_path(name) or name
+
+    def load_data(self) -> dict[str, Sequence[Example]]:
+        """The configured splits (examples with the task's ``roles``), loaded once.
+
+        Raises:
+            ConfigError: bad data config (no data, missing columns ...).
+            DataNotInstalledError: a bundled data set's package is not installed.
+        """
+        if self._splits is None:
+            splits = load_examples(self.config.data, self.roles)
+            self.data_info = dict(splits.info)
+            self._splits = dict(splits)
+        return self._splits
+
+    def _load_tokenizer(self) -> Any:
+        if self.tokenizer is None:
+            self.tokenizer = load_tokenizer(self.config.model, self.model_source())
+        return self.tokenizer
+
+
+@register_task("causal-lm")
+class CausalLMTask(GenerationTask):
+    """Instruction tuning of a decoder-only model; see the module docstring for encoding and metrics.
+
+    Attributes:
+        config: The whole run config.
+        tokenizer: The model's tokenizer (loaded with the model, or on first use); may be set directly.
+        data_info: How the data was loaded and split (``peftkit.data.files.Splits.info``), once loaded.
+    """
+
+    roles = ROLES
+
+    # -- loading -------------------------------------------------------------------------------
 
     def load_model(self) -> nn.Module:
         """The pretrained decoder (``AutoModelForCausalLM``) on CPU in ``model.dtype``; loads the tokenizer.
@@ -86,24 +112,6 @@ class CausalLMTask:
         from transformers import AutoModelForCausalLM
 
         return load_pretrained(AutoModelForCausalLM, self.config, self.model_source(), self._load_tokenizer)
-
-    def load_data(self) -> dict[str, Sequence[Example]]:
-        """The configured ``{"prompt", "response"}`` splits, loaded once.
-
-        Raises:
-            ConfigError: bad data config (no data, missing columns ...).
-            DataNotInstalledError: a bundled data set's package is not installed.
-        """
-        if self._splits is None:
-            splits = load_examples(self.config.data, ROLES)
-            self.data_info = dict(splits.info)
-            self._splits = dict(splits)
-        return self._splits
-
-    def _load_tokenizer(self) -> Any:
-        if self.tokenizer is None:
-            self.tokenizer = load_tokenizer(self.config.model, self.model_source())
-        return self.tokenizer
 
     # -- encoding, batches and loss ----------------------------------------------------------------
 

