@@ -49,7 +49,13 @@ TEXT_METRICS: dict[str, Callable[[Sequence[str], Sequence[str]], float]] = {
 
 class GenerationTask:
     """What the two generation tasks share: config checks, where the model comes from, data and tokenizer
-    loaded once. ``roles`` names the example keys the data must provide."""
+    loaded once. ``roles`` names the example keys the data must provide.
+
+    Attributes:
+        config: The whole run config.
+        tokenizer: The model's tokenizer (loaded with the model, or on first use); may be set directly.
+        data_info: How the data was loaded and split (``peftkit.data.files.Splits.info``), once loaded.
+    """
 
     name: str
     roles: list[str]
@@ -91,13 +97,7 @@ class GenerationTask:
 
 @register_task("causal-lm")
 class CausalLMTask(GenerationTask):
-    """Instruction tuning of a decoder-only model; see the module docstring for encoding and metrics.
-
-    Attributes:
-        config: The whole run config.
-        tokenizer: The model's tokenizer (loaded with the model, or on first use); may be set directly.
-        data_info: How the data was loaded and split (``peftkit.data.files.Splits.info``), once loaded.
-    """
+    """Instruction tuning of a decoder-only model; see the module docstring for encoding and metrics."""
 
     roles = ROLES
 

@@ -44,13 +44,7 @@ ROLES = ["source", "target"]
 
 @register_task("seq2seq")
 class Seq2SeqTask(GenerationTask):
-    """Encoder-decoder generation; see the module docstring for batches and metrics.
-
-    Attributes:
-        config: The whole run config.
-        tokenizer: The model's tokenizer (loaded with the model, or on first use); may be set directly.
-        data_info: How the data was loaded and split (``peftkit.data.files.Splits.info``), once loaded.
-    """
+    """Encoder-decoder generation; see the module docstring for batches and metrics."""
 
     roles = ROLES
 
