@@ -41,6 +41,14 @@ class AdapterFileError(PeftkitError, ValueError):
     """An adapter file cannot be read safely (truncated, corrupt, non-finite, or an unsafe format)."""
 
 
+class SaveError(PeftkitError, OSError):
+    """Writing an adapter or checkpoint failed (disk full, read-only or unwritable directory).
+
+    The message names the path and the fix; ``errno`` is the underlying error's. Saves are atomic, so
+    whatever was on disk before (the previous adapter files, earlier checkpoints) is unchanged.
+    """
+
+
 class UnsafeMergeError(PeftkitError, ArithmeticError):
     """Merging an adapter would write non-finite values into the base weights."""
 

@@ -143,13 +143,17 @@ def load_adapter_state_dict(
             f"{_few(report.missing)}, {len(report.unexpected)} unexpected key(s) {_few(report.unexpected)}. "
             "Is it an adapter for a different model or config? Pass strict=False to load what fits."
         )
-    shape_errors, nonfinite = [], []
+    shape_errors, dtype_errors, nonfinite = [], [], []
     for key in sorted(set(slots) & set(tensors)):
-        (slot, module), got = slots[key], tensors[key].shape
-        if slot.shape != got:
+        (slot, module), saved = slots[key], tensors[key]
+        if slot.shape != saved.shape:
             tensor_name = key[len(prefix) + len(module) + 1:] if module else key
-            shape_errors.append(f"{module}: saved {tuple(got)} vs model {tuple(slot.shape)} ({tensor_name})")
-        elif tensors[key].is_floating_point() and not torch.isfinite(tensors[key]).all():
+            shape_errors.append(f"{module}: saved {tuple(saved.shape)} vs model {tuple(slot.shape)} ({tensor_name})")
+        elif _kind(saved) != _kind(slot):
+            # other float widths convert (a bf16 adapter onto an fp32 model); integers, booleans or
+            # complex numbers read as weights would be silently meaningless values
+            dtype_errors.append(f"{key}: saved as {saved.dtype}, the model holds {slot.dtype}")
+        elif saved.is_floating_point() and not torch.isfinite(saved.float()).all():
             nonfinite.append(key)
     if shape_errors:
         raise AdapterMismatchError(
@@ -157,8 +161,17 @@ def load_adapter_state_dict(
             + "; ".join(shape_errors[:5])
             + ". It was saved from a model with different dimensions or a different rank."
         )
+    if dtype_errors:
+        raise AdapterFileError(
+            f"refusing adapter {adapter_name!r}: {len(dtype_errors)} tensor(s) of the wrong kind of dtype: "
+            + "; ".join(dtype_errors[:5]) + ". The file is corrupt or was not written by an adapter library."
+        )
     if nonfinite:
-        raise AdapterFileError(f"refusing adapter {adapter_name!r}: non-finite values (NaN/inf) in {_few(nonfinite)}")
+        raise AdapterFileError(
+            f"refusing adapter {adapter_name!r}: non-finite values (NaN/inf) in {_few(nonfinite)}. Its training "
+            "diverged; use an earlier checkpoint of it. (peftkit.core.io.read_adapter_tensors reads the raw tensors "
+            "for inspection.)"
+        )
     if check_only:
         return report
     with torch.no_grad():
@@ -177,6 +190,14 @@ def load_adapter_state_dict(
         if part is not None:
             part.loaded({key: tensors[key] for key in report.loaded})
     return report
+
+
+def _kind(tensor: torch.Tensor) -> str:
+    if tensor.is_complex():
+        return "complex"
+    if tensor.is_floating_point():
+        return "float"
+    return "bool" if tensor.dtype == torch.bool else "integer"
 
 
 def _few(keys: list[str], n: int = 5) -> str:
