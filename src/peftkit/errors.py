@@ -44,9 +44,18 @@ class AdapterFileError(PeftkitError, ValueError):
 class SaveError(PeftkitError, OSError):
     """Writing an adapter or checkpoint failed (disk full, read-only or unwritable directory).
 
-    The message names the path and the fix; ``errno`` is the underlying error's. Saves are atomic, so
-    whatever was on disk before (the previous adapter files, earlier checkpoints) is unchanged.
+    The message names the path and the fix; ``errno``, ``strerror`` and ``filename`` are the
+    underlying error's. Saves are atomic, so whatever was on disk before (the previous adapter files,
+    earlier checkpoints) is unchanged.
     """
+
+    def __init__(self, message: str, errno: int | None = None, strerror: str | None = None,
+                 filename: str | None = None) -> None:
+        super().__init__(message)
+        self.errno, self.strerror, self.filename = errno, strerror, filename
+
+    def __str__(self) -> str:
+        return str(self.args[0])  # OSError would print "[Errno N] strerror: filename" instead
 
 
 class UnsafeMergeError(PeftkitError, ArithmeticError):

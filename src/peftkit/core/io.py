@@ -104,9 +104,8 @@ def write_error(path: str | os.PathLike, exc: OSError, kept: str) -> SaveError:
         fix = "the directory is read-only or not yours: fix its permissions, or save somewhere else"
     else:
         fix = "check that the directory exists, is writable and has free space, or save somewhere else"
-    error = SaveError(f"cannot write {str(path)!r}: {exc.strerror or exc}; {kept}. Fix: {fix}")
-    error.errno, error.strerror, error.filename = code, exc.strerror, str(path)
-    return error
+    return SaveError(f"cannot write {str(path)!r}: {exc.strerror or exc}; {kept}. Fix: {fix}",
+                     errno=code, strerror=exc.strerror, filename=str(path))
 
 
 def _incomplete_modules(model: nn.Module, adapter_name: str) -> list[str]:
@@ -194,8 +193,9 @@ def save_adapter(
         _verify_written(temporaries[0], tensors)
         text = json.dumps(config, indent=2, sort_keys=True) + "\n"
         temporaries.append(_atomic_write(directory / CONFIG_NAME, lambda p: Path(p).write_text(text)))
-        os.replace(temporaries.pop(0), directory / WEIGHTS_NAME)
-        os.replace(temporaries.pop(0), directory / CONFIG_NAME)
+        for temporary, name in zip(list(temporaries), (WEIGHTS_NAME, CONFIG_NAME), strict=True):
+            os.replace(temporary, directory / name)
+            temporaries.remove(temporary)
     except OSError as exc:
         if isinstance(exc, SaveError):
             raise

@@ -14,8 +14,10 @@ as an uninterrupted one would have:
 
 A checkpoint is written into a hidden temporary directory beside its final name, every file and the
 directory are fsync'ed, and only then is it renamed into place: a crash leaves either no checkpoint or
-a complete one, and any ``step-*`` directory is complete. Pickled files are read with
-``weights_only=True``.
+a complete one, and any ``step-*`` directory is complete (``tests/test_crash_resume.py`` kills a run
+at every file operation of a save to prove it). A write that fails (disk full, read-only directory)
+raises :class:`~peftkit.errors.SaveError` naming the path and the fix, and leaves earlier checkpoints
+as they were. Pickled files are read with ``weights_only=True``.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ..core.io import write_error
 from ..errors import ConfigError
 
 CHECKPOINT_PREFIX = "step-"
@@ -171,10 +174,16 @@ def _fsync_dir(path: Path) -> None:
 def atomic_directory(target: Path) -> Iterator[Path]:
     """Yield a temporary directory that becomes ``target`` (replacing it) once the block succeeds.
 
-    If the block raises, the temporary directory is removed and ``target`` is untouched.
+    If the block raises, the temporary directory is removed and ``target`` is untouched. An
+    ``OSError`` (disk full, read-only directory) becomes a :class:`~peftkit.errors.SaveError` that
+    names ``target`` and the fix.
     """
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    kept = f"{target.name} and everything else in {str(target.parent)!r} are as they were"
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    except OSError as exc:
+        raise write_error(target, exc, kept) from exc
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it owner-only; give it a plain mkdir's mode
@@ -185,11 +194,18 @@ def atomic_directory(target: Path) -> Iterator[Path]:
             # Linux cannot rename over a non-empty directory: move the old one aside first
             old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
             os.replace(target, old / target.name)
-            os.replace(tmp, target)
+            try:
+                os.replace(tmp, target)
+            except BaseException:
+                os.replace(old / target.name, target)  # put the previous one back
+                raise
             shutil.rmtree(old)
         else:
             os.replace(tmp, target)
         _fsync_dir(target.parent)
+    except OSError as exc:  # also a SaveError of save_adapter: name the folder being saved, not its part
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise write_error(target, exc, kept) from exc
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -216,11 +232,18 @@ def latest_checkpoint(root: Path) -> Path | None:
     return dirs[-1] if dirs else None
 
 
-def remove_stale_temporaries(root: Path) -> None:
-    """Delete half-written checkpoints that a crash left behind (hidden ``.step-*.tmp-*`` folders)."""
+def remove_stale_temporaries(root: Path, names: tuple[str, ...] = (CHECKPOINT_PREFIX,)) -> None:
+    """Delete what a crash during :func:`atomic_directory` left in ``root``: hidden folders
+    ``.<name>*.tmp-*`` (half written) and ``.<name>*.old-*`` (a replaced copy not yet deleted).
+
+    Args:
+        root: The folder holding the atomic directories.
+        names: Their name prefixes: ``step-`` for checkpoints, ``("best", "final")`` in a run directory.
+    """
     if root.is_dir():
         for path in root.iterdir():
-            if path.name.startswith(f".{CHECKPOINT_PREFIX}") and path.is_dir():
+            hidden = path.name.startswith(tuple(f".{name}" for name in names))
+            if hidden and (".tmp-" in path.name or ".old-" in path.name) and path.is_dir():
                 shutil.rmtree(path, ignore_errors=True)
 
 
@@ -248,8 +271,23 @@ def save_checkpoint(
             api.save_adapter(model, tmp / "adapter", adapter_name)
         (tmp / STATE_NAME).write_text(json.dumps(trainer_state, indent=1, allow_nan=True))
     for old in checkpoint_dirs(root)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        _remove_directory(old)
     return target
+
+
+def _remove_directory(path: Path) -> None:
+    """Delete ``path`` so that no crash leaves it half deleted under its own name.
+
+    It is renamed to a hidden ``.<name>.old-*`` folder first (one atomic step), then deleted; a crash
+    during the deletion leaves only that hidden folder, which the next start removes. Deleting in
+    place could leave a ``step-*`` folder that still has its ``trainer_state.json`` but lost other files.
+    """
+    try:
+        hidden = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
+        os.replace(path, hidden / path.name)
+    except OSError:
+        return  # already gone, or the folder cannot be changed: leaving an old checkpoint is harmless
+    shutil.rmtree(hidden, ignore_errors=True)
 
 
 def read_trainer_state(path: Path) -> dict[str, Any]:

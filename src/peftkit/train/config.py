@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 
 @dataclass
@@ -22,6 +23,9 @@ class TrainConfig:
         warmup_steps: Linear warm-up steps; ``warmup_ratio`` is used when this is None.
         warmup_ratio: Warm-up as a fraction of all optimizer steps.
         max_grad_norm: Clip the gradient norm to this (None: no clipping).
+        on_nonfinite: What a step whose loss or gradient norm is NaN or inf does: "stop" the run
+            (status "diverged") before applying it, or "skip" its optimizer step and go on; after
+            ``fit.MAX_SKIPS_IN_A_ROW`` (10) skipped steps in a row the next one stops the run anyway.
         precision: "fp32" or "bf16" (autocast on CPU and GPU; weights stay in their dtype).
         gradient_checkpointing: Recompute activations in the backward pass (saves memory).
         eval_every: Evaluate on the validation split every this many optimizer steps (0: only at the end).
@@ -47,6 +51,7 @@ class TrainConfig:
     warmup_steps: int | None = None
     warmup_ratio: float = 0.06
     max_grad_norm: float | None = 1.0
+    on_nonfinite: Literal["stop", "skip"] = "stop"
     precision: str = "fp32"
     gradient_checkpointing: bool = False
     eval_every: int = 0

@@ -8,9 +8,11 @@ best weights, stops early, and writes checkpoints (``checkpoint.py``) as the con
 
 Failures: exceptions raised by ``collate``, ``loss`` or ``evaluate`` propagate unchanged (nothing is
 swallowed; the last checkpoint on disk stays as it was). A non-finite loss or gradient does not
-raise: the run stops before applying that step, the message is logged, and the returned
-:class:`FitResult` has ``status="diverged"`` and a ``stop_reason`` naming the step and the fixes to
-try. Ctrl-C (SIGINT, main thread) finishes the current step, writes a checkpoint and returns with
+raise: by default (``on_nonfinite: stop``) the run stops before applying that step, the message is
+logged, and the returned :class:`FitResult` has ``status="diverged"`` and a ``stop_reason`` naming the
+step and the fixes to try. With ``on_nonfinite: skip`` the step's optimizer update is dropped (the data,
+the schedule and the step count move on), the step is logged and counted, and only a run of
+``MAX_SKIPS_IN_A_ROW`` skipped steps followed by another non-finite one stops it. Ctrl-C (SIGINT, main thread) finishes the current step, writes a checkpoint and returns with
 ``status="interrupted"``; a second Ctrl-C aborts at once.
 """
 
@@ -58,6 +60,9 @@ from .tracking import Tracker, format_seconds
 RESUME_FIELDS = ("steps", "epochs", "batch_size", "grad_accum", "lr", "weight_decay", "lora_plus_ratio",
                  "schedule", "warmup_steps", "warmup_ratio", "max_grad_norm", "precision", "seed",
                  "metric", "greater_is_better")
+# With train.on_nonfinite "skip": this many skipped steps in a row, and the next non-finite step stops the
+# run. A few bad batches in a row happen (a spike in bf16); ten means the weights themselves went bad.
+MAX_SKIPS_IN_A_ROW = 10
 
 
 @dataclass
@@ -76,6 +81,8 @@ class FitResult:
         peak_memory_mb: CUDA: peak allocated memory of this call; CPU: peak resident memory of the process.
         status: "completed", "early_stopped", "diverged" (non-finite loss) or "interrupted" (Ctrl-C).
         run_dir: Where files went (None when nothing was written).
+        skipped_steps: Steps (1-based) whose update was skipped for a non-finite loss or gradient
+            (``on_nonfinite: skip``); their entries in ``losses`` are the non-finite values.
     """
 
     steps: int
@@ -89,6 +96,7 @@ class FitResult:
     peak_memory_mb: float
     status: str = "completed"
     run_dir: Path | None = None
+    skipped_steps: list[int] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -109,6 +117,8 @@ class _State:
     train_seconds: float = 0.0
     status: str = "running"
     stop_reason: str = ""
+    skipped_steps: list[int] = field(default_factory=list)  # on_nonfinite "skip": steps not applied
+    skips_in_a_row: int = 0
 
 
 @dataclass
@@ -210,6 +220,11 @@ def _loop(run: _Run, tracker: Tracker, interrupt: SimpleNamespace) -> None:
     state, plan = run.state, run.plan
     if state.status != "running":
         tracker.text(f"nothing to do: the checkpoint is of a finished run ({state.stop_reason})")
+        if state.status in ("completed", "early_stopped") and run.run_dir is not None:
+            # a crash after the last checkpoint, while final/ was written: the checkpoint holds the
+            # same weights (restored into the model), so write final/ from them
+            if not (run.run_dir / "final" / "training_info.json").is_file():
+                save_weights(run.model, run.run_dir / "final", run.adapter, {"step": state.step, "status": state.status})
         return
     tracker.text(f"training {plan.total_steps} steps of {plan.batch_size} x {plan.grad_accum} examples "
                  f"({plan.n} training examples) on {run.device}" + (f", from step {state.step}" if state.step else ""))
@@ -224,16 +239,25 @@ def _loop(run: _Run, tracker: Tracker, interrupt: SimpleNamespace) -> None:
         if outcome is None:  # non-finite: _train_step set status and reason
             tracker.text(state.stop_reason)
             break
-        loss_value, grad_norm, examples = outcome
+        loss_value, grad_norm, examples, skipped = outcome
         state.step += 1
         state.losses.append(loss_value)
         state.train_seconds = seconds_before + time.perf_counter() - started
-        window.losses.append(loss_value)
+        if skipped is None:
+            state.skips_in_a_row = 0
+            window.losses.append(loss_value)
+        else:
+            state.skipped_steps.append(state.step)
+            state.skips_in_a_row += 1
+            tracker.text(f"step {state.step}/{plan.total_steps}: non-finite {skipped}; skipped its optimizer step "
+                         f"(train.on_nonfinite: skip): {len(state.skipped_steps)} skipped in all, "
+                         f"{state.skips_in_a_row} in a row (the run stops after {MAX_SKIPS_IN_A_ROW} in a row)")
         window.examples += examples
         window.seconds += time.perf_counter() - step_started
         tracker.step_done(loss_value, examples / max(time.perf_counter() - step_started, 1e-9))
         if run.config.log_every and (state.step % run.config.log_every == 0 or state.step == plan.total_steps):
-            _log_train(run, tracker, window, grad_norm)
+            if window.losses:  # a window of skipped steps only has no loss to report
+                _log_train(run, tracker, window, grad_norm)
             window = SimpleNamespace(losses=[], examples=0, seconds=0.0)
         evaluated = _maybe_evaluate(run, tracker)
         if state.status == "running" and state.step == plan.total_steps:
@@ -254,8 +278,12 @@ def _loop(run: _Run, tracker: Tracker, interrupt: SimpleNamespace) -> None:
         tracker.text(f"{state.stop_reason} in {format_seconds(state.train_seconds)}")
 
 
-def _train_step(run: _Run) -> tuple[float, float, int] | None:
-    """One optimizer step over ``grad_accum`` micro-batches; None (and status "diverged") if non-finite."""
+def _train_step(run: _Run) -> tuple[float, float, int, str | None] | None:
+    """One optimizer step over ``grad_accum`` micro-batches.
+
+    Returns ``(loss, grad_norm, examples, skipped)``: ``skipped`` is None when the update was applied,
+    else what was non-finite (``on_nonfinite: skip``). None when the run must stop (status "diverged").
+    """
     config, step = run.config, run.state.step
     batches = run.plan.step_batches(step)
     n_examples = sum(len(indices) for indices in batches)
@@ -276,19 +304,35 @@ def _train_step(run: _Run) -> tuple[float, float, int] | None:
         total += weighted.detach()
     loss_value = total.item()
     if not math.isfinite(loss_value):
-        return _diverged(run, "loss", loss_value)
+        return _nonfinite(run, "loss", loss_value, n_examples)
     params = [p for group in run.optimizer.param_groups for p in group["params"] if p.grad is not None]
     if config.max_grad_norm is not None:
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm))
     else:
         grad_norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params]))) if params else 0.0
     if not math.isfinite(grad_norm):
-        return _diverged(run, "gradient norm", grad_norm)
+        return _nonfinite(run, "gradient norm", grad_norm, n_examples, loss_value)
     run.optimizer.step()
     if run.hook is not None:  # reads this step's gradients, which zero_grad clears at the next step
         run.hook.after_optimizer_step(step + 1)
     run.scheduler.step()
-    return loss_value, grad_norm, n_examples
+    return loss_value, grad_norm, n_examples, None
+
+
+def _nonfinite(run: _Run, what: str, value: float, n_examples: int,
+               loss_value: float | None = None) -> tuple[float, float, int, str] | None:
+    """Skip the step (``on_nonfinite: skip``, within the limit) or stop the run (None)."""
+    state = run.state
+    if run.config.on_nonfinite != "skip":
+        return _diverged(run, what, value)
+    if state.skips_in_a_row >= MAX_SKIPS_IN_A_ROW:
+        return _diverged(run, what, value, note=f" after {state.skips_in_a_row} skipped steps in a row (train.on_nonfinite: "
+                         f"skip skips at most {MAX_SKIPS_IN_A_ROW} in a row)")
+    run.optimizer.zero_grad(set_to_none=True)
+    # the schedule follows the step count, skipped or not, so that the rate at step s stays lr x m(s)
+    run.scheduler.step()
+    grad_norm = value if what == "gradient norm" else float("nan")
+    return (value if loss_value is None else loss_value), grad_norm, n_examples, f"{what} ({value})"
 
 
 def _check_loss_tensor(value: Any) -> None:
@@ -300,7 +344,7 @@ def _check_loss_tensor(value: Any) -> None:
                            "torch.no_grad(), detach the output, or are no parameters of the model trainable?")
 
 
-def _diverged(run: _Run, what: str, value: float, applied: bool = False) -> None:
+def _diverged(run: _Run, what: str, value: float, applied: bool = False, note: str = "") -> None:
     """Stop the run with status "diverged" and a message naming the step and the fixes to try."""
     state, config = run.state, run.config
     run.optimizer.zero_grad(set_to_none=True)
@@ -319,7 +363,7 @@ def _diverged(run: _Run, what: str, value: float, applied: bool = False) -> None
         where = (f"at step {state.step + 1} of {run.plan.total_steps}: training stopped before applying it, so the "
                  f"model holds the weights after step {state.step}")
     state.status = "diverged"
-    state.stop_reason = f"non-finite {what} ({value}) {where}; {kept}. Try {', or '.join(fixes)}."
+    state.stop_reason = f"non-finite {what} ({value}){note} {where}; {kept}. Try {', or '.join(fixes)}."
     return None
 
 
@@ -399,6 +443,7 @@ def _start(run_dir: Path | None, resume: bool, key: dict[str, Any], plan: DataPl
     root = run_dir / "checkpoints" if run_dir is not None else None
     if root is not None:
         remove_stale_temporaries(root)
+        remove_stale_temporaries(run_dir, ("best", "final"))
     latest = latest_checkpoint(root) if root is not None else None
     if not resume:
         if latest is not None:
@@ -432,7 +477,8 @@ def _result(run: _Run) -> FitResult:
         steps=state.step, losses=list(state.losses), history=[dict(h) for h in state.history],
         best_metric=state.best_metric, best_step=state.best_step, stopped_early=state.status == "early_stopped",
         stop_reason=state.stop_reason, train_seconds=state.train_seconds,
-        peak_memory_mb=peak_memory_mb(run.device), status=state.status, run_dir=run.run_dir)
+        peak_memory_mb=peak_memory_mb(run.device), status=state.status, run_dir=run.run_dir,
+        skipped_steps=list(state.skipped_steps))
 
 
 def _training_hook(model: nn.Module, adapter: str | None, total_steps: int) -> Any:
@@ -456,6 +502,8 @@ def _adapter_of(model: nn.Module, adapter_name: str) -> str | None:
 
 def _check_arguments(config: TrainConfig, examples: Sequence[Any], evaluate: Any, run_dir: Any, resume: bool) -> None:
     problems = train_config_problems(config)
+    if config.on_nonfinite not in ("stop", "skip"):
+        problems.append(f"train.on_nonfinite: expected 'stop' or 'skip', got {config.on_nonfinite!r}")
     if len(examples) == 0:
         problems.append("train_examples is empty: give fit at least one training example")
     if config.early_stopping_patience is not None and evaluate is None:
