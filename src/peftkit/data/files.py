@@ -8,11 +8,21 @@ splits the files already are or cuts one file into train / validation / test wit
 The result is a plain ``dict`` of splits with an ``info`` attribute recording where the examples came
 from, the seed and fractions of any split, and every split's size, so a run can write it next to its
 results and be reproduced.
+
+A file the ``datasets`` library cannot parse is a :class:`~peftkit.errors.ConfigError` naming the file
+and the first broken line (a JSON Lines line that is not a JSON object, a CSV row with the wrong
+number of fields or an unclosed quote, bytes that are not UTF-8), found by rescanning the file only
+once reading it failed.
 """
 
 from __future__ import annotations
 
+import bz2
 import contextlib
+import csv
+import gzip
+import json
+import lzma
 import random
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -119,7 +129,8 @@ def read_table(path: str | Path, fmt: str | None = None) -> tuple[list[str], lis
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
-        ConfigError: the format cannot be determined.
+        ConfigError: the format cannot be determined, or the file cannot be parsed (the message names
+            the first broken line when it can be found).
     """
     path = Path(path)
     builder = file_format(path, fmt)
@@ -132,9 +143,150 @@ def read_table(path: str | Path, fmt: str | None = None) -> tuple[list[str], lis
 
     tab_separated = (fmt or "").lower() == "tsv" or ".tsv" in [s.lower() for s in path.suffixes]
     kwargs: dict[str, Any] = {"sep": "\t"} if builder == "csv" and tab_separated else {}
-    with _quiet_datasets():
-        table = load_dataset(builder, data_files=str(path), split="train", **kwargs)
+    if builder == "csv":
+        _check_csv_head(path, kwargs.get("sep", ","))
+    try:
+        with _quiet_datasets():
+            table = load_dataset(builder, data_files=str(path), split="train", **kwargs)
+    except Exception as exc:  # noqa: BLE001 - datasets wraps parser errors of every kind in its own
+        raise ConfigError([malformed_row(path, builder, kwargs.get("sep", ","), exc)],
+                          what=f"data file {str(path)!r}") from None
     return list(table.column_names), table.to_list()
+
+
+_OPENERS = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
+
+
+def _check_csv_head(path: Path, sep: str) -> None:
+    """Refuse a CSV whose first data row has more fields than its header.
+
+    pandas (under ``datasets``) silently takes such a first column as the row index, shifting every
+    value one column to the left; later rows with too many fields are parse errors, and too few give
+    empty cells, both reported with their line. Reads only the first two records.
+    """
+    suffix = path.suffix.lower()
+    if suffix == ".zst":
+        return
+    opener = _OPENERS.get(suffix, open)
+    with opener(path, "rt", encoding="utf-8", errors="replace", newline="") as handle:
+        reader = csv.reader(handle, delimiter=sep)
+        try:
+            header = next(reader, None)
+            first = next((row for row in reader if row), None)
+        except csv.Error:
+            return  # reported with its line once the real read fails
+    if header and first and len(first) > len(header):
+        raise ConfigError(
+            [f"{path}: line {reader.line_num}: {len(first)} field(s), but the header line has {len(header)} "
+             f"({', '.join(header)}); every row needs one value per header column (quote values that contain {sep!r})"],
+            what=f"data file {str(path)!r}",
+        )
+
+
+def malformed_row(path: Path, builder: str, sep: str, error: BaseException) -> str:
+    """Where ``path`` is broken, as "``path``, line N: what; fix", for an error reading it.
+
+    Rescans CSV and JSON Lines files line by line; otherwise (Parquet, zstd, a broken file whose lines
+    all look fine) it gives the innermost error's message.
+    """
+    where = broken_line(path, builder, sep)
+    if where is None:
+        root = error
+        while root.__cause__ is not None or (root.__context__ is not None and not root.__suppress_context__):
+            root = root.__cause__ or root.__context__
+        where = f"cannot be read ({type(root).__name__}: {str(root).strip() or 'no details'})"
+    return f"{path}: {where}; fix the file (or data.format)"
+
+
+def broken_line(path: Path, builder: str, sep: str = ",") -> str | None:
+    """The first malformed line of a CSV or JSON Lines file ("line N: what"), or None.
+
+    Only called once something went wrong: it reads the whole file in Python.
+    """
+    suffix = path.suffix.lower()
+    opener = _OPENERS.get(suffix, open) if suffix != ".zst" else None
+    if opener is None or builder not in ("csv", "json"):
+        return None
+    with opener(path, "rb") as handle:
+        raw = handle.read()
+    return _broken_json_line(raw) if builder == "json" else _broken_csv_line(raw, sep)
+
+
+def _lines(raw: bytes) -> tuple[list[str], str | None]:
+    """The file's lines, or the first line that is not UTF-8."""
+    lines = raw.split(b"\n")
+    for number, line in enumerate(lines, 1):
+        try:
+            line.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            return [], f"line {number}: not UTF-8 text ({exc.reason} at byte {exc.start})"
+    return [line.decode("utf-8") for line in lines], None
+
+
+def _broken_json_line(raw: bytes) -> str | None:
+    lines, problem = _lines(raw)
+    if problem or not raw.strip():
+        return problem or "the file is empty"
+    if raw.lstrip()[:1] == b"[":  # one JSON document (an array of rows) rather than JSON Lines?
+        try:
+            rows = json.loads(raw)
+        except json.JSONDecodeError as exc:
+            if exc.msg != "Extra data":  # "Extra data": a first line that is a whole array; scan the lines
+                return f"line {exc.lineno}: not valid JSON ({exc.msg}, column {exc.colno})"
+        else:
+            if isinstance(rows, list) and all(isinstance(row, dict) for row in rows):
+                return None
+            return "line 1: the file is one JSON value, not one JSON object per line (JSON Lines)"
+    kinds: dict[str, tuple[str, int]] = {}  # key -> (JSON type, first line): Arrow needs one type per column
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            return f"line {number}: not valid JSON ({exc.msg}, column {exc.colno})"
+        except RecursionError:
+            return f"line {number}: JSON nested too deeply"
+        if not isinstance(row, dict):
+            return f"line {number}: expected one JSON object per line, got {_json_kind(row)} {line.strip()[:40]!r}"
+        for key, value in row.items():
+            if value is None:
+                continue
+            kind, first = kinds.setdefault(key, (_json_kind(value), number))
+            if kind != _json_kind(value):
+                return (f"line {number}: {key!r} is {_json_kind(value)} here but {kind} on line {first}; "
+                        "a column holds one type")
+    return None
+
+
+def _json_kind(value: Any) -> str:
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    return {str: "a string", list: "an array", dict: "an object"}.get(type(value), "null")
+
+
+def _broken_csv_line(raw: bytes, sep: str) -> str | None:
+    lines, problem = _lines(raw)
+    if problem:
+        return problem
+    reader = csv.reader(lines, delimiter=sep, strict=True)
+    try:
+        header = next(reader, None)
+        if not header:
+            return "the file is empty (no header line)"
+        rows = 0
+        for row in reader:
+            if not row:
+                continue
+            rows += 1
+            if len(row) != len(header):
+                return (f"line {reader.line_num}: {len(row)} field(s), but the header line has {len(header)} "
+                        f"({', '.join(header)}); quote values that contain {sep!r}")
+    except csv.Error as exc:
+        return f"line {reader.line_num}: {exc} (an unclosed quote?)"
+    return None if rows else "the file has a header line but no data rows"
 
 
 def split_rows(rows: Sequence[Any], validation: float, test: float, seed: int) -> dict[str, list[Any]]:
@@ -206,13 +358,28 @@ def _read_mapped(path: str | Path, data: DataConfig, roles: Sequence[str]) -> li
                 f"{', '.join(columns)}; set data.columns.{role} to one of them"
             )
     if problems:
-        raise ConfigError(problems, what=f"column mapping for {str(path)!r}")
+        raise ConfigError(_with_broken_line(path, data.format, problems), what=f"column mapping for {str(path)!r}")
     empty = [(i, role) for i, row in enumerate(rows) for role, column in mapping.items() if row[column] is None]
     if empty:
         shown = [f"row {i + 1}: no value in column {mapping[role]!r} (role {role!r})" for i, role in empty[:MAX_ROWS_SHOWN]]
         more = [f"... and {len(empty) - MAX_ROWS_SHOWN} more empty cells"] if len(empty) > MAX_ROWS_SHOWN else []
-        raise ConfigError(shown + more + ["fill or drop these rows in the file"], what=f"data file {str(path)!r}")
+        problems = _with_broken_line(path, data.format, shown + more + ["fill or drop these rows in the file"])
+        raise ConfigError(problems, what=f"data file {str(path)!r}")
     return [{role: row[column] for role, column in mapping.items()} for row in rows]
+
+
+def _with_broken_line(path: str | Path, fmt: str | None, problems: list[str]) -> list[str]:
+    """``problems``, headed by the file's first malformed line when it has one.
+
+    The data library reads some broken files without complaint (a CSV row with one field too many
+    becomes an index column, a JSON array becomes a column of values), and the first sign is a missing
+    column or empty cells; the broken line is then the cause to report.
+    """
+    path = Path(path)
+    builder = file_format(path, fmt)
+    tab = (fmt or "").lower() == "tsv" or ".tsv" in [s.lower() for s in path.suffixes]
+    where = broken_line(path, builder, "\t" if tab else ",")
+    return ([f"{path}: {where} (probably the cause of what follows)"] if where else []) + problems
 
 
 def _check_bundled(name: str, splits: Mapping[str, list[dict[str, Any]]], roles: Sequence[str]) -> None:
@@ -234,9 +401,13 @@ def _quiet_datasets() -> Iterator[None]:
     from datasets.utils import logging
 
     enabled = logging.is_progress_bar_enabled()
+    verbosity = logging.get_verbosity()
     logging.disable_progress_bar()
+    # a file it cannot parse makes datasets log an error line before raising; peftkit raises its own
+    logging.set_verbosity(logging.CRITICAL)
     try:
         yield
     finally:
+        logging.set_verbosity(verbosity)
         if enabled:
             logging.enable_progress_bar()

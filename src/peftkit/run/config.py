@@ -101,7 +101,11 @@ def parse_config(data: Any, overrides: Iterable[str] = (), source: str = "config
              f"eval, output_dir), got {_show(data)}"],
             what="run config",
         )
-    data = apply_overrides(data, overrides, problems)
+    try:
+        data = apply_overrides(data, overrides, problems)
+    except RecursionError:  # a YAML alias that contains itself (`a: &x [*x]`), or absurd nesting
+        raise ConfigError([f"{source}: a value refers to itself or is nested too deeply; no run config is"],
+                          what="run config") from None
     values = _check_dataclass(RunConfig, data, "", problems) or {}
     # Fields that failed their type check keep their defaults here, so the range and reference checks
     # still run on everything else and the user sees every problem in one go.
