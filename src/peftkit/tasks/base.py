@@ -7,7 +7,8 @@ loop only talk to this interface, so a new task touches one file (as a method do
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Protocol
 
 import torch
@@ -52,6 +53,22 @@ class Task(Protocol):
     def predict(self, model: nn.Module, inputs: Sequence[Any], batch_size: int) -> list[Any]:
         """Predictions for raw inputs (texts, prompts, images); JSON-serialisable values."""
         ...
+
+    # Optional: ``behaviour_probe(model, n, batch_size) -> peftkit.tasks.probes.BehaviourProbe``, the
+    # model's behaviour on ``n`` held-out general inputs; ``peftkit compare`` measures forgetting with
+    # it and reports "n/a" for a task without one.
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Eval mode (dropout off) and no gradients; the model's training mode is restored afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        model.train(was_training)
 
 
 _TASKS: dict[str, Callable[..., Task]] = {}

@@ -20,8 +20,7 @@ task on translation pairs (``configs/translate-smollm2-lora.yaml``).
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -30,9 +29,11 @@ from torch import nn
 
 from .. import text_metrics
 from ..data.files import load_examples
+from ..data.general_text import GENERAL_TEXT_SOURCE, general_texts
 from ..errors import ConfigError
 from ..models import bundled_model_path, explain_missing, quiet_transformers
-from .base import Batch, Example, register_task
+from .base import Batch, Example, eval_mode, register_task
+from .probes import BehaviourProbe
 
 if TYPE_CHECKING:
     from ..run.schema import ModelConfig, RunConfig
@@ -179,6 +180,20 @@ class CausalLMTask(GenerationTask):
             references = [role_text(e, "response") for e in examples]
             result.update({m: TEXT_METRICS[m](predictions, references) for m in wanted})
         return result
+
+    def behaviour_probe(self, model: nn.Module, n: int, batch_size: int) -> BehaviourProbe:
+        """Mean next-token loss on ``n`` held-out general texts (``peftkit.data.general_text``, plain
+        text without the chat template, ``data.max_length`` tokens at most): what ``peftkit compare``
+        measures forgetting with."""
+        tokenizer = self._load_tokenizer()
+        limit = self.config.data.max_length
+        sequences = [tokenizer(t, truncation=True, max_length=limit)["input_ids"] for t in general_texts(n)]
+
+        def collate(chunk: Sequence[Sequence[int]]) -> Batch:
+            ids, mask = pad(chunk, self._pad_id(), side="right")
+            return {"input_ids": ids, "attention_mask": mask, "labels": pad(chunk, IGNORE, side="right")[0]}
+
+        return BehaviourProbe("lm_loss", GENERAL_TEXT_SOURCE, value=teacher_forced_nll(model, collate, sequences, batch_size))
 
     def predict(self, model: nn.Module, inputs: Sequence[Any], batch_size: int) -> list[str]:
         """The greedy answer (``eval.max_new_tokens`` tokens at most, up to EOS) to each prompt, in order.
@@ -328,18 +343,6 @@ def generate_texts(
             for i, text in zip(idx, tokenizer.batch_decode(new, skip_special_tokens=True)):
                 out[i] = text.strip()
     return out
-
-
-@contextlib.contextmanager
-def eval_mode(model: nn.Module) -> Iterator[None]:
-    """Eval mode (dropout off) and no gradients; the model's training mode is restored afterwards."""
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        model.train(was_training)
 
 
 

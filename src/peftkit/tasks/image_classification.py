@@ -33,7 +33,8 @@ from ..errors import ConfigError
 from ..models import bundled_model_path
 from ..models.efficientnet import HEAD, IMAGENET_MEAN, IMAGENET_STD, load_efficientnet_lite0
 from ..models.efficientnet import NAME as EFFICIENTNET
-from .base import Batch, Example, register_task
+from .base import Batch, Example, eval_mode, register_task
+from .probes import BehaviourProbe, head_input_features
 
 if TYPE_CHECKING:
     from ..run.schema import RunConfig
@@ -294,6 +295,30 @@ class ImageClassificationTask:
             score, best = logits.softmax(-1).max(-1)
             out += [{"label": names[b] if b < len(names) else str(b), "score": s} for b, s in zip(best.tolist(), score.tolist())]
         return out
+
+    def behaviour_probe(self, model: nn.Module, n: int, batch_size: int) -> BehaviourProbe:
+        """The pooled backbone features (the classifier head's input) of the first ``n`` test images:
+        what ``peftkit compare`` measures forgetting with. No general image set ships here, so the
+        probe uses held-out images of the task itself: it measures how far the pretrained feature
+        space moved, not the model's skill on other images.
+
+        Raises:
+            ValueError: the data has no test images, or the model has no linear head with one output
+                per class.
+        """
+        images = [_image_of(e) for e in self.load_data().get("test", [])[:n]]
+        if len(images) < 2:
+            raise ValueError("the behaviour probe needs at least 2 test images; the test split has fewer")
+        width = len(self.labels or [])
+        heads = [m for m in model.modules() if isinstance(m, nn.Linear) and m.out_features == width]
+        if not heads:
+            raise ValueError(f"found no nn.Linear head with {width} outputs (one per class) to read features from")
+        features = []
+        with eval_mode(model):
+            for start in range(0, len(images), batch_size):
+                pixels = pixel_values(images[start : start + batch_size], self.image_size)
+                features.append(head_input_features(heads, lambda p=pixels: _logits(model, p)))
+        return BehaviourProbe("features", "held-out test images of the task", features=torch.cat(features))
 
     def _forward(self, model: nn.Module, images: Sequence[Any], batch_size: int) -> Iterator[tuple[int, torch.Tensor]]:
         """``(start, logits)`` per batch, in eval mode without gradients; the mode is restored after."""

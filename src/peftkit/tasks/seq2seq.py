@@ -21,9 +21,10 @@ import torch
 from torch import nn
 
 from .. import text_metrics
+from ..data.general_text import GENERAL_TEXT_SOURCE, general_texts
 from ..errors import ConfigError
 from ..models import explain_missing
-from .base import Batch, Example, register_task
+from .base import Batch, Example, eval_mode, register_task
 from .causal_lm import (
     IGNORE,
     TEXT_METRICS,
@@ -35,6 +36,7 @@ from .causal_lm import (
     teacher_forced_nll,
     token_nll,
 )
+from .probes import BehaviourProbe, mean_pooled
 
 if TYPE_CHECKING:
     pass
@@ -114,6 +116,23 @@ class Seq2SeqTask(GenerationTask):
             references = [role_text(e, "target") for e in examples]
             result.update({m: TEXT_METRICS[m](predictions, references) for m in wanted})
         return result
+
+    def behaviour_probe(self, model: nn.Module, n: int, batch_size: int) -> BehaviourProbe:
+        """Mean-pooled encoder outputs for ``n`` held-out general texts (``peftkit.data.general_text``):
+        what ``peftkit compare`` measures forgetting with."""
+        texts = general_texts(n)
+        start_id = model.config.decoder_start_token_id
+        start_id = self._pad_id() if start_id is None else start_id
+        features = []
+        with eval_mode(model):
+            device = next(model.parameters()).device
+            for begin in range(0, len(texts), batch_size):
+                ids, mask = pad([self.encode_source(t) for t in texts[begin : begin + batch_size]], self._pad_id(),
+                                side="right")
+                out = model(input_ids=ids.to(device), attention_mask=mask.to(device),
+                            decoder_input_ids=torch.full((len(ids), 1), start_id, device=device))
+                features.append(mean_pooled(out.encoder_last_hidden_state, mask))
+        return BehaviourProbe("features", GENERAL_TEXT_SOURCE, features=torch.cat(features))
 
     def predict(self, model: nn.Module, inputs: Sequence[Any], batch_size: int) -> list[str]:
         """The greedy output (``eval.max_new_tokens`` tokens at most) for each source, in order.

@@ -20,9 +20,11 @@ from torch import nn
 
 from .. import metrics
 from ..data.files import load_examples
+from ..data.general_text import GENERAL_TEXT_SOURCE, general_texts
 from ..errors import ConfigError
 from ..models import bundled_model_path, explain_missing, quiet_transformers
-from .base import Batch, Example, register_task
+from .base import Batch, Example, eval_mode, register_task
+from .probes import BehaviourProbe, mean_pooled
 
 if TYPE_CHECKING:
     from ..run.schema import RunConfig
@@ -209,6 +211,20 @@ class TextClassificationTask:
             for i, b, s in zip(idx, best.tolist(), score.tolist()):
                 out[i] = {"label": names[b] if b < len(names) else f"LABEL_{b}", "score": s}
         return out
+
+    def behaviour_probe(self, model: nn.Module, n: int, batch_size: int) -> BehaviourProbe:
+        """Mean-pooled last hidden states (the sentence embedding of sentence-transformers models) of
+        ``n`` held-out general texts (``peftkit.data.general_text``): what ``peftkit compare``
+        measures forgetting with."""
+        texts = general_texts(n)
+        features = []
+        with eval_mode(model):
+            device = next(model.parameters()).device
+            for start in range(0, len(texts), batch_size):
+                batch = self.collate([{"text": t} for t in texts[start : start + batch_size]])
+                out = model(**{k: v.to(device) for k, v in batch.items()}, output_hidden_states=True)
+                features.append(mean_pooled(out.hidden_states[-1], batch["attention_mask"]))
+        return BehaviourProbe("features", GENERAL_TEXT_SOURCE, features=torch.cat(features))
 
     def _forward(self, model: nn.Module, items: Sequence[Any], batch_size: int) -> Iterator[tuple[list[int], torch.Tensor]]:
         """``(indices, logits)`` per batch, in eval mode without gradients; the mode is restored after."""

@@ -1,0 +1,224 @@
+"""The comparison config (``peftkit compare CONFIG.yaml``): a run config plus a ``compare:`` section.
+
+The top-level sections (``task``, ``model``, ``data``, ``adapter``, ``train``, ``eval``) are what every
+run shares; ``compare.runs`` lists the runs, each a ``name`` plus the sections it changes. A run's
+``adapter`` replaces the shared one (``method: full`` is full fine-tuning); its other sections are
+merged key by key into the shared ones (so ``train: {lr: 5e-5}`` changes the learning rate only).
+``output_dir`` is the comparison's directory; each run trains in ``runs/<name>/seed-<s>/`` under it::
+
+    task: text-classification
+    model: {name_or_path: minilm}
+    data: {name: rotten_tomatoes, max_length: 64}
+    train: {steps: 80, batch_size: 16, eval_every: 20, metric: accuracy, greater_is_better: true}
+    output_dir: runs/compare-sentiment
+    compare:
+      seeds: [0, 1, 2]
+      runs:
+        - {name: full, adapter: {method: full}, train: {lr: 5.0e-5}}
+        - {name: lora, adapter: {method: lora, r: 8, target_modules: [query, value]}, train: {lr: 2.0e-3}}
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConfigError
+from ..run.config import apply_overrides, parse_config, parse_yaml, resolved, to_dict
+from ..run.schema import RunConfig
+
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*")
+SETTINGS = {  # compare: key -> (default, what it is); the docs table is checked against this
+    "seeds": ([0, 1, 2], "the seeds every run is repeated with (train.seed); an integer n means 0..n-1"),
+    "runs": (None, "the runs: a list of {name, adapter, and any section to change}"),
+    "target_fraction": (0.95, "time to target: first evaluation reaching this share of the reference's best"),
+    "reference": ("full", "the run whose best validation metric defines the target (default: full)"),
+    "probe_examples": (256, "held-out inputs the forgetting probe uses (0: no forgetting measurement)"),
+    "latency_repeats": (5, "timed forward passes per latency figure (the median is reported)"),
+}
+
+
+@dataclass
+class PlannedRun:
+    """One training run of a comparison: a method's config with one seed.
+
+    Attributes:
+        name: The run's name in the comparison (a row of the report).
+        seed: Its ``train.seed``.
+        config: The complete run config (``output_dir`` inside the comparison's directory).
+        key: A hash of ``config``: a finished record with another key is stale and re-run.
+    """
+
+    name: str
+    seed: int
+    config: RunConfig
+    key: str
+
+    @property
+    def label(self) -> str:
+        return f"{self.name} seed {self.seed}"
+
+
+@dataclass
+class CompareConfig:
+    """A checked comparison: where it writes, its settings and every planned run."""
+
+    output_dir: Path
+    seeds: list[int]
+    names: list[str]
+    runs: list[PlannedRun]
+    target_fraction: float = 0.95
+    reference: str | None = "full"
+    probe_examples: int = 256
+    latency_repeats: int = 5
+    source: dict[str, Any] = field(default_factory=dict)
+
+    def select(self, names: Iterable[str]) -> CompareConfig:
+        """Only the runs named in ``names``.
+
+        Raises:
+            ConfigError: a name is not one of the comparison's runs.
+        """
+        wanted = list(names)
+        unknown = [n for n in wanted if n not in self.names]
+        if unknown:
+            raise ConfigError([f"--only: {', '.join(map(repr, unknown))} not among the runs {self.names}"],
+                              what="comparison")
+        return dataclasses.replace(self, names=[n for n in self.names if n in wanted],
+                                   runs=[r for r in self.runs if r.name in wanted])
+
+
+def load_compare_config(path: str | Path, overrides: Iterable[str] = (), seeds: list[int] | None = None) -> CompareConfig:
+    """Read and check a comparison config.
+
+    Args:
+        path: The YAML file.
+        overrides: ``dotted.key=value`` applied to the shared sections (every run), e.g. ``train.steps=50``,
+            or to the compare section (``compare.target_fraction=0.9``).
+        seeds: Replace ``compare.seeds``.
+
+    Raises:
+        ConfigError: the file is missing or invalid; every problem of every run is listed, each headed
+            by its run (``compare.runs[1] (lora): train.lr: ...``).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError([f"comparison config {str(path)!r} does not exist; give a YAML file with a compare: "
+                           "section, e.g. configs/compare-sentiment-minilm.yaml"], what="comparison config")
+    try:
+        data = parse_yaml(path.read_text(encoding="utf-8"))
+    except Exception as exc:  # yaml.YAMLError, UnicodeDecodeError
+        raise ConfigError([f"{path}: not valid YAML: {exc}"], what="comparison config") from None
+    return parse_compare_config(data, overrides, seeds, source=str(path))
+
+
+def parse_compare_config(data: Any, overrides: Iterable[str] = (), seeds: list[int] | None = None,
+                         source: str = "comparison config") -> CompareConfig:
+    """Check the mapping ``data`` (see :func:`load_compare_config`)."""
+    problems: list[str] = []
+    if not isinstance(data, Mapping):
+        raise ConfigError([f"{source}: expected a mapping of sections with a compare: section"], what="comparison config")
+    data = apply_overrides(data, overrides, problems)
+    section = data.pop("compare", None)
+    if not isinstance(section, Mapping):
+        raise ConfigError([f"{source}: no compare: section (a mapping with runs: [...]); `peftkit train` runs a "
+                           "single config"], what="comparison config")
+    settings = _settings(section, problems)
+    if seeds is not None:
+        settings["seeds"] = _seed_list(seeds, problems)
+    output_dir = Path(str(data.get("output_dir") or "runs/compare"))
+    names: list[str] = []
+    planned: list[PlannedRun] = []
+    for index, run in enumerate(settings["runs"] or []):
+        where = f"compare.runs[{index}]"
+        if not isinstance(run, Mapping) or not isinstance(run.get("name"), str) or not NAME.fullmatch(run["name"]):
+            problems.append(f"{where}: expected a mapping with a name (letters, digits, _ . + -), got {run!r}")
+            continue
+        name = run["name"]
+        if name in names:
+            problems.append(f"{where}: the name {name!r} is used twice; give each run its own name")
+            continue
+        names.append(name)
+        for seed in settings["seeds"] or [0]:  # bad seeds are reported; the run itself is still checked
+            merged = _merged(data, {k: v for k, v in run.items() if k != "name"})
+            merged["output_dir"] = str(output_dir / "runs" / name / f"seed-{seed}")
+            merged.setdefault("train", {})["seed"] = seed
+            try:
+                config = resolved(parse_config(merged, source=f"{where} ({name})"))
+            except ConfigError as exc:
+                problems += [f"{where} ({name}): {p}" for p in exc.problems if f"{where} ({name}): {p}" not in problems]
+                continue
+            planned.append(PlannedRun(name, seed, config, config_key(config)))
+    if settings["runs"] is None or settings["runs"] == [] and isinstance(section.get("runs"), list):
+        problems.append("compare.runs: list at least one run, e.g. - {name: lora, adapter: {method: lora}}")
+    reference = settings["reference"]
+    if reference and names and reference not in names:
+        if section.get("reference") is not None:
+            problems.append(f"compare.reference: {reference!r} is not one of the runs {names}")
+        reference = None  # without a full fine-tuning run, the best run's metric is the target
+    if problems:
+        raise ConfigError(problems, what=f"comparison config {source!r}")
+    return CompareConfig(output_dir=output_dir.expanduser().resolve(), seeds=settings["seeds"], names=names,
+                         runs=planned, target_fraction=settings["target_fraction"], reference=reference,
+                         probe_examples=settings["probe_examples"], latency_repeats=settings["latency_repeats"],
+                         source={**data, "compare": dict(section)})
+
+
+def config_key(config: RunConfig) -> str:
+    """A short hash of everything that decides a run's outcome."""
+    text = json.dumps(to_dict(config), sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _settings(section: Mapping[str, Any], problems: list[str]) -> dict[str, Any]:
+    out = {key: default for key, (default, _) in SETTINGS.items()}
+    for key, value in section.items():
+        if key not in SETTINGS:
+            problems.append(f"compare.{key}: unknown key; valid keys: {', '.join(SETTINGS)}")
+            continue
+        out[key] = value
+    out["seeds"] = _seed_list(out["seeds"], problems)
+    if out["runs"] is not None and not isinstance(out["runs"], list):
+        problems.append(f"compare.runs: expected a list of runs, got {out['runs']!r}")
+        out["runs"] = []
+    fraction = out["target_fraction"]
+    if isinstance(fraction, bool) or not isinstance(fraction, int | float) or not 0 < fraction <= 1:
+        problems.append(f"compare.target_fraction: expected a number in (0, 1], got {fraction!r}")
+    for key in ("probe_examples", "latency_repeats"):
+        value, least = out[key], 0 if key == "probe_examples" else 1
+        if isinstance(value, bool) or not isinstance(value, int) or value < least or value == 1 and key == "probe_examples":
+            problems.append(f"compare.{key}: expected an integer >= {max(least, 2) if key == 'probe_examples' else least}"
+                            f"{' (or 0)' if key == 'probe_examples' else ''}, got {value!r}")
+    if out["reference"] is not None and not isinstance(out["reference"], str):
+        problems.append(f"compare.reference: expected a run name, got {out['reference']!r}")
+    return out
+
+
+def _seed_list(value: Any, problems: list[str]) -> list[int]:
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return list(range(value))
+    if (isinstance(value, list) and value and len(set(value)) == len(value)
+            and all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in value)):
+        return list(value)
+    problems.append(f"compare.seeds: expected a positive count or a list of distinct non-negative integers, got {value!r}")
+    return []
+
+
+def _merged(shared: Mapping[str, Any], changes: Mapping[str, Any]) -> dict[str, Any]:
+    """The shared sections with one run's changes: ``adapter`` and scalars replace, sections merge."""
+    out = json.loads(json.dumps(shared, default=str))
+    for key, value in changes.items():
+        if key != "adapter" and isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = _merged(out[key], value)
+        else:
+            out[key] = json.loads(json.dumps(value, default=str))
+    return out
+
+
+__all__ = ["SETTINGS", "CompareConfig", "PlannedRun", "config_key", "load_compare_config", "parse_compare_config"]

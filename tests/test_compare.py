@@ -1,0 +1,274 @@
+"""`peftkit compare`: the comparison config, the run plan, idempotent records, failures, and the report's
+numbers checked against the records. End to end on a tiny BERT and a CSV file (see test_runner.py)."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+
+import pytest
+
+from peftkit.cli import main
+from peftkit.compare import load_compare_config, parse_compare_config, read_record, run_comparison
+from peftkit.compare import runner as compare_runner
+from peftkit.errors import ConfigError
+from peftkit.report import summarise
+from peftkit.report.render import COLUMNS, cells
+from test_runner import reviews_csv, tiny_model_dir  # noqa: F401 - fixtures
+
+DEMO = "src/peftkit/compare/demo-sentiment-minilm.yaml"
+
+
+def comparison(model_dir, csv_path, out, runs=None, **compare):
+    return {
+        "task": "text-classification",
+        "model": {"name_or_path": str(model_dir)},
+        "data": {"files": str(csv_path), "columns": {"text": "review", "label": "sentiment"}, "max_length": 16,
+                 "split": {"validation": 0.2, "test": 0.2, "seed": 0}},
+        "train": {"steps": 6, "batch_size": 8, "lr": 1e-2, "eval_every": 3, "metric": "accuracy",
+                  "greater_is_better": True, "log_every": 3, "progress": False, "tensorboard": False,
+                  "device": "cpu"},
+        "eval": {"batch_size": 8},
+        "output_dir": str(out),
+        "compare": {"seeds": 2, "probe_examples": 12, "latency_repeats": 2, **compare,
+                    "runs": runs or [{"name": "full", "adapter": {"method": "full"}, "train": {"lr": 1e-3}},
+                                     {"name": "lora", "adapter": {"method": "lora", "r": 4,
+                                                                  "target_modules": ["query", "value"]}}]},
+    }
+
+
+# -- the config ------------------------------------------------------------------------------------
+
+
+def test_runs_merge_their_sections_into_the_shared_ones(tiny_model_dir, reviews_csv, tmp_path):  # noqa: F811
+    config = parse_compare_config(comparison(tiny_model_dir, reviews_csv, tmp_path / "c"))
+    assert config.names == ["full", "lora"] and config.seeds == [0, 1]
+    assert [r.label for r in config.runs] == ["full seed 0", "full seed 1", "lora seed 0", "lora seed 1"]
+    full, lora = config.runs[0].config, config.runs[2].config
+    assert full.adapter == {"method": "full"} and full.train.lr == 1e-3
+    assert lora.train.lr == 1e-2 and lora.train.steps == 6  # unchanged shared values stay
+    assert lora.adapter["r"] == 4
+    assert config.runs[1].config.train.seed == 1
+    assert full.output_dir == str(tmp_path / "c" / "runs" / "full" / "seed-0")
+    assert len({r.key for r in config.runs}) == 4  # every run has its own identity
+    assert config.reference == "full"
+
+
+def test_every_problem_of_every_run_is_reported(tiny_model_dir, reviews_csv, tmp_path):  # noqa: F811
+    runs = [{"name": "lora", "adapter": {"method": "lora", "r": 0}},
+            {"name": "lora", "adapter": {"method": "ia3"}},
+            {"name": "bad name!"},
+            {"name": "ia3", "adapter": {"method": "ia3"}, "train": {"lr": "fast"}}]
+    data = comparison(tiny_model_dir, reviews_csv, tmp_path, runs=runs, seeds=[1, 1], target_fraction=2,
+                      colour="blue")
+    with pytest.raises(ConfigError) as info:
+        parse_compare_config(data)
+    text = str(info.value)
+    assert "compare.seeds" in text and "compare.target_fraction" in text and "compare.colour: unknown key" in text
+    assert "compare.runs[1]: the name 'lora' is used twice" in text
+    assert "compare.runs[2]: expected a mapping with a name" in text
+    assert "compare.runs[3] (ia3): train.lr" in text and "compare.runs[0] (lora): adapter" in text
+
+
+def test_missing_sections_and_unknown_only_names_say_what_to_do(tiny_model_dir, reviews_csv, tmp_path):  # noqa: F811
+    data = comparison(tiny_model_dir, reviews_csv, tmp_path)
+    with pytest.raises(ConfigError, match="no compare: section"):
+        parse_compare_config({k: v for k, v in data.items() if k != "compare"})
+    with pytest.raises(ConfigError, match="list at least one run"):
+        parse_compare_config({**data, "compare": {"runs": []}})
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_compare_config(tmp_path / "nope.yaml")
+    config = parse_compare_config(data)
+    assert [r.name for r in config.select(["lora"]).runs] == ["lora", "lora"]
+    with pytest.raises(ConfigError, match="'dora' not among the runs"):
+        config.select(["dora"])
+
+
+def test_overrides_and_seeds_apply_to_every_run(tiny_model_dir, reviews_csv, tmp_path):  # noqa: F811
+    data = comparison(tiny_model_dir, reviews_csv, tmp_path)
+    config = parse_compare_config(data, ["train.steps=9", "compare.target_fraction=0.8"], seeds=[5])
+    assert {r.config.train.steps for r in config.runs} == {9} and config.target_fraction == 0.8
+    assert [r.seed for r in config.runs] == [5, 5]
+
+
+def test_without_a_full_run_the_best_run_is_the_reference(tiny_model_dir, reviews_csv, tmp_path):  # noqa: F811
+    runs = [{"name": "lora", "adapter": {"method": "lora"}}, {"name": "ia3", "adapter": {"method": "ia3"}}]
+    assert parse_compare_config(comparison(tiny_model_dir, reviews_csv, tmp_path, runs=runs)).reference is None
+    with pytest.raises(ConfigError, match="compare.reference: 'nope'"):
+        parse_compare_config(comparison(tiny_model_dir, reviews_csv, tmp_path, runs=runs, reference="nope"))
+
+
+def test_the_demo_config_plans_six_methods_with_three_seeds():
+    config = load_compare_config(DEMO)
+    assert config.names == ["full", "lora", "ia3", "prompt", "bitfit", "bottleneck"]
+    assert config.seeds == [0, 1, 2] and len(config.runs) == 18
+    assert {r.config.train.steps for r in config.runs} == {60}
+    assert open("configs/compare-sentiment-minilm.yaml").read() == open(DEMO).read()
+    assert open(DEMO).readline() == "# peftkit compare configs/compare-sentiment-minilm.yaml      (this is also what `peftkit demo` runs)\n"
+
+
+# -- end to end ------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def compared(tiny_model_dir, reviews_csv, tmp_path_factory):  # noqa: F811
+    out = tmp_path_factory.mktemp("compare")
+    config = parse_compare_config(comparison(tiny_model_dir, reviews_csv, out))
+    lines: list[str] = []
+    result = run_comparison(config, log=lines.append, progress=False)
+    return config, result, lines
+
+
+@pytest.mark.slow
+def test_every_run_writes_a_complete_record(compared):
+    config, result, _ = compared
+    assert result.ok and result.ran == [r.label for r in config.runs] and not result.skipped
+    assert len(result.records) == 4
+    for record in result.records:
+        assert record["status"] == "completed" and record["steps"] == 6
+        assert record["versions"]["torch"] and record["machine"]["cores"]
+        assert record["config"]["train"]["seed"] == record["seed"]
+        assert 0 <= record["test"]["accuracy"] <= 1
+        assert record["peak_memory_mb"] > 0 and record["train_seconds"] > 0 and record["examples_per_s"] > 0
+        assert record["artifact_bytes"] > 0
+        assert [row[0] for row in record["curves"]["eval"]] == [3, 6]
+        latency = record["latency_ms"]
+        assert latency["batch_size"] == 8 and all(latency[k] > 0 for k in ("base", "unmerged", "merged"))
+        forgetting = record["forgetting"]
+        assert forgetting["measure"] == "1 - 10-NN retention" and 0 <= forgetting["forgetting"] <= 1
+    full = [r for r in result.records if r["name"] == "full"]
+    lora = [r for r in result.records if r["name"] == "lora"]
+    assert full[0]["trainable_percent"] == 100.0 and lora[0]["trainable_percent"] < 100
+    assert lora[0]["artifact_bytes"] < full[0]["artifact_bytes"] / 5
+    assert full[0]["artifact"] == "model" and lora[0]["artifact"] == "adapter"
+    # the seeds differ (head init, data order): identical results would mean the seed is ignored
+    assert full[0]["curves"]["train"] != full[1]["curves"]["train"]
+
+
+def _markdown_rows(text: str) -> dict[str, list[str]]:
+    lines = [line for line in text.splitlines() if line.startswith("| ")]
+    return {cells_[0].rstrip(" ◆"): cells_ for cells_ in ([c.strip() for c in line.strip("|").split(" | ")]
+                                                          for line in lines[1:])}
+
+
+@pytest.mark.slow
+def test_the_report_table_matches_the_records(compared):
+    config, result, _ = compared
+    text = result.report["markdown"].read_text()
+    rows = _markdown_rows(text)
+    assert set(rows) == {"full", "lora"}
+    header = [c.format(metric="accuracy") for c in COLUMNS]
+    for name, row in rows.items():
+        records = [r for r in result.records if r["name"] == name]
+        accuracy = [r["test"]["accuracy"] for r in records]
+        mean_, sd = re.fullmatch(r"([\d.]+) ± ([\d.]+)", row[header.index("test accuracy")]).groups()
+        assert float(mean_) == pytest.approx(statistics.mean(accuracy), abs=5e-5)
+        assert float(sd) == pytest.approx(statistics.stdev(accuracy), abs=5e-5)
+        memory = row[header.index("peak train memory")].split(" ± ")[0].removesuffix(" MB")
+        assert float(memory) == pytest.approx(statistics.mean(r["peak_memory_mb"] for r in records), abs=0.5)
+        params = records[0]["trainable_params"]
+        assert f"({100 * params / records[0]['total_params']:.3g}%)" in row[header.index("trainable params")]
+        forgetting = float(row[header.index("forgetting")].split(" ± ")[0])
+        assert forgetting == pytest.approx(statistics.mean(r["forgetting"]["forgetting"] for r in records), abs=5e-4)
+    summary = json.loads((config.output_dir / "summary.json").read_text())
+    assert [r["name"] for r in summary["rows"]] == ["full", "lora"]
+    html = result.report["html"].read_text()
+    assert html.count("data:image/png;base64,") == 4 and "<script" not in html and "http" not in html.split("<body>")[1]
+    for name in rows:  # the HTML shows the same cells
+        summary_obj = summarise(result.records, config.names, reference=config.reference)
+        row = next(r for r in summary_obj.rows if r.name == name)
+        for cell in cells(row, summary_obj):
+            assert cell.replace("&", "&amp;") in html
+
+
+@pytest.mark.slow
+def test_a_second_run_skips_finished_runs_and_redoes_missing_ones(compared, tiny_model_dir, reviews_csv):  # noqa: F811
+    config, first, _ = compared
+    again = run_comparison(config, log=lambda line: None, progress=False, report=False)
+    assert again.ran == [] and len(again.skipped) == 4
+    removed = compare_runner.record_path(config.output_dir, config.runs[3])
+    before = read_record(removed)
+    removed.unlink()
+    (config.output_dir / "runs" / "lora" / "seed-1" / "partial-file").parent.mkdir(parents=True, exist_ok=True)
+    redo = run_comparison(config, log=lambda line: None, progress=False, report=False)
+    assert redo.ran == ["lora seed 1"]
+    after = read_record(removed)
+    assert after["test"] == before["test"]  # the same seed gives the same result
+    assert not (config.output_dir / "runs" / "lora" / "seed-1" / "partial-file").exists()
+
+
+@pytest.mark.slow
+def test_a_changed_config_makes_its_records_stale(compared):
+    config, _, _ = compared
+    changed = parse_compare_config({**config.source, "output_dir": str(config.output_dir)}, ["train.steps=7"])
+    assert all(not compare_runner.is_current(read_record(compare_runner.record_path(config.output_dir, r)), r)
+               for r in changed.runs)
+    assert all(compare_runner.is_current(read_record(compare_runner.record_path(config.output_dir, r)), r)
+               for r in config.runs)
+
+
+@pytest.mark.slow
+def test_a_failing_run_is_reported_and_the_others_finish(tiny_model_dir, reviews_csv, tmp_path, capsys):  # noqa: F811
+    runs = [{"name": "broken", "adapter": {"method": "lora", "target_modules": ["no_such_module"]}},
+            {"name": "lora", "adapter": {"method": "lora", "r": 2, "target_modules": ["query"]}}]
+    path = tmp_path / "compare.yaml"
+    path.write_text(json.dumps(comparison(tiny_model_dir, reviews_csv, tmp_path / "out", runs=runs, seeds=1)))
+    assert main(["compare", str(path)]) == 1
+    out, err = capsys.readouterr()
+    assert "broken seed 0 FAILED" in out and "no_such_module" in out
+    assert "1 run(s) failed: broken seed 0" in err and "run the same command again" in err
+    record = read_record(tmp_path / "out" / "records" / "broken-seed0.json")
+    assert record["status"] == "failed" and "no_such_module" in record["error"]
+    assert read_record(tmp_path / "out" / "records" / "lora-seed0.json")["status"] == "completed"
+    assert "| lora ◆ |" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_a_killed_worker_loses_only_its_run(tiny_model_dir, reviews_csv, tmp_path, monkeypatch):  # noqa: F811
+    config = parse_compare_config(comparison(tiny_model_dir, reviews_csv, tmp_path, seeds=1))
+    killed = [sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGKILL)"]
+    monkeypatch.setattr(compare_runner, "python_command", lambda: killed)
+    lines: list[str] = []
+    result = run_comparison(config, log=lines.append, progress=False, report=False)
+    assert result.failed == ["full seed 0", "lora seed 0"] and result.records == []
+    assert any("the process ended without a record" in line for line in lines)
+
+
+def test_report_command_needs_records(tmp_path, capsys):
+    assert main(["report", str(tmp_path)]) == 1
+    assert "no run records" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_report_command_rewrites_the_report(compared, capsys):
+    config, result, _ = compared
+    shutil.rmtree(config.output_dir / "figures")
+    (config.output_dir / "report.html").unlink()
+    assert main(["report", str(config.output_dir)]) == 0
+    assert (config.output_dir / "report.html").is_file() and len(list((config.output_dir / "figures").glob("*.png"))) == 4
+    assert "| full |" in capsys.readouterr().out.replace(" ◆", "")
+
+
+@pytest.mark.slow
+def test_the_report_renders_in_a_headless_browser(compared, tmp_path):
+    """Chromium draws the HTML report: the screenshot is a real, non-blank page of the expected height."""
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser is None:
+        pytest.skip("chromium is not installed (`sudo apt-get install chromium`, or `make system-data` as root)")
+    config, result, _ = compared
+    shot = tmp_path / "report.png"
+    subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+                    "--window-size=1280,3000", f"--screenshot={shot}", result.report["html"].as_uri()],
+                   check=True, capture_output=True, timeout=120)
+    from PIL import Image
+
+    image = Image.open(shot).convert("L")
+    assert image.size == (1280, 3000)
+    histogram = image.histogram()
+    white = sum(histogram[250:]) / sum(histogram)
+    assert 0.4 < white < 0.98  # a page with text and figures on a white background, not blank, not black
+    top = image.crop((0, 0, 1280, 1500))  # the summary table and the first figure are drawn near the top
+    assert sum(top.histogram()[:128]) > 0.01 * 1280 * 1500
