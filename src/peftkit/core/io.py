@@ -154,7 +154,7 @@ def save_adapter(
 
     Raises:
         AdapterMismatchError: a module the adapter was built on no longer carries it (it was replaced or
-            deleted after ``inject``), or the adapter holds no tensors or an empty one.
+            deleted after ``inject``), or the adapter holds no tensors or only empty ones.
         AdapterFileError: the adapter holds NaN or inf values, or the written file did not read back
             equal to memory.
         SaveError: the directory cannot be written (disk full, read-only, permissions).
@@ -170,9 +170,10 @@ def save_adapter(
             "changing the model, or inject the adapter again."
         )
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in adapter_state_dict(model, adapter_name, portable).items()}
-    empty = [k for k, v in tensors.items() if v.numel() == 0]
-    if not tensors or empty:
-        what = f"empty tensors {empty[:3]}" if tensors else "no tensors at all"
+    # One empty tensor is legitimate (AdaLoRA prunes a module to rank 0, and the reference library
+    # saves and loads that); an adapter whose tensors are all empty carries no weights at all.
+    if not tensors or all(v.numel() == 0 for v in tensors.values()):
+        what = f"only empty tensors ({len(tensors)})" if tensors else "no tensors at all"
         raise AdapterMismatchError(f"adapter {adapter_name!r} has {what}; an adapter file without weights would load "
                                    "as a silent no-op, so nothing was saved")
     bad = [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v.float()).all()]
