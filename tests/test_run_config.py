@@ -279,7 +279,10 @@ RECIPES = sorted((ROOT / "configs").glob("*.yaml"))
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=[r.name for r in RECIPES])
 def test_every_recipe_is_headed_by_its_command_and_loads(recipe, monkeypatch):
+    from peftkit.compare import load_compare_config
+
     first = recipe.read_text().splitlines()[0]
-    assert first.startswith(f"# peftkit train configs/{recipe.name}"), f"{recipe.name}: first line {first!r}"
+    command = "compare" if first.startswith("# peftkit compare") else "train"
+    assert first.startswith(f"# peftkit {command} configs/{recipe.name}"), f"{recipe.name}: first line {first!r}"
     monkeypatch.chdir(ROOT)  # recipes' relative paths start from the repository root
-    load_config(recipe)
+    (load_compare_config if command == "compare" else load_config)(recipe)

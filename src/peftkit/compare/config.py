@@ -190,11 +190,11 @@ def _settings(section: Mapping[str, Any], problems: list[str]) -> dict[str, Any]
     fraction = out["target_fraction"]
     if isinstance(fraction, bool) or not isinstance(fraction, int | float) or not 0 < fraction <= 1:
         problems.append(f"compare.target_fraction: expected a number in (0, 1], got {fraction!r}")
-    for key in ("probe_examples", "latency_repeats"):
-        value, least = out[key], 0 if key == "probe_examples" else 1
-        if isinstance(value, bool) or not isinstance(value, int) or value < least or value == 1 and key == "probe_examples":
-            problems.append(f"compare.{key}: expected an integer >= {max(least, 2) if key == 'probe_examples' else least}"
-                            f"{' (or 0)' if key == 'probe_examples' else ''}, got {value!r}")
+    probe, repeats = out["probe_examples"], out["latency_repeats"]
+    if isinstance(probe, bool) or not isinstance(probe, int) or probe < 0 or probe in (1, 2):
+        problems.append(f"compare.probe_examples: expected an integer >= 3 (or 0: no forgetting probe), got {probe!r}")
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+        problems.append(f"compare.latency_repeats: expected an integer >= 1, got {repeats!r}")
     if out["reference"] is not None and not isinstance(out["reference"], str):
         problems.append(f"compare.reference: expected a run name, got {out['reference']!r}")
     return out

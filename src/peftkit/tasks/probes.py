@@ -52,13 +52,23 @@ def mean_pooled(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return ((hidden.float() * weights).sum(1) / weights.sum(1).clamp(min=1)).cpu()
 
 
+def neighbours_for(n: int, k: int = NEIGHBOURS) -> int:
+    """The neighbourhood size used with ``n`` probe inputs: ``k``, but at most half the others, so that a
+    neighbourhood is a real choice (with ``k = n - 1`` every input would be every other's neighbour).
+
+    Raises:
+        ValueError: fewer than 3 inputs.
+    """
+    if n < 3:
+        raise ValueError(f"neighbour retention needs at least 3 probe inputs, got {n}")
+    return max(1, min(k, (n - 1) // 2))
+
+
 def neighbour_retention(base: torch.Tensor, tuned: torch.Tensor, k: int = NEIGHBOURS) -> float:
     """Mean share of each input's ``k`` nearest neighbours (cosine) under ``base`` kept under ``tuned``."""
     if base.shape[0] != tuned.shape[0]:
         raise ValueError(f"the probes cover different inputs: {base.shape[0]} vs {tuned.shape[0]} rows")
-    k = min(k, base.shape[0] - 1)
-    if k < 1:
-        raise ValueError("neighbour retention needs at least 2 probe inputs")
+    k = neighbours_for(base.shape[0], k)
 
     def neighbours(features: torch.Tensor) -> torch.Tensor:
         unit = torch.nn.functional.normalize(features.double(), dim=1)
@@ -83,7 +93,8 @@ def behaviour_change(base: BehaviourProbe, tuned: BehaviourProbe) -> dict[str, A
         return {"forgetting": tuned.value - base.value, "measure": "LM loss change (nats/token)",
                 "base": base.value, "tuned": tuned.value, "source": base.source}
     retention = neighbour_retention(base.features, tuned.features)
-    return {"forgetting": 1.0 - retention, "measure": f"1 - {NEIGHBOURS}-NN retention",
+    k = neighbours_for(base.features.shape[0])
+    return {"forgetting": 1.0 - retention, "measure": f"1 - {k}-NN retention",
             "base": 1.0, "tuned": retention, "source": base.source}
 
 
