@@ -168,7 +168,7 @@ def test_the_report_table_matches_the_records(compared):
         mean_, sd = re.fullmatch(r"([\d.]+) ± ([\d.]+)", row[header.index("test accuracy")]).groups()
         assert float(mean_) == pytest.approx(statistics.mean(accuracy), abs=5e-5)
         assert float(sd) == pytest.approx(statistics.stdev(accuracy), abs=5e-5)
-        memory = row[header.index("peak train memory")].split(" ± ")[0].removesuffix(" MB")
+        memory = row[header.index("peak train memory (MB)")].split(" ± ")[0]
         assert float(memory) == pytest.approx(statistics.mean(r["peak_memory_mb"] for r in records), abs=0.5)
         params = records[0]["trainable_params"]
         assert f"({100 * params / records[0]['total_params']:.3g}%)" in row[header.index("trainable params")]
@@ -272,3 +272,15 @@ def test_the_report_renders_in_a_headless_browser(compared, tmp_path):
     assert 0.4 < white < 0.98  # a page with text and figures on a white background, not blank, not black
     top = image.crop((0, 0, 1280, 1500))  # the summary table and the first figure are drawn near the top
     assert sum(top.histogram()[:128]) > 0.01 * 1280 * 1500
+
+
+def test_the_docs_list_every_compare_setting_with_its_default():
+    from pathlib import Path
+
+    from peftkit.compare.config import SETTINGS
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "compare.md").read_text()
+    rows = dict(re.findall(r"^\| `(\w+)` \| ([^|]+) \|", text, flags=re.MULTILINE))
+    assert set(rows) == set(SETTINGS)
+    for key, (default, _) in SETTINGS.items():
+        assert rows[key].strip() == ("(required)" if default is None else f"`{default}`"), key

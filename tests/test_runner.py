@@ -274,3 +274,15 @@ def test_inspect_through_a_run_config_uses_the_tasks_model(tiny_model_dir, revie
     report = inspect_model("ignored", config=make_config(tiny_model_dir, reviews_csv, tmp_path / "x"))
     assert report.model_class == "BertForSequenceClassification"
     assert any(g.pattern == "classifier" and g.shape == "32 -> 2" for g in report.groups)
+
+
+def test_resume_of_a_run_stopped_before_its_first_checkpoint_starts_it_over(tiny_model_dir, reviews_csv, tmp_path):
+    config = make_config(tiny_model_dir, reviews_csv, tmp_path / "run")
+    dump_config(config, tmp_path / "run" / "config.yaml")  # what a run killed while loading leaves behind
+    (tmp_path / "run" / "metrics.jsonl").write_text('{"event": "train", "step": 1, "loss": 0.7}\n')
+    with pytest.raises(ConfigError, match="pass --resume"):
+        runner.train_run(config, log=lambda line: None)
+    lines: list[str] = []
+    result = runner.train_run(config, resume=True, log=lines.append)
+    assert result.ok and result.metrics["steps"] == 6
+    assert any("starting the run from step 0" in line for line in lines)

@@ -380,7 +380,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         return _usage(args.command, str(exc))
     except KeyboardInterrupt:
-        hint = " (continue with `peftkit train CONFIG --resume`)" if args.command == "train" else ""
+        hints = {"train": " (continue with `peftkit train CONFIG --resume`)",
+                 "compare": " (the finished runs are kept: run the same command again to continue)"}
+        hint = hints.get("compare" if args.command == "demo" else args.command, "")
         print(f"\npeftkit {args.command}: interrupted{hint}", file=sys.stderr)
         return EXIT_INTERRUPTED
     except Exception as exc:  # noqa: BLE001 - every failure becomes a message and exit code 1

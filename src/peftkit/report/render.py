@@ -11,8 +11,8 @@ from typing import Any
 
 from .summary import MethodSummary, Stat, Summary, summarise, test_metric
 
-COLUMNS = ["method", "test {metric}", "trainable params", "adapter / model file", "peak train memory",
-           "train time", "throughput", "time to target", "latency base (ms)", "latency unmerged (ms)",
+COLUMNS = ["method", "test {metric}", "trainable params", "adapter / model file", "peak train memory (MB)",
+           "train time (s)", "throughput (ex/s)", "time to target (s)", "latency base (ms)", "latency unmerged (ms)",
            "latency merged (ms)", "forgetting"]
 
 
@@ -54,13 +54,13 @@ def cells(row: MethodSummary, summary: Summary) -> list[str]:
     if summary.target is None or not row.finished:
         target = "n/a"
     elif row.target_reached:
-        target = stat(row.time_to_target, 1, " s") + (f" ({row.target_reached}/{row.finished})"
+        target = stat(row.time_to_target, 1) + (f" ({row.target_reached}/{row.finished})"
                                                      if row.target_reached < row.finished else "")
     else:
         target = "not reached"
     latency = [stat(s, 1) for s in (row.latency_base_ms, row.latency_unmerged_ms, row.latency_merged_ms)]
     return [name, metric, count(row.trainable_params) + percent, size(row.artifact_bytes),
-            stat(row.peak_memory_mb, 0, " MB"), stat(row.train_seconds, 1, " s"), stat(row.examples_per_s, 1, " ex/s"),
+            stat(row.peak_memory_mb, 0), stat(row.train_seconds, 1), stat(row.examples_per_s, 1),
             target, *latency, stat(row.forgetting, 3)]
 
 
@@ -126,9 +126,9 @@ body { font-family: system-ui, -apple-system, 'Segoe UI', sans-serif; margin: 2r
        color: #222; line-height: 1.45; padding: 0 1rem; }
 h1 { font-size: 1.55rem; margin-bottom: .2rem; } h2 { font-size: 1.2rem; margin-top: 2rem; border-bottom: 1px solid #ddd; }
 .meta { color: #555; font-size: .9rem; }
-table { border-collapse: collapse; font-size: .82rem; margin: .6rem 0; }
+table { border-collapse: collapse; font-size: .78rem; margin: .6rem 0; }
 .wide { overflow-x: auto; }
-th, td { border: 1px solid #d5d5d5; padding: .35rem .55rem; text-align: right; white-space: nowrap; }
+th, td { border: 1px solid #d5d5d5; padding: .3rem .4rem; text-align: right; white-space: nowrap; }
 th { background: #f3f4f6; white-space: normal; vertical-align: bottom; } td:first-child, th:first-child { text-align: left; }
 tr.front td:first-child { font-weight: 600; }
 .legend { font-size: .82rem; color: #444; } .legend p { margin: .15rem 0; }

@@ -104,7 +104,8 @@ def parse_config(data: Any, overrides: Iterable[str] = (), source: str = "config
     try:
         data = apply_overrides(data, overrides, problems)
     except RecursionError:  # a YAML alias that contains itself (`a: &x [*x]`), or absurd nesting
-        raise ConfigError([f"{source}: a value refers to itself or is nested too deeply; no run config is"],
+        raise ConfigError([f"{source}: a value refers to itself (a YAML alias used inside its own anchor) or is nested "
+                           "too deeply; a run config's sections are plain values, lists and mappings a few levels deep"],
                           what="run config") from None
     values = _check_dataclass(RunConfig, data, "", problems) or {}
     # Fields that failed their type check keep their defaults here, so the range and reference checks

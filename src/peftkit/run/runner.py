@@ -114,7 +114,8 @@ def train_run(config: RunConfig, *, resume: bool = False, log: Log = print) -> R
 
     Args:
         config: A checked run config (:func:`peftkit.run.config.load_config`).
-        resume: Continue the run in ``config.output_dir`` from its latest checkpoint.
+        resume: Continue the run in ``config.output_dir`` from its latest checkpoint (from the start
+            when the run was stopped before writing one).
         log: Where progress lines go.
 
     Returns:
@@ -126,12 +127,16 @@ def train_run(config: RunConfig, *, resume: bool = False, log: Log = print) -> R
         ConfigError: the task refuses the config, or ``output_dir`` already holds a run and
             ``resume`` is False.
     """
-    from ..train.checkpoint import load_weights, save_weights, seed_everything
+    from ..train.checkpoint import latest_checkpoint, load_weights, save_weights, seed_everything
     from ..train.fit import fit
 
     config = resolved(config)
     run_dir = Path(config.output_dir)
     _check_run_dir(run_dir, config, resume, log)
+    if resume and latest_checkpoint(run_dir / "checkpoints") is None:
+        # killed before its first checkpoint: nothing to continue, so --resume starts the run over
+        log(f"no complete checkpoint in {run_dir / 'checkpoints'}: starting the run from step 0")
+        resume = False
     dump_config(config, run_dir / CONFIG_NAME)
 
     task = build_task(config)
