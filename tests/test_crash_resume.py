@@ -15,7 +15,9 @@ import importlib
 import json
 import math
 import os
+import re
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -39,6 +41,7 @@ from test_fit import (
     tiny_bert,
     trainable,
 )
+from test_runner import reviews_csv, tiny_model_dir  # noqa: F401 - fixtures
 
 fit_module = importlib.import_module("peftkit.train.fit")  # the module; peftkit.train.fit is the function
 CHILD = Path(__file__).with_name("_crash_child.py")
@@ -404,3 +407,44 @@ def test_a_crash_while_final_is_written_is_repaired_by_the_resume(tmp_path):
     assert result.status == "completed"
     assert _same_folder(tmp_path / "final", tmp_path.parent / f"{tmp_path.name}-expected")
     assert not (tmp_path / ".final.tmp-abc").exists()
+
+
+# -- the command line: `peftkit train` killed, `peftkit train --resume` ------------------------------
+
+
+@pytest.mark.slow
+def test_peftkit_train_killed_then_resumed_from_the_command_line_ends_like_an_uninterrupted_run(
+        tiny_model_dir, reviews_csv, tmp_path):  # noqa: F811
+    """SIGKILL the CLI process once it has written a checkpoint, then `--resume`: same adapter as a run
+    that was never interrupted (both in subprocesses with one thread, so the arithmetic is the same)."""
+    import time
+
+    from peftkit.run.config import dump_config
+    from test_runner import make_config
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+    def command(name: str, *extra: str) -> list[str]:
+        config = make_config(tiny_model_dir, reviews_csv, tmp_path / name,
+                             train={"steps": 400, "save_every": 10, "eval_every": 100, "log_every": 50})
+        dump_config(config, tmp_path / f"{name}.yaml")
+        return [sys.executable, "-m", "peftkit", "train", str(tmp_path / f"{name}.yaml"), *extra]
+
+    subprocess.run(command("whole"), check=True, env=env, capture_output=True, timeout=300)
+    process = subprocess.Popen(command("killed"), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    checkpoints = tmp_path / "killed" / "checkpoints"
+    deadline = time.monotonic() + 240
+    while not any(checkpoints.glob("step-*")) and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    assert not (tmp_path / "killed" / "adapter").exists()
+    done = subprocess.run(command("killed", "--resume"), env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert re.search(r", from step [1-9]\d*\n", done.stdout), done.stdout  # it continued, not started over
+    whole = load_file(tmp_path / "whole" / "adapter" / "adapter_model.safetensors")
+    resumed = load_file(tmp_path / "killed" / "adapter" / "adapter_model.safetensors")
+    assert whole.keys() == resumed.keys()
+    for key in whole:
+        assert torch.equal(whole[key], resumed[key]), key
