@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import shutil
 import signal
 import sys
@@ -42,6 +41,7 @@ import peftkit.core.io  # noqa: E402
 import peftkit.train.checkpoint  # noqa: E402
 import peftkit.train.tracking  # noqa: E402
 from peftkit.train import TrainConfig, fit, seed_everything  # noqa: E402
+from test_fit import make_examples  # noqa: E402 - the same examples as the in-process tests (tests/ is on sys.path)
 
 torch.set_num_threads(1)  # one thread: forking after torch is imported is safe without a thread pool
 
@@ -64,16 +64,7 @@ def tiny_bert() -> torch.nn.Module:
     return model
 
 
-def examples(n: int, seed: int) -> list[dict]:
-    rng = random.Random(seed)
-    out = []
-    for _ in range(n):
-        ids = [rng.randrange(1, VOCAB) for _ in range(8)]
-        out.append({"input_ids": ids, "label": int(ids[0] > VOCAB // 2)})
-    return out
-
-
-TRAIN, VALIDATION = examples(37, 1), examples(8, 5)
+TRAIN, VALIDATION = make_examples(37, 1), make_examples(8, 5)
 
 
 def collate(batch: list[dict]) -> dict[str, torch.Tensor]:
