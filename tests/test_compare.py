@@ -284,3 +284,13 @@ def test_the_docs_list_every_compare_setting_with_its_default():
     assert set(rows) == set(SETTINGS)
     for key, (default, _) in SETTINGS.items():
         assert rows[key].strip() == ("(required)" if default is None else f"`{default}`"), key
+
+
+def test_time_left_uses_each_methods_own_durations_then_the_mean():
+    from types import SimpleNamespace
+
+    runs = [SimpleNamespace(name="full"), SimpleNamespace(name="lora"), SimpleNamespace(name="ia3")]
+    assert compare_runner._time_left(runs, {}) is None  # nothing measured yet: no guess
+    assert compare_runner._time_left([], {}) == 0.0
+    durations = {"full": [60.0, 80.0], "lora": [30.0]}
+    assert compare_runner._time_left(runs, durations) == 70.0 + 30.0 + statistics.mean([60.0, 80.0, 30.0])
