@@ -9,6 +9,8 @@ as an uninterrupted one would have:
   library read it), when the model has peftkit adapters;
 - ``optimizer.pt``, ``scheduler.pt``: their ``state_dict()``s;
 - ``rng.pt``: Python ``random``, torch CPU, CUDA (when training on CUDA) and NumPy (when imported);
+  with several processes (``torch.distributed``) one ``rng-rank<r>.pt`` per rank instead, all
+  written by rank 0 from the states the ranks sent it;
 - ``trainer_state.json``: step, data position, best metric and step, early-stopping counter, the
   evaluation history and losses, and the settings a resume must match.
 
@@ -257,14 +259,23 @@ def save_checkpoint(
     device: torch.device,
     adapter_name: str | None,
     keep: int = KEEP_CHECKPOINTS,
+    rng_states: list[dict[str, Any]] | None = None,
 ) -> Path:
-    """Write ``root/step-<step>`` atomically and delete all but the newest ``keep`` checkpoints."""
+    """Write ``root/step-<step>`` atomically and delete all but the newest ``keep`` checkpoints.
+
+    ``rng_states`` (one per rank, from a run of several processes) are written as ``rng-rank<r>.pt``;
+    without them this process's generators go to ``rng.pt``.
+    """
     target = root / f"{CHECKPOINT_PREFIX}{step:08d}"
     with atomic_directory(target) as tmp:
         save_file(trainable_state(model), str(tmp / MODEL_STATE_NAME))
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        torch.save(rng_state(device), tmp / "rng.pt")
+        if rng_states is None:
+            torch.save(rng_state(device), tmp / "rng.pt")
+        else:
+            for rank, state in enumerate(rng_states):
+                torch.save(state, tmp / rank_rng_name(rank))
         if adapter_name is not None:
             from .. import api
 
@@ -297,6 +308,34 @@ def read_trainer_state(path: Path) -> dict[str, Any]:
     except (OSError, json.JSONDecodeError) as exc:
         raise ConfigError([f"cannot read {path / STATE_NAME}: {exc}; delete that checkpoint folder to "
                            "resume from the one before it"], what="checkpoint") from exc
+
+
+def rank_rng_name(rank: int) -> str:
+    """The file of rank ``rank``'s random state in a checkpoint of a run of several processes."""
+    return f"rng-rank{rank}.pt"
+
+
+def read_checkpoint(path: Path, world_size: int = 1) -> dict[str, Any]:
+    """The files of checkpoint ``path`` as CPU objects, without touching any model.
+
+    Returns ``{"model": tensors, "optimizer": state dict, "scheduler": state dict, "rng": [state per
+    rank]}``: what rank 0 of a distributed run reads and hands to the other ranks, so that only rank 0
+    needs to see the run directory.
+
+    Raises:
+        ConfigError: the checkpoint holds the random state of another number of processes.
+    """
+    names = ["rng.pt"] if world_size == 1 else [rank_rng_name(r) for r in range(world_size)]
+    missing = [name for name in names if not (path / name).is_file()]
+    if missing:
+        written = sorted(p.name for p in path.glob("rng*.pt"))
+        raise ConfigError([f"checkpoint {path} has no {missing[0]} (it holds {written}): it was written by a run of "
+                           f"another number of processes than this one ({world_size}); resume with the same "
+                           "number of processes"], what="resume")
+    return {"model": load_file(str(path / MODEL_STATE_NAME)),
+            "optimizer": torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True),
+            "scheduler": torch.load(path / "scheduler.pt", weights_only=True),
+            "rng": [torch.load(path / name, weights_only=True) for name in names]}
 
 
 def load_checkpoint(

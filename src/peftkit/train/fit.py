@@ -14,10 +14,17 @@ step and the fixes to try. With ``on_nonfinite: skip`` the step's optimizer upda
 the schedule and the step count move on), the step is logged and counted, and only a run of
 ``MAX_SKIPS_IN_A_ROW`` skipped steps followed by another non-finite one stops it. Ctrl-C (SIGINT, main thread) finishes the current step, writes a checkpoint and returns with
 ``status="interrupted"``; a second Ctrl-C aborts at once.
+
+Several processes (``torchrun``, see ``docs/distributed.md``): ``fit`` starts the process group from
+the environment when none is running, gives every rank its share of each micro-batch (``order.py``),
+trains through ``DistributedDataParallel`` (``distributed.py``), sums the loss over ranks, and lets
+rank 0 alone read and write the run directory, evaluate and log. One process runs the same code with
+every collective a no-op.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import time
@@ -31,18 +38,22 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
+from . import distributed
 from .checkpoint import (
     latest_checkpoint,
-    load_checkpoint,
+    load_trainable_state,
     preserved_rng,
+    read_checkpoint,
     read_trainer_state,
     remove_stale_temporaries,
+    rng_state,
     save_checkpoint,
     save_weights,
     seed_everything,
     set_rng_state,
 )
 from .config import TrainConfig
+from .distributed import World
 from .optim import make_optimizer
 from .order import DataPlan
 from .runtime import (
@@ -63,6 +74,8 @@ RESUME_FIELDS = ("steps", "epochs", "batch_size", "grad_accum", "lr", "weight_de
 # With train.on_nonfinite "skip": this many skipped steps in a row, and the next non-finite step stops the
 # run. A few bad batches in a row happen (a spike in bf16); ten means the weights themselves went bad.
 MAX_SKIPS_IN_A_ROW = 10
+# resume-key fields added after checkpoints of earlier versions were written: the value those meant
+RESUME_KEY_DEFAULTS = {"world_size": 1}
 
 
 @dataclass
@@ -141,6 +154,14 @@ class _Run:
     resume_key: dict[str, Any]
     state: _State
     hook: Any = None  # the adapter's training hook (AdapterConfig.training_hook), e.g. AdaLoRA's allocator
+    world: World = field(default_factory=World)
+    train_model: nn.Module | None = None  # what loss() gets: the model, or its DistributedDataParallel wrapper
+    evaluates: bool = False  # rank 0 has an evaluate function (the other ranks follow its decisions)
+
+    @property
+    def writes(self) -> bool:
+        """This process writes the run's files: a run directory is set and this is rank 0."""
+        return self.run_dir is not None and self.world.is_main
 
 
 def fit(
@@ -177,7 +198,12 @@ def fit(
             go; None writes nothing (and cannot resume).
         resume: Continue from the newest complete checkpoint in ``run_dir/checkpoints``.
         adapter_name: The adapter to train and save, when the model has peftkit adapters.
-        log: Receives human-readable progress lines.
+        log: Receives human-readable progress lines (on rank 0 only, with several processes).
+
+    With several processes (``torch.distributed`` initialised, or ``torchrun``'s environment set,
+    in which case ``fit`` initialises it), every rank calls ``fit`` with the same model, examples and
+    config; ``config.batch_size`` is per rank. Rank 0's ``run_dir``, ``resume`` and ``evaluate``
+    decide for all: the other ranks never touch the run directory and need no ``evaluate``.
 
     Returns:
         A :class:`FitResult`; check ``result.ok`` (a non-finite loss returns ``status="diverged"``).
@@ -188,26 +214,48 @@ def fit(
             does not return.
     """
     _check_arguments(config, train_examples, evaluate, run_dir, resume)
-    run_dir = Path(run_dir) if run_dir is not None else None
     device = resolve_device(config.device)
+    # started here when torchrun's environment is set; left running, because a process group cannot be
+    # started twice under one torchrun (a second fit, or the caller's own collectives, reuse it)
+    distributed.init_from_env(device.type)
+    world = distributed.current_world()
+    device = distributed.training_device(device, world)
+    _check_world(world, len(train_examples))
+    # rank 0's choices decide for every rank (the others may not even see its run directory)
+    run_dir, resume, evaluates = distributed.broadcast(
+        (str(run_dir) if run_dir is not None else None, resume, evaluate is not None), world)
+    run_dir = Path(run_dir) if run_dir is not None else None
+    return _fit(model, train_examples, collate, loss, config, evaluate, evaluates, run_dir, resume,
+                adapter_name, log, device, world)
+
+
+def _fit(model: nn.Module, train_examples: Sequence[Any], collate: Callable[[list[Any]], Any],
+         loss: Callable[[nn.Module, Any], torch.Tensor], config: TrainConfig,
+         evaluate: Callable[[nn.Module], Mapping[str, float]] | None, evaluates: bool, run_dir: Path | None,
+         resume: bool, adapter_name: str, log: Callable[[str], None], device: torch.device, world: World) -> FitResult:
     adapter = _adapter_of(model, adapter_name)
     model.to(device)
     plan = DataPlan.for_run(len(train_examples), config.batch_size, config.grad_accum, config.seed,
-                            config.steps, config.epochs)
+                            config.steps, config.epochs, world.size)
     warmup = warmup_steps_for(config.warmup_steps, config.warmup_ratio, plan.total_steps)
     optimizer = make_optimizer(model, config.lr, config.weight_decay, config.lora_plus_ratio)
     scheduler = make_scheduler(optimizer, config.schedule, warmup, plan.total_steps)
     key = {**{name: getattr(config, name) for name in RESUME_FIELDS},
-           "train_examples": len(train_examples), "device_type": device.type}
-    state, rng = _start(run_dir, resume, key, plan, model, optimizer, scheduler, config.seed)
+           "train_examples": len(train_examples), "device_type": device.type, "world_size": world.size}
+    state, rng = _start(run_dir, resume, key, plan, model, optimizer, scheduler, config.seed, world)
     run = _Run(model, train_examples, collate, loss, config, evaluate, run_dir, adapter, device, plan, warmup,
-               optimizer, scheduler, key, state, _training_hook(model, adapter, plan.total_steps))
+               optimizer, scheduler, key, state, _training_hook(model, adapter, plan.total_steps), world,
+               evaluates=evaluates)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    tracker = Tracker(run_dir, state.step, plan.total_steps, tensorboard=config.tensorboard,
-                      progress=config.progress, log=log)
+    if world.is_main:
+        tracker = Tracker(run_dir, state.step, plan.total_steps, tensorboard=config.tensorboard,
+                          progress=config.progress, log=log)
+    else:  # one voice: the other ranks neither log nor write
+        tracker = Tracker(None, state.step, plan.total_steps, tensorboard=False, progress=False, log=_silent)
     try:
         with gradient_checkpointing(model, config.gradient_checkpointing), interrupt_flag() as interrupt:
+            run.train_model = distributed.wrap(model, device, world, tracker.text)
             if rng is not None:
                 set_rng_state(rng)  # last, so that nothing between here and the first step draws from them
             _loop(run, tracker, interrupt)
@@ -216,19 +264,32 @@ def fit(
     return _result(run)
 
 
+def _silent(line: str) -> None:
+    pass
+
+
+def _check_world(world: World, n_examples: int) -> None:
+    if world.active and n_examples < world.size:
+        raise ConfigError([f"{n_examples} training example(s) for {world.size} processes: every process needs at "
+                           "least one example per step; use fewer processes (--nproc) or more training data"],
+                          what="distributed training")
+
+
 def _loop(run: _Run, tracker: Tracker, interrupt: SimpleNamespace) -> None:
     state, plan = run.state, run.plan
     if state.status != "running":
         tracker.text(f"nothing to do: the checkpoint is of a finished run ({state.stop_reason})")
-        if state.status in ("completed", "early_stopped") and run.run_dir is not None:
+        if state.status in ("completed", "early_stopped") and run.writes:
             # a crash after the last checkpoint, while final/ was written: the checkpoint holds the
             # same weights (restored into the model), so write final/ from them
             if not (run.run_dir / "final" / "training_info.json").is_file():
                 save_weights(run.model, run.run_dir / "final", run.adapter, {"step": state.step, "status": state.status})
+        distributed.barrier(run.world)
         return
-    tracker.text(f"training {plan.total_steps} steps of {plan.batch_size} x {plan.grad_accum} examples "
+    ranks = f" in each of {run.world.size} processes" if run.world.active else ""
+    tracker.text(f"training {plan.total_steps} steps of {plan.batch_size} x {plan.grad_accum} examples{ranks} "
                  f"({plan.n} training examples) on {run.device}" + (f", from step {state.step}" if state.step else ""))
-    if run.evaluate is None and run.config.eval_every:
+    if not run.evaluates and run.config.eval_every:
         tracker.text(f"train.eval_every is {run.config.eval_every} but fit got no evaluate function: no evaluation")
     run.model.train()
     started, seconds_before = time.perf_counter(), state.train_seconds
@@ -262,7 +323,9 @@ def _loop(run: _Run, tracker: Tracker, interrupt: SimpleNamespace) -> None:
         evaluated = _maybe_evaluate(run, tracker)
         if state.status == "running" and state.step == plan.total_steps:
             state.status, state.stop_reason = "completed", f"completed all {plan.total_steps} steps"
-        if state.status == "running" and interrupt.requested:
+        # agreed on by all ranks (Ctrl-C may reach them at different steps), every step
+        interrupted = distributed.any_across(interrupt.requested, run.device, run.world)
+        if state.status == "running" and interrupted:
             state.status = "interrupted"
             state.stop_reason = f"interrupted (Ctrl-C) after step {state.step}; fit(..., resume=True) continues"
         save_every = run.config.save_every
@@ -272,8 +335,9 @@ def _loop(run: _Run, tracker: Tracker, interrupt: SimpleNamespace) -> None:
         if state.status != "running":
             break
     state.train_seconds = seconds_before + time.perf_counter() - started
-    if state.status in ("completed", "early_stopped") and run.run_dir is not None:
+    if state.status in ("completed", "early_stopped") and run.writes:
         save_weights(run.model, run.run_dir / "final", run.adapter, {"step": state.step, "status": state.status})
+    distributed.barrier(run.world)  # no rank returns (and reads final/) before rank 0 wrote it
     if state.status != "diverged":
         tracker.text(f"{state.stop_reason} in {format_seconds(state.train_seconds)}")
 
@@ -284,25 +348,36 @@ def _train_step(run: _Run) -> tuple[float, float, int, str | None] | None:
     Returns ``(loss, grad_norm, examples, skipped)``: ``skipped`` is None when the update was applied,
     else what was non-finite (``on_nonfinite: skip``). None when the run must stop (status "diverged").
     """
-    config, step = run.config, run.state.step
-    batches = run.plan.step_batches(step)
-    n_examples = sum(len(indices) for indices in batches)
+    config, step, world = run.config, run.state.step, run.world
+    global_batches = run.plan.step_batches(step)
+    batches = run.plan.rank_batches(step, world.rank) if world.active else global_batches
+    n_examples = sum(len(indices) for indices in global_batches)
     run.optimizer.zero_grad(set_to_none=True)
     total = torch.zeros((), device=run.device)
-    for indices in batches:
-        batch = to_device(run.collate([run.examples[i] for i in indices]), run.device)
-        with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=config.precision == "bf16"):
-            value = run.loss(run.model, batch)
-            if run.hook is not None:
-                value = value + run.hook.loss_penalty()
-        _check_loss_tensor(value)
-        # each micro-batch weighs by its share of the step's examples: the mean over micro-batches
-        # when they are equally large, and the loss of one big batch for a per-example mean loss
-        # also when the last batch of an epoch is smaller
-        weighted = value.float() * (len(indices) / n_examples)
-        weighted.backward()
+    for i, indices in enumerate(batches):
+        # each micro-batch weighs by its share of the step's examples (over all ranks): the mean over
+        # micro-batches when they are equally large, and the loss of one big batch for a per-example
+        # mean loss also when the last batch of an epoch is smaller
+        share = len(indices) / n_examples
+        if not indices:
+            # fewer examples than ranks in this micro-batch: DDP needs a backward pass from every rank,
+            # so this one computes the loss of an example it shares with another rank, weighted 0
+            indices = global_batches[i][:1]
+        # accumulate locally and all-reduce once per step, in the last micro-batch's backward pass
+        no_sync = world.active and i < len(batches) - 1
+        with run.train_model.no_sync() if no_sync else contextlib.nullcontext():
+            batch = to_device(run.collate([run.examples[j] for j in indices]), run.device)
+            with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=config.precision == "bf16"):
+                value = run.loss(run.train_model, batch)
+                if run.hook is not None:
+                    value = value + run.hook.loss_penalty()
+            _check_loss_tensor(value)
+            weighted = value.float() * share
+            # DDP averages gradients over ranks; scaled by the world size, the average is the sum of
+            # the ranks' weighted losses' gradients: the gradient of the global batch's mean loss
+            (weighted * world.size if world.active else weighted).backward()
         total += weighted.detach()
-    loss_value = total.item()
+    loss_value = distributed.sum_across(total, world).item()
     if not math.isfinite(loss_value):
         return _nonfinite(run, "loss", loss_value, n_examples)
     params = [p for group in run.optimizer.param_groups for p in group["params"] if p.grad is not None]
@@ -349,7 +424,7 @@ def _diverged(run: _Run, what: str, value: float, applied: bool = False, note: s
     state, config = run.state, run.config
     run.optimizer.zero_grad(set_to_none=True)
     root = run.run_dir / "checkpoints" if run.run_dir is not None else None
-    last = latest_checkpoint(root) if root is not None else None
+    last = latest_checkpoint(root) if root is not None and run.world.is_main else None
     kept = (f"the last good checkpoint {last} is untouched (resume=True continues from it)" if last
             else "no checkpoint had been written" if root is not None else "nothing was saved (run_dir is None)")
     fixes = [f"a lower learning rate (train.lr, now {config.lr:g})"]
@@ -385,16 +460,12 @@ def _maybe_evaluate(run: _Run, tracker: Tracker) -> bool:
     """Evaluate when due; track the best metric, save ``best/``, and stop early. True if evaluated."""
     state, config = run.state, run.config
     due = (config.eval_every and state.step % config.eval_every == 0) or state.step == run.plan.total_steps
-    if run.evaluate is None or not due:
+    if not run.evaluates or not due:
         return False
-    with preserved_rng(run.device), torch.no_grad(), torch.autocast(
-            run.device.type, dtype=torch.bfloat16, enabled=config.precision == "bf16"):
-        run.model.eval()
-        try:
-            metrics = dict(run.evaluate(run.model))
-        finally:
-            run.model.train()
-    metrics = {k: float(v) for k, v in metrics.items() if isinstance(v, int | float | torch.Tensor) and not isinstance(v, bool)}
+    # rank 0 evaluates the whole validation split and hands the numbers to the other ranks: evaluate()
+    # is the user's function over the whole split, and metrics such as F1 or chrF are no mean of
+    # per-shard values; the result is that of one process, and every rank decides alike from it
+    metrics = distributed.on_main(lambda: _evaluate(run), run.world, f"evaluating at step {state.step}")
     if config.metric not in metrics:
         raise ConfigError([f"train.metric is {config.metric!r} but evaluate() returned only "
                            f"{sorted(metrics) or 'no numbers'}: set train.metric to one of them"], what="evaluation")
@@ -402,7 +473,7 @@ def _maybe_evaluate(run: _Run, tracker: Tracker) -> bool:
     state.history.append({"step": state.step, **metrics})
     if _better(value, state.best_metric, config.greater_is_better):
         state.best_metric, state.best_step, state.bad_evals = value, state.step, 0
-        if run.run_dir is not None:
+        if run.writes:
             save_weights(run.model, run.run_dir / "best", run.adapter, {"step": state.step, **metrics})
     else:
         state.bad_evals += 1
@@ -415,6 +486,18 @@ def _maybe_evaluate(run: _Run, tracker: Tracker) -> bool:
         state.stop_reason = (f"stopped early at step {state.step}: {config.metric} did not improve in {patience} "
                              f"evaluation(s); best {state.best_metric:.4g} at step {state.best_step}")
     return True
+
+
+def _evaluate(run: _Run) -> dict[str, float]:
+    """``run.evaluate`` on the bare model in eval mode, without grad and away from the training RNG."""
+    with preserved_rng(run.device), torch.no_grad(), torch.autocast(
+            run.device.type, dtype=torch.bfloat16, enabled=run.config.precision == "bf16"):
+        run.model.eval()
+        try:
+            metrics = dict(run.evaluate(run.model))
+        finally:
+            run.model.train()
+    return {k: float(v) for k, v in metrics.items() if isinstance(v, int | float | torch.Tensor) and not isinstance(v, bool)}
 
 
 def _better(value: float, best: float | None, greater_is_better: bool) -> bool:
@@ -432,14 +515,42 @@ def _checkpoint(run: _Run, tracker: Tracker) -> None:
         return
     trainer_state = {**dataclasses.asdict(state), "total_steps": run.plan.total_steps,
                      "data_position": run.plan.position_after(state.step), "resume_key": run.resume_key}
-    save_checkpoint(run.run_dir / "checkpoints", state.step, run.model, run.optimizer, run.scheduler,
-                    trainer_state, run.device, run.adapter)
+    # every rank's generators (dropout differs per rank), sent to rank 0, which writes the checkpoint
+    rng_states = distributed.gather(rng_state(run.device), run.world) if run.world.active else None
+    if run.world.is_main:
+        save_checkpoint(run.run_dir / "checkpoints", state.step, run.model, run.optimizer, run.scheduler,
+                        trainer_state, run.device, run.adapter, rng_states=rng_states)
+    distributed.barrier(run.world)  # no rank runs ahead of a checkpoint that may yet fail
 
 
 def _start(run_dir: Path | None, resume: bool, key: dict[str, Any], plan: DataPlan, model: nn.Module,
            optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
-           seed: int) -> tuple[_State, dict[str, Any] | None]:
-    """A fresh state (and seeded generators), or the state and RNG of the newest checkpoint."""
+           seed: int, world: World) -> tuple[_State, dict[str, Any] | None]:
+    """A fresh state (and seeded generators), or the state and RNG of the newest checkpoint.
+
+    Rank 0 finds and reads the checkpoint; every rank loads what it read, and its own RNG state.
+    """
+    found = distributed.on_main(lambda: _find_checkpoint(run_dir, resume, key, plan, world.size), world,
+                                "looking for the checkpoint to resume from")
+    if found is None:
+        # dropout masks differ between ranks, as they would between the examples of one process;
+        # rank 0 (and a single process) uses the seed itself
+        seed_everything(seed + world.rank)
+        return _State(), None
+    path, saved, files = found
+    load_trainable_state(model, files["model"], source=f"checkpoint {path}")
+    optimizer.load_state_dict(files["optimizer"])
+    scheduler.load_state_dict(files["scheduler"])
+    fields = {f.name for f in dataclasses.fields(_State)}
+    state = _State(**{k: v for k, v in saved.items() if k in fields})
+    if state.status == "interrupted":
+        state.status, state.stop_reason = "running", ""
+    return state, files["rng"][world.rank]
+
+
+def _find_checkpoint(run_dir: Path | None, resume: bool, key: dict[str, Any], plan: DataPlan,
+                     world_size: int) -> tuple[Path, dict[str, Any], dict[str, Any]] | None:
+    """None for a fresh start, else the checkpoint to resume: its path, trainer state and files."""
     root = run_dir / "checkpoints" if run_dir is not None else None
     if root is not None:
         remove_stale_temporaries(root)
@@ -449,26 +560,21 @@ def _start(run_dir: Path | None, resume: bool, key: dict[str, Any], plan: DataPl
         if latest is not None:
             raise ConfigError([f"{run_dir} already holds checkpoints of a run (newest: {latest.name}): pass "
                                "resume=True to continue it, or choose a new or empty run_dir"], what="fit")
-        seed_everything(seed)
-        return _State(), None
+        return None
     if latest is None:
         raise ConfigError([f"resume=True but {root} holds no complete checkpoint to resume from: "
                            "run without resume to start afresh"], what="resume")
     saved = read_trainer_state(latest)
     old = saved.get("resume_key", {})
-    problems = [f"{name}: the run used {old.get(name)!r}, now {key[name]!r}" for name in key if old.get(name) != key[name]]
+    problems = [f"{name}: the run used {old.get(name, RESUME_KEY_DEFAULTS.get(name))!r}, now {key[name]!r}"
+                for name in key if old.get(name, RESUME_KEY_DEFAULTS.get(name)) != key[name]]
     if not problems and saved.get("data_position") != plan.position_after(saved["step"]):
         problems.append(f"data position {saved.get('data_position')} does not match step {saved['step']}")
     if problems:
         problems.append("a resumed run must keep the settings that shape its weights; to change them, start a "
                         "new run_dir (e.g. from the best adapter)")
         raise ConfigError(problems, what=f"resume from {latest}")
-    rng = load_checkpoint(latest, model, optimizer, scheduler)
-    fields = {f.name for f in dataclasses.fields(_State)}
-    state = _State(**{k: v for k, v in saved.items() if k in fields})
-    if state.status == "interrupted":
-        state.status, state.stop_reason = "running", ""
-    return state, rng
+    return latest, saved, read_checkpoint(latest, world_size)
 
 
 def _result(run: _Run) -> FitResult:
