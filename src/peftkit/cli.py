@@ -70,9 +70,12 @@ def _add_train(commands: Any) -> None:
         commands, "train", "fine-tune a model from a YAML run config",
         "Train the adapter (or every parameter, with adapter.method: full) described by CONFIG, pick the best "
         "checkpoint on the validation split, evaluate it on the test split, and save config.yaml, metrics.json "
-        "and the adapter in output_dir. Stop it at any time (Ctrl-C) and continue with --resume.",
+        "and the adapter in output_dir. Stop it at any time (Ctrl-C) and continue with --resume. "
+        "--nproc N trains data-parallel in N processes through torchrun (see docs/distributed.md).",
         _train,
     )
+    # --nproc may stand anywhere; listed last so that the usage line starts as it did before
+    sub.usage = "%(prog)s [-h] [--resume] CONFIG.yaml [KEY=VALUE ...] [--nproc N]"
     sub.add_argument("config", metavar="CONFIG.yaml", help="the run config (see docs/config.md, configs/)")
     sub.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                      help="dotted overrides applied on top of the file, e.g. train.lr=1e-3 adapter.r=16 "
@@ -80,6 +83,10 @@ def _add_train(commands: Any) -> None:
     sub.add_argument("--resume", action="store_true",
                      help="continue the run in output_dir from its latest checkpoint (bit-identical to an "
                      "uninterrupted run)")
+    sub.add_argument("--nproc", type=_positive, default=None, metavar="N",
+                     help="train data-parallel in N processes on this machine (one per GPU; on CPU, gloo): "
+                     "runs `python -m torch.distributed.run --standalone --nproc-per-node N -m peftkit train "
+                     "...`; train.batch_size is per process. Several machines: launch torchrun yourself")
 
 
 def _add_eval(commands: Any) -> None:
@@ -214,10 +221,23 @@ def _positive(text: str) -> int:
 
 def _train(args: argparse.Namespace) -> int:
     from .run.config import load_config
-    from .run.runner import train_run
+    from .train.distributed import launched_by_torchrun
 
-    config = load_config(args.config, args.overrides)
-    result = train_run(config, resume=args.resume, log=print)
+    config = load_config(args.config, args.overrides)  # a bad config fails here, once, before any launch
+    world_size = int(os.environ.get("WORLD_SIZE", "1")) if launched_by_torchrun() else 1
+    if args.nproc is not None and world_size > 1 and args.nproc != world_size:
+        return _usage("train", f"--nproc {args.nproc} but torchrun started {world_size} processes: drop --nproc "
+                      "under torchrun")
+    if args.nproc is not None and args.nproc > 1 and world_size == 1:
+        return _train_with_torchrun(args)
+    if world_size > 1:
+        result = _train_rank(config, args.resume)
+        if result is None:
+            return EXIT_OK  # a rank other than 0: rank 0 reports
+    else:
+        from .run.runner import train_run
+
+        result = train_run(config, resume=args.resume, log=print)
     metrics = result.metrics
     if result.status == "interrupted":
         print(f"peftkit train: interrupted; checkpoint saved, continue with `peftkit train {args.config} "
@@ -230,6 +250,51 @@ def _train(args: argparse.Namespace) -> int:
     shown = ", ".join(f"{k} {v:.4f}" for k, v in test.items() if isinstance(v, float))
     print(f"done: {result.run_dir}" + (f" | test {shown}" if shown else " | no test split"))
     return EXIT_OK
+
+
+def _train_with_torchrun(args: argparse.Namespace) -> int:
+    """``peftkit train ... --nproc N``: this command again, in N processes started by torchrun."""
+    import subprocess
+
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",
+               "-m", "peftkit", "train", args.config, *args.overrides] + (["--resume"] if args.resume else [])
+    # --standalone: a rendezvous on this machine at a free port; torchrun sets RANK, WORLD_SIZE ... per process
+    print(f"starting {args.nproc} training processes: {' '.join(command[1:])}", flush=True)
+    return subprocess.run(command).returncode
+
+
+def _train_rank(config: Any, resume: bool) -> Any:
+    """One rank's part of ``peftkit train`` under torchrun; the result on rank 0, None on the others.
+
+    Every rank runs the whole :func:`~peftkit.run.runner.train_run` (model, data, ``fit``). Rank 0
+    owns ``output_dir``; the others are given a private scratch directory for the files train_run
+    writes around the training (config.yaml, the test metrics), removed when they are done, and
+    print nothing: ``fit`` takes rank 0's directory and decisions for every rank.
+    """
+    import dataclasses
+    import shutil
+    import tempfile
+
+    import torch
+
+    from .run.runner import train_run
+    from .train.distributed import current_world, init_from_env
+    from .train.runtime import resolve_device
+
+    started = init_from_env(resolve_device(config.train.device).type)
+    scratch = None
+    try:
+        world = current_world()
+        if world.is_main:
+            return train_run(config, resume=resume, log=print)
+        scratch = tempfile.mkdtemp(prefix=f"peftkit-rank{world.rank}-")
+        train_run(dataclasses.replace(config, output_dir=scratch), resume=resume, log=lambda line: None)
+        return None
+    finally:
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
+        if started:
+            torch.distributed.destroy_process_group()
 
 
 def _eval(args: argparse.Namespace) -> int:
