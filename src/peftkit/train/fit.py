@@ -225,6 +225,9 @@ def fit(
     run_dir, resume, evaluates = distributed.broadcast(
         (str(run_dir) if run_dir is not None else None, resume, evaluate is not None), world)
     run_dir = Path(run_dir) if run_dir is not None else None
+    if config.early_stopping_patience is not None and not evaluates:  # after the broadcast: every rank alike
+        raise ConfigError(["train.early_stopping_patience needs evaluation: pass evaluate= (a validation split)"],
+                          what="training config")
     return _fit(model, train_examples, collate, loss, config, evaluate, evaluates, run_dir, resume,
                 adapter_name, log, device, world)
 
@@ -612,8 +615,6 @@ def _check_arguments(config: TrainConfig, examples: Sequence[Any], evaluate: Any
         problems.append(f"train.on_nonfinite: expected 'stop' or 'skip', got {config.on_nonfinite!r}")
     if len(examples) == 0:
         problems.append("train_examples is empty: give fit at least one training example")
-    if config.early_stopping_patience is not None and evaluate is None:
-        problems.append("train.early_stopping_patience needs evaluation: pass evaluate= (a validation split)")
     if resume and run_dir is None:
         problems.append("resume=True needs the run_dir of the run to continue")
     if problems:
