@@ -5,10 +5,12 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import difflib
-from collections.abc import Iterator
+import warnings
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import nn
 
 from . import methods  # noqa: F401  (registers the built-in methods)
@@ -140,8 +142,31 @@ def merge(model: nn.Module, adapter_names: str | list[str] | None = None, *, saf
         else:
             layer.check_mergeable([n for n in wanted if n not in layer.merged])
     for layer, wanted in layers:
+        layer.quantization_error = None
         layer.merge(wanted)
+    errors = {layer.module_name: layer.quantization_error for layer, _ in layers if layer.quantization_error}
+    if errors:
+        worst = max(errors, key=lambda n: errors[n]["relative"])
+        warnings.warn(
+            f"merged into {len(errors)} quantized layer(s): the re-quantized weights differ from the exact merged "
+            f"ones by up to {max(e['max_abs'] for e in errors.values()):.3g} (max abs), relative error up to "
+            f"{errors[worst]['relative']:.3g} (Frobenius, in {worst!r}); details: peftkit.merge_report(model). "
+            "For an exact merge export a dense model: unload(model, merge=True, dequantize=True).",
+            QuantizedMergeWarning, stacklevel=2,
+        )
     return model
+
+
+class QuantizedMergeWarning(UserWarning):
+    """A merge into a quantized base stored the merged weight re-quantized, i.e. not exactly."""
+
+
+def merge_report(model: nn.Module) -> dict[str, dict[str, float]]:
+    """Per adapted module, the error the last merge into a quantized base introduced: ``max_abs`` and
+    ``relative`` (Frobenius norm of the difference over that of the exact merged weight), comparing the
+    re-quantized merged weight with the exact one (dequantized base + adapter delta). Layers merged
+    exactly (dense bases) are absent."""
+    return {name: dict(layer.quantization_error) for name, layer in adapter_layers(model) if layer.quantization_error}
 
 
 _merge = merge  # unload() has a parameter named `merge`
@@ -155,19 +180,61 @@ def unmerge(model: nn.Module, adapter_names: str | list[str] | None = None) -> n
     return model
 
 
-def unload(model: nn.Module, *, merge: bool = False, safe: bool = True) -> nn.Module:
+def unload(model: nn.Module, *, merge: bool = False, safe: bool = True, dequantize: bool = False) -> nn.Module:
     """Remove every adapter and put the original module objects back.
 
     With ``merge=True`` the active adapters are first merged (safely by default), so the returned
     plain model computes what the adapted one did; otherwise the base model comes back unchanged
     (merged adapters are unmerged, PiSSA/OLoRA residuals and trained biases restored).
+
+    With ``dequantize=True`` every quantized layer (bitsandbytes) is first replaced by a dense
+    ``nn.Linear`` in its compute dtype, so ``merge=True`` is exact and the result is a plain 16/32-bit
+    model; without it a merge into a quantized layer re-quantizes (see :func:`merge`).
     """
     state = state_of(model)
+    if dequantize:
+        from .backends.kbit import dequantize as _dequantize
+
+        unmerge(model)  # merges made into the quantized weights come off before the exact dense merge
+        _dequantize(model)
     if merge:
         _merge(model, list(state.active), safe=safe)
     else:
         unmerge(model)
     return _inject.unload(model, restore_base=not merge)
+
+
+def quantize(
+    model: nn.Module,
+    bits: int = 4,
+    quant_type: str = "nf4",
+    double_quant: bool = True,
+    compute_dtype: torch.dtype | None = None,
+    skip: Iterable[str] = (),
+) -> nn.Module:
+    """Quantize ``model``'s ``nn.Linear`` layers in place with bitsandbytes (4-bit NF4/FP4 or 8-bit).
+
+    The fresh classification head, the output embedding and modules named in ``skip`` stay in full
+    precision. See :func:`peftkit.backends.bitsandbytes.quantize` for every argument.
+
+    Raises:
+        ImportError: bitsandbytes is not installed (the message says how to install it).
+        ConfigError: invalid ``bits``/``quant_type``, or the model already holds adapters.
+    """
+    try:
+        from .backends import bitsandbytes as bnb_backend
+    except ImportError as exc:
+        raise ImportError(f"peftkit.quantize needs bitsandbytes: {exc}") from None
+    return bnb_backend.quantize(model, bits, quant_type, double_quant, compute_dtype, skip)
+
+
+def prepare_for_kbit_training(model: nn.Module, gradient_checkpointing: bool = False) -> nn.Module:
+    """Norms, head and other unquantized half-precision parameters to float32, base frozen, input
+    embeddings' output requiring grad (for reentrant checkpointing); see
+    :func:`peftkit.backends.kbit.prepare_for_kbit_training`."""
+    from .backends.kbit import prepare_for_kbit_training as prepare
+
+    return prepare(model, gradient_checkpointing)
 
 
 def _names(model: nn.Module, adapter_names: str | list[str] | None) -> list[str]:
@@ -247,4 +314,5 @@ __all__ = [
     "inject", "make_config", "adapter_names", "active_adapters", "adapter_config", "set_active", "disable",
     "delete_adapter", "merge", "unmerge", "unload", "trainable_summary", "TrainableSummary",
     "save_adapter", "load_adapter", "read_adapter_config", "adapter_state_dict", "load_adapter_state_dict",
+    "quantize", "prepare_for_kbit_training", "merge_report", "QuantizedMergeWarning",
 ]

@@ -59,8 +59,14 @@ def base_fingerprint(model: nn.Module, module_names: list[str]) -> str:
     modules = dict(user_modules(model))
     digest = hashlib.sha256()
     for name in sorted(module_names):
-        weight = getattr(modules.get(name), "weight", None)
+        module = modules.get(name)
+        weight = getattr(module, "weight", None)
         shape = tuple(weight.shape) if isinstance(weight, torch.Tensor) else ()
+        access = registry.base_access(module) if module is not None else None
+        if access is not None and access.shape is not None:
+            # a quantized layer stores a packed weight: its logical shape is what identifies the base,
+            # so an adapter trained on the quantized model matches the dense one too (and back)
+            shape = tuple(access.shape(module))
         digest.update(f"{name}:{shape};".encode())
     return digest.hexdigest()[:16]
 

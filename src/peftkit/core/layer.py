@@ -13,7 +13,8 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from ..errors import AdapterNameError, UnsafeMergeError
+from ..errors import AdapterNameError, UnsafeMergeError, UnsupportedLayerError
+from . import registry
 
 
 class AdapterModule(nn.Module):
@@ -109,6 +110,8 @@ class AdapterLayer(nn.Module):
         self.active: list[str] = []
         self.merged: list[str] = []
         self.disabled = False
+        # {"max_abs", "relative"} of the last merge/unmerge into a quantized base (None when exact)
+        self.quantization_error: dict[str, float] | None = None
 
     def __getattr__(self, name: str):
         # transformers code reads e.g. `self.q_proj.weight.dtype`: let such reads reach the base layer.
@@ -142,10 +145,41 @@ class AdapterLayer(nn.Module):
 
     # -- merging, written once for every method --------------------------------------------------
 
-    def _merge_tensors(self, names: Iterable[str]) -> dict[str, torch.Tensor]:
-        """The base layer's tensors the given adapters merge into, by attribute name."""
+    def _read_tensors(self, names: Iterable[str]) -> dict[str, torch.Tensor]:
+        """Dense copies (in the merge's compute dtype) of the base tensors ``names`` merge into.
+
+        A quantized base layer is read through its backend's :class:`~peftkit.core.registry.BaseAccess`
+        (dequantized); a layer storing integers with no backend cannot be merged into.
+        """
         wanted = dict.fromkeys(k for n in names for k in self.adapters[n].merge_into)
-        return {k: getattr(self.base_layer, k) for k in wanted}
+        access = registry.base_access(self.base_layer)
+        if access is not None:
+            return {k: access.read(self.base_layer, k) for k in wanted}
+        tensors = {k: getattr(self.base_layer, k) for k in wanted}
+        for key, tensor in tensors.items():
+            if not tensor.is_floating_point():
+                raise UnsupportedLayerError(
+                    f"cannot merge into {self.module_name!r}: its {key} is stored as {tensor.dtype} by "
+                    f"{type(self.base_layer).__name__}, a layer type no peftkit backend can dequantize. Keep "
+                    "the adapter unmerged, or replace the layer by a dense one before merging."
+                )
+        return {k: t.detach().to(_compute_dtype(t)) for k, t in tensors.items()}
+
+    def _write_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Store merged tensors into the base layer; remembers the error a quantized store introduced."""
+        access = registry.base_access(self.base_layer)
+        errors = []
+        for key, tensor in tensors.items():
+            if access is not None:
+                errors.append(access.write(self.base_layer, key, tensor))
+            else:
+                target = getattr(self.base_layer, key)
+                target.data.copy_(tensor.to(target.dtype))
+        errors = [e for e in errors if e]
+        # The worst error over the tensors written (weight and bias), for merge reports.
+        self.quantization_error = (
+            {k: max(e[k] for e in errors) for k in errors[0]} if errors else None
+        )
 
     def merge(self, names: Iterable[str], safe: bool = False, check_only: bool = False) -> None:
         """Merge ``names`` in order. All new tensors are computed out of place first; with ``safe``
@@ -155,9 +189,11 @@ class AdapterLayer(nn.Module):
         if not names:
             return
         self.check_mergeable(names)
-        base = self._merge_tensors(names)
+        access = registry.base_access(self.base_layer)
         with torch.no_grad():
-            new = {k: t.detach().to(_compute_dtype(t)) for k, t in base.items()}
+            new = self._read_tensors(names)
+            if access is not None and not self.merged and not check_only:
+                self.__dict__["_pristine"] = access.snapshot(self.base_layer)  # not registered as a parameter
             for name in names:
                 adapter = self.adapters[name]
                 new.update(adapter.merged_tensors({k: new[k] for k in adapter.merge_into}))
@@ -170,8 +206,7 @@ class AdapterLayer(nn.Module):
                     )
             if check_only:
                 return
-            for key, tensor in base.items():
-                tensor.data.copy_(new[key].to(tensor.dtype))
+            self._write_tensors(new)
         self.merged.extend(names)
 
     def check_mergeable(self, names: list[str]) -> None:
@@ -205,11 +240,15 @@ class AdapterLayer(nn.Module):
         undone = self.merged[first:]
         for name in reversed(undone):
             adapter = self.adapters[name]
-            base = self._merge_tensors([name])
             with torch.no_grad():
-                work = {k: t.detach().to(_compute_dtype(t)) for k, t in base.items()}
-                for key, tensor in adapter.unmerged_tensors(work).items():
-                    base[key].data.copy_(tensor.to(base[key].dtype))
+                unmerged = adapter.unmerged_tensors(self._read_tensors([name]))
+                pristine = self.__dict__.get("_pristine")
+                if pristine is not None and self.merged == [name]:
+                    # back to the unmerged base: the stored original, not a re-quantized approximation
+                    registry.base_access(self.base_layer).restore(self.base_layer, pristine)
+                    self.__dict__["_pristine"] = self.quantization_error = None
+                else:
+                    self._write_tensors(unmerged)
             self.merged.remove(name)
         self.merge([n for n in undone if n not in wanted])
 

@@ -36,6 +36,37 @@ class MethodSpec:
 
 _METHODS: dict[str, MethodSpec] = {}
 _BUILTINS_LOADED = False
+_BACKENDS_IMPORTED = False
+# Top-level package of a layer type (e.g. "bitsandbytes") -> the function that registers its rows.
+# Called on the first dispatch of such a layer, so `import peftkit` never pays for the package.
+_BACKENDS: dict[str, Callable[[], None]] = {}
+
+
+@dataclass
+class BaseAccess:
+    """How the core reads and writes the tensors of a base layer that does not store them densely
+    (a quantized layer): merges go through it instead of ``getattr(layer, "weight")``.
+
+    ``read(layer, name)`` returns a dense float copy; ``write(layer, name, dense)`` stores ``dense``
+    in the layer's own format and returns the error that storing introduced ({"max_abs", "relative"},
+    or None when exact); ``dense(layer)`` returns an equivalent plain module (e.g. ``nn.Linear``).
+    ``shape(layer)`` is the dense weight's shape (adapter fingerprints use it). ``snapshot(layer)`` /
+    ``restore(layer, snap)`` keep and put back the stored weight as it was before
+    the first merge, so unmerging everything gives the base back bit for bit instead of re-quantized.
+    """
+
+    base_types: tuple[type, ...]
+    read: Callable[[nn.Module, str], Any]
+    write: Callable[[nn.Module, str, Any], dict[str, float] | None]
+    dense: Callable[[nn.Module], nn.Module]
+    snapshot: Callable[[nn.Module], Any]
+    restore: Callable[[nn.Module, Any], None]
+    shape: Callable[[nn.Module], tuple[int, ...]] | None = None  # the dense weight's shape
+    # puts the layer in a state that back-propagates (prepare_for_kbit_training calls it)
+    trainable: Callable[[nn.Module], None] | None = None
+
+
+_ACCESS: list[BaseAccess] = []
 
 
 def _load_builtin_methods() -> None:
@@ -47,6 +78,52 @@ def _load_builtin_methods() -> None:
         import importlib
 
         importlib.import_module("peftkit.methods")
+
+
+def register_backend(package: str, load: Callable[[], None]) -> None:
+    """Declare that layers whose type comes from the top-level package ``package`` get their dispatch
+    rows (and :class:`BaseAccess`) from ``load()``, called once, when such a layer is first dispatched.
+
+    A layer of that package existing means the package is already imported, so registering then costs
+    nothing extra, while ``import peftkit`` alone never imports it.
+    """
+    _BACKENDS[package] = load
+
+
+def _ensure_backends() -> None:
+    global _BACKENDS_IMPORTED
+    if not _BACKENDS_IMPORTED:
+        _BACKENDS_IMPORTED = True
+        import importlib
+
+        importlib.import_module("peftkit.backends")
+
+
+def load_backend(package: str) -> None:
+    """Register the backend declared for ``package`` now, if it has not been registered yet."""
+    _ensure_backends()
+    load = _BACKENDS.pop(package, None)
+    if load is not None:
+        load()
+
+
+def load_backend_for(module: nn.Module) -> None:
+    """Register the backend for ``module``'s package, if one is declared and not registered yet."""
+    _ensure_backends()
+    for cls in type(module).__mro__:
+        if _BACKENDS:
+            load_backend(cls.__module__.partition(".")[0])
+
+
+def register_base_access(access: BaseAccess) -> None:
+    """Add how to read/write/densify the tensors of ``access.base_types`` (checked before older entries)."""
+    _ACCESS.insert(0, access)
+
+
+def base_access(module: nn.Module) -> BaseAccess | None:
+    """The :class:`BaseAccess` for ``module``, or None for a layer that stores its tensors densely."""
+    load_backend_for(module)
+    return next((a for a in _ACCESS if isinstance(module, a.base_types)), None)
 
 
 def register_method(peft_type: str) -> Callable[[type], type]:
@@ -118,6 +195,7 @@ def registered_methods() -> list[str]:
 
 def dispatch(peft_type: str, module: nn.Module) -> tuple[LayerRow | None, str | None]:
     """First matching row for ``module``, or (None, reason) explaining why it cannot be adapted."""
+    load_backend_for(module)
     reason = None
     for row in method(peft_type).rows:
         if isinstance(module, row.base_types):

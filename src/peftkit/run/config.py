@@ -350,6 +350,7 @@ Check = tuple[str, Callable[[Any], bool], str]
 _VALUE_CHECKS: list[Check] = [
     ("model.dtype", lambda v: v in ("float32", "bfloat16", "float16"), "one of float32, bfloat16, float16"),
     ("model.num_labels", lambda v: v is None or v >= 2, "at least 2 classes, or null to count them from the data"),
+    ("model.quantize", lambda v: v in (None, "nf4", "fp4", "int8"), "null, nf4, fp4 or int8"),
     ("data.max_length", lambda v: v > 0, "a positive number of tokens"),
     ("data.max_train_examples", lambda v: v is None or v > 0, "a positive count, or null for all"),
     ("data.max_eval_examples", lambda v: v is None or v > 0, "a positive count, or null for all"),
@@ -391,8 +392,25 @@ def _check_values(config: RunConfig) -> list[str]:
     if 0 <= split.validation < 1 and 0 <= split.test < 1 and split.validation + split.test >= 1:
         problems.append(f"data.split: validation + test must leave examples for training, got "
                         f"{split.validation} + {split.test} >= 1")
+    problems += _quantize_problems(config)
     if config.train.metric in ("loss", "perplexity") and config.train.greater_is_better:
         problems.append(f"train.greater_is_better: a lower {config.train.metric} is better; set it to false")
+    return problems
+
+
+def _quantize_problems(config: RunConfig) -> list[str]:
+    quant = config.model.quantize
+    if quant not in ("nf4", "fp4", "int8"):
+        return []
+    problems = []
+    method = str(config.adapter.get("method", "lora")).lower() if isinstance(config.adapter, dict) else ""
+    if method == "full":
+        problems.append("model.quantize: full fine-tuning cannot train quantized weights; use an adapter "
+                        "(method: lora or ia3) or set model.quantize: null")
+    import importlib.util
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        problems.append(f"model.quantize: {quant} needs bitsandbytes; install it with `pip install bitsandbytes`")
     return problems
 
 

@@ -22,12 +22,18 @@ class ModelConfig:
         dtype: "float32" or "bfloat16": the dtype the base weights are loaded in.
         num_labels: Classification tasks: number of classes (None: taken from the data).
         gguf_file: For a directory holding a GGUF checkpoint, the file to load.
+        quantize: None, or "nf4" / "fp4" (bitsandbytes 4-bit) / "int8" (8-bit): load the base
+            quantized (QLoRA); the fresh head and ``lm_head`` stay in ``dtype``, which is also the
+            4-bit compute dtype.
+        double_quant: 4-bit only: also quantize the per-block scales (QLoRA's double quantization).
     """
 
     name_or_path: str = "minilm"
     dtype: str = "float32"
     num_labels: int | None = None
     gguf_file: str | None = None
+    quantize: str | None = None
+    double_quant: bool = True
 
 
 @dataclass

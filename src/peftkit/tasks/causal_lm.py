@@ -239,9 +239,20 @@ def load_pretrained(auto_class: Any, config: RunConfig, source: str, load_tokeni
     kwargs: dict[str, Any] = {"dtype": DTYPES[config.model.dtype]}
     if config.model.gguf_file:
         kwargs["gguf_file"] = config.model.gguf_file
+    if config.model.quantize:
+        from ..backends.bitsandbytes import bnb_config
+
+        # Naming modules to skip replaces transformers' default list, which keeps lm_head dense.
+        kwargs["quantization_config"] = bnb_config(
+            config.model.quantize, config.model.double_quant, DTYPES[config.model.dtype], ["lm_head"]
+        )
     with quiet_transformers(), explain_missing(config.model.name_or_path):
         model = auto_class.from_pretrained(source, **kwargs)
         tokenizer = load_tokenizer()
+    if config.model.quantize:
+        from ..backends.kbit import prepare_for_kbit_training
+
+        prepare_for_kbit_training(model)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return model

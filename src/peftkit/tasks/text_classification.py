@@ -115,12 +115,23 @@ class TextClassificationTask:
                           label2id={n: i for i, n in enumerate(names)})
         elif model_cfg.num_labels:
             kwargs["num_labels"] = model_cfg.num_labels
+        if model_cfg.quantize:
+            from ..backends.bitsandbytes import bnb_config
+
+            # The fresh head must stay unquantized (transformers would quantize it, then fail on it).
+            kwargs["quantization_config"] = bnb_config(
+                model_cfg.quantize, model_cfg.double_quant, DTYPES[model_cfg.dtype], ["classifier", "score"]
+            )
         source = self.model_source()
         # Seeding here makes the new head's initial weights, and so the whole run, reproducible.
         torch.manual_seed(self.config.train.seed)
         with quiet_transformers(), explain_missing(model_cfg.name_or_path):
             model = AutoModelForSequenceClassification.from_pretrained(source, **kwargs)
             self._load_tokenizer(source)
+        if model_cfg.quantize:
+            from ..backends.kbit import prepare_for_kbit_training
+
+            prepare_for_kbit_training(model)
         if self.labels is None:
             self.labels = [str(model.config.id2label[i]) for i in range(model.config.num_labels)]
             self._ids = {name: i for i, name in enumerate(self.labels)}
