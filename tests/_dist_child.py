@@ -10,7 +10,8 @@ Scenarios (each rank writes ``OUT/<scenario>-rank<r>.pt`` with what it saw):
   and at the end are recorded, rank 1 is given its own run_dir (which it must leave untouched) and no
   evaluate function. (2) In that group: a second adapter that is inactive but
   trainable, with gradient checkpointing on a model whose embeddings are frozen. (3) The reference of
-  the crash test: dropout on, a checkpoint every step.
+  the crash test: dropout on, a checkpoint every step. (4) ``train.distributed: fsdp``: the same run as
+  (1) with the frozen base sharded by FSDP2.
 - ``crash``: the run of (3) in another directory; rank 1 SIGKILLs itself in step 5.
 - ``resume``: that run continued with ``resume=True``.
 """
@@ -89,6 +90,18 @@ def main_scenario(out: Path, rank: int) -> dict:
                                   if p.requires_grad and ".idle." not in n},
                         "idle_unchanged": all(torch.equal(a, b) for a, b in zip(idle_before, idle)),
                         "lines": lines, "group_after": dist.is_initialized()}
+
+    # (4) FSDP2: the frozen base sharded, the adapter whole; every rank evaluates
+    from torch.distributed.tensor import DTensor
+
+    model = tiny_bert(dropout=0.0)
+    lines = []
+    fitted = fit(model, TRAIN, collate, lambda m, b: m(**b).loss, TrainConfig(**DDP_CONFIG, distributed="fsdp"),
+                 evaluate=make_evaluate(VALIDATION), run_dir=out / "fsdp" if rank == 0 else None, log=lines.append)
+    weight = model.bert.encoder.layer[0].attention.self.query.base_layer.weight
+    result["fsdp"] = {"final": trainable(model), "history": fitted.history, "losses": fitted.losses,
+                      "base_sharded": isinstance(weight, DTensor) and weight.to_local().numel() < weight.numel(),
+                      "lines": lines}
 
     # (3) the uninterrupted reference of the crash test
     model = tiny_bert(dropout=0.1)

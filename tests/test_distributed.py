@@ -23,9 +23,10 @@ from peftkit.errors import ConfigError
 from peftkit.run.config import dump_config
 from peftkit.train import TrainConfig, fit
 from peftkit.train.checkpoint import load_weights, read_checkpoint
-from peftkit.train.distributed import World, unused_adapter_parameters
+from peftkit.train.distributed import World, shard_frozen, unused_adapter_parameters
 from peftkit.train.fit import _check_world
 from peftkit.train.order import DataPlan, shard
+from peftkit.train.runtime import train_config_problems
 from test_fit import collate, make_evaluate, tiny_bert, trainable
 from test_runner import make_config, reviews_csv, tiny_model_dir  # noqa: F401 (fixtures)
 
@@ -96,6 +97,14 @@ def test_inactive_or_merged_adapters_with_trainable_parameters_are_found():
     assert len(unused) == 10 and all(".default." in name for name in unused)
     peftkit.set_active(model, "default")
     assert all(".other." in name for name in unused_adapter_parameters(model)) or not unused_adapter_parameters(model)
+
+
+def test_the_distributed_strategy_is_checked_and_fsdp_refuses_full_fine_tuning():
+    assert train_config_problems(TrainConfig(distributed="fsdp")) == []
+    assert train_config_problems(TrainConfig(distributed="zero3")) == [
+        "train.distributed: expected one of ddp, fsdp, got 'zero3'"]
+    with pytest.raises(ConfigError, match="full fine-tuning.*use train.distributed: ddp"):
+        shard_frozen(torch.nn.Linear(2, 2), torch.device("cpu"), World(0, 2))
 
 
 # ------------------------------------------------------------------------------------ 2 processes
@@ -213,3 +222,19 @@ def test_peftkit_train_nproc_2_trains_end_to_end(tiny_model_dir, reviews_csv, tm
     assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
     trainer = json.loads((run_dir / "checkpoints" / "step-00000006" / "trainer_state.json").read_text())
     assert trainer["resume_key"]["world_size"] == 2
+
+
+@pytest.mark.slow
+def test_fsdp_shards_the_frozen_base_and_saves_the_adapter_ddp_saves(main_run):
+    out, rank0, rank1 = main_run
+    fsdp0, fsdp1 = rank0["fsdp"], rank1["fsdp"]
+    assert fsdp0["base_sharded"] and fsdp1["base_sharded"]  # each rank holds part of a frozen weight
+    assert_equal_tensors(fsdp0["final"], fsdp1["final"])
+    for name, value in rank0["ddp"]["final"].items():
+        torch.testing.assert_close(fsdp0["final"][name], value, rtol=1e-5, atol=1e-6, msg=name)
+    assert fsdp0["history"] == fsdp1["history"] and len(fsdp0["history"]) == 2
+    saved = load_file(str(out / "fsdp" / "final" / "adapter_model.safetensors"))
+    reference = load_file(str(out / "ddp" / "final" / "adapter_model.safetensors"))
+    assert saved.keys() == reference.keys() and all(t.numel() > 0 for t in saved.values())
+    for key, value in reference.items():
+        torch.testing.assert_close(saved[key], value, rtol=1e-5, atol=1e-6, msg=key)

@@ -36,6 +36,9 @@ class TrainConfig:
         log_every: Log training loss, learning rate and throughput every this many optimizer steps.
         seed: Seeds the data order, dropout and any initialisation done by the run.
         device: "auto" (GPU when available), "cpu", "cuda", "cuda:1" ...
+        distributed: With several processes (torchrun): "ddp" replicates the model on every process
+            (DistributedDataParallel); "fsdp" shards the frozen base model's parameters over the
+            processes (FSDP2 ``fully_shard``) and replicates the trainable adapter. Ignored in one process.
         tensorboard: Also write TensorBoard event files (needs the ``tensorboard`` package).
         progress: Show a progress bar (loss, throughput, time left) on a terminal.
     """
@@ -62,5 +65,6 @@ class TrainConfig:
     log_every: int = 10
     seed: int = 0
     device: str = "auto"
+    distributed: Literal["ddp", "fsdp"] = "ddp"
     tensorboard: bool = True
     progress: bool = True

@@ -137,8 +137,12 @@ class _DataParallel(DistributedDataParallel):
             return getattr(super().__getattr__("module"), name)
 
 
-def wrap(model: nn.Module, device: torch.device, world: World, log: Callable[[str], None]) -> nn.Module:
-    """``model`` in DistributedDataParallel for a run of several processes; ``model`` itself otherwise.
+def wrap(model: nn.Module, device: torch.device, world: World, log: Callable[[str], None],
+         strategy: str = "ddp") -> nn.Module:
+    """What ``loss(model, batch)`` gets in a run of several processes; ``model`` itself in one.
+
+    ``strategy="fsdp"`` shards ``model`` in place (:func:`shard_frozen`) and returns it; ``"ddp"``
+    wraps it in DistributedDataParallel.
 
     Only parameters with ``requires_grad`` are all-reduced (DDP skips frozen ones), so the frozen base
     of an adapter costs no communication. ``find_unused_parameters`` (an extra graph traversal every
@@ -147,12 +151,73 @@ def wrap(model: nn.Module, device: torch.device, world: World, log: Callable[[st
     """
     if not world.active:
         return model
+    if strategy == "fsdp":
+        shard_frozen(model, device, world)
+        return model
     unused = unused_adapter_parameters(model)
     if unused:
         log(f"{len(unused)} trainable parameter(s) belong to inactive or merged adapters (e.g. {unused[0]}): "
             "DistributedDataParallel runs with find_unused_parameters=True")
     device_ids = [device.index] if device.type == "cuda" else None
     return _DataParallel(model, device_ids=device_ids, find_unused_parameters=bool(unused))
+
+
+def shard_frozen(model: nn.Module, device: torch.device, world: World) -> None:
+    """Shard the frozen parameters of ``model`` over the ranks with FSDP2; leave the trainable ones whole.
+
+    Each transformer block (the classes a transformers model names in ``_no_split_modules``) and
+    then the model itself become ``fully_shard`` units, so a forward pass gathers one block's weights
+    at a time. The trainable parameters (the adapter) are passed as ``ignored_params``: they stay
+    ordinary tensors, replicated on every rank, their gradients averaged by
+    :func:`average_gradients`. An adapter is small next to the base it adapts, so sharding it would
+    save little, while keeping it whole keeps the optimizer, the checkpoints and the saved adapter
+    exactly those of one process: no adapter can be saved from a shard (checked here).
+
+    Raises:
+        ConfigError: nothing is frozen (full fine-tuning): there is no base to shard.
+        RuntimeError: a trainable parameter came out sharded or empty.
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+
+    from ..errors import ConfigError
+
+    trainable = {p for p in model.parameters() if p.requires_grad}
+    if all(p.requires_grad for p in model.parameters()):
+        raise ConfigError(["train.distributed: fsdp shards the frozen base model, and every parameter of this one "
+                           "is trainable (full fine-tuning): use train.distributed: ddp"], what="distributed training")
+    mesh = init_device_mesh(device.type, (world.size,))
+    blocks = set(getattr(model, "_no_split_modules", None) or ())
+    # bottom-up, as fully_shard requires: in reversed pre-order every module comes before its parent
+    for module in reversed(list(model.modules())):
+        if module is not model and type(module).__name__ in blocks:
+            fully_shard(module, mesh=mesh, ignored_params=trainable)
+    fully_shard(model, mesh=mesh, ignored_params=trainable)
+    bad = [name for name, p in model.named_parameters() if p.requires_grad and (isinstance(p, DTensor) or p.numel() == 0)]
+    if bad:
+        raise RuntimeError(f"after sharding, trainable parameter(s) {bad[:3]} are sharded or empty: an adapter saved "
+                           "from them would be incomplete")
+
+
+def average_gradients(params: list[torch.Tensor], world: World) -> None:
+    """Replace the gradients of ``params`` by their mean over the ranks (one all-reduce per dtype).
+
+    With ``fsdp`` the replicated adapter is outside both FSDP and DDP; this is the average DDP
+    would have computed for it.
+    """
+    if not world.active:
+        return
+    grads = [p.grad for p in params if p.grad is not None]
+    for dtype in sorted({g.dtype for g in grads}, key=str):
+        same = [g for g in grads if g.dtype == dtype]
+        flat = torch.cat([g.reshape(-1) for g in same])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        flat /= world.size
+        offset = 0
+        for g in same:
+            g.copy_(flat[offset:offset + g.numel()].view_as(g))
+            offset += g.numel()
 
 
 def unwrap(model: nn.Module) -> nn.Module:

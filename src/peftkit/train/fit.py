@@ -225,6 +225,11 @@ def fit(
     run_dir, resume, evaluates = distributed.broadcast(
         (str(run_dir) if run_dir is not None else None, resume, evaluate is not None), world)
     run_dir = Path(run_dir) if run_dir is not None else None
+    if world.active and config.distributed == "fsdp" and distributed.any_across(
+            evaluates and evaluate is None, device, world):
+        raise ConfigError(["train.distributed: fsdp evaluates on every process (a sharded model's forward pass "
+                           "needs all of them): pass evaluate= on every rank, not only on rank 0"],
+                          what="distributed training")
     if config.early_stopping_patience is not None and not evaluates:  # after the broadcast: every rank alike
         raise ConfigError(["train.early_stopping_patience needs evaluation: pass evaluate= (a validation split)"],
                           what="training config")
@@ -258,7 +263,7 @@ def _fit(model: nn.Module, train_examples: Sequence[Any], collate: Callable[[lis
         tracker = Tracker(None, state.step, plan.total_steps, tensorboard=False, progress=False, log=_silent)
     try:
         with gradient_checkpointing(model, config.gradient_checkpointing), interrupt_flag() as interrupt:
-            run.train_model = distributed.wrap(model, device, world, tracker.text)
+            run.train_model = distributed.wrap(model, device, world, tracker.text, config.distributed)
             if rng is not None:
                 set_rng_state(rng)  # last, so that nothing between here and the first step draws from them
             _loop(run, tracker, interrupt)
@@ -367,7 +372,7 @@ def _train_step(run: _Run) -> tuple[float, float, int, str | None] | None:
             # so this one computes the loss of an example it shares with another rank, weighted 0
             indices = global_batches[i][:1]
         # accumulate locally and all-reduce once per step, in the last micro-batch's backward pass
-        no_sync = world.active and i < len(batches) - 1
+        no_sync = world.active and config.distributed == "ddp" and i < len(batches) - 1
         with run.train_model.no_sync() if no_sync else contextlib.nullcontext():
             batch = to_device(run.collate([run.examples[j] for j in indices]), run.device)
             with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=config.precision == "bf16"):
@@ -380,6 +385,8 @@ def _train_step(run: _Run) -> tuple[float, float, int, str | None] | None:
             # the ranks' weighted losses' gradients: the gradient of the global batch's mean loss
             (weighted * world.size if world.active else weighted).backward()
         total += weighted.detach()
+    if world.active and config.distributed == "fsdp":  # the replicated adapter, outside DDP
+        distributed.average_gradients([p for g in run.optimizer.param_groups for p in g["params"]], world)
     loss_value = distributed.sum_across(total, world).item()
     if not math.isfinite(loss_value):
         return _nonfinite(run, "loss", loss_value, n_examples)
@@ -468,7 +475,11 @@ def _maybe_evaluate(run: _Run, tracker: Tracker) -> bool:
     # rank 0 evaluates the whole validation split and hands the numbers to the other ranks: evaluate()
     # is the user's function over the whole split, and metrics such as F1 or chrF are no mean of
     # per-shard values; the result is that of one process, and every rank decides alike from it
-    metrics = distributed.on_main(lambda: _evaluate(run), run.world, f"evaluating at step {state.step}")
+    if run.world.active and config.distributed == "fsdp":
+        # the forward pass of a sharded model needs every rank: all evaluate, rank 0's numbers count
+        metrics = distributed.broadcast(_evaluate(run), run.world)
+    else:
+        metrics = distributed.on_main(lambda: _evaluate(run), run.world, f"evaluating at step {state.step}")
     if config.metric not in metrics:
         raise ConfigError([f"train.metric is {config.metric!r} but evaluate() returned only "
                            f"{sorted(metrics) or 'no numbers'}: set train.metric to one of them"], what="evaluation")

@@ -19,6 +19,7 @@ from .config import TrainConfig
 from .schedule import SCHEDULES
 
 PRECISIONS = ("fp32", "bf16")
+DISTRIBUTED = ("ddp", "fsdp")
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -90,6 +91,7 @@ def train_config_problems(config: TrainConfig) -> list[str]:
         ("log_every", _is_int(config.log_every, 0), "an integer >= 0"),
         ("seed", _is_int(config.seed, 0), "an integer >= 0"),
         ("metric", isinstance(config.metric, str) and config.metric != "", "a metric name"),
+        ("distributed", config.distributed in DISTRIBUTED, f"one of {', '.join(DISTRIBUTED)}"),
     ]
     problems = [f"train.{name}: expected {expected}, got {getattr(config, name)!r}" for name, ok, expected in checks if not ok]
     if config.device != "auto":
