@@ -3,7 +3,8 @@
 ``fit`` stays one loop; this module holds the pieces that differ when it runs under ``torchrun``
 (or any launcher that sets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` and
 ``MASTER_PORT``): who this process is (:class:`World`), starting the process group, wrapping the model
-in ``DistributedDataParallel``, and the few collectives the loop uses (sum a loss, agree on a flag,
+in ``DistributedDataParallel`` (``train.distributed: ddp``) or sharding its frozen base with FSDP2
+(``fsdp``), and the few collectives the loop uses (sum a loss, agree on a flag,
 hand rank 0's answer to everyone, gather every rank's random state).
 
 Every helper is a no-op, or returns its input, in a single process, so the non-distributed path of
