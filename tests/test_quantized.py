@@ -164,19 +164,26 @@ def test_contract_on_a_quantized_base(quant, method):
 
 
 @pytest.mark.parametrize("quant", ["nf4", "int8"])
-def test_merge_report_is_the_error_of_the_stored_weight_against_the_exact_merge(quant):
+@pytest.mark.parametrize("scale", [1.0, 1e-4])
+def test_merge_report_is_the_error_of_the_stored_weight_against_the_exact_merge(quant, scale):
     model = peftkit.inject(tiny_bert(quant), adapter_config("lora"))
-    layer = dict(adapter_layers(model))["bert.encoder.layer.0.attention.self.query"]
+    name = "bert.encoder.layer.0.attention.self.query"
+    layer = dict(adapter_layers(model))[name]
     access = bnb_backend.registry.base_access(layer.base_layer)
     with torch.no_grad():
-        exact = access.read(layer.base_layer, "weight") + layer.adapters["default"].delta_weight(
-            access.read(layer.base_layer, "weight"))
+        layer.adapters["default"].lora_B.weight.mul_(scale)
+        before = access.read(layer.base_layer, "weight")
+        delta = layer.adapters["default"].delta_weight(before)
+    exact = before + delta
     peftkit.merge(model)
     stored = access.read(layer.base_layer, "weight")
-    report = peftkit.merge_report(model)["bert.encoder.layer.0.attention.self.query"]
+    report = peftkit.merge_report(model)[name]
     assert report["max_abs"] == pytest.approx(float((stored - exact).abs().max()), rel=1e-6)
     assert report["relative"] == pytest.approx(float((stored - exact).norm() / exact.norm()), rel=1e-6)
+    assert report["of_delta"] == pytest.approx(float((stored - exact).norm() / delta.norm()), rel=1e-5)
     assert 0 < report["relative"] < 0.2
+    if scale < 1:  # a delta far below the quantization step is rounded away: the report shows it
+        assert report["of_delta"] > 0.9
 
 
 @pytest.mark.parametrize("quant", ["nf4", "int8"])

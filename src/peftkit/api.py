@@ -147,11 +147,13 @@ def merge(model: nn.Module, adapter_names: str | list[str] | None = None, *, saf
     errors = {layer.module_name: layer.quantization_error for layer, _ in layers if layer.quantization_error}
     if errors:
         worst = max(errors, key=lambda n: errors[n]["relative"])
+        lost = max(e.get("of_delta", 0.0) for e in errors.values())
         warnings.warn(
             f"merged into {len(errors)} quantized layer(s): the re-quantized weights differ from the exact merged "
             f"ones by up to {max(e['max_abs'] for e in errors.values()):.3g} (max abs), relative error up to "
-            f"{errors[worst]['relative']:.3g} (Frobenius, in {worst!r}); details: peftkit.merge_report(model). "
-            "For an exact merge export a dense model: unload(model, merge=True, dequantize=True).",
+            f"{errors[worst]['relative']:.3g} (Frobenius, in {worst!r}), up to {lost:.3g} of the adapter's own "
+            "change; details: peftkit.merge_report(model). For an exact merge export a dense model: "
+            "unload(model, merge=True, dequantize=True).",
             QuantizedMergeWarning, stacklevel=2,
         )
     return model
@@ -162,10 +164,11 @@ class QuantizedMergeWarning(UserWarning):
 
 
 def merge_report(model: nn.Module) -> dict[str, dict[str, float]]:
-    """Per adapted module, the error the last merge into a quantized base introduced: ``max_abs`` and
-    ``relative`` (Frobenius norm of the difference over that of the exact merged weight), comparing the
-    re-quantized merged weight with the exact one (dequantized base + adapter delta). Layers merged
-    exactly (dense bases) are absent."""
+    """Per adapted module, the error the last merge into a quantized base introduced, comparing the
+    re-quantized merged weight with the exact one (dequantized base + adapter delta): ``max_abs``,
+    ``relative`` (Frobenius norm of the difference over that of the exact merged weight) and
+    ``of_delta`` (over that of the adapter's delta: near 1, re-quantization rounded most of the adapter
+    away). Layers merged exactly (dense bases) are absent."""
     return {name: dict(layer.quantization_error) for name, layer in adapter_layers(model) if layer.quantization_error}
 
 

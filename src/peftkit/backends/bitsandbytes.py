@@ -107,10 +107,14 @@ def _refuse(peft_type: str) -> Any:
 # -- reading and writing the quantized weight -----------------------------------------------------
 
 
-def _error(stored: torch.Tensor, exact: torch.Tensor) -> dict[str, float]:
-    diff = (stored.float() - exact.float())
-    norm = float(exact.float().norm())
-    return {"max_abs": float(diff.abs().max()), "relative": float(diff.norm()) / norm if norm else 0.0}
+def _error(stored: torch.Tensor, exact: torch.Tensor, before: torch.Tensor) -> dict[str, float]:
+    """How far the stored weight is from the exact one: max abs, relative to the exact weight, and
+    relative to the change being written (a delta smaller than the quantization step is largely
+    rounded away: ``of_delta`` near 1 means the merge kept little of the adapter)."""
+    diff = stored.float() - exact.float()
+    norm, change = float(exact.float().norm()), float((exact.float() - before).norm())
+    return {"max_abs": float(diff.abs().max()), "relative": float(diff.norm()) / norm if norm else 0.0,
+            "of_delta": float(diff.norm()) / change if change else 0.0}
 
 
 def _read_4bit(layer: nn.Module, name: str) -> torch.Tensor:
@@ -133,13 +137,13 @@ def _write_4bit(layer: nn.Module, name: str, dense: torch.Tensor) -> dict[str, f
     if name != "weight":
         getattr(layer, name).data.copy_(dense.to(getattr(layer, name).dtype))
         return None
-    old = layer.weight
+    old, before = layer.weight, _read_4bit(layer, "weight")
     new = _bnb().nn.Params4bit(
         dense.detach().float().cpu(), requires_grad=False, blocksize=old.blocksize,
         compress_statistics=old.compress_statistics, quant_type=old.quant_type, quant_storage=old.quant_storage,
     )
     layer.weight = new.to(old.device)  # quantizes
-    return _error(_read_4bit(layer, "weight"), dense)
+    return _error(_read_4bit(layer, "weight"), dense, before)
 
 
 def _scb(layer: nn.Module) -> torch.Tensor:
@@ -159,11 +163,11 @@ def _write_8bit(layer: nn.Module, name: str, dense: torch.Tensor) -> dict[str, f
     if name != "weight":
         getattr(layer, name).data.copy_(dense.to(getattr(layer, name).dtype))
         return None
-    device = layer.weight.device
+    device, before = layer.weight.device, _read_8bit(layer, "weight")
     layer.state.CB, layer.state.SCB = None, None  # stale after the swap; the next forward re-reads them
     new = _bnb().nn.Int8Params(dense.detach().float().cpu(), requires_grad=False, has_fp16_weights=False)
     layer.weight = new.to(device)  # quantizes
-    return _error(_read_8bit(layer, "weight"), dense)
+    return _error(_read_8bit(layer, "weight"), dense, before)
 
 
 def _snapshot_8bit(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
