@@ -204,9 +204,10 @@ def test_a_rank_killed_mid_run_then_resumed_ends_with_the_uninterrupted_adapter(
 
 
 @pytest.mark.slow
-def test_peftkit_train_nproc_2_trains_end_to_end(tiny_model_dir, reviews_csv, tmp_path):  # noqa: F811
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_peftkit_train_nproc_2_trains_end_to_end(strategy, tiny_model_dir, reviews_csv, tmp_path):  # noqa: F811
     run_dir = tmp_path / "run"
-    config = make_config(tiny_model_dir, reviews_csv, run_dir)
+    config = make_config(tiny_model_dir, reviews_csv, run_dir, train={"distributed": strategy})
     path = tmp_path / "run.yaml"
     dump_config(config, path)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}

@@ -266,15 +266,9 @@ def _train_with_torchrun(args: argparse.Namespace) -> int:
 def _train_rank(config: Any, resume: bool) -> Any:
     """One rank's part of ``peftkit train`` under torchrun; the result on rank 0, None on the others.
 
-    Every rank runs the whole :func:`~peftkit.run.runner.train_run` (model, data, ``fit``). Rank 0
-    owns ``output_dir``; the others are given a private scratch directory for the files train_run
-    writes around the training (config.yaml, the test metrics), removed when they are done, and
-    print nothing: ``fit`` takes rank 0's directory and decisions for every rank.
+    Every rank runs :func:`~peftkit.run.runner.train_run` (model, data, ``fit``); rank 0 owns
+    ``output_dir`` and prints, the others train beside it and write nothing.
     """
-    import dataclasses
-    import shutil
-    import tempfile
-
     import torch
 
     from .run.runner import train_run
@@ -282,17 +276,10 @@ def _train_rank(config: Any, resume: bool) -> Any:
     from .train.runtime import resolve_device
 
     started = init_from_env(resolve_device(config.train.device).type)
-    scratch = None
     try:
-        world = current_world()
-        if world.is_main:
-            return train_run(config, resume=resume, log=print)
-        scratch = tempfile.mkdtemp(prefix=f"peftkit-rank{world.rank}-")
-        train_run(dataclasses.replace(config, output_dir=scratch), resume=resume, log=lambda line: None)
-        return None
+        result = train_run(config, resume=resume, log=print)
+        return result if current_world().is_main else None
     finally:
-        if scratch is not None:
-            shutil.rmtree(scratch, ignore_errors=True)
         if started:
             torch.distributed.destroy_process_group()
 

@@ -128,16 +128,25 @@ def train_run(config: RunConfig, *, resume: bool = False, log: Log = print) -> R
             ``resume`` is False.
     """
     from ..train.checkpoint import latest_checkpoint, load_weights, save_weights, seed_everything
+    from ..train.distributed import current_world, init_from_env
     from ..train.fit import fit
+    from ..train.runtime import resolve_device
 
     config = resolved(config)
     run_dir = Path(config.output_dir)
-    _check_run_dir(run_dir, config, resume, log)
-    if resume and latest_checkpoint(run_dir / "checkpoints") is None:
-        # killed before its first checkpoint: nothing to continue, so --resume starts the run over
-        log(f"no complete checkpoint in {run_dir / 'checkpoints'}: starting the run from step 0")
-        resume = False
-    dump_config(config, run_dir / CONFIG_NAME)
+    # Under torchrun every rank runs this function; rank 0 alone owns output_dir (fit follows its
+    # run_dir and resume decisions on every rank), the others train beside it and write nothing.
+    init_from_env(resolve_device(config.train.device).type)
+    main = current_world().is_main
+    if main:
+        _check_run_dir(run_dir, config, resume, log)
+        if resume and latest_checkpoint(run_dir / "checkpoints") is None:
+            # killed before its first checkpoint: nothing to continue, so --resume starts the run over
+            log(f"no complete checkpoint in {run_dir / 'checkpoints'}: starting the run from step 0")
+            resume = False
+        dump_config(config, run_dir / CONFIG_NAME)
+    else:
+        log = _silent
 
     task = build_task(config)
     model = task.load_model()
@@ -154,7 +163,7 @@ def train_run(config: RunConfig, *, resume: bool = False, log: Log = print) -> R
     batch_size = config.eval.batch_size
     metrics: dict[str, Any] = {"task": config.task, "model": config.model.name_or_path, "method": _method(config),
                                "trainable_params": summary.trainable, "total_params": summary.total}
-    if config.eval.before_training and splits.get("test"):
+    if config.eval.before_training and splits.get("test") and main:
         metrics["before"] = _evaluate_base(task, model, splits["test"], batch_size, full)
         log(f"test before training: {_format(metrics['before'])}")
 
@@ -164,7 +173,15 @@ def train_run(config: RunConfig, *, resume: bool = False, log: Log = print) -> R
                  resume=resume, adapter_name=ADAPTER_NAME, log=log)
     if not result.ok:  # diverged or interrupted: keep the checkpoints as they are, report why
         metrics.update(_fit_facts(result, None))
-        _write_json(run_dir / METRICS_NAME, metrics)
+        if main:
+            _write_json(run_dir / METRICS_NAME, metrics)
+        return RunResult(run_dir, metrics, result)
+    if not main:
+        metrics.update(_fit_facts(result, None))
+        if config.train.distributed == "fsdp" and splits.get("test"):
+            # a sharded model's forward pass gathers weights from every rank: take part in rank 0's
+            # test evaluation (this rank's own numbers are not used)
+            task.evaluate(model, splits["test"], batch_size)
         return RunResult(run_dir, metrics, result)
 
     weights = next((run_dir / d for d in ("best", "final") if (run_dir / d).is_dir()), None)
@@ -182,6 +199,10 @@ def train_run(config: RunConfig, *, resume: bool = False, log: Log = print) -> R
     _write_json(run_dir / METRICS_NAME, metrics)
     log(f"saved {run_dir / (FULL_MODEL_DIR if full else ADAPTER_DIR)}, {run_dir / METRICS_NAME}")
     return RunResult(run_dir, metrics, result)
+
+
+def _silent(line: str) -> None:
+    """The log of ranks other than 0: rank 0 reports for every rank."""
 
 
 def _check_run_dir(run_dir: Path, config: RunConfig, resume: bool, log: Log) -> None:
