@@ -83,6 +83,34 @@ def test_importing_peftkit_and_adapting_a_dense_model_never_imports_bitsandbytes
     assert out.stdout.strip() == "False", out.stderr
 
 
+_HIDE_BNB = (
+    "import importlib.util, sys\n"
+    "sys.modules['bitsandbytes'] = None  # `import bitsandbytes` now raises ImportError\n"
+    "_find = importlib.util.find_spec\n"
+    "importlib.util.find_spec = lambda name, *a: None if name.split('.')[0] == 'bitsandbytes' else _find(name, *a)\n"
+)
+
+
+@pytest.mark.slow
+def test_without_bitsandbytes_everything_else_works_and_every_message_says_how_to_install(tmp_path):
+    code = _HIDE_BNB + (
+        "import torch, peftkit, pytest\n"
+        "from peftkit.errors import ConfigError\n"
+        "from peftkit.run.config import parse_config\n"
+        "m = peftkit.inject(torch.nn.Sequential(torch.nn.Linear(4, 4)), peftkit.LoraConfig(target_modules=['0']))\n"
+        "try:\n    peftkit.quantize(torch.nn.Linear(64, 64))\nexcept ImportError as e:\n    print('QUANTIZE:', e)\n"
+        "try:\n    parse_config({'data': {'name': 'rotten_tomatoes'}, 'model': {'quantize': 'nf4'}})\n"
+        "except ConfigError as e:\n    print('CONFIG:', e)\n"
+        f"sys.exit(pytest.main(['-q', '-n', '0', '-rs', '-p', 'no:cacheprovider', {str(Path(__file__))!r}]))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    assert out.returncode == 5, out.stdout[-2000:] + out.stderr[-2000:]  # pytest: no test ran (module skipped)
+    lines = out.stdout.splitlines()
+    assert any(line.startswith("QUANTIZE:") and "pip install bitsandbytes" in line for line in lines)
+    assert any("model.quantize: nf4 needs bitsandbytes; install it with `pip install bitsandbytes`" in line for line in lines)
+    assert "1 skipped" in out.stdout and "pip install bitsandbytes" in out.stdout
+
+
 @pytest.mark.parametrize("quant", list(QUANTS))
 def test_quantize_replaces_linears_but_keeps_the_fresh_head_and_skipped_modules(quant):
     model = tiny_bert(None)
@@ -321,6 +349,33 @@ def test_run_config_checks_the_quantize_option():
         parse_config({**data, "model": {"quantize": "int4"}})
     with pytest.raises(ConfigError, match="full fine-tuning cannot train quantized weights"):
         parse_config({**data, "model": {"quantize": "nf4"}, "adapter": {"method": "full"}})
+
+
+def test_causal_lm_task_loads_quantized_with_lm_head_dense_and_trains_lora(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from peftkit.run.schema import DataConfig, ModelConfig, RunConfig
+    from peftkit.tasks.causal_lm import CausalLMTask
+    from test_task_causal_lm import char_tokenizer  # tests/ is on sys.path
+
+    tokenizer = char_tokenizer()
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    task = CausalLMTask(RunConfig(task="causal-lm", data=DataConfig(max_length=32),
+                                  model=ModelConfig(name_or_path=str(tmp_path / "model"), quantize="nf4")))
+    model = task.load_model()
+    assert isinstance(model.model.layers[0].self_attn.q_proj, bnb.nn.Linear4bit)
+    assert isinstance(model.model.layers[0].mlp.down_proj, bnb.nn.Linear4bit)
+    assert type(model.lm_head) is nn.Linear  # transformers' default skip list is replaced: lm_head named
+    peftkit.inject(model, peftkit.LoraConfig(target_modules=["q_proj", "v_proj"]))
+    batch = task.collate([{"prompt": "cat", "response": "chat"}, {"prompt": "dog", "response": "chien"}])
+    model.train()
+    model(**batch).loss.backward()
+    grads = [p.grad for n, p in model.named_parameters() if "lora_B" in n]
+    assert len(grads) == 4 and all(g is not None and g.abs().sum() > 0 for g in grads)
 
 
 # -- the bundled MiniLM: loading, parity with the reference library, training ---------------------
