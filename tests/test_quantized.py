@@ -381,7 +381,7 @@ def test_causal_lm_task_loads_quantized_with_lm_head_dense_and_trains_lora(tmp_p
 # -- the bundled MiniLM: loading, parity with the reference library, training ---------------------
 
 
-def _minilm_task(quant: str, tmp_path: Path | None = None, **train: object):
+def _minilm_task(quant: str):
     from peftkit.run.config import parse_config
     from peftkit.run.runner import build_task
 
@@ -435,3 +435,19 @@ def test_train_from_the_command_line_with_model_quantize_nf4(tmp_path):
     model = _minilm_task("nf4").load_model()
     peftkit.load_adapter(model, out / "adapter")
     assert isinstance(model.bert.encoder.layer[0].attention.self.query.base_layer, bnb.nn.Linear4bit)
+
+
+@pytest.mark.slow
+def test_dense_export_of_a_quantized_minilm_saves_a_plain_checkpoint(tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    task = _minilm_task("nf4")
+    model = task.load_model()
+    peftkit.inject(model, peftkit.LoraConfig(r=8, target_modules=["query", "value"], init_lora_weights=False))
+    x = dict(task.tokenizer(["a gripping film", "dull"], return_tensors="pt", padding=True))
+    adapted = logits(model, x)
+    peftkit.unload(model, merge=True, dequantize=True)
+    model.save_pretrained(tmp_path / "export")
+    assert "quantization_config" not in (tmp_path / "export" / "config.json").read_text()
+    reloaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "export").eval()
+    assert torch.allclose(logits(reloaded, x), adapted, atol=1e-5)
