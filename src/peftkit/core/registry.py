@@ -209,9 +209,15 @@ def dispatch(peft_type: str, module: nn.Module) -> tuple[LayerRow | None, str | 
 
 
 def supported_kinds(peft_type: str) -> str:
+    """The layer types ``peft_type`` adapts, for messages. A type that subclasses another one listed
+    (a quantized ``Linear4bit`` is an ``nn.Linear``) is left out: the list names the general kinds, the
+    same whether or not a backend has registered its rows yet."""
     seen: list[str] = []
+    types = [t for row in method(peft_type).rows for t in row.base_types]
     for row in method(peft_type).rows:
         for t in row.base_types:
+            if any(t is not other and issubclass(t, other) for other in types):
+                continue
             label = f"{t.__module__.split('.')[0]}.{t.__qualname__}" if t.__module__ else t.__qualname__
             label = label.replace("torch.", "torch.nn.", 1) if label.startswith("torch.") else label
             if label not in seen:
