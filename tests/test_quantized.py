@@ -435,6 +435,17 @@ def test_train_from_the_command_line_with_model_quantize_nf4(tmp_path):
     model = _minilm_task("nf4").load_model()
     peftkit.load_adapter(model, out / "adapter")
     assert isinstance(model.bert.encoder.layer[0].attention.self.query.base_layer, bnb.nn.Linear4bit)
+    # `peftkit merge` of a QLoRA run exports a dense model that plain transformers loads
+    from transformers import AutoModelForSequenceClassification
+
+    from peftkit.run.runner import load_run, merge_run
+
+    merged_dir = merge_run(out, tmp_path / "merged")
+    assert "quantization_config" not in (merged_dir / "config.json").read_text()
+    merged = AutoModelForSequenceClassification.from_pretrained(merged_dir).eval()
+    adapted = load_run(out)
+    x = dict(adapted.task.tokenizer(["a gripping film", "dull"], return_tensors="pt", padding=True))
+    assert torch.allclose(logits(merged, x), logits(adapted.model, x), atol=1e-4)
 
 
 @pytest.mark.slow

@@ -385,7 +385,8 @@ def merge_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
     """Export the trained run as one plain model directory (adapter folded into the weights).
 
     The directory is what transformers' ``from_pretrained`` loads, with the tokenizer (or processor)
-    saved beside it, so serving it needs neither peftkit nor the adapter.
+    saved beside it, so serving it needs neither peftkit nor the adapter. A run on a quantized base
+    (``model.quantize``) is exported dense, in the compute dtype.
 
     Raises:
         FileExistsError: ``out_dir`` exists and is not empty.
@@ -399,7 +400,9 @@ def merge_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
     loaded = load_run(run_dir)
     model = loaded.model
     if not is_full_fine_tuning(loaded.config):
-        model = api.unload(model, merge=True)  # checked for NaN/inf before any weight changes
+        # checked for NaN/inf before any weight changes; a 4/8-bit base (model.quantize) is exported
+        # dense, so the merge is exact and the directory loads without bitsandbytes
+        model = api.unload(model, merge=True, dequantize=bool(loaded.config.model.quantize))
     if not callable(getattr(model, "save_pretrained", None)):
         raise TypeError(
             f"merge exports transformers models (with save_pretrained); this run's model is a "
