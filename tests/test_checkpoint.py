@@ -331,3 +331,26 @@ def test_resume_is_bit_identical_on_minilm_in_bf16(tmp_path):
     weights, result = run(tmp_path / "run", resume=True)
     assert_bit_identical(weights, reference)
     assert result.losses == ref_result.losses
+
+
+def test_the_log_rewrite_on_resume_is_atomic(tmp_path, monkeypatch):
+    """Resume drops the log lines after the checkpoint by writing a new file and renaming it over the
+    old one: a crash in the middle of that write leaves the old log whole."""
+    from peftkit.train import tracking
+
+    path = tmp_path / "metrics.jsonl"
+    lines = [json.dumps({"event": "train", "step": s, "loss": 1.0 / s}) for s in range(1, 6)]
+    path.write_text("".join(f"{line}\n" for line in lines) + '{"event": "train", "st')  # a line cut by a crash
+    real_write = type(path).write_text
+
+    def crash_mid_write(self, text, *args, **kwargs):
+        real_write(self, text[: len(text) // 2], *args, **kwargs)
+        raise OSError("simulated crash")
+
+    monkeypatch.setattr(type(path), "write_text", crash_mid_write)
+    with pytest.raises(OSError):
+        tracking._truncate_after(path, 3)
+    monkeypatch.undo()
+    assert path.read_text().splitlines()[:5] == lines  # untouched
+    tracking._truncate_after(path, 3)
+    assert path.read_text().splitlines() == lines[:3]

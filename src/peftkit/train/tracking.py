@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -42,7 +43,10 @@ def _truncate_after(path: Path, step: int) -> None:
                 kept.append(line)
         except json.JSONDecodeError:
             pass  # a line cut short by a crash
-    path.write_text("".join(f"{line}\n" for line in kept))
+    # written beside and renamed over: a crash during the rewrite leaves the old log, never half of it
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text("".join(f"{line}\n" for line in kept))
+    os.replace(temporary, path)
 
 
 class Tracker:
