@@ -125,6 +125,20 @@ def test_quantize_replaces_linears_but_keeps_the_fresh_head_and_skipped_modules(
         assert layer.attention.self.query.weight.dtype == torch.uint8
 
 
+@pytest.mark.parametrize("quant", list(QUANTS))
+def test_trainable_summary_counts_a_quantized_weight_by_its_logical_shape(quant):
+    dense = tiny_bert(None)
+    expected = peftkit.trainable_summary(dense, show=False).total
+    model = tiny_bert(None)
+    bits, kind = QUANTS[quant]
+    peftkit.quantize(model, bits=bits, quant_type=kind)
+    peftkit.inject(model, peftkit.LoraConfig(r=2, target_modules=["query"]))
+    peftkit.inject(dense, peftkit.LoraConfig(r=2, target_modules=["query"]))
+    quantized, reference = peftkit.trainable_summary(model, show=False), peftkit.trainable_summary(dense, show=False)
+    assert reference.total > expected  # the adapter's parameters count
+    assert (quantized.total, quantized.trainable) == (reference.total, reference.trainable)
+
+
 def test_quantize_refuses_bad_arguments_and_an_adapted_model():
     with pytest.raises(ConfigError, match="bits: expected 4 or 8"):
         peftkit.quantize(tiny_bert(None), bits=3)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import difflib
+import math
 import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -281,6 +282,13 @@ class TrainableSummary:
         return "\n".join(lines)
 
 
+def _logical_numel(param: torch.Tensor) -> int:
+    """Elements of the weight a parameter stands for: a bitsandbytes 4-bit weight packs two values per
+    byte, so its storage's ``numel()`` is half of the (out, in) shape its ``quant_state`` records."""
+    shape = getattr(getattr(param, "quant_state", None), "shape", None)
+    return math.prod(shape) if shape is not None else param.numel()
+
+
 def trainable_summary(model: nn.Module, *, show: bool = True) -> TrainableSummary:
     """Which modules were adapted (kind, added parameters), trainable vs total parameters, and which
     matched modules could not be adapted. Prints the table unless ``show=False``."""
@@ -306,8 +314,8 @@ def trainable_summary(model: nn.Module, *, show: bool = True) -> TrainableSummar
     unique = {id(p): p for p in model.parameters()}.values()
     # Every parameter the model holds, adapters and the originals modules_to_save keeps for the
     # disabled path included (the reference library counts the same way).
-    summary.total = sum(p.numel() for p in unique)
-    summary.trainable = sum(p.numel() for p in unique if p.requires_grad)
+    summary.total = sum(_logical_numel(p) for p in unique)
+    summary.trainable = sum(_logical_numel(p) for p in unique if p.requires_grad)
     if show:
         print(summary)
     return summary
