@@ -60,6 +60,7 @@ class GenerationTask:
 
     name: str
     roles: list[str]
+    reference_role: str  # the example key generations are scored against
     default_metric = "chrf"
     greater_is_better = True
 
@@ -95,12 +96,38 @@ class GenerationTask:
             self.tokenizer = load_tokenizer(self.config.model, self.model_source())
         return self.tokenizer
 
+    def _pad_id(self) -> int:
+        tokenizer = self._load_tokenizer()
+        return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+    def evaluate(self, model: nn.Module, examples: Sequence[Example], batch_size: int) -> dict[str, float]:
+        """Loss and perplexity on the answers (teacher forcing), exact match and chrF of greedy generations
+        against the ``reference_role`` text of each example.
+
+        ``eval.metrics`` may restrict the generated-text metrics (``exact_match``, ``chrf``); with
+        neither requested no text is generated.
+
+        Raises:
+            ValueError: ``examples`` is empty or ``batch_size`` is not positive.
+        """
+        if not examples:
+            raise ValueError("no examples to evaluate: the split is empty; check data.split or data.files")
+        mean_nll = teacher_forced_nll(model, self.collate, examples, batch_size)
+        result = {"loss": mean_nll, "perplexity": text_metrics.perplexity(mean_nll)}
+        wanted = [m for m in (self.config.eval.metrics or list(TEXT_METRICS)) if m in TEXT_METRICS]
+        if wanted:
+            predictions = self.predict(model, examples, batch_size)
+            references = [role_text(e, self.reference_role) for e in examples]
+            result.update({m: TEXT_METRICS[m](predictions, references) for m in wanted})
+        return result
+
 
 @register_task("causal-lm")
 class CausalLMTask(GenerationTask):
     """Instruction tuning of a decoder-only model; see the module docstring for encoding and metrics."""
 
     roles = ROLES
+    reference_role = "response"
 
     # -- loading -------------------------------------------------------------------------------
 
@@ -155,31 +182,7 @@ class CausalLMTask(GenerationTask):
         nll, count = token_nll(model, batch)
         return nll.sum() / count.sum().clamp(min=1)
 
-    def _pad_id(self) -> int:
-        tokenizer = self._load_tokenizer()
-        return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-
     # -- evaluation and prediction ---------------------------------------------------------------
-
-    def evaluate(self, model: nn.Module, examples: Sequence[Example], batch_size: int) -> dict[str, float]:
-        """Loss and perplexity on the answers, exact match and chrF of greedy generations.
-
-        ``eval.metrics`` may restrict the generated-text metrics (``exact_match``, ``chrf``); with
-        neither requested no text is generated.
-
-        Raises:
-            ValueError: ``examples`` is empty or ``batch_size`` is not positive.
-        """
-        if not examples:
-            raise ValueError("no examples to evaluate: the split is empty; check data.split or data.files")
-        mean_nll = teacher_forced_nll(model, self.collate, examples, batch_size)
-        result = {"loss": mean_nll, "perplexity": text_metrics.perplexity(mean_nll)}
-        wanted = [m for m in (self.config.eval.metrics or list(TEXT_METRICS)) if m in TEXT_METRICS]
-        if wanted:
-            predictions = self.predict(model, examples, batch_size)
-            references = [role_text(e, "response") for e in examples]
-            result.update({m: TEXT_METRICS[m](predictions, references) for m in wanted})
-        return result
 
     def behaviour_probe(self, model: nn.Module, n: int, batch_size: int) -> BehaviourProbe:
         """Mean next-token loss on ``n`` held-out general texts (``peftkit.data.general_text``, plain

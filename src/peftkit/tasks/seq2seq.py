@@ -20,20 +20,17 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from .. import text_metrics
 from ..data.general_text import GENERAL_TEXT_SOURCE, general_texts
 from ..errors import ConfigError
 from ..models import explain_missing
 from .base import Batch, Example, eval_mode, register_task
 from .causal_lm import (
     IGNORE,
-    TEXT_METRICS,
     GenerationTask,
     generate_texts,
     load_pretrained,
     pad,
     role_text,
-    teacher_forced_nll,
     token_nll,
 )
 from .probes import BehaviourProbe, mean_pooled
@@ -49,6 +46,7 @@ class Seq2SeqTask(GenerationTask):
     """Encoder-decoder generation; see the module docstring for batches and metrics."""
 
     roles = ROLES
+    reference_role = "target"
 
     def load_model(self) -> nn.Module:
         """The pretrained encoder-decoder (``AutoModelForSeq2SeqLM``) in ``model.dtype``; loads the tokenizer.
@@ -95,27 +93,6 @@ class Seq2SeqTask(GenerationTask):
         """Mean cross entropy over every target token of the batch (padding excluded)."""
         nll, count = token_nll(model, batch)
         return nll.sum() / count.sum().clamp(min=1)
-
-    def _pad_id(self) -> int:
-        tokenizer = self._load_tokenizer()
-        return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-
-    def evaluate(self, model: nn.Module, examples: Sequence[Example], batch_size: int) -> dict[str, float]:
-        """Loss and perplexity on the targets, exact match and chrF of greedy generations.
-
-        Raises:
-            ValueError: ``examples`` is empty or ``batch_size`` is not positive.
-        """
-        if not examples:
-            raise ValueError("no examples to evaluate: the split is empty; check data.split or data.files")
-        mean_nll = teacher_forced_nll(model, self.collate, examples, batch_size)
-        result = {"loss": mean_nll, "perplexity": text_metrics.perplexity(mean_nll)}
-        wanted = [m for m in (self.config.eval.metrics or list(TEXT_METRICS)) if m in TEXT_METRICS]
-        if wanted:
-            predictions = self.predict(model, examples, batch_size)
-            references = [role_text(e, "target") for e in examples]
-            result.update({m: TEXT_METRICS[m](predictions, references) for m in wanted})
-        return result
 
     def behaviour_probe(self, model: nn.Module, n: int, batch_size: int) -> BehaviourProbe:
         """Mean-pooled encoder outputs for ``n`` held-out general texts (``peftkit.data.general_text``):
