@@ -41,6 +41,21 @@ class AdapterModule(nn.Module):
         """What this adapter adds to ``base_out`` (the base layer's output for input ``x``)."""
         raise NotImplementedError
 
+    def fused_output(self, x: torch.Tensor, base_layer: nn.Module) -> torch.Tensor | None:
+        """The whole output ``base_layer(x) + delta_output(...)`` in one step, or None for the general
+        path. Asked only when this adapter is the one live adapter on its layer and the layer is called
+        with ``x`` alone; a method overrides it where computing both together saves time or memory."""
+        return None
+
+    @classmethod
+    def routed_output(
+        cls, adapters: list[AdapterModule], slots: torch.Tensor, x: torch.Tensor, base_layer: nn.Module
+    ) -> torch.Tensor | None:
+        """A mixed-adapter batch in one step (see ``core/mixed.py``), or None to run each group of rows
+        through the layer separately. Example ``i`` goes through ``adapters[slots[i]]`` alone, or through
+        the base alone where ``slots[i] == len(adapters)``; every adapter is of this class."""
+        return None
+
     def transform(self, tensor: torch.Tensor) -> torch.Tensor:
         """The base layer's new input (or output), for adapters that set ``transforms`` (used instead
         of ``delta_output``)."""
@@ -123,7 +138,14 @@ class AdapterLayer(nn.Module):
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if self.disabled:
             return self.base_layer(x, *args, **kwargs)
+        routing = self.__dict__.get("routing")  # inside peftkit.per_example_adapters
+        if routing is not None:
+            return routing.layer_forward(self, x, args, kwargs)
         live = [self.adapters[n] for n in self.active if n not in self.merged]
+        if len(live) == 1 and live[0].transforms is None and not args and not kwargs:
+            fused = live[0].fused_output(x, self.base_layer)
+            if fused is not None:
+                return fused
         # Adapters that act on the input (IA3 on feed-forward layers, OFT's rotation) or rescale the
         # output (IA3) compose in order around one call of the base; the others add their deltas.
         base_in = x
@@ -285,6 +307,9 @@ class ModulesToSave(nn.Module):
         return self.base_layer
 
     def forward(self, *args, **kwargs):
+        routing = self.__dict__.get("routing")  # inside peftkit.per_example_adapters
+        if routing is not None and not self.disabled:
+            return routing.copies_forward(self, args, kwargs)
         return self.current()(*args, **kwargs)
 
 

@@ -26,7 +26,7 @@ from ..core.layer import adapter_dtype as _adapter_dtype
 from ..core.registry import register_layer, register_method
 from ..core.targeting import HFConv1D, Target
 from ..errors import UnsupportedLayerError
-from . import dora
+from . import dora, lora_kernels
 
 PEFT_TYPE = "LORA"
 _INITS = (True, False, "gaussian", "pissa", "olora")
@@ -295,6 +295,26 @@ class LoraLinear(LoraAdapter):
 
     def lora_path(self, x, base_layer):
         return self.lora_B(self.lora_A(x))
+
+    def fused_output(self, x, base_layer):
+        # Plain LoRA on a dense frozen weight: one fused function (lora_kernels) instead of the base
+        # call plus delta_output. DoRA and everything lora_kernels.fusable refuses take the general path.
+        a, b = self.lora_A.weight, self.lora_B.weight
+        if self.use_dora or not lora_kernels.fusable(base_layer, x, a, b):
+            lora_kernels.calls["general"] += 1
+            return None
+        p = self.dropout.p if isinstance(self.dropout, nn.Dropout) and self.dropout.training else 0.0
+        return lora_kernels.lora_linear(base_layer, x, a, b, self.scaling, p)
+
+    @classmethod
+    def routed_output(cls, adapters, slots, x, base_layer):
+        # Plain LoRA adapters of any ranks: one batched product for the whole mixed batch (the general
+        # fallback would run the layer once per group of rows). DoRA rescales per adapter: fallback.
+        if any(a.use_dora for a in adapters) or x.dim() < 2:
+            return None
+        return lora_kernels.routed_lora(
+            [(a.lora_A.weight, a.lora_B.weight, a.scaling) for a in adapters], slots, x, base_layer(x)
+        )
 
     def lora_rows(self):
         return self.lora_B.weight @ self.lora_A.weight

@@ -1,0 +1,179 @@
+"""Fast paths for LoRA on dense linear layers: one fused autograd function for ``W x + b + s B A x``.
+
+The general path (``AdapterLayer`` calls the base layer, then ``LoraAdapter.delta_output``) allocates
+three output-sized tensors per layer and step (``B A x``, its scaled copy and the sum), scales the
+full-size gradient by ``s`` in backward, sums two input-sized gradients, and with dropout keeps both
+a float dropout mask and a dropped copy of the input alive for backward. :class:`LoraLinearFunction`
+instead
+
+- adds ``s * (A x) B^T`` into the base output in place (one ``addmm_``, the scaling folded into it);
+- saves the input once (the base matmul and ``A`` share it), the ``r``-wide ``A x`` and, with
+  dropout, a ``bool`` mask (1 byte an element instead of 8 for mask plus dropped copy);
+- applies ``s`` to ``r``-wide tensors in backward and accumulates the low-rank input gradient into
+  the base one in place.
+
+It is exact maths with a different rounding order: ``s`` multiplies the ``r``-wide product instead of
+the output, and ``addmm_`` rounds ``out + s * A x B^T`` once instead of three times. The base part
+(``addmm(bias, x, W^T)``) is the very call ``nn.Linear`` makes, and the dropout mask comes from the
+same random stream as ``nn.Dropout``'s, so the same seed drops the same elements.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.autograd.function import once_differentiable
+
+from ..core.registry import base_access
+from ..core.targeting import HFConv1D
+
+# forward() of the base layer types whose output is exactly ``addmm(bias, x, weight_as_in_x_out)``
+_DENSE_FORWARDS = {nn.Linear.forward: False}
+if HFConv1D:
+    _DENSE_FORWARDS[HFConv1D.forward] = True  # GPT-2's Conv1D stores its weight (in, out)
+_HALF_OR_SINGLE = (torch.float32, torch.bfloat16, torch.float16)
+
+# How often each path ran; tests read this to prove the fast path is taken (a silent fallback to the
+# general path would otherwise only show up as a slower benchmark).
+calls = {"fused": 0, "general": 0}
+
+
+def fusable(base_layer: nn.Module, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether the fused function computes exactly what the general path would for this call.
+
+    It needs a dense, frozen weight used as-is by the base layer's own forward (plain ``nn.Linear`` or
+    GPT-2 ``Conv1D``: no subclass forward, no quantized backend, no hooks that the bypassed
+    ``base_layer(x)`` call would have run), plain tensors (no ``__torch_function__`` subclasses such
+    as DTensor, no functorch transform) and one dtype for input, weight and adapter, unless autocast
+    is on, where the general path computes every matmul in the autocast dtype anyway.
+    """
+    if type(base_layer).forward not in _DENSE_FORWARDS or base_access(base_layer) is not None:
+        return False
+    if base_layer._forward_hooks or base_layer._forward_pre_hooks or nn.modules.module._global_forward_hooks:
+        return False
+    if nn.modules.module._global_forward_pre_hooks:
+        return False
+    weight, bias = base_layer.weight, base_layer.bias
+    if weight.requires_grad or not x.is_floating_point() or x.dim() < 1:
+        return False  # a trained base weight needs its own gradient: the general path computes it
+    tensors = (x, weight, a, b) if bias is None else (x, weight, bias, a, b)
+    if torch.overrides.has_torch_function(tensors) or torch._C._are_functorch_transforms_active():
+        return False
+    if len({t.device for t in tensors}) != 1:
+        return False
+    if torch.is_autocast_enabled(x.device.type):
+        return all(t.dtype in _HALF_OR_SINGLE for t in tensors)
+    return len({t.dtype for t in tensors}) == 1
+
+
+def lora_linear(
+    base_layer: nn.Module, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float, dropout: float
+) -> torch.Tensor:
+    """``base_layer(x) + scaling * B A dropout(x)`` for a layer :func:`fusable` accepted.
+
+    ``a`` is A (r x in), ``b`` is B (out x r); ``dropout`` is the probability applied now (0 in eval).
+    """
+    calls["fused"] += 1
+    weight, bias = base_layer.weight, base_layer.bias
+    weight_t = weight if _DENSE_FORWARDS[type(base_layer).forward] else weight.t()
+    wants_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, a, b, bias)
+    )
+    if not wants_grad:  # inference: the same arithmetic without building a graph node
+        with torch.no_grad():
+            return LoraLinearFunction.forward(None, x, weight_t, bias, a, b, scaling, dropout)
+    return LoraLinearFunction.apply(x, weight_t, bias, a, b, scaling, dropout)
+
+
+def _dropout_noise(x: torch.Tensor, p: float) -> torch.Tensor:
+    # nn.Dropout on CPU: bernoulli_(1 - p) into a tensor like x, then div_(1 - p); drawn the same way
+    # so that one seed gives one mask on either path.
+    return torch.empty_like(x).bernoulli_(1 - p).div_(1 - p)
+
+
+class LoraLinearFunction(torch.autograd.Function):
+    """``addmm(bias, x, W^T) + s * (dropout(x) A^T) B^T`` with a frozen ``W``; see the module docstring.
+
+    Under autocast the matmuls run in the autocast dtype, as the general path's would (``nn.Linear`` is
+    on autocast's lower-precision list); casts are explicit here and autocast is switched off inside,
+    so that the in-place ``addmm_`` sees one dtype. Gradients come back in each input's own dtype.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight_t, bias, a, b, scaling, p):  # noqa: D102 (documented on the class)
+        device = x.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        x2 = x.reshape(-1, x.shape[-1])
+        noise = _dropout_noise(x2, p) if p > 0 else None
+        xd = x2 if noise is None else x2 * noise  # the dropout is applied in x's dtype, before any cast
+        with torch.autocast(device, enabled=False):
+            xc, xdc = x2.to(dtype), xd.to(dtype)
+            wc, ac, bc = weight_t.to(dtype), a.to(dtype), b.to(dtype)
+            out = xc.mm(wc) if bias is None else torch.addmm(bias.to(dtype), xc, wc)
+            ax = xdc.mm(ac.t())
+            out.addmm_(ax, bc.t(), alpha=scaling)
+        if ctx is not None:
+            # x once (shared by the base matmul and A, and in memory with every sibling projection that
+            # reads the same input), the r-wide A x, and the dropout mask as bool.
+            mask = None if noise is None else noise.ne(0)
+            ctx.save_for_backward(xc, ax, weight_t, a, b, mask)
+            ctx.scaling, ctx.p, ctx.dtype = scaling, p, dtype
+            ctx.x_dtype, ctx.x_shape = x.dtype, x.shape
+            ctx.bias_dtype = None if bias is None else bias.dtype
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):  # noqa: D102
+        xc, ax, weight_t, a, b, mask = ctx.saved_tensors
+        s, dtype = ctx.scaling, ctx.dtype
+        need_x, _, need_bias, need_a, need_b, _, _ = ctx.needs_input_grad
+        with torch.autocast(grad.device.type, enabled=False):
+            g = grad.reshape(-1, grad.shape[-1]).to(dtype)
+            ac, bc = a.to(dtype), b.to(dtype)
+            gax = g.mm(bc).mul_(s)  # d/d(A x), r wide: the scaling is applied here, not to g
+            noise = None if mask is None else mask.to(ctx.x_dtype).div_(1 - ctx.p)
+            gx = ga = gb = gbias = None
+            if need_x:
+                gx = g.mm(weight_t.to(dtype).t())
+                if noise is None:
+                    gx.addmm_(gax, ac)
+                else:
+                    gx = gx.to(ctx.x_dtype).add_(gax.mm(ac).to(ctx.x_dtype).mul_(noise))
+                gx = gx.to(ctx.x_dtype).view(ctx.x_shape)
+            if need_a:
+                xd = xc if noise is None else (xc.to(ctx.x_dtype) * noise).to(dtype)
+                ga = gax.t().mm(xd).to(a.dtype)
+            if need_b:
+                gb = g.t().mm(ax).mul_(s).to(b.dtype)
+            if need_bias:
+                gbias = g.sum(0).to(ctx.bias_dtype)
+        return gx, None, gbias, ga, gb, None, None
+
+
+def routed_lora(
+    adapters: list[tuple[torch.Tensor, torch.Tensor, float]], slots: torch.Tensor, x: torch.Tensor,
+    base_out: torch.Tensor,
+) -> torch.Tensor:
+    """``base_out`` plus, for each example ``i``, ``s B A x_i`` of adapter ``slots[i]`` (none where
+    ``slots[i] == len(adapters)``), from ``(A, B, s)`` triples of any ranks.
+
+    The adapters are stacked into one zero-padded ``(K + 1, r_max, in)`` A and ``(K + 1, out, r_max)``
+    sB (the extra slot all zeros, for examples on the base model), gathered per example and applied
+    with two ``bmm`` over the batch: two batched matmuls for the whole layer whatever the number of
+    adapters, no copy of the input rows, and padding rows that add exact zeros.
+    """
+    dtype, device = adapters[0][0].dtype, x.device
+    rank = max(a.shape[0] for a, _, _ in adapters)
+    stacked_a = torch.zeros(len(adapters) + 1, rank, x.shape[-1], dtype=dtype, device=device)
+    stacked_b = torch.zeros(len(adapters) + 1, base_out.shape[-1], rank, dtype=dtype, device=device)
+    for i, (a, b, s) in enumerate(adapters):
+        stacked_a[i, : a.shape[0]] = a
+        stacked_b[i, :, : b.shape[1]] = b * s
+    batch = x.shape[0]
+    xs = x.reshape(batch, -1, x.shape[-1]).to(dtype)  # (batch, tokens, in)
+    low = torch.bmm(xs, stacked_a[slots].transpose(1, 2))  # (batch, tokens, r_max)
+    delta = torch.bmm(low, stacked_b[slots].transpose(1, 2)).view(base_out.shape).to(base_out.dtype)
+    if torch.is_grad_enabled():
+        return base_out + delta
+    return base_out.add_(delta)
