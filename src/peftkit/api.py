@@ -7,7 +7,7 @@ import dataclasses
 import difflib
 import math
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,6 +16,7 @@ from torch import nn
 
 from . import methods  # noqa: F401  (registers the built-in methods)
 from .core import inject as _inject
+from .core import mixed as _mixed
 from .core import registry
 from .core.config import AdapterConfig
 from .core.inject import adapter_layers, model_parts, require_adapter, saved_modules, state_of
@@ -104,6 +105,31 @@ def disable(model: nn.Module) -> Iterator[nn.Module]:
             wrapper.disabled = was
         for name, layer in adapter_layers(model):
             layer.merge(merged.get(name, []))
+
+
+def per_example_adapters(
+    model: nn.Module, names: Sequence[str | None]
+) -> contextlib.AbstractContextManager[nn.Module]:
+    """A context manager within which example ``i`` of every batch goes through adapter ``names[i]``
+    alone (``None``: the base model), for serving several adapters in one batch.
+
+    Inference only: the model must be in eval mode. Works for every forward inside the block,
+    including each step of ``model.generate``; under beam search the batch is expanded ``num_beams``
+    times, so each name must be repeated that often. Plain LoRA layers compute all adapters with one
+    batched product; other methods run each group of rows through the layer with its adapter.
+
+    Example::
+
+        with peftkit.per_example_adapters(model, ["fr", "de", None, "fr"]):
+            logits = model(input_ids).logits  # 4 examples, adapters fr, de, base, fr
+
+    Raises:
+        AdapterNameError: a name is not an adapter of the model (the message lists them), an adapter is
+            merged (unmerge first), or an adapter changes the model as a whole (soft prompts).
+        RuntimeError: the model is in training mode (call ``model.eval()``).
+        ValueError: ``names`` is empty, or (at a forward) its length differs from the batch size.
+    """
+    return _mixed.per_example_adapters(model, names)
 
 
 def delete_adapter(model: nn.Module, adapter_name: str) -> nn.Module:
