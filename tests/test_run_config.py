@@ -225,7 +225,8 @@ def test_dump_then_load_gives_the_same_config(tmp_path):
 # -- docs/config.md is the reference of every field --------------------------------------------------
 
 SECTIONS = {"": schema.RunConfig, "model": schema.ModelConfig, "data": schema.DataConfig,
-            "data.split": schema.SplitConfig, "train": TrainConfig, "eval": schema.EvalConfig}
+            "data.split": schema.SplitConfig, "train": TrainConfig, "eval": schema.EvalConfig,
+            "select": schema.SelectConfig}
 
 
 def documented_fields() -> dict[str, dict[str, str]]:

@@ -74,7 +74,7 @@ def make_config(model_dir, csv_path, out_dir, **sections):
     }
     for section, values in sections.items():  # the adapter section is replaced, the others updated
         merge = isinstance(values, dict) and section != "adapter"
-        data[section] = {**data[section], **values} if merge else values
+        data[section] = {**data.get(section, {}), **values} if merge else values
     return parse_config(data)
 
 

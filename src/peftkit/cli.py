@@ -35,6 +35,7 @@ examples:
   echo "a gripping, funny film" | peftkit predict runs/sentiment-minilm-lora
   peftkit merge runs/sentiment-minilm-lora exports/sentiment-minilm
   peftkit inspect minilm
+  peftkit select configs/sentiment-minilm-lora.yaml --budget 0.4%
   peftkit compare configs/compare-sentiment-minilm.yaml --seeds 1 train.steps=40
 See docs/cli.md and docs/config.md."""
 
@@ -51,6 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_predict(commands)
     _add_merge(commands)
     _add_inspect(commands)
+    _add_select(commands)
     _add_compare(commands)
     _add_report(commands)
     _add_demo(commands)
@@ -143,6 +145,28 @@ def _add_inspect(commands: Any) -> None:
     sub.add_argument("--task", default=None, help="load MODEL the way this task does (needed for non-transformers "
                      "models such as efficientnet-lite0: --task image-classification)")
     sub.add_argument("--json", action="store_true", help="print the report as JSON")
+
+
+def _add_select(commands: Any) -> None:
+    sub = _command(
+        commands, "select", "choose which modules to adapt, and at what rank, under a parameter budget",
+        "Probe the frozen model of CONFIG on a few training batches (select.probe_batches forward and backward "
+        "passes), score every adaptable module and the cheap whole-parameter options (normalisation layers, "
+        "biases, small heads), and spend the budget where a parameter buys the most: the LoRA targets, a rank "
+        "per module, and what trains in full. Writes OUT/selected.yaml, a ready-to-train config, with "
+        "selection.md and selection.png explaining the choice. `adapter.target_modules: auto` in any training "
+        "config does the same before training (see docs/select.md).",
+        _select,
+    )
+    sub.add_argument("config", metavar="CONFIG.yaml", help="a run config with adapter.method: lora")
+    sub.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. select.score=fisher")
+    sub.add_argument("--budget", default=None, metavar="B",
+                     help="trainable parameters to spend: a share of the model such as 0.5%% or a count such as "
+                     "82944 or 83k (default: the config's select.budget)")
+    sub.add_argument("--score", default=None, choices=["gradient", "fisher", "activation", "random"],
+                     help="how candidates are scored (default: the config's select.score, gradient)")
+    sub.add_argument("--out", default=None, metavar="DIR",
+                     help="where selected.yaml and the explanation go (default: OUTPUT_DIR-selection)")
 
 
 def _add_compare(commands: Any) -> None:
@@ -351,6 +375,21 @@ def _inspect(args: argparse.Namespace) -> int:
         config = load_config(args.model)
     report = inspect_model(args.model, task=args.task, config=config)
     print(json.dumps(report.to_dict(), indent=2) if args.json else report)
+    return EXIT_OK
+
+
+def _select(args: argparse.Namespace) -> int:
+    from .run.config import load_config
+    from .run.runner import select_run
+
+    overrides = list(args.overrides)
+    overrides += [f"select.budget={args.budget}"] if args.budget is not None else []
+    overrides += [f"select.score={args.score}"] if args.score is not None else []
+    config = load_config(args.config, overrides)
+    if config.select.budget is None:
+        return _usage("select", "no budget: give --budget (e.g. --budget 0.5% or --budget 82944) or set select.budget "
+                      "in the config")
+    select_run(config, args.out or f"{config.output_dir.rstrip('/')}-selection", log=print)
     return EXIT_OK
 
 

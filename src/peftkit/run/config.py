@@ -31,6 +31,7 @@ from ..train.config import TrainConfig
 from .schema import DataConfig, EvalConfig, ModelConfig, RunConfig
 
 FULL_FINE_TUNING = "full"  # `adapter.method: full` trains every parameter instead of an adapter
+AUTO = "auto"  # `adapter.target_modules: auto`: targets and ranks chosen by peftkit.select before training
 SPLITS = ("train", "validation", "test")
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 _DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
@@ -294,6 +295,14 @@ def _check_adapter(section: Any, problems: list[str]) -> dict[str, Any]:
         problems += [f"adapter.{key}: `method: full` trains every parameter and takes no other field; "
                      "remove it, or choose an adapter method" for key in fields]
         return {"method": FULL_FINE_TUNING}
+    if fields.get("target_modules") == AUTO:
+        # chosen by `select` before training; the rest of the section must be a valid LoRA config
+        if method.lower() != "lora":
+            problems.append(f"adapter.target_modules: `auto` allocates LoRA ranks, so it needs method: lora (got "
+                            f"{method!r}); name the targets for {method}, or switch to lora")
+            return {"method": method, **fields}
+        problems += adapter_problems(method, {k: v for k, v in fields.items() if k != "target_modules"})
+        return {"method": method, **fields}
     problems += adapter_problems(method, fields)
     return {"method": method, **fields}
 
@@ -393,6 +402,7 @@ def _check_values(config: RunConfig) -> list[str]:
         problems.append(f"data.split: validation + test must leave examples for training, got "
                         f"{split.validation} + {split.test} >= 1")
     problems += _quantize_problems(config)
+    problems += _select_problems(config)
     if config.train.metric in ("loss", "perplexity") and config.train.greater_is_better:
         problems.append(f"train.greater_is_better: a lower {config.train.metric} is better; set it to false")
     return problems
@@ -411,6 +421,32 @@ def _quantize_problems(config: RunConfig) -> list[str]:
 
     if importlib.util.find_spec("bitsandbytes") is None:
         problems.append(f"model.quantize: {quant} needs bitsandbytes; install it with `pip install bitsandbytes`")
+    return problems
+
+
+def _select_problems(config: RunConfig) -> list[str]:
+    from ..select import RULES, parse_budget
+
+    sel = config.select
+    problems = []
+    auto = isinstance(config.adapter, dict) and config.adapter.get("target_modules") == AUTO
+    if auto and sel.budget is None:
+        problems.append("select.budget: `adapter.target_modules: auto` needs a parameter budget, e.g. "
+                        "select: {budget: 0.5%} (a share of the base model) or select: {budget: 82944}")
+    if sel.budget is not None:
+        try:
+            parse_budget(sel.budget, 1)
+        except ValueError as exc:
+            problems.append(f"select.budget: {exc}")
+    if sel.score not in RULES:
+        problems.append(f"select.score: expected one of {', '.join(RULES)}, got {sel.score!r}")
+    if sel.probe_batches < 1:
+        problems.append(f"select.probe_batches: expected a positive number of batches, got {sel.probe_batches}")
+    if sel.probe_batch_size is not None and sel.probe_batch_size < 1:
+        problems.append(f"select.probe_batch_size: expected a positive number of examples, got {sel.probe_batch_size}")
+    if not 1 <= sel.min_rank <= sel.max_rank:
+        problems.append(f"select.min_rank, select.max_rank: need 1 <= min_rank <= max_rank, got {sel.min_rank} "
+                        f"and {sel.max_rank}")
     return problems
 
 

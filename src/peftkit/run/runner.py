@@ -31,6 +31,7 @@ from torch import nn
 
 from .. import api
 from ..errors import ConfigError
+from ..select.choose import is_auto
 from ..tasks import Task, task_class
 from .config import FULL_FINE_TUNING, dump_config, load_config, resolved
 from .schema import RunConfig
@@ -40,6 +41,7 @@ METRICS_NAME = "metrics.json"
 ADAPTER_DIR = "adapter"
 FULL_MODEL_DIR = "model"
 ADAPTER_NAME = "default"
+SELECTION_DIR = "selection"  # what `adapter.target_modules: auto` chose, and why
 
 Log = Callable[[str], None]
 
@@ -128,7 +130,7 @@ def train_run(config: RunConfig, *, resume: bool = False, log: Log = print) -> R
             ``resume`` is False.
     """
     from ..train.checkpoint import latest_checkpoint, load_weights, save_weights, seed_everything
-    from ..train.distributed import current_world, init_from_env
+    from ..train.distributed import current_world, init_from_env, on_main
     from ..train.fit import fit
     from ..train.runtime import resolve_device
 
@@ -150,6 +152,12 @@ def train_run(config: RunConfig, *, resume: bool = False, log: Log = print) -> R
 
     task = build_task(config)
     model = task.load_model()
+    selected = None
+    if is_auto(config.adapter):
+        # before seeding: the probe must not shift the random numbers the adapter's init draws
+        selected = on_main(lambda: _select(config, task, model, run_dir, resume, log), current_world(),
+                           "selecting the adapter's targets")
+        config = dataclasses.replace(config, adapter=selected["adapter"])
     seed_everything(config.train.seed)  # the adapter's initialisation draws random numbers
     model = adapt(model, config)
     full = is_full_fine_tuning(config)
@@ -163,6 +171,8 @@ def train_run(config: RunConfig, *, resume: bool = False, log: Log = print) -> R
     batch_size = config.eval.batch_size
     metrics: dict[str, Any] = {"task": config.task, "model": config.model.name_or_path, "method": _method(config),
                                "trainable_params": summary.trainable, "total_params": summary.total}
+    if selected is not None:
+        metrics["selection"] = {k: v for k, v in selected.items() if k != "adapter"}
     if config.eval.before_training and splits.get("test") and main:
         metrics["before"] = _evaluate_base(task, model, splits["test"], batch_size, full)
         log(f"test before training: {_format(metrics['before'])}")
@@ -199,6 +209,56 @@ def train_run(config: RunConfig, *, resume: bool = False, log: Log = print) -> R
     _write_json(run_dir / METRICS_NAME, metrics)
     log(f"saved {run_dir / (FULL_MODEL_DIR if full else ADAPTER_DIR)}, {run_dir / METRICS_NAME}")
     return RunResult(run_dir, metrics, result)
+
+
+def select_run(config: RunConfig, out_dir: str | os.PathLike, log: Log = print) -> Path:
+    """``peftkit select``: choose the adapter for ``config`` under ``config.select.budget`` and write, into
+    ``out_dir``, ``selected.yaml`` (the config with the chosen targets and ranks: train it as it is) and
+    the explanation (``selection.md``, ``selection.png``, ``selection.json``). Returns ``selected.yaml``'s path.
+
+    Raises:
+        ConfigError: no budget, or a method other than LoRA.
+    """
+    from ..select import report as select_report
+    from ..select import select_for_run
+    from .config import AUTO
+
+    method = str(config.adapter.get("method", "lora")).lower()
+    if method != "lora":
+        raise ConfigError([f"adapter.method: selection allocates LoRA targets and ranks, got {method!r}; set "
+                           "adapter.method=lora (its other fields, e.g. r and lora_alpha, are kept)"], what="run config")
+    config = resolved(config)
+    task = build_task(config)
+    model = task.load_model()
+    selection = select_for_run(config, task, model, log)
+    out = Path(out_dir)
+    select_report.write(selection, out)
+    chosen = dataclasses.replace(config, adapter=selection.adapter, select=type(config.select)(),
+                                 output_dir=f"{config.output_dir.rstrip('/')}-{AUTO}")
+    path = out / "selected.yaml"
+    dump_config(chosen, path)
+    log(f"wrote {path} (train it: peftkit train {path}) and the explanation in {out / select_report.TABLE}")
+    return path
+
+
+def _select(config: RunConfig, task: Task, model: nn.Module, run_dir: Path, resume: bool, log: Log) -> dict[str, Any]:
+    """``adapter.target_modules: auto``: the chosen adapter section and its facts. The choice and its
+    explanation are kept in ``selection/``; a resumed run reuses it rather than probing again."""
+    from ..select import report as select_report
+    from ..select import select_for_run
+
+    folder = run_dir / SELECTION_DIR
+    kept = folder / select_report.RECORD
+    if resume and kept.is_file():
+        record = json.loads(kept.read_text(encoding="utf-8"))
+        log(f"reusing the selection in {kept}")
+    else:
+        selection = select_for_run(config, task, model, log)
+        select_report.write(selection, folder)
+        record = select_report.record(selection)
+        log(f"the choice and why: {folder / select_report.TABLE}")
+    return {"adapter": record["adapter"], "rule": record["rule"], "budget": record["budget"], "used": record["used"],
+            "modules": sum(1 for row in record["low_rank"] if row["rank"]), "probe": record["probe"]}
 
 
 def _silent(line: str) -> None:

