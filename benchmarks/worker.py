@@ -82,6 +82,21 @@ def _count(net, lib: str) -> dict[str, int]:
     }
 
 
+def _warmup(job: Job) -> int:
+    return job.options.get("warmup", job.case.warmup)
+
+
+def _batches(job: Job, clock: Clock, vocab: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The timed batch, and the warm-up batch: shorter on CPU where the case says so (it initialises
+    the optimizer state and every lazily built piece at a fraction of the cost); the timed batch itself
+    on a GPU, where cuBLAS and the caching allocator settle per shape."""
+    case = job.case
+    batch = cases.make_batch(case.model, vocab, job.weights, job.seed, device=job.device)
+    if not case.warmup_tokens or clock.cuda:
+        return batch, batch
+    return batch, cases.make_batch(case.model, vocab, job.weights, job.seed, case.warmup_tokens, job.device)
+
+
 def run_train(job: Job, clock: Clock) -> dict[str, Any]:
     """Forward + backward + AdamW step, ``warmup`` untimed then ``timed`` timed; memory around them."""
     import torch
@@ -90,11 +105,7 @@ def run_train(job: Job, clock: Clock) -> dict[str, Any]:
     net = cases.adapt(cases.load_model(case.model, job.weights, job.seed, job.device), case, job.lib)
     net.train()
     vocab = net.config.vocab_size
-    batch = cases.make_batch(case.model, vocab, job.weights, job.seed, device=job.device)
-    # A short warm-up saves CPU time; a GPU warms up on the timed shape itself, since cuBLAS and the
-    # caching allocator settle per shape.
-    short = case.warmup_tokens and not clock.cuda
-    warm = cases.make_batch(case.model, vocab, job.weights, job.seed, case.warmup_tokens, job.device) if short else batch
+    batch, warm = _batches(job, clock, vocab)
     optimizer = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=LEARNING_RATE)
     info = {**_count(net, job.lib), "setup_s": time.perf_counter() - start}
 
@@ -110,7 +121,7 @@ def run_train(job: Job, clock: Clock) -> dict[str, Any]:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         loaded_gpu = torch.cuda.memory_allocated() / MB
-    for _ in range(job.options.get("warmup", case.warmup)):
+    for _ in range(_warmup(job)):
         step(warm)
     times, losses = [], []
     for _ in range(job.options.get("timed", case.timed)):
@@ -150,15 +161,16 @@ def run_infer(job: Job, clock: Clock) -> dict[str, Any]:
     torch.manual_seed(job.seed + 1)
     merged = cases.merge(cases.adapt(copy.deepcopy(base), case, job.lib, init_lora_weights=False).eval(), job.lib)
     info = {**_count(unmerged, job.lib), "setup_s": time.perf_counter() - start}
-    batch = cases.make_batch(case.model, base.config.vocab_size, job.weights, job.seed, device=job.device)
+    batch, warm = _batches(job, clock, base.config.vocab_size)
     variants = {"base": base, "unmerged": unmerged, "merged": merged}
     samples: dict[str, list[float]] = {name: [] for name in variants}
     outputs = {}
-    rounds = job.options.get("timed", case.timed)
-    for index in range(case.warmup + rounds):
+    rounds, warmup = job.options.get("timed", case.timed), _warmup(job)
+    for index in range(warmup + rounds):
+        inputs = warm if index < warmup else batch
         for name, net in variants.items():  # the same round sees the same machine load for all three
-            seconds, out = clock.time(lambda net=net: _forward(net, batch, case.model))
-            if index < case.warmup:
+            seconds, out = clock.time(lambda net=net, inputs=inputs: _forward(net, inputs, case.model))
+            if index < warmup:
                 outputs[name] = out
             else:
                 samples[name].append(seconds)
@@ -213,10 +225,10 @@ def run_mixed(job: Job, clock: Clock) -> dict[str, Any]:
             return _forward(net, batch, case.model, **extra)
 
     available, single_out, mixed_out = True, None, None
-    rounds = job.options.get("timed", case.timed)
-    for index in range(case.warmup + rounds):
+    rounds, warmup = job.options.get("timed", case.timed), _warmup(job)
+    for index in range(warmup + rounds):
         seconds, single_out = clock.time(lambda: _forward(net, batch, case.model))
-        if index >= case.warmup:
+        if index >= warmup:
             samples["single"].append(seconds)
         if not available:
             continue
@@ -226,7 +238,7 @@ def run_mixed(job: Job, clock: Clock) -> dict[str, Any]:
             info["mixed_unavailable"] = f"{type(exc).__name__}: {exc}"
             available, mixed_out = False, None
             continue
-        if index >= case.warmup:
+        if index >= warmup:
             samples["mixed"].append(seconds)
     if mixed_out is not None:
         # The rows routed to the active adapter must match the single-adapter batch: the routing is real.
@@ -243,6 +255,10 @@ RUNNERS = {"train": run_train, "infer": run_infer, "mixed": run_mixed}
 
 def run_job(job: Job) -> dict[str, Any]:
     """Measure ``job`` in this process; the record the driver pairs and summarises."""
+    # No case here has a quantized base, yet the reference library imports bitsandbytes whenever it is
+    # installed: seconds of start-up and tens of MB of RSS that would count against it. Hidden from both
+    # (importlib.util.find_spec then reports it absent).
+    sys.modules.setdefault("bitsandbytes", None)
     import torch
 
     torch.set_num_threads(job.threads)
