@@ -165,7 +165,11 @@ def summarise(records: list[dict[str, Any]], cases: list[dict[str, Any]]) -> dic
 
 
 def _fmt(value: float | None, digits: int = 3) -> str:
-    return "n/a" if value is None else f"{value:.{digits}g}"
+    if value is None:
+        return "n/a"
+    if abs(value) >= 10 ** digits:  # 2448 ms, not 2.45e+03
+        return f"{value:.0f}"
+    return f"{value:.{digits}g}"
 
 
 def _ratio(summary: dict[str, Any] | None) -> str:
