@@ -275,7 +275,7 @@ def test_docs_config_lists_every_field_with_its_default(section):
 
 # -- configs/*.yaml: every recipe loads and is headed by its command ---------------------------------
 
-RECIPES = sorted((ROOT / "configs").glob("*.yaml"))
+RECIPES = sorted((ROOT / "configs").glob("*.yaml")) + sorted((ROOT / "configs" / "experiments").glob("*.yaml"))
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=[r.name for r in RECIPES])
@@ -284,6 +284,7 @@ def test_every_recipe_is_headed_by_its_command_and_loads(recipe, monkeypatch):
 
     first = recipe.read_text().splitlines()[0]
     command = "compare" if first.startswith("# peftkit compare") else "train"
-    assert first.startswith(f"# peftkit {command} configs/{recipe.name}"), f"{recipe.name}: first line {first!r}"
+    where = recipe.relative_to(ROOT).as_posix()
+    assert first.startswith(f"# peftkit {command} {where}"), f"{recipe.name}: first line {first!r}"
     monkeypatch.chdir(ROOT)  # recipes' relative paths start from the repository root
     (load_compare_config if command == "compare" else load_config)(recipe)
