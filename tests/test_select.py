@@ -295,3 +295,15 @@ def test_chosen_adapter_round_trips_through_the_reference_library(tmp_path):
     with torch.no_grad():
         theirs = theirs_model(input_ids=ids).logits
     assert torch.allclose(ours, theirs, atol=1e-5)
+
+
+def test_the_docs_example_runs():
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "select.md").read_text()
+    block = text.split("```python\n", 1)[1].split("```", 1)[0]
+    scope: dict = {}
+    exec(compile(block, "docs/select.md", "exec"), scope)  # noqa: S102 - our own documentation
+    chosen = scope["chosen"]
+    assert chosen.allocation.used <= chosen.budget and chosen.allocation.ranks
+    assert peftkit.trainable_summary(scope["model"], show=False).trainable > chosen.allocation.used  # + the head

@@ -181,8 +181,9 @@ def select_for_run(config: Any, task: Any, model: nn.Module, log: Callable[[str]
     seed = config.train.seed if sel.seed is None else sel.seed
     order = list(range(len(train)))
     random.Random(seed).shuffle(order)
-    picks = [order[(i * size) % len(order):][:size] for i in range(sel.probe_batches)]
-    batches = [task.collate([train[j] for j in chunk]) for chunk in picks if chunk]
+    # distinct examples while the split lasts, then around again (a split smaller than the probe)
+    needed = [order[k % len(order)] for k in range(size * sel.probe_batches)]
+    batches = [task.collate([train[j] for j in needed[i:i + size]]) for i in range(0, len(needed), size)]
     base = {k: v for k, v in config.adapter.items() if k != "target_modules"}
     saved = base.pop("modules_to_save", None)
     always = None if saved is None else list(saved)
