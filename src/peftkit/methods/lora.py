@@ -297,14 +297,20 @@ class LoraLinear(LoraAdapter):
         return self.lora_B(self.lora_A(x))
 
     def fused_output(self, x, base_layer):
-        # Plain LoRA on a dense frozen weight: one fused function (lora_kernels) instead of the base
-        # call plus delta_output. DoRA and everything lora_kernels.fusable refuses take the general path.
+        # LoRA (and DoRA without dropout or autocast) on a dense frozen weight: one fused function
+        # (lora_kernels) instead of the base call plus delta_output; the rest takes the general path.
         a, b = self.lora_A.weight, self.lora_B.weight
-        if self.use_dora or not lora_kernels.fusable(base_layer, x, a, b):
+        p = self.dropout.p if isinstance(self.dropout, nn.Dropout) and self.dropout.training else 0.0
+        if not lora_kernels.fusable(base_layer, x, a, b) or (
+            self.use_dora and (p > 0 or torch.is_autocast_enabled(x.device.type))
+        ):
             lora_kernels.calls["general"] += 1
             return None
-        p = self.dropout.p if isinstance(self.dropout, nn.Dropout) and self.dropout.training else 0.0
-        return lora_kernels.lora_linear(base_layer, x, a, b, self.scaling, p)
+        if not self.use_dora:
+            return lora_kernels.lora_linear(base_layer, x, a, b, self.scaling, p)
+        with torch.no_grad():  # the norm is detached (DoRA section 4.3): no graph for it
+            norm = dora.row_norm(self.rows(base_layer.weight) + self.scaling * self.lora_rows())
+        return lora_kernels.dora_linear(base_layer, x, a, b, self.scaling, self.lora_magnitude_vector, norm)
 
     @classmethod
     def routed_output(cls, adapters, slots, x, base_layer):

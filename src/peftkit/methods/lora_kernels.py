@@ -79,16 +79,40 @@ def lora_linear(
     wants_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, a, b, bias)
     )
-    if not wants_grad:  # inference: the same arithmetic without building a graph node
+    if not wants_grad:  # inference: no graph node
         with torch.no_grad():
+            tokens = x.numel() // x.shape[-1]
+            if dropout == 0 and tokens * sum(weight_t.shape) > weight_t.numel():
+                return _merged_on_the_fly(x, weight_t, bias, a, b, scaling)
             return LoraLinearFunction.forward(None, x, weight_t, bias, a, b, scaling, dropout)
     return LoraLinearFunction.apply(x, weight_t, bias, a, b, scaling, dropout)
 
 
-def _dropout_noise(x: torch.Tensor, p: float) -> torch.Tensor:
-    # nn.Dropout on CPU: bernoulli_(1 - p) into a tensor like x, then div_(1 - p); drawn the same way
-    # so that one seed gives one mask on either path.
-    return torch.empty_like(x).bernoulli_(1 - p).div_(1 - p)
+def _merged_on_the_fly(x, weight_t, bias, a, b, scaling):
+    """Inference over many tokens: ``x (W + s B A)^T + b`` with a transient merged weight.
+
+    The low-rank path reads and writes activations (about ``tokens * (in + out)`` values), forming
+    ``W + s B A`` touches the weight (``in * out``); past ``tokens * (in + out) > in * out`` the
+    transient merge is the cheaper one, and the layer then costs what a merged layer costs. The
+    base weight itself is never written: the adapter stays unmerged.
+    """
+    device = x.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+    with torch.autocast(device, enabled=False):
+        merged = torch.addmm(weight_t, a.t(), b.t(), alpha=scaling).to(dtype)
+        x2 = x.reshape(-1, x.shape[-1]).to(dtype)
+        out = x2.mm(merged) if bias is None else torch.addmm(bias.to(dtype), x2, merged)
+    return out.view(*x.shape[:-1], out.shape[-1])
+
+
+def _dropout(x: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(dropout(x), kept)`` drawn as ``nn.Dropout`` draws it, so that one seed gives one mask on
+    either path: on CUDA/XPU its fused kernel (which returns the bool mask itself); elsewhere
+    ``bernoulli_(1 - p)`` into a tensor like ``x``, ``div_(1 - p)``, times ``x``."""
+    if x.is_cuda or x.is_xpu:
+        return torch.native_dropout(x, p, True)
+    noise = torch.empty_like(x).bernoulli_(1 - p).div_(1 - p)
+    return x * noise, noise.ne(0)
 
 
 class LoraLinearFunction(torch.autograd.Function):
@@ -104,8 +128,8 @@ class LoraLinearFunction(torch.autograd.Function):
         device = x.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
         x2 = x.reshape(-1, x.shape[-1])
-        noise = _dropout_noise(x2, p) if p > 0 else None
-        xd = x2 if noise is None else x2 * noise  # the dropout is applied in x's dtype, before any cast
+        # the dropout is applied in x's dtype, before any autocast cast, as nn.Dropout's would be
+        xd, mask = _dropout(x2, p) if p > 0 else (x2, None)
         with torch.autocast(device, enabled=False):
             xc, xdc = x2.to(dtype), xd.to(dtype)
             wc, ac, bc = weight_t.to(dtype), a.to(dtype), b.to(dtype)
@@ -115,7 +139,6 @@ class LoraLinearFunction(torch.autograd.Function):
         if ctx is not None:
             # x once (shared by the base matmul and A, and in memory with every sibling projection that
             # reads the same input), the r-wide A x, and the dropout mask as bool.
-            mask = None if noise is None else noise.ne(0)
             ctx.save_for_backward(xc, ax, weight_t, a, b, mask)
             ctx.scaling, ctx.p, ctx.dtype = scaling, p, dtype
             ctx.x_dtype, ctx.x_shape = x.dtype, x.shape
@@ -177,3 +200,63 @@ def routed_lora(
     if torch.is_grad_enabled():
         return base_out + delta
     return base_out.add_(delta)
+
+
+def dora_linear(
+    base_layer: nn.Module, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float,
+    magnitude: torch.Tensor, norm: torch.Tensor,
+) -> torch.Tensor:
+    """DoRA's ``b + (m / n) * (W x + s B A x)`` for a layer :func:`fusable` accepted, without dropout
+    and outside autocast (the caller checks both); ``norm`` is ``||W + s B A||`` per output row, detached.
+    """
+    calls["fused"] += 1
+    weight_t = base_layer.weight if _DENSE_FORWARDS[type(base_layer).forward] else base_layer.weight.t()
+    bias = base_layer.bias
+    if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, a, b, magnitude, bias))):
+        with torch.no_grad():
+            return DoraLinearFunction.forward(None, x, weight_t, bias, a, b, scaling, magnitude, norm)
+    return DoraLinearFunction.apply(x, weight_t, bias, a, b, scaling, magnitude, norm)
+
+
+class DoraLinearFunction(torch.autograd.Function):
+    """DoRA on a frozen dense weight with the norm detached (DoRA section 4.3).
+
+    The general path computes ``base + (scale - 1) * (base - b) + scale * s * B A x`` with five
+    output-sized temporaries and keeps two of them (``base - b`` and ``B A x``) for backward. Here
+    ``z = W x + s B A x`` is formed in place in one buffer (as in :class:`LoraLinearFunction`), the
+    output is ``b + scale * z``, and ``z`` is the one output-sized tensor kept: the magnitude's gradient
+    is ``sum_tokens(grad * z) / n``; the rest of backward is LoRA's with ``grad * scale``.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight_t, bias, a, b, scaling, magnitude, norm):  # noqa: D102
+        x2 = x.reshape(-1, x.shape[-1])
+        z = x2.mm(weight_t)
+        ax = x2.mm(a.t())
+        z.addmm_(ax, b.t(), alpha=scaling)
+        scale = magnitude.reshape(-1) / norm
+        out = z * scale if bias is None else torch.addcmul(bias, z, scale)
+        if ctx is not None:
+            ctx.save_for_backward(x2, ax, z, weight_t, a, b, scale, norm)
+            ctx.scaling, ctx.x_shape, ctx.m_shape = scaling, x.shape, magnitude.shape
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):  # noqa: D102
+        x2, ax, z, weight_t, a, b, scale, norm = ctx.saved_tensors
+        s = ctx.scaling
+        need_x, _, need_bias, need_a, need_b, _, need_m, _ = ctx.needs_input_grad
+        g = grad.reshape(-1, grad.shape[-1])
+        gm = (g * z).sum(0).div_(norm).view(ctx.m_shape) if need_m else None
+        gbias = g.sum(0) if need_bias else None
+        gz = g * scale
+        gax = gz.mm(b).mul_(s)
+        gx = ga = gb = None
+        if need_x:
+            gx = gz.mm(weight_t.t()).addmm_(gax, a).view(ctx.x_shape)
+        if need_a:
+            ga = gax.t().mm(x2)
+        if need_b:
+            gb = gz.t().mm(ax).mul_(s)
+        return gx, None, gbias, ga, gb, None, gm, None
