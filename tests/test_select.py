@@ -262,7 +262,8 @@ def hf_loss(model, batch):
 @pytest.mark.parametrize("rule", ["gradient", "fisher", "activation", "random"])
 def test_the_chosen_adapter_trains_exactly_the_allocated_parameters(build, batches, budget, rule):
     model = build()
-    chosen = select(model, batches(), hf_loss, budget, rule=rule, adapter={"r": 4, "lora_alpha": 8, "use_dora": rule == "fisher"})
+    chosen = select(model, batches(), hf_loss, budget, rule=rule, adapter={"r": 4, "lora_alpha": 8, "use_dora": rule == "fisher"},
+                    whole_params=True, embeddings=True)
     base_trainable = sum(p.numel() for n, p in model.named_parameters() if n.startswith(tuple(chosen.candidates.always_trained)))
     config = peftkit.make_config("lora", **{k: v for k, v in chosen.adapter.items() if k != "method"})
     peftkit.inject(model, config)
@@ -277,7 +278,8 @@ def test_the_chosen_adapter_trains_exactly_the_allocated_parameters(build, batch
 def test_chosen_adapter_round_trips_through_the_reference_library(tmp_path):
     peft = pytest.importorskip("peft")
     model = tiny_llama_lm()
-    chosen = select(model, lm_batches(), hf_loss, 900, adapter={"r": 4, "lora_alpha": 8})
+    chosen = select(model, lm_batches(), hf_loss, 900, adapter={"r": 4, "lora_alpha": 8}, whole_params=True,
+                    embeddings=True)
     assert chosen.adapter["rank_pattern"]  # several ranks, so the escaped pattern keys are exercised
     assert all(re.escape(re.sub(r"\\", "", k)) == k for k in chosen.adapter["rank_pattern"])
     peftkit.inject(model, peftkit.make_config("lora", **{k: v for k, v in chosen.adapter.items() if k != "method"}))
@@ -307,3 +309,13 @@ def test_the_docs_example_runs():
     chosen = scope["chosen"]
     assert chosen.allocation.used <= chosen.budget and chosen.allocation.ranks
     assert peftkit.trainable_summary(scope["model"], show=False).trainable > chosen.allocation.used  # + the head
+
+
+def test_embeddings_and_whole_parameters_are_offered_only_when_asked():
+    model = tiny_llama_lm()
+    plain = find_candidates(model, whole_params=False, embeddings=False)
+    assert plain.whole == [] and all(c.kind != "Embedding" for c in plain.low_rank)
+    full = find_candidates(model)
+    assert any(c.kind == "Embedding" for c in full.low_rank)
+    assert {w.kind for w in full.whole} >= {"LlamaRMSNorm"}
+    assert "lm_head" not in {c.name for c in full.low_rank}  # the output head is never adapted

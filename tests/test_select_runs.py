@@ -141,7 +141,7 @@ def test_image_classification_run_selects_convolutions_and_norms(tmp_path):
     config = parse_config({
         "task": "image-classification", "model": {"name_or_path": "efficientnet-lite0"},
         "data": {"name": "fashion_mnist", "image_size": 32, "max_train_examples": 64, "max_eval_examples": 16},
-        "adapter": AUTO, "select": {"budget": "0.5%", "probe_batches": 2},
+        "adapter": AUTO, "select": {"budget": "0.5%", "probe_batches": 2, "whole_params": True},
         "train": {"steps": 2, "batch_size": 8, "lr": 5e-3, "eval_every": 2, "metric": "accuracy",
                   "greater_is_better": True, "progress": False, "tensorboard": False, "device": "cpu"},
         "eval": {"batch_size": 8}, "output_dir": str(tmp_path / "run")})

@@ -171,8 +171,14 @@ def parse_compare_config(data: Any, overrides: Iterable[str] = (), seeds: list[i
 
 
 def config_key(config: RunConfig) -> str:
-    """A short hash of everything that decides a run's outcome."""
-    text = json.dumps(to_dict(config), sort_keys=True, default=str)
+    """A short hash of everything that decides a run's outcome (``select`` only when the run selects its
+    targets, so that a new selection setting does not make every other finished run stale)."""
+    from ..select.choose import is_auto
+
+    data = to_dict(config)
+    if not is_auto(config.adapter):
+        data.pop("select", None)
+    text = json.dumps(data, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 

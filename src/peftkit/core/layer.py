@@ -49,11 +49,13 @@ class AdapterModule(nn.Module):
 
     @classmethod
     def routed_output(
-        cls, adapters: list[AdapterModule], slots: torch.Tensor, x: torch.Tensor, base_layer: nn.Module
+        cls, adapters: list[AdapterModule], slots: torch.Tensor, x: torch.Tensor, base_layer: nn.Module,
+        cache: dict,
     ) -> torch.Tensor | None:
         """A mixed-adapter batch in one step (see ``core/mixed.py``), or None to run each group of rows
         through the layer separately. Example ``i`` goes through ``adapters[slots[i]]`` alone, or through
-        the base alone where ``slots[i] == len(adapters)``; every adapter is of this class."""
+        the base alone where ``slots[i] == len(adapters)``; every adapter is of this class. ``cache`` is
+        this layer's own dict for as long as the routing lasts (e.g. for stacked adapter tensors)."""
         return None
 
     def transform(self, tensor: torch.Tensor) -> torch.Tensor:

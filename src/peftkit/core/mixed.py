@@ -31,6 +31,8 @@ class Routing:
     def __init__(self, names: Sequence[str | None]) -> None:
         self.names = list(names)
         self._groups: dict[torch.device, list[tuple[str | None, torch.Tensor]]] = {}
+        self._slots: dict[tuple, torch.Tensor] = {}
+        self._caches: dict[int, dict] = {}  # per layer (by id), for routed_output; dropped with the routing
 
     def groups(self, device: torch.device) -> list[tuple[str | None, torch.Tensor]]:
         """(name, row indices) per distinct name, in order of first appearance; built once per device."""
@@ -43,8 +45,11 @@ class Routing:
 
     def slots(self, order: list[str], device: torch.device) -> torch.Tensor:
         """For each example, its adapter's index in ``order``, or ``len(order)`` where it has none there."""
-        where = {name: i for i, name in enumerate(order)}
-        return torch.tensor([where.get(n, len(order)) for n in self.names], device=device)
+        key = (tuple(order), device)
+        if key not in self._slots:  # built once per block, not at every layer of every forward
+            where = {name: i for i, name in enumerate(order)}
+            self._slots[key] = torch.tensor([where.get(n, len(order)) for n in self.names], device=device)
+        return self._slots[key]
 
     def _check_batch(self, module_name: str, batch: int) -> None:
         if batch != len(self.names):
@@ -64,7 +69,8 @@ class Routing:
         adapters = [layer.adapters[n] for n in present]
         kind = type(adapters[0])
         if not args and not kwargs and all(type(a) is kind for a in adapters):
-            out = kind.routed_output(adapters, self.slots(present, x.device), x, layer.base_layer)
+            cache = self._caches.setdefault(id(layer), {})
+            out = kind.routed_output(adapters, self.slots(present, x.device), x, layer.base_layer, cache)
             if out is not None:
                 return out
         return self._by_groups(x, args, kwargs, lambda name, *a, **k: _alone(layer, name, *a, **k))

@@ -313,13 +313,13 @@ class LoraLinear(LoraAdapter):
         return lora_kernels.dora_linear(base_layer, x, a, b, self.scaling, self.lora_magnitude_vector, norm)
 
     @classmethod
-    def routed_output(cls, adapters, slots, x, base_layer):
+    def routed_output(cls, adapters, slots, x, base_layer, cache):
         # Plain LoRA adapters of any ranks: one batched product for the whole mixed batch (the general
         # fallback would run the layer once per group of rows). DoRA rescales per adapter: fallback.
         if any(a.use_dora for a in adapters) or x.dim() < 2:
             return None
         return lora_kernels.routed_lora(
-            [(a.lora_A.weight, a.lora_B.weight, a.scaling) for a in adapters], slots, x, base_layer(x)
+            [(a.lora_A.weight, a.lora_B.weight, a.scaling) for a in adapters], slots, x, base_layer(x), cache
         )
 
     def lora_rows(self):

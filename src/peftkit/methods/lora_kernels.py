@@ -176,30 +176,48 @@ class LoraLinearFunction(torch.autograd.Function):
 
 def routed_lora(
     adapters: list[tuple[torch.Tensor, torch.Tensor, float]], slots: torch.Tensor, x: torch.Tensor,
-    base_out: torch.Tensor,
+    base_out: torch.Tensor, cache: dict,
 ) -> torch.Tensor:
     """``base_out`` plus, for each example ``i``, ``s B A x_i`` of adapter ``slots[i]`` (none where
     ``slots[i] == len(adapters)``), from ``(A, B, s)`` triples of any ranks.
 
-    The adapters are stacked into one zero-padded ``(K + 1, r_max, in)`` A and ``(K + 1, out, r_max)``
-    sB (the extra slot all zeros, for examples on the base model), gathered per example and applied
-    with two ``bmm`` over the batch: two batched matmuls for the whole layer whatever the number of
-    adapters, no copy of the input rows, and padding rows that add exact zeros.
+    The A matrices are concatenated into one ``(R, in)`` matrix and the scaled B into one ``(out, R)``
+    (``R`` the sum of the ranks), so the whole layer is two thin matmuls, as for a single adapter of
+    rank ``R``: ``x A_cat^T`` gives every adapter's ``A x`` for every row, a 0/1 mask keeps each
+    example's own columns, and ``addmm_`` adds ``masked @ (sB)_cat^T`` into the base output. A thin
+    matmul costs about the reading of ``x`` whatever ``R`` is, so this stays near the single-adapter
+    cost; masked columns add exact zeros. Past ``R > min(in, out) / 4`` (many adapters) it
+    would approach a full matmul, and per-example gathered ``bmm`` takes over instead.
+    ``cache`` (kept by the caller while the routing lasts) holds the concatenation between forwards.
     """
-    dtype, device = adapters[0][0].dtype, x.device
-    rank = max(a.shape[0] for a, _, _ in adapters)
-    stacked_a = torch.zeros(len(adapters) + 1, rank, x.shape[-1], dtype=dtype, device=device)
-    stacked_b = torch.zeros(len(adapters) + 1, base_out.shape[-1], rank, dtype=dtype, device=device)
-    for i, (a, b, s) in enumerate(adapters):
-        stacked_a[i, : a.shape[0]] = a
-        stacked_b[i, :, : b.shape[1]] = b * s
-    batch = x.shape[0]
-    xs = x.reshape(batch, -1, x.shape[-1]).to(dtype)  # (batch, tokens, in)
-    low = torch.bmm(xs, stacked_a[slots].transpose(1, 2))  # (batch, tokens, r_max)
-    delta = torch.bmm(low, stacked_b[slots].transpose(1, 2)).view(base_out.shape).to(base_out.dtype)
+    a_cat, b_cat, owner = _concatenated(adapters, cache)
+    dtype = a_cat.dtype
+    batch, width = x.shape[0], x.shape[-1]
+    keep = (slots[:, None] == owner[None, :]).to(dtype)  # (batch, R): 1 on each example's own columns
+    x2 = x.reshape(-1, width).to(dtype)
+    if a_cat.shape[0] <= min(width, base_out.shape[-1]) // 4:
+        low = x2.mm(a_cat.t()).view(batch, -1, a_cat.shape[0]).mul_(keep[:, None, :])
+        delta = low.view(-1, a_cat.shape[0]).mm(b_cat.t())
+    else:  # many adapters: gather each example's own (A, sB) and use batched matmuls
+        low = torch.bmm(x2.view(batch, -1, width), (a_cat[None] * keep[:, :, None]).transpose(1, 2))
+        delta = torch.bmm(low, b_cat.t()[None].expand(batch, -1, -1))
+    delta = delta.view(base_out.shape).to(base_out.dtype)
     if torch.is_grad_enabled():
         return base_out + delta
     return base_out.add_(delta)
+
+
+def _concatenated(adapters: list[tuple[torch.Tensor, torch.Tensor, float]], cache: dict):
+    """(A_cat, (sB)_cat, owner of each column), rebuilt only when an adapter tensor changed."""
+    key = tuple((id(a), a._version, id(b), b._version, s) for a, b, s in adapters)
+    if cache.get("key") == key and not torch.is_grad_enabled():
+        return cache["value"]
+    a_cat = torch.cat([a for a, _, _ in adapters])
+    b_cat = torch.cat([b * s for _, b, s in adapters], dim=1)
+    owner = torch.cat([torch.full((a.shape[0],), i, device=a.device) for i, (a, _, _) in enumerate(adapters)])
+    if not torch.is_grad_enabled():
+        cache.update(key=key, value=(a_cat, b_cat, owner))
+    return a_cat, b_cat, owner
 
 
 def dora_linear(

@@ -107,7 +107,9 @@ class SelectConfig:
         probe_batch_size: Examples per probe batch (None: train.batch_size).
         min_rank: Lowest rank a chosen module gets.
         max_rank: Highest rank any module gets.
-        whole_params: Also consider training normalisation layers, biases and small heads in full.
+        whole_params: Also consider training normalisation layers, biases and small heads in full (off by
+            default: see docs/select.md for what they cost in the experiment).
+        embeddings: Also consider LoRA on embedding tables (off by default, likewise).
         seed: Seed of the probe's batches and of the random control (None: train.seed).
     """
 
@@ -117,7 +119,8 @@ class SelectConfig:
     probe_batch_size: int | None = None
     min_rank: int = 1
     max_rank: int = 64
-    whole_params: bool = True
+    whole_params: bool = False
+    embeddings: bool = False
     seed: int | None = None
 
 

@@ -84,13 +84,14 @@ def is_norm(module: nn.Module) -> bool:
 
 
 def find_candidates(model: nn.Module, always_trained: list[str] | None = None,
-                    whole_params: bool = True) -> Candidates:
+                    whole_params: bool = True, embeddings: bool = True) -> Candidates:
     """Every candidate on ``model`` (which must not hold adapters yet).
 
     Args:
         model: The base model.
         always_trained: Modules the run trains in full anyway; default: the fresh sequence heads.
         whole_params: Also offer normalisation layers, biases and small heads.
+        embeddings: Also offer LoRA on embedding tables.
     """
     names = [n for n, _ in user_modules(model) if n]
     specs = sequence_head_names(model) if always_trained is None else always_trained
@@ -116,7 +117,7 @@ def find_candidates(model: nn.Module, always_trained: list[str] | None = None,
                 whole.append(WholeParams(name, type(module).__name__, "module", own))
             continue
         weight = getattr(module, "weight", None)
-        if weight is None or weight.dim() < 2:
+        if weight is None or weight.dim() < 2 or (isinstance(module, nn.Embedding) and not embeddings):
             continue
         shape = getattr(getattr(weight, "quant_state", None), "shape", None) or weight.shape
         # the stored layout's 2-D view: (out, in) for Linear, (in, out) for GPT-2's Conv1D, (out, in*k*k)

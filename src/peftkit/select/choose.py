@@ -76,7 +76,8 @@ def select(
     adapter: Mapping[str, Any] | None = None,
     min_rank: int = 1,
     max_rank: int = 64,
-    whole_params: bool = True,
+    whole_params: bool = False,
+    embeddings: bool = False,
     always_trained: list[str] | None = None,
     seed: int = 0,
 ) -> Selection:
@@ -92,7 +93,10 @@ def select(
         adapter: The LoRA fields to start from (``r`` is the random control's rank; ``lora_alpha / r``
             is the scaling every chosen module keeps; ``use_dora``, ``lora_dropout`` ... carry over).
         min_rank, max_rank: Bounds on each chosen module's rank.
-        whole_params: Also consider normalisation layers, biases and small heads.
+        whole_params: Also consider normalisation layers, biases and small heads (off by default: under
+            AdamW at LoRA learning rates they bought little per parameter in the experiment, docs/select.md).
+        embeddings: Also consider LoRA on embedding tables (off by default, likewise: LoRA's embedding init
+            lets them move every token's input at once).
         always_trained: Modules trained in full regardless (default: the model's fresh sequence heads).
         seed: The random control's seed.
 
@@ -104,7 +108,7 @@ def select(
     base = {"method": "lora", **dict(adapter or {})}
     if not 1 <= min_rank <= max_rank:
         raise ValueError(f"need 1 <= min_rank <= max_rank, got min_rank={min_rank}, max_rank={max_rank}")
-    candidates = find_candidates(model, always_trained, whole_params and rule != "random")
+    candidates = find_candidates(model, always_trained, whole_params and rule != "random", embeddings)
     count = parse_budget(budget, candidates.total_params)
     dora = bool(base.get("use_dora"))
     scores = None
@@ -190,7 +194,8 @@ def select_for_run(config: Any, task: Any, model: nn.Module, log: Callable[[str]
     log(f"selecting LoRA targets and ranks ({sel.score} score, budget {sel.budget}) from "
         f"{len(batches)} probe batches of {size}")
     selection = select(model, batches, task.loss, sel.budget, rule=sel.score, adapter=base, min_rank=sel.min_rank,
-                       max_rank=sel.max_rank, whole_params=sel.whole_params, always_trained=always, seed=seed)
+                       max_rank=sel.max_rank, whole_params=sel.whole_params, embeddings=sel.embeddings,
+                       always_trained=always, seed=seed)
     a = selection.allocation
     cost = selection.scores.cost if selection.scores else None
     log(f"selected {len(a.ranks)} LoRA modules (ranks {min(a.ranks.values())}-{max(a.ranks.values())}) and "
