@@ -221,3 +221,25 @@ def test_documented_example_runs():
     for block in blocks:
         exec(compile(block, str(DOC), "exec"), namespace)
     assert namespace["logits"].shape[0] == len(namespace["names"])
+
+
+@pytest.mark.parametrize("ranks", [[2, 3, 4], [8, 16, 12]], ids=["concatenated-mm", "gathered-bmm"])
+def test_lora_routed_product_both_strategies(ranks):
+    """Few total ranks use two thin matmuls over concatenated adapters, many use per-example bmm
+    (past sum of ranks > min(in, out) / 4 = 12 here); each row equals its own adapter's product."""
+    from peftkit.methods import lora_kernels
+
+    gen = torch.Generator().manual_seed(9)
+    base = nn.Linear(64, 48)
+    adapters = [(torch.randn(r, 64, generator=gen), torch.randn(48, r, generator=gen), 0.5 + i)
+                for i, r in enumerate(ranks)]
+    slots = torch.tensor([2, 0, 3, 1, 0])  # 3: no adapter on this row
+    x = torch.randn(5, 6, 64, generator=gen)
+    with torch.no_grad():
+        out = lora_kernels.routed_lora(adapters, slots, x, base(x), {})
+        for i, slot in enumerate(slots.tolist()):
+            expected = base(x[i])
+            if slot < len(adapters):
+                a, b, s = adapters[slot]
+                expected = expected + s * (x[i] @ a.t() @ b.t())
+            torch.testing.assert_close(out[i], expected, rtol=1e-5, atol=1e-5)
