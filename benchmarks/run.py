@@ -19,6 +19,7 @@ import importlib.metadata
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -103,8 +104,22 @@ def headline(record: dict[str, Any]) -> str:
     return "done"
 
 
-def run_job(job: Job, python: str, workdir: Path, timeout: float = JOB_TIMEOUT_S) -> dict[str, Any]:
-    """Run ``job`` in a fresh ``python -m benchmarks.worker`` process; its record (or a failure record)."""
+def snapshot_source(workdir: Path) -> Path | None:
+    """A copy of ``src/`` that every worker imports peftkit from, so that edits landing in the shared
+    tree during a long run cannot mix two versions of peftkit into one suite."""
+    source = ROOT / "src"
+    if not (source / "peftkit").is_dir():
+        return None
+    target = workdir / "src"
+    shutil.copytree(source, target, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    return target
+
+
+def run_job(job: Job, python: str, workdir: Path, timeout: float = JOB_TIMEOUT_S,
+            source: Path | None = None) -> dict[str, Any]:
+    """Run ``job`` in a fresh ``python -m benchmarks.worker`` process; its record (or a failure record).
+
+    ``source``: where the worker imports peftkit from (default: this checkout's ``src/``)."""
     stem = f"{job.case.name}-{job.lib}-{job.rep}"
     job_file, out_file = workdir / f"{stem}.job.json", workdir / f"{stem}.out.json"
     job_file.write_text(json.dumps(job.to_dict()))
@@ -112,7 +127,8 @@ def run_job(job: Job, python: str, workdir: Path, timeout: float = JOB_TIMEOUT_S
     env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads,
            "TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore"}
     # the worker imports `benchmarks` from the repository root and peftkit from src/ when not installed
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), str(ROOT / "src"), env.get("PYTHONPATH")]))
+    src = str(source or ROOT / "src")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [src, str(ROOT), env.get("PYTHONPATH")]))
     try:
         proc = subprocess.run([python, "-m", "benchmarks.worker", str(job_file), str(out_file)], cwd=ROOT,
                               env=env, capture_output=True, text=True, timeout=timeout)
@@ -150,6 +166,7 @@ def meta(args: argparse.Namespace, started: dt.datetime) -> dict[str, Any]:
                 break
     except OSError:
         pass
+    # the commit the snapshot of src/ (see snapshot_source) is taken from, a moment later
     commit = _git("rev-parse", "HEAD")
     dirty = _git("status", "--porcelain", "--", "src", "benchmarks")
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
@@ -216,6 +233,7 @@ def main(argv: list[str] | None = None) -> Path | None:
     clock_start = time.perf_counter()
     print(f"{len(jobs)} processes ({len(cases)} cases x {args.reps} repetitions); results -> {out}", flush=True)
     with tempfile.TemporaryDirectory(prefix="peftkit-bench-") as tmp:
+        source = snapshot_source(Path(tmp))
         for index, job in enumerate(jobs):
             if stop_before(job, done, args.budget_s, time.perf_counter() - clock_start):
                 result["meta"]["stopped"] = (f"after {job.rep} repetition(s): another would overrun "
@@ -223,7 +241,7 @@ def main(argv: list[str] | None = None) -> Path | None:
                 print(f"stopping: {result['meta']['stopped']}", flush=True)
                 break
             began = time.perf_counter()
-            record = run_job(job, args.python, Path(tmp))
+            record = run_job(job, args.python, Path(tmp), source=source)
             seconds = time.perf_counter() - began
             record["wall_s"] = seconds
             result["records"].append(record)
