@@ -250,3 +250,26 @@ def test_inference_paths_agree_with_general(tokens, general):
         general()
         slow = model(x)
     torch.testing.assert_close(fast, slow, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("tokens", [2, 64], ids=["low-rank-path", "merged-on-the-fly"])
+def test_bf16_base_under_autocast(tokens, general):
+    """A bf16 model with its fp32 adapter under bf16 autocast: fused (training and inference) agrees
+    with the general path at bf16 resolution."""
+    model = _adapted("Linear", True, 0.0).to(torch.bfloat16)
+    adapter = model[0].adapters["default"]
+    adapter.float()  # the adapter stays fp32 over the bf16 base, as inject makes it
+    twin = copy.deepcopy(model)
+    x = torch.randn(tokens, 40, generator=torch.Generator().manual_seed(9)).to(torch.bfloat16)
+    outs = []
+    for m in (model, twin):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            train = m.train()(x)
+            with torch.no_grad():
+                infer = m.eval()(x)
+        outs.append((train, infer, type(train.grad_fn).__name__))
+        general()
+    assert outs[0][2] == "LoraLinearFunctionBackward" and outs[1][2] != outs[0][2]
+    for fast, slow in zip(outs[0][:2], outs[1][:2]):
+        assert fast.dtype == slow.dtype == torch.bfloat16
+        assert (fast.float() - slow.float()).abs().max() <= BF16_REL * slow.float().abs().max()

@@ -20,6 +20,8 @@ same random stream as ``nn.Dropout``'s, so the same seed drops the same elements
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
@@ -96,13 +98,26 @@ def _merged_on_the_fly(x, weight_t, bias, a, b, scaling):
     transient merge is the cheaper one, and the layer then costs what a merged layer costs. The
     base weight itself is never written: the adapter stays unmerged.
     """
-    device = x.device.type
-    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
-    with torch.autocast(device, enabled=False):
-        merged = torch.addmm(weight_t, a.t(), b.t(), alpha=scaling).to(dtype)
+    dtype = _compute_dtype(x)
+    with _no_autocast(x):
+        wide = torch.promote_types(weight_t.dtype, a.dtype)  # e.g. a bf16 base under autocast, fp32 adapter
+        merged = torch.addmm(weight_t.to(wide), a.t().to(wide), b.t().to(wide), alpha=scaling).to(dtype)
         x2 = x.reshape(-1, x.shape[-1]).to(dtype)
         out = x2.mm(merged) if bias is None else torch.addmm(bias.to(dtype), x2, merged)
     return out.view(*x.shape[:-1], out.shape[-1])
+
+
+_NOTHING = contextlib.nullcontext()
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+
+
+def _no_autocast(x: torch.Tensor) -> contextlib.AbstractContextManager:
+    # Entering torch.autocast costs Python time at every layer: only where autocast is actually on.
+    return torch.autocast(x.device.type, enabled=False) if torch.is_autocast_enabled(x.device.type) else _NOTHING
 
 
 def _dropout(x: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -125,12 +140,11 @@ class LoraLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight_t, bias, a, b, scaling, p):  # noqa: D102 (documented on the class)
-        device = x.device.type
-        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        dtype = _compute_dtype(x)
         x2 = x.reshape(-1, x.shape[-1])
         # the dropout is applied in x's dtype, before any autocast cast, as nn.Dropout's would be
         xd, mask = _dropout(x2, p) if p > 0 else (x2, None)
-        with torch.autocast(device, enabled=False):
+        with _no_autocast(x):
             xc, xdc = x2.to(dtype), xd.to(dtype)
             wc, ac, bc = weight_t.to(dtype), a.to(dtype), b.to(dtype)
             out = xc.mm(wc) if bias is None else torch.addmm(bias.to(dtype), xc, wc)
@@ -151,7 +165,7 @@ class LoraLinearFunction(torch.autograd.Function):
         xc, ax, weight_t, a, b, mask = ctx.saved_tensors
         s, dtype = ctx.scaling, ctx.dtype
         need_x, _, need_bias, need_a, need_b, _, _ = ctx.needs_input_grad
-        with torch.autocast(grad.device.type, enabled=False):
+        with _no_autocast(grad):
             g = grad.reshape(-1, grad.shape[-1]).to(dtype)
             ac, bc = a.to(dtype), b.to(dtype)
             gax = g.mm(bc).mul_(s)  # d/d(A x), r wide: the scaling is applied here, not to g
@@ -196,8 +210,11 @@ def routed_lora(
     keep = (slots[:, None] == owner[None, :]).to(dtype)  # (batch, R): 1 on each example's own columns
     x2 = x.reshape(-1, width).to(dtype)
     if a_cat.shape[0] <= min(width, base_out.shape[-1]) // 4:
-        low = x2.mm(a_cat.t()).view(batch, -1, a_cat.shape[0]).mul_(keep[:, None, :])
-        delta = low.view(-1, a_cat.shape[0]).mm(b_cat.t())
+        low = x2.mm(a_cat.t()).view(batch, -1, a_cat.shape[0]).mul_(keep[:, None, :]).view(-1, a_cat.shape[0])
+        if not torch.is_grad_enabled() and base_out.dtype == dtype and base_out.is_contiguous():
+            base_out.view(-1, base_out.shape[-1]).addmm_(low, b_cat.t())  # no output-sized temporary
+            return base_out
+        delta = low.mm(b_cat.t())
     else:  # many adapters: gather each example's own (A, sB) and use batched matmuls
         low = torch.bmm(x2.view(batch, -1, width), (a_cat[None] * keep[:, :, None]).transpose(1, 2))
         delta = torch.bmm(low, b_cat.t()[None].expand(batch, -1, -1))
