@@ -168,7 +168,9 @@ class LoraLinearFunction(torch.autograd.Function):
         with _no_autocast(grad):
             g = grad.reshape(-1, grad.shape[-1]).to(dtype)
             ac, bc = a.to(dtype), b.to(dtype)
-            gax = g.mm(bc).mul_(s)  # d/d(A x), r wide: the scaling is applied here, not to g
+            # d/d(A x), r wide: the scaling is applied here, not to g. B is laid out r x out first:
+            # with the thin operand transposed the matmul measured 1.4-2.5x faster than g @ B.
+            gax = g.mm(bc.t().contiguous().t()).mul_(s)
             noise = None if mask is None else mask.to(ctx.x_dtype).div_(1 - ctx.p)
             gx = ga = gb = gbias = None
             if need_x:
@@ -182,7 +184,9 @@ class LoraLinearFunction(torch.autograd.Function):
                 xd = xc if noise is None else (xc.to(ctx.x_dtype) * noise).to(dtype)
                 ga = gax.t().mm(xd).to(a.dtype)
             if need_b:
-                gb = g.t().mm(ax).mul_(s).to(b.dtype)
+                # (A x)^T g, transposed: the orientation autograd uses for a linear weight; g^T (A x)
+                # (a long, thin output) measured 7-8x slower
+                gb = ax.t().mm(g).t().mul_(s).to(b.dtype)
             if need_bias:
                 gbias = g.sum(0).to(ctx.bias_dtype)
         return gx, None, gbias, ga, gb, None, None
@@ -286,12 +290,12 @@ class DoraLinearFunction(torch.autograd.Function):
         gm = (g * z).sum(0).div_(norm).view(ctx.m_shape) if need_m else None
         gbias = g.sum(0) if need_bias else None
         gz = g * scale
-        gax = gz.mm(b).mul_(s)
+        gax = gz.mm(b.t().contiguous().t()).mul_(s)  # layouts as in LoraLinearFunction.backward
         gx = ga = gb = None
         if need_x:
             gx = gz.mm(weight_t.t()).addmm_(gax, a).view(ctx.x_shape)
         if need_a:
             ga = gax.t().mm(x2)
         if need_b:
-            gb = gz.t().mm(ax).mul_(s)
+            gb = ax.t().mm(gz).t().mul_(s)
         return gx, None, gbias, ga, gb, None, gm, None
