@@ -41,7 +41,8 @@ calls = {"fused": 0, "general": 0}
 
 
 def fusable(base_layer: nn.Module, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Whether the fused function computes exactly what the general path would for this call.
+    """Whether the fused function computes the general path's maths for this call (in its own rounding
+    order, see the module docstring).
 
     It needs a dense, frozen weight used as-is by the base layer's own forward (plain ``nn.Linear`` or
     GPT-2 ``Conv1D``: no subclass forward, no quantized backend, no hooks that the bypassed
@@ -56,7 +57,7 @@ def fusable(base_layer: nn.Module, x: torch.Tensor, a: torch.Tensor, b: torch.Te
     if nn.modules.module._global_forward_pre_hooks:
         return False
     weight, bias = base_layer.weight, base_layer.bias
-    if weight.requires_grad or not x.is_floating_point() or x.dim() < 1:
+    if weight.requires_grad or not x.is_floating_point() or x.dim() < 1 or x.numel() == 0:
         return False  # a trained base weight needs its own gradient: the general path computes it
     tensors = (x, weight, a, b) if bias is None else (x, weight, bias, a, b)
     if torch.overrides.has_torch_function(tensors) or torch._C._are_functorch_transforms_active():
