@@ -107,8 +107,8 @@ def default_cases() -> list[Case]:
         Case("train-smollm2-lora-qv", "train", "smollm2", "lora", "qv", both, timed=1, warmup_tokens=short),
         Case("train-smollm2-lora-all", "train", "smollm2", "lora", "all", both, timed=1, warmup_tokens=short),
         Case("train-smollm2-full", "train", "smollm2", "full", "all", (FULL,), timed=1, warmup_tokens=short),
-        Case("infer-minilm-lora-all", "infer", "minilm", "lora", "all", both, timed=2, warmup_tokens=short),
-        Case("infer-smollm2-lora-all", "infer", "smollm2", "lora", "all", both, timed=1, warmup_tokens=short),
+        Case("infer-minilm-lora-all", "infer", "minilm", "lora", "all", both, timed=2),
+        Case("infer-smollm2-lora-all", "infer", "smollm2", "lora", "all", both, timed=2),
         Case("mixed-minilm-lora-qv", "mixed", "minilm", "lora", "qv", both, timed=2),
     ]
 
