@@ -264,7 +264,7 @@ def test_worker_rejects_full_fine_tuning_outside_training():
 def test_end_to_end_two_repetitions_of_one_case_in_fresh_processes(tmp_path):
     out = tmp_path / "tiny.json"
     path = run.main(["--weights", "tiny", "--reps", "2", "--only", "train-minilm-lora-qv", "--threads", "1",
-                     "--out", str(out), "--quiet"])
+                     "--steps", "2", "--out", str(out), "--quiet"])
     assert path == out
     result = json.loads(out.read_text())
     meta = result["meta"]
@@ -273,7 +273,7 @@ def test_end_to_end_two_repetitions_of_one_case_in_fresh_processes(tmp_path):
     records = result["records"]
     assert [(r["rep"], r["lib"]) for r in records] == [(0, "peftkit"), (0, "peft"), (1, "peftkit"), (1, "peft")]
     assert all(r["ok"] for r in records), [r.get("error") for r in records]
-    assert all(len(r["samples"]["step_s"]) == 2 and r["env"]["threads"] == 1 for r in records)
+    assert all(len(r["samples"]["step_s"]) == 2 and r["env"]["threads"] == 1 for r in records)  # --steps 2
     ratio = result["summary"]["cases"]["train-minilm-lora-qv"]["ratios"]["step_s peftkit/peft"]
     assert ratio["n"] == 2
     assert any(t["case"] == "train-minilm-lora-qv" for t in result["summary"]["targets"])
