@@ -286,3 +286,19 @@ def test_resume_of_a_run_stopped_before_its_first_checkpoint_starts_it_over(tiny
     result = runner.train_run(config, resume=True, log=lines.append)
     assert result.ok and result.metrics["steps"] == 6
     assert any("starting the run from step 0" in line for line in lines)
+
+
+def test_adalora_run_whose_best_checkpoint_predates_rank_pruning_tests_the_final_weights(tiny_model_dir, reviews_csv, tmp_path):
+    """Found by the selection experiment: AdaLoRA's ranks shrink during training, so a best/ checkpoint saved
+    before the final budget no longer loads into the trained model; the run must fall back to final/."""
+    adalora = {"method": "adalora", "init_r": 4, "target_r": 1, "target_modules": ["query", "value"], "tinit": 1,
+               "tfinal": 2, "deltaT": 1, "total_step": 8}
+    config = make_config(tiny_model_dir, reviews_csv, tmp_path / "run", adapter=adalora,
+                         train={"steps": 8, "eval_every": 1, "lr": 0.05})
+    lines: list[str] = []
+    result = runner.train_run(config, log=lines.append)
+    assert result.ok and "test" in result.metrics
+    fell_back = [line for line in lines if "no longer fits" in line]
+    assert result.metrics["weights"] == ("final" if fell_back else "best")
+    assert fell_back, "the scenario did not arise: best/ should predate the pruning with this learning rate"
+    runner.load_run(result.run_dir)  # the saved adapter loads back

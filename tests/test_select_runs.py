@@ -153,3 +153,4 @@ def test_image_classification_run_selects_convolutions_and_norms(tmp_path):
     assert any("BatchNorm" in row["kind"] for row in record["whole"])
     assert result.ok and 0 < result.metrics["selection"]["used"] <= result.metrics["selection"]["budget"]
 
+

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from .. import api
-from ..errors import ConfigError
+from ..errors import AdapterMismatchError, ConfigError
 from ..select.choose import is_auto
 from ..tasks import Task, task_class
 from .config import FULL_FINE_TUNING, dump_config, load_config, resolved
@@ -196,7 +196,17 @@ def train_run(config: RunConfig, *, resume: bool = False, log: Log = print) -> R
 
     weights = next((run_dir / d for d in ("best", "final") if (run_dir / d).is_dir()), None)
     if weights is not None:
-        load_weights(model, weights, ADAPTER_NAME)
+        try:
+            load_weights(model, weights, ADAPTER_NAME)
+        except AdapterMismatchError as exc:
+            # The adapter changed shape after the best checkpoint (AdaLoRA prunes its ranks as it trains):
+            # that checkpoint no longer fits the trained model, whose final weights are what it became.
+            if weights.name != "best" or not (run_dir / "final").is_dir():
+                raise
+            log(f"best/ (step {getattr(result, 'best_step', '?')}) no longer fits the adapter's final shape "
+                f"({str(exc).split(':', 1)[0]}); using final/")
+            weights = run_dir / "final"
+            load_weights(model, weights, ADAPTER_NAME)
     metrics.update(_fit_facts(result, weights))
     if splits.get("test"):
         metrics["test"] = task.evaluate(model, splits["test"], batch_size)
