@@ -101,7 +101,8 @@ def test_two_adapters_save_and_load_under_new_names(model, tmp_path):
     outs = {}
     for name in ("a", "b"):
         peftkit.set_active(model, name)
-        outs[name] = model(IDS).detach()
+        with torch.no_grad():  # inference, as the loaded adapters below run: the same arithmetic, bit for bit
+            outs[name] = model(IDS)
         peftkit.save_adapter(model, tmp_path / name, adapter_name=name)
     peftkit.load_adapter(original, tmp_path / "a", adapter_name="x")
     peftkit.load_adapter(original, tmp_path / "b", adapter_name="y")
@@ -135,7 +136,7 @@ def test_bias_training_is_saved_under_reference_names(model, tmp_path, bias):
     assert {"base_model.model." + b for b in expected_bias} <= keys
     with torch.no_grad():
         model.proj.base_layer.bias.add_(1.0)  # as training would
-    trained = model(IDS).detach()
+        trained = model(IDS)  # inference, as the loaded adapter runs
     peftkit.save_adapter(model, tmp_path / "b")
     torch.manual_seed(0)
     fresh = Tiny()  # the same base weights as the fixture's
@@ -175,7 +176,7 @@ def test_pissa_adapter_reloads_onto_the_original_base(model, tmp_path):
     assert torch.allclose(model(IDS), base_out, atol=1e-5)
     with torch.no_grad():
         model.proj.adapters["default"].lora_B.weight.mul_(1.5)
-    trained = model(IDS).detach()
+        trained = model(IDS)  # inference, as the loaded adapter runs
     peftkit.save_adapter(model, tmp_path / "p")
     peftkit.load_adapter(original, tmp_path / "p")
     assert torch.equal(original(IDS), trained)

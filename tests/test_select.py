@@ -86,7 +86,7 @@ def test_dora_magnitudes_are_paid_with_the_first_rank():
 @settings(max_examples=200, deadline=None)
 @given(
     shapes=st.lists(st.tuples(st.integers(1, 12), st.integers(1, 12)), min_size=1, max_size=6),
-    raw=st.lists(st.lists(st.floats(0, 10, allow_nan=False), min_size=1, max_size=8), min_size=6, max_size=6),
+    raw=st.lists(st.lists(st.floats(0, 10, allow_subnormal=False), min_size=1, max_size=8), min_size=6, max_size=6),
     budget=st.integers(0, 400),
     min_rank=st.integers(1, 3),
 )
