@@ -1,7 +1,7 @@
 """The selection experiment's table (docs/select.md) from `peftkit compare` records.
 
     .venv/bin/python scripts/select_table.py runs/experiment-select-minilm accuracy
-    .venv/bin/python scripts/select_table.py runs/experiment-select-smollm2 loss chrf
+    .venv/bin/python scripts/select_table.py runs/experiment-select-smollm2 loss chrf --same 611k=576k
 
 Runs are named ``<arm>-<budget>``; for each budget it prints every arm's test metric (mean ± sd over
 seeds, and each seed), its trainable parameters besides the always-trained head, and the per-seed
@@ -21,13 +21,18 @@ DEFAULTS = ("qv", "all-linear")
 
 
 def main(directory: str, metric: str, *extra: str) -> None:
+    same = {}
+    if "--same" in extra:  # --same A=B: runs named <arm>-A sit in budget B's table (a near-equal budget)
+        at = extra.index("--same")
+        same = dict(pair.split("=", 1) for pair in extra[at + 1:])
+        extra = extra[:at]
     records = [json.loads(p.read_text()) for p in sorted(Path(directory, "records").glob("*.json"))]
     records = [r for r in records if r.get("status") == "completed"]
     lower_better = metric in ("loss", "perplexity")
     groups: dict[str, dict[str, dict[int, dict]]] = defaultdict(lambda: defaultdict(dict))
     for r in records:
         arm, budget = r["name"].rsplit("-", 1)
-        groups[budget][arm][r["seed"]] = r
+        groups[same.get(budget, budget)][arm][r["seed"]] = r
     for budget in sorted(groups, key=lambda b: float(b.rstrip("kKmM")) * (1e6 if b[-1] in "mM" else 1e3)):
         arms = groups[budget]
         means = {a: statistics.mean(s["test"][metric] for s in seeds.values()) for a, seeds in arms.items()}
