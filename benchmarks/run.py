@@ -158,14 +158,9 @@ def _git(*args: str) -> str | None:
 
 def meta(args: argparse.Namespace, started: dt.datetime) -> dict[str, Any]:
     """Versions, machine and settings of this suite run."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    from peftkit.compare.measure import cpu_model
+
+    cpu = cpu_model()
     # the commit the snapshot of src/ (see snapshot_source) is taken from, a moment later
     commit = _git("rev-parse", "HEAD")
     dirty = _git("status", "--porcelain", "--", "src", "benchmarks")

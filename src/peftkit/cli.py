@@ -151,9 +151,9 @@ def _add_select(commands: Any) -> None:
     sub = _command(
         commands, "select", "choose which modules to adapt, and at what rank, under a parameter budget",
         "Probe the frozen model of CONFIG on a few training batches (select.probe_batches forward and backward "
-        "passes), score every adaptable module and the cheap whole-parameter options (normalisation layers, "
-        "biases, small heads), and spend the budget where a parameter buys the most: the LoRA targets, a rank "
-        "per module, and what trains in full. Writes OUT/selected.yaml, a ready-to-train config, with "
+        "passes), score every module LoRA can adapt (and, with select.whole_params=true, normalisation layers, "
+        "biases and small heads), and spend the budget where a parameter buys the most: the LoRA targets and a "
+        "rank per module. Writes OUT/selected.yaml, a ready-to-train config, with "
         "selection.md and selection.png explaining the choice. `adapter.target_modules: auto` in any training "
         "config does the same before training (see docs/select.md).",
         _select,

@@ -44,16 +44,20 @@ def versions() -> dict[str, str]:
             "transformers": transformers.__version__}
 
 
-def machine() -> dict[str, Any]:
-    """The machine a run measured on: CPU model, cores, torch threads, accelerator."""
-    cpu = platform.processor() or platform.machine()
+def cpu_model() -> str:
+    """The CPU's model name (from /proc/cpuinfo on Linux), else what ``platform`` knows."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+                return line.split(":", 1)[1].strip()
     except OSError:
         pass
+    return platform.processor() or platform.machine()
+
+
+def machine() -> dict[str, Any]:
+    """The machine a run measured on: CPU model, cores, torch threads, accelerator."""
+    cpu = cpu_model()
     info: dict[str, Any] = {"platform": platform.platform(), "cpu": cpu, "cores": os.cpu_count(),
                             "torch_threads": torch.get_num_threads()}
     if torch.cuda.is_available():
