@@ -107,9 +107,12 @@ def default_cases() -> list[Case]:
         Case("train-smollm2-lora-qv", "train", "smollm2", "lora", "qv", both, timed=1, warmup_tokens=short),
         Case("train-smollm2-lora-all", "train", "smollm2", "lora", "all", both, timed=1, warmup_tokens=short),
         Case("train-smollm2-full", "train", "smollm2", "full", "all", (FULL,), timed=1, warmup_tokens=short),
-        Case("infer-minilm-lora-all", "infer", "minilm", "lora", "all", both, timed=2),
-        Case("infer-smollm2-lora-all", "infer", "smollm2", "lora", "all", both, timed=2),
-        Case("mixed-minilm-lora-qv", "mixed", "minilm", "lora", "qv", both, timed=2),
+        # One timed round per process (after a full-size warm-up round) with the order rotating between
+        # repetitions: the 5 processes give the spread, and a second round cost 95 s of the suite's
+        # measured 16m43s (benchmarks/results/cpu-20261127-1616.json).
+        Case("infer-minilm-lora-all", "infer", "minilm", "lora", "all", both, timed=1),
+        Case("infer-smollm2-lora-all", "infer", "smollm2", "lora", "all", both, timed=1),
+        Case("mixed-minilm-lora-qv", "mixed", "minilm", "lora", "qv", both, timed=1),
     ]
 
 

@@ -29,7 +29,7 @@ from benchmarks.cases import FULL, MIXED_ADAPTERS, Job
 
 MB = 2**20
 LEARNING_RATE = 1e-4  # small enough that a few steps stay finite whatever the weights
-SAVE_LOAD_REPEATS = 3
+SAVE_LOAD_REPEATS = 2
 
 
 def current_rss_mb() -> float:
@@ -170,8 +170,10 @@ def run_infer(job: Job, clock: Clock) -> dict[str, Any]:
     for index in range(warmup + rounds):
         inputs = warm if index < warmup else batch
         # The same round sees the same machine load for all three; the order rotates from round to
-        # round, so no variant always pays for going first (the first full-size call faults in pages).
-        for name in names[index % 3:] + names[:index % 3]:
+        # round and from repetition to repetition, so no variant always pays for going first (the first
+        # full-size call faults in pages).
+        shift = (index + job.rep) % 3
+        for name in names[shift:] + names[:shift]:
             net = variants[name]
             seconds, out = clock.time(lambda net=net, inputs=inputs: _forward(net, inputs, case.model))
             if index < warmup:
@@ -231,8 +233,9 @@ def run_mixed(job: Job, clock: Clock) -> dict[str, Any]:
     available, single_out, mixed_out = True, None, None
     rounds, warmup = job.options.get("timed", case.timed), _warmup(job)
     for index in range(warmup + rounds):
-        # single then mixed, mixed then single, ...: neither always goes first
-        for kind in ("single", "mixed") if index % 2 == 0 else ("mixed", "single"):
+        # single then mixed, mixed then single, ... (and alternating between repetitions): neither
+        # always goes first
+        for kind in ("single", "mixed") if (index + job.rep) % 2 == 0 else ("mixed", "single"):
             if kind == "single":
                 seconds, single_out = clock.time(lambda: _forward(net, batch, case.model))
             elif not available:
