@@ -151,7 +151,7 @@ def toy_loss(model, batch):
     return nn.functional.cross_entropy(model(x), y)
 
 
-@pytest.mark.parametrize("rule", ["gradient", "fisher"])
+@pytest.mark.parametrize("rule", ["gradient", "adam", "fisher"])
 def test_a_module_with_zero_gradient_scores_lowest_and_is_not_chosen(rule):
     model = Toy()
     cands = find_candidates(model, always_trained=["head"])
@@ -183,6 +183,39 @@ def test_gradient_score_is_the_spectrum_of_the_mean_gradient_and_fisher_of_its_s
     assert torch.allclose(torch.tensor(fisher.rank_gains["live"]), expect, rtol=1e-4, atol=1e-10)
     assert gradient.param_gains["norm.weight"] > 0
     assert gradient.cost.forward_backward_passes == 3 and gradient.cost.stats_bytes > 0
+    adam = probe(model, cands, batches, toy_loss, "adam")
+    left, singular, _ = torch.linalg.svd(torch.stack(grads).mean(0), full_matrices=False)
+    expect = (singular * left.abs().sum(0)).sort(descending=True).values
+    assert torch.allclose(torch.tensor(adam.rank_gains["live"]), expect, rtol=1e-4, atol=1e-10)
+
+
+def test_adam_score_measures_the_side_lora_b_writes_to_for_conv1d_weights():
+    from transformers.pytorch_utils import Conv1D
+
+    class Gpt2Like(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.proj = Conv1D(4, 6)  # weight stored in x out = 6 x 4
+            self.head = nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.head(self.proj(x))
+
+    model, batches = Gpt2Like(), toy_batches()
+    grads = []
+    for batch in batches:
+        model.zero_grad()
+        toy_loss(model, batch).backward()
+        grads.append(model.proj.weight.grad.clone())
+    for p in model.parameters():
+        p.grad = None
+    cands = find_candidates(model, always_trained=["head"])
+    assert [(c.name, c.output_on_rows, c.out_features) for c in cands.low_rank] == [("proj", False, 4)]
+    _, singular, right_t = torch.linalg.svd(torch.stack(grads).mean(0), full_matrices=False)
+    expect = (singular * right_t.abs().sum(1)).sort(descending=True).values
+    got = probe(model, cands, batches, toy_loss, "adam").rank_gains["proj"]
+    assert torch.allclose(torch.tensor(got), expect, rtol=1e-4, atol=1e-10)
 
 
 def test_activation_score_is_the_output_energy_per_direction_and_needs_no_gradients():
@@ -205,7 +238,7 @@ def test_the_probe_leaves_flags_modes_and_gradients_as_it_found_them():
 
 def test_unknown_rule_and_empty_batches_are_refused():
     model = Toy()
-    with pytest.raises(ValueError, match="gradient, fisher, activation"):
+    with pytest.raises(ValueError, match="gradient, adam, fisher, activation"):
         probe(model, find_candidates(model), toy_batches(), toy_loss, "magic")
     with pytest.raises(ValueError, match="at least one batch"):
         probe(model, find_candidates(model), [], toy_loss)
@@ -259,7 +292,7 @@ def hf_loss(model, batch):
 @pytest.mark.parametrize(("build", "batches", "budget"), [
     (tiny_bert_classifier, seq_batches, 900), (tiny_llama_lm, lm_batches, 700), (tiny_llama_lm, lm_batches, "5%"),
 ])
-@pytest.mark.parametrize("rule", ["gradient", "fisher", "activation", "random"])
+@pytest.mark.parametrize("rule", ["gradient", "adam", "fisher", "activation", "random"])
 def test_the_chosen_adapter_trains_exactly_the_allocated_parameters(build, batches, budget, rule):
     model = build()
     chosen = select(model, batches(), hf_loss, budget, rule=rule, adapter={"r": 4, "lora_alpha": 8, "use_dora": rule == "fisher"},

@@ -163,7 +163,7 @@ def _add_select(commands: Any) -> None:
     sub.add_argument("--budget", default=None, metavar="B",
                      help="trainable parameters to spend: a share of the model such as 0.5%% or a count such as "
                      "82944 or 83k (default: the config's select.budget)")
-    sub.add_argument("--score", default=None, choices=["gradient", "fisher", "activation", "random"],
+    sub.add_argument("--score", default=None, choices=["gradient", "adam", "fisher", "activation", "random"],
                      help="how candidates are scored (default: the config's select.score, gradient)")
     sub.add_argument("--out", default=None, metavar="DIR",
                      help="where selected.yaml and the explanation go (default: OUTPUT_DIR-selection)")

@@ -102,7 +102,7 @@ class SelectConfig:
     Attributes:
         budget: Trainable parameters to spend: a share of the base model such as "0.5%", or a count
             such as 82944 or "83k". Modules the run trains anyway (a fresh head) are not counted.
-        score: "gradient", "fisher", "activation" (see docs/select.md), or "random" (a control).
+        score: "gradient", "adam", "fisher", "activation" (see docs/select.md), or "random" (a control).
         probe_batches: Training batches the probe runs forward and backward (the probe's whole cost).
         probe_batch_size: Examples per probe batch (None: train.batch_size).
         min_rank: Lowest rank a chosen module gets.

@@ -39,7 +39,9 @@ class LowRank:
     rows: int
     cols: int
     out_features: int  # one DoRA magnitude each
-
+    # where LoRA's zero-initialised factor B writes: the weight's rows (Linear, conv) or its columns
+    # (GPT-2's Conv1D stores in x out; an embedding's B maps into the embedding dimension)
+    output_on_rows: bool = True
 
     @property
     def cost_per_rank(self) -> int:
@@ -124,8 +126,8 @@ def find_candidates(model: nn.Module, always_trained: list[str] | None = None,
         # for a conv; cost and singular values are the same either way round
         rows, cols = int(shape[0]), int(_prod(shape[1:]))
         # Linear and conv weights lead with their outputs; GPT-2's Conv1D and an embedding table end with them
-        out_features = cols if isinstance(module, nn.Embedding) or type(module).__name__ == "Conv1D" else rows
-        low_rank.append(LowRank(name, type(module).__name__, rows, cols, out_features))
+        on_rows = not (isinstance(module, nn.Embedding) or type(module).__name__ == "Conv1D")
+        low_rank.append(LowRank(name, type(module).__name__, rows, cols, rows if on_rows else cols, on_rows))
     if whole_params:
         biases = {
             n: p.numel() for n, p in model.named_parameters()

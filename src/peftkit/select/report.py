@@ -59,6 +59,8 @@ def markdown(selection: Selection) -> str:
     explain = {
         "gradient": "score = squared singular values of the mean gradient: what each rank can lower the loss by, "
                     "to first order",
+        "adam": "score = singular values of the mean gradient times the L1 norm of their output direction: what "
+                "each rank can lower the loss by under AdamW's equal-size steps, to first order",
         "fisher": "score = eigenvalues of the per-batch gradient second moment (empirical Fisher, projected to rank k)",
         "activation": "score = eigenvalues of the module's output second moment (label-free)",
         "random": "modules drawn at random (a control, not a score)",

@@ -14,6 +14,15 @@ candidates, so modules of different shapes, ranks and whole parameters compete o
   a whole parameter adds ``||g||^2`` (what all its ranks would). This is the signal LoRA-GA
   (Wang et al. 2024, arXiv:2407.05000) initialises LoRA from, used here to *place* the ranks; AdaLoRA's
   importance (Zhang et al. 2023, arXiv:2303.10512) is the elementwise ``|w * g|`` relative of it.
+- ``adam``: the same mean gradient G, valued under the optimiser peftkit trains with. AdamW moves every
+  trained entry by about the learning rate whatever its gradient's size (a sign-like step; Kunstner et
+  al. 2023, arXiv:2304.13960), so the first-order gain of a step is an L1 norm, not a squared L2 one.
+  A rank whose input side lies along G's singular direction v_k lowers the loss by about
+  ``lr * s * |a| * ||G v_k||_1 = lr * s * |a| * sk * ||u_k||_1`` (s = alpha/r, |a| = the norm of a row
+  of A at init, about 1/sqrt(3) for LoRA's Kaiming init; both constants are shared by every module, so
+  they drop out), and a whole parameter by ``lr * ||g||_1``. Gains grow with ``sk`` rather than ``sk^2``,
+  so a module with a few dominant directions no longer takes ranks that the next-best modules would
+  use better: the budget spreads further.
 - ``fisher``: the empirical Fisher information projected to rank k: the eigenvalues of the per-batch
   gradients' second moment ``mean_b G_b G_b^T``; a whole parameter adds its mean ``||g_b||^2``, the
   diagonal Fisher mass used by EWC (Kirkpatrick et al. 2017, arXiv:1612.00796) and by FISH masks
@@ -38,7 +47,7 @@ from torch import nn
 
 from .candidates import Candidates
 
-SCORES = ("gradient", "fisher", "activation")
+SCORES = ("gradient", "adam", "fisher", "activation")
 Loss = Callable[[nn.Module, Any], torch.Tensor]
 
 
@@ -116,7 +125,7 @@ def probe(model: nn.Module, candidates: Candidates, batches: Sequence[Any], loss
             p.requires_grad_(flags[n])
     scores = Scores(rule)
     for c in candidates.low_rank:
-        scores.rank_gains[c.name] = stats.rank_gains(c.name, min(max_rank, c.max_rank))
+        scores.rank_gains[c.name] = stats.rank_gains(c.name, min(max_rank, c.max_rank), c.output_on_rows)
     for name in whole_names:
         scores.param_gains[name] = (
             float(params[name].detach().float().pow(2).sum()) if rule == "activation" else stats.param_gain(name)
@@ -127,7 +136,7 @@ def probe(model: nn.Module, candidates: Candidates, batches: Sequence[Any], loss
 
 
 class _Stats:
-    """Running sums per module: the gradient sum (``gradient``), the per-batch gradient second moment
+    """Running sums per module: the gradient sum (``gradient``, ``adam``), the per-batch gradient second moment
     on the smaller side (``fisher``), or the output second moment (``activation``)."""
 
     def __init__(self, rule: str) -> None:
@@ -166,13 +175,21 @@ class _Stats:
         else:
             self.sums[name] = value.clone()
 
-    def rank_gains(self, name: str, ranks: int) -> list[float]:
+    def rank_gains(self, name: str, ranks: int, output_on_rows: bool = True) -> list[float]:
         total = self.sums.get(name)
         if total is None or self.batches == 0:
             return [0.0] * ranks
         if self.rule == "gradient":
             mean = total / self.batches
             values = torch.linalg.svdvals(mean).pow(2)
+        elif self.rule == "adam":
+            if total.dim() < 2:  # a vector (an embedding-free bias-like weight): one direction
+                return ([float((total / self.batches).abs().sum())] + [0.0] * ranks)[:ranks]
+            left, singular, right_t = torch.linalg.svd(total / self.batches, full_matrices=False)
+            output_side = left.abs().sum(0) if output_on_rows else right_t.abs().sum(1)
+            # sk * ||u_k||_1 need not fall with k; a rank-k adapter can take the k best directions, so
+            # the k-th rank is worth the k-th largest of them
+            values = (singular * output_side).sort(descending=True).values
         else:  # a symmetric second moment: its eigenvalues
             values = torch.linalg.eigvalsh(total / self.batches).flip(0).clamp_min(0.0)
         values = values[:ranks].tolist()
@@ -184,6 +201,8 @@ class _Stats:
             return 0.0
         if self.rule == "gradient":
             return float((total / self.batches).pow(2).sum())
+        if self.rule == "adam":
+            return float((total / self.batches).abs().sum())
         return float(total.sum() / self.batches)
 
     def nbytes(self) -> int:
