@@ -6,7 +6,8 @@
 Runs are named ``<arm>-<budget>``; for each budget it prints every arm's test metric (mean ± sd over
 seeds, and each seed), its trainable parameters besides the always-trained head, and the per-seed
 difference to the best default (``qv`` or ``all-linear``, whichever has the better mean) with how many
-seeds the arm wins.
+seeds the arm wins. A last table pools every budget: per arm, the mean per-seed difference to that
+budget's best default and the seeds won, i.e. how reliably the arm matches or beats it.
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ def main(directory: str, metric: str, *extra: str) -> None:
     for r in records:
         arm, budget = r["name"].rsplit("-", 1)
         groups[same.get(budget, budget)][arm][r["seed"]] = r
+    pooled: dict[str, list[float]] = defaultdict(list)
+    scale = 100 if metric in ("accuracy", "macro_f1", "exact_match") else 1
     for budget in sorted(groups, key=lambda b: float(b.rstrip("kKmM")) * (1e6 if b[-1] in "mM" else 1e3)):
         arms = groups[budget]
         means = {a: statistics.mean(s["test"][metric] for s in seeds.values()) for a, seeds in arms.items()}
@@ -50,7 +53,8 @@ def main(directory: str, metric: str, *extra: str) -> None:
             trainable = seeds[min(seeds)]["trainable_params"] - head
             diffs = [seeds[s]["test"][metric] - arms[best][s]["test"][metric] for s in sorted(seeds) if best and s in arms[best]]
             wins = sum(d < 0 if lower_better else d > 0 for d in diffs)
-            scale = 100 if metric in ("accuracy", "macro_f1", "exact_match") else 1
+            if arm != best:
+                pooled[arm] += diffs
             show = [f"{v * scale:.1f}" if scale == 100 else f"{v:.3f}" for v in values]
             delta = ", ".join(f"{d * scale:+.1f}" if scale == 100 else f"{d:+.3f}" for d in diffs)
             extra_cells = []
@@ -62,6 +66,14 @@ def main(directory: str, metric: str, *extra: str) -> None:
             print(f"| {arm} | {trainable:,} | {mean:.{1 if scale == 100 else 3}f} ± {sd * scale:.{1 if scale == 100 else 3}f} "
                   f"| {', '.join(show)} | {delta if arm != best else '-'} | {f'{wins}/{len(diffs)}' if arm != best else '-'} |"
                   + (" " + " | ".join(extra_cells) + " |" if extra else ""))
+    print(f"\nall budgets pooled: per-seed difference to each budget's best default ({metric}"
+          f"{', lower is better' if lower_better else ''})")
+    print("| arm | mean difference | seeds won |")
+    print("|---|---|---|")
+    for arm, diffs in sorted(pooled.items(), key=lambda kv: statistics.mean(kv[1]) * (1 if lower_better else -1)):
+        won = sum(d < 0 if lower_better else d > 0 for d in diffs)
+        digits = 1 if scale == 100 else 3
+        print(f"| {arm} | {statistics.mean(diffs) * scale:+.{digits}f} | {won}/{len(diffs)} |")
 
 
 def _head_params(record: dict, directory: str) -> int:

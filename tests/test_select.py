@@ -12,6 +12,8 @@ from hypothesis import strategies as st
 from torch import nn
 
 import peftkit
+import peftkit.core.inject
+from peftkit.errors import ConfigError
 from peftkit.select import (
     LowRank,
     WholeParams,
@@ -352,3 +354,97 @@ def test_embeddings_and_whole_parameters_are_offered_only_when_asked():
     assert any(c.kind == "Embedding" for c in full.low_rank)
     assert {w.kind for w in full.whole} >= {"LlamaRMSNorm"}
     assert "lm_head" not in {c.name for c in full.low_rank}  # the output head is never adapted
+
+
+# -- starting LoRA A along the probed directions (select/init.py) -----------------------------------
+
+
+def _gpt2_like():
+    from transformers.pytorch_utils import Conv1D
+
+    class Mixed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.linear = nn.Linear(6, 5)
+            self.proj = Conv1D(4, 5)  # weight stored in x out = 5 x 4
+            self.conv = nn.Conv1d(1, 3, 2)
+            self.head = nn.Linear(9, 2)
+
+        def forward(self, x):
+            hidden = self.proj(torch.relu(self.linear(x)))
+            conv = self.conv(x[:, None, :4]).flatten(1)[:, :5]
+            return self.head(torch.cat([hidden, conv], dim=1))
+
+    return Mixed()
+
+
+def test_gradient_init_points_each_a_row_along_its_direction_keeps_its_norm_and_starts_at_the_base():
+    from peftkit.select import init as select_init
+
+    model = _gpt2_like()
+    batches = toy_batches()
+    chosen = select(model, batches, toy_loss, 10_000, adapter={"r": 2, "lora_alpha": 4}, always_trained=["head"])
+    assert set(chosen.init) == set(chosen.allocation.ranks) == {"linear", "proj", "conv"}
+    for name, rank in chosen.allocation.ranks.items():
+        assert chosen.init[name].shape[0] == rank
+        # unit rows, mutually orthogonal: singular vectors
+        gram = chosen.init[name] @ chosen.init[name].T
+        assert torch.allclose(gram, torch.eye(rank), atol=1e-5)
+    x = batches[0][0]
+    before = model(x).detach()
+    fields = {k: v for k, v in chosen.adapter.items() if k != "method"}
+    peftkit.inject(model, peftkit.make_config("lora", **fields))
+    layers = dict(peftkit.core.inject.adapter_layers(model))
+    norms = {n: layers[n].adapters["default"].lora_A.weight.reshape(chosen.allocation.ranks[n], -1).norm(dim=1).clone()
+             for n in chosen.init}
+    assert select_init.apply(model, chosen.init, "default") == 3
+    for name, rows in chosen.init.items():
+        a = layers[name].adapters["default"].lora_A.weight.reshape(rows.shape[0], -1)
+        assert torch.allclose(a.norm(dim=1), norms[name], atol=1e-6)  # LoRA's own scale kept
+        cosine = (a / a.norm(dim=1, keepdim=True) * rows).sum(1)
+        assert torch.allclose(cosine, torch.ones_like(cosine), atol=1e-5)
+    assert torch.equal(model(x).detach(), before)  # B is still zero
+
+
+def test_the_init_directions_are_the_input_side_singular_vectors_of_the_mean_gradient():
+    model, batches = Toy(), toy_batches()
+    grads = []
+    for batch in batches:
+        model.zero_grad()
+        toy_loss(model, batch).backward()
+        grads.append(model.live.weight.grad.clone())
+    for p in model.parameters():
+        p.grad = None
+    scores = probe(model, find_candidates(model, always_trained=["head"]), batches, toy_loss, "gradient")
+    _, _, right_t = torch.linalg.svd(torch.stack(grads).mean(0), full_matrices=False)
+    got = scores.directions["live"]
+    # singular vectors are defined up to sign
+    assert torch.allclose((got * right_t[: got.shape[0]]).sum(1).abs(), torch.ones(got.shape[0]), atol=1e-4)
+    assert not probe(model, find_candidates(model, always_trained=["head"]), batches, toy_loss, "fisher").directions
+
+
+def test_random_init_and_scores_without_directions_leave_lora_as_it_is():
+    model = _gpt2_like()
+    assert select(model, toy_batches(), toy_loss, 10_000, init="random", always_trained=["head"]).init == {}
+    assert select(model, toy_batches(), toy_loss, 10_000, rule="activation", always_trained=["head"]).init == {}
+    with pytest.raises(ValueError, match="unknown selection init 'svd'; choose one of gradient, random"):
+        select(model, toy_batches(), toy_loss, 10_000, init="svd", always_trained=["head"])
+
+
+def test_directions_that_do_not_fit_the_adapter_are_refused_with_the_fix(tmp_path):
+    from peftkit.select import init as select_init
+
+    model = _gpt2_like()
+    peftkit.inject(model, peftkit.make_config("lora", r=2, target_modules=["linear"]))
+    with pytest.raises(ConfigError, match=r"(?s)linear: LoRA A is \(2, 6\).*\(3, 6\).*select again"):
+        select_init.apply(model, {"linear": torch.randn(3, 6)}, "default")
+    with pytest.raises(ConfigError, match="proj: no LoRA adapter 'default'"):
+        select_init.apply(model, {"proj": torch.randn(2, 5)}, "default")
+    select_init.save({"linear": torch.randn(2, 6)}, tmp_path / "init.safetensors")
+    assert select_init.load(tmp_path / "init.safetensors")["linear"].shape == (2, 6)
+    with pytest.raises(ConfigError, match="does not exist; it is the init.safetensors that `peftkit select` writes"):
+        select_init.load(tmp_path / "missing.safetensors")
+    (tmp_path / "bad.safetensors").write_text("not a tensor file")
+    with pytest.raises(ConfigError, match="is not a safetensors file"):
+        select_init.load(tmp_path / "bad.safetensors")

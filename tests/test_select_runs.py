@@ -65,6 +65,33 @@ def test_select_command_writes_a_config_that_trains_as_it_is(tiny_model_dir, rev
     assert main(["train", str(out / "selected.yaml")]) == 0
 
 
+def test_gradient_init_through_a_run_and_through_the_select_command(tiny_model_dir, reviews_csv, tmp_path, capsys):  # noqa: F811
+    lines: list[str] = []
+    config = make_config(tiny_model_dir, reviews_csv, tmp_path / "run", adapter=AUTO,
+                         select={"budget": 600, "init": "gradient"})
+    result = runner.train_run(config, log=lines.append)
+    record = _check_run(result, 600)
+    assert record["init"] == "gradient directions"
+    assert (result.run_dir / "selection" / "init.safetensors").is_file()
+    assert any(line.startswith(f"LoRA A of {result.metrics['selection']['modules']} modules starts along") for line in lines)
+    # peftkit select: the directions go beside selected.yaml, which names them
+    path = tmp_path / "config.yaml"
+    dump_config(make_config(tiny_model_dir, reviews_csv, tmp_path / "plain"), path)
+    out = tmp_path / "sel"
+    assert main(["select", str(path), "select.init=gradient", "--budget", "600", "--out", str(out)]) == 0
+    chosen = yaml.safe_load((out / "selected.yaml").read_text())
+    assert chosen["select"]["init_from"] == str(out / "init.safetensors")
+    capsys.readouterr()
+    assert main(["train", str(out / "selected.yaml")]) == 0
+    assert f"starts along the gradient directions from {out / 'init.safetensors'}" in capsys.readouterr().out
+    # a missing file is named with where it comes from, before anything is written
+    (out / "init.safetensors").unlink()
+    chosen["output_dir"] = str(tmp_path / "again")
+    (out / "again.yaml").write_text(yaml.safe_dump(chosen))
+    assert main(["train", str(out / "again.yaml")]) == 2 and not (tmp_path / "again").exists()
+    assert "init.safetensors that `peftkit select` writes" in capsys.readouterr().err
+
+
 def test_select_command_without_a_budget_says_how_to_give_one(tiny_model_dir, reviews_csv, tmp_path, capsys):  # noqa: F811
     path = tmp_path / "config.yaml"
     dump_config(make_config(tiny_model_dir, reviews_csv, tmp_path / "run"), path)
@@ -83,6 +110,10 @@ def test_select_command_without_a_budget_says_how_to_give_one(tiny_model_dir, re
     ({"adapter": AUTO, "select": {"budget": 100, "score": "vibes"}}, "select.score: expected one of gradient"),
     ({"adapter": AUTO, "select": {"budget": 100, "min_rank": 4, "max_rank": 2}}, "min_rank <= max_rank"),
     ({"adapter": {**AUTO, "r": 0}, "select": {"budget": 100}}, "adapter.r: must be a positive integer"),
+    ({"adapter": AUTO, "select": {"budget": 100, "init": "svd"}}, "select.init: expected one of gradient, random"),
+    ({"adapter": AUTO, "select": {"budget": 100, "init_from": "x.safetensors"}},
+     "select.init_from: a run that selects .* starts from its own probe's directions"),
+    ({"adapter": {"method": "ia3"}, "select": {"init_from": "x.safetensors"}}, "need adapter.method=lora, got 'ia3'"),
 ])
 def test_bad_selection_configs_are_refused_with_the_fix(tiny_model_dir, reviews_csv, tmp_path, changes, message):  # noqa: F811
     with pytest.raises(ConfigError, match=message):

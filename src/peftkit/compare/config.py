@@ -176,8 +176,14 @@ def config_key(config: RunConfig) -> str:
     from ..select.choose import is_auto
 
     data = to_dict(config)
-    if not is_auto(config.adapter):
+    if not is_auto(config.adapter) and not config.select.init_from:
         data.pop("select", None)
+    elif isinstance(data.get("select"), dict):
+        # fields added later, at the values that reproduce what runs did before they existed: records
+        # made then keep their key
+        for key, before in (("init", "random"), ("init_from", None)):
+            if data["select"].get(key, before) == before:
+                data["select"].pop(key, None)
     text = json.dumps(data, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 

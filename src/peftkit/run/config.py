@@ -425,7 +425,7 @@ def _quantize_problems(config: RunConfig) -> list[str]:
 
 
 def _select_problems(config: RunConfig) -> list[str]:
-    from ..select import RULES, parse_budget
+    from ..select import INITS, RULES, parse_budget
 
     sel = config.select
     problems = []
@@ -447,6 +447,18 @@ def _select_problems(config: RunConfig) -> list[str]:
     if not 1 <= sel.min_rank <= sel.max_rank:
         problems.append(f"select.min_rank, select.max_rank: need 1 <= min_rank <= max_rank, got {sel.min_rank} "
                         f"and {sel.max_rank}")
+    if sel.init not in INITS:
+        problems.append(f"select.init: expected one of {', '.join(INITS)}, got {sel.init!r}")
+    if sel.init_from is not None:
+        method = str(config.adapter.get("method", "lora")).lower() if isinstance(config.adapter, dict) else ""
+        if auto:
+            problems.append("select.init_from: a run that selects (target_modules: auto) starts from its own "
+                            "probe's directions; drop select.init_from, or train the selected.yaml it belongs to")
+        elif method != "lora":
+            problems.append(f"select.init_from: initial LoRA directions need adapter.method=lora, got {method!r}")
+        elif not Path(sel.init_from).is_file():
+            problems.append(f"select.init_from: {sel.init_from!r} does not exist; it is the init.safetensors that "
+                            "`peftkit select` writes beside selected.yaml (or set select.init_from: null)")
     return problems
 
 

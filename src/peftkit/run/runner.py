@@ -160,6 +160,7 @@ def train_run(config: RunConfig, *, resume: bool = False, log: Log = print) -> R
         config = dataclasses.replace(config, adapter=selected["adapter"])
     seed_everything(config.train.seed)  # the adapter's initialisation draws random numbers
     model = adapt(model, config)
+    _start_from_directions(model, config, selected, log)
     full = is_full_fine_tuning(config)
     summary = api.trainable_summary(model, show=False)
     log(f"{config.task}: {config.model.name_or_path} with {_method(config)}: trainable params "
@@ -172,7 +173,7 @@ def train_run(config: RunConfig, *, resume: bool = False, log: Log = print) -> R
     metrics: dict[str, Any] = {"task": config.task, "model": config.model.name_or_path, "method": _method(config),
                                "trainable_params": summary.trainable, "total_params": summary.total}
     if selected is not None:
-        metrics["selection"] = {k: v for k, v in selected.items() if k != "adapter"}
+        metrics["selection"] = {k: v for k, v in selected.items() if k not in ("adapter", "init")}
     if config.eval.before_training and splits.get("test") and main:
         metrics["before"] = _evaluate_base(task, model, splits["test"], batch_size, full)
         log(f"test before training: {_format(metrics['before'])}")
@@ -229,6 +230,7 @@ def select_run(config: RunConfig, out_dir: str | os.PathLike, log: Log = print) 
     Raises:
         ConfigError: no budget, or a method other than LoRA.
     """
+    from ..select import init as select_init
     from ..select import report as select_report
     from ..select import select_for_run
     from .config import AUTO
@@ -243,7 +245,9 @@ def select_run(config: RunConfig, out_dir: str | os.PathLike, log: Log = print) 
     selection = select_for_run(config, task, model, log)
     out = Path(out_dir)
     select_report.write(selection, out)
-    chosen = dataclasses.replace(config, adapter=selection.adapter, select=type(config.select)(),
+    # the chosen adapter trains as it is; with the probe's directions as its starting point, when it has them
+    start = str(out / select_init.INIT_FILE) if selection.init else None
+    chosen = dataclasses.replace(config, adapter=selection.adapter, select=type(config.select)(init_from=start),
                                  output_dir=f"{config.output_dir.rstrip('/')}-{AUTO}")
     path = out / "selected.yaml"
     dump_config(chosen, path)
@@ -254,6 +258,7 @@ def select_run(config: RunConfig, out_dir: str | os.PathLike, log: Log = print) 
 def _select(config: RunConfig, task: Task, model: nn.Module, run_dir: Path, resume: bool, log: Log) -> dict[str, Any]:
     """``adapter.target_modules: auto``: the chosen adapter section and its facts. The choice and its
     explanation are kept in ``selection/``; a resumed run reuses it rather than probing again."""
+    from ..select import init as select_init
     from ..select import report as select_report
     from ..select import select_for_run
 
@@ -267,8 +272,26 @@ def _select(config: RunConfig, task: Task, model: nn.Module, run_dir: Path, resu
         select_report.write(selection, folder)
         record = select_report.record(selection)
         log(f"the choice and why: {folder / select_report.TABLE}")
+    saved = folder / select_init.INIT_FILE
     return {"adapter": record["adapter"], "rule": record["rule"], "budget": record["budget"], "used": record["used"],
-            "modules": sum(1 for row in record["low_rank"] if row["rank"]), "probe": record["probe"]}
+            "modules": sum(1 for row in record["low_rank"] if row["rank"]), "probe": record["probe"],
+            "init": select_init.load(saved) if saved.is_file() else {}}
+
+
+def _start_from_directions(model: nn.Module, config: RunConfig, selected: dict[str, Any] | None, log: Log) -> None:
+    """Point the chosen modules' LoRA A along the probe's gradient directions (``select/init.py``): from
+    this run's own selection, or from ``select.init_from`` (what ``peftkit select`` wrote)."""
+    from ..select import init as select_init
+
+    if selected is not None:
+        directions, source = selected.get("init") or {}, "the probe"
+    elif config.select.init_from and not is_full_fine_tuning(config):
+        directions, source = select_init.load(config.select.init_from), config.select.init_from
+    else:
+        return
+    if directions:
+        count = select_init.apply(model, directions, ADAPTER_NAME)
+        log(f"LoRA A of {count} modules starts along the gradient directions from {source}")
 
 
 def _silent(line: str) -> None:

@@ -111,6 +111,10 @@ class SelectConfig:
             default: see docs/select.md for what they cost in the experiment).
         embeddings: Also consider LoRA on embedding tables (off by default, likewise).
         seed: Seed of the probe's batches and of the random control (None: train.seed).
+        init: "gradient": each chosen module's LoRA A starts along the probed gradient's best input
+            directions, B at zero (scores gradient and adam); "random": LoRA's own init.
+        init_from: A file of such directions (the init.safetensors that ``peftkit select`` writes beside
+            selected.yaml), applied after the adapter is built; for a run that does not select itself.
     """
 
     budget: str | int | None = None
@@ -122,6 +126,8 @@ class SelectConfig:
     whole_params: bool = False
     embeddings: bool = False
     seed: int | None = None
+    init: str = "random"
+    init_from: str | None = None
 
 
 @dataclass

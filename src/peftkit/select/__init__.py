@@ -4,11 +4,12 @@ See docs/select.md."""
 
 from .allocate import Allocation, allocate, random_allocation
 from .candidates import Candidates, LowRank, WholeParams, find_candidates
-from .choose import RULES, Selection, adapter_section, is_auto, parse_budget, select, select_for_run
+from . import init
+from .choose import INITS, RULES, Selection, adapter_section, is_auto, parse_budget, select, select_for_run
 from .scores import SCORES, Scores, probe
 
 __all__ = [
-    "Allocation", "Candidates", "LowRank", "RULES", "SCORES", "Scores", "Selection", "WholeParams",
-    "adapter_section", "allocate", "find_candidates", "is_auto", "parse_budget", "probe", "random_allocation",
+    "Allocation", "Candidates", "INITS", "LowRank", "RULES", "SCORES", "Scores", "Selection", "WholeParams",
+    "adapter_section", "allocate", "find_candidates", "init", "is_auto", "parse_budget", "probe", "random_allocation",
     "select", "select_for_run",
 ]

@@ -11,7 +11,7 @@ import random
 import re
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from torch import nn
@@ -22,6 +22,7 @@ from .candidates import Candidates, find_candidates
 from .scores import SCORES, Scores, probe
 
 RULES = (*SCORES, "random")
+INITS = ("gradient", "random")
 AUTO = "auto"
 _COUNT = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kKmM]?)\s*$")
 _SHARE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*%\s*$")
@@ -30,13 +31,15 @@ _SHARE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*%\s*$")
 @dataclass
 class Selection:
     """What was chosen and why: the adapter section to train, the allocation, the candidates, the scores
-    (``None`` for the random control) and the budget in parameters."""
+    (``None`` for the random control) and the budget in parameters; ``init`` maps each chosen module to
+    the input directions its LoRA A starts from (``init.apply``; empty: LoRA's own random init)."""
 
     adapter: dict[str, Any]
     allocation: Allocation
     candidates: Candidates
     scores: Scores | None
     rule: str
+    init: dict[str, Any] = field(default_factory=dict)
 
     @property
     def budget(self) -> int:
@@ -80,6 +83,7 @@ def select(
     embeddings: bool = False,
     always_trained: list[str] | None = None,
     seed: int = 0,
+    init: str = "gradient",
 ) -> Selection:
     """Choose LoRA targets, per-module ranks and whole parameters for ``model`` under ``budget``.
 
@@ -99,12 +103,17 @@ def select(
             lets them move every token's input at once).
         always_trained: Modules trained in full regardless (default: the model's fresh sequence heads).
         seed: The random control's seed.
+        init: ``gradient``: each chosen module's LoRA A starts along the probed gradient's best input
+            directions (``Selection.init``, applied with :func:`peftkit.select.init.apply`); only the
+            ``gradient`` and ``adam`` rules have them. ``random``: LoRA's own init.
 
     Raises:
-        ValueError: an unknown rule, a budget that is not understood, or one too small for any candidate.
+        ValueError: an unknown rule or init, a budget that is not understood, or one too small for any candidate.
     """
     if rule not in RULES:
         raise ValueError(f"unknown selection score {rule!r}; choose one of {', '.join(RULES)}")
+    if init not in INITS:
+        raise ValueError(f"unknown selection init {init!r}; choose one of {', '.join(INITS)}")
     base = {"method": "lora", **dict(adapter or {})}
     if not 1 <= min_rank <= max_rank:
         raise ValueError(f"need 1 <= min_rank <= max_rank, got min_rank={min_rank}, max_rank={max_rank}")
@@ -127,7 +136,9 @@ def select(
             + (" or lower select.min_rank" if min_rank > 1 else "")
             + ("; if the probe saw no gradient at all, check that the loss depends on the model" if scores else "")
         )
-    return Selection(adapter_section(base, allocation, candidates), allocation, candidates, scores, rule)
+    directions = scores.directions if scores is not None and init == "gradient" else {}
+    starts = {name: directions[name][:rank] for name, rank in allocation.ranks.items() if name in directions}
+    return Selection(adapter_section(base, allocation, candidates), allocation, candidates, scores, rule, starts)
 
 
 def adapter_section(base: Mapping[str, Any], allocation: Allocation, candidates: Candidates) -> dict[str, Any]:
@@ -195,10 +206,12 @@ def select_for_run(config: Any, task: Any, model: nn.Module, log: Callable[[str]
         f"{len(batches)} probe batches of {size}")
     selection = select(model, batches, task.loss, sel.budget, rule=sel.score, adapter=base, min_rank=sel.min_rank,
                        max_rank=sel.max_rank, whole_params=sel.whole_params, embeddings=sel.embeddings,
-                       always_trained=always, seed=seed)
+                       always_trained=always, seed=seed, init=sel.init)
     a = selection.allocation
     cost = selection.scores.cost if selection.scores else None
     log(f"selected {len(a.ranks)} LoRA modules (ranks {min(a.ranks.values())}-{max(a.ranks.values())}) and "
         f"{len(a.whole)} whole-parameter groups: {a.used:,} of {a.budget:,} parameters"
         + (f"; probe {cost.forward_backward_passes} passes, {cost.seconds:.1f} s" if cost else ""))
+    if sel.init == "gradient" and not selection.init:
+        log(f"select.init=gradient: the {sel.score} rule gives no gradient directions, so LoRA's own init is used")
     return selection

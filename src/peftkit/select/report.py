@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from . import init
 from .choose import Selection
 
 RECORD = "selection.json"
@@ -36,6 +37,7 @@ def record(selection: Selection) -> dict[str, Any]:
             for w in selection.candidates.whole
         ],
         "probe": vars(scores.cost) if scores and scores.cost else None,
+        "init": "gradient directions" if selection.init else "random (LoRA's own)",
     }
 
 
@@ -56,6 +58,9 @@ def markdown(selection: Selection) -> str:
     if probe:
         lines.append(f"Probe: {probe['batches']} batches, {probe['forward_backward_passes']} forward/backward passes, "
                      f"{probe['seconds']:.1f} s, {probe['stats_bytes'] / 2**20:.1f} MiB of statistics.")
+    lines.append("Initialisation: each chosen module's LoRA A starts along the probed gradient's best input "
+                 f"directions, B at zero ({init.INIT_FILE})." if selection.init else
+                 "Initialisation: LoRA's own (random A, zero B).")
     explain = {
         "gradient": "score = squared singular values of the mean gradient: what each rank can lower the loss by, "
                     "to first order",
@@ -108,9 +113,12 @@ def figure(selection: Selection) -> bytes:
 
 
 def write(selection: Selection, directory: str | os.PathLike) -> Path:
-    """Write ``selection.json``, ``selection.md`` and ``selection.png`` into ``directory``."""
+    """Write ``selection.json``, ``selection.md`` and ``selection.png`` into ``directory``, and the chosen
+    modules' initial LoRA directions as ``init.safetensors`` when there are any."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    if selection.init:
+        init.save(selection.init, directory / init.INIT_FILE)
     (directory / RECORD).write_text(json.dumps(record(selection), indent=1) + "\n", encoding="utf-8")
     (directory / TABLE).write_text(markdown(selection), encoding="utf-8")
     (directory / FIGURE).write_bytes(figure(selection))

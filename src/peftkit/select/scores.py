@@ -62,11 +62,14 @@ class ProbeCost:
 @dataclass
 class Scores:
     """``rank_gains[module][k]``: gain of rank k+1 (non-increasing); ``param_gains[param]``: gain of
-    training the parameter in full; ``cost``: what the probe took."""
+    training the parameter in full; ``directions[module]``: for the mean-gradient rules, the unit
+    input-side directions whose gains ``rank_gains`` lists, in the same order (``k x inputs``: the rows a
+    LoRA A of rank k would start from, see ``init.py``); ``cost``: what the probe took."""
 
     rule: str
     rank_gains: dict[str, list[float]] = field(default_factory=dict)
     param_gains: dict[str, float] = field(default_factory=dict)
+    directions: dict[str, torch.Tensor] = field(default_factory=dict)
     cost: ProbeCost | None = None
 
 
@@ -125,7 +128,10 @@ def probe(model: nn.Module, candidates: Candidates, batches: Sequence[Any], loss
             p.requires_grad_(flags[n])
     scores = Scores(rule)
     for c in candidates.low_rank:
-        scores.rank_gains[c.name] = stats.rank_gains(c.name, min(max_rank, c.max_rank), c.output_on_rows)
+        ranks = min(max_rank, c.max_rank)
+        scores.rank_gains[c.name], directions = stats.rank_gains(c.name, ranks, c.output_on_rows)
+        if directions is not None and c.kind != "Embedding":  # an embedding's LoRA starts from B, not A
+            scores.directions[c.name] = directions
     for name in whole_names:
         scores.param_gains[name] = (
             float(params[name].detach().float().pow(2).sum()) if rule == "activation" else stats.param_gain(name)
@@ -175,25 +181,27 @@ class _Stats:
         else:
             self.sums[name] = value.clone()
 
-    def rank_gains(self, name: str, ranks: int, output_on_rows: bool = True) -> list[float]:
+    def rank_gains(self, name: str, ranks: int, output_on_rows: bool = True) -> tuple[list[float], torch.Tensor | None]:
+        """The gains of ranks 1..``ranks`` and, for the mean-gradient rules, their input-side directions."""
         total = self.sums.get(name)
         if total is None or self.batches == 0:
-            return [0.0] * ranks
-        if self.rule == "gradient":
-            mean = total / self.batches
-            values = torch.linalg.svdvals(mean).pow(2)
-        elif self.rule == "adam":
-            if total.dim() < 2:  # a vector (an embedding-free bias-like weight): one direction
-                return ([float((total / self.batches).abs().sum())] + [0.0] * ranks)[:ranks]
+            return [0.0] * ranks, None
+        directions = None
+        if self.rule in ("gradient", "adam"):
             left, singular, right_t = torch.linalg.svd(total / self.batches, full_matrices=False)
-            output_side = left.abs().sum(0) if output_on_rows else right_t.abs().sum(1)
-            # sk * ||u_k||_1 need not fall with k; a rank-k adapter can take the k best directions, so
-            # the k-th rank is worth the k-th largest of them
-            values = (singular * output_side).sort(descending=True).values
+            inputs, outputs = (right_t, left.T) if output_on_rows else (left.T, right_t)  # rows: directions
+            if self.rule == "gradient":
+                values = singular.pow(2)
+                order = torch.arange(len(values))
+            else:
+                # sk * ||u_k||_1 need not fall with k; a rank-k adapter can take the k best directions,
+                # so the k-th rank is worth the k-th largest of them
+                values, order = (singular * outputs.abs().sum(1)).sort(descending=True)
+            directions = inputs[order[:ranks]].contiguous()
         else:  # a symmetric second moment: its eigenvalues
             values = torch.linalg.eigvalsh(total / self.batches).flip(0).clamp_min(0.0)
         values = values[:ranks].tolist()
-        return values + [0.0] * (ranks - len(values))
+        return values + [0.0] * (ranks - len(values)), directions
 
     def param_gain(self, name: str) -> float:
         total = self.sums.get(name)
