@@ -153,6 +153,18 @@ def toy_loss(model, batch):
     return nn.functional.cross_entropy(model(x), y)
 
 
+def batch_gradients(model, batches, weight):
+    """``weight``'s gradient on each batch, leaving no gradients behind (the probe starts from none)."""
+    grads = []
+    for batch in batches:
+        model.zero_grad()
+        toy_loss(model, batch).backward()
+        grads.append(weight.grad.clone())
+    for p in model.parameters():
+        p.grad = None
+    return grads
+
+
 @pytest.mark.parametrize("rule", ["gradient", "adam", "fisher"])
 def test_a_module_with_zero_gradient_scores_lowest_and_is_not_chosen(rule):
     model = Toy()
@@ -167,14 +179,7 @@ def test_a_module_with_zero_gradient_scores_lowest_and_is_not_chosen(rule):
 
 def test_gradient_score_is_the_spectrum_of_the_mean_gradient_and_fisher_of_its_second_moment():
     model, batches = Toy(), toy_batches()
-    grads = []
-    for batch in batches:
-        model.zero_grad()
-        toy_loss(model, batch).backward()
-        grads.append(model.live.weight.grad.clone())
-    model.zero_grad()
-    for p in model.parameters():
-        p.grad = None
+    grads = batch_gradients(model, batches, model.live.weight)
     cands = find_candidates(model, always_trained=["head"])
     gradient = probe(model, cands, batches, toy_loss, "gradient")
     expect = torch.linalg.svdvals(torch.stack(grads).mean(0)).pow(2)
@@ -205,13 +210,7 @@ def test_adam_score_measures_the_side_lora_b_writes_to_for_conv1d_weights():
             return self.head(self.proj(x))
 
     model, batches = Gpt2Like(), toy_batches()
-    grads = []
-    for batch in batches:
-        model.zero_grad()
-        toy_loss(model, batch).backward()
-        grads.append(model.proj.weight.grad.clone())
-    for p in model.parameters():
-        p.grad = None
+    grads = batch_gradients(model, batches, model.proj.weight)
     cands = find_candidates(model, always_trained=["head"])
     assert [(c.name, c.output_on_rows, c.out_features) for c in cands.low_rank] == [("proj", False, 4)]
     _, singular, right_t = torch.linalg.svd(torch.stack(grads).mean(0), full_matrices=False)
@@ -409,13 +408,7 @@ def test_gradient_init_points_each_a_row_along_its_direction_keeps_its_norm_and_
 
 def test_the_init_directions_are_the_input_side_singular_vectors_of_the_mean_gradient():
     model, batches = Toy(), toy_batches()
-    grads = []
-    for batch in batches:
-        model.zero_grad()
-        toy_loss(model, batch).backward()
-        grads.append(model.live.weight.grad.clone())
-    for p in model.parameters():
-        p.grad = None
+    grads = batch_gradients(model, batches, model.live.weight)
     scores = probe(model, find_candidates(model, always_trained=["head"]), batches, toy_loss, "gradient")
     _, _, right_t = torch.linalg.svd(torch.stack(grads).mean(0), full_matrices=False)
     got = scores.directions["live"]
