@@ -126,7 +126,7 @@ class SelectConfig:
     whole_params: bool = False
     embeddings: bool = False
     seed: int | None = None
-    init: str = "random"
+    init: str = "gradient"
     init_from: str | None = None
 
 
