@@ -226,6 +226,26 @@ def test_peftkit_train_nproc_2_trains_end_to_end(strategy, tiny_model_dir, revie
 
 
 @pytest.mark.slow
+def test_nproc_2_with_automatic_selection_probes_once_and_starts_every_rank_alike(tiny_model_dir, reviews_csv, tmp_path):  # noqa: F811
+    run_dir = tmp_path / "run"
+    config = make_config(tiny_model_dir, reviews_csv, run_dir,
+                         adapter={"method": "lora", "r": 4, "lora_alpha": 8, "target_modules": "auto"},
+                         select={"budget": 600, "init": "gradient"})
+    path = tmp_path / "run.yaml"
+    dump_config(config, path)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    done = subprocess.run([sys.executable, "-m", "peftkit", "train", str(path), "--nproc", "2"], env=env,
+                          capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    lines = done.stdout.splitlines()
+    assert sum(line.startswith("selecting LoRA targets and ranks") for line in lines) == 1  # rank 0 probes
+    assert sum("starts along the gradient directions from the probe" in line for line in lines) == 1
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["status"] == "completed" and 0 < metrics["selection"]["used"] <= 600
+    assert (run_dir / "selection" / "init.safetensors").is_file()
+
+
+@pytest.mark.slow
 def test_fsdp_shards_the_frozen_base_and_saves_the_adapter_ddp_saves(main_run):
     out, rank0, rank1 = main_run
     fsdp0, fsdp1 = rank0["fsdp"], rank1["fsdp"]
