@@ -203,18 +203,23 @@ def test_a_rank_killed_mid_run_then_resumed_ends_with_the_uninterrupted_adapter(
         load_file(str(out / "reference" / "final" / "adapter_model.safetensors")).keys()
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
-def test_peftkit_train_nproc_2_trains_end_to_end(strategy, tiny_model_dir, reviews_csv, tmp_path):  # noqa: F811
-    run_dir = tmp_path / "run"
-    config = make_config(tiny_model_dir, reviews_csv, run_dir, train={"distributed": strategy})
+def train_with_nproc_2(config, tmp_path: Path) -> list[str]:
+    """``peftkit train CONFIG --nproc 2``; its output lines."""
     path = tmp_path / "run.yaml"
     dump_config(config, path)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
     done = subprocess.run([sys.executable, "-m", "peftkit", "train", str(path), "--nproc", "2"], env=env,
                           capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    lines = done.stdout.splitlines()
+    return done.stdout.splitlines()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_peftkit_train_nproc_2_trains_end_to_end(strategy, tiny_model_dir, reviews_csv, tmp_path):  # noqa: F811
+    run_dir = tmp_path / "run"
+    config = make_config(tiny_model_dir, reviews_csv, run_dir, train={"distributed": strategy})
+    lines = train_with_nproc_2(config, tmp_path)
     assert [line for line in lines if line.startswith("done: ")] == [lines[-1]]  # rank 0 alone reports
     assert lines[-1].startswith(f"done: {run_dir} | test ")
     assert sum(line.startswith("training 6 steps of 8 x 1 examples in each of 2 processes") for line in lines) == 1
@@ -231,13 +236,7 @@ def test_nproc_2_with_automatic_selection_probes_once_and_starts_every_rank_alik
     config = make_config(tiny_model_dir, reviews_csv, run_dir,
                          adapter={"method": "lora", "r": 4, "lora_alpha": 8, "target_modules": "auto"},
                          select={"budget": 600, "init": "gradient"})
-    path = tmp_path / "run.yaml"
-    dump_config(config, path)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
-    done = subprocess.run([sys.executable, "-m", "peftkit", "train", str(path), "--nproc", "2"], env=env,
-                          capture_output=True, text=True, timeout=600, cwd=ROOT)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    lines = done.stdout.splitlines()
+    lines = train_with_nproc_2(config, tmp_path)
     assert sum(line.startswith("selecting LoRA targets and ranks") for line in lines) == 1  # rank 0 probes
     assert sum("starts along the gradient directions from the probe" in line for line in lines) == 1
     metrics = json.loads((run_dir / "metrics.json").read_text())
