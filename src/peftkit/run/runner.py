@@ -266,16 +266,17 @@ def _select(config: RunConfig, task: Task, model: nn.Module, run_dir: Path, resu
     kept = folder / select_report.RECORD
     if resume and kept.is_file():
         record = json.loads(kept.read_text(encoding="utf-8"))
+        saved = folder / select_init.INIT_FILE
+        directions = select_init.load(saved) if saved.is_file() else {}
         log(f"reusing the selection in {kept}")
     else:
         selection = select_for_run(config, task, model, log)
         select_report.write(selection, folder)
-        record = select_report.record(selection)
+        record, directions = select_report.record(selection), selection.init
         log(f"the choice and why: {folder / select_report.TABLE}")
-    saved = folder / select_init.INIT_FILE
     return {"adapter": record["adapter"], "rule": record["rule"], "budget": record["budget"], "used": record["used"],
             "modules": sum(1 for row in record["low_rank"] if row["rank"]), "probe": record["probe"],
-            "init": select_init.load(saved) if saved.is_file() else {}}
+            "init": directions}
 
 
 def _start_from_directions(model: nn.Module, config: RunConfig, selected: dict[str, Any] | None, log: Log) -> None:

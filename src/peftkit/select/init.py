@@ -3,8 +3,9 @@
 The scores value a rank-k adapter as if its k input directions were the probed gradient's best ones
 (its top singular directions, ``scores.py``). LoRA's own init draws A at random, and a random row of A
 overlaps a given direction by about ``1/sqrt(inputs)``: until training rotates A, a rank-1 adapter on a
-module whose gradient is rank 1 (a BERT pooler's, say) captures almost none of what it was chosen for,
-and in the experiment such runs were the ones that never left the majority class (docs/select.md).
+module whose gradient is rank 1 (a BERT pooler's, say) captures almost none of what it was chosen for.
+In the experiment (docs/select.md) starting A along those directions is what turned the selection from a
+tie into a win on SmolLM2; on MiniLM it removed one stalled run and caused another.
 
 So the rows of A are set to those directions, each scaled to the norm LoRA's own init gave that row
 (the learning dynamics stay those of the recipe), and B stays zero: the model's outputs at step 0 are
