@@ -298,9 +298,13 @@ def test_the_sentiment_recipe_through_every_command(tmp_path, capsys, monkeypatc
     assert [p["label"] in ("rotten", "fresh") for p in predictions] == [True, True]
 
     assert main(["merge", str(run_dir), str(tmp_path / "merged")]) == 0
-    merged = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged").eval()
+    # MiniLM declares mean pooling, which transformers has no head for: the export carries its code, and
+    # the merge command prints the line that loads it
+    assert "trust_remote_code=True" in capsys.readouterr().out
+    merged = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged", trust_remote_code=True).eval()
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "merged")
     batch = tokenizer(["a gripping, funny film", "a dull mess"], padding=True, return_tensors="pt")
     with torch.no_grad():
         probabilities = merged(**batch).logits.softmax(-1).max(-1).values
     assert probabilities.tolist() == pytest.approx([p["score"] for p in predictions], abs=1e-5)
+    assert [merged.config.id2label[int(i)] for i in merged(**batch).logits.argmax(-1)] == [p["label"] for p in predictions]

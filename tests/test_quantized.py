@@ -456,7 +456,7 @@ def test_train_from_the_command_line_with_model_quantize_nf4(tmp_path):
 
     merged_dir = merge_run(out, tmp_path / "merged")
     assert "quantization_config" not in (merged_dir / "config.json").read_text()
-    merged = AutoModelForSequenceClassification.from_pretrained(merged_dir).eval()
+    merged = AutoModelForSequenceClassification.from_pretrained(merged_dir, trust_remote_code=True).eval()
     adapted = load_run(out)
     x = dict(adapted.task.tokenizer(["a gripping film", "dull"], return_tensors="pt", padding=True))
     assert torch.allclose(logits(merged, x), logits(adapted.model, x), atol=1e-4)
@@ -474,5 +474,5 @@ def test_dense_export_of_a_quantized_minilm_saves_a_plain_checkpoint(tmp_path):
     peftkit.unload(model, merge=True, dequantize=True)
     model.save_pretrained(tmp_path / "export")
     assert "quantization_config" not in (tmp_path / "export" / "config.json").read_text()
-    reloaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "export").eval()
+    reloaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "export", trust_remote_code=True).eval()
     assert torch.allclose(logits(reloaded, x), adapted, atol=1e-5)

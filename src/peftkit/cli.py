@@ -358,10 +358,10 @@ def parse_inputs(lines: Iterable[str]) -> list[Any]:
 
 
 def _merge(args: argparse.Namespace) -> int:
-    from .run.runner import merge_run
+    from .run.runner import merge_run, merged_loader
 
     out = merge_run(args.run_dir, args.out_dir)
-    print(f"merged model saved to {out} (load it with transformers' from_pretrained)")
+    print(f"merged model saved to {out}; load it with {merged_loader(out)}")
     return EXIT_OK
 
 

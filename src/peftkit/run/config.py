@@ -360,6 +360,8 @@ _VALUE_CHECKS: list[Check] = [
     ("model.dtype", lambda v: v in ("float32", "bfloat16", "float16"), "one of float32, bfloat16, float16"),
     ("model.num_labels", lambda v: v is None or v >= 2, "at least 2 classes, or null to count them from the data"),
     ("model.quantize", lambda v: v in (None, "nf4", "fp4", "int8"), "null, nf4, fp4 or int8"),
+    ("model.pooling", lambda v: v in ("auto", "mean", "cls", "max", "last", "pooler"),
+     "one of auto, mean, cls, max, last, pooler"),
     ("data.max_length", lambda v: v > 0, "a positive number of tokens"),
     ("data.max_train_examples", lambda v: v is None or v > 0, "a positive count, or null for all"),
     ("data.max_eval_examples", lambda v: v is None or v > 0, "a positive count, or null for all"),

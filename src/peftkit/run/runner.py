@@ -172,6 +172,10 @@ def train_run(config: RunConfig, *, resume: bool = False, log: Log = print) -> R
     batch_size = config.eval.batch_size
     metrics: dict[str, Any] = {"task": config.task, "model": config.model.name_or_path, "method": _method(config),
                                "trainable_params": summary.trainable, "total_params": summary.total}
+    head = getattr(task, "head_info", None)
+    if head:
+        metrics["head"] = head
+        log(f"head: {head['pooling']} pooling ({head['why']})")
     if selected is not None:
         metrics["selection"] = {k: v for k, v in selected.items() if k not in ("adapter", "init")}
     if config.eval.before_training and splits.get("test") and main:
@@ -518,6 +522,21 @@ def merge_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return out_dir
+
+
+def merged_loader(out_dir: str | os.PathLike) -> str:
+    """The one line of Python that loads what :func:`merge_run` wrote to ``out_dir``."""
+    try:
+        config = json.loads((Path(out_dir) / "config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return "transformers' from_pretrained"
+    auto = next(iter(config.get("auto_map") or {}), None)
+    if auto:
+        # a head transformers has no class for (peftkit's pooled classifier): its code is in the directory
+        return f"transformers.{auto}.from_pretrained({str(out_dir)!r}, trust_remote_code=True)"
+    architecture = next(iter(config.get("architectures") or []), None)
+    return f"transformers.{architecture}.from_pretrained({str(out_dir)!r})" if architecture else \
+        "transformers' from_pretrained"
 
 
 @contextlib.contextmanager

@@ -26,6 +26,11 @@ class ModelConfig:
             quantized (QLoRA); the fresh head and ``lm_head`` stay in ``dtype``, which is also the
             4-bit compute dtype.
         double_quant: 4-bit only: also quantize the per-block scales (QLoRA's double quantization).
+        pooling: Text classification: what the fresh head reads. "auto" takes the pooling a
+            sentence-transformers model declares (its modules.json), else the model's own
+            classification head; "mean", "cls", "max" or "last" put the head on that pooling of the
+            last hidden states; "pooler" forces the model's own head (BERT's pooler over [CLS], the
+            last token for decoders). See docs/task-text-classification.md.
     """
 
     name_or_path: str = "minilm"
@@ -34,6 +39,7 @@ class ModelConfig:
     gguf_file: str | None = None
     quantize: str | None = None
     double_quant: bool = True
+    pooling: str = "auto"
 
 
 @dataclass

@@ -24,6 +24,7 @@ from ..data.general_text import GENERAL_TEXT_SOURCE, general_texts
 from ..errors import ConfigError
 from ..models import bundled_model_path, explain_missing, quiet_transformers
 from .base import Batch, Example, eval_mode, register_task
+from .pooling import Pooling, choose_pooling
 from .probes import BehaviourProbe, mean_pooled
 
 if TYPE_CHECKING:
@@ -56,6 +57,7 @@ class TextClassificationTask:
         self.data_info: dict[str, Any] | None = None
         self._ids: dict[Any, int] = {}
         self._splits: dict[str, list[dict[str, Any]]] | None = None
+        self.pooling: Pooling | None = None  # chosen when the model loads
         problems = _config_problems(config)
         if problems:
             raise ConfigError(problems, what="text-classification config")
@@ -102,6 +104,7 @@ class TextClassificationTask:
         kwargs: dict[str, Any] = {"dtype": DTYPES[model_cfg.dtype]}
         if model_cfg.gguf_file:
             kwargs["gguf_file"] = model_cfg.gguf_file
+        head: dict[str, Any] = {}
         if self.labels is not None:
             num_labels = model_cfg.num_labels or len(self.labels)
             if num_labels < len(self.labels):
@@ -111,10 +114,10 @@ class TextClassificationTask:
                     what="text-classification config",
                 )
             names = self.labels + [f"LABEL_{i}" for i in range(len(self.labels), num_labels)]
-            kwargs.update(num_labels=num_labels, id2label=dict(enumerate(names)),
-                          label2id={n: i for i, n in enumerate(names)})
+            head.update(num_labels=num_labels, id2label=dict(enumerate(names)),
+                        label2id={n: i for i, n in enumerate(names)})
         elif model_cfg.num_labels:
-            kwargs["num_labels"] = model_cfg.num_labels
+            head["num_labels"] = model_cfg.num_labels
         if model_cfg.quantize:
             from ..backends.bitsandbytes import bnb_config
 
@@ -126,7 +129,11 @@ class TextClassificationTask:
         # Seeding here makes the new head's initial weights, and so the whole run, reproducible.
         torch.manual_seed(self.config.train.seed)
         with quiet_transformers(), explain_missing(model_cfg.name_or_path):
-            model = AutoModelForSequenceClassification.from_pretrained(source, **kwargs)
+            self.pooling = self._choose_pooling(source, kwargs)
+            if self.pooling.native:
+                model = AutoModelForSequenceClassification.from_pretrained(source, **kwargs, **head)
+            else:
+                model = _pooled_model(source, self.pooling.mode, kwargs, head)
             self._load_tokenizer(source)
         if model_cfg.quantize:
             from ..backends.kbit import prepare_for_kbit_training
@@ -139,6 +146,24 @@ class TextClassificationTask:
             # Decoder classifiers (Llama, GPT-2) pool the last non-pad token and must know the pad id.
             model.config.pad_token_id = self.tokenizer.pad_token_id
         return model
+
+    def _choose_pooling(self, source: str, kwargs: dict[str, Any]) -> Pooling:
+        """The head's pooling (``model.pooling``), from the model's own files and config."""
+        from transformers import AutoConfig
+
+        from .pooled_classifier import POOLING_KEY
+
+        config = AutoConfig.from_pretrained(source, **_gguf(kwargs))
+        exported = getattr(config, POOLING_KEY, None)
+        if exported and self.config.model.pooling in ("auto", exported):
+            return Pooling(exported, False, f"a peftkit export whose config.json sets {POOLING_KEY}: {exported}")
+        return choose_pooling(self.config.model.pooling, source, config)
+
+    @property
+    def head_info(self) -> dict[str, Any] | None:
+        """What the classification head reads and why (recorded in ``metrics.json``), once loaded."""
+        pooling = getattr(self, "pooling", None)
+        return pooling.as_dict() if pooling is not None else None
 
     def _load_tokenizer(self, source: str) -> Any:
         from transformers import AutoTokenizer
@@ -292,6 +317,34 @@ def label_mapping(values: Sequence[Any], names: Sequence[str] | None) -> tuple[l
             what="text-classification data",
         )
     return names, ids
+
+
+def _pooled_model(source: str, mode: str, kwargs: dict[str, Any], head: dict[str, Any]) -> nn.Module:
+    """The encoder at ``source`` under a fresh head reading ``mode`` pooling of its last hidden states."""
+    from transformers import AutoConfig, AutoModel
+
+    from .pooled_classifier import POOLING_KEY, PooledModelForSequenceClassification
+
+    if getattr(AutoConfig.from_pretrained(source, **_gguf(kwargs)), POOLING_KEY, None):
+        # a directory peftkit exported (``peftkit merge``): encoder and trained head load together
+        return PooledModelForSequenceClassification.from_pretrained(source, **kwargs, **head)
+    encoder = AutoModel.from_pretrained(source, **kwargs)
+    config = encoder.config
+    for key, value in head.items():
+        setattr(config, key, value)
+    setattr(config, POOLING_KEY, mode)
+    model = PooledModelForSequenceClassification(config, encoder)
+    model.classifier.to(kwargs["dtype"])  # not model.to(): a quantized encoder must stay as it is
+    # what transformers marks on a model it loaded quantized, which the reference library reads from the
+    # top-level model to pick its quantized LoRA layers
+    for mark in ("is_quantized", "quantization_method", "hf_quantizer", "is_loaded_in_4bit", "is_loaded_in_8bit"):
+        if mark in vars(encoder):
+            setattr(model, mark, vars(encoder)[mark])
+    return model.eval()  # as from_pretrained returns a model: the training loop switches modes itself
+
+
+def _gguf(kwargs: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in kwargs.items() if k == "gguf_file"}
 
 
 def _config_problems(config: RunConfig) -> list[str]:
