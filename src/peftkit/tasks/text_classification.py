@@ -325,9 +325,10 @@ def _pooled_model(source: str, mode: str, kwargs: dict[str, Any], head: dict[str
 
     from .pooled_classifier import POOLING_KEY, PooledModelForSequenceClassification
 
-    if getattr(AutoConfig.from_pretrained(source, **_gguf(kwargs)), POOLING_KEY, None):
+    exported = AutoConfig.from_pretrained(source, **_gguf(kwargs), **head)
+    if getattr(exported, POOLING_KEY, None):
         # a directory peftkit exported (``peftkit merge``): encoder and trained head load together
-        return PooledModelForSequenceClassification.from_pretrained(source, **kwargs, **head)
+        return PooledModelForSequenceClassification.from_pretrained(source, config=exported, **kwargs)
     encoder = AutoModel.from_pretrained(source, **kwargs)
     config = encoder.config
     for key, value in head.items():
