@@ -27,11 +27,14 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigError
 from ..run.config import apply_overrides, parse_config, parse_yaml, resolved, to_dict
 from ..run.schema import RunConfig
+
+if TYPE_CHECKING:
+    from .tune import TunePlan
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*")
 SETTINGS = {  # compare: key -> (default, what it is); the docs table is checked against this
@@ -41,6 +44,8 @@ SETTINGS = {  # compare: key -> (default, what it is); the docs table is checked
     "reference": ("full", "the run whose best validation metric defines the target (default: full)"),
     "probe_examples": (256, "held-out inputs the forgetting probe uses (0: no forgetting measurement)"),
     "latency_repeats": (5, "timed forward passes per latency figure (the median is reported)"),
+    "tune": (None, "choose each run's learning rate (and any listed field) on the validation split first: "
+                   "{lr: [...], seeds: 1, steps: N}; see docs/compare.md"),
 }
 
 
@@ -78,6 +83,20 @@ class CompareConfig:
     probe_examples: int = 256
     latency_repeats: int = 5
     source: dict[str, Any] = field(default_factory=dict)
+    tuning: dict[str, TunePlan] = field(default_factory=dict)  # run name -> its search, for tuned runs
+    templates: dict[str, dict[str, Any]] = field(default_factory=dict)  # run name -> its merged sections
+
+    def with_choices(self, choices: Mapping[str, Mapping[str, Any]]) -> CompareConfig:
+        """The comparison with each tuned run's fields set to the values its search chose."""
+        runs = []
+        for run in self.runs:
+            chosen = choices.get(run.name)
+            if not chosen:
+                runs.append(run)
+                continue
+            config = plan_run(self.templates[run.name], run.name, run.seed, self.output_dir, dict(chosen), [])
+            runs.append(PlannedRun(run.name, run.seed, config, config_key(config)) if config else run)
+        return dataclasses.replace(self, runs=runs)
 
     def select(self, names: Iterable[str]) -> CompareConfig:
         """Only the runs named in ``names``.
@@ -91,7 +110,8 @@ class CompareConfig:
             raise ConfigError([f"--only: {', '.join(map(repr, unknown))} not among the runs {self.names}"],
                               what="comparison")
         return dataclasses.replace(self, names=[n for n in self.names if n in wanted],
-                                   runs=[r for r in self.runs if r.name in wanted])
+                                   runs=[r for r in self.runs if r.name in wanted],
+                                   tuning={n: t for n, t in self.tuning.items() if n in wanted})
 
 
 def load_compare_config(path: str | Path, overrides: Iterable[str] = (), seeds: list[int] | None = None) -> CompareConfig:
@@ -121,6 +141,8 @@ def load_compare_config(path: str | Path, overrides: Iterable[str] = (), seeds: 
 def parse_compare_config(data: Any, overrides: Iterable[str] = (), seeds: list[int] | None = None,
                          source: str = "comparison config") -> CompareConfig:
     """Check the mapping ``data`` (see :func:`load_compare_config`)."""
+    from .tune import parse_tune, plan_search
+
     problems: list[str] = []
     if not isinstance(data, Mapping):
         raise ConfigError([f"{source}: expected a mapping of sections with a compare: section"], what="comparison config")
@@ -135,6 +157,9 @@ def parse_compare_config(data: Any, overrides: Iterable[str] = (), seeds: list[i
     output_dir = Path(str(data.get("output_dir") or "runs/compare"))
     names: list[str] = []
     planned: list[PlannedRun] = []
+    templates: dict[str, dict[str, Any]] = {}
+    tuning: dict[str, TunePlan] = {}
+    tune = parse_tune(settings["tune"], "compare.tune", problems)
     for index, run in enumerate(settings["runs"] or []):
         where = f"compare.runs[{index}]"
         if not isinstance(run, Mapping) or not isinstance(run.get("name"), str) or not NAME.fullmatch(run["name"]):
@@ -145,16 +170,18 @@ def parse_compare_config(data: Any, overrides: Iterable[str] = (), seeds: list[i
             problems.append(f"{where}: the name {name!r} is used twice; give each run its own name")
             continue
         names.append(name)
+        templates[name] = _merged(data, {k: v for k, v in run.items() if k not in ("name", "tune")})
+        before = len(problems)
         for seed in settings["seeds"] or [0]:  # bad seeds are reported; the run itself is still checked
-            merged = _merged(data, {k: v for k, v in run.items() if k != "name"})
-            merged["output_dir"] = str(output_dir / "runs" / name / f"seed-{seed}")
-            merged.setdefault("train", {})["seed"] = seed
-            try:
-                config = resolved(parse_config(merged, source=f"{where} ({name})"))
-            except ConfigError as exc:
-                problems += [f"{where} ({name}): {p}" for p in exc.problems if f"{where} ({name}): {p}" not in problems]
-                continue
-            planned.append(PlannedRun(name, seed, config, config_key(config)))
+            config = plan_run(templates[name], name, seed, output_dir, {}, problems, f"{where} ({name})")
+            if config is not None:
+                planned.append(PlannedRun(name, seed, config, config_key(config)))
+        if len(problems) == before:
+            own = parse_tune(run.get("tune"), f"{where}.tune", problems, allow_false=True) if "tune" in run else None
+            search = plan_search(name, templates[name], tune, own, run.get("tune"), settings["seeds"] or [0],
+                                 output_dir, problems, f"{where} ({name})")
+            if search is not None:
+                tuning[name] = search
     if settings["runs"] is None or settings["runs"] == [] and isinstance(section.get("runs"), list):
         problems.append("compare.runs: list at least one run, e.g. - {name: lora, adapter: {method: lora}}")
     reference = settings["reference"]
@@ -167,7 +194,27 @@ def parse_compare_config(data: Any, overrides: Iterable[str] = (), seeds: list[i
     return CompareConfig(output_dir=output_dir.expanduser().resolve(), seeds=settings["seeds"], names=names,
                          runs=planned, target_fraction=settings["target_fraction"], reference=reference,
                          probe_examples=settings["probe_examples"], latency_repeats=settings["latency_repeats"],
-                         source={**data, "compare": dict(section)})
+                         source={**data, "compare": dict(section)}, tuning=tuning, templates=templates)
+
+
+def plan_run(template: Mapping[str, Any], name: str, seed: int, output_dir: Path, overrides: Mapping[str, Any],
+             problems: list[str], where: str = "", run_dir: Path | None = None) -> RunConfig | None:
+    """The checked run config of run ``name`` with ``seed``: its merged sections with the dotted
+    ``overrides`` set (``{"train.lr": 1e-3}``), training in ``run_dir`` (default
+    ``<output_dir>/runs/<name>/seed-<seed>``). Problems are appended to ``problems`` (None returned)."""
+    merged = json.loads(json.dumps(template, default=str))
+    for path, value in overrides.items():
+        section, _, key = path.partition(".")
+        if not isinstance(merged.get(section), dict):
+            merged[section] = {}
+        merged[section][key] = value
+    merged["output_dir"] = str(run_dir or output_dir / "runs" / name / f"seed-{seed}")
+    merged.setdefault("train", {})["seed"] = seed
+    try:
+        return resolved(parse_config(merged, source=where or name))
+    except ConfigError as exc:
+        problems += [f"{where}: {p}" for p in exc.problems if f"{where}: {p}" not in problems]
+        return None
 
 
 def config_key(config: RunConfig) -> str:
@@ -233,4 +280,5 @@ def _merged(shared: Mapping[str, Any], changes: Mapping[str, Any]) -> dict[str, 
     return out
 
 
-__all__ = ["SETTINGS", "CompareConfig", "PlannedRun", "config_key", "load_compare_config", "parse_compare_config"]
+__all__ = ["SETTINGS", "CompareConfig", "PlannedRun", "config_key", "load_compare_config", "parse_compare_config",
+           "plan_run"]

@@ -93,6 +93,8 @@ def run_comparison(config: CompareConfig, *, log: Log = print, progress: bool = 
     out = config.output_dir
     out.mkdir(parents=True, exist_ok=True)
     (out / "compare.yaml").write_text(yaml.safe_dump(config.source, sort_keys=False, allow_unicode=True))
+    if config.tuning:
+        config = _tuned(config, progress, log)
     todo = [run for run in config.runs if not is_current(read_record(record_path(out, run)), run)]
     result = CompareResult(out, [], skipped=[r.label for r in config.runs if r not in todo])
     if result.skipped:
@@ -124,26 +126,29 @@ def run_comparison(config: CompareConfig, *, log: Log = print, progress: bool = 
 
 
 def _run_in_process(config: CompareConfig, run: PlannedRun, queued: list[PlannedRun], durations: dict[str, list[float]],
-                    progress: bool, log: Log) -> dict[str, Any] | None:
+                    progress: bool, log: Log, record_file: Path | None = None, log_file: Path | None = None,
+                    measure: bool = True) -> dict[str, Any] | None:
     out = config.output_dir
     run_dir = Path(run.config.output_dir)
     if run_dir.exists():  # a run cut short earlier: start it over, so its measurements cover one whole run
-        if out / "runs" not in run_dir.parents:
-            raise RuntimeError(f"refusing to delete {run_dir}: not inside {out / 'runs'}")
+        if out not in run_dir.parents:
+            raise RuntimeError(f"refusing to delete {run_dir}: not inside {out}")
         shutil.rmtree(run_dir)
     run_dir.parent.mkdir(parents=True, exist_ok=True)
-    job_path = run_dir.parent / f"seed-{run.seed}.job.json"
-    run_config = run_dir.parent / f"seed-{run.seed}.yaml"
+    job_path = run_dir.parent / f"{run_dir.name}.job.json"
+    run_config = run_dir.parent / f"{run_dir.name}.yaml"
     from ..run.config import dump_config
 
     dump_config(run.config, run_config)
-    job = {"config": str(run_config), "record": str(record_path(out, run)), "name": run.name, "seed": run.seed,
+    record_file = record_file or record_path(out, run)
+    job = {"config": str(run_config), "record": str(record_file), "name": run.name, "seed": run.seed,
            "key": run.key, "probe_cache": str(probe_cache_path(out / "probe", run.config, config.probe_examples)),
-           "probe_examples": config.probe_examples, "latency_repeats": config.latency_repeats}
+           "probe_examples": config.probe_examples if measure else 0, "latency_repeats": config.latency_repeats,
+           "measure": measure}
     job_path.write_text(json.dumps(job, indent=1))
-    record_file = record_path(out, run)
+    record_file.parent.mkdir(parents=True, exist_ok=True)
     record_file.unlink(missing_ok=True)  # a stale or failed record must not pass for this run's
-    log_file = _log_path(out, run)
+    log_file = log_file or _log_path(out, run)
     log_file.parent.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env["PYTHONPATH"] = os.pathsep.join(p for p in [str(Path(__file__).resolve().parents[2]), env.get("PYTHONPATH")] if p)
@@ -166,6 +171,25 @@ def _run_in_process(config: CompareConfig, run: PlannedRun, queued: list[Planned
         tail = log_file.read_text(errors="replace").strip().splitlines()[-5:]
         log("    " + "\n    ".join(tail))
     return read_record(record_file)
+
+
+def _tuned(config: CompareConfig, progress: bool, log: Log) -> CompareConfig:
+    """``config`` with every tuned run set to the values its search chose (trials run first, resumably)."""
+    from .tune import run_searches
+
+    durations: dict[str, list[float]] = {}
+
+    def run_one(run: PlannedRun, record_file: Path, label: str) -> dict[str, Any] | None:
+        started = time.perf_counter()
+        log_file = config.output_dir / "logs" / "tune" / record_file.with_suffix(".log").name
+        record = _run_in_process(config, run, [], durations, progress, log, record_file, log_file, measure=False)
+        durations.setdefault(run.name, []).append(time.perf_counter() - started)
+        if record is None or record.get("status") not in FINISHED:
+            log(f"    {label} FAILED: {(record or {}).get('error', 'no record')}; see {log_file}")
+        return record
+
+    outcomes = run_searches(config, run_one, log)
+    return config.with_choices({name: o["chosen"] for name, o in outcomes.items() if o.get("chosen")})
 
 
 def _log_path(out: Path, run: PlannedRun) -> Path:

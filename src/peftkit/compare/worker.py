@@ -53,7 +53,7 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
         examples_per_s=measure.median_throughput(curves["train"]), curves=curves,
         examples_per_step=config.train.batch_size * config.train.grad_accum, test=metrics.get("test"),
     )
-    if record["status"] in OK_STATUSES:
+    if record["status"] in OK_STATUSES and job.get("measure", True):  # a tuning trial needs its curves only
         artifact = run_dir / (FULL_MODEL_DIR if full else ADAPTER_DIR)
         record.update(artifact=artifact.name, artifact_bytes=measure.directory_bytes(artifact))
         loaded = load_run(run_dir)

@@ -67,6 +67,10 @@ class AdapterConfig:
     # parameters). The reference library writes "base_model." instead for methods that leave every module
     # of the model in place (soft prompts), so their classifier copy is "base_model.classifier.weight".
     state_key_prefix: ClassVar[str] = "base_model.model."
+    # Learning rates `peftkit compare` tries for this method when its `compare.tune` names none: three
+    # points a factor ~3 apart around where the method's published runs train. Methods with few
+    # parameters and no rank (IA3, soft prompts) train at far higher rates than LoRA; see docs/compare.md.
+    lr_candidates: ClassVar[tuple[float, ...]] = (3e-4, 1e-3, 3e-3)
 
     target_modules: list[str] | str | None = None
     exclude_modules: list[str] | str | None = None

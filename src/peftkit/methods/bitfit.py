@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -60,6 +60,8 @@ class BitFitConfig(AdapterConfig):
             normalisation layers (LayerNorm, GroupNorm, BatchNorm). The paper trains them; set False
             to train only the biases of linear and convolution layers. Explicit targets ignore it.
     """
+
+    lr_candidates: ClassVar[tuple[float, ...]] = (1e-3, 3e-3, 1e-2)  # the BitFit paper searched 1e-4 to 1e-3 over long runs; short budgets need more
 
     include_norm_biases: bool = True
 

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -105,6 +105,8 @@ class BottleneckConfig(AdapterConfig):
             parallel (He et al.). ``alpha_pattern`` gives per-module factors.
         dropout: Dropout on the adapter's input while training.
     """
+
+    lr_candidates: ClassVar[tuple[float, ...]] = (5e-4, 2e-3, 5e-3)  # Houlsby and Pfeiffer adapters: 1e-4 to 1e-3 over long runs, higher for short budgets
 
     placement: str = "houlsby"
     reduction_factor: float = 16

@@ -65,6 +65,8 @@ class IA3Config(AdapterConfig):
             ``False`` draws them from N(0, 1), for tests.
     """
 
+    lr_candidates: ClassVar[tuple[float, ...]] = (3e-3, 1e-2, 3e-2)  # IA3 scales vectors around 1: the (IA)3 paper trains at 3e-3, later work up to 3e-2
+
     fields_not_in_format: ClassVar[tuple[str, ...]] = _NOT_IN_FORMAT
 
     feedforward_modules: list[str] | str | None = None

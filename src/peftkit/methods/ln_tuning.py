@@ -47,6 +47,8 @@ class LNTuningConfig(AdapterConfig):
     as the reference's saved configs do, so either library reads a saved adapter the same way.
     """
 
+    lr_candidates: ClassVar[tuple[float, ...]] = (1e-3, 3e-3, 1e-2)  # norm weights and biases: a few thousand parameters at BitFit-like rates
+
     fields_not_in_format: ClassVar[tuple[str, ...]] = _NOT_IN_REFERENCE
 
     # The reference 0.21.2 defaults (its LN-tuning target mapping), except "llava", whose default also

@@ -55,6 +55,8 @@ class LoraConfig(AdapterConfig):
             start; for tests).
     """
 
+    lr_candidates: ClassVar[tuple[float, ...]] = (5e-4, 2e-3, 5e-3)  # LoRA paper and the reference library's examples: 2e-4 to 5e-3
+
     r: int = 8
     lora_alpha: float = 8
     lora_dropout: float = 0.0

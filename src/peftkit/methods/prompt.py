@@ -64,6 +64,8 @@ class PromptLearningConfig(AdapterConfig):
         num_layers: Number of attention layers receiving a prefix.
     """
 
+    lr_candidates: ClassVar[tuple[float, ...]] = (1e-2, 3e-2, 1e-1)  # soft prompts train at 1e-2 to 3e-1 (Lester et al. used 0.3 with Adafactor)
+
     fields_not_in_format: ClassVar[tuple[str, ...]] = _LAYER_FIELDS
 
     wraps_layers: ClassVar[bool] = False

@@ -63,6 +63,8 @@ class VeraConfig(AdapterConfig):
             d ~ N(0, 1) (the adapter changes the output at once; for tests).
     """
 
+    lr_candidates: ClassVar[tuple[float, ...]] = (3e-3, 1e-2, 3e-2)  # VeRA trains only scaling vectors: its paper uses 1e-2 and above
+
     # the reference VeraConfig has no per-module patterns or exclude list
     fields_not_in_format: ClassVar[tuple[str, ...]] = ("rank_pattern", "alpha_pattern", "exclude_modules")
 

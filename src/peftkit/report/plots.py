@@ -148,10 +148,42 @@ def _forgetting_measure(summary: Summary) -> str:
     return next((r.forgetting_measure for r in summary.rows if r.forgetting_measure), "n/a")
 
 
-def all_figures(summary: Summary, records: Sequence[dict[str, Any]]) -> dict[str, bytes]:
+def tuning(summary: Summary, outcomes: dict[str, dict[str, Any]]) -> bytes:
+    """Validation metric against learning rate per tuned run (other searched fields at their chosen
+    values), the chosen candidate ringed."""
+    plt = _pyplot()
+    colours = colour_of(summary)
+    figure, axis = plt.subplots(figsize=(7.5, 4.2))
+    for name, outcome in outcomes.items():
+        chosen = outcome.get("chosen") or {}
+        others = {k: v for k, v in chosen.items() if k != "train.lr"}
+        points = sorted((row["candidate"]["train.lr"], row["validation"]) for row in outcome["candidates"]
+                        if "train.lr" in row["candidate"] and row["validation"] is not None
+                        and all(row["candidate"].get(k) == v for k, v in others.items()))
+        if not points:
+            continue
+        colour = colours.get(name, COLOURS[len(colours) % len(COLOURS)])
+        axis.plot([p[0] for p in points], [p[1] for p in points], marker="o", ms=4, color=colour, label=name)
+        if "train.lr" in chosen:
+            axis.scatter([chosen["train.lr"]], [outcome["chosen_validation"]], s=110, facecolors="none",
+                         edgecolors=colour, linewidths=1.6)
+    axis.set_xscale("log")
+    axis.set_xlabel("learning rate")
+    axis.set_ylabel(f"best validation {summary.metric}")
+    axis.set_title("Learning-rate search (ringed: chosen, then trained with the test seeds)")
+    axis.grid(True, alpha=0.3)
+    axis.legend(fontsize=8)
+    return _png(figure)
+
+
+def all_figures(summary: Summary, records: Sequence[dict[str, Any]],
+                outcomes: dict[str, dict[str, Any]] | None = None) -> dict[str, bytes]:
     """Every figure of the report by file stem."""
-    return {"quality-vs-parameters": quality_vs_parameters(summary), "costs": costs(summary),
-            "curves": curves(summary, records), "latency": latency(summary)}
+    figures = {"quality-vs-parameters": quality_vs_parameters(summary), "costs": costs(summary),
+               "curves": curves(summary, records), "latency": latency(summary)}
+    if outcomes:
+        figures["tuning"] = tuning(summary, outcomes)
+    return figures
 
 
 __all__ = ["MethodSummary", "all_figures"]

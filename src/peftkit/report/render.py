@@ -97,18 +97,52 @@ def write_report(output_dir: Path, records: Sequence[dict[str, Any]], config: An
                                              r.get("seed", 0)))
     summary = summarise(records, names, target_fraction=getattr(config, "target_fraction", 0.95),
                         reference=getattr(config, "reference", "full"))
-    figures = all_figures(summary, records)
+    from ..compare.tune import read_outcomes
+
+    outcomes = {n: o for n, o in read_outcomes(output_dir).items() if n in names}
+    figures = all_figures(summary, records, outcomes)
     figure_dir = output_dir / "figures"
     figure_dir.mkdir(parents=True, exist_ok=True)
     for stem, png in figures.items():
         (figure_dir / f"{stem}.png").write_bytes(png)
     md = output_dir / "report.md"
-    md.write_text(f"# {_title(summary)}\n\n{markdown(summary)}\n" + "".join(
-        f"![{stem}](figures/{stem}.png)\n\n" for stem in figures))
+    md.write_text(f"# {_title(summary)}\n\n{markdown(summary)}\n" + tuning_markdown(outcomes, summary.metric)
+                  + "".join(f"![{stem}](figures/{stem}.png)\n\n" for stem in figures))
     page = output_dir / "report.html"
-    page.write_text(html_page(summary, records, figures))
+    page.write_text(html_page(summary, records, figures, outcomes))
     (output_dir / "summary.json").write_text(json.dumps(_summary_json(summary), indent=1, default=str) + "\n")
     return {"markdown": md, "html": page, "figures": figure_dir}
+
+
+def tuning_rows(outcomes: dict[str, dict[str, Any]]) -> list[list[str]]:
+    """One row per tuned run: the candidates with their validation metric, the choice, the search's cost."""
+    from ..compare.tune import label
+
+    rows = []
+    for name, outcome in outcomes.items():
+        tried = ", ".join(f"{label(r['candidate'])}: " + (f"{r['validation']:.4f}" if r["validation"] is not None
+                                                           else "/".join(r["status"]))
+                          for r in outcome["candidates"])
+        chosen = label(outcome["chosen"]) if outcome.get("chosen") else "none (kept the configured values)"
+        rows.append([name, tried, chosen, f"{outcome['trials']} x {outcome.get('steps')} steps, seeds "
+                     f"{', '.join(map(str, outcome.get('seeds', [])))}", f"{outcome['seconds']:.0f}"])
+    return rows
+
+
+TUNING_COLUMNS = ["run", "validation {metric} per candidate", "chosen", "trials", "search cost (s)"]
+
+
+def tuning_markdown(outcomes: dict[str, dict[str, Any]], metric: str) -> str:
+    """The tuning table in Markdown (empty when nothing was tuned)."""
+    if not outcomes:
+        return ""
+    header = [c.format(metric=metric) for c in TUNING_COLUMNS]
+    lines = ["## Tuning", "", "Each tuned run trained once per candidate on search seeds of its own; the best mean "
+             f"validation {metric} chose the value the test seeds then trained with.", "",
+             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in tuning_rows(outcomes)]
+    total = sum(o["seconds"] for o in outcomes.values())
+    return "\n".join(lines) + f"\n\nThe search cost {total:.0f} s of wall time in all.\n\n"
 
 
 def _title(summary: Summary) -> str:
@@ -138,9 +172,19 @@ code { background: #f3f4f6; padding: 0 .25rem; border-radius: 3px; }
 """
 
 
-def html_page(summary: Summary, records: Sequence[dict[str, Any]], figures: dict[str, bytes]) -> str:
+def html_page(summary: Summary, records: Sequence[dict[str, Any]], figures: dict[str, bytes],
+              outcomes: dict[str, dict[str, Any]] | None = None) -> str:
     """The whole report as one HTML file: no external files, scripts or fonts."""
     esc = html.escape
+    tuning = ""
+    if outcomes:
+        head = "".join(f"<th>{esc(c.format(metric=summary.metric))}</th>" for c in TUNING_COLUMNS)
+        rows = "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>" for row in tuning_rows(outcomes))
+        total = sum(o["seconds"] for o in outcomes.values())
+        tuning = (f"<h2>Tuning</h2><p class='legend'>Each tuned run trained once per candidate on search seeds of its "
+                  f"own; the best mean validation {esc(summary.metric)} chose the value the test seeds then trained "
+                  f"with. The search cost {total:.0f} s in all.</p><div class='wide'><table><thead><tr>{head}</tr>"
+                  f"</thead><tbody>{rows}</tbody></table></div>")
     header = "".join(f"<th>{esc(c.format(metric=summary.metric))}</th>" for c in COLUMNS)
     body = "".join(
         f"<tr class='{'front' if row.pareto else ''}'>" + "".join(f"<td>{esc(c)}</td>" for c in cells(row, summary)) + "</tr>"
@@ -150,7 +194,7 @@ def html_page(summary: Summary, records: Sequence[dict[str, Any]], figures: dict
         f"<h2>{esc(title)}</h2><img alt='{esc(stem)}' src='data:image/png;base64,{base64.b64encode(figures[stem]).decode()}'>"
         for stem, title in (("quality-vs-parameters", "Quality against trainable parameters"),
                             ("costs", "Memory, time and forgetting"), ("curves", "Training and validation curves"),
-                            ("latency", "Inference latency")) if stem in figures)
+                            ("latency", "Inference latency"), ("tuning", "Learning-rate search")) if stem in figures)
     notes = [f"<li><b>{esc(row.name)}</b>: {esc(note)}</li>" for row in summary.rows for note in row.notes]
     first = next((r for r in records if r.get("versions")), {})
     versions = ", ".join(f"{k} {v}" for k, v in (first.get("versions") or {}).items())
@@ -166,6 +210,7 @@ def html_page(summary: Summary, records: Sequence[dict[str, Any]], figures: dict
 <h2>Summary</h2>
 <div class="wide"><table><thead><tr>{header}</tr></thead><tbody>{body}</tbody></table></div>
 <div class="legend">{legend_html}</div>
+{tuning}
 {images}
 <h2>Every run</h2>
 {_runs_table(records)}

@@ -31,6 +31,9 @@ from ..train.config import TrainConfig
 from .schema import DataConfig, EvalConfig, ModelConfig, RunConfig
 
 FULL_FINE_TUNING = "full"  # `adapter.method: full` trains every parameter instead of an adapter
+# Learning rates `peftkit compare` tries for full fine-tuning (a method's own live on its config class,
+# ``lr_candidates``): published BERT-size runs use 1e-5 to 5e-5 over epochs; short budgets need more.
+FULL_FINE_TUNING_LR_CANDIDATES = (3e-5, 1e-4, 3e-4)
 AUTO = "auto"  # `adapter.target_modules: auto`: targets and ranks chosen by peftkit.select before training
 SPLITS = ("train", "validation", "test")
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
@@ -351,6 +354,23 @@ def _prefixed(problem: str, names: list[str]) -> str:
     return f"adapter: {problem}"
 
 
+def lr_candidates(adapter: dict[str, Any]) -> tuple[float, ...]:
+    """The learning rates worth trying for the method of an ``adapter`` section (its registry entry's).
+
+    Raises:
+        ConfigError: the method is unknown.
+    """
+    from ..core import registry
+
+    method = str(adapter.get("method", "lora"))
+    if method.lower() == FULL_FINE_TUNING:
+        return FULL_FINE_TUNING_LR_CANDIDATES
+    try:
+        return tuple(registry.find_method(method).config_cls.lr_candidates)
+    except KeyError as exc:
+        raise ConfigError([f"adapter.method: {exc.args[0]}"], what="run config") from None
+
+
 # -- values ----------------------------------------------------------------------------------------
 
 Check = tuple[str, Callable[[Any], bool], str]
@@ -587,7 +607,7 @@ def dump_config(config: RunConfig, path: str | os.PathLike | None = None) -> str
 
 
 __all__ = [
-    "FULL_FINE_TUNING", "DataConfig", "EvalConfig", "ModelConfig", "RunConfig", "TrainConfig",
+    "FULL_FINE_TUNING", "FULL_FINE_TUNING_LR_CANDIDATES", "lr_candidates", "DataConfig", "EvalConfig", "ModelConfig", "RunConfig", "TrainConfig",
     "adapter_problems", "apply_overrides", "dump_config", "load_config", "parse_config", "parse_yaml",
     "resolved", "to_dict",
 ]
