@@ -102,10 +102,12 @@ def test_without_a_full_run_the_best_run_is_the_reference(tiny_model_dir, review
         parse_compare_config(comparison(tiny_model_dir, reviews_csv, tmp_path, runs=runs, reference="nope"))
 
 
-def test_the_demo_config_plans_six_methods_with_three_seeds():
+def test_the_demo_config_plans_seven_tuned_runs_with_three_seeds():
     config = load_compare_config(DEMO)
-    assert config.names == ["full", "lora", "ia3", "prompt", "bitfit", "bottleneck"]
-    assert config.seeds == [0, 1, 2] and len(config.runs) == 18
+    assert config.names == ["full", "lora", "ia3", "prompt", "bitfit", "bottleneck", "auto"]
+    assert config.seeds == [0, 1, 2] and len(config.runs) == 21
+    assert set(config.tuning) == set(config.names)
+    assert {t.run.seed for plan in config.tuning.values() for t in plan.trials} == {3}
     assert {r.config.train.steps for r in config.runs} == {60}
     assert open("configs/compare-sentiment-minilm.yaml").read() == open(DEMO).read()
     assert open(DEMO).readline() == "# peftkit compare configs/compare-sentiment-minilm.yaml      (this is also what `peftkit demo` runs)\n"
@@ -283,7 +285,8 @@ def test_the_docs_list_every_compare_setting_with_its_default():
     rows = dict(re.findall(r"^\| `(\w+)` \| ([^|]+) \|", text, flags=re.MULTILINE))
     assert set(rows) == set(SETTINGS)
     for key, (default, _) in SETTINGS.items():
-        assert rows[key].strip() == ("(required)" if default is None else f"`{default}`"), key
+        expected = "(required)" if key == "runs" else "`null`" if default is None else f"`{default}`"
+        assert rows[key].strip() == expected, key
 
 
 def test_time_left_uses_each_methods_own_durations_then_the_mean():
@@ -294,3 +297,107 @@ def test_time_left_uses_each_methods_own_durations_then_the_mean():
     assert compare_runner._time_left([], {}) == 0.0
     durations = {"full": [60.0, 80.0], "lora": [30.0]}
     assert compare_runner._time_left(runs, durations) == 70.0 + 30.0 + statistics.mean([60.0, 80.0, 30.0])
+
+
+# -- tuning (compare.tune) ---------------------------------------------------------------------------
+
+
+def test_tune_settings_problems_are_reported_together(tiny_model_dir, reviews_csv, tmp_path):  # noqa: F811
+    runs = [{"name": "lora", "adapter": {"method": "lora", "r": 4, "target_modules": ["query"]},
+             "tune": {"adapter.r": []}},
+            {"name": "ia3", "adapter": {"method": "ia3"}, "tune": "yes"}]
+    data = comparison(tiny_model_dir, reviews_csv, tmp_path, runs=runs,
+                      tune={"lr": [1e-3, -1], "seeds": 0, "steps": 1.5, "colour": [1]})
+    with pytest.raises(ConfigError) as info:
+        parse_compare_config(data)
+    text = str(info.value)
+    for expected in ("compare.tune.lr: expected positive learning rates", "compare.tune.seeds: expected a positive",
+                     "compare.tune.steps: expected a positive", "compare.tune.colour: unknown key",
+                     "compare.runs[0].tune.adapter.r: expected a non-empty list",
+                     "compare.runs[1].tune: expected a mapping"):
+        assert expected in text
+
+
+def test_the_search_uses_its_own_seeds_and_each_methods_candidates(tiny_model_dir, reviews_csv, tmp_path):  # noqa: F811
+    from peftkit.methods.lora import LoraConfig
+    from peftkit.run.config import FULL_FINE_TUNING_LR_CANDIDATES
+
+    runs = [{"name": "full", "adapter": {"method": "full"}},
+            {"name": "lora", "adapter": {"method": "lora", "r": 4, "target_modules": ["query"]}},
+            {"name": "grid", "adapter": {"method": "lora", "r": 4, "target_modules": ["query"]},
+             "tune": {"lr": [1e-3, 1e-2], "adapter.r": [2, 8], "steps": 4}},
+            {"name": "ia3", "adapter": {"method": "ia3"}, "tune": False}]
+    config = parse_compare_config(comparison(tiny_model_dir, reviews_csv, tmp_path, runs=runs, tune={"seeds": 2}))
+    assert set(config.tuning) == {"full", "lora", "grid"}  # tune: false opts out
+    lr = [c["train.lr"] for c in config.tuning["lora"].candidates]
+    assert lr == list(LoraConfig.lr_candidates)
+    assert [c["train.lr"] for c in config.tuning["full"].candidates] == list(FULL_FINE_TUNING_LR_CANDIDATES)
+    # test seeds 0, 1: the search seeds come after them, so a reported seed never takes part in the choice
+    assert {t.run.seed for t in config.tuning["lora"].trials} == {2, 3}
+    grid = config.tuning["grid"]
+    assert grid.candidates == [{"train.lr": 1e-3, "adapter.r": 2}, {"train.lr": 1e-3, "adapter.r": 8},
+                               {"train.lr": 1e-2, "adapter.r": 2}, {"train.lr": 1e-2, "adapter.r": 8}]
+    trial = grid.trials[-1].run.config
+    assert (trial.train.lr, trial.adapter["r"], trial.train.steps) == (1e-2, 8, 4)
+    assert "/tune/grid/lr-0.01_r-8-seed-3" in trial.output_dir.replace("\\", "/")
+    # the chosen values replace the configured ones in the runs that are reported
+    chosen = config.with_choices({"grid": {"train.lr": 1e-3, "adapter.r": 8}})
+    after = [r for r in chosen.runs if r.name == "grid"]
+    assert {(r.config.train.lr, r.config.adapter["r"], r.config.train.steps) for r in after} == {(1e-3, 8, 6)}
+    assert [r.key for r in chosen.runs if r.name != "grid"] == [r.key for r in config.runs if r.name != "grid"]
+
+
+def test_the_choice_follows_the_validation_metric():
+    from types import SimpleNamespace
+
+    from peftkit.compare.tune import Trial, TunePlan, choose
+
+    plan = TunePlan("lora", [{"train.lr": 1e-4}, {"train.lr": 1e-3}, {"train.lr": 1e-2}],
+                    [Trial(i, SimpleNamespace(seed=s, config=SimpleNamespace(train=SimpleNamespace(steps=5))))
+                     for i in range(3) for s in (3, 4)])
+
+    def rec(value, status="completed"):
+        return {"best_validation": value, "status": status, "wall_seconds": 2.0}
+
+    records = {0: [rec(0.6), rec(0.7)], 1: [rec(0.8), rec(0.6)], 2: [rec(None, "diverged"), rec(None, "diverged")]}
+    outcome = choose(plan, records, greater_is_better=True)
+    assert outcome["chosen"] == {"train.lr": 1e-3}  # mean 0.70 beats 0.65; the diverged candidate cannot win
+    assert outcome["candidates"][2]["validation"] is None and outcome["seconds"] == 12.0
+    assert choose(plan, records, greater_is_better=False)["chosen"] == {"train.lr": 1e-4}
+    assert outcome["edge"] is None and choose(plan, records, greater_is_better=False)["edge"] == "lowest"
+    records[1] = [rec(0.9), rec(0.8)]
+    assert choose(plan, records, greater_is_better=True)["chosen"] == {"train.lr": 1e-3}
+    assert choose(plan, records, greater_is_better=False)["chosen"] == {"train.lr": 1e-4}
+    assert choose(plan, {0: [rec(0.5)], 1: [rec(0.5)]}, True)["chosen"] == {"train.lr": 1e-4}  # ties: the first
+    assert choose(plan, {2: [rec(None, "failed")]}, True)["chosen"] is None
+
+
+@pytest.mark.slow
+def test_tuning_end_to_end_is_resumable_and_reported(tiny_model_dir, reviews_csv, tmp_path):  # noqa: F811
+    from peftkit.compare.tune import read_outcomes
+
+    runs = [{"name": "lora", "adapter": {"method": "lora", "r": 4, "target_modules": ["query", "value"]},
+             "tune": {"lr": [1e-5, 3e-2]}}]
+    out = tmp_path / "c"
+    data = comparison(tiny_model_dir, reviews_csv, out, runs=runs, seeds=1, probe_examples=0)
+    lines: list[str] = []
+    result = run_comparison(parse_compare_config(data), log=lines.append, progress=False)
+    assert result.ok
+    trials = {p.name: read_record(p) for p in (out / "records" / "tune").glob("*.json")}
+    assert set(trials) == {"lora-lr-1e-05-seed1.json", "lora-lr-0.03-seed1.json"}
+    best = max(trials.values(), key=lambda r: r["best_validation"])
+    outcome = read_outcomes(out)["lora"]
+    assert outcome["chosen"] == {"train.lr": best["config"]["train"]["lr"]}
+    assert [r["config"]["train"]["lr"] for r in result.records] == [best["config"]["train"]["lr"]]
+    assert "latency_ms" not in best and "latency_ms" in result.records[0]  # trials skip the measurements
+    report = (out / "report.md").read_text()
+    assert "## Tuning" in report and "lr-1e-05: " in report and (out / "figures" / "tuning.png").stat().st_size > 0
+
+    # again: nothing trains; without one trial record, only that trial (and nothing else) runs again
+    lines.clear()
+    run_comparison(parse_compare_config(data), log=lines.append, progress=False)
+    assert not any("trial(s) to run" in line for line in lines)
+    (out / "records" / "tune" / "lora-lr-1e-05-seed1.json").unlink()
+    lines.clear()
+    again = run_comparison(parse_compare_config(data), log=lines.append, progress=False)
+    assert any("1 trial(s) to run" in line for line in lines) and again.ran == []

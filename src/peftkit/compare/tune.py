@@ -173,7 +173,12 @@ def choose(plan: TunePlan, records: Mapping[int, list[dict[str, Any] | None]], g
         for row in usable[1:]:
             better = row["validation"] > best["validation"] if greater_is_better else row["validation"] < best["validation"]
             best = row if better else best
-    return {"name": plan.name, "candidates": rows, "chosen": best["candidate"] if best else None,
+    edge = None
+    if best is not None and LR in best["candidate"]:
+        rates = sorted({c[LR] for c in plan.candidates if LR in c})
+        if len(rates) > 1 and best["candidate"][LR] in (rates[0], rates[-1]):
+            edge = "lowest" if best["candidate"][LR] == rates[0] else "highest"
+    return {"name": plan.name, "candidates": rows, "chosen": best["candidate"] if best else None, "edge": edge,
             "chosen_validation": best["validation"] if best else None,
             "trials": len(plan.trials), "seeds": sorted({t.run.seed for t in plan.trials}),
             "steps": plan.trials[0].run.config.train.steps if plan.trials else None,
@@ -217,7 +222,9 @@ def run_searches(config: Any, run_one: RunOne, log: Callable[[str], None]) -> di
         outcomes[plan.name] = outcome
         chosen = outcome["chosen"]
         log(f"tuning {plan.name}: chose {label(chosen) if chosen else 'nothing (no trial finished)'}"
-            + (f" (validation {outcome['chosen_validation']:.4f})" if chosen else "; it keeps its configured values"))
+            + (f" (validation {outcome['chosen_validation']:.4f})" if chosen else "; it keeps its configured values")
+            + (f"; the {outcome['edge']} learning rate tried: a wider list may find a better one"
+               if outcome.get("edge") else ""))
     if outcomes:
         (out / TUNING_FILE).write_text(json.dumps(outcomes, indent=1, default=str) + "\n")
     return outcomes

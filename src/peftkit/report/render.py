@@ -124,6 +124,8 @@ def tuning_rows(outcomes: dict[str, dict[str, Any]]) -> list[list[str]]:
                                                            else "/".join(r["status"]))
                           for r in outcome["candidates"])
         chosen = label(outcome["chosen"]) if outcome.get("chosen") else "none (kept the configured values)"
+        if outcome.get("edge"):  # the best may lie beyond the candidates: say so rather than imply an optimum
+            chosen += f" ({outcome['edge']} tried)"
         rows.append([name, tried, chosen, f"{outcome['trials']} x {outcome.get('steps')} steps, seeds "
                      f"{', '.join(map(str, outcome.get('seeds', [])))}", f"{outcome['seconds']:.0f}"])
     return rows
