@@ -302,3 +302,28 @@ def test_adalora_run_whose_best_checkpoint_predates_rank_pruning_tests_the_final
     assert result.metrics["weights"] == ("final" if fell_back else "best")
     assert fell_back, "the scenario did not arise: best/ should predate the pruning with this learning rate"
     runner.load_run(result.run_dir)  # the saved adapter loads back
+
+
+def test_a_config_mistake_found_while_loading_leaves_no_run_behind(tiny_model_dir, reviews_csv, tmp_path, monkeypatch):
+    """Issue 19: a bad label column (found with the data) or targets that match nothing (found with the
+    model) must not leave a run directory that makes the corrected rerun ask for --resume."""
+    from peftkit.errors import NoTargetMatchedError
+
+    out = tmp_path / "runs" / "x"
+    bad_column = make_config(tiny_model_dir, reviews_csv, out, data={"columns": {"text": "review", "label": "verdict"}})
+    with pytest.raises(Exception, match="verdict"):
+        runner.train_run(bad_column, log=lambda line: None)
+    assert not (out / "config.yaml").exists()
+    no_target = make_config(tiny_model_dir, reviews_csv, out, adapter={"method": "lora", "target_modules": ["querry"]})
+    with pytest.raises(NoTargetMatchedError):
+        runner.train_run(no_target, log=lambda line: None)
+    assert not (out / "config.yaml").exists()
+    assert runner.train_run(make_config(tiny_model_dir, reviews_csv, out), log=lambda line: None).ok
+    # a config.yaml alone, as older versions left after such a mistake, is not a run either
+    (tmp_path / "old").mkdir()
+    dump_config(make_config(tiny_model_dir, reviews_csv, tmp_path / "old"), tmp_path / "old" / "config.yaml")
+    assert runner.train_run(make_config(tiny_model_dir, reviews_csv, tmp_path / "old"), log=lambda line: None).ok
+    # a real run is refused, and the suggested new directory keeps the path as the user wrote it
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match=r"e\.g\. output_dir=runs/x-2\)"):
+        runner.train_run(make_config(tiny_model_dir, reviews_csv, out), log=lambda line: None)

@@ -146,9 +146,9 @@ def train_run(config: RunConfig, *, resume: bool = False, log: Log = print) -> R
             # killed before its first checkpoint: nothing to continue, so --resume starts the run over
             log(f"no complete checkpoint in {run_dir / 'checkpoints'}: starting the run from step 0")
             resume = False
-        dump_config(config, run_dir / CONFIG_NAME)
     else:
         log = _silent
+    as_given = config  # what config.yaml records: `target_modules: auto` stays auto, the choice is in selection/
 
     task = build_task(config)
     model = task.load_model()
@@ -182,6 +182,10 @@ def train_run(config: RunConfig, *, resume: bool = False, log: Log = print) -> R
         metrics["before"] = _evaluate_base(task, model, splits["test"], batch_size, full)
         log(f"test before training: {_format(metrics['before'])}")
 
+    if main:
+        # only now, with the model, the targets and the data loaded: a config mistake found on the way
+        # leaves no half-made run behind that would make the corrected rerun ask for --resume
+        dump_config(as_given, run_dir / CONFIG_NAME)
     validation = splits.get("validation") or []
     evaluate = (lambda m: task.evaluate(m, validation, batch_size)) if validation else None
     result = fit(model, splits["train"], task.collate, task.loss, config.train, evaluate=evaluate, run_dir=run_dir,
@@ -306,17 +310,30 @@ def _silent(line: str) -> None:
 def _check_run_dir(run_dir: Path, config: RunConfig, resume: bool, log: Log) -> None:
     """Refuse to mix a new run into an old one; on resume, say which settings changed."""
     previous = run_dir / CONFIG_NAME
-    holds_run = previous.is_file() or (run_dir / "checkpoints").is_dir()
+    # A run is what training left: its log of steps, a checkpoint or saved weights. A config.yaml alone
+    # (an older peftkit wrote it before loading anything) is not one, and a fresh start may replace it.
+    holds_run = (run_dir / "metrics.jsonl").is_file() or any(
+        (run_dir / d).is_dir() and any((run_dir / d).iterdir())
+        for d in ("checkpoints", "best", "final", ADAPTER_DIR, FULL_MODEL_DIR))
     if holds_run and not resume:
         raise ConfigError(
-            [f"output_dir: {str(run_dir)!r} already holds a run; pass --resume to continue it, or start a new "
-             f"one elsewhere (e.g. output_dir={run_dir.name}-2), or delete the directory"],
+            [f"output_dir: {_shown(run_dir)!r} already holds a run; pass --resume to continue it, or start a new "
+             f"one elsewhere (e.g. output_dir={_shown(run_dir.with_name(run_dir.name + '-2'))}), or delete the "
+             "directory"],
             what="run config",
         )
     if resume and previous.is_file():
         changed = _changed_fields(load_config(previous), config)
         if changed:
             log(f"resuming with changed settings: {', '.join(changed)}")
+
+
+def _shown(path: Path) -> str:
+    """``path`` as the user likely wrote it: relative to the working directory when inside it."""
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
 
 
 def _changed_fields(old: Any, new: Any, prefix: str = "") -> list[str]:
