@@ -169,6 +169,9 @@ def test_data_file_format_comes_from_the_extension_or_data_format(tmp_path):
 
 
 def test_model_paths_and_hub_ids(tmp_path):
+    (problem,) = problems_of({**MINIMAL, "model": {"name_or_path": str(tmp_path)}})
+    assert "is not a model directory (no config.json in it)" in problem  # an empty directory
+    (tmp_path / "config.json").write_text("{}")
     assert parse_config({**MINIMAL, "model": {"name_or_path": str(tmp_path)}}).model.name_or_path == str(tmp_path)
     assert parse_config({**MINIMAL, "model": {"name_or_path": "org-name/model.v2"}})  # a hub id
     (problem,) = problems_of({**MINIMAL, "model": {"name_or_path": "./no/such/model"}})

@@ -8,9 +8,12 @@ is a local directory or a hub id.
 from __future__ import annotations
 
 import contextlib
+import difflib
 import importlib
 import pkgutil
+import re
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 _MODELS: dict[str, Callable[[], str]] = {}
 
@@ -35,6 +38,43 @@ def bundled_model_path(name: str) -> str | None:
     """The local path of bundled model ``name``, or None when ``name`` is not a bundled model."""
     locate = _MODELS.get(name.lower())
     return None if locate is None else locate()
+
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")  # files a task may load directly
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+def source_problem(name: str, gguf_file: str | None = None) -> str | None:
+    """What is wrong with ``name`` as a model to load (None when it looks loadable), said before any
+    loader runs, so a mistyped path gets a plain answer instead of the hub's complaint about repo ids.
+
+    A bundled name, an existing model directory (with config.json, or a GGUF checkpoint), a weights file
+    and a hub id (``org/name``, where nothing local of that name exists) pass.
+    """
+    if name.lower() in _MODELS:
+        return None
+    local = Path(name).expanduser()
+    if local.is_file():
+        if local.suffix in WEIGHT_SUFFIXES:
+            return None
+        return (f"{name!r} is a file, not a model directory; give the directory the model was saved to (the one "
+                "holding config.json), a bundled model or a hub id")
+    if local.is_dir():
+        if (local / "config.json").is_file() or gguf_file or any(local.glob("*.gguf")):
+            return None
+        return (f"{name!r} is not a model directory (no config.json in it); give the directory save_pretrained "
+                "wrote, a bundled model or a hub id")
+    parts = Path(name).parts
+    surely_a_path = (name.startswith(("/", ".", "~")) or len(parts) > 2 or local.suffix in WEIGHT_SUFFIXES
+                     or (len(parts) == 2 and Path(parts[0]).expanduser().is_dir()))
+    if surely_a_path:
+        return f"{name!r} does not exist (relative paths start from {str(Path.cwd())!r})"
+    if _HUB_ID.fullmatch(name):
+        return None  # a hub id: downloaded at load time where a network exists
+    close = difflib.get_close_matches(name.lower(), list(_MODELS), n=1)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    return (f"{name!r} is not a bundled model ({', '.join(bundled_models())}), an existing local path or a hub id "
+            f"('org/name'); {hint}")
 
 
 @contextlib.contextmanager

@@ -36,7 +36,6 @@ FULL_FINE_TUNING = "full"  # `adapter.method: full` trains every parameter inste
 FULL_FINE_TUNING_LR_CANDIDATES = (3e-5, 1e-4, 3e-4)
 AUTO = "auto"  # `adapter.target_modules: auto`: targets and ranks chosen by peftkit.select before training
 SPLITS = ("train", "validation", "test")
-_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 _DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 
 
@@ -517,23 +516,15 @@ def _suggest(name: str, known: list[str], what: str) -> str:
 
 
 def _model_problems(model: ModelConfig) -> list[str]:
-    from ..models import bundled_models
+    from ..models import source_problem
 
-    name = model.name_or_path
-    bundled = bundled_models()
-    if name.lower() in bundled:
-        return []
-    local = Path(name).expanduser()
-    if local.exists():
-        if model.gguf_file and local.is_dir() and not (local / model.gguf_file).is_file():
-            return [f"model.gguf_file: {model.gguf_file!r} is not in {str(local)!r}"]
-        return []
-    if name.startswith(("/", ".", "~")) or os.sep + os.sep in name or Path(name).suffix in (".safetensors", ".bin", ".pt", ".gguf"):
-        return [f"model.name_or_path: {name!r} does not exist (relative paths start from {str(Path.cwd())!r})"]
-    if _HUB_ID.fullmatch(name):
-        return []  # a hub id: downloaded at run time where a network exists
-    return [f"model.name_or_path: {name!r} is not a bundled model, an existing local path or a hub id "
-            f"('org/name'); {_suggest(name, bundled, 'bundled models')}"]
+    problem = source_problem(model.name_or_path, model.gguf_file)
+    if problem:
+        return [f"model.name_or_path: {problem.rstrip('; ')}"]
+    local = Path(model.name_or_path).expanduser()
+    if model.gguf_file and local.is_dir() and not (local / model.gguf_file).is_file():
+        return [f"model.gguf_file: {model.gguf_file!r} is not in {str(local)!r}"]
+    return []
 
 
 def _data_problems(data: DataConfig) -> list[str]:

@@ -145,8 +145,11 @@ def inspect_model(name_or_path: str, *, task: str | None = None, config: Any = N
 def _skeleton(name_or_path: str, task: str | None, config: Any) -> nn.Module:
     """The model's modules on the ``meta`` device (shapes and types, no weights)."""
     if config is None and task is None:
-        from ..models import bundled_model_path
+        from ..models import bundled_model_path, source_problem
 
+        problem = source_problem(name_or_path)
+        if problem and not Path(name_or_path).expanduser().exists():
+            raise ConfigError([f"model: {problem.rstrip('; ')}"], what="inspect")
         path = bundled_model_path(name_or_path) or name_or_path
         if Path(path).is_file() or (Path(path).is_dir() and not (Path(path) / "config.json").is_file()
                                      and not list(Path(path).glob("*.gguf"))):

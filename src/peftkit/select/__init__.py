@@ -2,9 +2,9 @@
 targets, per-module ranks and whole parameters (``peftkit select``, ``adapter.target_modules: auto``).
 See docs/select.md."""
 
+from . import init
 from .allocate import Allocation, allocate, random_allocation
 from .candidates import Candidates, LowRank, WholeParams, find_candidates
-from . import init
 from .choose import INITS, RULES, Selection, adapter_section, is_auto, parse_budget, select, select_for_run
 from .scores import SCORES, Scores, probe
 

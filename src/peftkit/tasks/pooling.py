@@ -56,7 +56,10 @@ def is_decoder(config: Any) -> bool:
 def _causal_only(config: Any) -> bool:
     # a config built in code has no architectures: ask transformers whether this model type is causal-only
     try:
-        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_MAPPING_NAMES
+        from transformers.models.auto.modeling_auto import (
+            MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+            MODEL_MAPPING_NAMES,
+        )
         from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES as MASKED
     except ImportError:  # pragma: no cover - older transformers
         return False

@@ -1,0 +1,38 @@
+"""A new user's first hour (issue 19): mistakes a newcomer makes get an exit code 2 and a message that
+names what was wrong and the fix, and leave nothing half-written behind."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from peftkit.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+RECIPE = str(REPO / "configs" / "sentiment-minilm-lora.yaml")
+
+
+@pytest.mark.parametrize("model, expected", [
+    ("runs/nothing", "'runs/nothing' does not exist (relative paths start from"),
+    ("no-such-dir/a/b", "does not exist"),
+    ("RECIPE", "is a file, not a model directory"),
+    ("CONFIGS", "is not a model directory (no config.json in it)"),
+    ("minlm", "did you mean 'minilm'?"),
+])
+def test_a_model_path_that_is_not_a_model_is_a_config_error(model, expected, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    model = {"RECIPE": RECIPE, "CONFIGS": str(REPO / "configs")}.get(model, model)
+    assert main(["train", RECIPE, f"model.name_or_path={model}", f"output_dir={tmp_path / 'out'}"]) == 2
+    err = capsys.readouterr().err
+    assert "model.name_or_path: " in err and expected in err and "Repo id" not in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_inspect_of_a_missing_model_directory_is_a_config_error(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    assert main(["inspect", "runs/nothing"]) == 2
+    err = capsys.readouterr().err
+    assert "'runs/nothing' does not exist" in err and "Repo id" not in err
