@@ -53,7 +53,7 @@ def _model():
 def test_target_matching_nothing_names_the_closest_modules():
     model = _model()
     snap = _snapshot(model)
-    with pytest.raises(NoTargetMatchedError, match=r"target 'quer' matched 0 modules; closest: '0.query'"):
+    with pytest.raises(NoTargetMatchedError, match=r"target 'quer' matched 0 modules; closest: 'query'\."):
         peftkit.inject(model, peftkit.LoraConfig(target_modules=["quer", "value"]))
     assert _same(model, snap)
     with pytest.raises(NoTargetMatchedError, match="matched 0 modules"):
@@ -62,7 +62,7 @@ def test_target_matching_nothing_names_the_closest_modules():
 
 def test_modules_to_save_matching_nothing_is_an_error():
     model = _model()
-    with pytest.raises(NoTargetMatchedError, match="modules_to_save: target 'nrom' matched 0 modules; closest: '0.norm'"):
+    with pytest.raises(NoTargetMatchedError, match=r"modules_to_save: target 'nrom' matched 0 modules; closest: 'norm'\."):
         peftkit.inject(model, peftkit.LoraConfig(target_modules=["query"], modules_to_save=["nrom"]))
 
 

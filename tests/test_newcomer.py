@@ -36,3 +36,13 @@ def test_inspect_of_a_missing_model_directory_is_a_config_error(tmp_path, monkey
     assert main(["inspect", "runs/nothing"]) == 2
     err = capsys.readouterr().err
     assert "'runs/nothing' does not exist" in err and "Repo id" not in err
+
+
+def test_targets_that_match_nothing_name_the_field_the_suffix_and_inspect(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["train", RECIPE, "adapter.target_modules=[querry, value]", f"output_dir={out}",
+                 "data.max_train_examples=16"]) == 2
+    err = capsys.readouterr().err
+    assert "adapter.target_modules: target 'querry' matched 0 modules; closest: 'query'." in err
+    assert "`peftkit inspect minilm`" in err and "encoder.layer" not in err
+    assert not out.exists()  # nothing written: the corrected rerun needs no --resume

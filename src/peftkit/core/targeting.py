@@ -241,15 +241,17 @@ def _example_linear_names(model: nn.Module) -> list[str]:
 
 
 def _no_match_message(missing: list[str], names: list[str], config: AdapterConfig) -> str:
-    suffix_to_full: dict[str, str] = {}
+    # Suggest what a user would write: the shortest suffix naming a module ("query"), each once, rather
+    # than one full path per layer (the same name six times over).
+    suffixes: set[str] = set()
     for full in names:
         parts = full.split(".")
-        for i in range(len(parts)):
-            suffix_to_full.setdefault(".".join(parts[i:]), full)
+        suffixes.update(".".join(parts[i:]) for i in range(len(parts)))
     lines = []
     for entry in missing:
-        close = difflib.get_close_matches(entry, list(suffix_to_full), n=3, cutoff=0.5)
-        hint = ", ".join(f"'{suffix_to_full[c]}'" for c in close) if close else "none similar"
+        pool = sorted(suffixes) if "." in entry else sorted({n.rsplit(".", 1)[-1] for n in names})
+        close = difflib.get_close_matches(entry, pool, n=3, cutoff=0.5)
+        hint = ", ".join(f"'{c}'" for c in close) if close else "none similar"
         lines.append(f"target {entry!r} matched 0 modules; closest: {hint}")
     extra = ""
     if config.layers_to_transform is not None or config.exclude_modules:

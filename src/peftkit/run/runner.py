@@ -103,9 +103,19 @@ def adapt(model: nn.Module, config: RunConfig) -> nn.Module:
         for parameter in model.parameters():
             parameter.requires_grad_(True)
         return model
+    from ..errors import NoTargetMatchedError
+
     fields = {k: v for k, v in config.adapter.items() if k != "method"}
     adapter = api.make_config(config.adapter.get("method", "lora"), **fields)
-    return api.inject(model, adapter, ADAPTER_NAME)
+    try:
+        return api.inject(model, adapter, ADAPTER_NAME)
+    except NoTargetMatchedError as exc:
+        # a config mistake (exit 2) named by its field, with the command that lists what there is
+        message = str(exc).replace("list them with model.named_modules().",
+                                   f"list them with `peftkit inspect {config.model.name_or_path}`.")
+        field = "modules_to_save" if message.startswith("modules_to_save") else "target_modules"
+        message = message.removeprefix("modules_to_save: ")
+        raise ConfigError([f"adapter.{field}: {message}"], what="run config") from None
 
 
 # -- train -----------------------------------------------------------------------------------------
