@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from peftkit.cli import main
+from test_runner import reviews_csv, tiny_model_dir  # noqa: F401 - fixtures
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = str(REPO / "configs" / "sentiment-minilm-lora.yaml")
@@ -46,3 +47,23 @@ def test_targets_that_match_nothing_name_the_field_the_suffix_and_inspect(tmp_pa
     assert "adapter.target_modules: target 'querry' matched 0 modules; closest: 'query'." in err
     assert "`peftkit inspect minilm`" in err and "encoder.layer" not in err
     assert not out.exists()  # nothing written: the corrected rerun needs no --resume
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny_model_dir, reviews_csv, tmp_path_factory):  # noqa: F811
+    from peftkit.run import runner
+    from test_runner import make_config
+
+    out = tmp_path_factory.mktemp("runs") / "tiny"
+    assert runner.train_run(make_config(tiny_model_dir, reviews_csv, out, train={"steps": 2}), log=lambda line: None).ok
+    return out
+
+
+def test_predict_names_the_missing_key_and_takes_input_key(tiny_run, tmp_path, capsys):
+    inputs = tmp_path / "in.jsonl"
+    inputs.write_text('{"sentence": "a great film"}\n{"sentence": "dull"}\n')
+    assert main(["predict", str(tiny_run), str(inputs)]) == 2
+    err = capsys.readouterr().err
+    assert "input 1 is a JSON object without 'text' (its keys: 'sentence')" in err and "--input-key sentence" in err
+    assert main(["predict", str(tiny_run), str(inputs), "--input-key", "sentence"]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 2

@@ -116,6 +116,8 @@ def _add_predict(commands: Any) -> None:
     sub.add_argument("run_dir", metavar="RUN_DIR", help="a run's output_dir")
     sub.add_argument("input", metavar="FILE|-", nargs="?", default="-", help="input file; - or nothing reads stdin")
     sub.add_argument("--batch-size", type=_positive, default=None, help="inputs per forward pass (default: eval.batch_size)")
+    sub.add_argument("--input-key", default=None, metavar="KEY",
+                     help="the key of JSON inputs that holds the input (default: the task's: text, prompt, image, source)")
 
 
 def _add_merge(commands: Any) -> None:
@@ -336,7 +338,7 @@ def _predict(args: argparse.Namespace) -> int:
             raise FileNotFoundError(f"input file {str(path)!r} does not exist; give a file of inputs, one per line, or - for stdin")
         with path.open(encoding="utf-8") as handle:
             inputs = parse_inputs(handle)
-    for prediction in predict_run(args.run_dir, inputs, args.batch_size):
+    for prediction in predict_run(args.run_dir, inputs, args.batch_size, args.input_key):
         print(json.dumps(prediction, ensure_ascii=False, default=str))
     return EXIT_OK
 

@@ -494,16 +494,44 @@ def _split_examples(task: Task, split: str) -> Sequence[Any]:
     return examples
 
 
-def predict_run(run_dir: str | os.PathLike, inputs: Sequence[Any], batch_size: int | None = None) -> list[Any]:
+def predict_run(run_dir: str | os.PathLike, inputs: Sequence[Any], batch_size: int | None = None,
+                input_key: str | None = None) -> list[Any]:
     """The trained run's predictions for raw ``inputs`` (texts, prompts, ... as the task takes them).
+
+    Args:
+        run_dir: A run directory.
+        inputs: Plain values (a text, a prompt, an image path) or mappings (JSON objects).
+        batch_size: Inputs per forward pass (default ``eval.batch_size``).
+        input_key: The key of a mapping input that holds the input (default: the task's own, such as
+            ``text`` or ``prompt``).
 
     Raises:
         FileNotFoundError: ``run_dir`` is not a run directory or holds no weights.
+        ConfigError: a mapping input lacks the key (the message names the keys it has and ``--input-key``).
     """
     loaded = load_run(run_dir)
     if not inputs:
         return []
-    return list(loaded.task.predict(loaded.model, list(inputs), batch_size or loaded.config.eval.batch_size))
+    inputs = _task_inputs(list(inputs), loaded.task.input_role, input_key)
+    return list(loaded.task.predict(loaded.model, inputs, batch_size or loaded.config.eval.batch_size))
+
+
+def _task_inputs(inputs: list[Any], role: str, key: str | None) -> list[Any]:
+    """Mapping inputs rewritten as ``{role: value}`` from ``key`` (default ``role``); other inputs as they are."""
+    key = key or role
+    out = []
+    for number, item in enumerate(inputs, 1):
+        if isinstance(item, Mapping):
+            if key not in item:
+                keys = sorted(map(str, item))
+                example = keys[0] if keys else role
+                raise ConfigError(
+                    [f"input {number} is a JSON object without {key!r} (its keys: {', '.join(map(repr, keys)) or 'none'}); "
+                     f"name the key that holds the {role} with --input-key (e.g. --input-key {example}), or give one "
+                     f"plain {role} per line"], what="predict input")
+            item = {role: item[key]}
+        out.append(item)
+    return out
 
 
 def merge_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Path:

@@ -28,6 +28,7 @@ class Task(Protocol):
 
     name: str
     default_metric: str  # the metric that picks the best checkpoint ("accuracy", "chrf", ...)
+    input_role: str  # what predict reads from a mapping input ("text", "prompt", "image", "source")
     greater_is_better: bool
 
     def load_model(self) -> nn.Module:

@@ -61,6 +61,7 @@ class GenerationTask:
     name: str
     roles: list[str]
     reference_role: str  # the example key generations are scored against
+    input_role = ROLES[0]  # the key `peftkit predict` reads from a JSON input
     default_metric = "chrf"
     greater_is_better = True
 

@@ -170,6 +170,7 @@ class ImageClassificationTask:
     """
 
     name: str
+    input_role = ROLES[0]  # the key `peftkit predict` reads from a JSON input
     default_metric = "accuracy"
     greater_is_better = True
 

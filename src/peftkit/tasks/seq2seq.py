@@ -46,6 +46,7 @@ class Seq2SeqTask(GenerationTask):
     """Encoder-decoder generation; see the module docstring for batches and metrics."""
 
     roles = ROLES
+    input_role = ROLES[0]  # the key `peftkit predict` reads from a JSON input
     reference_role = "target"
 
     def load_model(self) -> nn.Module:

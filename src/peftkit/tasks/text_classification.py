@@ -47,6 +47,7 @@ class TextClassificationTask:
     """
 
     name: str
+    input_role = ROLES[0]  # the key `peftkit predict` reads from a JSON input
     default_metric = "accuracy"
     greater_is_better = True
 
