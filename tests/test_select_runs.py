@@ -166,3 +166,17 @@ def test_image_classification_run_selects_convolutions_and_norms(tmp_path):
     assert result.ok and 0 < result.metrics["selection"]["used"] <= result.metrics["selection"]["budget"]
 
 
+
+
+def test_selected_yaml_trains_from_any_working_directory(tiny_model_dir, reviews_csv, tmp_path, monkeypatch):  # noqa: F811
+    """Issue 19: `peftkit select --out sel` (a relative path) once wrote init_from relative to where it ran."""
+    path = tmp_path / "config.yaml"
+    dump_config(make_config(tiny_model_dir, reviews_csv, tmp_path / "plain"), path)
+    monkeypatch.chdir(tmp_path)
+    assert main(["select", str(path), "select.init=gradient", "--budget", "600", "--out", "sel"]) == 0
+    chosen = yaml.safe_load((tmp_path / "sel" / "selected.yaml").read_text())
+    assert chosen["select"]["init_from"] == str((tmp_path / "sel" / "init.safetensors").resolve())
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert main(["train", str(tmp_path / "sel" / "selected.yaml")]) == 0

@@ -571,7 +571,10 @@ def resolved(config: RunConfig) -> RunConfig:
         data = dataclasses.replace(data, files=absolute(data.files))
     elif isinstance(data.files, dict):
         data = dataclasses.replace(data, files={k: absolute(v) for k, v in data.files.items()})
-    return dataclasses.replace(config, model=model, data=data, output_dir=absolute(config.output_dir))
+    select = config.select
+    if select.init_from:
+        select = dataclasses.replace(select, init_from=absolute(select.init_from))
+    return dataclasses.replace(config, model=model, data=data, select=select, output_dir=absolute(config.output_dir))
 
 
 def _bundled_models() -> list[str]:

@@ -264,7 +264,8 @@ def select_run(config: RunConfig, out_dir: str | os.PathLike, log: Log = print) 
     out = Path(out_dir)
     select_report.write(selection, out)
     # the chosen adapter trains as it is; with the probe's directions as its starting point, when it has them
-    start = str(out / select_init.INIT_FILE) if selection.init else None
+    # absolute, like every path of a resolved config: selected.yaml trains from any working directory
+    start = str((out / select_init.INIT_FILE).resolve()) if selection.init else None
     chosen = dataclasses.replace(config, adapter=selection.adapter, select=type(config.select)(init_from=start),
                                  output_dir=f"{config.output_dir.rstrip('/')}-{AUTO}")
     path = out / "selected.yaml"
