@@ -288,6 +288,9 @@ def test_the_sentiment_recipe_through_every_command(tmp_path, capsys, monkeypatc
     assert capsys.readouterr().out.splitlines()[-1].startswith(f"done: {run_dir} | test loss ")
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["steps"] == 3 and metrics["data"]["sizes"]["test"] == 32 and "before" in metrics
+    # the adapter names its base as others can find it, not by a path into this machine's .venv
+    saved = json.loads((run_dir / "adapter" / "adapter_config.json").read_text())
+    assert saved["base_model_name_or_path"] == "sentence-transformers/all-MiniLM-L6-v2"
 
     assert main(["eval", str(run_dir)]) == 0
     assert json.loads(capsys.readouterr().out)["accuracy"] == metrics["test"]["accuracy"]

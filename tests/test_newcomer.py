@@ -67,3 +67,15 @@ def test_predict_names_the_missing_key_and_takes_input_key(tiny_run, tmp_path, c
     assert "input 1 is a JSON object without 'text' (its keys: 'sentence')" in err and "--input-key sentence" in err
     assert main(["predict", str(tiny_run), str(inputs), "--input-key", "sentence"]) == 0
     assert len(capsys.readouterr().out.splitlines()) == 2
+
+
+def test_a_bundled_model_is_recorded_by_its_hub_id_and_a_local_one_by_its_path(tiny_run, tiny_model_dir):  # noqa: F811
+    import json
+
+    from peftkit.models import portable_name
+
+    assert portable_name("minilm") == "sentence-transformers/all-MiniLM-L6-v2"
+    assert portable_name("SmolLM2-135M-Instruct") == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert portable_name("efficientnet-lite0") == "efficientnet-lite0"  # no hub copy: its bundled name
+    saved = json.loads((tiny_run / "adapter" / "adapter_config.json").read_text())
+    assert saved["base_model_name_or_path"] == str(tiny_model_dir)

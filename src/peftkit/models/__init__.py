@@ -16,18 +16,30 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 _MODELS: dict[str, Callable[[], str]] = {}
+_HUB_IDS: dict[str, str] = {}
 
 
-def register_model(name: str) -> Callable[[Callable[[], str]], Callable[[], str]]:
+def register_model(name: str, hub_id: str | None = None) -> Callable[[Callable[[], str]], Callable[[], str]]:
     """Decorator for a function returning the bundled model's local path (a model directory, or a
     weights file for non-transformers models); it raises ``DataNotInstalledError`` naming the pip or
-    apt command when the package is missing."""
+    apt command when the package is missing. ``hub_id`` is where the same weights live on the hub."""
 
     def decorate(locate: Callable[[], str]) -> Callable[[], str]:
         _MODELS[name] = locate
+        if hub_id:
+            _HUB_IDS[name] = hub_id
         return locate
 
     return decorate
+
+
+def portable_name(name_or_path: str) -> str:
+    """How a saved adapter should name its base model for others: a bundled model's hub id (or its bundled
+    name when it has none) instead of a path into this machine's site-packages; anything else as given."""
+    key = name_or_path.lower()
+    if key in _MODELS:
+        return _HUB_IDS.get(key, key)
+    return name_or_path
 
 
 def bundled_models() -> list[str]:

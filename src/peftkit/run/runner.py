@@ -105,7 +105,11 @@ def adapt(model: nn.Module, config: RunConfig) -> nn.Module:
         return model
     from ..errors import NoTargetMatchedError
 
+    from ..models import portable_name
+
     fields = {k: v for k, v in config.adapter.items() if k != "method"}
+    # the saved adapter_config.json names the base as others can find it, not as a path into .venv
+    fields.setdefault("base_model_name_or_path", portable_name(config.model.name_or_path))
     adapter = api.make_config(config.adapter.get("method", "lora"), **fields)
     try:
         return api.inject(model, adapter, ADAPTER_NAME)
