@@ -79,3 +79,10 @@ def test_a_bundled_model_is_recorded_by_its_hub_id_and_a_local_one_by_its_path(t
     assert portable_name("efficientnet-lite0") == "efficientnet-lite0"  # no hub copy: its bundled name
     saved = json.loads((tiny_run / "adapter" / "adapter_config.json").read_text())
     assert saved["base_model_name_or_path"] == str(tiny_model_dir)
+
+
+def test_eval_of_a_missing_path_names_both_accepted_forms(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["eval", "runs/nothing"]) == 2
+    err = capsys.readouterr().err
+    assert "'runs/nothing' does not exist" in err and "a run directory" in err and "run config YAML" in err

@@ -315,6 +315,10 @@ def _eval(args: argparse.Namespace) -> int:
     from .run.runner import eval_run
 
     source = Path(args.source)
+    if not source.exists():
+        return _usage("eval", f"{args.source!r} does not exist (relative paths start from {str(Path.cwd())!r}); give "
+                      "a run directory (the output_dir of `peftkit train`) to evaluate its trained weights, or a "
+                      "run config YAML to evaluate its untrained base model")
     if source.is_dir():
         if args.overrides:
             return _usage("eval", f"overrides {args.overrides} apply to a CONFIG.yaml, not to a run directory")
