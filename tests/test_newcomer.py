@@ -86,3 +86,25 @@ def test_eval_of_a_missing_path_names_both_accepted_forms(tmp_path, monkeypatch,
     assert main(["eval", "runs/nothing"]) == 2
     err = capsys.readouterr().err
     assert "'runs/nothing' does not exist" in err and "a run directory" in err and "run config YAML" in err
+
+
+def test_a_latin1_csv_names_data_encoding_and_reads_with_it(tmp_path):
+    from peftkit.data.files import load_examples
+    from peftkit.errors import ConfigError
+    from peftkit.run.schema import DataConfig, SplitConfig
+
+    path = tmp_path / "reviews.csv"
+    path.write_bytes("text,label\nun film très réussi,pos\nennuyeux,neg\ncliché,neg\nsuperbe,pos\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"line 2: not utf-8 text .*set data\.encoding \(e\.g\. latin-1 or cp1252\)"):
+        load_examples(DataConfig(files=str(path)), ["text", "label"])
+    splits = load_examples(DataConfig(files=str(path), encoding="latin-1", split=SplitConfig(validation=0.0, test=0.0)),
+                           ["text", "label"])
+    assert "un film très réussi" in {e["text"] for e in splits["train"]}
+
+
+def test_an_unknown_encoding_is_a_config_error():
+    from peftkit.errors import ConfigError
+    from peftkit.run.config import parse_config
+
+    with pytest.raises(ConfigError, match=r"data\.encoding: expected a text encoding Python knows"):
+        parse_config({"data": {"files": "x.csv", "encoding": "latin-42"}})

@@ -124,7 +124,7 @@ def file_format(path: str | Path, declared: str | None = None) -> str:
     )
 
 
-def read_table(path: str | Path, fmt: str | None = None) -> tuple[list[str], list[dict[str, Any]]]:
+def read_table(path: str | Path, fmt: str | None = None, encoding: str = "utf-8") -> tuple[list[str], list[dict[str, Any]]]:
     """Column names and rows of one local data file, read with the ``datasets`` library.
 
     Raises:
@@ -143,13 +143,15 @@ def read_table(path: str | Path, fmt: str | None = None) -> tuple[list[str], lis
 
     tab_separated = (fmt or "").lower() == "tsv" or ".tsv" in [s.lower() for s in path.suffixes]
     kwargs: dict[str, Any] = {"sep": "\t"} if builder == "csv" and tab_separated else {}
+    if builder in ("csv", "json"):  # text formats: pandas and the JSON reader take the file's encoding
+        kwargs["encoding"] = encoding
     if builder == "csv":
-        _check_csv_head(path, kwargs.get("sep", ","))
+        _check_csv_head(path, kwargs.get("sep", ","), encoding)
     try:
         with _quiet_datasets():
             table = load_dataset(builder, data_files=str(path), split="train", **kwargs)
     except Exception as exc:  # noqa: BLE001 - datasets wraps parser errors of every kind in its own
-        raise ConfigError([malformed_row(path, builder, kwargs.get("sep", ","), exc)],
+        raise ConfigError([malformed_row(path, builder, kwargs.get("sep", ","), exc, encoding)],
                           what=f"data file {str(path)!r}") from None
     return list(table.column_names), table.to_list()
 
@@ -157,7 +159,7 @@ def read_table(path: str | Path, fmt: str | None = None) -> tuple[list[str], lis
 _OPENERS = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
 
 
-def _check_csv_head(path: Path, sep: str) -> None:
+def _check_csv_head(path: Path, sep: str, encoding: str = "utf-8") -> None:
     """Refuse a CSV whose first data row has more fields than its header.
 
     pandas (under ``datasets``) silently takes such a first column as the row index, shifting every
@@ -168,7 +170,7 @@ def _check_csv_head(path: Path, sep: str) -> None:
     if suffix == ".zst":
         return
     opener = _OPENERS.get(suffix, open)
-    with opener(path, "rt", encoding="utf-8", errors="replace", newline="") as handle:
+    with opener(path, "rt", encoding=encoding, errors="replace", newline="") as handle:
         reader = csv.reader(handle, delimiter=sep)
         try:
             header = next(reader, None)
@@ -183,13 +185,13 @@ def _check_csv_head(path: Path, sep: str) -> None:
         )
 
 
-def malformed_row(path: Path, builder: str, sep: str, error: BaseException) -> str:
+def malformed_row(path: Path, builder: str, sep: str, error: BaseException, encoding: str = "utf-8") -> str:
     """Where ``path`` is broken, as "``path``, line N: what; fix", for an error reading it.
 
     Rescans CSV and JSON Lines files line by line; otherwise (Parquet, zstd, a broken file whose lines
     all look fine) it gives the innermost error's message.
     """
-    where = broken_line(path, builder, sep)
+    where = broken_line(path, builder, sep, encoding)
     if where is None:
         root = error
         while root.__cause__ is not None or (root.__context__ is not None and not root.__suppress_context__):
@@ -198,7 +200,7 @@ def malformed_row(path: Path, builder: str, sep: str, error: BaseException) -> s
     return f"{path}: {where}; fix the file (or data.format)"
 
 
-def broken_line(path: Path, builder: str, sep: str = ",") -> str | None:
+def broken_line(path: Path, builder: str, sep: str = ",", encoding: str = "utf-8") -> str | None:
     """The first malformed line of a CSV or JSON Lines file ("line N: what"), or None.
 
     Only called once something went wrong: it reads the whole file in Python.
@@ -209,22 +211,24 @@ def broken_line(path: Path, builder: str, sep: str = ",") -> str | None:
         return None
     with opener(path, "rb") as handle:
         raw = handle.read()
-    return _broken_json_line(raw) if builder == "json" else _broken_csv_line(raw, sep)
+    return _broken_json_line(raw, encoding) if builder == "json" else _broken_csv_line(raw, sep, encoding)
 
 
-def _lines(raw: bytes) -> tuple[list[str], str | None]:
-    """The file's lines, or the first line that is not UTF-8."""
+def _lines(raw: bytes, encoding: str = "utf-8") -> tuple[list[str], str | None]:
+    """The file's lines, or the first line that is not text in ``encoding``."""
     lines = raw.split(b"\n")
     for number, line in enumerate(lines, 1):
         try:
-            line.decode("utf-8")
+            line.decode(encoding)
         except UnicodeDecodeError as exc:
-            return [], f"line {number}: not UTF-8 text ({exc.reason} at byte {exc.start})"
-    return [line.decode("utf-8") for line in lines], None
+            # spreadsheet exports are often latin-1 or cp1252: say which setting reads them
+            return [], (f"line {number}: not {encoding} text ({exc.reason} at byte {exc.start}); if the file is in "
+                        "another encoding, set data.encoding (e.g. latin-1 or cp1252)")
+    return [line.decode(encoding) for line in lines], None
 
 
-def _broken_json_line(raw: bytes) -> str | None:
-    lines, problem = _lines(raw)
+def _broken_json_line(raw: bytes, encoding: str = "utf-8") -> str | None:
+    lines, problem = _lines(raw, encoding)
     if problem or not raw.strip():
         return problem or "the file is empty"
     if raw.lstrip()[:1] == b"[":  # one JSON document (an array of rows) rather than JSON Lines?
@@ -267,8 +271,8 @@ def _json_kind(value: Any) -> str:
     return {str: "a string", list: "an array", dict: "an object"}.get(type(value), "null")
 
 
-def _broken_csv_line(raw: bytes, sep: str) -> str | None:
-    lines, problem = _lines(raw)
+def _broken_csv_line(raw: bytes, sep: str, encoding: str = "utf-8") -> str | None:
+    lines, problem = _lines(raw, encoding)
     if problem:
         return problem
     reader = csv.reader(lines, delimiter=sep, strict=True)
@@ -343,7 +347,7 @@ def _formats(paths: Any, declared: str | None) -> str:
 
 def _read_mapped(path: str | Path, data: DataConfig, roles: Sequence[str]) -> list[dict[str, Any]]:
     """Rows of one file as dicts keyed by ``roles``; every missing column or value is reported at once."""
-    columns, rows = read_table(path, data.format)
+    columns, rows = read_table(path, data.format, data.encoding)
     unknown_roles = sorted(set(data.columns) - set(roles))
     problems = [
         f"data.columns.{role}: this task reads no role {role!r}; its roles are: {', '.join(roles)}"
@@ -358,17 +362,17 @@ def _read_mapped(path: str | Path, data: DataConfig, roles: Sequence[str]) -> li
                 f"{', '.join(columns)}; set data.columns.{role} to one of them"
             )
     if problems:
-        raise ConfigError(_with_broken_line(path, data.format, problems), what=f"column mapping for {str(path)!r}")
+        raise ConfigError(_with_broken_line(path, data.format, problems, data.encoding), what=f"column mapping for {str(path)!r}")
     empty = [(i, role) for i, row in enumerate(rows) for role, column in mapping.items() if row[column] is None]
     if empty:
         shown = [f"row {i + 1}: no value in column {mapping[role]!r} (role {role!r})" for i, role in empty[:MAX_ROWS_SHOWN]]
         more = [f"... and {len(empty) - MAX_ROWS_SHOWN} more empty cells"] if len(empty) > MAX_ROWS_SHOWN else []
-        problems = _with_broken_line(path, data.format, shown + more + ["fill or drop these rows in the file"])
+        problems = _with_broken_line(path, data.format, shown + more + ["fill or drop these rows in the file"], data.encoding)
         raise ConfigError(problems, what=f"data file {str(path)!r}")
     return [{role: row[column] for role, column in mapping.items()} for row in rows]
 
 
-def _with_broken_line(path: str | Path, fmt: str | None, problems: list[str]) -> list[str]:
+def _with_broken_line(path: str | Path, fmt: str | None, problems: list[str], encoding: str = "utf-8") -> list[str]:
     """``problems``, headed by the file's first malformed line when it has one.
 
     The data library reads some broken files without complaint (a CSV row with one field too many
@@ -378,7 +382,7 @@ def _with_broken_line(path: str | Path, fmt: str | None, problems: list[str]) ->
     path = Path(path)
     builder = file_format(path, fmt)
     tab = (fmt or "").lower() == "tsv" or ".tsv" in [s.lower() for s in path.suffixes]
-    where = broken_line(path, builder, "\t" if tab else ",")
+    where = broken_line(path, builder, "\t" if tab else ",", encoding)
     return ([f"{path}: {where} (probably the cause of what follows)"] if where else []) + problems
 
 

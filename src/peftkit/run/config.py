@@ -373,6 +373,17 @@ def lr_candidates(adapter: dict[str, Any]) -> tuple[float, ...]:
 # -- values ----------------------------------------------------------------------------------------
 
 Check = tuple[str, Callable[[Any], bool], str]
+
+
+def _known_encoding(name: str) -> bool:
+    import codecs
+
+    try:
+        codecs.lookup(name)
+    except LookupError:
+        return False
+    return True
+
 # (field path, predicate on the value, what is expected). The dataclasses keep no validation of their
 # own (they are plain typed records shared by the library and the CLI), so ranges live here.
 _VALUE_CHECKS: list[Check] = [
@@ -386,6 +397,7 @@ _VALUE_CHECKS: list[Check] = [
     ("data.max_eval_examples", lambda v: v is None or v > 0, "a positive count, or null for all"),
     ("data.split.validation", lambda v: 0 <= v < 1, "a fraction in [0, 1)"),
     ("data.split.test", lambda v: 0 <= v < 1, "a fraction in [0, 1)"),
+    ("data.encoding", _known_encoding, "a text encoding Python knows, e.g. utf-8, latin-1 or cp1252"),
     ("data.labels", lambda v: v is None or (len(v) >= 2 and len(set(v)) == len(v)), "at least 2 distinct class names"),
     ("train.steps", lambda v: v is None or v > 0, "a positive number of optimizer steps, or null to run train.epochs"),
     ("train.epochs", lambda v: v > 0, "a positive number of passes"),

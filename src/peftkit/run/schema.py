@@ -67,6 +67,8 @@ class DataConfig:
         max_eval_examples: Evaluate on the first N validation / test examples, None = all.
         labels: Class names in label-id order (classification); None = sorted distinct values.
         image_size: Image tasks: side of the square the images are resized to (None: the task's default).
+        encoding: The text encoding of CSV and JSON Lines files ("utf-8"; spreadsheet exports are often
+            "latin-1" or "cp1252").
     """
 
     name: str | None = None
@@ -79,6 +81,7 @@ class DataConfig:
     max_eval_examples: int | None = None
     labels: list[str] | None = None
     image_size: int | None = None
+    encoding: str = "utf-8"
 
 
 @dataclass
