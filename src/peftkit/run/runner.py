@@ -104,7 +104,6 @@ def adapt(model: nn.Module, config: RunConfig) -> nn.Module:
             parameter.requires_grad_(True)
         return model
     from ..errors import NoTargetMatchedError
-
     from ..models import portable_name
 
     fields = {k: v for k, v in config.adapter.items() if k != "method"}
