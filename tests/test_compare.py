@@ -162,7 +162,14 @@ def test_the_report_table_matches_the_records(compared):
     config, result, _ = compared
     text = result.report["markdown"].read_text()
     rows = _markdown_rows(text)
+    floor = rows.pop("(majority class)")  # the floor every row is read against, from the data alone
     assert set(rows) == {"full", "lora"}
+    from peftkit.run.runner import build_task
+
+    splits = build_task(config.runs[0].config).load_data()
+    train, test = [e["label"] for e in splits["train"]], [e["label"] for e in splits["test"]]
+    majority = max(sorted(set(train)), key=train.count)
+    assert float(floor[1]) == pytest.approx(sum(t == majority for t in test) / len(test), abs=5e-5)
     header = [c.format(metric="accuracy") for c in COLUMNS]
     for name, row in rows.items():
         records = [r for r in result.records if r["name"] == name]
@@ -181,7 +188,8 @@ def test_the_report_table_matches_the_records(compared):
     html = result.report["html"].read_text()
     assert html.count("data:image/png;base64,") == 4 and "<script" not in html and "http" not in html.split("<body>")[1]
     for name in rows:  # the HTML shows the same cells
-        summary_obj = summarise(result.records, config.names, reference=config.reference)
+        floor_record = json.loads((config.output_dir / "baseline.json").read_text())
+        summary_obj = summarise(result.records, config.names, reference=config.reference, baseline=floor_record)
         row = next(r for r in summary_obj.rows if r.name == name)
         for cell in cells(row, summary_obj):
             assert cell.replace("&", "&amp;") in html
@@ -401,3 +409,25 @@ def test_tuning_end_to_end_is_resumable_and_reported(tiny_model_dir, reviews_csv
     lines.clear()
     again = run_comparison(parse_compare_config(data), log=lines.append, progress=False)
     assert any("1 trial(s) to run" in line for line in lines) and again.ran == []
+
+
+def _record(name, seed, value, params, method="lora", base=100.0):
+    return {"name": name, "seed": seed, "status": "completed", "metric": "accuracy", "greater_is_better": True,
+            "test": {"accuracy": value}, "trainable_params": params, "method": method,
+            "latency_ms": {"base": base, "unmerged": base, "merged": base}}
+
+
+def test_a_row_at_the_majority_class_is_not_on_the_front_and_the_table_shows_the_floor():
+    from peftkit.report.render import legend, markdown
+
+    records = [_record("bitfit", s, 0.58, 100) for s in range(3)] + [_record("lora", s, v, 1000, base=130.0 if s else 100.0)
+                                                                     for s, v in enumerate((0.80, 0.78, 0.79))]
+    summary = summarise(records, baseline={"name": "majority class", "accuracy": 0.58})
+    assert [r.pareto for r in summary.rows] == [False, True]  # without the floor, bitfit's 100 params would win
+    assert [r.pareto for r in summarise(records).rows] == [True, True]
+    text = markdown(summary)
+    assert "| (majority class) | 0.5800 | 0 |" in text and "most frequent class" in legend(summary)
+    assert "ranged over 30% between runs" in legend(summary)  # the same base model timed 100 and 130 ms
+    from peftkit.report.render import _title
+
+    assert _title(summary).startswith("PEFT methods compared")  # no full fine-tuning run to set PEFT against

@@ -7,6 +7,7 @@ nothing in this module keeps a table that would need an edit.
 from __future__ import annotations
 
 from collections.abc import Hashable, Sequence
+from typing import Any
 
 
 def _check_pair(predictions: Sequence[Hashable], targets: Sequence[Hashable]) -> None:
@@ -72,3 +73,21 @@ def macro_f1(
     """
     scores = f1_per_class(predictions, targets, classes)
     return sum(scores.values()) / len(scores)
+
+
+def majority_class(train_targets: Sequence[Hashable], test_targets: Sequence[Hashable],
+                   metrics: dict[str, Any]) -> dict[str, float]:
+    """The ``metrics`` (name -> function of predictions and targets) of always predicting the class most
+    frequent in ``train_targets``: the score a classifier that learned nothing but the prior gets.
+
+    Raises:
+        ValueError: either sequence is empty.
+    """
+    if not train_targets or not test_targets:
+        raise ValueError("majority_class needs training and test targets")
+    counts: dict[Hashable, int] = {}
+    for target in train_targets:
+        counts[target] = counts.get(target, 0) + 1
+    majority = max(counts, key=lambda t: (counts[t], -list(counts).index(t)))  # ties: the first seen
+    predictions = [majority] * len(test_targets)
+    return {name: float(fn(predictions, list(test_targets))) for name, fn in metrics.items()}

@@ -176,3 +176,21 @@ def median_throughput(train_curve: list[list[float]]) -> float | None:
 
 def python_command() -> list[str]:
     return [sys.executable, "-m", "peftkit.compare.worker"]
+
+
+BASELINE_FILE = "baseline.json"
+
+
+def baseline(config: Any) -> dict[str, Any] | None:
+    """The task's floor for a comparison (a classifier's majority-class score), from the data alone, or
+    None when the task defines none (``Task.baseline``) or it cannot be computed."""
+    from ..run.runner import build_task
+
+    task = build_task(config)
+    compute = getattr(task, "baseline", None)
+    if compute is None:
+        return None
+    try:
+        return compute(task.load_data())
+    except (OSError, ValueError, KeyError) as exc:  # the runs will report the data problem themselves
+        return {"error": f"{type(exc).__name__}: {exc}"}

@@ -32,7 +32,7 @@ import yaml
 
 from ..train.tracking import format_seconds
 from .config import CompareConfig, PlannedRun
-from .measure import probe_cache_path, python_command
+from .measure import BASELINE_FILE, baseline, probe_cache_path, python_command
 from .worker import OK_STATUSES
 
 FINISHED = (*OK_STATUSES, "diverged")  # a diverged run is a result (the method's), not a failure to retry
@@ -93,6 +93,10 @@ def run_comparison(config: CompareConfig, *, log: Log = print, progress: bool = 
     out = config.output_dir
     out.mkdir(parents=True, exist_ok=True)
     (out / "compare.yaml").write_text(yaml.safe_dump(config.source, sort_keys=False, allow_unicode=True))
+    if config.runs:
+        floor = baseline(config.runs[0].config)  # every run has the same data: once, from the data alone
+        if floor is not None:
+            (out / BASELINE_FILE).write_text(json.dumps(floor, indent=1) + "\n")
     if config.tuning:
         config = _tuned(config, progress, log)
     todo = [run for run in config.runs if not is_current(read_record(record_path(out, run)), run)]

@@ -13,6 +13,10 @@ COLOURS = ["#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3", "#937860", "#d
            "#64b5cd"]
 
 
+MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*"]
+LINESTYLES = ["-", "--", ":", "-."]
+
+
 def _pyplot() -> Any:
     import matplotlib
 
@@ -51,6 +55,8 @@ def quality_vs_parameters(summary: Summary) -> bytes:
                   label="Pareto front")
         axis.scatter([r.trainable_params for r in front], [r.metric.mean for r in front], s=220, facecolors="none",
                      edgecolors="#444", linewidths=1.2)
+    if summary.baseline is not None:
+        axis.axhline(summary.baseline, color="#999", ls=":", lw=1.2, label=summary.baseline_name)
     axis.set_xscale("log")
     axis.set_xlabel("trainable parameters (log scale)")
     axis.set_ylabel(f"test {summary.metric}" + ("" if summary.greater_is_better else " (lower is better)"))
@@ -109,13 +115,16 @@ def curves(summary: Summary, records: Sequence[dict[str, Any]]) -> bytes:
     plt = _pyplot()
     colours = colour_of(summary)
     figure, (left, right) = plt.subplots(1, 2, figsize=(12, 4.2))
-    for row in summary.rows:
+    for index, row in enumerate(summary.rows):
         mine = [r for r in records if r.get("name") == row.name and r.get("curves")]
+        # runs often share values (the same validation accuracy at the same step): distinct markers and
+        # dashes keep a curve hidden under another visible
+        marker, dashes = MARKERS[index % len(MARKERS)], LINESTYLES[(index // len(MARKERS)) % len(LINESTYLES)]
         for axis, key, column in ((left, "train", 1), (right, "eval", 1)):
             steps, values = _mean_curve([r["curves"][key] for r in mine], column)
             if steps:
-                axis.plot(steps, values, marker="o" if key == "eval" else None, ms=3, color=colours[row.name],
-                          label=row.name)
+                axis.plot(steps, values, marker=marker if key == "eval" else None, ms=5, mfc="none",
+                          ls=dashes if key == "eval" else "-", alpha=0.85, color=colours[row.name], label=row.name)
     if summary.target is not None:
         right.axhline(summary.target, color="#444", ls=":", lw=1,
                       label=f"target ({summary.target_fraction:g} x {summary.reference})")

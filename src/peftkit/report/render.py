@@ -64,11 +64,24 @@ def cells(row: MethodSummary, summary: Summary) -> list[str]:
             target, *latency, stat(row.forgetting, 3)]
 
 
+def baseline_cells(summary: Summary) -> list[str] | None:
+    """The floor's row (a classifier's majority class): its metric, nothing trained, nothing measured."""
+    if summary.baseline is None:
+        return None
+    return [f"({summary.baseline_name})", f"{summary.baseline:.4f}", "0", *["-"] * (len(COLUMNS) - 3)]
+
+
+def table_rows(summary: Summary) -> list[list[str]]:
+    rows = [cells(row, summary) for row in summary.rows]
+    floor = baseline_cells(summary)
+    return rows + ([floor] if floor else [])
+
+
 def markdown(summary: Summary) -> str:
     """The summary table in Markdown, with a legend of what each column measures."""
     header = [c.format(metric=summary.metric) for c in COLUMNS]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(c.replace("|", "\\|") for c in cells(row, summary)) + " |" for row in summary.rows]
+    lines += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in table_rows(summary)]
     return "\n".join(lines) + "\n\n" + legend(summary) + "\n"
 
 
@@ -78,12 +91,20 @@ def legend(summary: Summary) -> str:
     measure = next((r.forgetting_measure for r in summary.rows if r.forgetting_measure), None)
     forgetting = (f"{measure} on {summary.forgetting_source}; 0 = unchanged, higher = moved further"
                   if measure else "not measured")
+    floor = (f" ({summary.baseline_name}) = what always predicting the training split's most frequent class "
+             f"scores; a row must beat it by more than its spread over seeds to be marked ◆."
+             if summary.baseline is not None else "")
+    spread = ""
+    if summary.latency_spread is not None and summary.latency_spread > 0.05:
+        spread = (f" The base model's latency, the same model in every run, ranged over "
+                  f"{100 * summary.latency_spread:.0f}% between runs: latency differences smaller than that are noise.")
     return "\n".join([
-        f"Mean ± sd over seeds. ◆ = on the Pareto front of test {summary.metric} against trainable parameters.",
+        f"Mean ± sd over seeds. ◆ = on the Pareto front of test {summary.metric} against trainable parameters.{floor}",
         "Peak train memory: the training process's peak resident memory (CPU) or peak allocated memory (GPU).",
         "Throughput: training examples per second of the optimizer steps alone; train time also counts evaluation.",
         f"Time to target: {target}.",
-        "Latency: ms per forward pass on one evaluation batch (median); merged is n/a where a method cannot merge.",
+        "Latency: ms per forward pass on one evaluation batch (median); merged is n/a where a method cannot merge."
+        + spread,
         f"Forgetting: {forgetting}.",
     ])
 
@@ -95,8 +116,14 @@ def write_report(output_dir: Path, records: Sequence[dict[str, Any]], config: An
     names = getattr(config, "names", None) or list(dict.fromkeys(r.get("name") for r in records))
     records = sorted(records, key=lambda r: (names.index(r.get("name")) if r.get("name") in names else len(names),
                                              r.get("seed", 0)))
+    from ..compare.measure import BASELINE_FILE
+
+    try:
+        floor = json.loads((output_dir / BASELINE_FILE).read_text())
+    except (OSError, json.JSONDecodeError):
+        floor = None
     summary = summarise(records, names, target_fraction=getattr(config, "target_fraction", 0.95),
-                        reference=getattr(config, "reference", "full"))
+                        reference=getattr(config, "reference", "full"), baseline=floor)
     from ..compare.tune import read_outcomes
 
     outcomes = {n: o for n, o in read_outcomes(output_dir).items() if n in names}
@@ -148,7 +175,9 @@ def tuning_markdown(outcomes: dict[str, dict[str, Any]], metric: str) -> str:
 
 
 def _title(summary: Summary) -> str:
-    return f"PEFT against full fine-tuning: {summary.task} with {summary.model}"
+    if any(row.method == "full" for row in summary.rows):
+        return f"PEFT against full fine-tuning: {summary.task} with {summary.model}"
+    return f"PEFT methods compared: {summary.task} with {summary.model}"
 
 
 def _summary_json(summary: Summary) -> dict[str, Any]:
@@ -166,7 +195,7 @@ table { border-collapse: collapse; font-size: .78rem; margin: .6rem 0; }
 .wide { overflow-x: auto; }
 th, td { border: 1px solid #d5d5d5; padding: .3rem .4rem; text-align: right; white-space: nowrap; }
 th { background: #f3f4f6; white-space: normal; vertical-align: bottom; } td:first-child, th:first-child { text-align: left; }
-tr.front td:first-child { font-weight: 600; }
+tr.front td:first-child { font-weight: 600; } tr.floor td { color: #666; font-style: italic; }
 .legend { font-size: .82rem; color: #444; } .legend p { margin: .15rem 0; }
 img { max-width: 100%; border: 1px solid #eee; margin: .5rem 0; }
 code { background: #f3f4f6; padding: 0 .25rem; border-radius: 3px; }
@@ -191,6 +220,9 @@ def html_page(summary: Summary, records: Sequence[dict[str, Any]], figures: dict
     body = "".join(
         f"<tr class='{'front' if row.pareto else ''}'>" + "".join(f"<td>{esc(c)}</td>" for c in cells(row, summary)) + "</tr>"
         for row in summary.rows)
+    floor = baseline_cells(summary)
+    if floor:
+        body += "<tr class='floor'>" + "".join(f"<td>{esc(c)}</td>" for c in floor) + "</tr>"
     legend_html = "".join(f"<p>{esc(line)}</p>" for line in legend(summary).splitlines())
     images = "".join(
         f"<h2>{esc(title)}</h2><img alt='{esc(stem)}' src='data:image/png;base64,{base64.b64encode(figures[stem]).decode()}'>"

@@ -72,6 +72,9 @@ class Summary:
     task: str | None
     model: str | None
     forgetting_source: str | None
+    baseline: float | None = None  # the test metric of the task's floor (a classifier's majority class)
+    baseline_name: str | None = None
+    latency_spread: float | None = None  # (max - min) / median of the base model's latency over runs
 
 
 def test_metric(record: dict[str, Any]) -> float | None:
@@ -111,11 +114,14 @@ def pareto_front(points: Sequence[tuple[float, float]], greater_is_better: bool)
 
 
 def summarise(records: Sequence[dict[str, Any]], names: Sequence[str] | None = None, *,
-              target_fraction: float = 0.95, reference: str | None = "full") -> Summary:
+              target_fraction: float = 0.95, reference: str | None = "full",
+              baseline: dict[str, Any] | None = None) -> Summary:
     """One :class:`MethodSummary` per run name, in ``names`` order (else first-seen order).
 
     The target for "time to target" is ``target_fraction`` of the mean best validation metric of the
     ``reference`` run (full fine-tuning), or of the best run by that measure when there is no reference.
+    ``baseline`` is the task's floor (``Task.baseline``): a row must beat it by more than its spread over
+    seeds to be on the Pareto front, since a run at the majority class trades nothing for its parameters.
     """
     names = list(names or dict.fromkeys(r["name"] for r in records))
     by_name = {name: [r for r in records if r.get("name") == name] for name in names}
@@ -129,13 +135,25 @@ def summarise(records: Sequence[dict[str, Any]], names: Sequence[str] | None = N
         reference = (max if greater else min)(known, key=known.get) if known else None
     target = target_value(known[reference], target_fraction, greater) if reference else None
     rows = [_row(name, by_name[name], target, greater) for name in names]
-    measured = [i for i, row in enumerate(rows) if row.metric.mean is not None and row.trainable_params]
+    floor = (baseline or {}).get(metric)
+    floor = float(floor) if isinstance(floor, int | float) else None
+    measured = [i for i, row in enumerate(rows) if row.metric.mean is not None and row.trainable_params
+                and (floor is None or _clears(row.metric, floor, greater))]
     for k in pareto_front([(rows[i].trainable_params, rows[i].metric.mean) for i in measured], greater):
         rows[measured[k]].pareto = True
     forgetting_source = next((r["forgetting"].get("source") for r in ok if "source" in (r.get("forgetting") or {})), None)
     first = records[0] if records else {}
+    bases = sorted(float((r.get("latency_ms") or {})["base"]) for r in ok
+                   if isinstance((r.get("latency_ms") or {}).get("base"), int | float))
+    spread = (bases[-1] - bases[0]) / statistics.median(bases) if len(bases) > 1 and statistics.median(bases) else None
     return Summary(rows, metric, greater, target, target_fraction, reference, first.get("task"), first.get("model"),
-                   forgetting_source)
+                   forgetting_source, floor, (baseline or {}).get("name") if floor is not None else None, spread)
+
+
+def _clears(value: Stat, floor: float, greater: bool) -> bool:
+    """The mean beats ``floor`` by more than the spread over seeds (and at all)."""
+    margin = (value.mean - floor) if greater else (floor - value.mean)
+    return margin > max(value.sd or 0.0, 1e-9)
 
 
 def _row(name: str, records: list[dict[str, Any]], target: float | None, greater: bool) -> MethodSummary:
