@@ -43,7 +43,8 @@ def test_demo_end_to_end_with_a_tiny_budget(tmp_path, capsys):
     """Two of the demo's methods, one seed, a few steps, on the real MiniLM and reviews."""
     out = tmp_path / "demo"
     code = main(["demo", "train.steps=3", "train.eval_every=3", "compare.probe_examples=16",
-                 "compare.latency_repeats=1", "data.split.test=0.01", "--seeds", "1", "--only", "full,lora",
+                 "compare.latency_repeats=1", "data.split.test=0.01", "compare.tune={lr: [1.0e-3]}",
+                 "--seeds", "1", "--only", "full,lora",
                  "--output-dir", str(out)])
     printed = capsys.readouterr().out
     assert code == 0, printed
@@ -54,3 +55,10 @@ def test_demo_end_to_end_with_a_tiny_budget(tmp_path, capsys):
     assert records["full-seed0"]["trainable_params"] == records["full-seed0"]["total_params"]
     assert records["lora-seed0"]["forgetting"]["measure"] == "1 - 7-NN retention"
     assert (out / "report.html").is_file()
+    # the demo tunes every run first (one candidate here, to keep the test short) and reads the head on
+    # MiniLM's declared mean pooling
+    assert sorted(p.name for p in (out / "records" / "tune").glob("*.json")) == ["full-lr-0.001-seed1.json",
+                                                                                "lora-lr-0.001-seed1.json"]
+    assert "## Tuning" in (out / "report.md").read_text() and "(majority class)" in printed
+    metrics = json.loads((out / "runs" / "lora" / "seed-0" / "metrics.json").read_text())
+    assert metrics["head"]["pooling"] == "mean"

@@ -231,6 +231,8 @@ def config_key(config: RunConfig) -> str:
         for key, before in (("init", "random"), ("init_from", None)):
             if data["select"].get(key, before) == before:
                 data["select"].pop(key, None)
+    if isinstance(data.get("data"), dict) and data["data"].get("encoding", "utf-8") == "utf-8":
+        data["data"].pop("encoding", None)  # added later; at its default, records made before keep their key
     text = json.dumps(data, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
