@@ -63,7 +63,7 @@ def test_help_lists_every_command_and_the_exit_codes(capsys):
 @pytest.mark.parametrize(("command", "expected"), [
     ("train", "usage: peftkit train [-h] [--resume] CONFIG.yaml [KEY=VALUE ...]"),
     ("eval", "usage: peftkit eval [-h] [--split {train,validation,test}]"),
-    ("predict", "usage: peftkit predict [-h] [--batch-size BATCH_SIZE] RUN_DIR [FILE|-]"),
+    ("predict", "usage: peftkit predict [-h] [--batch-size BATCH_SIZE] [--input-key KEY]"),
     ("merge", "usage: peftkit merge [-h] RUN_DIR OUT_DIR"),
     ("inspect", "usage: peftkit inspect [-h] [--task TASK] [--json] MODEL"),
     ("compare", "usage: peftkit compare [-h] [--seeds SEEDS] [--only ONLY]"),
@@ -214,7 +214,7 @@ def test_eval_of_a_config_evaluates_its_base_model(good_config, monkeypatch, cap
 def test_predict_reads_lines_or_jsonl_and_prints_json_lines(monkeypatch, capsys, tmp_path):
     seen = {}
 
-    def fake_predict_run(run_dir, inputs, batch_size=None):
+    def fake_predict_run(run_dir, inputs, batch_size=None, input_key=None):
         seen.update(run_dir=run_dir, inputs=inputs)
         return [{"label": "pos", "input": x} for x in inputs]
 

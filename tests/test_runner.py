@@ -307,15 +307,13 @@ def test_adalora_run_whose_best_checkpoint_predates_rank_pruning_tests_the_final
 def test_a_config_mistake_found_while_loading_leaves_no_run_behind(tiny_model_dir, reviews_csv, tmp_path, monkeypatch):
     """Issue 19: a bad label column (found with the data) or targets that match nothing (found with the
     model) must not leave a run directory that makes the corrected rerun ask for --resume."""
-    from peftkit.errors import NoTargetMatchedError
-
     out = tmp_path / "runs" / "x"
     bad_column = make_config(tiny_model_dir, reviews_csv, out, data={"columns": {"text": "review", "label": "verdict"}})
     with pytest.raises(Exception, match="verdict"):
         runner.train_run(bad_column, log=lambda line: None)
     assert not (out / "config.yaml").exists()
     no_target = make_config(tiny_model_dir, reviews_csv, out, adapter={"method": "lora", "target_modules": ["querry"]})
-    with pytest.raises(NoTargetMatchedError):
+    with pytest.raises(ConfigError, match=r"adapter\.target_modules: target 'querry' matched 0 modules"):
         runner.train_run(no_target, log=lambda line: None)
     assert not (out / "config.yaml").exists()
     assert runner.train_run(make_config(tiny_model_dir, reviews_csv, out), log=lambda line: None).ok
