@@ -437,7 +437,9 @@ def _report(args: argparse.Namespace) -> int:
             config = parse_compare_config(parse_yaml((directory / "compare.yaml").read_text()))
         except ValueError:
             config = None  # records alone are enough; order falls back to the records'
-    paths = write_report(directory, records, config)
+    from .compare.runner import report_extras
+
+    paths = write_report(directory, records, config, **report_extras(directory))
     print(paths["markdown"].read_text().split("\n", 2)[2].split("![")[0].rstrip())
     print(f"\nreport: {paths['html']}")
     return EXIT_OK

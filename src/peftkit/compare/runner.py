@@ -125,8 +125,17 @@ def run_comparison(config: CompareConfig, *, log: Log = print, progress: bool = 
     if report and result.records:
         from ..report import write_report
 
-        result.report = write_report(out, result.records, config)
+        result.report = write_report(out, result.records, config, **report_extras(out))
     return result
+
+
+def report_extras(out: Path) -> dict[str, Any]:
+    """What a comparison's directory holds for its report besides the records: the learning-rate searches
+    (``tuning.json``) and the task's floor (``baseline.json``)."""
+    from .tune import read_outcomes
+
+    floor = read_record(out / BASELINE_FILE)
+    return {"outcomes": read_outcomes(out), "baseline": floor if isinstance(floor, dict) else None}
 
 
 def _run_in_process(config: CompareConfig, run: PlannedRun, queued: list[PlannedRun], durations: dict[str, list[float]],

@@ -162,7 +162,8 @@ def choose(plan: TunePlan, records: Mapping[int, list[dict[str, Any] | None]], g
     for index, candidate in enumerate(plan.candidates):
         mine = [r for r in records.get(index, []) if r]
         values = [r["best_validation"] for r in mine if _finite(r.get("best_validation"))]
-        rows.append({"candidate": candidate, "validation": statistics.mean(values) if values else None,
+        rows.append({"candidate": candidate, "label": label(candidate),
+                     "validation": statistics.mean(values) if values else None,
                      "per_seed": [r.get("best_validation") for r in mine],
                      "status": sorted({str(r.get("status")) for r in mine}) or ["missing"],
                      "seconds": sum(float(r.get("wall_seconds") or 0.0) for r in mine)})
@@ -179,6 +180,7 @@ def choose(plan: TunePlan, records: Mapping[int, list[dict[str, Any] | None]], g
         if len(rates) > 1 and best["candidate"][LR] in (rates[0], rates[-1]):
             edge = "lowest" if best["candidate"][LR] == rates[0] else "highest"
     return {"name": plan.name, "candidates": rows, "chosen": best["candidate"] if best else None, "edge": edge,
+            "chosen_label": best["label"] if best else None,
             "chosen_validation": best["validation"] if best else None,
             "trials": len(plan.trials), "seeds": sorted({t.run.seed for t in plan.trials}),
             "steps": plan.trials[0].run.config.train.steps if plan.trials else None,

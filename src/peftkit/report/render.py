@@ -109,24 +109,26 @@ def legend(summary: Summary) -> str:
     ])
 
 
-def write_report(output_dir: Path, records: Sequence[dict[str, Any]], config: Any = None) -> dict[str, Path]:
-    """Write ``report.md``, ``report.html`` and the figures (``figures/*.png``) into ``output_dir``."""
+def write_report(output_dir: Path, records: Sequence[dict[str, Any]], config: Any = None, *,
+                 outcomes: dict[str, dict[str, Any]] | None = None,
+                 baseline: dict[str, Any] | None = None) -> dict[str, Path]:
+    """Write ``report.md``, ``report.html`` and the figures (``figures/*.png``) into ``output_dir``.
+
+    Args:
+        output_dir: Where the report goes.
+        records: The runs' records.
+        config: The comparison (run order, target settings), when known.
+        outcomes: Learning-rate searches by run name (``peftkit.compare.tune``), for the Tuning table.
+        baseline: The task's floor (a classifier's majority class), for its row and the Pareto mark.
+    """
     from .plots import all_figures
 
     names = getattr(config, "names", None) or list(dict.fromkeys(r.get("name") for r in records))
     records = sorted(records, key=lambda r: (names.index(r.get("name")) if r.get("name") in names else len(names),
                                              r.get("seed", 0)))
-    from ..compare.measure import BASELINE_FILE
-
-    try:
-        floor = json.loads((output_dir / BASELINE_FILE).read_text())
-    except (OSError, json.JSONDecodeError):
-        floor = None
     summary = summarise(records, names, target_fraction=getattr(config, "target_fraction", 0.95),
-                        reference=getattr(config, "reference", "full"), baseline=floor)
-    from ..compare.tune import read_outcomes
-
-    outcomes = {n: o for n, o in read_outcomes(output_dir).items() if n in names}
+                        reference=getattr(config, "reference", "full"), baseline=baseline)
+    outcomes = {n: o for n, o in (outcomes or {}).items() if n in names}
     figures = all_figures(summary, records, outcomes)
     figure_dir = output_dir / "figures"
     figure_dir.mkdir(parents=True, exist_ok=True)
@@ -143,14 +145,13 @@ def write_report(output_dir: Path, records: Sequence[dict[str, Any]], config: An
 
 def tuning_rows(outcomes: dict[str, dict[str, Any]]) -> list[list[str]]:
     """One row per tuned run: the candidates with their validation metric, the choice, the search's cost."""
-    from ..compare.tune import label
-
     rows = []
     for name, outcome in outcomes.items():
-        tried = ", ".join(f"{label(r['candidate'])}: " + (f"{r['validation']:.4f}" if r["validation"] is not None
-                                                           else "/".join(r["status"]))
+        tried = ", ".join(f"{r.get('label') or r['candidate']}: " + (f"{r['validation']:.4f}" if r["validation"] is not None
+                                                                     else "/".join(r["status"]))
                           for r in outcome["candidates"])
-        chosen = label(outcome["chosen"]) if outcome.get("chosen") else "none (kept the configured values)"
+        chosen = (outcome.get("chosen_label") or str(outcome["chosen"]) if outcome.get("chosen")
+                  else "none (kept the configured values)")
         if outcome.get("edge"):  # the best may lie beyond the candidates: say so rather than imply an optimum
             chosen += f" ({outcome['edge']} tried)"
         rows.append([name, tried, chosen, f"{outcome['trials']} x {outcome.get('steps')} steps, seeds "
