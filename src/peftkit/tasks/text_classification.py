@@ -23,7 +23,7 @@ from ..data.files import load_examples
 from ..data.general_text import GENERAL_TEXT_SOURCE, general_texts
 from ..errors import ConfigError
 from ..models import bundled_model_path, explain_missing, quiet_transformers
-from .base import Batch, Example, eval_mode, register_task
+from .base import Batch, Example, eval_mode, majority_baseline, register_task
 from .pooling import Pooling, choose_pooling
 from .probes import BehaviourProbe, mean_pooled
 
@@ -233,16 +233,9 @@ class TextClassificationTask:
         return {"loss": total / len(examples), **{m: METRICS[m](predictions, targets) for m in wanted}}
 
     def baseline(self, splits: Mapping[str, Sequence[Example]]) -> dict[str, Any] | None:
-        """What predicting the training split's most frequent class scores on the test split (the
-        validation split when there is no test split): the floor a comparison's rows must clear."""
-        held_out = splits.get("test") or splits.get("validation") or []
-        if not splits.get("train") or not held_out:
-            return None
+        """The majority-class floor a comparison's rows must clear (:func:`majority_baseline`)."""
         wanted = self.config.eval.metrics or list(METRICS)
-        scores = metrics.majority_class([self.label_id(e["label"]) for e in splits["train"]],
-                                        [self.label_id(e["label"]) for e in held_out],
-                                        {m: METRICS[m] for m in wanted})
-        return {"name": "majority class", "split": "test" if splits.get("test") else "validation", **scores}
+        return majority_baseline(splits, self.label_id, {m: METRICS[m] for m in wanted})
 
     def predict(self, model: nn.Module, inputs: Sequence[Any], batch_size: int) -> list[dict[str, Any]]:
         """``{"label": name, "score": probability}`` of the most likely class for each input, in order.
