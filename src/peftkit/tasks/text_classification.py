@@ -97,7 +97,7 @@ class TextClassificationTask:
             ConfigError: ``model.num_labels`` is smaller than the number of labels.
             OSError: the model cannot be found (the message says where it was looked for).
         """
-        from transformers import AutoModelForSequenceClassification
+        from transformers import AutoConfig, AutoModelForSequenceClassification
 
         model_cfg, data_cfg = self.config.model, self.config.data
         if self.labels is None and (data_cfg.name or data_cfg.files):
@@ -130,11 +130,12 @@ class TextClassificationTask:
         # Seeding here makes the new head's initial weights, and so the whole run, reproducible.
         torch.manual_seed(self.config.train.seed)
         with quiet_transformers(), explain_missing(model_cfg.name_or_path):
-            self.pooling = self._choose_pooling(source, kwargs)
+            source_config = AutoConfig.from_pretrained(source, **_gguf(kwargs))
+            self.pooling = self._choose_pooling(source, source_config)
             if self.pooling.native:
                 model = AutoModelForSequenceClassification.from_pretrained(source, **kwargs, **head)
             else:
-                model = _pooled_model(source, self.pooling.mode, kwargs, head)
+                model = _pooled_model(source, self.pooling.mode, source_config, kwargs, head)
             self._load_tokenizer(source)
         if model_cfg.quantize:
             from ..backends.kbit import prepare_for_kbit_training
@@ -148,13 +149,10 @@ class TextClassificationTask:
             model.config.pad_token_id = self.tokenizer.pad_token_id
         return model
 
-    def _choose_pooling(self, source: str, kwargs: dict[str, Any]) -> Pooling:
-        """The head's pooling (``model.pooling``), from the model's own files and config."""
-        from transformers import AutoConfig
-
+    def _choose_pooling(self, source: str, config: Any) -> Pooling:
+        """The head's pooling (``model.pooling``), from the model's own files and ``config``."""
         from .pooled_classifier import POOLING_KEY
 
-        config = AutoConfig.from_pretrained(source, **_gguf(kwargs))
         exported = getattr(config, POOLING_KEY, None)
         if exported and self.config.model.pooling in ("auto", exported):
             return Pooling(exported, False, f"a peftkit export whose config.json sets {POOLING_KEY}: {exported}")
@@ -163,8 +161,7 @@ class TextClassificationTask:
     @property
     def head_info(self) -> dict[str, Any] | None:
         """What the classification head reads and why (recorded in ``metrics.json``), once loaded."""
-        pooling = getattr(self, "pooling", None)
-        return pooling.as_dict() if pooling is not None else None
+        return self.pooling.as_dict() if self.pooling is not None else None
 
     def _load_tokenizer(self, source: str) -> Any:
         from transformers import AutoTokenizer
@@ -325,20 +322,19 @@ def label_mapping(values: Sequence[Any], names: Sequence[str] | None) -> tuple[l
     return names, ids
 
 
-def _pooled_model(source: str, mode: str, kwargs: dict[str, Any], head: dict[str, Any]) -> nn.Module:
-    """The encoder at ``source`` under a fresh head reading ``mode`` pooling of its last hidden states."""
-    from transformers import AutoConfig, AutoModel
+def _pooled_model(source: str, mode: str, config: Any, kwargs: dict[str, Any], head: dict[str, Any]) -> nn.Module:
+    """The encoder at ``source`` (its ``config`` loaded) under a head reading ``mode`` pooling of its last
+    hidden states: a fresh head, or the trained one of a directory peftkit exported."""
+    from transformers import AutoModel
 
     from .pooled_classifier import POOLING_KEY, PooledModelForSequenceClassification
 
-    exported = AutoConfig.from_pretrained(source, **_gguf(kwargs), **head)
-    if getattr(exported, POOLING_KEY, None):
-        # a directory peftkit exported (``peftkit merge``): encoder and trained head load together
-        return PooledModelForSequenceClassification.from_pretrained(source, config=exported, **kwargs)
-    encoder = AutoModel.from_pretrained(source, **kwargs)
-    config = encoder.config
+    exported = bool(getattr(config, POOLING_KEY, None))
     for key, value in head.items():
         setattr(config, key, value)
+    if exported:  # ``peftkit merge`` wrote it: encoder and trained head load together
+        return PooledModelForSequenceClassification.from_pretrained(source, config=config, **kwargs)
+    encoder = AutoModel.from_pretrained(source, config=config, **kwargs)
     setattr(config, POOLING_KEY, mode)
     model = PooledModelForSequenceClassification(config, encoder)
     model.classifier.to(kwargs["dtype"])  # not model.to(): a quantized encoder must stay as it is
