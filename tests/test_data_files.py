@@ -73,7 +73,7 @@ def test_declared_format_overrides_the_extension(tmp_path):
         load_examples(mapped(files={"train": str(path)}), ["text", "label"])
     splits = load_examples(mapped(files={"train": str(path)}, format="jsonl"), ["text", "label"])
     assert len(splits["train"]) == len(ROWS)
-    with pytest.raises(ConfigError, match=r"data\.format: expected one of csv, tsv, json, jsonl, parquet, got 'xml'"):
+    with pytest.raises(ConfigError, match=r"data\.format: expected a file type \(csv, tsv, json, jsonl, parquet\) or a chat layout .*got 'xml'"):
         load_examples(mapped(files={"train": str(path)}, format="xml"), ["text", "label"])
 
 
@@ -163,7 +163,7 @@ def test_missing_file_and_missing_source_say_what_to_set(tmp_path):
         load_examples(mapped(files=str(tmp_path / "nope.csv")), ["text", "label"])
     with pytest.raises(ConfigError, match=r"set data\.name to a bundled data set \(.*rotten_tomatoes.*\) or data\.files"):
         load_examples(DataConfig(), ["text", "label"])
-    with pytest.raises(ConfigError, match=r"data\.name \('rotten_tomatoes'\) and data\.files .* both set"):
+    with pytest.raises(ConfigError, match=r"data\.name and data\.files are each a source of examples; keep one of them"):
         load_examples(DataConfig(name="rotten_tomatoes", files="x.csv"), ["text", "label"])
 
 

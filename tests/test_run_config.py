@@ -155,7 +155,7 @@ def test_unknown_data_set_and_missing_files(tmp_path):
     assert "data.files.dev: expected one of train, validation, test as the key" in problems
     assert f"data.files.train: {missing!r} does not exist" in "\n".join(problems)
     (problem,) = problems_of({**MINIMAL, "data": {"name": "rotten_tomatoes", "files": missing}})
-    assert "both set; keep one of them" in problem
+    assert "data.name and data.files are each a source of examples; keep one of them" in problem
     (problem,) = problems_of({**MINIMAL, "data": {}})
     assert problem.startswith("data: set data.name to a bundled data set (")
 
@@ -229,7 +229,7 @@ def test_dump_then_load_gives_the_same_config(tmp_path):
 
 SECTIONS = {"": schema.RunConfig, "model": schema.ModelConfig, "data": schema.DataConfig,
             "data.split": schema.SplitConfig, "train": TrainConfig, "eval": schema.EvalConfig,
-            "select": schema.SelectConfig}
+            "generation": schema.GenerationSettings, "select": schema.SelectConfig}
 
 
 def documented_fields() -> dict[str, dict[str, str]]:

@@ -92,7 +92,8 @@ def test_chat_template_used_when_present():
     task = make_task(CHAT_TEMPLATE)
     ids, labels = task.encode({"prompt": "cat", "response": "chat"})
     text = task.tokenizer.decode(ids)
-    assert text == "<s>user: cat\n<s>assistant: chat</s>"
+    # the template's own turn text ("chat\n"), then EOS: this template ends a turn without one
+    assert text == "<s>user: cat\n<s>assistant: chat\n</s>"
     n_prompt = len(task.encode_prompt("cat"))
     assert task.tokenizer.decode(ids[:n_prompt]) == "<s>user: cat\n<s>assistant: "
     assert all(label == IGNORE for label in labels[:n_prompt])

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigError
+from . import chat
 from .registry import bundled_datasets, dataset_loader
 
 if TYPE_CHECKING:
@@ -51,14 +52,17 @@ class Splits(dict):
         self.info = info
 
 
-def load_examples(data: DataConfig, roles: Sequence[str]) -> Splits:
+def load_examples(data: DataConfig, roles: Sequence[str], *, conversations: bool = False) -> Splits:
     """The train / validation / test examples of a run, each a dict keyed by the task's ``roles``.
 
     Args:
-        data: The run's ``data`` section: ``name`` (a bundled data set) or ``files`` (+ ``format``,
-            ``columns``, ``split``), and ``max_train_examples`` / ``max_eval_examples``.
+        data: The run's ``data`` section: ``name`` (a bundled data set), ``files`` (+ ``format``,
+            ``columns``, ``split``) or ``hub``, and ``max_train_examples`` / ``max_eval_examples``.
         roles: The keys the task reads from every example, e.g. ``["text", "label"]``. A file column
             feeds role ``r`` when ``data.columns[r]`` names it, else the column called ``r``.
+        conversations: The task also reads chat records (``peftkit.data.chat``): a file in a chat
+            layout (named by ``data.format`` or recognised from its columns) gives examples
+            ``{"messages": [...]}`` instead.
 
     Returns:
         A dict with the three splits (a split may be empty) whose ``info`` attribute records the
@@ -70,17 +74,21 @@ def load_examples(data: DataConfig, roles: Sequence[str]) -> Splits:
         FileNotFoundError: a data file does not exist.
         KeyError: ``data.name`` is not a bundled data set.
     """
-    if data.name and data.files:
-        raise ConfigError(
-            [f"data.name ({data.name!r}) and data.files ({data.files!r}) are both set; keep one of them"],
-            what="data config",
-        )
+    given = [f"data.{name}" for name in ("name", "files", "hub") if getattr(data, name, None)]
+    if len(given) > 1:
+        raise ConfigError([f"{' and '.join(given)} are each a source of examples; keep one of them"], what="data config")
     if data.name:
         splits = {s: list(examples) for s, examples in dataset_loader(data.name)(data).items()}
         _check_bundled(data.name, splits, roles)
         info: dict[str, Any] = {"source": "bundled", "name": data.name, "seed": data.split.seed}
     elif data.files:
-        splits, info = _load_files(data, roles)
+        splits, info = _load_files(data, roles, conversations)
+    elif data.hub:
+        from .hub import read_hub
+
+        columns, raw, info = read_hub(data)
+        where = f"Hub data set {data.hub!r}"
+        splits = {s: map_rows(columns, rows, data, roles, where, conversations=conversations) for s, rows in raw.items()}
     else:
         known = ", ".join(bundled_datasets()) or "none"
         raise ConfigError(
@@ -103,11 +111,12 @@ def file_format(path: str | Path, declared: str | None = None) -> str:
     Raises:
         ConfigError: the declared format is not csv / json / parquet, or the extension is unknown.
     """
-    if declared is not None:
+    if declared is not None and declared.lower() not in chat.LAYOUTS:
         aliases = {"csv": "csv", "tsv": "csv", "json": "json", "jsonl": "json", "parquet": "parquet"}
         if declared.lower() not in aliases:
             raise ConfigError(
-                [f"data.format: expected one of {', '.join(aliases)}, got {declared!r}"], what="data config"
+                [f"data.format: expected a file type ({', '.join(aliases)}) or a chat layout "
+                 f"({', '.join(chat.LAYOUTS)}), got {declared!r}"], what="data config"
             )
         return aliases[declared.lower()]
     suffixes = [s.lower() for s in Path(path).suffixes]
@@ -319,7 +328,7 @@ def split_rows(rows: Sequence[Any], validation: float, test: float, seed: int) -
     }
 
 
-def _load_files(data: DataConfig, roles: Sequence[str]) -> tuple[dict[str, list[dict[str, Any]]], dict[str, Any]]:
+def _load_files(data: DataConfig, roles: Sequence[str], conversations: bool) -> tuple[dict[str, list[dict[str, Any]]], dict[str, Any]]:
     """Read ``data.files`` (one file to split, or split -> file) and map its columns to ``roles``."""
     files = data.files
     if isinstance(files, Mapping):
@@ -329,10 +338,10 @@ def _load_files(data: DataConfig, roles: Sequence[str]) -> tuple[dict[str, list[
                 [f"data.files: keys must be among {', '.join(SPLITS)}, got {sorted(files) or 'an empty mapping'}"],
                 what="data config",
             )
-        splits = {split: _read_mapped(path, data, roles) for split, path in files.items()}
+        splits = {split: _read_mapped(path, data, roles, conversations) for split, path in files.items()}
         info = {"source": "files", "files": dict(files), "format": _formats(files.values(), data.format)}
         return splits, info
-    rows = _read_mapped(files, data, roles)
+    rows = _read_mapped(files, data, roles, conversations)
     s = data.split
     info = {
         "source": "file", "files": str(files), "format": file_format(files, data.format), "rows": len(rows),
@@ -345,40 +354,91 @@ def _formats(paths: Any, declared: str | None) -> str:
     return ",".join(sorted({file_format(p, declared) for p in paths}))
 
 
-def _read_mapped(path: str | Path, data: DataConfig, roles: Sequence[str]) -> list[dict[str, Any]]:
-    """Rows of one file as dicts keyed by ``roles``; every missing column or value is reported at once."""
-    columns, rows = read_table(path, data.format, data.encoding)
-    unknown_roles = sorted(set(data.columns) - set(roles))
+def _read_mapped(path: str | Path, data: DataConfig, roles: Sequence[str], conversations: bool = False) -> list[dict[str, Any]]:
+    """Rows of one file as dicts keyed by ``roles`` (or chat records); every problem is reported at once."""
+    columns, rows = read_table(path, _file_type(data.format), data.encoding)
+    return map_rows(columns, rows, data, roles, repr(str(path)), path=path, conversations=conversations)
+
+
+def _file_type(declared: str | None) -> str | None:
+    """``data.format`` when it names a file type; None (the extension decides) when it names a chat layout."""
+    return None if declared is not None and declared.lower() in chat.LAYOUTS else declared
+
+
+def chat_layout(columns: Sequence[str], data: DataConfig) -> str | None:
+    """The chat layout rows with ``columns`` are read in: ``data.format``'s, else recognised from the
+    columns, unless the prompt and response roles are mapped or present (single-turn examples)."""
+    if data.format is not None and data.format.lower() in chat.LAYOUTS:
+        return data.format.lower()
+    if any(role in data.columns for role in ("prompt", "response")) or {"prompt", "response"} <= set(columns):
+        return None
+    return chat.detect_layout(columns)
+
+
+def map_rows(
+    columns: Sequence[str],
+    rows: Sequence[Mapping[str, Any]],
+    data: DataConfig,
+    roles: Sequence[str],
+    where: str,
+    *,
+    path: str | Path | None = None,
+    conversations: bool = False,
+) -> list[dict[str, Any]]:
+    """``rows`` (read from ``where``: a file, or a Hub data set) as dicts keyed by ``roles``, or as chat
+    records ``{"messages": [...]}`` when ``conversations`` is allowed and the rows are in a chat layout.
+
+    Raises:
+        ConfigError: a role's column is missing (the message lists the columns), a row lacks a value,
+            or a chat record is malformed; every problem at once.
+    """
+    layout = chat_layout(columns, data) if conversations else None
+    if data.format is not None and data.format.lower() in chat.LAYOUTS and not conversations:
+        raise ConfigError([f"data.format: {data.format!r} is a chat layout, which only causal-LM tasks read; "
+                           "set data.format to the file type (csv, json, parquet) or leave it unset"], what="data config")
+    allowed = [*roles, chat.CONVERSATION_KEY] if layout else list(roles)
+    unknown_roles = sorted(set(data.columns) - set(allowed))
     problems = [
-        f"data.columns.{role}: this task reads no role {role!r}; its roles are: {', '.join(roles)}"
+        f"data.columns.{role}: this task reads no role {role!r}; its roles are: {', '.join(allowed)}"
         for role in unknown_roles
     ]
-    mapping = {role: data.columns.get(role, role) for role in roles}
-    for role, column in mapping.items():
+    if layout:
+        needed = {c: c for c in chat.required_columns(layout, data.columns)}
+    else:
+        needed = {role: data.columns.get(role, role) for role in roles}
+    for role, column in needed.items():
         if column not in columns:
-            why = "" if role in data.columns else f" (data.columns.{role} is unset, so the column must be named {role!r})"
-            problems.append(
-                f"data.columns.{role}: column {column!r} is not in {str(path)!r}{why}; its columns are: "
-                f"{', '.join(columns)}; set data.columns.{role} to one of them"
-            )
+            if layout:
+                why = f" (the {layout} layout reads it)"
+                fix = ("set data.columns.messages to the column holding the turns" if layout != "alpaca"
+                       else "rename the columns, or set data.format")
+            else:
+                why = "" if role in data.columns else f" (data.columns.{role} is unset, so the column must be named {role!r})"
+                fix = f"set data.columns.{role} to one of them"
+            problems.append(f"data.columns.{role if not layout else chat.CONVERSATION_KEY}: column {column!r} is not in "
+                            f"{where}{why}; its columns are: {', '.join(columns)}; {fix}")
     if problems:
-        raise ConfigError(_with_broken_line(path, data.format, problems, data.encoding), what=f"column mapping for {str(path)!r}")
-    empty = [(i, role) for i, row in enumerate(rows) for role, column in mapping.items() if row[column] is None]
+        raise ConfigError(_with_broken_line(path, data.format, problems, data.encoding), what=f"column mapping for {where}")
+    if layout:
+        return chat.conversations(rows, layout, data.columns, where)
+    empty = [(i, role) for i, row in enumerate(rows) for role, column in needed.items() if row[column] is None]
     if empty:
-        shown = [f"row {i + 1}: no value in column {mapping[role]!r} (role {role!r})" for i, role in empty[:MAX_ROWS_SHOWN]]
+        shown = [f"row {i + 1}: no value in column {needed[role]!r} (role {role!r})" for i, role in empty[:MAX_ROWS_SHOWN]]
         more = [f"... and {len(empty) - MAX_ROWS_SHOWN} more empty cells"] if len(empty) > MAX_ROWS_SHOWN else []
-        problems = _with_broken_line(path, data.format, shown + more + ["fill or drop these rows in the file"], data.encoding)
-        raise ConfigError(problems, what=f"data file {str(path)!r}")
-    return [{role: row[column] for role, column in mapping.items()} for row in rows]
+        problems = _with_broken_line(path, data.format, shown + more + ["fill or drop these rows in the data"], data.encoding)
+        raise ConfigError(problems, what=f"data in {where}")
+    return [{role: row[column] for role, column in needed.items()} for row in rows]
 
 
-def _with_broken_line(path: str | Path, fmt: str | None, problems: list[str], encoding: str = "utf-8") -> list[str]:
+def _with_broken_line(path: str | Path | None, fmt: str | None, problems: list[str], encoding: str = "utf-8") -> list[str]:
     """``problems``, headed by the file's first malformed line when it has one.
 
     The data library reads some broken files without complaint (a CSV row with one field too many
     becomes an index column, a JSON array becomes a column of values), and the first sign is a missing
     column or empty cells; the broken line is then the cause to report.
     """
+    if path is None:
+        return problems
     path = Path(path)
     builder = file_format(path, fmt)
     tab = (fmt or "").lower() == "tsv" or ".tsv" in [s.lower() for s in path.suffixes]

@@ -28,7 +28,7 @@ import yaml
 
 from ..errors import ConfigError
 from ..train.config import TrainConfig
-from .schema import DataConfig, EvalConfig, ModelConfig, RunConfig
+from .schema import DataConfig, EvalConfig, GenerationSettings, ModelConfig, RunConfig
 
 FULL_FINE_TUNING = "full"  # `adapter.method: full` trains every parameter instead of an adapter
 # Learning rates `peftkit compare` tries for full fine-tuning (a method's own live on its config class,
@@ -419,7 +419,13 @@ _VALUE_CHECKS: list[Check] = [
     ("train.device", lambda v: _DEVICE.fullmatch(v) is not None, "auto, cpu, cuda, cuda:N or mps"),
     ("eval.batch_size", lambda v: v > 0, "a positive number of examples"),
     ("eval.split", lambda v: v in SPLITS, "one of train, validation, test"),
-    ("eval.max_new_tokens", lambda v: v > 0, "a positive number of tokens"),
+    ("eval.max_new_tokens", lambda v: v is None or v > 0, "a positive number of tokens, or null"),
+    ("generation.max_new_tokens", lambda v: v > 0, "a positive number of tokens"),
+    ("generation.temperature", lambda v: v is None or v >= 0, "a non-negative temperature (0: greedy), or null"),
+    ("generation.top_p", lambda v: v is None or 0 < v <= 1, "a probability mass in (0, 1], or null"),
+    ("generation.top_k", lambda v: v is None or v > 0, "a positive number of tokens, or null"),
+    ("generation.num_beams", lambda v: v >= 1, "a beam width of 1 or more (1: no beam search)"),
+    ("generation.repetition_penalty", lambda v: v > 0, "a positive penalty (1: off)"),
     ("output_dir", lambda v: bool(v.strip()), "a directory path"),
 ]
 
@@ -436,6 +442,10 @@ def _check_values(config: RunConfig) -> list[str]:
                         f"{split.validation} + {split.test} >= 1")
     problems += _quantize_problems(config)
     problems += _select_problems(config)
+    older, newer = config.eval.max_new_tokens, config.generation.max_new_tokens
+    if older is not None and newer != GenerationSettings.max_new_tokens and older != newer:
+        problems.append(f"eval.max_new_tokens: {older} disagrees with generation.max_new_tokens: {newer}; "
+                        "keep generation.max_new_tokens only (eval.max_new_tokens is its older spelling)")
     if config.train.metric in ("loss", "perplexity") and config.train.greater_is_better:
         problems.append(f"train.greater_is_better: a lower {config.train.metric} is better; set it to false")
     return problems
@@ -543,17 +553,25 @@ def _data_problems(data: DataConfig) -> list[str]:
     from ..data import bundled_datasets
     from ..data.files import file_format
 
-    if data.name is not None and data.files is not None:
-        return [f"data: data.name ({data.name!r}) and data.files are both set; keep one of them"]
-    if data.name is None and data.files is None:
-        return [f"data: set data.name to a bundled data set ({', '.join(bundled_datasets()) or 'none'}) "
-                "or data.files to a CSV / JSONL / Parquet file"]
+    given = [f"data.{name}" for name in ("name", "files", "hub") if getattr(data, name) is not None]
+    if len(given) > 1:
+        return [f"data: {' and '.join(given)} are each a source of examples; keep one of them"]
+    if not given:
+        return [f"data: set data.name to a bundled data set ({', '.join(bundled_datasets()) or 'none'}), "
+                "data.files to a CSV / JSONL / Parquet file, or data.hub to a Hugging Face Hub data set"]
+    problems = _chat_template_problems(data)
+    if data.hub_splits and data.hub is None:
+        problems.append("data.hub_splits: only read with data.hub; remove it or set data.hub")
+    if data.hub is not None:
+        from ..data.hub import config_problems as hub_problems
+
+        return problems + hub_problems(data)
     if data.name is not None:
         known = bundled_datasets()
-        return [] if data.name in known else [f"data.name: unknown bundled data set {data.name!r}; "
-                                              f"{_suggest(data.name, known, 'bundled')} (or give data.files)"]
+        return problems + ([] if data.name in known else [
+            f"data.name: unknown bundled data set {data.name!r}; {_suggest(data.name, known, 'bundled')} (or give data.files)"])
     files = data.files if isinstance(data.files, dict) else {"": data.files}
-    problems = [f"data.files.{key}: expected one of {', '.join(SPLITS)} as the key" for key in files if key and key not in SPLITS]
+    problems += [f"data.files.{key}: expected one of {', '.join(SPLITS)} as the key" for key in files if key and key not in SPLITS]
     if isinstance(data.files, dict) and not data.files:
         problems.append("data.files: an empty mapping; give a file, or a mapping split -> file")
     for key, file in files.items():
@@ -565,6 +583,13 @@ def _data_problems(data: DataConfig) -> list[str]:
         except ConfigError as exc:
             problems += [p for p in exc.problems if p not in problems]
     return problems
+
+
+def _chat_template_problems(data: DataConfig) -> list[str]:
+    from ..data.chat import template_problem
+
+    problem = template_problem(data.chat_template)
+    return [f"data.chat_template: {problem}"] if problem else []
 
 
 # -- writing ---------------------------------------------------------------------------------------
@@ -583,6 +608,10 @@ def resolved(config: RunConfig) -> RunConfig:
         data = dataclasses.replace(data, files=absolute(data.files))
     elif isinstance(data.files, dict):
         data = dataclasses.replace(data, files={k: absolute(v) for k, v in data.files.items()})
+    from ..data.chat import is_template_file
+
+    if data.chat_template and is_template_file(data.chat_template):
+        data = dataclasses.replace(data, chat_template=absolute(data.chat_template))
     select = config.select
     if select.init_from:
         select = dataclasses.replace(select, init_from=absolute(select.init_from))

