@@ -33,6 +33,8 @@ examples:
   peftkit train configs/sentiment-minilm-lora.yaml --resume
   peftkit eval runs/sentiment-minilm-lora --split validation
   echo "a gripping, funny film" | peftkit predict runs/sentiment-minilm-lora
+  peftkit predict runs/instruct-smollm2-lora --stream --max-new-tokens 64 <<< "Name three colours."
+  peftkit chat runs/instruct-smollm2-lora --temperature 0.7
   peftkit merge runs/sentiment-minilm-lora exports/sentiment-minilm
   peftkit inspect minilm
   peftkit select configs/sentiment-minilm-lora.yaml --budget 0.4%
@@ -50,6 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(commands)
     _add_eval(commands)
     _add_predict(commands)
+    _add_chat(commands)
     _add_merge(commands)
     _add_inspect(commands)
     _add_select(commands)
@@ -118,6 +121,44 @@ def _add_predict(commands: Any) -> None:
     sub.add_argument("--batch-size", type=_positive, default=None, help="inputs per forward pass (default: eval.batch_size)")
     sub.add_argument("--input-key", default=None, metavar="KEY",
                      help="the key of JSON inputs that holds the input (default: the task's: text, prompt, image, source)")
+    _add_generation_options(sub)
+    sub.add_argument("--stream", action="store_true",
+                     help="generation tasks, one input: print the answer as it is generated (then its JSON line)")
+
+
+def _add_chat(commands: Any) -> None:
+    sub = _command(
+        commands, "chat", "talk to a trained causal-LM run, turn by turn",
+        "An interactive, multi-turn conversation with a causal-lm run in its chat template: each line you type "
+        "is a user turn, the answer streams as it is generated. /reset starts over, /exit or Ctrl-D ends. "
+        "Lines may also come from a pipe.",
+        _chat,
+    )
+    sub.add_argument("run_dir", metavar="RUN_DIR", help="a causal-lm run's output_dir")
+    sub.add_argument("--system", default=None, metavar="TEXT", help="a system prompt for this session (default: data.system_prompt)")
+    _add_generation_options(sub)
+    sub.add_argument("--no-stream", action="store_true", help="print each answer when it is finished")
+
+
+# command-line option -> (generation field, type); the defaults live in the run's generation section
+GENERATION_OPTIONS = {
+    "--max-new-tokens": ("max_new_tokens", int), "--temperature": ("temperature", float),
+    "--top-p": ("top_p", float), "--top-k": ("top_k", int), "--num-beams": ("num_beams", int),
+    "--repetition-penalty": ("repetition_penalty", float), "--seed": ("seed", int),
+}
+
+
+def _add_generation_options(sub: argparse.ArgumentParser) -> None:
+    group = sub.add_argument_group("generation (causal-lm and seq2seq runs; default: the run's generation section)")
+    for option, (name, kind) in GENERATION_OPTIONS.items():
+        group.add_argument(option, dest=f"gen_{name}", type=kind, default=None, metavar=kind.__name__.upper())
+    group.add_argument("--sample", dest="gen_do_sample", action="store_const", const=True, default=None,
+                       help="sample (with the temperature / top-p / top-k given) instead of greedy decoding")
+
+
+def _generation_changes(args: argparse.Namespace) -> dict[str, Any]:
+    names = [name for name, _ in GENERATION_OPTIONS.values()] + ["do_sample"]
+    return {name: getattr(args, f"gen_{name}") for name in names if getattr(args, f"gen_{name}") is not None}
 
 
 def _add_merge(commands: Any) -> None:
@@ -342,8 +383,35 @@ def _predict(args: argparse.Namespace) -> int:
             raise FileNotFoundError(f"input file {str(path)!r} does not exist; give a file of inputs, one per line, or - for stdin")
         with path.open(encoding="utf-8") as handle:
             inputs = parse_inputs(handle)
-    for prediction in predict_run(args.run_dir, inputs, args.batch_size, args.input_key):
+    predictions = predict_run(args.run_dir, inputs, args.batch_size, args.input_key,
+                              generation=_generation_changes(args), stream=args.stream)
+    for prediction in predictions:
         print(json.dumps(prediction, ensure_ascii=False, default=str))
+    return EXIT_OK
+
+
+def _chat(args: argparse.Namespace) -> int:
+    from .run.chat import chat_session
+
+    interactive = sys.stdin.isatty()
+    stream = not args.no_stream and sys.stdout.isatty()
+    if interactive:
+        print(f"peftkit chat with {args.run_dir}: type a message; /reset starts over, /exit or Ctrl-D ends.",
+              file=sys.stderr)
+
+    def read(prompt: str) -> str:
+        if interactive:
+            return input(prompt)
+        line = sys.stdin.readline()
+        if not line:
+            raise EOFError
+        return line
+
+    def write(text: str) -> None:
+        print(text, flush=True)
+
+    chat_session(args.run_dir, read=read, write=write, generation=_generation_changes(args),
+                 system_prompt=args.system, stream=stream)
     return EXIT_OK
 
 

@@ -79,8 +79,10 @@ def conversations(rows: Sequence[Mapping[str, Any]], layout: str, columns: Mappi
     return out
 
 
-def to_messages(record: Mapping[str, Any], layout: str, columns: Mapping[str, str] | None = None) -> list[Message]:
-    """One record in ``layout`` as a list of OpenAI-style messages.
+def to_messages(record: Mapping[str, Any], layout: str, columns: Mapping[str, str] | None = None, *,
+                answered: bool = True) -> list[Message]:
+    """One record in ``layout`` as a list of OpenAI-style messages; ``answered``: it must hold an
+    assistant turn (training data does; a conversation to continue need not).
 
     Raises:
         ValueError: the record is malformed (the message says how).
@@ -90,16 +92,17 @@ def to_messages(record: Mapping[str, Any], layout: str, columns: Mapping[str, st
         instruction, extra, output = record.get("instruction"), record.get("input"), record.get("output")
         if not isinstance(instruction, str) or not instruction.strip():
             raise ValueError("'instruction' is empty")
-        if not isinstance(output, str):
+        if not isinstance(output, str) and answered:
             raise ValueError("'output' is missing")
         user = f"{instruction}\n\n{extra}" if isinstance(extra, str) and extra.strip() else instruction
-        return [{"role": "user", "content": user}, {"role": "assistant", "content": output}]
+        answer = [{"role": "assistant", "content": output}] if isinstance(output, str) else []
+        return [{"role": "user", "content": user}, *answer]
     key = columns.get(CONVERSATION_KEY, _COLUMN[layout])
     turns = record.get(key)
     if not isinstance(turns, list) or not turns:
         raise ValueError(f"{key!r} is not a list of turns (got {type(turns).__name__})")
     messages = [_message(turn, layout, i) for i, turn in enumerate(turns, 1)]
-    if not any(m["role"] == "assistant" for m in messages):
+    if answered and not any(m["role"] == "assistant" for m in messages):
         raise ValueError("no assistant turn, so nothing to learn from")
     return messages
 

@@ -115,7 +115,7 @@ def parse_config(data: Any, overrides: Iterable[str] = (), source: str = "config
     # still run on everything else and the user sees every problem in one go.
     config = _build(RunConfig, values)
     reported = {p.split(":", 1)[0] for p in problems}
-    problems += [p for p in _check_values(config) + _check_references(config) if p.split(":", 1)[0] not in reported]
+    problems += [p for p in value_problems(config) + _check_references(config) if p.split(":", 1)[0] not in reported]
     if problems:
         raise ConfigError(problems, what=f"run config {source!r}" if source != "config" else "run config")
     return config
@@ -430,7 +430,7 @@ _VALUE_CHECKS: list[Check] = [
 ]
 
 
-def _check_values(config: RunConfig) -> list[str]:
+def value_problems(config: RunConfig) -> list[str]:
     problems = []
     for path, ok, expected in _VALUE_CHECKS:
         value = _get(config, path)

@@ -33,7 +33,7 @@ from .. import api
 from ..errors import AdapterMismatchError, ConfigError
 from ..select.choose import is_auto
 from ..tasks import Task, task_class
-from .config import FULL_FINE_TUNING, dump_config, load_config, resolved
+from .config import FULL_FINE_TUNING, dump_config, load_config, resolved, value_problems
 from .schema import RunConfig
 
 CONFIG_NAME = "config.yaml"
@@ -499,7 +499,8 @@ def _split_examples(task: Task, split: str) -> Sequence[Any]:
 
 
 def predict_run(run_dir: str | os.PathLike, inputs: Sequence[Any], batch_size: int | None = None,
-                input_key: str | None = None) -> list[Any]:
+                input_key: str | None = None, *, generation: Mapping[str, Any] | None = None,
+                stream: bool = False) -> list[Any]:
     """The trained run's predictions for raw ``inputs`` (texts, prompts, ... as the task takes them).
 
     Args:
@@ -508,32 +509,80 @@ def predict_run(run_dir: str | os.PathLike, inputs: Sequence[Any], batch_size: i
         batch_size: Inputs per forward pass (default ``eval.batch_size``).
         input_key: The key of a mapping input that holds the input (default: the task's own, such as
             ``text`` or ``prompt``).
+        generation: Generation tasks: fields of the run's ``generation`` section to change for these
+            predictions, e.g. ``{"max_new_tokens": 64, "temperature": 0.7}``.
+        stream: Generation tasks, one input: print the answer to standard output as it is generated.
 
     Raises:
         FileNotFoundError: ``run_dir`` is not a run directory or holds no weights.
-        ConfigError: a mapping input lacks the key (the message names the keys it has and ``--input-key``).
+        ConfigError: a mapping input lacks the key (the message names the keys it has and ``--input-key``),
+            a generation setting is out of range, or the task cannot generate / stream.
     """
     loaded = load_run(run_dir)
+    with_generation(loaded, generation or {}, stream=stream, inputs=len(inputs))
     if not inputs:
         return []
-    inputs = _task_inputs(list(inputs), loaded.task.input_role, input_key)
-    return list(loaded.task.predict(loaded.model, inputs, batch_size or loaded.config.eval.batch_size))
+    inputs = _task_inputs(list(inputs), loaded.task.input_role, input_key, getattr(loaded.task, "record_keys", ()))
+    batch_size = batch_size or loaded.config.eval.batch_size
+    if stream:
+        from ..tasks.generation import terminal_streamer
+
+        return list(loaded.task.predict(loaded.model, inputs, 1, streamer=terminal_streamer(loaded.task.tokenizer)))
+    return list(loaded.task.predict(loaded.model, inputs, batch_size))
 
 
-def _task_inputs(inputs: list[Any], role: str, key: str | None) -> list[Any]:
-    """Mapping inputs rewritten as ``{role: value}`` from ``key`` (default ``role``); other inputs as they are."""
-    key = key or role
+def with_generation(loaded: LoadedRun, changes: Mapping[str, Any], *, stream: bool = False, inputs: int = 1) -> None:
+    """Apply ``changes`` to the loaded run's ``generation`` settings (checked like a config file).
+
+    Raises:
+        ConfigError: a setting is out of range, the task does not generate, or streaming was asked
+            for with several inputs or with beam search.
+    """
+    from ..tasks.causal_lm import GenerationTask
+
+    generates = isinstance(loaded.task, GenerationTask)
+    problems = []
+    if (changes or stream) and not generates:
+        problems.append(f"generation options: task {loaded.config.task!r} does not generate text; they apply to "
+                        "causal-lm and seq2seq runs")
+    if changes and generates:
+        settings = dataclasses.replace(loaded.config.generation, **changes)
+        if "max_new_tokens" in changes:  # the option is the newest word on the length
+            loaded.config.eval.max_new_tokens = None
+        candidate = dataclasses.replace(loaded.config, generation=settings)
+        problems += [p for p in value_problems(candidate) if p.startswith("generation.")]
+        loaded.config.generation = settings
+    if stream and inputs != 1:
+        problems.append(f"--stream shows one answer as it is written; got {inputs} inputs (give one prompt, "
+                        "or drop --stream)")
+    if stream and loaded.config.generation.num_beams > 1:
+        problems.append("--stream: beam search settles its answer only at the end; use num_beams 1 to stream")
+    if problems:
+        raise ConfigError(problems, what="predict options")
+
+
+def _task_inputs(inputs: list[Any], role: str, key: str | None, record_keys: Sequence[str] = ()) -> list[Any]:
+    """Mapping inputs rewritten as ``{role: value}`` from ``key`` (default ``role``); other inputs as they are.
+
+    Without ``key``, a mapping holding one of ``record_keys`` (a chat record: ``messages``, ...) and no
+    ``role`` is passed whole: the task reads it as a conversation.
+    """
     out = []
     for number, item in enumerate(inputs, 1):
         if isinstance(item, Mapping):
-            if key not in item:
+            if key is None and role not in item and any(k in item for k in record_keys):
+                out.append(item)
+                continue
+            wanted = key or role
+            if wanted not in item:
                 keys = sorted(map(str, item))
                 example = keys[0] if keys else role
+                records = f", a chat record ({', '.join(record_keys)})" if record_keys else ""
                 raise ConfigError(
-                    [f"input {number} is a JSON object without {key!r} (its keys: {', '.join(map(repr, keys)) or 'none'}); "
+                    [f"input {number} is a JSON object without {wanted!r} (its keys: {', '.join(map(repr, keys)) or 'none'}); "
                      f"name the key that holds the {role} with --input-key (e.g. --input-key {example}), or give one "
-                     f"plain {role} per line"], what="predict input")
-            item = {role: item[key]}
+                     f"plain {role} per line{records}"], what="predict input")
+            item = {role: item[wanted]}
         out.append(item)
     return out
 

@@ -169,9 +169,11 @@ class CausalLMTask(GenerationTask):
         pair, a ``messages`` list, or a record in a chat layout), after ``data.system_prompt``.
         ``answered``: a prompt / response example must have its response (training, scoring)."""
         if isinstance(item, Mapping) and chat.CONVERSATION_KEY in item and isinstance(item[chat.CONVERSATION_KEY], list):
-            messages = chat.to_messages(item, "messages")
+            messages = chat.to_messages(item, "messages", answered=answered)
         elif isinstance(item, Mapping) and (layout := chat.detect_layout(list(item))) and "prompt" not in item:
-            messages = chat.to_messages(item, layout)
+            messages = chat.to_messages(item, layout, answered=answered)
+        elif isinstance(item, Mapping) and "instruction" in item and "prompt" not in item:  # an Alpaca prompt
+            messages = chat.to_messages(item, "alpaca", answered=answered)
         else:
             messages = [{"role": "user", "content": role_text(item, "prompt")}]
             if answered or (isinstance(item, Mapping) and "response" in item):
@@ -238,7 +240,12 @@ class CausalLMTask(GenerationTask):
         """
         tokenizer = self._load_tokenizer()
         limit = self.config.data.max_length
-        prompts = [self.encode_prompt(item)[-limit:] for item in inputs]
+        prompts = []
+        for number, item in enumerate(inputs, 1):
+            try:
+                prompts.append(self.encode_prompt(item)[-limit:])
+            except ValueError as exc:  # a malformed chat record
+                raise ConfigError([f"input {number}: {exc}"], what="prediction input") from None
         return generate_texts(
             model, tokenizer, prompts, batch_size, settings_of(self.config), self._pad_id(), left_pad=True,
             streamer=streamer,

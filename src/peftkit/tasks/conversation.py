@@ -61,21 +61,25 @@ class ConversationEncoder:
     # -- generation ----------------------------------------------------------------------------------
 
     def prompt(self, messages: Sequence[Message]) -> list[int]:
-        """Token ids of ``messages`` up to where the next answer starts (a final answer is left out)."""
+        """Token ids of ``messages`` up to where the next answer starts (a final answer is left out).
+
+        Earlier answers are encoded exactly as in training (with the EOS a template may not write), so
+        a multi-turn prompt looks like the conversations the model was trained on.
+        """
         if messages and messages[-1]["role"] == "assistant":
             messages = messages[:-1]
-        if self.templated:
-            text = self._render(messages, generation=True)
-            return self._tokens(text, first=False)
-        pieces = self._pieces(messages)
-        return [t for tokens, _ in pieces for t in tokens]
+        return [t for tokens, _ in self._pieces(messages, generation=True) for t in tokens]
 
     # -- how a conversation becomes token pieces ------------------------------------------------------
 
-    def _pieces(self, messages: Sequence[Message]) -> list[tuple[list[int], bool]]:
+    def _pieces(self, messages: Sequence[Message], generation: bool = False) -> list[tuple[list[int], bool]]:
         """Consecutive token runs, each marked trained (an answer) or not; masked text is tokenized in
-        one run so the tokens are those of the whole string."""
+        one run so the tokens are those of the whole string. ``generation``: end with the text that
+        opens the next answer."""
         texts = self._template_texts(messages) if self.templated else self._plain_texts(messages)
+        if generation and self.templated:
+            rendered = self._render(messages, generation=False) if messages else ""
+            texts.append((self._after(rendered, self._render(messages, generation=True), len(messages)), False))
         pieces: list[tuple[list[int], bool]] = []
         pending = ""
         for text, trained in texts:
