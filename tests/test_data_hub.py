@@ -20,6 +20,7 @@ from peftkit.data.files import split_rows
 from peftkit.errors import ConfigError
 from peftkit.run.config import parse_config
 from peftkit.run.schema import DataConfig, SplitConfig
+from test_runner import tiny_model_dir  # noqa: F401 - fixture
 
 REVISION = "0123456789abcdef0123456789abcdef01234567"  # the Hub commit a download is cached under
 TRAIN = [{"text": f"tweet {i}", "label": i % 2} for i in range(20)]
@@ -374,3 +375,23 @@ def test_readings_in_the_order_they_are_tried():
     assert hub.readings("nyu-mll/glue/sst2") == [("nyu-mll/glue", "sst2")]
     assert hub.readings("nyu-mll/glue:sst2") == [("nyu-mll/glue", "sst2")]
     assert hub.readings("glue:sst2") == [("glue", "sst2")]
+
+
+# -- a whole run from a cached Hub data set ---------------------------------------------------------
+
+
+def test_a_run_trains_on_a_cached_hub_data_set_with_its_class_names(cache, no_network, tiny_model_dir, tmp_path):  # noqa: F811
+    from peftkit.run import runner
+    from test_runner import make_config
+
+    cache_hub_data_set(cache, "someowner/tweets", "default", {"train": TRAIN, "dev": DEV})
+    config = make_config(tiny_model_dir, "unused.csv", tmp_path / "run",
+                         data={"files": None, "hub": "someowner/tweets", "hub_splits": {"validation": "dev"},
+                               "columns": {}, "split": {"validation": 0.0, "test": 0.25, "seed": 0}})
+    result = runner.train_run(config, log=lambda line: None)
+    assert result.ok
+    info = json.loads((tmp_path / "run" / "metrics.json").read_text())["data"]
+    assert info["source"] == "hub" and info["labels"] == ["negative", "positive"]
+    assert info["sizes"] == {"train": 15, "validation": 4, "test": 5}
+    [prediction] = runner.predict_run(tmp_path / "run", ["tweet 3"])
+    assert prediction["label"] in ("negative", "positive")

@@ -81,7 +81,9 @@ class TextClassificationTask:
         if self._splits is None:
             splits = load_examples(self.config.data, ROLES)
             values = [ex["label"] for part in splits.values() for ex in part]
-            self.labels, self._ids = label_mapping(values, self.labels)
+            # a Hub data set names its classes (a ClassLabel column): 0/1 then read as negative/positive
+            declared = splits.info.get("class_names", {}).get(self.config.data.columns.get("label", "label"))
+            self.labels, self._ids = label_mapping(values, self.labels or declared)
             self.data_info = dict(splits.info, labels=list(self.labels))
             self._splits = dict(splits)
         return self._splits
@@ -100,7 +102,7 @@ class TextClassificationTask:
         from transformers import AutoConfig, AutoModelForSequenceClassification
 
         model_cfg, data_cfg = self.config.model, self.config.data
-        if self.labels is None and (data_cfg.name or data_cfg.files):
+        if self.labels is None and (data_cfg.name or data_cfg.files or data_cfg.hub):
             self.load_data()
         kwargs: dict[str, Any] = {"dtype": DTYPES[model_cfg.dtype]}
         if model_cfg.gguf_file:
