@@ -307,3 +307,27 @@ def tiny_classification_run(tiny_model_dir, reviews_csv, tmp_path_factory):  # n
     out = tmp_path_factory.mktemp("runs") / "classify"
     assert runner.train_run(make_config(tiny_model_dir, reviews_csv, out, train={"steps": 1}), log=lambda line: None).ok
     return out
+
+
+def test_chat_fields_on_another_task_are_refused(tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text("task: text-classification\ndata: {name: rotten_tomatoes, system_prompt: be nice}\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match="data.system_prompt: only causal-lm runs read it"):
+        load_config(config)
+
+
+@pytest.mark.parametrize("row", [{"messages": CONVERSATION}, SHAREGPT, ALPACA], ids=["messages", "sharegpt", "alpaca"])
+def test_each_layout_trains_the_tiny_model_on_its_answers_only(tmp_path, row):
+    path = write_jsonl(tmp_path / "chat.jsonl", [row] * 8)
+    task = make_task(CHAT_TEMPLATE, max_length=200)
+    task.config.data.files = str(path)
+    examples = task.load_data()["train"]
+    answers = [m["content"] for m in examples[0]["messages"] if m["role"] == "assistant"]
+    assert trained_spans(task, examples[0]) == [f"{a}\n</s>" for a in answers]
+    model = tiny_llama(len(task.tokenizer))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    batch = task.collate(examples[:4])
+    first = task.loss(model, batch)
+    first.backward()
+    optimizer.step()
+    assert task.loss(model, batch).item() < first.item()

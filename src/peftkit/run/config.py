@@ -442,6 +442,9 @@ def value_problems(config: RunConfig) -> list[str]:
                         f"{split.validation} + {split.test} >= 1")
     problems += _quantize_problems(config)
     problems += _select_problems(config)
+    for name in ("system_prompt", "chat_template"):
+        if getattr(config.data, name) is not None and config.task != "causal-lm":
+            problems.append(f"data.{name}: only causal-lm runs read it (this run's task is {config.task!r}); remove it")
     older, newer = config.eval.max_new_tokens, config.generation.max_new_tokens
     if older is not None and newer != GenerationSettings.max_new_tokens and older != newer:
         problems.append(f"eval.max_new_tokens: {older} disagrees with generation.max_new_tokens: {newer}; "
