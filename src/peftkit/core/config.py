@@ -39,7 +39,9 @@ class AdapterConfig:
         target_modules: Which modules to adapt. A list matches a module whose full name equals an entry
             or ends with ``"." + entry`` (the reference library's rule); a string is a regular
             expression that must match the full name; ``"all-linear"`` picks every linear layer except
-            the model's output head. ``None`` lets the method pick its default for known architectures.
+            the model's output head. ``None`` lets the method pick its default: the reference library's
+            for the model_type where it has one, else the layers in the method's roles found by
+            structure (docs/targets.md).
         exclude_modules: Same matching rules; a module matched here is never adapted.
         layers_to_transform: Only adapt modules inside these layer indices (the number after
             ``layers_pattern`` in the module name, e.g. ``encoder.layer.3.``).
@@ -71,6 +73,13 @@ class AdapterConfig:
     # points a factor ~3 apart around where the method's published runs train. Methods with few
     # parameters and no rank (IA3, soft prompts) train at far higher rates than LoRA; see docs/compare.md.
     lr_candidates: ClassVar[tuple[float, ...]] = (3e-4, 1e-3, 3e-3)
+    # What target_modules=None adapts on an architecture the method's ``default_targets`` table (the
+    # reference library's, by model_type) lacks: the modules in these roles of core/anatomy.py, found
+    # by structure. Each role must be found, except the optional ones.
+    target_roles: ClassVar[tuple[str, ...]] = ()
+    optional_roles: ClassVar[tuple[str, ...]] = ()
+    # Model types whose ``default_targets`` entry is peftkit's own addition, not the reference library's.
+    own_default_types: ClassVar[tuple[str, ...]] = ()
 
     target_modules: list[str] | str | None = None
     exclude_modules: list[str] | str | None = None
@@ -159,8 +168,19 @@ class AdapterConfig:
 
     def default_target_spec(self, model: Any) -> list[str] | str | None:
         """What ``target_modules=None`` selects when that depends on the model itself rather than on its
-        model_type (e.g. every module holding a bias); None uses ``default_targets`` by model_type."""
+        model_type (e.g. every module holding a bias); None uses ``default_targets`` by model_type, then
+        ``default_roles`` found by structure."""
         return None
+
+    def table_source(self, model_type: str) -> str:
+        """Where the ``default_targets`` entry for ``model_type`` comes from, as reports say it."""
+        whose = "peftkit" if model_type in self.own_default_types else "reference"
+        return f"{whose} default for {model_type}"
+
+    def default_roles(self) -> tuple[str, ...]:
+        """The roles (``core/anatomy.py``) whose modules ``target_modules=None`` adapts on an architecture
+        without a ``default_targets`` entry; ``target_roles`` unless a field changes them."""
+        return self.target_roles
 
     def extra_trainable(self, model: Any, adapted: list[str]) -> list[str]:
         """Names of base-model parameters this adapter also trains and saves (none by default)."""

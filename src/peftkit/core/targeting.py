@@ -9,22 +9,14 @@ from __future__ import annotations
 
 import difflib
 import re
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from torch import nn
 
 from ..errors import NoTargetMatchedError, UnsupportedLayerError
-from . import registry
+from . import anatomy, registry
+from .anatomy import LINEAR_TYPES, HFConv1D, user_modules  # noqa: F401 - HFConv1D: methods import it from here
 from .config import ALL_LINEAR, AdapterConfig
-from .layer import AdapterLayer, ModelParts, ModulesToSave
-
-try:  # GPT-2 style linear layer with a transposed weight
-    from transformers.pytorch_utils import Conv1D as HFConv1D
-except ImportError:  # pragma: no cover - transformers is a dependency, but keep the core importable
-    HFConv1D = ()
-
-LINEAR_TYPES: tuple[type, ...] = (nn.Linear,) + ((HFConv1D,) if HFConv1D else ())
 
 
 @dataclass
@@ -43,22 +35,22 @@ class Plan:
     modules_to_save: list[str] = field(default_factory=list)
     # the model's config.model_type (None for plain modules), for methods with per-architecture defaults
     model_type: str | None = None
+    # what target_modules=None stood for, and why (None when target_modules was given)
+    default: DefaultTargets | None = None
 
 
-def user_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
-    """Named modules as the user sees them: an adapted layer stands for the base layer it wraps."""
-    stack: list[tuple[str, nn.Module]] = [("", model)]
-    while stack:
-        name, module = stack.pop()
-        if isinstance(module, (AdapterLayer, ModulesToSave)):
-            yield name, module.base_layer
-            continue
-        if isinstance(module, ModelParts):  # adapter state, not part of the user's model
-            continue
-        yield name, module
-        children = list(module.named_children())
-        for child_name, child in reversed(children):
-            stack.append((f"{name}.{child_name}" if name else child_name, child))
+@dataclass
+class DefaultTargets:
+    """What ``target_modules=None`` selects on one model, and where that choice came from."""
+
+    spec: list[str] | str
+    source: str  # "reference default for bert", "found by structure: attention query, value", ...
+    # by structure: role -> the part of ``spec`` selecting that role's modules (IA3 reads "mlp_down")
+    parts: dict[str, list[str] | str] = field(default_factory=dict)
+
+    @property
+    def by_structure(self) -> bool:
+        return bool(self.parts)
 
 
 def name_matches(spec: list[str] | str, name: str) -> bool:
@@ -112,10 +104,10 @@ def resolve(model: nn.Module, config: AdapterConfig, require_every_entry: bool =
     """Work out which modules ``config`` adapts on ``model``; raise if the answer is surely a mistake."""
     peft_type = config.peft_type
     targets_spec = config.target_modules
-    if targets_spec is None and config.wraps_layers:
-        targets_spec = default_targets(model, config)
-
     plan = Plan(model_type=getattr(getattr(model, "config", None), "model_type", None))
+    if targets_spec is None and config.wraps_layers:
+        plan.default = default_targets(model, config)
+        targets_spec = plan.default.spec
     save_specs = list(config.modules_to_save or [])
     names = [n for n, _ in user_modules(model) if n]
     # The reference library matches modules_to_save by a plain suffix (so "classifier" also takes
@@ -215,20 +207,79 @@ def _refuse_mistakes(
         )
 
 
-def default_targets(model: nn.Module, config: AdapterConfig) -> list[str] | str:
+def default_targets(model: nn.Module, config: AdapterConfig) -> DefaultTargets:
+    """What ``target_modules=None`` means for ``config`` on ``model``.
+
+    In order: the method's own rule on the model (``default_target_spec``, e.g. BitFit's biases); the
+    reference library's table entry for the model_type, so that a default adapter is the reference's
+    own; else the modules in the method's roles (``default_roles``), found by structure
+    (core/anatomy.py). A table entry naming modules the model lacks (written for an older transformers)
+    is passed over for the structure.
+
+    Raises:
+        NoTargetMatchedError: none of these applies; the message says what to set.
+    """
     spec = config.default_target_spec(model)
-    if spec is not None:  # a default worked out from the model itself, whatever its architecture
-        return spec
+    if spec is not None:
+        return DefaultTargets(spec, f"{config.peft_type}'s own rule")
     model_type = getattr(getattr(model, "config", None), "model_type", None)
-    defaults: dict[str, list[str] | str] = getattr(config, "default_targets", {})
-    if model_type in defaults:
-        spec = defaults[model_type]
-        return spec if isinstance(spec, str) else list(spec)
+    table: dict[str, list[str] | str] = getattr(config, "default_targets", {})
+    names = [n for n, _ in user_modules(model) if n]
+    stale = ""
+    if model_type in table:
+        entry = table[model_type]
+        spec = entry if isinstance(entry, str) else list(entry)
+        entries: list[list[str] | str] = [spec] if isinstance(spec, str) else [[e] for e in spec]
+        missing = [str(e if isinstance(e, str) else e[0]) for e in entries if not any(name_matches(e, n) for n in names)]
+        label = config.table_source(model_type)
+        if not missing:
+            return DefaultTargets(spec, label)
+        stale = f" (the {label} names modules this model lacks: {', '.join(missing)})"
+    found = _by_structure(model, names, config)
+    if isinstance(found, DefaultTargets):
+        found.source += stale
+        return found
+    known = f"defaults exist for {sorted(table)}" if table else "it has no table of defaults"
     raise NoTargetMatchedError(
         f"target_modules is None and {config.peft_type} has no default for model_type={model_type!r} "
-        f"(defaults exist for {sorted(defaults) or 'no model type'}); set target_modules, e.g. to "
-        f"'{ALL_LINEAR}' or a list of module names such as {_example_linear_names(model)}"
+        f"({known}){stale}; {found}; set target_modules, e.g. to '{ALL_LINEAR}' or a list of module names "
+        f"such as {_example_linear_names(model)} (`peftkit inspect MODEL` lists a model's modules)"
     )
+
+
+def _by_structure(model: nn.Module, names: list[str], config: AdapterConfig) -> DefaultTargets | str:
+    """The modules in the method's roles as found by structure, or why there are none."""
+    roles = config.default_roles()
+    if not roles:
+        return f"{config.peft_type} names no layer roles to look for by structure"
+    found = anatomy.find(model)
+    modules = dict(user_modules(model))
+    groups: dict[str, list[str]] = {}
+    refused: list[str] = []
+    covered: set[str] = set()
+    for role in roles:  # a fused projection is query, key and value at once: it is listed once
+        groups[role] = []
+        for name in found.modules(role):
+            reason = registry.dispatch(config.peft_type, modules[name])[1]
+            if reason is not None:
+                refused.append(f"{name} ({type(modules[name]).__name__}: {reason})")
+            elif name not in covered:
+                groups[role].append(name)
+        covered.update(groups[role])
+    absent = [r for r in roles if not groups[r] and r not in config.optional_roles]
+    if absent or not covered:
+        lacking = absent or list(roles)
+        why = found.why_missing(lacking)
+        if refused:
+            why.append(f"{config.peft_type} cannot adapt {', '.join(refused[:2])}")
+        return (f"no {' or '.join(anatomy.ROLES[r] for r in lacking)} was found by structure"
+                + (f" ({'; '.join(why)})" if why else ""))
+    used = {role: names_ for role, names_ in groups.items() if names_}
+    spec, parts = anatomy.target_spec(names, list(used.values()))
+    fused = any(a.fused for b in found.blocks for a in b.attention)
+    what = ", ".join(anatomy.ROLES[r] + (" (fused query/key/value)" if fused and r in ("query", "key") else "")
+                     for r in used)
+    return DefaultTargets(spec, f"found by structure: {what}", dict(zip(used, parts)))
 
 
 def _example_linear_names(model: nn.Module) -> list[str]:
