@@ -94,7 +94,8 @@ class AdaLoraConfig(AdapterConfig):
     fan_in_fan_out: bool = False
     init_lora_weights: bool = True
 
-    # The reference library's AdaLoRA defaults per architecture.
+    # The reference library's AdaLoRA defaults per architecture; other architectures get attention query
+    # and value (LoRA's roles), found by structure (core/anatomy.py).
     default_targets: ClassVar[dict[str, list[str]]] = {
         "bert": ["query", "value"],
         "roberta": ["query", "key", "value", "dense"],
@@ -106,8 +107,11 @@ class AdaLoraConfig(AdapterConfig):
         "opt": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
         "bart": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
         "t5": ["q", "k", "v", "o", "wi", "wo"],
+        "mt5": ["q", "k", "v", "o", "wi_0", "wi_1", "wo"],
         "gpt_neox": ["query_key_value"],
     }
+    target_roles: ClassVar[tuple[str, ...]] = ("query", "value")
+    own_default_types: ClassVar[tuple[str, ...]] = ("mistral",)
     # AdaLoraConfig extends LoraConfig in the reference library, so its files carry every LoRA key.
     # AdaLoRA ignores r (init_r is the rank) and use_rslora (its scale is always alpha / init_r).
     reference_inert: ClassVar[dict[str, Any]] = {

@@ -29,9 +29,9 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from ..core.anatomy import is_norm
 from ..core.config import AdapterConfig
 from ..core.layer import AdapterLayer, AdapterModule, ModulesToSave
 from ..core.layer import adapter_dtype as _adapter_dtype
@@ -57,7 +57,8 @@ ACTIVATIONS: dict[str, type[nn.Module] | Any] = {
 
 # Where each placement puts adapters, per model_type. A string is a regular expression over the full
 # module name: BERT-like encoders name both output projections "...output.dense" (the attention one
-# is "attention.output.dense"), which no list of name suffixes can tell apart.
+# is "attention.output.dense"), which no list of name suffixes can tell apart. Other architectures:
+# the same places found by structure (PLACEMENT_ROLES, core/anatomy.py).
 _BERT_LIKE = ("bert", "roberta", "xlm-roberta", "electra")
 _LLAMA_LIKE = ("llama", "mistral", "qwen2")
 DEFAULT_TARGETS: dict[str, dict[str, list[str] | str]] = {
@@ -85,6 +86,16 @@ DEFAULT_TARGETS: dict[str, dict[str, list[str] | str]] = {
 }
 
 
+# The same places as roles of core/anatomy.py: after the self-attention's output projection and after
+# the feed-forward (its down projection, or a mixture-of-experts block that has no expert layers), or
+# around the module holding the whole feed-forward computation.
+PLACEMENT_ROLES = {
+    "houlsby": ("self_attention_output", "mlp_output"),
+    "pfeiffer": ("mlp_output",),
+    "parallel": ("mlp",),
+}
+
+
 @register_method(PEFT_TYPE)
 @dataclass
 class BottleneckConfig(AdapterConfig):
@@ -93,8 +104,10 @@ class BottleneckConfig(AdapterConfig):
     Attributes:
         placement: ``"houlsby"`` (after the attention and the feed-forward output projections),
             ``"pfeiffer"`` (after the feed-forward output projection only) or ``"parallel"`` (beside the
-            feed-forward block, reading its input). Chooses the default ``target_modules`` and whether an
-            adapter reads a module's output (sequential) or its input (parallel).
+            feed-forward block, reading its input). Chooses the default ``target_modules`` (a table for
+            BERT-like, Llama-like, GPT-2, DistilBERT and T5 models, the same places found by structure
+            for others; docs/targets.md) and whether an adapter reads a module's output (sequential) or
+            its input (parallel).
         reduction_factor: Bottleneck width is ``d // reduction_factor``, with ``d`` the hidden width
             (the adapted module's output width; for parallel adapters its input width).
         bottleneck_size: A fixed bottleneck width instead; overrides ``reduction_factor``.
@@ -119,6 +132,12 @@ class BottleneckConfig(AdapterConfig):
     def default_targets(self) -> dict[str, list[str] | str]:
         """Default ``target_modules`` per model_type for this config's placement."""
         return DEFAULT_TARGETS.get(self.placement, {})
+
+    def default_roles(self) -> tuple[str, ...]:
+        return PLACEMENT_ROLES.get(self.placement, ())
+
+    def table_source(self, model_type: str) -> str:
+        return f"peftkit default for {model_type} ({self.placement})"  # no reference library has bottlenecks
 
     def problems(self) -> list[str]:
         out = super().problems()
@@ -279,11 +298,10 @@ class ResidualOutputAdapter(BottleneckAdapter):
                 f"{type(base_layer).__name__} did not pass its residual through its LayerNorm as a BERT-style "
                 "output module does; adapt its 'dense' layer with a sequential placement instead"
             )
-        # The LayerNorm runs in the base dtype with the base's own parameters, so a fresh adapter
-        # (a = 0) reproduces the base output exactly.
-        norm = base_layer.LayerNorm
+        # The model's own LayerNorm runs in the base dtype with the base's own parameters, so a fresh
+        # adapter (a = 0) reproduces the base output exactly; forward() skips the hook that fed pre_norm.
         shifted = pre_norm + self.bottleneck(residual).to(pre_norm.dtype)
-        return F.layer_norm(shifted, norm.normalized_shape, norm.weight, norm.bias, norm.eps) - base_out
+        return base_layer.LayerNorm.forward(shifted) - base_out
 
 
 # -- which modules take which adapter ---------------------------------------------------------------
@@ -321,15 +339,41 @@ class FeedForwardBlock(metaclass=_Shape):
 
 class BertStyleOutput(metaclass=_Shape):
     """A module computing ``LayerNorm(dropout(dense(hidden_states)) + input_tensor)``: BERT's
-    ``BertOutput`` / ``BertSelfOutput`` and their copies in RoBERTa, ELECTRA and others."""
+    ``BertOutput`` / ``BertSelfOutput`` and their copies in RoBERTa, ELECTRA, MPNet, DeBERTa (whose
+    ``DebertaLayerNorm`` is its own class) and others."""
+
+    @staticmethod
+    def matches(module: nn.Module) -> bool:
+        norm = getattr(module, "LayerNorm", None)
+        return (
+            isinstance(getattr(module, "dense", None), nn.Linear)
+            and isinstance(norm, nn.Module) and is_norm(norm)
+            and len(_forward_arguments(module) or ()) == 2
+        )
+
+
+class ExpertsBlock(metaclass=_Shape):
+    """A mixture-of-experts feed-forward block whose experts are stacked weights rather than layers
+    (Mixtral in transformers 5: a router ``gate`` with an (experts x d) weight, ``experts`` holding 3-D
+    tensors), taking one tensor and giving one of the same width."""
 
     @staticmethod
     def matches(module: nn.Module) -> bool:
         return (
-            isinstance(getattr(module, "dense", None), nn.Linear)
-            and isinstance(getattr(module, "LayerNorm", None), nn.LayerNorm)
-            and len(_forward_arguments(module) or ()) == 2
+            len(_forward_arguments(module) or ()) == 1
+            and not any(isinstance(c, LINEAR_TYPES) for c in module.children())
+            and _router(module) is not None
+            and any(p.dim() >= 3 for p in module.parameters())
         )
+
+
+def _router(module: nn.Module) -> nn.Parameter | None:
+    """The router's (experts x d) weight, which gives the block's width d."""
+    for child in module.children():
+        weight = getattr(child, "weight", None)
+        if isinstance(weight, nn.Parameter) and weight.dim() == 2:
+            return weight
+    return None
 
 
 def _no_adapters_inside(module: nn.Module) -> str | None:
@@ -351,6 +395,11 @@ def _build_block(base_layer: nn.Module, **values: Any) -> BottleneckAdapter:
     return BottleneckAdapter(_widths(linears[0])[0], _widths(linears[-1])[1], linears[-1].weight, **values)
 
 
+def _build_experts(base_layer: nn.Module, **values: Any) -> BottleneckAdapter:
+    router = _router(base_layer)
+    return BottleneckAdapter(router.shape[1], router.shape[1], router, **values)
+
+
 def _build_residual_output(base_layer: nn.Module, **values: Any) -> ResidualOutputAdapter:
     if not values["parallel"]:
         raise UnsupportedLayerError(
@@ -365,9 +414,10 @@ if HFConv1D:
     register_layer(PEFT_TYPE, "Conv1D (GPT-2)", (HFConv1D,), _build_linear)
 register_layer(PEFT_TYPE, "BERT-style output", (BertStyleOutput,), _build_residual_output, _no_adapters_inside)
 register_layer(PEFT_TYPE, "feed-forward block", (FeedForwardBlock,), _build_block, _no_adapters_inside)
+register_layer(PEFT_TYPE, "mixture-of-experts block", (ExpertsBlock,), _build_experts, _no_adapters_inside)
 
 
 __all__ = [
     "BottleneckConfig", "BottleneckAdapter", "ResidualOutputAdapter", "FeedForwardBlock", "BertStyleOutput",
-    "DEFAULT_TARGETS",
+    "ExpertsBlock", "DEFAULT_TARGETS", "PLACEMENT_ROLES",
 ]

@@ -57,8 +57,10 @@ class IA3Config(AdapterConfig):
     Attributes:
         feedforward_modules: Which targets scale their *input* instead of their output (list entries
             match as a name suffix, a string is a full-match regex). Every entry must also be in
-            ``target_modules``. ``None`` takes the reference library's default for known architectures
-            (e.g. BERT ``["output.dense"]``, Llama ``["down_proj"]``) and means "none" for others.
+            ``target_modules``. ``None`` with ``target_modules`` unset takes the reference library's
+            default for the architecture (e.g. BERT ``["output.dense"]``, Llama ``["down_proj"]``), else
+            the MLP down projection found by structure (docs/targets.md); with ``target_modules`` set
+            on an architecture without a table entry it means "none".
         fan_in_fan_out: Recorded for the interchange format; peftkit reads the layout from the layer
             type (GPT-2's ``Conv1D`` stores its weight as in x out) and records True for it.
         init_ia3_weights: ``True`` starts every vector at ones (the adapted model equals the base);
@@ -74,7 +76,10 @@ class IA3Config(AdapterConfig):
     init_ia3_weights: bool = True
 
     # The reference library's defaults per architecture: two attention projections plus the MLP's
-    # output layer, which is the feedforward module.
+    # output layer, which is the feedforward module. Other architectures (and entries naming modules
+    # the model lacks, e.g. Mixtral's "w2", whose experts transformers 5 stacks into one tensor): the
+    # attention key and value and the MLP down projection found by structure, the MLP down being the
+    # feedforward module (a mixture of experts without expert layers has none).
     default_targets: ClassVar[dict[str, list[str]]] = {
         "bert": ["key", "value", "output.dense"], "roberta": ["key", "value", "output.dense"],
         "deberta-v2": ["key_proj", "value_proj", "output.dense"], "deberta": ["in_proj", "output.dense"],
@@ -98,6 +103,8 @@ class IA3Config(AdapterConfig):
         "opt": ["fc2"], "gptj": ["fc_out"], "gpt_neo": ["c_proj"], "gpt_neox": ["dense_4h_to_h"],
         "bloom": ["mlp.dense_4h_to_h"], "falcon": ["dense_4h_to_h"],
     }
+    target_roles: ClassVar[tuple[str, ...]] = ("key", "value", "mlp_down")
+    optional_roles: ClassVar[tuple[str, ...]] = ("mlp_down",)
 
     def __post_init__(self) -> None:
         if isinstance(self.feedforward_modules, (set, tuple)):
@@ -145,13 +152,14 @@ class IA3Config(AdapterConfig):
         """Record concrete target and feedforward modules (the reference library saves them resolved
         too), and ``fan_in_fan_out`` when GPT-2 ``Conv1D`` layers were found."""
         targets = self.target_modules
-        if targets is None:  # resolve() succeeded, so the model type has defaults
-            targets = list(self.default_targets[plan.model_type])
-            if isinstance(self.feedforward_modules, list) and not set(self.feedforward_modules) <= set(targets):
+        if targets is None and plan.default is not None:  # resolve() chose the defaults
+            targets = plan.default.spec
+            ff = self.feedforward_modules
+            if isinstance(ff, list) and isinstance(targets, list) and not set(ff) <= set(targets):
                 raise ConfigError(
-                    [f"feedforward_modules {self.feedforward_modules} are not among the default target_modules "
-                     f"{targets} for model_type {plan.model_type!r}; every feedforward module must also be a "
-                     "target: set target_modules explicitly"],
+                    [f"feedforward_modules {ff} are not among the default target_modules {targets} for "
+                     f"model_type {plan.model_type!r} ({plan.default.source}); every feedforward module must "
+                     "also be a target: set target_modules explicitly"],
                     what=type(self).__name__,
                 )
         ff = self.feedforward_modules
@@ -161,6 +169,8 @@ class IA3Config(AdapterConfig):
         return self.replace(target_modules=targets, feedforward_modules=ff, fan_in_fan_out=fan_in_fan_out)
 
     def _default_feedforward(self, plan: Plan, targets: list[str] | str) -> list[str] | str:
+        if plan.default is not None and plan.default.by_structure:
+            return _structural_feedforward(plan)
         defaults = self.default_feedforward.get(plan.model_type)
         if not defaults:  # an architecture without defaults: no layer scales its input unless named
             return []
@@ -171,6 +181,23 @@ class IA3Config(AdapterConfig):
         # the reference library refuses on load; name the feedforward targets exactly instead.
         names = [t.name for t in plan.targets if is_feedforward(used, t.name)]
         return "|".join(re.escape(n) for n in names)
+
+
+def _structural_feedforward(plan: Plan) -> list[str] | str:
+    """The part of a structural default selecting the MLP down projections, as feedforward modules.
+
+    It is kept as the target entries themselves (the reference library's subset rule) unless the
+    reference's plain-suffix reading of feedforward entries would also take another target; then it
+    names the modules exactly."""
+    part = plan.default.parts.get("mlp_down", []) if plan.default is not None else []
+    if not part:
+        return []
+    by_target = [t.name for t in plan.targets if is_feedforward(part, t.name)]
+    meant = [t.name for t in plan.targets if (re.fullmatch(part, t.name) if isinstance(part, str)
+                                              else any(t.name == e or t.name.endswith("." + e) for e in part))]
+    if by_target == meant:
+        return part
+    return "|".join(re.escape(n) for n in meant)
 
 
 # -- the adapter ------------------------------------------------------------------------------------

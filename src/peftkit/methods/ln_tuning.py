@@ -43,8 +43,10 @@ class LNTuningConfig(AdapterConfig):
 
     ``target_modules=None`` picks the reference library's norm layers for the architecture (e.g. Llama:
     ``input_layernorm``, ``post_attention_layernorm``, ``norm``); peftkit adds BERT-family encoders
-    (``LayerNorm``), which the reference lacks. Once injected the config lists the modules explicitly,
-    as the reference's saved configs do, so either library reads a saved adapter the same way.
+    (``LayerNorm``), which the reference lacks. Any other architecture gets its norm layers as wide as
+    its hidden states, found by structure (docs/targets.md): those of every block and the final and
+    embedding norms, not per-head query/key norms. Once injected the config lists the modules
+    explicitly, as the reference's saved configs do, so either library reads a saved adapter the same way.
     """
 
     lr_candidates: ClassVar[tuple[float, ...]] = (1e-3, 3e-3, 1e-2)  # norm weights and biases: a few thousand parameters at BitFit-like rates
@@ -79,6 +81,8 @@ class LNTuningConfig(AdapterConfig):
         # peftkit's own: every norm of a BERT-family encoder is called LayerNorm
         "bert": ["LayerNorm"], "roberta": ["LayerNorm"], "xlm-roberta": ["LayerNorm"],
     }
+    target_roles: ClassVar[tuple[str, ...]] = ("norm",)
+    own_default_types: ClassVar[tuple[str, ...]] = ("bert", "roberta", "xlm-roberta")
 
     def problems(self) -> list[str]:
         out = super().problems()
@@ -100,9 +104,9 @@ class LNTuningConfig(AdapterConfig):
         return {}
 
     def after_resolve(self, plan: Plan) -> LNTuningConfig:
-        # Record the default list, as the reference library writes it into adapter_config.json.
-        if self.target_modules is None and plan.model_type in self.default_targets:
-            return self.replace(target_modules=list(self.default_targets[plan.model_type]))
+        # Record the default, as the reference library writes it into adapter_config.json.
+        if self.target_modules is None and plan.default is not None:
+            return self.replace(target_modules=plan.default.spec)
         return self
 
 

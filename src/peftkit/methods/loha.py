@@ -154,8 +154,11 @@ class LoHaConfig(AdapterConfig):
     use_effective_conv2d: bool = False
     init_weights: bool = True
 
-    # The reference library's LoHa defaults are a copy of its LoRA ones (attention query and value).
+    # The reference library's LoHa defaults are a copy of its LoRA ones (attention query and value),
+    # and so are the roles found by structure on other architectures.
     default_targets: ClassVar[dict[str, list[str]]] = dict(LoraConfig.default_targets)
+    target_roles: ClassVar[tuple[str, ...]] = LoraConfig.target_roles
+    own_default_types: ClassVar[tuple[str, ...]] = LoraConfig.own_default_types
 
     def problems(self) -> list[str]:
         return super().problems() + lycoris_problems(self, inits=(True, False))

@@ -94,8 +94,11 @@ class LoKrConfig(AdapterConfig):
     rank_dropout_scale: bool = False
     init_weights: bool | str = True
 
-    # The reference library's LoKr defaults are a copy of its LoRA ones (attention query and value).
+    # The reference library's LoKr defaults are a copy of its LoRA ones (attention query and value),
+    # and so are the roles found by structure on other architectures.
     default_targets: ClassVar[dict[str, list[str]]] = dict(LoraConfig.default_targets)
+    target_roles: ClassVar[tuple[str, ...]] = LoraConfig.target_roles
+    own_default_types: ClassVar[tuple[str, ...]] = LoraConfig.own_default_types
 
     def problems(self) -> list[str]:
         out = super().problems() + lycoris_problems(self, inits=(True, False, "lycoris"))

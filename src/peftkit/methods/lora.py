@@ -66,14 +66,21 @@ class LoraConfig(AdapterConfig):
     use_dora: bool = False
     init_lora_weights: bool | str = True
 
-    # The reference library's defaults per architecture (attention query and value projections).
+    # target_modules=None: the reference library's defaults per architecture (attention query and value
+    # projections; for Phi also the MLP's fc1 and fc2), so a default adapter is the reference's own.
+    # The reference's other entries (bloom, gemma, mixtral ...) name the same modules the structure does
+    # (tests/test_default_targets.py checks both). Any other architecture: the same roles, found by
+    # structure (core/anatomy.py; a fused query-key-value projection where that is what exists).
     default_targets: ClassVar[dict[str, list[str]]] = {
         "bert": ["query", "value"], "roberta": ["query", "value"], "xlm-roberta": ["query", "value"],
         "deberta-v2": ["query_proj", "value_proj"], "distilbert": ["q_lin", "v_lin"],
         "gpt2": ["c_attn"], "llama": ["q_proj", "v_proj"], "mistral": ["q_proj", "v_proj"],
         "qwen2": ["q_proj", "v_proj"], "opt": ["q_proj", "v_proj"], "bart": ["q_proj", "v_proj"],
-        "t5": ["q", "v"], "mt5": ["q", "v"], "gpt_neox": ["query_key_value"], "phi": ["q_proj", "v_proj"],
+        "t5": ["q", "v"], "mt5": ["q", "v"], "gpt_neox": ["query_key_value"],
+        "phi": ["q_proj", "v_proj", "fc1", "fc2"],
     }
+    target_roles: ClassVar[tuple[str, ...]] = ("query", "value")
+    own_default_types: ClassVar[tuple[str, ...]] = ("distilbert",)
     reference_inert: ClassVar[dict[str, Any]] = {
         "alora_invocation_tokens": None, "arrow_config": None, "corda_config": None, "eva_config": None,
         "ensure_weight_tying": False, "kasa_config": None, "layer_replication": None, "loftq_config": {},

@@ -107,8 +107,11 @@ class OFTConfig(AdapterConfig):
     use_cayley_neumann: bool = True
     num_cayley_neumann_terms: int = 5
 
-    # The reference library uses LoRA's defaults per architecture for OFT too.
+    # The reference library uses LoRA's defaults per architecture for OFT too; other architectures get
+    # LoRA's roles (attention query and value), found by structure.
     default_targets: ClassVar[dict[str, list[str]]] = LoraConfig.default_targets
+    target_roles: ClassVar[tuple[str, ...]] = LoraConfig.target_roles
+    own_default_types: ClassVar[tuple[str, ...]] = LoraConfig.own_default_types
 
     def problems(self) -> list[str]:
         out = super().problems()

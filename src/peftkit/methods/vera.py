@@ -77,8 +77,11 @@ class VeraConfig(AdapterConfig):
     bias: str = "none"
     init_weights: bool = True
 
-    # The reference library's VeRA defaults are its LoRA defaults (attention query and value).
-    default_targets: ClassVar[dict[str, list[str]]] = dict(LoraConfig.default_targets)
+    # The reference library's VeRA defaults are its LoRA defaults (attention query and value), except for
+    # Phi, where VeRA keeps to attention; other architectures get the same roles, found by structure.
+    default_targets: ClassVar[dict[str, list[str]]] = {**LoraConfig.default_targets, "phi": ["q_proj", "v_proj"]}
+    target_roles: ClassVar[tuple[str, ...]] = LoraConfig.target_roles
+    own_default_types: ClassVar[tuple[str, ...]] = LoraConfig.own_default_types
 
     def problems(self) -> list[str]:
         out = super().problems()
