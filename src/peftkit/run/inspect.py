@@ -7,12 +7,19 @@ For a model it reports:
   parameter counts, and which methods can adapt each kind;
 * candidate ``target_modules`` values (each module name suffix, ``all-linear``) with the modules and
   base parameters each one selects and the parameters a rank-8 LoRA on them would add;
-* the targets every registered method picks when ``target_modules`` is left unset, and what it adds.
+* the classification head a task adds (trained in full beside any adapter, so no target set names it);
+* the attention, feed-forward and norm layers found by structure (core/anatomy.py), which defaults
+  build on where a method has no table entry for the model_type;
+* the targets every registered method picks when ``target_modules`` is left unset, what it adds, and
+  where that default came from (the reference library's table, or the structure).
 
 A transformers model is built on the ``meta`` device from its config alone (no weights are read, so
 even a large model inspects in seconds); anything else is loaded by its task (``--task`` or a run
-config) and then moved to ``meta``. Parameter counts come from injecting the real adapter configs into
-copies of that skeleton, so they are exactly what training would add.
+config) and then moved to ``meta``. A sentence-transformers directory (``modules.json`` declaring a
+pooling) is loaded as ``text-classification`` loads it, since that is the model training would adapt:
+its encoder under the pooled classifier, not the masked-LM head its checkpoint was saved with. Parameter
+counts come from injecting the real adapter configs into copies of that skeleton, so they are exactly
+what training would add.
 """
 
 from __future__ import annotations
@@ -28,7 +35,7 @@ import torch
 from torch import nn
 
 from .. import api
-from ..core import registry, targeting
+from ..core import anatomy, registry, targeting
 from ..core.config import ALL_LINEAR
 from ..errors import ConfigError, NoTargetMatchedError
 
@@ -67,6 +74,17 @@ class MethodDefault:
     modules: int
     added_params: int | None  # None when the method cannot be applied with its defaults
     note: str = ""
+    source: str = ""  # "reference default for bert", "found by structure: attention query, ..."
+
+
+@dataclass
+class HeadModule:
+    """A module of the head a task adds, trained in full beside every adapter (``modules_to_save``)."""
+
+    name: str
+    kind: str
+    shape: str
+    params: int
 
 
 @dataclass
@@ -77,6 +95,9 @@ class ModelInspection:
     model_class: str
     model_type: str | None
     total_params: int
+    loaded_as: str = ""  # how the model was built, when not from its config alone
+    head: list[HeadModule] = field(default_factory=list)
+    structure: list[str] = field(default_factory=list)  # core/anatomy.py's summary
     groups: list[ModuleGroup] = field(default_factory=list)
     kinds: dict[str, list[str]] = field(default_factory=dict)  # kind -> methods that adapt it
     target_sets: list[TargetSet] = field(default_factory=list)
@@ -86,8 +107,10 @@ class ModelInspection:
         return dataclasses.asdict(self)
 
     def __str__(self) -> str:
-        lines = [f"{self.name}: {self.model_class} (model_type {self.model_type}), {self.total_params:,} parameters", ""]
-        lines.append("adaptable modules by kind and layer:")
+        lines = [f"{self.name}: {self.model_class} (model_type {self.model_type}), {self.total_params:,} parameters"]
+        if self.loaded_as:
+            lines.append(f"  loaded as {self.loaded_as}")
+        lines += ["", "adaptable modules by kind and layer:"]
         for kind in self.kinds:
             groups = [g for g in self.groups if g.kind == kind]
             count = sum(max(1, len(g.layers)) for g in groups)
@@ -100,11 +123,18 @@ class ModelInspection:
         for t in self.target_sets:
             lora = f"{t.lora_params:>12,}" if t.lora_params is not None else f"{'-':>12}  ({t.note})"
             lines.append(f"  {t.spec:<40} {t.modules:>7} {t.base_params:>13,} {lora}")
+        if self.head:
+            lines += ["", "head the task adds (trained in full beside any adapter: modules_to_save):"]
+            lines += [f"  {h.name:<40} {h.kind:<24} {h.shape:<16} {h.params:>11,}" for h in self.head]
+        lines += ["", "found by structure (what defaults use where a method has no entry for this model_type):"]
+        lines += [f"  {line}" for line in self.structure]
         lines += ["", "default targets of each method (target_modules unset):"]
         for d in self.defaults:
             added = "-" if d.added_params is None else f"+{d.added_params:,} params"
             where = ", ".join(d.targets[:MAX_SHOWN]) + (f", ... ({len(d.targets)} patterns)" if len(d.targets) > MAX_SHOWN else "")
             lines.append(f"  {d.method:<14} {added:<18} {f'{d.modules} modules: {where}' if d.targets else d.note}")
+            if d.source:
+                lines.append(f"  {'':<14} {'':<18} ({d.source})")
         return "\n".join(lines)
 
 
@@ -122,19 +152,23 @@ def inspect_model(name_or_path: str, *, task: str | None = None, config: Any = N
         ConfigError: the model is not a transformers directory and no task was given.
         OSError: the model cannot be found.
     """
-    model = _skeleton(name_or_path, task, config)
+    model, loaded_as = _skeleton(name_or_path, task, config)
     name = config.model.name_or_path if config is not None else name_or_path
     report = ModelInspection(
         name=name, model_class=type(model).__name__,
         model_type=getattr(getattr(model, "config", None), "model_type", None),
         total_params=sum(p.numel() for p in {id(p): p for p in model.parameters()}.values()),
+        loaded_as=loaded_as,
     )
     adaptable = _adaptable(model)
     report.groups = _groups(adaptable)
     for _, module, methods in adaptable:
         known = report.kinds.setdefault(type(module).__name__, [])
         known += [m for m in methods if m not in known]
-    report.target_sets = _target_sets(model, adaptable)
+    heads = targeting.sequence_head_names(model)
+    report.head = _head(model, heads)
+    report.structure = anatomy.find(model).summary()
+    report.target_sets = _target_sets(model, [a for a in adaptable if not _under(a[0], heads)])
     report.defaults = [_method_default(model, peft_type) for peft_type in registry.registered_methods()]
     return report
 
@@ -142,8 +176,9 @@ def inspect_model(name_or_path: str, *, task: str | None = None, config: Any = N
 # -- loading ---------------------------------------------------------------------------------------
 
 
-def _skeleton(name_or_path: str, task: str | None, config: Any) -> nn.Module:
-    """The model's modules on the ``meta`` device (shapes and types, no weights)."""
+def _skeleton(name_or_path: str, task: str | None, config: Any) -> tuple[nn.Module, str]:
+    """The model's modules on the ``meta`` device (shapes and types, no weights), and how it was built
+    when not from its config alone."""
     if config is None and task is None:
         from ..models import bundled_model_path, source_problem
 
@@ -160,14 +195,30 @@ def _skeleton(name_or_path: str, task: str | None, config: Any) -> nn.Module:
                  f"it the way that task does (tasks: {', '.join(registered_tasks())}), or give a run config"],
                 what="inspect",
             )
-        return _transformers_skeleton(path)
+        declared = _declared_pooling(path)
+        if declared is None:
+            return _transformers_skeleton(path), ""
+        task = "text-classification"
+        why = f"task {task}, as a sentence-transformers model ({declared[1]} declares {declared[0]} pooling)"
+    else:
+        why = f"task {config.task if config is not None else task}"
     from .runner import build_task
     from .schema import ModelConfig, RunConfig
 
     if config is None:  # a placeholder 2-class head: the head's size is the task's business
         config = RunConfig(task=task, model=ModelConfig(name_or_path=name_or_path, num_labels=2))
     model = build_task(config).load_model()
-    return model.to("meta")
+    return model.to("meta"), why
+
+
+def _declared_pooling(path: str) -> tuple[str, str] | None:
+    """The pooling a local sentence-transformers directory declares (a hub id is not asked: offline,
+    that would wait on the network)."""
+    if not Path(path).is_dir():
+        return None
+    from ..tasks.pooling import declared_pooling
+
+    return declared_pooling(path)
 
 
 def _transformers_skeleton(path: str) -> nn.Module:
@@ -245,6 +296,19 @@ def _groups(adaptable: list[tuple[str, nn.Module, list[str]]]) -> list[ModuleGro
     return list(groups.values())
 
 
+def _under(name: str, roots: list[str]) -> bool:
+    return any(name == r or name.startswith(r + ".") for r in roots)
+
+
+def _head(model: nn.Module, heads: list[str]) -> list[HeadModule]:
+    """The modules of the fresh classification head (whole head first, then its layers)."""
+    out = []
+    for name, module in targeting.user_modules(model):
+        if _under(name, heads) and (name in heads or _shape(module) != "block"):
+            out.append(HeadModule(name, type(module).__name__, _shape(module), _own_params(module)))
+    return out
+
+
 def _layer_range(layers: list[int]) -> str:
     if not layers:
         return ""
@@ -273,7 +337,7 @@ def _target_sets(model: nn.Module, adaptable: list[tuple[str, nn.Module, list[st
         if not chosen or any(s.modules == len(chosen) and spec.endswith("." + s.spec) for s in sets):
             continue  # "self.query" selects exactly what "query" does: show the shorter one only
         sets.append(_priced(model, spec, [spec], chosen))
-    heads = targeting.output_head_names(model)
+    heads = targeting.output_head_names(model)  # a task's fresh head is already left out of `adaptable`
     linear = [(n, m) for n, m in lora if isinstance(m, targeting.LINEAR_TYPES) and n not in heads]
     if linear:
         sets.append(_priced(model, ALL_LINEAR, ALL_LINEAR, linear))
@@ -300,21 +364,24 @@ def _method_default(model: nn.Module, peft_type: str) -> MethodDefault:
     try:
         config = registry.config_class(peft_type)()
         probe = copy.deepcopy(model)
-        plan = targeting.resolve(probe, config) if config.wraps_layers else None
+        plan = None
+        if config.wraps_layers:  # as inject sees it: a task's fresh head is trained in full, not adapted
+            heads = targeting.sequence_head_names(probe)
+            plan = targeting.resolve(probe, config.replace(modules_to_save=heads) if heads else config)
         api.inject(probe, config)
         summary = api.trainable_summary(probe, show=False)
     except ConfigError as exc:  # a field without a default, e.g. num_virtual_tokens
         return MethodDefault(method, [], 0, None, "needs " + "; ".join(exc.problems))
     except Exception as exc:  # noqa: BLE001 - the reason is the report
         if isinstance(exc, NoTargetMatchedError) and "has no default" in str(exc):
-            model_type = getattr(getattr(model, "config", None), "model_type", None)
-            return MethodDefault(method, [], 0, None, f"no default targets for model_type {model_type}; set target_modules")
+            why = re.search(r"; (no .*? found by structure.*?); set target_modules", str(exc), re.S)
+            return MethodDefault(method, [], 0, None, f"no default: {why.group(1) if why else 'set target_modules'}")
         return MethodDefault(method, [], 0, None, _first_sentence(str(exc)))
     added = sum(count for *_, count in summary.adapted)
     if plan is None:
         return MethodDefault(method, [], 0, added, "wraps no layer (virtual tokens / whole-model part)")
     patterns = list(dict.fromkeys(_split_layer(t.name)[0] for t in plan.targets))
-    return MethodDefault(method, patterns, len(plan.targets), added)
+    return MethodDefault(method, patterns, len(plan.targets), added, source=plan.default.source if plan.default else "")
 
 
 def _first_sentence(text: str) -> str:
