@@ -64,3 +64,8 @@ class UnsafeMergeError(PeftkitError, ArithmeticError):
 
 class BaseModelMismatchWarning(UserWarning):
     """An adapter is being loaded onto a model that differs from the one it was saved from."""
+
+
+class UnloadableCheckpointError(PeftkitError, ValueError):
+    """A save was refused because what it would write could not be loaded back as the model it came from
+    (e.g. ``save_pretrained`` on part of an adapted model: base weights under adapter-layer names)."""

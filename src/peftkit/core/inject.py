@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from ..errors import AdapterNameError, UnsupportedLayerError
+from . import pretrained
 from .config import AdapterConfig
 from .layer import AdapterLayer, AdapterModule, ModelPart, ModelParts, ModulesToSave
 from .targeting import Plan, resolve, sequence_head_names
@@ -169,6 +170,7 @@ def inject(
     # kept to give the base model back unchanged on unload / delete (e.g. biases LoRA trains)
     state.extra_originals[adapter_name] = [p.detach().clone() for p in extra]
     set_active(model, [adapter_name])  # also freezes it when config.inference_mode is set
+    pretrained.install(model)  # save_pretrained writes the adapter, not base weights under adapter names
     return model
 
 
@@ -306,5 +308,6 @@ def unload(model: nn.Module, restore_base: bool = True) -> nn.Module:
         _remove_part(model, name)
     for name, param in model.named_parameters():
         param.requires_grad_(state.original_requires_grad.get(name, param.requires_grad))
+    pretrained.uninstall(model)
     del model.__dict__[STATE_ATTR]
     return model

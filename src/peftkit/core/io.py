@@ -167,7 +167,7 @@ def save_adapter(
 
     Whatever the error, nothing on disk is changed.
     """
-    state = require_adapter(model, adapter_name, AdapterMismatchError)
+    require_adapter(model, adapter_name, AdapterMismatchError)
     lost = _incomplete_modules(model, adapter_name)
     if lost:
         raise AdapterMismatchError(
@@ -175,7 +175,19 @@ def save_adapter(
             "or deleted after inject?); saving would write an incomplete adapter, so nothing was saved. Save before "
             "changing the model, or inject the adapter again."
         )
-    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in adapter_state_dict(model, adapter_name, portable).items()}
+    tensors = adapter_state_dict(model, adapter_name, portable)
+    return write_adapter(model, directory, adapter_name, tensors, portable=portable)
+
+
+def write_adapter(
+    model: nn.Module, directory: str | os.PathLike, adapter_name: str, tensors: dict[str, torch.Tensor],
+    *, portable: bool = False,
+) -> Path:
+    """Write ``tensors`` (interchange keys) as adapter ``adapter_name`` of ``model``: the end of
+    :func:`save_adapter`, for callers that hold the adapter's tensors elsewhere than in the live model
+    (a state dict gathered by a distributed trainer). Same checks, same errors, same atomicity."""
+    state = require_adapter(model, adapter_name, AdapterMismatchError)
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
     # One empty tensor is legitimate (AdaLoRA prunes a module to rank 0, and the reference library
     # saves and loads that); an adapter whose tensors are all empty carries no weights at all.
     if not tensors or all(v.numel() == 0 for v in tensors.values()):
