@@ -5,6 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+# The names train.report_to knows (peftkit.train.experiment_logging has a logger for each but jsonl,
+# the tracker's own file). A list of str, not of a Literal, so that an unknown name gets the message of
+# train_config_problems, which lists these.
+REPORT_TO = ("tensorboard", "wandb", "mlflow", "jsonl")
+
 
 @dataclass
 class TrainConfig:
@@ -39,7 +44,12 @@ class TrainConfig:
         distributed: With several processes (torchrun): "ddp" replicates the model on every process
             (DistributedDataParallel); "fsdp" shards the frozen base model's parameters over the
             processes (FSDP2 ``fully_shard``) and replicates the trainable adapter. Ignored in one process.
-        tensorboard: Also write TensorBoard event files (needs the ``tensorboard`` package).
+        tensorboard: Also write TensorBoard event files (needs the ``tensorboard`` package); read only
+            when ``report_to`` is None.
+        report_to: Where metrics go: any of "tensorboard", "wandb", "mlflow", "jsonl". None: "jsonl",
+            plus "tensorboard" when ``tensorboard`` is true (the behaviour before this field existed).
+            ``metrics.jsonl`` is written in every case (the run's own record; "jsonl" may be listed to
+            say so). See docs/training.md, "Experiment logging".
         progress: Show a progress bar (loss, throughput, time left) on a terminal.
     """
 
@@ -67,4 +77,5 @@ class TrainConfig:
     device: str = "auto"
     distributed: Literal["ddp", "fsdp"] = "ddp"
     tensorboard: bool = True
+    report_to: list[str] | None = None
     progress: bool = True

@@ -54,6 +54,7 @@ from .checkpoint import (
 )
 from .config import TrainConfig
 from .distributed import World
+from .experiment_logging import parameter_counts, reported_to
 from .optim import make_optimizer
 from .order import DataPlan
 from .runtime import (
@@ -176,6 +177,7 @@ def fit(
     resume: bool = False,
     adapter_name: str = "default",
     log: Callable[[str], None] = print,
+    run_config: Mapping[str, Any] | None = None,
 ) -> FitResult:
     """Train ``model`` in place on ``train_examples``.
 
@@ -195,10 +197,13 @@ def fit(
         evaluate: ``evaluate(model) -> {metric: value}`` on validation data; called in eval mode,
             under ``torch.no_grad`` and without disturbing the training random streams.
         run_dir: Where ``checkpoints/``, ``best/``, ``final/``, ``metrics.jsonl``, ``tensorboard/``
-            go; None writes nothing (and cannot resume).
+            go; None writes nothing, starts no experiment logger (and cannot resume).
         resume: Continue from the newest complete checkpoint in ``run_dir/checkpoints``.
         adapter_name: The adapter to train and save, when the model has peftkit adapters.
         log: Receives human-readable progress lines (on rank 0 only, with several processes).
+        run_config: The whole run's settings as plain data (e.g. a YAML run config as a dict), which
+            the experiment loggers of ``config.report_to`` record (wandb config, MLflow params);
+            None records ``{"train": <config as a dict>}``. Nothing else reads it.
 
     With several processes (``torch.distributed`` initialised, or ``torchrun``'s environment set,
     in which case ``fit`` initialises it), every rank calls ``fit`` with the same model, examples and
@@ -234,13 +239,14 @@ def fit(
         raise ConfigError(["train.early_stopping_patience needs evaluation: pass evaluate= (a validation split)"],
                           what="training config")
     return _fit(model, train_examples, collate, loss, config, evaluate, evaluates, run_dir, resume,
-                adapter_name, log, device, world)
+                adapter_name, log, device, world, run_config)
 
 
 def _fit(model: nn.Module, train_examples: Sequence[Any], collate: Callable[[list[Any]], Any],
          loss: Callable[[nn.Module, Any], torch.Tensor], config: TrainConfig,
          evaluate: Callable[[nn.Module], Mapping[str, float]] | None, evaluates: bool, run_dir: Path | None,
-         resume: bool, adapter_name: str, log: Callable[[str], None], device: torch.device, world: World) -> FitResult:
+         resume: bool, adapter_name: str, log: Callable[[str], None], device: torch.device, world: World,
+         run_config: Mapping[str, Any] | None) -> FitResult:
     adapter = _adapter_of(model, adapter_name)
     model.to(device)
     plan = DataPlan.for_run(len(train_examples), config.batch_size, config.grad_accum, config.seed,
@@ -257,18 +263,22 @@ def _fit(model: nn.Module, train_examples: Sequence[Any], collate: Callable[[lis
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     if world.is_main:
-        tracker = Tracker(run_dir, state.step, plan.total_steps, tensorboard=config.tensorboard,
-                          progress=config.progress, log=log)
+        recorded = dict(run_config) if run_config is not None else {"train": dataclasses.asdict(config)}
+        tracker = Tracker(run_dir, state.step, plan.total_steps, report_to=reported_to(config),
+                          progress=config.progress, log=log, config=recorded,
+                          summary=parameter_counts(model) if run_dir is not None else None)
     else:  # one voice: the other ranks neither log nor write
-        tracker = Tracker(None, state.step, plan.total_steps, tensorboard=False, progress=False, log=_silent)
+        tracker = Tracker(None, state.step, plan.total_steps, progress=False, log=_silent)
+    status = "failed"  # what the experiment loggers record when an exception ends the run
     try:
         with gradient_checkpointing(model, config.gradient_checkpointing), interrupt_flag() as interrupt:
             run.train_model = distributed.wrap(model, device, world, tracker.text, config.distributed)
             if rng is not None:
                 set_rng_state(rng)  # last, so that nothing between here and the first step draws from them
             _loop(run, tracker, interrupt)
+        status = run.state.status
     finally:
-        tracker.close()
+        tracker.close(status)
     return _result(run)
 
 

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from .config import TrainConfig
+from .config import REPORT_TO, TrainConfig
 from .schedule import SCHEDULES
 
 PRECISIONS = ("fp32", "bf16")
@@ -99,7 +99,23 @@ def train_config_problems(config: TrainConfig) -> list[str]:
             torch.device(config.device)
         except (RuntimeError, TypeError):
             problems.append(f"train.device: expected 'auto', 'cpu', 'cuda' or 'cuda:N', got {config.device!r}")
-    return problems
+    return problems + _report_to_problems(config)
+
+
+def _report_to_problems(config: TrainConfig) -> list[str]:
+    names, known = config.report_to, REPORT_TO
+    if names is None:
+        return []
+    if not isinstance(names, list | tuple) or not all(isinstance(name, str) for name in names):
+        return [f"train.report_to: expected a list of names from {', '.join(known)} (or null), got {names!r}"]
+    unknown = [name for name in names if name not in known]
+    if unknown:
+        return [f"train.report_to: unknown {', '.join(map(repr, unknown))}; known: {', '.join(known)} "
+                "(or null: jsonl, plus tensorboard when train.tensorboard is true)"]
+    if not config.tensorboard and "tensorboard" in names:
+        return ["train.report_to lists tensorboard but train.tensorboard is false: drop one of the two "
+                "(when report_to is set, it alone decides)"]
+    return []
 
 
 @contextlib.contextmanager
