@@ -331,3 +331,19 @@ def test_each_layout_trains_the_tiny_model_on_its_answers_only(tmp_path, row):
     first.backward()
     optimizer.step()
     assert task.loss(model, batch).item() < first.item()
+
+
+def test_a_line_ending_in_a_backslash_continues_the_message(chat_run, monkeypatch):
+    from peftkit.tasks.causal_lm import CausalLMTask as Task
+
+    seen = []
+    original = Task.predict
+
+    def spy(self, model, inputs, batch_size, **kwargs):
+        seen.append(inputs[0]["messages"][-1]["content"])
+        return original(self, model, inputs, batch_size, **kwargs)
+
+    monkeypatch.setattr(Task, "predict", spy)
+    lines = iter(["two\\", "lines", "hi", "/exit"])
+    chat_session(str(chat_run), read=lambda prompt: next(lines), write=lambda text: None)
+    assert seen == ["two\nlines", "hi"]

@@ -3,9 +3,9 @@
 Each line typed is a user turn; the answer is generated with the run's ``generation`` settings (or the
 command's options) from the whole conversation so far, rendered the way the run was trained (its chat
 template or plain text, its ``data.system_prompt``), and becomes the next assistant turn. On a
-terminal the answer is printed as it is generated. ``/reset`` starts a new conversation and ``/exit``
-(or end of input, Ctrl-D) ends the session. Lines can also come from a pipe, so a session can be
-scripted.
+terminal the answer is printed as it is generated. A line ending in a backslash continues on the next
+one (a message of several lines). ``/reset`` starts a new conversation and ``/exit`` (or end of
+input, Ctrl-D) ends the session. Lines can also come from a pipe, so a session can be scripted.
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ def chat_session(
     history: list[dict[str, str]] = []
     while True:
         try:
-            line = read("you> ").strip()
+            line = _message(read)
         except EOFError:
             break
         if not line:
@@ -84,3 +84,15 @@ def chat_session(
             write(answer)
         history.append({"role": "assistant", "content": answer})
     return history
+
+
+def _message(read: Callable[[str], str]) -> str:
+    """One user message: a line, or several joined where a line ends in a backslash."""
+    lines = [read("you> ").rstrip("\r\n")]
+    while lines[-1].endswith("\\"):
+        lines[-1] = lines[-1][:-1]
+        try:
+            lines.append(read("...> ").rstrip("\r\n"))
+        except EOFError:
+            break
+    return "\n".join(lines).strip()
