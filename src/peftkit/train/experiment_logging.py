@@ -209,9 +209,10 @@ class MlflowLogger:
         except (MlflowException, ImportError) as exc:
             raise ConfigError([f"train.report_to lists mlflow but MLflow cannot open the store {self._uri} "
                                f"({str(exc).strip()}). "
-                               "Set MLFLOW_TRACKING_URI (a tracking server http://..., or a database); the default "
-                               "SQLite store in the run directory needs the full package (`pip install mlflow`, "
-                               "not mlflow-skinny), or set MLFLOW_ALLOW_FILE_STORE=true for a file store there"],
+                               "Set MLFLOW_TRACKING_URI to a tracking server (http://...) or a database, or "
+                               "MLFLOW_ALLOW_FILE_STORE=true for a file store in the run directory; the default "
+                               "SQLite store there needs the full package (`pip install mlflow`: mlflow-skinny, "
+                               "which peftkit[tracking] installs, has no SQLite backend)"],
                               what="training setup") from exc
         params = [Param(key, value) for key, value in flat_params({**config, **summary}).items()
                   if key not in logged_params]  # an MLflow param cannot change: a resumed run keeps the first
