@@ -16,7 +16,7 @@ from ..errors import AdapterNameError, UnsupportedLayerError
 from . import pretrained
 from .config import AdapterConfig
 from .layer import AdapterLayer, AdapterModule, ModelPart, ModelParts, ModulesToSave
-from .targeting import Plan, resolve, sequence_head_names
+from .targeting import Plan, recorded_targets, resolve, sequence_head_names
 
 STATE_ATTR = "_peftkit"
 PARTS_ATTR = "peftkit_parts"
@@ -121,6 +121,9 @@ def inject(
             config = config.replace(base_model_name_or_path=str(source))
     plan = resolve(model, config, require_every_entry=require_every_entry)
     config = config.after_resolve(plan)
+    recorded = recorded_targets(plan, config)
+    if recorded is not None:
+        config = config.replace(target_modules=recorded)
     existing = {m.module_name: m for m in model.modules() if isinstance(m, (AdapterLayer, ModulesToSave))}
     part = config.build_part(model, plan)
     shared = {} if part is None else {"part": part}

@@ -45,12 +45,25 @@ class DefaultTargets:
 
     spec: list[str] | str
     source: str  # "reference default for bert", "found by structure: attention query, value", ...
+    kind: str  # "rule" (the method's own, e.g. BitFit's biases), "table" or "structure"
     # by structure: role -> the part of ``spec`` selecting that role's modules (IA3 reads "mlp_down")
     parts: dict[str, list[str] | str] = field(default_factory=dict)
 
     @property
     def by_structure(self) -> bool:
-        return bool(self.parts)
+        return self.kind == "structure"
+
+
+def recorded_targets(plan: Plan, config: AdapterConfig) -> list[str] | str | None:
+    """What a config saved after ``plan`` records as ``target_modules`` when it was left unset: the
+    default it stood for, as the reference library records its own (a default found by structure is in
+    no table a reader could consult). A regex default beside ``layers_to_transform``, a combination the
+    reference refuses, is recorded as the full names chosen. None: keep it unset (a method's own rule)."""
+    if config.target_modules is not None or plan.default is None or plan.default.kind == "rule":
+        return None
+    if isinstance(plan.default.spec, str) and config.layers_to_transform not in (None, []):
+        return [t.name for t in plan.targets]
+    return plan.default.spec
 
 
 def name_matches(spec: list[str] | str, name: str) -> bool:
@@ -221,7 +234,7 @@ def default_targets(model: nn.Module, config: AdapterConfig) -> DefaultTargets:
     """
     spec = config.default_target_spec(model)
     if spec is not None:
-        return DefaultTargets(spec, f"{config.peft_type}'s own rule")
+        return DefaultTargets(spec, f"{config.peft_type}'s own rule", "rule")
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     table: dict[str, list[str] | str] = getattr(config, "default_targets", {})
     names = [n for n, _ in user_modules(model) if n]
@@ -233,7 +246,7 @@ def default_targets(model: nn.Module, config: AdapterConfig) -> DefaultTargets:
         missing = [str(e if isinstance(e, str) else e[0]) for e in entries if not any(name_matches(e, n) for n in names)]
         label = config.table_source(model_type)
         if not missing:
-            return DefaultTargets(spec, label)
+            return DefaultTargets(spec, label, "table")
         stale = f" (the {label} names modules this model lacks: {', '.join(missing)})"
     found = _by_structure(model, names, config)
     if isinstance(found, DefaultTargets):
@@ -254,19 +267,22 @@ def _by_structure(model: nn.Module, names: list[str], config: AdapterConfig) -> 
         return f"{config.peft_type} names no layer roles to look for by structure"
     found = anatomy.find(model)
     modules = dict(user_modules(model))
-    groups: dict[str, list[str]] = {}
+    able: dict[str, list[str]] = {}
     refused: list[str] = []
-    covered: set[str] = set()
-    for role in roles:  # a fused projection is query, key and value at once: it is listed once
-        groups[role] = []
+    for role in roles:
+        able[role] = []
         for name in found.modules(role):
             reason = registry.dispatch(config.peft_type, modules[name])[1]
-            if reason is not None:
+            if reason is None:
+                able[role].append(name)
+            else:
                 refused.append(f"{name} ({type(modules[name]).__name__}: {reason})")
-            elif name not in covered:
-                groups[role].append(name)
+    groups: dict[str, list[str]] = {}
+    covered: set[str] = set()
+    for role in roles:  # a fused projection is query, key and value at once: it is listed once
+        groups[role] = [n for n in able[role] if n not in covered]
         covered.update(groups[role])
-    absent = [r for r in roles if not groups[r] and r not in config.optional_roles]
+    absent = [r for r in roles if not able[r] and r not in config.optional_roles]
     if absent or not covered:
         lacking = absent or list(roles)
         why = found.why_missing(lacking)
@@ -279,7 +295,7 @@ def _by_structure(model: nn.Module, names: list[str], config: AdapterConfig) -> 
     fused = any(a.fused for b in found.blocks for a in b.attention)
     what = ", ".join(anatomy.ROLES[r] + (" (fused query/key/value)" if fused and r in ("query", "key") else "")
                      for r in used)
-    return DefaultTargets(spec, f"found by structure: {what}", dict(zip(used, parts)))
+    return DefaultTargets(spec, f"found by structure: {what}", "structure", dict(zip(used, parts)))
 
 
 def _example_linear_names(model: nn.Module) -> list[str]:
