@@ -364,8 +364,9 @@ def test_torch_multihead_attention_has_no_adaptable_projection_and_the_error_say
     torch.manual_seed(0)
     layer = nn.TransformerEncoderLayer(d_model=16, nhead=2, dim_feedforward=32, batch_first=True)
     base = nn.TransformerEncoder(layer, num_layers=2, enable_nested_tensor=False)
-    with pytest.raises(NoTargetMatchedError, match="nn.MultiheadAttention.*set target_modules"):
-        peftkit.inject(copy.deepcopy(base), LoraConfig())
+    for method in ("lora", "ia3", "houlsby"):
+        with pytest.raises(NoTargetMatchedError, match="nn.MultiheadAttention.*set target_modules"):
+            peftkit.inject(copy.deepcopy(base), _config(method))
     # the feed-forward and the norms are found all the same
     model = peftkit.inject(copy.deepcopy(base), peftkit.make_config("bottleneck", placement="pfeiffer"))
     assert [n for n, _ in adapter_layers(model)] == ["layers.0.linear2", "layers.1.linear2"]
@@ -389,3 +390,12 @@ def test_a_model_with_no_recognisable_structure_is_told_how_to_set_target_module
 def test_explicit_targets_are_untouched_by_the_finder():
     with pytest.raises(UnsupportedLayerError):  # named, unsupported: refused as before, no default consulted
         peftkit.inject(tiny("mixtral"), peftkit.LoraConfig(target_modules=["mlp"]))
+
+
+def test_the_docs_example_prints_what_the_page_shows(capsys):
+    from pathlib import Path
+
+    page = (Path(__file__).resolve().parents[1] / "docs" / "targets.md").read_text()
+    code, printed = re.findall(r"```python\n(.*?)```\n\nprints\n\n```\n(.*?)```", page, re.S)[0]
+    exec(compile(code, "docs/targets.md", "exec"), {"__name__": "docs_example"})
+    assert capsys.readouterr().out == printed
