@@ -295,6 +295,16 @@ def test_models_the_trainer_cannot_train_as_they_are_are_refused(tmp_path):
         PeftkitTrainer(model=model, args=arguments(tmp_path), optimizers=(optimizer, None), lora_plus_ratio=4)
 
 
+def test_model_init_must_build_an_adapted_model(tmp_path):
+    trainer = PeftkitTrainer(model_init=lambda: tiny_bert(), args=arguments(tmp_path, max_steps=1, save_strategy="no"),
+                             train_dataset=Records())
+    trainer.train()
+    assert peftkit.adapter_names(trainer.model) == ["default"]
+    with pytest.raises(AdapterNameError, match="peftkit.inject"):  # Trainer calls model_init at once
+        PeftkitTrainer(model_init=lambda: BertForSequenceClassification(tiny_bert().config),
+                       args=arguments(tmp_path, max_steps=1), train_dataset=Records())
+
+
 def test_the_final_save_loads_in_the_reference_library(tmp_path):
     model = tiny_bert()
     trainer = PeftkitTrainer(model=model, args=arguments(tmp_path, max_steps=3, save_strategy="no"),

@@ -104,15 +104,18 @@ class PeftkitTrainerMixin:
     def _peftkit_model(self) -> nn.Module:
         return self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
 
+    def _prepare(self, model: nn.Module) -> nn.Module:
+        check_model(model)
+        if getattr(self.args, "activation_checkpointing", None) or self.args.gradient_checkpointing:
+            enable_input_grads(model)
+        return model
+
     def call_model_init(self, trial: Any = None) -> nn.Module:
-        return check_model(super().call_model_init(trial))
+        return self._prepare(super().call_model_init(trial))
 
     def train(self, *args: Any, **kwargs: Any) -> Any:
-        if self.model_init is None:
-            check_model(self._peftkit_model())
-        checkpointing = getattr(self.args, "activation_checkpointing", None) or self.args.gradient_checkpointing
-        if checkpointing and self.model_init is None:
-            enable_input_grads(self._peftkit_model())
+        if self.model_init is None:  # else call_model_init prepares the model train() builds
+            self._prepare(self._peftkit_model())
         return super().train(*args, **kwargs)
 
     def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
