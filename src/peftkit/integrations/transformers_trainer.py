@@ -98,7 +98,7 @@ class PeftkitTrainerMixin:
         if lora_plus_ratio is not None and self.optimizer is not None:
             raise ConfigError([f"lora_plus_ratio={lora_plus_ratio} builds the optimizer, and optimizers= passed one "
                                "already: drop one of the two"], what="PeftkitTrainer")
-        if self.model_init is None:  # with model_init, the model is checked when train() builds it
+        if self.model_init is None:  # with model_init, call_model_init checks every model it builds
             check_model(self._peftkit_model())
 
     def _peftkit_model(self) -> nn.Module:
