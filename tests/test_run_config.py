@@ -180,13 +180,19 @@ def test_model_paths_and_hub_ids(tmp_path):
     assert problem.startswith("model.gguf_file: 'x.gguf' is not in")
 
 
-def test_greater_is_better_must_match_the_metric():
-    (problem,) = problems_of(MINIMAL, ["train.metric=accuracy"])
+def test_greater_is_better_follows_the_metric_unless_set_against_it():
+    # unset: decided from the metric (the newcomer who writes `metric: accuracy` alone is right)
+    assert parse_config(MINIMAL, ["train.metric=accuracy"]).train.maximize is True
+    assert parse_config(MINIMAL, ["train.metric=perplexity"]).train.maximize is False
+    assert parse_config(MINIMAL, []).train.maximize is False  # loss
+    (problem,) = problems_of(MINIMAL, ["train.metric=accuracy", "train.greater_is_better=false"])
     assert problem == ("train.greater_is_better: a larger accuracy is better for task 'text-classification'; "
                        "set it to true")
     (problem,) = problems_of(MINIMAL, ["train.greater_is_better=true"])
     assert problem.startswith("train.greater_is_better: a lower loss is better")
-    assert parse_config(MINIMAL, ["train.metric=accuracy", "train.greater_is_better=true"])
+    assert parse_config(MINIMAL, ["train.metric=accuracy", "train.greater_is_better=true"]).train.maximize is True
+    (problem,) = problems_of(MINIMAL, ["train.report_to=[tensorboard, wandbb]"])
+    assert problem.startswith("train.report_to: expected a list of tensorboard, wandb, mlflow, jsonl")
 
 
 def test_missing_and_malformed_files(tmp_path):

@@ -204,7 +204,7 @@ def run_searches(config: Any, run_one: RunOne, log: Callable[[str], None]) -> di
     from .runner import is_current, read_record
 
     out = config.output_dir
-    greater = next((r.config.train.greater_is_better for r in config.runs), True)
+    greater = next((r.config.train.maximize for r in config.runs), True)
     outcomes: dict[str, dict[str, Any]] = {}
     for plan in config.tuning.values():
         todo = [t for t in plan.trials if not is_current(read_record(trial_record_path(out, t, plan)), t.run)]

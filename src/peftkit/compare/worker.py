@@ -35,7 +35,7 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
     record: dict[str, Any] = {
         "format": RECORD_FORMAT, "name": job["name"], "seed": job["seed"], "key": job["key"],
         "task": config.task, "model": config.model.name_or_path, "method": None,
-        "metric": config.train.metric, "greater_is_better": config.train.greater_is_better,
+        "metric": config.train.metric, "greater_is_better": config.train.maximize,
         "config": to_dict(config), "versions": measure.versions(), "machine": measure.machine(),
         "started_at": started,
     }

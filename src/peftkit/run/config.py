@@ -27,7 +27,7 @@ from typing import Any
 import yaml
 
 from ..errors import ConfigError
-from ..train.config import TrainConfig
+from ..train.config import REPORT_TO, TrainConfig
 from .schema import DataConfig, EvalConfig, GenerationSettings, ModelConfig, RunConfig
 
 FULL_FINE_TUNING = "full"  # `adapter.method: full` trains every parameter instead of an adapter
@@ -419,6 +419,7 @@ _VALUE_CHECKS: list[Check] = [
     ("train.device", lambda v: _DEVICE.fullmatch(v) is not None, "auto, cpu, cuda, cuda:N or mps"),
     ("eval.batch_size", lambda v: v > 0, "a positive number of examples"),
     ("eval.split", lambda v: v in SPLITS, "one of train, validation, test"),
+    ("train.report_to", lambda v: v is None or set(v) <= set(REPORT_TO), f"a list of {', '.join(REPORT_TO)}, or null"),
     ("eval.max_new_tokens", lambda v: v is None or v > 0, "a positive number of tokens, or null"),
     ("generation.max_new_tokens", lambda v: v > 0, "a positive number of tokens"),
     ("generation.temperature", lambda v: v is None or v >= 0, "a non-negative temperature (0: greedy), or null"),
@@ -449,7 +450,7 @@ def value_problems(config: RunConfig) -> list[str]:
     if older is not None and newer != GenerationSettings.max_new_tokens and older != newer:
         problems.append(f"eval.max_new_tokens: {older} disagrees with generation.max_new_tokens: {newer}; "
                         "keep generation.max_new_tokens only (eval.max_new_tokens is its older spelling)")
-    if config.train.metric in ("loss", "perplexity") and config.train.greater_is_better:
+    if config.train.metric in ("loss", "perplexity") and config.train.greater_is_better is True:
         problems.append(f"train.greater_is_better: a lower {config.train.metric} is better; set it to false")
     return problems
 
@@ -525,7 +526,8 @@ def _check_references(config: RunConfig) -> list[str]:
     else:
         task = task_class(config.task)
         train = config.train
-        if train.metric == getattr(task, "default_metric", None) and train.greater_is_better != task.greater_is_better:
+        if (train.metric == getattr(task, "default_metric", None) and train.greater_is_better is not None
+                and train.greater_is_better != task.greater_is_better):
             better = "larger" if task.greater_is_better else "smaller"
             problems.append(f"train.greater_is_better: a {better} {train.metric} is better for task {config.task!r}; "
                             f"set it to {str(task.greater_is_better).lower()}")

@@ -33,7 +33,7 @@ from .. import api
 from ..errors import AdapterMismatchError, ConfigError
 from ..select.choose import is_auto
 from ..tasks import Task, task_class
-from .config import FULL_FINE_TUNING, dump_config, load_config, resolved, value_problems
+from .config import FULL_FINE_TUNING, dump_config, load_config, resolved, to_dict, value_problems
 from .schema import RunConfig
 
 CONFIG_NAME = "config.yaml"
@@ -202,7 +202,7 @@ def train_run(config: RunConfig, *, resume: bool = False, log: Log = print) -> R
     validation = splits.get("validation") or []
     evaluate = (lambda m: task.evaluate(m, validation, batch_size)) if validation else None
     result = fit(model, splits["train"], task.collate, task.loss, config.train, evaluate=evaluate, run_dir=run_dir,
-                 resume=resume, adapter_name=ADAPTER_NAME, log=log)
+                 resume=resume, adapter_name=ADAPTER_NAME, log=log, run_config=to_dict(as_given))
     if not result.ok:  # diverged or interrupted: keep the checkpoints as they are, report why
         metrics.update(_fit_facts(result, None))
         if main:

@@ -9,6 +9,7 @@ from typing import Literal
 # the tracker's own file). A list of str, not of a Literal, so that an unknown name gets the message of
 # train_config_problems, which lists these.
 REPORT_TO = ("tensorboard", "wandb", "mlflow", "jsonl")
+LOWER_IS_BETTER = ("loss", "perplexity")  # metrics where smaller is better (and any "*loss")
 
 
 @dataclass
@@ -35,7 +36,8 @@ class TrainConfig:
         gradient_checkpointing: Recompute activations in the backward pass (saves memory).
         eval_every: Evaluate on the validation split every this many optimizer steps (0: only at the end).
         metric: The validation metric that picks the best checkpoint and drives early stopping.
-        greater_is_better: Whether a larger ``metric`` is better (False for a loss or perplexity).
+        greater_is_better: Whether a larger ``metric`` is better; None (the default) decides from the
+            metric: smaller is better for a loss or perplexity, larger for anything else (``maximize``).
         early_stopping_patience: Stop after this many evaluations without improvement (None: never).
         save_every: Write a resumable checkpoint every this many optimizer steps (0: only at evaluations and the end).
         log_every: Log training loss, learning rate and throughput every this many optimizer steps.
@@ -69,7 +71,7 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     eval_every: int = 0
     metric: str = "loss"
-    greater_is_better: bool = False
+    greater_is_better: bool | None = None
     early_stopping_patience: int | None = None
     save_every: int = 0
     log_every: int = 10
@@ -79,3 +81,11 @@ class TrainConfig:
     tensorboard: bool = True
     report_to: list[str] | None = None
     progress: bool = True
+
+    @property
+    def maximize(self) -> bool:
+        """Whether a larger ``metric`` is better: ``greater_is_better`` when set, else every metric but a
+        loss or perplexity (what a user who did not say means)."""
+        if self.greater_is_better is not None:
+            return self.greater_is_better
+        return not (self.metric in LOWER_IS_BETTER or self.metric.endswith("loss"))

@@ -254,7 +254,8 @@ def _fit(model: nn.Module, train_examples: Sequence[Any], collate: Callable[[lis
     warmup = warmup_steps_for(config.warmup_steps, config.warmup_ratio, plan.total_steps)
     optimizer = make_optimizer(model, config.lr, config.weight_decay, config.lora_plus_ratio)
     scheduler = make_scheduler(optimizer, config.schedule, warmup, plan.total_steps)
-    key = {**{name: getattr(config, name) for name in RESUME_FIELDS},
+    # the direction actually used, so a checkpoint written before greater_is_better could be unset resumes
+    key = {**{name: getattr(config, name) for name in RESUME_FIELDS}, "greater_is_better": config.maximize,
            "train_examples": len(train_examples), "device_type": device.type, "world_size": world.size}
     state, rng = _start(run_dir, resume, key, plan, model, optimizer, scheduler, config.seed, world)
     run = _Run(model, train_examples, collate, loss, config, evaluate, run_dir, adapter, device, plan, warmup,
@@ -495,7 +496,7 @@ def _maybe_evaluate(run: _Run, tracker: Tracker) -> bool:
                            f"{sorted(metrics) or 'no numbers'}: set train.metric to one of them"], what="evaluation")
     value = metrics[config.metric]
     state.history.append({"step": state.step, **metrics})
-    if _better(value, state.best_metric, config.greater_is_better):
+    if _better(value, state.best_metric, config.maximize):
         state.best_metric, state.best_step, state.bad_evals = value, state.step, 0
         if run.writes:
             save_weights(run.model, run.run_dir / "best", run.adapter, {"step": state.step, **metrics})
