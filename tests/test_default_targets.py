@@ -236,7 +236,7 @@ def test_a_bottleneck_on_a_mixture_of_experts_block_is_in_the_forward_path():
 
 
 def test_parallel_without_a_feed_forward_module_says_why():
-    with pytest.raises(NoTargetMatchedError, match=r"no MLP block was found by structure \(the feed-forward layers "
+    with pytest.raises(NoTargetMatchedError, match=r"no MLP block found by structure \(the feed-forward layers "
                                                    r"of encoder.layers.N \(fc1, fc2\) sit in the block itself"):
         peftkit.inject(tiny("mbart"), peftkit.make_config("bottleneck", placement="parallel"))
     with pytest.raises(NoTargetMatchedError, match=r"BOTTLENECK cannot adapt h.0.mlp \(BloomMLP"):

@@ -242,8 +242,9 @@ def default_targets(model: nn.Module, config: AdapterConfig) -> DefaultTargets:
     if model_type in table:
         entry = table[model_type]
         spec = entry if isinstance(entry, str) else list(entry)
-        entries: list[list[str] | str] = [spec] if isinstance(spec, str) else [[e] for e in spec]
-        missing = [str(e if isinstance(e, str) else e[0]) for e in entries if not any(name_matches(e, n) for n in names)]
+        # every list entry must name some module (a regex, as a whole), or the entry is out of date
+        probes: dict[str, list[str] | str] = {spec: spec} if isinstance(spec, str) else {e: [e] for e in spec}
+        missing = [e for e, probe in probes.items() if not any(name_matches(probe, n) for n in names)]
         label = config.table_source(model_type)
         if not missing:
             return DefaultTargets(spec, label, "table")
@@ -288,7 +289,7 @@ def _by_structure(model: nn.Module, names: list[str], config: AdapterConfig) -> 
         why = found.why_missing(lacking)
         if refused:
             why.append(f"{config.peft_type} cannot adapt {', '.join(refused[:2])}")
-        return (f"no {' or '.join(anatomy.ROLES[r] for r in lacking)} was found by structure"
+        return (f"no {' or '.join(anatomy.ROLES[r] for r in lacking)} found by structure"
                 + (f" ({'; '.join(why)})" if why else ""))
     used = {role: names_ for role, names_ in groups.items() if names_}
     spec, parts = anatomy.target_spec(names, list(used.values()))
