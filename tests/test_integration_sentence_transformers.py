@@ -171,3 +171,31 @@ def test_lora_on_the_bundled_minilm_trains_saves_and_reloads(tmp_path):
     assert not torch.allclose(trained, base_embeddings, atol=1e-5)
     model.save(str(tmp_path / "saved"))
     torch.testing.assert_close(embed(load(tmp_path / "saved")), trained)
+
+
+def doc_section(title: str) -> tuple[list[str], list[str]]:
+    """The python blocks and the shown outputs under ``## title`` of docs/integrations.md."""
+    import re
+
+    from test_integrations_doc import section
+
+    pairs = re.findall(r"```python\n(.*?)```\s*```\n(.*?)```", section(title), re.S)  # each example, its output
+    return [code for code, _ in pairs], [output for _, output in pairs]
+
+
+@pytest.mark.slow
+def test_the_docs_example_runs_and_prints_what_the_page_shows(tmp_path, monkeypatch, capsys):
+    from peftkit.models import bundled_model_path
+
+    try:
+        bundled_model_path("minilm")
+    except Exception as exc:
+        pytest.skip(str(exc))
+    blocks, shown = doc_section("sentence-transformers")
+    monkeypatch.chdir(tmp_path)
+    for block in blocks:
+        exec(compile(block, "docs/integrations.md", "exec"), {})
+    printed = capsys.readouterr().out.splitlines()
+    # the saved and the merged directory's files, and the reload check (the scores print as computed)
+    expected = [line for line in shown[0].splitlines() if line.startswith("['") or line.startswith("reloaded")]
+    assert len(expected) == 3 and set(expected) <= set(printed), printed

