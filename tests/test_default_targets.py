@@ -235,6 +235,21 @@ def test_a_bottleneck_on_a_mixture_of_experts_block_is_in_the_forward_path():
     assert not torch.allclose(run(model, "mixtral"), before)
 
 
+def test_the_experts_block_kind_needs_a_router_and_stacked_expert_weights():
+    from peftkit.methods.bottleneck import ExpertsBlock
+
+    class EmbedConv(nn.Module):  # a 2-D weight and a 3-D one, but no router and no experts
+        def __init__(self) -> None:
+            super().__init__()
+            self.table, self.conv = nn.Embedding(4, 8), nn.Conv1d(8, 8, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x
+
+    assert isinstance(tiny("mixtral").layers[0].mlp, ExpertsBlock)
+    assert not isinstance(EmbedConv(), ExpertsBlock)
+
+
 def test_parallel_without_a_feed_forward_module_says_why():
     with pytest.raises(NoTargetMatchedError, match=r"no MLP block found by structure \(the feed-forward layers "
                                                    r"of encoder.layers.N \(fc1, fc2\) sit in the block itself"):

@@ -359,19 +359,20 @@ class ExpertsBlock(metaclass=_Shape):
 
     @staticmethod
     def matches(module: nn.Module) -> bool:
+        experts = [list(c.parameters(recurse=False)) for c in module.children()]
         return (
             len(_forward_arguments(module) or ()) == 1
             and not any(isinstance(c, LINEAR_TYPES) for c in module.children())
             and _router(module) is not None
-            and any(p.dim() >= 3 for p in module.parameters())
+            and any(own and all(p.dim() == 3 for p in own) for own in experts)  # one tensor per projection
         )
 
 
 def _router(module: nn.Module) -> nn.Parameter | None:
     """The router's (experts x d) weight, which gives the block's width d."""
     for child in module.children():
-        weight = getattr(child, "weight", None)
-        if isinstance(weight, nn.Parameter) and weight.dim() == 2:
+        weight = child._parameters.get("weight")
+        if isinstance(weight, nn.Parameter) and weight.dim() == 2 and not isinstance(child, nn.Embedding):
             return weight
     return None
 
