@@ -245,13 +245,13 @@ def find(model: nn.Module) -> Anatomy:
     tree = _Tree(user_modules(model))
     anatomy = Anatomy()
     config = getattr(model, "config", None)
+    ffn_widths = _config_ffn_widths(config)
     for stack in _stacks(tree):
         blocks = tree.children[stack]
         width = _hidden_width(tree, blocks, config)
         if width is None:
             continue
         anatomy.stacks[stack] = width
-        ffn_widths = _config_ffn_widths(config)
         for block in blocks:
             anatomy.blocks.append(_read_block(tree, block, width, ffn_widths, anatomy.notes))
     widths = set(anatomy.stacks.values())
@@ -280,9 +280,14 @@ def _stacks(tree: _Tree) -> list[str]:
 
 
 def _hidden_width(tree: _Tree, blocks: list[str], config: Any) -> int | None:
+    """The width the blocks pass between them: the config's, if the blocks' layers use it, else inferred."""
     linears = [lin for b in blocks for lin in tree.linears(b)]
     seen = Counter(w for lin in linears for w in (lin.d_in, lin.d_out))
-    configs = [config] + ([config.get_text_config()] if hasattr(config, "get_text_config") else [])
+    configs = [config]
+    try:  # a multimodal config keeps the language model's width in its text config
+        configs.append(config.get_text_config())
+    except (AttributeError, ValueError):
+        pass
     for cfg in configs:
         for key in _CONFIG_WIDTHS:
             value = getattr(cfg, key, None)
