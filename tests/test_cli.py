@@ -214,8 +214,8 @@ def test_eval_of_a_config_evaluates_its_base_model(good_config, monkeypatch, cap
 def test_predict_reads_lines_or_jsonl_and_prints_json_lines(monkeypatch, capsys, tmp_path):
     seen = {}
 
-    def fake_predict_run(run_dir, inputs, batch_size=None, input_key=None):
-        seen.update(run_dir=run_dir, inputs=inputs)
+    def fake_predict_run(run_dir, inputs, batch_size=None, input_key=None, *, generation=None, stream=False):
+        seen.update(run_dir=run_dir, inputs=inputs, generation=generation, stream=stream)
         return [{"label": "pos", "input": x} for x in inputs]
 
     monkeypatch.setattr(runner, "predict_run", fake_predict_run)
@@ -227,6 +227,9 @@ def test_predict_reads_lines_or_jsonl_and_prints_json_lines(monkeypatch, capsys,
     inputs.write_text('{"text": "é"}\n')
     assert main(["predict", "runs/x", str(inputs)]) == 0
     assert capsys.readouterr().out == '{"label": "pos", "input": {"text": "é"}}\n'
+    assert seen["generation"] == {} and seen["stream"] is False
+    assert main(["predict", "runs/x", str(inputs), "--max-new-tokens", "5", "--temperature", "0.7", "--sample"]) == 0
+    assert seen["generation"] == {"max_new_tokens": 5, "temperature": 0.7, "do_sample": True}
 
 
 def test_parse_inputs_keeps_text_that_only_looks_like_json():
