@@ -197,7 +197,8 @@ def test_the_override_follows_copies_of_the_model(bert_dir, tmp_path):
 
 
 def test_import_peftkit_does_not_import_the_trainer():
-    code = ("import sys, peftkit; peftkit.LoraConfig; import peftkit.api; "
-            "print([m for m in ('transformers.trainer', 'trl', 'peft') if m in sys.modules])")
+    # the integrations' libraries (peftkit[hf]) load only when their module is imported
+    code = ("import sys, peftkit; peftkit.LoraConfig; import peftkit.api, peftkit.integrations; "
+            "print([m for m in ('transformers.trainer', 'trl', 'peft', 'sentence_transformers') if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
