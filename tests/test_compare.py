@@ -431,3 +431,15 @@ def test_a_row_at_the_majority_class_is_not_on_the_front_and_the_table_shows_the
     from peftkit.report.render import _title
 
     assert _title(summary).startswith("PEFT methods compared")  # no full fine-tuning run to set PEFT against
+
+
+def test_a_finished_record_keeps_its_key_when_fields_are_added_later():
+    # config.yaml of the demo's lora seed-0 run as written before the generation section, data.hub,
+    # the chat fields, train.report_to and the null greater_is_better existed; its record's key then
+    from pathlib import Path
+
+    from peftkit.compare.config import config_key
+    from peftkit.run.config import load_config
+
+    old = load_config(Path(__file__).parent / "data" / "compare-record-config-2026-12-05.yaml")
+    assert config_key(old) == "214ee16a13f67a84"

@@ -231,10 +231,36 @@ def config_key(config: RunConfig) -> str:
         for key, before in (("init", "random"), ("init_from", None)):
             if data["select"].get(key, before) == before:
                 data["select"].pop(key, None)
-    if isinstance(data.get("data"), dict) and data["data"].get("encoding", "utf-8") == "utf-8":
-        data["data"].pop("encoding", None)  # added later; at its default, records made before keep their key
+    _as_before(data, config)
     text = json.dumps(data, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+# Fields added after records were first written, with the value that reproduces what runs did before
+# they existed: at that value a field leaves the key alone, so finished records stay finished.
+ADDED_LATER = {
+    "data": {"encoding": "utf-8", "hub": None, "hub_splits": {}, "system_prompt": None, "chat_template": None},
+    "train": {"report_to": None},
+}
+
+
+def _as_before(data: dict[str, Any], config: RunConfig) -> None:
+    """Rewrite ``data`` (a run config as a dict) so fields added or re-defaulted later hash as they did."""
+    for section, fields in ADDED_LATER.items():
+        for key, before in fields.items():
+            if isinstance(data.get(section), dict) and data[section].get(key, before) == before:
+                data[section].pop(key, None)
+    from ..tasks.generation import settings_of
+
+    # the generation section replaced eval.max_new_tokens; greater_is_better's default became "from the metric"
+    generation = data.pop("generation", None)
+    if isinstance(generation, dict) and generation != {**to_dict(RunConfig())["generation"],
+                                                        "max_new_tokens": generation.get("max_new_tokens")}:
+        data["generation"] = {k: v for k, v in generation.items() if k != "max_new_tokens"}
+    if isinstance(data.get("eval"), dict):
+        data["eval"]["max_new_tokens"] = settings_of(config).max_new_tokens
+    if isinstance(data.get("train"), dict):
+        data["train"]["greater_is_better"] = config.train.maximize
 
 
 def _settings(section: Mapping[str, Any], problems: list[str]) -> dict[str, Any]:
