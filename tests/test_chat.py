@@ -347,3 +347,37 @@ def test_a_line_ending_in_a_backslash_continues_the_message(chat_run, monkeypatc
     lines = iter(["two\\", "lines", "hi", "/exit"])
     chat_session(str(chat_run), read=lambda prompt: next(lines), write=lambda text: None)
     assert seen == ["two\nlines", "hi"]
+
+
+def test_turns_after_the_last_answer_are_neither_trained_nor_scored():
+    task = make_task(CHAT_TEMPLATE, max_length=200)
+    trailing = {"messages": CONVERSATION + [{"role": "user", "content": "and dog?"}]}
+    assert task.encode(trailing) == task.encode({"messages": CONVERSATION})
+    assert task.reference_text(trailing) == "chat"
+    # predicting continues the conversation: the trailing question is what gets answered
+    assert task.tokenizer.decode(task.encode_prompt(trailing)).endswith("<s>user: and dog?\n<s>assistant: ")
+
+
+def test_a_template_that_refuses_the_data_stops_the_run_before_anything_is_written(model_dir, tmp_path):
+    refusing = ("{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+                "{% endif %}{{ m['content'] }}\n{% endfor %}")
+    data = write_jsonl(tmp_path / "chat.jsonl", [{"messages": CONVERSATION}] * 10)
+    config = RunConfig(task="causal-lm", model=ModelConfig(name_or_path=str(model_dir)),
+                       data=DataConfig(files=str(data), chat_template=refusing),
+                       adapter={"method": "lora", "r": 2, "target_modules": ["q_proj"]}, output_dir=str(tmp_path / "run"))
+    config.train.progress = config.train.tensorboard = False
+    with pytest.raises(ConfigError, match="System role not supported"):
+        train_run(config, log=lambda line: None)
+    assert not (tmp_path / "run").exists()
+
+
+def test_chat_drops_whole_old_exchanges_when_the_history_outgrows_the_context(chat_run):
+    from peftkit.run.chat import _fitting
+    from peftkit.run.runner import load_run
+
+    task = load_run(chat_run).task
+    history = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}] * 6 + [{"role": "user", "content": "bye"}]
+    limit = len(task.encode_prompt({"messages": history[-3:]}))
+    kept = _fitting(task, history, limit)
+    assert kept == history[-3:]  # the newest exchange and question; the system prompt is re-added whole
+    assert task.tokenizer.decode(task.encode_prompt({"messages": kept})).startswith("<s>system: short answers")

@@ -161,7 +161,7 @@ def test_empty_cells_are_reported_by_row(tmp_path):
 def test_missing_file_and_missing_source_say_what_to_set(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"data file '.*nope\.csv' not found .* fix data\.files"):
         load_examples(mapped(files=str(tmp_path / "nope.csv")), ["text", "label"])
-    with pytest.raises(ConfigError, match=r"set data\.name to a bundled data set \(.*rotten_tomatoes.*\) or data\.files"):
+    with pytest.raises(ConfigError, match=r"set data\.name to a bundled data set \(.*rotten_tomatoes.*\), data\.files .*, or data\.hub"):
         load_examples(DataConfig(), ["text", "label"])
     with pytest.raises(ConfigError, match=r"data\.name and data\.files are each a source of examples; keep one of them"):
         load_examples(DataConfig(name="rotten_tomatoes", files="x.csv"), ["text", "label"])

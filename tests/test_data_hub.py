@@ -395,3 +395,21 @@ def test_a_run_trains_on_a_cached_hub_data_set_with_its_class_names(cache, no_ne
     assert info["sizes"] == {"train": 15, "validation": 4, "test": 5}
     [prediction] = runner.predict_run(tmp_path / "run", ["tweet 3"])
     assert prediction["label"] in ("negative", "positive")
+
+
+def test_an_unlabelled_hub_split_and_reordered_labels_are_refused(cache, no_network, tiny_model_dir, tmp_path):  # noqa: F811
+    from peftkit.run import runner
+    from test_runner import make_config
+
+    # GLUE-style: the test split's labels are all -1 ("no label")
+    unlabelled = [{"text": f"test tweet {i}", "label": -1} for i in range(4)]
+    cache_hub_data_set(cache, "someowner/glue-like", "default", {"train": TRAIN, "dev": DEV, "test": unlabelled})
+    hub_data = {"files": None, "hub": "someowner/glue-like", "columns": {}}
+    config = make_config(tiny_model_dir, "unused.csv", tmp_path / "run", data=hub_data)
+    with pytest.raises(ConfigError, match=r"test split\(s\) of the Hub data set carry no labels .* data.hub_splits"):
+        runner.train_run(config, log=lambda line: None)
+    config = make_config(tiny_model_dir, "unused.csv", tmp_path / "run2",
+                         data={**hub_data, "hub_splits": {"test": "dev"}, "labels": ["positive", "negative"]})
+    with pytest.raises(ConfigError, match="data.labels: .* another order than its ClassLabel"):
+        runner.train_run(config, log=lambda line: None)
+    assert not (tmp_path / "run").exists() and not (tmp_path / "run2").exists()

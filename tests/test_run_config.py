@@ -297,3 +297,11 @@ def test_every_recipe_is_headed_by_its_command_and_loads(recipe, monkeypatch):
     assert first.startswith(f"# peftkit {command} {where}"), f"{recipe.name}: first line {first!r}"
     monkeypatch.chdir(ROOT)  # recipes' relative paths start from the repository root
     (load_compare_config if command == "compare" else load_config)(recipe)
+
+
+def test_lower_is_better_covers_losses_perplexities_and_error_rates():
+    from peftkit.train.config import TrainConfig, lower_is_better
+
+    assert all(lower_is_better(m) for m in ("loss", "eval_loss", "perplexity", "val_perplexity", "wer", "cer"))
+    assert not any(lower_is_better(m) for m in ("accuracy", "macro_f1", "chrf", "exact_match"))
+    assert TrainConfig(metric="eval_perplexity").maximize is False

@@ -41,13 +41,14 @@ MAX_SHOWN = 5
 Message = dict[str, str]
 
 
-def detect_layout(columns: Sequence[str]) -> str | None:
-    """The chat layout a file with these columns is in, or None (e.g. prompt / response columns)."""
+def detect_layout(columns: Sequence[str], *, answered: bool = True) -> str | None:
+    """The chat layout a file (or one record) with these columns is in, or None (e.g. prompt /
+    response columns). ``answered=False``: an Alpaca prompt to answer has no ``output`` yet."""
     if "messages" in columns:
         return "messages"
     if "conversations" in columns:
         return "sharegpt"
-    if "instruction" in columns and "output" in columns:
+    if "instruction" in columns and ("output" in columns or not answered):
         return "alpaca"
     return None
 
@@ -99,7 +100,12 @@ def to_messages(record: Mapping[str, Any], layout: str, columns: Mapping[str, st
         return [{"role": "user", "content": user}, *answer]
     key = columns.get(CONVERSATION_KEY, _COLUMN[layout])
     turns = record.get(key)
-    if not isinstance(turns, list) or not turns:
+    if isinstance(turns, list) and not turns:
+        raise ValueError(f"{key!r} is an empty list of turns")
+    if isinstance(turns, str):
+        raise ValueError(f"{key!r} is text, not a list of turns (a CSV cell holds text: keep chat data in JSONL "
+                         "or Parquet, where a turn list stays a list)")
+    if not isinstance(turns, list):
         raise ValueError(f"{key!r} is not a list of turns (got {type(turns).__name__})")
     messages = [_message(turn, layout, i) for i, turn in enumerate(turns, 1)]
     if answered and not any(m["role"] == "assistant" for m in messages):

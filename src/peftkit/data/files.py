@@ -92,7 +92,8 @@ def load_examples(data: DataConfig, roles: Sequence[str], *, conversations: bool
     else:
         known = ", ".join(bundled_datasets()) or "none"
         raise ConfigError(
-            [f"no data: set data.name to a bundled data set ({known}) or data.files to a CSV / JSONL / Parquet file"],
+            [f"no data: set data.name to a bundled data set ({known}), data.files to a CSV / JSONL / Parquet file, "
+             "or data.hub to a Hugging Face Hub data set"],
             what="data config",
         )
     splits = {s: splits.get(s, []) for s in SPLITS}

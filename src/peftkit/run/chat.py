@@ -79,10 +79,19 @@ def chat_session(
                 write("commands: " + "; ".join(f"{c} {what}" for c, what in COMMANDS.items()))
             continue
         history.append({"role": "user", "content": line})
+        history = _fitting(task, history, loaded.config.data.max_length)
         answer = task.predict(loaded.model, [{"messages": history}], 1, streamer=streamer)[0]
         if streamer is None:
             write(answer)
         history.append({"role": "assistant", "content": answer})
+    return history
+
+
+def _fitting(task: Any, history: list[dict[str, str]], limit: int) -> list[dict[str, str]]:
+    """``history`` without its oldest exchanges until its prompt fits ``limit`` tokens: whole turns go,
+    so the system prompt and the template's framing stay intact (the newest message always stays)."""
+    while len(history) > 1 and len(task.encode_prompt({"messages": history})) > limit:
+        history = history[2:] if history[0]["role"] == "user" and len(history) > 2 else history[1:]
     return history
 
 

@@ -27,7 +27,7 @@ from typing import Any
 import yaml
 
 from ..errors import ConfigError
-from ..train.config import REPORT_TO, TrainConfig
+from ..train.config import REPORT_TO, TrainConfig, lower_is_better
 from .schema import DataConfig, EvalConfig, GenerationSettings, ModelConfig, RunConfig
 
 FULL_FINE_TUNING = "full"  # `adapter.method: full` trains every parameter instead of an adapter
@@ -450,7 +450,7 @@ def value_problems(config: RunConfig) -> list[str]:
     if older is not None and newer != GenerationSettings.max_new_tokens and older != newer:
         problems.append(f"eval.max_new_tokens: {older} disagrees with generation.max_new_tokens: {newer}; "
                         "keep generation.max_new_tokens only (eval.max_new_tokens is its older spelling)")
-    if config.train.metric in ("loss", "perplexity") and config.train.greater_is_better is True:
+    if lower_is_better(config.train.metric) and config.train.greater_is_better is True:
         problems.append(f"train.greater_is_better: a lower {config.train.metric} is better; set it to false")
     return problems
 

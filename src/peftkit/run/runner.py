@@ -182,6 +182,9 @@ def train_run(config: RunConfig, *, resume: bool = False, log: Log = print) -> R
     log("data: " + ", ".join(f"{name} {len(splits.get(name, [])):,}" for name in ("train", "validation", "test")))
     if not splits.get("train"):
         raise ConfigError(["data: the train split is empty; check data.files, data.split and data.max_train_examples"])
+    # what only encoding finds (a chat template that refuses the data, a malformed record) stops the run
+    # here, before a run directory exists, rather than at the first training step
+    task.collate(splits["train"][: config.train.batch_size])
     batch_size = config.eval.batch_size
     metrics: dict[str, Any] = {"task": config.task, "model": config.model.name_or_path, "method": _method(config),
                                "trainable_params": summary.trainable, "total_params": summary.total}

@@ -142,6 +142,7 @@ class CausalLMTask(GenerationTask):
     reference_role = "response"
     record_keys = ("messages", "conversations", "instruction")
     conversations = True
+    _conversation_encoder: ConversationEncoder | None = None
 
     # -- loading -------------------------------------------------------------------------------
 
@@ -167,21 +168,27 @@ class CausalLMTask(GenerationTask):
     def conversation(self, item: Any, *, answered: bool = False) -> list[Message]:
         """The messages of an example or a prediction input (a prompt string, a prompt / response
         pair, a ``messages`` list, or a record in a chat layout), after ``data.system_prompt``.
-        ``answered``: a prompt / response example must have its response (training, scoring)."""
-        if isinstance(item, Mapping) and chat.CONVERSATION_KEY in item and isinstance(item[chat.CONVERSATION_KEY], list):
-            messages = chat.to_messages(item, "messages", answered=answered)
-        elif isinstance(item, Mapping) and (layout := chat.detect_layout(list(item))) and "prompt" not in item:
+
+        ``answered`` (training, scoring): the conversation must end with an answer; turns after its
+        last answer are left out (nothing would be trained or scored on them).
+        """
+        layout = chat.detect_layout(list(item), answered=answered) if isinstance(item, Mapping) else None
+        if layout is not None and "prompt" not in item:
             messages = chat.to_messages(item, layout, answered=answered)
-        elif isinstance(item, Mapping) and "instruction" in item and "prompt" not in item:  # an Alpaca prompt
-            messages = chat.to_messages(item, "alpaca", answered=answered)
         else:
             messages = [{"role": "user", "content": role_text(item, "prompt")}]
             if answered or (isinstance(item, Mapping) and "response" in item):
                 messages.append({"role": "assistant", "content": role_text(item, "response")})
+        if answered:
+            last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+            messages = messages[: last + 1]
         return chat.with_system(messages, self.config.data.system_prompt)
 
     def _encoder(self) -> ConversationEncoder:
-        return ConversationEncoder(self._load_tokenizer())
+        tokenizer = self._load_tokenizer()
+        if self._conversation_encoder is None or self._conversation_encoder.tokenizer is not tokenizer:
+            self._conversation_encoder = ConversationEncoder(tokenizer)
+        return self._conversation_encoder
 
     def encode_prompt(self, prompt: Any) -> list[int]:
         """Token ids of a prompt (or a conversation) up to where the next answer starts."""

@@ -83,6 +83,8 @@ class TextClassificationTask:
             values = [ex["label"] for part in splits.values() for ex in part]
             # a Hub data set names its classes (a ClassLabel column): 0/1 then read as negative/positive
             declared = splits.info.get("class_names", {}).get(self.config.data.columns.get("label", "label"))
+            if declared:
+                _check_class_label(declared, self.labels, splits)
             self.labels, self._ids = label_mapping(values, self.labels or declared)
             self.data_info = dict(splits.info, labels=list(self.labels))
             self._splits = dict(splits)
@@ -283,6 +285,25 @@ class TextClassificationTask:
                     yield idx, _logits(model, batch)
         finally:
             model.train(was_training)
+
+
+def _check_class_label(declared: Sequence[str], given: Sequence[str] | None, splits: Mapping[str, Sequence[Example]]) -> None:
+    """Refuse what would silently mislabel a Hub data set with a ``ClassLabel`` column: a split without
+    labels (-1, as GLUE's test splits are) and ``data.labels`` naming the same classes in another order.
+
+    Raises:
+        ConfigError: either case, with the fix.
+    """
+    problems = []
+    unlabelled = [name for name, part in splits.items() if part and all(ex["label"] == -1 for ex in part)]
+    if unlabelled:
+        problems.append(f"the {', '.join(unlabelled)} split(s) of the Hub data set carry no labels (-1, its ClassLabel's "
+                        "'no label'); feed them from a labelled split with data.hub_splits, e.g. {test: validation}")
+    if given is not None and sorted(map(str, given)) == sorted(declared) and list(map(str, given)) != list(declared):
+        problems.append(f"data.labels: {list(given)} names the data set's classes in another order than its ClassLabel "
+                        f"({list(declared)}, in id order), which would swap them; remove data.labels or write them in that order")
+    if problems:
+        raise ConfigError(problems, what="text-classification data")
 
 
 def label_mapping(values: Sequence[Any], names: Sequence[str] | None) -> tuple[list[str], dict[Any, int]]:

@@ -9,7 +9,13 @@ from typing import Literal
 # the tracker's own file). A list of str, not of a Literal, so that an unknown name gets the message of
 # train_config_problems, which lists these.
 REPORT_TO = ("tensorboard", "wandb", "mlflow", "jsonl")
-LOWER_IS_BETTER = ("loss", "perplexity")  # metrics where smaller is better (and any "*loss")
+# metric names (or their ends: "eval_loss", "val_perplexity") for which smaller is better
+LOWER_IS_BETTER = ("loss", "perplexity", "ppl", "wer", "cer", "error")
+
+
+def lower_is_better(metric: str) -> bool:
+    """Whether a smaller ``metric`` is better: losses, perplexities and error rates."""
+    return metric.lower().endswith(LOWER_IS_BETTER)
 
 
 @dataclass
@@ -88,4 +94,4 @@ class TrainConfig:
         loss or perplexity (what a user who did not say means)."""
         if self.greater_is_better is not None:
             return self.greater_is_better
-        return not (self.metric in LOWER_IS_BETTER or self.metric.endswith("loss"))
+        return not lower_is_better(self.metric)

@@ -592,6 +592,7 @@ def _find_checkpoint(run_dir: Path | None, resume: bool, key: dict[str, Any], pl
     saved = read_trainer_state(latest)
     old = saved.get("resume_key", {})
     problems = [f"{name}: the run used {old.get(name, RESUME_KEY_DEFAULTS.get(name))!r}, now {key[name]!r}"
+                + (f" (set train.greater_is_better: {str(old[name]).lower()} to resume it)" if name == "greater_is_better" else "")
                 for name in key if old.get(name, RESUME_KEY_DEFAULTS.get(name)) != key[name]]
     if not problems and saved.get("data_position") != plan.position_after(saved["step"]):
         problems.append(f"data position {saved.get('data_position')} does not match step {saved['step']}")
