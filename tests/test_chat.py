@@ -229,11 +229,17 @@ def test_sampling_repeats_with_its_seed_and_leaves_the_global_random_state_alone
 def test_the_older_eval_max_new_tokens_is_read_and_a_conflict_is_refused(tmp_path):
     config = tmp_path / "run.yaml"
     config.write_text("task: causal-lm\ndata: {name: freedict_eng_fra}\neval: {max_new_tokens: 9}\n", encoding="utf-8")
-    assert settings_of(load_config(config)).max_new_tokens == 9
-    config.write_text("task: causal-lm\ndata: {name: freedict_eng_fra}\neval: {max_new_tokens: 9}\n"
-                      "generation: {max_new_tokens: 12}\n", encoding="utf-8")
-    with pytest.raises(ConfigError, match="eval.max_new_tokens: 9 disagrees with generation.max_new_tokens: 12"):
-        load_config(config)
+    loaded = load_config(config)
+    assert loaded.generation.max_new_tokens == 9 and loaded.eval.max_new_tokens is None  # moved at load
+    # a run directory written before the generation section: an override of either spelling wins
+    assert load_config(config, ["generation.max_new_tokens=64"]).generation.max_new_tokens == 64
+    config.write_text("task: causal-lm\ndata: {name: freedict_eng_fra}\ngeneration: {max_new_tokens: 12}\n", encoding="utf-8")
+    assert load_config(config, ["eval.max_new_tokens=5"]).generation.max_new_tokens == 5
+    for generation in (12, 32):  # 32 is the default: given explicitly, it still disagrees
+        config.write_text("task: causal-lm\ndata: {name: freedict_eng_fra}\neval: {max_new_tokens: 9}\n"
+                          f"generation: {{max_new_tokens: {generation}}}\n", encoding="utf-8")
+        with pytest.raises(ConfigError, match=f"eval.max_new_tokens: 9 disagrees with generation.max_new_tokens: {generation}"):
+            load_config(config)
     config.write_text("task: causal-lm\ndata: {name: freedict_eng_fra}\ngeneration: {top_p: 1.5, num_beams: 0}\n", encoding="utf-8")
     with pytest.raises(ConfigError) as info:
         load_config(config)

@@ -28,7 +28,7 @@ import yaml
 
 from ..errors import ConfigError
 from ..train.config import REPORT_TO, TrainConfig, lower_is_better
-from .schema import DataConfig, EvalConfig, GenerationSettings, ModelConfig, RunConfig
+from .schema import DataConfig, EvalConfig, ModelConfig, RunConfig
 
 FULL_FINE_TUNING = "full"  # `adapter.method: full` trains every parameter instead of an adapter
 # Learning rates `peftkit compare` tries for full fine-tuning (a method's own live on its config class,
@@ -105,7 +105,10 @@ def parse_config(data: Any, overrides: Iterable[str] = (), source: str = "config
             what="run config",
         )
     try:
-        data = apply_overrides(data, overrides, problems)
+        # the older spelling moves into its section twice: from the file, then from the overrides, so an
+        # override (on either spelling) is the newest word on the length
+        data = apply_overrides(_moved_max_new_tokens(data, problems), overrides, problems)
+        data = _moved_max_new_tokens(data, problems, overriding=True)
     except RecursionError:  # a YAML alias that contains itself (`a: &x [*x]`), or absurd nesting
         raise ConfigError([f"{source}: a value refers to itself (a YAML alias used inside its own anchor) or is nested "
                            "too deeply; a run config's sections are plain values, lists and mappings a few levels deep"],
@@ -119,6 +122,24 @@ def parse_config(data: Any, overrides: Iterable[str] = (), source: str = "config
     if problems:
         raise ConfigError(problems, what=f"run config {source!r}" if source != "config" else "run config")
     return config
+
+
+def _moved_max_new_tokens(data: Mapping[str, Any], problems: list[str], overriding: bool = False) -> dict[str, Any]:
+    """``data`` with ``eval.max_new_tokens`` (the older spelling) moved to ``generation.max_new_tokens``;
+    a file that gives both with different values is a problem (which one was meant?), an override
+    (``overriding``) simply wins."""
+    out = dict(data)
+    section = out.get("eval")
+    if not isinstance(section, Mapping) or section.get("max_new_tokens") is None:
+        return out
+    out["eval"] = {k: v for k, v in section.items() if k != "max_new_tokens"}
+    generation = out.get("generation") if isinstance(out.get("generation"), Mapping) else {}
+    given = generation.get("max_new_tokens")
+    if given is not None and given != section["max_new_tokens"] and not overriding:
+        problems.append(f"eval.max_new_tokens: {section['max_new_tokens']} disagrees with generation.max_new_tokens: "
+                        f"{given}; keep generation.max_new_tokens only (eval.max_new_tokens is its older spelling)")
+    out["generation"] = {**generation, "max_new_tokens": section["max_new_tokens"]}
+    return out
 
 
 def apply_overrides(data: Mapping[str, Any], overrides: Iterable[str], problems: list[str]) -> dict[str, Any]:
@@ -446,10 +467,6 @@ def value_problems(config: RunConfig) -> list[str]:
     for name in ("system_prompt", "chat_template"):
         if getattr(config.data, name) is not None and config.task != "causal-lm":
             problems.append(f"data.{name}: only causal-lm runs read it (this run's task is {config.task!r}); remove it")
-    older, newer = config.eval.max_new_tokens, config.generation.max_new_tokens
-    if older is not None and newer != GenerationSettings.max_new_tokens and older != newer:
-        problems.append(f"eval.max_new_tokens: {older} disagrees with generation.max_new_tokens: {newer}; "
-                        "keep generation.max_new_tokens only (eval.max_new_tokens is its older spelling)")
     if lower_is_better(config.train.metric) and config.train.greater_is_better is True:
         problems.append(f"train.greater_is_better: a lower {config.train.metric} is better; set it to false")
     return problems
