@@ -35,6 +35,11 @@ class PeftState:
     original_requires_grad: dict[str, bool] = field(default_factory=dict)
 
 
+def is_adapted(model: object) -> bool:
+    """Whether adapters were injected into ``model`` itself (not only into a module inside it)."""
+    return model is not None and STATE_ATTR in getattr(model, "__dict__", {})
+
+
 def state_of(model: nn.Module, create: bool = False) -> PeftState:
     state = model.__dict__.get(STATE_ATTR)
     if state is None:

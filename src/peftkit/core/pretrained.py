@@ -59,9 +59,9 @@ class SavePretrained:
         self.module = module
 
     def __call__(self, save_directory: str | os.PathLike, *args: Any, **kwargs: Any) -> Any:
-        from .inject import STATE_ATTR
+        from .inject import is_adapted
 
-        if STATE_ATTR in self.module.__dict__:
+        if is_adapted(self.module):
             return save_pretrained(self.module, save_directory, *args, **kwargs)
         if holds_adapters(self.module):
             name = type(self.module).__name__

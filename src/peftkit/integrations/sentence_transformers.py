@@ -35,7 +35,7 @@ from sentence_transformers import SentenceTransformer, SentenceTransformerTraine
 
 from ..api import load_adapter
 from ..core import pretrained
-from ..core.inject import STATE_ATTR
+from ..core.inject import is_adapted
 from ..core.io import CONFIG_NAME, read_adapter_config
 from ..errors import AdapterNameError, ConfigError
 from .transformers_trainer import check_model as check_trainer_model
@@ -60,13 +60,13 @@ def check_model(model: SentenceTransformer) -> SentenceTransformer:
             adapter needs a per-step hook (AdaLoRA). The message names the fix.
     """
     inner = model.transformers_model
-    if STATE_ATTR in model.__dict__ or (inner is not None and any(
+    if is_adapted(model) or (inner is not None and any(
             pretrained.holds_adapters(m) for m in model.children() if inner not in set(m.modules()))):
         raise ConfigError(
             ["the adapters were injected into the SentenceTransformer itself (or into a module other than its "
              "transformers model), which model.save cannot write as an adapter: peftkit.unload(model), then "
              "peftkit.inject(model.transformers_model, config)"], what="SentenceTransformer model")
-    if inner is None or STATE_ATTR not in inner.__dict__:
+    if not is_adapted(inner):
         raise AdapterNameError(
             "this SentenceTransformer's transformers model holds no peftkit adapters: call "
             "peftkit.inject(model.transformers_model, config) first")

@@ -37,7 +37,7 @@ from transformers.utils import logging
 from ..api import adapter_config, adapter_names
 from ..core import pretrained
 from ..core.config import AdapterConfig
-from ..core.inject import STATE_ATTR
+from ..core.inject import is_adapted
 from ..errors import AdapterNameError, ConfigError
 
 logger = logging.get_logger(__name__)
@@ -47,7 +47,7 @@ __all__ = ["PeftkitTrainer", "PeftkitTrainerMixin"]
 
 
 def _adapted(model: nn.Module | None) -> bool:
-    return model is not None and STATE_ATTR in model.__dict__
+    return is_adapted(model)
 
 
 def check_model(model: nn.Module) -> nn.Module:

@@ -37,7 +37,7 @@ from ..errors import ConfigError
 from ..models import bundled_model_path, explain_missing, quiet_transformers
 from .base import Batch, Example, eval_mode, register_task
 from .conversation import IGNORE, ConversationEncoder, Message
-from .generation import generate_texts, pad, settings_of
+from .generation import check_batch_size, generate_texts, pad, settings_of
 from .probes import BehaviourProbe
 
 if TYPE_CHECKING:
@@ -344,18 +344,13 @@ def teacher_forced_nll(
     model: nn.Module, collate: Callable[[Sequence[Example]], Batch], examples: Sequence[Example], batch_size: int
 ) -> float:
     """Mean NLL per labelled token over ``examples``, in eval mode without gradients."""
-    _check_batch_size(batch_size)
+    check_batch_size(batch_size)
     total, count = 0.0, 0
     with eval_mode(model):
         for start in range(0, len(examples), batch_size):
             nll, n = token_nll(model, collate(examples[start : start + batch_size]))
             total, count = total + nll.sum().item(), count + int(n.sum().item())
     return total / max(count, 1)
-
-
-def _check_batch_size(batch_size: int) -> None:
-    if batch_size <= 0:
-        raise ValueError(f"batch_size must be positive, got {batch_size}")
 
 
 def role_text(item: Any, role: str) -> str:

@@ -93,8 +93,7 @@ def generate_texts(
     right-padded sources and their whole decoder output. ``streamer`` (a transformers streamer) gets
     the tokens as they come; it needs a single input.
     """
-    if batch_size <= 0:
-        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    check_batch_size(batch_size)
     if streamer is not None and len(inputs) != 1:
         raise ValueError(f"streaming shows one answer at a time; got {len(inputs)} inputs")
     config = generation_config(settings, model, tokenizer, pad_id)
@@ -113,6 +112,11 @@ def generate_texts(
             for i, text in zip(idx, tokenizer.batch_decode(new, skip_special_tokens=True)):
                 out[i] = text.strip()
     return out
+
+
+def check_batch_size(batch_size: int) -> None:
+    if batch_size <= 0:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
 
 
 @contextlib.contextmanager
