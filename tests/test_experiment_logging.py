@@ -19,6 +19,7 @@ from peftkit.run.config import parse_config
 from peftkit.train import TrainConfig, fit, train_config_problems
 from peftkit.train.experiment_logging import RUN_IDS_NAME, flat_params, mlflow_tracking_uri, reported_to
 from test_fit import bert_loss, collate, make_evaluate, make_examples, no_log, quiet, tiny_bert
+from test_runner import reviews_csv, tiny_model_dir  # noqa: F401 - fixtures
 
 TIMINGS = ("elapsed", "examples_per_s")  # differ between the first try of a step and its redo on resume
 
@@ -241,3 +242,23 @@ def test_mlflow_store_and_params_rules(tmp_path, monkeypatch):
     assert flat == {"train.lr": "0.0002", "train.steps": "null", "train.report_to": '["mlflow"]',
                     "adapter.rank_pattern": '{".*query": 8}', "adapter.target_modules": "all-linear",
                     "data.split.validation": "0.1", "note": "x" * 6000}
+
+
+def test_peftkit_train_logs_the_whole_run_config(tmp_path, monkeypatch, tiny_model_dir, reviews_csv):  # noqa: F811
+    from mlflow.tracking import MlflowClient
+
+    from peftkit.run import runner
+    from test_runner import make_config
+
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME"):
+        monkeypatch.delenv(name, raising=False)
+    run_dir = tmp_path / "run"
+    config = make_config(tiny_model_dir, reviews_csv, run_dir, train={"steps": 2, "report_to": ["mlflow"]})
+    assert runner.train_run(config, log=lambda line: None).ok
+    client = MlflowClient(tracking_uri=mlflow_tracking_uri(run_dir))
+    run_id = json.loads((run_dir / RUN_IDS_NAME).read_text())["mlflow"]["run_id"]
+    params = client.get_run(run_id).data.params
+    # sections beyond train: what `peftkit train` hands to fit
+    assert params["task"] == "text-classification" and params["adapter.method"] == "lora"
+    assert params["data.columns.text"] == "review" and params["model.name_or_path"] == str(tiny_model_dir)
