@@ -202,3 +202,22 @@ def test_import_peftkit_does_not_import_the_trainer():
             "print([m for m in ('transformers.trainer', 'trl', 'peft', 'sentence_transformers') if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_saving_a_model_whose_part_was_adapted_is_refused(tmp_path):
+    # inject into model.bert, then model.save_pretrained: the class's method would write base weights
+    # under adapter-layer names, which from_pretrained fills with random weights without an error
+    from peftkit.errors import UnloadableCheckpointError
+
+    model = BertForSequenceClassification.from_pretrained(_bert_base(tmp_path / "base"))
+    peftkit.inject(model.bert, peftkit.LoraConfig(r=2, target_modules=["query"]))
+    with pytest.raises(UnloadableCheckpointError, match=r"BertForSequenceClassification.save_pretrained refused.*'bert'"):
+        model.save_pretrained(tmp_path / "out")
+    assert not (tmp_path / "out" / "model.safetensors").exists()
+    model.state_dict()  # outside a transformers save, the state dict is as before (checkpoints, copies)
+    copy = __import__("copy").deepcopy(model)
+    peftkit.unload(model.bert, merge=True)
+    model.save_pretrained(tmp_path / "merged")  # unloaded: the guard is gone, a plain model is written
+    assert BertForSequenceClassification.from_pretrained(tmp_path / "merged") is not None
+    with pytest.raises(UnloadableCheckpointError):  # the copy kept its own guard
+        copy.save_pretrained(tmp_path / "copy")

@@ -15,6 +15,11 @@ instance attribute; ``unload`` removes it; the class and every other instance ar
   adapted) it refuses with :class:`~peftkit.errors.UnloadableCheckpointError`, naming the fixes;
 * anywhere else it is the class's own method.
 
+A model that holds adapters only *inside* it (``inject(model.bert, ...)``, then
+``model.save_pretrained``) keeps its class's method, which would write the broken checkpoint; the
+adapted module therefore refuses to give its state dict to transformers' own ``save_pretrained`` (a
+state-dict pre-hook that looks for that call on the stack), naming the fixes.
+
 transformers' ``Trainer.save_model`` and ``push_to_hub`` call ``model.save_pretrained``, so they write
 the adapter too. A full plain model is written only when asked for:
 ``peftkit.unload(model, merge=True).save_pretrained(directory)``.
@@ -23,6 +28,7 @@ the adapter too. A full plain model is written only when asked for:
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -79,10 +85,13 @@ class SavePretrained:
 
 
 def install(model: nn.Module) -> None:
-    """Give ``model`` and every transformers model inside it the adapter-aware ``save_pretrained``."""
+    """Give ``model`` and every transformers model inside it the adapter-aware ``save_pretrained``, and
+    ``model`` the guard against a containing model's own ``save_pretrained``."""
     for module in model.modules():
         if is_transformers_model(module) and ATTR not in module.__dict__:
             module.__dict__[ATTR] = SavePretrained(module)
+    if refuse_transformers_save not in model._state_dict_pre_hooks.values():
+        model.register_state_dict_pre_hook(refuse_transformers_save)
 
 
 def uninstall(model: nn.Module) -> None:
@@ -90,6 +99,32 @@ def uninstall(model: nn.Module) -> None:
     for module in model.modules():
         if isinstance(module.__dict__.get(ATTR), SavePretrained):
             del module.__dict__[ATTR]
+        # by value, not by a stored handle: a deep copy of the model shares the handle's target dict
+        for key in [k for k, hook in module._state_dict_pre_hooks.items() if hook is refuse_transformers_save]:
+            del module._state_dict_pre_hooks[key]
+
+
+def refuse_transformers_save(module: nn.Module, prefix: str, keep_vars: bool) -> None:
+    """State-dict pre-hook of an adapted model: refuse when transformers' own ``save_pretrained`` (of
+    a model containing this one, whose class method knows nothing of adapters) is asking.
+
+    Raises:
+        UnloadableCheckpointError: a transformers ``save_pretrained`` is on the call stack.
+    """
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code.co_name == "save_pretrained" and frame.f_globals.get("__name__", "").startswith("transformers."):
+            outer = frame.f_locals.get("self")
+            name = type(outer).__name__ if outer is not None else "the model"
+            raise UnloadableCheckpointError(
+                f"{name}.save_pretrained refused: peftkit adapters were injected into a part of it "
+                f"({type(module).__name__}{' at ' + repr(prefix.rstrip('.')) if prefix else ''}), and the whole model would be "
+                "written with base weights under adapter-layer names that from_pretrained cannot load (it would "
+                "initialise them at random, without an error). Inject into the model you save, call "
+                "save_pretrained on the adapted part (it writes the adapter), or save a plain merged model: "
+                "peftkit.unload(part, merge=True), then save_pretrained."
+            )
+        frame = frame.f_back
 
 
 def adapter_directory(directory: str | os.PathLike, adapter_name: str) -> Path:
