@@ -45,7 +45,9 @@ lock: setup
 	{ sed -n '1,3p' constraints.txt; $(BIN)/python -m pip freeze --exclude-editable | grep -v '^torch=='; } > constraints.txt.new
 	mv constraints.txt.new constraints.txt
 
+# lint first: a second, and the suite does not run on code ruff already rejects
 test: setup
+	$(BIN)/ruff check src tests scripts benchmarks
 	$(BIN)/python -m pytest -n 2 -q
 
 test-fast: setup
@@ -60,7 +62,7 @@ bench: setup
 	$(BIN)/python -m benchmarks.run $(BENCH_ARGS)
 
 lint: setup
-	$(BIN)/ruff check src tests scripts
+	$(BIN)/ruff check src tests scripts benchmarks
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis
