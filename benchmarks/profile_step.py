@@ -25,7 +25,9 @@ def build(job: Job):
     batch = cases.make_batch(case.model, net.config.vocab_size, job.weights, job.seed, device=job.device)
     if case.kind == "train":
         net = cases.adapt(net, case, job.lib).train()
-        optimizer = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=worker.LEARNING_RATE)
+        optimizer = torch.optim.AdamW(
+            [p for p in net.parameters() if p.requires_grad], lr=worker.LEARNING_RATE
+        )
 
         def step() -> None:
             net(**batch).loss.backward()
@@ -52,7 +54,9 @@ def build(job: Job):
 
 
 def main(argv: list[str] | None = None) -> str:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.profile_step", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.profile_step", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("case", help="a case name (python -m benchmarks.run --list)")
     parser.add_argument("lib", help="peftkit, peft or torch (full fine-tuning cases)")
     parser.add_argument("--rows", type=int, default=15)

@@ -96,8 +96,10 @@ def headline(record: dict[str, Any]) -> str:
     if "step_s" in m:
         return f"{m['step_s']:.3f} s/step, peak {m['peak_mb']:.0f} MB (+{m['overhead_mb']:.0f} MB training)"
     if "unmerged_s" in m:
-        return (f"base {1e3 * m['base_s']:.1f} ms, unmerged {m['unmerged_overhead']:+.1%}, "
-                f"merged {m['merged_overhead']:+.1%}, save {1e3 * m['save_s']:.0f} ms, load {1e3 * m['load_s']:.0f} ms")
+        return (
+            f"base {1e3 * m['base_s']:.1f} ms, unmerged {m['unmerged_overhead']:+.1%}, "
+            f"merged {m['merged_overhead']:+.1%}, save {1e3 * m['save_s']:.0f} ms, load {1e3 * m['load_s']:.0f} ms"
+        )
     if "single_s" in m:
         mixed = "n/a" if m.get("mixed_s") is None else f"{1e3 * m['mixed_s']:.1f} ms"
         return f"single {1e3 * m['single_s']:.1f} ms, mixed {mixed}"
@@ -115,8 +117,9 @@ def snapshot_source(workdir: Path) -> Path | None:
     return target
 
 
-def run_job(job: Job, python: str, workdir: Path, timeout: float = JOB_TIMEOUT_S,
-            source: Path | None = None) -> dict[str, Any]:
+def run_job(
+    job: Job, python: str, workdir: Path, timeout: float = JOB_TIMEOUT_S, source: Path | None = None
+) -> dict[str, Any]:
     """Run ``job`` in a fresh ``python -m benchmarks.worker`` process; its record (or a failure record).
 
     ``source``: where the worker imports peftkit from (default: this checkout's ``src/``)."""
@@ -124,21 +127,37 @@ def run_job(job: Job, python: str, workdir: Path, timeout: float = JOB_TIMEOUT_S
     job_file, out_file = workdir / f"{stem}.job.json", workdir / f"{stem}.out.json"
     job_file.write_text(json.dumps(job.to_dict()))
     threads = str(job.threads)
-    env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads,
-           "TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore"}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": threads,
+        "MKL_NUM_THREADS": threads,
+        "TOKENIZERS_PARALLELISM": "false",
+        "PYTHONWARNINGS": "ignore",
+    }
     # the worker imports `benchmarks` from the repository root and peftkit from src/ when not installed
     src = str(source or ROOT / "src")
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [src, str(ROOT), env.get("PYTHONPATH")]))
     try:
-        proc = subprocess.run([python, "-m", "benchmarks.worker", str(job_file), str(out_file)], cwd=ROOT,
-                              env=env, capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run(
+            [python, "-m", "benchmarks.worker", str(job_file), str(out_file)],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
         stderr, code = proc.stderr, proc.returncode
     except subprocess.TimeoutExpired as exc:
         stderr, code = f"timed out after {timeout:.0f} s\n{exc.stderr or ''}", None
     if out_file.is_file():
         return json.loads(out_file.read_text())
-    return {"case": job.case.name, "lib": job.lib, "rep": job.rep, "ok": False,
-            "error": f"worker exited with {code} without a record; stderr ends: {stderr[-1500:]}"}
+    return {
+        "case": job.case.name,
+        "lib": job.lib,
+        "rep": job.rep,
+        "ok": False,
+        "error": f"worker exited with {code} without a record; stderr ends: {stderr[-1500:]}",
+    }
 
 
 def _version(dist: str) -> str | None:
@@ -166,14 +185,24 @@ def meta(args: argparse.Namespace, started: dt.datetime) -> dict[str, Any]:
     dirty = _git("status", "--porcelain", "--", "src", "benchmarks")
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
     return {
-        "date": started.isoformat(timespec="seconds"), "command": " ".join(sys.argv),
-        "device": args.device, "weights": args.weights, "threads": args.threads, "reps": args.reps,
-        "steps": args.steps, "versions": {name: _version(name) for name in
-                                          ("torch", "transformers", "peft", "peftkit", "safetensors")},
-        "peftkit_commit": (commit + (" (uncommitted changes in src/ or benchmarks/)" if dirty else "")) if commit
+        "date": started.isoformat(timespec="seconds"),
+        "command": " ".join(sys.argv),
+        "device": args.device,
+        "weights": args.weights,
+        "threads": args.threads,
+        "reps": args.reps,
+        "steps": args.steps,
+        "versions": {
+            name: _version(name) for name in ("torch", "transformers", "peft", "peftkit", "safetensors")
+        },
+        "peftkit_commit": (commit + (" (uncommitted changes in src/ or benchmarks/)" if dirty else ""))
+        if commit
         else "unknown (no git checkout here)",
-        "python": platform.python_version(), "platform": platform.platform(), "cpu": cpu,
-        "cores": os.cpu_count(), "load_average_at_start": load,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "load_average_at_start": load,
     }
 
 
@@ -184,26 +213,53 @@ def default_output(args: argparse.Namespace, started: dt.datetime) -> Path:
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--reps", type=int, default=5, help="repetitions of every (case, library) (default 5)")
-    parser.add_argument("--steps", type=int, default=None,
-                        help="timed steps (train) or rounds (infer, mixed) per process, for every case "
-                             "(default: each case's own, sized for the 15-minute CPU budget)")
-    parser.add_argument("--warmup", type=int, default=None, help="untimed warm-up steps or rounds per process")
+    parser.add_argument(
+        "--reps", type=int, default=5, help="repetitions of every (case, library) (default 5)"
+    )
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="timed steps (train) or rounds (infer, mixed) per process, for every case "
+        "(default: each case's own, sized for the 15-minute CPU budget)",
+    )
+    parser.add_argument(
+        "--warmup", type=int, default=None, help="untimed warm-up steps or rounds per process"
+    )
     parser.add_argument("--only", action="append", help="case names or patterns (train-minilm-*), repeatable")
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
-    parser.add_argument("--weights", choices=WEIGHTS, default="real",
-                        help="real: the bundled pretrained models; random: the same architectures from "
-                             "benchmarks/gpu_configs with random weights; tiny: shrunk models (tests)")
-    parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads per process (default 2)")
-    parser.add_argument("--out", type=Path, default=None, help="results file (default benchmarks/results/<device>-<date>.json)")
+    parser.add_argument(
+        "--weights",
+        choices=WEIGHTS,
+        default="real",
+        help="real: the bundled pretrained models; random: the same architectures from "
+        "benchmarks/gpu_configs with random weights; tiny: shrunk models (tests)",
+    )
+    parser.add_argument(
+        "--threads", type=int, default=2, help="torch intra-op threads per process (default 2)"
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="results file (default benchmarks/results/<device>-<date>.json)",
+    )
     parser.add_argument("--python", default=sys.executable, help="interpreter for the worker processes")
-    parser.add_argument("--budget-s", type=float, default=None,
-                        help="time budget: start another repetition only if the mean repetition so far still "
-                             "fits (--reps is then a maximum; at least one repetition always runs)")
+    parser.add_argument(
+        "--budget-s",
+        type=float,
+        default=None,
+        help="time budget: start another repetition only if the mean repetition so far still "
+        "fits (--reps is then a maximum; at least one repetition always runs)",
+    )
     parser.add_argument("--list", action="store_true", help="print the cases and exit")
     parser.add_argument("--quiet", action="store_true", help="no Markdown tables at the end")
     args = parser.parse_args(argv)
-    if args.reps < 1 or (args.steps is not None and args.steps < 1) or (args.warmup is not None and args.warmup < 0):
+    if (
+        args.reps < 1
+        or (args.steps is not None and args.steps < 1)
+        or (args.warmup is not None and args.warmup < 0)
+    ):
         parser.error("--reps and --steps must be at least 1, --warmup at least 0")
     return args
 
@@ -214,25 +270,35 @@ def main(argv: list[str] | None = None) -> Path | None:
     cases = select(default_cases(), args.only)
     if args.list:
         for case in cases:
-            print(f"{case.name:<26} {case.kind:<6} {case.model:<8} {case.method:<5} {case.targets:<4} "
-                  f"libs={','.join(case.libs)} timed={case.timed} warmup={case.warmup}")
+            print(
+                f"{case.name:<26} {case.kind:<6} {case.model:<8} {case.method:<5} {case.targets:<4} "
+                f"libs={','.join(case.libs)} timed={case.timed} warmup={case.warmup}"
+            )
         return None
     options = {k: v for k, v in (("timed", args.steps), ("warmup", args.warmup)) if v is not None}
-    jobs = schedule(cases, args.reps, device=args.device, weights=args.weights, threads=args.threads,
-                    options=options)
+    jobs = schedule(
+        cases, args.reps, device=args.device, weights=args.weights, threads=args.threads, options=options
+    )
     started = dt.datetime.now(dt.timezone.utc)
     out = args.out or default_output(args, started)
     out.parent.mkdir(parents=True, exist_ok=True)
-    result: dict[str, Any] = {"meta": meta(args, started), "cases": [c.to_dict() for c in cases], "records": []}
+    result: dict[str, Any] = {
+        "meta": meta(args, started),
+        "cases": [c.to_dict() for c in cases],
+        "records": [],
+    }
     done: list[tuple[Job, float]] = []
     clock_start = time.perf_counter()
-    print(f"{len(jobs)} processes ({len(cases)} cases x {args.reps} repetitions); results -> {out}", flush=True)
+    print(
+        f"{len(jobs)} processes ({len(cases)} cases x {args.reps} repetitions); results -> {out}", flush=True
+    )
     with tempfile.TemporaryDirectory(prefix="peftkit-bench-") as tmp:
         source = snapshot_source(Path(tmp))
         for index, job in enumerate(jobs):
             if stop_before(job, done, args.budget_s, time.perf_counter() - clock_start):
-                result["meta"]["stopped"] = (f"after {job.rep} repetition(s): another would overrun "
-                                             f"--budget-s {args.budget_s:.0f}")
+                result["meta"]["stopped"] = (
+                    f"after {job.rep} repetition(s): another would overrun --budget-s {args.budget_s:.0f}"
+                )
                 print(f"stopping: {result['meta']['stopped']}", flush=True)
                 break
             began = time.perf_counter()
@@ -241,10 +307,15 @@ def main(argv: list[str] | None = None) -> Path | None:
             record["wall_s"] = seconds
             result["records"].append(record)
             done.append((job, seconds))
-            left = estimate_left(done, jobs[index + 1:])
-            print(f"[{index + 1}/{len(jobs)}] {job.case.name} {job.lib} rep {job.rep + 1}/{args.reps}: "
-                  f"{headline(record)} ({seconds:.1f} s; ~{_clock(left)} left)", flush=True)
-            out.write_text(json.dumps(result, indent=1))  # after every process: an interrupted run keeps its samples
+            left = estimate_left(done, jobs[index + 1 :])
+            print(
+                f"[{index + 1}/{len(jobs)}] {job.case.name} {job.lib} rep {job.rep + 1}/{args.reps}: "
+                f"{headline(record)} ({seconds:.1f} s; ~{_clock(left)} left)",
+                flush=True,
+            )
+            out.write_text(
+                json.dumps(result, indent=1)
+            )  # after every process: an interrupted run keeps its samples
     result["meta"]["reps_done"] = len({r["rep"] for r in result["records"]})
     result["meta"]["duration_s"] = (dt.datetime.now(dt.timezone.utc) - started).total_seconds()
     result["meta"]["load_average_at_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None

@@ -131,10 +131,16 @@ def run_train(job: Job, clock: Clock) -> dict[str, Any]:
     metrics = {"step_s": _median(times), "peak_rss_mb": peak_rss_mb(), "loaded_rss_mb": loaded}
     if clock.cuda:
         peak = torch.cuda.max_memory_allocated() / MB
-        metrics.update(peak_mb=peak, loaded_mb=loaded_gpu, overhead_mb=peak - loaded_gpu, memory="cuda_allocated")
+        metrics.update(
+            peak_mb=peak, loaded_mb=loaded_gpu, overhead_mb=peak - loaded_gpu, memory="cuda_allocated"
+        )
     else:
-        metrics.update(peak_mb=metrics["peak_rss_mb"], loaded_mb=loaded, overhead_mb=metrics["peak_rss_mb"] - loaded,
-                       memory="rss")
+        metrics.update(
+            peak_mb=metrics["peak_rss_mb"],
+            loaded_mb=loaded,
+            overhead_mb=metrics["peak_rss_mb"] - loaded,
+            memory="rss",
+        )
     return {"metrics": metrics, "samples": {"step_s": times, "loss": losses}, "info": info}
 
 
@@ -159,7 +165,9 @@ def run_infer(job: Job, clock: Clock) -> dict[str, Any]:
     torch.manual_seed(job.seed + 1)
     unmerged = cases.adapt(copy.deepcopy(base), case, job.lib, init_lora_weights=False).eval()
     torch.manual_seed(job.seed + 1)
-    merged = cases.merge(cases.adapt(copy.deepcopy(base), case, job.lib, init_lora_weights=False).eval(), job.lib)
+    merged = cases.merge(
+        cases.adapt(copy.deepcopy(base), case, job.lib, init_lora_weights=False).eval(), job.lib
+    )
     info = {**_count(unmerged, job.lib), "setup_s": time.perf_counter() - start}
     batch, warm = _batches(job, clock, base.config.vocab_size)
     variants = {"base": base, "unmerged": unmerged, "merged": merged}
@@ -193,7 +201,9 @@ def run_infer(job: Job, clock: Clock) -> dict[str, Any]:
             seconds, _ = clock.time(lambda directory=directory: cases.save(unmerged, job.lib, directory))
             samples["save"].append(seconds)
             fresh = copy.deepcopy(base)  # untimed: loading needs a pristine base each time
-            seconds, _ = clock.time(lambda fresh=fresh, directory=directory: cases.load(fresh, job.lib, directory))
+            seconds, _ = clock.time(
+                lambda fresh=fresh, directory=directory: cases.load(fresh, job.lib, directory)
+            )
             samples["load"].append(seconds)
             del fresh
     metrics = {f"{name}_s": _median(values) for name, values in samples.items()}
@@ -272,13 +282,28 @@ def run_job(job: Job) -> dict[str, Any]:
 
     torch.set_num_threads(job.threads)
     if job.case.kind not in RUNNERS:
-        raise ValueError(f"case {job.case.name!r} has kind {job.case.kind!r}; expected one of {sorted(RUNNERS)}")
+        raise ValueError(
+            f"case {job.case.name!r} has kind {job.case.kind!r}; expected one of {sorted(RUNNERS)}"
+        )
     if job.lib == FULL and job.case.kind != "train":
-        raise ValueError(f"case {job.case.name!r}: full fine-tuning ({FULL!r}) is measured by train cases only")
+        raise ValueError(
+            f"case {job.case.name!r}: full fine-tuning ({FULL!r}) is measured by train cases only"
+        )
     result = RUNNERS[job.case.kind](job, Clock(job.device))
-    env = {"torch": torch.__version__, "threads": torch.get_num_threads(),
-           "device_name": torch.cuda.get_device_name() if job.device.startswith("cuda") else None}
-    return {"case": job.case.name, "lib": job.lib, "rep": job.rep, "ok": True, "error": None, "env": env, **result}
+    env = {
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "device_name": torch.cuda.get_device_name() if job.device.startswith("cuda") else None,
+    }
+    return {
+        "case": job.case.name,
+        "lib": job.lib,
+        "rep": job.rep,
+        "ok": True,
+        "error": None,
+        "env": env,
+        **result,
+    }
 
 
 def main(argv: list[str]) -> int:
@@ -289,8 +314,14 @@ def main(argv: list[str]) -> int:
     try:
         record = run_job(job)
     except Exception as exc:  # noqa: BLE001 - the driver records the failure and carries on with the suite
-        record = {"case": job.case.name, "lib": job.lib, "rep": job.rep, "ok": False,
-                  "error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
+        record = {
+            "case": job.case.name,
+            "lib": job.lib,
+            "rep": job.rep,
+            "ok": False,
+            "error": f"{type(exc).__name__}: {exc}",
+            "traceback": traceback.format_exc(),
+        }
     Path(argv[1]).write_text(json.dumps(record, indent=1))
     return 0 if record["ok"] else 1
 

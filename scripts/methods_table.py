@@ -61,10 +61,18 @@ def measure(peft_type: str) -> dict[str, object]:
     added += sum(p.numel() for p in part.parameters()) if part is not None else 0
     copies = sum(p.numel() for _, w in saved_modules(model) for p in w.copies["default"].parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    assert trainable == added + copies, f"{peft_type}: trainable {trainable} != adapter {added} + copies {copies}"
+    assert trainable == added + copies, (
+        f"{peft_type}: trainable {trainable} != adapter {added} + copies {copies}"
+    )
     mergeable = all(a.mergeable for a in layers) and (part is None or part.mergeable)
-    return {"type": peft_type, "modules": len(layers), "added": added, "percent": 100 * added / base,
-            "mergeable": mergeable, "kinds": registry.supported_kinds(peft_type) or "the whole model (no layer)"}
+    return {
+        "type": peft_type,
+        "modules": len(layers),
+        "added": added,
+        "percent": 100 * added / base,
+        "mergeable": mergeable,
+        "kinds": registry.supported_kinds(peft_type) or "the whole model (no layer)",
+    }
 
 
 def _reference_types() -> set[str]:

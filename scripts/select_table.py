@@ -25,7 +25,7 @@ def main(directory: str, metric: str, *extra: str) -> None:
     same = {}
     if "--same" in extra:  # --same A=B: runs named <arm>-A sit in budget B's table (a near-equal budget)
         at = extra.index("--same")
-        same = dict(pair.split("=", 1) for pair in extra[at + 1:])
+        same = dict(pair.split("=", 1) for pair in extra[at + 1 :])
         extra = extra[:at]
     records = [json.loads(p.read_text()) for p in sorted(Path(directory, "records").glob("*.json"))]
     records = [r for r in records if r.get("status") == "completed"]
@@ -43,15 +43,21 @@ def main(directory: str, metric: str, *extra: str) -> None:
         best = (min if lower_better else max)(defaults, key=means.get) if defaults else None
         print(f"\nbudget {budget}: best default = {best}")
         cols = " | ".join(extra)
-        print(f"| arm | trainable (excl. head) | {metric} mean ± sd | per seed | vs {best}, per seed | wins |"
-              + (f" {cols} |" if extra else ""))
+        print(
+            f"| arm | trainable (excl. head) | {metric} mean ± sd | per seed | vs {best}, per seed | wins |"
+            + (f" {cols} |" if extra else "")
+        )
         print("|---|---|---|---|---|---|" + "---|" * len(extra))
         for arm, seeds in arms.items():
             values = [seeds[s]["test"][metric] for s in sorted(seeds)]
             sd = statistics.stdev(values) if len(values) > 1 else 0.0
             head = _head_params(seeds[min(seeds)], directory)
             trainable = seeds[min(seeds)]["trainable_params"] - head
-            diffs = [seeds[s]["test"][metric] - arms[best][s]["test"][metric] for s in sorted(seeds) if best and s in arms[best]]
+            diffs = [
+                seeds[s]["test"][metric] - arms[best][s]["test"][metric]
+                for s in sorted(seeds)
+                if best and s in arms[best]
+            ]
             wins = sum(d < 0 if lower_better else d > 0 for d in diffs)
             if arm != best:
                 pooled[arm] += diffs
@@ -61,16 +67,24 @@ def main(directory: str, metric: str, *extra: str) -> None:
             for name in extra:
                 vals = [seeds[s]["test"].get(name) for s in sorted(seeds)]
                 vals = [v for v in vals if v is not None]
-                extra_cells.append(f"{statistics.mean(vals):.2f} ± {statistics.stdev(vals) if len(vals) > 1 else 0:.2f}")
+                extra_cells.append(
+                    f"{statistics.mean(vals):.2f} ± {statistics.stdev(vals) if len(vals) > 1 else 0:.2f}"
+                )
             mean = means[arm] * scale
-            print(f"| {arm} | {trainable:,} | {mean:.{1 if scale == 100 else 3}f} ± {sd * scale:.{1 if scale == 100 else 3}f} "
-                  f"| {', '.join(show)} | {delta if arm != best else '-'} | {f'{wins}/{len(diffs)}' if arm != best else '-'} |"
-                  + (" " + " | ".join(extra_cells) + " |" if extra else ""))
-    print(f"\nall budgets pooled: per-seed difference to each budget's best default ({metric}"
-          f"{', lower is better' if lower_better else ''})")
+            print(
+                f"| {arm} | {trainable:,} | {mean:.{1 if scale == 100 else 3}f} ± {sd * scale:.{1 if scale == 100 else 3}f} "
+                f"| {', '.join(show)} | {delta if arm != best else '-'} | {f'{wins}/{len(diffs)}' if arm != best else '-'} |"
+                + (" " + " | ".join(extra_cells) + " |" if extra else "")
+            )
+    print(
+        f"\nall budgets pooled: per-seed difference to each budget's best default ({metric}"
+        f"{', lower is better' if lower_better else ''})"
+    )
     print("| arm | mean difference | seeds won |")
     print("|---|---|---|")
-    for arm, diffs in sorted(pooled.items(), key=lambda kv: statistics.mean(kv[1]) * (1 if lower_better else -1)):
+    for arm, diffs in sorted(
+        pooled.items(), key=lambda kv: statistics.mean(kv[1]) * (1 if lower_better else -1)
+    ):
         won = sum(d < 0 if lower_better else d > 0 for d in diffs)
         digits = 1 if scale == 100 else 3
         print(f"| {arm} | {statistics.mean(diffs) * scale:+.{digits}f} | {won}/{len(diffs)} |")
@@ -80,7 +94,9 @@ def _head_params(record: dict, directory: str) -> int:
     """Parameters of the head every run trains in full (a classifier), read from the saved adapter."""
     from safetensors import safe_open
 
-    run = Path(directory, "runs", record["name"], f"seed-{record['seed']}", record.get("artifact") or "adapter")
+    run = Path(
+        directory, "runs", record["name"], f"seed-{record['seed']}", record.get("artifact") or "adapter"
+    )
     with safe_open(str(run / "adapter_model.safetensors"), "pt") as handle:
         return sum(_numel(handle.get_slice(k).get_shape()) for k in handle.keys() if ".classifier." in k)
 

@@ -48,19 +48,49 @@ torch.set_num_threads(1)  # one thread: forking after torch is imported is safe 
 VOCAB = 50
 # dropout on, accumulation over 37 examples (a smaller last batch), warm-up, evaluation every 3 steps
 # (best/ written at steps 3 and 6), checkpoints at 2, 3, 4, 6 with the oldest deleted at 4 and 6, final/
-CONFIG = dict(steps=6, batch_size=4, grad_accum=2, lr=5e-3, warmup_steps=2, save_every=2, eval_every=3, seed=3,
-              metric="accuracy", greater_is_better=True, tensorboard=False, progress=False, log_every=1)
-CHECKPOINT_FILES = {"model.safetensors", "adapter", "optimizer.pt", "scheduler.pt", "rng.pt", "trainer_state.json"}
+CONFIG = dict(
+    steps=6,
+    batch_size=4,
+    grad_accum=2,
+    lr=5e-3,
+    warmup_steps=2,
+    save_every=2,
+    eval_every=3,
+    seed=3,
+    metric="accuracy",
+    greater_is_better=True,
+    tensorboard=False,
+    progress=False,
+    log_every=1,
+)
+CHECKPOINT_FILES = {
+    "model.safetensors",
+    "adapter",
+    "optimizer.pt",
+    "scheduler.pt",
+    "rng.pt",
+    "trainer_state.json",
+}
 
 
 def tiny_bert() -> torch.nn.Module:
     seed_everything(0)
-    config = BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=37, max_position_embeddings=16, num_labels=2,
-                        hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1)
+    config = BertConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=37,
+        max_position_embeddings=16,
+        num_labels=2,
+        hidden_dropout_prob=0.1,
+        attention_probs_dropout_prob=0.1,
+    )
     model = BertForSequenceClassification(config)
-    peftkit.inject(model, peftkit.make_config("lora", r=4, lora_alpha=8, lora_dropout=0.1,
-                                              target_modules=["query", "value"]))
+    peftkit.inject(
+        model,
+        peftkit.make_config("lora", r=4, lora_alpha=8, lora_dropout=0.1, target_modules=["query", "value"]),
+    )
     return model
 
 
@@ -68,14 +98,19 @@ TRAIN, VALIDATION = make_examples(37, 1), make_examples(8, 5)
 
 
 def collate(batch: list[dict]) -> dict[str, torch.Tensor]:
-    return {"input_ids": torch.tensor([e["input_ids"] for e in batch]),
-            "labels": torch.tensor([e["label"] for e in batch])}
+    return {
+        "input_ids": torch.tensor([e["input_ids"] for e in batch]),
+        "labels": torch.tensor([e["label"] for e in batch]),
+    }
 
 
 def evaluate(model: torch.nn.Module) -> dict[str, float]:
     batch = collate(VALIDATION)
     out = model(**batch)
-    return {"loss": out.loss.item(), "accuracy": (out.logits.argmax(-1) == batch["labels"]).float().mean().item()}
+    return {
+        "loss": out.loss.item(),
+        "accuracy": (out.logits.argmax(-1) == batch["labels"]).float().mean().item(),
+    }
 
 
 # -------------------------------------------------------------------------------- operation hooks
@@ -107,31 +142,46 @@ class Operations:
 
 def install(ops: Operations) -> None:
     """Route every counted operation through ``ops`` (in this process only)."""
-    real = {"torch.save": torch.save, "ckpt.save_file": peftkit.train.checkpoint.save_file,
-            "io.save_file": peftkit.core.io.save_file, "write_text": Path.write_text, "replace": os.replace,
-            "fsync": os.fsync, "mkdtemp": tempfile.mkdtemp, "mkstemp": tempfile.mkstemp,
-            "rmtree": shutil.rmtree, "unlink": os.unlink, "event": peftkit.train.tracking.Tracker.event}
+    real = {
+        "torch.save": torch.save,
+        "ckpt.save_file": peftkit.train.checkpoint.save_file,
+        "io.save_file": peftkit.core.io.save_file,
+        "write_text": Path.write_text,
+        "replace": os.replace,
+        "fsync": os.fsync,
+        "mkdtemp": tempfile.mkdtemp,
+        "mkstemp": tempfile.mkstemp,
+        "rmtree": shutil.rmtree,
+        "unlink": os.unlink,
+        "event": peftkit.train.tracking.Tracker.event,
+    }
 
     def writer(name: str, path_arg: int):
         def wrapped(*args, **kwargs):
             path = args[path_arg]
             return ops("write", path, lambda: real[name](*args, **kwargs), written=Path(path))
+
         return wrapped
 
     torch.save = writer("torch.save", 1)
     peftkit.train.checkpoint.save_file = writer("ckpt.save_file", 1)
     peftkit.core.io.save_file = writer("io.save_file", 1)
-    Path.write_text = lambda self, *a, **k: ops("write", self, lambda: real["write_text"](self, *a, **k), written=self)
+    Path.write_text = lambda self, *a, **k: ops(
+        "write", self, lambda: real["write_text"](self, *a, **k), written=self
+    )
     os.replace = lambda src, dst, *a, **k: ops("rename", dst, lambda: real["replace"](src, dst, *a, **k))
-    os.fsync = lambda fd: ops("fsync", os.readlink(f"/proc/self/fd/{fd}") if os.path.exists("/proc/self/fd") else fd,
-                              lambda: real["fsync"](fd))
+    os.fsync = lambda fd: ops(
+        "fsync",
+        os.readlink(f"/proc/self/fd/{fd}") if os.path.exists("/proc/self/fd") else fd,
+        lambda: real["fsync"](fd),
+    )
     tempfile.mkdtemp = lambda *a, **k: ops("mkdir", k.get("dir", "?"), lambda: real["mkdtemp"](*a, **k))
     tempfile.mkstemp = lambda *a, **k: ops("create", k.get("dir", "?"), lambda: real["mkstemp"](*a, **k))
     shutil.rmtree = lambda path, *a, **k: ops("delete", path, lambda: real["rmtree"](path, *a, **k))
     os.unlink = lambda path, *a, **k: ops("delete", path, lambda: real["unlink"](path, *a, **k))
-    peftkit.train.tracking.Tracker.event = (
-        lambda self, kind, step, values: ops("log", f"metrics.jsonl:{kind}@{step}",
-                                             lambda: real["event"](self, kind, step, values)))
+    peftkit.train.tracking.Tracker.event = lambda self, kind, step, values: ops(
+        "log", f"metrics.jsonl:{kind}@{step}", lambda: real["event"](self, kind, step, values)
+    )
 
 
 # ------------------------------------------------------------------------------------------ runs
@@ -150,8 +200,17 @@ def train(run_dir: Path, resume: bool, ops: Operations | None, log_path: Path) -
     if ops is not None:
         install(ops)
     with open(log_path, "a") as log:
-        result = fit(tiny_bert(), TRAIN, collate, loss, TrainConfig(**CONFIG), evaluate=evaluate, run_dir=run_dir,
-                     resume=resume, log=lambda line: print(line, file=log, flush=True))
+        result = fit(
+            tiny_bert(),
+            TRAIN,
+            collate,
+            loss,
+            TrainConfig(**CONFIG),
+            evaluate=evaluate,
+            run_dir=run_dir,
+            resume=resume,
+            log=lambda line: print(line, file=log, flush=True),
+        )
         print(f"STATUS {result.status} {result.steps}", file=log, flush=True)
 
 

@@ -37,11 +37,33 @@ torch.set_num_threads(1)
 
 TRAIN, VALIDATION = make_examples(37, 1), make_examples(8, 5)
 # 2 ranks x 3 = 6 examples a micro-batch: the 7th micro-batch of an epoch holds 37 - 36 = 1 example
-DDP_CONFIG = dict(steps=4, batch_size=3, grad_accum=2, lr=5e-3, warmup_steps=1, seed=3, eval_every=2,
-                  metric="accuracy", greater_is_better=True, tensorboard=True, progress=False, log_every=1,
-                  device="cpu")
-CRASH_CONFIG = dict(steps=6, batch_size=3, grad_accum=1, lr=5e-3, seed=4, save_every=1, tensorboard=False,
-                    progress=False, log_every=1, device="cpu")
+DDP_CONFIG = dict(
+    steps=4,
+    batch_size=3,
+    grad_accum=2,
+    lr=5e-3,
+    warmup_steps=1,
+    seed=3,
+    eval_every=2,
+    metric="accuracy",
+    greater_is_better=True,
+    tensorboard=True,
+    progress=False,
+    log_every=1,
+    device="cpu",
+)
+CRASH_CONFIG = dict(
+    steps=6,
+    batch_size=3,
+    grad_accum=1,
+    lr=5e-3,
+    seed=4,
+    save_every=1,
+    tensorboard=False,
+    progress=False,
+    log_every=1,
+    device="cpu",
+)
 KILL_AT_STEP = 5
 
 
@@ -68,11 +90,26 @@ def main_scenario(out: Path, rank: int) -> dict:
     lines = []
     evaluate = make_evaluate(VALIDATION) if rank == 0 else None
     run_dir = out / "ddp" if rank == 0 else out / "ddp-rank1-unused"
-    fitted = fit(model, TRAIN, collate, loss, TrainConfig(**DDP_CONFIG), evaluate=evaluate, run_dir=run_dir,
-                 log=lines.append)
-    result["ddp"] = {"before_steps": before, "final": trainable(model), "history": fitted.history,
-                     "losses": fitted.losses, "lines": lines, "group_after": dist.is_initialized(),
-                     "status": fitted.status, "names": sorted(n for n, _ in model.named_parameters())}
+    fitted = fit(
+        model,
+        TRAIN,
+        collate,
+        loss,
+        TrainConfig(**DDP_CONFIG),
+        evaluate=evaluate,
+        run_dir=run_dir,
+        log=lines.append,
+    )
+    result["ddp"] = {
+        "before_steps": before,
+        "final": trainable(model),
+        "history": fitted.history,
+        "losses": fitted.losses,
+        "lines": lines,
+        "group_after": dist.is_initialized(),
+        "status": fitted.status,
+        "names": sorted(n for n, _ in model.named_parameters()),
+    }
 
     # (2) the group fit started stays up for more training: an inactive trainable adapter, checkpointing
     model = tiny_bert(dropout=0.0)
@@ -86,27 +123,52 @@ def main_scenario(out: Path, rank: int) -> dict:
     lines = []
     config = TrainConfig(**{**DDP_CONFIG, "eval_every": 0, "gradient_checkpointing": True})
     fit(model, TRAIN, collate, lambda m, b: m(**b).loss, config, adapter_name="default", log=lines.append)
-    result["unused"] = {"final": {n: p.detach().clone() for n, p in model.named_parameters()
-                                  if p.requires_grad and ".idle." not in n},
-                        "idle_unchanged": all(torch.equal(a, b) for a, b in zip(idle_before, idle)),
-                        "lines": lines, "group_after": dist.is_initialized()}
+    result["unused"] = {
+        "final": {
+            n: p.detach().clone()
+            for n, p in model.named_parameters()
+            if p.requires_grad and ".idle." not in n
+        },
+        "idle_unchanged": all(torch.equal(a, b) for a, b in zip(idle_before, idle)),
+        "lines": lines,
+        "group_after": dist.is_initialized(),
+    }
 
     # (4) FSDP2: the frozen base sharded, the adapter whole; every rank evaluates
     from torch.distributed.tensor import DTensor
 
     model = tiny_bert(dropout=0.0)
     lines = []
-    fitted = fit(model, TRAIN, collate, lambda m, b: m(**b).loss, TrainConfig(**DDP_CONFIG, distributed="fsdp"),
-                 evaluate=make_evaluate(VALIDATION), run_dir=out / "fsdp" if rank == 0 else None, log=lines.append)
+    fitted = fit(
+        model,
+        TRAIN,
+        collate,
+        lambda m, b: m(**b).loss,
+        TrainConfig(**DDP_CONFIG, distributed="fsdp"),
+        evaluate=make_evaluate(VALIDATION),
+        run_dir=out / "fsdp" if rank == 0 else None,
+        log=lines.append,
+    )
     weight = model.bert.encoder.layer[0].attention.self.query.base_layer.weight
-    result["fsdp"] = {"final": trainable(model), "history": fitted.history, "losses": fitted.losses,
-                      "base_sharded": isinstance(weight, DTensor) and weight.to_local().numel() < weight.numel(),
-                      "lines": lines}
+    result["fsdp"] = {
+        "final": trainable(model),
+        "history": fitted.history,
+        "losses": fitted.losses,
+        "base_sharded": isinstance(weight, DTensor) and weight.to_local().numel() < weight.numel(),
+        "lines": lines,
+    }
 
     # (3) the uninterrupted reference of the crash test
     model = tiny_bert(dropout=0.1)
-    fit(model, TRAIN, collate, lambda m, b: m(**b).loss, TrainConfig(**CRASH_CONFIG), run_dir=out / "reference",
-        log=lambda line: None)
+    fit(
+        model,
+        TRAIN,
+        collate,
+        lambda m, b: m(**b).loss,
+        TrainConfig(**CRASH_CONFIG),
+        run_dir=out / "reference",
+        log=lambda line: None,
+    )
     result["reference"] = trainable(model)
     dist.destroy_process_group()
     return result
@@ -122,8 +184,16 @@ def crash_scenario(out: Path, rank: int, resume: bool) -> dict:
             os.kill(os.getpid(), signal.SIGKILL)
         return m(**batch).loss
 
-    fitted = fit(model, TRAIN, collate, loss, TrainConfig(**CRASH_CONFIG), run_dir=out / "crash", resume=resume,
-                 log=lambda line: None)
+    fitted = fit(
+        model,
+        TRAIN,
+        collate,
+        loss,
+        TrainConfig(**CRASH_CONFIG),
+        run_dir=out / "crash",
+        resume=resume,
+        log=lambda line: None,
+    )
     return {"final": trainable(model), "steps_run": steps["n"], "status": fitted.status}
 
 

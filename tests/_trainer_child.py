@@ -45,8 +45,12 @@ def main(root: Path) -> None:
     pid = os.fork()
     if pid == 0:
         try:
-            PeftkitTrainer(model=tiny_bert(), args=arguments(root / "killed"), train_dataset=Records(),
-                           callbacks=[Kill()]).train()
+            PeftkitTrainer(
+                model=tiny_bert(),
+                args=arguments(root / "killed"),
+                train_dataset=Records(),
+                callbacks=[Kill()],
+            ).train()
         finally:
             os._exit(3)  # reached only if the kill did not happen
     _, status = os.waitpid(pid, 0)
@@ -58,12 +62,16 @@ def main(root: Path) -> None:
     trainer.train(resume_from_checkpoint=True)
     optimized = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
     save_file(dict(peftkit.adapter_state_dict(resumed)), root / "resumed.safetensors")
-    (root / "results.json").write_text(json.dumps({
-        "killed_by": os.WTERMSIG(status) if os.WIFSIGNALED(status) else None,
-        "left": left,
-        "global_step": trainer.state.global_step,
-        "optimizer_holds_the_model_parameters": optimized == parameters,
-    }))
+    (root / "results.json").write_text(
+        json.dumps(
+            {
+                "killed_by": os.WTERMSIG(status) if os.WIFSIGNALED(status) else None,
+                "left": left,
+                "global_step": trainer.state.global_step,
+                "optimizer_holds_the_model_parameters": optimized == parameters,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

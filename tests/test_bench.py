@@ -23,14 +23,28 @@ from benchmarks.cases import Case, Job  # noqa: E402
 pytest.importorskip("peft", reason="the suite compares with the reference library: pip install peft==0.21.2")
 
 
-def _case(name: str, kind: str = "train", method: str = "lora", targets: str = "qv", model: str = "minilm",
-          libs: tuple[str, ...] = ("peftkit", "peft"), timed: int = 1) -> Case:
+def _case(
+    name: str,
+    kind: str = "train",
+    method: str = "lora",
+    targets: str = "qv",
+    model: str = "minilm",
+    libs: tuple[str, ...] = ("peftkit", "peft"),
+    timed: int = 1,
+) -> Case:
     return Case(name, kind, model, method, targets, libs, timed=timed)
 
 
 def _record(case: str, lib: str, rep: int, ok: bool = True, **metrics: float) -> dict:
-    return {"case": case, "lib": lib, "rep": rep, "ok": ok, "metrics": metrics, "info": {},
-            "error": None if ok else "RuntimeError: boom"}
+    return {
+        "case": case,
+        "lib": lib,
+        "rep": rep,
+        "ok": ok,
+        "metrics": metrics,
+        "info": {},
+        "error": None if ok else "RuntimeError: boom",
+    }
 
 
 # -- run order -------------------------------------------------------------------------------------
@@ -49,8 +63,12 @@ def test_select_matches_names_and_patterns_and_names_the_cases_when_nothing_matc
     all_cases = cases.default_cases()
     assert [c.name for c in run.select(all_cases, ["train-minilm-lora-qv"])] == ["train-minilm-lora-qv"]
     smol = run.select(all_cases, ["train-smollm2-*,mixed-*"])
-    assert {c.name for c in smol} == {"train-smollm2-lora-qv", "train-smollm2-lora-all", "train-smollm2-full",
-                                      "mixed-minilm-lora-qv"}
+    assert {c.name for c in smol} == {
+        "train-smollm2-lora-qv",
+        "train-smollm2-lora-all",
+        "train-smollm2-full",
+        "mixed-minilm-lora-qv",
+    }
     assert run.select(all_cases, None) == all_cases
     with pytest.raises(SystemExit, match="matches no case; the cases are: train-minilm-lora-qv"):
         run.select(all_cases, ["train-bert"])
@@ -61,8 +79,14 @@ def test_default_suite_covers_the_issue():
     assert len(by_name) == len(cases.default_cases()), "case names must be unique"
     train = [c for c in by_name.values() if c.kind == "train"]
     assert {(c.model, c.method, c.targets) for c in train} >= {
-        ("minilm", "lora", "qv"), ("minilm", "lora", "all"), ("minilm", "dora", "qv"), ("minilm", "full", "all"),
-        ("smollm2", "lora", "qv"), ("smollm2", "lora", "all"), ("smollm2", "full", "all")}
+        ("minilm", "lora", "qv"),
+        ("minilm", "lora", "all"),
+        ("minilm", "dora", "qv"),
+        ("minilm", "full", "all"),
+        ("smollm2", "lora", "qv"),
+        ("smollm2", "lora", "all"),
+        ("smollm2", "full", "all"),
+    }
     assert {c.kind for c in by_name.values()} == {"train", "infer", "mixed"}
     for case in by_name.values():
         assert case.libs in (("peftkit", "peft"), ("torch",))  # A B order: peftkit first, then the reference
@@ -99,9 +123,14 @@ def test_stats_median_spread_and_quartiles():
 
 
 def test_ratios_pair_by_repetition_not_by_position_and_skip_failed_processes():
-    records = [_record("t", "peftkit", 0, step_s=1.0), _record("t", "peft", 0, step_s=2.0),
-               _record("t", "peftkit", 1, ok=False), _record("t", "peft", 1, step_s=9.0),
-               _record("t", "peft", 2, step_s=4.0), _record("t", "peftkit", 2, step_s=3.0)]
+    records = [
+        _record("t", "peftkit", 0, step_s=1.0),
+        _record("t", "peft", 0, step_s=2.0),
+        _record("t", "peftkit", 1, ok=False),
+        _record("t", "peft", 1, step_s=9.0),
+        _record("t", "peft", 2, step_s=4.0),
+        _record("t", "peftkit", 2, step_s=3.0),
+    ]
     ours = summarise.by_rep(records, "t", "peftkit", "step_s")
     assert ours == {0: 1.0, 2: 3.0}
     assert summarise.paired_ratios(ours, summarise.by_rep(records, "t", "peft", "step_s")) == [0.5, 0.75]
@@ -114,11 +143,13 @@ def _train_result() -> tuple[list[dict], list[dict]]:
     records = []
     ours, theirs, fulls = [2.0, 2.2, 1.8, 2.1, 1.9], [2.5, 2.4, 2.6, 2.5, 2.3], [3.0, 3.1, 2.9, 3.0, 3.2]
     for rep in range(5):
-        records += [_record("train-qv", "peftkit", rep, step_s=ours[rep], peak_mb=800.0, overhead_mb=300.0),
-                    _record("train-qv", "peft", rep, step_s=theirs[rep], peak_mb=1000.0, overhead_mb=500.0),
-                    _record("train-dora", "peftkit", rep, step_s=2.0, peak_mb=900.0, overhead_mb=1.0),
-                    _record("train-dora", "peft", rep, step_s=2.4, peak_mb=900.0, overhead_mb=1.0),
-                    _record("train-full", "torch", rep, step_s=fulls[rep], peak_mb=850.0, overhead_mb=400.0)]
+        records += [
+            _record("train-qv", "peftkit", rep, step_s=ours[rep], peak_mb=800.0, overhead_mb=300.0),
+            _record("train-qv", "peft", rep, step_s=theirs[rep], peak_mb=1000.0, overhead_mb=500.0),
+            _record("train-dora", "peftkit", rep, step_s=2.0, peak_mb=900.0, overhead_mb=1.0),
+            _record("train-dora", "peft", rep, step_s=2.4, peak_mb=900.0, overhead_mb=1.0),
+            _record("train-full", "torch", rep, step_s=fulls[rep], peak_mb=850.0, overhead_mb=400.0),
+        ]
     return records, [c.to_dict() for c in (qv, dora, full)]
 
 
@@ -133,8 +164,9 @@ def test_summary_medians_of_paired_ratios_with_their_spread():
     # not the ratio of the medians: 2.0 / 2.5 = 0.8 differs from the median of the pairs
     assert ratio["median"] != pytest.approx(2.0 / 2.5)
     vs_full = case["ratios"]["step_s peftkit/full"]
-    assert vs_full["median"] == pytest.approx(statistics.median(
-        [o / f for o, f in zip([2.0, 2.2, 1.8, 2.1, 1.9], [3.0, 3.1, 2.9, 3.0, 3.2])]))
+    assert vs_full["median"] == pytest.approx(
+        statistics.median([o / f for o, f in zip([2.0, 2.2, 1.8, 2.1, 1.9], [3.0, 3.1, 2.9, 3.0, 3.2])])
+    )
     assert case["libs"]["peft"]["step_s"]["median"] == 2.5
     assert case["ratios"]["peak_mb peftkit/peft"]["median"] == pytest.approx(0.8)
 
@@ -169,10 +201,30 @@ def test_inference_and_mixed_targets():
     records = []
     for rep in range(3):
         records += [
-            _record("infer", "peftkit", rep, base_s=1.0, unmerged_s=1.05, merged_s=1.01, unmerged_overhead=0.05,
-                    merged_overhead=-0.01, save_s=0.01, load_s=0.02),
-            _record("infer", "peft", rep, base_s=1.0, unmerged_s=1.2, merged_s=1.0, unmerged_overhead=0.2,
-                    merged_overhead=0.0, save_s=0.02, load_s=0.04),
+            _record(
+                "infer",
+                "peftkit",
+                rep,
+                base_s=1.0,
+                unmerged_s=1.05,
+                merged_s=1.01,
+                unmerged_overhead=0.05,
+                merged_overhead=-0.01,
+                save_s=0.01,
+                load_s=0.02,
+            ),
+            _record(
+                "infer",
+                "peft",
+                rep,
+                base_s=1.0,
+                unmerged_s=1.2,
+                merged_s=1.0,
+                unmerged_overhead=0.2,
+                merged_overhead=0.0,
+                save_s=0.02,
+                load_s=0.04,
+            ),
             _record("mixed", "peftkit", rep, single_s=1.0, mixed_s=1.4, mixed_over_single=1.4),
             _record("mixed", "peft", rep, single_s=1.0, mixed_s=2.0, mixed_over_single=2.0),
         ]
@@ -197,7 +249,9 @@ def test_a_target_that_cannot_be_measured_says_why():
         _record("mixed", "peft", 0, single_s=1.0, mixed_s=2.0, mixed_over_single=2.0),
     ]
     records[2]["info"]["mixed_unavailable"] = "NotImplementedError: no per_example_adapters"
-    found = {t["target"]: t for t in summarise.summarise(records, [infer.to_dict(), mixed.to_dict()])["targets"]}
+    found = {
+        t["target"]: t for t in summarise.summarise(records, [infer.to_dict(), mixed.to_dict()])["targets"]
+    }
     share = found["unmerged overhead over base, peftkit/peft <= 0.5"]
     assert share["met"] is None and "reference's unmerged overhead is -0.020" in share["verdict"]
     mixed_target = found["4-adapter mixed batch / single-adapter batch (peftkit) <= 1.3"]
@@ -207,8 +261,11 @@ def test_a_target_that_cannot_be_measured_says_why():
 def test_markdown_tables_show_medians_ratios_and_failures():
     records, case_dicts = _train_result()
     records.append(_record("train-dora", "peft", 5, ok=False))
-    result = {"meta": {"reps": 5, "device": "cpu"}, "cases": case_dicts,
-              "summary": summarise.summarise(records, case_dicts)}
+    result = {
+        "meta": {"reps": 5, "device": "cpu"},
+        "cases": case_dicts,
+        "summary": summarise.summarise(records, case_dicts),
+    }
     text = summarise.markdown(result)
     assert "| train-qv | 2 | 2.5 | 3 | 0.826 (0.692-0.917) |" in text
     assert "peak RSS" in text and "| lora step time peftkit/peft <= 0.9 | train-qv | 0.826 | met |" in text
@@ -227,10 +284,17 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-@pytest.mark.parametrize("name,lib", [
-    ("train-minilm-dora-qv", "peftkit"), ("train-smollm2-full", "torch"), ("infer-smollm2-lora-all", "peft"),
-    ("infer-minilm-lora-all", "peftkit"), ("mixed-minilm-lora-qv", "peftkit"), ("mixed-minilm-lora-qv", "peft"),
-])
+@pytest.mark.parametrize(
+    "name,lib",
+    [
+        ("train-minilm-dora-qv", "peftkit"),
+        ("train-smollm2-full", "torch"),
+        ("infer-smollm2-lora-all", "peft"),
+        ("infer-minilm-lora-all", "peftkit"),
+        ("mixed-minilm-lora-qv", "peftkit"),
+        ("mixed-minilm-lora-qv", "peft"),
+    ],
+)
 def test_worker_records_what_the_summary_reads(one_thread, name, lib):
     case = {c.name: c for c in cases.default_cases()}[name]
     record = worker.run_job(Job(case, lib, 0, weights="tiny", threads=1, options={"timed": 2}))
@@ -240,7 +304,11 @@ def test_worker_records_what_the_summary_reads(one_thread, name, lib):
         assert metric in metrics
     if case.kind == "train":
         assert len(samples["step_s"]) == 2 and metrics["peak_mb"] >= metrics["loaded_mb"] > 0
-        assert info["trainable_params"] == info["total_params"] if lib == "torch" else info["adapted_modules"] == 4
+        assert (
+            info["trainable_params"] == info["total_params"]
+            if lib == "torch"
+            else info["adapted_modules"] == 4
+        )
     elif case.kind == "infer":
         assert len(samples["unmerged"]) == 2 and len(samples["load"]) == worker.SAVE_LOAD_REPEATS
         assert info["unmerged_vs_base_max_abs"] > 1e-3, "the adapter must change the output"
@@ -263,15 +331,44 @@ def test_worker_rejects_full_fine_tuning_outside_training():
 @pytest.mark.slow
 def test_end_to_end_two_repetitions_of_one_case_in_fresh_processes(tmp_path):
     out = tmp_path / "tiny.json"
-    path = run.main(["--weights", "tiny", "--reps", "2", "--only", "train-minilm-lora-qv", "--threads", "1",
-                     "--steps", "2", "--out", str(out), "--quiet"])
+    path = run.main(
+        [
+            "--weights",
+            "tiny",
+            "--reps",
+            "2",
+            "--only",
+            "train-minilm-lora-qv",
+            "--threads",
+            "1",
+            "--steps",
+            "2",
+            "--out",
+            str(out),
+            "--quiet",
+        ]
+    )
     assert path == out
     result = json.loads(out.read_text())
     meta = result["meta"]
-    assert {"date", "command", "versions", "peftkit_commit", "cpu", "platform", "threads", "duration_s"} <= set(meta)
+    assert {
+        "date",
+        "command",
+        "versions",
+        "peftkit_commit",
+        "cpu",
+        "platform",
+        "threads",
+        "duration_s",
+    } <= set(meta)
     assert meta["versions"]["torch"] and meta["versions"]["peft"] and meta["threads"] == 1
     records = result["records"]
-    assert [(r["rep"], r["lib"]) for r in records] == [(0, "peftkit"), (0, "peft"), (1, "peftkit"), (1, "peft")]
+    assert [(r["rep"], r["lib"]) for r in records] == [
+        (0, "peftkit"),
+        (0, "peft"),
+        (1, "peftkit"),
+        (1, "peft"),
+    ]
     assert all(r["ok"] for r in records), [r.get("error") for r in records]
     assert all(len(r["samples"]["step_s"]) == 2 and r["env"]["threads"] == 1 for r in records)  # --steps 2
     ratio = result["summary"]["cases"]["train-minilm-lora-qv"]["ratios"]["step_s peftkit/peft"]

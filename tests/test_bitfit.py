@@ -59,7 +59,9 @@ def _block() -> Block:
 
 
 def _adapted(model: nn.Module, adapter: str = "default") -> dict[str, BitFitBias]:
-    return {name: layer.adapters[adapter] for name, layer in adapter_layers(model) if adapter in layer.adapters}
+    return {
+        name: layer.adapters[adapter] for name, layer in adapter_layers(model) if adapter in layer.adapters
+    }
 
 
 def _randomise(model: nn.Module, adapter: str = "default", seed: int = 1) -> None:
@@ -74,7 +76,9 @@ def _randomise(model: nn.Module, adapter: str = "default", seed: int = 1) -> Non
 
 def test_config_reports_every_problem_at_once():
     with pytest.raises(ConfigError) as err:
-        BitFitConfig(include_norm_biases="yes", rank_pattern={"x": 2}, alpha_pattern={"y": 4}, target_modules=[])
+        BitFitConfig(
+            include_norm_biases="yes", rank_pattern={"x": 2}, alpha_pattern={"y": 4}, target_modules=[]
+        )
     text = str(err.value)
     assert len(err.value.problems) == 4
     assert "include_norm_biases" in text and "rank_pattern" in text and "alpha_pattern" in text
@@ -99,7 +103,11 @@ def test_default_selects_every_module_with_a_bias():
 
 
 def test_default_can_leave_norm_biases_out_and_respects_the_shared_filters():
-    assert sorted(_adapted(peftkit.inject(_block(), BitFitConfig(include_norm_biases=False)))) == ["conv", "head", "proj"]
+    assert sorted(_adapted(peftkit.inject(_block(), BitFitConfig(include_norm_biases=False)))) == [
+        "conv",
+        "head",
+        "proj",
+    ]
     excluded = peftkit.inject(_block(), BitFitConfig(exclude_modules=["head"], modules_to_save=["conv"]))
     assert sorted(_adapted(excluded)) == ["norm", "proj"]
 
@@ -108,7 +116,9 @@ def test_layers_to_transform_applies_to_the_default_selection():
     from transformers import BertConfig, BertModel
 
     torch.manual_seed(0)
-    bert = BertModel(BertConfig(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32))
+    bert = BertModel(
+        BertConfig(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32)
+    )
     peftkit.inject(bert, BitFitConfig(layers_to_transform=[1], layers_pattern="layer"))
     names = list(_adapted(bert))
     assert names and all(n.startswith("encoder.layer.1.") for n in names)
@@ -201,9 +211,11 @@ def test_saved_tensors_are_bias_deltas_under_the_documented_keys(tmp_path):
     with safe_open(str(tmp_path / "adapter_model.safetensors"), framework="pt") as handle:
         shapes = {k: tuple(handle.get_slice(k).get_shape()) for k in handle.keys()}
     assert shapes == {
-        "base_model.model.proj.bias_delta": (6,), "base_model.model.norm.bias_delta": (6,),
+        "base_model.model.proj.bias_delta": (6,),
+        "base_model.model.norm.bias_delta": (6,),
         "base_model.model.conv.bias_delta": (2,),
-        "base_model.model.head.weight": (2, 12), "base_model.model.head.bias": (2,),
+        "base_model.model.head.weight": (2, 12),
+        "base_model.model.head.bias": (2,),
     }
     saved = json.loads((tmp_path / "adapter_config.json").read_text())
     assert saved["peft_type"] == "BITFIT" and saved["include_norm_biases"] is True
@@ -238,17 +250,24 @@ def _batch() -> dict[str, torch.Tensor]:
     gen = torch.Generator().manual_seed(1)
     mask = torch.ones(2, 8, dtype=torch.long)
     mask[1, -2:] = 0
-    return {"input_ids": torch.randint(0, 1000, (2, 8), generator=gen), "attention_mask": mask,
-            "labels": torch.tensor([0, 1])}
+    return {
+        "input_ids": torch.randint(0, 1000, (2, 8), generator=gen),
+        "attention_mask": mask,
+        "labels": torch.tensor([0, 1]),
+    }
 
 
 def test_minilm_trains_exactly_its_biases_and_merges_them(minilm):
     base = copy.deepcopy(minilm)
     model = peftkit.inject(copy.deepcopy(minilm), BitFitConfig())
-    base_biases = {n: p for n, p in base.named_parameters() if n.endswith(".bias") and not n.startswith("classifier.")}
+    base_biases = {
+        n: p for n, p in base.named_parameters() if n.endswith(".bias") and not n.startswith("classifier.")
+    }
     deltas = {f"{name}.bias": m.bias_delta for name, m in _adapted(model).items()}
     # the trainable set is exactly the biases (as deltas of the same shapes) plus the classifier copy
-    assert {n: tuple(p.shape) for n, p in deltas.items()} == {n: tuple(p.shape) for n, p in base_biases.items()}
+    assert {n: tuple(p.shape) for n, p in deltas.items()} == {
+        n: tuple(p.shape) for n, p in base_biases.items()
+    }
     trainable = {id(p) for p in model.parameters() if p.requires_grad}
     copy_params = {id(p) for p in model.classifier.copies["default"].parameters()}
     assert trainable == {id(p) for p in deltas.values()} | copy_params

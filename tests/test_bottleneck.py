@@ -41,33 +41,50 @@ IDS = torch.randint(0, 100, (2, 7), generator=torch.Generator().manual_seed(0))
 
 def tiny_bert() -> nn.Module:
     torch.manual_seed(0)
-    config = BertConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                        vocab_size=100, num_labels=2)
+    config = BertConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        vocab_size=100,
+        num_labels=2,
+    )
     return BertForSequenceClassification(config).eval()
 
 
 def tiny_llama() -> nn.Module:
     torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=100)
+    config = LlamaConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=100,
+    )
     return LlamaForCausalLM(config).eval()
 
 
 def tiny_gpt2() -> nn.Module:
     torch.manual_seed(0)
-    config = GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=100, n_positions=64, bos_token_id=0, eos_token_id=0)
+    config = GPT2Config(
+        n_embd=32, n_layer=2, n_head=4, vocab_size=100, n_positions=64, bos_token_id=0, eos_token_id=0
+    )
     return GPT2LMHeadModel(config).eval()
 
 
 def tiny_distilbert() -> nn.Module:
     torch.manual_seed(0)
-    return DistilBertModel(DistilBertConfig(dim=32, hidden_dim=64, n_layers=2, n_heads=4, vocab_size=100)).eval()
+    return DistilBertModel(
+        DistilBertConfig(dim=32, hidden_dim=64, n_layers=2, n_heads=4, vocab_size=100)
+    ).eval()
 
 
 def tiny_t5() -> nn.Module:
     torch.manual_seed(0)
-    return T5ForConditionalGeneration(T5Config(d_model=32, d_ff=64, num_layers=1, num_heads=4, d_kv=8,
-                                               vocab_size=100)).eval()
+    return T5ForConditionalGeneration(
+        T5Config(d_model=32, d_ff=64, num_layers=1, num_heads=4, d_kv=8, vocab_size=100)
+    ).eval()
 
 
 def run(model: nn.Module) -> torch.Tensor:
@@ -95,7 +112,11 @@ def perturb(model: nn.Module) -> None:
 
 EXPECTED = {
     "bert": {
-        "houlsby": [f"bert.encoder.layer.{i}.{m}" for i in range(2) for m in ("attention.output.dense", "output.dense")],
+        "houlsby": [
+            f"bert.encoder.layer.{i}.{m}"
+            for i in range(2)
+            for m in ("attention.output.dense", "output.dense")
+        ],
         "pfeiffer": [f"bert.encoder.layer.{i}.output.dense" for i in range(2)],
         "parallel": [f"bert.encoder.layer.{i}.output" for i in range(2)],
     },
@@ -110,18 +131,33 @@ EXPECTED = {
         "parallel": [f"transformer.h.{i}.mlp" for i in range(2)],
     },
     "distilbert": {
-        "houlsby": [f"transformer.layer.{i}.{m}" for i in range(2) for m in ("attention.out_lin", "ffn.lin2")],
+        "houlsby": [
+            f"transformer.layer.{i}.{m}" for i in range(2) for m in ("attention.out_lin", "ffn.lin2")
+        ],
         "pfeiffer": [f"transformer.layer.{i}.ffn.lin2" for i in range(2)],
         "parallel": [f"transformer.layer.{i}.ffn" for i in range(2)],
     },
     "t5": {  # self-attention (not cross-attention) and feed-forward, in encoder and decoder
-        "houlsby": ["decoder.block.0.layer.0.SelfAttention.o", "decoder.block.0.layer.2.DenseReluDense.wo",
-                    "encoder.block.0.layer.0.SelfAttention.o", "encoder.block.0.layer.1.DenseReluDense.wo"],
-        "pfeiffer": ["decoder.block.0.layer.2.DenseReluDense.wo", "encoder.block.0.layer.1.DenseReluDense.wo"],
+        "houlsby": [
+            "decoder.block.0.layer.0.SelfAttention.o",
+            "decoder.block.0.layer.2.DenseReluDense.wo",
+            "encoder.block.0.layer.0.SelfAttention.o",
+            "encoder.block.0.layer.1.DenseReluDense.wo",
+        ],
+        "pfeiffer": [
+            "decoder.block.0.layer.2.DenseReluDense.wo",
+            "encoder.block.0.layer.1.DenseReluDense.wo",
+        ],
         "parallel": ["decoder.block.0.layer.2.DenseReluDense", "encoder.block.0.layer.1.DenseReluDense"],
     },
 }
-BUILDERS = {"bert": tiny_bert, "llama": tiny_llama, "gpt2": tiny_gpt2, "distilbert": tiny_distilbert, "t5": tiny_t5}
+BUILDERS = {
+    "bert": tiny_bert,
+    "llama": tiny_llama,
+    "gpt2": tiny_gpt2,
+    "distilbert": tiny_distilbert,
+    "t5": tiny_t5,
+}
 
 
 @pytest.mark.parametrize("placement", ["houlsby", "pfeiffer", "parallel"])
@@ -156,8 +192,9 @@ def test_sequential_adapter_is_a_residual_bottleneck_on_the_layer_output():
     torch.manual_seed(0)
     model, x = nn.Sequential(nn.Linear(8, 12)), torch.randn(5, 8)
     base = model(x).detach()
-    config = BottleneckConfig(placement="pfeiffer", reduction_factor=4, non_linearity="tanh", scaling=0.5,
-                              target_modules=["0"])
+    config = BottleneckConfig(
+        placement="pfeiffer", reduction_factor=4, non_linearity="tanh", scaling=0.5, target_modules=["0"]
+    )
     peftkit.inject(model, config)
     perturb(model)
     adapter = model[0].adapters["default"]
@@ -186,7 +223,9 @@ def test_parallel_adapter_on_bert_joins_the_sum_before_the_layernorm():
     adapter, base = out.adapters["default"], out.base_layer
     hidden, residual = torch.randn(2, 3, 64), torch.randn(2, 3, 32)
     side = 4.0 * adapter.adapter_up(F.gelu(adapter.adapter_down(residual)))
-    expected = base.LayerNorm(base.dense(hidden) + residual + side)  # He et al.: added before the residual's LayerNorm
+    expected = base.LayerNorm(
+        base.dense(hidden) + residual + side
+    )  # He et al.: added before the residual's LayerNorm
     assert torch.allclose(out(hidden, residual), expected, atol=1e-5)
     assert torch.allclose(out(hidden, input_tensor=residual), expected, atol=1e-5)
 
@@ -247,7 +286,9 @@ def test_hooks_on_bert_output_modules_are_removed_with_the_adapter():
 def test_an_adapted_model_deep_copies_after_a_training_forward():
     model = tiny_bert().train()
     peftkit.inject(model, BottleneckConfig(placement="parallel", bottleneck_size=4), "par")
-    seq = BottleneckConfig(target_modules=r".*attention\.output\.dense", bottleneck_size=4, modules_to_save=[])
+    seq = BottleneckConfig(
+        target_modules=r".*attention\.output\.dense", bottleneck_size=4, modules_to_save=[]
+    )
     peftkit.inject(model, seq, "seq")
     perturb(model)
     # "seq" trains, so the inactive "par" adapter's hooks keep activations that belong to a graph
@@ -278,17 +319,28 @@ def test_save_writes_the_documented_config_and_tensor_keys(tmp_path):
     peftkit.save_adapter(model, tmp_path)
     saved = json.loads((tmp_path / "adapter_config.json").read_text())
     assert saved["peft_type"] == "BOTTLENECK" and saved["placement"] == "pfeiffer"
-    assert {k: saved[k] for k in ("reduction_factor", "bottleneck_size", "non_linearity", "scaling", "dropout")} == {
-        "reduction_factor": 8, "bottleneck_size": None, "non_linearity": "silu", "scaling": None, "dropout": 0.0}
+    assert {
+        k: saved[k] for k in ("reduction_factor", "bottleneck_size", "non_linearity", "scaling", "dropout")
+    } == {
+        "reduction_factor": 8,
+        "bottleneck_size": None,
+        "non_linearity": "silu",
+        "scaling": None,
+        "dropout": 0.0,
+    }
     with safe_open(str(tmp_path / "adapter_model.safetensors"), "pt") as handle:
         keys = sorted(handle.keys())
     layer0 = "base_model.model.bert.encoder.layer.0.output.dense"
     assert [k for k in keys if k.startswith(layer0 + ".")] == [
-        f"{layer0}.adapter_down.bias", f"{layer0}.adapter_down.weight",
-        f"{layer0}.adapter_up.bias", f"{layer0}.adapter_up.weight",
+        f"{layer0}.adapter_down.bias",
+        f"{layer0}.adapter_down.weight",
+        f"{layer0}.adapter_up.bias",
+        f"{layer0}.adapter_up.weight",
     ]
     assert len(keys) == 2 * 4 + 2  # two adapted layers, and the classifier copy's weight and bias
-    assert peftkit.AdapterConfig.from_dict(saved) == peftkit.adapter_config(model).replace(inference_mode=True)
+    assert peftkit.AdapterConfig.from_dict(saved) == peftkit.adapter_config(model).replace(
+        inference_mode=True
+    )
 
 
 # -- errors -----------------------------------------------------------------------------------------
@@ -296,16 +348,32 @@ def test_save_writes_the_documented_config_and_tensor_keys(tmp_path):
 
 def test_config_reports_every_problem_at_once():
     with pytest.raises(ConfigError) as err:
-        BottleneckConfig(placement="serial", reduction_factor=0, bottleneck_size=2.5, non_linearity="softmax",
-                         scaling=-1, dropout=1.0, rank_pattern={"x": 1.5})
+        BottleneckConfig(
+            placement="serial",
+            reduction_factor=0,
+            bottleneck_size=2.5,
+            non_linearity="softmax",
+            scaling=-1,
+            dropout=1.0,
+            rank_pattern={"x": 1.5},
+        )
     fields = [p.split(":")[0] for p in err.value.problems]
-    assert fields == ["placement", "reduction_factor", "bottleneck_size", "non_linearity", "scaling", "dropout",
-                      "rank_pattern"]
+    assert fields == [
+        "placement",
+        "reduction_factor",
+        "bottleneck_size",
+        "non_linearity",
+        "scaling",
+        "dropout",
+        "rank_pattern",
+    ]
     assert "one of houlsby, pfeiffer, parallel" in str(err.value)
 
 
 def test_a_bottleneck_of_zero_units_names_the_layer_and_the_fix():
-    with pytest.raises(UnsupportedLayerError, match=r"layers\.0\.mlp\.down_proj.*32 wide.*set bottleneck_size"):
+    with pytest.raises(
+        UnsupportedLayerError, match=r"layers\.0\.mlp\.down_proj.*32 wide.*set bottleneck_size"
+    ):
         peftkit.inject(tiny_llama(), BottleneckConfig(placement="pfeiffer", reduction_factor=64))
 
 
@@ -313,7 +381,9 @@ def test_attention_modules_are_not_blocks():
     with pytest.raises(UnsupportedLayerError, match="cannot adapt.*self_attn.*FeedForwardBlock"):
         peftkit.inject(tiny_llama(), BottleneckConfig(placement="parallel", target_modules=["self_attn"]))
     model = tiny_bert()
-    peftkit.inject(model, BottleneckConfig(placement="parallel", target_modules=r".*layer\.0\.(attention\.self|output)"))
+    peftkit.inject(
+        model, BottleneckConfig(placement="parallel", target_modules=r".*layer\.0\.(attention\.self|output)")
+    )
     assert adapted(model) == ["bert.encoder.layer.0.output"]  # the regex's attention match is skipped
     skipped = peftkit.trainable_summary(model, show=False).skipped
     assert [(n, t) for n, t, _ in skipped] == [("bert.encoder.layer.0.attention.self", "BertSelfAttention")]
@@ -349,13 +419,17 @@ def minilm():
     logging.set_verbosity_error()
     path = minilm_pkg.get_model_path()
     torch.manual_seed(0)
-    return AutoModelForSequenceClassification.from_pretrained(path, num_labels=2).eval(), AutoTokenizer.from_pretrained(path)
+    return AutoModelForSequenceClassification.from_pretrained(
+        path, num_labels=2
+    ).eval(), AutoTokenizer.from_pretrained(path)
 
 
 def test_default_config_on_minilm_adds_the_documented_parameter_count(minilm):
     model = copy.deepcopy(minilm[0])
     peftkit.inject(model, BottleneckConfig())
-    added = sum(p.numel() for _, layer in adapter_layers(model) for p in layer.adapters["default"].parameters())
+    added = sum(
+        p.numel() for _, layer in adapter_layers(model) for p in layer.adapters["default"].parameters()
+    )
     assert len(adapter_layers(model)) == 12
     assert added == 12 * (2 * 384 * 24 + 24 + 384) == 226_080  # d = 384, b = 384 // 16
     assert "226,080" in DOC.read_text()
@@ -396,7 +470,9 @@ def test_minilm_with_a_parallel_adapter_trains_on_rotten_tomatoes_and_round_trip
         optimizer.zero_grad()
         losses.append(loss.item())
     assert sum(losses[-3:]) / 3 < 0.5 * sum(losses[:3]) / 3, losses
-    assert all(layer.adapters["default"].adapter_up.weight.abs().sum() > 0 for _, layer in adapter_layers(model))
+    assert all(
+        layer.adapters["default"].adapter_up.weight.abs().sum() > 0 for _, layer in adapter_layers(model)
+    )
 
     peftkit.save_adapter(model, tmp_path / "adapter")
     reloaded = peftkit.load_adapter(copy.deepcopy(pristine), tmp_path / "adapter")

@@ -32,8 +32,20 @@ from test_fit import (
 
 # dropout on (tiny_bert), accumulation of 2 over 37 examples (a smaller last batch per epoch),
 # warm-up then linear decay, evaluation that draws random numbers, checkpoints at 3, 4, 6, 8, 9, 10
-CONFIG = dict(steps=10, batch_size=4, grad_accum=2, lr=5e-3, warmup_steps=3, schedule="linear", save_every=3,
-              eval_every=4, log_every=1, seed=3, metric="accuracy", greater_is_better=True)
+CONFIG = dict(
+    steps=10,
+    batch_size=4,
+    grad_accum=2,
+    lr=5e-3,
+    warmup_steps=3,
+    schedule="linear",
+    save_every=3,
+    eval_every=4,
+    log_every=1,
+    seed=3,
+    metric="accuracy",
+    greater_is_better=True,
+)
 EXAMPLES = make_examples(37)
 VALIDATION = make_examples(8, seed=5)
 
@@ -53,14 +65,26 @@ class CrashAt:
 
 def _run(run_dir, loss=bert_loss, resume=False, **overrides):
     model = tiny_bert()
-    result = fit(model, EXAMPLES, collate, loss, quiet(**{**CONFIG, **overrides}), evaluate=make_evaluate(VALIDATION),
-                 run_dir=run_dir, resume=resume, log=no_log)
+    result = fit(
+        model,
+        EXAMPLES,
+        collate,
+        loss,
+        quiet(**{**CONFIG, **overrides}),
+        evaluate=make_evaluate(VALIDATION),
+        run_dir=run_dir,
+        resume=resume,
+        log=no_log,
+    )
     return model, result
 
 
 def _events(run_dir):
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return [{k: v for k, v in json.loads(line).items() if k not in ("elapsed", "examples_per_s")} for line in lines]
+    return [
+        {k: v for k, v in json.loads(line).items() if k not in ("elapsed", "examples_per_s")}
+        for line in lines
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -72,8 +96,16 @@ def reference(tmp_path_factory):
 
 
 # micro-batch calls: step s (1-based) runs calls 2s-2 and 2s-1; checkpoints after steps 3, 4, 6, 8, 9
-@pytest.mark.parametrize("call", [6, 9, 13, 19], ids=["right-after-checkpoint-3", "mid-accumulation-after-eval",
-                                                     "mid-accumulation-step-7", "last-micro-batch"])
+@pytest.mark.parametrize(
+    "call",
+    [6, 9, 13, 19],
+    ids=[
+        "right-after-checkpoint-3",
+        "mid-accumulation-after-eval",
+        "mid-accumulation-step-7",
+        "last-micro-batch",
+    ],
+)
 def test_a_run_stopped_anywhere_and_resumed_ends_bit_identical(tmp_path, reference, call):
     ref_dir, ref_weights, ref_result = reference
     with pytest.raises(RuntimeError, match="simulated crash"):
@@ -123,7 +155,14 @@ def test_only_the_last_two_checkpoints_are_kept_and_each_is_complete(tmp_path):
     assert [d.name for d in dirs] == ["step-00000009", "step-00000010"]
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-00000009", "step-00000010"]
     files = {p.name for p in dirs[-1].iterdir()}
-    assert files == {"model.safetensors", "adapter", "optimizer.pt", "scheduler.pt", "rng.pt", "trainer_state.json"}
+    assert files == {
+        "model.safetensors",
+        "adapter",
+        "optimizer.pt",
+        "scheduler.pt",
+        "rng.pt",
+        "trainer_state.json",
+    }
     state = json.loads((dirs[-1] / "trainer_state.json").read_text())
     assert state["step"] == 10 and len(state["losses"]) == 10 and state["status"] == "completed"
     # 10 steps x 2 micro-batches of 4 over 37 examples (10 batches per epoch): epoch 2 begins next
@@ -172,14 +211,25 @@ def test_resume_refuses_without_a_checkpoint_and_with_changed_settings(tmp_path)
     _run(tmp_path, steps=4)
     with pytest.raises(ConfigError) as info:
         _run(tmp_path, steps=4, lr=1e-3, seed=4, resume=True)
-    assert "lr: the run used 0.005, now 0.001" in str(info.value) and "seed: the run used 3, now 4" in str(info.value)
+    assert "lr: the run used 0.005, now 0.001" in str(info.value) and "seed: the run used 3, now 4" in str(
+        info.value
+    )
     with pytest.raises(ConfigError, match="resume=True to continue"):
         _run(tmp_path, steps=4)  # a fresh run into a used run_dir
     with pytest.raises(ConfigError, match="lora_A"):  # a different adapter does not fit the checkpoint
         model = tiny_bert(lora=False)
         peftkit.inject(model, peftkit.make_config("lora", r=2, target_modules=["query", "value"]))
-        fit(model, EXAMPLES, collate, bert_loss, quiet(**{**CONFIG, "steps": 4}), evaluate=make_evaluate(VALIDATION),
-            run_dir=tmp_path, resume=True, log=no_log)
+        fit(
+            model,
+            EXAMPLES,
+            collate,
+            bert_loss,
+            quiet(**{**CONFIG, "steps": 4}),
+            evaluate=make_evaluate(VALIDATION),
+            run_dir=tmp_path,
+            resume=True,
+            log=no_log,
+        )
 
 
 def test_settings_that_do_not_shape_the_weights_may_change_on_resume(tmp_path, reference):
@@ -200,13 +250,22 @@ def test_a_non_finite_loss_stops_with_a_clear_message_and_keeps_the_last_checkpo
     model, result = _run(tmp_path, loss=nan_at_step_5, save_every=2, precision="bf16", max_grad_norm=None)
     assert result.status == "diverged" and not result.ok and result.steps == 4
     message = result.stop_reason
-    for needed in ("non-finite loss", "step 5 of 10", "weights after step 4", "train.lr", "train.precision: fp32",
-                   "train.max_grad_norm: 1.0", "step-00000004"):
+    for needed in (
+        "non-finite loss",
+        "step 5 of 10",
+        "weights after step 4",
+        "train.lr",
+        "train.precision: fp32",
+        "train.max_grad_norm: 1.0",
+        "step-00000004",
+    ):
         assert needed in message, needed
     latest = checkpoint_dirs(tmp_path / "checkpoints")[-1]
     assert latest.name == "step-00000004"
-    assert_bit_identical(load_file(str(latest / "model.safetensors")), {
-        name: t for name, t in peftkit.train.checkpoint.trainable_state(model).items()})
+    assert_bit_identical(
+        load_file(str(latest / "model.safetensors")),
+        {name: t for name, t in peftkit.train.checkpoint.trainable_state(model).items()},
+    )
     assert not (tmp_path / "final").exists()
     assert all(p.grad is None for p in model.parameters())
 
@@ -221,7 +280,10 @@ def test_a_non_finite_gradient_with_a_finite_loss_is_caught_too(tmp_path):
     before = trainable(before_model)
     model, result = _run(tmp_path, loss=nan_gradient)
     assert result.status == "diverged" and "non-finite gradient norm" in result.stop_reason
-    assert "no checkpoint had been written" in result.stop_reason and "stronger gradient clipping" in result.stop_reason
+    assert (
+        "no checkpoint had been written" in result.stop_reason
+        and "stronger gradient clipping" in result.stop_reason
+    )
     assert_bit_identical(trainable(model), before)  # nothing was applied
 
 
@@ -231,16 +293,34 @@ def test_early_stopping_stops_saves_best_and_a_resume_stays_stopped(tmp_path):
     def evaluate(model):
         return {"loss": next(scripted)}
 
-    config = quiet(**{**CONFIG, "metric": "loss", "greater_is_better": False, "eval_every": 2,
-                      "early_stopping_patience": 2})
-    result = fit(tiny_bert(), EXAMPLES, collate, bert_loss, config, evaluate=evaluate, run_dir=tmp_path, log=no_log)
+    config = quiet(
+        **{
+            **CONFIG,
+            "metric": "loss",
+            "greater_is_better": False,
+            "eval_every": 2,
+            "early_stopping_patience": 2,
+        }
+    )
+    result = fit(
+        tiny_bert(), EXAMPLES, collate, bert_loss, config, evaluate=evaluate, run_dir=tmp_path, log=no_log
+    )
     assert result.stopped_early and result.status == "early_stopped" and result.ok
     assert result.steps == 8 and result.best_step == 4 and result.best_metric == 0.4
     assert "did not improve in 2 evaluation(s)" in result.stop_reason
     assert json.loads((tmp_path / "best" / "training_info.json").read_text())["step"] == 4
     assert (tmp_path / "final").is_dir()
-    again = fit(tiny_bert(), EXAMPLES, collate, bert_loss, config, evaluate=evaluate, run_dir=tmp_path, resume=True,
-                log=no_log)
+    again = fit(
+        tiny_bert(),
+        EXAMPLES,
+        collate,
+        bert_loss,
+        config,
+        evaluate=evaluate,
+        run_dir=tmp_path,
+        resume=True,
+        log=no_log,
+    )
     assert again.stopped_early and again.steps == 8 and again.history == result.history
 
 
@@ -268,10 +348,19 @@ def _full_run(run_dir, loss=None, resume=False):
     def default_loss(m, batch):
         return nn.functional.cross_entropy(m(batch[0]), batch[1])
 
-    config = quiet(steps=12, batch_size=8, grad_accum=3, lr=1e-2, warmup_steps=2, save_every=4, seed=1,
-                   weight_decay=0.01)
-    result = fit(model, examples, collate_pairs, loss or default_loss, config, run_dir=run_dir, resume=resume,
-                 log=no_log)
+    config = quiet(
+        steps=12, batch_size=8, grad_accum=3, lr=1e-2, warmup_steps=2, save_every=4, seed=1, weight_decay=0.01
+    )
+    result = fit(
+        model,
+        examples,
+        collate_pairs,
+        loss or default_loss,
+        config,
+        run_dir=run_dir,
+        resume=resume,
+        log=no_log,
+    )
     return model, result, default_loss
 
 
@@ -292,7 +381,8 @@ def test_full_fine_tuning_with_batchnorm_resumes_bit_identical(tmp_path):
     checkpoint = checkpoint_dirs(tmp_path / "run" / "checkpoints")[-1]
     assert not (checkpoint / "adapter").exists()
     assert {"norm.running_mean", "norm.num_batches_tracked", "hidden.weight"} <= set(
-        load_file(str(checkpoint / "model.safetensors")))
+        load_file(str(checkpoint / "model.safetensors"))
+    )
     fresh = _BatchNormNet()
     load_weights(fresh, tmp_path / "run" / "final")
     assert_bit_identical(fresh.state_dict(), model.state_dict())
@@ -316,13 +406,17 @@ def test_rng_state_round_trips_through_a_safe_load(tmp_path):
 def test_resume_is_bit_identical_on_minilm_in_bf16(tmp_path):
     from test_fit import minilm_rotten_tomatoes
 
-    config = quiet(steps=10, batch_size=8, grad_accum=2, lr=2e-3, warmup_steps=3, precision="bf16", save_every=3)
+    config = quiet(
+        steps=10, batch_size=8, grad_accum=2, lr=2e-3, warmup_steps=3, precision="bf16", save_every=3
+    )
 
     def run(run_dir, resume=False, crash_at=None):
         model, train_set, collate_reviews, loss, _ = minilm_rotten_tomatoes()
         if crash_at is not None:
             loss = CrashAt(crash_at)
-        result = fit(model, train_set, collate_reviews, loss, config, run_dir=run_dir, resume=resume, log=no_log)
+        result = fit(
+            model, train_set, collate_reviews, loss, config, run_dir=run_dir, resume=resume, log=no_log
+        )
         return trainable(model), result
 
     reference, ref_result = run(tmp_path / "reference")
@@ -340,7 +434,9 @@ def test_the_log_rewrite_on_resume_is_atomic(tmp_path, monkeypatch):
 
     path = tmp_path / "metrics.jsonl"
     lines = [json.dumps({"event": "train", "step": s, "loss": 1.0 / s}) for s in range(1, 6)]
-    path.write_text("".join(f"{line}\n" for line in lines) + '{"event": "train", "st')  # a line cut by a crash
+    path.write_text(
+        "".join(f"{line}\n" for line in lines) + '{"event": "train", "st'
+    )  # a line cut by a crash
     real_write = type(path).write_text
 
     def crash_mid_write(self, text, *args, **kwargs):

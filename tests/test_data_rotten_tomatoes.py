@@ -55,10 +55,14 @@ def test_reads_a_csv_dropping_plots_and_duplicates(tmp_path):
     with bz2.open(path, "wt", encoding="utf-8", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["category", "text", "movie_name", "has_plot_and_reviews"])
-        writer.writerows([
-            ["fresh", "a delight", "m1", "True"], ["rotten", "a bore", "m1", "True"],
-            ["plot", "a man walks into a bar", "m1", "True"], ["fresh", "a delight", "m2", "False"],
-        ])
+        writer.writerows(
+            [
+                ["fresh", "a delight", "m1", "True"],
+                ["rotten", "a bore", "m1", "True"],
+                ["plot", "a man walks into a bar", "m1", "True"],
+                ["fresh", "a delight", "m2", "False"],
+            ]
+        )
     assert rt.load_examples(path) == [("a bore", 0), ("a delight", 1)]
     train, validation, test = load_splits(path=path, fractions=(0.5, 0.5))
     assert train == [] and sorted(validation + test) == [("a bore", 0), ("a delight", 1)]

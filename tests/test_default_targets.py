@@ -24,21 +24,48 @@ peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 
 VOCAB = 64
-DECODER = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
-               intermediate_size=64)
-ENCODER = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-               max_position_embeddings=64)
+DECODER = dict(
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=8,
+    intermediate_size=64,
+)
+ENCODER = dict(
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    intermediate_size=64,
+    max_position_embeddings=64,
+)
 T5 = dict(d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=4)
-BART = dict(d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4,
-            encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64)
+BART = dict(
+    d_model=32,
+    encoder_layers=2,
+    decoder_layers=2,
+    encoder_attention_heads=4,
+    decoder_attention_heads=4,
+    encoder_ffn_dim=64,
+    decoder_ffn_dim=64,
+    max_position_embeddings=64,
+)
 # Tiny configs (hidden 32, feed-forward 64, 2 layers): every model type here is in neither peftkit's LoRA
 # table nor (for most) any other; intermediate != hidden and head_dim * heads == hidden keep widths apart.
 CONFIGS: dict[str, dict] = {
     "mpnet": ENCODER,
     "electra": dict(ENCODER, embedding_size=16),
     "deberta": ENCODER,
-    "gpt_neo": dict(hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64, max_position_embeddings=64,
-                    attention_types=[[["global", "local"], 1]], bos_token_id=0, eos_token_id=0),
+    "gpt_neo": dict(
+        hidden_size=32,
+        num_layers=2,
+        num_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        attention_types=[[["global", "local"], 1]],
+        bos_token_id=0,
+        eos_token_id=0,
+    ),
     "bloom": dict(hidden_size=32, n_layer=2, n_head=4),
     "falcon": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, ffn_hidden_size=64),
     "phi3": dict(DECODER, max_position_embeddings=64, eos_token_id=0),
@@ -53,7 +80,9 @@ SEQ2SEQ = {"umt5", "mbart"}
 
 @functools.cache
 def _base(model_type: str) -> nn.Module:
-    config = transformers.AutoConfig.for_model(model_type, vocab_size=VOCAB, pad_token_id=0, **CONFIGS[model_type])
+    config = transformers.AutoConfig.for_model(
+        model_type, vocab_size=VOCAB, pad_token_id=0, **CONFIGS[model_type]
+    )
     torch.manual_seed(0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -87,46 +116,94 @@ def pattern(names) -> str:
 # of T5's EncDecAttention are LoRA targets in the reference's own T5 default); "self_attention_output"
 # leaves it out (Houlsby adapters follow the self-attention only).
 FOUND = {
-    "mpnet": {"query": "encoder.layer.N.attention.attn.q", "value": "encoder.layer.N.attention.attn.v",
-              "key": "encoder.layer.N.attention.attn.k", "attention_output": "encoder.layer.N.attention.attn.o",
-              "mlp_up": "encoder.layer.N.intermediate.dense", "mlp_down": "encoder.layer.N.output.dense",
-              "mlp": "encoder.layer.N.output",
-              "norm": "embeddings.LayerNorm, encoder.layer.N.attention.LayerNorm, encoder.layer.N.output.LayerNorm"},
-    "electra": {"query": "encoder.layer.N.attention.self.query", "key": "encoder.layer.N.attention.self.key",
-                "attention_output": "encoder.layer.N.attention.output.dense",
-                "mlp_down": "encoder.layer.N.output.dense", "mlp": "encoder.layer.N.output",
-                # the embedding LayerNorm is embedding_size (16) wide, not hidden: left out
-                "norm": "encoder.layer.N.attention.output.LayerNorm, encoder.layer.N.output.LayerNorm"},
-    "deberta": {"query": "encoder.layer.N.attention.self.in_proj", "value": "encoder.layer.N.attention.self.in_proj",
-                "attention_output": "encoder.layer.N.attention.output.dense",
-                "mlp_down": "encoder.layer.N.output.dense", "mlp": "encoder.layer.N.output"},
-    "gpt_neo": {"query": "h.N.attn.attention.q_proj", "key": "h.N.attn.attention.k_proj",  # registered k, v, q
-                "value": "h.N.attn.attention.v_proj", "attention_output": "h.N.attn.attention.out_proj",
-                "mlp_up": "h.N.mlp.c_fc", "mlp_down": "h.N.mlp.c_proj", "norm": "h.N.ln_1, h.N.ln_2, ln_f"},
-    "bloom": {"query": "h.N.self_attention.query_key_value", "key": "h.N.self_attention.query_key_value",
-              "attention_output": "h.N.self_attention.dense", "mlp_down": "h.N.mlp.dense_4h_to_h", "mlp": "h.N.mlp"},
-    "falcon": {"value": "h.N.self_attention.query_key_value",  # multi-query: 32 + 2 * 8 wide
-               "attention_output": "h.N.self_attention.dense", "mlp_down": "h.N.mlp.dense_4h_to_h"},
-    "phi3": {"query": "layers.N.self_attn.qkv_proj",  # registered after o_proj
-             "attention_output": "layers.N.self_attn.o_proj", "mlp_up": "layers.N.mlp.gate_up_proj",
-             "mlp_down": "layers.N.mlp.down_proj", "mlp": "layers.N.mlp"},
-    "gemma": {"query": "layers.N.self_attn.q_proj", "value": "layers.N.self_attn.v_proj",
-              "mlp_gate": "layers.N.mlp.gate_proj", "mlp_down": "layers.N.mlp.down_proj",
-              "norm": "layers.N.input_layernorm, layers.N.post_attention_layernorm, norm"},
-    "qwen3": {"key": "layers.N.self_attn.k_proj", "mlp_down": "layers.N.mlp.down_proj",
-              # the per-head q_norm / k_norm (head_dim wide) are not among the norms
-              "norm": "layers.N.input_layernorm, layers.N.post_attention_layernorm, norm"},
-    "mixtral": {"query": "layers.N.self_attn.q_proj", "value": "layers.N.self_attn.v_proj",
-                "mlp_down": "", "mlp": "layers.N.mlp", "mlp_output": "layers.N.mlp"},  # experts are 3-D tensors
-    "umt5": {"query": "encoder.block.N.layer.0.SelfAttention.q, decoder.block.N.layer.0.SelfAttention.q, "
-                      "decoder.block.N.layer.1.EncDecAttention.q",
-             "self_attention_output": "encoder.block.N.layer.0.SelfAttention.o, decoder.block.N.layer.0.SelfAttention.o",
-             "mlp_gate": "encoder.block.N.layer.1.DenseReluDense.wi_0, decoder.block.N.layer.2.DenseReluDense.wi_0",
-             "mlp_down": "encoder.block.N.layer.1.DenseReluDense.wo, decoder.block.N.layer.2.DenseReluDense.wo",
-             "mlp": "encoder.block.N.layer.1.DenseReluDense, decoder.block.N.layer.2.DenseReluDense"},
-    "mbart": {"value": "encoder.layers.N.self_attn.v_proj, decoder.layers.N.self_attn.v_proj, "
-                       "decoder.layers.N.encoder_attn.v_proj",
-              "mlp_down": "encoder.layers.N.fc2, decoder.layers.N.fc2", "mlp": ""},  # fc1, fc2 sit in the layer
+    "mpnet": {
+        "query": "encoder.layer.N.attention.attn.q",
+        "value": "encoder.layer.N.attention.attn.v",
+        "key": "encoder.layer.N.attention.attn.k",
+        "attention_output": "encoder.layer.N.attention.attn.o",
+        "mlp_up": "encoder.layer.N.intermediate.dense",
+        "mlp_down": "encoder.layer.N.output.dense",
+        "mlp": "encoder.layer.N.output",
+        "norm": "embeddings.LayerNorm, encoder.layer.N.attention.LayerNorm, encoder.layer.N.output.LayerNorm",
+    },
+    "electra": {
+        "query": "encoder.layer.N.attention.self.query",
+        "key": "encoder.layer.N.attention.self.key",
+        "attention_output": "encoder.layer.N.attention.output.dense",
+        "mlp_down": "encoder.layer.N.output.dense",
+        "mlp": "encoder.layer.N.output",
+        # the embedding LayerNorm is embedding_size (16) wide, not hidden: left out
+        "norm": "encoder.layer.N.attention.output.LayerNorm, encoder.layer.N.output.LayerNorm",
+    },
+    "deberta": {
+        "query": "encoder.layer.N.attention.self.in_proj",
+        "value": "encoder.layer.N.attention.self.in_proj",
+        "attention_output": "encoder.layer.N.attention.output.dense",
+        "mlp_down": "encoder.layer.N.output.dense",
+        "mlp": "encoder.layer.N.output",
+    },
+    "gpt_neo": {
+        "query": "h.N.attn.attention.q_proj",
+        "key": "h.N.attn.attention.k_proj",  # registered k, v, q
+        "value": "h.N.attn.attention.v_proj",
+        "attention_output": "h.N.attn.attention.out_proj",
+        "mlp_up": "h.N.mlp.c_fc",
+        "mlp_down": "h.N.mlp.c_proj",
+        "norm": "h.N.ln_1, h.N.ln_2, ln_f",
+    },
+    "bloom": {
+        "query": "h.N.self_attention.query_key_value",
+        "key": "h.N.self_attention.query_key_value",
+        "attention_output": "h.N.self_attention.dense",
+        "mlp_down": "h.N.mlp.dense_4h_to_h",
+        "mlp": "h.N.mlp",
+    },
+    "falcon": {
+        "value": "h.N.self_attention.query_key_value",  # multi-query: 32 + 2 * 8 wide
+        "attention_output": "h.N.self_attention.dense",
+        "mlp_down": "h.N.mlp.dense_4h_to_h",
+    },
+    "phi3": {
+        "query": "layers.N.self_attn.qkv_proj",  # registered after o_proj
+        "attention_output": "layers.N.self_attn.o_proj",
+        "mlp_up": "layers.N.mlp.gate_up_proj",
+        "mlp_down": "layers.N.mlp.down_proj",
+        "mlp": "layers.N.mlp",
+    },
+    "gemma": {
+        "query": "layers.N.self_attn.q_proj",
+        "value": "layers.N.self_attn.v_proj",
+        "mlp_gate": "layers.N.mlp.gate_proj",
+        "mlp_down": "layers.N.mlp.down_proj",
+        "norm": "layers.N.input_layernorm, layers.N.post_attention_layernorm, norm",
+    },
+    "qwen3": {
+        "key": "layers.N.self_attn.k_proj",
+        "mlp_down": "layers.N.mlp.down_proj",
+        # the per-head q_norm / k_norm (head_dim wide) are not among the norms
+        "norm": "layers.N.input_layernorm, layers.N.post_attention_layernorm, norm",
+    },
+    "mixtral": {
+        "query": "layers.N.self_attn.q_proj",
+        "value": "layers.N.self_attn.v_proj",
+        "mlp_down": "",
+        "mlp": "layers.N.mlp",
+        "mlp_output": "layers.N.mlp",
+    },  # experts are 3-D tensors
+    "umt5": {
+        "query": "encoder.block.N.layer.0.SelfAttention.q, decoder.block.N.layer.0.SelfAttention.q, "
+        "decoder.block.N.layer.1.EncDecAttention.q",
+        "self_attention_output": "encoder.block.N.layer.0.SelfAttention.o, decoder.block.N.layer.0.SelfAttention.o",
+        "mlp_gate": "encoder.block.N.layer.1.DenseReluDense.wi_0, decoder.block.N.layer.2.DenseReluDense.wi_0",
+        "mlp_down": "encoder.block.N.layer.1.DenseReluDense.wo, decoder.block.N.layer.2.DenseReluDense.wo",
+        "mlp": "encoder.block.N.layer.1.DenseReluDense, decoder.block.N.layer.2.DenseReluDense",
+    },
+    "mbart": {
+        "value": "encoder.layers.N.self_attn.v_proj, decoder.layers.N.self_attn.v_proj, "
+        "decoder.layers.N.encoder_attn.v_proj",
+        "mlp_down": "encoder.layers.N.fc2, decoder.layers.N.fc2",
+        "mlp": "",
+    },  # fc1, fc2 sit in the layer
 }
 
 
@@ -141,9 +218,18 @@ def test_the_finder_reads_each_architecture_by_structure(model_type):
 
 # method name -> fields; bitfit's default (every bias) is no role, and a bias-free model has nothing for it
 METHODS = {
-    "lora": {}, "dora": {"use_dora": True}, "loha": {}, "lokr": {}, "vera": {}, "oft": {},
-    "adalora": {"total_step": 10}, "ia3": {}, "ln_tuning": {},
-    "houlsby": {"placement": "houlsby"}, "pfeiffer": {"placement": "pfeiffer"}, "parallel": {"placement": "parallel"},
+    "lora": {},
+    "dora": {"use_dora": True},
+    "loha": {},
+    "lokr": {},
+    "vera": {},
+    "oft": {},
+    "adalora": {"total_step": 10},
+    "ia3": {},
+    "ln_tuning": {},
+    "houlsby": {"placement": "houlsby"},
+    "pfeiffer": {"placement": "pfeiffer"},
+    "parallel": {"placement": "parallel"},
 }
 REFERENCE = {"lora", "dora", "loha", "lokr", "vera", "oft", "adalora", "ia3", "ln_tuning"}
 # parallel adapters need one module holding the feed-forward: BART-style layers have fc1/fc2 loose in
@@ -160,7 +246,9 @@ def _config(method: str):
 def _adapted_by_reference(model: nn.Module) -> set[str]:
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    return {n.removeprefix("base_model.model.") for n, m in model.named_modules() if isinstance(m, BaseTunerLayer)}
+    return {
+        n.removeprefix("base_model.model.") for n, m in model.named_modules() if isinstance(m, BaseTunerLayer)
+    }
 
 
 CASES = [(t, m) for t in CONFIGS for m in METHODS if not (m == "parallel" and t in NO_PARALLEL)]
@@ -196,14 +284,19 @@ def test_a_default_is_saved_resolved_as_the_reference_saves_its_own():
     # a regex default beside layers_to_transform (which the reference refuses together): the names chosen
     layered = peftkit.inject(tiny("electra"), peftkit.make_config("bottleneck", layers_to_transform=[1]))
     assert peftkit.adapter_config(layered).target_modules == [
-        "encoder.layer.1.attention.output.dense", "encoder.layer.1.output.dense"]
+        "encoder.layer.1.attention.output.dense",
+        "encoder.layer.1.output.dense",
+    ]
 
 
 def test_ia3_marks_the_mlp_down_projection_as_feedforward_and_the_reference_agrees(tmp_path):
     base = tiny("mpnet")
     model = peftkit.inject(copy.deepcopy(base), peftkit.make_config("ia3"))
     config = peftkit.adapter_config(model)
-    assert (config.target_modules, config.feedforward_modules) == (["k", "v", "output.dense"], ["output.dense"])
+    assert (config.target_modules, config.feedforward_modules) == (
+        ["k", "v", "output.dense"],
+        ["output.dense"],
+    )
     # ELECTRA's MLP down ends like its attention output (attention.output.dense): no suffix tells them apart
     electra = peftkit.inject(tiny("electra"), peftkit.make_config("ia3"))
     ff = peftkit.adapter_config(electra).feedforward_modules
@@ -211,8 +304,11 @@ def test_ia3_marks_the_mlp_down_projection_as_feedforward_and_the_reference_agre
     assert not re.fullmatch(ff, "encoder.layer.1.attention.output.dense")
     peftkit.save_adapter(electra, tmp_path)
     theirs = peft.PeftModel.from_pretrained(tiny("electra"), tmp_path)
-    feedforward = {n.removeprefix("base_model.model.") for n, m in theirs.named_modules()
-                   if isinstance(m, peft.tuners.ia3.IA3Layer) and m.is_feedforward}
+    feedforward = {
+        n.removeprefix("base_model.model.")
+        for n, m in theirs.named_modules()
+        if isinstance(m, peft.tuners.ia3.IA3Layer) and m.is_feedforward
+    }
     assert feedforward == {"encoder.layer.0.output.dense", "encoder.layer.1.output.dense"}
 
 
@@ -251,8 +347,11 @@ def test_the_experts_block_kind_needs_a_router_and_stacked_expert_weights():
 
 
 def test_parallel_without_a_feed_forward_module_says_why():
-    with pytest.raises(NoTargetMatchedError, match=r"no MLP block found by structure \(the feed-forward layers "
-                                                   r"of encoder.layers.N \(fc1, fc2\) sit in the block itself"):
+    with pytest.raises(
+        NoTargetMatchedError,
+        match=r"no MLP block found by structure \(the feed-forward layers "
+        r"of encoder.layers.N \(fc1, fc2\) sit in the block itself",
+    ):
         peftkit.inject(tiny("mbart"), peftkit.make_config("bottleneck", placement="parallel"))
     with pytest.raises(NoTargetMatchedError, match=r"BOTTLENECK cannot adapt h.0.mlp \(BloomMLP"):
         peftkit.inject(tiny("bloom"), peftkit.make_config("bottleneck", placement="parallel"))
@@ -261,21 +360,35 @@ def test_parallel_without_a_feed_forward_module_says_why():
 # -- the finder agrees with the tables where they exist ----------------------------------------------
 
 TABLE_CONFIGS = {
-    "bert": ENCODER, "roberta": ENCODER, "xlm-roberta": ENCODER, "deberta-v2": ENCODER,
+    "bert": ENCODER,
+    "roberta": ENCODER,
+    "xlm-roberta": ENCODER,
+    "deberta-v2": ENCODER,
     "distilbert": dict(dim=32, n_layers=2, n_heads=4, hidden_dim=64, max_position_embeddings=64),
     "gpt2": dict(n_embd=32, n_layer=2, n_head=4, n_positions=64, bos_token_id=0, eos_token_id=0),
-    "llama": DECODER, "mistral": DECODER, "qwen2": DECODER,
-    "opt": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, ffn_dim=64, word_embed_proj_dim=32,
-                max_position_embeddings=64),
-    "bart": BART, "t5": T5, "mt5": T5,
+    "llama": DECODER,
+    "mistral": DECODER,
+    "qwen2": DECODER,
+    "opt": dict(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        ffn_dim=64,
+        word_embed_proj_dim=32,
+        max_position_embeddings=64,
+    ),
+    "bart": BART,
+    "t5": T5,
+    "mt5": T5,
     "gpt_neox": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64),
     "phi": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64),
 }
 
 
 def _table_model(model_type: str) -> nn.Module:
-    config = transformers.AutoConfig.for_model(model_type, vocab_size=VOCAB, pad_token_id=0,
-                                               **TABLE_CONFIGS[model_type])
+    config = transformers.AutoConfig.for_model(
+        model_type, vocab_size=VOCAB, pad_token_id=0, **TABLE_CONFIGS[model_type]
+    )
     torch.manual_seed(0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -319,8 +432,14 @@ def test_the_structure_gives_the_reference_librarys_own_lora_default(model_type)
 
 
 def test_target_spec_uses_suffixes_when_they_name_exactly_the_modules_else_one_regex():
-    names = ["enc.layer.0.attention.output.dense", "enc.layer.0.output.dense", "enc.layer.0.attention.self.key",
-             "enc.layer.1.attention.output.dense", "enc.layer.1.output.dense", "enc.layer.1.attention.self.key"]
+    names = [
+        "enc.layer.0.attention.output.dense",
+        "enc.layer.0.output.dense",
+        "enc.layer.0.attention.self.key",
+        "enc.layer.1.attention.output.dense",
+        "enc.layer.1.output.dense",
+        "enc.layer.1.attention.self.key",
+    ]
     spec, parts = anatomy.target_spec(names, [[names[2], names[5]]])
     assert (spec, parts) == (["key"], [["key"]])
     spec, parts = anatomy.target_spec(names, [[names[2], names[5]], [names[1], names[4]]])
@@ -367,12 +486,17 @@ def test_a_plain_module_transformer_gets_defaults_by_structure():
     found = anatomy.find(base)
     assert found.stacks == {"blocks": 32}
     assert pattern(found.modules("query")) == "blocks.N.attn.c_attn"
-    assert pattern(found.modules("mlp_down")) == "blocks.N.mlp.2" and pattern(found.modules("mlp")) == "blocks.N.mlp"
+    assert (
+        pattern(found.modules("mlp_down")) == "blocks.N.mlp.2"
+        and pattern(found.modules("mlp")) == "blocks.N.mlp"
+    )
     ids = torch.randint(0, VOCAB, (2, 5))
     for method in METHODS:
         model = peftkit.inject(copy.deepcopy(base), _config(method))
         torch.testing.assert_close(model(ids), base(ids))
-    assert peftkit.adapter_config(peftkit.inject(copy.deepcopy(base), LoraConfig())).target_modules == ["c_attn"]
+    assert peftkit.adapter_config(peftkit.inject(copy.deepcopy(base), LoraConfig())).target_modules == [
+        "c_attn"
+    ]
 
 
 def test_torch_multihead_attention_has_no_adaptable_projection_and_the_error_says_so():
@@ -396,7 +520,9 @@ def test_a_model_with_no_recognisable_structure_is_told_how_to_set_target_module
         if not config.wraps_layers or peft_type == "BITFIT":
             continue
         with pytest.raises(NoTargetMatchedError) as err:
-            peftkit.inject(copy.deepcopy(model), config(**({"total_step": 5} if peft_type == "ADALORA" else {})))
+            peftkit.inject(
+                copy.deepcopy(model), config(**({"total_step": 5} if peft_type == "ADALORA" else {}))
+            )
         message = str(err.value)
         assert "no repeated blocks" in message and "set target_modules, e.g. to 'all-linear'" in message
         assert "['0', '2']" in message and "peftkit inspect" in message

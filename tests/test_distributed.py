@@ -28,7 +28,7 @@ from peftkit.train.fit import _check_world
 from peftkit.train.order import DataPlan, shard
 from peftkit.train.runtime import train_config_problems
 from test_fit import collate, make_evaluate, tiny_bert, trainable
-from test_runner import make_config, reviews_csv, tiny_model_dir  # noqa: F401 (fixtures)
+from test_runner import make_config
 
 CHILD = Path(__file__).with_name("_dist_child.py")
 ROOT = Path(__file__).resolve().parents[1]
@@ -74,7 +74,9 @@ def test_two_ranks_of_batch_b_see_the_examples_of_one_process_of_batch_2b():
     two = DataPlan.for_run(37, 3, 2, 3, None, 2, world_size=2)
     assert one.total_steps == two.total_steps
     for step in range(one.total_steps):
-        assert [a + b for a, b in zip(two.rank_batches(step, 0), two.rank_batches(step, 1))] == one.step_batches(step)
+        assert [
+            a + b for a, b in zip(two.rank_batches(step, 0), two.rank_batches(step, 1))
+        ] == one.step_batches(step)
         assert one.position_after(step) == two.position_after(step)
 
 
@@ -96,13 +98,16 @@ def test_inactive_or_merged_adapters_with_trainable_parameters_are_found():
     # LoRA A and B of query and value in 2 layers, and the classifier's trainable copy (weight, bias)
     assert len(unused) == 10 and all(".default." in name for name in unused)
     peftkit.set_active(model, "default")
-    assert all(".other." in name for name in unused_adapter_parameters(model)) or not unused_adapter_parameters(model)
+    assert all(
+        ".other." in name for name in unused_adapter_parameters(model)
+    ) or not unused_adapter_parameters(model)
 
 
 def test_the_distributed_strategy_is_checked_and_fsdp_refuses_full_fine_tuning():
     assert train_config_problems(TrainConfig(distributed="fsdp")) == []
     assert train_config_problems(TrainConfig(distributed="zero3")) == [
-        "train.distributed: expected one of ddp, fsdp, got 'zero3'"]
+        "train.distributed: expected one of ddp, fsdp, got 'zero3'"
+    ]
     with pytest.raises(ConfigError, match="full fine-tuning.*use train.distributed: ddp"):
         shard_frozen(torch.nn.Linear(2, 2), torch.device("cpu"), World(0, 2))
 
@@ -128,21 +133,31 @@ def test_two_processes_of_batch_b_train_like_one_process_of_batch_2b(main_run):
     _, rank0, _ = main_run
     model = tiny_bert(dropout=0.0)
     config = TrainConfig(**{**DDP_CONFIG, "batch_size": 2 * DDP_CONFIG["batch_size"], "tensorboard": False})
-    single = fit(model, TRAIN, collate, lambda m, b: m(**b).loss, config, evaluate=make_evaluate(VALIDATION),
-                 log=lambda line: None)
+    single = fit(
+        model,
+        TRAIN,
+        collate,
+        lambda m, b: m(**b).loss,
+        config,
+        evaluate=make_evaluate(VALIDATION),
+        log=lambda line: None,
+    )
     final = rank0["ddp"]["final"]
     for name, value in trainable(model).items():
         torch.testing.assert_close(final[name], value, rtol=1e-5, atol=1e-6, msg=name)
     assert rank0["ddp"]["losses"] == pytest.approx(single.losses, rel=1e-5)
     assert [h["step"] for h in rank0["ddp"]["history"]] == [h["step"] for h in single.history] == [2, 4]
-    assert [h["loss"] for h in rank0["ddp"]["history"]] == pytest.approx([h["loss"] for h in single.history], rel=1e-5)
+    assert [h["loss"] for h in rank0["ddp"]["history"]] == pytest.approx(
+        [h["loss"] for h in single.history], rel=1e-5
+    )
 
 
 @pytest.mark.slow
 def test_rank_0_alone_logs_evaluates_and_writes_and_the_adapter_has_no_ddp_prefix(main_run):
     out, rank0, rank1 = main_run
     assert rank1["ddp"]["lines"] == [] and rank0["ddp"]["lines"][0].startswith(
-        "training 4 steps of 3 x 2 examples in each of 2 processes")
+        "training 4 steps of 3 x 2 examples in each of 2 processes"
+    )
     # rank 1 had no evaluate function and its own run_dir: it followed rank 0's evaluations and wrote nothing
     assert rank1["ddp"]["history"] == rank0["ddp"]["history"] and len(rank0["ddp"]["history"]) == 2
     assert not (out / "ddp-rank1-unused").exists()
@@ -181,8 +196,17 @@ def test_an_inactive_trainable_adapter_and_gradient_checkpointing_with_frozen_em
 def test_a_checkpoint_of_2_processes_cannot_be_resumed_by_1(main_run, tmp_path):
     out, _, _ = main_run
     with pytest.raises(ConfigError, match="world_size: the run used 2, now 1"):
-        fit(tiny_bert(dropout=0.0), TRAIN, collate, lambda m, b: m(**b).loss, TrainConfig(**DDP_CONFIG),
-            evaluate=make_evaluate(VALIDATION), run_dir=out / "ddp", resume=True, log=lambda line: None)
+        fit(
+            tiny_bert(dropout=0.0),
+            TRAIN,
+            collate,
+            lambda m, b: m(**b).loss,
+            TrainConfig(**DDP_CONFIG),
+            evaluate=make_evaluate(VALIDATION),
+            run_dir=out / "ddp",
+            resume=True,
+            log=lambda line: None,
+        )
     with pytest.raises(ConfigError, match="has no rng.pt .*resume with the same number of processes"):
         read_checkpoint(out / "ddp" / "checkpoints" / "step-00000004", world_size=1)
 
@@ -199,8 +223,10 @@ def test_a_rank_killed_mid_run_then_resumed_ends_with_the_uninterrupted_adapter(
         resumed = load(out / f"resume-rank{rank}.pt")
         assert resumed["status"] == "completed" and resumed["steps_run"] == CRASH_CONFIG["steps"] - 4
         assert_equal_tensors(resumed["final"], rank0["reference"])  # dropout on: every rank's RNG restored
-    assert load_file(str(out / "crash" / "final" / "adapter_model.safetensors")).keys() == \
-        load_file(str(out / "reference" / "final" / "adapter_model.safetensors")).keys()
+    assert (
+        load_file(str(out / "crash" / "final" / "adapter_model.safetensors")).keys()
+        == load_file(str(out / "reference" / "final" / "adapter_model.safetensors")).keys()
+    )
 
 
 def train_with_nproc_2(config, tmp_path: Path) -> list[str]:
@@ -208,8 +234,14 @@ def train_with_nproc_2(config, tmp_path: Path) -> list[str]:
     path = tmp_path / "run.yaml"
     dump_config(config, path)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
-    done = subprocess.run([sys.executable, "-m", "peftkit", "train", str(path), "--nproc", "2"], env=env,
-                          capture_output=True, text=True, timeout=600, cwd=ROOT)
+    done = subprocess.run(
+        [sys.executable, "-m", "peftkit", "train", str(path), "--nproc", "2"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return done.stdout.splitlines()
 
@@ -222,7 +254,10 @@ def test_peftkit_train_nproc_2_trains_end_to_end(strategy, tiny_model_dir, revie
     lines = train_with_nproc_2(config, tmp_path)
     assert [line for line in lines if line.startswith("done: ")] == [lines[-1]]  # rank 0 alone reports
     assert lines[-1].startswith(f"done: {run_dir} | test ")
-    assert sum(line.startswith("training 6 steps of 8 x 1 examples in each of 2 processes") for line in lines) == 1
+    assert (
+        sum(line.startswith("training 6 steps of 8 x 1 examples in each of 2 processes") for line in lines)
+        == 1
+    )
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["steps"] == 6 and metrics["status"] == "completed"
     assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
@@ -231,11 +266,17 @@ def test_peftkit_train_nproc_2_trains_end_to_end(strategy, tiny_model_dir, revie
 
 
 @pytest.mark.slow
-def test_nproc_2_with_automatic_selection_probes_once_and_starts_every_rank_alike(tiny_model_dir, reviews_csv, tmp_path):  # noqa: F811
+def test_nproc_2_with_automatic_selection_probes_once_and_starts_every_rank_alike(
+    tiny_model_dir, reviews_csv, tmp_path
+):  # noqa: F811
     run_dir = tmp_path / "run"
-    config = make_config(tiny_model_dir, reviews_csv, run_dir,
-                         adapter={"method": "lora", "r": 4, "lora_alpha": 8, "target_modules": "auto"},
-                         select={"budget": 600, "init": "gradient"})
+    config = make_config(
+        tiny_model_dir,
+        reviews_csv,
+        run_dir,
+        adapter={"method": "lora", "r": 4, "lora_alpha": 8, "target_modules": "auto"},
+        select={"budget": 600, "init": "gradient"},
+    )
     lines = train_with_nproc_2(config, tmp_path)
     assert sum(line.startswith("selecting LoRA targets and ranks") for line in lines) == 1  # rank 0 probes
     assert sum("starts along the gradient directions from the probe" in line for line in lines) == 1

@@ -25,14 +25,18 @@ from peftkit.errors import (
 
 
 def _snapshot(model: nn.Module):
-    return {n: type(m) for n, m in model.named_modules()}, {k: v.clone() for k, v in model.state_dict().items()}
+    return {n: type(m) for n, m in model.named_modules()}, {
+        k: v.clone() for k, v in model.state_dict().items()
+    }
 
 
 def _same(model: nn.Module, snap) -> bool:
     types, state = snap
     now = model.state_dict()
-    return {n: type(m) for n, m in model.named_modules()} == types and state.keys() == now.keys() and all(
-        torch.equal(state[k], now[k]) for k in state
+    return (
+        {n: type(m) for n, m in model.named_modules()} == types
+        and state.keys() == now.keys()
+        and all(torch.equal(state[k], now[k]) for k in state)
     )
 
 
@@ -62,14 +66,18 @@ def test_target_matching_nothing_names_the_closest_modules():
 
 def test_modules_to_save_matching_nothing_is_an_error():
     model = _model()
-    with pytest.raises(NoTargetMatchedError, match=r"modules_to_save: target 'nrom' matched 0 modules; closest: 'norm'\."):
+    with pytest.raises(
+        NoTargetMatchedError, match=r"modules_to_save: target 'nrom' matched 0 modules; closest: 'norm'\."
+    ):
         peftkit.inject(model, peftkit.LoraConfig(target_modules=["query"], modules_to_save=["nrom"]))
 
 
 def test_unsupported_layer_type_names_the_supported_types():
     model = _model()
     snap = _snapshot(model)
-    with pytest.raises(UnsupportedLayerError, match=r"0.norm \(LayerNorm.*Supported layer types: torch.nn.Linear"):
+    with pytest.raises(
+        UnsupportedLayerError, match=r"0.norm \(LayerNorm.*Supported layer types: torch.nn.Linear"
+    ):
         peftkit.inject(model, peftkit.LoraConfig(target_modules=["norm", "query"]))
     assert _same(model, snap)
 
@@ -152,7 +160,9 @@ def test_loading_onto_a_differently_shaped_model_names_module_and_shapes(tmp_pat
     other = nn.Sequential(Block(), Block())
     other[1].query = nn.Linear(4, 6)
     snap = _snapshot(other)
-    with pytest.raises(AdapterMismatchError, match=r"1.query: saved \(4, 8\) vs model \(6, 8\) \(lora_B.weight\)"):
+    with pytest.raises(
+        AdapterMismatchError, match=r"1.query: saved \(4, 8\) vs model \(6, 8\) \(lora_B.weight\)"
+    ):
         peftkit.load_adapter(other, path)
     assert _same(other, snap) and peftkit.adapter_names(other) == []
 
@@ -163,7 +173,9 @@ def test_loading_with_missing_keys_lists_them(tmp_path):
     del tensors["base_model.model.1.value.lora_A.weight"]
     save_file(tensors, path / "adapter_model.safetensors")
     model = _model()
-    with pytest.raises(AdapterMismatchError, match=r"1 missing key\(s\) \[base_model.model.1.value.lora_A.weight\]"):
+    with pytest.raises(
+        AdapterMismatchError, match=r"1 missing key\(s\) \[base_model.model.1.value.lora_A.weight\]"
+    ):
         peftkit.load_adapter(model, path)
     with pytest.warns(UserWarning, match="1 missing"):
         peftkit.load_adapter(model, path, strict=False)
@@ -217,7 +229,11 @@ def test_pickle_with_code_is_refused_even_when_allowed(tmp_path):
 def test_fingerprint_mismatch_raises_when_strict_and_warns_otherwise(tmp_path):
     path = _saved(tmp_path)
     tensors = load_file(path / "adapter_model.safetensors")
-    save_file(tensors, path / "adapter_model.safetensors", metadata={"format": "pt", "peftkit.base_fingerprint": "0" * 16})
+    save_file(
+        tensors,
+        path / "adapter_model.safetensors",
+        metadata={"format": "pt", "peftkit.base_fingerprint": "0" * 16},
+    )
     with pytest.raises(AdapterMismatchError, match="different base model"):
         peftkit.load_adapter(_model(), path)
     with pytest.warns(BaseModelMismatchWarning):
@@ -261,7 +277,9 @@ def test_missing_or_corrupt_config(tmp_path):
     (path / "adapter_config.json").write_text("{not json")
     with pytest.raises(AdapterFileError, match="not valid JSON"):
         peftkit.load_adapter(_model(), path)
-    (path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 0, "target_modules": ["query"]}))
+    (path / "adapter_config.json").write_text(
+        json.dumps({"peft_type": "LORA", "r": 0, "target_modules": ["query"]})
+    )
     with pytest.raises(ConfigError, match="r: must be"):
         peftkit.load_adapter(_model(), path)
 

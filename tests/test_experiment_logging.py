@@ -19,7 +19,6 @@ from peftkit.run.config import parse_config
 from peftkit.train import TrainConfig, fit, train_config_problems
 from peftkit.train.experiment_logging import RUN_IDS_NAME, flat_params, mlflow_tracking_uri, reported_to
 from test_fit import bert_loss, collate, make_evaluate, make_examples, no_log, quiet, tiny_bert
-from test_runner import reviews_csv, tiny_model_dir  # noqa: F401 - fixtures
 
 TIMINGS = ("elapsed", "examples_per_s")  # differ between the first try of a step and its redo on resume
 
@@ -38,7 +37,9 @@ def expected_points(run_dir: Path) -> dict[str, dict[int, float]]:
     return points
 
 
-def tiny_fit(run_dir: Path, *, resume: bool = False, fail_at_call: int | None = None, run_config=None, **fields):
+def tiny_fit(
+    run_dir: Path, *, resume: bool = False, fail_at_call: int | None = None, run_config=None, **fields
+):
     """Six steps of a tiny LoRA BERT, logging every step and evaluating every third."""
     calls = {"n": 0}
 
@@ -49,8 +50,18 @@ def tiny_fit(run_dir: Path, *, resume: bool = False, fail_at_call: int | None = 
         return bert_loss(model, batch)
 
     config = quiet(steps=6, batch_size=8, log_every=1, eval_every=3, save_every=2, **fields)
-    return fit(tiny_bert(), make_examples(), collate, loss, config, evaluate=make_evaluate(make_examples(8, seed=3)),
-               run_dir=run_dir, resume=resume, log=no_log, run_config=run_config)
+    return fit(
+        tiny_bert(),
+        make_examples(),
+        collate,
+        loss,
+        config,
+        evaluate=make_evaluate(make_examples(8, seed=3)),
+        run_dir=run_dir,
+        resume=resume,
+        log=no_log,
+        run_config=run_config,
+    )
 
 
 # ------------------------------------------------------------------------------------------ choice
@@ -64,8 +75,10 @@ def test_report_to_null_keeps_the_tensorboard_switch():
 
 
 def test_jsonl_only_writes_no_tensorboard_events(tmp_path):
-    for run_dir, config in [(tmp_path / "listed", quiet(steps=2, batch_size=8, report_to=["jsonl"], tensorboard=True)),
-                            (tmp_path / "switched-off", quiet(steps=2, batch_size=8, tensorboard=False))]:
+    for run_dir, config in [
+        (tmp_path / "listed", quiet(steps=2, batch_size=8, report_to=["jsonl"], tensorboard=True)),
+        (tmp_path / "switched-off", quiet(steps=2, batch_size=8, tensorboard=False)),
+    ]:
         fit(tiny_bert(), make_examples(), collate, bert_loss, config, run_dir=run_dir, log=no_log)
         assert (run_dir / "metrics.jsonl").is_file()
         assert not (run_dir / "tensorboard").exists()
@@ -73,15 +86,34 @@ def test_jsonl_only_writes_no_tensorboard_events(tmp_path):
 
 
 def test_unknown_names_are_config_problems_listing_the_known_ones():
-    with pytest.raises(ConfigError, match=r"train.report_to: unknown 'neptune'; known: tensorboard, wandb, mlflow, jsonl"):
-        fit(tiny_bert(), make_examples(), collate, bert_loss, quiet(steps=1, report_to=["neptune"]), log=no_log)
+    with pytest.raises(
+        ConfigError, match=r"train.report_to: unknown 'neptune'; known: tensorboard, wandb, mlflow, jsonl"
+    ):
+        fit(
+            tiny_bert(),
+            make_examples(),
+            collate,
+            bert_loss,
+            quiet(steps=1, report_to=["neptune"]),
+            log=no_log,
+        )
     assert train_config_problems(TrainConfig(tensorboard=False, report_to=["tensorboard"])) == [
         "train.report_to lists tensorboard but train.tensorboard is false: drop one of the two "
-        "(when report_to is set, it alone decides)"]
-    assert train_config_problems(TrainConfig(report_to="wandb"))[0].startswith("train.report_to: expected a list")
+        "(when report_to is set, it alone decides)"
+    ]
+    assert train_config_problems(TrainConfig(report_to="wandb"))[0].startswith(
+        "train.report_to: expected a list"
+    )
     # a run config takes the list as it is (fit checks the names) and refuses anything but a list
-    minimal = {"task": "text-classification", "model": {"name_or_path": "minilm"}, "data": {"name": "rotten_tomatoes"}}
-    assert parse_config({**minimal, "train": {"report_to": ["wandb", "mlflow"]}}).train.report_to == ["wandb", "mlflow"]
+    minimal = {
+        "task": "text-classification",
+        "model": {"name_or_path": "minilm"},
+        "data": {"name": "rotten_tomatoes"},
+    }
+    assert parse_config({**minimal, "train": {"report_to": ["wandb", "mlflow"]}}).train.report_to == [
+        "wandb",
+        "mlflow",
+    ]
     with pytest.raises(ConfigError, match="train.report_to: expected a list of strings or null"):
         parse_config({**minimal, "train": {"report_to": "wandb"}})
 
@@ -89,15 +121,26 @@ def test_unknown_names_are_config_problems_listing_the_known_ones():
 @pytest.mark.parametrize("library", ["wandb", "mlflow"])
 def test_a_missing_library_names_its_pip_install_and_leaves_no_run_behind(library, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, library, None)  # `import <library>` now raises ImportError
-    with pytest.raises(ConfigError, match=rf"`pip install {library}`, or remove {library} from train.report_to"):
-        fit(tiny_bert(), make_examples(), collate, bert_loss, quiet(steps=1, report_to=[library]), run_dir=tmp_path,
-            log=no_log)
+    with pytest.raises(
+        ConfigError, match=rf"`pip install {library}`, or remove {library} from train.report_to"
+    ):
+        fit(
+            tiny_bert(),
+            make_examples(),
+            collate,
+            bert_loss,
+            quiet(steps=1, report_to=[library]),
+            run_dir=tmp_path,
+            log=no_log,
+        )
     assert not (tmp_path / "metrics.jsonl").exists()  # a corrected rerun is not mistaken for a resume
 
 
 def test_import_peftkit_loads_neither_wandb_nor_mlflow():
-    code = ("import sys, peftkit, peftkit.train.fit, peftkit.run.runner; "
-            "print(sorted({m.split('.')[0] for m in sys.modules} & {'wandb', 'mlflow'}))")
+    code = (
+        "import sys, peftkit, peftkit.train.fit, peftkit.run.runner; "
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'wandb', 'mlflow'}))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
 
@@ -116,8 +159,8 @@ def wandb_records(path: Path):
         if left < 7:  # a block's tail too short for a chunk header is padding
             position += left
             continue
-        _checksum, length, kind = struct.unpack("<IHB", data[position:position + 7])
-        pending += data[position + 7:position + 7 + length]
+        _checksum, length, kind = struct.unpack("<IHB", data[position : position + 7])
+        pending += data[position + 7 : position + 7 + length]
         position += 7 + length
         if kind in (1, 4):  # a full record, or the last chunk of one
             record = wandb_internal_pb2.Record()
@@ -147,20 +190,32 @@ def wandb_run(path: Path) -> tuple[str, str, str, dict, dict[str, dict[int, floa
 
 
 def test_wandb_offline_run_holds_the_metrics_config_and_counts(tmp_path, monkeypatch):
-    for name, value in {"WANDB_MODE": "offline", "WANDB_SILENT": "true", "WANDB_CONFIG_DIR": str(tmp_path / "cfg"),
-                        "WANDB_CACHE_DIR": str(tmp_path / "cache"), "WANDB_DATA_DIR": str(tmp_path / "data")}.items():
+    for name, value in {
+        "WANDB_MODE": "offline",
+        "WANDB_SILENT": "true",
+        "WANDB_CONFIG_DIR": str(tmp_path / "cfg"),
+        "WANDB_CACHE_DIR": str(tmp_path / "cache"),
+        "WANDB_DATA_DIR": str(tmp_path / "data"),
+    }.items():
         monkeypatch.setenv(name, value)
     for name in ("WANDB_DIR", "WANDB_PROJECT", "WANDB_RUN_ID", "WANDB_RESUME"):
         monkeypatch.delenv(name, raising=False)
     run_dir = tmp_path / "my-run"
-    run_config = {"task": "text-classification", "adapter": {"method": "lora", "r": 4},
-                  "train": dataclasses.asdict(TrainConfig(steps=6))}
-    with pytest.raises(RuntimeError, match="simulated crash"):  # during step 6: steps 1-5 logged, checkpoint at 4
+    run_config = {
+        "task": "text-classification",
+        "adapter": {"method": "lora", "r": 4},
+        "train": dataclasses.asdict(TrainConfig(steps=6)),
+    }
+    with pytest.raises(
+        RuntimeError, match="simulated crash"
+    ):  # during step 6: steps 1-5 logged, checkpoint at 4
         tiny_fit(run_dir, fail_at_call=6, report_to=["wandb"], run_config=run_config)
     result = tiny_fit(run_dir, resume=True, report_to=["wandb"], run_config=run_config)
     assert result.ok and not (run_dir / "tensorboard").exists()
 
-    first, second = sorted((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))  # offline: one file per start
+    first, second = sorted(
+        (run_dir / "wandb").glob("offline-run-*/run-*.wandb")
+    )  # offline: one file per start
     stored = json.loads((run_dir / RUN_IDS_NAME).read_text())["wandb"]
     run_id, name, project, config, history = wandb_run(first)
     assert (run_id, name, project) == (stored["id"], "my-run", "peftkit")
@@ -201,7 +256,11 @@ def test_mlflow_run_in_the_run_directory_holds_the_metrics_params_and_counts(tmp
     assert tiny_fit(run_dir, resume=True, report_to=["mlflow", "jsonl"]).ok
     assert (run_dir / "mlruns").is_dir() and not (run_dir / "tensorboard").exists()
     run = client.get_run(run_id)
-    assert (run.info.status, run.data.tags["peftkit.status"], run.info.run_name) == ("FINISHED", "completed", "my-run")
+    assert (run.info.status, run.data.tags["peftkit.status"], run.info.run_name) == (
+        "FINISHED",
+        "completed",
+        "my-run",
+    )
     assert client.get_experiment(run.info.experiment_id).name == "peftkit"
     assert len(client.search_runs([run.info.experiment_id])) == 1  # the resume continued the run
     expected = expected_points(run_dir)
@@ -212,19 +271,38 @@ def test_mlflow_run_in_the_run_directory_holds_the_metrics_params_and_counts(tmp
         if metric.split("/")[1] not in TIMINGS:
             assert {m.step: m.value for m in history} == points, metric
     params = run.data.params
-    assert params["train.lr"] == "0.0002" and params["train.steps"] == "6" and params["train.report_to"] == '["mlflow", "jsonl"]'
+    assert (
+        params["train.lr"] == "0.0002"
+        and params["train.steps"] == "6"
+        and params["train.report_to"] == '["mlflow", "jsonl"]'
+    )
     summary = peftkit.trainable_summary(tiny_bert(), show=False)
-    assert (params["trainable_params"], params["total_params"]) == (str(summary.trainable), str(summary.total))
+    assert (params["trainable_params"], params["total_params"]) == (
+        str(summary.trainable),
+        str(summary.total),
+    )
 
 
-@pytest.mark.skipif(importlib.util.find_spec("sqlalchemy") is not None, reason="the full mlflow opens SQLite stores")
+@pytest.mark.skipif(
+    importlib.util.find_spec("sqlalchemy") is not None, reason="the full mlflow opens SQLite stores"
+)
 def test_mlflow_skinny_without_a_store_says_what_to_set(tmp_path, monkeypatch):
     for name in ("MLFLOW_TRACKING_URI", "MLFLOW_ALLOW_FILE_STORE"):
         monkeypatch.delenv(name, raising=False)
-    with pytest.raises(ConfigError, match=r"cannot open the store sqlite:///.*Set MLFLOW_TRACKING_URI.*"
-                                          r"MLFLOW_ALLOW_FILE_STORE=true.*`pip install mlflow`"):
-        fit(tiny_bert(), make_examples(), collate, bert_loss, quiet(steps=1, report_to=["mlflow"]), run_dir=tmp_path,
-            log=no_log)
+    with pytest.raises(
+        ConfigError,
+        match=r"cannot open the store sqlite:///.*Set MLFLOW_TRACKING_URI.*"
+        r"MLFLOW_ALLOW_FILE_STORE=true.*`pip install mlflow`",
+    ):
+        fit(
+            tiny_bert(),
+            make_examples(),
+            collate,
+            bert_loss,
+            quiet(steps=1, report_to=["mlflow"]),
+            run_dir=tmp_path,
+            log=no_log,
+        )
     assert not (tmp_path / "metrics.jsonl").exists()
 
 
@@ -236,12 +314,23 @@ def test_mlflow_store_and_params_rules(tmp_path, monkeypatch):
     assert mlflow_tracking_uri(tmp_path) == f"sqlite:///{tmp_path.resolve()}/mlflow.db"
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "True")
     assert mlflow_tracking_uri(tmp_path) == (tmp_path.resolve() / "mlruns").as_uri()
-    flat = flat_params({"train": {"lr": 2e-4, "steps": None, "report_to": ["mlflow"]},
-                        "adapter": {"rank_pattern": {".*query": 8}, "target_modules": "all-linear"},
-                        "data": {"split": {"validation": 0.1}}, "note": "x" * 7000})
-    assert flat == {"train.lr": "0.0002", "train.steps": "null", "train.report_to": '["mlflow"]',
-                    "adapter.rank_pattern": '{".*query": 8}', "adapter.target_modules": "all-linear",
-                    "data.split.validation": "0.1", "note": "x" * 6000}
+    flat = flat_params(
+        {
+            "train": {"lr": 2e-4, "steps": None, "report_to": ["mlflow"]},
+            "adapter": {"rank_pattern": {".*query": 8}, "target_modules": "all-linear"},
+            "data": {"split": {"validation": 0.1}},
+            "note": "x" * 7000,
+        }
+    )
+    assert flat == {
+        "train.lr": "0.0002",
+        "train.steps": "null",
+        "train.report_to": '["mlflow"]',
+        "adapter.rank_pattern": '{".*query": 8}',
+        "adapter.target_modules": "all-linear",
+        "data.split.validation": "0.1",
+        "note": "x" * 6000,
+    }
 
 
 def test_peftkit_train_logs_the_whole_run_config(tmp_path, monkeypatch, tiny_model_dir, reviews_csv):  # noqa: F811

@@ -46,7 +46,12 @@ def _layer(kind: str, bias: bool) -> nn.Module:
 def _adapted(kind: str, bias: bool, dropout: float, dora: bool = False) -> nn.Module:
     model = nn.Sequential(_layer(kind, bias))
     config = peftkit.LoraConfig(
-        r=3, lora_alpha=5, target_modules=["0"], lora_dropout=dropout, init_lora_weights=False, use_dora=dora,
+        r=3,
+        lora_alpha=5,
+        target_modules=["0"],
+        lora_dropout=dropout,
+        init_lora_weights=False,
+        use_dora=dora,
         bias="all" if bias or kind == "Conv1D" else "none",  # train the base bias too: its gradient is tested
     )
     peftkit.inject(model, config)
@@ -147,16 +152,25 @@ def _tiny_bert() -> nn.Module:
     from transformers import BertConfig, BertForSequenceClassification
 
     torch.manual_seed(0)
-    config = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=24, max_position_embeddings=16, num_labels=2)
+    config = BertConfig(
+        vocab_size=50,
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=24,
+        max_position_embeddings=16,
+        num_labels=2,
+    )
     return BertForSequenceClassification(config)
 
 
 def test_training_a_model_takes_the_fused_path_and_matches(general):
     """Whole-model check: three AdamW steps of a tiny BERT with LoRA on all linear layers and dropout
     give the same losses and adapter weights either way, and every adapted layer ran fused."""
-    batch = {"input_ids": torch.randint(0, 50, (4, 9), generator=torch.Generator().manual_seed(0)),
-             "labels": torch.tensor([0, 1, 1, 0])}
+    batch = {
+        "input_ids": torch.randint(0, 50, (4, 9), generator=torch.Generator().manual_seed(0)),
+        "labels": torch.tensor([0, 1, 1, 0]),
+    }
 
     def train(model):
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
@@ -170,7 +184,9 @@ def test_training_a_model_takes_the_fused_path_and_matches(general):
             losses.append(loss.item())
         return losses, peftkit.adapter_state_dict(model)
 
-    model = peftkit.inject(_tiny_bert(), peftkit.LoraConfig(r=4, target_modules="all-linear", lora_dropout=0.1))
+    model = peftkit.inject(
+        _tiny_bert(), peftkit.LoraConfig(r=4, target_modules="all-linear", lora_dropout=0.1)
+    )
     layers = sum(1 for m in model.modules() if isinstance(m, peftkit.core.layer.AdapterLayer))
     twin = copy.deepcopy(model)
     before = dict(lora_kernels.calls)
@@ -200,12 +216,17 @@ def test_inference_runs_fused_without_a_graph():
 def _falls_back(model: nn.Module, x: torch.Tensor) -> bool:
     before = dict(lora_kernels.calls)
     y = model(x)
-    return lora_kernels.calls["fused"] == before["fused"] and type(y.grad_fn).__name__ != "LoraLinearFunctionBackward"
+    return (
+        lora_kernels.calls["fused"] == before["fused"]
+        and type(y.grad_fn).__name__ != "LoraLinearFunctionBackward"
+    )
 
 
 def test_general_path_where_fusing_would_change_the_maths():
     x = torch.randn(2, 40)
-    dora = _adapted("Linear", True, 0.1, dora=True)  # DoRA with dropout: the base term needs the dropped input
+    dora = _adapted(
+        "Linear", True, 0.1, dora=True
+    )  # DoRA with dropout: the base term needs the dropped input
     assert _falls_back(dora, x)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert _falls_back(_adapted("Linear", True, 0.0, dora=True), x)
@@ -214,7 +235,10 @@ def test_general_path_where_fusing_would_change_the_maths():
     trained_base[0].base_layer.weight.requires_grad_(True)  # a weight gradient: the fused path has none
     assert _falls_back(trained_base, x)
 
-    half = peftkit.inject(nn.Sequential(_layer("Linear", True)).to(torch.bfloat16), peftkit.LoraConfig(r=2, target_modules=["0"]))
+    half = peftkit.inject(
+        nn.Sequential(_layer("Linear", True)).to(torch.bfloat16),
+        peftkit.LoraConfig(r=2, target_modules=["0"]),
+    )
     assert half[0].adapters["default"].lora_A.weight.dtype == torch.float32  # fp32 adapter over a bf16 base
     assert _falls_back(half, x.to(torch.bfloat16))
 
@@ -246,7 +270,9 @@ def test_inference_paths_agree_with_general(tokens, general):
     weight = model[0].base_layer.weight.detach().clone()
     with torch.no_grad():
         fast = model(x)
-        assert torch.equal(model[0].base_layer.weight, weight)  # the merge is transient: the base is unchanged
+        assert torch.equal(
+            model[0].base_layer.weight, weight
+        )  # the merge is transient: the base is unchanged
         general()
         slow = model(x)
     torch.testing.assert_close(fast, slow, rtol=1e-6, atol=1e-6)
@@ -278,13 +304,17 @@ def test_bf16_base_under_autocast(tokens, general):
 def test_gradient_checkpointing_recomputes_the_same_mask():
     """Under gradient checkpointing the fused forward runs twice; the RNG state is restored for the
     recomputation, so the same dropout mask is drawn and the gradients equal those without it."""
-    batch = {"input_ids": torch.randint(0, 50, (4, 9), generator=torch.Generator().manual_seed(0)),
-             "labels": torch.tensor([0, 1, 1, 0])}
+    batch = {
+        "input_ids": torch.randint(0, 50, (4, 9), generator=torch.Generator().manual_seed(0)),
+        "labels": torch.tensor([0, 1, 1, 0]),
+    }
     grads = []
     for checkpointing in (False, True):
         model = _tiny_bert()
-        peftkit.inject(model, peftkit.LoraConfig(r=4, target_modules="all-linear", lora_dropout=0.2,
-                                                 init_lora_weights=False))
+        peftkit.inject(
+            model,
+            peftkit.LoraConfig(r=4, target_modules="all-linear", lora_dropout=0.2, init_lora_weights=False),
+        )
         if checkpointing:
             model.activation_checkpointing_enable({"use_reentrant": False})
         model.train()

@@ -36,13 +36,25 @@ DOCS = Path(__file__).resolve().parents[1] / "docs" / "training.md"
 def tiny_bert(seed: int = 0, dropout: float = 0.1, lora: bool = True) -> nn.Module:
     """A 2-layer, 32-wide BERT classifier; with LoRA (dropout on) on query/value unless ``lora=False``."""
     seed_everything(seed)
-    config = BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=37, max_position_embeddings=16, num_labels=2,
-                        hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
+    config = BertConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=37,
+        max_position_embeddings=16,
+        num_labels=2,
+        hidden_dropout_prob=dropout,
+        attention_probs_dropout_prob=dropout,
+    )
     model = BertForSequenceClassification(config)
     if lora:
-        peftkit.inject(model, peftkit.make_config("lora", r=4, lora_alpha=8, lora_dropout=dropout,
-                                                  target_modules=["query", "value"]))
+        peftkit.inject(
+            model,
+            peftkit.make_config(
+                "lora", r=4, lora_alpha=8, lora_dropout=dropout, target_modules=["query", "value"]
+            ),
+        )
     return model
 
 
@@ -56,8 +68,10 @@ def make_examples(n: int = 37, seed: int = 1) -> list[dict]:
 
 
 def collate(examples: list[dict]) -> dict[str, torch.Tensor]:
-    return {"input_ids": torch.tensor([e["input_ids"] for e in examples]),
-            "labels": torch.tensor([e["label"] for e in examples])}
+    return {
+        "input_ids": torch.tensor([e["input_ids"] for e in examples]),
+        "labels": torch.tensor([e["label"] for e in examples]),
+    }
 
 
 def bert_loss(model: nn.Module, batch: dict) -> torch.Tensor:
@@ -136,7 +150,7 @@ def test_epochs_count_batches_with_a_smaller_last_one_and_steps_straddle_epochs(
     seen = [i for step in range(plan.total_steps) for batch in plan.step_batches(step) for i in batch]
     assert len(seen) == 30
     for epoch in range(3):
-        assert sorted(seen[10 * epoch:10 * (epoch + 1)]) == list(range(10))  # every example once per epoch
+        assert sorted(seen[10 * epoch : 10 * (epoch + 1)]) == list(range(10))  # every example once per epoch
     assert [len(b) for b in plan.step_batches(1)] == [2, 4]  # epoch 0's last batch, then epoch 1's first
     assert plan.position_after(2) == {"epoch": 1, "batch": 1, "example": 4}
 
@@ -155,7 +169,9 @@ def test_the_data_order_is_a_pure_function_of_seed_and_epoch():
 def test_the_same_seed_repeats_a_run_exactly_and_another_seed_does_not():
     def run(seed):
         model = tiny_bert()
-        result = fit(model, make_examples(), collate, bert_loss, quiet(steps=6, batch_size=4, seed=seed), log=no_log)
+        result = fit(
+            model, make_examples(), collate, bert_loss, quiet(steps=6, batch_size=4, seed=seed), log=no_log
+        )
         return result.losses, trainable(model)
 
     losses_a, state_a = run(1)
@@ -171,9 +187,14 @@ def test_gradient_accumulation_gives_the_loss_and_update_of_one_big_batch():
 
     def run(batch_size, grad_accum):
         model = tiny_bert(dropout=0.0)
-        result = fit(model, examples, collate, bert_loss,
-                     quiet(steps=1, batch_size=batch_size, grad_accum=grad_accum, lr=1e-2, weight_decay=0.1),
-                     log=no_log)
+        result = fit(
+            model,
+            examples,
+            collate,
+            bert_loss,
+            quiet(steps=1, batch_size=batch_size, grad_accum=grad_accum, lr=1e-2, weight_decay=0.1),
+            log=no_log,
+        )
         return result.losses[0], trainable(model)
 
     big_loss, big = run(10, 1)
@@ -220,12 +241,20 @@ def test_lora_plus_gives_b_matrices_the_ratio_and_needs_lora():
     model = tiny_bert()
     groups = param_groups(model, lr=1e-3, weight_decay=0.1, lora_plus_ratio=16)
     rates = {g["name"]: g["lr"] for g in groups}
-    assert rates["lora_plus_B_decay"] == pytest.approx(16e-3) and rates["lora_plus_A_decay"] == pytest.approx(1e-3)
+    assert rates["lora_plus_B_decay"] == pytest.approx(16e-3) and rates["lora_plus_A_decay"] == pytest.approx(
+        1e-3
+    )
     assert all(g["weight_decay"] == 0.0 for g in groups if g["name"].endswith("no_decay"))
     with pytest.raises(ConfigError, match="lora_plus_ratio"):
         param_groups(tiny_bert(lora=False), lr=1e-3, lora_plus_ratio=16)
-    result = fit(model, make_examples(), collate, bert_loss, quiet(steps=2, batch_size=8, lora_plus_ratio=16),
-                 log=no_log)
+    result = fit(
+        model,
+        make_examples(),
+        collate,
+        bert_loss,
+        quiet(steps=2, batch_size=8, lora_plus_ratio=16),
+        log=no_log,
+    )
     assert result.ok
 
 
@@ -238,18 +267,29 @@ def test_bf16_autocasts_the_forward_pass_on_cpu():
         return out.loss
 
     model = tiny_bert()
-    result = fit(model, make_examples(), collate, loss, quiet(steps=2, batch_size=8, precision="bf16"), log=no_log)
+    result = fit(
+        model, make_examples(), collate, loss, quiet(steps=2, batch_size=8, precision="bf16"), log=no_log
+    )
     assert result.ok and seen == [torch.bfloat16] * 2
     assert all(p.dtype == torch.float32 for p in model.parameters())  # weights keep their dtype
 
 
 def _tiny_llama() -> nn.Module:
     seed_everything(0)
-    config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=16,
-                         attention_dropout=0.1)
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=16,
+        attention_dropout=0.1,
+    )
     model = LlamaForCausalLM(config)
-    peftkit.inject(model, peftkit.make_config("lora", r=4, lora_dropout=0.1, target_modules=["q_proj", "v_proj"]))
+    peftkit.inject(
+        model, peftkit.make_config("lora", r=4, lora_dropout=0.1, target_modules=["q_proj", "v_proj"])
+    )
     return model
 
 
@@ -263,7 +303,11 @@ def test_gradient_checkpointing_gives_the_gradients_of_a_plain_backward(build):
     model.train()  # dropout on: checkpointing must replay the same masks
     ids = torch.randint(1, VOCAB, (4, 8), generator=torch.Generator().manual_seed(0))
     bert = isinstance(model, BertForSequenceClassification)
-    batch = {"input_ids": ids, "labels": ids[:, 0] % 2} if bert else {"input_ids": ids, "labels": ids, "use_cache": False}
+    batch = (
+        {"input_ids": ids, "labels": ids[:, 0] % 2}
+        if bert
+        else {"input_ids": ids, "labels": ids, "use_cache": False}
+    )
     embeddings = model.get_input_embeddings()
     assert not embeddings.weight.requires_grad  # frozen embedding: the case reentrant checkpointing breaks
 
@@ -275,7 +319,9 @@ def test_gradient_checkpointing_gives_the_gradients_of_a_plain_backward(build):
 
     plain = gradients()
     # a module inside the first block: its hooks run again when the backward pass recomputes the block
-    inner = next(m for n, m in model.named_modules() if n.endswith(("0.attention.self.key", "0.self_attn.k_proj")))
+    inner = next(
+        m for n, m in model.named_modules() if n.endswith(("0.attention.self.key", "0.self_attn.k_proj"))
+    )
     calls = []
     handle = inner.register_forward_hook(lambda *args: calls.append(1))
     with gradient_checkpointing(model, True):
@@ -293,8 +339,14 @@ def test_fit_with_gradient_checkpointing_matches_fit_without():
     runs = []
     for flag in (False, True):
         model = tiny_bert()
-        result = fit(model, make_examples(), collate, bert_loss,
-                     quiet(steps=4, batch_size=8, gradient_checkpointing=flag), log=no_log)
+        result = fit(
+            model,
+            make_examples(),
+            collate,
+            bert_loss,
+            quiet(steps=4, batch_size=8, gradient_checkpointing=flag),
+            log=no_log,
+        )
         runs.append((result.losses, trainable(model)))
     assert runs[0][0] == pytest.approx(runs[1][0], abs=1e-6)
     for name, tensor in runs[0][1].items():
@@ -303,16 +355,29 @@ def test_fit_with_gradient_checkpointing_matches_fit_without():
 
 def test_gradient_checkpointing_on_a_plain_module_says_what_to_do():
     with pytest.raises(ConfigError, match="torch.utils.checkpoint"):
-        fit(nn.Linear(2, 2), [torch.zeros(2)], torch.stack, lambda m, b: m(b).sum(),
-            quiet(steps=1, gradient_checkpointing=True), log=no_log)
+        fit(
+            nn.Linear(2, 2),
+            [torch.zeros(2)],
+            torch.stack,
+            lambda m, b: m(b).sum(),
+            quiet(steps=1, gradient_checkpointing=True),
+            log=no_log,
+        )
 
 
 def test_evaluation_does_not_disturb_training_randomness():
     def run(with_eval):
         model = tiny_bert()
         evaluate = make_evaluate(make_examples(8, seed=5)) if with_eval else None
-        fit(model, make_examples(), collate, bert_loss, quiet(steps=6, batch_size=4, eval_every=2),
-            evaluate=evaluate, log=no_log)
+        fit(
+            model,
+            make_examples(),
+            collate,
+            bert_loss,
+            quiet(steps=6, batch_size=4, eval_every=2),
+            evaluate=evaluate,
+            log=no_log,
+        )
         return trainable(model)
 
     assert_bit_identical(run(True), run(False))
@@ -325,17 +390,29 @@ def test_evaluation_history_best_checkpoint_and_files(tmp_path):
         return {"accuracy": next(scripted), "loss": 1.0}
 
     model = tiny_bert()
-    config = quiet(steps=6, batch_size=4, eval_every=2, metric="accuracy", greater_is_better=True,
-                   tensorboard=True, log_every=2)
-    result = fit(model, make_examples(), collate, bert_loss, config, evaluate=evaluate, run_dir=tmp_path,
-                 log=no_log)
+    config = quiet(
+        steps=6,
+        batch_size=4,
+        eval_every=2,
+        metric="accuracy",
+        greater_is_better=True,
+        tensorboard=True,
+        log_every=2,
+    )
+    result = fit(
+        model, make_examples(), collate, bert_loss, config, evaluate=evaluate, run_dir=tmp_path, log=no_log
+    )
     assert [h["step"] for h in result.history] == [2, 4, 6]
     assert result.best_metric == 0.9 and result.best_step == 4 and not result.stopped_early
     assert json.loads((tmp_path / "best" / "training_info.json").read_text())["step"] == 4
     assert (tmp_path / "best" / "adapter_model.safetensors").is_file()
     assert (tmp_path / "final" / "adapter_model.safetensors").is_file()
     events = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert [(e["event"], e["step"]) for e in events if e["event"] == "eval"] == [("eval", 2), ("eval", 4), ("eval", 6)]
+    assert [(e["event"], e["step"]) for e in events if e["event"] == "eval"] == [
+        ("eval", 2),
+        ("eval", 4),
+        ("eval", 6),
+    ]
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     accumulator = EventAccumulator(str(tmp_path / "tensorboard"))
@@ -350,17 +427,32 @@ def test_evaluation_history_best_checkpoint_and_files(tmp_path):
 
 def test_a_metric_evaluate_does_not_return_is_named():
     with pytest.raises(ConfigError, match=r"'f1'.*\['accuracy', 'loss'\]"):
-        fit(tiny_bert(), make_examples(), collate, bert_loss, quiet(steps=2, batch_size=8, eval_every=1, metric="f1"),
-            evaluate=make_evaluate(make_examples(4)), log=no_log)
+        fit(
+            tiny_bert(),
+            make_examples(),
+            collate,
+            bert_loss,
+            quiet(steps=2, batch_size=8, eval_every=1, metric="f1"),
+            evaluate=make_evaluate(make_examples(4)),
+            log=no_log,
+        )
 
 
 def test_every_bad_setting_is_reported_at_once():
-    config = quiet(steps=0, batch_size=-1, schedule="step", precision="fp16", warmup_ratio=1.5, device="tpu:x")
+    config = quiet(
+        steps=0, batch_size=-1, schedule="step", precision="fp16", warmup_ratio=1.5, device="tpu:x"
+    )
     with pytest.raises(ConfigError) as info:
         fit(tiny_bert(), make_examples(), collate, bert_loss, config, log=no_log)
     message = str(info.value)
-    for field in ("train.steps", "train.batch_size", "train.schedule", "train.precision", "train.warmup_ratio",
-                  "train.device"):
+    for field in (
+        "train.steps",
+        "train.batch_size",
+        "train.schedule",
+        "train.precision",
+        "train.warmup_ratio",
+        "train.device",
+    ):
         assert field in message
     with pytest.raises(ConfigError, match="evaluate="):
         fit(tiny_bert(), make_examples(), collate, bert_loss, quiet(steps=1, early_stopping_patience=2))
@@ -407,11 +499,16 @@ def test_batches_move_to_the_device_whatever_their_nesting():
     from peftkit.train.runtime import to_device
 
     Pair = namedtuple("Pair", "inputs labels")
-    batch = {"enc": BatchEncoding({"input_ids": torch.ones(2, 3)}), "pair": Pair(torch.ones(2), [torch.zeros(1), "text"]),
-             "n": 3}
+    batch = {
+        "enc": BatchEncoding({"input_ids": torch.ones(2, 3)}),
+        "pair": Pair(torch.ones(2), [torch.zeros(1), "text"]),
+        "n": 3,
+    }
     moved = to_device(batch, torch.device("meta"))
     assert moved["enc"]["input_ids"].is_meta and isinstance(moved["enc"], BatchEncoding)
-    assert isinstance(moved["pair"], Pair) and moved["pair"].inputs.is_meta and moved["pair"].labels[0].is_meta
+    assert (
+        isinstance(moved["pair"], Pair) and moved["pair"].inputs.is_meta and moved["pair"].labels[0].is_meta
+    )
     assert moved["pair"].labels[1] == "text" and moved["n"] == 3
     assert to_device(batch, torch.device("cpu")) is batch
 
@@ -419,17 +516,33 @@ def test_batches_move_to_the_device_whatever_their_nesting():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_fit_on_cuda_moves_model_and_batches():
     model = tiny_bert()
-    result = fit(model, make_examples(), collate, bert_loss, quiet(steps=3, batch_size=8, device="cuda",
-                                                                   precision="bf16"), log=no_log)
+    result = fit(
+        model,
+        make_examples(),
+        collate,
+        bert_loss,
+        quiet(steps=3, batch_size=8, device="cuda", precision="bf16"),
+        log=no_log,
+    )
     assert result.ok and next(model.parameters()).is_cuda and result.peak_memory_mb > 0
 
 
 def test_progress_lines_name_loss_throughput_and_time_left():
     lines = []
-    fit(tiny_bert(), make_examples(), collate, bert_loss, quiet(steps=4, batch_size=4, log_every=2), log=lines.append)
+    fit(
+        tiny_bert(),
+        make_examples(),
+        collate,
+        bert_loss,
+        quiet(steps=4, batch_size=4, log_every=2),
+        log=lines.append,
+    )
     step_lines = [line for line in lines if line.startswith("step ")]
     assert len(step_lines) == 2
-    assert re.search(r"step 2/4 \| epoch 0 \| loss \d\.\d{4} \| lr .* \| [\d.]+ ex/s \| .* elapsed, ~.* left", step_lines[0])
+    assert re.search(
+        r"step 2/4 \| epoch 0 \| loss \d\.\d{4} \| lr .* \| [\d.]+ ex/s \| .* elapsed, ~.* left",
+        step_lines[0],
+    )
     assert lines[-1].startswith("completed all 4 steps")
 
 
@@ -465,16 +578,20 @@ def minilm_rotten_tomatoes(n_validation: int = 100):
     with quiet_transformers():
         model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
     seed_everything(0)
-    peftkit.inject(model, peftkit.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.1, target_modules=["query", "value"]))
+    peftkit.inject(
+        model, peftkit.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.1, target_modules=["query", "value"])
+    )
 
     def collate_reviews(examples):
-        inputs = tokenizer([t for t, _ in examples], padding=True, truncation=True, max_length=48, return_tensors="pt")
+        inputs = tokenizer(
+            [t for t, _ in examples], padding=True, truncation=True, max_length=48, return_tensors="pt"
+        )
         return {**inputs, "labels": torch.tensor([label for _, label in examples])}
 
     def evaluate(model):
         correct = 0
         for i in range(0, n_validation, 50):
-            batch = collate_reviews(validation[i:i + 50])
+            batch = collate_reviews(validation[i : i + 50])
             correct += (model(**batch).logits.argmax(-1) == batch["labels"]).sum().item()
         return {"accuracy": correct / n_validation}
 
@@ -485,9 +602,19 @@ def minilm_rotten_tomatoes(n_validation: int = 100):
 def test_fit_lora_minilm_learns_rotten_tomatoes(tmp_path):
     model, train_set, collate_reviews, loss, evaluate = minilm_rotten_tomatoes()
     before = evaluate(model.eval())["accuracy"]
-    config = quiet(steps=40, batch_size=16, lr=2e-3, warmup_ratio=0.1, eval_every=20, metric="accuracy",
-                   greater_is_better=True, tensorboard=True)
-    result = fit(model, train_set, collate_reviews, loss, config, evaluate=evaluate, run_dir=tmp_path, log=no_log)
+    config = quiet(
+        steps=40,
+        batch_size=16,
+        lr=2e-3,
+        warmup_ratio=0.1,
+        eval_every=20,
+        metric="accuracy",
+        greater_is_better=True,
+        tensorboard=True,
+    )
+    result = fit(
+        model, train_set, collate_reviews, loss, config, evaluate=evaluate, run_dir=tmp_path, log=no_log
+    )
     assert result.ok and [h["step"] for h in result.history] == [20, 40]
     assert result.best_metric > before + 0.1, (before, result.history)  # measured: 0.45 -> 0.62
     reloaded, *_ = minilm_rotten_tomatoes()
@@ -500,13 +627,26 @@ def test_fit_lora_minilm_learns_rotten_tomatoes(tmp_path):
 
 def test_fit_drives_an_adalora_adapter_and_fixes_its_ranks():
     seed_everything(0)
-    config = BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=37, max_position_embeddings=16, num_labels=2)
+    config = BertConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=37,
+        max_position_embeddings=16,
+        num_labels=2,
+    )
     model = BertForSequenceClassification(config)
     # total_step left unset: fit fills in the run's step count
-    peftkit.inject(model, peftkit.AdaLoraConfig(init_r=4, target_r=2, tinit=1, tfinal=2, deltaT=1,
-                                                target_modules=["query", "value"]))
-    result = fit(model, make_examples(), collate, bert_loss, quiet(steps=8, batch_size=8, lr=1e-2), log=no_log)
+    peftkit.inject(
+        model,
+        peftkit.AdaLoraConfig(
+            init_r=4, target_r=2, tinit=1, tfinal=2, deltaT=1, target_modules=["query", "value"]
+        ),
+    )
+    result = fit(
+        model, make_examples(), collate, bert_loss, quiet(steps=8, batch_size=8, lr=1e-2), log=no_log
+    )
     assert result.ok
     final = peftkit.adapter_config(model)
     assert final.total_step == 8

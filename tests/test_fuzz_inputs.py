@@ -36,13 +36,26 @@ from peftkit.train.config import TrainConfig
 FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 SCALARS = st.one_of(
-    st.none(), st.booleans(), st.integers(-(10**12), 10**12), st.floats(allow_nan=True, allow_infinity=True),
-    st.text(max_size=12), st.sampled_from(["", "auto", "lora", "cuda:0", "minilm", "../x", "a/b", "1e-3", "\x00"]),
+    st.none(),
+    st.booleans(),
+    st.integers(-(10**12), 10**12),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=12),
+    st.sampled_from(["", "auto", "lora", "cuda:0", "minilm", "../x", "a/b", "1e-3", "\x00"]),
 )
-VALUES = st.recursive(SCALARS, lambda inner: st.one_of(st.lists(inner, max_size=3),
-                                                       st.dictionaries(st.text(max_size=6), inner, max_size=3)),
-                      max_leaves=8)
-SECTIONS = {"model": schema.ModelConfig, "data": schema.DataConfig, "train": TrainConfig, "eval": schema.EvalConfig}
+VALUES = st.recursive(
+    SCALARS,
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=3), st.dictionaries(st.text(max_size=6), inner, max_size=3)
+    ),
+    max_leaves=8,
+)
+SECTIONS = {
+    "model": schema.ModelConfig,
+    "data": schema.DataConfig,
+    "train": TrainConfig,
+    "eval": schema.EvalConfig,
+}
 
 
 def section(cls: type) -> st.SearchStrategy:
@@ -60,25 +73,49 @@ def adapter_section() -> st.SearchStrategy:
             names = [f.name for f in dataclasses.fields(cls) if f.init]
         except KeyError:
             names = ["r", "target_modules"]
-        return st.dictionaries(st.sampled_from(names), VALUES, max_size=3).map(lambda d: {"method": method, **d})
+        return st.dictionaries(st.sampled_from(names), VALUES, max_size=3).map(
+            lambda d: {"method": method, **d}
+        )
 
-    return st.one_of(st.sampled_from([m.lower() for m in methods] + ["full", "Lora", "nonsense"]).flatmap(fields_of),
-                     VALUES)
+    return st.one_of(
+        st.sampled_from([m.lower() for m in methods] + ["full", "Lora", "nonsense"]).flatmap(fields_of),
+        VALUES,
+    )
 
 
 RUN_CONFIGS = st.fixed_dictionaries(
     {},
-    optional={"task": st.one_of(st.sampled_from(["text-classification", "causal-lm", "nope"]), VALUES),
-              "output_dir": st.one_of(st.just("runs/x"), VALUES),
-              "adapter": adapter_section(),
-              **{name: st.one_of(section(cls), VALUES) for name, cls in SECTIONS.items()}},
+    optional={
+        "task": st.one_of(st.sampled_from(["text-classification", "causal-lm", "nope"]), VALUES),
+        "output_dir": st.one_of(st.just("runs/x"), VALUES),
+        "adapter": adapter_section(),
+        **{name: st.one_of(section(cls), VALUES) for name, cls in SECTIONS.items()},
+    },
 )
-OVERRIDES = st.lists(st.one_of(
-    st.text(max_size=20),
-    st.builds(lambda k, v: f"{k}={v}", st.sampled_from(["train.lr", "train.steps", "adapter.r", "data.split.test",
-                                                        "model", "train", "a.b.c", "train.lr.x", ".", ""]),
-              st.text(max_size=10)),
-), max_size=3)
+OVERRIDES = st.lists(
+    st.one_of(
+        st.text(max_size=20),
+        st.builds(
+            lambda k, v: f"{k}={v}",
+            st.sampled_from(
+                [
+                    "train.lr",
+                    "train.steps",
+                    "adapter.r",
+                    "data.split.test",
+                    "model",
+                    "train",
+                    "a.b.c",
+                    "train.lr.x",
+                    ".",
+                    "",
+                ]
+            ),
+            st.text(max_size=10),
+        ),
+    ),
+    max_size=3,
+)
 
 
 @FUZZ
@@ -97,8 +134,13 @@ def test_any_run_config_is_accepted_or_refused_with_a_config_error(data, overrid
 
 
 @FUZZ
-@given(text=st.one_of(st.text(max_size=80), VALUES.map(lambda v: yaml.safe_dump(v, allow_unicode=True)),
-                      RUN_CONFIGS.map(lambda v: yaml.safe_dump(v, allow_unicode=True))))
+@given(
+    text=st.one_of(
+        st.text(max_size=80),
+        VALUES.map(lambda v: yaml.safe_dump(v, allow_unicode=True)),
+        RUN_CONFIGS.map(lambda v: yaml.safe_dump(v, allow_unicode=True)),
+    )
+)
 @example(text="train: {lr: !!python/object/apply:os.system ['touch pwned']}")
 @example(text="a: &a [*a]")
 @example(text="\t- not yaml: [")
@@ -139,10 +181,41 @@ def run_cli(argv: list[str]) -> tuple[int, str]:
 
 
 TOKENS = st.one_of(
-    st.sampled_from(["train", "eval", "predict", "merge", "inspect", "demo", "--resume", "--split", "validation",
-                     "--batch-size", "0", "-3", "7", "--json", "--task", "--steps", "--lr", "nan", "--targets", "",
-                     "-", "GOOD", "BAD", "DIR", "MISSING", "train.lr=-1", "adapter.r=abc", "train.steps=",
-                     "a.b=1", "=", "adapter.method=nonsense"]),
+    st.sampled_from(
+        [
+            "train",
+            "eval",
+            "predict",
+            "merge",
+            "inspect",
+            "demo",
+            "--resume",
+            "--split",
+            "validation",
+            "--batch-size",
+            "0",
+            "-3",
+            "7",
+            "--json",
+            "--task",
+            "--steps",
+            "--lr",
+            "nan",
+            "--targets",
+            "",
+            "-",
+            "GOOD",
+            "BAD",
+            "DIR",
+            "MISSING",
+            "train.lr=-1",
+            "adapter.r=abc",
+            "train.steps=",
+            "a.b=1",
+            "=",
+            "adapter.method=nonsense",
+        ]
+    ),
     st.text(max_size=10),
 )
 
@@ -150,8 +223,12 @@ TOKENS = st.one_of(
 def test_any_command_line_exits_0_1_or_2_and_never_raises(tmp_path):
     (tmp_path / "good.yaml").write_text(GOOD)
     (tmp_path / "bad.yaml").write_text("train: {lr: [}")
-    paths = {"GOOD": str(tmp_path / "good.yaml"), "BAD": str(tmp_path / "bad.yaml"), "DIR": str(tmp_path),
-             "MISSING": str(tmp_path / "missing.yaml")}
+    paths = {
+        "GOOD": str(tmp_path / "good.yaml"),
+        "BAD": str(tmp_path / "bad.yaml"),
+        "DIR": str(tmp_path),
+        "MISSING": str(tmp_path / "missing.yaml"),
+    }
 
     @FUZZ
     @given(argv=st.lists(TOKENS, max_size=5))
@@ -176,7 +253,9 @@ def test_train_with_any_overrides_is_ok_or_a_config_error_never_a_crash(tmp_path
     @example(overrides=["train.lr=.nan", "adapter.r=1e999"])
     @example(overrides=["adapter={method: lora, r: -1}", "train=[]"])
     def check(overrides):
-        code, err = run_cli(["train", str(tmp_path / "good.yaml"), *[o for o in overrides if not o.startswith("-")]])
+        code, err = run_cli(
+            ["train", str(tmp_path / "good.yaml"), *[o for o in overrides if not o.startswith("-")]]
+        )
         assert code in (cli.EXIT_OK, cli.EXIT_USAGE), (overrides, code, err)
         if code == cli.EXIT_USAGE:
             assert err.startswith("peftkit train: error: ") and err.strip()
@@ -193,7 +272,8 @@ def adapter_configs() -> st.SearchStrategy:
         cls = registry.find_method(method).config_cls
         names = [f.name for f in dataclasses.fields(cls) if f.init] + ["newer_key"]
         return st.dictionaries(st.sampled_from(names), VALUES, max_size=4).map(
-            lambda d: {**d, "peft_type": cls.peft_type})
+            lambda d: {**d, "peft_type": cls.peft_type}
+        )
 
     return st.one_of(st.sampled_from(registry.registered_methods()).flatmap(for_method), VALUES)
 
@@ -219,8 +299,14 @@ def test_any_adapter_config_json_is_read_or_refused_with_a_peftkit_error(tmp_pat
 
 SAFE_TEXT = st.text(st.characters(whitelist_categories=("L", "N"), whitelist_characters=" "), max_size=8)
 GOOD_ROW = st.fixed_dictionaries({"text": SAFE_TEXT.filter(str.strip), "label": st.integers(0, 1)})
-BAD_JSON_LINE = st.one_of(st.just("{"), st.just('{"text": "a", "label": 1'), st.just("[1, 2]"), st.just('"text"'),
-                          st.just("3"), st.text(st.characters(blacklist_categories=("Cs",)), min_size=1, max_size=10))
+BAD_JSON_LINE = st.one_of(
+    st.just("{"),
+    st.just('{"text": "a", "label": 1'),
+    st.just("[1, 2]"),
+    st.just('"text"'),
+    st.just("3"),
+    st.text(st.characters(blacklist_categories=("Cs",)), min_size=1, max_size=10),
+)
 
 
 def _is_object(line: str) -> bool:

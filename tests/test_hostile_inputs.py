@@ -110,7 +110,7 @@ def refused(directory: Path, error: type[BaseException], *phrases: str, **load_o
 
 def _split(raw: bytes) -> tuple[dict, bytes]:
     n = struct.unpack("<Q", raw[:8])[0]
-    return json.loads(raw[8:8 + n]), raw[8 + n:]
+    return json.loads(raw[8 : 8 + n]), raw[8 + n :]
 
 
 def _join(header: dict, data: bytes) -> bytes:
@@ -124,6 +124,7 @@ def with_header(change):
         header, data = _split(raw)
         change(header)
         return _join(header, data)
+
     return rewrite
 
 
@@ -186,6 +187,7 @@ def test_non_finite_values_are_refused_naming_the_keys(good, value):
     def poison(tensors):
         tensors[B_KEY] = tensors[B_KEY].clone()
         tensors[B_KEY][1, 0] = value
+
     _rewrite_tensors(good, poison)
     refused(good, AdapterFileError, "non-finite", B_KEY)
     # strict=False loads what fits, but never a non-finite tensor
@@ -194,8 +196,13 @@ def test_non_finite_values_are_refused_naming_the_keys(good, value):
 
 def test_keys_for_modules_that_do_not_exist_are_refused(good):
     _rewrite_tensors(good, lambda t: t.update({"base_model.model.nowhere.lora_A.weight": torch.zeros(2, 6)}))
-    refused(good, AdapterMismatchError, "1 unexpected key(s)", "base_model.model.nowhere.lora_A.weight",
-            "strict=False")
+    refused(
+        good,
+        AdapterMismatchError,
+        "1 unexpected key(s)",
+        "base_model.model.nowhere.lora_A.weight",
+        "strict=False",
+    )
 
 
 def test_a_missing_key_is_refused(good):
@@ -205,7 +212,9 @@ def test_a_missing_key_is_refused(good):
 
 def test_shapes_that_do_not_match_are_refused_naming_module_and_shapes(good):
     _rewrite_tensors(good, lambda t: t.update({A_KEY: torch.zeros(3, 6), B_KEY: torch.zeros(5, 3)}))
-    refused(good, AdapterMismatchError, "proj: saved (3, 6) vs model (2, 6) (lora_A.weight)", "different rank")
+    refused(
+        good, AdapterMismatchError, "proj: saved (3, 6) vs model (2, 6) (lora_A.weight)", "different rank"
+    )
 
 
 def test_a_weights_path_that_is_not_a_file_is_refused_without_reading_it(good, tmp_path):
@@ -228,7 +237,9 @@ def test_a_symlink_to_a_regular_file_outside_is_followed_as_the_hub_cache_needs(
     shutil.move(good / adapter_io.WEIGHTS_NAME, blob)
     (good / adapter_io.WEIGHTS_NAME).symlink_to(os.path.relpath(blob, good))
     model = peftkit.load_adapter(fresh(), good)
-    assert torch.equal(peftkit.adapter_state_dict(model)[A_KEY], adapter_io.read_adapter_tensors(good)[0][A_KEY])
+    assert torch.equal(
+        peftkit.adapter_state_dict(model)[A_KEY], adapter_io.read_adapter_tensors(good)[0][A_KEY]
+    )
 
 
 # ------------------------------------------------------------------------- adapter_config.json
@@ -267,26 +278,44 @@ def test_an_oversized_config_is_refused_before_it_is_read(good):
     refused(good, AdapterFileError, "more than any adapter config")
 
 
-@pytest.mark.parametrize("change, phrase", [
-    (lambda c: c.pop("peft_type"), "needs peft_type"),
-    (lambda c: c.update(peft_type=7), "got 7"),
-    (lambda c: c.update(peft_type="SUPER_LORA"), "no PEFT method registered as 'SUPER_LORA'"),
-], ids=["missing peft_type", "peft_type not a string", "unknown method"])
+@pytest.mark.parametrize(
+    "change, phrase",
+    [
+        (lambda c: c.pop("peft_type"), "needs peft_type"),
+        (lambda c: c.update(peft_type=7), "got 7"),
+        (lambda c: c.update(peft_type="SUPER_LORA"), "no PEFT method registered as 'SUPER_LORA'"),
+    ],
+    ids=["missing peft_type", "peft_type not a string", "unknown method"],
+)
 def test_a_config_without_a_known_method_is_refused(good, change, phrase):
     _edit_config(good, change)
     refused(good, AdapterFileError, phrase)
 
 
-@pytest.mark.parametrize("change, phrases", [
-    (lambda c: c.update(r=-1), ["r: must be a positive integer, got -1"]),
-    (lambda c: c.update(r="eight"), ["r: must be a positive integer, got 'eight'"]),
-    (lambda c: c.update(lora_dropout=1.5), ["lora_dropout"]),
-    (lambda c: c.update(target_modules=5), ["target_modules: expected a list of names or a regex string"]),
-    (lambda c: c.update(target_modules="(unclosed"), ["not a valid regular expression"]),
-    (lambda c: c.update(r=0, lora_alpha=-2), ["r: must be a positive integer", "lora_alpha"]),
-    (lambda c: c.update(use_qalora=True), ["use_qalora=True is a reference-library feature"]),
-], ids=["negative rank", "rank not a number", "dropout out of range", "targets not a list", "bad regex",
-        "every problem at once", "unimplemented feature switched on"])
+@pytest.mark.parametrize(
+    "change, phrases",
+    [
+        (lambda c: c.update(r=-1), ["r: must be a positive integer, got -1"]),
+        (lambda c: c.update(r="eight"), ["r: must be a positive integer, got 'eight'"]),
+        (lambda c: c.update(lora_dropout=1.5), ["lora_dropout"]),
+        (
+            lambda c: c.update(target_modules=5),
+            ["target_modules: expected a list of names or a regex string"],
+        ),
+        (lambda c: c.update(target_modules="(unclosed"), ["not a valid regular expression"]),
+        (lambda c: c.update(r=0, lora_alpha=-2), ["r: must be a positive integer", "lora_alpha"]),
+        (lambda c: c.update(use_qalora=True), ["use_qalora=True is a reference-library feature"]),
+    ],
+    ids=[
+        "negative rank",
+        "rank not a number",
+        "dropout out of range",
+        "targets not a list",
+        "bad regex",
+        "every problem at once",
+        "unimplemented feature switched on",
+    ],
+)
 def test_values_out_of_range_are_refused_naming_the_file_and_every_field(good, change, phrases):
     _edit_config(good, change)
     refused(good, ConfigError, str(good / adapter_io.CONFIG_NAME), *phrases)
@@ -295,7 +324,9 @@ def test_values_out_of_range_are_refused_naming_the_file_and_every_field(good, c
 def test_keys_from_a_newer_version_warn_and_the_adapter_loads(good):
     _edit_config(good, lambda c: c.update(lora_future_option=True, quantum_rank=3))
     expected = adapter_io.read_adapter_tensors(good)[0]
-    with pytest.warns(UserWarning, match=r"ignoring unknown LORA config keys \['lora_future_option', 'quantum_rank'\]"):
+    with pytest.warns(
+        UserWarning, match=r"ignoring unknown LORA config keys \['lora_future_option', 'quantum_rank'\]"
+    ):
         model = peftkit.load_adapter(fresh(), good)
     assert all(torch.equal(peftkit.adapter_state_dict(model)[k], v) for k, v in expected.items())
 
@@ -334,8 +365,14 @@ def test_paths_in_the_config_never_make_loading_read_outside_the_adapter_directo
     peftkit.load_adapter(fresh(), good)  # warm up: imports open library files
     with OpenedFiles() as opened:
         model = peftkit.load_adapter(fresh(), good)
-    outside = [p for p in opened if not p.startswith(os.path.realpath(good)) and "site-packages" not in p
-               and not p.startswith(sys.prefix) and not p.startswith(sys.base_prefix)]
+    outside = [
+        p
+        for p in opened
+        if not p.startswith(os.path.realpath(good))
+        and "site-packages" not in p
+        and not p.startswith(sys.prefix)
+        and not p.startswith(sys.base_prefix)
+    ]
     assert outside == [], outside
     # the recorded source is a label, kept as written
     assert peftkit.adapter_config(model, "default").base_model_name_or_path == escape
@@ -346,9 +383,16 @@ def test_a_prompt_tuning_config_naming_a_tokenizer_outside_is_not_followed_on_a_
 
     def bert():
         torch.manual_seed(0)
-        return BertForSequenceClassification(BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=1,
-                                                        num_attention_heads=2, intermediate_size=37,
-                                                        max_position_embeddings=16))
+        return BertForSequenceClassification(
+            BertConfig(
+                vocab_size=50,
+                hidden_size=32,
+                num_hidden_layers=1,
+                num_attention_heads=2,
+                intermediate_size=37,
+                max_position_embeddings=16,
+            )
+        )
 
     model = bert()
     peftkit.inject(model, peftkit.make_config("prompt_tuning", num_virtual_tokens=4))
@@ -356,11 +400,19 @@ def test_a_prompt_tuning_config_naming_a_tokenizer_outside_is_not_followed_on_a_
     peftkit.save_adapter(model, directory)
     outside = tmp_path / "elsewhere"
     outside.mkdir()
-    _edit_config(directory, lambda c: c.update(prompt_tuning_init="TEXT", prompt_tuning_init_text="hello",
-                                               tokenizer_name_or_path=os.path.relpath(outside, directory)))
+    _edit_config(
+        directory,
+        lambda c: c.update(
+            prompt_tuning_init="TEXT",
+            prompt_tuning_init_text="hello",
+            tokenizer_name_or_path=os.path.relpath(outside, directory),
+        ),
+    )
     peftkit.load_adapter(bert(), directory)
     with OpenedFiles() as opened:
-        peftkit.load_adapter(bert(), directory)  # is_trainable=False: the init is skipped, the file's tensors used
+        peftkit.load_adapter(
+            bert(), directory
+        )  # is_trainable=False: the init is skipped, the file's tensors used
     assert not [p for p in opened if p.startswith(os.path.realpath(outside))]
 
 
@@ -410,7 +462,9 @@ def test_a_pickle_is_refused_by_default_without_running_it(good, tmp_path):
 def test_allow_pickle_reads_weights_only_and_refuses_the_payload(good, tmp_path):
     marker = tmp_path / "pwned"
     _pickle_adapter(good, marker)
-    error = refused(good, AdapterFileError, "weights_only=True", "Convert it to safetensors", allow_pickle=True)
+    error = refused(
+        good, AdapterFileError, "weights_only=True", "Convert it to safetensors", allow_pickle=True
+    )
     assert not marker.exists()
     assert no_chained_traceback(error)
 
@@ -445,10 +499,14 @@ def test_saving_after_a_module_to_save_was_deleted_is_refused(tmp_path):
     assert not (tmp_path / "a").exists()
 
 
-@pytest.mark.parametrize("tensors, phrase", [
-    ({}, "no tensors at all"),
-    ({A_KEY: torch.zeros(0, 6), B_KEY: torch.zeros(5, 0)}, "only empty tensors (2)"),
-], ids=["no tensors", "only empty tensors"])
+@pytest.mark.parametrize(
+    "tensors, phrase",
+    [
+        ({}, "no tensors at all"),
+        ({A_KEY: torch.zeros(0, 6), B_KEY: torch.zeros(5, 0)}, "only empty tensors (2)"),
+    ],
+    ids=["no tensors", "only empty tensors"],
+)
 def test_saving_an_empty_adapter_is_refused(good, monkeypatch, tensors, phrase):
     # a method bug or a model surgery that leaves nothing to save must not produce a silent no-op file
     monkeypatch.setattr(adapter_io, "adapter_state_dict", lambda *args: tensors)
@@ -461,7 +519,11 @@ def test_saving_an_empty_adapter_is_refused(good, monkeypatch, tensors, phrase):
 
 def test_an_adapter_with_some_empty_tensors_is_saved(good, monkeypatch):
     # AdaLoRA can prune a module to rank 0; the reference library saves and loads those empty tensors
-    tensors = {A_KEY: torch.zeros(0, 6), B_KEY: torch.ones(5, 2), "base_model.model.proj.lora_E": torch.ones(2, 1)}
+    tensors = {
+        A_KEY: torch.zeros(0, 6),
+        B_KEY: torch.ones(5, 2),
+        "base_model.model.proj.lora_E": torch.ones(2, 1),
+    }
     monkeypatch.setattr(adapter_io, "adapter_state_dict", lambda *args: tensors)
     peftkit.save_adapter(trained_adapter(), good)
     saved = adapter_io.read_adapter_tensors(good)[0]

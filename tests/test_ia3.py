@@ -82,7 +82,8 @@ def test_shape_forward_and_merge_match_the_reference_layer(kind, feedforward):
     ours = _ours(copy.deepcopy(base), feedforward, init_ia3_weights=False)
     ff = ["layer"] if feedforward else []
     theirs = peft.get_peft_model(
-        copy.deepcopy(base), peft.IA3Config(target_modules=["layer"], feedforward_modules=ff, fan_in_fan_out=kind == "Conv1D")
+        copy.deepcopy(base),
+        peft.IA3Config(target_modules=["layer"], feedforward_modules=ff, fan_in_fan_out=kind == "Conv1D"),
     )
     their_l = theirs.base_model.model.layer.ia3_l["default"]
     assert their_l.shape == _vector(ours).shape
@@ -164,7 +165,9 @@ def _two_adapters(feedforward: bool) -> tuple[nn.Module, nn.Module, torch.Tensor
     base, x = _tiny("Linear")
     model = _ours(copy.deepcopy(base), feedforward, init_ia3_weights=False)
     ff = ["layer"] if feedforward else []
-    peftkit.inject(model, IA3Config(target_modules=["layer"], feedforward_modules=ff, init_ia3_weights=False), "b")
+    peftkit.inject(
+        model, IA3Config(target_modules=["layer"], feedforward_modules=ff, init_ia3_weights=False), "b"
+    )
     peftkit.set_active(model, ["default", "b"])
     return base, model, x
 
@@ -201,8 +204,11 @@ def test_merging_beside_another_active_adapter_is_refused_and_changes_nothing():
 def test_feedforward_modules_must_be_targets_and_every_problem_is_reported():
     with pytest.raises(ConfigError) as err:
         IA3Config(
-            target_modules=["key", "value"], feedforward_modules=["output.dense"], fan_in_fan_out="yes",
-            rank_pattern={"key": 2}, layers_to_transform=[0],
+            target_modules=["key", "value"],
+            feedforward_modules=["output.dense"],
+            fan_in_fan_out="yes",
+            rank_pattern={"key": 2},
+            layers_to_transform=[0],
         )
     text = str(err.value)
     assert len(err.value.problems) == 4
@@ -232,24 +238,39 @@ def _tiny_transformer(model_type: str) -> nn.Module:
     torch.manual_seed(0)
     small = {"vocab_size": 100}
     if model_type == "bert":
-        cfg = transformers.BertConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, **small)
+        cfg = transformers.BertConfig(
+            hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, **small
+        )
         return transformers.BertForSequenceClassification(cfg)
     if model_type == "llama":
-        cfg = transformers.LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                                       num_key_value_heads=1, **small)
+        cfg = transformers.LlamaConfig(
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            **small,
+        )
         return transformers.LlamaForCausalLM(cfg)
     if model_type == "gpt2":
-        return transformers.GPT2LMHeadModel(transformers.GPT2Config(n_embd=16, n_layer=1, n_head=2, n_positions=32, **small))
+        return transformers.GPT2LMHeadModel(
+            transformers.GPT2Config(n_embd=16, n_layer=1, n_head=2, n_positions=32, **small)
+        )
     cfg = transformers.T5Config(d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2, **small)
     return transformers.T5ForConditionalGeneration(cfg)
 
 
 def _adapted(model: nn.Module) -> dict[str, tuple[bool, tuple[int, ...]]]:
     """Module name -> (feedforward, vector shape), for either library."""
-    ours = {n: (layer.adapters["default"].feedforward, tuple(layer.adapters["default"].ia3_l.shape))
-            for n, layer in adapter_layers(model)}
-    theirs = {n.removeprefix("base_model.model."): (m.is_feedforward, tuple(m.ia3_l["default"].shape))
-              for n, m in model.named_modules() if isinstance(m, peft.tuners.ia3.IA3Layer)}
+    ours = {
+        n: (layer.adapters["default"].feedforward, tuple(layer.adapters["default"].ia3_l.shape))
+        for n, layer in adapter_layers(model)
+    }
+    theirs = {
+        n.removeprefix("base_model.model."): (m.is_feedforward, tuple(m.ia3_l["default"].shape))
+        for n, m in model.named_modules()
+        if isinstance(m, peft.tuners.ia3.IA3Layer)
+    }
     return ours or theirs
 
 
@@ -258,7 +279,9 @@ def test_default_targets_and_feedforward_modules_match_the_reference(model_type,
     base = _tiny_transformer(model_type)
     ours = peftkit.inject(copy.deepcopy(base), IA3Config())
     task = "SEQ_CLS" if model_type == "bert" else None
-    theirs = peft.get_peft_model(copy.deepcopy(base), peft.IA3Config(task_type=task, fan_in_fan_out=model_type == "gpt2"))
+    theirs = peft.get_peft_model(
+        copy.deepcopy(base), peft.IA3Config(task_type=task, fan_in_fan_out=model_type == "gpt2")
+    )
     assert _adapted(ours) == _adapted(theirs)
     assert any(ff for ff, _ in _adapted(ours).values()) and not all(ff for ff, _ in _adapted(ours).values())
     config = peftkit.adapter_config(ours)  # recorded resolved, as the reference saves it
@@ -321,8 +344,11 @@ class _NoWarnings:
     def __exit__(self, *exc):
         self._ctx.__exit__(*exc)
         if exc[0] is None:
-            python = [f"{w.category.__name__}: {w.message}" for w in self.caught
-                      if not issubclass(w.category, DeprecationWarning) and not _known_noise(w)]
+            python = [
+                f"{w.category.__name__}: {w.message}"
+                for w in self.caught
+                if not issubclass(w.category, DeprecationWarning) and not _known_noise(w)
+            ]
             logged = [r.getMessage() for r in self.caplog.records if r.levelno >= logging.WARNING]
             assert not python and not logged, f"warnings: {python + logged}"
         return False
@@ -335,7 +361,9 @@ def minilm():
     transformers.logging.set_verbosity_error()  # the "classifier newly initialised" load report
     try:
         torch.manual_seed(0)
-        model = transformers.AutoModelForSequenceClassification.from_pretrained(gt.get_model_path(), num_labels=2)
+        model = transformers.AutoModelForSequenceClassification.from_pretrained(
+            gt.get_model_path(), num_labels=2
+        )
     finally:
         transformers.logging.set_verbosity(verbosity)
     before = torch.get_num_threads()
@@ -377,7 +405,9 @@ def test_trained_adapter_gives_the_same_outputs_in_both_libraries(minilm, tmp_pa
         with _NoWarnings(caplog):
             theirs = peft.PeftModel.from_pretrained(copy.deepcopy(minilm), tmp_path).eval()
     else:
-        theirs = peft.get_peft_model(copy.deepcopy(minilm), peft.IA3Config(task_type="SEQ_CLS", **copy.deepcopy(TARGETS)))
+        theirs = peft.get_peft_model(
+            copy.deepcopy(minilm), peft.IA3Config(task_type="SEQ_CLS", **copy.deepcopy(TARGETS))
+        )
         _train(theirs, batch)
         theirs.save_pretrained(tmp_path)
         with _NoWarnings(caplog):

@@ -15,7 +15,14 @@ from peftkit.cli import main
 from peftkit.core import registry
 from peftkit.run.inspect import inspect_model
 
-VOCAB = ["<s>", "<pad>", "</s>", "<unk>", "<mask>", "[UNK]"] + "the a film movie was good bad fun dull".split()
+VOCAB = [
+    "<s>",
+    "<pad>",
+    "</s>",
+    "<unk>",
+    "<mask>",
+    "[UNK]",
+] + "the a film movie was good bad fun dull".split()
 LAYER_METHODS = [m.lower() for m in registry.registered_methods() if registry.config_class(m).wraps_layers]
 
 
@@ -28,8 +35,14 @@ def mpnet_dir(tmp_path_factory) -> Path:
     (folder / "vocab.txt").write_text("\n".join(VOCAB) + "\n")
     MPNetTokenizer(vocab_file=str(folder / "vocab.txt")).save_pretrained(folder)
     torch.manual_seed(0)
-    config = MPNetConfig(vocab_size=len(VOCAB), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                         intermediate_size=64, max_position_embeddings=64)
+    config = MPNetConfig(
+        vocab_size=len(VOCAB),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=64,
+    )
     MPNetForMaskedLM(config).save_pretrained(folder)
     return folder
 
@@ -39,12 +52,21 @@ def st_dir(mpnet_dir, tmp_path_factory) -> Path:
     """The same checkpoint as a sentence-transformers model declaring mean pooling (all-mpnet-base-v2's layout)."""
     folder = tmp_path_factory.mktemp("st") / "mpnet"
     shutil.copytree(mpnet_dir, folder)
-    modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
-               {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]
+    modules = [
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+    ]
     (folder / "modules.json").write_text(json.dumps(modules))
     (folder / "1_Pooling").mkdir()
-    (folder / "1_Pooling" / "config.json").write_text(json.dumps(
-        {"word_embedding_dimension": 32, "pooling_mode_mean_tokens": True, "pooling_mode_cls_token": False}))
+    (folder / "1_Pooling" / "config.json").write_text(
+        json.dumps(
+            {
+                "word_embedding_dimension": 32,
+                "pooling_mode_mean_tokens": True,
+                "pooling_mode_cls_token": False,
+            }
+        )
+    )
     return folder
 
 
@@ -68,7 +90,10 @@ def test_a_sentence_transformers_directory_shows_the_classifier_the_task_adds(st
         assert not any(t.startswith("classifier") for t in defaults[method].targets)
     lora = defaults["lora"]
     assert lora.source == "found by structure: attention query, attention value"
-    assert lora.targets == ["mpnet.encoder.layer.N.attention.attn.q", "mpnet.encoder.layer.N.attention.attn.v"]
+    assert lora.targets == [
+        "mpnet.encoder.layer.N.attention.attn.q",
+        "mpnet.encoder.layer.N.attention.attn.v",
+    ]
     assert defaults["ia3"].targets[-1] == "mpnet.encoder.layer.N.output.dense"
     assert "attention query: mpnet.encoder.layer.N.attention.attn.q" in report.structure
 
@@ -80,14 +105,22 @@ def test_the_models_own_classification_head_is_shown_not_priced(mpnet_dir):
     assert [h.name for h in report.head] == ["classifier", "classifier.dense", "classifier.out_proj"]
     _no_zero_matches(report)
     sets = {t.spec: t for t in report.target_sets}
-    assert sets["dense"].modules == 4 and sets["dense"].lora_params is not None  # the encoder's, not the head's
+    assert (
+        sets["dense"].modules == 4 and sets["dense"].lora_params is not None
+    )  # the encoder's, not the head's
 
 
 def test_inspect_says_where_each_default_came_from(mpnet_dir, tmp_path):
     from transformers import BertConfig
 
-    BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-               architectures=["BertModel"]).save_pretrained(tmp_path)
+    BertConfig(
+        vocab_size=50,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        architectures=["BertModel"],
+    ).save_pretrained(tmp_path)
     sources = {d.method: d.source for d in inspect_model(str(tmp_path)).defaults}
     assert sources["lora"] == "reference default for bert"
     assert sources["ln_tuning"] == "peftkit default for bert"

@@ -28,8 +28,17 @@ from peftkit.integrations.sentence_transformers import (  # noqa: E402 - needs s
 os.environ.setdefault("TQDM_DISABLE", "1")
 
 WORDS = "a the cat dog sat on mat ran in park sun is hot rain wet bread eats fresh fish swims sea".split()
-PAIRS = {"anchor": ["a cat sat", "the sun is hot", "a dog ran", "rain is wet", "fish swims", "bread is fresh"],
-         "positive": ["cat on the mat", "hot sun", "dog in the park", "wet rain", "fish in the sea", "fresh bread"]}
+PAIRS = {
+    "anchor": ["a cat sat", "the sun is hot", "a dog ran", "rain is wet", "fish swims", "bread is fresh"],
+    "positive": [
+        "cat on the mat",
+        "hot sun",
+        "dog in the park",
+        "wet rain",
+        "fish in the sea",
+        "fresh bread",
+    ],
+}
 SENTENCES = ["a cat sat on the mat", "the sea is wet", "a dog eats bread"]
 LORA = dict(r=4, lora_alpha=8, target_modules=["query", "value"])
 
@@ -42,8 +51,17 @@ def tiny_dir(tmp_path_factory) -> str:
     root = tmp_path_factory.mktemp("tiny-st")
     (root / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n")
     torch.manual_seed(0)
-    bert = BertModel(BertConfig(vocab_size=5 + len(WORDS), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                intermediate_size=64, max_position_embeddings=64), add_pooling_layer=False)
+    bert = BertModel(
+        BertConfig(
+            vocab_size=5 + len(WORDS),
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=64,
+            max_position_embeddings=64,
+        ),
+        add_pooling_layer=False,
+    )
     bert.save_pretrained(root / "bert")
     BertTokenizerFast(vocab_file=str(root / "vocab.txt")).save_pretrained(root / "bert")
     transformer = Transformer(str(root / "bert"), max_seq_length=32)
@@ -59,14 +77,28 @@ def adapted(path: str) -> st.SentenceTransformer:
 
 
 def training_args(tmp_path, **overrides):
-    fields = dict(output_dir=str(tmp_path / "out"), max_steps=3, per_device_train_batch_size=6, learning_rate=2e-2,
-                  report_to=[], save_strategy="no", logging_steps=1, use_cpu=True, seed=0)
+    fields = dict(
+        output_dir=str(tmp_path / "out"),
+        max_steps=3,
+        per_device_train_batch_size=6,
+        learning_rate=2e-2,
+        report_to=[],
+        save_strategy="no",
+        logging_steps=1,
+        use_cpu=True,
+        seed=0,
+    )
     return st.SentenceTransformerTrainingArguments(**{**fields, **overrides})
 
 
 def train(model, args, trainer_cls=st.SentenceTransformerTrainer, resume: str | None = None, **kwargs):
-    trainer = trainer_cls(model=model, args=args, train_dataset=datasets.Dataset.from_dict(PAIRS),
-                          loss=MultipleNegativesRankingLoss(model), **kwargs)
+    trainer = trainer_cls(
+        model=model,
+        args=args,
+        train_dataset=datasets.Dataset.from_dict(PAIRS),
+        loss=MultipleNegativesRankingLoss(model),
+        **kwargs,
+    )
     trainer.train(resume_from_checkpoint=resume)
     return trainer
 
@@ -100,7 +132,9 @@ def test_lora_trains_with_the_sentence_transformers_trainer_saves_and_reloads(tm
     assert [type(m).__name__ for m in reloaded] == ["Transformer", "Pooling", "Normalize"]
 
 
-def test_the_saved_directory_is_what_sentence_transformers_reads_through_the_reference_library(tmp_path, tiny_dir):
+def test_the_saved_directory_is_what_sentence_transformers_reads_through_the_reference_library(
+    tmp_path, tiny_dir
+):
     pytest.importorskip("peft")
     model = adapted(tiny_dir)
     train(model, training_args(tmp_path, max_steps=2))
@@ -127,19 +161,37 @@ def test_resume_and_best_model_read_the_checkpoint_adapter(tmp_path, tiny_dir):
     uninterrupted one does, and load_best_model_at_end restores the best checkpoint's adapter."""
     steps = dict(max_steps=4, save_strategy="steps", save_steps=2)
     uninterrupted = adapted(tiny_dir)
-    train(uninterrupted, training_args(tmp_path, output_dir=str(tmp_path / "a"), **steps),
-          PeftkitSentenceTransformerTrainer)
+    train(
+        uninterrupted,
+        training_args(tmp_path, output_dir=str(tmp_path / "a"), **steps),
+        PeftkitSentenceTransformerTrainer,
+    )
     resumed = adapted(tiny_dir)
-    train(resumed, training_args(tmp_path, output_dir=str(tmp_path / "b"), **steps), PeftkitSentenceTransformerTrainer,
-          resume=str(tmp_path / "a" / "checkpoint-2"))
+    train(
+        resumed,
+        training_args(tmp_path, output_dir=str(tmp_path / "b"), **steps),
+        PeftkitSentenceTransformerTrainer,
+        resume=str(tmp_path / "a" / "checkpoint-2"),
+    )
     torch.testing.assert_close(embed(resumed), embed(uninterrupted))
 
     # "best" is the highest loss here, so that the best checkpoint (step 2) is not the last one
     best = adapted(tiny_dir)
-    trainer = train(best, training_args(tmp_path, output_dir=str(tmp_path / "c"), eval_strategy="steps", eval_steps=2,
-                                        load_best_model_at_end=True, metric_for_best_model="loss",
-                                        greater_is_better=True, **steps),
-                    PeftkitSentenceTransformerTrainer, eval_dataset=datasets.Dataset.from_dict(PAIRS))
+    trainer = train(
+        best,
+        training_args(
+            tmp_path,
+            output_dir=str(tmp_path / "c"),
+            eval_strategy="steps",
+            eval_steps=2,
+            load_best_model_at_end=True,
+            metric_for_best_model="loss",
+            greater_is_better=True,
+            **steps,
+        ),
+        PeftkitSentenceTransformerTrainer,
+        eval_dataset=datasets.Dataset.from_dict(PAIRS),
+    )
     assert trainer.state.best_model_checkpoint.endswith("checkpoint-2")
     torch.testing.assert_close(embed(best), embed(load(tmp_path / "c" / "checkpoint-2")))
     assert not torch.allclose(embed(best), embed(load(tmp_path / "c" / "checkpoint-4")), atol=1e-5)
@@ -179,7 +231,9 @@ def doc_section(title: str) -> tuple[list[str], list[str]]:
 
     from test_integrations_doc import section
 
-    pairs = re.findall(r"```python\n(.*?)```\s*```\n(.*?)```", section(title), re.S)  # each example, its output
+    pairs = re.findall(
+        r"```python\n(.*?)```\s*```\n(.*?)```", section(title), re.S
+    )  # each example, its output
     return [code for code, _ in pairs], [output for _, output in pairs]
 
 
@@ -197,5 +251,7 @@ def test_the_docs_example_runs_and_prints_what_the_page_shows(tmp_path, monkeypa
         exec(compile(block, "docs/integrations.md", "exec"), {})
     printed = capsys.readouterr().out.splitlines()
     # the saved and the merged directory's files, and the reload check (the scores print as computed)
-    expected = [line for line in shown[0].splitlines() if line.startswith("['") or line.startswith("reloaded")]
+    expected = [
+        line for line in shown[0].splitlines() if line.startswith("['") or line.startswith("reloaded")
+    ]
     assert len(expected) == 3 and set(expected) <= set(printed), printed

@@ -41,12 +41,20 @@ CHILD = Path(__file__).with_name("_trainer_child.py")
 def tiny_bert(seed: int = 0) -> BertForSequenceClassification:
     """The same base weights whatever ``seed`` is; ``seed`` only changes the adapter's random init."""
     torch.manual_seed(0)
-    config = BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=37, max_position_embeddings=16, num_labels=2)
+    config = BertConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=37,
+        max_position_embeddings=16,
+        num_labels=2,
+    )
     model = BertForSequenceClassification(config)
     torch.manual_seed(seed)
-    return peftkit.inject(model, peftkit.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1,
-                                                    target_modules=["query", "value"]))
+    return peftkit.inject(
+        model, peftkit.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, target_modules=["query", "value"])
+    )
 
 
 class Records(torch.utils.data.Dataset):
@@ -63,9 +71,20 @@ class Records(torch.utils.data.Dataset):
 
 
 def arguments(output_dir: Path, **overrides) -> TrainingArguments:
-    options = dict(per_device_train_batch_size=4, per_device_eval_batch_size=8, learning_rate=5e-3, max_steps=6,
-                   save_strategy="steps", save_steps=3, logging_steps=1, report_to="none", use_cpu=True, seed=0,
-                   disable_tqdm=True, dataloader_num_workers=0)
+    options = dict(
+        per_device_train_batch_size=4,
+        per_device_eval_batch_size=8,
+        learning_rate=5e-3,
+        max_steps=6,
+        save_strategy="steps",
+        save_steps=3,
+        logging_steps=1,
+        report_to="none",
+        use_cpu=True,
+        seed=0,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+    )
     return TrainingArguments(output_dir=str(output_dir), **{**options, **overrides})
 
 
@@ -83,7 +102,9 @@ def test_checkpoints_hold_only_the_adapter_and_a_killed_run_resumes_to_the_same_
     # tests/_trainer_child.py: an uninterrupted run, a run SIGKILLed after checkpoint-3, and a new model and
     # trainer resuming it (one interpreter, one thread, so the runs compute alike)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
-    done = subprocess.run([sys.executable, str(CHILD), str(tmp_path)], env=env, capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, str(CHILD), str(tmp_path)], env=env, capture_output=True, text=True
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["killed_by"] == signal.SIGKILL and results["left"] == ["checkpoint-3"]
@@ -93,8 +114,15 @@ def test_checkpoints_hold_only_the_adapter_and_a_killed_run_resumes_to_the_same_
 
     checkpoint = tmp_path / "killed" / "checkpoint-3"
     files = sorted(p.name for p in checkpoint.iterdir())
-    assert {"adapter_config.json", "adapter_model.safetensors", "optimizer.pt", "scheduler.pt", "rng_state.pth",
-            "trainer_state.json", "training_args.bin"} <= set(files), files
+    assert {
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "optimizer.pt",
+        "scheduler.pt",
+        "rng_state.pth",
+        "trainer_state.json",
+        "training_args.bin",
+    } <= set(files), files
     assert not [f for f in files if f.startswith("model") or f == "config.json"], files
     size = (checkpoint / "adapter_model.safetensors").stat().st_size
     base_bytes = sum(p.numel() * p.element_size() for p in tiny_bert().parameters() if not p.requires_grad)
@@ -109,8 +137,10 @@ def test_every_adapter_of_a_checkpoint_is_restored(tmp_path):
     trainer = PeftkitTrainer(model=model, args=arguments(tmp_path, max_steps=3), train_dataset=Records())
     trainer.train()
     assert (tmp_path / "checkpoint-3" / "other" / "adapter_model.safetensors").exists()
-    saved = {name: {k: v.clone() for k, v in peftkit.adapter_state_dict(model, name).items()}
-             for name in ("default", "other")}
+    saved = {
+        name: {k: v.clone() for k, v in peftkit.adapter_state_dict(model, name).items()}
+        for name in ("default", "other")
+    }
     with torch.no_grad():  # the live tensors (the state dict's are views of them) change after the save
         for name in saved:
             for tensor in peftkit.adapter_state_dict(model, name).values():
@@ -128,10 +158,23 @@ def test_load_best_model_at_end_puts_the_best_adapter_into_the_live_model(tmp_pa
         return {"score": next(scores)}
 
     model = tiny_bert()
-    args = arguments(tmp_path, eval_strategy="steps", eval_steps=2, save_steps=2, load_best_model_at_end=True,
-                     metric_for_best_model="score", greater_is_better=True, save_total_limit=2)
-    trainer = PeftkitTrainer(model=model, args=args, train_dataset=Records(), eval_dataset=Records(8, seed=3),
-                             compute_metrics=metrics)
+    args = arguments(
+        tmp_path,
+        eval_strategy="steps",
+        eval_steps=2,
+        save_steps=2,
+        load_best_model_at_end=True,
+        metric_for_best_model="score",
+        greater_is_better=True,
+        save_total_limit=2,
+    )
+    trainer = PeftkitTrainer(
+        model=model,
+        args=args,
+        train_dataset=Records(),
+        eval_dataset=Records(8, seed=3),
+        compute_metrics=metrics,
+    )
     trainer.train()
     assert trainer.state.best_model_checkpoint.endswith("checkpoint-4")
     best = load_file(tmp_path / "checkpoint-4" / "adapter_model.safetensors")
@@ -164,14 +207,21 @@ class TaggerRecords(Records):
 
 def test_evaluation_and_label_names_on_a_model_of_any_class(tmp_path):
     torch.manual_seed(0)
-    model = peftkit.inject(Tagger(), peftkit.LoraConfig(r=4, target_modules=["proj"], modules_to_save=["head"]))
+    model = peftkit.inject(
+        Tagger(), peftkit.LoraConfig(r=4, target_modules=["proj"], modules_to_save=["head"])
+    )
 
     def accuracy(prediction):
         return {"accuracy": float((prediction.predictions.argmax(-1) == prediction.label_ids).mean())}
 
     data = TaggerRecords(16, seed=3)
-    trainer = PeftkitTrainer(model=model, args=arguments(tmp_path, label_names=["target"], max_steps=3),
-                             train_dataset=TaggerRecords(), eval_dataset=data, compute_metrics=accuracy)
+    trainer = PeftkitTrainer(
+        model=model,
+        args=arguments(tmp_path, label_names=["target"], max_steps=3),
+        train_dataset=TaggerRecords(),
+        eval_dataset=data,
+        compute_metrics=accuracy,
+    )
     before = trainer.evaluate()
     trainer.train()
     after = trainer.evaluate()
@@ -179,9 +229,14 @@ def test_evaluation_and_label_names_on_a_model_of_any_class(tmp_path):
     predicted = trainer.predict(data)
     assert torch.equal(torch.as_tensor(predicted.label_ids), data.labels)
 
-    trainer.save_model(tmp_path / "final")  # a plain nn.Module: Trainer alone would write its whole state dict
+    trainer.save_model(
+        tmp_path / "final"
+    )  # a plain nn.Module: Trainer alone would write its whole state dict
     assert sorted(p.name for p in (tmp_path / "final").iterdir()) == [
-        "adapter_config.json", "adapter_model.safetensors", "training_args.bin"]
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "training_args.bin",
+    ]
     torch.manual_seed(0)
     fresh = peftkit.load_adapter(Tagger(), tmp_path / "final").eval()
     with torch.no_grad():
@@ -191,10 +246,14 @@ def test_evaluation_and_label_names_on_a_model_of_any_class(tmp_path):
 def test_label_names_and_remove_unused_columns_work_as_with_a_plain_model(tmp_path):
     datasets = pytest.importorskip("datasets")
     records = Records()
-    table = datasets.Dataset.from_dict({
-        "input_ids": records.ids.tolist(), "labels": records.labels.tolist(),
-        "text": ["unused"] * len(records), "idx": list(range(len(records))),  # idx would break forward()
-    })
+    table = datasets.Dataset.from_dict(
+        {
+            "input_ids": records.ids.tolist(),
+            "labels": records.labels.tolist(),
+            "text": ["unused"] * len(records),
+            "idx": list(range(len(records))),  # idx would break forward()
+        }
+    )
 
     def batch_keys(trainer: Trainer) -> list[str]:
         return sorted(next(iter(trainer.get_train_dataloader())))
@@ -217,11 +276,20 @@ def test_label_names_and_remove_unused_columns_work_as_with_a_plain_model(tmp_pa
 def tiny_vit() -> ViTForImageClassification:
     """``main_input_name`` is ``pixel_values``: transformers enables input grads for ``input_ids`` models only."""
     torch.manual_seed(0)
-    config = ViTConfig(image_size=8, patch_size=4, num_channels=3, hidden_size=32, num_hidden_layers=2,
-                       num_attention_heads=2, intermediate_size=37, num_labels=2)
+    config = ViTConfig(
+        image_size=8,
+        patch_size=4,
+        num_channels=3,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=37,
+        num_labels=2,
+    )
     model = ViTForImageClassification(config)
-    return peftkit.inject(model, peftkit.LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
-                                                    modules_to_save=["classifier"]))
+    return peftkit.inject(
+        model, peftkit.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], modules_to_save=["classifier"])
+    )
 
 
 class Images(torch.utils.data.Dataset):
@@ -239,16 +307,25 @@ class Images(torch.utils.data.Dataset):
 
 @pytest.mark.filterwarnings("ignore:None of the inputs have requires_grad")  # the plain Trainer's run, below
 def test_reentrant_gradient_checkpointing_over_a_frozen_base_trains_every_adapter(tmp_path):
-    reentrant = {"activation_checkpointing": True, "activation_checkpointing_kwargs": {"use_reentrant": True},
-                 "max_steps": 2, "save_strategy": "no"}
+    reentrant = {
+        "activation_checkpointing": True,
+        "activation_checkpointing_kwargs": {"use_reentrant": True},
+        "max_steps": 2,
+        "save_strategy": "no",
+    }
     reference = tiny_vit()
-    PeftkitTrainer(model=reference, args=arguments(tmp_path / "r", max_steps=2, save_strategy="no"),
-                   train_dataset=Images()).train()
+    PeftkitTrainer(
+        model=reference,
+        args=arguments(tmp_path / "r", max_steps=2, save_strategy="no"),
+        train_dataset=Images(),
+    ).train()
 
     model = tiny_vit()
     PeftkitTrainer(model=model, args=arguments(tmp_path / "c", **reentrant), train_dataset=Images()).train()
     b = {k: v for k, v in adapter(model).items() if "lora_B" in k}
-    assert all(v.abs().sum() > 0 for v in b.values()), "an adapter inside a checkpointed block got no gradient"
+    assert all(v.abs().sum() > 0 for v in b.values()), (
+        "an adapter inside a checkpointed block got no gradient"
+    )
     ours, theirs = adapter(model), adapter(reference)
     for key in ours:
         torch.testing.assert_close(ours[key], theirs[key], rtol=1e-5, atol=1e-6)
@@ -266,11 +343,17 @@ def test_the_optimizer_covers_trainable_parameters_in_lora_plus_groups(tmp_path)
     assert {id(p) for g in plain.create_optimizer().param_groups for p in g["params"]} == trainable
 
     model = tiny_bert()
-    trainer = PeftkitTrainer(model=model, args=arguments(tmp_path, weight_decay=0.01, optim="adamw_torch"),
-                             train_dataset=Records(), lora_plus_ratio=16)
+    trainer = PeftkitTrainer(
+        model=model,
+        args=arguments(tmp_path, weight_decay=0.01, optim="adamw_torch"),
+        train_dataset=Records(),
+        lora_plus_ratio=16,
+    )
     groups = {g["name"]: g for g in trainer.create_optimizer().param_groups}
     assert isinstance(trainer.optimizer, torch.optim.AdamW)
-    assert {id(p) for g in groups.values() for p in g["params"]} == {id(p) for p in model.parameters() if p.requires_grad}
+    assert {id(p) for g in groups.values() for p in g["params"]} == {
+        id(p) for p in model.parameters() if p.requires_grad
+    }
     b_ids = {id(layer.adapters["default"].lora_B.weight) for _, layer in adapter_layers(model)}
     assert {id(p) for p in groups["lora_plus_B_decay"]["params"]} == b_ids
     assert groups["lora_plus_B_decay"]["lr"] == pytest.approx(16 * 5e-3)
@@ -285,8 +368,10 @@ def test_models_the_trainer_cannot_train_as_they_are_are_refused(tmp_path):
     bare = BertForSequenceClassification(tiny_bert().config)
     with pytest.raises(AdapterNameError, match="peftkit.inject"):
         PeftkitTrainer(model=bare, args=arguments(tmp_path))
-    adalora = peftkit.inject(BertForSequenceClassification(tiny_bert().config),
-                             peftkit.AdaLoraConfig(target_modules=["query"], total_step=10))
+    adalora = peftkit.inject(
+        BertForSequenceClassification(tiny_bert().config),
+        peftkit.AdaLoraConfig(target_modules=["query"], total_step=10),
+    )
     with pytest.raises(ConfigError, match="training hook"):
         PeftkitTrainer(model=adalora, args=arguments(tmp_path))
     with pytest.raises(ConfigError, match="optimizers= passed one"):
@@ -296,19 +381,26 @@ def test_models_the_trainer_cannot_train_as_they_are_are_refused(tmp_path):
 
 
 def test_model_init_must_build_an_adapted_model(tmp_path):
-    trainer = PeftkitTrainer(model_init=lambda: tiny_bert(), args=arguments(tmp_path, max_steps=1, save_strategy="no"),
-                             train_dataset=Records())
+    trainer = PeftkitTrainer(
+        model_init=lambda: tiny_bert(),
+        args=arguments(tmp_path, max_steps=1, save_strategy="no"),
+        train_dataset=Records(),
+    )
     trainer.train()
     assert peftkit.adapter_names(trainer.model) == ["default"]
     with pytest.raises(AdapterNameError, match="peftkit.inject"):  # Trainer calls model_init at once
-        PeftkitTrainer(model_init=lambda: BertForSequenceClassification(tiny_bert().config),
-                       args=arguments(tmp_path, max_steps=1), train_dataset=Records())
+        PeftkitTrainer(
+            model_init=lambda: BertForSequenceClassification(tiny_bert().config),
+            args=arguments(tmp_path, max_steps=1),
+            train_dataset=Records(),
+        )
 
 
 def test_the_final_save_loads_in_the_reference_library(tmp_path):
     model = tiny_bert()
-    trainer = PeftkitTrainer(model=model, args=arguments(tmp_path, max_steps=3, save_strategy="no"),
-                             train_dataset=Records())
+    trainer = PeftkitTrainer(
+        model=model, args=arguments(tmp_path, max_steps=3, save_strategy="no"), train_dataset=Records()
+    )
     trainer.train()
     trainer.save_model(tmp_path / "final")
     assert not os.path.exists(tmp_path / "final" / "model.safetensors")
@@ -317,5 +409,6 @@ def test_the_final_save_loads_in_the_reference_library(tmp_path):
     base = BertForSequenceClassification(model.config)
     theirs = peft.PeftModel.from_pretrained(base, tmp_path / "final").eval()
     with torch.no_grad():
-        torch.testing.assert_close(theirs(input_ids=ids).logits, model.eval()(input_ids=ids).logits,
-                                   rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(
+            theirs(input_ids=ids).logits, model.eval()(input_ids=ids).logits, rtol=1e-5, atol=1e-6
+        )

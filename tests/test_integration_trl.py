@@ -31,12 +31,18 @@ from test_task_causal_lm import char_tokenizer, tiny_llama  # noqa: E402
 os.environ.setdefault("TQDM_DISABLE", "1")
 
 LORA = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
-SFT_ROWS = [{"prompt": "cat", "completion": " chat"}, {"prompt": "dog", "completion": " chien"},
-            {"prompt": "bread", "completion": " pain"}, {"prompt": "sun", "completion": " soleil"}]
-DPO_ROWS = [{"prompt": "cat ->", "chosen": " chat", "rejected": " chien"},
-            {"prompt": "dog ->", "chosen": " chien", "rejected": " chat"},
-            {"prompt": "bread ->", "chosen": " pain", "rejected": " eau"},
-            {"prompt": "sun ->", "chosen": " soleil", "rejected": " lune"}]
+SFT_ROWS = [
+    {"prompt": "cat", "completion": " chat"},
+    {"prompt": "dog", "completion": " chien"},
+    {"prompt": "bread", "completion": " pain"},
+    {"prompt": "sun", "completion": " soleil"},
+]
+DPO_ROWS = [
+    {"prompt": "cat ->", "chosen": " chat", "rejected": " chien"},
+    {"prompt": "dog ->", "chosen": " chien", "rejected": " chat"},
+    {"prompt": "bread ->", "chosen": " pain", "rejected": " eau"},
+    {"prompt": "sun ->", "chosen": " soleil", "rejected": " lune"},
+]
 
 
 def adapted_llama(tokenizer, seed: int = 0, **lora):
@@ -46,8 +52,21 @@ def adapted_llama(tokenizer, seed: int = 0, **lora):
 
 def common_args(tmp_path, **overrides) -> dict:
     # bf16=False: TRL's configs default to bf16 autocast, which accelerate leaves wrapped around model.forward
-    return {**dict(output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, learning_rate=5e-2, max_steps=3,
-                   report_to=[], logging_steps=1, save_strategy="no", use_cpu=True, bf16=False, seed=0), **overrides}
+    return {
+        **dict(
+            output_dir=str(tmp_path / "out"),
+            per_device_train_batch_size=4,
+            learning_rate=5e-2,
+            max_steps=3,
+            report_to=[],
+            logging_steps=1,
+            save_strategy="no",
+            use_cpu=True,
+            bf16=False,
+            seed=0,
+        ),
+        **overrides,
+    }
 
 
 def snapshot(model) -> dict[str, torch.Tensor]:
@@ -80,8 +99,12 @@ def test_sft_trainer_as_is_trains_only_the_adapter_and_saves_it(tmp_path):
     tokenizer = char_tokenizer()
     model = adapted_llama(tokenizer)
     before, adapter = snapshot(model), trainable(model)
-    trainer = trl.SFTTrainer(model=model, args=trl.SFTConfig(**common_args(tmp_path)),
-                             train_dataset=datasets.Dataset.from_list(SFT_ROWS), processing_class=tokenizer)
+    trainer = trl.SFTTrainer(
+        model=model,
+        args=trl.SFTConfig(**common_args(tmp_path)),
+        train_dataset=datasets.Dataset.from_list(SFT_ROWS),
+        processing_class=tokenizer,
+    )
     trainer.train()
 
     assert changed(model, before) == adapter
@@ -104,10 +127,17 @@ def test_peftkit_sft_trainer_resumes_from_its_adapter_checkpoint(tmp_path):
 
     def run(max_steps: int, resume: str | None = None, out: str = "a"):
         model = adapted_llama(tokenizer)
-        args = trl.SFTConfig(**{**common_args(tmp_path, save_strategy="steps", save_steps=2), "max_steps": max_steps,
-                                "output_dir": str(tmp_path / out), "learning_rate": 1e-2})
+        args = trl.SFTConfig(
+            **{
+                **common_args(tmp_path, save_strategy="steps", save_steps=2),
+                "max_steps": max_steps,
+                "output_dir": str(tmp_path / out),
+                "learning_rate": 1e-2,
+            }
+        )
         PeftkitSFTTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer).train(
-            resume_from_checkpoint=resume)
+            resume_from_checkpoint=resume
+        )
         return peftkit.adapter_state_dict(model)
 
     uninterrupted = run(4)
@@ -120,7 +150,11 @@ def test_peftkit_sft_trainer_resumes_from_its_adapter_checkpoint(tmp_path):
 @pytest.mark.parametrize("where", ["target_modules", "modules_to_save"])
 def test_an_lm_head_adapter_is_refused_because_trl_bypasses_the_head_module(where):
     tokenizer = char_tokenizer()
-    config = dict(target_modules=["q_proj", "lm_head"]) if where == "target_modules" else dict(modules_to_save=["lm_head"])
+    config = (
+        dict(target_modules=["q_proj", "lm_head"])
+        if where == "target_modules"
+        else dict(modules_to_save=["lm_head"])
+    )
     model = adapted_llama(tokenizer, **config)
     with pytest.raises(ConfigError, match=rf"lm_head.*remove 'lm_head' from {where}"):
         check_model(model)
@@ -137,7 +171,9 @@ def base_logps(base, batch) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed completion log-probabilities of (chosen, rejected) under ``base``, from its full logits."""
     with torch.no_grad():
         logits = base(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    per_token = torch.log_softmax(logits[:, :-1].float(), -1).gather(-1, batch["input_ids"][:, 1:, None])[..., 0]
+    per_token = torch.log_softmax(logits[:, :-1].float(), -1).gather(-1, batch["input_ids"][:, 1:, None])[
+        ..., 0
+    ]
     return (per_token * batch["completion_mask"][:, 1:]).sum(1).chunk(2)
 
 
@@ -152,8 +188,13 @@ def test_dpo_with_the_disabled_model_as_reference_keeps_one_copy_and_scores_the_
     base = copy.deepcopy(tiny_llama(len(tokenizer)))  # what the reference must compute, untouched
     before, adapter = snapshot(model), trainable(model)
     ref = reference_model(model)
-    trainer = trl.DPOTrainer(model=model, ref_model=ref, args=trl.DPOConfig(**common_args(tmp_path)),
-                             train_dataset=datasets.Dataset.from_list(DPO_ROWS), processing_class=tokenizer)
+    trainer = trl.DPOTrainer(
+        model=model,
+        ref_model=ref,
+        args=trl.DPOConfig(**common_args(tmp_path)),
+        train_dataset=datasets.Dataset.from_list(DPO_ROWS),
+        processing_class=tokenizer,
+    )
     assert trainer.ref_model is ref and isinstance(ref, ReferenceModel)
     trainer.train()
 
@@ -164,7 +205,8 @@ def test_dpo_with_the_disabled_model_as_reference_keeps_one_copy_and_scores_the_
     assert list(ref.parameters()) == [] and list(ref.buffers()) == []
     policy_storage = {p.untyped_storage().data_ptr() for p in model.parameters()}
     assert {t.untyped_storage().data_ptr() for t in ref.state_dict().values()} <= policy_storage | {
-        b.untyped_storage().data_ptr() for b in model.buffers()}
+        b.untyped_storage().data_ptr() for b in model.buffers()
+    }
     # after training the policy differs from the base, the reference still is the base
     batch = next(iter(trainer.get_train_dataloader()))
     ref_chosen, ref_rejected = trainer.compute_ref_log_probs(trainer.ref_model, batch)
@@ -185,8 +227,9 @@ def test_precomputed_reference_of_a_trained_adapter_is_the_base_model(tmp_path, 
     perturb_adapter(model)  # as if loaded from an earlier run
     base = tiny_llama(len(tokenizer))
     args = trl.DPOConfig(**common_args(tmp_path, precompute_ref_log_probs=True, max_steps=1))
-    trainer = PeftkitDPOTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_list(DPO_ROWS),
-                                processing_class=tokenizer)
+    trainer = PeftkitDPOTrainer(
+        model=model, args=args, train_dataset=datasets.Dataset.from_list(DPO_ROWS), processing_class=tokenizer
+    )
     assert isinstance(trainer.ref_model, ReferenceModel)
     batch = next(iter(trainer.get_train_dataloader()))
     chosen, rejected = base_logps(base, batch)
@@ -202,11 +245,20 @@ def test_peftkit_dpo_trainer_refuses_what_its_reference_cannot_do(tmp_path):
     model = adapted_llama(tokenizer)
     data = datasets.Dataset.from_list(DPO_ROWS)
     with pytest.raises(ConfigError, match="sync_ref_model"):
-        PeftkitDPOTrainer(model=model, args=trl.DPOConfig(**common_args(tmp_path, sync_ref_model=True)),
-                          train_dataset=data, processing_class=tokenizer)
+        PeftkitDPOTrainer(
+            model=model,
+            args=trl.DPOConfig(**common_args(tmp_path, sync_ref_model=True)),
+            train_dataset=data,
+            processing_class=tokenizer,
+        )
     with pytest.raises(ConfigError, match="peft_config"):
-        PeftkitDPOTrainer(model=model, args=trl.DPOConfig(**common_args(tmp_path)), train_dataset=data,
-                          processing_class=tokenizer, peft_config=object())
+        PeftkitDPOTrainer(
+            model=model,
+            args=trl.DPOConfig(**common_args(tmp_path)),
+            train_dataset=data,
+            processing_class=tokenizer,
+            peft_config=object(),
+        )
     with pytest.raises(TypeError, match="adapted model itself"):
         PeftkitSFTTrainer(model="HuggingFaceTB/SmolLM2-135M-Instruct", train_dataset=data)
 
@@ -224,7 +276,9 @@ def test_the_docs_smollm2_examples_run_and_print_what_the_page_shows(tmp_path, m
 
     from test_integrations_doc import section
 
-    pairs = re.findall(r"```python\n(.*?)```\s*```\n(.*?)```", section("TRL: SFTTrainer and DPOTrainer"), re.S)
+    pairs = re.findall(
+        r"```python\n(.*?)```\s*```\n(.*?)```", section("TRL: SFTTrainer and DPOTrainer"), re.S
+    )
     blocks, shown = [code for code, _ in pairs], [output for _, output in pairs]
     assert len(blocks) == 2
     monkeypatch.chdir(tmp_path)

@@ -33,7 +33,9 @@ def fenced(text: str) -> list[tuple[str, str]]:
     return blocks
 
 
-def run_section(title: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> tuple[str, list[str]]:
+def run_section(
+    title: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> tuple[str, list[str]]:
     """Run every python block of the section in one namespace; return (printed output, the page's outputs)."""
     blocks = fenced(section(title))
     code = [content for language, content in blocks if language == "python"]
@@ -54,7 +56,9 @@ def test_save_pretrained_examples(tmp_path, monkeypatch, capsys):
     assert "BertModel.save_pretrained refused" in out and "['config.json', 'model.safetensors']" in out
     assert any("BertModel.save_pretrained refused" in block for block in shown)
     assert sorted(p.name for p in (tmp_path / "minilm-lora").iterdir()) == [
-        "adapter_config.json", "adapter_model.safetensors"]
+        "adapter_config.json",
+        "adapter_model.safetensors",
+    ]
 
 
 @pytest.mark.slow

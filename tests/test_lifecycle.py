@@ -35,7 +35,9 @@ IDS = torch.tensor([[1, 2, 3], [4, 5, 6]])
 
 
 def _add(model, name, targets=("proj",), **kw):
-    return peftkit.inject(model, peftkit.LoraConfig(r=2, target_modules=list(targets), init_lora_weights=False, **kw), name)
+    return peftkit.inject(
+        model, peftkit.LoraConfig(r=2, target_modules=list(targets), init_lora_weights=False, **kw), name
+    )
 
 
 def test_set_active_switches_outputs_and_trainability(model):
@@ -119,7 +121,8 @@ def test_loaded_adapter_can_be_trainable(model, tmp_path):
     peftkit.save_adapter(model, tmp_path / "a", adapter_name="a")
     peftkit.load_adapter(original, tmp_path / "a", is_trainable=True)
     assert {n for n, p in original.named_parameters() if p.requires_grad} == {
-        "proj.adapters.default.lora_A.weight", "proj.adapters.default.lora_B.weight"
+        "proj.adapters.default.lora_A.weight",
+        "proj.adapters.default.lora_B.weight",
     }
     saved = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
     assert saved["inference_mode"] is True and saved["peft_type"] == "LORA"
@@ -162,9 +165,11 @@ def test_adapter_state_dict_keys_follow_the_interchange_format(model):
     _add(model, "a", targets=("proj", "emb"), use_dora=True)
     keys = sorted(peftkit.adapter_state_dict(model, "a"))
     assert keys == [
-        "base_model.model.emb.lora_embedding_A", "base_model.model.emb.lora_embedding_B",
+        "base_model.model.emb.lora_embedding_A",
+        "base_model.model.emb.lora_embedding_B",
         "base_model.model.emb.lora_magnitude_vector",
-        "base_model.model.proj.lora_A.weight", "base_model.model.proj.lora_B.weight",
+        "base_model.model.proj.lora_A.weight",
+        "base_model.model.proj.lora_B.weight",
         "base_model.model.proj.lora_magnitude_vector",
     ]
 

@@ -50,8 +50,14 @@ def one_thread():
 def _tiny_llama() -> nn.Module:
     torch.manual_seed(0)
     config = LlamaConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        vocab_size=100, max_position_embeddings=64, tie_word_embeddings=False,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=100,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
     )
     return LlamaForCausalLM(config).eval()
 
@@ -112,8 +118,11 @@ def _no_warnings(caplog):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         yield
-    python = [str(w.message) for w in caught
-              if not issubclass(w.category, DeprecationWarning) and not _known_noise(str(w.message))]
+    python = [
+        str(w.message)
+        for w in caught
+        if not issubclass(w.category, DeprecationWarning) and not _known_noise(str(w.message))
+    ]
     logged = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert not python and not logged, f"warnings: {python + logged}"
 
@@ -148,13 +157,17 @@ def _peft_to_peftkit(base, model_name, directory, caplog):
 def _close(ours, theirs, base, batch, key):
     a, b, ref = _logits(ours, batch), _logits(theirs, batch), _logits(base, batch)
     diff = (a - b).abs().max().item()
-    assert (a - ref).abs().max() > 1e-3, "the adapter does not change the output: the comparison proves nothing"
+    assert (a - ref).abs().max() > 1e-3, (
+        "the adapter does not change the output: the comparison proves nothing"
+    )
     assert diff <= ATOL, f"{key}: peftkit vs peft max abs diff {diff:.3e} > {ATOL}"
 
 
 @pytest.mark.parametrize("model_name", ["minilm", "llama"])
 @pytest.mark.parametrize("direction", ["peftkit->peft", "peft->peftkit"])
-def test_trained_adapter_gives_the_same_outputs_in_both_libraries(bases, tmp_path, caplog, direction, model_name):
+def test_trained_adapter_gives_the_same_outputs_in_both_libraries(
+    bases, tmp_path, caplog, direction, model_name
+):
     base = bases[model_name]
     build = _peftkit_to_peft if direction == "peftkit->peft" else _peft_to_peftkit
     ours, theirs = build(base, model_name, tmp_path / "adapter", caplog)
@@ -191,7 +204,9 @@ def test_configs_read_in_either_library_without_warnings(bases, tmp_path, caplog
             theirs = peft.PeftConfig.from_pretrained(tmp_path / f"ours-{name}")
         assert isinstance(theirs, peft.LNTuningConfig)
         assert sorted(theirs.target_modules) == sorted(peftkit.adapter_config(ours).target_modules)
-        peft.get_peft_model(copy.deepcopy(base), _peft_config(name)).save_pretrained(tmp_path / f"theirs-{name}")
+        peft.get_peft_model(copy.deepcopy(base), _peft_config(name)).save_pretrained(
+            tmp_path / f"theirs-{name}"
+        )
         with _no_warnings(caplog):
             mine = peftkit.read_adapter_config(tmp_path / f"theirs-{name}")
         written = json.loads((tmp_path / f"theirs-{name}" / "adapter_config.json").read_text())
@@ -257,8 +272,11 @@ class Stack(nn.Module):
 
 
 NORMS = {
-    "LayerNorm": lambda: nn.LayerNorm(6), "RMSNorm": lambda: nn.RMSNorm(6), "LlamaRMSNorm": lambda: LlamaRMSNorm(6),
-    "T5LayerNorm": lambda: T5LayerNorm(6), "OffsetRMSNorm": lambda: OffsetRMSNorm(6),
+    "LayerNorm": lambda: nn.LayerNorm(6),
+    "RMSNorm": lambda: nn.RMSNorm(6),
+    "LlamaRMSNorm": lambda: LlamaRMSNorm(6),
+    "T5LayerNorm": lambda: T5LayerNorm(6),
+    "OffsetRMSNorm": lambda: OffsetRMSNorm(6),
 }
 
 
@@ -289,7 +307,9 @@ def test_each_norm_kind_computes_what_running_the_trained_copy_computes(kind):
 
 def test_norms_without_parameters_and_other_modules_are_refused_when_named_skipped_by_regex():
     with pytest.raises(UnsupportedLayerError, match="nothing to tune"):
-        peftkit.inject(Stack(nn.LayerNorm(6, elementwise_affine=False)), LNTuningConfig(target_modules=["norm"]))
+        peftkit.inject(
+            Stack(nn.LayerNorm(6, elementwise_affine=False)), LNTuningConfig(target_modules=["norm"])
+        )
     with pytest.raises(UnsupportedLayerError, match=r"proj \(Linear.*\*RMSNorm/\*LayerNorm classes"):
         peftkit.inject(Stack(nn.LayerNorm(6)), LNTuningConfig(target_modules=["proj", "norm"]))
     with pytest.raises(UnsupportedLayerError, match="more than a weight and a bias"):

@@ -32,7 +32,9 @@ try:
 except ImportError:  # pragma: no cover - the reference library is a test dependency
     peft = None
 
-needs_peft = pytest.mark.skipif(peft is None, reason="parity needs the reference library: pip install peft==0.21.2")
+needs_peft = pytest.mark.skipif(
+    peft is None, reason="parity needs the reference library: pip install peft==0.21.2"
+)
 pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")
 
 ATOL = 1e-5  # fp32 max abs difference allowed between the two libraries' outputs
@@ -145,8 +147,12 @@ def no_warnings():
             yield
     finally:
         root.removeHandler(handler)
-    python = [f"{w.category.__name__}: {w.message}" for w in caught
-              if not issubclass(w.category, DeprecationWarning) and "is_gradient_checkpointing" not in str(w.message)]
+    python = [
+        f"{w.category.__name__}: {w.message}"
+        for w in caught
+        if not issubclass(w.category, DeprecationWarning)
+        and "is_gradient_checkpointing" not in str(w.message)
+    ]
     assert not python and not records, f"warnings: {python + [r.getMessage() for r in records]}"
 
 
@@ -169,7 +175,9 @@ def _assert_all_moved(before: dict[str, torch.Tensor], after: dict[str, torch.Te
         assert not torch.equal(before[key], after[key]), f"{key} did not move in training"
 
 
-def make_pair(direction: str, base: nn.Module, ours_config, theirs_config, batch, directory: Path, pattern: str) -> Pair:
+def make_pair(
+    direction: str, base: nn.Module, ours_config, theirs_config, batch, directory: Path, pattern: str
+) -> Pair:
     """Train an adapter in one library, save it, load it in the other."""
     if direction == "peftkit->peft":
         torch.manual_seed(0)
@@ -200,9 +208,15 @@ def check_pair(pair: Pair) -> dict[str, float]:
         if state == "merged":
             peftkit.merge(pair.ours, safe=True)
             pair.theirs.merge_adapter()
-            assert all(layer.merged == ["default"] for layer in pair.ours.modules() if isinstance(layer, AdapterLayer))
+            assert all(
+                layer.merged == ["default"]
+                for layer in pair.ours.modules()
+                if isinstance(layer, AdapterLayer)
+            )
         ours, theirs = outputs(pair.ours, pair.batch), outputs(pair.theirs, pair.batch)
-        assert (ours - base_out).abs().max() > 1e-3, "the adapter does not change the output; the check proves nothing"
+        assert (ours - base_out).abs().max() > 1e-3, (
+            "the adapter does not change the output; the check proves nothing"
+        )
         diffs[state] = (ours - theirs).abs().max().item()
         assert diffs[state] <= ATOL, f"{state}: peftkit vs peft max abs diff {diffs[state]:.3e} > {ATOL:.0e}"
     return diffs
@@ -224,7 +238,9 @@ def _compare_delta_weights(pair: Pair) -> float:
     return worst
 
 
-def config_round_trip(base: nn.Module, ours_config, theirs_config, fields: tuple[str, ...], tmp_path: Path) -> None:
+def config_round_trip(
+    base: nn.Module, ours_config, theirs_config, fields: tuple[str, ...], tmp_path: Path
+) -> None:
     """Our adapter_config.json reads in peft without warnings, theirs in peftkit, same values."""
     ours = peftkit.inject(copy.deepcopy(base), ours_config)
     peftkit.save_adapter(ours, tmp_path / "ours")
@@ -257,7 +273,14 @@ def docs_example(page: str) -> str:
 
 
 def _adapter(base: nn.Module, **values) -> LoHaAdapter:
-    options = {"r": 2, "alpha": 3.0, "rank_dropout": 0.0, "module_dropout": 0.0, "effective_conv": False, "init": False}
+    options = {
+        "r": 2,
+        "alpha": 3.0,
+        "rank_dropout": 0.0,
+        "module_dropout": 0.0,
+        "effective_conv": False,
+        "init": False,
+    }
     return LoHaAdapter(base, **{**options, **values})
 
 
@@ -279,7 +302,9 @@ def test_conv_matrix_and_tucker_forms():
     conv = nn.Conv2d(4, 6, (3, 2), padding=1)
     flat = _adapter(conv)
     assert flat.hada_w1_b.shape == (2, 4 * 3 * 2) and not hasattr(flat, "hada_t1")
-    expected = (1.5 * (flat.hada_w1_a @ flat.hada_w1_b) * (flat.hada_w2_a @ flat.hada_w2_b)).reshape(conv.weight.shape)
+    expected = (1.5 * (flat.hada_w1_a @ flat.hada_w1_b) * (flat.hada_w2_a @ flat.hada_w2_b)).reshape(
+        conv.weight.shape
+    )
     assert torch.allclose(flat.delta_weight(conv.weight), expected)
 
     cp = _adapter(conv, effective_conv=True)
@@ -289,7 +314,9 @@ def test_conv_matrix_and_tucker_forms():
     assert torch.allclose(cp.delta_weight(conv.weight), 1.5 * first * second)
     # the unmerged forward is the base convolution (stride, padding) run with the delta kernel
     x = torch.randn(2, 4, 5, 5)
-    assert torch.allclose(cp.delta_output(x, conv(x), conv), F.conv2d(x, 1.5 * first * second, padding=1), atol=1e-5)
+    assert torch.allclose(
+        cp.delta_output(x, conv(x), conv), F.conv2d(x, 1.5 * first * second, padding=1), atol=1e-5
+    )
 
 
 def test_one_by_one_kernels_and_conv1d_layouts():
@@ -302,7 +329,9 @@ def test_one_by_one_kernels_and_conv1d_layouts():
 
 def test_fresh_adapter_is_zero_and_half_precision_bases_get_float32_factors():
     base = nn.Linear(6, 4).to(torch.bfloat16)
-    ad = LoHaAdapter(base, r=2, alpha=2.0, rank_dropout=0.0, module_dropout=0.0, effective_conv=False, init=True)
+    ad = LoHaAdapter(
+        base, r=2, alpha=2.0, rank_dropout=0.0, module_dropout=0.0, effective_conv=False, init=True
+    )
     assert all(p.dtype == torch.float32 for p in ad.parameters())
     assert torch.count_nonzero(ad.hada_w2_b) == 0 and torch.count_nonzero(ad.hada_w1_a) > 0
     assert torch.count_nonzero(ad.delta_weight(base.weight)) == 0
@@ -351,10 +380,26 @@ def test_grouped_convolution_merges_exactly():
 
 def test_config_reports_every_problem_at_once():
     with pytest.raises(ConfigError) as err:
-        LoHaConfig(r=0, alpha=-1, rank_dropout=1.0, module_dropout=-0.1, use_effective_conv2d="yes",
-                   init_weights="gaussian", rank_pattern={"query": 2.5}, target_modules=["q"])
+        LoHaConfig(
+            r=0,
+            alpha=-1,
+            rank_dropout=1.0,
+            module_dropout=-0.1,
+            use_effective_conv2d="yes",
+            init_weights="gaussian",
+            rank_pattern={"query": 2.5},
+            target_modules=["q"],
+        )
     text = str(err.value)
-    for field in ("r:", "alpha:", "rank_dropout:", "module_dropout:", "use_effective_conv2d:", "init_weights:", "rank_pattern:"):
+    for field in (
+        "r:",
+        "alpha:",
+        "rank_dropout:",
+        "module_dropout:",
+        "use_effective_conv2d:",
+        "init_weights:",
+        "rank_pattern:",
+    ):
         assert field in text, field
     assert len(err.value.problems) == 7
 
@@ -364,7 +409,9 @@ def test_unsupported_layers_are_refused_with_the_supported_kinds():
 
     model = nn.ModuleDict({"emb": nn.Embedding(10, 4), "gpt": Conv1D(4, 4), "lin": nn.Linear(4, 4)})
     for name in ("emb", "gpt"):
-        with pytest.raises(UnsupportedLayerError, match=r"torch\.nn\.Linear, torch\.nn\.Conv1d, torch\.nn\.Conv2d"):
+        with pytest.raises(
+            UnsupportedLayerError, match=r"torch\.nn\.Linear, torch\.nn\.Conv1d, torch\.nn\.Conv2d"
+        ):
             peftkit.inject(model, LoHaConfig(target_modules=[name]))
     assert isinstance(model["lin"], nn.Linear)  # nothing was changed
 
@@ -393,7 +440,10 @@ PARITY = {
     "default": {},
     "patterns": {"r": 4, "alpha": 8, "rank_pattern": {"value": 2}, "alpha_pattern": {"query": 16}},
 }
-CNN_PARITY = {"matrix": {"r": 2, "alpha": 4}, "effective-conv": {"r": 2, "alpha": 4, "use_effective_conv2d": True}}
+CNN_PARITY = {
+    "matrix": {"r": 2, "alpha": 4},
+    "effective-conv": {"r": 2, "alpha": 4, "use_effective_conv2d": True},
+}
 DIRECTIONS = ["peftkit->peft", "peft->peftkit"]
 HADA = r"\.hada_(w[12]_[ab]|t[12])$"
 
@@ -404,7 +454,9 @@ HADA = r"\.hada_(w[12]_[ab]|t[12])$"
 def test_minilm_parity(minilm, tmp_path, direction, variant):
     extra = PARITY[variant]
     ours_config = LoHaConfig(target_modules=["query", "value"], **copy.deepcopy(extra))
-    theirs_config = peft.LoHaConfig(task_type="SEQ_CLS", target_modules=["query", "value"], **copy.deepcopy(extra))
+    theirs_config = peft.LoHaConfig(
+        task_type="SEQ_CLS", target_modules=["query", "value"], **copy.deepcopy(extra)
+    )
     pair = make_pair(direction, minilm, ours_config, theirs_config, minilm_batch(), tmp_path, HADA)
     print(f"loha minilm {variant} {direction}: {check_pair(pair)}")
 
@@ -431,8 +483,26 @@ def test_same_tensor_names_and_shapes_as_the_reference():
 
 @needs_peft
 def test_config_round_trip_without_warnings(minilm, tmp_path):
-    extra = {"r": 4, "alpha": 16, "rank_dropout": 0.1, "module_dropout": 0.05, "use_effective_conv2d": True,
-             "rank_pattern": {"value": 2}, "alpha_pattern": {"query": 8}, "target_modules": ["query", "value"]}
-    fields = ("r", "alpha", "rank_dropout", "module_dropout", "use_effective_conv2d", "init_weights",
-              "rank_pattern", "alpha_pattern")
-    config_round_trip(minilm, LoHaConfig(**extra), peft.LoHaConfig(task_type="SEQ_CLS", **extra), fields, tmp_path)
+    extra = {
+        "r": 4,
+        "alpha": 16,
+        "rank_dropout": 0.1,
+        "module_dropout": 0.05,
+        "use_effective_conv2d": True,
+        "rank_pattern": {"value": 2},
+        "alpha_pattern": {"query": 8},
+        "target_modules": ["query", "value"],
+    }
+    fields = (
+        "r",
+        "alpha",
+        "rank_dropout",
+        "module_dropout",
+        "use_effective_conv2d",
+        "init_weights",
+        "rank_pattern",
+        "alpha_pattern",
+    )
+    config_round_trip(
+        minilm, LoHaConfig(**extra), peft.LoHaConfig(task_type="SEQ_CLS", **extra), fields, tmp_path
+    )

@@ -42,8 +42,15 @@ LOKR = r"\.lokr_(w[12](_[ab])?|t2)$"
 
 def _adapter(base: nn.Module, **values) -> LoKrAdapter:
     options = {
-        "r": 2, "alpha": 3.0, "rank_dropout": 0.0, "module_dropout": 0.0, "rank_dropout_scale": False,
-        "effective_conv": False, "decompose_both": False, "decompose_factor": -1, "init": False,
+        "r": 2,
+        "alpha": 3.0,
+        "rank_dropout": 0.0,
+        "module_dropout": 0.0,
+        "rank_dropout_scale": False,
+        "effective_conv": False,
+        "decompose_both": False,
+        "decompose_factor": -1,
+        "init": False,
     }
     return LoKrAdapter(base, **{**options, **values})
 
@@ -52,10 +59,19 @@ def _names(adapter: nn.Module) -> set[str]:
     return {n for n, _ in adapter.named_parameters()}
 
 
-@pytest.mark.parametrize(("dimension", "factor", "expected"), [
-    (256, -1, (16, 16)), (384, -1, (16, 24)), (127, -1, (1, 127)), (128, 4, (4, 32)), (384, 5, (4, 96)),
-    (5, 5, (5, 1)), (1, -1, (1, 1)), (12, -1, (3, 4)),
-])
+@pytest.mark.parametrize(
+    ("dimension", "factor", "expected"),
+    [
+        (256, -1, (16, 16)),
+        (384, -1, (16, 24)),
+        (127, -1, (1, 127)),
+        (128, 4, (4, 32)),
+        (384, 5, (4, 96)),
+        (5, 5, (5, 1)),
+        (1, -1, (1, 1)),
+        (12, -1, (3, 4)),
+    ],
+)
 def test_factorization_examples(dimension, factor, expected):
     assert factorization(dimension, factor) == expected
 
@@ -64,7 +80,10 @@ def test_factorization_examples(dimension, factor, expected):
 def test_factorization_agrees_with_the_reference_everywhere_tested():
     for dimension in range(1, 700):
         for factor in (-1, 1, 2, 3, 4, 5, 7, 8, 12, 16, 64):
-            assert factorization(dimension, factor) == reference_factorization(dimension, factor), (dimension, factor)
+            assert factorization(dimension, factor) == reference_factorization(dimension, factor), (
+                dimension,
+                factor,
+            )
 
 
 def test_kron_matches_torch_kron_including_mixed_ranks():
@@ -82,7 +101,9 @@ def test_linear_delta_is_the_scaled_kronecker_product():
     base = nn.Linear(6, 8)  # out 8 = 2 x 4, in 6 = 2 x 3
     full = _adapter(base, r=4)
     assert {n: tuple(p.shape) for n, p in full.named_parameters()} == {"lokr_w1": (2, 2), "lokr_w2": (4, 3)}
-    assert torch.allclose(full.delta_weight(base.weight), 0.75 * torch.kron(full.lokr_w1, full.lokr_w2))  # 3 / 4
+    assert torch.allclose(
+        full.delta_weight(base.weight), 0.75 * torch.kron(full.lokr_w1, full.lokr_w2)
+    )  # 3 / 4
     low = _adapter(base, r=1)  # r < max(4, 3) / 2: W2 = W2a W2b
     assert _names(low) == {"lokr_w1", "lokr_w2_a", "lokr_w2_b"}
     expected = 3.0 * torch.kron(low.lokr_w1, low.lokr_w2_a @ low.lokr_w2_b)
@@ -97,7 +118,10 @@ def test_decompose_both_and_decompose_factor():
     both = _adapter(base, r=2, decompose_both=True, decompose_factor=16)  # 32 = 16 x 2, 64 = 16 x 4
     assert both.factors == (16, 2, 16, 4)
     assert {n: tuple(p.shape) for n, p in both.named_parameters()} == {
-        "lokr_w1_a": (16, 2), "lokr_w1_b": (2, 16), "lokr_w2": (2, 4)}
+        "lokr_w1_a": (16, 2),
+        "lokr_w1_b": (2, 16),
+        "lokr_w2": (2, 4),
+    }
 
 
 def test_conv2d_kernel_lives_in_w2_and_tucker_form():
@@ -157,11 +181,26 @@ def test_rank_dropout_scales_only_when_asked(scale):
 
 def test_config_reports_every_problem_at_once():
     with pytest.raises(ConfigError) as err:
-        LoKrConfig(r=-2, alpha=0, rank_dropout=-0.5, decompose_factor=0, decompose_both="yes",
-                   rank_dropout_scale=None, init_weights="gaussian", target_modules=["q"])
+        LoKrConfig(
+            r=-2,
+            alpha=0,
+            rank_dropout=-0.5,
+            decompose_factor=0,
+            decompose_both="yes",
+            rank_dropout_scale=None,
+            init_weights="gaussian",
+            target_modules=["q"],
+        )
     text = str(err.value)
-    for field in ("r:", "alpha:", "rank_dropout:", "decompose_factor:", "decompose_both:", "rank_dropout_scale:",
-                  "init_weights:"):
+    for field in (
+        "r:",
+        "alpha:",
+        "rank_dropout:",
+        "decompose_factor:",
+        "decompose_both:",
+        "rank_dropout_scale:",
+        "init_weights:",
+    ):
         assert field in text, field
     assert LoKrConfig(init_weights="lycoris", decompose_factor=4).init_weights == "lycoris"
 
@@ -211,8 +250,13 @@ def test_default_targets_and_parameter_count_on_minilm(minilm):
 PARITY = {
     "default": {},
     "decompose-both": {
-        "r": 4, "alpha": 8, "decompose_both": True, "decompose_factor": 8, "init_weights": "lycoris",
-        "rank_pattern": {"value": 2}, "alpha_pattern": {"query": 16},
+        "r": 4,
+        "alpha": 8,
+        "decompose_both": True,
+        "decompose_factor": 8,
+        "init_weights": "lycoris",
+        "rank_pattern": {"value": 2},
+        "alpha_pattern": {"query": 16},
     },
 }
 # "full-w2" puts a full W2 on every layer (for the Conv1d "seq" the reference's swapped layout).
@@ -222,8 +266,14 @@ PARITY = {
 CNN_PARITY = {
     "full-w2": ({"r": 2, "alpha": 4}, CNN_TARGETS),
     "tucker-decompose-both": (
-        {"r": 1, "alpha": 2, "use_effective_conv2d": True, "decompose_both": True, "decompose_factor": 4,
-         "init_weights": "lycoris"},
+        {
+            "r": 1,
+            "alpha": 2,
+            "use_effective_conv2d": True,
+            "decompose_both": True,
+            "decompose_factor": 4,
+            "init_weights": "lycoris",
+        },
         [t for t in CNN_TARGETS if t != "seq"],
     ),
 }
@@ -235,7 +285,9 @@ CNN_PARITY = {
 def test_minilm_parity(minilm, tmp_path, direction, variant):
     extra = PARITY[variant]
     ours_config = LoKrConfig(target_modules=["query", "value"], **copy.deepcopy(extra))
-    theirs_config = peft.LoKrConfig(task_type="SEQ_CLS", target_modules=["query", "value"], **copy.deepcopy(extra))
+    theirs_config = peft.LoKrConfig(
+        task_type="SEQ_CLS", target_modules=["query", "value"], **copy.deepcopy(extra)
+    )
     pair = make_pair(direction, minilm, ours_config, theirs_config, minilm_batch(), tmp_path, LOKR)
     print(f"lokr minilm {variant} {direction}: {check_pair(pair)}")
 
@@ -266,7 +318,12 @@ class _Layouts(nn.Module):
 def test_same_tensor_names_and_shapes_as_the_reference_for_every_layout_switch():
     targets = ["lin", "wide", "conv", "grouped", "point", "seq"]
     for r, both, factor, effective in itertools.product((1, 2, 4, 8), (False, True), (-1, 4), (False, True)):
-        options = {"r": r, "decompose_both": both, "decompose_factor": factor, "use_effective_conv2d": effective}
+        options = {
+            "r": r,
+            "decompose_both": both,
+            "decompose_factor": factor,
+            "use_effective_conv2d": effective,
+        }
         ours = peftkit.inject(_Layouts(), LoKrConfig(target_modules=targets, **options))
         theirs = peft.get_peft_model(_Layouts(), peft.LoKrConfig(target_modules=targets, **options))
         mine = {k: tuple(v.shape) for k, v in peftkit.adapter_state_dict(ours).items()}
@@ -275,9 +332,33 @@ def test_same_tensor_names_and_shapes_as_the_reference_for_every_layout_switch()
 
 @needs_peft
 def test_config_round_trip_without_warnings(minilm, tmp_path):
-    extra = {"r": 4, "alpha": 16, "rank_dropout": 0.1, "module_dropout": 0.05, "use_effective_conv2d": True,
-             "decompose_both": True, "decompose_factor": 8, "rank_dropout_scale": True, "init_weights": "lycoris",
-             "rank_pattern": {"value": 2}, "alpha_pattern": {"query": 8}, "target_modules": ["query", "value"]}
-    fields = ("r", "alpha", "rank_dropout", "module_dropout", "use_effective_conv2d", "decompose_both",
-              "decompose_factor", "rank_dropout_scale", "init_weights", "rank_pattern", "alpha_pattern")
-    config_round_trip(minilm, LoKrConfig(**extra), peft.LoKrConfig(task_type="SEQ_CLS", **extra), fields, tmp_path)
+    extra = {
+        "r": 4,
+        "alpha": 16,
+        "rank_dropout": 0.1,
+        "module_dropout": 0.05,
+        "use_effective_conv2d": True,
+        "decompose_both": True,
+        "decompose_factor": 8,
+        "rank_dropout_scale": True,
+        "init_weights": "lycoris",
+        "rank_pattern": {"value": 2},
+        "alpha_pattern": {"query": 8},
+        "target_modules": ["query", "value"],
+    }
+    fields = (
+        "r",
+        "alpha",
+        "rank_dropout",
+        "module_dropout",
+        "use_effective_conv2d",
+        "decompose_both",
+        "decompose_factor",
+        "rank_dropout_scale",
+        "init_weights",
+        "rank_pattern",
+        "alpha_pattern",
+    )
+    config_round_trip(
+        minilm, LoKrConfig(**extra), peft.LoKrConfig(task_type="SEQ_CLS", **extra), fields, tmp_path
+    )

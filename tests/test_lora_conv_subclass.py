@@ -16,7 +16,9 @@ import peftkit
 class SamePaddingConv(nn.Conv2d):
     """Pads asymmetrically in forward (TensorFlow "SAME"), takes a different constructor."""
 
-    def __init__(self, channels_in: int, channels_out: int, kernel: int, stride: int, image_size: int) -> None:
+    def __init__(
+        self, channels_in: int, channels_out: int, kernel: int, stride: int, image_size: int
+    ) -> None:
         super().__init__(channels_in, channels_out, kernel, stride)
         out = -(-image_size // stride)
         pad = max((out - 1) * stride + kernel - image_size, 0)
@@ -32,7 +34,9 @@ def test_lora_follows_a_conv_subclass_forward(dora, tmp_path):
     model = nn.Sequential(SamePaddingConv(3, 4, 3, 2, image_size=8))
     x = torch.randn(2, 3, 8, 8)
     original = copy.deepcopy(model)
-    peftkit.inject(model, peftkit.LoraConfig(r=2, target_modules=["0"], init_lora_weights=False, use_dora=dora))
+    peftkit.inject(
+        model, peftkit.LoraConfig(r=2, target_modules=["0"], init_lora_weights=False, use_dora=dora)
+    )
     with torch.no_grad():
         adapted = model(x)
         assert adapted.shape == original(x).shape

@@ -58,7 +58,10 @@ def test_summary_counts_exactly_what_each_method_trains(peft_type):
     assert str(summary).splitlines()[-1].startswith(f"adapted modules: {len(summary.adapted)}")
     # every trainable tensor takes part in the forward pass (none is trained for nothing)
     model.train()
-    batch = {"input_ids": torch.randint(0, 1000, (2, 8)), "attention_mask": torch.ones(2, 8, dtype=torch.long)}
+    batch = {
+        "input_ids": torch.randint(0, 1000, (2, 8)),
+        "attention_mask": torch.ones(2, 8, dtype=torch.long),
+    }
     model(**batch).logits.sum().backward()
     unused = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
     assert not unused, f"trainable but not used by the forward pass: {unused[:5]}"

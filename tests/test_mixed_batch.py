@@ -27,8 +27,13 @@ transformers = pytest.importorskip("transformers")
 def _tiny_bert() -> nn.Module:
     torch.manual_seed(0)
     config = transformers.BertConfig(
-        vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=24,
-        max_position_embeddings=16, num_labels=3,
+        vocab_size=50,
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=24,
+        max_position_embeddings=16,
+        num_labels=3,
     )
     return transformers.BertForSequenceClassification(config).eval()
 
@@ -36,8 +41,16 @@ def _tiny_bert() -> nn.Module:
 def _tiny_llama() -> nn.Module:
     torch.manual_seed(0)
     config = transformers.LlamaConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        vocab_size=60, max_position_embeddings=64, tie_word_embeddings=False, pad_token_id=0, eos_token_id=59,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=60,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+        pad_token_id=0,
+        eos_token_id=59,
     )
     return transformers.LlamaForCausalLM(config).eval()
 
@@ -45,8 +58,13 @@ def _tiny_llama() -> nn.Module:
 def _add_lora(model: nn.Module, ranks: dict[str, int], **extra) -> nn.Module:
     for i, (name, r) in enumerate(ranks.items()):
         torch.manual_seed(10 + i)  # random A and B: every adapter changes the output from the start
-        peftkit.inject(model, peftkit.LoraConfig(r=r, lora_alpha=2 * r + i, target_modules="all-linear",
-                                                 init_lora_weights=False, **extra), name)
+        peftkit.inject(
+            model,
+            peftkit.LoraConfig(
+                r=r, lora_alpha=2 * r + i, target_modules="all-linear", init_lora_weights=False, **extra
+            ),
+            name,
+        )
     return model.eval()
 
 
@@ -116,7 +134,9 @@ def test_beam_search_needs_each_name_repeated_per_beam():
     ids = torch.randint(1, 59, (2, 4), generator=torch.Generator().manual_seed(2))
     options = {"max_new_tokens": 3, "num_beams": 2, "do_sample": False, "pad_token_id": 0}
     with torch.no_grad():
-        with pytest.raises(ValueError, match=r"2 adapter names .* batch of 4.*repeat each name 2 times|num_beams"):
+        with pytest.raises(
+            ValueError, match=r"2 adapter names .* batch of 4.*repeat each name 2 times|num_beams"
+        ):
             with peftkit.per_example_adapters(model, ["a", "b"]):
                 model.generate(ids, **options)
         with peftkit.per_example_adapters(model, ["a", "a", "b", "b"]):
@@ -129,11 +149,23 @@ def test_beam_search_needs_each_name_repeated_per_beam():
 def test_other_methods_take_the_per_group_path():
     model = _tiny_bert()
     torch.manual_seed(3)
-    peftkit.inject(model, peftkit.LoraConfig(r=2, target_modules=["query", "value"], init_lora_weights=False), "lora")
-    peftkit.inject(model, peftkit.LoraConfig(r=3, target_modules=["query", "dense"], use_dora=True,
-                                             init_lora_weights=False), "dora")
-    peftkit.inject(model, peftkit.IA3Config(target_modules=["key", "value", "output.dense"],
-                                            feedforward_modules=["output.dense"], init_ia3_weights=False), "ia3")
+    peftkit.inject(
+        model, peftkit.LoraConfig(r=2, target_modules=["query", "value"], init_lora_weights=False), "lora"
+    )
+    peftkit.inject(
+        model,
+        peftkit.LoraConfig(r=3, target_modules=["query", "dense"], use_dora=True, init_lora_weights=False),
+        "dora",
+    )
+    peftkit.inject(
+        model,
+        peftkit.IA3Config(
+            target_modules=["key", "value", "output.dense"],
+            feedforward_modules=["output.dense"],
+            init_ia3_weights=False,
+        ),
+        "ia3",
+    )
     peftkit.inject(model, peftkit.LoHaConfig(r=2, target_modules=["query"], init_weights=False), "loha")
     ids = torch.randint(1, 50, (6, 7), generator=torch.Generator().manual_seed(4))
     _check_rows(model.eval(), ["ia3", "lora", None, "dora", "loha", "ia3"], input_ids=ids)
@@ -231,8 +263,10 @@ def test_lora_routed_product_both_strategies(ranks):
 
     gen = torch.Generator().manual_seed(9)
     base = nn.Linear(64, 48)
-    adapters = [(torch.randn(r, 64, generator=gen), torch.randn(48, r, generator=gen), 0.5 + i)
-                for i, r in enumerate(ranks)]
+    adapters = [
+        (torch.randn(r, 64, generator=gen), torch.randn(48, r, generator=gen), 0.5 + i)
+        for i, r in enumerate(ranks)
+    ]
     slots = torch.tensor([2, 0, 3, 1, 0])  # 3: no adapter on this row
     x = torch.randn(5, 6, 64, generator=gen)
     with torch.no_grad():

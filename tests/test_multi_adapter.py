@@ -46,17 +46,23 @@ def add(model, name, **kw):
 
 
 def snapshot(model):
-    return ({k: v.clone() for k, v in model.state_dict().items()}, {n: type(m) for n, m in model.named_modules()},
-            {n: p.requires_grad for n, p in model.named_parameters()})
+    return (
+        {k: v.clone() for k, v in model.state_dict().items()},
+        {n: type(m) for n, m in model.named_modules()},
+        {n: p.requires_grad for n, p in model.named_parameters()},
+    )
 
 
 def same(model, snap) -> bool:
     state, types, grads = snap
     now = model.state_dict()
     exact = lambda a, b: torch.allclose(a, b, rtol=0, atol=0, equal_nan=True)  # noqa: E731
-    return (state.keys() == now.keys() and all(exact(state[k], now[k]) for k in state)
-            and types == {n: type(m) for n, m in model.named_modules()}
-            and grads == {n: p.requires_grad for n, p in model.named_parameters()})
+    return (
+        state.keys() == now.keys()
+        and all(exact(state[k], now[k]) for k in state)
+        and types == {n: type(m) for n, m in model.named_modules()}
+        and grads == {n: p.requires_grad for n, p in model.named_parameters()}
+    )
 
 
 def test_unmerging_one_of_several_merged_adapters_is_exact():
@@ -141,7 +147,9 @@ def test_trained_biases_come_back_on_unload_delete_and_failed_load(tmp_path):
     assert torch.equal(model(X), base_out)
 
     tensors = load_file(tmp_path / "adapter_model.safetensors")
-    save_file(tensors, tmp_path / "adapter_model.safetensors", metadata={"peftkit.base_fingerprint": "f" * 16})
+    save_file(
+        tensors, tmp_path / "adapter_model.safetensors", metadata={"peftkit.base_fingerprint": "f" * 16}
+    )
     fresh = copy.deepcopy(base)
     snap = snapshot(fresh)
     with pytest.raises(AdapterMismatchError, match="different base model"):
@@ -191,20 +199,36 @@ def test_set_active_leaves_parameters_the_user_unfroze():
 def test_svd_init_limits_and_stacking():
     with pytest.raises(UnsupportedLayerError, match="l1: init_lora_weights='pissa' needs r <= min"):
         peftkit.inject(mk(), peftkit.LoraConfig(r=9, target_modules=["l1"], init_lora_weights="pissa"))
-    model = peftkit.inject(mk(), peftkit.LoraConfig(r=2, target_modules=["l1"], init_lora_weights="pissa"), "a")
+    model = peftkit.inject(
+        mk(), peftkit.LoraConfig(r=2, target_modules=["l1"], init_lora_weights="pissa"), "a"
+    )
     with pytest.raises(UnsupportedLayerError, match="second one would decompose"):
         peftkit.inject(model, peftkit.LoraConfig(r=2, target_modules=["l1"], init_lora_weights="olora"), "b")
 
 
 def test_targeting_follows_the_reference_rules():
     names = lambda m: sorted(n for n, *_ in peftkit.trainable_summary(m, show=False).adapted)  # noqa: E731
-    model = nn.ModuleDict({"layers": nn.ModuleList(
-        nn.ModuleDict({"a": nn.Linear(2, 2), "b": nn.Linear(2, 2)}) for _ in range(3))})
-    peftkit.inject(model, peftkit.LoraConfig(target_modules=["layers.0.a", "b"], layers_to_transform=[2],
-                                             layers_pattern="layers"))
+    model = nn.ModuleDict(
+        {
+            "layers": nn.ModuleList(
+                nn.ModuleDict({"a": nn.Linear(2, 2), "b": nn.Linear(2, 2)}) for _ in range(3)
+            )
+        }
+    )
+    peftkit.inject(
+        model,
+        peftkit.LoraConfig(
+            target_modules=["layers.0.a", "b"], layers_to_transform=[2], layers_pattern="layers"
+        ),
+    )
     assert names(model) == ["layers.0.a", "layers.2.b"]  # a full name skips the layer filter
     peftkit.inject(model, peftkit.LoraConfig(target_modules=["a"], layers_to_transform=[]), "all")
-    assert sorted(set(names(model))) == ["layers.0.a", "layers.1.a", "layers.2.a", "layers.2.b"]  # [] = no filter
+    assert sorted(set(names(model))) == [
+        "layers.0.a",
+        "layers.1.a",
+        "layers.2.a",
+        "layers.2.b",
+    ]  # [] = no filter
     assert peftkit.LoraConfig(target_modules="ALL-Linear").target_modules == "all-linear"
     with pytest.raises(ConfigError, match="not a regex"):
         peftkit.LoraConfig(target_modules=r".*q", layers_to_transform=[0])

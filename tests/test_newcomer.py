@@ -8,19 +8,21 @@ from pathlib import Path
 import pytest
 
 from peftkit.cli import main
-from test_runner import reviews_csv, tiny_model_dir  # noqa: F401 - fixtures
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = str(REPO / "configs" / "sentiment-minilm-lora.yaml")
 
 
-@pytest.mark.parametrize("model, expected", [
-    ("runs/nothing", "'runs/nothing' does not exist (relative paths start from"),
-    ("no-such-dir/a/b", "does not exist"),
-    ("RECIPE", "is a file, not a model directory"),
-    ("CONFIGS", "is not a model directory (no config.json in it)"),
-    ("minlm", "did you mean 'minilm'?"),
-])
+@pytest.mark.parametrize(
+    "model, expected",
+    [
+        ("runs/nothing", "'runs/nothing' does not exist (relative paths start from"),
+        ("no-such-dir/a/b", "does not exist"),
+        ("RECIPE", "is a file, not a model directory"),
+        ("CONFIGS", "is not a model directory (no config.json in it)"),
+        ("minlm", "did you mean 'minilm'?"),
+    ],
+)
 def test_a_model_path_that_is_not_a_model_is_a_config_error(model, expected, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "runs").mkdir()
@@ -41,8 +43,18 @@ def test_inspect_of_a_missing_model_directory_is_a_config_error(tmp_path, monkey
 
 def test_targets_that_match_nothing_name_the_field_the_suffix_and_inspect(tmp_path, capsys):
     out = tmp_path / "out"
-    assert main(["train", RECIPE, "adapter.target_modules=[querry, value]", f"output_dir={out}",
-                 "data.max_train_examples=16"]) == 2
+    assert (
+        main(
+            [
+                "train",
+                RECIPE,
+                "adapter.target_modules=[querry, value]",
+                f"output_dir={out}",
+                "data.max_train_examples=16",
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert "adapter.target_modules: target 'querry' matched 0 modules; closest: 'query'." in err
     assert "`peftkit inspect minilm`" in err and "encoder.layer" not in err
@@ -55,7 +67,9 @@ def tiny_run(tiny_model_dir, reviews_csv, tmp_path_factory):  # noqa: F811
     from test_runner import make_config
 
     out = tmp_path_factory.mktemp("runs") / "tiny"
-    assert runner.train_run(make_config(tiny_model_dir, reviews_csv, out, train={"steps": 2}), log=lambda line: None).ok
+    assert runner.train_run(
+        make_config(tiny_model_dir, reviews_csv, out, train={"steps": 2}), log=lambda line: None
+    ).ok
     return out
 
 
@@ -64,7 +78,10 @@ def test_predict_names_the_missing_key_and_takes_input_key(tiny_run, tmp_path, c
     inputs.write_text('{"sentence": "a great film"}\n{"sentence": "dull"}\n')
     assert main(["predict", str(tiny_run), str(inputs)]) == 2
     err = capsys.readouterr().err
-    assert "input 1 is a JSON object without 'text' (its keys: 'sentence')" in err and "--input-key sentence" in err
+    assert (
+        "input 1 is a JSON object without 'text' (its keys: 'sentence')" in err
+        and "--input-key sentence" in err
+    )
     assert main(["predict", str(tiny_run), str(inputs), "--input-key", "sentence"]) == 0
     assert len(capsys.readouterr().out.splitlines()) == 2
 
@@ -94,11 +111,17 @@ def test_a_latin1_csv_names_data_encoding_and_reads_with_it(tmp_path):
     from peftkit.run.schema import DataConfig, SplitConfig
 
     path = tmp_path / "reviews.csv"
-    path.write_bytes("text,label\nun film très réussi,pos\nennuyeux,neg\ncliché,neg\nsuperbe,pos\n".encode("latin-1"))
-    with pytest.raises(ConfigError, match=r"line 2: not utf-8 text .*set data\.encoding \(e\.g\. latin-1 or cp1252\)"):
+    path.write_bytes(
+        "text,label\nun film très réussi,pos\nennuyeux,neg\ncliché,neg\nsuperbe,pos\n".encode("latin-1")
+    )
+    with pytest.raises(
+        ConfigError, match=r"line 2: not utf-8 text .*set data\.encoding \(e\.g\. latin-1 or cp1252\)"
+    ):
         load_examples(DataConfig(files=str(path)), ["text", "label"])
-    splits = load_examples(DataConfig(files=str(path), encoding="latin-1", split=SplitConfig(validation=0.0, test=0.0)),
-                           ["text", "label"])
+    splits = load_examples(
+        DataConfig(files=str(path), encoding="latin-1", split=SplitConfig(validation=0.0, test=0.0)),
+        ["text", "label"],
+    )
     assert "un film très réussi" in {e["text"] for e in splits["train"]}
 
 

@@ -84,7 +84,11 @@ def test_neumann_series_follows_the_reference_polynomial(terms):
         expected = eye + 2 * q
     else:
         m = max(3, terms - 1)  # I + 2Q + ... + 2Q^(m-1) + Q^m
-        expected = eye + sum(2 * torch.linalg.matrix_power(q, k) for k in range(1, m)) + torch.linalg.matrix_power(q, m)
+        expected = (
+            eye
+            + sum(2 * torch.linalg.matrix_power(q, k) for k in range(1, m))
+            + torch.linalg.matrix_power(q, m)
+        )
     assert torch.allclose(_cayley_neumann(q, terms), expected, atol=1e-12)
 
 
@@ -92,7 +96,9 @@ def test_neumann_rotation_is_only_approximately_orthogonal_and_unmerge_still_res
     torch.manual_seed(0)
     layer = nn.Linear(8, 5)
     original = layer.weight.detach().clone()
-    model = peftkit.inject(nn.Sequential(layer), OFTConfig(oft_block_size=4, target_modules=["0"], init_weights=False))
+    model = peftkit.inject(
+        nn.Sequential(layer), OFTConfig(oft_block_size=4, target_modules=["0"], init_weights=False)
+    )
     adapter = model[0].adapters["default"]
     with torch.no_grad():
         adapter.oft_R.weight.mul_(2)  # large Q: the 5-term series is far from orthogonal
@@ -109,7 +115,9 @@ def test_neumann_rotation_is_only_approximately_orthogonal_and_unmerge_still_res
 def test_fresh_adapter_is_identity_and_linear_rotates_the_input():
     torch.manual_seed(0)
     layer = nn.Linear(6, 4)
-    model = peftkit.inject(nn.Sequential(copy.deepcopy(layer)), OFTConfig(oft_block_size=3, target_modules=["0"]))
+    model = peftkit.inject(
+        nn.Sequential(copy.deepcopy(layer)), OFTConfig(oft_block_size=3, target_modules=["0"])
+    )
     x = torch.randn(2, 6)
     assert torch.equal(model(x), layer(x))
     adapter = model[0].adapters["default"]
@@ -122,8 +130,10 @@ def test_fresh_adapter_is_identity_and_linear_rotates_the_input():
 
 
 def test_block_share_stores_one_row_used_by_every_block():
-    model = peftkit.inject(nn.Sequential(nn.Linear(12, 3)), OFTConfig(oft_block_size=4, block_share=True,
-                                                                    target_modules=["0"], init_weights=False))
+    model = peftkit.inject(
+        nn.Sequential(nn.Linear(12, 3)),
+        OFTConfig(oft_block_size=4, block_share=True, target_modules=["0"], init_weights=False),
+    )
     adapter = model[0].adapters["default"]
     assert adapter.oft_R.weight.shape == (1, 6)
     blocks = adapter.rotation()
@@ -131,15 +141,19 @@ def test_block_share_stores_one_row_used_by_every_block():
 
 
 def test_r_instead_of_block_size():
-    model = peftkit.inject(nn.Sequential(nn.Linear(12, 3)), OFTConfig(r=2, oft_block_size=0, target_modules=["0"]))
+    model = peftkit.inject(
+        nn.Sequential(nn.Linear(12, 3)), OFTConfig(r=2, oft_block_size=0, target_modules=["0"])
+    )
     assert model[0].adapters["default"].oft_R.weight.shape == (2, 15)  # two blocks of 6
 
 
 def test_coft_keeps_each_block_inside_its_ball():
     torch.manual_seed(0)
     eps = 0.05
-    model = peftkit.inject(nn.Sequential(nn.Linear(16, 3)), OFTConfig(oft_block_size=4, coft=True, eps=eps,
-                                                                    target_modules=["0"], init_weights=False))
+    model = peftkit.inject(
+        nn.Sequential(nn.Linear(16, 3)),
+        OFTConfig(oft_block_size=4, coft=True, eps=eps, target_modules=["0"], init_weights=False),
+    )
     rot = model[0].adapters["default"].oft_R
     radius = eps / 2  # eps / sqrt(4 stored blocks)
     assert torch.linalg.vector_norm(rot.skew(rot.weight.detach()), dim=(1, 2)).min() > radius
@@ -156,8 +170,10 @@ def test_coft_keeps_each_block_inside_its_ball():
 
 def test_module_dropout_sets_blocks_to_identity_only_while_training():
     torch.manual_seed(0)
-    model = peftkit.inject(nn.Sequential(nn.Linear(16, 3)), OFTConfig(oft_block_size=2, module_dropout=0.5,
-                                                                    target_modules=["0"], init_weights=False))
+    model = peftkit.inject(
+        nn.Sequential(nn.Linear(16, 3)),
+        OFTConfig(oft_block_size=2, module_dropout=0.5, target_modules=["0"], init_weights=False),
+    )
     adapter = model[0].adapters["default"]
     eye = torch.eye(2)
     model.train()
@@ -190,21 +206,39 @@ def test_saved_keys_and_shapes(tmp_path):
 
 def test_config_reports_every_problem_at_once():
     with pytest.raises(ConfigError) as info:
-        OFTConfig(r=4, module_dropout=1.5, bias="lora_only", eps=0, num_cayley_neumann_terms=1,
-                  coft="yes", rank_pattern={"query": 2})
+        OFTConfig(
+            r=4,
+            module_dropout=1.5,
+            bias="lora_only",
+            eps=0,
+            num_cayley_neumann_terms=1,
+            coft="yes",
+            rank_pattern={"query": 2},
+        )
     text = str(info.value)
     assert "7 problem" in text
-    for needle in ("set exactly one of r", "pass oft_block_size=0", "module_dropout", "'oft_only'", "eps",
-                   "num_cayley_neumann_terms", "coft", "rank_pattern"):
+    for needle in (
+        "set exactly one of r",
+        "pass oft_block_size=0",
+        "module_dropout",
+        "'oft_only'",
+        "eps",
+        "num_cayley_neumann_terms",
+        "coft",
+        "rank_pattern",
+    ):
         assert needle in text, needle
 
 
-@pytest.mark.parametrize(("kwargs", "needle"), [
-    ({"r": 0, "oft_block_size": 0}, "set exactly one of r"),
-    ({"oft_block_size": 1}, "1x1 blocks"),
-    ({"oft_block_size": -4}, "non-negative integer"),
-    ({"r": 2.5, "oft_block_size": 0}, "non-negative integer"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "needle"),
+    [
+        ({"r": 0, "oft_block_size": 0}, "set exactly one of r"),
+        ({"oft_block_size": 1}, "1x1 blocks"),
+        ({"oft_block_size": -4}, "non-negative integer"),
+        ({"r": 2.5, "oft_block_size": 0}, "non-negative integer"),
+    ],
+)
 def test_block_configuration_errors(kwargs, needle):
     with pytest.raises(ConfigError, match=needle):
         OFTConfig(**kwargs)
@@ -213,7 +247,9 @@ def test_block_configuration_errors(kwargs, needle):
 def test_block_size_that_does_not_divide_is_refused_before_any_change():
     model = nn.Sequential(nn.Linear(384, 8), nn.Linear(30, 2))
     before = copy.deepcopy(model.state_dict())
-    with pytest.raises(UnsupportedLayerError, match=r"^1: oft_block_size=32 must divide the 30 input .* \[15, 30\]"):
+    with pytest.raises(
+        UnsupportedLayerError, match=r"^1: oft_block_size=32 must divide the 30 input .* \[15, 30\]"
+    ):
         peftkit.inject(model, OFTConfig(target_modules=["0", "1"]))
     assert type(model[0]) is nn.Linear and type(model[1]) is nn.Linear
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
@@ -249,7 +285,10 @@ def test_reference_files_with_other_parameterisations_are_refused():
     assert isinstance(OFTConfig.from_dict(good), OFTConfig)
     with pytest.raises(ConfigError, match="Cayley-Neumann series"):
         OFTConfig.from_dict({**good, "peft_version": "0.17.1"})
-    assert OFTConfig.from_dict({**good, "peft_version": "0.17.1", "use_cayley_neumann": False}).oft_block_size == 32
+    assert (
+        OFTConfig.from_dict({**good, "peft_version": "0.17.1", "use_cayley_neumann": False}).oft_block_size
+        == 32
+    )
     old = {k: v for k, v in good.items() if k != "oft_block_size"}
     with pytest.raises(ConfigError, match="predates peft 0.14"):
         OFTConfig.from_dict(old)
@@ -305,7 +344,11 @@ def _close(ours: torch.Tensor, theirs: torch.Tensor, base: torch.Tensor) -> floa
     return diff
 
 
-VARIANTS = {"neumann": {}, "exact": {"use_cayley_neumann": False}, "coft-shared": {"coft": True, "eps": 0.1, "block_share": True}}
+VARIANTS = {
+    "neumann": {},
+    "exact": {"use_cayley_neumann": False},
+    "coft-shared": {"coft": True, "eps": 0.1, "block_share": True},
+}
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
@@ -391,21 +434,42 @@ def _quiet(call, caplog):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         result = call()
-    noisy = [str(w.message) for w in caught if not issubclass(w.category, DeprecationWarning)
-             and "is_gradient_checkpointing" not in str(w.message)]
+    noisy = [
+        str(w.message)
+        for w in caught
+        if not issubclass(w.category, DeprecationWarning)
+        and "is_gradient_checkpointing" not in str(w.message)
+    ]
     noisy += [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert not noisy, noisy
     return result
 
 
-_COMPARED = ("r", "oft_block_size", "module_dropout", "bias", "init_weights", "coft", "eps", "block_share",
-             "use_cayley_neumann", "num_cayley_neumann_terms")
+_COMPARED = (
+    "r",
+    "oft_block_size",
+    "module_dropout",
+    "bias",
+    "init_weights",
+    "coft",
+    "eps",
+    "block_share",
+    "use_cayley_neumann",
+    "num_cayley_neumann_terms",
+)
 
 
 def test_config_round_trip_without_warnings(minilm, tmp_path, caplog):
     caplog.set_level(logging.WARNING)
-    options = {"oft_block_size": 16, "target_modules": list(TARGETS), "use_cayley_neumann": False,
-               "num_cayley_neumann_terms": 7, "coft": True, "eps": 1e-3, "module_dropout": 0.1}
+    options = {
+        "oft_block_size": 16,
+        "target_modules": list(TARGETS),
+        "use_cayley_neumann": False,
+        "num_cayley_neumann_terms": 7,
+        "coft": True,
+        "eps": 1e-3,
+        "module_dropout": 0.1,
+    }
     ours = peftkit.inject(copy.deepcopy(minilm), OFTConfig(**options))
     peftkit.save_adapter(ours, tmp_path / "ours")
     theirs_config = _quiet(lambda: peft.PeftConfig.from_pretrained(tmp_path / "ours"), caplog)

@@ -59,7 +59,9 @@ class ModelCase:
 
 
 MINILM = ModelCase("minilm", ["query", "value"], "SEQ_CLS", classifier=True)
-LLAMA = ModelCase("llama", ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], "CAUSAL_LM")
+LLAMA = ModelCase(
+    "llama", ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], "CAUSAL_LM"
+)
 GPT2 = ModelCase("gpt2", ["c_attn", "c_proj", "c_fc"], "CAUSAL_LM", fan_in_fan_out=True)
 MODELS = {case.name: case for case in (MINILM, LLAMA, GPT2)}
 
@@ -67,8 +69,14 @@ MODELS = {case.name: case for case in (MINILM, LLAMA, GPT2)}
 def _tiny_llama() -> nn.Module:
     torch.manual_seed(0)
     config = LlamaConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        vocab_size=VOCAB, max_position_embeddings=64, tie_word_embeddings=False,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=VOCAB,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
     )
     return LlamaForCausalLM(config).eval()
 
@@ -76,8 +84,16 @@ def _tiny_llama() -> nn.Module:
 def _tiny_gpt2() -> nn.Module:
     torch.manual_seed(0)
     config = GPT2Config(
-        n_embd=32, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=64,
-        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0,
+        n_embd=32,
+        n_layer=2,
+        n_head=4,
+        vocab_size=VOCAB,
+        n_positions=64,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        bos_token_id=0,
+        eos_token_id=0,
     )
     return GPT2LMHeadModel(config).eval()
 
@@ -153,7 +169,13 @@ MINILM_CONFIGS: dict[str, dict] = {
 
 def _options(case: ModelCase, extra: dict) -> dict:
     # fresh lists each time: peft edits some config lists in place
-    return {"r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "target_modules": list(case.targets), **copy.deepcopy(extra)}
+    return {
+        "r": 4,
+        "lora_alpha": 8,
+        "lora_dropout": 0.0,
+        "target_modules": list(case.targets),
+        **copy.deepcopy(extra),
+    }
 
 
 def _peftkit_config(case: ModelCase, extra: dict) -> peftkit.LoraConfig:
@@ -162,7 +184,9 @@ def _peftkit_config(case: ModelCase, extra: dict) -> peftkit.LoraConfig:
 
 
 def _peft_config(case: ModelCase, extra: dict):
-    return peft.LoraConfig(task_type=case.task_type, fan_in_fan_out=case.fan_in_fan_out, **_options(case, extra))
+    return peft.LoraConfig(
+        task_type=case.task_type, fan_in_fan_out=case.fan_in_fan_out, **_options(case, extra)
+    )
 
 
 # -- helpers -------------------------------------------------------------------------------------
@@ -204,7 +228,9 @@ def _assert_trained(before: dict[str, torch.Tensor], after: dict[str, torch.Tens
         assert any(".classifier." in k for k in after), "classifier head not saved with the adapter"
 
 
-def _assert_close(ours: torch.Tensor, theirs: torch.Tensor, base: torch.Tensor, request: pytest.FixtureRequest) -> None:
+def _assert_close(
+    ours: torch.Tensor, theirs: torch.Tensor, base: torch.Tensor, request: pytest.FixtureRequest
+) -> None:
     diff, effect = (ours - theirs).abs().max().item(), (ours - base).abs().max().item()
     MAX_DIFFS[request.node.name] = (diff, effect)
     assert effect > 1e-3, "the adapter does not change the output, so the comparison proves nothing"
@@ -258,7 +284,10 @@ def _peft_to_peftkit(base: nn.Module, case: ModelCase, extra: dict, directory: P
     return Pair(ours, theirs, base, batch)
 
 
-DIRECTIONS: dict[str, Callable[..., Pair]] = {"peftkit->peft": _peftkit_to_peft, "peft->peftkit": _peft_to_peftkit}
+DIRECTIONS: dict[str, Callable[..., Pair]] = {
+    "peftkit->peft": _peftkit_to_peft,
+    "peft->peftkit": _peft_to_peftkit,
+}
 STATES = ["unmerged", "merged", "unloaded"]
 
 
@@ -285,7 +314,9 @@ def _check_state(pair: Pair, case: ModelCase, state: str, request: pytest.Fixtur
 # -- direction x model x variant x merge state ---------------------------------------------------
 
 MATRIX = [
-    pytest.param(direction, model, variant, VARIANTS[variant], state, id=f"{direction}-{model}-{variant}-{state}")
+    pytest.param(
+        direction, model, variant, VARIANTS[variant], state, id=f"{direction}-{model}-{variant}-{state}"
+    )
     for direction in DIRECTIONS
     for model in MODELS
     for variant in VARIANTS
@@ -299,7 +330,9 @@ MATRIX = [
 
 
 @pytest.mark.parametrize(("direction", "model", "variant", "extra", "state"), MATRIX)
-def test_trained_adapter_gives_same_outputs(base_models, tmp_path, request, direction, model, variant, extra, state):
+def test_trained_adapter_gives_same_outputs(
+    base_models, tmp_path, request, direction, model, variant, extra, state
+):
     case = MODELS[model]
     pair = DIRECTIONS[direction](base_models[model], case, extra, tmp_path / "adapter")
     _check_state(pair, case, state, request)
@@ -320,7 +353,9 @@ def test_llama_embedding_target_gives_same_outputs(base_models, tmp_path, reques
 # -- both libraries select the same modules and write the same tensor names -----------------------
 
 SELECTION = [
-    pytest.param(model, variant, VARIANTS[variant], id=f"{model}-{variant}") for model in MODELS for variant in VARIANTS
+    pytest.param(model, variant, VARIANTS[variant], id=f"{model}-{variant}")
+    for model in MODELS
+    for variant in VARIANTS
 ] + [pytest.param("minilm", name, extra, id=f"minilm-{name}") for name, extra in MINILM_CONFIGS.items()]
 
 
@@ -335,8 +370,11 @@ def test_same_modules_and_tensor_names(base_models, tmp_path, model, variant, ex
     assert sorted(ours_shapes) == sorted(theirs_shapes)
     assert ours_shapes == theirs_shapes
     adapted = {n for n, _ in adapter_layers(ours)}
-    their_adapted = {n.removeprefix("base_model.model.") for n, m in theirs.named_modules()
-                     if isinstance(m, peft.tuners.lora.LoraLayer)}
+    their_adapted = {
+        n.removeprefix("base_model.model.")
+        for n, m in theirs.named_modules()
+        if isinstance(m, peft.tuners.lora.LoraLayer)
+    }
     assert adapted == their_adapted
 
 
@@ -363,8 +401,11 @@ def no_warnings(caplog):
         def __exit__(self, *exc):
             self._ctx.__exit__(*exc)
             if exc[0] is None:
-                python = [f"{w.category.__name__}: {w.message}" for w in self.caught
-                          if not issubclass(w.category, DeprecationWarning) and not _known_noise(w)]
+                python = [
+                    f"{w.category.__name__}: {w.message}"
+                    for w in self.caught
+                    if not issubclass(w.category, DeprecationWarning) and not _known_noise(w)
+                ]
                 logged = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
                 assert not python and not logged, f"warnings: {python + logged}"
             return False
@@ -374,14 +415,27 @@ def no_warnings(caplog):
 
 
 CONFIG_CASES = [
-    pytest.param(model, variant, VARIANTS[variant], id=f"{model}-{variant}") for model in MODELS for variant in VARIANTS
+    pytest.param(model, variant, VARIANTS[variant], id=f"{model}-{variant}")
+    for model in MODELS
+    for variant in VARIANTS
 ] + [pytest.param("minilm", name, extra, id=f"minilm-{name}") for name, extra in MINILM_CONFIGS.items()]
 
-_COMPARED = ("r", "lora_alpha", "lora_dropout", "use_rslora", "use_dora", "bias", "rank_pattern", "alpha_pattern")
+_COMPARED = (
+    "r",
+    "lora_alpha",
+    "lora_dropout",
+    "use_rslora",
+    "use_dora",
+    "bias",
+    "rank_pattern",
+    "alpha_pattern",
+)
 
 
 @pytest.mark.parametrize(("model", "variant", "extra"), CONFIG_CASES)
-def test_peftkit_config_reads_in_peft_without_warnings(base_models, tmp_path, no_warnings, model, variant, extra):
+def test_peftkit_config_reads_in_peft_without_warnings(
+    base_models, tmp_path, no_warnings, model, variant, extra
+):
     case = MODELS[model]
     ours = peftkit.inject(copy.deepcopy(base_models[model]), _peftkit_config(case, extra))
     peftkit.save_adapter(ours, tmp_path)
@@ -401,7 +455,9 @@ def test_peftkit_config_reads_in_peft_without_warnings(base_models, tmp_path, no
 
 
 @pytest.mark.parametrize(("model", "variant", "extra"), CONFIG_CASES)
-def test_peft_config_reads_in_peftkit_without_warnings(base_models, tmp_path, no_warnings, model, variant, extra):
+def test_peft_config_reads_in_peftkit_without_warnings(
+    base_models, tmp_path, no_warnings, model, variant, extra
+):
     case = MODELS[model]
     theirs = peft.get_peft_model(copy.deepcopy(base_models[model]), _peft_config(case, extra))
     theirs.save_pretrained(tmp_path)
@@ -428,7 +484,9 @@ def test_peftkit_adapter_loads_in_peft_without_warnings(base_models, tmp_path, n
 def test_peft_adapter_loads_in_peftkit_without_warnings(base_models, tmp_path, no_warnings):
     for model in MODELS:
         case = MODELS[model]
-        theirs = peft.get_peft_model(copy.deepcopy(base_models[model]), _peft_config(case, {"use_dora": True}))
+        theirs = peft.get_peft_model(
+            copy.deepcopy(base_models[model]), _peft_config(case, {"use_dora": True})
+        )
         theirs.save_pretrained(tmp_path / model)
         fresh = copy.deepcopy(base_models[model])
         with no_warnings:

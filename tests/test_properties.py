@@ -31,15 +31,23 @@ def _dora_condition(layer: nn.Module, weight: torch.Tensor) -> float:
 @settings(max_examples=40, deadline=None)
 @example(d_in=21, d_out=24, r=1, alpha=48.5, rslora=False, dora=True, seed=24)  # a delta 460x the weight
 @given(
-    d_in=st.integers(1, 24), d_out=st.integers(1, 24), r=st.integers(1, 8),
-    alpha=st.floats(0.5, 64), rslora=st.booleans(), dora=st.booleans(), seed=st.integers(0, 2**16),
+    d_in=st.integers(1, 24),
+    d_out=st.integers(1, 24),
+    r=st.integers(1, 8),
+    alpha=st.floats(0.5, 64),
+    rslora=st.booleans(),
+    dora=st.booleans(),
+    seed=st.integers(0, 2**16),
 )
 def test_linear_merge_unmerge_roundtrip(d_in, d_out, r, alpha, rslora, dora, seed):
     torch.manual_seed(seed)
     model = nn.Sequential(nn.Linear(d_in, d_out))
     x = torch.randn(3, d_in)
     weight = model[0].weight.detach().clone()
-    peftkit.inject(model, peftkit.LoraConfig(r=r, lora_alpha=alpha, use_rslora=rslora, use_dora=dora, target_modules=["0"]))
+    peftkit.inject(
+        model,
+        peftkit.LoraConfig(r=r, lora_alpha=alpha, use_rslora=rslora, use_dora=dora, target_modules=["0"]),
+    )
     _randomise_adapter(model, seed)
     with torch.no_grad():
         unmerged = model(x)
@@ -52,13 +60,21 @@ def test_linear_merge_unmerge_roundtrip(d_in, d_out, r, alpha, rslora, dora, see
     with torch.no_grad():
         adapter = model[0].adapters["default"]
         delta = (adapter.scaling * adapter.lora_rows()).abs().max().item()
-    assert (model[0].base_layer.weight - weight).abs().max() <= 1e-5 * max(1.0, weight.abs().max().item(), delta)
+    assert (model[0].base_layer.weight - weight).abs().max() <= 1e-5 * max(
+        1.0, weight.abs().max().item(), delta
+    )
 
 
 @settings(max_examples=25, deadline=None)
 @given(
-    c_in=st.integers(1, 5), c_out=st.integers(1, 5), k=st.integers(1, 3), stride=st.integers(1, 2),
-    dilation=st.integers(1, 2), r=st.integers(1, 4), dora=st.booleans(), seed=st.integers(0, 2**16),
+    c_in=st.integers(1, 5),
+    c_out=st.integers(1, 5),
+    k=st.integers(1, 3),
+    stride=st.integers(1, 2),
+    dilation=st.integers(1, 2),
+    r=st.integers(1, 4),
+    dora=st.booleans(),
+    seed=st.integers(0, 2**16),
 )
 def test_conv2d_merge_matches_unmerged(c_in, c_out, k, stride, dilation, r, dora, seed):
     torch.manual_seed(seed)

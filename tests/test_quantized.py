@@ -39,9 +39,17 @@ def tiny_bert(quant: str | None, seed: int = 0) -> nn.Module:
     from transformers import BertConfig, BertForSequenceClassification
 
     torch.manual_seed(seed)
-    config = BertConfig(vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=128, max_position_embeddings=32, num_labels=3,
-                        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    config = BertConfig(
+        vocab_size=100,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=128,
+        max_position_embeddings=32,
+        num_labels=3,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
     model = BertForSequenceClassification(config).eval()
     if quant is not None:
         bits, kind = QUANTS[quant]
@@ -51,7 +59,10 @@ def tiny_bert(quant: str | None, seed: int = 0) -> nn.Module:
 
 def batch(seed: int = 1) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    return {"input_ids": torch.randint(1, 100, (4, 12), generator=g), "attention_mask": torch.ones(4, 12, dtype=torch.long)}
+    return {
+        "input_ids": torch.randint(1, 100, (4, 12), generator=g),
+        "attention_mask": torch.ones(4, 12, dtype=torch.long),
+    }
 
 
 def logits(model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -61,24 +72,35 @@ def logits(model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
 
 def adapter_config(method: str) -> peftkit.AdapterConfig:
     if method == "lora":  # random A and B: the adapter changes the output from the start
-        return peftkit.LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"], init_lora_weights=False)
-    return peftkit.IA3Config(target_modules=["query", "value", "intermediate.dense"],
-                             feedforward_modules=["intermediate.dense"], init_ia3_weights=False)
+        return peftkit.LoraConfig(
+            r=4, lora_alpha=8, target_modules=["query", "value"], init_lora_weights=False
+        )
+    return peftkit.IA3Config(
+        target_modules=["query", "value", "intermediate.dense"],
+        feedforward_modules=["intermediate.dense"],
+        init_ia3_weights=False,
+    )
 
 
 def packed(model: nn.Module) -> dict[str, torch.Tensor]:
     """The stored (quantized) weight bytes of every bitsandbytes layer, by module name (adapted or not)."""
-    return {n.removesuffix(".base_layer"): m.weight.data.clone() for n, m in model.named_modules() if isinstance(m, BNB_TYPES)}
+    return {
+        n.removesuffix(".base_layer"): m.weight.data.clone()
+        for n, m in model.named_modules()
+        if isinstance(m, BNB_TYPES)
+    }
 
 
 # -- import cost and dispatch ---------------------------------------------------------------------
 
 
 def test_importing_peftkit_and_adapting_a_dense_model_never_imports_bitsandbytes():
-    code = ("import sys, torch, peftkit, peftkit.api\n"
-            "m = torch.nn.Sequential(torch.nn.Linear(4, 4))\n"
-            "peftkit.inject(m, peftkit.LoraConfig(target_modules=['0']))\n"
-            "print('bitsandbytes' in sys.modules)")
+    code = (
+        "import sys, torch, peftkit, peftkit.api\n"
+        "m = torch.nn.Sequential(torch.nn.Linear(4, 4))\n"
+        "peftkit.inject(m, peftkit.LoraConfig(target_modules=['0']))\n"
+        "print('bitsandbytes' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
     assert out.stdout.strip() == "False", out.stderr
 
@@ -104,10 +126,15 @@ def test_without_bitsandbytes_everything_else_works_and_every_message_says_how_t
         f"sys.exit(pytest.main(['-q', '-n', '0', '-rs', '-p', 'no:cacheprovider', {str(Path(__file__))!r}]))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
-    assert out.returncode == 5, out.stdout[-2000:] + out.stderr[-2000:]  # pytest: no test ran (module skipped)
+    assert out.returncode == 5, (
+        out.stdout[-2000:] + out.stderr[-2000:]
+    )  # pytest: no test ran (module skipped)
     lines = out.stdout.splitlines()
     assert any(line.startswith("QUANTIZE:") and "pip install bitsandbytes" in line for line in lines)
-    assert any("model.quantize: nf4 needs bitsandbytes; install it with `pip install bitsandbytes`" in line for line in lines)
+    assert any(
+        "model.quantize: nf4 needs bitsandbytes; install it with `pip install bitsandbytes`" in line
+        for line in lines
+    )
     assert "1 skipped" in out.stdout and "pip install bitsandbytes" in out.stdout
 
 
@@ -134,7 +161,10 @@ def test_trainable_summary_counts_a_quantized_weight_by_its_logical_shape(quant)
     peftkit.quantize(model, bits=bits, quant_type=kind)
     peftkit.inject(model, peftkit.LoraConfig(r=2, target_modules=["query"]))
     peftkit.inject(dense, peftkit.LoraConfig(r=2, target_modules=["query"]))
-    quantized, reference = peftkit.trainable_summary(model, show=False), peftkit.trainable_summary(dense, show=False)
+    quantized, reference = (
+        peftkit.trainable_summary(model, show=False),
+        peftkit.trainable_summary(dense, show=False),
+    )
     assert reference.total > expected  # the adapter's parameters count
     assert (quantized.total, quantized.trainable) == (reference.total, reference.trainable)
 
@@ -374,12 +404,26 @@ def test_causal_lm_task_loads_quantized_with_lm_head_dense_and_trains_lora(tmp_p
 
     tokenizer = char_tokenizer()
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
     LlamaForCausalLM(config).save_pretrained(tmp_path / "model")
     tokenizer.save_pretrained(tmp_path / "model")
-    task = CausalLMTask(RunConfig(task="causal-lm", data=DataConfig(max_length=32),
-                                  model=ModelConfig(name_or_path=str(tmp_path / "model"), quantize="nf4")))
+    task = CausalLMTask(
+        RunConfig(
+            task="causal-lm",
+            data=DataConfig(max_length=32),
+            model=ModelConfig(name_or_path=str(tmp_path / "model"), quantize="nf4"),
+        )
+    )
     model = task.load_model()
     assert isinstance(model.model.layers[0].self_attn.q_proj, bnb.nn.Linear4bit)
     assert isinstance(model.model.layers[0].mlp.down_proj, bnb.nn.Linear4bit)
@@ -399,8 +443,10 @@ def _minilm_task(quant: str):
     from peftkit.run.config import parse_config
     from peftkit.run.runner import build_task
 
-    config = {"model": {"name_or_path": "minilm", "quantize": quant, "num_labels": 2},
-              "data": {"name": "rotten_tomatoes", "labels": ["rotten", "fresh"], "max_length": 32}}
+    config = {
+        "model": {"name_or_path": "minilm", "quantize": quant, "num_labels": 2},
+        "data": {"name": "rotten_tomatoes", "labels": ["rotten", "fresh"], "max_length": 32},
+    }
     return build_task(parse_config(config))
 
 
@@ -415,7 +461,9 @@ def test_parity_with_the_reference_qlora_setup_on_minilm(quant, tmp_path):
     assert isinstance(model.bert.encoder.layer[0].attention.self.query, BNB_TYPES)
     assert type(model.classifier) is nn.Linear  # the fresh head was skipped
     peftkit.inject(model, peftkit.LoraConfig(r=8, lora_alpha=16, target_modules=["query", "value"]))
-    x = dict(task.tokenizer(["a gripping, funny film", "dull and far too long"], return_tensors="pt", padding=True))
+    x = dict(
+        task.tokenizer(["a gripping, funny film", "dull and far too long"], return_tensors="pt", padding=True)
+    )
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     model.train()
     for _ in range(3):  # B non-zero and the head copy moved
@@ -427,7 +475,9 @@ def test_parity_with_the_reference_qlora_setup_on_minilm(quant, tmp_path):
     peftkit.save_adapter(model, tmp_path / "adapter")
 
     reference = peft.PeftModel.from_pretrained(_minilm_task(quant).load_model(), tmp_path / "adapter").eval()
-    lora_types = {type(m).__module__ for m in reference.modules() if type(m).__name__ in ("Linear4bit", "Linear8bitLt")}
+    lora_types = {
+        type(m).__module__ for m in reference.modules() if type(m).__name__ in ("Linear4bit", "Linear8bitLt")
+    }
     assert "peft.tuners.lora.bnb" in lora_types  # peft's own QLoRA layers, not a dense fallback
     theirs = logits(reference, x)
     with peftkit.disable(model):
@@ -439,11 +489,29 @@ def test_parity_with_the_reference_qlora_setup_on_minilm(quant, tmp_path):
 @pytest.mark.slow
 def test_train_from_the_command_line_with_model_quantize_nf4(tmp_path):
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "peftkit", "train", str(ROOT / "configs" / "sentiment-minilm-lora.yaml"),
-           "model.quantize=nf4", "train.steps=2", "train.batch_size=4", "train.eval_every=1", "train.log_every=1",
-           "data.max_train_examples=16", "data.max_eval_examples=16", "eval.before_training=false",
-           f"output_dir={out}"]
-    result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    cmd = [
+        sys.executable,
+        "-m",
+        "peftkit",
+        "train",
+        str(ROOT / "configs" / "sentiment-minilm-lora.yaml"),
+        "model.quantize=nf4",
+        "train.steps=2",
+        "train.batch_size=4",
+        "train.eval_every=1",
+        "train.log_every=1",
+        "data.max_train_examples=16",
+        "data.max_eval_examples=16",
+        "eval.before_training=false",
+        f"output_dir={out}",
+    ]
+    result = subprocess.run(
+        cmd,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**__import__("os").environ, "OMP_NUM_THREADS": "1"},
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
     model = _minilm_task("nf4").load_model()
@@ -474,5 +542,7 @@ def test_dense_export_of_a_quantized_minilm_saves_a_plain_checkpoint(tmp_path):
     peftkit.unload(model, merge=True, dequantize=True)
     model.save_pretrained(tmp_path / "export")
     assert "quantization_config" not in (tmp_path / "export" / "config.json").read_text()
-    reloaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "export", trust_remote_code=True).eval()
+    reloaded = AutoModelForSequenceClassification.from_pretrained(
+        tmp_path / "export", trust_remote_code=True
+    ).eval()
     assert torch.allclose(logits(reloaded, x), adapted, atol=1e-5)

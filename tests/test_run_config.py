@@ -16,7 +16,11 @@ from peftkit.run.config import apply_overrides, dump_config, load_config, parse_
 from peftkit.train.config import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
-MINIMAL = {"task": "text-classification", "model": {"name_or_path": "minilm"}, "data": {"name": "rotten_tomatoes"}}
+MINIMAL = {
+    "task": "text-classification",
+    "model": {"name_or_path": "minilm"},
+    "data": {"name": "rotten_tomatoes"},
+}
 
 
 def problems_of(data, overrides=()) -> list[str]:
@@ -37,10 +41,19 @@ def test_a_minimal_config_gets_typed_sections_and_defaults():
 
 
 def test_overrides_are_dotted_paths_with_yaml_values():
-    config = parse_config(MINIMAL, [
-        "train.lr=1e-3", "train.steps=1e3", "adapter.r=16", "adapter.target_modules=[query,value]",
-        "data.columns.text=review", "train.max_grad_norm=", "eval.before_training=true", "output_dir=runs/x=y",
-    ])
+    config = parse_config(
+        MINIMAL,
+        [
+            "train.lr=1e-3",
+            "train.steps=1e3",
+            "adapter.r=16",
+            "adapter.target_modules=[query,value]",
+            "data.columns.text=review",
+            "train.max_grad_norm=",
+            "eval.before_training=true",
+            "output_dir=runs/x=y",
+        ],
+    )
     assert config.train.lr == 0.001 and isinstance(config.train.lr, float)
     assert config.train.steps == 1000 and isinstance(config.train.steps, int)
     assert config.adapter == {"method": "lora", "r": 16, "target_modules": ["query", "value"]}
@@ -72,11 +85,26 @@ def test_every_problem_is_reported_at_once_with_its_field_path():
         "trian": {},
     }
     problems = problems_of(data, ["adapter.r=-2"])
-    assert sorted(paths_of(problems)) == sorted([
-        "task", "model.name_or_path", "model.dtype", "data.nme", "data.max_length", "data", "adapter.rr",
-        "adapter.lora_dropout", "adapter.r", "train.lr", "train.steps", "train.lrr", "train.schedule",
-        "train.tensorboard", "eval.split", "trian",
-    ])
+    assert sorted(paths_of(problems)) == sorted(
+        [
+            "task",
+            "model.name_or_path",
+            "model.dtype",
+            "data.nme",
+            "data.max_length",
+            "data",
+            "adapter.rr",
+            "adapter.lora_dropout",
+            "adapter.r",
+            "train.lr",
+            "train.steps",
+            "train.lrr",
+            "train.schedule",
+            "train.tensorboard",
+            "eval.split",
+            "trian",
+        ]
+    )
     text = "\n".join(problems)
     assert "trian: unknown key; did you mean 'train'?" in text
     assert "train.lrr: unknown key; did you mean 'lr'?" in text
@@ -95,29 +123,35 @@ def test_a_key_without_a_close_match_lists_the_valid_keys():
     assert problem.startswith("eval.zzz: unknown key; valid keys: batch_size, split,")
 
 
-@pytest.mark.parametrize(("field", "value", "expected"), [
-    ("train.batch_size", 0, "a positive number of examples"),
-    ("train.warmup_ratio", 1.5, "a fraction in [0, 1)"),
-    ("train.device", "gpu", "auto, cpu, cuda, cuda:N or mps"),
-    ("train.precision", "fp16", "fp32 or bf16"),
-    ("train.early_stopping_patience", 0, "a positive number of evaluations"),
-    ("data.split.test", 1.0, "a fraction in [0, 1)"),
-    ("model.num_labels", 1, "at least 2 classes"),
-    ("eval.batch_size", -1, "a positive number of examples"),
-])
+@pytest.mark.parametrize(
+    ("field", "value", "expected"),
+    [
+        ("train.batch_size", 0, "a positive number of examples"),
+        ("train.warmup_ratio", 1.5, "a fraction in [0, 1)"),
+        ("train.device", "gpu", "auto, cpu, cuda, cuda:N or mps"),
+        ("train.precision", "fp16", "fp32 or bf16"),
+        ("train.early_stopping_patience", 0, "a positive number of evaluations"),
+        ("data.split.test", 1.0, "a fraction in [0, 1)"),
+        ("model.num_labels", 1, "at least 2 classes"),
+        ("eval.batch_size", -1, "a positive number of examples"),
+    ],
+)
 def test_out_of_range_values_name_what_is_expected(field, value, expected):
     (problem,) = problems_of(MINIMAL, [f"{field}={value}"])
     assert problem.startswith(f"{field}: expected {expected}")
 
 
-@pytest.mark.parametrize(("override", "message"), [
-    ("train.lr=true", "train.lr: expected a number, got True (bool)"),
-    ("train.epochs=1.5", "train.epochs: expected an integer, got 1.5 (float)"),
-    ("data.labels=neg", "data.labels: expected a list of strings or null, got 'neg' (str)"),
-    ("data.columns=[text]", "data.columns: expected a mapping of strings, got ['text'] (a list)"),
-    ("model=minilm", "model: expected a section of keys (name_or_path, dtype,"),
-    ("train.seed=", "train.seed: expected an integer, got null"),
-])
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("train.lr=true", "train.lr: expected a number, got True (bool)"),
+        ("train.epochs=1.5", "train.epochs: expected an integer, got 1.5 (float)"),
+        ("data.labels=neg", "data.labels: expected a list of strings or null, got 'neg' (str)"),
+        ("data.columns=[text]", "data.columns: expected a mapping of strings, got ['text'] (a list)"),
+        ("model=minilm", "model: expected a section of keys (name_or_path, dtype,"),
+        ("train.seed=", "train.seed: expected an integer, got null"),
+    ],
+)
 def test_wrong_types_name_the_expected_type(override, message):
     problems = problems_of(MINIMAL, [override])
     assert any(p.startswith(message) for p in problems), problems
@@ -143,13 +177,17 @@ def test_full_fine_tuning_takes_no_adapter_fields():
 def test_the_adapter_section_is_checked_by_the_methods_own_config():
     config = parse_config({**MINIMAL, "adapter": {"method": "ia3", "target_modules": ["key", "value"]}})
     assert config.adapter["method"] == "ia3"
-    problems = problems_of({**MINIMAL, "adapter": {"method": "lora", "r": 8, "lora_dropout": 2.0, "bias": "x"}})
+    problems = problems_of(
+        {**MINIMAL, "adapter": {"method": "lora", "r": 8, "lora_dropout": 2.0, "bias": "x"}}
+    )
     assert sorted(paths_of(problems)) == ["adapter.bias", "adapter.lora_dropout"]
 
 
 def test_unknown_data_set_and_missing_files(tmp_path):
     (problem,) = problems_of({**MINIMAL, "data": {"name": "rotten_tomatos"}})
-    assert problem.startswith("data.name: unknown bundled data set 'rotten_tomatos'; did you mean 'rotten_tomatoes'?")
+    assert problem.startswith(
+        "data.name: unknown bundled data set 'rotten_tomatos'; did you mean 'rotten_tomatoes'?"
+    )
     missing = str(tmp_path / "nope.csv")
     problems = problems_of({**MINIMAL, "data": {"files": {"train": missing, "dev": missing}}})
     assert "data.files.dev: expected one of train, validation, test as the key" in problems
@@ -172,7 +210,9 @@ def test_model_paths_and_hub_ids(tmp_path):
     (problem,) = problems_of({**MINIMAL, "model": {"name_or_path": str(tmp_path)}})
     assert "is not a model directory (no config.json in it)" in problem  # an empty directory
     (tmp_path / "config.json").write_text("{}")
-    assert parse_config({**MINIMAL, "model": {"name_or_path": str(tmp_path)}}).model.name_or_path == str(tmp_path)
+    assert parse_config({**MINIMAL, "model": {"name_or_path": str(tmp_path)}}).model.name_or_path == str(
+        tmp_path
+    )
     assert parse_config({**MINIMAL, "model": {"name_or_path": "org-name/model.v2"}})  # a hub id
     (problem,) = problems_of({**MINIMAL, "model": {"name_or_path": "./no/such/model"}})
     assert problem.startswith("model.name_or_path: './no/such/model' does not exist")
@@ -186,11 +226,15 @@ def test_greater_is_better_follows_the_metric_unless_set_against_it():
     assert parse_config(MINIMAL, ["train.metric=perplexity"]).train.maximize is False
     assert parse_config(MINIMAL, []).train.maximize is False  # loss
     (problem,) = problems_of(MINIMAL, ["train.metric=accuracy", "train.greater_is_better=false"])
-    assert problem == ("train.greater_is_better: a larger accuracy is better for task 'text-classification'; "
-                       "set it to true")
+    assert problem == (
+        "train.greater_is_better: a larger accuracy is better for task 'text-classification'; set it to true"
+    )
     (problem,) = problems_of(MINIMAL, ["train.greater_is_better=true"])
     assert problem.startswith("train.greater_is_better: a lower loss is better")
-    assert parse_config(MINIMAL, ["train.metric=accuracy", "train.greater_is_better=true"]).train.maximize is True
+    assert (
+        parse_config(MINIMAL, ["train.metric=accuracy", "train.greater_is_better=true"]).train.maximize
+        is True
+    )
     (problem,) = problems_of(MINIMAL, ["train.report_to=[tensorboard, wandbb]"])
     assert problem.startswith("train.report_to: expected a list of tensorboard, wandb, mlflow, jsonl")
 
@@ -220,9 +264,14 @@ def test_dump_then_load_gives_the_same_config(tmp_path):
     csv.write_text("text,label\na,0\n")
     with pytest.MonkeyPatch.context() as patch:  # relative paths start from the working directory
         patch.chdir(tmp_path)
-        config = parse_config({**MINIMAL, "data": {"files": "d.csv", "columns": {"text": "t"}},
-                               "adapter": {"method": "lora", "r": 4, "target_modules": ["query"]}},
-                              ["train.lr=3e-4", "eval.metrics=[accuracy]", "output_dir=runs/a"])
+        config = parse_config(
+            {
+                **MINIMAL,
+                "data": {"files": "d.csv", "columns": {"text": "t"}},
+                "adapter": {"method": "lora", "r": 4, "target_modules": ["query"]},
+            },
+            ["train.lr=3e-4", "eval.metrics=[accuracy]", "output_dir=runs/a"],
+        )
         full = resolved(config)
     assert full.data.files == str(csv) and full.output_dir == str(tmp_path / "runs" / "a")
     assert full.model.name_or_path == "minilm"  # a bundled name stays a name
@@ -233,9 +282,16 @@ def test_dump_then_load_gives_the_same_config(tmp_path):
 
 # -- docs/config.md is the reference of every field --------------------------------------------------
 
-SECTIONS = {"": schema.RunConfig, "model": schema.ModelConfig, "data": schema.DataConfig,
-            "data.split": schema.SplitConfig, "train": TrainConfig, "eval": schema.EvalConfig,
-            "generation": schema.GenerationSettings, "select": schema.SelectConfig}
+SECTIONS = {
+    "": schema.RunConfig,
+    "model": schema.ModelConfig,
+    "data": schema.DataConfig,
+    "data.split": schema.SplitConfig,
+    "train": TrainConfig,
+    "eval": schema.EvalConfig,
+    "generation": schema.GenerationSettings,
+    "select": schema.SelectConfig,
+}
 
 
 def documented_fields() -> dict[str, dict[str, str]]:
@@ -284,7 +340,9 @@ def test_docs_config_lists_every_field_with_its_default(section):
 
 # -- configs/*.yaml: every recipe loads and is headed by its command ---------------------------------
 
-RECIPES = sorted((ROOT / "configs").glob("*.yaml")) + sorted((ROOT / "configs" / "experiments").glob("*.yaml"))
+RECIPES = sorted((ROOT / "configs").glob("*.yaml")) + sorted(
+    (ROOT / "configs" / "experiments").glob("*.yaml")
+)
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=[r.name for r in RECIPES])
@@ -302,6 +360,8 @@ def test_every_recipe_is_headed_by_its_command_and_loads(recipe, monkeypatch):
 def test_lower_is_better_covers_losses_perplexities_and_error_rates():
     from peftkit.train.config import TrainConfig, lower_is_better
 
-    assert all(lower_is_better(m) for m in ("loss", "eval_loss", "perplexity", "val_perplexity", "wer", "cer"))
+    assert all(
+        lower_is_better(m) for m in ("loss", "eval_loss", "perplexity", "val_perplexity", "wer", "cer")
+    )
     assert not any(lower_is_better(m) for m in ("accuracy", "macro_f1", "chrf", "exact_match"))
     assert TrainConfig(metric="eval_perplexity").maximize is False

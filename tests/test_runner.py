@@ -7,9 +7,7 @@ training loop and the interchange format all take part; every run takes a second
 
 from __future__ import annotations
 
-import csv
 import json
-import random
 
 import pytest
 import torch
@@ -21,54 +19,30 @@ from peftkit.run.config import dump_config, load_config, parse_config
 from peftkit.tasks import register_task, registered_tasks
 from peftkit.tasks.text_classification import TextClassificationTask
 
-POSITIVE = ["good", "great", "fun", "moving", "clever"]
-NEGATIVE = ["bad", "awful", "dull", "boring", "clumsy"]
-FILLER = ["the", "film", "movie", "was", "a", "plot", "and", "very"]
-VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *POSITIVE, *NEGATIVE, *FILLER]
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
-    """A saved 2-layer BERT (random weights) with a word-level tokenizer: a local model directory."""
-    from transformers import BertConfig, BertModel, BertTokenizerFast
-
-    folder = tmp_path_factory.mktemp("tiny-bert")
-    (folder / "vocab.txt").write_text("\n".join(VOCAB) + "\n")
-    tokenizer = BertTokenizerFast(vocab_file=str(folder / "vocab.txt"), do_lower_case=True)
-    torch.manual_seed(0)
-    config = BertConfig(vocab_size=len(VOCAB), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=64)
-    BertModel(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def reviews_csv(tmp_path_factory):
-    """120 made-up reviews: positive exactly when a positive word occurs (columns review, sentiment)."""
-    rng = random.Random(0)
-    path = tmp_path_factory.mktemp("data") / "reviews.csv"
-    with path.open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["review", "sentiment"])
-        for i in range(120):
-            positive = i % 2 == 0
-            words = rng.sample(FILLER, 4) + [rng.choice(POSITIVE if positive else NEGATIVE)]
-            rng.shuffle(words)
-            writer.writerow([" ".join(words), "pos" if positive else "neg"])
-    return path
-
 
 def make_config(model_dir, csv_path, out_dir, **sections):
     data = {
         "task": "text-classification",
         "model": {"name_or_path": str(model_dir)},
-        "data": {"files": str(csv_path), "columns": {"text": "review", "label": "sentiment"}, "max_length": 16,
-                 "split": {"validation": 0.2, "test": 0.2, "seed": 0}},
+        "data": {
+            "files": str(csv_path),
+            "columns": {"text": "review", "label": "sentiment"},
+            "max_length": 16,
+            "split": {"validation": 0.2, "test": 0.2, "seed": 0},
+        },
         "adapter": {"method": "lora", "r": 4, "lora_alpha": 8, "target_modules": ["query", "value"]},
-        "train": {"steps": 6, "batch_size": 8, "lr": 1e-2, "eval_every": 3, "metric": "accuracy",
-                  "greater_is_better": True, "log_every": 3, "progress": False, "tensorboard": False,
-                  "device": "cpu"},
+        "train": {
+            "steps": 6,
+            "batch_size": 8,
+            "lr": 1e-2,
+            "eval_every": 3,
+            "metric": "accuracy",
+            "greater_is_better": True,
+            "log_every": 3,
+            "progress": False,
+            "tensorboard": False,
+            "device": "cpu",
+        },
         "eval": {"batch_size": 16, "before_training": True},
         "output_dir": str(out_dir),
     }
@@ -161,8 +135,13 @@ def test_a_second_run_into_the_same_directory_needs_resume(trained):
 def test_full_fine_tuning_trains_and_exports_every_parameter(tiny_model_dir, reviews_csv, tmp_path):
     from transformers import AutoModelForSequenceClassification
 
-    config = make_config(tiny_model_dir, reviews_csv, tmp_path / "full", adapter={"method": "full"},
-                         train={"steps": 2, "eval_every": 0})
+    config = make_config(
+        tiny_model_dir,
+        reviews_csv,
+        tmp_path / "full",
+        adapter={"method": "full"},
+        train={"steps": 2, "eval_every": 0},
+    )
     result = runner.train_run(config, log=lambda line: None)
     assert result.ok and result.metrics["method"] == "full"
     assert result.metrics["trainable_params"] == result.metrics["total_params"]
@@ -177,9 +156,16 @@ def test_full_fine_tuning_trains_and_exports_every_parameter(tiny_model_dir, rev
 
 
 def test_every_adapter_method_name_goes_through_make_config(tiny_model_dir, reviews_csv, tmp_path):
-    config = make_config(tiny_model_dir, reviews_csv, tmp_path / "ia3",
-                         adapter={"method": "ia3", "target_modules": ["key", "value", "output.dense"],
-                                  "feedforward_modules": ["output.dense"]})
+    config = make_config(
+        tiny_model_dir,
+        reviews_csv,
+        tmp_path / "ia3",
+        adapter={
+            "method": "ia3",
+            "target_modules": ["key", "value", "output.dense"],
+            "feedforward_modules": ["output.dense"],
+        },
+    )
     model = runner.adapt(runner.build_task(config).load_model(), config)
     assert type(peftkit.adapter_config(model)) is peftkit.IA3Config
 
@@ -194,8 +180,14 @@ class NanLossTask(TextClassificationTask):
 
 def test_a_diverged_run_reports_it_and_exports_nothing(tiny_model_dir, reviews_csv, tmp_path):
     assert "test-nan-loss" in registered_tasks()
-    config = make_config(tiny_model_dir, reviews_csv, tmp_path / "nan", task="test-nan-loss",
-                         train={"metric": "loss", "greater_is_better": False}, eval={"before_training": False})
+    config = make_config(
+        tiny_model_dir,
+        reviews_csv,
+        tmp_path / "nan",
+        task="test-nan-loss",
+        train={"metric": "loss", "greater_is_better": False},
+        eval={"before_training": False},
+    )
     result = runner.train_run(config, log=lambda line: None)
     assert not result.ok and result.status == "diverged"
     metrics = json.loads((tmp_path / "nan" / "metrics.json").read_text())
@@ -216,9 +208,12 @@ class InterruptOnceTask(TextClassificationTask):
         return super().loss(model, batch)
 
 
-def test_an_interrupted_run_resumed_ends_as_the_uninterrupted_one(trained, tiny_model_dir, reviews_csv, tmp_path):
-    config = make_config(tiny_model_dir, reviews_csv, tmp_path / "stopped", task="test-interrupt-once",
-                         train={"save_every": 1})
+def test_an_interrupted_run_resumed_ends_as_the_uninterrupted_one(
+    trained, tiny_model_dir, reviews_csv, tmp_path
+):
+    config = make_config(
+        tiny_model_dir, reviews_csv, tmp_path / "stopped", task="test-interrupt-once", train={"save_every": 1}
+    )
     with pytest.raises(KeyboardInterrupt):
         runner.train_run(config, log=lambda line: None)
     assert not (tmp_path / "stopped" / "metrics.json").exists()
@@ -251,7 +246,12 @@ def test_inspect_groups_modules_prices_target_sets_and_shows_method_defaults(tin
     report = inspect_model(str(tiny_model_dir))
     assert report.model_class == "BertModel" and report.model_type == "bert"
     query = next(g for g in report.groups if g.pattern == "encoder.layer.N.attention.self.query")
-    assert (query.kind, query.layers, query.shape, query.params) == ("Linear", [0, 1], "32 -> 32", 2 * (32 * 32 + 32))
+    assert (query.kind, query.layers, query.shape, query.params) == (
+        "Linear",
+        [0, 1],
+        "32 -> 32",
+        2 * (32 * 32 + 32),
+    )
     assert "lora" in report.kinds["Linear"] and "ln_tuning" in report.kinds["LayerNorm"]
     sets = {t.spec: t for t in report.target_sets}
     assert (sets["query"].modules, sets["query"].lora_params) == (2, 2 * 8 * (32 + 32))
@@ -263,7 +263,10 @@ def test_inspect_groups_modules_prices_target_sets_and_shows_method_defaults(tin
     lora = defaults["lora"]
     assert lora.targets == ["encoder.layer.N.attention.self.query", "encoder.layer.N.attention.self.value"]
     assert (lora.modules, lora.added_params) == (4, 4 * 8 * 64)
-    assert defaults["prompt_tuning"].added_params is None and "num_virtual_tokens" in defaults["prompt_tuning"].note
+    assert (
+        defaults["prompt_tuning"].added_params is None
+        and "num_virtual_tokens" in defaults["prompt_tuning"].note
+    )
     text = str(report)
     assert "candidate target_modules (LoRA r=8 adds)" in text and "layers 0-1" in text
 
@@ -276,7 +279,9 @@ def test_inspect_through_a_run_config_uses_the_tasks_model(tiny_model_dir, revie
     assert any(g.pattern == "classifier" and g.shape == "32 -> 2" for g in report.groups)
 
 
-def test_resume_of_a_run_stopped_before_its_first_checkpoint_starts_it_over(tiny_model_dir, reviews_csv, tmp_path):
+def test_resume_of_a_run_stopped_before_its_first_checkpoint_starts_it_over(
+    tiny_model_dir, reviews_csv, tmp_path
+):
     config = make_config(tiny_model_dir, reviews_csv, tmp_path / "run")
     dump_config(config, tmp_path / "run" / "config.yaml")  # what a run killed while loading leaves behind
     (tmp_path / "run" / "metrics.jsonl").write_text('{"event": "train", "step": 1, "loss": 0.7}\n')
@@ -288,13 +293,28 @@ def test_resume_of_a_run_stopped_before_its_first_checkpoint_starts_it_over(tiny
     assert any("starting the run from step 0" in line for line in lines)
 
 
-def test_adalora_run_whose_best_checkpoint_predates_rank_pruning_tests_the_final_weights(tiny_model_dir, reviews_csv, tmp_path):
+def test_adalora_run_whose_best_checkpoint_predates_rank_pruning_tests_the_final_weights(
+    tiny_model_dir, reviews_csv, tmp_path
+):
     """Found by the selection experiment: AdaLoRA's ranks shrink during training, so a best/ checkpoint saved
     before the final budget no longer loads into the trained model; the run must fall back to final/."""
-    adalora = {"method": "adalora", "init_r": 4, "target_r": 1, "target_modules": ["query", "value"], "tinit": 1,
-               "tfinal": 2, "deltaT": 1, "total_step": 8}
-    config = make_config(tiny_model_dir, reviews_csv, tmp_path / "run", adapter=adalora,
-                         train={"steps": 8, "eval_every": 1, "lr": 0.05})
+    adalora = {
+        "method": "adalora",
+        "init_r": 4,
+        "target_r": 1,
+        "target_modules": ["query", "value"],
+        "tinit": 1,
+        "tfinal": 2,
+        "deltaT": 1,
+        "total_step": 8,
+    }
+    config = make_config(
+        tiny_model_dir,
+        reviews_csv,
+        tmp_path / "run",
+        adapter=adalora,
+        train={"steps": 8, "eval_every": 1, "lr": 0.05},
+    )
     lines: list[str] = []
     result = runner.train_run(config, log=lines.append)
     assert result.ok and "test" in result.metrics
@@ -304,15 +324,21 @@ def test_adalora_run_whose_best_checkpoint_predates_rank_pruning_tests_the_final
     runner.load_run(result.run_dir)  # the saved adapter loads back
 
 
-def test_a_config_mistake_found_while_loading_leaves_no_run_behind(tiny_model_dir, reviews_csv, tmp_path, monkeypatch):
+def test_a_config_mistake_found_while_loading_leaves_no_run_behind(
+    tiny_model_dir, reviews_csv, tmp_path, monkeypatch
+):
     """Issue 19: a bad label column (found with the data) or targets that match nothing (found with the
     model) must not leave a run directory that makes the corrected rerun ask for --resume."""
     out = tmp_path / "runs" / "x"
-    bad_column = make_config(tiny_model_dir, reviews_csv, out, data={"columns": {"text": "review", "label": "verdict"}})
+    bad_column = make_config(
+        tiny_model_dir, reviews_csv, out, data={"columns": {"text": "review", "label": "verdict"}}
+    )
     with pytest.raises(Exception, match="verdict"):
         runner.train_run(bad_column, log=lambda line: None)
     assert not (out / "config.yaml").exists()
-    no_target = make_config(tiny_model_dir, reviews_csv, out, adapter={"method": "lora", "target_modules": ["querry"]})
+    no_target = make_config(
+        tiny_model_dir, reviews_csv, out, adapter={"method": "lora", "target_modules": ["querry"]}
+    )
     with pytest.raises(ConfigError, match=r"adapter\.target_modules: target 'querry' matched 0 modules"):
         runner.train_run(no_target, log=lambda line: None)
     assert not (out / "config.yaml").exists()
@@ -320,7 +346,9 @@ def test_a_config_mistake_found_while_loading_leaves_no_run_behind(tiny_model_di
     # a config.yaml alone, as older versions left after such a mistake, is not a run either
     (tmp_path / "old").mkdir()
     dump_config(make_config(tiny_model_dir, reviews_csv, tmp_path / "old"), tmp_path / "old" / "config.yaml")
-    assert runner.train_run(make_config(tiny_model_dir, reviews_csv, tmp_path / "old"), log=lambda line: None).ok
+    assert runner.train_run(
+        make_config(tiny_model_dir, reviews_csv, tmp_path / "old"), log=lambda line: None
+    ).ok
     # a real run is refused, and the suggested new directory keeps the path as the user wrote it
     monkeypatch.chdir(tmp_path)
     with pytest.raises(ConfigError, match=r"e\.g\. output_dir=runs/x-2\)"):

@@ -38,16 +38,30 @@ ADAPTER_FILES = ["adapter_config.json", "adapter_model.safetensors"]
 
 def _bert_base(directory: Path) -> Path:
     torch.manual_seed(0)
-    config = BertConfig(vocab_size=60, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=37, max_position_embeddings=16, num_labels=3)
+    config = BertConfig(
+        vocab_size=60,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=37,
+        max_position_embeddings=16,
+        num_labels=3,
+    )
     BertForSequenceClassification(config).save_pretrained(directory)
     return directory
 
 
 def _llama_base(directory: Path) -> Path:
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=60, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
+    config = LlamaConfig(
+        vocab_size=60,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=32,
+    )
     LlamaForCausalLM(config).save_pretrained(directory)
     return directory
 
@@ -107,7 +121,11 @@ def test_save_pretrained_writes_the_adapter_that_from_pretrained_loads(bert_dir,
 
 @pytest.mark.parametrize("case", ["bert", "llama"])
 def test_what_save_pretrained_writes_loads_in_peftkit_and_the_reference(case, bert_dir, llama_dir, tmp_path):
-    base_dir, auto = (bert_dir, AutoModelForSequenceClassification) if case == "bert" else (llama_dir, AutoModelForCausalLM)
+    base_dir, auto = (
+        (bert_dir, AutoModelForSequenceClassification)
+        if case == "bert"
+        else (llama_dir, AutoModelForCausalLM)
+    )
     targets = ["query", "value"] if case == "bert" else ["q_proj", "v_proj", "down_proj"]
     base = _logits(auto.from_pretrained(base_dir).eval())
     model = auto.from_pretrained(base_dir)
@@ -116,7 +134,9 @@ def test_what_save_pretrained_writes_loads_in_peftkit_and_the_reference(case, be
     model.save_pretrained(tmp_path)
 
     _assert_same(peftkit.load_adapter(auto.from_pretrained(base_dir), tmp_path).eval(), expected, base)
-    _assert_same(peft.PeftModel.from_pretrained(auto.from_pretrained(base_dir), tmp_path).eval(), expected, base)
+    _assert_same(
+        peft.PeftModel.from_pretrained(auto.from_pretrained(base_dir), tmp_path).eval(), expected, base
+    )
 
 
 def test_every_adapter_is_written_in_the_reference_layout(bert_dir, tmp_path):
@@ -129,8 +149,9 @@ def test_every_adapter_is_written_in_the_reference_layout(bert_dir, tmp_path):
 
     base = _logits(BertForSequenceClassification.from_pretrained(bert_dir).eval())
     expected = _logits(model)  # "other" is active
-    theirs = peft.PeftModel.from_pretrained(BertForSequenceClassification.from_pretrained(bert_dir),
-                                            tmp_path / "other").eval()
+    theirs = peft.PeftModel.from_pretrained(
+        BertForSequenceClassification.from_pretrained(bert_dir), tmp_path / "other"
+    ).eval()
     _assert_same(theirs, expected, base)
     peftkit.set_active(model, "default")
     ours = peftkit.load_adapter(BertForSequenceClassification.from_pretrained(bert_dir), tmp_path).eval()
@@ -198,8 +219,10 @@ def test_the_override_follows_copies_of_the_model(bert_dir, tmp_path):
 
 def test_import_peftkit_does_not_import_the_trainer():
     # the integrations' libraries (peftkit[hf]) load only when their module is imported
-    code = ("import sys, peftkit; peftkit.LoraConfig; import peftkit.api, peftkit.integrations; "
-            "print([m for m in ('transformers.trainer', 'trl', 'peft', 'sentence_transformers') if m in sys.modules])")
+    code = (
+        "import sys, peftkit; peftkit.LoraConfig; import peftkit.api, peftkit.integrations; "
+        "print([m for m in ('transformers.trainer', 'trl', 'peft', 'sentence_transformers') if m in sys.modules])"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 
@@ -211,7 +234,9 @@ def test_saving_a_model_whose_part_was_adapted_is_refused(tmp_path):
 
     model = BertForSequenceClassification.from_pretrained(_bert_base(tmp_path / "base"))
     peftkit.inject(model.bert, peftkit.LoraConfig(r=2, target_modules=["query"]))
-    with pytest.raises(UnloadableCheckpointError, match=r"BertForSequenceClassification.save_pretrained refused.*'bert'"):
+    with pytest.raises(
+        UnloadableCheckpointError, match=r"BertForSequenceClassification.save_pretrained refused.*'bert'"
+    ):
         model.save_pretrained(tmp_path / "out")
     assert not (tmp_path / "out" / "model.safetensors").exists()
     model.state_dict()  # outside a transformers save, the state dict is as before (checkpoints, copies)

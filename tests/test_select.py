@@ -88,7 +88,9 @@ def test_dora_magnitudes_are_paid_with_the_first_rank():
 @settings(max_examples=200, deadline=None)
 @given(
     shapes=st.lists(st.tuples(st.integers(1, 12), st.integers(1, 12)), min_size=1, max_size=6),
-    raw=st.lists(st.lists(st.floats(0, 10, allow_subnormal=False), min_size=1, max_size=8), min_size=6, max_size=6),
+    raw=st.lists(
+        st.lists(st.floats(0, 10, allow_subnormal=False), min_size=1, max_size=8), min_size=6, max_size=6
+    ),
     budget=st.integers(0, 400),
     min_rank=st.integers(1, 3),
 )
@@ -101,7 +103,7 @@ def test_any_allocation_respects_the_budget_and_leaves_no_affordable_gain(shapes
     for c in cands:  # maximal: no further rank with positive gain still fits
         have = out.ranks.get(c.name, 0)
         step = min_rank if have == 0 else 1
-        nxt = gains[c.name][have:have + step]
+        nxt = gains[c.name][have : have + step]
         fits = have + step <= min(8, c.max_rank) and step * c.cost_per_rank <= budget - out.used
         assert not (fits and len(nxt) == step and sum(nxt) > 0)
 
@@ -114,7 +116,9 @@ def test_random_control_is_seeded_within_budget_and_skips_embeddings():
     assert a.used <= 50 and "emb" not in a.ranks and set(a.ranks.values()) <= {1, 2}
 
 
-@pytest.mark.parametrize(("spec", "count"), [("0.5%", 500), (82944, 82944), ("83k", 83000), ("1.5M", 1_500_000)])
+@pytest.mark.parametrize(
+    ("spec", "count"), [("0.5%", 500), (82944, 82944), ("83k", 83000), ("1.5M", 1_500_000)]
+)
 def test_budgets_are_read_as_shares_or_counts(spec, count):
     assert parse_budget(spec, 100_000) == count
 
@@ -257,24 +261,45 @@ def tiny_bert_classifier():
     from transformers import BertConfig, BertForSequenceClassification
 
     torch.manual_seed(0)
-    return BertForSequenceClassification(BertConfig(
-        vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
-        max_position_embeddings=32, num_labels=2))
+    return BertForSequenceClassification(
+        BertConfig(
+            vocab_size=50,
+            hidden_size=16,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=32,
+            max_position_embeddings=32,
+            num_labels=2,
+        )
+    )
 
 
 def tiny_llama_lm():
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    return LlamaForCausalLM(LlamaConfig(
-        vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
-        num_key_value_heads=1, max_position_embeddings=32))
+    return LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=50,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            max_position_embeddings=32,
+        )
+    )
 
 
 def seq_batches():
     gen = torch.Generator().manual_seed(0)
-    return [{"input_ids": torch.randint(0, 50, (4, 10), generator=gen), "labels": torch.randint(0, 2, (4,), generator=gen)}
-            for _ in range(3)]
+    return [
+        {
+            "input_ids": torch.randint(0, 50, (4, 10), generator=gen),
+            "labels": torch.randint(0, 2, (4,), generator=gen),
+        }
+        for _ in range(3)
+    ]
 
 
 def lm_batches():
@@ -290,33 +315,61 @@ def hf_loss(model, batch):
     return model(**batch).loss
 
 
-@pytest.mark.parametrize(("build", "batches", "budget"), [
-    (tiny_bert_classifier, seq_batches, 900), (tiny_llama_lm, lm_batches, 700), (tiny_llama_lm, lm_batches, "5%"),
-])
+@pytest.mark.parametrize(
+    ("build", "batches", "budget"),
+    [
+        (tiny_bert_classifier, seq_batches, 900),
+        (tiny_llama_lm, lm_batches, 700),
+        (tiny_llama_lm, lm_batches, "5%"),
+    ],
+)
 @pytest.mark.parametrize("rule", ["gradient", "adam", "fisher", "activation", "random"])
 def test_the_chosen_adapter_trains_exactly_the_allocated_parameters(build, batches, budget, rule):
     model = build()
-    chosen = select(model, batches(), hf_loss, budget, rule=rule, adapter={"r": 4, "lora_alpha": 8, "use_dora": rule == "fisher"},
-                    whole_params=True, embeddings=True)
-    base_trainable = sum(p.numel() for n, p in model.named_parameters() if n.startswith(tuple(chosen.candidates.always_trained)))
+    chosen = select(
+        model,
+        batches(),
+        hf_loss,
+        budget,
+        rule=rule,
+        adapter={"r": 4, "lora_alpha": 8, "use_dora": rule == "fisher"},
+        whole_params=True,
+        embeddings=True,
+    )
+    base_trainable = sum(
+        p.numel()
+        for n, p in model.named_parameters()
+        if n.startswith(tuple(chosen.candidates.always_trained))
+    )
     config = peftkit.make_config("lora", **{k: v for k, v in chosen.adapter.items() if k != "method"})
     peftkit.inject(model, config)
     summary = peftkit.trainable_summary(model, show=False)
     assert summary.trainable - base_trainable == chosen.allocation.used <= chosen.budget
     ranks = {name: layer.adapters["default"].r for name, layer in peftkit.core.inject.adapter_layers(model)}
     assert ranks == chosen.allocation.ranks
-    scale = {name: layer.adapters["default"].scaling for name, layer in peftkit.core.inject.adapter_layers(model)}
+    scale = {
+        name: layer.adapters["default"].scaling for name, layer in peftkit.core.inject.adapter_layers(model)
+    }
     assert set(round(s, 6) for s in scale.values()) == {2.0}  # alpha/r kept for every rank
 
 
 def test_chosen_adapter_round_trips_through_the_reference_library(tmp_path):
     peft = pytest.importorskip("peft")
     model = tiny_llama_lm()
-    chosen = select(model, lm_batches(), hf_loss, 900, adapter={"r": 4, "lora_alpha": 8}, whole_params=True,
-                    embeddings=True)
+    chosen = select(
+        model,
+        lm_batches(),
+        hf_loss,
+        900,
+        adapter={"r": 4, "lora_alpha": 8},
+        whole_params=True,
+        embeddings=True,
+    )
     assert chosen.adapter["rank_pattern"]  # several ranks, so the escaped pattern keys are exercised
     assert all(re.escape(re.sub(r"\\", "", k)) == k for k in chosen.adapter["rank_pattern"])
-    peftkit.inject(model, peftkit.make_config("lora", **{k: v for k, v in chosen.adapter.items() if k != "method"}))
+    peftkit.inject(
+        model, peftkit.make_config("lora", **{k: v for k, v in chosen.adapter.items() if k != "method"})
+    )
     with torch.no_grad():
         for _, layer in peftkit.core.inject.adapter_layers(model):
             for b in layer.adapters["default"].param_roles()["B"]:  # B starts at zero: move it
@@ -326,8 +379,12 @@ def test_chosen_adapter_round_trips_through_the_reference_library(tmp_path):
     with torch.no_grad():
         ours = model(input_ids=ids).logits
     theirs_model = peft.PeftModel.from_pretrained(tiny_llama_lm(), tmp_path / "auto")
-    layers = {n: m for n, m in theirs_model.named_modules() if hasattr(m, "r") and "default" in getattr(m, "r", {})}
-    assert {n.removeprefix("base_model.model."): m.r["default"] for n, m in layers.items()} == chosen.allocation.ranks
+    layers = {
+        n: m for n, m in theirs_model.named_modules() if hasattr(m, "r") and "default" in getattr(m, "r", {})
+    }
+    assert {
+        n.removeprefix("base_model.model."): m.r["default"] for n, m in layers.items()
+    } == chosen.allocation.ranks
     with torch.no_grad():
         theirs = theirs_model(input_ids=ids).logits
     assert torch.allclose(ours, theirs, atol=1e-5)
@@ -342,7 +399,9 @@ def test_the_docs_example_runs():
     exec(compile(block, "docs/select.md", "exec"), scope)  # noqa: S102 - our own documentation
     chosen = scope["chosen"]
     assert chosen.allocation.used <= chosen.budget and chosen.allocation.ranks
-    assert peftkit.trainable_summary(scope["model"], show=False).trainable > chosen.allocation.used  # + the head
+    assert (
+        peftkit.trainable_summary(scope["model"], show=False).trainable > chosen.allocation.used
+    )  # + the head
 
 
 def test_embeddings_and_whole_parameters_are_offered_only_when_asked():
@@ -383,7 +442,9 @@ def test_gradient_init_points_each_a_row_along_its_direction_keeps_its_norm_and_
 
     model = _gpt2_like()
     batches = toy_batches()
-    chosen = select(model, batches, toy_loss, 10_000, adapter={"r": 2, "lora_alpha": 4}, always_trained=["head"])
+    chosen = select(
+        model, batches, toy_loss, 10_000, adapter={"r": 2, "lora_alpha": 4}, always_trained=["head"]
+    )
     assert set(chosen.init) == set(chosen.allocation.ranks) == {"linear", "proj", "conv"}
     for name, rank in chosen.allocation.ranks.items():
         assert chosen.init[name].shape[0] == rank
@@ -395,8 +456,14 @@ def test_gradient_init_points_each_a_row_along_its_direction_keeps_its_norm_and_
     fields = {k: v for k, v in chosen.adapter.items() if k != "method"}
     peftkit.inject(model, peftkit.make_config("lora", **fields))
     layers = dict(peftkit.core.inject.adapter_layers(model))
-    norms = {n: layers[n].adapters["default"].lora_A.weight.reshape(chosen.allocation.ranks[n], -1).norm(dim=1).clone()
-             for n in chosen.init}
+    norms = {
+        n: layers[n]
+        .adapters["default"]
+        .lora_A.weight.reshape(chosen.allocation.ranks[n], -1)
+        .norm(dim=1)
+        .clone()
+        for n in chosen.init
+    }
     assert select_init.apply(model, chosen.init, "default") == 3
     for name, rows in chosen.init.items():
         a = layers[name].adapters["default"].lora_A.weight.reshape(rows.shape[0], -1)
@@ -414,13 +481,17 @@ def test_the_init_directions_are_the_input_side_singular_vectors_of_the_mean_gra
     got = scores.directions["live"]
     # singular vectors are defined up to sign
     assert torch.allclose((got * right_t[: got.shape[0]]).sum(1).abs(), torch.ones(got.shape[0]), atol=1e-4)
-    assert not probe(model, find_candidates(model, always_trained=["head"]), batches, toy_loss, "fisher").directions
+    assert not probe(
+        model, find_candidates(model, always_trained=["head"]), batches, toy_loss, "fisher"
+    ).directions
 
 
 def test_random_init_and_scores_without_directions_leave_lora_as_it_is():
     model = _gpt2_like()
     assert select(model, toy_batches(), toy_loss, 10_000, init="random", always_trained=["head"]).init == {}
-    assert select(model, toy_batches(), toy_loss, 10_000, rule="activation", always_trained=["head"]).init == {}
+    assert (
+        select(model, toy_batches(), toy_loss, 10_000, rule="activation", always_trained=["head"]).init == {}
+    )
     with pytest.raises(ValueError, match="unknown selection init 'svd'; choose one of gradient, random"):
         select(model, toy_batches(), toy_loss, 10_000, init="svd", always_trained=["head"])
 
@@ -436,7 +507,9 @@ def test_directions_that_do_not_fit_the_adapter_are_refused_with_the_fix(tmp_pat
         select_init.apply(model, {"proj": torch.randn(2, 5)}, "default")
     select_init.save({"linear": torch.randn(2, 6)}, tmp_path / "init.safetensors")
     assert select_init.load(tmp_path / "init.safetensors")["linear"].shape == (2, 6)
-    with pytest.raises(ConfigError, match="does not exist; it is the init.safetensors that `peftkit select` writes"):
+    with pytest.raises(
+        ConfigError, match="does not exist; it is the init.safetensors that `peftkit select` writes"
+    ):
         select_init.load(tmp_path / "missing.safetensors")
     (tmp_path / "bad.safetensors").write_text("not a tensor file")
     with pytest.raises(ConfigError, match="is not a safetensors file"):

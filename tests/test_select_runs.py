@@ -15,7 +15,7 @@ from peftkit.run import runner
 from peftkit.run.config import dump_config, parse_config
 from peftkit.select import parse_budget
 from test_compare_tasks import llama_with_pairs, t5_with_pairs
-from test_runner import make_config, reviews_csv, tiny_model_dir  # noqa: F401 - fixtures
+from test_runner import make_config
 from test_task_image_classification import needs_efficientnet, needs_fashion
 
 AUTO = {"method": "lora", "r": 4, "lora_alpha": 8, "target_modules": "auto"}
@@ -26,15 +26,23 @@ def _check_run(result, budget: int) -> dict:
     run_dir = result.run_dir
     assert result.ok, result.metrics.get("stop_reason")
     record = json.loads((run_dir / "selection" / "selection.json").read_text())
-    assert (run_dir / "selection" / "selection.md").is_file() and (run_dir / "selection" / "selection.png").stat().st_size
+    assert (run_dir / "selection" / "selection.md").is_file() and (
+        run_dir / "selection" / "selection.png"
+    ).stat().st_size
     saved = json.loads((run_dir / "adapter" / "adapter_config.json").read_text())
     assert sorted(saved["target_modules"]) == sorted(record["adapter"]["target_modules"])
     sel = result.metrics["selection"]
-    assert sel["budget"] == budget and 0 < sel["used"] <= budget and sel["modules"] == len(saved["target_modules"])
+    assert (
+        sel["budget"] == budget
+        and 0 < sel["used"] <= budget
+        and sel["modules"] == len(saved["target_modules"])
+    )
     return record
 
 
-def test_text_classification_run_selects_then_trains_and_resume_reuses_the_choice(tiny_model_dir, reviews_csv, tmp_path):  # noqa: F811
+def test_text_classification_run_selects_then_trains_and_resume_reuses_the_choice(
+    tiny_model_dir, reviews_csv, tmp_path
+):  # noqa: F811
     config = make_config(tiny_model_dir, reviews_csv, tmp_path / "run", adapter=AUTO, select={"budget": 600})
     result = runner.train_run(config, **QUIET)
     record = _check_run(result, 600)
@@ -65,15 +73,25 @@ def test_select_command_writes_a_config_that_trains_as_it_is(tiny_model_dir, rev
     assert main(["train", str(out / "selected.yaml")]) == 0
 
 
-def test_gradient_init_through_a_run_and_through_the_select_command(tiny_model_dir, reviews_csv, tmp_path, capsys):  # noqa: F811
+def test_gradient_init_through_a_run_and_through_the_select_command(
+    tiny_model_dir, reviews_csv, tmp_path, capsys
+):  # noqa: F811
     lines: list[str] = []
-    config = make_config(tiny_model_dir, reviews_csv, tmp_path / "run", adapter=AUTO,
-                         select={"budget": 600, "init": "gradient"})
+    config = make_config(
+        tiny_model_dir,
+        reviews_csv,
+        tmp_path / "run",
+        adapter=AUTO,
+        select={"budget": 600, "init": "gradient"},
+    )
     result = runner.train_run(config, log=lines.append)
     record = _check_run(result, 600)
     assert record["init"] == "gradient directions"
     assert (result.run_dir / "selection" / "init.safetensors").is_file()
-    assert any(line.startswith(f"LoRA A of {result.metrics['selection']['modules']} modules starts along") for line in lines)
+    assert any(
+        line.startswith(f"LoRA A of {result.metrics['selection']['modules']} modules starts along")
+        for line in lines
+    )
     # peftkit select: the directions go beside selected.yaml, which names them
     path = tmp_path / "config.yaml"
     dump_config(make_config(tiny_model_dir, reviews_csv, tmp_path / "plain"), path)
@@ -102,33 +120,66 @@ def test_select_command_without_a_budget_says_how_to_give_one(tiny_model_dir, re
     assert "set adapter.method=lora" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize(("changes", "message"), [
-    ({"adapter": AUTO}, "select.budget: `adapter.target_modules: auto` needs a parameter budget"),
-    ({"adapter": {"method": "ia3", "target_modules": "auto"}, "select": {"budget": 100}}, "needs method: lora"),
-    ({"adapter": AUTO, "select": {"budget": 0.01}}, "select.budget"),
-    ({"adapter": AUTO, "select": {"budget": "lots"}}, "'0.5%', or a count"),
-    ({"adapter": AUTO, "select": {"budget": 100, "score": "vibes"}}, "select.score: expected one of gradient"),
-    ({"adapter": AUTO, "select": {"budget": 100, "min_rank": 4, "max_rank": 2}}, "min_rank <= max_rank"),
-    ({"adapter": {**AUTO, "r": 0}, "select": {"budget": 100}}, "adapter.r: must be a positive integer"),
-    ({"adapter": AUTO, "select": {"budget": 100, "init": "svd"}}, "select.init: expected one of gradient, random"),
-    ({"adapter": AUTO, "select": {"budget": 100, "init_from": "x.safetensors"}},
-     "select.init_from: a run that selects .* starts from its own probe's directions"),
-    ({"adapter": {"method": "ia3"}, "select": {"init_from": "x.safetensors"}}, "need adapter.method=lora, got 'ia3'"),
-])
-def test_bad_selection_configs_are_refused_with_the_fix(tiny_model_dir, reviews_csv, tmp_path, changes, message):  # noqa: F811
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"adapter": AUTO}, "select.budget: `adapter.target_modules: auto` needs a parameter budget"),
+        (
+            {"adapter": {"method": "ia3", "target_modules": "auto"}, "select": {"budget": 100}},
+            "needs method: lora",
+        ),
+        ({"adapter": AUTO, "select": {"budget": 0.01}}, "select.budget"),
+        ({"adapter": AUTO, "select": {"budget": "lots"}}, "'0.5%', or a count"),
+        (
+            {"adapter": AUTO, "select": {"budget": 100, "score": "vibes"}},
+            "select.score: expected one of gradient",
+        ),
+        ({"adapter": AUTO, "select": {"budget": 100, "min_rank": 4, "max_rank": 2}}, "min_rank <= max_rank"),
+        ({"adapter": {**AUTO, "r": 0}, "select": {"budget": 100}}, "adapter.r: must be a positive integer"),
+        (
+            {"adapter": AUTO, "select": {"budget": 100, "init": "svd"}},
+            "select.init: expected one of gradient, random",
+        ),
+        (
+            {"adapter": AUTO, "select": {"budget": 100, "init_from": "x.safetensors"}},
+            "select.init_from: a run that selects .* starts from its own probe's directions",
+        ),
+        (
+            {"adapter": {"method": "ia3"}, "select": {"init_from": "x.safetensors"}},
+            "need adapter.method=lora, got 'ia3'",
+        ),
+    ],
+)
+def test_bad_selection_configs_are_refused_with_the_fix(
+    tiny_model_dir, reviews_csv, tmp_path, changes, message
+):  # noqa: F811
     with pytest.raises(ConfigError, match=message):
         make_config(tiny_model_dir, reviews_csv, tmp_path / "run", **changes)
 
 
 def test_causal_lm_run_selects_targets(tmp_path):
     model_dir, pairs = llama_with_pairs(tmp_path)
-    config = parse_config({
-        "task": "causal-lm", "model": {"name_or_path": str(model_dir)},
-        "data": {"files": str(pairs), "max_length": 32, "split": {"validation": 0.2, "test": 0.2}},
-        "adapter": AUTO, "select": {"budget": "2%", "probe_batches": 2},
-        "train": {"steps": 3, "batch_size": 4, "lr": 5e-3, "eval_every": 3, "metric": "loss", "progress": False,
-                  "tensorboard": False, "device": "cpu"},
-        "eval": {"batch_size": 4, "max_new_tokens": 4}, "output_dir": str(tmp_path / "run")})
+    config = parse_config(
+        {
+            "task": "causal-lm",
+            "model": {"name_or_path": str(model_dir)},
+            "data": {"files": str(pairs), "max_length": 32, "split": {"validation": 0.2, "test": 0.2}},
+            "adapter": AUTO,
+            "select": {"budget": "2%", "probe_batches": 2},
+            "train": {
+                "steps": 3,
+                "batch_size": 4,
+                "lr": 5e-3,
+                "eval_every": 3,
+                "metric": "loss",
+                "progress": False,
+                "tensorboard": False,
+                "device": "cpu",
+            },
+            "eval": {"batch_size": 4, "max_new_tokens": 4},
+            "output_dir": str(tmp_path / "run"),
+        }
+    )
     total = sum(p.numel() for p in runner.build_task(config).load_model().parameters())
     record = _check_run(runner.train_run(config, **QUIET), parse_budget("2%", total))
     assert record["always_trained"] == []  # a language model has no fresh head
@@ -136,13 +187,27 @@ def test_causal_lm_run_selects_targets(tmp_path):
 
 def test_seq2seq_run_selects_targets(tmp_path):
     model_dir, pairs = t5_with_pairs(tmp_path)
-    config = parse_config({
-        "task": "seq2seq", "model": {"name_or_path": str(model_dir)},
-        "data": {"files": str(pairs), "max_length": 32, "split": {"validation": 0.2, "test": 0.2}},
-        "adapter": AUTO, "select": {"budget": 3000, "probe_batches": 2, "score": "activation"},
-        "train": {"steps": 3, "batch_size": 4, "lr": 5e-3, "eval_every": 3, "metric": "loss", "progress": False,
-                  "tensorboard": False, "device": "cpu"},
-        "eval": {"batch_size": 4, "max_new_tokens": 4}, "output_dir": str(tmp_path / "run")})
+    config = parse_config(
+        {
+            "task": "seq2seq",
+            "model": {"name_or_path": str(model_dir)},
+            "data": {"files": str(pairs), "max_length": 32, "split": {"validation": 0.2, "test": 0.2}},
+            "adapter": AUTO,
+            "select": {"budget": 3000, "probe_batches": 2, "score": "activation"},
+            "train": {
+                "steps": 3,
+                "batch_size": 4,
+                "lr": 5e-3,
+                "eval_every": 3,
+                "metric": "loss",
+                "progress": False,
+                "tensorboard": False,
+                "device": "cpu",
+            },
+            "eval": {"batch_size": 4, "max_new_tokens": 4},
+            "output_dir": str(tmp_path / "run"),
+        }
+    )
     _check_run(runner.train_run(config, **QUIET), 3000)
 
 
@@ -150,13 +215,33 @@ def test_seq2seq_run_selects_targets(tmp_path):
 @needs_fashion
 @needs_efficientnet
 def test_image_classification_run_selects_convolutions_and_norms(tmp_path):
-    config = parse_config({
-        "task": "image-classification", "model": {"name_or_path": "efficientnet-lite0"},
-        "data": {"name": "fashion_mnist", "image_size": 32, "max_train_examples": 64, "max_eval_examples": 16},
-        "adapter": AUTO, "select": {"budget": "0.5%", "probe_batches": 2, "whole_params": True},
-        "train": {"steps": 2, "batch_size": 8, "lr": 5e-3, "eval_every": 2, "metric": "accuracy",
-                  "greater_is_better": True, "progress": False, "tensorboard": False, "device": "cpu"},
-        "eval": {"batch_size": 8}, "output_dir": str(tmp_path / "run")})
+    config = parse_config(
+        {
+            "task": "image-classification",
+            "model": {"name_or_path": "efficientnet-lite0"},
+            "data": {
+                "name": "fashion_mnist",
+                "image_size": 32,
+                "max_train_examples": 64,
+                "max_eval_examples": 16,
+            },
+            "adapter": AUTO,
+            "select": {"budget": "0.5%", "probe_batches": 2, "whole_params": True},
+            "train": {
+                "steps": 2,
+                "batch_size": 8,
+                "lr": 5e-3,
+                "eval_every": 2,
+                "metric": "accuracy",
+                "greater_is_better": True,
+                "progress": False,
+                "tensorboard": False,
+                "device": "cpu",
+            },
+            "eval": {"batch_size": 8},
+            "output_dir": str(tmp_path / "run"),
+        }
+    )
     result = runner.train_run(config, **QUIET)
     record = json.loads((result.run_dir / "selection" / "selection.json").read_text())
     assert record["always_trained"] == ["_fc"]  # the task's fresh head, outside the budget
@@ -164,8 +249,6 @@ def test_image_classification_run_selects_convolutions_and_norms(tmp_path):
     assert kinds and all("Conv" in kind for kind in kinds)  # the head is the only linear layer
     assert any("BatchNorm" in row["kind"] for row in record["whole"])
     assert result.ok and 0 < result.metrics["selection"]["used"] <= result.metrics["selection"]["budget"]
-
-
 
 
 def test_selected_yaml_trains_from_any_working_directory(tiny_model_dir, reviews_csv, tmp_path, monkeypatch):  # noqa: F811

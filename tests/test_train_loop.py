@@ -43,7 +43,14 @@ def test_epochs_count_passes_and_the_scheduler_steps_every_step():
 def test_progress_lines_go_to_log():
     model = nn.Linear(4, 2)
     lines: list[str] = []
-    train(model, _separable_batches(4), torch.optim.SGD(model.parameters(), lr=0.1), steps=4, log_every=2, log=lines.append)
+    train(
+        model,
+        _separable_batches(4),
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        steps=4,
+        log_every=2,
+        log=lines.append,
+    )
     assert len(lines) == 2 and lines[1].startswith("step     4/4")
 
 
@@ -84,10 +91,17 @@ def test_trains_a_lora_adapter_on_a_tiny_transformer():
 
     torch.manual_seed(0)
     config = BertConfig(
-        vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-        max_position_embeddings=16, num_labels=2,
+        vocab_size=50,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=16,
+        num_labels=2,
     )
-    model = peftkit.inject(BertForSequenceClassification(config), peftkit.LoraConfig(r=4, target_modules=["query", "value"]))
+    model = peftkit.inject(
+        BertForSequenceClassification(config), peftkit.LoraConfig(r=4, target_modules=["query", "value"])
+    )
     ids = torch.randint(3, 50, (64, 8))
     labels = (ids == 7).any(dim=1).long()  # "does token 7 occur?"
     batches = [({"input_ids": ids[i : i + 16]}, labels[i : i + 16]) for i in range(0, 64, 16)]

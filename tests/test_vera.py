@@ -60,8 +60,15 @@ def _two() -> tuple[Two, torch.Tensor]:
 
 def _tiny_llama() -> nn.Module:
     torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=64, tie_word_embeddings=False)
+    config = LlamaConfig(
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=64,
+        tie_word_embeddings=False,
+    )
     return LlamaForCausalLM(config).eval()
 
 
@@ -70,18 +77,40 @@ def _tiny_llama() -> nn.Module:
 
 def test_defaults_follow_the_reference_config():
     ours, theirs = VeraConfig(), peft.VeraConfig()
-    for key in ("r", "projection_prng_key", "save_projection", "vera_dropout", "d_initial", "fan_in_fan_out",
-                "bias", "init_weights"):
+    for key in (
+        "r",
+        "projection_prng_key",
+        "save_projection",
+        "vera_dropout",
+        "d_initial",
+        "fan_in_fan_out",
+        "bias",
+        "init_weights",
+    ):
         assert getattr(ours, key) == getattr(theirs, key), key
 
 
 def test_every_config_problem_is_reported_at_once():
     with pytest.raises(ConfigError) as info:
-        VeraConfig(r=0, projection_prng_key="seed", vera_dropout=1.5, d_initial=float("nan"), bias="lora_only",
-                   rank_pattern={"up": 2}, init_weights="yes")
+        VeraConfig(
+            r=0,
+            projection_prng_key="seed",
+            vera_dropout=1.5,
+            d_initial=float("nan"),
+            bias="lora_only",
+            rank_pattern={"up": 2},
+            init_weights="yes",
+        )
     problems = info.value.problems
-    for field in ("r:", "projection_prng_key:", "vera_dropout:", "d_initial:", "bias:", "rank_pattern:",
-                  "init_weights:"):
+    for field in (
+        "r:",
+        "projection_prng_key:",
+        "vera_dropout:",
+        "d_initial:",
+        "bias:",
+        "rank_pattern:",
+        "init_weights:",
+    ):
         assert any(p.startswith(field) for p in problems), (field, problems)
 
 
@@ -96,8 +125,12 @@ def test_one_shared_pair_sized_for_the_largest_target_and_sliced_per_layer():
     assert part.vera_A.shape == (3, 10) and part.vera_B.shape == (10, 3)
     assert not list(part.parameters()), "the shared matrices must be buffers, never trained"
     trainable = {n: p.numel() for n, p in model.named_parameters() if p.requires_grad}
-    assert trainable == {"up.adapters.default.vera_lambda_b": 10, "up.adapters.default.vera_lambda_d": 3,
-                         "down.adapters.default.vera_lambda_b": 4, "down.adapters.default.vera_lambda_d": 3}
+    assert trainable == {
+        "up.adapters.default.vera_lambda_b": 10,
+        "up.adapters.default.vera_lambda_d": 3,
+        "down.adapters.default.vera_lambda_b": 4,
+        "down.adapters.default.vera_lambda_d": 3,
+    }
     for layer in (model.up, model.down):
         adapter = layer.adapters["default"]
         a = part.vera_A[:, : layer.base_layer.in_features]
@@ -129,9 +162,12 @@ def test_projections_equal_the_reference_generator():
     targets = ["q_proj", "k_proj", "v_proj", "gate_proj", "down_proj"]
     for key in (0, 1234):
         base = _tiny_llama()
-        ours = peftkit.inject(copy.deepcopy(base), VeraConfig(r=8, target_modules=targets, projection_prng_key=key))
-        theirs = peft.get_peft_model(copy.deepcopy(base), peft.VeraConfig(
-            r=8, target_modules=list(targets), projection_prng_key=key))
+        ours = peftkit.inject(
+            copy.deepcopy(base), VeraConfig(r=8, target_modules=targets, projection_prng_key=key)
+        )
+        theirs = peft.get_peft_model(
+            copy.deepcopy(base), peft.VeraConfig(r=8, target_modules=list(targets), projection_prng_key=key)
+        )
         part = ours.peftkit_parts["default"]
         assert part.vera_A.shape == (8, 48) and part.vera_B.shape == (48, 8)
         assert torch.equal(part.vera_A, theirs.base_model.vera_A["default"])
@@ -152,8 +188,16 @@ def test_saved_projections_are_used_and_unsaved_ones_regenerated(tmp_path):
     assert torch.equal(fresh(x), model(x))
 
     model, x = _two()
-    peftkit.inject(model, VeraConfig(r=3, target_modules=["up", "down"], init_weights=False,
-                                     save_projection=False, projection_prng_key=7))
+    peftkit.inject(
+        model,
+        VeraConfig(
+            r=3,
+            target_modules=["up", "down"],
+            init_weights=False,
+            save_projection=False,
+            projection_prng_key=7,
+        ),
+    )
     peftkit.save_adapter(model, tmp_path / "unsaved")
     with safe_open(str(tmp_path / "unsaved" / "adapter_model.safetensors"), framework="pt") as handle:
         assert not any("vera_A" in k or "vera_B" in k for k in handle.keys())
@@ -193,7 +237,9 @@ def test_each_adapter_has_its_own_projections_and_unload_removes_them():
     model, x = _two()
     base = model(x).detach()
     peftkit.inject(model, VeraConfig(r=3, target_modules=["up", "down"], init_weights=False))
-    peftkit.inject(model, VeraConfig(r=5, target_modules=["up"], init_weights=False, projection_prng_key=3), "other")
+    peftkit.inject(
+        model, VeraConfig(r=5, target_modules=["up"], init_weights=False, projection_prng_key=3), "other"
+    )
     parts = model.peftkit_parts
     assert parts["default"].vera_A.shape == (3, 10) and parts["other"].vera_A.shape == (5, 6)
     peftkit.set_active(model, ["default", "other"])
@@ -225,7 +271,9 @@ def test_gpt2_conv1d_targets_record_fan_in_fan_out_and_match_the_reference(tmp_p
     torch.manual_seed(0)
     base = GPT2LMHeadModel(GPT2Config(n_embd=16, n_layer=1, n_head=2, vocab_size=32, n_positions=16)).eval()
     ids = torch.randint(0, 32, (2, 6), generator=torch.Generator().manual_seed(1))
-    ours = peftkit.inject(copy.deepcopy(base), VeraConfig(r=4, target_modules=["c_attn", "c_fc"], init_weights=False))
+    ours = peftkit.inject(
+        copy.deepcopy(base), VeraConfig(r=4, target_modules=["c_attn", "c_fc"], init_weights=False)
+    )
     assert peftkit.adapter_config(ours).fan_in_fan_out is True
     assert ours.peftkit_parts["default"].vera_B.shape == (64, 4)  # c_fc: 16 -> 64, c_attn: 16 -> 48
     peftkit.save_adapter(ours, tmp_path)
@@ -259,8 +307,11 @@ def _batch() -> dict[str, torch.Tensor]:
     gen = torch.Generator().manual_seed(1)
     mask = torch.ones(2, 8, dtype=torch.long)
     mask[1, -2:] = 0
-    return {"input_ids": torch.randint(0, 1000, (2, 8), generator=gen), "attention_mask": mask,
-            "labels": torch.tensor([0, 1])}
+    return {
+        "input_ids": torch.randint(0, 1000, (2, 8), generator=gen),
+        "attention_mask": mask,
+        "labels": torch.tensor([0, 1]),
+    }
 
 
 def _train(model: nn.Module, batch: dict[str, torch.Tensor]) -> None:
@@ -294,7 +345,9 @@ def test_minilm_parity_unmerged_and_merged(minilm, tmp_path, direction, save_pro
         peftkit.save_adapter(ours, tmp_path)
         theirs = peft.PeftModel.from_pretrained(copy.deepcopy(minilm), tmp_path).eval()
     else:
-        config = peft.VeraConfig(task_type="SEQ_CLS", save_projection=save_projection, **copy.deepcopy(OPTIONS))
+        config = peft.VeraConfig(
+            task_type="SEQ_CLS", save_projection=save_projection, **copy.deepcopy(OPTIONS)
+        )
         theirs = peft.get_peft_model(copy.deepcopy(minilm), config)
         _train(theirs, batch)
         theirs.save_pretrained(tmp_path)
@@ -323,7 +376,9 @@ def test_same_modules_and_tensor_shapes_as_the_reference(minilm, tmp_path):
         theirs.save_pretrained(tmp_path / name / "theirs")
         shapes = []
         for side in ("ours", "theirs"):
-            with safe_open(str(tmp_path / name / side / "adapter_model.safetensors"), framework="pt") as handle:
+            with safe_open(
+                str(tmp_path / name / side / "adapter_model.safetensors"), framework="pt"
+            ) as handle:
                 shapes.append({k: tuple(handle.get_slice(k).get_shape()) for k in handle.keys()})
         assert shapes[0] == shapes[1], name
 
@@ -335,8 +390,12 @@ def test_default_config_parameter_count_on_minilm(minilm):
 
 
 def _no_warnings(record) -> list[str]:
-    return [f"{w.category.__name__}: {w.message}" for w in record
-            if not issubclass(w.category, DeprecationWarning) and "is_gradient_checkpointing" not in str(w.message)]
+    return [
+        f"{w.category.__name__}: {w.message}"
+        for w in record
+        if not issubclass(w.category, DeprecationWarning)
+        and "is_gradient_checkpointing" not in str(w.message)
+    ]
 
 
 @pytest.mark.parametrize("save_projection", [True, False], ids=["projection", "no_projection"])
@@ -350,15 +409,29 @@ def test_configs_read_in_both_libraries_without_warnings(minilm, tmp_path, save_
     assert [w for w in _no_warnings(record) if "Specified to not save" not in w] == []
     assert isinstance(theirs, peft.VeraConfig)
     mine = peftkit.adapter_config(ours)
-    for key in ("r", "projection_prng_key", "save_projection", "vera_dropout", "d_initial", "bias", "init_weights"):
+    for key in (
+        "r",
+        "projection_prng_key",
+        "save_projection",
+        "vera_dropout",
+        "d_initial",
+        "bias",
+        "init_weights",
+    ):
         assert getattr(theirs, key) == getattr(mine, key), key
     assert sorted(theirs.target_modules) == ["query", "value"] and theirs.task_type == "SEQ_CLS"
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        peft.get_peft_model(copy.deepcopy(minilm), peft.VeraConfig(
-            task_type="SEQ_CLS", save_projection=save_projection, projection_prng_key=5, **copy.deepcopy(OPTIONS)
-        )).save_pretrained(tmp_path / "theirs")
+        peft.get_peft_model(
+            copy.deepcopy(minilm),
+            peft.VeraConfig(
+                task_type="SEQ_CLS",
+                save_projection=save_projection,
+                projection_prng_key=5,
+                **copy.deepcopy(OPTIONS),
+            ),
+        ).save_pretrained(tmp_path / "theirs")
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
         back = peftkit.read_adapter_config(tmp_path / "theirs")

@@ -56,6 +56,7 @@ def make_config(method: str, **fields: Any) -> AdapterConfig:
     names = {f.name for f in dataclasses.fields(config_cls)}
     unknown = sorted(set(fields) - names)
     if unknown:
+
         def problem(key: str) -> str:
             close = difflib.get_close_matches(key, names, n=1)
             hint = f"did you mean {close[0]!r}?" if close else f"its fields are: {', '.join(sorted(names))}"
@@ -137,10 +138,16 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> nn.Module:
     state = require_adapter(model, adapter_name)
     if adapter_name in state.active:
         others = [n for n in state.configs if n != adapter_name]
-        fix = f"set_active(model, {others[0]!r}) first" if others else "use unload(model) to remove the last adapter"
+        fix = (
+            f"set_active(model, {others[0]!r}) first"
+            if others
+            else "use unload(model) to remove the last adapter"
+        )
         raise AdapterNameError(f"adapter {adapter_name!r} is active and cannot be deleted; {fix}")
     if any(adapter_name in layer.merged for _, layer in adapter_layers(model)):
-        raise AdapterNameError(f"adapter {adapter_name!r} is merged into the base weights; unmerge(model) first")
+        raise AdapterNameError(
+            f"adapter {adapter_name!r} is merged into the base weights; unmerge(model) first"
+        )
     _inject.remove_adapter(model, adapter_name)
     return model
 
@@ -181,7 +188,8 @@ def merge(model: nn.Module, adapter_names: str | list[str] | None = None, *, saf
             f"{errors[worst]['relative']:.3g} (Frobenius, in {worst!r}), up to {lost:.3g} of the adapter's own "
             "change; details: peftkit.merge_report(model). For an exact merge export a dense model: "
             "unload(model, merge=True, dequantize=True).",
-            QuantizedMergeWarning, stacklevel=2,
+            QuantizedMergeWarning,
+            stacklevel=2,
         )
     return model
 
@@ -196,7 +204,11 @@ def merge_report(model: nn.Module) -> dict[str, dict[str, float]]:
     ``relative`` (Frobenius norm of the difference over that of the exact merged weight) and
     ``of_delta`` (over that of the adapter's delta: near 1, re-quantization rounded most of the adapter
     away). Layers merged exactly (dense bases) are absent."""
-    return {name: dict(layer.quantization_error) for name, layer in adapter_layers(model) if layer.quantization_error}
+    return {
+        name: dict(layer.quantization_error)
+        for name, layer in adapter_layers(model)
+        if layer.quantization_error
+    }
 
 
 _merge = merge  # unload() has a parameter named `merge`
@@ -210,7 +222,9 @@ def unmerge(model: nn.Module, adapter_names: str | list[str] | None = None) -> n
     return model
 
 
-def unload(model: nn.Module, *, merge: bool = False, safe: bool = True, dequantize: bool = False) -> nn.Module:
+def unload(
+    model: nn.Module, *, merge: bool = False, safe: bool = True, dequantize: bool = False
+) -> nn.Module:
     """Remove every adapter and put the original module objects back.
 
     With ``merge=True`` the active adapters are first merged (safely by default), so the returned
@@ -269,12 +283,16 @@ def prepare_for_kbit_training(model: nn.Module, gradient_checkpointing: bool = F
 
 def _names(model: nn.Module, adapter_names: str | list[str] | None) -> list[str]:
     state = state_of(model)
-    names = list(state.active) if adapter_names is None else (
-        [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+    names = (
+        list(state.active)
+        if adapter_names is None
+        else ([adapter_names] if isinstance(adapter_names, str) else list(adapter_names))
     )
     unknown = [n for n in names if n not in state.configs]
     if unknown:
-        raise AdapterNameError(f"unknown adapter(s) {unknown}; adapters on this model: {sorted(state.configs)}")
+        raise AdapterNameError(
+            f"unknown adapter(s) {unknown}; adapters on this model: {sorted(state.configs)}"
+        )
     return names
 
 
@@ -324,13 +342,19 @@ def trainable_summary(model: nn.Module, *, show: bool = True) -> TrainableSummar
         for name, layer in adapter_layers(model):
             for adapter_name, adapter in layer.adapters.items():
                 kind = f"{type(adapter).__name__}({type(layer.base_layer).__name__})"
-                summary.adapted.append((name, kind, adapter_name, sum(p.numel() for p in adapter.parameters())))
+                summary.adapted.append(
+                    (name, kind, adapter_name, sum(p.numel() for p in adapter.parameters()))
+                )
         for adapter_name, part in model_parts(model).items():
             kind = f"{type(part).__name__}(model)"
-            summary.adapted.append(("(whole model)", kind, adapter_name, sum(p.numel() for p in part.parameters())))
+            summary.adapted.append(
+                ("(whole model)", kind, adapter_name, sum(p.numel() for p in part.parameters()))
+            )
         for name, wrapper in saved_modules(model):
             for adapter_name, copy in wrapper.copies.items():
-                summary.modules_to_save.append((name, adapter_name, sum(p.numel() for p in copy.parameters())))
+                summary.modules_to_save.append(
+                    (name, adapter_name, sum(p.numel() for p in copy.parameters()))
+                )
         seen = set()
         for plan in state.plans.values():
             for item in plan.skipped:
@@ -348,8 +372,26 @@ def trainable_summary(model: nn.Module, *, show: bool = True) -> TrainableSummar
 
 
 __all__ = [
-    "inject", "make_config", "adapter_names", "active_adapters", "adapter_config", "set_active", "disable",
-    "delete_adapter", "merge", "unmerge", "unload", "trainable_summary", "TrainableSummary",
-    "save_adapter", "load_adapter", "read_adapter_config", "adapter_state_dict", "load_adapter_state_dict",
-    "quantize", "prepare_for_kbit_training", "merge_report", "QuantizedMergeWarning",
+    "inject",
+    "make_config",
+    "adapter_names",
+    "active_adapters",
+    "adapter_config",
+    "set_active",
+    "disable",
+    "delete_adapter",
+    "merge",
+    "unmerge",
+    "unload",
+    "trainable_summary",
+    "TrainableSummary",
+    "save_adapter",
+    "load_adapter",
+    "read_adapter_config",
+    "adapter_state_dict",
+    "load_adapter_state_dict",
+    "quantize",
+    "prepare_for_kbit_training",
+    "merge_report",
+    "QuantizedMergeWarning",
 ]

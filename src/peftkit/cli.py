@@ -44,7 +44,9 @@ See docs/cli.md and docs/config.md."""
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="peftkit", description="Parameter-efficient fine-tuning of PyTorch models.", epilog=EPILOG,
+        prog="peftkit",
+        description="Parameter-efficient fine-tuning of PyTorch models.",
+        epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"peftkit {__version__}")
@@ -62,17 +64,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _command(commands: Any, name: str, summary: str, description: str, handler: Callable[..., int]) -> argparse.ArgumentParser:
-    sub = commands.add_parser(name, help=summary, description=textwrap.fill(description, 100),
-                              epilog=EPILOG.split("\n\n")[0],
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+def _command(
+    commands: Any, name: str, summary: str, description: str, handler: Callable[..., int]
+) -> argparse.ArgumentParser:
+    sub = commands.add_parser(
+        name,
+        help=summary,
+        description=textwrap.fill(description, 100),
+        epilog=EPILOG.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub.set_defaults(handler=handler)
     return sub
 
 
 def _add_train(commands: Any) -> None:
     sub = _command(
-        commands, "train", "fine-tune a model from a YAML run config",
+        commands,
+        "train",
+        "fine-tune a model from a YAML run config",
         "Train the adapter (or every parameter, with adapter.method: full) described by CONFIG, pick the best "
         "checkpoint on the validation split, evaluate it on the test split, and save config.yaml, metrics.json "
         "and the adapter in output_dir. Stop it at any time (Ctrl-C) and continue with --resume. "
@@ -82,78 +92,138 @@ def _add_train(commands: Any) -> None:
     # --nproc may stand anywhere; listed last so that the usage line starts as it did before
     sub.usage = "%(prog)s [-h] [--resume] CONFIG.yaml [KEY=VALUE ...] [--nproc N]"
     sub.add_argument("config", metavar="CONFIG.yaml", help="the run config (see docs/config.md, configs/)")
-    sub.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                     help="dotted overrides applied on top of the file, e.g. train.lr=1e-3 adapter.r=16 "
-                     "data.columns.text=review (values are read as YAML)")
-    sub.add_argument("--resume", action="store_true",
-                     help="continue the run in output_dir from its latest checkpoint (bit-identical to an "
-                     "uninterrupted run)")
-    sub.add_argument("--nproc", type=_positive, default=None, metavar="N",
-                     help="train data-parallel in N processes on this machine (one per GPU; on CPU, gloo): "
-                     "runs `python -m torch.distributed.run --standalone --nproc-per-node N -m peftkit train "
-                     "...`; train.batch_size is per process. Several machines: launch torchrun yourself")
+    sub.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="KEY=VALUE",
+        help="dotted overrides applied on top of the file, e.g. train.lr=1e-3 adapter.r=16 "
+        "data.columns.text=review (values are read as YAML)",
+    )
+    sub.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in output_dir from its latest checkpoint (bit-identical to an "
+        "uninterrupted run)",
+    )
+    sub.add_argument(
+        "--nproc",
+        type=_positive,
+        default=None,
+        metavar="N",
+        help="train data-parallel in N processes on this machine (one per GPU; on CPU, gloo): "
+        "runs `python -m torch.distributed.run --standalone --nproc-per-node N -m peftkit train "
+        "...`; train.batch_size is per process. Several machines: launch torchrun yourself",
+    )
 
 
 def _add_eval(commands: Any) -> None:
     sub = _command(
-        commands, "eval", "evaluate a trained run (or a config's untrained base model)",
+        commands,
+        "eval",
+        "evaluate a trained run (or a config's untrained base model)",
         "Evaluate the trained weights of RUN_DIR on one split and print the metrics as JSON (also written to "
         "RUN_DIR/eval-SPLIT.json). Given a CONFIG.yaml instead, evaluate its base model without any "
         "training: the number fine-tuning should beat.",
         _eval,
     )
     sub.add_argument("source", metavar="RUN_DIR|CONFIG.yaml", help="a run's output_dir, or a run config")
-    sub.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides (with CONFIG.yaml only)")
-    sub.add_argument("--split", choices=["train", "validation", "test"], default=None,
-                     help="the split to evaluate (default: the config's eval.split)")
-    sub.add_argument("--batch-size", type=_positive, default=None, help="examples per forward pass (default: eval.batch_size)")
+    sub.add_argument(
+        "overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides (with CONFIG.yaml only)"
+    )
+    sub.add_argument(
+        "--split",
+        choices=["train", "validation", "test"],
+        default=None,
+        help="the split to evaluate (default: the config's eval.split)",
+    )
+    sub.add_argument(
+        "--batch-size",
+        type=_positive,
+        default=None,
+        help="examples per forward pass (default: eval.batch_size)",
+    )
 
 
 def _add_predict(commands: Any) -> None:
     sub = _command(
-        commands, "predict", "predict with a trained run, inputs from a file or stdin",
-        "Read inputs, one per line (plain text, or a JSON value such as {\"text\": ...} per line: JSONL), "
+        commands,
+        "predict",
+        "predict with a trained run, inputs from a file or stdin",
+        'Read inputs, one per line (plain text, or a JSON value such as {"text": ...} per line: JSONL), '
         "from FILE or standard input, and print one prediction per line as JSON, in input order.",
         _predict,
     )
     sub.add_argument("run_dir", metavar="RUN_DIR", help="a run's output_dir")
-    sub.add_argument("input", metavar="FILE|-", nargs="?", default="-", help="input file; - or nothing reads stdin")
-    sub.add_argument("--batch-size", type=_positive, default=None, help="inputs per forward pass (default: eval.batch_size)")
-    sub.add_argument("--input-key", default=None, metavar="KEY",
-                     help="the key of JSON inputs that holds the input (default: the task's: text, prompt, image, source)")
+    sub.add_argument(
+        "input", metavar="FILE|-", nargs="?", default="-", help="input file; - or nothing reads stdin"
+    )
+    sub.add_argument(
+        "--batch-size",
+        type=_positive,
+        default=None,
+        help="inputs per forward pass (default: eval.batch_size)",
+    )
+    sub.add_argument(
+        "--input-key",
+        default=None,
+        metavar="KEY",
+        help="the key of JSON inputs that holds the input (default: the task's: text, prompt, image, source)",
+    )
     _add_generation_options(sub)
-    sub.add_argument("--stream", action="store_true",
-                     help="generation tasks, one input: print the answer as it is generated (then its JSON line)")
+    sub.add_argument(
+        "--stream",
+        action="store_true",
+        help="generation tasks, one input: print the answer as it is generated (then its JSON line)",
+    )
 
 
 def _add_chat(commands: Any) -> None:
     sub = _command(
-        commands, "chat", "talk to a trained causal-LM run, turn by turn",
+        commands,
+        "chat",
+        "talk to a trained causal-LM run, turn by turn",
         "An interactive, multi-turn conversation with a causal-lm run in its chat template: each line you type "
         "is a user turn, the answer streams as it is generated. /reset starts over, /exit or Ctrl-D ends. "
         "Lines may also come from a pipe.",
         _chat,
     )
     sub.add_argument("run_dir", metavar="RUN_DIR", help="a causal-lm run's output_dir")
-    sub.add_argument("--system", default=None, metavar="TEXT", help="a system prompt for this session (default: data.system_prompt)")
+    sub.add_argument(
+        "--system",
+        default=None,
+        metavar="TEXT",
+        help="a system prompt for this session (default: data.system_prompt)",
+    )
     _add_generation_options(sub)
     sub.add_argument("--no-stream", action="store_true", help="print each answer when it is finished")
 
 
 # command-line option -> (generation field, type); the defaults live in the run's generation section
 GENERATION_OPTIONS = {
-    "--max-new-tokens": ("max_new_tokens", int), "--temperature": ("temperature", float),
-    "--top-p": ("top_p", float), "--top-k": ("top_k", int), "--num-beams": ("num_beams", int),
-    "--repetition-penalty": ("repetition_penalty", float), "--seed": ("seed", int),
+    "--max-new-tokens": ("max_new_tokens", int),
+    "--temperature": ("temperature", float),
+    "--top-p": ("top_p", float),
+    "--top-k": ("top_k", int),
+    "--num-beams": ("num_beams", int),
+    "--repetition-penalty": ("repetition_penalty", float),
+    "--seed": ("seed", int),
 }
 
 
 def _add_generation_options(sub: argparse.ArgumentParser) -> None:
-    group = sub.add_argument_group("generation (causal-lm and seq2seq runs; default: the run's generation section)")
+    group = sub.add_argument_group(
+        "generation (causal-lm and seq2seq runs; default: the run's generation section)"
+    )
     for option, (name, kind) in GENERATION_OPTIONS.items():
         group.add_argument(option, dest=f"gen_{name}", type=kind, default=None, metavar=kind.__name__.upper())
-    group.add_argument("--sample", dest="gen_do_sample", action="store_const", const=True, default=None,
-                       help="sample (with the temperature / top-p / top-k given) instead of greedy decoding")
+    group.add_argument(
+        "--sample",
+        dest="gen_do_sample",
+        action="store_const",
+        const=True,
+        default=None,
+        help="sample (with the temperature / top-p / top-k given) instead of greedy decoding",
+    )
 
 
 def _generation_changes(args: argparse.Namespace) -> dict[str, Any]:
@@ -163,36 +233,51 @@ def _generation_changes(args: argparse.Namespace) -> dict[str, Any]:
 
 def _add_merge(commands: Any) -> None:
     sub = _command(
-        commands, "merge", "export a merged model directory that plain transformers loads",
+        commands,
+        "merge",
+        "export a merged model directory that plain transformers loads",
         "Fold the run's adapter into the base weights and save the result, with its tokenizer, to OUT_DIR: "
         "a model directory that transformers' from_pretrained loads without peftkit. Methods that change "
         "inputs or attention instead of weights (soft prompts, bottleneck adapters) cannot be merged.",
         _merge,
     )
     sub.add_argument("run_dir", metavar="RUN_DIR", help="a run's output_dir")
-    sub.add_argument("out_dir", metavar="OUT_DIR", help="where the merged model goes (must not exist, or be empty)")
+    sub.add_argument(
+        "out_dir", metavar="OUT_DIR", help="where the merged model goes (must not exist, or be empty)"
+    )
 
 
 def _add_inspect(commands: Any) -> None:
     sub = _command(
-        commands, "inspect", "list a model's adaptable modules, target sets and each method's defaults",
+        commands,
+        "inspect",
+        "list a model's adaptable modules, target sets and each method's defaults",
         "Show the modules of MODEL that a PEFT method can adapt, grouped by kind and layer; the modules and "
         "parameters each candidate target_modules value selects, and what a rank-8 LoRA on them adds; and "
         "the targets each registered method picks by default. Transformers models are inspected from their "
         "config alone (no weights are loaded).",
         _inspect,
     )
-    sub.add_argument("model", metavar="MODEL",
-                     help="a bundled model (minilm, smollm2-135m-instruct, efficientnet-lite0), a local model "
-                     "directory, a hub id, or a run config CONFIG.yaml")
-    sub.add_argument("--task", default=None, help="load MODEL the way this task does (needed for non-transformers "
-                     "models such as efficientnet-lite0: --task image-classification)")
+    sub.add_argument(
+        "model",
+        metavar="MODEL",
+        help="a bundled model (minilm, smollm2-135m-instruct, efficientnet-lite0), a local model "
+        "directory, a hub id, or a run config CONFIG.yaml",
+    )
+    sub.add_argument(
+        "--task",
+        default=None,
+        help="load MODEL the way this task does (needed for non-transformers "
+        "models such as efficientnet-lite0: --task image-classification)",
+    )
     sub.add_argument("--json", action="store_true", help="print the report as JSON")
 
 
 def _add_select(commands: Any) -> None:
     sub = _command(
-        commands, "select", "choose which modules to adapt, and at what rank, under a parameter budget",
+        commands,
+        "select",
+        "choose which modules to adapt, and at what rank, under a parameter budget",
         "Probe the frozen model of CONFIG on a few training batches (select.probe_batches forward and backward "
         "passes), score every module LoRA can adapt (and, with select.whole_params=true, normalisation layers, "
         "biases and small heads), and spend the budget where a parameter buys the most: the LoRA targets and a "
@@ -202,43 +287,74 @@ def _add_select(commands: Any) -> None:
         _select,
     )
     sub.add_argument("config", metavar="CONFIG.yaml", help="a run config with adapter.method: lora")
-    sub.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. select.score=fisher")
-    sub.add_argument("--budget", default=None, metavar="B",
-                     help="trainable parameters to spend: a share of the model such as 0.5%% or a count such as "
-                     "82944 or 83k (default: the config's select.budget)")
-    sub.add_argument("--score", default=None, choices=["gradient", "adam", "fisher", "activation", "random"],
-                     help="how candidates are scored (default: the config's select.score, gradient)")
-    sub.add_argument("--out", default=None, metavar="DIR",
-                     help="where selected.yaml and the explanation go (default: OUTPUT_DIR-selection)")
+    sub.add_argument(
+        "overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. select.score=fisher"
+    )
+    sub.add_argument(
+        "--budget",
+        default=None,
+        metavar="B",
+        help="trainable parameters to spend: a share of the model such as 0.5%% or a count such as "
+        "82944 or 83k (default: the config's select.budget)",
+    )
+    sub.add_argument(
+        "--score",
+        default=None,
+        choices=["gradient", "adam", "fisher", "activation", "random"],
+        help="how candidates are scored (default: the config's select.score, gradient)",
+    )
+    sub.add_argument(
+        "--out",
+        default=None,
+        metavar="DIR",
+        help="where selected.yaml and the explanation go (default: OUTPUT_DIR-selection)",
+    )
 
 
 def _add_compare(commands: Any) -> None:
     sub = _command(
-        commands, "compare", "train full fine-tuning and PEFT methods side by side and report the trade-offs",
+        commands,
+        "compare",
+        "train full fine-tuning and PEFT methods side by side and report the trade-offs",
         "Train every run of CONFIG's compare: section (full fine-tuning and PEFT methods) on the same task, "
         "data, split, step budget and seeds, each in its own process; record test quality, trainable "
         "parameters, artifact size, peak memory, time, time to target, latency and forgetting as one JSON "
         "record per run; then write report.md and report.html. Running it again skips finished runs.",
         _compare,
     )
-    sub.add_argument("config", metavar="CONFIG.yaml", help="a comparison config (see docs/compare.md, "
-                     "configs/compare-*.yaml)")
+    sub.add_argument(
+        "config",
+        metavar="CONFIG.yaml",
+        help="a comparison config (see docs/compare.md, configs/compare-*.yaml)",
+    )
     _add_compare_options(sub)
 
 
 def _add_compare_options(sub: argparse.ArgumentParser) -> None:
-    sub.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                     help="dotted overrides of the shared sections (every run), e.g. train.steps=50, or of "
-                     "compare settings, e.g. compare.target_fraction=0.9")
-    sub.add_argument("--seeds", type=_seed_list, default=None,
-                     help="seeds to run: a count (3 = 0,1,2) or a comma-separated list (default: compare.seeds)")
+    sub.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="KEY=VALUE",
+        help="dotted overrides of the shared sections (every run), e.g. train.steps=50, or of "
+        "compare settings, e.g. compare.target_fraction=0.9",
+    )
+    sub.add_argument(
+        "--seeds",
+        type=_seed_list,
+        default=None,
+        help="seeds to run: a count (3 = 0,1,2) or a comma-separated list (default: compare.seeds)",
+    )
     sub.add_argument("--only", default=None, help="comma-separated run names: run and report only these")
-    sub.add_argument("--output-dir", default=None, help="the comparison's directory (default: the config's output_dir)")
+    sub.add_argument(
+        "--output-dir", default=None, help="the comparison's directory (default: the config's output_dir)"
+    )
 
 
 def _add_report(commands: Any) -> None:
     sub = _command(
-        commands, "report", "rewrite a comparison's report from its run records",
+        commands,
+        "report",
+        "rewrite a comparison's report from its run records",
         "Read DIR/records/*.json (written by peftkit compare) and write DIR/report.md, DIR/report.html and "
         "DIR/figures/ again; print the summary table.",
         _report,
@@ -248,7 +364,9 @@ def _add_report(commands: Any) -> None:
 
 def _add_demo(commands: Any) -> None:
     demo = _command(
-        commands, "demo", "the default comparison: MiniLM on Rotten Tomatoes, full fine-tuning vs six PEFT runs",
+        commands,
+        "demo",
+        "the default comparison: MiniLM on Rotten Tomatoes, full fine-tuning vs six PEFT runs",
         "Run the default comparison (about 22 minutes on 2 CPU cores): the bundled MiniLM learns Rotten "
         "Tomatoes review sentiment by full fine-tuning, LoRA, IA3, prompt tuning, BitFit, a bottleneck "
         "adapter and LoRA with selected targets, each at the learning rate its search on the validation "
@@ -257,14 +375,18 @@ def _add_demo(commands: Any) -> None:
         _demo,
     )
     _add_compare_options(demo)
-    demo.add_argument("--print-config", action="store_true", help="print the demo's comparison config and exit")
+    demo.add_argument(
+        "--print-config", action="store_true", help="print the demo's comparison config and exit"
+    )
 
 
 def _seed_list(text: str) -> list[int]:
     try:
         values = [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a count or comma-separated integers, got {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"expected a count or comma-separated integers, got {text!r}"
+        ) from None
     if len(values) == 1 and "," not in text:
         if values[0] <= 0:
             raise argparse.ArgumentTypeError(f"a seed count must be positive, got {values[0]}")
@@ -294,8 +416,10 @@ def _train(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.overrides)  # a bad config fails here, once, before any launch
     world_size = int(os.environ.get("WORLD_SIZE", "1")) if launched_by_torchrun() else 1
     if args.nproc is not None and world_size > 1 and args.nproc != world_size:
-        return _usage("train", f"--nproc {args.nproc} but torchrun started {world_size} processes: drop --nproc "
-                      "under torchrun")
+        return _usage(
+            "train",
+            f"--nproc {args.nproc} but torchrun started {world_size} processes: drop --nproc under torchrun",
+        )
     if args.nproc is not None and args.nproc > 1 and world_size == 1:
         return _train_with_torchrun(args)
     if world_size > 1:
@@ -308,11 +432,16 @@ def _train(args: argparse.Namespace) -> int:
         result = train_run(config, resume=args.resume, log=print)
     metrics = result.metrics
     if result.status == "interrupted":
-        print(f"peftkit train: interrupted; checkpoint saved, continue with `peftkit train {args.config} "
-              f"{' '.join(args.overrides)}{' ' if args.overrides else ''}--resume`", file=sys.stderr)
+        print(
+            f"peftkit train: interrupted; checkpoint saved, continue with `peftkit train {args.config} "
+            f"{' '.join(args.overrides)}{' ' if args.overrides else ''}--resume`",
+            file=sys.stderr,
+        )
         return EXIT_INTERRUPTED
     if not result.ok:
-        print(f"peftkit train: error: training {result.status}: {metrics.get('stop_reason')}", file=sys.stderr)
+        print(
+            f"peftkit train: error: training {result.status}: {metrics.get('stop_reason')}", file=sys.stderr
+        )
         return EXIT_FAILURE
     test = metrics.get("test") or {}
     shown = ", ".join(f"{k} {v:.4f}" for k, v in test.items() if isinstance(v, float))
@@ -324,8 +453,18 @@ def _train_with_torchrun(args: argparse.Namespace) -> int:
     """``peftkit train ... --nproc N``: this command again, in N processes started by torchrun."""
     import subprocess
 
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",
-               "-m", "peftkit", "train", args.config, *args.overrides] + (["--resume"] if args.resume else [])
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={args.nproc}",
+        "-m",
+        "peftkit",
+        "train",
+        args.config,
+        *args.overrides,
+    ] + (["--resume"] if args.resume else [])
     # --standalone: a rendezvous on this machine at a free port; torchrun sets RANK, WORLD_SIZE ... per process
     print(f"starting {args.nproc} training processes: {' '.join(command[1:])}", flush=True)
     return subprocess.run(command).returncode
@@ -357,12 +496,17 @@ def _eval(args: argparse.Namespace) -> int:
 
     source = Path(args.source)
     if not source.exists():
-        return _usage("eval", f"{args.source!r} does not exist (relative paths start from {str(Path.cwd())!r}); give "
-                      "a run directory (the output_dir of `peftkit train`) to evaluate its trained weights, or a "
-                      "run config YAML to evaluate its untrained base model")
+        return _usage(
+            "eval",
+            f"{args.source!r} does not exist (relative paths start from {str(Path.cwd())!r}); give "
+            "a run directory (the output_dir of `peftkit train`) to evaluate its trained weights, or a "
+            "run config YAML to evaluate its untrained base model",
+        )
     if source.is_dir():
         if args.overrides:
-            return _usage("eval", f"overrides {args.overrides} apply to a CONFIG.yaml, not to a run directory")
+            return _usage(
+                "eval", f"overrides {args.overrides} apply to a CONFIG.yaml, not to a run directory"
+            )
         metrics = eval_run(source, args.split, batch_size=args.batch_size)
     else:
         from .run.config import load_config
@@ -380,11 +524,19 @@ def _predict(args: argparse.Namespace) -> int:
     else:
         path = Path(args.input)
         if not path.is_file():
-            raise FileNotFoundError(f"input file {str(path)!r} does not exist; give a file of inputs, one per line, or - for stdin")
+            raise FileNotFoundError(
+                f"input file {str(path)!r} does not exist; give a file of inputs, one per line, or - for stdin"
+            )
         with path.open(encoding="utf-8") as handle:
             inputs = parse_inputs(handle)
-    predictions = predict_run(args.run_dir, inputs, args.batch_size, args.input_key,
-                              generation=_generation_changes(args), stream=args.stream)
+    predictions = predict_run(
+        args.run_dir,
+        inputs,
+        args.batch_size,
+        args.input_key,
+        generation=_generation_changes(args),
+        stream=args.stream,
+    )
     for prediction in predictions:
         print(json.dumps(prediction, ensure_ascii=False, default=str))
     return EXIT_OK
@@ -396,8 +548,10 @@ def _chat(args: argparse.Namespace) -> int:
     interactive = sys.stdin.isatty()
     stream = not args.no_stream and sys.stdout.isatty()
     if interactive:
-        print(f"peftkit chat with {args.run_dir}: type a message; /reset starts over, /exit or Ctrl-D ends.",
-              file=sys.stderr)
+        print(
+            f"peftkit chat with {args.run_dir}: type a message; /reset starts over, /exit or Ctrl-D ends.",
+            file=sys.stderr,
+        )
 
     def read(prompt: str) -> str:
         if interactive:
@@ -410,8 +564,14 @@ def _chat(args: argparse.Namespace) -> int:
     def write(text: str) -> None:
         print(text, flush=True)
 
-    chat_session(args.run_dir, read=read, write=write, generation=_generation_changes(args),
-                 system_prompt=args.system, stream=stream)
+    chat_session(
+        args.run_dir,
+        read=read,
+        write=write,
+        generation=_generation_changes(args),
+        system_prompt=args.system,
+        stream=stream,
+    )
     return EXIT_OK
 
 
@@ -422,7 +582,7 @@ def parse_inputs(lines: Iterable[str]) -> list[Any]:
         text = line.rstrip("\r\n")
         if not text.strip():
             continue
-        if text.lstrip()[:1] in ('{', '[', '"'):
+        if text.lstrip()[:1] in ("{", "[", '"'):
             try:
                 inputs.append(json.loads(text))
                 continue
@@ -462,8 +622,11 @@ def _select(args: argparse.Namespace) -> int:
     overrides += [f"select.score={args.score}"] if args.score is not None else []
     config = load_config(args.config, overrides)
     if config.select.budget is None:
-        return _usage("select", "no budget: give --budget (e.g. --budget 0.5% or --budget 82944) or set select.budget "
-                      "in the config")
+        return _usage(
+            "select",
+            "no budget: give --budget (e.g. --budget 0.5% or --budget 82944) or set select.budget "
+            "in the config",
+        )
     select_run(config, args.out or f"{config.output_dir.rstrip('/')}-selection", log=print)
     return EXIT_OK
 
@@ -475,14 +638,19 @@ def _compare(args: argparse.Namespace, config_path: str | None = None) -> int:
     config = load_compare_config(config_path or args.config, overrides, seeds=args.seeds)
     if args.only:
         config = config.select(n.strip() for n in args.only.split(",") if n.strip())
-    print(f"comparing {', '.join(config.names)} with seeds {config.seeds} ({len(config.runs)} runs) in {config.output_dir}")
+    print(
+        f"comparing {', '.join(config.names)} with seeds {config.seeds} ({len(config.runs)} runs) in {config.output_dir}"
+    )
     result = run_comparison(config, log=print)
     if result.report:
         print("\n" + result.report["markdown"].read_text().split("\n", 2)[2].split("![")[0].rstrip())
         print(f"\nreport: {result.report['html']} (and {result.report['markdown'].name}, figures/, records/)")
     if result.failed:
-        print(f"peftkit {args.command}: error: {len(result.failed)} run(s) failed: {', '.join(result.failed)}; their "
-              f"logs are in {config.output_dir / 'logs'}; run the same command again to retry them", file=sys.stderr)
+        print(
+            f"peftkit {args.command}: error: {len(result.failed)} run(s) failed: {', '.join(result.failed)}; their "
+            f"logs are in {config.output_dir / 'logs'}; run the same command again to retry them",
+            file=sys.stderr,
+        )
         return EXIT_FAILURE
     return EXIT_OK
 
@@ -495,8 +663,10 @@ def _report(args: argparse.Namespace) -> int:
     directory = Path(args.directory)
     records = [r for r in (read_record(p) for p in sorted((directory / "records").glob("*.json"))) if r]
     if not records:
-        raise FileNotFoundError(f"no run records in {directory / 'records'}: is {str(directory)!r} the output_dir of "
-                                "`peftkit compare`?")
+        raise FileNotFoundError(
+            f"no run records in {directory / 'records'}: is {str(directory)!r} the output_dir of "
+            "`peftkit compare`?"
+        )
     config = None
     if (directory / "compare.yaml").is_file():  # keeps the run order and target settings of the comparison
         from .run.config import parse_yaml
@@ -548,8 +718,10 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         return _usage(args.command, str(exc))
     except KeyboardInterrupt:
-        hints = {"train": " (continue with `peftkit train CONFIG --resume`)",
-                 "compare": " (the finished runs are kept: run the same command again to continue)"}
+        hints = {
+            "train": " (continue with `peftkit train CONFIG --resume`)",
+            "compare": " (the finished runs are kept: run the same command again to continue)",
+        }
         hint = hints.get("compare" if args.command == "demo" else args.command, "")
         print(f"\npeftkit {args.command}: interrupted{hint}", file=sys.stderr)
         return EXIT_INTERRUPTED

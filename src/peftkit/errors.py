@@ -49,8 +49,9 @@ class SaveError(PeftkitError, OSError):
     earlier checkpoints) is unchanged.
     """
 
-    def __init__(self, message: str, errno: int | None = None, strerror: str | None = None,
-                 filename: str | None = None) -> None:
+    def __init__(
+        self, message: str, errno: int | None = None, strerror: str | None = None, filename: str | None = None
+    ) -> None:
         super().__init__(message)
         self.errno, self.strerror, self.filename = errno, strerror, filename
 

@@ -12,7 +12,9 @@ from typing import Any
 
 def _check_pair(predictions: Sequence[Hashable], targets: Sequence[Hashable]) -> None:
     if len(predictions) != len(targets):
-        raise ValueError(f"got {len(predictions)} predictions for {len(targets)} targets; pass one per target")
+        raise ValueError(
+            f"got {len(predictions)} predictions for {len(targets)} targets; pass one per target"
+        )
     if not targets:
         raise ValueError("no targets: a metric of an empty evaluation set is undefined; evaluate on examples")
 
@@ -48,7 +50,9 @@ def f1_per_class(
     if classes is None:
         classes = sorted(set(targets) | set(predictions), key=repr)
     elif not classes:
-        raise ValueError("classes is empty: list the classes to score, or pass None to score every class seen")
+        raise ValueError(
+            "classes is empty: list the classes to score, or pass None to score every class seen"
+        )
     scores = {}
     for c in classes:
         tp = sum(p == c and t == c for p, t in zip(predictions, targets))
@@ -75,8 +79,9 @@ def macro_f1(
     return sum(scores.values()) / len(scores)
 
 
-def majority_class(train_targets: Sequence[Hashable], test_targets: Sequence[Hashable],
-                   metrics: dict[str, Any]) -> dict[str, float]:
+def majority_class(
+    train_targets: Sequence[Hashable], test_targets: Sequence[Hashable], metrics: dict[str, Any]
+) -> dict[str, float]:
     """The ``metrics`` (name -> function of predictions and targets) of always predicting the class most
     frequent in ``train_targets``: the score a classifier that learned nothing but the prior gets.
 

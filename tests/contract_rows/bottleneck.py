@@ -35,7 +35,12 @@ def _build(kind: str):
     torch.manual_seed(0)
     if kind == "LlamaMLP":
         x = torch.randn(4, 6)
-        return Net(LlamaMLP(LlamaConfig(hidden_size=6, intermediate_size=10, num_attention_heads=2, num_key_value_heads=2)), x), x
+        return Net(
+            LlamaMLP(
+                LlamaConfig(hidden_size=6, intermediate_size=10, num_attention_heads=2, num_key_value_heads=2)
+            ),
+            x,
+        ), x
     if kind == "BertOutput":
         return ResidualNet(), torch.randn(4, 6)
     return build(kind)
@@ -43,13 +48,27 @@ def _build(kind: str):
 
 def _config(placement):
     return lambda kind: BottleneckConfig(
-        placement=placement, bottleneck_size=3, non_linearity="gelu", target_modules=["layer"], modules_to_save=["head"]
+        placement=placement,
+        bottleneck_size=3,
+        non_linearity="gelu",
+        target_modules=["layer"],
+        modules_to_save=["head"],
     )
 
 
 ROWS = [
-    Row(name="bottleneck-houlsby", config=_config("houlsby"), kinds=["Linear", "Conv1D", "LlamaMLP"],
-        mergeable=False, build=_build),
-    Row(name="bottleneck-parallel", config=_config("parallel"), kinds=["Linear", "Conv1D", "LlamaMLP", "BertOutput"],
-        mergeable=False, build=_build),
+    Row(
+        name="bottleneck-houlsby",
+        config=_config("houlsby"),
+        kinds=["Linear", "Conv1D", "LlamaMLP"],
+        mergeable=False,
+        build=_build,
+    ),
+    Row(
+        name="bottleneck-parallel",
+        config=_config("parallel"),
+        kinds=["Linear", "Conv1D", "LlamaMLP", "BertOutput"],
+        mergeable=False,
+        build=_build,
+    ),
 ]

@@ -8,7 +8,9 @@ KINDS = ["Linear", "Conv1D", "Conv1d", "Conv2d", "Conv3d"]  # no Embedding: the 
 
 def _config(feedforward):
     return lambda kind: IA3Config(
-        target_modules=["layer"], feedforward_modules=["layer"] if feedforward else [], modules_to_save=["head"]
+        target_modules=["layer"],
+        feedforward_modules=["layer"] if feedforward else [],
+        modules_to_save=["head"],
     )
 
 

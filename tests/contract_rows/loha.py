@@ -7,7 +7,9 @@ KINDS = ["Linear", "Conv1d", "Conv2d"]  # the reference library's LoHa layer kin
 
 
 def _config(**options):
-    return lambda kind: LoHaConfig(r=2, alpha=4, target_modules=["layer"], modules_to_save=["head"], **options)
+    return lambda kind: LoHaConfig(
+        r=2, alpha=4, target_modules=["layer"], modules_to_save=["head"], **options
+    )
 
 
 ROWS = [

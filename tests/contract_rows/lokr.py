@@ -20,7 +20,11 @@ def _config(**options):
 ROWS = [
     Row(name="lokr", config=_config(), kinds=KINDS),
     Row(name="lokr-r1", config=_config(r=1), kinds=KINDS),
-    Row(name="lokr-effective-conv", config=_config(r=1, use_effective_conv2d=True), kinds=["Conv1d", "Conv2d"]),
-    Row(name="lokr-decompose-both", config=_config(decompose_both=True, decompose_factor=5), kinds=["Linear"]),
+    Row(
+        name="lokr-effective-conv", config=_config(r=1, use_effective_conv2d=True), kinds=["Conv1d", "Conv2d"]
+    ),
+    Row(
+        name="lokr-decompose-both", config=_config(decompose_both=True, decompose_factor=5), kinds=["Linear"]
+    ),
     Row(name="lokr-lycoris-init", config=_config(init_weights="lycoris", r=1), kinds=["Linear", "Conv2d"]),
 ]

@@ -10,7 +10,12 @@ SVD_INITS = {"pissa", "olora"}  # refused for non-matrix kinds; see test_errors.
 
 def _config(init, options):
     return lambda kind: peftkit.LoraConfig(
-        r=2, lora_alpha=4, target_modules=["layer"], modules_to_save=["head"], init_lora_weights=init, **options
+        r=2,
+        lora_alpha=4,
+        target_modules=["layer"],
+        modules_to_save=["head"],
+        init_lora_weights=init,
+        **options,
     )
 
 

@@ -18,15 +18,30 @@ def build(kind: str, seed: int = 0):
     """A tiny model of ``kind`` and a padded batch for it (row 1 ends in two padding positions)."""
     torch.manual_seed(seed)
     if kind == "bert-cls":
-        model = BertForSequenceClassification(BertConfig(
-            hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
-            vocab_size=VOCAB, max_position_embeddings=32, num_labels=3,
-        ))
+        model = BertForSequenceClassification(
+            BertConfig(
+                hidden_size=16,
+                num_hidden_layers=2,
+                num_attention_heads=2,
+                intermediate_size=32,
+                vocab_size=VOCAB,
+                max_position_embeddings=32,
+                num_labels=3,
+            )
+        )
     elif kind == "llama-lm":
-        model = LlamaForCausalLM(LlamaConfig(
-            hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=32, tie_word_embeddings=False,
-        ))
+        model = LlamaForCausalLM(
+            LlamaConfig(
+                hidden_size=16,
+                intermediate_size=32,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                vocab_size=VOCAB,
+                max_position_embeddings=32,
+                tie_word_embeddings=False,
+            )
+        )
     else:
         raise ValueError(kind)
     input_ids = torch.randint(0, VOCAB, (2, 5))
@@ -39,7 +54,9 @@ VARIANTS = {
     "prompt-tuning": lambda kind: PromptTuningConfig(num_virtual_tokens=3),
     "p-tuning-mlp": lambda kind: PromptEncoderConfig(num_virtual_tokens=3, encoder_hidden_size=8),
     "p-tuning-lstm": lambda kind: PromptEncoderConfig(
-        num_virtual_tokens=3, encoder_hidden_size=8, encoder_reparameterization_type="LSTM",
+        num_virtual_tokens=3,
+        encoder_hidden_size=8,
+        encoder_reparameterization_type="LSTM",
         encoder_num_layers=1,
     ),
     "prefix-tuning": lambda kind: PrefixTuningConfig(num_virtual_tokens=3),

@@ -16,5 +16,11 @@ ROWS = [
     Row(name="vera", config=_config(True), kinds=sorted(MATRIX_KINDS)),
     # b = 1 and d ~ N(0, 1) make the delta larger than the tiny layer's weight, so a bf16 merge then
     # unmerge loses bits of W at the delta's scale (beyond the matrix's 1% bound): fp32 only.
-    Row(name="vera-random", config=_config(False), kinds=sorted(MATRIX_KINDS), starts_at_base=False, dtypes=["fp32"]),
+    Row(
+        name="vera-random",
+        config=_config(False),
+        kinds=sorted(MATRIX_KINDS),
+        starts_at_base=False,
+        dtypes=["fp32"],
+    ),
 ]

@@ -113,8 +113,11 @@ def _error(stored: torch.Tensor, exact: torch.Tensor, before: torch.Tensor) -> d
     rounded away: ``of_delta`` near 1 means the merge kept little of the adapter)."""
     diff = stored.float() - exact.float()
     norm, change = float(exact.float().norm()), float((exact.float() - before).norm())
-    return {"max_abs": float(diff.abs().max()), "relative": float(diff.norm()) / norm if norm else 0.0,
-            "of_delta": float(diff.norm()) / change if change else 0.0}
+    return {
+        "max_abs": float(diff.abs().max()),
+        "relative": float(diff.norm()) / norm if norm else 0.0,
+        "of_delta": float(diff.norm()) / change if change else 0.0,
+    }
 
 
 def _read_4bit(layer: nn.Module, name: str) -> torch.Tensor:
@@ -139,8 +142,12 @@ def _write_4bit(layer: nn.Module, name: str, dense: torch.Tensor) -> dict[str, f
         return None
     old, before = layer.weight, _read_4bit(layer, "weight")
     new = _bnb().nn.Params4bit(
-        dense.detach().float().cpu(), requires_grad=False, blocksize=old.blocksize,
-        compress_statistics=old.compress_statistics, quant_type=old.quant_type, quant_storage=old.quant_storage,
+        dense.detach().float().cpu(),
+        requires_grad=False,
+        blocksize=old.blocksize,
+        compress_statistics=old.compress_statistics,
+        quant_type=old.quant_type,
+        quant_storage=old.quant_storage,
     )
     layer.weight = new.to(old.device)  # quantizes
     return _error(_read_4bit(layer, "weight"), dense, before)
@@ -204,7 +211,9 @@ def _shape(layer: nn.Module) -> tuple[int, int]:
 def _dense(layer: nn.Module, read: Any) -> nn.Linear:
     dtype = getattr(layer, "compute_dtype", None) or torch.float32
     weight = read(layer, "weight")
-    out = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device=weight.device, dtype=dtype)
+    out = nn.Linear(
+        layer.in_features, layer.out_features, bias=layer.bias is not None, device=weight.device, dtype=dtype
+    )
     with torch.no_grad():
         out.weight.copy_(weight.to(dtype))
         if layer.bias is not None:
@@ -231,23 +240,42 @@ def register() -> None:
     bnb = _bnb()
     logging.getLogger("bitsandbytes.autograd._functions").addFilter(_CastNotice())
     four, eight = bnb.nn.Linear4bit, bnb.nn.Linear8bitLt
-    registry.register_base_access(BaseAccess(
-        (four,), _read_4bit, _write_4bit, lambda m: _dense(m, _read_4bit),
-        snapshot=lambda m: m.weight, restore=lambda m, w: setattr(m, "weight", w), shape=_shape,
-        trainable=_trainable_4bit,
-    ))
-    registry.register_base_access(BaseAccess(
-        (eight,), _read_8bit, _write_8bit, lambda m: _dense(m, _read_8bit), _snapshot_8bit, _restore_8bit, _shape,
-    ))
-    supported = {"LORA": (LoraQuantLinear, "Linear4bit/8bit (bitsandbytes)"),
-                 "IA3": (IA3QuantLinear, "Linear4bit/8bit (bitsandbytes)")}
+    registry.register_base_access(
+        BaseAccess(
+            (four,),
+            _read_4bit,
+            _write_4bit,
+            lambda m: _dense(m, _read_4bit),
+            snapshot=lambda m: m.weight,
+            restore=lambda m, w: setattr(m, "weight", w),
+            shape=_shape,
+            trainable=_trainable_4bit,
+        )
+    )
+    registry.register_base_access(
+        BaseAccess(
+            (eight,),
+            _read_8bit,
+            _write_8bit,
+            lambda m: _dense(m, _read_8bit),
+            _snapshot_8bit,
+            _restore_8bit,
+            _shape,
+        )
+    )
+    supported = {
+        "LORA": (LoraQuantLinear, "Linear4bit/8bit (bitsandbytes)"),
+        "IA3": (IA3QuantLinear, "Linear4bit/8bit (bitsandbytes)"),
+    }
     for peft_type in registry.registered_methods():
         if peft_type in supported:
             build, kind = supported[peft_type]
             registry.register_layer(peft_type, kind, (four, eight), build, first=True)
         elif any(issubclass(four, t) for row in registry.method(peft_type).rows for t in row.base_types):
             # the plain nn.Linear row would otherwise take the quantized subclass and misread its weight
-            registry.register_layer(peft_type, "Linear4bit/8bit (unsupported)", (four, eight), _refuse(peft_type), first=True)
+            registry.register_layer(
+                peft_type, "Linear4bit/8bit (unsupported)", (four, eight), _refuse(peft_type), first=True
+            )
 
 
 registry.register_backend("bitsandbytes", register)
@@ -301,8 +329,11 @@ def quantize(
     kept = [n for n in names if any(n == s or n.endswith("." + s) or n.startswith(s + ".") for s in keep)]
     odd = [n for n in names if bits == 4 and n not in kept and model.get_submodule(n).in_features % BLOCKSIZE]
     if odd:
-        warnings.warn(f"left {len(odd)} linear layer(s) unquantized, their in_features not a multiple of "
-                      f"{BLOCKSIZE}: {odd[:5]}", stacklevel=2)
+        warnings.warn(
+            f"left {len(odd)} linear layer(s) unquantized, their in_features not a multiple of "
+            f"{BLOCKSIZE}: {odd[:5]}",
+            stacklevel=2,
+        )
     for name in names:
         if name in kept or name in odd:
             continue
@@ -323,21 +354,43 @@ def _fresh_heads(model: nn.Module) -> list[str]:
     return heads
 
 
-def _quantized(bnb: Any, linear: nn.Linear, bits: int, quant_type: str, double_quant: bool,
-               compute_dtype: torch.dtype | None) -> nn.Module:
+def _quantized(
+    bnb: Any,
+    linear: nn.Linear,
+    bits: int,
+    quant_type: str,
+    double_quant: bool,
+    compute_dtype: torch.dtype | None,
+) -> nn.Module:
     weight, bias = linear.weight.detach(), linear.bias
     has_bias = bias is not None
     if bits == 4:
         layer = bnb.nn.Linear4bit(
-            linear.in_features, linear.out_features, bias=has_bias, compute_dtype=compute_dtype or weight.dtype,
-            compress_statistics=double_quant, quant_type=quant_type, device="meta",
+            linear.in_features,
+            linear.out_features,
+            bias=has_bias,
+            compute_dtype=compute_dtype or weight.dtype,
+            compress_statistics=double_quant,
+            quant_type=quant_type,
+            device="meta",
         )
-        layer.weight = bnb.nn.Params4bit(weight.float().cpu(), requires_grad=False, blocksize=BLOCKSIZE,
-                                         compress_statistics=double_quant, quant_type=quant_type)
+        layer.weight = bnb.nn.Params4bit(
+            weight.float().cpu(),
+            requires_grad=False,
+            blocksize=BLOCKSIZE,
+            compress_statistics=double_quant,
+            quant_type=quant_type,
+        )
     else:
         # threshold 0: no outlier decomposition, every column int8 (the only mode bitsandbytes runs on CPU)
-        layer = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, bias=has_bias,
-                                    has_fp16_weights=False, threshold=0.0, device="meta")
+        layer = bnb.nn.Linear8bitLt(
+            linear.in_features,
+            linear.out_features,
+            bias=has_bias,
+            has_fp16_weights=False,
+            threshold=0.0,
+            device="meta",
+        )
         layer.weight = bnb.nn.Int8Params(weight.float().cpu(), requires_grad=False, has_fp16_weights=False)
     if has_bias:
         layer.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
@@ -359,6 +412,9 @@ def bnb_config(quant: str, double_quant: bool, compute_dtype: torch.dtype, skip:
     if quant == "int8":
         return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip, llm_int8_threshold=0.0)
     return BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_quant_type=quant, bnb_4bit_use_double_quant=double_quant,
-        bnb_4bit_compute_dtype=compute_dtype, llm_int8_skip_modules=skip,
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quant,
+        bnb_4bit_use_double_quant=double_quant,
+        bnb_4bit_compute_dtype=compute_dtype,
+        llm_int8_skip_modules=skip,
     )

@@ -62,12 +62,16 @@ def prepare_for_kbit_training(model: nn.Module, gradient_checkpointing: bool = F
     else:
         embedding = next((m for m in model.modules() if isinstance(m, nn.Embedding)), None)
         if embedding is not None and not getattr(embedding, "_peftkit_grad_hook", None):
-            embedding._peftkit_grad_hook = embedding.register_forward_hook(lambda _m, _i, out: out.requires_grad_(True))
+            embedding._peftkit_grad_hook = embedding.register_forward_hook(
+                lambda _m, _i, out: out.requires_grad_(True)
+            )
     if gradient_checkpointing:
         owner = next((m for m in model.modules() if hasattr(m, "gradient_checkpointing_enable")), None)
         if owner is None:
-            raise TypeError(f"gradient_checkpointing=True needs a transformers model; {type(model).__name__} has no "
-                            "gradient_checkpointing_enable(). Wrap your blocks in torch.utils.checkpoint yourself.")
+            raise TypeError(
+                f"gradient_checkpointing=True needs a transformers model; {type(model).__name__} has no "
+                "gradient_checkpointing_enable(). Wrap your blocks in torch.utils.checkpoint yourself."
+            )
         kwargs = {"use_reentrant": False}
         if hasattr(owner, "activation_checkpointing_enable"):  # transformers >= 5.2x renamed it
             owner.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)

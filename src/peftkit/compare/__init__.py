@@ -5,5 +5,12 @@ memory, time, time to target, latency, forgetting), then reported side by side (
 from .config import CompareConfig, PlannedRun, load_compare_config, parse_compare_config
 from .runner import CompareResult, read_record, run_comparison
 
-__all__ = ["CompareConfig", "CompareResult", "PlannedRun", "load_compare_config", "parse_compare_config",
-           "read_record", "run_comparison"]
+__all__ = [
+    "CompareConfig",
+    "CompareResult",
+    "PlannedRun",
+    "load_compare_config",
+    "parse_compare_config",
+    "read_record",
+    "run_comparison",
+]

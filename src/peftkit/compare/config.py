@@ -44,8 +44,11 @@ SETTINGS = {  # compare: key -> (default, what it is); the docs table is checked
     "reference": ("full", "the run whose best validation metric defines the target (default: full)"),
     "probe_examples": (256, "held-out inputs the forgetting probe uses (0: no forgetting measurement)"),
     "latency_repeats": (5, "timed forward passes per latency figure (the median is reported)"),
-    "tune": (None, "choose each run's learning rate (and any listed field) on the validation split first: "
-                   "{lr: [...], seeds: 1, steps: N}; see docs/compare.md"),
+    "tune": (
+        None,
+        "choose each run's learning rate (and any listed field) on the validation split first: "
+        "{lr: [...], seeds: 1, steps: N}; see docs/compare.md",
+    ),
 }
 
 
@@ -107,14 +110,21 @@ class CompareConfig:
         wanted = list(names)
         unknown = [n for n in wanted if n not in self.names]
         if unknown:
-            raise ConfigError([f"--only: {', '.join(map(repr, unknown))} not among the runs {self.names}"],
-                              what="comparison")
-        return dataclasses.replace(self, names=[n for n in self.names if n in wanted],
-                                   runs=[r for r in self.runs if r.name in wanted],
-                                   tuning={n: t for n, t in self.tuning.items() if n in wanted})
+            raise ConfigError(
+                [f"--only: {', '.join(map(repr, unknown))} not among the runs {self.names}"],
+                what="comparison",
+            )
+        return dataclasses.replace(
+            self,
+            names=[n for n in self.names if n in wanted],
+            runs=[r for r in self.runs if r.name in wanted],
+            tuning={n: t for n, t in self.tuning.items() if n in wanted},
+        )
 
 
-def load_compare_config(path: str | Path, overrides: Iterable[str] = (), seeds: list[int] | None = None) -> CompareConfig:
+def load_compare_config(
+    path: str | Path, overrides: Iterable[str] = (), seeds: list[int] | None = None
+) -> CompareConfig:
     """Read and check a comparison config.
 
     Args:
@@ -129,8 +139,13 @@ def load_compare_config(path: str | Path, overrides: Iterable[str] = (), seeds: 
     """
     path = Path(path)
     if not path.is_file():
-        raise ConfigError([f"comparison config {str(path)!r} does not exist; give a YAML file with a compare: "
-                           "section, e.g. configs/compare-sentiment-minilm.yaml"], what="comparison config")
+        raise ConfigError(
+            [
+                f"comparison config {str(path)!r} does not exist; give a YAML file with a compare: "
+                "section, e.g. configs/compare-sentiment-minilm.yaml"
+            ],
+            what="comparison config",
+        )
     try:
         data = parse_yaml(path.read_text(encoding="utf-8"))
     except Exception as exc:  # yaml.YAMLError, UnicodeDecodeError
@@ -138,19 +153,30 @@ def load_compare_config(path: str | Path, overrides: Iterable[str] = (), seeds: 
     return parse_compare_config(data, overrides, seeds, source=str(path))
 
 
-def parse_compare_config(data: Any, overrides: Iterable[str] = (), seeds: list[int] | None = None,
-                         source: str = "comparison config") -> CompareConfig:
+def parse_compare_config(
+    data: Any,
+    overrides: Iterable[str] = (),
+    seeds: list[int] | None = None,
+    source: str = "comparison config",
+) -> CompareConfig:
     """Check the mapping ``data`` (see :func:`load_compare_config`)."""
     from .tune import parse_tune, plan_search
 
     problems: list[str] = []
     if not isinstance(data, Mapping):
-        raise ConfigError([f"{source}: expected a mapping of sections with a compare: section"], what="comparison config")
+        raise ConfigError(
+            [f"{source}: expected a mapping of sections with a compare: section"], what="comparison config"
+        )
     data = apply_overrides(data, overrides, problems)
     section = data.pop("compare", None)
     if not isinstance(section, Mapping):
-        raise ConfigError([f"{source}: no compare: section (a mapping with runs: [...]); `peftkit train` runs a "
-                           "single config"], what="comparison config")
+        raise ConfigError(
+            [
+                f"{source}: no compare: section (a mapping with runs: [...]); `peftkit train` runs a "
+                "single config"
+            ],
+            what="comparison config",
+        )
     settings = _settings(section, problems)
     if seeds is not None:
         settings["seeds"] = _seed_list(seeds, problems)
@@ -162,8 +188,14 @@ def parse_compare_config(data: Any, overrides: Iterable[str] = (), seeds: list[i
     tune = parse_tune(settings["tune"], "compare.tune", problems)
     for index, run in enumerate(settings["runs"] or []):
         where = f"compare.runs[{index}]"
-        if not isinstance(run, Mapping) or not isinstance(run.get("name"), str) or not NAME.fullmatch(run["name"]):
-            problems.append(f"{where}: expected a mapping with a name (letters, digits, _ . + -), got {run!r}")
+        if (
+            not isinstance(run, Mapping)
+            or not isinstance(run.get("name"), str)
+            or not NAME.fullmatch(run["name"])
+        ):
+            problems.append(
+                f"{where}: expected a mapping with a name (letters, digits, _ . + -), got {run!r}"
+            )
             continue
         name = run["name"]
         if name in names:
@@ -177,9 +209,22 @@ def parse_compare_config(data: Any, overrides: Iterable[str] = (), seeds: list[i
             if config is not None:
                 planned.append(PlannedRun(name, seed, config, config_key(config)))
         if len(problems) == before:
-            own = parse_tune(run.get("tune"), f"{where}.tune", problems, allow_false=True) if "tune" in run else None
-            search = plan_search(name, templates[name], tune, own, run.get("tune"), settings["seeds"] or [0],
-                                 output_dir, problems, f"{where} ({name})")
+            own = (
+                parse_tune(run.get("tune"), f"{where}.tune", problems, allow_false=True)
+                if "tune" in run
+                else None
+            )
+            search = plan_search(
+                name,
+                templates[name],
+                tune,
+                own,
+                run.get("tune"),
+                settings["seeds"] or [0],
+                output_dir,
+                problems,
+                f"{where} ({name})",
+            )
             if search is not None:
                 tuning[name] = search
     if settings["runs"] is None or settings["runs"] == [] and isinstance(section.get("runs"), list):
@@ -191,14 +236,31 @@ def parse_compare_config(data: Any, overrides: Iterable[str] = (), seeds: list[i
         reference = None  # without a full fine-tuning run, the best run's metric is the target
     if problems:
         raise ConfigError(problems, what=f"comparison config {source!r}")
-    return CompareConfig(output_dir=output_dir.expanduser().resolve(), seeds=settings["seeds"], names=names,
-                         runs=planned, target_fraction=settings["target_fraction"], reference=reference,
-                         probe_examples=settings["probe_examples"], latency_repeats=settings["latency_repeats"],
-                         source={**data, "compare": dict(section)}, tuning=tuning, templates=templates)
+    return CompareConfig(
+        output_dir=output_dir.expanduser().resolve(),
+        seeds=settings["seeds"],
+        names=names,
+        runs=planned,
+        target_fraction=settings["target_fraction"],
+        reference=reference,
+        probe_examples=settings["probe_examples"],
+        latency_repeats=settings["latency_repeats"],
+        source={**data, "compare": dict(section)},
+        tuning=tuning,
+        templates=templates,
+    )
 
 
-def plan_run(template: Mapping[str, Any], name: str, seed: int, output_dir: Path, overrides: Mapping[str, Any],
-             problems: list[str], where: str = "", run_dir: Path | None = None) -> RunConfig | None:
+def plan_run(
+    template: Mapping[str, Any],
+    name: str,
+    seed: int,
+    output_dir: Path,
+    overrides: Mapping[str, Any],
+    problems: list[str],
+    where: str = "",
+    run_dir: Path | None = None,
+) -> RunConfig | None:
     """The checked run config of run ``name`` with ``seed``: its merged sections with the dotted
     ``overrides`` set (``{"train.lr": 1e-3}``), training in ``run_dir`` (default
     ``<output_dir>/runs/<name>/seed-<seed>``). Problems are appended to ``problems`` (None returned)."""
@@ -239,7 +301,13 @@ def config_key(config: RunConfig) -> str:
 # Fields added after records were first written, with the value that reproduces what runs did before
 # they existed: at that value a field leaves the key alone, so finished records stay finished.
 ADDED_LATER = {
-    "data": {"encoding": "utf-8", "hub": None, "hub_splits": {}, "system_prompt": None, "chat_template": None},
+    "data": {
+        "encoding": "utf-8",
+        "hub": None,
+        "hub_splits": {},
+        "system_prompt": None,
+        "chat_template": None,
+    },
     "train": {"report_to": None},
 }
 
@@ -254,8 +322,10 @@ def _as_before(data: dict[str, Any], config: RunConfig) -> None:
 
     # the generation section replaced eval.max_new_tokens; greater_is_better's default became "from the metric"
     generation = data.pop("generation", None)
-    if isinstance(generation, dict) and generation != {**to_dict(RunConfig())["generation"],
-                                                        "max_new_tokens": generation.get("max_new_tokens")}:
+    if isinstance(generation, dict) and generation != {
+        **to_dict(RunConfig())["generation"],
+        "max_new_tokens": generation.get("max_new_tokens"),
+    }:
         data["generation"] = {k: v for k, v in generation.items() if k != "max_new_tokens"}
     if isinstance(data.get("eval"), dict):
         data["eval"]["max_new_tokens"] = settings_of(config).max_new_tokens
@@ -279,7 +349,9 @@ def _settings(section: Mapping[str, Any], problems: list[str]) -> dict[str, Any]
         problems.append(f"compare.target_fraction: expected a number in (0, 1], got {fraction!r}")
     probe, repeats = out["probe_examples"], out["latency_repeats"]
     if isinstance(probe, bool) or not isinstance(probe, int) or probe < 0 or probe in (1, 2):
-        problems.append(f"compare.probe_examples: expected an integer >= 3 (or 0: no forgetting probe), got {probe!r}")
+        problems.append(
+            f"compare.probe_examples: expected an integer >= 3 (or 0: no forgetting probe), got {probe!r}"
+        )
     if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
         problems.append(f"compare.latency_repeats: expected an integer >= 1, got {repeats!r}")
     if out["reference"] is not None and not isinstance(out["reference"], str):
@@ -290,10 +362,16 @@ def _settings(section: Mapping[str, Any], problems: list[str]) -> dict[str, Any]
 def _seed_list(value: Any, problems: list[str]) -> list[int]:
     if isinstance(value, int) and not isinstance(value, bool) and value > 0:
         return list(range(value))
-    if (isinstance(value, list) and value and len(set(value)) == len(value)
-            and all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in value)):
+    if (
+        isinstance(value, list)
+        and value
+        and len(set(value)) == len(value)
+        and all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in value)
+    ):
         return list(value)
-    problems.append(f"compare.seeds: expected a positive count or a list of distinct non-negative integers, got {value!r}")
+    problems.append(
+        f"compare.seeds: expected a positive count or a list of distinct non-negative integers, got {value!r}"
+    )
     return []
 
 
@@ -308,5 +386,12 @@ def _merged(shared: Mapping[str, Any], changes: Mapping[str, Any]) -> dict[str, 
     return out
 
 
-__all__ = ["SETTINGS", "CompareConfig", "PlannedRun", "config_key", "load_compare_config", "parse_compare_config",
-           "plan_run"]
+__all__ = [
+    "SETTINGS",
+    "CompareConfig",
+    "PlannedRun",
+    "config_key",
+    "load_compare_config",
+    "parse_compare_config",
+    "plan_run",
+]

@@ -40,8 +40,12 @@ def versions() -> dict[str, str]:
 
     from .. import __version__
 
-    return {"peftkit": __version__, "python": platform.python_version(), "torch": torch.__version__,
-            "transformers": transformers.__version__}
+    return {
+        "peftkit": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+    }
 
 
 def cpu_model() -> str:
@@ -58,8 +62,12 @@ def cpu_model() -> str:
 def machine() -> dict[str, Any]:
     """The machine a run measured on: CPU model, cores, torch threads, accelerator."""
     cpu = cpu_model()
-    info: dict[str, Any] = {"platform": platform.platform(), "cpu": cpu, "cores": os.cpu_count(),
-                            "torch_threads": torch.get_num_threads()}
+    info: dict[str, Any] = {
+        "platform": platform.platform(),
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+    }
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info
@@ -124,8 +132,11 @@ def latency(task: Any, model: nn.Module, examples: Sequence[Any], repeats: int, 
 
 def probe_cache_path(directory: Path, config: Any, n: int) -> Path:
     """Where the base model's probe for this task, model and data is cached."""
-    key = json.dumps({"task": config.task, "model": vars(config.model), "data": repr(config.data), "n": n},
-                     sort_keys=True, default=str)
+    key = json.dumps(
+        {"task": config.task, "model": vars(config.model), "data": repr(config.data), "n": n},
+        sort_keys=True,
+        default=str,
+    )
     return directory / f"base-{hashlib.sha256(key.encode()).hexdigest()[:16]}.pt"
 
 
@@ -138,7 +149,10 @@ def base_probe(task: Any, cache: Path, n: int, batch_size: int) -> BehaviourProb
     probe = task.behaviour_probe(model, n, batch_size)
     cache.parent.mkdir(parents=True, exist_ok=True)
     temporary = cache.with_name(cache.name + ".tmp")
-    torch.save({"kind": probe.kind, "source": probe.source, "value": probe.value, "features": probe.features}, temporary)
+    torch.save(
+        {"kind": probe.kind, "source": probe.source, "value": probe.value, "features": probe.features},
+        temporary,
+    )
     os.replace(temporary, cache)
     return probe
 

@@ -81,7 +81,9 @@ def is_current(record: dict[str, Any] | None, run: PlannedRun) -> bool:
     return bool(record) and record.get("key") == run.key and record.get("status") in FINISHED
 
 
-def run_comparison(config: CompareConfig, *, log: Log = print, progress: bool = True, report: bool = True) -> CompareResult:
+def run_comparison(
+    config: CompareConfig, *, log: Log = print, progress: bool = True, report: bool = True
+) -> CompareResult:
     """Train and measure every run of ``config`` that has no current record, then write the report.
 
     Args:
@@ -102,15 +104,19 @@ def run_comparison(config: CompareConfig, *, log: Log = print, progress: bool = 
     todo = [run for run in config.runs if not is_current(read_record(record_path(out, run)), run)]
     result = CompareResult(out, [], skipped=[r.label for r in config.runs if r not in todo])
     if result.skipped:
-        log(f"{len(result.skipped)} of {len(config.runs)} runs already done (records in {out / 'records'}); "
-            f"{len(todo)} to go")
+        log(
+            f"{len(result.skipped)} of {len(config.runs)} runs already done (records in {out / 'records'}); "
+            f"{len(todo)} to go"
+        )
     durations: dict[str, list[float]] = {}
     for index, run in enumerate(todo):
         left = _time_left(todo[index:], durations)
-        log(f"[{index + 1}/{len(todo)}] {run.label}: {run.config.adapter.get('method', 'lora')}"
-            + (f" (about {format_seconds(left)} left in all)" if left is not None else ""))
+        log(
+            f"[{index + 1}/{len(todo)}] {run.label}: {run.config.adapter.get('method', 'lora')}"
+            + (f" (about {format_seconds(left)} left in all)" if left is not None else "")
+        )
         started = time.perf_counter()
-        record = _run_in_process(config, run, todo[index + 1:], durations, progress, log)
+        record = _run_in_process(config, run, todo[index + 1 :], durations, progress, log)
         durations.setdefault(run.name, []).append(time.perf_counter() - started)
         result.ran.append(run.label)
         if record is None or record.get("status") not in FINISHED:
@@ -120,8 +126,10 @@ def run_comparison(config: CompareConfig, *, log: Log = print, progress: bool = 
         else:
             log(f"    {_one_line(record)}")
     result.records = [r for r in (read_record(record_path(out, run)) for run in config.runs) if r is not None]
-    result.failed = sorted(set(result.failed) | {f"{r['name']} seed {r['seed']}" for r in result.records
-                                                   if r.get("status") not in FINISHED})
+    result.failed = sorted(
+        set(result.failed)
+        | {f"{r['name']} seed {r['seed']}" for r in result.records if r.get("status") not in FINISHED}
+    )
     if report and result.records:
         from ..report import write_report
 
@@ -138,9 +146,17 @@ def report_extras(out: Path) -> dict[str, Any]:
     return {"outcomes": read_outcomes(out), "baseline": floor if isinstance(floor, dict) else None}
 
 
-def _run_in_process(config: CompareConfig, run: PlannedRun, queued: list[PlannedRun], durations: dict[str, list[float]],
-                    progress: bool, log: Log, record_file: Path | None = None, log_file: Path | None = None,
-                    measure: bool = True) -> dict[str, Any] | None:
+def _run_in_process(
+    config: CompareConfig,
+    run: PlannedRun,
+    queued: list[PlannedRun],
+    durations: dict[str, list[float]],
+    progress: bool,
+    log: Log,
+    record_file: Path | None = None,
+    log_file: Path | None = None,
+    measure: bool = True,
+) -> dict[str, Any] | None:
     out = config.output_dir
     run_dir = Path(run.config.output_dir)
     if run_dir.exists():  # a run cut short earlier: start it over, so its measurements cover one whole run
@@ -154,21 +170,32 @@ def _run_in_process(config: CompareConfig, run: PlannedRun, queued: list[Planned
 
     dump_config(run.config, run_config)
     record_file = record_file or record_path(out, run)
-    job = {"config": str(run_config), "record": str(record_file), "name": run.name, "seed": run.seed,
-           "key": run.key, "probe_cache": str(probe_cache_path(out / "probe", run.config, config.probe_examples)),
-           "probe_examples": config.probe_examples if measure else 0, "latency_repeats": config.latency_repeats,
-           "measure": measure}
+    job = {
+        "config": str(run_config),
+        "record": str(record_file),
+        "name": run.name,
+        "seed": run.seed,
+        "key": run.key,
+        "probe_cache": str(probe_cache_path(out / "probe", run.config, config.probe_examples)),
+        "probe_examples": config.probe_examples if measure else 0,
+        "latency_repeats": config.latency_repeats,
+        "measure": measure,
+    }
     job_path.write_text(json.dumps(job, indent=1))
     record_file.parent.mkdir(parents=True, exist_ok=True)
     record_file.unlink(missing_ok=True)  # a stale or failed record must not pass for this run's
     log_file = log_file or _log_path(out, run)
     log_file.parent.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    env["PYTHONPATH"] = os.pathsep.join(p for p in [str(Path(__file__).resolve().parents[2]), env.get("PYTHONPATH")] if p)
+    env["PYTHONPATH"] = os.pathsep.join(
+        p for p in [str(Path(__file__).resolve().parents[2]), env.get("PYTHONPATH")] if p
+    )
     bar = _Bar(run, progress)
     started = time.perf_counter()
     with log_file.open("w") as sink:
-        process = subprocess.Popen([*python_command(), str(job_path)], stdout=sink, stderr=subprocess.STDOUT, env=env)
+        process = subprocess.Popen(
+            [*python_command(), str(job_path)], stdout=sink, stderr=subprocess.STDOUT, env=env
+        )
         try:
             while process.poll() is None:
                 time.sleep(POLL_SECONDS)
@@ -195,7 +222,9 @@ def _tuned(config: CompareConfig, progress: bool, log: Log) -> CompareConfig:
     def run_one(run: PlannedRun, record_file: Path, label: str) -> dict[str, Any] | None:
         started = time.perf_counter()
         log_file = config.output_dir / "logs" / "tune" / record_file.with_suffix(".log").name
-        record = _run_in_process(config, run, [], durations, progress, log, record_file, log_file, measure=False)
+        record = _run_in_process(
+            config, run, [], durations, progress, log, record_file, log_file, measure=False
+        )
         durations.setdefault(run.name, []).append(time.perf_counter() - started)
         if record is None or record.get("status") not in FINISHED:
             log(f"    {label} FAILED: {(record or {}).get('error', 'no record')}; see {log_file}")
@@ -241,8 +270,13 @@ class _Bar:
         if enabled and sys.stderr.isatty():
             from tqdm.auto import tqdm
 
-            self._bar = tqdm(total=run.config.train.steps, desc=f"  {run.label}", unit="step", dynamic_ncols=True,
-                             leave=False)
+            self._bar = tqdm(
+                total=run.config.train.steps,
+                desc=f"  {run.label}",
+                unit="step",
+                dynamic_ncols=True,
+                leave=False,
+            )
         self._step = 0
 
     def update(self, step: int, elapsed: float, queued_left: float | None) -> None:
@@ -254,7 +288,9 @@ class _Bar:
         total = self._bar.total
         if queued_left is not None and total and step:
             run_left = elapsed * (total - step) / step
-            self._bar.set_postfix_str(f"all runs: ~{format_seconds(run_left + queued_left)} left", refresh=True)
+            self._bar.set_postfix_str(
+                f"all runs: ~{format_seconds(run_left + queued_left)} left", refresh=True
+            )
 
     def close(self) -> None:
         if self._bar is not None:
@@ -264,6 +300,12 @@ class _Bar:
 def _one_line(record: dict[str, Any]) -> str:
     test = record.get("test") or {}
     metric = record.get("metric")
-    shown = f"test {metric} {test[metric]:.4f}" if isinstance(test.get(metric), float) else f"status {record.get('status')}"
-    return (f"{record['name']} seed {record['seed']}: {shown}, {record.get('trainable_params', 0):,} trainable, "
-            f"{format_seconds(record.get('train_seconds') or 0)} training, peak {record.get('peak_memory_mb') or 0:.0f} MB")
+    shown = (
+        f"test {metric} {test[metric]:.4f}"
+        if isinstance(test.get(metric), float)
+        else f"status {record.get('status')}"
+    )
+    return (
+        f"{record['name']} seed {record['seed']}: {shown}, {record.get('trainable_params', 0):,} trainable, "
+        f"{format_seconds(record.get('train_seconds') or 0)} training, peak {record.get('peak_memory_mb') or 0:.0f} MB"
+    )

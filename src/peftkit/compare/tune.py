@@ -72,33 +72,45 @@ def parse_tune(value: Any, where: str, problems: list[str], allow_false: bool = 
     if value is True:
         return TuneSettings()
     if not isinstance(value, Mapping):
-        problems.append(f"{where}: expected a mapping such as {{lr: [1e-4, 1e-3], seeds: 1}}"
-                        + (", or false" if allow_false else "") + f", got {value!r}")
+        problems.append(
+            f"{where}: expected a mapping such as {{lr: [1e-4, 1e-3], seeds: 1}}"
+            + (", or false" if allow_false else "")
+            + f", got {value!r}"
+        )
         return None
     out = TuneSettings()
     for key, candidates in value.items():
         if key == "seeds":
             if isinstance(candidates, bool) or not isinstance(candidates, int) or candidates < 1:
-                problems.append(f"{where}.seeds: expected a positive number of search seeds, got {candidates!r}")
+                problems.append(
+                    f"{where}.seeds: expected a positive number of search seeds, got {candidates!r}"
+                )
             else:
                 out.seeds = candidates
             continue
         if key == "steps":
-            if candidates is not None and (isinstance(candidates, bool) or not isinstance(candidates, int)
-                                           or candidates < 1):
-                problems.append(f"{where}.steps: expected a positive number of steps per trial (or null: "
-                                f"train.steps), got {candidates!r}")
+            if candidates is not None and (
+                isinstance(candidates, bool) or not isinstance(candidates, int) or candidates < 1
+            ):
+                problems.append(
+                    f"{where}.steps: expected a positive number of steps per trial (or null: "
+                    f"train.steps), got {candidates!r}"
+                )
             else:
                 out.steps = candidates
             continue
         path = LR if key == "lr" else str(key)
         section, dot, rest = path.partition(".")
         if not dot or not rest or section not in SECTIONS:
-            problems.append(f"{where}.{key}: unknown key; give seeds, steps, lr, or a dotted field such as "
-                            f"adapter.r (sections: {', '.join(SECTIONS)})")
+            problems.append(
+                f"{where}.{key}: unknown key; give seeds, steps, lr, or a dotted field such as "
+                f"adapter.r (sections: {', '.join(SECTIONS)})"
+            )
             continue
         if not isinstance(candidates, list) or not candidates:
-            problems.append(f"{where}.{key}: expected a non-empty list of candidate values, got {candidates!r}")
+            problems.append(
+                f"{where}.{key}: expected a non-empty list of candidate values, got {candidates!r}"
+            )
             continue
         if path == LR and not all(_positive(c) for c in candidates):
             problems.append(f"{where}.{key}: expected positive learning rates, got {candidates!r}")
@@ -107,15 +119,26 @@ def parse_tune(value: Any, where: str, problems: list[str], allow_false: bool = 
     return out
 
 
-def plan_search(name: str, template: Mapping[str, Any], shared: TuneSettings | None, own: TuneSettings | None,
-                own_raw: Any, test_seeds: list[int], output_dir: Path, problems: list[str],
-                where: str) -> TunePlan | None:
+def plan_search(
+    name: str,
+    template: Mapping[str, Any],
+    shared: TuneSettings | None,
+    own: TuneSettings | None,
+    own_raw: Any,
+    test_seeds: list[int],
+    output_dir: Path,
+    problems: list[str],
+    where: str,
+) -> TunePlan | None:
     """The search of one run, or None when it is not tuned (no ``compare.tune`` and no run ``tune``, or
     the run's ``tune: false``)."""
     if own_raw is False or (shared is None and own is None):
         return None
-    settings = TuneSettings(fields=dict(shared.fields) if shared else {}, seeds=shared.seeds if shared else 1,
-                            steps=shared.steps if shared else None)
+    settings = TuneSettings(
+        fields=dict(shared.fields) if shared else {},
+        seeds=shared.seeds if shared else 1,
+        steps=shared.steps if shared else None,
+    )
     if own is not None:
         settings.fields.update(own.fields)
         raw = own_raw if isinstance(own_raw, Mapping) else {}
@@ -124,7 +147,9 @@ def plan_search(name: str, template: Mapping[str, Any], shared: TuneSettings | N
     if LR not in settings.fields:
         settings.fields = {LR: list(lr_candidates(dict(template.get("adapter") or {}))), **settings.fields}
     paths = list(settings.fields)
-    candidates = [dict(zip(paths, values)) for values in itertools.product(*(settings.fields[p] for p in paths))]
+    candidates = [
+        dict(zip(paths, values)) for values in itertools.product(*(settings.fields[p] for p in paths))
+    ]
     seeds = [max(test_seeds) + 1 + i for i in range(settings.seeds)]
     trials = []
     for index, candidate in enumerate(candidates):
@@ -133,8 +158,16 @@ def plan_search(name: str, template: Mapping[str, Any], shared: TuneSettings | N
             overrides["train.steps"] = settings.steps
         for seed in seeds:
             run_dir = output_dir / "tune" / name / f"{label(candidate)}-seed-{seed}"
-            config = plan_run(template, name, seed, output_dir, overrides, problems, f"{where} tune {label(candidate)}",
-                              run_dir=run_dir)
+            config = plan_run(
+                template,
+                name,
+                seed,
+                output_dir,
+                overrides,
+                problems,
+                f"{where} tune {label(candidate)}",
+                run_dir=run_dir,
+            )
             if config is None:
                 return None
             trials.append(Trial(index, PlannedRun(name, seed, config, config_key(config))))
@@ -143,16 +176,27 @@ def plan_search(name: str, template: Mapping[str, Any], shared: TuneSettings | N
 
 def label(candidate: Mapping[str, Any]) -> str:
     """A file-name-safe label of a candidate: ``lr-0.002``, ``lr-0.002_r-8``."""
-    parts = [f"{path.rpartition('.')[2]}-{value:g}" if isinstance(value, float) else f"{path.rpartition('.')[2]}-{value}"
-             for path, value in candidate.items()]
+    parts = [
+        f"{path.rpartition('.')[2]}-{value:g}"
+        if isinstance(value, float)
+        else f"{path.rpartition('.')[2]}-{value}"
+        for path, value in candidate.items()
+    ]
     return re.sub(r"[^A-Za-z0-9_.+-]", "", "_".join(parts).replace("train.", ""))
 
 
 def trial_record_path(output_dir: Path, trial: Trial, plan: TunePlan) -> Path:
-    return output_dir / "records" / "tune" / f"{plan.name}-{label(plan.candidates[trial.index])}-seed{trial.run.seed}.json"
+    return (
+        output_dir
+        / "records"
+        / "tune"
+        / f"{plan.name}-{label(plan.candidates[trial.index])}-seed{trial.run.seed}.json"
+    )
 
 
-def choose(plan: TunePlan, records: Mapping[int, list[dict[str, Any] | None]], greater_is_better: bool) -> dict[str, Any]:
+def choose(
+    plan: TunePlan, records: Mapping[int, list[dict[str, Any] | None]], greater_is_better: bool
+) -> dict[str, Any]:
     """The outcome of one search: every candidate's mean best validation metric and the winner.
 
     A candidate whose trials all failed or diverged (no validation value) cannot win; with no usable
@@ -162,29 +206,44 @@ def choose(plan: TunePlan, records: Mapping[int, list[dict[str, Any] | None]], g
     for index, candidate in enumerate(plan.candidates):
         mine = [r for r in records.get(index, []) if r]
         values = [r["best_validation"] for r in mine if _finite(r.get("best_validation"))]
-        rows.append({"candidate": candidate, "label": label(candidate),
-                     "validation": statistics.mean(values) if values else None,
-                     "per_seed": [r.get("best_validation") for r in mine],
-                     "status": sorted({str(r.get("status")) for r in mine}) or ["missing"],
-                     "seconds": sum(float(r.get("wall_seconds") or 0.0) for r in mine)})
+        rows.append(
+            {
+                "candidate": candidate,
+                "label": label(candidate),
+                "validation": statistics.mean(values) if values else None,
+                "per_seed": [r.get("best_validation") for r in mine],
+                "status": sorted({str(r.get("status")) for r in mine}) or ["missing"],
+                "seconds": sum(float(r.get("wall_seconds") or 0.0) for r in mine),
+            }
+        )
     usable = [r for r in rows if r["validation"] is not None]
     best = None
     if usable:  # the first of equals wins, so the result does not depend on float noise in ties' order
         best = usable[0]
         for row in usable[1:]:
-            better = row["validation"] > best["validation"] if greater_is_better else row["validation"] < best["validation"]
+            better = (
+                row["validation"] > best["validation"]
+                if greater_is_better
+                else row["validation"] < best["validation"]
+            )
             best = row if better else best
     edge = None
     if best is not None and LR in best["candidate"]:
         rates = sorted({c[LR] for c in plan.candidates if LR in c})
         if len(rates) > 1 and best["candidate"][LR] in (rates[0], rates[-1]):
             edge = "lowest" if best["candidate"][LR] == rates[0] else "highest"
-    return {"name": plan.name, "candidates": rows, "chosen": best["candidate"] if best else None, "edge": edge,
-            "chosen_label": best["label"] if best else None,
-            "chosen_validation": best["validation"] if best else None,
-            "trials": len(plan.trials), "seeds": sorted({t.run.seed for t in plan.trials}),
-            "steps": plan.trials[0].run.config.train.steps if plan.trials else None,
-            "seconds": sum(r["seconds"] for r in rows)}
+    return {
+        "name": plan.name,
+        "candidates": rows,
+        "chosen": best["candidate"] if best else None,
+        "edge": edge,
+        "chosen_label": best["label"] if best else None,
+        "chosen_validation": best["validation"] if best else None,
+        "trials": len(plan.trials),
+        "seeds": sorted({t.run.seed for t in plan.trials}),
+        "steps": plan.trials[0].run.config.train.steps if plan.trials else None,
+        "seconds": sum(r["seconds"] for r in rows),
+    }
 
 
 RunOne = Callable[[PlannedRun, Path, str], dict[str, Any] | None]
@@ -209,24 +268,42 @@ def run_searches(config: Any, run_one: RunOne, log: Callable[[str], None]) -> di
     for plan in config.tuning.values():
         todo = [t for t in plan.trials if not is_current(read_record(trial_record_path(out, t, plan)), t.run)]
         if todo:
-            log(f"tuning {plan.name}: {len(plan.candidates)} candidate(s) x {len(plan.trials) // len(plan.candidates)} "
-                f"search seed(s), {len(todo)} trial(s) to run")
+            log(
+                f"tuning {plan.name}: {len(plan.candidates)} candidate(s) x {len(plan.trials) // len(plan.candidates)} "
+                f"search seed(s), {len(todo)} trial(s) to run"
+            )
         for trial in todo:
             what = label(plan.candidates[trial.index])
-            record = run_one(trial.run, trial_record_path(out, trial, plan), f"{plan.name} tune {what} seed {trial.run.seed}")
+            record = run_one(
+                trial.run,
+                trial_record_path(out, trial, plan),
+                f"{plan.name} tune {what} seed {trial.run.seed}",
+            )
             value = (record or {}).get("best_validation")
-            log(f"    {plan.name} {what}: best validation {value:.4f}" if _finite(value)
-                else f"    {plan.name} {what}: {(record or {}).get('status', 'no record')}")
+            log(
+                f"    {plan.name} {what}: best validation {value:.4f}"
+                if _finite(value)
+                else f"    {plan.name} {what}: {(record or {}).get('status', 'no record')}"
+            )
         records: dict[int, list[dict[str, Any] | None]] = {}
         for trial in plan.trials:
             records.setdefault(trial.index, []).append(read_record(trial_record_path(out, trial, plan)))
         outcome = choose(plan, records, greater)
         outcomes[plan.name] = outcome
         chosen = outcome["chosen"]
-        log(f"tuning {plan.name}: chose {label(chosen) if chosen else 'nothing (no trial finished)'}"
-            + (f" (validation {outcome['chosen_validation']:.4f})" if chosen else "; it keeps its configured values")
-            + (f"; the {outcome['edge']} learning rate tried: a wider list may find a better one"
-               if outcome.get("edge") else ""))
+        log(
+            f"tuning {plan.name}: chose {label(chosen) if chosen else 'nothing (no trial finished)'}"
+            + (
+                f" (validation {outcome['chosen_validation']:.4f})"
+                if chosen
+                else "; it keeps its configured values"
+            )
+            + (
+                f"; the {outcome['edge']} learning rate tried: a wider list may find a better one"
+                if outcome.get("edge")
+                else ""
+            )
+        )
     if outcomes:
         (out / TUNING_FILE).write_text(json.dumps(outcomes, indent=1, default=str) + "\n")
     return outcomes
@@ -248,5 +325,14 @@ def _finite(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
-__all__ = ["TUNING_FILE", "TunePlan", "TuneSettings", "choose", "label", "parse_tune", "plan_search",
-           "read_outcomes", "run_searches"]
+__all__ = [
+    "TUNING_FILE",
+    "TunePlan",
+    "TuneSettings",
+    "choose",
+    "label",
+    "parse_tune",
+    "plan_search",
+    "read_outcomes",
+    "run_searches",
+]

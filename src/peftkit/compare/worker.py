@@ -33,10 +33,18 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
     config = load_config(job["config"])
     started, clock = _now(), time.perf_counter()
     record: dict[str, Any] = {
-        "format": RECORD_FORMAT, "name": job["name"], "seed": job["seed"], "key": job["key"],
-        "task": config.task, "model": config.model.name_or_path, "method": None,
-        "metric": config.train.metric, "greater_is_better": config.train.maximize,
-        "config": to_dict(config), "versions": measure.versions(), "machine": measure.machine(),
+        "format": RECORD_FORMAT,
+        "name": job["name"],
+        "seed": job["seed"],
+        "key": job["key"],
+        "task": config.task,
+        "model": config.model.name_or_path,
+        "method": None,
+        "metric": config.train.metric,
+        "greater_is_better": config.train.maximize,
+        "config": to_dict(config),
+        "versions": measure.versions(),
+        "machine": measure.machine(),
         "started_at": started,
     }
     result = train_run(config, log=print)
@@ -45,13 +53,21 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
     run_dir = Path(config.output_dir)
     curves = measure.curves(run_dir, config.train.metric)
     record.update(
-        method=metrics["method"], status=metrics.get("status", "completed"), stop_reason=metrics.get("stop_reason"),
-        trainable_params=metrics["trainable_params"], total_params=metrics["total_params"],
+        method=metrics["method"],
+        status=metrics.get("status", "completed"),
+        stop_reason=metrics.get("stop_reason"),
+        trainable_params=metrics["trainable_params"],
+        total_params=metrics["total_params"],
         trainable_percent=100.0 * metrics["trainable_params"] / max(metrics["total_params"], 1),
-        steps=metrics.get("steps"), best_step=metrics.get("best_step"), best_validation=metrics.get("best_validation"),
-        train_seconds=metrics.get("train_seconds"), peak_memory_mb=metrics.get("peak_memory_mb"),
-        examples_per_s=measure.median_throughput(curves["train"]), curves=curves,
-        examples_per_step=config.train.batch_size * config.train.grad_accum, test=metrics.get("test"),
+        steps=metrics.get("steps"),
+        best_step=metrics.get("best_step"),
+        best_validation=metrics.get("best_validation"),
+        train_seconds=metrics.get("train_seconds"),
+        peak_memory_mb=metrics.get("peak_memory_mb"),
+        examples_per_s=measure.median_throughput(curves["train"]),
+        curves=curves,
+        examples_per_step=config.train.batch_size * config.train.grad_accum,
+        test=metrics.get("test"),
     )
     if record["status"] in OK_STATUSES and job.get("measure", True):  # a tuning trial needs its curves only
         artifact = run_dir / (FULL_MODEL_DIR if full else ADAPTER_DIR)
@@ -62,13 +78,19 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
         test = splits.get("test") or splits.get("validation") or []
         if job["probe_examples"]:
             try:
-                record["forgetting"] = measure.forgetting(loaded.task, loaded.model, Path(job["probe_cache"]),
-                                                          job["probe_examples"], config.eval.batch_size)
+                record["forgetting"] = measure.forgetting(
+                    loaded.task,
+                    loaded.model,
+                    Path(job["probe_cache"]),
+                    job["probe_examples"],
+                    config.eval.batch_size,
+                )
             except (ImportError, ValueError, RuntimeError) as exc:  # e.g. the general text is not installed
                 record["forgetting"] = {"error": str(exc)}
         if test:
-            record["latency_ms"] = measure.latency(loaded.task, loaded.model, test[: config.eval.batch_size],
-                                                   job["latency_repeats"], full)
+            record["latency_ms"] = measure.latency(
+                loaded.task, loaded.model, test[: config.eval.batch_size], job["latency_repeats"], full
+            )
     record.update(finished_at=_now(), wall_seconds=time.perf_counter() - clock)
     write_record(Path(job["record"]), record)
     return record
@@ -89,7 +111,9 @@ def _now() -> str:
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1:
-        print("usage: python -m peftkit.compare.worker JOB.json (started by `peftkit compare`)", file=sys.stderr)
+        print(
+            "usage: python -m peftkit.compare.worker JOB.json (started by `peftkit compare`)", file=sys.stderr
+        )
         return 2
     job = json.loads(Path(args[0]).read_text())
     try:
@@ -105,10 +129,19 @@ def main(argv: list[str] | None = None) -> int:
             task = config.task
         except Exception:
             task = None
-        write_record(Path(job["record"]), {
-            "format": RECORD_FORMAT, "name": job["name"], "seed": job["seed"], "key": job["key"], "task": task,
-            "status": "failed", "error": f"{type(exc).__name__}: {exc}", "finished_at": _now(),
-        })
+        write_record(
+            Path(job["record"]),
+            {
+                "format": RECORD_FORMAT,
+                "name": job["name"],
+                "seed": job["seed"],
+                "key": job["key"],
+                "task": task,
+                "status": "failed",
+                "error": f"{type(exc).__name__}: {exc}",
+                "finished_at": _now(),
+            },
+        )
         return 1
     return 0
 

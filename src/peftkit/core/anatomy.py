@@ -51,10 +51,17 @@ except ImportError:  # pragma: no cover - transformers is a dependency, but keep
 LINEAR_TYPES: tuple[type, ...] = (nn.Linear,) + ((HFConv1D,) if HFConv1D else ())
 
 ROLES = {
-    "query": "attention query", "key": "attention key", "value": "attention value",
-    "attention_output": "attention output", "self_attention_output": "self-attention output",
-    "mlp_up": "MLP up", "mlp_gate": "MLP gate", "mlp_down": "MLP down", "mlp": "MLP block",
-    "mlp_output": "MLP output", "norm": "norm layers",
+    "query": "attention query",
+    "key": "attention key",
+    "value": "attention value",
+    "attention_output": "attention output",
+    "self_attention_output": "self-attention output",
+    "mlp_up": "MLP up",
+    "mlp_gate": "MLP gate",
+    "mlp_down": "MLP down",
+    "mlp": "MLP block",
+    "mlp_output": "MLP output",
+    "norm": "norm layers",
 }
 """Role -> how reports name it. ``query``, ``key`` and ``value`` name the fused projection where there is
 one; ``mlp_up`` includes gates; ``mlp_output`` is the MLP down, or a mixture-of-experts block that has
@@ -166,8 +173,13 @@ class Anatomy:
                     out.append(attn.output)
             mlp = block.mlp
             if mlp is not None:
-                picks = {"mlp_up": mlp.up, "mlp_gate": mlp.gate, "mlp_down": mlp.down, "mlp": [mlp.name],
-                         "mlp_output": mlp.down or [mlp.name]}
+                picks = {
+                    "mlp_up": mlp.up,
+                    "mlp_gate": mlp.gate,
+                    "mlp_down": mlp.down,
+                    "mlp": [mlp.name],
+                    "mlp_output": mlp.down or [mlp.name],
+                }
                 out.extend(picks.get(role, []))
         return list(dict.fromkeys(n for n in out if n))
 
@@ -175,8 +187,10 @@ class Anatomy:
         """A few lines saying what was found, each role by its pattern over the blocks."""
         if not self.blocks:
             return ["no repeated blocks found"]
-        lines = [f"{len([b for b in self.blocks if b.name.startswith(s + '.')])} blocks in {s}.N, hidden {h}"
-                 for s, h in self.stacks.items()]
+        lines = [
+            f"{len([b for b in self.blocks if b.name.startswith(s + '.')])} blocks in {s}.N, hidden {h}"
+            for s, h in self.stacks.items()
+        ]
         same_as = {"self_attention_output": "attention_output", "mlp_output": "mlp_down"}
         for role in ROLES:
             found = self.modules(role)
@@ -223,14 +237,18 @@ class _Tree:
             yield from self.below(child)
 
     def linears(self, name: str) -> list[_Linear]:
-        return [_Linear(n, *linear_widths(self.modules[n])) for n in self.below(name)
-                if isinstance(self.modules[n], LINEAR_TYPES)]
+        return [
+            _Linear(n, *linear_widths(self.modules[n]))
+            for n in self.below(name)
+            if isinstance(self.modules[n], LINEAR_TYPES)
+        ]
 
     def holds_weights(self, name: str) -> bool:
         """Holds a linear layer or a matrix (a norm, dropout or activation does not)."""
         layers = (*LINEAR_TYPES, nn.MultiheadAttention)
         return any(isinstance(self.modules[n], layers) for n in self.below(name)) or any(
-            p.dim() >= 2 for p in self.modules[name].parameters())
+            p.dim() >= 2 for p in self.modules[name].parameters()
+        )
 
     def attention_module(self, names: Sequence[str]) -> str | None:
         for root in names:
@@ -255,8 +273,9 @@ def find(model: nn.Module) -> Anatomy:
         for block in blocks:
             anatomy.blocks.append(_read_block(tree, block, width, ffn_widths, anatomy.notes))
     widths = set(anatomy.stacks.values())
-    anatomy.norms = [n for n, m in tree.modules.items()
-                     if n and is_norm(m) and _has_weight(m) and _norm_width(m) in widths]
+    anatomy.norms = [
+        n for n, m in tree.modules.items() if n and is_norm(m) and _has_weight(m) and _norm_width(m) in widths
+    ]
     if not anatomy.stacks:
         anatomy.notes["no repeated blocks (a ModuleList of modules of one class holding linear layers)"] = ()
     return anatomy
@@ -274,7 +293,8 @@ def _stacks(tree: _Tree) -> list[str]:
         if len(kids) < (1 if isinstance(module, nn.ModuleList) else 2):  # a Sequential of one is a wrapper
             continue
         if len({type(tree.modules[k]) for k in kids}) == 1 and all(
-                len(tree.linears(k)) >= 2 or tree.attention_module([k]) for k in kids):
+            len(tree.linears(k)) >= 2 or tree.attention_module([k]) for k in kids
+        ):
             found.append(name)
     return found
 
@@ -293,8 +313,9 @@ def _hidden_width(tree: _Tree, blocks: list[str], config: Any) -> int | None:
             value = getattr(cfg, key, None)
             if isinstance(value, int) and value in seen:
                 return value
-    norms = Counter(_norm_width(tree.modules[n]) for b in blocks for n in tree.below(b)
-                    if is_norm(tree.modules[n]))
+    norms = Counter(
+        _norm_width(tree.modules[n]) for b in blocks for n in tree.below(b) if is_norm(tree.modules[n])
+    )
     norms.pop(None, None)
     if norms:
         return norms.most_common(1)[0][0]
@@ -306,8 +327,11 @@ def _config_ffn_widths(config: Any) -> set[int]:
     if config is None:
         return set()
     items = config.to_dict().items() if hasattr(config, "to_dict") else vars(config).items()
-    return {v for k, v in items if isinstance(v, int) and not isinstance(v, bool)
-            and re.search(r"intermediate|ffn|d_ff|inner", k)}
+    return {
+        v
+        for k, v in items
+        if isinstance(v, int) and not isinstance(v, bool) and re.search(r"intermediate|ffn|d_ff|inner", k)
+    }
 
 
 def _norm_width(module: nn.Module) -> int | None:
@@ -345,8 +369,9 @@ def _units(tree: _Tree, block: str, width: int) -> list[list[str]]:
     return units
 
 
-def _read_block(tree: _Tree, block: str, width: int, ffn_widths: set[int],
-                notes: dict[str, tuple[str, ...]]) -> Block:
+def _read_block(
+    tree: _Tree, block: str, width: int, ffn_widths: set[int], notes: dict[str, tuple[str, ...]]
+) -> Block:
     out = Block(block)
     units = _units(tree, block, width)
     if not units:
@@ -356,8 +381,10 @@ def _read_block(tree: _Tree, block: str, width: int, ffn_widths: set[int],
         out.mlp, units = mlp, units[:-1]
         if mlp.name is None:
             layers = ", ".join(n.rsplit(".", 1)[-1] for n in mlp.up + mlp.down)
-            notes[f"the feed-forward layers of {_pattern(block)} ({layers}) sit in the block itself: no module "
-                  "of its own holds the whole feed-forward computation"] = ("mlp",)
+            notes[
+                f"the feed-forward layers of {_pattern(block)} ({layers}) sit in the block itself: no module "
+                "of its own holds the whole feed-forward computation"
+            ] = ("mlp",)
     for unit in units:
         attn = _attention(tree, unit, width)
         if attn is None:
@@ -369,8 +396,9 @@ def _read_block(tree: _Tree, block: str, width: int, ffn_widths: set[int],
     return out
 
 
-def _feed_forward(tree: _Tree, block: str, unit: list[str], width: int,
-                  ffn_widths: set[int]) -> FeedForward | None:
+def _feed_forward(
+    tree: _Tree, block: str, unit: list[str], width: int, ffn_widths: set[int]
+) -> FeedForward | None:
     linears = [lin for part in unit for lin in tree.linears(part)]
     if tree.attention_module(unit):
         return None
@@ -414,10 +442,14 @@ def _attention(tree: _Tree, unit: list[str], width: int) -> Attention | None:
     home = _common_parent([n for part in unit for n in tree.below(part)])
     mha = tree.attention_module(unit)
     if mha is not None:
-        return Attention(mha, note=(
-            f"{_pattern(mha)} is nn.MultiheadAttention: its query, key and value projections are one "
-            "parameter (in_proj_weight) and it reads out_proj's weight without calling it, so no layer of it "
-            "can be adapted"))
+        return Attention(
+            mha,
+            note=(
+                f"{_pattern(mha)} is nn.MultiheadAttention: its query, key and value projections are one "
+                "parameter (in_proj_weight) and it reads out_proj's weight without calling it, so no layer of it "
+                "can be adapted"
+            ),
+        )
     linears = [lin for part in unit for lin in tree.linears(part)]
     writers = [lin for lin in linears if lin.d_out == width]
     if not writers:
@@ -490,8 +522,9 @@ def _common_parent(names: Sequence[str]) -> str:
 # -- from modules to a target_modules value --------------------------------------------------------
 
 
-def target_spec(names: Sequence[str],
-                groups: Sequence[Sequence[str]]) -> tuple[list[str] | str, list[list[str] | str]]:
+def target_spec(
+    names: Sequence[str], groups: Sequence[Sequence[str]]
+) -> tuple[list[str] | str, list[list[str] | str]]:
     """A ``target_modules`` value selecting exactly the modules in ``groups``, and the part of it that
     selects each group.
 
@@ -552,5 +585,17 @@ def _regex(tails: Sequence[str]) -> str:
     return r"(.*\.)?(" + "|".join(tails) + ")" if tails else r"(?!)"
 
 
-__all__ = ["Anatomy", "Attention", "Block", "FeedForward", "ROLES", "find", "is_norm", "linear_widths",
-           "target_spec", "user_modules", "LINEAR_TYPES", "HFConv1D"]
+__all__ = [
+    "Anatomy",
+    "Attention",
+    "Block",
+    "FeedForward",
+    "ROLES",
+    "find",
+    "is_norm",
+    "linear_widths",
+    "target_spec",
+    "user_modules",
+    "LINEAR_TYPES",
+    "HFConv1D",
+]

@@ -148,8 +148,12 @@ class AdapterConfig:
                     out.append(f"{name}: key {key!r} is not a valid regular expression ({exc})")
                 if not isinstance(val, (int, float)) or isinstance(val, bool) or val <= 0:
                     out.append(f"{name}[{key!r}]: must be a positive number, got {val!r}")
-        if self.modules_to_save is not None and not all(isinstance(m, str) and m for m in self.modules_to_save):
-            out.append(f"modules_to_save: every entry must be a non-empty string, got {self.modules_to_save!r}")
+        if self.modules_to_save is not None and not all(
+            isinstance(m, str) and m for m in self.modules_to_save
+        ):
+            out.append(
+                f"modules_to_save: every entry must be a non-empty string, got {self.modules_to_save!r}"
+            )
         return out
 
     # -- hooks a method implements -----------------------------------------------------------------
@@ -231,7 +235,9 @@ class AdapterConfig:
                 kwargs[key] = value
             elif key in target_cls.reference_inert:
                 if not _is_inert(value, target_cls.reference_inert[key]):
-                    unsupported.append(f"{key}={value!r} is a reference-library feature peftkit does not implement")
+                    unsupported.append(
+                        f"{key}={value!r} is a reference-library feature peftkit does not implement"
+                    )
             elif key not in _BOOKKEEPING_KEYS:
                 unknown.append(key)
         if unsupported:

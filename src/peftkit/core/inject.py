@@ -44,13 +44,17 @@ def state_of(model: nn.Module, create: bool = False) -> PeftState:
     state = model.__dict__.get(STATE_ATTR)
     if state is None:
         if not create:
-            raise AdapterNameError("this model has no peftkit adapters; call peftkit.inject(model, config) first")
+            raise AdapterNameError(
+                "this model has no peftkit adapters; call peftkit.inject(model, config) first"
+            )
         state = PeftState(original_requires_grad={n: p.requires_grad for n, p in model.named_parameters()})
         model.__dict__[STATE_ATTR] = state
     return state
 
 
-def require_adapter(model: nn.Module, adapter_name: str, error: type[Exception] = AdapterNameError) -> PeftState:
+def require_adapter(
+    model: nn.Module, adapter_name: str, error: type[Exception] = AdapterNameError
+) -> PeftState:
     """The model's state, after checking it holds ``adapter_name`` (else ``error`` naming those it has)."""
     state = state_of(model)
     if adapter_name not in state.configs:
@@ -77,12 +81,19 @@ def trained_biases(model: nn.Module, adapted: list[str], which: str) -> list[str
     modules and full copies are never counted."""
     if which == "none":
         return []
-    inside = {id(p) for m in model.modules() if isinstance(m, (AdapterModule, ModulesToSave)) for p in m.parameters()}
+    inside = {
+        id(p)
+        for m in model.modules()
+        if isinstance(m, (AdapterModule, ModulesToSave))
+        for p in m.parameters()
+    }
     if which == "all":
         owners = list(model.modules())
     else:
         owners = [layer.base_layer for name, layer in adapter_layers(model) if name in adapted]
-    wanted = {id(m._parameters["bias"]) for m in owners if isinstance(m._parameters.get("bias"), nn.Parameter)}
+    wanted = {
+        id(m._parameters["bias"]) for m in owners if isinstance(m._parameters.get("bias"), nn.Parameter)
+    }
     return [n for n, p in model.named_parameters() if id(p) in wanted - inside]
 
 
@@ -107,7 +118,11 @@ def _check_new_name(model: nn.Module, adapter_name: str) -> None:
 
 
 def inject(
-    model: nn.Module, config: AdapterConfig, adapter_name: str = "default", *, require_every_entry: bool = True
+    model: nn.Module,
+    config: AdapterConfig,
+    adapter_name: str = "default",
+    *,
+    require_every_entry: bool = True,
 ) -> nn.Module:
     """Add adapter ``adapter_name`` described by ``config`` to ``model`` in place; make it the active one.
 
@@ -121,7 +136,9 @@ def inject(
         if config.task_type is None:
             config = config.replace(task_type="SEQ_CLS")
     if config.base_model_name_or_path is None:
-        source = getattr(getattr(model, "config", None), "_name_or_path", None) or getattr(model, "name_or_path", None)
+        source = getattr(getattr(model, "config", None), "_name_or_path", None) or getattr(
+            model, "name_or_path", None
+        )
         if source:
             config = config.replace(base_model_name_or_path=str(source))
     plan = resolve(model, config, require_every_entry=require_every_entry)
@@ -192,7 +209,11 @@ def _check_compatible(wrapper: nn.Module | None, wanted: type, name: str, adapte
             f"{name!r} is already {role} by adapter(s) {owners}; one module cannot be both adapted and "
             "trained in full. Drop it from target_modules or modules_to_save. The model was not changed."
         )
-    if adapter is not None and adapter.rewrites_base and any(a.rewrites_base for a in wrapper.adapters.values()):
+    if (
+        adapter is not None
+        and adapter.rewrites_base
+        and any(a.rewrites_base for a in wrapper.adapters.values())
+    ):
         raise UnsupportedLayerError(
             f"{name!r} already has an adapter whose init rewrote the base weight (PiSSA/OLoRA); a second "
             "one would decompose the first one's residual. Use another init for the new adapter."
@@ -208,9 +229,18 @@ def _device_of(module: nn.Module):
 def trainable_parameters(model: nn.Module, adapter_name: str) -> list[nn.Parameter]:
     """Every parameter adapter ``adapter_name`` trains: its adapter tensors, copies and extra base params."""
     state = state_of(model)
-    params = [p for _, layer in adapter_layers(model) if adapter_name in layer.adapters
-              for p in layer.adapters[adapter_name].parameters()]
-    params += [p for _, w in saved_modules(model) if adapter_name in w.copies for p in w.copies[adapter_name].parameters()]
+    params = [
+        p
+        for _, layer in adapter_layers(model)
+        if adapter_name in layer.adapters
+        for p in layer.adapters[adapter_name].parameters()
+    ]
+    params += [
+        p
+        for _, w in saved_modules(model)
+        if adapter_name in w.copies
+        for p in w.copies[adapter_name].parameters()
+    ]
     part = model_parts(model).get(adapter_name)
     params += list(part.parameters()) if part is not None else []
     return params + list(state.extra_trainable.get(adapter_name, []))
@@ -221,7 +251,9 @@ def set_active(model: nn.Module, names: list[str]) -> None:
     state = state_of(model)
     unknown = [n for n in names if n not in state.configs]
     if unknown or not names:
-        raise AdapterNameError(f"cannot activate {unknown or names!r}; adapters on this model: {sorted(state.configs)}")
+        raise AdapterNameError(
+            f"cannot activate {unknown or names!r}; adapters on this model: {sorted(state.configs)}"
+        )
     exclusive = [n for n, part in model_parts(model).items() if n in names and part.exclusive]
     if len(exclusive) > 1:
         raise AdapterNameError(
@@ -285,7 +317,9 @@ def _remove_part(model: nn.Module, adapter_name: str) -> None:
 def _restore_extra(state: PeftState, adapter_name: str) -> None:
     others = {id(p) for n, ps in state.extra_trainable.items() if n != adapter_name for p in ps}
     with torch.no_grad():
-        for param, original in zip(state.extra_trainable.get(adapter_name, []), state.extra_originals.get(adapter_name, [])):
+        for param, original in zip(
+            state.extra_trainable.get(adapter_name, []), state.extra_originals.get(adapter_name, [])
+        ):
             if id(param) not in others:  # still trained by another adapter: leave it
                 param.copy_(original)
 

@@ -110,8 +110,12 @@ def write_error(path: str | os.PathLike, exc: OSError, kept: str) -> SaveError:
         fix = "the directory is read-only or not yours: fix its permissions, or save somewhere else"
     else:
         fix = "check that the directory exists, is writable and has free space, or save somewhere else"
-    return SaveError(f"cannot write {str(path)!r}: {exc.strerror or exc}; {kept}. Fix: {fix}",
-                     errno=code, strerror=exc.strerror, filename=str(path))
+    return SaveError(
+        f"cannot write {str(path)!r}: {exc.strerror or exc}; {kept}. Fix: {fix}",
+        errno=code,
+        strerror=exc.strerror,
+        filename=str(path),
+    )
 
 
 def _incomplete_modules(model: nn.Module, adapter_name: str) -> list[str]:
@@ -119,7 +123,9 @@ def _incomplete_modules(model: nn.Module, adapter_name: str) -> list[str]:
     plan = state_of(model).plans[adapter_name]
     layers = {name for name, layer in adapter_layers(model) if adapter_name in layer.adapters}
     copies = {name for name, wrapper in saved_modules(model) if adapter_name in wrapper.copies}
-    return [t.name for t in plan.targets if t.name not in layers] + [n for n in plan.modules_to_save if n not in copies]
+    return [t.name for t in plan.targets if t.name not in layers] + [
+        n for n in plan.modules_to_save if n not in copies
+    ]
 
 
 def _verify_written(path: Path, tensors: dict[str, torch.Tensor]) -> None:
@@ -131,10 +137,14 @@ def _verify_written(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     try:
         with safe_open(str(path), framework="pt") as handle:
             keys = set(handle.keys())
-            differ = [k for k in sorted(keys & set(tensors)) if not torch.equal(handle.get_tensor(k), tensors[k])]
+            differ = [
+                k for k in sorted(keys & set(tensors)) if not torch.equal(handle.get_tensor(k), tensors[k])
+            ]
     except (SafetensorError, OSError, ValueError) as exc:
-        raise AdapterFileError(f"the adapter weights just written to {path} cannot be read back ({exc}); "
-                               "nothing was replaced. Check the disk and save again.") from exc
+        raise AdapterFileError(
+            f"the adapter weights just written to {path} cannot be read back ({exc}); "
+            "nothing was replaced. Check the disk and save again."
+        ) from exc
     missing, extra = sorted(set(tensors) - keys), sorted(keys - set(tensors))
     if missing or extra or differ:
         raise AdapterFileError(
@@ -180,8 +190,12 @@ def save_adapter(
 
 
 def write_adapter(
-    model: nn.Module, directory: str | os.PathLike, adapter_name: str, tensors: dict[str, torch.Tensor],
-    *, portable: bool = False,
+    model: nn.Module,
+    directory: str | os.PathLike,
+    adapter_name: str,
+    tensors: dict[str, torch.Tensor],
+    *,
+    portable: bool = False,
 ) -> Path:
     """Write ``tensors`` (interchange keys) as adapter ``adapter_name`` of ``model``: the end of
     :func:`save_adapter`, for callers that hold the adapter's tensors elsewhere than in the live model
@@ -192,8 +206,10 @@ def write_adapter(
     # saves and loads that); an adapter whose tensors are all empty carries no weights at all.
     if not tensors or all(v.numel() == 0 for v in tensors.values()):
         what = f"only empty tensors ({len(tensors)})" if tensors else "no tensors at all"
-        raise AdapterMismatchError(f"adapter {adapter_name!r} has {what}; an adapter file without weights would load "
-                                   "as a silent no-op, so nothing was saved")
+        raise AdapterMismatchError(
+            f"adapter {adapter_name!r} has {what}; an adapter file without weights would load "
+            "as a silent no-op, so nothing was saved"
+        )
     bad = [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v.float()).all()]
     if bad:
         raise AdapterFileError(
@@ -208,7 +224,9 @@ def write_adapter(
     temporaries: list[Path] = []
     try:
         directory.mkdir(parents=True, exist_ok=True)
-        temporaries.append(_atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata=metadata)))
+        temporaries.append(
+            _atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata=metadata))
+        )
         _verify_written(temporaries[0], tensors)
         text = json.dumps(config, indent=2, sort_keys=True) + "\n"
         temporaries.append(_atomic_write(directory / CONFIG_NAME, lambda p: Path(p).write_text(text)))
@@ -236,8 +254,10 @@ def _regular_file(path: Path) -> bool:
     if not os.path.lexists(path):
         return False
     if not path.is_file():
-        raise AdapterFileError(f"{path} is not a regular file (a directory, device, FIFO or broken link); an adapter "
-                               "directory holds plain files. Replace it with the real file.")
+        raise AdapterFileError(
+            f"{path} is not a regular file (a directory, device, FIFO or broken link); an adapter "
+            "directory holds plain files. Replace it with the real file."
+        )
     return True
 
 
@@ -255,36 +275,50 @@ def read_adapter_config(directory: str | os.PathLike) -> AdapterConfig:
         raise FileNotFoundError(f"no {CONFIG_NAME} in {str(directory)!r}: is this an adapter directory?")
     size = path.stat().st_size
     if size > MAX_CONFIG_BYTES:
-        raise AdapterFileError(f"{path} is {size:,} bytes, more than any adapter config ({MAX_CONFIG_BYTES:,} at most); "
-                               "it is not an adapter_config.json")
+        raise AdapterFileError(
+            f"{path} is {size:,} bytes, more than any adapter config ({MAX_CONFIG_BYTES:,} at most); "
+            "it is not an adapter_config.json"
+        )
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-        raise AdapterFileError(f"{path} is not valid JSON ({exc}); the file is corrupt or was cut short") from None
+        raise AdapterFileError(
+            f"{path} is not valid JSON ({exc}); the file is corrupt or was cut short"
+        ) from None
     if not isinstance(data, dict):
-        kind = {list: "array", str: "string", int: "number", float: "number", bool: "boolean"}.get(type(data), "null")
+        kind = {list: "array", str: "string", int: "number", float: "number", bool: "boolean"}.get(
+            type(data), "null"
+        )
         raise AdapterFileError(f"{path} must hold a JSON object of config keys, got a JSON {kind}")
     peft_type = data.get("peft_type")
     if not isinstance(peft_type, str) or not peft_type:
         got = "it has none" if "peft_type" not in data else f"got {peft_type!r}"
-        raise AdapterFileError(f"{path} needs peft_type, the method's name as a string such as \"LORA\" ({got}): it "
-                               "is not an adapter config, or it was edited")
+        raise AdapterFileError(
+            f'{path} needs peft_type, the method\'s name as a string such as "LORA" ({got}): it '
+            "is not an adapter config, or it was edited"
+        )
     try:
         registry.config_class(peft_type)
     except KeyError as exc:
-        raise AdapterFileError(f"{path}: {exc.args[0]}. The adapter was made with a method peftkit does not "
-                               "implement (or a newer version); it cannot be loaded.") from None
+        raise AdapterFileError(
+            f"{path}: {exc.args[0]}. The adapter was made with a method peftkit does not "
+            "implement (or a newer version); it cannot be loaded."
+        ) from None
     try:
         return AdapterConfig.from_dict(data)
     except ConfigError as exc:
         raise ConfigError(exc.problems, what=f"{peft_type} adapter config {str(path)!r}") from None
     except (TypeError, ValueError, AttributeError, KeyError, IndexError) as exc:
         # a check a config class makes without ConfigError, tripped by a value of an unexpected type
-        raise AdapterFileError(f"{path}: cannot build a {peft_type} config from it ({type(exc).__name__}: {exc}); "
-                               "a value has the wrong type") from exc
+        raise AdapterFileError(
+            f"{path}: cannot build a {peft_type} config from it ({type(exc).__name__}: {exc}); "
+            "a value has the wrong type"
+        ) from exc
 
 
-def read_adapter_tensors(directory: str | os.PathLike, allow_pickle: bool = False) -> tuple[dict[str, torch.Tensor], dict]:
+def read_adapter_tensors(
+    directory: str | os.PathLike, allow_pickle: bool = False
+) -> tuple[dict[str, torch.Tensor], dict]:
     """The tensors (and header metadata) of an adapter directory; pickle files only when allowed.
 
     Raises:

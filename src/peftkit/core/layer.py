@@ -49,7 +49,11 @@ class AdapterModule(nn.Module):
 
     @classmethod
     def routed_output(
-        cls, adapters: list[AdapterModule], slots: torch.Tensor, x: torch.Tensor, base_layer: nn.Module,
+        cls,
+        adapters: list[AdapterModule],
+        slots: torch.Tensor,
+        x: torch.Tensor,
+        base_layer: nn.Module,
         cache: dict,
     ) -> torch.Tensor | None:
         """A mixed-adapter batch in one step (see ``core/mixed.py``), or None to run each group of rows
@@ -201,9 +205,7 @@ class AdapterLayer(nn.Module):
                 target.data.copy_(tensor.to(target.dtype))
         errors = [e for e in errors if e]
         # The worst error over the tensors written (weight and bias), for merge reports.
-        self.quantization_error = (
-            {k: max(e[k] for e in errors) for k in errors[0]} if errors else None
-        )
+        self.quantization_error = {k: max(e[k] for e in errors) for k in errors[0]} if errors else None
 
     def merge(self, names: Iterable[str], safe: bool = False, check_only: bool = False) -> None:
         """Merge ``names`` in order. All new tensors are computed out of place first; with ``safe``

@@ -104,8 +104,12 @@ class Routing:
 
         out = None
         for name, rows in groups:
-            part = run(name, x.index_select(0, rows), *(cut(a, rows) for a in args),
-                       **{k: cut(v, rows) for k, v in kwargs.items()})
+            part = run(
+                name,
+                x.index_select(0, rows),
+                *(cut(a, rows) for a in args),
+                **{k: cut(v, rows) for k, v in kwargs.items()},
+            )
             if not isinstance(part, torch.Tensor):
                 raise TypeError(
                     f"per_example_adapters can only split layers returning one tensor; got {type(part).__name__}"
@@ -138,7 +142,9 @@ def check_names(model: nn.Module, names: Sequence[str | None]) -> list[str | Non
         )
     names = list(names)
     if not names:
-        raise ValueError("per_example_adapters got an empty list of names; pass one name (or None) per example")
+        raise ValueError(
+            "per_example_adapters got an empty list of names; pass one name (or None) per example"
+        )
     unknown = sorted({repr(n) for n in names if n is not None and n not in state.configs})
     if unknown:
         raise AdapterNameError(

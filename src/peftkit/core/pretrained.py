@@ -44,8 +44,10 @@ DEFAULT_ADAPTER = "default"
 
 def is_transformers_model(module: nn.Module) -> bool:
     """Whether ``module`` is a transformers ``PreTrainedModel`` (found without importing transformers)."""
-    return any(cls.__name__ == "PreTrainedModel" and cls.__module__.startswith("transformers.")
-               for cls in type(module).__mro__)
+    return any(
+        cls.__name__ == "PreTrainedModel" and cls.__module__.startswith("transformers.")
+        for cls in type(module).__mro__
+    )
 
 
 def holds_adapters(module: nn.Module) -> bool:
@@ -100,7 +102,9 @@ def uninstall(model: nn.Module) -> None:
         if isinstance(module.__dict__.get(ATTR), SavePretrained):
             del module.__dict__[ATTR]
         # by value, not by a stored handle: a deep copy of the model shares the handle's target dict
-        for key in [k for k, hook in module._state_dict_pre_hooks.items() if hook is refuse_transformers_save]:
+        for key in [
+            k for k, hook in module._state_dict_pre_hooks.items() if hook is refuse_transformers_save
+        ]:
             del module._state_dict_pre_hooks[key]
 
 
@@ -113,7 +117,9 @@ def refuse_transformers_save(module: nn.Module, prefix: str, keep_vars: bool) ->
     """
     frame = sys._getframe(1)
     while frame is not None:
-        if frame.f_code.co_name == "save_pretrained" and frame.f_globals.get("__name__", "").startswith("transformers."):
+        if frame.f_code.co_name == "save_pretrained" and frame.f_globals.get("__name__", "").startswith(
+            "transformers."
+        ):
             outer = frame.f_locals.get("self")
             name = type(outer).__name__ if outer is not None else "the model"
             raise UnloadableCheckpointError(
@@ -171,8 +177,10 @@ def save_pretrained(
     names = list(state_of(model).configs) if selected_adapters is None else list(selected_adapters)
     unknown = [n for n in names if n not in state_of(model).configs]
     if unknown or not names:
-        raise AdapterNameError(f"cannot save adapters {unknown or names!r}; adapters on this model: "
-                               f"{sorted(state_of(model).configs)}")
+        raise AdapterNameError(
+            f"cannot save adapters {unknown or names!r}; adapters on this model: "
+            f"{sorted(state_of(model).configs)}"
+        )
     if not is_main_process:
         return Path(save_directory)
     for name in names:
@@ -184,7 +192,9 @@ def save_pretrained(
     return Path(save_directory)
 
 
-def _tensors_from_state_dict(model: nn.Module, adapter_name: str, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def _tensors_from_state_dict(
+    model: nn.Module, adapter_name: str, state_dict: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
     """Adapter ``adapter_name``'s interchange tensors, read from ``state_dict`` (keys of ``model.state_dict()``).
 
     Each interchange tensor is matched to its state-dict key through the storage it shares with the
@@ -217,7 +227,9 @@ def _tensors_from_state_dict(model: nn.Module, adapter_name: str, state_dict: di
     return out
 
 
-def load_saved_adapters(model: nn.Module, directory: str | os.PathLike, adapter_names: list[str] | None = None) -> None:
+def load_saved_adapters(
+    model: nn.Module, directory: str | os.PathLike, adapter_names: list[str] | None = None
+) -> None:
     """Copy adapters written by :func:`save_pretrained` into ``model``'s adapters of the same names, in place.
 
     The parameters stay the same objects (an optimizer holding them keeps working) and receive the saved

@@ -19,7 +19,9 @@ from .targeting import user_modules
 PREFIX = "base_model.model."
 
 
-def _slots(model: nn.Module, adapter_name: str, portable: bool = False) -> dict[str, tuple[torch.Tensor, str]]:
+def _slots(
+    model: nn.Module, adapter_name: str, portable: bool = False
+) -> dict[str, tuple[torch.Tensor, str]]:
     """Key -> (the live tensor that holds it, its module's name), for every tensor the adapter saves."""
     state = require_adapter(model, adapter_name, AdapterMismatchError)
     prefix = state.configs[adapter_name].state_key_prefix
@@ -56,7 +58,9 @@ def _canonical_names(model: nn.Module, adapter_name: str) -> dict[int, str]:
     return names
 
 
-def adapter_state_dict(model: nn.Module, adapter_name: str = "default", portable: bool = False) -> dict[str, torch.Tensor]:
+def adapter_state_dict(
+    model: nn.Module, adapter_name: str = "default", portable: bool = False
+) -> dict[str, torch.Tensor]:
     """The tensors of one adapter, keyed as the reference library saves them (detached, not copied).
 
     ``portable=True`` expresses adapters whose init rewrote the base weights (PiSSA, OLoRA) relative
@@ -72,7 +76,9 @@ class LoadReport:
     unexpected: list[str] = field(default_factory=list)
 
 
-def _normalise_reference_keys(tensors: dict[str, torch.Tensor], expected: set[str]) -> dict[str, torch.Tensor]:
+def _normalise_reference_keys(
+    tensors: dict[str, torch.Tensor], expected: set[str]
+) -> dict[str, torch.Tensor]:
     # The reference library may also write its modules_to_save wrapper's internals
     # ("<m>.modules_to_save.<p>", "<m>.original_module.<p>") beside the plain "<m>.<p>" keys.
     out = {}
@@ -103,7 +109,7 @@ def _split_saved_base_weights(
     layers = dict(adapter_layers(model))
     rest, writes = {}, []
     for key, tensor in tensors.items():
-        module = key[len(PREFIX):-len(".base_layer.weight")] if key.endswith(".base_layer.weight") else None
+        module = key[len(PREFIX) : -len(".base_layer.weight")] if key.endswith(".base_layer.weight") else None
         layer = layers.get(module) if module and key.startswith(PREFIX) else None
         if layer is None or not isinstance(getattr(layer.base_layer, "weight", None), torch.Tensor):
             rest[key] = tensor
@@ -147,8 +153,10 @@ def load_adapter_state_dict(
     for key in sorted(set(slots) & set(tensors)):
         (slot, module), saved = slots[key], tensors[key]
         if slot.shape != saved.shape:
-            tensor_name = key[len(prefix) + len(module) + 1:] if module else key
-            shape_errors.append(f"{module}: saved {tuple(saved.shape)} vs model {tuple(slot.shape)} ({tensor_name})")
+            tensor_name = key[len(prefix) + len(module) + 1 :] if module else key
+            shape_errors.append(
+                f"{module}: saved {tuple(saved.shape)} vs model {tuple(slot.shape)} ({tensor_name})"
+            )
         elif _kind(saved) != _kind(slot):
             # other float widths convert (a bf16 adapter onto an fp32 model); integers, booleans or
             # complex numbers read as weights would be silently meaningless values
@@ -164,7 +172,8 @@ def load_adapter_state_dict(
     if dtype_errors:
         raise AdapterFileError(
             f"refusing adapter {adapter_name!r}: {len(dtype_errors)} tensor(s) of the wrong kind of dtype: "
-            + "; ".join(dtype_errors[:5]) + ". The file is corrupt or was not written by an adapter library."
+            + "; ".join(dtype_errors[:5])
+            + ". The file is corrupt or was not written by an adapter library."
         )
     if nonfinite:
         raise AdapterFileError(
@@ -201,4 +210,8 @@ def _kind(tensor: torch.Tensor) -> str:
 
 
 def _few(keys: list[str], n: int = 5) -> str:
-    return "[]" if not keys else "[" + ", ".join(keys[:n]) + (f", ... {len(keys) - n} more" if len(keys) > n else "") + "]"
+    return (
+        "[]"
+        if not keys
+        else "[" + ", ".join(keys[:n]) + (f", ... {len(keys) - n} more" if len(keys) > n else "") + "]"
+    )

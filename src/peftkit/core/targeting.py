@@ -128,9 +128,7 @@ def resolve(model: nn.Module, config: AdapterConfig, require_every_entry: bool =
     plan.modules_to_save = [n for n in names if any(n.endswith(s) for s in save_specs)]
     unmatched_saves = [s for s in save_specs if not any(n.endswith(s) for n in plan.modules_to_save)]
     if unmatched_saves and (require_every_entry or not plan.modules_to_save):
-        raise NoTargetMatchedError(
-            "modules_to_save: " + _no_match_message(unmatched_saves, names, config)
-        )
+        raise NoTargetMatchedError("modules_to_save: " + _no_match_message(unmatched_saves, names, config))
     if not config.wraps_layers:
         return plan
     saved_prefixes = tuple(n + "." for n in plan.modules_to_save)
@@ -165,14 +163,24 @@ def resolve(model: nn.Module, config: AdapterConfig, require_every_entry: bool =
                 explicit_unsupported.append(f"{name} ({type(module).__name__}: {reason})")
             continue
         plan.targets.append(
-            Target(name, module, row, pattern_value(config.rank_pattern, name), pattern_value(config.alpha_pattern, name))
+            Target(
+                name,
+                module,
+                row,
+                pattern_value(config.rank_pattern, name),
+                pattern_value(config.alpha_pattern, name),
+            )
         )
 
-    _refuse_mistakes(plan, config, targets_spec, hit_entries, explicit_unsupported, names, require_every_entry)
+    _refuse_mistakes(
+        plan, config, targets_spec, hit_entries, explicit_unsupported, names, require_every_entry
+    )
     return plan
 
 
-def _selected(name: str, module: nn.Module, config: AdapterConfig, targets_spec: list[str] | str, heads: set[str]) -> bool:
+def _selected(
+    name: str, module: nn.Module, config: AdapterConfig, targets_spec: list[str] | str, heads: set[str]
+) -> bool:
     """Whether the target spec, exclude_modules and the layer filter all pick module ``name``."""
     if config.exclude_modules and name_matches(config.exclude_modules, name):
         return False
@@ -289,13 +297,16 @@ def _by_structure(model: nn.Module, names: list[str], config: AdapterConfig) -> 
         why = found.why_missing(lacking)
         if refused:
             why.append(f"{config.peft_type} cannot adapt {', '.join(refused[:2])}")
-        return (f"no {' or '.join(anatomy.ROLES[r] for r in lacking)} found by structure"
-                + (f" ({'; '.join(why)})" if why else ""))
+        return f"no {' or '.join(anatomy.ROLES[r] for r in lacking)} found by structure" + (
+            f" ({'; '.join(why)})" if why else ""
+        )
     used = {role: names_ for role, names_ in groups.items() if names_}
     spec, parts = anatomy.target_spec(names, list(used.values()))
     fused = any(a.fused for b in found.blocks for a in b.attention)
-    what = ", ".join(anatomy.ROLES[r] + (" (fused query/key/value)" if fused and r in ("query", "key") else "")
-                     for r in used)
+    what = ", ".join(
+        anatomy.ROLES[r] + (" (fused query/key/value)" if fused and r in ("query", "key") else "")
+        for r in used
+    )
     return DefaultTargets(spec, f"found by structure: {what}", "structure", dict(zip(used, parts)))
 
 
@@ -324,4 +335,8 @@ def _no_match_message(missing: list[str], names: list[str], config: AdapterConfi
     extra = ""
     if config.layers_to_transform is not None or config.exclude_modules:
         extra = " (after exclude_modules / layers_to_transform filtering)"
-    return "; ".join(lines) + extra + f". The model has {len(names)} modules; list them with model.named_modules()."
+    return (
+        "; ".join(lines)
+        + extra
+        + f". The model has {len(names)} modules; list them with model.named_modules()."
+    )

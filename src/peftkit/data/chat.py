@@ -32,8 +32,15 @@ CONVERSATION_KEY = "messages"  # the key a converted example keeps its turns und
 ROLES = ("system", "user", "assistant")
 # ShareGPT speaker names as the exports write them -> OpenAI roles
 SHAREGPT_ROLES = {
-    "system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
-    "chatgpt": "assistant", "bing": "assistant", "bard": "assistant", "model": "assistant",
+    "system": "system",
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "chatgpt": "assistant",
+    "bing": "assistant",
+    "bard": "assistant",
+    "model": "assistant",
 }
 _COLUMN = {"messages": "messages", "sharegpt": "conversations"}
 MAX_SHOWN = 5
@@ -60,7 +67,9 @@ def required_columns(layout: str, columns: Mapping[str, str]) -> list[str]:
     return [columns.get(CONVERSATION_KEY, _COLUMN[layout])]
 
 
-def conversations(rows: Sequence[Mapping[str, Any]], layout: str, columns: Mapping[str, str], where: str) -> list[dict[str, Any]]:
+def conversations(
+    rows: Sequence[Mapping[str, Any]], layout: str, columns: Mapping[str, str], where: str
+) -> list[dict[str, Any]]:
     """Every row as ``{"messages": [...]}``; every malformed row is reported at once (the first few).
 
     Raises:
@@ -74,14 +83,19 @@ def conversations(rows: Sequence[Mapping[str, Any]], layout: str, columns: Mappi
         except ValueError as exc:
             problems.append(f"row {number}: {exc}")
     if problems:
-        shown = problems[:MAX_SHOWN] + ([f"... and {len(problems) - MAX_SHOWN} more rows"] if len(problems) > MAX_SHOWN else [])
-        raise ConfigError(shown + [f"fix these rows, or set data.format if the file is not in the {layout} layout"],
-                          what=f"{layout} records in {where}")
+        shown = problems[:MAX_SHOWN] + (
+            [f"... and {len(problems) - MAX_SHOWN} more rows"] if len(problems) > MAX_SHOWN else []
+        )
+        raise ConfigError(
+            shown + [f"fix these rows, or set data.format if the file is not in the {layout} layout"],
+            what=f"{layout} records in {where}",
+        )
     return out
 
 
-def to_messages(record: Mapping[str, Any], layout: str, columns: Mapping[str, str] | None = None, *,
-                answered: bool = True) -> list[Message]:
+def to_messages(
+    record: Mapping[str, Any], layout: str, columns: Mapping[str, str] | None = None, *, answered: bool = True
+) -> list[Message]:
     """One record in ``layout`` as a list of OpenAI-style messages; ``answered``: it must hold an
     assistant turn (training data does; a conversation to continue need not).
 
@@ -103,8 +117,10 @@ def to_messages(record: Mapping[str, Any], layout: str, columns: Mapping[str, st
     if isinstance(turns, list) and not turns:
         raise ValueError(f"{key!r} is an empty list of turns")
     if isinstance(turns, str):
-        raise ValueError(f"{key!r} is text, not a list of turns (a CSV cell holds text: keep chat data in JSONL "
-                         "or Parquet, where a turn list stays a list)")
+        raise ValueError(
+            f"{key!r} is text, not a list of turns (a CSV cell holds text: keep chat data in JSONL "
+            "or Parquet, where a turn list stays a list)"
+        )
     if not isinstance(turns, list):
         raise ValueError(f"{key!r} is not a list of turns (got {type(turns).__name__})")
     messages = [_message(turn, layout, i) for i, turn in enumerate(turns, 1)]
@@ -120,13 +136,17 @@ def _message(turn: Any, layout: str, index: int) -> Message:
         speaker, content = turn.get("from"), turn.get("value")
         role = SHAREGPT_ROLES.get(str(speaker).lower())
         if role is None:
-            raise ValueError(f"turn {index}: 'from' is {speaker!r}; expected one of {', '.join(sorted(SHAREGPT_ROLES))}")
+            raise ValueError(
+                f"turn {index}: 'from' is {speaker!r}; expected one of {', '.join(sorted(SHAREGPT_ROLES))}"
+            )
     else:
         role, content = turn.get("role"), turn.get("content")
         if role not in ROLES:
             raise ValueError(f"turn {index}: 'role' is {role!r}; expected one of {', '.join(ROLES)}")
     if not isinstance(content, str):
-        raise ValueError(f"turn {index}: no text ({'value' if layout == 'sharegpt' else 'content'} is {content!r})")
+        raise ValueError(
+            f"turn {index}: no text ({'value' if layout == 'sharegpt' else 'content'} is {content!r})"
+        )
     return {"role": role, "content": content}
 
 
@@ -167,8 +187,10 @@ def template_problem(value: str | None) -> str | None:
     if is_template_file(value):
         path = Path(value).expanduser()
         if not path.is_file():
-            return (f"{value!r} is neither a template (no '{{{{' or '{{%') nor an existing file (relative paths "
-                    f"start from {str(Path.cwd())!r}); give inline Jinja or the path of a .jinja file")
+            return (
+                f"{value!r} is neither a template (no '{{{{' or '{{%') nor an existing file (relative paths "
+                f"start from {str(Path.cwd())!r}); give inline Jinja or the path of a .jinja file"
+            )
         text = path.read_text(encoding="utf-8")
     import jinja2
 

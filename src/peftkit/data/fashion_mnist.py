@@ -34,7 +34,18 @@ FILES = {
     "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
     "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
 }
-CLASS_NAMES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+CLASS_NAMES = [
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+]
 # IDX magic numbers: two zero bytes, a type code (0x08 = unsigned byte) and the number of dimensions.
 _IDX_UBYTE = 0x08
 
@@ -60,10 +71,14 @@ def read_idx(path: str | Path) -> torch.Tensor:
     with opener(path, "rb") as handle:
         raw = handle.read()
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0:
-        raise IdxFormatError(f"{path} does not start with an IDX magic number (00 00 <type> <ndim>); is it an IDX file?")
+        raise IdxFormatError(
+            f"{path} does not start with an IDX magic number (00 00 <type> <ndim>); is it an IDX file?"
+        )
     dtype_code, ndim = raw[2], raw[3]
     if dtype_code != _IDX_UBYTE:
-        raise IdxFormatError(f"{path} holds IDX type 0x{dtype_code:02x}; only unsigned bytes (0x08) are supported")
+        raise IdxFormatError(
+            f"{path} holds IDX type 0x{dtype_code:02x}; only unsigned bytes (0x08) are supported"
+        )
     header = 4 + 4 * ndim
     shape = struct.unpack(f">{ndim}I", raw[4:header])
     count = 1
@@ -110,11 +125,15 @@ def read_set(which: str, folder: str | Path | None = None) -> tuple[torch.Tensor
             "expected [n, rows, cols] images and [n] labels with the same n"
         )
     if labels.numel() and int(labels.max()) >= len(CLASS_NAMES):
-        raise IdxFormatError(f"{labels_file} holds label {int(labels.max())}; Fashion-MNIST has {len(CLASS_NAMES)} classes")
+        raise IdxFormatError(
+            f"{labels_file} holds label {int(labels.max())}; Fashion-MNIST has {len(CLASS_NAMES)} classes"
+        )
     return images, labels.long()
 
 
-def _examples(images: torch.Tensor, labels: torch.Tensor, order: torch.Tensor, limit: int | None) -> list[dict]:
+def _examples(
+    images: torch.Tensor, labels: torch.Tensor, order: torch.Tensor, limit: int | None
+) -> list[dict]:
     chosen = order if limit is None else order[:limit]
     # clone: each example owns its 784 bytes instead of a view that would keep (and pickle) the whole set
     return [{"image": images[i].clone(), "label": int(labels[i])} for i in chosen.tolist()]

@@ -37,7 +37,14 @@ if TYPE_CHECKING:
 
 SPLITS = ("train", "validation", "test")
 # File extension -> the ``datasets`` builder that reads it ("json" reads JSON Lines too).
-FORMATS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet", ".pq": "parquet"}
+FORMATS = {
+    ".csv": "csv",
+    ".tsv": "csv",
+    ".json": "json",
+    ".jsonl": "json",
+    ".parquet": "parquet",
+    ".pq": "parquet",
+}
 COMPRESSIONS = (".gz", ".bz2", ".xz", ".zst")
 MAX_ROWS_SHOWN = 5
 
@@ -76,7 +83,9 @@ def load_examples(data: DataConfig, roles: Sequence[str], *, conversations: bool
     """
     given = [f"data.{name}" for name in ("name", "files", "hub") if getattr(data, name, None)]
     if len(given) > 1:
-        raise ConfigError([f"{' and '.join(given)} are each a source of examples; keep one of them"], what="data config")
+        raise ConfigError(
+            [f"{' and '.join(given)} are each a source of examples; keep one of them"], what="data config"
+        )
     if data.name:
         splits = {s: list(examples) for s, examples in dataset_loader(data.name)(data).items()}
         _check_bundled(data.name, splits, roles)
@@ -88,19 +97,28 @@ def load_examples(data: DataConfig, roles: Sequence[str], *, conversations: bool
 
         columns, raw, info = read_hub(data)
         where = f"Hub data set {data.hub!r}"
-        splits = {s: map_rows(columns, rows, data, roles, where, conversations=conversations) for s, rows in raw.items()}
+        splits = {
+            s: map_rows(columns, rows, data, roles, where, conversations=conversations)
+            for s, rows in raw.items()
+        }
     else:
         known = ", ".join(bundled_datasets()) or "none"
         raise ConfigError(
-            [f"no data: set data.name to a bundled data set ({known}), data.files to a CSV / JSONL / Parquet file, "
-             "or data.hub to a Hugging Face Hub data set"],
+            [
+                f"no data: set data.name to a bundled data set ({known}), data.files to a CSV / JSONL / Parquet file, "
+                "or data.hub to a Hugging Face Hub data set"
+            ],
             what="data config",
         )
     splits = {s: splits.get(s, []) for s in SPLITS}
     info["sizes_before_limits"] = {s: len(v) for s, v in splits.items()}
     # The splits are already shuffled, so "the first N" is a uniform sample that stays the same from
     # run to run (and a bundled loader that applied the limit itself is unaffected).
-    limits = {"train": data.max_train_examples, "validation": data.max_eval_examples, "test": data.max_eval_examples}
+    limits = {
+        "train": data.max_train_examples,
+        "validation": data.max_eval_examples,
+        "test": data.max_eval_examples,
+    }
     splits = {s: v if limits[s] is None else v[: limits[s]] for s, v in splits.items()}
     info["sizes"] = {s: len(v) for s, v in splits.items()}
     return Splits(splits, info)
@@ -116,8 +134,11 @@ def file_format(path: str | Path, declared: str | None = None) -> str:
         aliases = {"csv": "csv", "tsv": "csv", "json": "json", "jsonl": "json", "parquet": "parquet"}
         if declared.lower() not in aliases:
             raise ConfigError(
-                [f"data.format: expected a file type ({', '.join(aliases)}) or a chat layout "
-                 f"({', '.join(chat.LAYOUTS)}), got {declared!r}"], what="data config"
+                [
+                    f"data.format: expected a file type ({', '.join(aliases)}) or a chat layout "
+                    f"({', '.join(chat.LAYOUTS)}), got {declared!r}"
+                ],
+                what="data config",
             )
         return aliases[declared.lower()]
     suffixes = [s.lower() for s in Path(path).suffixes]
@@ -134,7 +155,9 @@ def file_format(path: str | Path, declared: str | None = None) -> str:
     )
 
 
-def read_table(path: str | Path, fmt: str | None = None, encoding: str = "utf-8") -> tuple[list[str], list[dict[str, Any]]]:
+def read_table(
+    path: str | Path, fmt: str | None = None, encoding: str = "utf-8"
+) -> tuple[list[str], list[dict[str, Any]]]:
     """Column names and rows of one local data file, read with the ``datasets`` library.
 
     Raises:
@@ -161,8 +184,10 @@ def read_table(path: str | Path, fmt: str | None = None, encoding: str = "utf-8"
         with _quiet_datasets():
             table = load_dataset(builder, data_files=str(path), split="train", **kwargs)
     except Exception as exc:  # noqa: BLE001 - datasets wraps parser errors of every kind in its own
-        raise ConfigError([malformed_row(path, builder, kwargs.get("sep", ","), exc, encoding)],
-                          what=f"data file {str(path)!r}") from None
+        raise ConfigError(
+            [malformed_row(path, builder, kwargs.get("sep", ","), exc, encoding)],
+            what=f"data file {str(path)!r}",
+        ) from None
     return list(table.column_names), table.to_list()
 
 
@@ -189,8 +214,10 @@ def _check_csv_head(path: Path, sep: str, encoding: str = "utf-8") -> None:
             return  # reported with its line once the real read fails
     if header and first and len(first) > len(header):
         raise ConfigError(
-            [f"{path}: line {reader.line_num}: {len(first)} field(s), but the header line has {len(header)} "
-             f"({', '.join(header)}); every row needs one value per header column (quote values that contain {sep!r})"],
+            [
+                f"{path}: line {reader.line_num}: {len(first)} field(s), but the header line has {len(header)} "
+                f"({', '.join(header)}); every row needs one value per header column (quote values that contain {sep!r})"
+            ],
             what=f"data file {str(path)!r}",
         )
 
@@ -232,8 +259,10 @@ def _lines(raw: bytes, encoding: str = "utf-8") -> tuple[list[str], str | None]:
             line.decode(encoding)
         except UnicodeDecodeError as exc:
             # spreadsheet exports are often latin-1 or cp1252: say which setting reads them
-            return [], (f"line {number}: not {encoding} text ({exc.reason} at byte {exc.start}); if the file is in "
-                        "another encoding, set data.encoding (e.g. latin-1 or cp1252)")
+            return [], (
+                f"line {number}: not {encoding} text ({exc.reason} at byte {exc.start}); if the file is in "
+                "another encoding, set data.encoding (e.g. latin-1 or cp1252)"
+            )
     return [line.decode(encoding) for line in lines], None
 
 
@@ -268,8 +297,10 @@ def _broken_json_line(raw: bytes, encoding: str = "utf-8") -> str | None:
                 continue
             kind, first = kinds.setdefault(key, (_json_kind(value), number))
             if kind != _json_kind(value):
-                return (f"line {number}: {key!r} is {_json_kind(value)} here but {kind} on line {first}; "
-                        "a column holds one type")
+                return (
+                    f"line {number}: {key!r} is {_json_kind(value)} here but {kind} on line {first}; "
+                    "a column holds one type"
+                )
     return None
 
 
@@ -296,8 +327,10 @@ def _broken_csv_line(raw: bytes, sep: str, encoding: str = "utf-8") -> str | Non
                 continue
             rows += 1
             if len(row) != len(header):
-                return (f"line {reader.line_num}: {len(row)} field(s), but the header line has {len(header)} "
-                        f"({', '.join(header)}); quote values that contain {sep!r}")
+                return (
+                    f"line {reader.line_num}: {len(row)} field(s), but the header line has {len(header)} "
+                    f"({', '.join(header)}); quote values that contain {sep!r}"
+                )
     except csv.Error as exc:
         return f"line {reader.line_num}: {exc} (an unclosed quote?)"
     return None if rows else "the file has a header line but no data rows"
@@ -312,10 +345,15 @@ def split_rows(rows: Sequence[Any], validation: float, test: float, seed: int) -
     Raises:
         ConfigError: a fraction is negative or the two add up to 1 or more.
     """
-    problems = [f"data.split.{name}: expected a fraction in [0, 1), got {value!r}"
-                for name, value in (("validation", validation), ("test", test)) if not 0 <= value < 1]
+    problems = [
+        f"data.split.{name}: expected a fraction in [0, 1), got {value!r}"
+        for name, value in (("validation", validation), ("test", test))
+        if not 0 <= value < 1
+    ]
     if not problems and validation + test >= 1:
-        problems.append(f"data.split: validation + test must leave rows for training, got {validation} + {test} >= 1")
+        problems.append(
+            f"data.split: validation + test must leave rows for training, got {validation} + {test} >= 1"
+        )
     if problems:
         raise ConfigError(problems, what="data config")
     order = list(range(len(rows)))
@@ -329,14 +367,18 @@ def split_rows(rows: Sequence[Any], validation: float, test: float, seed: int) -
     }
 
 
-def _load_files(data: DataConfig, roles: Sequence[str], conversations: bool) -> tuple[dict[str, list[dict[str, Any]]], dict[str, Any]]:
+def _load_files(
+    data: DataConfig, roles: Sequence[str], conversations: bool
+) -> tuple[dict[str, list[dict[str, Any]]], dict[str, Any]]:
     """Read ``data.files`` (one file to split, or split -> file) and map its columns to ``roles``."""
     files = data.files
     if isinstance(files, Mapping):
         unknown = sorted(set(files) - set(SPLITS))
         if unknown or not files:
             raise ConfigError(
-                [f"data.files: keys must be among {', '.join(SPLITS)}, got {sorted(files) or 'an empty mapping'}"],
+                [
+                    f"data.files: keys must be among {', '.join(SPLITS)}, got {sorted(files) or 'an empty mapping'}"
+                ],
                 what="data config",
             )
         splits = {split: _read_mapped(path, data, roles, conversations) for split, path in files.items()}
@@ -345,8 +387,12 @@ def _load_files(data: DataConfig, roles: Sequence[str], conversations: bool) -> 
     rows = _read_mapped(files, data, roles, conversations)
     s = data.split
     info = {
-        "source": "file", "files": str(files), "format": file_format(files, data.format), "rows": len(rows),
-        "seed": s.seed, "fractions": {"validation": s.validation, "test": s.test},
+        "source": "file",
+        "files": str(files),
+        "format": file_format(files, data.format),
+        "rows": len(rows),
+        "seed": s.seed,
+        "fractions": {"validation": s.validation, "test": s.test},
     }
     return split_rows(rows, s.validation, s.test, s.seed), info
 
@@ -355,7 +401,9 @@ def _formats(paths: Any, declared: str | None) -> str:
     return ",".join(sorted({file_format(p, declared) for p in paths}))
 
 
-def _read_mapped(path: str | Path, data: DataConfig, roles: Sequence[str], conversations: bool = False) -> list[dict[str, Any]]:
+def _read_mapped(
+    path: str | Path, data: DataConfig, roles: Sequence[str], conversations: bool = False
+) -> list[dict[str, Any]]:
     """Rows of one file as dicts keyed by ``roles`` (or chat records); every problem is reported at once."""
     columns, rows = read_table(path, _file_type(data.format), data.encoding)
     return map_rows(columns, rows, data, roles, repr(str(path)), path=path, conversations=conversations)
@@ -395,8 +443,13 @@ def map_rows(
     """
     layout = chat_layout(columns, data) if conversations else None
     if data.format is not None and data.format.lower() in chat.LAYOUTS and not conversations:
-        raise ConfigError([f"data.format: {data.format!r} is a chat layout, which only causal-LM tasks read; "
-                           "set data.format to the file type (csv, json, parquet) or leave it unset"], what="data config")
+        raise ConfigError(
+            [
+                f"data.format: {data.format!r} is a chat layout, which only causal-LM tasks read; "
+                "set data.format to the file type (csv, json, parquet) or leave it unset"
+            ],
+            what="data config",
+        )
     allowed = [*roles, chat.CONVERSATION_KEY] if layout else list(roles)
     unknown_roles = sorted(set(data.columns) - set(allowed))
     problems = [
@@ -411,27 +464,49 @@ def map_rows(
         if column not in columns:
             if layout:
                 why = f" (the {layout} layout reads it)"
-                fix = ("set data.columns.messages to the column holding the turns" if layout != "alpaca"
-                       else "rename the columns, or set data.format")
+                fix = (
+                    "set data.columns.messages to the column holding the turns"
+                    if layout != "alpaca"
+                    else "rename the columns, or set data.format"
+                )
             else:
-                why = "" if role in data.columns else f" (data.columns.{role} is unset, so the column must be named {role!r})"
+                why = (
+                    ""
+                    if role in data.columns
+                    else f" (data.columns.{role} is unset, so the column must be named {role!r})"
+                )
                 fix = f"set data.columns.{role} to one of them"
-            problems.append(f"data.columns.{role if not layout else chat.CONVERSATION_KEY}: column {column!r} is not in "
-                            f"{where}{why}; its columns are: {', '.join(columns)}; {fix}")
+            problems.append(
+                f"data.columns.{role if not layout else chat.CONVERSATION_KEY}: column {column!r} is not in "
+                f"{where}{why}; its columns are: {', '.join(columns)}; {fix}"
+            )
     if problems:
-        raise ConfigError(_with_broken_line(path, data.format, problems, data.encoding), what=f"column mapping for {where}")
+        raise ConfigError(
+            _with_broken_line(path, data.format, problems, data.encoding), what=f"column mapping for {where}"
+        )
     if layout:
         return chat.conversations(rows, layout, data.columns, where)
-    empty = [(i, role) for i, row in enumerate(rows) for role, column in needed.items() if row[column] is None]
+    empty = [
+        (i, role) for i, row in enumerate(rows) for role, column in needed.items() if row[column] is None
+    ]
     if empty:
-        shown = [f"row {i + 1}: no value in column {needed[role]!r} (role {role!r})" for i, role in empty[:MAX_ROWS_SHOWN]]
-        more = [f"... and {len(empty) - MAX_ROWS_SHOWN} more empty cells"] if len(empty) > MAX_ROWS_SHOWN else []
-        problems = _with_broken_line(path, data.format, shown + more + ["fill or drop these rows in the data"], data.encoding)
+        shown = [
+            f"row {i + 1}: no value in column {needed[role]!r} (role {role!r})"
+            for i, role in empty[:MAX_ROWS_SHOWN]
+        ]
+        more = (
+            [f"... and {len(empty) - MAX_ROWS_SHOWN} more empty cells"] if len(empty) > MAX_ROWS_SHOWN else []
+        )
+        problems = _with_broken_line(
+            path, data.format, shown + more + ["fill or drop these rows in the data"], data.encoding
+        )
         raise ConfigError(problems, what=f"data in {where}")
     return [{role: row[column] for role, column in needed.items()} for row in rows]
 
 
-def _with_broken_line(path: str | Path | None, fmt: str | None, problems: list[str], encoding: str = "utf-8") -> list[str]:
+def _with_broken_line(
+    path: str | Path | None, fmt: str | None, problems: list[str], encoding: str = "utf-8"
+) -> list[str]:
     """``problems``, headed by the file's first malformed line when it has one.
 
     The data library reads some broken files without complaint (a CSV row with one field too many
@@ -453,8 +528,10 @@ def _check_bundled(name: str, splits: Mapping[str, list[dict[str, Any]]], roles:
     missing = [] if first is None else [r for r in roles if r not in first]
     if missing:
         raise ConfigError(
-            [f"bundled data set {name!r} gives keys {sorted(first)}, but this task needs {', '.join(missing)}; "
-             "choose a data set made for this task, or give data.files with a column mapping"],
+            [
+                f"bundled data set {name!r} gives keys {sorted(first)}, but this task needs {', '.join(missing)}; "
+                "choose a data set made for this task, or give data.files with a column mapping"
+            ],
             what="data config",
         )
 

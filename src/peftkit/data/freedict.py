@@ -43,7 +43,9 @@ if TYPE_CHECKING:
 DICTD_FOLDER = Path("/usr/share/dictd")
 DATABASE = "freedict-eng-fra"
 INSTALL = "apt-get install dict-freedict-eng-fra"
-PROMPT_TEMPLATE = "Translate this English word or phrase into French. Answer with the French only.\nEnglish: {source}"
+PROMPT_TEMPLATE = (
+    "Translate this English word or phrase into French. Answer with the French only.\nEnglish: {source}"
+)
 MAX_TARGET_WORDS = 6
 _B64 = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
 _PRONUNCIATION = re.compile(r"/[^/]*/")

@@ -30,7 +30,9 @@ def general_texts(n: int = 256, seed: int = 0) -> list[str]:
     if n <= 0:
         raise ValueError(f"n must be positive, got {n}")
     with bz2.open(corpus_path(), "rt", encoding="utf-8", newline="") as handle:
-        texts = sorted({" ".join(row["text"].split()) for row in csv.DictReader(handle) if row["category"] == "plot"})
+        texts = sorted(
+            {" ".join(row["text"].split()) for row in csv.DictReader(handle) if row["category"] == "plot"}
+        )
     random.Random(seed).shuffle(texts)
     return [_opening(text) for text in texts[:n]]
 

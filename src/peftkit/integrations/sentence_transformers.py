@@ -60,16 +60,23 @@ def check_model(model: SentenceTransformer) -> SentenceTransformer:
             adapter needs a per-step hook (AdaLoRA). The message names the fix.
     """
     inner = model.transformers_model
-    if is_adapted(model) or (inner is not None and any(
-            pretrained.holds_adapters(m) for m in model.children() if inner not in set(m.modules()))):
+    if is_adapted(model) or (
+        inner is not None
+        and any(pretrained.holds_adapters(m) for m in model.children() if inner not in set(m.modules()))
+    ):
         raise ConfigError(
-            ["the adapters were injected into the SentenceTransformer itself (or into a module other than its "
-             "transformers model), which model.save cannot write as an adapter: peftkit.unload(model), then "
-             "peftkit.inject(model.transformers_model, config)"], what="SentenceTransformer model")
+            [
+                "the adapters were injected into the SentenceTransformer itself (or into a module other than its "
+                "transformers model), which model.save cannot write as an adapter: peftkit.unload(model), then "
+                "peftkit.inject(model.transformers_model, config)"
+            ],
+            what="SentenceTransformer model",
+        )
     if not is_adapted(inner):
         raise AdapterNameError(
             "this SentenceTransformer's transformers model holds no peftkit adapters: call "
-            "peftkit.inject(model.transformers_model, config) first")
+            "peftkit.inject(model.transformers_model, config) first"
+        )
     check_trainer_model(inner)
     return model
 
@@ -84,7 +91,9 @@ def transformer_directory(directory: str | os.PathLike) -> Path:
     """
     modules_json = Path(directory) / "modules.json"
     if not modules_json.is_file():
-        raise FileNotFoundError(f"no modules.json in {str(directory)!r}: not a directory SentenceTransformer.save wrote")
+        raise FileNotFoundError(
+            f"no modules.json in {str(directory)!r}: not a directory SentenceTransformer.save wrote"
+        )
     modules = json.loads(modules_json.read_text(encoding="utf8"))
     for entry in modules:
         if entry.get("type", "").rsplit(".", 1)[-1] == "Transformer":
@@ -93,7 +102,11 @@ def transformer_directory(directory: str | os.PathLike) -> Path:
 
 
 def load(
-    directory: str | os.PathLike, base: str | os.PathLike | None = None, *, is_trainable: bool = False, **kwargs: Any
+    directory: str | os.PathLike,
+    base: str | os.PathLike | None = None,
+    *,
+    is_trainable: bool = False,
+    **kwargs: Any,
 ) -> SentenceTransformer:
     """Load a ``SentenceTransformer`` saved with a peftkit adapter (``model.save``, ``trainer.save_model`` or
     a checkpoint), with peftkit and without the reference library.

@@ -63,14 +63,21 @@ def check_model(model: nn.Module) -> nn.Module:
             "peftkit.inject(model, config) before building the trainer (or use transformers.Trainer to fine-tune "
             "the whole model)"
         )
-    hooked = [name for name in adapter_names(model)
-              if type(adapter_config(model, name)).training_hook is not AdapterConfig.training_hook]
+    hooked = [
+        name
+        for name in adapter_names(model)
+        if type(adapter_config(model, name)).training_hook is not AdapterConfig.training_hook
+    ]
     if hooked:
         raise ConfigError(
-            [f"adapter {name!r} ({type(adapter_config(model, name)).__name__}) must be driven every step by its "
-             "training hook (AdaLoRA's rank allocation and orthogonality penalty), which Trainer does not call, so "
-             "it would silently train a fixed-rank adapter: train it with peftkit.train.fit, or use LoRA"
-             for name in hooked], what="model for PeftkitTrainer")
+            [
+                f"adapter {name!r} ({type(adapter_config(model, name)).__name__}) must be driven every step by its "
+                "training hook (AdaLoRA's rank allocation and orthogonality penalty), which Trainer does not call, so "
+                "it would silently train a fixed-rank adapter: train it with peftkit.train.fit, or use LoRA"
+                for name in hooked
+            ],
+            what="model for PeftkitTrainer",
+        )
     return model
 
 
@@ -96,8 +103,13 @@ class PeftkitTrainerMixin:
         self.lora_plus_ratio = lora_plus_ratio
         super().__init__(*args, **kwargs)
         if lora_plus_ratio is not None and self.optimizer is not None:
-            raise ConfigError([f"lora_plus_ratio={lora_plus_ratio} builds the optimizer, and optimizers= passed one "
-                               "already: drop one of the two"], what="PeftkitTrainer")
+            raise ConfigError(
+                [
+                    f"lora_plus_ratio={lora_plus_ratio} builds the optimizer, and optimizers= passed one "
+                    "already: drop one of the two"
+                ],
+                what="PeftkitTrainer",
+            )
         if self.model_init is None:  # with model_init, call_model_init checks every model it builds
             check_model(self._peftkit_model())
 
@@ -124,18 +136,25 @@ class PeftkitTrainerMixin:
         from ..train.optim import param_groups
 
         opt_model = self.model if model is None else model
-        groups = param_groups(opt_model, self.args.learning_rate, self.args.weight_decay, self.lora_plus_ratio)
+        groups = param_groups(
+            opt_model, self.args.learning_rate, self.args.weight_decay, self.lora_plus_ratio
+        )
         if self.optimizer_cls_and_kwargs is not None:
             optimizer_cls, optimizer_kwargs = self.optimizer_cls_and_kwargs
         else:
             optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
-        if not isinstance(optimizer_cls, type) or not issubclass(optimizer_cls, torch.optim.Optimizer) or (
-            {"params", "model", "optimizer_dict"} & set(optimizer_kwargs)
+        if (
+            not isinstance(optimizer_cls, type)
+            or not issubclass(optimizer_cls, torch.optim.Optimizer)
+            or ({"params", "model", "optimizer_dict"} & set(optimizer_kwargs))
         ):
             raise ConfigError(
-                [f"lora_plus_ratio needs an optimizer built from parameter groups, and optim={self.args.optim!r} builds "
-                 "its own (GaLore, LOMO, layer-wise or factory optimizers): use e.g. optim='adamw_torch'"],
-                what="PeftkitTrainer")
+                [
+                    f"lora_plus_ratio needs an optimizer built from parameter groups, and optim={self.args.optim!r} builds "
+                    "its own (GaLore, LOMO, layer-wise or factory optimizers): use e.g. optim='adamw_torch'"
+                ],
+                what="PeftkitTrainer",
+            )
         self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
         return self.optimizer
 

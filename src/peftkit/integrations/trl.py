@@ -55,11 +55,13 @@ def check_model(model: nn.Module) -> nn.Module:
         f"{name!r} (the LM head) carries adapter(s) {list(layer.adapters)}, but TRL computes log-probabilities from "
         f"{name}.weight itself, so the adapter would get no gradient and no say in the loss; remove {name!r} from "
         "target_modules"
-        for name, layer in adapter_layers(model) if head is not None and layer is head
+        for name, layer in adapter_layers(model)
+        if head is not None and layer is head
     ] + [
         f"{name!r} (the LM head) is in modules_to_save, but TRL computes log-probabilities from the original "
         f"{name}.weight, so the trained copy would be ignored; remove {name!r} from modules_to_save"
-        for name, wrapper in saved_modules(model) if head is not None and wrapper is head
+        for name, wrapper in saved_modules(model)
+        if head is not None and wrapper is head
     ]
     if problems:
         raise ConfigError(problems, what="model for TRL")
@@ -140,25 +142,37 @@ class PeftkitDPOTrainer(PeftkitTrainerMixin, trl.DPOTrainer):
             towards the policy (pass a model copy as ``ref_model`` to sync one).
     """
 
-    def __init__(self, model: nn.Module, ref_model: nn.Module | None = None, *args: Any, **kwargs: Any) -> None:
+    def __init__(
+        self, model: nn.Module, ref_model: nn.Module | None = None, *args: Any, **kwargs: Any
+    ) -> None:
         _check_arguments(model, kwargs)
         if ref_model is None:
             sync = getattr(kwargs.get("args") or (args[0] if args else None), "sync_ref_model", False)
             if sync:
-                raise ConfigError(["sync_ref_model=True moves the reference's weights towards the policy's, and the "
-                                   "built-in reference (the base model under peftkit.disable) has none: set "
-                                   "sync_ref_model=False, or pass a copy of the model as ref_model"],
-                                  what="PeftkitDPOTrainer")
+                raise ConfigError(
+                    [
+                        "sync_ref_model=True moves the reference's weights towards the policy's, and the "
+                        "built-in reference (the base model under peftkit.disable) has none: set "
+                        "sync_ref_model=False, or pass a copy of the model as ref_model"
+                    ],
+                    what="PeftkitDPOTrainer",
+                )
             ref_model = reference_model(model)
         super().__init__(model, ref_model, *args, **kwargs)
 
 
 def _check_arguments(model: Any, kwargs: dict[str, Any]) -> None:
     if not isinstance(model, nn.Module):
-        raise TypeError(f"pass the adapted model itself, not {type(model).__name__} {model!r}: load it, "
-                        "peftkit.inject(model, config), then build the trainer with it")
+        raise TypeError(
+            f"pass the adapted model itself, not {type(model).__name__} {model!r}: load it, "
+            "peftkit.inject(model, config), then build the trainer with it"
+        )
     check_model(model)
     if kwargs.get("peft_config") is not None:
-        raise ConfigError(["peft_config builds a second, reference-library adapter on top of the peftkit one: "
-                           "inject the adapter with peftkit.inject(model, config) and pass no peft_config"],
-                          what="TRL trainer")
+        raise ConfigError(
+            [
+                "peft_config builds a second, reference-library adapter on top of the peftkit one: "
+                "inject the adapter with peftkit.inject(model, config) and pass no peft_config"
+            ],
+            what="TRL trainer",
+        )

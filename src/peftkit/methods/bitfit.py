@@ -61,7 +61,11 @@ class BitFitConfig(AdapterConfig):
             to train only the biases of linear and convolution layers. Explicit targets ignore it.
     """
 
-    lr_candidates: ClassVar[tuple[float, ...]] = (1e-3, 3e-3, 1e-2)  # the BitFit paper searched 1e-4 to 1e-3 over long runs; short budgets need more
+    lr_candidates: ClassVar[tuple[float, ...]] = (
+        1e-3,
+        3e-3,
+        1e-2,
+    )  # the BitFit paper searched 1e-4 to 1e-3 over long runs; short budgets need more
 
     include_norm_biases: bool = True
 
@@ -71,14 +75,17 @@ class BitFitConfig(AdapterConfig):
             out.append(f"include_norm_biases: must be True or False, got {self.include_norm_biases!r}")
         for name in ("rank_pattern", "alpha_pattern"):
             if getattr(self, name):
-                out.append(f"{name}: BitFit has no rank or alpha (a bias delta has the bias's shape); leave it empty")
+                out.append(
+                    f"{name}: BitFit has no rank or alpha (a bias delta has the bias's shape); leave it empty"
+                )
         return out
 
     def default_target_spec(self, model: nn.Module) -> str:
         # The selection depends on which modules hold a bias, not on the architecture: an exact regex of
         # their names, so exclude_modules, modules_to_save and layers_to_transform apply as usual.
         names = [
-            name for name, module in user_modules(model)
+            name
+            for name, module in user_modules(model)
             if name and _has_bias(module) and (self.include_norm_biases or not is_norm_layer(module))
         ]
         if not names:
@@ -92,8 +99,6 @@ class BitFitConfig(AdapterConfig):
 
     def layer_values(self, target: Target) -> dict[str, Any]:
         return {}
-
-
 
 
 class BitFitBias(AdapterModule):
@@ -111,10 +116,18 @@ class BitFitBias(AdapterModule):
         super().__init__()
         bias = base_layer.bias
         self.trailing = trailing
-        self.bias_delta = nn.Parameter(torch.zeros(bias.shape, dtype=_adapter_dtype(bias), device=bias.device))
+        self.bias_delta = nn.Parameter(
+            torch.zeros(bias.shape, dtype=_adapter_dtype(bias), device=bias.device)
+        )
 
     def delta_output(self, x: torch.Tensor, base_out: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
-        ones = base_out.dim() - 2 if self.trailing == "channels" else 0 if self.trailing == "last" else self.trailing
+        ones = (
+            base_out.dim() - 2
+            if self.trailing == "channels"
+            else 0
+            if self.trailing == "last"
+            else self.trailing
+        )
         return self.bias_delta.to(base_out.dtype).reshape(*self.bias_delta.shape, *([1] * ones))
 
     def merged_tensors(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -144,8 +157,11 @@ if HFConv1D:
 register_layer(PEFT_TYPE, "Conv", _CONVS, _builder("conv"), check=_needs_bias)
 register_layer(PEFT_TYPE, "LayerNorm", (nn.LayerNorm,), _builder("last"), check=_needs_bias)
 register_layer(
-    PEFT_TYPE, "BatchNorm / GroupNorm", (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.GroupNorm),
-    _builder("channels"), check=_needs_bias,
+    PEFT_TYPE,
+    "BatchNorm / GroupNorm",
+    (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.GroupNorm),
+    _builder("channels"),
+    check=_needs_bias,
 )
 
 

@@ -67,21 +67,24 @@ DEFAULT_TARGETS: dict[str, dict[str, list[str] | str]] = {
         **dict.fromkeys(_LLAMA_LIKE, ["self_attn.o_proj", "mlp.down_proj"]),
         "distilbert": ["attention.out_lin", "ffn.lin2"],
         "gpt2": ["attn.c_proj", "mlp.c_proj"],
-        "t5": ["SelfAttention.o", "DenseReluDense.wo"], "mt5": ["SelfAttention.o", "DenseReluDense.wo"],
+        "t5": ["SelfAttention.o", "DenseReluDense.wo"],
+        "mt5": ["SelfAttention.o", "DenseReluDense.wo"],
     },
     "pfeiffer": {
         **dict.fromkeys(_BERT_LIKE, r".*\.layer\.\d+\.output\.dense"),
         **dict.fromkeys(_LLAMA_LIKE, ["mlp.down_proj"]),
         "distilbert": ["ffn.lin2"],
         "gpt2": ["mlp.c_proj"],
-        "t5": ["DenseReluDense.wo"], "mt5": ["DenseReluDense.wo"],
+        "t5": ["DenseReluDense.wo"],
+        "mt5": ["DenseReluDense.wo"],
     },
     "parallel": {  # the feed-forward block whose input feeds the adapter
         **dict.fromkeys(_BERT_LIKE, r".*\.layer\.\d+\.output"),
         **dict.fromkeys(_LLAMA_LIKE, ["mlp"]),
         "distilbert": ["ffn"],
         "gpt2": ["mlp"],
-        "t5": ["DenseReluDense"], "mt5": ["DenseReluDense"],
+        "t5": ["DenseReluDense"],
+        "mt5": ["DenseReluDense"],
     },
 }
 
@@ -119,7 +122,11 @@ class BottleneckConfig(AdapterConfig):
         dropout: Dropout on the adapter's input while training.
     """
 
-    lr_candidates: ClassVar[tuple[float, ...]] = (5e-4, 2e-3, 5e-3)  # Houlsby and Pfeiffer adapters: 1e-4 to 1e-3 over long runs, higher for short budgets
+    lr_candidates: ClassVar[tuple[float, ...]] = (
+        5e-4,
+        2e-3,
+        5e-3,
+    )  # Houlsby and Pfeiffer adapters: 1e-4 to 1e-3 over long runs, higher for short budgets
 
     placement: str = "houlsby"
     reduction_factor: float = 16
@@ -176,8 +183,6 @@ class BottleneckConfig(AdapterConfig):
 
 
 # -- the adapters -----------------------------------------------------------------------------------
-
-
 
 
 def _widths(linear: nn.Module) -> tuple[int, int]:
@@ -347,7 +352,8 @@ class BertStyleOutput(metaclass=_Shape):
         norm = getattr(module, "LayerNorm", None)
         return (
             isinstance(getattr(module, "dense", None), nn.Linear)
-            and isinstance(norm, nn.Module) and is_norm(norm)
+            and isinstance(norm, nn.Module)
+            and is_norm(norm)
             and len(_forward_arguments(module) or ()) == 2
         )
 
@@ -413,12 +419,20 @@ def _build_residual_output(base_layer: nn.Module, **values: Any) -> ResidualOutp
 register_layer(PEFT_TYPE, "Linear", (nn.Linear,), _build_linear)
 if HFConv1D:
     register_layer(PEFT_TYPE, "Conv1D (GPT-2)", (HFConv1D,), _build_linear)
-register_layer(PEFT_TYPE, "BERT-style output", (BertStyleOutput,), _build_residual_output, _no_adapters_inside)
+register_layer(
+    PEFT_TYPE, "BERT-style output", (BertStyleOutput,), _build_residual_output, _no_adapters_inside
+)
 register_layer(PEFT_TYPE, "feed-forward block", (FeedForwardBlock,), _build_block, _no_adapters_inside)
 register_layer(PEFT_TYPE, "mixture-of-experts block", (ExpertsBlock,), _build_experts, _no_adapters_inside)
 
 
 __all__ = [
-    "BottleneckConfig", "BottleneckAdapter", "ResidualOutputAdapter", "FeedForwardBlock", "BertStyleOutput",
-    "ExpertsBlock", "DEFAULT_TARGETS", "PLACEMENT_ROLES",
+    "BottleneckConfig",
+    "BottleneckAdapter",
+    "ResidualOutputAdapter",
+    "FeedForwardBlock",
+    "BertStyleOutput",
+    "ExpertsBlock",
+    "DEFAULT_TARGETS",
+    "PLACEMENT_ROLES",
 ]

@@ -25,12 +25,16 @@ def output_scale(magnitude: torch.Tensor, rows: torch.Tensor, lora_rows: torch.T
     return magnitude.reshape(-1) / norm
 
 
-def merged_rows(magnitude: torch.Tensor, rows: torch.Tensor, lora_rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def merged_rows(
+    magnitude: torch.Tensor, rows: torch.Tensor, lora_rows: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The merged weight view and the norm it was scaled by (kept to undo the merge exactly)."""
     combined = rows + lora_rows
     norm = row_norm(combined)
     return combined * (magnitude.reshape(-1) / norm).unsqueeze(1), norm
 
 
-def unmerged_rows(magnitude: torch.Tensor, merged: torch.Tensor, lora_rows: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
+def unmerged_rows(
+    magnitude: torch.Tensor, merged: torch.Tensor, lora_rows: torch.Tensor, norm: torch.Tensor
+) -> torch.Tensor:
     return merged / (magnitude.reshape(-1) / norm).unsqueeze(1) - lora_rows

@@ -67,7 +67,11 @@ class IA3Config(AdapterConfig):
             ``False`` draws them from N(0, 1), for tests.
     """
 
-    lr_candidates: ClassVar[tuple[float, ...]] = (3e-3, 1e-2, 3e-2)  # IA3 scales vectors around 1: the (IA)3 paper trains at 3e-3, later work up to 3e-2
+    lr_candidates: ClassVar[tuple[float, ...]] = (
+        3e-3,
+        1e-2,
+        3e-2,
+    )  # IA3 scales vectors around 1: the (IA)3 paper trains at 3e-3, later work up to 3e-2
 
     fields_not_in_format: ClassVar[tuple[str, ...]] = _NOT_IN_FORMAT
 
@@ -81,27 +85,58 @@ class IA3Config(AdapterConfig):
     # attention key and value and the MLP down projection found by structure, the MLP down being the
     # feedforward module (a mixture of experts without expert layers has none).
     default_targets: ClassVar[dict[str, list[str]]] = {
-        "bert": ["key", "value", "output.dense"], "roberta": ["key", "value", "output.dense"],
-        "deberta-v2": ["key_proj", "value_proj", "output.dense"], "deberta": ["in_proj", "output.dense"],
-        "gpt2": ["c_attn", "mlp.c_proj"], "gpt_bigcode": ["c_attn", "mlp.c_proj"],
-        "llama": ["k_proj", "v_proj", "down_proj"], "llama4": ["q_proj", "v_proj", "down_proj"],
-        "mistral": ["k_proj", "v_proj", "down_proj"], "mixtral": ["k_proj", "v_proj", "w2"],
-        "qwen2": ["q_proj", "v_proj", "down_proj"], "qwen3": ["q_proj", "v_proj", "down_proj"],
-        "gemma": ["q_proj", "v_proj", "down_proj"], "gemma2": ["q_proj", "v_proj", "down_proj"],
-        "gemma3_text": ["q_proj", "v_proj", "down_proj"], "phi": ["q_proj", "v_proj", "fc2"],
-        "t5": ["k", "v", "wo"], "mt5": ["k", "v", "wi_1"], "bart": ["q_proj", "v_proj", "fc2"],
-        "opt": ["q_proj", "k_proj", "fc2"], "gptj": ["q_proj", "v_proj", "fc_out"],
-        "gpt_neo": ["q_proj", "v_proj", "c_proj"], "gpt_neox": ["query_key_value", "dense_4h_to_h"],
-        "bloom": ["query_key_value", "mlp.dense_4h_to_h"], "falcon": ["query_key_value", "dense_4h_to_h"],
+        "bert": ["key", "value", "output.dense"],
+        "roberta": ["key", "value", "output.dense"],
+        "deberta-v2": ["key_proj", "value_proj", "output.dense"],
+        "deberta": ["in_proj", "output.dense"],
+        "gpt2": ["c_attn", "mlp.c_proj"],
+        "gpt_bigcode": ["c_attn", "mlp.c_proj"],
+        "llama": ["k_proj", "v_proj", "down_proj"],
+        "llama4": ["q_proj", "v_proj", "down_proj"],
+        "mistral": ["k_proj", "v_proj", "down_proj"],
+        "mixtral": ["k_proj", "v_proj", "w2"],
+        "qwen2": ["q_proj", "v_proj", "down_proj"],
+        "qwen3": ["q_proj", "v_proj", "down_proj"],
+        "gemma": ["q_proj", "v_proj", "down_proj"],
+        "gemma2": ["q_proj", "v_proj", "down_proj"],
+        "gemma3_text": ["q_proj", "v_proj", "down_proj"],
+        "phi": ["q_proj", "v_proj", "fc2"],
+        "t5": ["k", "v", "wo"],
+        "mt5": ["k", "v", "wi_1"],
+        "bart": ["q_proj", "v_proj", "fc2"],
+        "opt": ["q_proj", "k_proj", "fc2"],
+        "gptj": ["q_proj", "v_proj", "fc_out"],
+        "gpt_neo": ["q_proj", "v_proj", "c_proj"],
+        "gpt_neox": ["query_key_value", "dense_4h_to_h"],
+        "bloom": ["query_key_value", "mlp.dense_4h_to_h"],
+        "falcon": ["query_key_value", "dense_4h_to_h"],
     }
     default_feedforward: ClassVar[dict[str, list[str]]] = {
-        "bert": ["output.dense"], "roberta": ["output.dense"], "deberta-v2": ["output.dense"],
-        "deberta": ["output.dense"], "gpt2": ["mlp.c_proj"], "gpt_bigcode": ["mlp.c_proj"],
-        "llama": ["down_proj"], "llama4": ["down_proj"], "mistral": ["down_proj"], "mixtral": ["w2"],
-        "qwen2": ["down_proj"], "qwen3": ["down_proj"], "gemma": ["down_proj"], "gemma2": ["down_proj"],
-        "gemma3_text": ["down_proj"], "phi": ["fc2"], "t5": ["wo"], "mt5": [], "bart": ["fc2"],
-        "opt": ["fc2"], "gptj": ["fc_out"], "gpt_neo": ["c_proj"], "gpt_neox": ["dense_4h_to_h"],
-        "bloom": ["mlp.dense_4h_to_h"], "falcon": ["dense_4h_to_h"],
+        "bert": ["output.dense"],
+        "roberta": ["output.dense"],
+        "deberta-v2": ["output.dense"],
+        "deberta": ["output.dense"],
+        "gpt2": ["mlp.c_proj"],
+        "gpt_bigcode": ["mlp.c_proj"],
+        "llama": ["down_proj"],
+        "llama4": ["down_proj"],
+        "mistral": ["down_proj"],
+        "mixtral": ["w2"],
+        "qwen2": ["down_proj"],
+        "qwen3": ["down_proj"],
+        "gemma": ["down_proj"],
+        "gemma2": ["down_proj"],
+        "gemma3_text": ["down_proj"],
+        "phi": ["fc2"],
+        "t5": ["wo"],
+        "mt5": [],
+        "bart": ["fc2"],
+        "opt": ["fc2"],
+        "gptj": ["fc_out"],
+        "gpt_neo": ["c_proj"],
+        "gpt_neox": ["dense_4h_to_h"],
+        "bloom": ["mlp.dense_4h_to_h"],
+        "falcon": ["dense_4h_to_h"],
     }
     target_roles: ClassVar[tuple[str, ...]] = ("key", "value", "mlp_down")
     optional_roles: ClassVar[tuple[str, ...]] = ("mlp_down",)
@@ -132,7 +167,9 @@ class IA3Config(AdapterConfig):
                         "target_modules or remove them from feedforward_modules"
                     )
         elif ff is not None:
-            out.append(f"feedforward_modules: expected a list of names, a regex string or None, got {type(ff).__name__}")
+            out.append(
+                f"feedforward_modules: expected a list of names, a regex string or None, got {type(ff).__name__}"
+            )
         for name in ("fan_in_fan_out", "init_ia3_weights"):
             if not isinstance(getattr(self, name), bool):
                 out.append(f"{name}: must be True or False, got {getattr(self, name)!r}")
@@ -140,13 +177,19 @@ class IA3Config(AdapterConfig):
             if getattr(self, name) not in (None, {}, []):
                 out.append(
                     f"{name}: IA3 has no such option in the interchange format (it would be lost on save); "
-                    + ("select layers with a regex in target_modules instead" if name.startswith("layers")
-                       else "IA3 has no rank or alpha")
+                    + (
+                        "select layers with a regex in target_modules instead"
+                        if name.startswith("layers")
+                        else "IA3 has no rank or alpha"
+                    )
                 )
         return out
 
     def layer_values(self, target: Target) -> dict[str, Any]:
-        return {"feedforward": is_feedforward(self.feedforward_modules, target.name), "init": self.init_ia3_weights}
+        return {
+            "feedforward": is_feedforward(self.feedforward_modules, target.name),
+            "init": self.init_ia3_weights,
+        }
 
     def after_resolve(self, plan: Plan) -> IA3Config:
         """Record concrete target and feedforward modules (the reference library saves them resolved
@@ -157,9 +200,11 @@ class IA3Config(AdapterConfig):
             ff = self.feedforward_modules
             if isinstance(ff, list) and isinstance(targets, list) and not set(ff) <= set(targets):
                 raise ConfigError(
-                    [f"feedforward_modules {ff} are not among the default target_modules {targets} for "
-                     f"model_type {plan.model_type!r} ({plan.default.source}); every feedforward module must "
-                     "also be a target: set target_modules explicitly"],
+                    [
+                        f"feedforward_modules {ff} are not among the default target_modules {targets} for "
+                        f"model_type {plan.model_type!r} ({plan.default.source}); every feedforward module must "
+                        "also be a target: set target_modules explicitly"
+                    ],
                     what=type(self).__name__,
                 )
         ff = self.feedforward_modules
@@ -193,8 +238,15 @@ def _structural_feedforward(plan: Plan) -> list[str] | str:
     if not part:
         return []
     by_target = [t.name for t in plan.targets if is_feedforward(part, t.name)]
-    meant = [t.name for t in plan.targets if (re.fullmatch(part, t.name) if isinstance(part, str)
-                                              else any(t.name == e or t.name.endswith("." + e) for e in part))]
+    meant = [
+        t.name
+        for t in plan.targets
+        if (
+            re.fullmatch(part, t.name)
+            if isinstance(part, str)
+            else any(t.name == e or t.name.endswith("." + e) for e in part)
+        )
+    ]
     if by_target == meant:
         return part
     return "|".join(re.escape(n) for n in meant)
@@ -218,14 +270,20 @@ class IA3Adapter(AdapterModule):
         weight = base_layer.weight
         # Half-precision bases get a float32 vector: updates of ~1e-3 vanish in bf16 around 1.0.
         dtype = adapter_dtype(weight)
-        values = torch.ones(shape, dtype=dtype, device=weight.device) if init else torch.randn(shape, dtype=dtype).to(weight.device)
+        values = (
+            torch.ones(shape, dtype=dtype, device=weight.device)
+            if init
+            else torch.randn(shape, dtype=dtype).to(weight.device)
+        )
         self.ia3_l = nn.Parameter(values)
         self.feedforward = feedforward
         # Scale the base layer's input (l ⊙ x) or its output (l ⊙ h); either way the base runs once and
         # several active vectors multiply, as in the reference library.
         self.transforms = "input" if feedforward else "output"
         # The input form leaves the bias alone: W (l ⊙ x) + b.
-        self.merge_into = ("weight",) if feedforward or getattr(base_layer, "bias", None) is None else ("weight", "bias")
+        self.merge_into = (
+            ("weight",) if feedforward or getattr(base_layer, "bias", None) is None else ("weight", "bias")
+        )
         self.groups = getattr(base_layer, "groups", 1)
         self._merged_l: torch.Tensor | None = None  # the vector a merge used, for its exact inverse
         self._kept: dict[str, torch.Tensor] = {}  # base values a zero scale erased, restored by unmerge

@@ -49,7 +49,11 @@ class LNTuningConfig(AdapterConfig):
     explicitly, as the reference's saved configs do, so either library reads a saved adapter the same way.
     """
 
-    lr_candidates: ClassVar[tuple[float, ...]] = (1e-3, 3e-3, 1e-2)  # norm weights and biases: a few thousand parameters at BitFit-like rates
+    lr_candidates: ClassVar[tuple[float, ...]] = (
+        1e-3,
+        3e-3,
+        1e-2,
+    )  # norm weights and biases: a few thousand parameters at BitFit-like rates
 
     fields_not_in_format: ClassVar[tuple[str, ...]] = _NOT_IN_REFERENCE
 
@@ -69,17 +73,25 @@ class LNTuningConfig(AdapterConfig):
         "phi": ["input_layernorm", "final_layernorm"],
         "gemma": ["input_layernorm", "post_attention_layernorm", "norm"],
         "gemma2": [
-            "input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
-            "post_feedforward_layernorm", "norm",
+            "input_layernorm",
+            "post_attention_layernorm",
+            "pre_feedforward_layernorm",
+            "post_feedforward_layernorm",
+            "norm",
         ],
         "gemma3_text": [
-            "input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
-            "post_feedforward_layernorm", "norm",
+            "input_layernorm",
+            "post_attention_layernorm",
+            "pre_feedforward_layernorm",
+            "post_feedforward_layernorm",
+            "norm",
         ],
         "qwen2": ["post_attention_layernorm"],
         "qwen3": ["post_attention_layernorm"],
         # peftkit's own: every norm of a BERT-family encoder is called LayerNorm
-        "bert": ["LayerNorm"], "roberta": ["LayerNorm"], "xlm-roberta": ["LayerNorm"],
+        "bert": ["LayerNorm"],
+        "roberta": ["LayerNorm"],
+        "xlm-roberta": ["LayerNorm"],
     }
     target_roles: ClassVar[tuple[str, ...]] = ("norm",)
     own_default_types: ClassVar[tuple[str, ...]] = ("bert", "roberta", "xlm-roberta")
@@ -95,9 +107,12 @@ class LNTuningConfig(AdapterConfig):
             if getattr(self, name) not in (None, [], {}, ""):
                 hint = (
                     "put the layer numbers into a regex target_modules, e.g. r'.*\\.layers\\.(0|1)\\.input_layernorm'"
-                    if name.startswith("layers") else "LN tuning has no rank or alpha; leave it empty"
+                    if name.startswith("layers")
+                    else "LN tuning has no rank or alpha; leave it empty"
                 )
-                out.append(f"{name}: not part of the LN_TUNING format (the reference library has no such field); {hint}")
+                out.append(
+                    f"{name}: not part of the LN_TUNING format (the reference library has no such field); {hint}"
+                )
         return out
 
     def layer_values(self, target: Target) -> dict[str, Any]:
@@ -108,7 +123,6 @@ class LNTuningConfig(AdapterConfig):
         if self.target_modules is None and plan.default is not None:
             return self.replace(target_modules=plan.default.spec)
         return self
-
 
 
 class LNTuningNorm(AdapterModule):
@@ -122,10 +136,14 @@ class LNTuningNorm(AdapterModule):
         super().__init__()
         self.ln_tuning_layers = copy.deepcopy(base_layer)
         self.ln_tuning_layers.requires_grad_(True)
-        self.tuned = tuple(n for n in ("weight", "bias") if isinstance(base_layer._parameters.get(n), nn.Parameter))
+        self.tuned = tuple(
+            n for n in ("weight", "bias") if isinstance(base_layer._parameters.get(n), nn.Parameter)
+        )
         self.merge_into = self.tuned
         for name in self.tuned:
-            self.register_buffer(f"original_{name}", getattr(base_layer, name).detach().clone(), persistent=False)
+            self.register_buffer(
+                f"original_{name}", getattr(base_layer, name).detach().clone(), persistent=False
+            )
 
     def _delta(self, name: str) -> torch.Tensor:
         return getattr(self.ln_tuning_layers, name) - getattr(self, f"original_{name}")
@@ -171,10 +189,10 @@ def _affine_check(module: nn.Module) -> str | None:
 
 def _named_norm_check(module: nn.Module) -> str | None:
     problem = _affine_check(module)
-    if problem is None and (set(module._parameters) - {"weight", "bias"} or any(True for _ in module.children())):
-        problem = (
-            f"{type(module).__name__} holds more than a weight and a bias; LN tuning supports plain norm layers"
-        )
+    if problem is None and (
+        set(module._parameters) - {"weight", "bias"} or any(True for _ in module.children())
+    ):
+        problem = f"{type(module).__name__} holds more than a weight and a bias; LN tuning supports plain norm layers"
     return problem
 
 

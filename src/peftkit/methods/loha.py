@@ -60,8 +60,6 @@ def lycoris_problems(config: Any, inits: tuple[Any, ...]) -> list[str]:
     return out
 
 
-
-
 def tucker(core: torch.Tensor, mode_out: torch.Tensor, mode_in: torch.Tensor) -> torch.Tensor:
     """A (out, in, kh, kw) kernel from a (r, r, kh, kw) core and (r, out), (r, in) mode matrices."""
     return torch.einsum("ijhw,io,jn->onhw", core, mode_out, mode_in)
@@ -86,7 +84,9 @@ class LycorisAdapter(AdapterModule):
 
     rank_dropout_scale: bool = True
 
-    def __init__(self, base_layer: nn.Module, r: int, alpha: float, rank_dropout: float, module_dropout: float) -> None:
+    def __init__(
+        self, base_layer: nn.Module, r: int, alpha: float, rank_dropout: float, module_dropout: float
+    ) -> None:
         super().__init__()
         weight = base_layer.weight
         self.r = r

@@ -107,7 +107,9 @@ class LoKrConfig(AdapterConfig):
                 out.append(f"{name}: must be True or False, got {getattr(self, name)!r}")
         factor = self.decompose_factor
         if isinstance(factor, bool) or not isinstance(factor, int) or not (factor == -1 or factor > 0):
-            out.append(f"decompose_factor: must be -1 (split near the square root) or a positive integer, got {factor!r}")
+            out.append(
+                f"decompose_factor: must be -1 (split near the square root) or a positive integer, got {factor!r}"
+            )
         return out
 
     def layer_values(self, target: Target) -> dict[str, Any]:

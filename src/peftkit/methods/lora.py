@@ -55,7 +55,11 @@ class LoraConfig(AdapterConfig):
             start; for tests).
     """
 
-    lr_candidates: ClassVar[tuple[float, ...]] = (5e-4, 2e-3, 5e-3)  # LoRA paper and the reference library's examples: 2e-4 to 5e-3
+    lr_candidates: ClassVar[tuple[float, ...]] = (
+        5e-4,
+        2e-3,
+        5e-3,
+    )  # LoRA paper and the reference library's examples: 2e-4 to 5e-3
 
     r: int = 8
     lora_alpha: float = 8
@@ -72,21 +76,44 @@ class LoraConfig(AdapterConfig):
     # (tests/test_default_targets.py checks both). Any other architecture: the same roles, found by
     # structure (core/anatomy.py; a fused query-key-value projection where that is what exists).
     default_targets: ClassVar[dict[str, list[str]]] = {
-        "bert": ["query", "value"], "roberta": ["query", "value"], "xlm-roberta": ["query", "value"],
-        "deberta-v2": ["query_proj", "value_proj"], "distilbert": ["q_lin", "v_lin"],
-        "gpt2": ["c_attn"], "llama": ["q_proj", "v_proj"], "mistral": ["q_proj", "v_proj"],
-        "qwen2": ["q_proj", "v_proj"], "opt": ["q_proj", "v_proj"], "bart": ["q_proj", "v_proj"],
-        "t5": ["q", "v"], "mt5": ["q", "v"], "gpt_neox": ["query_key_value"],
+        "bert": ["query", "value"],
+        "roberta": ["query", "value"],
+        "xlm-roberta": ["query", "value"],
+        "deberta-v2": ["query_proj", "value_proj"],
+        "distilbert": ["q_lin", "v_lin"],
+        "gpt2": ["c_attn"],
+        "llama": ["q_proj", "v_proj"],
+        "mistral": ["q_proj", "v_proj"],
+        "qwen2": ["q_proj", "v_proj"],
+        "opt": ["q_proj", "v_proj"],
+        "bart": ["q_proj", "v_proj"],
+        "t5": ["q", "v"],
+        "mt5": ["q", "v"],
+        "gpt_neox": ["query_key_value"],
         "phi": ["q_proj", "v_proj", "fc1", "fc2"],
     }
     target_roles: ClassVar[tuple[str, ...]] = ("query", "value")
     own_default_types: ClassVar[tuple[str, ...]] = ("distilbert",)
     reference_inert: ClassVar[dict[str, Any]] = {
-        "alora_invocation_tokens": None, "arrow_config": None, "corda_config": None, "eva_config": None,
-        "ensure_weight_tying": False, "kasa_config": None, "layer_replication": None, "loftq_config": {},
-        "lora_bias": False, "lora_ga_config": None, "megatron_config": None, "megatron_core": "megatron.core",
-        "monteclora_config": None, "qalora_group_size": ANY, "target_parameters": None,
-        "trainable_token_indices": None, "use_bdlora": None, "use_qalora": False, "velora_config": None,
+        "alora_invocation_tokens": None,
+        "arrow_config": None,
+        "corda_config": None,
+        "eva_config": None,
+        "ensure_weight_tying": False,
+        "kasa_config": None,
+        "layer_replication": None,
+        "loftq_config": {},
+        "lora_bias": False,
+        "lora_ga_config": None,
+        "megatron_config": None,
+        "megatron_core": "megatron.core",
+        "monteclora_config": None,
+        "qalora_group_size": ANY,
+        "target_parameters": None,
+        "trainable_token_indices": None,
+        "use_bdlora": None,
+        "use_qalora": False,
+        "velora_config": None,
     }
 
     def __post_init__(self) -> None:
@@ -106,7 +133,11 @@ class LoraConfig(AdapterConfig):
         out = super().problems()
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
             out.append(f"r: must be a positive integer, got {self.r!r}")
-        if isinstance(self.lora_alpha, bool) or not isinstance(self.lora_alpha, (int, float)) or self.lora_alpha <= 0:
+        if (
+            isinstance(self.lora_alpha, bool)
+            or not isinstance(self.lora_alpha, (int, float))
+            or self.lora_alpha <= 0
+        ):
             out.append(f"lora_alpha: must be a positive number, got {self.lora_alpha!r}")
         if not isinstance(self.lora_dropout, (int, float)) or not 0 <= self.lora_dropout < 1:
             out.append(f"lora_dropout: must be in [0, 1), got {self.lora_dropout!r}")
@@ -145,7 +176,9 @@ class LoraConfig(AdapterConfig):
         # Twice the rank at the same scaling: alpha/r (or alpha/sqrt(r) under rsLoRA) is unchanged.
         grow = math.sqrt(2) if self.use_rslora else 2
         return self.replace(
-            init_lora_weights=True, r=2 * self.r, lora_alpha=self.lora_alpha * grow,
+            init_lora_weights=True,
+            r=2 * self.r,
+            lora_alpha=self.lora_alpha * grow,
             rank_pattern={k: 2 * v for k, v in self.rank_pattern.items()},
             alpha_pattern={k: v * grow for k, v in self.alpha_pattern.items()},
         )
@@ -157,14 +190,14 @@ class LoraConfig(AdapterConfig):
 # -- the adapter, shared by every layer kind --------------------------------------------------------
 
 
-
-
 class LoraAdapter(AdapterModule):
     """Shared LoRA logic; a subclass supplies the kind-specific pieces marked below."""
 
     supports_svd_init = False
 
-    def __init__(self, r: int, alpha: float, dropout: float, use_rslora: bool, use_dora: bool, init: Any) -> None:
+    def __init__(
+        self, r: int, alpha: float, dropout: float, use_rslora: bool, use_dora: bool, init: Any
+    ) -> None:
         super().__init__()
         self.r = r
         self.scaling = alpha / (math.sqrt(r) if use_rslora else r)
@@ -202,7 +235,9 @@ class LoraAdapter(AdapterModule):
 
     def _new_magnitude(self, shape: tuple[int, ...], like: torch.Tensor) -> None:
         if self.use_dora:
-            self.lora_magnitude_vector = nn.Parameter(torch.ones(shape, dtype=_adapter_dtype(like), device=like.device))
+            self.lora_magnitude_vector = nn.Parameter(
+                torch.ones(shape, dtype=_adapter_dtype(like), device=like.device)
+            )
 
     def attach(self, base_layer: nn.Module) -> None:
         weight = base_layer.weight
@@ -246,7 +281,9 @@ class LoraAdapter(AdapterModule):
         if not self.use_dora:
             return (lora * self.scaling).to(base_out.dtype)
         weight = base_layer.weight.to(dtype)
-        scale = dora.output_scale(self.lora_magnitude_vector, self.rows(weight), self.scaling * self.lora_rows())
+        scale = dora.output_scale(
+            self.lora_magnitude_vector, self.rows(weight), self.scaling * self.lora_rows()
+        )
         shape = [1] * base_out.dim()
         shape[self.channel_dim] = -1
         scale = scale.view(shape)
@@ -266,14 +303,18 @@ class LoraAdapter(AdapterModule):
         if not self.use_dora:
             return super().merged_weight(weight)
         lora_rows = self.scaling * self.lora_rows().to(weight.dtype)
-        merged, self._merge_norm = dora.merged_rows(self.lora_magnitude_vector.to(weight.dtype), self.rows(weight), lora_rows)
+        merged, self._merge_norm = dora.merged_rows(
+            self.lora_magnitude_vector.to(weight.dtype), self.rows(weight), lora_rows
+        )
         return self.unrows(merged, weight)
 
     def unmerged_weight(self, weight: torch.Tensor) -> torch.Tensor:
         if not self.use_dora:
             return super().unmerged_weight(weight)
         lora_rows = self.scaling * self.lora_rows().to(weight.dtype)
-        rows = dora.unmerged_rows(self.lora_magnitude_vector.to(weight.dtype), self.rows(weight), lora_rows, self._merge_norm)
+        rows = dora.unmerged_rows(
+            self.lora_magnitude_vector.to(weight.dtype), self.rows(weight), lora_rows, self._merge_norm
+        )
         return self.unrows(rows, weight)
 
     def param_roles(self) -> dict[str, list[nn.Parameter]]:
@@ -359,7 +400,10 @@ class LoraEmbedding(LoraAdapter):
         # Parameters, not modules: the interchange names are ".lora_embedding_A" with no ".weight".
         self.lora_embedding_A = nn.Parameter(torch.randn(self.r, num, **kw))
         self.lora_embedding_B = nn.Parameter(torch.randn(dim, self.r, **kw))
-        self._lookup = {k: getattr(base_layer, k) for k in ("padding_idx", "max_norm", "norm_type", "scale_grad_by_freq", "sparse")}
+        self._lookup = {
+            k: getattr(base_layer, k)
+            for k in ("padding_idx", "max_norm", "norm_type", "scale_grad_by_freq", "sparse")
+        }
         self._new_magnitude((dim,), weight)
         if self.init is not False:  # the LoRA paper's embedding init: A zero, B normal
             nn.init.zeros_(self.lora_embedding_A)
@@ -399,8 +443,14 @@ class LoraConv(LoraAdapter):
         # padding first, as EfficientNet ports do) is run as itself, with the low-rank kernel swapped in.
         self.through_base = type(base_layer).forward is not conv.forward
         self.lora_A = conv(
-            base_layer.in_channels, self.r, base_layer.kernel_size, base_layer.stride, base_layer.padding,
-            base_layer.dilation, padding_mode=base_layer.padding_mode, **kw,
+            base_layer.in_channels,
+            self.r,
+            base_layer.kernel_size,
+            base_layer.stride,
+            base_layer.padding,
+            base_layer.dilation,
+            padding_mode=base_layer.padding_mode,
+            **kw,
         )
         self.lora_B = conv(self.r, base_layer.out_channels, 1, **kw)
         ones = (1,) * (weight.dim() - 2)
@@ -523,7 +573,8 @@ def lora_plus_param_groups(
     rates = {"A": lr, "B": lr * lr_ratio, "embedding": lr_embedding, "other": lr}
     return [
         {"params": params, "lr": rates[role], "weight_decay": weight_decay, "name": f"lora_plus_{role}"}
-        for role, params in groups.items() if params
+        for role, params in groups.items()
+        if params
     ]
 
 

@@ -79,9 +79,7 @@ def lora_linear(
     calls["fused"] += 1
     weight, bias = base_layer.weight, base_layer.bias
     weight_t = weight if _DENSE_FORWARDS[type(base_layer).forward] else weight.t()
-    wants_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (x, a, b, bias)
-    )
+    wants_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, a, b, bias))
     if not wants_grad:  # inference: no graph node
         with torch.no_grad():
             tokens = x.numel() // x.shape[-1]
@@ -118,7 +116,9 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
 
 def _no_autocast(x: torch.Tensor) -> contextlib.AbstractContextManager:
     # Entering torch.autocast costs Python time at every layer: only where autocast is actually on.
-    return torch.autocast(x.device.type, enabled=False) if torch.is_autocast_enabled(x.device.type) else _NOTHING
+    return (
+        torch.autocast(x.device.type, enabled=False) if torch.is_autocast_enabled(x.device.type) else _NOTHING
+    )
 
 
 def _dropout(x: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -194,8 +194,11 @@ class LoraLinearFunction(torch.autograd.Function):
 
 
 def routed_lora(
-    adapters: list[tuple[torch.Tensor, torch.Tensor, float]], slots: torch.Tensor, x: torch.Tensor,
-    base_out: torch.Tensor, cache: dict,
+    adapters: list[tuple[torch.Tensor, torch.Tensor, float]],
+    slots: torch.Tensor,
+    x: torch.Tensor,
+    base_out: torch.Tensor,
+    cache: dict,
 ) -> torch.Tensor:
     """``base_out`` plus, for each example ``i``, ``s B A x_i`` of adapter ``slots[i]`` (none where
     ``slots[i] == len(adapters)``), from ``(A, B, s)`` triples of any ranks.
@@ -243,8 +246,13 @@ def _concatenated(adapters: list[tuple[torch.Tensor, torch.Tensor, float]], cach
 
 
 def dora_linear(
-    base_layer: nn.Module, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float,
-    magnitude: torch.Tensor, norm: torch.Tensor,
+    base_layer: nn.Module,
+    x: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    scaling: float,
+    magnitude: torch.Tensor,
+    norm: torch.Tensor,
 ) -> torch.Tensor:
     """DoRA's ``b + (m / n) * (W x + s B A x)`` for a layer :func:`fusable` accepted, without dropout
     and outside autocast (the caller checks both); ``norm`` is ``||W + s B A||`` per output row, detached.
@@ -252,7 +260,9 @@ def dora_linear(
     calls["fused"] += 1
     weight_t = base_layer.weight if _DENSE_FORWARDS[type(base_layer).forward] else base_layer.weight.t()
     bias = base_layer.bias
-    if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, a, b, magnitude, bias))):
+    if not (
+        torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, a, b, magnitude, bias))
+    ):
         with torch.no_grad():
             return DoraLinearFunction.forward(None, x, weight_t, bias, a, b, scaling, magnitude, norm)
     return DoraLinearFunction.apply(x, weight_t, bias, a, b, scaling, magnitude, norm)

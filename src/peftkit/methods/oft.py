@@ -93,7 +93,10 @@ class OFTConfig(AdapterConfig):
         num_cayley_neumann_terms: Terms of that series (at least 2).
     """
 
-    fields_not_in_format: ClassVar[tuple[str, ...]] = ("rank_pattern", "alpha_pattern")  # not in the reference
+    fields_not_in_format: ClassVar[tuple[str, ...]] = (
+        "rank_pattern",
+        "alpha_pattern",
+    )  # not in the reference
 
     r: int = 0
     oft_block_size: int = 32
@@ -124,12 +127,19 @@ class OFTConfig(AdapterConfig):
             out.append(
                 f"set exactly one of r (number of blocks) and oft_block_size (block size), the other to 0, since "
                 f"r x oft_block_size = the layer's input features; got r={r}, oft_block_size={size}"
-                + (" (oft_block_size defaults to 32: pass oft_block_size=0 with r)" if r and size == 32 else "")
+                + (
+                    " (oft_block_size defaults to 32: pass oft_block_size=0 with r)"
+                    if r and size == 32
+                    else ""
+                )
             )
         if _count(size) and size == 1:
             out.append("oft_block_size: 1 gives 1x1 blocks, which cannot rotate anything; use 2 or more")
-        if isinstance(self.module_dropout, bool) or not isinstance(self.module_dropout, (int, float)) \
-                or not 0 <= self.module_dropout < 1:
+        if (
+            isinstance(self.module_dropout, bool)
+            or not isinstance(self.module_dropout, (int, float))
+            or not 0 <= self.module_dropout < 1
+        ):
             out.append(f"module_dropout: must be in [0, 1), got {self.module_dropout!r}")
         if self.bias not in ("none", "all", "oft_only"):
             out.append(f"bias: must be 'none', 'all' or 'oft_only', got {self.bias!r}")
@@ -162,7 +172,11 @@ class OFTConfig(AdapterConfig):
                 "parameterisation; retrain the adapter"
             )
         version = data.get("peft_version")
-        if data.get("use_cayley_neumann", False) and version and _version(version) < _version(_NEUMANN_FORMAT_VERSION):
+        if (
+            data.get("use_cayley_neumann", False)
+            and version
+            and _version(version) < _version(_NEUMANN_FORMAT_VERSION)
+        ):
             problems.append(
                 f"written by peft {version}, whose Cayley-Neumann series differs from the one since "
                 f"{_NEUMANN_FORMAT_VERSION}; retrain the adapter with a current version"
@@ -233,15 +247,26 @@ class OFTRotation(nn.Module):
     under the reference library's key, e.g. ``...query.oft_R.weight``.
     """
 
-    def __init__(self, rows: int, block_size: int, coft: bool, eps: float, neumann: bool, terms: int,
-                 init: bool, like: torch.Tensor) -> None:
+    def __init__(
+        self,
+        rows: int,
+        block_size: int,
+        coft: bool,
+        eps: float,
+        neumann: bool,
+        terms: int,
+        init: bool,
+        like: torch.Tensor,
+    ) -> None:
         super().__init__()
         kw = {"device": like.device, "dtype": like.dtype}
         self.weight = nn.Parameter(torch.zeros(rows, block_size * (block_size - 1) // 2, **kw))
         if not init:
             nn.init.normal_(self.weight, mean=0.0, std=0.1)
         self.block_size, self.coft, self.eps, self.neumann, self.terms = block_size, coft, eps, neumann, terms
-        self.register_buffer("upper", torch.triu_indices(block_size, block_size, 1, device=like.device), persistent=False)
+        self.register_buffer(
+            "upper", torch.triu_indices(block_size, block_size, 1, device=like.device), persistent=False
+        )
 
     def skew(self, vec: torch.Tensor) -> torch.Tensor:
         """(rows, b(b-1)/2) upper-triangle entries -> (rows, b, b) skew-symmetric matrices Q."""
@@ -274,8 +299,6 @@ class OFTRotation(nn.Module):
 # -- adapters, one per layer kind -----------------------------------------------------------------
 
 
-
-
 def _split(features: int, r: int, block_size: int) -> tuple[int, int]:
     """(number of blocks, block size) for ``features`` rotated features; refuses sizes that do not divide."""
     given, name = (block_size, "oft_block_size") if r == 0 else (r, "r")
@@ -305,14 +328,28 @@ class OFTAdapter(AdapterModule):
     # beside other adapters on the same layer, where merged and unmerged outputs would differ.
     additive = False
 
-    def __init__(self, features: int, like: torch.Tensor, r: int, block_size: int, dropout: float, coft: bool,
-                 eps: float, block_share: bool, neumann: bool, terms: int, init: bool) -> None:
+    def __init__(
+        self,
+        features: int,
+        like: torch.Tensor,
+        r: int,
+        block_size: int,
+        dropout: float,
+        coft: bool,
+        eps: float,
+        block_share: bool,
+        neumann: bool,
+        terms: int,
+        init: bool,
+    ) -> None:
         super().__init__()
         self.num_blocks, self.block_size = _split(features, r, block_size)
         self.dropout = dropout
         template = torch.empty(0, device=like.device, dtype=_adapter_dtype(like))
         rows = 1 if block_share else self.num_blocks
-        self.add_module(self.key, OFTRotation(rows, self.block_size, coft, eps, neumann, terms, init, template))
+        self.add_module(
+            self.key, OFTRotation(rows, self.block_size, coft, eps, neumann, terms, init, template)
+        )
 
     @property
     def rotation_module(self) -> OFTRotation:

@@ -41,8 +41,14 @@ KEY = "prompt_embeddings"  # the one tensor the interchange format holds for all
 _INITS = ("RANDOM", "TEXT", "SAMPLE_VOCAB")
 _ENCODERS = ("MLP", "LSTM")
 # AdapterConfig fields that choose layers; these methods choose none, and the reference format lacks them.
-_LAYER_FIELDS = ("target_modules", "exclude_modules", "layers_to_transform", "layers_pattern",
-                 "rank_pattern", "alpha_pattern")
+_LAYER_FIELDS = (
+    "target_modules",
+    "exclude_modules",
+    "layers_to_transform",
+    "layers_pattern",
+    "rank_pattern",
+    "alpha_pattern",
+)
 _CACHE_ARGS = ("cache", "past_key_values")  # transformers >= 5.x renamed past_key_values to cache
 
 
@@ -64,7 +70,11 @@ class PromptLearningConfig(AdapterConfig):
         num_layers: Number of attention layers receiving a prefix.
     """
 
-    lr_candidates: ClassVar[tuple[float, ...]] = (1e-2, 3e-2, 1e-1)  # soft prompts train at 1e-2 to 3e-1 (Lester et al. used 0.3 with Adafactor)
+    lr_candidates: ClassVar[tuple[float, ...]] = (
+        1e-2,
+        3e-2,
+        1e-1,
+    )  # soft prompts train at 1e-2 to 3e-1 (Lester et al. used 0.3 with Adafactor)
 
     fields_not_in_format: ClassVar[tuple[str, ...]] = _LAYER_FIELDS
 
@@ -84,15 +94,18 @@ class PromptLearningConfig(AdapterConfig):
             if getattr(self, name) not in (None, {}, []):
                 out.append(f"{name}: {self.peft_type} adapts no module; leave it out")
         if not _positive_int(self.num_virtual_tokens):
-            out.append(f"num_virtual_tokens: required, a positive integer (e.g. 20); got "
-                       f"{self.num_virtual_tokens!r}")
+            out.append(
+                f"num_virtual_tokens: required, a positive integer (e.g. 20); got {self.num_virtual_tokens!r}"
+            )
         for name in ("token_dim", "num_attention_heads", "num_layers", "encoder_hidden_size"):
             value = getattr(self, name, None)
             if value is not None and not _positive_int(value):
                 out.append(f"{name}: a positive integer or None (read from the model); got {value!r}")
         if self.num_transformer_submodules not in (None, 1):
-            out.append("num_transformer_submodules: only 1 is supported (encoder-only or decoder-only "
-                       f"models); got {self.num_transformer_submodules!r}")
+            out.append(
+                "num_transformer_submodules: only 1 is supported (encoder-only or decoder-only "
+                f"models); got {self.num_transformer_submodules!r}"
+            )
         return out
 
     def after_resolve(self, plan: Any) -> PromptLearningConfig:
@@ -160,8 +173,11 @@ class PromptTuningConfig(PromptLearningConfig):
         embedding = nn.Embedding(total, self.token_dim)
         if not self.inference_mode and self.prompt_tuning_init != "RANDOM":
             words = model.get_input_embeddings().weight
-            ids = _text_ids(self, words.shape[0]) if self.prompt_tuning_init == "TEXT" else (
-                torch.randint(0, words.shape[0], (total,)).tolist())
+            ids = (
+                _text_ids(self, words.shape[0])
+                if self.prompt_tuning_init == "TEXT"
+                else (torch.randint(0, words.shape[0], (total,)).tolist())
+            )
             with torch.no_grad():
                 embedding.weight.copy_(words.detach()[torch.tensor(ids, device=words.device)].float())
         return SoftPromptPart(embedding, None, total)
@@ -177,15 +193,19 @@ def _text_ids(config: PromptTuningConfig, vocab_size: int) -> list[int]:
         tokenizer = AutoTokenizer.from_pretrained(config.tokenizer_name_or_path, **kwargs)
     except (OSError, ValueError) as exc:
         raise ConfigError(
-            [f"tokenizer_name_or_path: cannot load a tokenizer from {config.tokenizer_name_or_path!r} "
-             f"({exc})"],
+            [
+                f"tokenizer_name_or_path: cannot load a tokenizer from {config.tokenizer_name_or_path!r} "
+                f"({exc})"
+            ],
             what="PromptTuningConfig with prompt_tuning_init='TEXT'",
         ) from exc
     ids = list(tokenizer(config.prompt_tuning_init_text)["input_ids"])
     if not ids or max(ids) >= vocab_size:
         raise ConfigError(
-            [f"prompt_tuning_init_text: tokenised to {ids[:8]!r}, which the model's {vocab_size}-word "
-             "embedding cannot look up; is tokenizer_name_or_path the model's own tokenizer?"],
+            [
+                f"prompt_tuning_init_text: tokenised to {ids[:8]!r}, which the model's {vocab_size}-word "
+                "embedding cannot look up; is tokenizer_name_or_path the model's own tokenizer?"
+            ],
             what="PromptTuningConfig",
         )
     need = config.num_virtual_tokens
@@ -213,8 +233,10 @@ class PromptEncoderConfig(PromptLearningConfig):
     def problems(self) -> list[str]:
         out = super().problems()
         if self.encoder_reparameterization_type not in _ENCODERS:
-            out.append(f"encoder_reparameterization_type: one of {', '.join(_ENCODERS)}; got "
-                       f"{self.encoder_reparameterization_type!r}")
+            out.append(
+                f"encoder_reparameterization_type: one of {', '.join(_ENCODERS)}; got "
+                f"{self.encoder_reparameterization_type!r}"
+            )
         if not _positive_int(self.encoder_num_layers):
             out.append(f"encoder_num_layers: a positive integer; got {self.encoder_num_layers!r}")
         if not isinstance(self.encoder_dropout, (int, float)) or not 0 <= self.encoder_dropout < 1:
@@ -231,10 +253,16 @@ class PromptEncoderConfig(PromptLearningConfig):
                 if self.encoder_num_layers != 2:
                     warnings.warn(
                         f"P-tuning's MLP encoder always has 2 hidden layers; encoder_num_layers="
-                        f"{self.encoder_num_layers} only applies to the LSTM encoder", stacklevel=3,
+                        f"{self.encoder_num_layers} only applies to the LSTM encoder",
+                        stacklevel=3,
                     )
-                encoder = nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(), nn.Linear(hidden, hidden),
-                                        nn.ReLU(), nn.Linear(hidden, dim))
+                encoder = nn.Sequential(
+                    nn.Linear(dim, hidden),
+                    nn.ReLU(),
+                    nn.Linear(hidden, hidden),
+                    nn.ReLU(),
+                    nn.Linear(hidden, dim),
+                )
         return SoftPromptPart(nn.Embedding(total, dim), encoder, total)
 
 
@@ -243,8 +271,9 @@ class _LstmEncoder(nn.Module):
 
     def __init__(self, dim: int, hidden: int, layers: int, dropout: float) -> None:
         super().__init__()
-        self.lstm_head = nn.LSTM(dim, hidden, num_layers=layers, dropout=dropout, bidirectional=True,
-                                 batch_first=True)
+        self.lstm_head = nn.LSTM(
+            dim, hidden, num_layers=layers, dropout=dropout, bidirectional=True, batch_first=True
+        )
         width = 2 * hidden  # both directions
         self.mlp_head = nn.Sequential(nn.Linear(width, width), nn.ReLU(), nn.Linear(width, dim))
 
@@ -285,8 +314,11 @@ class PrefixTuningConfig(PromptLearningConfig):
         encoder = None
         if self.prefix_projection and not self.inference_mode:
             embedding = nn.Embedding(total, dim)
-            encoder = nn.Sequential(nn.Linear(dim, self.encoder_hidden_size), nn.Tanh(),
-                                    nn.Linear(self.encoder_hidden_size, width))
+            encoder = nn.Sequential(
+                nn.Linear(dim, self.encoder_hidden_size),
+                nn.Tanh(),
+                nn.Linear(self.encoder_hidden_size, width),
+            )
             last = encoder[-1]
         else:
             embedding = last = nn.Embedding(total, width)
@@ -310,8 +342,10 @@ def _model_config(model: nn.Module) -> Any:
             "layer method such as LoRA or IA3"
         )
     if getattr(config, "is_encoder_decoder", False):
-        raise UnsupportedLayerError(f"{type(model).__name__} is an encoder-decoder model; peftkit's soft "
-                                    "prompts support encoder-only and decoder-only models")
+        raise UnsupportedLayerError(
+            f"{type(model).__name__} is an encoder-decoder model; peftkit's soft "
+            "prompts support encoder-only and decoder-only models"
+        )
     text = getattr(config, "get_text_config", None)
     return text() if callable(text) else config
 
@@ -332,8 +366,10 @@ def _geometry(model: nn.Module, config: PromptLearningConfig) -> dict[str, int]:
     hidden = _first(mc, ("hidden_size", "n_embd", "d_model"))
     heads = _first(mc, ("num_attention_heads", "n_head", "num_heads", "encoder_attention_heads"))
     if None in (layers, hidden, heads):
-        raise UnsupportedLayerError(f"cannot read the layer count, width and heads of {type(model).__name__} "
-                                    "from its config; set num_layers, token_dim and num_attention_heads")
+        raise UnsupportedLayerError(
+            f"cannot read the layer count, width and heads of {type(model).__name__} "
+            "from its config; set num_layers, token_dim and num_attention_heads"
+        )
     if config.uses_cache:
         # A layer's keys are (batch, kv_heads, length, head_dim); grouped-query attention has fewer key/value
         # heads than query heads, so the prefix is as wide as the keys, not as the hidden state.
@@ -342,14 +378,22 @@ def _geometry(model: nn.Module, config: PromptLearningConfig) -> dict[str, int]:
         want = {"token_dim": kv_heads * head_dim, "num_attention_heads": kv_heads, "num_layers": layers}
         checked = list(want)
     else:  # only the width matters; heads and layers are recorded for the reference's benefit
-        want = {"token_dim": _input_embeddings(model).weight.shape[1], "num_attention_heads": heads,
-                "num_layers": layers}
+        want = {
+            "token_dim": _input_embeddings(model).weight.shape[1],
+            "num_attention_heads": heads,
+            "num_layers": layers,
+        }
         checked = ["token_dim"]
-    wrong = [f"{k}={getattr(config, k)} but {type(model).__name__} needs {want[k]}" for k in checked
-             if getattr(config, k) not in (None, want[k])]
+    wrong = [
+        f"{k}={getattr(config, k)} but {type(model).__name__} needs {want[k]}"
+        for k in checked
+        if getattr(config, k) not in (None, want[k])
+    ]
     if wrong:
-        raise ConfigError(wrong + ["leave these fields None to read them from the model"],
-                          what=f"{type(config).__name__} for this model")
+        raise ConfigError(
+            wrong + ["leave these fields None to read them from the model"],
+            what=f"{type(config).__name__} for this model",
+        )
     return {k: getattr(config, k) or v for k, v in want.items()}
 
 
@@ -358,8 +402,10 @@ def _input_embeddings(model: nn.Module) -> nn.Module:
     embeddings = get() if callable(get) else None
     weight = getattr(embeddings, "weight", None)
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
-        raise UnsupportedLayerError(f"{type(model).__name__} has no get_input_embeddings() returning a word "
-                                    "embedding; prompt tuning and P-tuning put virtual tokens among them")
+        raise UnsupportedLayerError(
+            f"{type(model).__name__} has no get_input_embeddings() returning a word "
+            "embedding; prompt tuning and P-tuning put virtual tokens among them"
+        )
     if "inputs_embeds" not in inspect.signature(model.forward).parameters:
         raise UnsupportedLayerError(f"{type(model).__name__}.forward takes no inputs_embeds argument")
     return embeddings
@@ -384,9 +430,13 @@ def _task_type(model: nn.Module) -> str:
     # Recorded in the saved config: the reference library picks its model wrapper (and so whether the
     # prompt is used at all) from it.
     name = type(model).__name__
-    for ending, task in (("ForCausalLM", "CAUSAL_LM"), ("LMHeadModel", "CAUSAL_LM"),
-                         ("ForSequenceClassification", "SEQ_CLS"), ("ForTokenClassification", "TOKEN_CLS"),
-                         ("ForQuestionAnswering", "QUESTION_ANS")):
+    for ending, task in (
+        ("ForCausalLM", "CAUSAL_LM"),
+        ("LMHeadModel", "CAUSAL_LM"),
+        ("ForSequenceClassification", "SEQ_CLS"),
+        ("ForTokenClassification", "TOKEN_CLS"),
+        ("ForQuestionAnswering", "QUESTION_ANS"),
+    ):
         if name.endswith(ending):
             return task
     return "FEATURE_EXTRACTION"
@@ -504,8 +554,11 @@ class SoftPromptPart(PromptPart):
             virtual = virtual.expand(positions.shape[0], n)
             kwargs["position_ids"] = torch.cat([virtual, positions + n], dim=1)
         labels = kwargs.get("labels")
-        if isinstance(labels, torch.Tensor) and labels.dim() == 2 and labels.shape[1] == length and (
-            not labels.is_floating_point()
+        if (
+            isinstance(labels, torch.Tensor)
+            and labels.dim() == 2
+            and labels.shape[1] == length
+            and (not labels.is_floating_point())
         ):  # token labels (language modelling, tagging): nothing to predict at virtual positions
             kwargs["labels"] = _prepend(labels, n, -100)
 
@@ -513,8 +566,14 @@ class SoftPromptPart(PromptPart):
 class PrefixPart(PromptPart):
     """Prefix tuning: every attention layer's cache starts with the prefix's keys and values."""
 
-    def __init__(self, embedding: nn.Embedding, encoder: nn.Module | None, num_virtual_tokens: int,
-                 shape: tuple[int, int, int], cache_arg: str) -> None:
+    def __init__(
+        self,
+        embedding: nn.Embedding,
+        encoder: nn.Module | None,
+        num_virtual_tokens: int,
+        shape: tuple[int, int, int],
+        cache_arg: str,
+    ) -> None:
         super().__init__(embedding, encoder, num_virtual_tokens)
         self.shape = shape  # (layers, key/value heads, head_dim)
         self.cache_arg = cache_arg
@@ -569,8 +628,10 @@ def _prepend(tensor: torch.Tensor, n: int, value: int) -> torch.Tensor:
 def _two_d(mask: torch.Tensor) -> torch.Tensor:
     if not isinstance(mask, torch.Tensor) or mask.dim() != 2:
         got = getattr(mask, "shape", mask)
-        raise ValueError(f"soft prompts extend a 2-D (batch, length) attention mask; got {got}. Pass the "
-                         "tokenizer's attention_mask instead.")
+        raise ValueError(
+            f"soft prompts extend a 2-D (batch, length) attention mask; got {got}. Pass the "
+            "tokenizer's attention_mask instead."
+        )
     return mask
 
 
@@ -597,8 +658,9 @@ def _as_kwargs(model: nn.Module, args: tuple, kwargs: dict) -> dict:
     for name, value in signature.bind_partial(*args, **kwargs).arguments.items():
         kind = signature.parameters[name].kind
         if kind is inspect.Parameter.VAR_POSITIONAL:
-            raise TypeError(f"{type(model).__name__}: with soft prompts, pass extra positional arguments "
-                            "by keyword")
+            raise TypeError(
+                f"{type(model).__name__}: with soft prompts, pass extra positional arguments by keyword"
+            )
         if kind is inspect.Parameter.VAR_KEYWORD:
             out.update(value)
         else:

@@ -63,7 +63,11 @@ class VeraConfig(AdapterConfig):
             d ~ N(0, 1) (the adapter changes the output at once; for tests).
     """
 
-    lr_candidates: ClassVar[tuple[float, ...]] = (3e-3, 1e-2, 3e-2)  # VeRA trains only scaling vectors: its paper uses 1e-2 and above
+    lr_candidates: ClassVar[tuple[float, ...]] = (
+        3e-3,
+        1e-2,
+        3e-2,
+    )  # VeRA trains only scaling vectors: its paper uses 1e-2 and above
 
     # the reference VeraConfig has no per-module patterns or exclude list
     fields_not_in_format: ClassVar[tuple[str, ...]] = ("rank_pattern", "alpha_pattern", "exclude_modules")
@@ -79,7 +83,10 @@ class VeraConfig(AdapterConfig):
 
     # The reference library's VeRA defaults are its LoRA defaults (attention query and value), except for
     # Phi, where VeRA keeps to attention; other architectures get the same roles, found by structure.
-    default_targets: ClassVar[dict[str, list[str]]] = {**LoraConfig.default_targets, "phi": ["q_proj", "v_proj"]}
+    default_targets: ClassVar[dict[str, list[str]]] = {
+        **LoraConfig.default_targets,
+        "phi": ["q_proj", "v_proj"],
+    }
     target_roles: ClassVar[tuple[str, ...]] = LoraConfig.target_roles
     own_default_types: ClassVar[tuple[str, ...]] = LoraConfig.own_default_types
 
@@ -133,7 +140,6 @@ class VeraConfig(AdapterConfig):
         return trained_biases(model, adapted, self.bias)
 
 
-
 # -- the shared projections ---------------------------------------------------------------------------
 
 
@@ -185,8 +191,6 @@ class VeraProjections(ModelPart):
 # -- the per-layer adapter ---------------------------------------------------------------------------
 
 
-
-
 class VeraLinear(AdapterModule):
     """VeRA on ``nn.Linear`` and on transformers' GPT-2 ``Conv1D`` (weight stored as in x out).
 
@@ -194,7 +198,13 @@ class VeraLinear(AdapterModule):
     """
 
     def __init__(
-        self, base_layer: nn.Module, r: int, dropout: float, d_initial: float, init_weights: bool, part: VeraProjections
+        self,
+        base_layer: nn.Module,
+        r: int,
+        dropout: float,
+        d_initial: float,
+        init_weights: bool,
+        part: VeraProjections,
     ) -> None:
         super().__init__()
         weight = base_layer.weight

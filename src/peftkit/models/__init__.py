@@ -69,24 +69,34 @@ def source_problem(name: str, gguf_file: str | None = None) -> str | None:
     if local.is_file():
         if local.suffix in WEIGHT_SUFFIXES:
             return None
-        return (f"{name!r} is a file, not a model directory; give the directory the model was saved to (the one "
-                "holding config.json), a bundled model or a hub id")
+        return (
+            f"{name!r} is a file, not a model directory; give the directory the model was saved to (the one "
+            "holding config.json), a bundled model or a hub id"
+        )
     if local.is_dir():
         if (local / "config.json").is_file() or gguf_file or any(local.glob("*.gguf")):
             return None
-        return (f"{name!r} is not a model directory (no config.json in it); give the directory save_pretrained "
-                "wrote, a bundled model or a hub id")
+        return (
+            f"{name!r} is not a model directory (no config.json in it); give the directory save_pretrained "
+            "wrote, a bundled model or a hub id"
+        )
     parts = Path(name).parts
-    surely_a_path = (name.startswith(("/", ".", "~")) or len(parts) > 2 or local.suffix in WEIGHT_SUFFIXES
-                     or (len(parts) == 2 and Path(parts[0]).expanduser().is_dir()))
+    surely_a_path = (
+        name.startswith(("/", ".", "~"))
+        or len(parts) > 2
+        or local.suffix in WEIGHT_SUFFIXES
+        or (len(parts) == 2 and Path(parts[0]).expanduser().is_dir())
+    )
     if surely_a_path:
         return f"{name!r} does not exist (relative paths start from {str(Path.cwd())!r})"
     if _HUB_ID.fullmatch(name):
         return None  # a hub id: downloaded at load time where a network exists
     close = difflib.get_close_matches(name.lower(), list(_MODELS), n=1)
     hint = f"did you mean {close[0]!r}? " if close else ""
-    return (f"{name!r} is not a bundled model ({', '.join(bundled_models())}), an existing local path or a hub id "
-            f"('org/name'); {hint}")
+    return (
+        f"{name!r} is not a bundled model ({', '.join(bundled_models())}), an existing local path or a hub id "
+        f"('org/name'); {hint}"
+    )
 
 
 @contextlib.contextmanager

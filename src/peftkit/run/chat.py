@@ -16,7 +16,11 @@ from typing import Any
 from ..errors import ConfigError
 from .runner import load_run, with_generation
 
-COMMANDS = {"/reset": "start a new conversation", "/exit": "end the session (also Ctrl-D)", "/help": "this list"}
+COMMANDS = {
+    "/reset": "start a new conversation",
+    "/exit": "end the session (also Ctrl-D)",
+    "/help": "this list",
+}
 FALLBACK_CONTEXT = 2048  # tokens of history kept when the model does not say how many it can read
 
 
@@ -46,15 +50,22 @@ def chat_session(
     loaded = load_run(run_dir)
     task = loaded.task
     if not getattr(task, "conversations", False):
-        raise ConfigError([f"task: peftkit chat talks to causal-lm runs; {run_dir!r} is a {loaded.config.task!r} "
-                           "run: use `peftkit predict` for it"], what="chat")
+        raise ConfigError(
+            [
+                f"task: peftkit chat talks to causal-lm runs; {run_dir!r} is a {loaded.config.task!r} "
+                "run: use `peftkit predict` for it"
+            ],
+            what="chat",
+        )
     with_generation(loaded, generation or {}, stream=stream)
     if system_prompt is not None:
         loaded.config.data.system_prompt = system_prompt
     # A chat keeps its history, which outgrows the short data.max_length training examples are cut to:
     # keep as much as the model can read, leaving room for the answer.
     positions = getattr(loaded.model.config, "max_position_embeddings", None) or FALLBACK_CONTEXT
-    loaded.config.data.max_length = max(loaded.config.data.max_length, positions - loaded.config.generation.max_new_tokens)
+    loaded.config.data.max_length = max(
+        loaded.config.data.max_length, positions - loaded.config.generation.max_new_tokens
+    )
     streamer = None
     if stream:
         from ..tasks.generation import terminal_streamer

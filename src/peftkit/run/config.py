@@ -80,8 +80,10 @@ def load_config(path: str | os.PathLike, overrides: Iterable[str] = ()) -> RunCo
     if not path.is_file():
         why = "is a directory, not a YAML file" if path.is_dir() else "does not exist"
         raise ConfigError(
-            [f"config file {str(path)!r} {why} (relative paths start from {str(Path.cwd())!r}); "
-             "give the path of a YAML run config, e.g. one of configs/*.yaml"],
+            [
+                f"config file {str(path)!r} {why} (relative paths start from {str(Path.cwd())!r}); "
+                "give the path of a YAML run config, e.g. one of configs/*.yaml"
+            ],
             what="run config",
         )
     try:
@@ -100,8 +102,10 @@ def parse_config(data: Any, overrides: Iterable[str] = (), source: str = "config
     problems: list[str] = []
     if not isinstance(data, Mapping):
         raise ConfigError(
-            [f"{source}: the top level must be a mapping of sections (task, model, data, adapter, train, "
-             f"eval, output_dir), got {_show(data)}"],
+            [
+                f"{source}: the top level must be a mapping of sections (task, model, data, adapter, train, "
+                f"eval, output_dir), got {_show(data)}"
+            ],
             what="run config",
         )
     try:
@@ -110,21 +114,29 @@ def parse_config(data: Any, overrides: Iterable[str] = (), source: str = "config
         data = apply_overrides(_moved_max_new_tokens(data, problems), overrides, problems)
         data = _moved_max_new_tokens(data, problems, overriding=True)
     except RecursionError:  # a YAML alias that contains itself (`a: &x [*x]`), or absurd nesting
-        raise ConfigError([f"{source}: a value refers to itself (a YAML alias used inside its own anchor) or is nested "
-                           "too deeply; a run config's sections are plain values, lists and mappings a few levels deep"],
-                          what="run config") from None
+        raise ConfigError(
+            [
+                f"{source}: a value refers to itself (a YAML alias used inside its own anchor) or is nested "
+                "too deeply; a run config's sections are plain values, lists and mappings a few levels deep"
+            ],
+            what="run config",
+        ) from None
     values = _check_dataclass(RunConfig, data, "", problems) or {}
     # Fields that failed their type check keep their defaults here, so the range and reference checks
     # still run on everything else and the user sees every problem in one go.
     config = _build(RunConfig, values)
     reported = {p.split(":", 1)[0] for p in problems}
-    problems += [p for p in value_problems(config) + _check_references(config) if p.split(":", 1)[0] not in reported]
+    problems += [
+        p for p in value_problems(config) + _check_references(config) if p.split(":", 1)[0] not in reported
+    ]
     if problems:
         raise ConfigError(problems, what=f"run config {source!r}" if source != "config" else "run config")
     return config
 
 
-def _moved_max_new_tokens(data: Mapping[str, Any], problems: list[str], overriding: bool = False) -> dict[str, Any]:
+def _moved_max_new_tokens(
+    data: Mapping[str, Any], problems: list[str], overriding: bool = False
+) -> dict[str, Any]:
     """``data`` with ``eval.max_new_tokens`` (the older spelling) moved to ``generation.max_new_tokens``;
     a file that gives both with different values is a problem (which one was meant?), an override
     (``overriding``) simply wins."""
@@ -136,8 +148,10 @@ def _moved_max_new_tokens(data: Mapping[str, Any], problems: list[str], overridi
     generation = out.get("generation") if isinstance(out.get("generation"), Mapping) else {}
     given = generation.get("max_new_tokens")
     if given is not None and given != section["max_new_tokens"] and not overriding:
-        problems.append(f"eval.max_new_tokens: {section['max_new_tokens']} disagrees with generation.max_new_tokens: "
-                        f"{given}; keep generation.max_new_tokens only (eval.max_new_tokens is its older spelling)")
+        problems.append(
+            f"eval.max_new_tokens: {section['max_new_tokens']} disagrees with generation.max_new_tokens: "
+            f"{given}; keep generation.max_new_tokens only (eval.max_new_tokens is its older spelling)"
+        )
     out["generation"] = {**generation, "max_new_tokens": section["max_new_tokens"]}
     return out
 
@@ -192,7 +206,9 @@ _BAD = _Bad()
 def _check_dataclass(cls: type, data: Any, path: str, problems: list[str]) -> dict[str, Any] | None:
     """Field values of ``cls`` from the mapping ``data``, type-checked; problems are appended."""
     if not isinstance(data, Mapping):
-        problems.append(f"{path or 'config'}: expected a section of keys ({_field_list(cls)}), got {_show(data)}")
+        problems.append(
+            f"{path or 'config'}: expected a section of keys ({_field_list(cls)}), got {_show(data)}"
+        )
         return None
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
@@ -235,11 +251,19 @@ def _coerce(value: Any, hint: Any) -> tuple[Any, str | None]:
                     return converted, None
         return _BAD, f"expected {_describe(hint)}, got {_show(value)}"
     if origin is typing.Literal:
-        return (value, None) if value in args else (_BAD, f"expected one of {', '.join(map(repr, args))}, got {_show(value)}")
+        return (
+            (value, None)
+            if value in args
+            else (_BAD, f"expected one of {', '.join(map(repr, args))}, got {_show(value)}")
+        )
     if value is None:
         return _BAD, f"expected {_describe(hint)}, got null (leave the key out to keep its default)"
     if hint is bool:
-        return (value, None) if isinstance(value, bool) else (_BAD, f"expected true or false, got {_show(value)}")
+        return (
+            (value, None)
+            if isinstance(value, bool)
+            else (_BAD, f"expected true or false, got {_show(value)}")
+        )
     if hint is int:
         if isinstance(value, float) and value.is_integer():
             value = int(value)  # `steps: 1e3`
@@ -276,7 +300,9 @@ def _describe(hint: Any) -> str:
     if origin in (list, tuple):
         return f"a list of {_describe(args[0]).removeprefix('a ').removeprefix('an ')}s" if args else "a list"
     if origin is dict:
-        return "a mapping" + (f" of {_describe(args[1]).removeprefix('a ').removeprefix('an ')}s" if args else "")
+        return "a mapping" + (
+            f" of {_describe(args[1]).removeprefix('a ').removeprefix('an ')}s" if args else ""
+        )
     names = {bool: "true or false", int: "an integer", float: "a number", str: "a string", type(None): "null"}
     return names.get(hint, getattr(hint, "__name__", str(hint)))
 
@@ -307,7 +333,9 @@ def _build(cls: type, values: Mapping[str, Any]) -> Any:
 def _check_adapter(section: Any, problems: list[str]) -> dict[str, Any]:
     """The adapter section: ``method`` plus the method's own fields, checked by the method's config."""
     if not isinstance(section, Mapping):
-        problems.append(f"adapter: expected a section with `method` and that method's fields, got {_show(section)}")
+        problems.append(
+            f"adapter: expected a section with `method` and that method's fields, got {_show(section)}"
+        )
         return {"method": "lora"}
     fields = dict(section)
     method = fields.pop("method", "lora")
@@ -315,14 +343,19 @@ def _check_adapter(section: Any, problems: list[str]) -> dict[str, Any]:
         problems.append(f"adapter.method: expected a method name such as 'lora', got {_show(method)}")
         return dict(section)
     if method.lower() == FULL_FINE_TUNING:
-        problems += [f"adapter.{key}: `method: full` trains every parameter and takes no other field; "
-                     "remove it, or choose an adapter method" for key in fields]
+        problems += [
+            f"adapter.{key}: `method: full` trains every parameter and takes no other field; "
+            "remove it, or choose an adapter method"
+            for key in fields
+        ]
         return {"method": FULL_FINE_TUNING}
     if fields.get("target_modules") == AUTO:
         # chosen by `select` before training; the rest of the section must be a valid LoRA config
         if method.lower() != "lora":
-            problems.append(f"adapter.target_modules: `auto` allocates LoRA ranks, so it needs method: lora (got "
-                            f"{method!r}); name the targets for {method}, or switch to lora")
+            problems.append(
+                f"adapter.target_modules: `auto` allocates LoRA ranks, so it needs method: lora (got "
+                f"{method!r}); name the targets for {method}, or switch to lora"
+            )
             return {"method": method, **fields}
         problems += adapter_problems(method, {k: v for k, v in fields.items() if k != "target_modules"})
         return {"method": method, **fields}
@@ -405,45 +438,81 @@ def _known_encoding(name: str) -> bool:
         return False
     return True
 
+
 # (field path, predicate on the value, what is expected). The dataclasses keep no validation of their
 # own (they are plain typed records shared by the library and the CLI), so ranges live here.
 _VALUE_CHECKS: list[Check] = [
     ("model.dtype", lambda v: v in ("float32", "bfloat16", "float16"), "one of float32, bfloat16, float16"),
-    ("model.num_labels", lambda v: v is None or v >= 2, "at least 2 classes, or null to count them from the data"),
+    (
+        "model.num_labels",
+        lambda v: v is None or v >= 2,
+        "at least 2 classes, or null to count them from the data",
+    ),
     ("model.quantize", lambda v: v in (None, "nf4", "fp4", "int8"), "null, nf4, fp4 or int8"),
-    ("model.pooling", lambda v: v in ("auto", "mean", "cls", "max", "last", "pooler"),
-     "one of auto, mean, cls, max, last, pooler"),
+    (
+        "model.pooling",
+        lambda v: v in ("auto", "mean", "cls", "max", "last", "pooler"),
+        "one of auto, mean, cls, max, last, pooler",
+    ),
     ("data.max_length", lambda v: v > 0, "a positive number of tokens"),
     ("data.max_train_examples", lambda v: v is None or v > 0, "a positive count, or null for all"),
     ("data.max_eval_examples", lambda v: v is None or v > 0, "a positive count, or null for all"),
     ("data.split.validation", lambda v: 0 <= v < 1, "a fraction in [0, 1)"),
     ("data.split.test", lambda v: 0 <= v < 1, "a fraction in [0, 1)"),
     ("data.encoding", _known_encoding, "a text encoding Python knows, e.g. utf-8, latin-1 or cp1252"),
-    ("data.labels", lambda v: v is None or (len(v) >= 2 and len(set(v)) == len(v)), "at least 2 distinct class names"),
-    ("train.steps", lambda v: v is None or v > 0, "a positive number of optimizer steps, or null to run train.epochs"),
+    (
+        "data.labels",
+        lambda v: v is None or (len(v) >= 2 and len(set(v)) == len(v)),
+        "at least 2 distinct class names",
+    ),
+    (
+        "train.steps",
+        lambda v: v is None or v > 0,
+        "a positive number of optimizer steps, or null to run train.epochs",
+    ),
     ("train.epochs", lambda v: v > 0, "a positive number of passes"),
     ("train.batch_size", lambda v: v > 0, "a positive number of examples"),
     ("train.grad_accum", lambda v: v > 0, "a positive number of forward passes per step"),
     ("train.lr", lambda v: 0 < v < float("inf"), "a positive learning rate, e.g. 2e-4"),
     ("train.weight_decay", lambda v: v >= 0, "a non-negative number"),
-    ("train.lora_plus_ratio", lambda v: v is None or v > 0, "a positive ratio (16 in the LoRA+ paper), or null"),
+    (
+        "train.lora_plus_ratio",
+        lambda v: v is None or v > 0,
+        "a positive ratio (16 in the LoRA+ paper), or null",
+    ),
     ("train.schedule", lambda v: v in ("linear", "cosine", "constant"), "one of linear, cosine, constant"),
-    ("train.warmup_steps", lambda v: v is None or v >= 0, "a non-negative number of steps, or null to use warmup_ratio"),
+    (
+        "train.warmup_steps",
+        lambda v: v is None or v >= 0,
+        "a non-negative number of steps, or null to use warmup_ratio",
+    ),
     ("train.warmup_ratio", lambda v: 0 <= v < 1, "a fraction in [0, 1)"),
     ("train.max_grad_norm", lambda v: v is None or v > 0, "a positive norm, or null for no clipping"),
     ("train.precision", lambda v: v in ("fp32", "bf16"), "fp32 or bf16"),
     ("train.eval_every", lambda v: v >= 0, "a non-negative number of steps (0: only at the end)"),
     ("train.metric", lambda v: bool(v), "a metric name such as loss or accuracy"),
-    ("train.early_stopping_patience", lambda v: v is None or v > 0, "a positive number of evaluations, or null"),
+    (
+        "train.early_stopping_patience",
+        lambda v: v is None or v > 0,
+        "a positive number of evaluations, or null",
+    ),
     ("train.save_every", lambda v: v >= 0, "a non-negative number of steps (0: at evaluations and the end)"),
     ("train.log_every", lambda v: v >= 0, "a non-negative number of steps"),
     ("train.device", lambda v: _DEVICE.fullmatch(v) is not None, "auto, cpu, cuda, cuda:N or mps"),
     ("eval.batch_size", lambda v: v > 0, "a positive number of examples"),
     ("eval.split", lambda v: v in SPLITS, "one of train, validation, test"),
-    ("train.report_to", lambda v: v is None or set(v) <= set(REPORT_TO), f"a list of {', '.join(REPORT_TO)}, or null"),
+    (
+        "train.report_to",
+        lambda v: v is None or set(v) <= set(REPORT_TO),
+        f"a list of {', '.join(REPORT_TO)}, or null",
+    ),
     ("eval.max_new_tokens", lambda v: v is None or v > 0, "a positive number of tokens, or null"),
     ("generation.max_new_tokens", lambda v: v > 0, "a positive number of tokens"),
-    ("generation.temperature", lambda v: v is None or v >= 0, "a non-negative temperature (0: greedy), or null"),
+    (
+        "generation.temperature",
+        lambda v: v is None or v >= 0,
+        "a non-negative temperature (0: greedy), or null",
+    ),
     ("generation.top_p", lambda v: v is None or 0 < v <= 1, "a probability mass in (0, 1], or null"),
     ("generation.top_k", lambda v: v is None or v > 0, "a positive number of tokens, or null"),
     ("generation.num_beams", lambda v: v >= 1, "a beam width of 1 or more (1: no beam search)"),
@@ -460,13 +529,17 @@ def value_problems(config: RunConfig) -> list[str]:
             problems.append(f"{path}: expected {expected}, got {value!r}")
     split = config.data.split
     if 0 <= split.validation < 1 and 0 <= split.test < 1 and split.validation + split.test >= 1:
-        problems.append(f"data.split: validation + test must leave examples for training, got "
-                        f"{split.validation} + {split.test} >= 1")
+        problems.append(
+            f"data.split: validation + test must leave examples for training, got "
+            f"{split.validation} + {split.test} >= 1"
+        )
     problems += _quantize_problems(config)
     problems += _select_problems(config)
     for name in ("system_prompt", "chat_template"):
         if getattr(config.data, name) is not None and config.task != "causal-lm":
-            problems.append(f"data.{name}: only causal-lm runs read it (this run's task is {config.task!r}); remove it")
+            problems.append(
+                f"data.{name}: only causal-lm runs read it (this run's task is {config.task!r}); remove it"
+            )
     if lower_is_better(config.train.metric) and config.train.greater_is_better is True:
         problems.append(f"train.greater_is_better: a lower {config.train.metric} is better; set it to false")
     return problems
@@ -479,12 +552,16 @@ def _quantize_problems(config: RunConfig) -> list[str]:
     problems = []
     method = str(config.adapter.get("method", "lora")).lower() if isinstance(config.adapter, dict) else ""
     if method == "full":
-        problems.append("model.quantize: full fine-tuning cannot train quantized weights; use an adapter "
-                        "(method: lora or ia3) or set model.quantize: null")
+        problems.append(
+            "model.quantize: full fine-tuning cannot train quantized weights; use an adapter "
+            "(method: lora or ia3) or set model.quantize: null"
+        )
     import importlib.util
 
     if importlib.util.find_spec("bitsandbytes") is None:
-        problems.append(f"model.quantize: {quant} needs bitsandbytes; install it with `pip install bitsandbytes`")
+        problems.append(
+            f"model.quantize: {quant} needs bitsandbytes; install it with `pip install bitsandbytes`"
+        )
     return problems
 
 
@@ -495,8 +572,10 @@ def _select_problems(config: RunConfig) -> list[str]:
     problems = []
     auto = isinstance(config.adapter, dict) and config.adapter.get("target_modules") == AUTO
     if auto and sel.budget is None:
-        problems.append("select.budget: `adapter.target_modules: auto` needs a parameter budget, e.g. "
-                        "select: {budget: 0.5%} (a share of the base model) or select: {budget: 82944}")
+        problems.append(
+            "select.budget: `adapter.target_modules: auto` needs a parameter budget, e.g. "
+            "select: {budget: 0.5%} (a share of the base model) or select: {budget: 82944}"
+        )
     if sel.budget is not None:
         try:
             parse_budget(sel.budget, 1)
@@ -505,24 +584,36 @@ def _select_problems(config: RunConfig) -> list[str]:
     if sel.score not in RULES:
         problems.append(f"select.score: expected one of {', '.join(RULES)}, got {sel.score!r}")
     if sel.probe_batches < 1:
-        problems.append(f"select.probe_batches: expected a positive number of batches, got {sel.probe_batches}")
+        problems.append(
+            f"select.probe_batches: expected a positive number of batches, got {sel.probe_batches}"
+        )
     if sel.probe_batch_size is not None and sel.probe_batch_size < 1:
-        problems.append(f"select.probe_batch_size: expected a positive number of examples, got {sel.probe_batch_size}")
+        problems.append(
+            f"select.probe_batch_size: expected a positive number of examples, got {sel.probe_batch_size}"
+        )
     if not 1 <= sel.min_rank <= sel.max_rank:
-        problems.append(f"select.min_rank, select.max_rank: need 1 <= min_rank <= max_rank, got {sel.min_rank} "
-                        f"and {sel.max_rank}")
+        problems.append(
+            f"select.min_rank, select.max_rank: need 1 <= min_rank <= max_rank, got {sel.min_rank} "
+            f"and {sel.max_rank}"
+        )
     if sel.init not in INITS:
         problems.append(f"select.init: expected one of {', '.join(INITS)}, got {sel.init!r}")
     if sel.init_from is not None:
         method = str(config.adapter.get("method", "lora")).lower() if isinstance(config.adapter, dict) else ""
         if auto:
-            problems.append("select.init_from: a run that selects (target_modules: auto) starts from its own "
-                            "probe's directions; drop select.init_from, or train the selected.yaml it belongs to")
+            problems.append(
+                "select.init_from: a run that selects (target_modules: auto) starts from its own "
+                "probe's directions; drop select.init_from, or train the selected.yaml it belongs to"
+            )
         elif method != "lora":
-            problems.append(f"select.init_from: initial LoRA directions need adapter.method=lora, got {method!r}")
+            problems.append(
+                f"select.init_from: initial LoRA directions need adapter.method=lora, got {method!r}"
+            )
         elif not Path(sel.init_from).is_file():
-            problems.append(f"select.init_from: {sel.init_from!r} does not exist; it is the init.safetensors that "
-                            "`peftkit select` writes beside selected.yaml (or set select.init_from: null)")
+            problems.append(
+                f"select.init_from: {sel.init_from!r} does not exist; it is the init.safetensors that "
+                "`peftkit select` writes beside selected.yaml (or set select.init_from: null)"
+            )
     return problems
 
 
@@ -539,15 +630,22 @@ def _check_references(config: RunConfig) -> list[str]:
     problems: list[str] = []
     tasks = registered_tasks()
     if config.task not in tasks:
-        problems.append(f"task: unknown task {config.task!r}; {_suggest(config.task, tasks, 'registered tasks')}")
+        problems.append(
+            f"task: unknown task {config.task!r}; {_suggest(config.task, tasks, 'registered tasks')}"
+        )
     else:
         task = task_class(config.task)
         train = config.train
-        if (train.metric == getattr(task, "default_metric", None) and train.greater_is_better is not None
-                and train.greater_is_better != task.greater_is_better):
+        if (
+            train.metric == getattr(task, "default_metric", None)
+            and train.greater_is_better is not None
+            and train.greater_is_better != task.greater_is_better
+        ):
             better = "larger" if task.greater_is_better else "smaller"
-            problems.append(f"train.greater_is_better: a {better} {train.metric} is better for task {config.task!r}; "
-                            f"set it to {str(task.greater_is_better).lower()}")
+            problems.append(
+                f"train.greater_is_better: a {better} {train.metric} is better for task {config.task!r}; "
+                f"set it to {str(task.greater_is_better).lower()}"
+            )
     problems += _model_problems(config.model)
     problems += _data_problems(config.data)
     return problems
@@ -579,8 +677,10 @@ def _data_problems(data: DataConfig) -> list[str]:
     if len(given) > 1:
         return [f"data: {' and '.join(given)} are each a source of examples; keep one of them"]
     if not given:
-        return [f"data: set data.name to a bundled data set ({', '.join(bundled_datasets()) or 'none'}), "
-                "data.files to a CSV / JSONL / Parquet file, or data.hub to a Hugging Face Hub data set"]
+        return [
+            f"data: set data.name to a bundled data set ({', '.join(bundled_datasets()) or 'none'}), "
+            "data.files to a CSV / JSONL / Parquet file, or data.hub to a Hugging Face Hub data set"
+        ]
     problems = _chat_template_problems(data)
     if data.hub_splits and data.hub is None:
         problems.append("data.hub_splits: only read with data.hub; remove it or set data.hub")
@@ -590,16 +690,27 @@ def _data_problems(data: DataConfig) -> list[str]:
         return problems + hub_problems(data)
     if data.name is not None:
         known = bundled_datasets()
-        return problems + ([] if data.name in known else [
-            f"data.name: unknown bundled data set {data.name!r}; {_suggest(data.name, known, 'bundled')} (or give data.files)"])
+        return problems + (
+            []
+            if data.name in known
+            else [
+                f"data.name: unknown bundled data set {data.name!r}; {_suggest(data.name, known, 'bundled')} (or give data.files)"
+            ]
+        )
     files = data.files if isinstance(data.files, dict) else {"": data.files}
-    problems += [f"data.files.{key}: expected one of {', '.join(SPLITS)} as the key" for key in files if key and key not in SPLITS]
+    problems += [
+        f"data.files.{key}: expected one of {', '.join(SPLITS)} as the key"
+        for key in files
+        if key and key not in SPLITS
+    ]
     if isinstance(data.files, dict) and not data.files:
         problems.append("data.files: an empty mapping; give a file, or a mapping split -> file")
     for key, file in files.items():
         here = f"data.files.{key}" if key else "data.files"
         if not Path(file).expanduser().is_file():
-            problems.append(f"{here}: {file!r} does not exist (relative paths start from {str(Path.cwd())!r})")
+            problems.append(
+                f"{here}: {file!r} does not exist (relative paths start from {str(Path.cwd())!r})"
+            )
         try:
             file_format(file, data.format)
         except ConfigError as exc:
@@ -619,6 +730,7 @@ def _chat_template_problems(data: DataConfig) -> list[str]:
 
 def resolved(config: RunConfig) -> RunConfig:
     """A copy of ``config`` whose local paths are absolute, so it runs from any working directory."""
+
     def absolute(path: str) -> str:
         return str(Path(path).expanduser().resolve())
 
@@ -637,7 +749,9 @@ def resolved(config: RunConfig) -> RunConfig:
     select = config.select
     if select.init_from:
         select = dataclasses.replace(select, init_from=absolute(select.init_from))
-    return dataclasses.replace(config, model=model, data=data, select=select, output_dir=absolute(config.output_dir))
+    return dataclasses.replace(
+        config, model=model, data=data, select=select, output_dir=absolute(config.output_dir)
+    )
 
 
 def _bundled_models() -> list[str]:
@@ -664,7 +778,20 @@ def dump_config(config: RunConfig, path: str | os.PathLike | None = None) -> str
 
 
 __all__ = [
-    "FULL_FINE_TUNING", "FULL_FINE_TUNING_LR_CANDIDATES", "lr_candidates", "DataConfig", "EvalConfig", "ModelConfig", "RunConfig", "TrainConfig",
-    "adapter_problems", "apply_overrides", "dump_config", "load_config", "parse_config", "parse_yaml",
-    "resolved", "to_dict",
+    "FULL_FINE_TUNING",
+    "FULL_FINE_TUNING_LR_CANDIDATES",
+    "lr_candidates",
+    "DataConfig",
+    "EvalConfig",
+    "ModelConfig",
+    "RunConfig",
+    "TrainConfig",
+    "adapter_problems",
+    "apply_overrides",
+    "dump_config",
+    "load_config",
+    "parse_config",
+    "parse_yaml",
+    "resolved",
+    "to_dict",
 ]

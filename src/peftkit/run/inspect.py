@@ -107,17 +107,23 @@ class ModelInspection:
         return dataclasses.asdict(self)
 
     def __str__(self) -> str:
-        lines = [f"{self.name}: {self.model_class} (model_type {self.model_type}), {self.total_params:,} parameters"]
+        lines = [
+            f"{self.name}: {self.model_class} (model_type {self.model_type}), {self.total_params:,} parameters"
+        ]
         if self.loaded_as:
             lines.append(f"  loaded as {self.loaded_as}")
         lines += ["", "adaptable modules by kind and layer:"]
         for kind in self.kinds:
             groups = [g for g in self.groups if g.kind == kind]
             count = sum(max(1, len(g.layers)) for g in groups)
-            lines.append(f"  {kind}: {count} modules, {sum(g.params for g in groups):,} params "
-                         f"(methods: {', '.join(self.kinds[kind])})")
+            lines.append(
+                f"  {kind}: {count} modules, {sum(g.params for g in groups):,} params "
+                f"(methods: {', '.join(self.kinds[kind])})"
+            )
             for g in groups:
-                lines.append(f"    {g.pattern:<52} {_layer_range(g.layers):<13} {g.shape:<24} {g.params:>11,}")
+                lines.append(
+                    f"    {g.pattern:<52} {_layer_range(g.layers):<13} {g.shape:<24} {g.params:>11,}"
+                )
         lines += ["", f"candidate target_modules (LoRA r={PROBE_RANK} adds):"]
         lines.append(f"  {'target_modules':<40} {'modules':>7} {'base params':>13} {'LoRA params':>12}")
         for t in self.target_sets:
@@ -126,13 +132,20 @@ class ModelInspection:
         if self.head:
             lines += ["", "head the task adds (trained in full beside any adapter: modules_to_save):"]
             lines += [f"  {h.name:<40} {h.kind:<24} {h.shape:<16} {h.params:>11,}" for h in self.head]
-        lines += ["", "found by structure (what defaults use where a method has no entry for this model_type):"]
+        lines += [
+            "",
+            "found by structure (what defaults use where a method has no entry for this model_type):",
+        ]
         lines += [f"  {line}" for line in self.structure]
         lines += ["", "default targets of each method (target_modules unset):"]
         for d in self.defaults:
             added = "-" if d.added_params is None else f"+{d.added_params:,} params"
-            where = ", ".join(d.targets[:MAX_SHOWN]) + (f", ... ({len(d.targets)} patterns)" if len(d.targets) > MAX_SHOWN else "")
-            lines.append(f"  {d.method:<14} {added:<18} {f'{d.modules} modules: {where}' if d.targets else d.note}")
+            where = ", ".join(d.targets[:MAX_SHOWN]) + (
+                f", ... ({len(d.targets)} patterns)" if len(d.targets) > MAX_SHOWN else ""
+            )
+            lines.append(
+                f"  {d.method:<14} {added:<18} {f'{d.modules} modules: {where}' if d.targets else d.note}"
+            )
             if d.source:
                 lines.append(f"  {'':<14} {'':<18} ({d.source})")
         return "\n".join(lines)
@@ -155,7 +168,8 @@ def inspect_model(name_or_path: str, *, task: str | None = None, config: Any = N
     model, loaded_as = _skeleton(name_or_path, task, config)
     name = config.model.name_or_path if config is not None else name_or_path
     report = ModelInspection(
-        name=name, model_class=type(model).__name__,
+        name=name,
+        model_class=type(model).__name__,
         model_type=getattr(getattr(model, "config", None), "model_type", None),
         total_params=sum(p.numel() for p in {id(p): p for p in model.parameters()}.values()),
         loaded_as=loaded_as,
@@ -186,13 +200,18 @@ def _skeleton(name_or_path: str, task: str | None, config: Any) -> tuple[nn.Modu
         if problem and not Path(name_or_path).expanduser().exists():
             raise ConfigError([f"model: {problem.rstrip('; ')}"], what="inspect")
         path = bundled_model_path(name_or_path) or name_or_path
-        if Path(path).is_file() or (Path(path).is_dir() and not (Path(path) / "config.json").is_file()
-                                     and not list(Path(path).glob("*.gguf"))):
+        if Path(path).is_file() or (
+            Path(path).is_dir()
+            and not (Path(path) / "config.json").is_file()
+            and not list(Path(path).glob("*.gguf"))
+        ):
             from ..tasks import registered_tasks
 
             raise ConfigError(
-                [f"model {name_or_path!r} ({path}) is not a transformers model directory; pass --task TASK to load "
-                 f"it the way that task does (tasks: {', '.join(registered_tasks())}), or give a run config"],
+                [
+                    f"model {name_or_path!r} ({path}) is not a transformers model directory; pass --task TASK to load "
+                    f"it the way that task does (tasks: {', '.join(registered_tasks())}), or give a run config"
+                ],
                 what="inspect",
             )
         declared = _declared_pooling(path)
@@ -267,7 +286,8 @@ def _shape(module: nn.Module) -> str:
         return f"{module.num_embeddings} x {module.embedding_dim}"
     if isinstance(module, nn.modules.conv._ConvNd):
         return f"{module.in_channels} -> {module.out_channels}, k{'x'.join(map(str, module.kernel_size))}" + (
-            f", groups {module.groups}" if module.groups > 1 else "")
+            f", groups {module.groups}" if module.groups > 1 else ""
+        )
     weight = getattr(module, "weight", None)
     if isinstance(weight, torch.Tensor) and weight.dim() <= 2:
         return "x".join(map(str, weight.shape))
@@ -344,7 +364,9 @@ def _target_sets(model: nn.Module, adaptable: list[tuple[str, nn.Module, list[st
     return sets
 
 
-def _priced(model: nn.Module, label: str, spec: list[str] | str, chosen: list[tuple[str, nn.Module]]) -> TargetSet:
+def _priced(
+    model: nn.Module, label: str, spec: list[str] | str, chosen: list[tuple[str, nn.Module]]
+) -> TargetSet:
     """The target set with the parameters a rank-PROBE_RANK LoRA on it adds (injected into a copy)."""
     base = sum(_own_params(m) for _, m in chosen)
     try:
@@ -375,17 +397,20 @@ def _method_default(model: nn.Module, peft_type: str) -> MethodDefault:
     except Exception as exc:  # noqa: BLE001 - the reason is the report
         if isinstance(exc, NoTargetMatchedError) and "has no default" in str(exc):
             why = re.search(r"; (no .*? found by structure.*?); set target_modules", str(exc), re.S)
-            return MethodDefault(method, [], 0, None, f"no default: {why.group(1) if why else 'set target_modules'}")
+            return MethodDefault(
+                method, [], 0, None, f"no default: {why.group(1) if why else 'set target_modules'}"
+            )
         return MethodDefault(method, [], 0, None, _first_sentence(str(exc)))
     added = sum(count for *_, count in summary.adapted)
     if plan is None:
         return MethodDefault(method, [], 0, added, "wraps no layer (virtual tokens / whole-model part)")
     patterns = list(dict.fromkeys(_split_layer(t.name)[0] for t in plan.targets))
-    return MethodDefault(method, patterns, len(plan.targets), added, source=plan.default.source if plan.default else "")
+    return MethodDefault(
+        method, patterns, len(plan.targets), added, source=plan.default.source if plan.default else ""
+    )
 
 
 def _first_sentence(text: str) -> str:
     text = " ".join(text.split())
     match = re.match(r"(.{20,200}?[.;])\s", text + " ")
     return match.group(1) if match else text[:200]
-

@@ -62,7 +62,7 @@ class RunResult:
 
     @property
     def status(self) -> str:
-        """"completed", "early_stopped", "diverged" (non-finite loss) or "interrupted" (Ctrl-C)."""
+        """ "completed", "early_stopped", "diverged" (non-finite loss) or "interrupted" (Ctrl-C)."""
         return str(self.metrics.get("status", "completed"))
 
     @property
@@ -114,8 +114,10 @@ def adapt(model: nn.Module, config: RunConfig) -> nn.Module:
         return api.inject(model, adapter, ADAPTER_NAME)
     except NoTargetMatchedError as exc:
         # a config mistake (exit 2) named by its field, with the command that lists what there is
-        message = str(exc).replace("list them with model.named_modules().",
-                                   f"list them with `peftkit inspect {config.model.name_or_path}`.")
+        message = str(exc).replace(
+            "list them with model.named_modules().",
+            f"list them with `peftkit inspect {config.model.name_or_path}`.",
+        )
         field = "modules_to_save" if message.startswith("modules_to_save") else "target_modules"
         message = message.removeprefix("modules_to_save: ")
         raise ConfigError([f"adapter.{field}: {message}"], what="run config") from None
@@ -161,33 +163,50 @@ def train_run(config: RunConfig, *, resume: bool = False, log: Log = print) -> R
             resume = False
     else:
         log = _silent
-    as_given = config  # what config.yaml records: `target_modules: auto` stays auto, the choice is in selection/
+    as_given = (
+        config  # what config.yaml records: `target_modules: auto` stays auto, the choice is in selection/
+    )
 
     task = build_task(config)
     model = task.load_model()
     selected = None
     if is_auto(config.adapter):
         # before seeding: the probe must not shift the random numbers the adapter's init draws
-        selected = on_main(lambda: _select(config, task, model, run_dir, resume, log), current_world(),
-                           "selecting the adapter's targets")
+        selected = on_main(
+            lambda: _select(config, task, model, run_dir, resume, log),
+            current_world(),
+            "selecting the adapter's targets",
+        )
         config = dataclasses.replace(config, adapter=selected["adapter"])
     seed_everything(config.train.seed)  # the adapter's initialisation draws random numbers
     model = adapt(model, config)
     _start_from_directions(model, config, selected, log)
     full = is_full_fine_tuning(config)
     summary = api.trainable_summary(model, show=False)
-    log(f"{config.task}: {config.model.name_or_path} with {_method(config)}: trainable params "
-        f"{summary.trainable:,} of {summary.total:,} ({summary.percent:.2f}%)")
+    log(
+        f"{config.task}: {config.model.name_or_path} with {_method(config)}: trainable params "
+        f"{summary.trainable:,} of {summary.total:,} ({summary.percent:.2f}%)"
+    )
     splits = task.load_data()
-    log("data: " + ", ".join(f"{name} {len(splits.get(name, [])):,}" for name in ("train", "validation", "test")))
+    log(
+        "data: "
+        + ", ".join(f"{name} {len(splits.get(name, [])):,}" for name in ("train", "validation", "test"))
+    )
     if not splits.get("train"):
-        raise ConfigError(["data: the train split is empty; check data.files, data.split and data.max_train_examples"])
+        raise ConfigError(
+            ["data: the train split is empty; check data.files, data.split and data.max_train_examples"]
+        )
     # what only encoding finds (a chat template that refuses the data, a malformed record) stops the run
     # here, before a run directory exists, rather than at the first training step
     task.collate(splits["train"][: config.train.batch_size])
     batch_size = config.eval.batch_size
-    metrics: dict[str, Any] = {"task": config.task, "model": config.model.name_or_path, "method": _method(config),
-                               "trainable_params": summary.trainable, "total_params": summary.total}
+    metrics: dict[str, Any] = {
+        "task": config.task,
+        "model": config.model.name_or_path,
+        "method": _method(config),
+        "trainable_params": summary.trainable,
+        "total_params": summary.total,
+    }
     head = getattr(task, "head_info", None)
     if head:
         metrics["head"] = head
@@ -204,8 +223,19 @@ def train_run(config: RunConfig, *, resume: bool = False, log: Log = print) -> R
         dump_config(as_given, run_dir / CONFIG_NAME)
     validation = splits.get("validation") or []
     evaluate = (lambda m: task.evaluate(m, validation, batch_size)) if validation else None
-    result = fit(model, splits["train"], task.collate, task.loss, config.train, evaluate=evaluate, run_dir=run_dir,
-                 resume=resume, adapter_name=ADAPTER_NAME, log=log, run_config=to_dict(as_given))
+    result = fit(
+        model,
+        splits["train"],
+        task.collate,
+        task.loss,
+        config.train,
+        evaluate=evaluate,
+        run_dir=run_dir,
+        resume=resume,
+        adapter_name=ADAPTER_NAME,
+        log=log,
+        run_config=to_dict(as_given),
+    )
     if not result.ok:  # diverged or interrupted: keep the checkpoints as they are, report why
         metrics.update(_fit_facts(result, None))
         if main:
@@ -228,8 +258,10 @@ def train_run(config: RunConfig, *, resume: bool = False, log: Log = print) -> R
             # that checkpoint no longer fits the trained model, whose final weights are what it became.
             if weights.name != "best" or not (run_dir / "final").is_dir():
                 raise
-            log(f"best/ (step {getattr(result, 'best_step', '?')}) no longer fits the adapter's final shape "
-                f"({str(exc).split(':', 1)[0]}); using final/")
+            log(
+                f"best/ (step {getattr(result, 'best_step', '?')}) no longer fits the adapter's final shape "
+                f"({str(exc).split(':', 1)[0]}); using final/"
+            )
             weights = run_dir / "final"
             load_weights(model, weights, ADAPTER_NAME)
     metrics.update(_fit_facts(result, weights))
@@ -239,8 +271,12 @@ def train_run(config: RunConfig, *, resume: bool = False, log: Log = print) -> R
     data_info = getattr(task, "data_info", None) or getattr(splits, "info", None)
     if data_info:
         metrics["data"] = data_info
-    save_weights(model, run_dir / (FULL_MODEL_DIR if full else ADAPTER_DIR), None if full else ADAPTER_NAME,
-                 {"step": metrics.get("best_step"), "test": metrics.get("test")})
+    save_weights(
+        model,
+        run_dir / (FULL_MODEL_DIR if full else ADAPTER_DIR),
+        None if full else ADAPTER_NAME,
+        {"step": metrics.get("best_step"), "test": metrics.get("test")},
+    )
     _write_json(run_dir / METRICS_NAME, metrics)
     log(f"saved {run_dir / (FULL_MODEL_DIR if full else ADAPTER_DIR)}, {run_dir / METRICS_NAME}")
     return RunResult(run_dir, metrics, result)
@@ -261,8 +297,13 @@ def select_run(config: RunConfig, out_dir: str | os.PathLike, log: Log = print) 
 
     method = str(config.adapter.get("method", "lora")).lower()
     if method != "lora":
-        raise ConfigError([f"adapter.method: selection allocates LoRA targets and ranks, got {method!r}; set "
-                           "adapter.method=lora (its other fields, e.g. r and lora_alpha, are kept)"], what="run config")
+        raise ConfigError(
+            [
+                f"adapter.method: selection allocates LoRA targets and ranks, got {method!r}; set "
+                "adapter.method=lora (its other fields, e.g. r and lora_alpha, are kept)"
+            ],
+            what="run config",
+        )
     config = resolved(config)
     task = build_task(config)
     model = task.load_model()
@@ -272,15 +313,21 @@ def select_run(config: RunConfig, out_dir: str | os.PathLike, log: Log = print) 
     # the chosen adapter trains as it is; with the probe's directions as its starting point, when it has them
     # absolute, like every path of a resolved config: selected.yaml trains from any working directory
     start = str((out / select_init.INIT_FILE).resolve()) if selection.init else None
-    chosen = dataclasses.replace(config, adapter=selection.adapter, select=type(config.select)(init_from=start),
-                                 output_dir=f"{config.output_dir.rstrip('/')}-{AUTO}")
+    chosen = dataclasses.replace(
+        config,
+        adapter=selection.adapter,
+        select=type(config.select)(init_from=start),
+        output_dir=f"{config.output_dir.rstrip('/')}-{AUTO}",
+    )
     path = out / "selected.yaml"
     dump_config(chosen, path)
     log(f"wrote {path} (train it: peftkit train {path}) and the explanation in {out / select_report.TABLE}")
     return path
 
 
-def _select(config: RunConfig, task: Task, model: nn.Module, run_dir: Path, resume: bool, log: Log) -> dict[str, Any]:
+def _select(
+    config: RunConfig, task: Task, model: nn.Module, run_dir: Path, resume: bool, log: Log
+) -> dict[str, Any]:
     """``adapter.target_modules: auto``: the chosen adapter section and its facts. The choice and its
     explanation are kept in ``selection/``; a resumed run reuses it rather than probing again."""
     from ..select import init as select_init
@@ -299,12 +346,20 @@ def _select(config: RunConfig, task: Task, model: nn.Module, run_dir: Path, resu
         select_report.write(selection, folder)
         record, directions = select_report.record(selection), selection.init
         log(f"the choice and why: {folder / select_report.TABLE}")
-    return {"adapter": record["adapter"], "rule": record["rule"], "budget": record["budget"], "used": record["used"],
-            "modules": sum(1 for row in record["low_rank"] if row["rank"]), "probe": record["probe"],
-            "init": directions}
+    return {
+        "adapter": record["adapter"],
+        "rule": record["rule"],
+        "budget": record["budget"],
+        "used": record["used"],
+        "modules": sum(1 for row in record["low_rank"] if row["rank"]),
+        "probe": record["probe"],
+        "init": directions,
+    }
 
 
-def _start_from_directions(model: nn.Module, config: RunConfig, selected: dict[str, Any] | None, log: Log) -> None:
+def _start_from_directions(
+    model: nn.Module, config: RunConfig, selected: dict[str, Any] | None, log: Log
+) -> None:
     """Point the chosen modules' LoRA A along the probe's gradient directions (``select/init.py``): from
     this run's own selection, or from ``select.init_from`` (what ``peftkit select`` wrote)."""
     from ..select import init as select_init
@@ -331,12 +386,15 @@ def _check_run_dir(run_dir: Path, config: RunConfig, resume: bool, log: Log) -> 
     # (an older peftkit wrote it before loading anything) is not one, and a fresh start may replace it.
     holds_run = (run_dir / "metrics.jsonl").is_file() or any(
         (run_dir / d).is_dir() and any((run_dir / d).iterdir())
-        for d in ("checkpoints", "best", "final", ADAPTER_DIR, FULL_MODEL_DIR))
+        for d in ("checkpoints", "best", "final", ADAPTER_DIR, FULL_MODEL_DIR)
+    )
     if holds_run and not resume:
         raise ConfigError(
-            [f"output_dir: {_shown(run_dir)!r} already holds a run; pass --resume to continue it, or start a new "
-             f"one elsewhere (e.g. output_dir={_shown(run_dir.with_name(run_dir.name + '-2'))}), or delete the "
-             "directory"],
+            [
+                f"output_dir: {_shown(run_dir)!r} already holds a run; pass --resume to continue it, or start a new "
+                f"one elsewhere (e.g. output_dir={_shown(run_dir.with_name(run_dir.name + '-2'))}), or delete the "
+                "directory"
+            ],
             what="run config",
         )
     if resume and previous.is_file():
@@ -355,12 +413,17 @@ def _shown(path: Path) -> str:
 
 def _changed_fields(old: Any, new: Any, prefix: str = "") -> list[str]:
     if dataclasses.is_dataclass(old) and dataclasses.is_dataclass(new):
-        return [path for f in dataclasses.fields(old)
-                for path in _changed_fields(getattr(old, f.name), getattr(new, f.name), f"{prefix}{f.name}.")]
+        return [
+            path
+            for f in dataclasses.fields(old)
+            for path in _changed_fields(getattr(old, f.name), getattr(new, f.name), f"{prefix}{f.name}.")
+        ]
     return [] if old == new else [prefix.rstrip(".")]
 
 
-def _evaluate_base(task: Task, model: nn.Module, examples: Sequence[Any], batch_size: int, full: bool) -> dict:
+def _evaluate_base(
+    task: Task, model: nn.Module, examples: Sequence[Any], batch_size: int, full: bool
+) -> dict:
     if full:  # nothing trained yet: the model is the base model
         return task.evaluate(model, examples, batch_size)
     with api.disable(model):  # exactly the base model's outputs
@@ -386,7 +449,9 @@ def _fit_facts(result: Any, weights: Path | None) -> dict[str, Any]:
 
 
 def _method(config: RunConfig) -> str:
-    return FULL_FINE_TUNING if is_full_fine_tuning(config) else str(config.adapter.get("method", "lora")).lower()
+    return (
+        FULL_FINE_TUNING if is_full_fine_tuning(config) else str(config.adapter.get("method", "lora")).lower()
+    )
 
 
 def _format(metrics: Mapping[str, Any]) -> str:
@@ -458,8 +523,9 @@ def _weights_dir(run_dir: Path, full: bool) -> Path:
     )
 
 
-def eval_run(source: str | os.PathLike | RunConfig, split: str | None = None, *,
-             batch_size: int | None = None) -> dict[str, Any]:
+def eval_run(
+    source: str | os.PathLike | RunConfig, split: str | None = None, *, batch_size: int | None = None
+) -> dict[str, Any]:
     """Metrics of a trained run, or of the untrained base model of a config, on one split.
 
     Args:
@@ -485,8 +551,11 @@ def eval_run(source: str | os.PathLike | RunConfig, split: str | None = None, *,
         config, task, model, run_dir = loaded.config, loaded.task, loaded.model, Path(source)
     split = split or config.eval.split
     examples = _split_examples(task, split)
-    metrics = {"split": split, "examples": len(examples),
-               **task.evaluate(model, examples, batch_size or config.eval.batch_size)}
+    metrics = {
+        "split": split,
+        "examples": len(examples),
+        **task.evaluate(model, examples, batch_size or config.eval.batch_size),
+    }
     if run_dir is not None:
         _write_json(run_dir / f"eval-{split}.json", metrics)
     return metrics
@@ -497,13 +566,21 @@ def _split_examples(task: Task, split: str) -> Sequence[Any]:
         raise ConfigError([f"split: expected train, validation or test, got {split!r}"], what="evaluation")
     examples = task.load_data().get(split) or []
     if not examples:
-        raise ConfigError([f"split: the {split} split is empty for this data; choose another split"], what="evaluation")
+        raise ConfigError(
+            [f"split: the {split} split is empty for this data; choose another split"], what="evaluation"
+        )
     return examples
 
 
-def predict_run(run_dir: str | os.PathLike, inputs: Sequence[Any], batch_size: int | None = None,
-                input_key: str | None = None, *, generation: Mapping[str, Any] | None = None,
-                stream: bool = False) -> list[Any]:
+def predict_run(
+    run_dir: str | os.PathLike,
+    inputs: Sequence[Any],
+    batch_size: int | None = None,
+    input_key: str | None = None,
+    *,
+    generation: Mapping[str, Any] | None = None,
+    stream: bool = False,
+) -> list[Any]:
     """The trained run's predictions for raw ``inputs`` (texts, prompts, ... as the task takes them).
 
     Args:
@@ -525,16 +602,22 @@ def predict_run(run_dir: str | os.PathLike, inputs: Sequence[Any], batch_size: i
     with_generation(loaded, generation or {}, stream=stream, inputs=len(inputs))
     if not inputs:
         return []
-    inputs = _task_inputs(list(inputs), loaded.task.input_role, input_key, getattr(loaded.task, "record_keys", ()))
+    inputs = _task_inputs(
+        list(inputs), loaded.task.input_role, input_key, getattr(loaded.task, "record_keys", ())
+    )
     batch_size = batch_size or loaded.config.eval.batch_size
     if stream:
         from ..tasks.generation import terminal_streamer
 
-        return list(loaded.task.predict(loaded.model, inputs, 1, streamer=terminal_streamer(loaded.task.tokenizer)))
+        return list(
+            loaded.task.predict(loaded.model, inputs, 1, streamer=terminal_streamer(loaded.task.tokenizer))
+        )
     return list(loaded.task.predict(loaded.model, inputs, batch_size))
 
 
-def with_generation(loaded: LoadedRun, changes: Mapping[str, Any], *, stream: bool = False, inputs: int = 1) -> None:
+def with_generation(
+    loaded: LoadedRun, changes: Mapping[str, Any], *, stream: bool = False, inputs: int = 1
+) -> None:
     """Apply ``changes`` to the loaded run's ``generation`` settings (checked like a config file).
 
     Raises:
@@ -546,8 +629,10 @@ def with_generation(loaded: LoadedRun, changes: Mapping[str, Any], *, stream: bo
     generates = isinstance(loaded.task, GenerationTask)
     problems = []
     if (changes or stream) and not generates:
-        problems.append(f"generation options: task {loaded.config.task!r} does not generate text; they apply to "
-                        "causal-lm and seq2seq runs")
+        problems.append(
+            f"generation options: task {loaded.config.task!r} does not generate text; they apply to "
+            "causal-lm and seq2seq runs"
+        )
     if changes and generates:
         settings = dataclasses.replace(loaded.config.generation, **changes)
         if "max_new_tokens" in changes:  # the option is the newest word on the length
@@ -556,8 +641,10 @@ def with_generation(loaded: LoadedRun, changes: Mapping[str, Any], *, stream: bo
         problems += [p for p in value_problems(candidate) if p.startswith("generation.")]
         loaded.config.generation = settings
     if stream and inputs != 1:
-        problems.append(f"--stream shows one answer as it is written; got {inputs} inputs (give one prompt, "
-                        "or drop --stream)")
+        problems.append(
+            f"--stream shows one answer as it is written; got {inputs} inputs (give one prompt, "
+            "or drop --stream)"
+        )
     if stream and loaded.config.generation.num_beams > 1:
         problems.append("--stream: beam search settles its answer only at the end; use num_beams 1 to stream")
     if problems:
@@ -582,9 +669,13 @@ def _task_inputs(inputs: list[Any], role: str, key: str | None, record_keys: Seq
                 example = keys[0] if keys else role
                 records = f", a chat record ({', '.join(record_keys)})" if record_keys else ""
                 raise ConfigError(
-                    [f"input {number} is a JSON object without {wanted!r} (its keys: {', '.join(map(repr, keys)) or 'none'}); "
-                     f"name the key that holds the {role} with --input-key (e.g. --input-key {example}), or give one "
-                     f"plain {role} per line{records}"], what="predict input")
+                    [
+                        f"input {number} is a JSON object without {wanted!r} (its keys: {', '.join(map(repr, keys)) or 'none'}); "
+                        f"name the key that holds the {role} with --input-key (e.g. --input-key {example}), or give one "
+                        f"plain {role} per line{records}"
+                    ],
+                    what="predict input",
+                )
             item = {role: item[wanted]}
         out.append(item)
     return out
@@ -605,7 +696,9 @@ def merge_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
     """
     out_dir = Path(out_dir)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        raise FileExistsError(f"{str(out_dir)!r} already exists and is not empty; give a new directory for the merged model")
+        raise FileExistsError(
+            f"{str(out_dir)!r} already exists and is not empty; give a new directory for the merged model"
+        )
     loaded = load_run(run_dir)
     model = loaded.model
     if not is_full_fine_tuning(loaded.config):
@@ -646,8 +739,11 @@ def merged_loader(out_dir: str | os.PathLike) -> str:
         # a head transformers has no class for (peftkit's pooled classifier): its code is in the directory
         return f"transformers.{auto}.from_pretrained({str(out_dir)!r}, trust_remote_code=True)"
     architecture = next(iter(config.get("architectures") or []), None)
-    return f"transformers.{architecture}.from_pretrained({str(out_dir)!r})" if architecture else \
-        "transformers' from_pretrained"
+    return (
+        f"transformers.{architecture}.from_pretrained({str(out_dir)!r})"
+        if architecture
+        else "transformers' from_pretrained"
+    )
 
 
 @contextlib.contextmanager

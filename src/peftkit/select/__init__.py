@@ -9,7 +9,23 @@ from .choose import INITS, RULES, Selection, adapter_section, is_auto, parse_bud
 from .scores import SCORES, Scores, probe
 
 __all__ = [
-    "Allocation", "Candidates", "INITS", "LowRank", "RULES", "SCORES", "Scores", "Selection", "WholeParams",
-    "adapter_section", "allocate", "find_candidates", "init", "is_auto", "parse_budget", "probe", "random_allocation",
-    "select", "select_for_run",
+    "Allocation",
+    "Candidates",
+    "INITS",
+    "LowRank",
+    "RULES",
+    "SCORES",
+    "Scores",
+    "Selection",
+    "WholeParams",
+    "adapter_section",
+    "allocate",
+    "find_candidates",
+    "init",
+    "is_auto",
+    "parse_budget",
+    "probe",
+    "random_allocation",
+    "select",
+    "select_for_run",
 ]

@@ -73,8 +73,13 @@ def allocate(
     covered: set[str] = set()
     open_whole = list(range(len(whole)))
     while True:
-        while heap and _step_cost(low_rank[heap[0][2]], out.ranks.get(low_rank[heap[0][2]].name, 0), min_rank,
-                                  fixed[heap[0][2]]) > left:
+        while (
+            heap
+            and _step_cost(
+                low_rank[heap[0][2]], out.ranks.get(low_rank[heap[0][2]].name, 0), min_rank, fixed[heap[0][2]]
+            )
+            > left
+        ):
             heapq.heappop(heap)  # a module's next step costs the same or more later on: drop it
         best_whole = _best_whole(whole, open_whole, param_gains, covered, left)
         low_ratio = -heap[0][0] if heap else 0.0
@@ -109,7 +114,9 @@ def _gain(gains: Sequence[float], k: int) -> float:
     return float(gains[k]) if k < len(gains) else 0.0
 
 
-def _push(heap: list, i: int, cand: LowRank, gains: Sequence[float], have: int, take: int, fixed: int) -> None:
+def _push(
+    heap: list, i: int, cand: LowRank, gains: Sequence[float], have: int, take: int, fixed: int
+) -> None:
     gain = sum(_gain(gains, k) for k in range(have, have + take))
     heapq.heappush(heap, (-gain / (take * cand.cost_per_rank + fixed), have + take, i))
 
@@ -118,8 +125,13 @@ def _step_cost(cand: LowRank, have: int, min_rank: int, fixed: int) -> int:
     return min_rank * cand.cost_per_rank + fixed if have == 0 else cand.cost_per_rank
 
 
-def _best_whole(whole: Sequence[WholeParams], open_whole: list[int], param_gains: Mapping[str, float],
-                covered: set[str], left: int) -> tuple[float, int, int, float] | None:
+def _best_whole(
+    whole: Sequence[WholeParams],
+    open_whole: list[int],
+    param_gains: Mapping[str, float],
+    covered: set[str],
+    left: int,
+) -> tuple[float, int, int, float] | None:
     """(gain per parameter, index, cost, gain) of the best whole candidate that fits, given what is covered."""
     best = None
     for j in open_whole:
@@ -134,8 +146,9 @@ def _best_whole(whole: Sequence[WholeParams], open_whole: list[int], param_gains
     return best
 
 
-def random_allocation(low_rank: Sequence[LowRank], budget: int, rank: int, seed: int,
-                      per_module: bool = False) -> Allocation:
+def random_allocation(
+    low_rank: Sequence[LowRank], budget: int, rank: int, seed: int, per_module: bool = False
+) -> Allocation:
     """A control: modules drawn uniformly at random (embeddings excepted), each at ``rank`` while the
     budget allows, then one more at the highest rank that still fits. No whole parameters."""
     pool = [c for c in low_rank if c.kind != "Embedding"]

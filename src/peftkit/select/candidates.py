@@ -73,7 +73,10 @@ class Candidates:
 
 
 _NORM_TYPES: tuple[type[nn.Module], ...] = (
-    nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._NormBase, nn.LocalResponseNorm,
+    nn.LayerNorm,
+    nn.GroupNorm,
+    nn.modules.batchnorm._NormBase,
+    nn.LocalResponseNorm,
     *((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()),
 )
 
@@ -82,11 +85,17 @@ def is_norm(module: nn.Module) -> bool:
     """A normalisation layer: a torch one, or a model's own (LlamaRMSNorm, T5LayerNorm ...) judged by
     its class name, since transformers defines its own RMSNorm classes per architecture."""
     name = type(module).__name__.lower()
-    return isinstance(module, _NORM_TYPES) or name.rstrip("123d").endswith(("layernorm", "rmsnorm", "groupnorm", "batchnorm"))
+    return isinstance(module, _NORM_TYPES) or name.rstrip("123d").endswith(
+        ("layernorm", "rmsnorm", "groupnorm", "batchnorm")
+    )
 
 
-def find_candidates(model: nn.Module, always_trained: list[str] | None = None,
-                    whole_params: bool = True, embeddings: bool = True) -> Candidates:
+def find_candidates(
+    model: nn.Module,
+    always_trained: list[str] | None = None,
+    whole_params: bool = True,
+    embeddings: bool = True,
+) -> Candidates:
     """Every candidate on ``model`` (which must not hold adapters yet).
 
     Args:
@@ -130,7 +139,8 @@ def find_candidates(model: nn.Module, always_trained: list[str] | None = None,
         low_rank.append(LowRank(name, type(module).__name__, rows, cols, rows if on_rows else cols, on_rows))
     if whole_params:
         biases = {
-            n: p.numel() for n, p in model.named_parameters()
+            n: p.numel()
+            for n, p in model.named_parameters()
             if n.endswith(".bias") and not n.startswith(always_prefixes) and n.rsplit(".", 1)[0] not in always
         }
         if biases:

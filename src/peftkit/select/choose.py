@@ -122,26 +122,48 @@ def select(
     dora = bool(base.get("use_dora"))
     scores = None
     if rule == "random":
-        allocation = random_allocation(candidates.low_rank, count, int(base.get("r", 8)), seed, per_module=dora)
+        allocation = random_allocation(
+            candidates.low_rank, count, int(base.get("r", 8)), seed, per_module=dora
+        )
     else:
         scores = probe(model, candidates, batches, loss, rule, max_rank)
-        allocation = allocate(candidates.low_rank, scores.rank_gains, candidates.whole, scores.param_gains, count,
-                              min_rank=min_rank, max_rank=max_rank, per_module=dora)
+        allocation = allocate(
+            candidates.low_rank,
+            scores.rank_gains,
+            candidates.whole,
+            scores.param_gains,
+            count,
+            min_rank=min_rank,
+            max_rank=max_rank,
+            per_module=dora,
+        )
     if not allocation.ranks:
         cheapest = min(candidates.low_rank, key=lambda c: c.cost_per_rank, default=None)
-        need = f"; the cheapest rank-{min_rank} adapter ({cheapest.name}) costs " \
-               f"{min_rank * cheapest.cost_per_rank:,}" if cheapest else ""
+        need = (
+            f"; the cheapest rank-{min_rank} adapter ({cheapest.name}) costs "
+            f"{min_rank * cheapest.cost_per_rank:,}"
+            if cheapest
+            else ""
+        )
         raise ValueError(
             f"the budget of {count:,} parameters bought no LoRA adapter{need}. Raise the budget"
             + (" or lower select.min_rank" if min_rank > 1 else "")
-            + ("; if the probe saw no gradient at all, check that the loss depends on the model" if scores else "")
+            + (
+                "; if the probe saw no gradient at all, check that the loss depends on the model"
+                if scores
+                else ""
+            )
         )
     directions = scores.directions if scores is not None and init == "gradient" else {}
     starts = {name: directions[name][:rank] for name, rank in allocation.ranks.items() if name in directions}
-    return Selection(adapter_section(base, allocation, candidates), allocation, candidates, scores, rule, starts)
+    return Selection(
+        adapter_section(base, allocation, candidates), allocation, candidates, scores, rule, starts
+    )
 
 
-def adapter_section(base: Mapping[str, Any], allocation: Allocation, candidates: Candidates) -> dict[str, Any]:
+def adapter_section(
+    base: Mapping[str, Any], allocation: Allocation, candidates: Candidates
+) -> dict[str, Any]:
     """The concrete LoRA adapter section for ``allocation``: exact module names as targets, the most common
     rank as ``r`` and the others in ``rank_pattern``, and per-module alphas that keep the scaling of
     ``base`` (``lora_alpha / r``, or ``/ sqrt(r)`` with rsLoRA) whatever the rank."""
@@ -164,7 +186,10 @@ def adapter_section(base: Mapping[str, Any], allocation: Allocation, candidates:
     saved = list(candidates.always_trained) + [n for n in allocation.whole if whole[n].option == "module"]
     section = {k: v for k, v in base.items() if k not in ("target_modules", "rank_pattern", "alpha_pattern")}
     section.update(
-        r=common, lora_alpha=alpha(common), target_modules=list(ranks), rank_pattern=rank_pattern,
+        r=common,
+        lora_alpha=alpha(common),
+        target_modules=list(ranks),
+        rank_pattern=rank_pattern,
         alpha_pattern=alpha_pattern,
     )
     if saved:
@@ -186,32 +211,56 @@ def select_for_run(config: Any, task: Any, model: nn.Module, log: Callable[[str]
     train split, the run's own loss, and the config's adapter fields as the starting point."""
     sel = config.select
     if sel.budget is None:
-        raise ConfigError(["select.budget: automatic selection needs a budget, e.g. select.budget=0.5% or "
-                           "select.budget=82944"], what="run config")
+        raise ConfigError(
+            [
+                "select.budget: automatic selection needs a budget, e.g. select.budget=0.5% or "
+                "select.budget=82944"
+            ],
+            what="run config",
+        )
     train = task.load_data().get("train") or []
     if not train:
-        raise ConfigError(["data: the train split is empty; the selection probe needs training examples"],
-                          what="run config")
+        raise ConfigError(
+            ["data: the train split is empty; the selection probe needs training examples"], what="run config"
+        )
     size = sel.probe_batch_size or config.train.batch_size
     seed = config.train.seed if sel.seed is None else sel.seed
     order = list(range(len(train)))
     random.Random(seed).shuffle(order)
     # distinct examples while the split lasts, then around again (a split smaller than the probe)
     needed = [order[k % len(order)] for k in range(size * sel.probe_batches)]
-    batches = [task.collate([train[j] for j in needed[i:i + size]]) for i in range(0, len(needed), size)]
+    batches = [task.collate([train[j] for j in needed[i : i + size]]) for i in range(0, len(needed), size)]
     base = {k: v for k, v in config.adapter.items() if k != "target_modules"}
     saved = base.pop("modules_to_save", None)
     always = None if saved is None else list(saved)
-    log(f"selecting LoRA targets and ranks ({sel.score} score, budget {sel.budget}) from "
-        f"{len(batches)} probe batches of {size}")
-    selection = select(model, batches, task.loss, sel.budget, rule=sel.score, adapter=base, min_rank=sel.min_rank,
-                       max_rank=sel.max_rank, whole_params=sel.whole_params, embeddings=sel.embeddings,
-                       always_trained=always, seed=seed, init=sel.init)
+    log(
+        f"selecting LoRA targets and ranks ({sel.score} score, budget {sel.budget}) from "
+        f"{len(batches)} probe batches of {size}"
+    )
+    selection = select(
+        model,
+        batches,
+        task.loss,
+        sel.budget,
+        rule=sel.score,
+        adapter=base,
+        min_rank=sel.min_rank,
+        max_rank=sel.max_rank,
+        whole_params=sel.whole_params,
+        embeddings=sel.embeddings,
+        always_trained=always,
+        seed=seed,
+        init=sel.init,
+    )
     a = selection.allocation
     cost = selection.scores.cost if selection.scores else None
-    log(f"selected {len(a.ranks)} LoRA modules (ranks {min(a.ranks.values())}-{max(a.ranks.values())}) and "
+    log(
+        f"selected {len(a.ranks)} LoRA modules (ranks {min(a.ranks.values())}-{max(a.ranks.values())}) and "
         f"{len(a.whole)} whole-parameter groups: {a.used:,} of {a.budget:,} parameters"
-        + (f"; probe {cost.forward_backward_passes} passes, {cost.seconds:.1f} s" if cost else ""))
+        + (f"; probe {cost.forward_backward_passes} passes, {cost.seconds:.1f} s" if cost else "")
+    )
     if sel.init == "gradient" and not selection.init:
-        log(f"select.init=gradient: the {sel.score} rule gives no gradient directions, so LoRA's own init is used")
+        log(
+            f"select.init=gradient: the {sel.score} rule gives no gradient directions, so LoRA's own init is used"
+        )
     return selection

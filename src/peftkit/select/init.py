@@ -44,15 +44,19 @@ def apply(model: nn.Module, directions: Mapping[str, torch.Tensor], adapter_name
     done = 0
     for name, rows in directions.items():
         layer = layers.get(name)
-        adapter = layer.adapters[adapter_name] if layer is not None and adapter_name in layer.adapters else None
+        adapter = (
+            layer.adapters[adapter_name] if layer is not None and adapter_name in layer.adapters else None
+        )
         a = getattr(getattr(adapter, "lora_A", None), "weight", None)
         if a is None:
             problems.append(f"{name}: no LoRA adapter {adapter_name!r} with an A matrix there")
             continue
         view = a.reshape(a.shape[0], -1)
         if tuple(view.shape) != tuple(rows.shape):
-            problems.append(f"{name}: LoRA A is {tuple(view.shape)} (rank x inputs), the directions are "
-                            f"{tuple(rows.shape)}")
+            problems.append(
+                f"{name}: LoRA A is {tuple(view.shape)} (rank x inputs), the directions are "
+                f"{tuple(rows.shape)}"
+            )
             continue
         with torch.no_grad():
             norms = view.float().norm(dim=1, keepdim=True)
@@ -60,8 +64,14 @@ def apply(model: nn.Module, directions: Mapping[str, torch.Tensor], adapter_name
             a.copy_((unit * norms).reshape(a.shape).to(a.dtype))
         done += 1
     if problems:
-        raise ConfigError(problems + ["the initial directions do not match this adapter: select again for "
-                                      "this model and config (or drop select.init_from)"], what="initial LoRA directions")
+        raise ConfigError(
+            problems
+            + [
+                "the initial directions do not match this adapter: select again for "
+                "this model and config (or drop select.init_from)"
+            ],
+            what="initial LoRA directions",
+        )
     return done
 
 
@@ -82,11 +92,17 @@ def load(path: str | Path) -> dict[str, torch.Tensor]:
 
     path = Path(path)
     if not path.is_file():
-        raise ConfigError([f"select.init_from: {str(path)!r} does not exist; it is the {INIT_FILE} that "
-                           "`peftkit select` writes beside selected.yaml (or set select.init_from: null)"],
-                          what="run config")
+        raise ConfigError(
+            [
+                f"select.init_from: {str(path)!r} does not exist; it is the {INIT_FILE} that "
+                "`peftkit select` writes beside selected.yaml (or set select.init_from: null)"
+            ],
+            what="run config",
+        )
     try:
         return load_file(str(path))
     except Exception as exc:  # noqa: BLE001 - any unreadable file gets the same advice
-        raise ConfigError([f"select.init_from: {str(path)!r} is not a safetensors file of LoRA directions "
-                           f"({exc})"], what="run config") from exc
+        raise ConfigError(
+            [f"select.init_from: {str(path)!r} is not a safetensors file of LoRA directions ({exc})"],
+            what="run config",
+        ) from exc

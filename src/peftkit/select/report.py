@@ -27,13 +27,24 @@ def record(selection: Selection) -> dict[str, Any]:
         "always_trained": selection.candidates.always_trained,
         "adapter": selection.adapter,
         "low_rank": [
-            {"module": c.name, "kind": c.kind, "shape": [c.rows, c.cols], "cost_per_rank": c.cost_per_rank,
-             "rank": a.ranks.get(c.name, 0), "gains": gains.get(c.name, [])}
+            {
+                "module": c.name,
+                "kind": c.kind,
+                "shape": [c.rows, c.cols],
+                "cost_per_rank": c.cost_per_rank,
+                "rank": a.ranks.get(c.name, 0),
+                "gains": gains.get(c.name, []),
+            }
             for c in selection.candidates.low_rank
         ],
         "whole": [
-            {"name": w.name, "kind": w.kind, "params": sum(w.params.values()), "chosen": w.name in a.whole,
-             "gain": sum(scores.param_gains.get(n, 0.0) for n in w.params) if scores else None}
+            {
+                "name": w.name,
+                "kind": w.kind,
+                "params": sum(w.params.values()),
+                "chosen": w.name in a.whole,
+                "gain": sum(scores.param_gains.get(n, 0.0) for n in w.params) if scores else None,
+            }
             for w in selection.candidates.whole
         ],
         "probe": vars(scores.cost) if scores and scores.cost else None,
@@ -51,40 +62,59 @@ def markdown(selection: Selection) -> str:
         "",
         f"Budget **{a.budget:,}** trainable parameters ({100 * a.budget / total:.3f}% of {total:,}); used "
         f"**{a.used:,}** ({100 * a.used / max(a.budget, 1):.1f}% of the budget). "
-        + (f"Also trained in full, outside the budget: {', '.join(rec['always_trained'])}. "
-           if rec["always_trained"] else ""),
+        + (
+            f"Also trained in full, outside the budget: {', '.join(rec['always_trained'])}. "
+            if rec["always_trained"]
+            else ""
+        ),
     ]
     probe = rec["probe"]
     if probe:
-        lines.append(f"Probe: {probe['batches']} batches, {probe['forward_backward_passes']} forward/backward passes, "
-                     f"{probe['seconds']:.1f} s, {probe['stats_bytes'] / 2**20:.1f} MiB of statistics.")
-    lines.append("Initialisation: each chosen module's LoRA A starts along the probed gradient's best input "
-                 f"directions, B at zero ({init.INIT_FILE})." if selection.init else
-                 "Initialisation: LoRA's own (random A, zero B).")
+        lines.append(
+            f"Probe: {probe['batches']} batches, {probe['forward_backward_passes']} forward/backward passes, "
+            f"{probe['seconds']:.1f} s, {probe['stats_bytes'] / 2**20:.1f} MiB of statistics."
+        )
+    lines.append(
+        "Initialisation: each chosen module's LoRA A starts along the probed gradient's best input "
+        f"directions, B at zero ({init.INIT_FILE})."
+        if selection.init
+        else "Initialisation: LoRA's own (random A, zero B)."
+    )
     explain = {
         "gradient": "score = squared singular values of the mean gradient: what each rank can lower the loss by, "
-                    "to first order",
+        "to first order",
         "adam": "score = singular values of the mean gradient times the L1 norm of their output direction: what "
-                "each rank can lower the loss by under AdamW's equal-size steps, to first order",
+        "each rank can lower the loss by under AdamW's equal-size steps, to first order",
         "fisher": "score = eigenvalues of the per-batch gradient second moment (empirical Fisher, projected to rank k)",
         "activation": "score = eigenvalues of the module's output second moment (label-free)",
         "random": "modules drawn at random (a control, not a score)",
     }
-    lines += ["", explain[rec["rule"]] + ". A module's 'captured' is the share of its score its chosen rank "
-              "takes; ranks go where a parameter buys the most score.", ""]
-    lines += ["| module | kind | weight | score (rank 1) | captured | rank | params |", "|---|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        explain[rec["rule"]] + ". A module's 'captured' is the share of its score its chosen rank "
+        "takes; ranks go where a parameter buys the most score.",
+        "",
+    ]
+    lines += [
+        "| module | kind | weight | score (rank 1) | captured | rank | params |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for row in rec["low_rank"]:
         gains, rank = row["gains"], row["rank"]
         whole = sum(gains)
         captured = f"{100 * sum(gains[:rank]) / whole:.0f}%" if whole > 0 and rank else "-"
         first = f"{gains[0]:.3g}" if gains else "-"
-        lines.append(f"| {row['module']} | {row['kind']} | {row['shape'][0]}x{row['shape'][1]} | {first} | {captured} "
-                     f"| {rank or '-'} | {rank * row['cost_per_rank']:,} |")
+        lines.append(
+            f"| {row['module']} | {row['kind']} | {row['shape'][0]}x{row['shape'][1]} | {first} | {captured} "
+            f"| {rank or '-'} | {rank * row['cost_per_rank']:,} |"
+        )
     if rec["whole"]:
         lines += ["", "| whole parameters | kind | params | score | chosen |", "|---|---|---|---|---|"]
         for row in rec["whole"]:
             gain = "-" if row["gain"] is None else f"{row['gain']:.3g}"
-            lines.append(f"| {row['name']} | {row['kind']} | {row['params']:,} | {gain} | {'yes' if row['chosen'] else 'no'} |")
+            lines.append(
+                f"| {row['name']} | {row['kind']} | {row['params']:,} | {gain} | {'yes' if row['chosen'] else 'no'} |"
+            )
     return "\n".join(lines) + "\n"
 
 

@@ -73,8 +73,14 @@ class Scores:
     cost: ProbeCost | None = None
 
 
-def probe(model: nn.Module, candidates: Candidates, batches: Sequence[Any], loss: Loss, rule: str = "gradient",
-          max_rank: int = 64) -> Scores:
+def probe(
+    model: nn.Module,
+    candidates: Candidates,
+    batches: Sequence[Any],
+    loss: Loss,
+    rule: str = "gradient",
+    max_rank: int = 64,
+) -> Scores:
     """Score every candidate on ``batches`` with ``rule`` (one of :data:`SCORES`).
 
     The model's parameters' ``requires_grad`` flags and its train/eval mode are restored afterwards.
@@ -134,7 +140,9 @@ def probe(model: nn.Module, candidates: Candidates, batches: Sequence[Any], loss
             scores.directions[c.name] = directions
     for name in whole_names:
         scores.param_gains[name] = (
-            float(params[name].detach().float().pow(2).sum()) if rule == "activation" else stats.param_gain(name)
+            float(params[name].detach().float().pow(2).sum())
+            if rule == "activation"
+            else stats.param_gain(name)
         )
     passes = 0 if rule == "activation" else len(batches)
     scores.cost = ProbeCost(len(batches), passes, time.perf_counter() - started, stats.nbytes())
@@ -162,6 +170,7 @@ class _Stats:
             elif self.rule == "fisher":
                 grad = grad.pow(2).sum().reshape(1)
             self._add(name, grad)
+
         return hook
 
     def activation_hook(self, name: str):
@@ -169,10 +178,15 @@ class _Stats:
             out = output.detach().float()
             bias = getattr(module, "bias", None)
             channel_last = out.dim() <= 3 or isinstance(module, (nn.Linear, nn.Embedding))
-            rows = out.reshape(-1, out.shape[-1]) if channel_last else out.movedim(1, -1).reshape(-1, out.shape[1])
+            rows = (
+                out.reshape(-1, out.shape[-1])
+                if channel_last
+                else out.movedim(1, -1).reshape(-1, out.shape[1])
+            )
             if isinstance(bias, torch.Tensor):
                 rows = rows - bias.detach().float()
             self._add(name, rows.T @ rows / rows.shape[0])
+
         return hook
 
     def _add(self, name: str, value: torch.Tensor) -> None:
@@ -181,7 +195,9 @@ class _Stats:
         else:
             self.sums[name] = value.clone()
 
-    def rank_gains(self, name: str, ranks: int, output_on_rows: bool = True) -> tuple[list[float], torch.Tensor | None]:
+    def rank_gains(
+        self, name: str, ranks: int, output_on_rows: bool = True
+    ) -> tuple[list[float], torch.Tensor | None]:
         """The gains of ranks 1..``ranks`` and, for the mean-gradient rules, their input-side directions."""
         total = self.sums.get(name)
         if total is None or self.batches == 0:

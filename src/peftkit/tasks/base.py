@@ -72,8 +72,11 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
         model.train(was_training)
 
 
-def majority_baseline(splits: Mapping[str, Sequence[Example]], label_id: Callable[[Any], int],
-                      metric_fns: Mapping[str, Callable[..., float]]) -> dict[str, Any] | None:
+def majority_baseline(
+    splits: Mapping[str, Sequence[Example]],
+    label_id: Callable[[Any], int],
+    metric_fns: Mapping[str, Callable[..., float]],
+) -> dict[str, Any] | None:
     """What predicting the training split's most frequent class scores on the test split (the validation
     split when there is no test split), for a classification task; None without the splits."""
     from .. import metrics
@@ -81,8 +84,11 @@ def majority_baseline(splits: Mapping[str, Sequence[Example]], label_id: Callabl
     held_out = splits.get("test") or splits.get("validation") or []
     if not splits.get("train") or not held_out:
         return None
-    scores = metrics.majority_class([label_id(e["label"]) for e in splits["train"]],
-                                    [label_id(e["label"]) for e in held_out], dict(metric_fns))
+    scores = metrics.majority_class(
+        [label_id(e["label"]) for e in splits["train"]],
+        [label_id(e["label"]) for e in held_out],
+        dict(metric_fns),
+    )
     return {"name": "majority class", "split": "test" if splits.get("test") else "validation", **scores}
 
 

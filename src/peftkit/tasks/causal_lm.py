@@ -200,7 +200,9 @@ class CausalLMTask(GenerationTask):
 
     def reference_text(self, example: Example) -> str:
         """The last answer of the conversation."""
-        answers = [m["content"] for m in self.conversation(example, answered=True) if m["role"] == "assistant"]
+        answers = [
+            m["content"] for m in self.conversation(example, answered=True) if m["role"] == "assistant"
+        ]
         if not answers:
             raise KeyError("example has no answer to score against (no response, no assistant turn)")
         return answers[-1]
@@ -231,9 +233,13 @@ class CausalLMTask(GenerationTask):
             ids, mask = pad(chunk, self._pad_id(), side="right")
             return {"input_ids": ids, "attention_mask": mask, "labels": pad(chunk, IGNORE, side="right")[0]}
 
-        return BehaviourProbe("lm_loss", GENERAL_TEXT_SOURCE, value=teacher_forced_nll(model, collate, sequences, batch_size))
+        return BehaviourProbe(
+            "lm_loss", GENERAL_TEXT_SOURCE, value=teacher_forced_nll(model, collate, sequences, batch_size)
+        )
 
-    def predict(self, model: nn.Module, inputs: Sequence[Any], batch_size: int, *, streamer: Any = None) -> list[str]:
+    def predict(
+        self, model: nn.Module, inputs: Sequence[Any], batch_size: int, *, streamer: Any = None
+    ) -> list[str]:
         """The answer to each prompt, in order, generated with the run's ``generation`` settings
         (``generation.max_new_tokens`` tokens at most, up to a stop token).
 
@@ -254,7 +260,13 @@ class CausalLMTask(GenerationTask):
             except ValueError as exc:  # a malformed chat record
                 raise ConfigError([f"input {number}: {exc}"], what="prediction input") from None
         return generate_texts(
-            model, tokenizer, prompts, batch_size, settings_of(self.config), self._pad_id(), left_pad=True,
+            model,
+            tokenizer,
+            prompts,
+            batch_size,
+            settings_of(self.config),
+            self._pad_id(),
+            left_pad=True,
             streamer=streamer,
         )
 
@@ -268,10 +280,14 @@ def config_problems(config: RunConfig) -> list[str]:
     if config.model.dtype not in DTYPES:
         problems.append(f"model.dtype: expected one of {', '.join(DTYPES)}, got {config.model.dtype!r}")
     if config.data.max_length < 2:
-        problems.append(f"data.max_length: expected at least 2 tokens (prompt + answer), got {config.data.max_length}")
+        problems.append(
+            f"data.max_length: expected at least 2 tokens (prompt + answer), got {config.data.max_length}"
+        )
     length = settings_of(config).max_new_tokens
     if length <= 0:
-        field_name = "eval.max_new_tokens" if config.eval.max_new_tokens is not None else "generation.max_new_tokens"
+        field_name = (
+            "eval.max_new_tokens" if config.eval.max_new_tokens is not None else "generation.max_new_tokens"
+        )
         problems.append(f"{field_name}: expected a positive number of tokens, got {length}")
     known = ["loss", "perplexity", *TEXT_METRICS]
     unknown = [m for m in config.eval.metrics if m not in known]
@@ -280,7 +296,9 @@ def config_problems(config: RunConfig) -> list[str]:
     return problems
 
 
-def load_pretrained(auto_class: Any, config: RunConfig, source: str, load_tokenizer: Callable[[], Any]) -> nn.Module:
+def load_pretrained(
+    auto_class: Any, config: RunConfig, source: str, load_tokenizer: Callable[[], Any]
+) -> nn.Module:
     """``auto_class.from_pretrained(source)`` in ``model.dtype`` (GGUF too), quietly, with the tokenizer.
 
     Raises:
@@ -332,7 +350,9 @@ def token_nll(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tenso
     """
     device = next(model.parameters()).device
     batch = {k: v.to(device) for k, v in batch.items()}
-    logits = model(**{k: v for k, v in batch.items() if k != "labels" or model.config.is_encoder_decoder}).logits
+    logits = model(
+        **{k: v for k, v in batch.items() if k != "labels" or model.config.is_encoder_decoder}
+    ).logits
     labels = batch["labels"]
     if not model.config.is_encoder_decoder:
         logits, labels = logits[:, :-1], labels[:, 1:]
@@ -341,7 +361,10 @@ def token_nll(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tenso
 
 
 def teacher_forced_nll(
-    model: nn.Module, collate: Callable[[Sequence[Example]], Batch], examples: Sequence[Example], batch_size: int
+    model: nn.Module,
+    collate: Callable[[Sequence[Example]], Batch],
+    examples: Sequence[Example],
+    batch_size: int,
 ) -> float:
     """Mean NLL per labelled token over ``examples``, in eval mode without gradients."""
     check_batch_size(batch_size)
@@ -357,7 +380,9 @@ def role_text(item: Any, role: str) -> str:
     """The ``role`` text of an example (a mapping), or the item itself when it is a plain string."""
     if isinstance(item, Mapping):
         if role not in item:
-            raise KeyError(f"example has no {role!r} (keys: {sorted(item)}); map a column to it with data.columns.{role}")
+            raise KeyError(
+                f"example has no {role!r} (keys: {sorted(item)}); map a column to it with data.columns.{role}"
+            )
         value = item[role]
     else:
         value = item

@@ -79,7 +79,9 @@ class ConversationEncoder:
         texts = self._template_texts(messages) if self.templated else self._plain_texts(messages)
         if generation and self.templated:
             rendered = self._render(messages, generation=False) if messages else ""
-            texts.append((self._after(rendered, self._render(messages, generation=True), len(messages)), False))
+            texts.append(
+                (self._after(rendered, self._render(messages, generation=True), len(messages)), False)
+            )
         pieces: list[tuple[list[int], bool]] = []
         pending = ""
         for text, trained in texts:
@@ -95,8 +97,10 @@ class ConversationEncoder:
         return pieces
 
     def _plain_texts(self, messages: Sequence[Message]) -> list[tuple[str, bool]]:
-        return [(m["content"] if m["role"] == "assistant" else m["content"] + "\n", m["role"] == "assistant")
-                for m in messages]
+        return [
+            (m["content"] if m["role"] == "assistant" else m["content"] + "\n", m["role"] == "assistant")
+            for m in messages
+        ]
 
     def _template_texts(self, messages: Sequence[Message]) -> list[tuple[str, bool]]:
         texts: list[tuple[str, bool]] = []
@@ -113,11 +117,15 @@ class ConversationEncoder:
 
     def _render(self, messages: Sequence[Message], generation: bool) -> str:
         try:
-            return self.tokenizer.apply_chat_template(list(messages), add_generation_prompt=generation, tokenize=False)
+            return self.tokenizer.apply_chat_template(
+                list(messages), add_generation_prompt=generation, tokenize=False
+            )
         except Exception as exc:  # noqa: BLE001 - jinja raises from inside the template (e.g. "System role not supported")
             raise ConfigError(
-                [f"the chat template cannot render this conversation ({type(exc).__name__}: {exc}); give one that "
-                 "can with data.chat_template, or drop data.system_prompt if the template refuses system messages"],
+                [
+                    f"the chat template cannot render this conversation ({type(exc).__name__}: {exc}); give one that "
+                    "can with data.chat_template, or drop data.system_prompt if the template refuses system messages"
+                ],
                 what="chat template",
             ) from None
 
@@ -125,12 +133,14 @@ class ConversationEncoder:
     def _after(before: str, text: str, index: int) -> str:
         if not text.startswith(before):
             raise ConfigError(
-                [f"the chat template changes earlier turns when message {index + 1} is added (it is not rendered "
-                 "turn by turn), so the answers cannot be told apart from the rest; give a template that renders "
-                 "each message independently with data.chat_template"],
+                [
+                    f"the chat template changes earlier turns when message {index + 1} is added (it is not rendered "
+                    "turn by turn), so the answers cannot be told apart from the rest; give a template that renders "
+                    "each message independently with data.chat_template"
+                ],
                 what="chat template",
             )
-        return text[len(before):]
+        return text[len(before) :]
 
     def _tokens(self, text: str, *, first: bool) -> list[int]:
         # A rendered template holds its special tokens as text (<|im_start|> ...); plain text gets the

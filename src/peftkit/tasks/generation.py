@@ -47,11 +47,20 @@ def generation_config(settings: GenerationSettings, model: nn.Module, tokenizer:
     sampling = samples(settings)
     knobs: dict[str, Any] = {}
     if sampling:
-        knobs = {"temperature": settings.temperature or 1.0, "top_p": settings.top_p or 1.0, "top_k": settings.top_k or 0}
+        knobs = {
+            "temperature": settings.temperature or 1.0,
+            "top_p": settings.top_p or 1.0,
+            "top_k": settings.top_k or 0,
+        }
     return GenerationConfig(
-        max_new_tokens=settings.max_new_tokens, do_sample=sampling, num_beams=settings.num_beams,
-        repetition_penalty=settings.repetition_penalty, pad_token_id=pad_id, eos_token_id=stop_ids(model, tokenizer),
-        decoder_start_token_id=getattr(model.config, "decoder_start_token_id", None), **knobs,
+        max_new_tokens=settings.max_new_tokens,
+        do_sample=sampling,
+        num_beams=settings.num_beams,
+        repetition_penalty=settings.repetition_penalty,
+        pad_token_id=pad_id,
+        eos_token_id=stop_ids(model, tokenizer),
+        decoder_start_token_id=getattr(model.config, "decoder_start_token_id", None),
+        **knobs,
     )
 
 
@@ -106,7 +115,10 @@ def generate_texts(
             idx = order[start : start + batch_size]
             ids, mask = pad([inputs[i] for i in idx], pad_id, side="left" if left_pad else "right")
             generated = model.generate(
-                input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config, streamer=streamer
+                input_ids=ids.to(device),
+                attention_mask=mask.to(device),
+                generation_config=config,
+                streamer=streamer,
             )
             new = generated[:, ids.shape[1] :] if left_pad else generated
             for i, text in zip(idx, tokenizer.batch_decode(new, skip_special_tokens=True)):

@@ -140,16 +140,18 @@ def pixel_values(images: Sequence[Any], image_size: int) -> torch.Tensor:
     # Same-sized images (all of Fashion-MNIST) are resized in one call, which is far cheaper.
     groups = [torch.stack(chw)] if len({c.shape for c in chw}) == 1 else [c.unsqueeze(0) for c in chw]
     resized = [
-        g if g.shape[-2:] == (image_size, image_size)
+        g
+        if g.shape[-2:] == (image_size, image_size)
         # antialias: photos larger than image_size are downsampled without aliasing (no-op when upsampling)
-        else F.interpolate(g, size=(image_size, image_size), mode="bilinear", align_corners=False, antialias=True)
+        else F.interpolate(
+            g, size=(image_size, image_size), mode="bilinear", align_corners=False, antialias=True
+        )
         for g in groups
     ]
     return (torch.cat(resized) - _MEAN) / _STD
 
 
 # --- the task ---------------------------------------------------------------------------------------
-
 
 
 @register_task("image-classification")
@@ -218,7 +220,9 @@ class ImageClassificationTask:
         num_labels = model_cfg.num_labels or len(self.labels or [])
         problems = []
         if self.labels is not None and num_labels < len(self.labels):
-            problems.append(f"model.num_labels is {num_labels} but there are {len(self.labels)} classes; raise it or unset it")
+            problems.append(
+                f"model.num_labels is {num_labels} but there are {len(self.labels)} classes; raise it or unset it"
+            )
         source = model_cfg.name_or_path
         weights = bundled_model_path(EFFICIENTNET) if source.lower() == EFFICIENTNET else source
         if source.lower() != EFFICIENTNET and not Path(source).is_file():
@@ -240,16 +244,22 @@ class ImageClassificationTask:
             KeyError: the value is not a known class (the message lists the classes).
         """
         if self.labels is None:
-            raise KeyError("the classes are not known yet: call load_data() or load_model() first, or set data.labels")
+            raise KeyError(
+                "the classes are not known yet: call load_data() or load_model() first, or set data.labels"
+            )
         if str(value) in self.labels:
             return self.labels.index(str(value))
         if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < len(self.labels):
             return value
-        raise KeyError(f"label {value!r} is neither a class name in {self.labels} nor an id below {len(self.labels)}")
+        raise KeyError(
+            f"label {value!r} is neither a class name in {self.labels} nor an id below {len(self.labels)}"
+        )
 
     def collate(self, examples: Sequence[Example]) -> Batch:
         """``{"pixel_values": float [N, 3, S, S], "labels": int64 [N]}`` (``labels`` when every example has one)."""
-        batch: dict[str, Any] = {"pixel_values": pixel_values([_image_of(e) for e in examples], self.image_size)}
+        batch: dict[str, Any] = {
+            "pixel_values": pixel_values([_image_of(e) for e in examples], self.image_size)
+        }
         if examples and all(isinstance(e, Mapping) and "label" in e for e in examples):
             batch["labels"] = torch.tensor([self.label_id(e["label"]) for e in examples], dtype=torch.long)
         return batch
@@ -272,7 +282,9 @@ class ImageClassificationTask:
             ValueError: ``examples`` is empty.
         """
         if not examples:
-            raise ValueError("no examples to evaluate: the split is empty; check data.split and data.max_eval_examples")
+            raise ValueError(
+                "no examples to evaluate: the split is empty; check data.split and data.max_eval_examples"
+            )
         targets = [self.label_id(e["label"]) for e in examples]
         total, predictions = 0.0, []
         for start, logits in self._forward(model, [_image_of(e) for e in examples], batch_size):
@@ -299,7 +311,10 @@ class ImageClassificationTask:
         out: list[dict[str, Any]] = []
         for _, logits in self._forward(model, [_image_of(i) for i in inputs], batch_size):
             score, best = logits.softmax(-1).max(-1)
-            out += [{"label": names[b] if b < len(names) else str(b), "score": s} for b, s in zip(best.tolist(), score.tolist())]
+            out += [
+                {"label": names[b] if b < len(names) else str(b), "score": s}
+                for b, s in zip(best.tolist(), score.tolist())
+            ]
         return out
 
     def behaviour_probe(self, model: nn.Module, n: int, batch_size: int) -> BehaviourProbe:
@@ -318,7 +333,9 @@ class ImageClassificationTask:
         width = len(self.labels or [])
         heads = [m for m in model.modules() if isinstance(m, nn.Linear) and m.out_features == width]
         if not heads:
-            raise ValueError(f"found no nn.Linear head with {width} outputs (one per class) to read features from")
+            raise ValueError(
+                f"found no nn.Linear head with {width} outputs (one per class) to read features from"
+            )
         features = []
         with eval_mode(model):
             for start in range(0, len(images), batch_size):
@@ -326,7 +343,9 @@ class ImageClassificationTask:
                 features.append(head_input_features(heads, lambda p=pixels: _logits(model, p)))
         return BehaviourProbe("features", "held-out test images of the task", features=torch.cat(features))
 
-    def _forward(self, model: nn.Module, images: Sequence[Any], batch_size: int) -> Iterator[tuple[int, torch.Tensor]]:
+    def _forward(
+        self, model: nn.Module, images: Sequence[Any], batch_size: int
+    ) -> Iterator[tuple[int, torch.Tensor]]:
         """``(start, logits)`` per batch, in eval mode without gradients; the mode is restored after."""
         if batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
@@ -335,7 +354,10 @@ class ImageClassificationTask:
         try:
             with torch.no_grad():
                 for start in range(0, len(images), batch_size):
-                    yield start, _logits(model, pixel_values(images[start : start + batch_size], self.image_size))
+                    yield (
+                        start,
+                        _logits(model, pixel_values(images[start : start + batch_size], self.image_size)),
+                    )
         finally:
             model.train(was_training)
 
@@ -351,13 +373,17 @@ def _config_problems(config: RunConfig) -> list[str]:
     if config.model.dtype not in DTYPES:
         problems.append(f"model.dtype: expected one of {', '.join(DTYPES)}, got {config.model.dtype!r}")
     if config.model.num_labels is not None and config.model.num_labels < 2:
-        problems.append(f"model.num_labels: expected 2 or more classes (or unset), got {config.model.num_labels}")
+        problems.append(
+            f"model.num_labels: expected 2 or more classes (or unset), got {config.model.num_labels}"
+        )
     labels = config.data.labels
     if labels is not None and (len(labels) < 2 or len({str(n) for n in labels}) != len(labels)):
         problems.append(f"data.labels: expected 2 or more distinct class names, got {labels!r}")
     unknown = [m for m in config.eval.metrics if m not in METRICS]
     if unknown:
-        problems.append(f"eval.metrics: {unknown} unknown for image classification; known: {', '.join(METRICS)}")
+        problems.append(
+            f"eval.metrics: {unknown} unknown for image classification; known: {', '.join(METRICS)}"
+        )
     return problems
 
 
@@ -366,12 +392,16 @@ def _names_from_values(values: Sequence[Any]) -> list[str]:
     distinct = set(values)
     if len(distinct) < 2:
         raise ConfigError(
-            [f"the data has {len(distinct)} distinct label value(s) {sorted(distinct, key=str)}; classification "
-             "needs at least 2: check data.columns.label points at the label column"],
+            [
+                f"the data has {len(distinct)} distinct label value(s) {sorted(distinct, key=str)}; classification "
+                "needs at least 2: check data.columns.label points at the label column"
+            ],
             what="image-classification data",
         )
     if all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in distinct):
-        return [str(i) for i in range(max(distinct) + 1)]  # ids: a class missing from a small sample keeps its id
+        return [
+            str(i) for i in range(max(distinct) + 1)
+        ]  # ids: a class missing from a small sample keeps its id
     return sorted(str(v) for v in distinct)
 
 

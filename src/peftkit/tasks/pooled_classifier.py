@@ -63,8 +63,10 @@ class PooledModelForSequenceClassification(PreTrainedModel):
     def __init__(self, config: PretrainedConfig, encoder: nn.Module | None = None) -> None:
         super().__init__(config)
         if getattr(config, POOLING_KEY, None) not in POOLINGS:
-            raise ValueError(f"config.{POOLING_KEY} must be one of {', '.join(POOLINGS)}, "
-                             f"got {getattr(config, POOLING_KEY, None)!r}")
+            raise ValueError(
+                f"config.{POOLING_KEY} must be one of {', '.join(POOLINGS)}, "
+                f"got {getattr(config, POOLING_KEY, None)!r}"
+            )
         if encoder is None:
             encoder = AutoModel.from_config(config)
         if getattr(encoder, "pooler", None) is not None:
@@ -90,13 +92,25 @@ class PooledModelForSequenceClassification(PreTrainedModel):
     def get_input_embeddings(self) -> nn.Module:
         return getattr(self, self.encoder_name).get_input_embeddings()
 
-    def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
-                token_type_ids: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
-                inputs_embeds: torch.Tensor | None = None, labels: torch.Tensor | None = None,
-                output_hidden_states: bool | None = None, **kwargs: Any) -> SequenceClassifierOutput:
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        **kwargs: Any,
+    ) -> SequenceClassifierOutput:
         encoder = getattr(self, self.encoder_name)
-        passed = dict(token_type_ids=token_type_ids, position_ids=position_ids, inputs_embeds=inputs_embeds,
-                      output_hidden_states=output_hidden_states, **kwargs)
+        passed = dict(
+            token_type_ids=token_type_ids,
+            position_ids=position_ids,
+            inputs_embeds=inputs_embeds,
+            output_hidden_states=output_hidden_states,
+            **kwargs,
+        )
         passed = {k: v for k, v in passed.items() if v is not None and k != "return_dict"}
         out = encoder(input_ids=input_ids, attention_mask=attention_mask, **passed)
         mask = attention_mask
@@ -108,8 +122,12 @@ class PooledModelForSequenceClassification(PreTrainedModel):
         loss = None
         if labels is not None:
             loss = nn.functional.cross_entropy(logits.float(), labels.to(logits.device))
-        return SequenceClassifierOutput(loss=loss, logits=logits, hidden_states=out.hidden_states,
-                                        attentions=getattr(out, "attentions", None))
+        return SequenceClassifierOutput(
+            loss=loss,
+            logits=logits,
+            hidden_states=out.hidden_states,
+            attentions=getattr(out, "attentions", None),
+        )
 
 
 # save_pretrained copies this file beside the weights and names it in config.json's auto_map, so that

@@ -20,9 +20,14 @@ from typing import Any
 
 CHOICES = ("auto", "mean", "cls", "max", "last", "pooler")
 # sentence-transformers' Pooling config keys, in the order a combined pooling is read
-_ST_MODES = (("pooling_mode_mean_tokens", "mean"), ("pooling_mode_cls_token", "cls"),
-             ("pooling_mode_max_tokens", "max"), ("pooling_mode_lasttoken", "last"),
-             ("pooling_mode_mean_sqrt_len_tokens", "mean"), ("pooling_mode_weightedmean_tokens", "mean"))
+_ST_MODES = (
+    ("pooling_mode_mean_tokens", "mean"),
+    ("pooling_mode_cls_token", "cls"),
+    ("pooling_mode_max_tokens", "max"),
+    ("pooling_mode_lasttoken", "last"),
+    ("pooling_mode_mean_sqrt_len_tokens", "mean"),
+    ("pooling_mode_weightedmean_tokens", "mean"),
+)
 _ST_POOLING_TYPE = "sentence_transformers.models.Pooling"
 
 
@@ -41,7 +46,11 @@ class Pooling:
     reason: str
 
     def as_dict(self) -> dict[str, Any]:
-        return {"pooling": self.mode, "head": "transformers" if self.native else "peftkit pooled", "why": self.reason}
+        return {
+            "pooling": self.mode,
+            "head": "transformers" if self.native else "peftkit pooled",
+            "why": self.reason,
+        }
 
 
 def is_decoder(config: Any) -> bool:
@@ -49,8 +58,11 @@ def is_decoder(config: Any) -> bool:
     if getattr(config, "is_encoder_decoder", False):
         return False
     names = list(getattr(config, "architectures", None) or [])
-    return bool(getattr(config, "is_decoder", False)) or any(
-        n.endswith(("ForCausalLM", "LMHeadModel")) for n in names) or _causal_only(config)
+    return (
+        bool(getattr(config, "is_decoder", False))
+        or any(n.endswith(("ForCausalLM", "LMHeadModel")) for n in names)
+        or _causal_only(config)
+    )
 
 
 def _causal_only(config: Any) -> bool:
@@ -106,8 +118,9 @@ def choose_pooling(requested: str, source: str, config: Any) -> Pooling:
             return _built(mode, decoder, f"declared by the model's sentence-transformers {where}")
         if decoder:
             return Pooling("last", True, "a decoder: its own head reads the last real token")
-        return Pooling("pooler", True, "the model's own classification head (no sentence-transformers pooling "
-                                       "declared)")
+        return Pooling(
+            "pooler", True, "the model's own classification head (no sentence-transformers pooling declared)"
+        )
     if requested == "pooler":
         return Pooling("pooler", True, "model.pooling: pooler (the model's own classification head)")
     return _built(requested, decoder, f"model.pooling: {requested}")
@@ -122,8 +135,12 @@ def _read_json(source: str, name: str) -> Any:
     try:
         from transformers.utils import cached_file
 
-        path = cached_file(source, name, _raise_exceptions_for_missing_entries=False,
-                           _raise_exceptions_for_connection_errors=False)
+        path = cached_file(
+            source,
+            name,
+            _raise_exceptions_for_missing_entries=False,
+            _raise_exceptions_for_connection_errors=False,
+        )
     except (OSError, ValueError):  # not a directory and not reachable on the hub
         return None
     if not path:

@@ -47,7 +47,7 @@ def mean_pooled(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     When the model put extra positions in front (a soft prompt that is not trimmed), the last ``T``
     positions are the input's own.
     """
-    hidden = hidden[:, -mask.shape[1]:]
+    hidden = hidden[:, -mask.shape[1] :]
     weights = mask.to(hidden.device, torch.float32).unsqueeze(-1)
     return ((hidden.float() * weights).sum(1) / weights.sum(1).clamp(min=1)).cpu()
 
@@ -90,12 +90,22 @@ def behaviour_change(base: BehaviourProbe, tuned: BehaviourProbe) -> dict[str, A
     if base.kind != tuned.kind:
         raise ValueError(f"cannot compare a {base.kind!r} probe with a {tuned.kind!r} probe")
     if base.kind == "lm_loss":
-        return {"forgetting": tuned.value - base.value, "measure": "LM loss change (nats/token)",
-                "base": base.value, "tuned": tuned.value, "source": base.source}
+        return {
+            "forgetting": tuned.value - base.value,
+            "measure": "LM loss change (nats/token)",
+            "base": base.value,
+            "tuned": tuned.value,
+            "source": base.source,
+        }
     retention = neighbour_retention(base.features, tuned.features)
     k = neighbours_for(base.features.shape[0])
-    return {"forgetting": 1.0 - retention, "measure": f"1 - {k}-NN retention",
-            "base": 1.0, "tuned": retention, "source": base.source}
+    return {
+        "forgetting": 1.0 - retention,
+        "measure": f"1 - {k}-NN retention",
+        "base": 1.0,
+        "tuned": retention,
+        "source": base.source,
+    }
 
 
 def head_input_features(heads: list[nn.Module], run: Any) -> torch.Tensor:

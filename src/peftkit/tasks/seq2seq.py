@@ -62,8 +62,10 @@ class Seq2SeqTask(GenerationTask):
             model_config = AutoConfig.from_pretrained(source, **({"gguf_file": gguf} if gguf else {}))
         if not getattr(model_config, "is_encoder_decoder", False):
             raise ConfigError(
-                [f"model.name_or_path: {self.config.model.name_or_path!r} is a {model_config.model_type} model without "
-                 "an encoder-decoder structure; use task: causal-lm for decoder-only models"],
+                [
+                    f"model.name_or_path: {self.config.model.name_or_path!r} is a {model_config.model_type} model without "
+                    "an encoder-decoder structure; use task: causal-lm for decoder-only models"
+                ],
                 what="seq2seq config",
             )
         return load_pretrained(AutoModelForSeq2SeqLM, self.config, source, self._load_tokenizer)
@@ -85,7 +87,9 @@ class Seq2SeqTask(GenerationTask):
 
     def collate(self, examples: Sequence[Example]) -> Batch:
         """``input_ids`` / ``attention_mask`` of the sources and ``labels`` of the targets (-100 padded)."""
-        ids, mask = pad([self.encode_source(role_text(e, "source")) for e in examples], self._pad_id(), side="right")
+        ids, mask = pad(
+            [self.encode_source(role_text(e, "source")) for e in examples], self._pad_id(), side="right"
+        )
         labels, _ = pad([self.encode_target(role_text(e, "target")) for e in examples], IGNORE, side="right")
         return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
@@ -104,14 +108,22 @@ class Seq2SeqTask(GenerationTask):
         with eval_mode(model):
             device = next(model.parameters()).device
             for begin in range(0, len(texts), batch_size):
-                ids, mask = pad([self.encode_source(t) for t in texts[begin : begin + batch_size]], self._pad_id(),
-                                side="right")
-                out = model(input_ids=ids.to(device), attention_mask=mask.to(device),
-                            decoder_input_ids=torch.full((len(ids), 1), start_id, device=device))
+                ids, mask = pad(
+                    [self.encode_source(t) for t in texts[begin : begin + batch_size]],
+                    self._pad_id(),
+                    side="right",
+                )
+                out = model(
+                    input_ids=ids.to(device),
+                    attention_mask=mask.to(device),
+                    decoder_input_ids=torch.full((len(ids), 1), start_id, device=device),
+                )
                 features.append(mean_pooled(out.encoder_last_hidden_state, mask))
         return BehaviourProbe("features", GENERAL_TEXT_SOURCE, features=torch.cat(features))
 
-    def predict(self, model: nn.Module, inputs: Sequence[Any], batch_size: int, *, streamer: Any = None) -> list[str]:
+    def predict(
+        self, model: nn.Module, inputs: Sequence[Any], batch_size: int, *, streamer: Any = None
+    ) -> list[str]:
         """The output for each source, in order, generated with the run's ``generation`` settings
         (greedy by default, ``generation.max_new_tokens`` tokens at most).
 
@@ -122,6 +134,12 @@ class Seq2SeqTask(GenerationTask):
         """
         sources = [self.encode_source(role_text(item, "source")) for item in inputs]
         return generate_texts(
-            model, self._load_tokenizer(), sources, batch_size, settings_of(self.config), self._pad_id(),
-            left_pad=False, streamer=streamer,
+            model,
+            self._load_tokenizer(),
+            sources,
+            batch_size,
+            settings_of(self.config),
+            self._pad_id(),
+            left_pad=False,
+            streamer=streamer,
         )

@@ -114,13 +114,18 @@ class TextClassificationTask:
             num_labels = model_cfg.num_labels or len(self.labels)
             if num_labels < len(self.labels):
                 raise ConfigError(
-                    [f"model.num_labels is {num_labels} but the data has {len(self.labels)} labels "
-                     f"({', '.join(self.labels)}); raise it or leave it unset"],
+                    [
+                        f"model.num_labels is {num_labels} but the data has {len(self.labels)} labels "
+                        f"({', '.join(self.labels)}); raise it or leave it unset"
+                    ],
                     what="text-classification config",
                 )
             names = self.labels + [f"LABEL_{i}" for i in range(len(self.labels), num_labels)]
-            head.update(num_labels=num_labels, id2label=dict(enumerate(names)),
-                        label2id={n: i for i, n in enumerate(names)})
+            head.update(
+                num_labels=num_labels,
+                id2label=dict(enumerate(names)),
+                label2id={n: i for i, n in enumerate(names)},
+            )
         elif model_cfg.num_labels:
             head["num_labels"] = model_cfg.num_labels
         if model_cfg.quantize:
@@ -159,7 +164,9 @@ class TextClassificationTask:
 
         exported = getattr(config, POOLING_KEY, None)
         if exported and self.config.model.pooling in ("auto", exported):
-            return Pooling(exported, False, f"a peftkit export whose config.json sets {POOLING_KEY}: {exported}")
+            return Pooling(
+                exported, False, f"a peftkit export whose config.json sets {POOLING_KEY}: {exported}"
+            )
         return choose_pooling(self.config.model.pooling, source, config)
 
     @property
@@ -187,7 +194,9 @@ class TextClassificationTask:
             KeyError: the value is not a known label (the message lists the labels).
         """
         if not self._ids:
-            raise KeyError("labels are not known yet: call load_data() or load_model() first, or set data.labels")
+            raise KeyError(
+                "labels are not known yet: call load_data() or load_model() first, or set data.labels"
+            )
         for key in (value, str(value)):
             if key in self._ids:
                 return self._ids[key]
@@ -198,8 +207,15 @@ class TextClassificationTask:
         example has a label."""
         tokenizer = self._load_tokenizer(self.model_source())
         texts = [_text_of(e) for e in examples]
-        batch = dict(tokenizer(texts, padding=True, truncation=True, max_length=self.config.data.max_length,
-                               return_tensors="pt"))
+        batch = dict(
+            tokenizer(
+                texts,
+                padding=True,
+                truncation=True,
+                max_length=self.config.data.max_length,
+                return_tensors="pt",
+            )
+        )
         if examples and all(isinstance(e, Mapping) and "label" in e for e in examples):
             batch["labels"] = torch.tensor([self.label_id(e["label"]) for e in examples])
         return batch
@@ -269,7 +285,9 @@ class TextClassificationTask:
                 features.append(mean_pooled(out.hidden_states[-1], batch["attention_mask"]))
         return BehaviourProbe("features", GENERAL_TEXT_SOURCE, features=torch.cat(features))
 
-    def _forward(self, model: nn.Module, items: Sequence[Any], batch_size: int) -> Iterator[tuple[list[int], torch.Tensor]]:
+    def _forward(
+        self, model: nn.Module, items: Sequence[Any], batch_size: int
+    ) -> Iterator[tuple[list[int], torch.Tensor]]:
         """``(indices, logits)`` per batch, in eval mode without gradients; the mode is restored after."""
         if batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
@@ -287,7 +305,9 @@ class TextClassificationTask:
             model.train(was_training)
 
 
-def _check_class_label(declared: Sequence[str], given: Sequence[str] | None, splits: Mapping[str, Sequence[Example]]) -> None:
+def _check_class_label(
+    declared: Sequence[str], given: Sequence[str] | None, splits: Mapping[str, Sequence[Example]]
+) -> None:
     """Refuse what would silently mislabel a Hub data set with a ``ClassLabel`` column: a split without
     labels (-1, as GLUE's test splits are) and ``data.labels`` naming the same classes in another order.
 
@@ -297,11 +317,19 @@ def _check_class_label(declared: Sequence[str], given: Sequence[str] | None, spl
     problems = []
     unlabelled = [name for name, part in splits.items() if part and all(ex["label"] == -1 for ex in part)]
     if unlabelled:
-        problems.append(f"the {', '.join(unlabelled)} split(s) of the Hub data set carry no labels (-1, its ClassLabel's "
-                        "'no label'); feed them from a labelled split with data.hub_splits, e.g. {test: validation}")
-    if given is not None and sorted(map(str, given)) == sorted(declared) and list(map(str, given)) != list(declared):
-        problems.append(f"data.labels: {list(given)} names the data set's classes in another order than its ClassLabel "
-                        f"({list(declared)}, in id order), which would swap them; remove data.labels or write them in that order")
+        problems.append(
+            f"the {', '.join(unlabelled)} split(s) of the Hub data set carry no labels (-1, its ClassLabel's "
+            "'no label'); feed them from a labelled split with data.hub_splits, e.g. {test: validation}"
+        )
+    if (
+        given is not None
+        and sorted(map(str, given)) == sorted(declared)
+        and list(map(str, given)) != list(declared)
+    ):
+        problems.append(
+            f"data.labels: {list(given)} names the data set's classes in another order than its ClassLabel "
+            f"({list(declared)}, in id order), which would swap them; remove data.labels or write them in that order"
+        )
     if problems:
         raise ConfigError(problems, what="text-classification data")
 
@@ -320,8 +348,10 @@ def label_mapping(values: Sequence[Any], names: Sequence[str] | None) -> tuple[l
     if names is None:
         if len(distinct) < 2:
             raise ConfigError(
-                [f"the data has {len(distinct)} distinct label value(s) {distinct}; classification needs at "
-                 "least 2: check data.columns.label points at the label column"],
+                [
+                    f"the data has {len(distinct)} distinct label value(s) {distinct}; classification needs at "
+                    "least 2: check data.columns.label points at the label column"
+                ],
                 what="text-classification data",
             )
         names = [str(v) for v in distinct]
@@ -338,14 +368,18 @@ def label_mapping(values: Sequence[Any], names: Sequence[str] | None) -> tuple[l
             unknown.append(v)
     if unknown:
         raise ConfigError(
-            [f"label values {unknown} are neither names in data.labels {names} nor ids below {len(names)}; "
-             "add them to data.labels (or leave data.labels unset to use the values found)"],
+            [
+                f"label values {unknown} are neither names in data.labels {names} nor ids below {len(names)}; "
+                "add them to data.labels (or leave data.labels unset to use the values found)"
+            ],
             what="text-classification data",
         )
     return names, ids
 
 
-def _pooled_model(source: str, mode: str, config: Any, kwargs: dict[str, Any], head: dict[str, Any]) -> nn.Module:
+def _pooled_model(
+    source: str, mode: str, config: Any, kwargs: dict[str, Any], head: dict[str, Any]
+) -> nn.Module:
     """The encoder at ``source`` (its ``config`` loaded) under a head reading ``mode`` pooling of its last
     hidden states: a fresh head, or the trained one of a directory peftkit exported."""
     from transformers import AutoModel
@@ -363,7 +397,13 @@ def _pooled_model(source: str, mode: str, config: Any, kwargs: dict[str, Any], h
     model.classifier.to(kwargs["dtype"])  # not model.to(): a quantized encoder must stay as it is
     # what transformers marks on a model it loaded quantized, which the reference library reads from the
     # top-level model to pick its quantized LoRA layers
-    for mark in ("is_quantized", "quantization_method", "hf_quantizer", "is_loaded_in_4bit", "is_loaded_in_8bit"):
+    for mark in (
+        "is_quantized",
+        "quantization_method",
+        "hf_quantizer",
+        "is_loaded_in_4bit",
+        "is_loaded_in_8bit",
+    ):
         if mark in vars(encoder):
             setattr(model, mark, vars(encoder)[mark])
     return model.eval()  # as from_pretrained returns a model: the training loop switches modes itself
@@ -379,15 +419,21 @@ def _config_problems(config: RunConfig) -> list[str]:
     if config.model.dtype not in DTYPES:
         problems.append(f"model.dtype: expected one of {', '.join(DTYPES)}, got {config.model.dtype!r}")
     if config.model.num_labels is not None and config.model.num_labels < 2:
-        problems.append(f"model.num_labels: expected 2 or more classes (or unset), got {config.model.num_labels}")
+        problems.append(
+            f"model.num_labels: expected 2 or more classes (or unset), got {config.model.num_labels}"
+        )
     labels = config.data.labels
     if labels is not None and (len(labels) < 2 or len({str(n) for n in labels}) != len(labels)):
         problems.append(f"data.labels: expected 2 or more distinct class names, got {labels!r}")
     if config.data.max_length <= 0:
-        problems.append(f"data.max_length: expected a positive number of tokens, got {config.data.max_length}")
+        problems.append(
+            f"data.max_length: expected a positive number of tokens, got {config.data.max_length}"
+        )
     unknown = [m for m in config.eval.metrics if m not in METRICS]
     if unknown:
-        problems.append(f"eval.metrics: {unknown} unknown for text classification; known: {', '.join(METRICS)}")
+        problems.append(
+            f"eval.metrics: {unknown} unknown for text classification; known: {', '.join(METRICS)}"
+        )
     return problems
 
 
@@ -400,4 +446,3 @@ def _logits(model: nn.Module, batch: Batch) -> torch.Tensor:
     device = next(model.parameters()).device
     inputs = {k: v.to(device) for k, v in batch.items() if k != "labels"}
     return model(**inputs).logits
-

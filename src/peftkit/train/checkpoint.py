@@ -57,7 +57,11 @@ def _persistent_buffers(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
         for name, buffer in module._buffers.items():
             # plain tensors only: quantization backends keep packed tensor subclasses that
             # safetensors cannot write and that training never changes
-            if buffer is not None and type(buffer) is torch.Tensor and name not in module._non_persistent_buffers_set:
+            if (
+                buffer is not None
+                and type(buffer) is torch.Tensor
+                and name not in module._non_persistent_buffers_set
+            ):
                 yield (f"{module_name}.{name}" if module_name else name), buffer
 
 
@@ -75,7 +79,9 @@ def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {name: t.detach().to("cpu", copy=True).contiguous() for name, t in tensors.items()}
 
 
-def load_trainable_state(model: nn.Module, tensors: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
+def load_trainable_state(
+    model: nn.Module, tensors: dict[str, torch.Tensor], source: str = "checkpoint"
+) -> None:
     """Copy :func:`trainable_state` tensors back into ``model``; nothing is copied unless all fit.
 
     Raises:
@@ -88,13 +94,19 @@ def load_trainable_state(model: nn.Module, tensors: dict[str, torch.Tensor], sou
     if missing:
         problems.append(f"{len(missing)} tensor(s) of the model are not in the {source}: {missing[:3]}")
     if unexpected:
-        problems.append(f"{len(unexpected)} tensor(s) of the {source} are not trainable in the model: {unexpected[:3]}")
+        problems.append(
+            f"{len(unexpected)} tensor(s) of the {source} are not trainable in the model: {unexpected[:3]}"
+        )
     for name in sorted(set(targets) & set(tensors)):
         if targets[name].shape != tensors[name].shape:
-            problems.append(f"{name}: {source} {tuple(tensors[name].shape)} vs model {tuple(targets[name].shape)}")
+            problems.append(
+                f"{name}: {source} {tuple(tensors[name].shape)} vs model {tuple(targets[name].shape)}"
+            )
     if problems:
-        problems.append("build the model and adapter exactly as the run that wrote it did (same method, "
-                        "targets, rank), or start a new run")
+        problems.append(
+            "build the model and adapter exactly as the run that wrote it did (same method, "
+            "targets, rank), or start a new run"
+        )
         raise ConfigError(problems, what=f"{source} for this model")
     with torch.no_grad():
         for name, target in targets.items():
@@ -222,7 +234,7 @@ def checkpoint_dirs(root: Path) -> list[Path]:
         return []
     found = []
     for path in root.iterdir():
-        step = path.name[len(CHECKPOINT_PREFIX):]
+        step = path.name[len(CHECKPOINT_PREFIX) :]
         if path.name.startswith(CHECKPOINT_PREFIX) and step.isdigit() and (path / STATE_NAME).is_file():
             found.append((int(step), path))
     return [path for _, path in sorted(found)]
@@ -306,8 +318,13 @@ def read_trainer_state(path: Path) -> dict[str, Any]:
     try:
         return json.loads((path / STATE_NAME).read_text())
     except (OSError, json.JSONDecodeError) as exc:
-        raise ConfigError([f"cannot read {path / STATE_NAME}: {exc}; delete that checkpoint folder to "
-                           "resume from the one before it"], what="checkpoint") from exc
+        raise ConfigError(
+            [
+                f"cannot read {path / STATE_NAME}: {exc}; delete that checkpoint folder to "
+                "resume from the one before it"
+            ],
+            what="checkpoint",
+        ) from exc
 
 
 def rank_rng_name(rank: int) -> str:
@@ -329,13 +346,20 @@ def read_checkpoint(path: Path, world_size: int = 1) -> dict[str, Any]:
     missing = [name for name in names if not (path / name).is_file()]
     if missing:
         written = sorted(p.name for p in path.glob("rng*.pt"))
-        raise ConfigError([f"checkpoint {path} has no {missing[0]} (it holds {written}): it was written by a run of "
-                           f"another number of processes than this one ({world_size}); resume with the same "
-                           "number of processes"], what="resume")
-    return {"model": load_file(str(path / MODEL_STATE_NAME)),
-            "optimizer": torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True),
-            "scheduler": torch.load(path / "scheduler.pt", weights_only=True),
-            "rng": [torch.load(path / name, weights_only=True) for name in names]}
+        raise ConfigError(
+            [
+                f"checkpoint {path} has no {missing[0]} (it holds {written}): it was written by a run of "
+                f"another number of processes than this one ({world_size}); resume with the same "
+                "number of processes"
+            ],
+            what="resume",
+        )
+    return {
+        "model": load_file(str(path / MODEL_STATE_NAME)),
+        "optimizer": torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True),
+        "scheduler": torch.load(path / "scheduler.pt", weights_only=True),
+        "rng": [torch.load(path / name, weights_only=True) for name in names],
+    }
 
 
 def load_checkpoint(
@@ -392,6 +416,8 @@ def load_weights(model: nn.Module, directory: str | os.PathLike, adapter_name: s
         tensors = load_file(str(directory / "adapter_model.safetensors"))
         api.load_adapter_state_dict(model, tensors, adapter_name)
     else:
-        raise FileNotFoundError(f"{directory} holds neither {MODEL_STATE_NAME} nor an adapter: is it a "
-                                "best/ or final/ folder written by peftkit.train.fit?")
+        raise FileNotFoundError(
+            f"{directory} holds neither {MODEL_STATE_NAME} nor an adapter: is it a "
+            "best/ or final/ folder written by peftkit.train.fit?"
+        )
     return model

@@ -120,7 +120,12 @@ def unused_adapter_parameters(model: nn.Module) -> list[str]:
         current = saved.current()
         idle += [(f"{name}.copies.{n}", m) for n, m in saved.copies.items() if m is not current]
     idle += [(f"peftkit_parts.{n}", part) for n, part in model_parts(model).items() if not part.enabled]
-    return [f"{where}.{p}" for where, module in idle for p, param in module.named_parameters() if param.requires_grad]
+    return [
+        f"{where}.{p}"
+        for where, module in idle
+        for p, param in module.named_parameters()
+        if param.requires_grad
+    ]
 
 
 class _DataParallel(DistributedDataParallel):
@@ -138,8 +143,9 @@ class _DataParallel(DistributedDataParallel):
             return getattr(super().__getattr__("module"), name)
 
 
-def wrap(model: nn.Module, device: torch.device, world: World, log: Callable[[str], None],
-         strategy: str = "ddp") -> nn.Module:
+def wrap(
+    model: nn.Module, device: torch.device, world: World, log: Callable[[str], None], strategy: str = "ddp"
+) -> nn.Module:
     """What ``loss(model, batch)`` gets in a run of several processes; ``model`` itself in one.
 
     ``strategy="fsdp"`` shards ``model`` in place (:func:`shard_frozen`) and returns it; ``"ddp"``
@@ -157,8 +163,10 @@ def wrap(model: nn.Module, device: torch.device, world: World, log: Callable[[st
         return model
     unused = unused_adapter_parameters(model)
     if unused:
-        log(f"{len(unused)} trainable parameter(s) belong to inactive or merged adapters (e.g. {unused[0]}): "
-            "DistributedDataParallel runs with find_unused_parameters=True")
+        log(
+            f"{len(unused)} trainable parameter(s) belong to inactive or merged adapters (e.g. {unused[0]}): "
+            "DistributedDataParallel runs with find_unused_parameters=True"
+        )
     device_ids = [device.index] if device.type == "cuda" else None
     return _DataParallel(model, device_ids=device_ids, find_unused_parameters=bool(unused))
 
@@ -186,8 +194,13 @@ def shard_frozen(model: nn.Module, device: torch.device, world: World) -> None:
 
     trainable = {p for p in model.parameters() if p.requires_grad}
     if all(p.requires_grad for p in model.parameters()):
-        raise ConfigError(["train.distributed: fsdp shards the frozen base model, and every parameter of this one "
-                           "is trainable (full fine-tuning): use train.distributed: ddp"], what="distributed training")
+        raise ConfigError(
+            [
+                "train.distributed: fsdp shards the frozen base model, and every parameter of this one "
+                "is trainable (full fine-tuning): use train.distributed: ddp"
+            ],
+            what="distributed training",
+        )
     mesh = init_device_mesh(device.type, (world.size,))
     blocks = set(getattr(model, "_no_split_modules", None) or ())
     # bottom-up, as fully_shard requires: in reversed pre-order every module comes before its parent
@@ -195,10 +208,16 @@ def shard_frozen(model: nn.Module, device: torch.device, world: World) -> None:
         if module is not model and type(module).__name__ in blocks:
             fully_shard(module, mesh=mesh, ignored_params=trainable)
     fully_shard(model, mesh=mesh, ignored_params=trainable)
-    bad = [name for name, p in model.named_parameters() if p.requires_grad and (isinstance(p, DTensor) or p.numel() == 0)]
+    bad = [
+        name
+        for name, p in model.named_parameters()
+        if p.requires_grad and (isinstance(p, DTensor) or p.numel() == 0)
+    ]
     if bad:
-        raise RuntimeError(f"after sharding, trainable parameter(s) {bad[:3]} are sharded or empty: an adapter saved "
-                           "from them would be incomplete")
+        raise RuntimeError(
+            f"after sharding, trainable parameter(s) {bad[:3]} are sharded or empty: an adapter saved "
+            "from them would be incomplete"
+        )
 
 
 def average_gradients(params: list[torch.Tensor], world: World) -> None:
@@ -217,7 +236,7 @@ def average_gradients(params: list[torch.Tensor], world: World) -> None:
         flat /= world.size
         offset = 0
         for g in same:
-            g.copy_(flat[offset:offset + g.numel()].view_as(g))
+            g.copy_(flat[offset : offset + g.numel()].view_as(g))
             offset += g.numel()
 
 
@@ -277,7 +296,9 @@ def on_main(fn: Callable[[], T], world: World, what: str) -> T:
             result = fn()
         except Exception as exc:  # noqa: BLE001 - re-raised below, after telling the other ranks
             error = exc
-    ok, payload = broadcast((error is None, result if error is None else f"{type(error).__name__}: {error}"), world)
+    ok, payload = broadcast(
+        (error is None, result if error is None else f"{type(error).__name__}: {error}"), world
+    )
     if error is not None:
         raise error
     if not ok:

@@ -74,18 +74,29 @@ def parameter_counts(model: nn.Module) -> dict[str, float]:
     from .. import api
 
     summary = api.trainable_summary(model, show=False)
-    return {"trainable_params": summary.trainable, "total_params": summary.total,
-            "trainable_percent": round(summary.percent, 4)}
+    return {
+        "trainable_params": summary.trainable,
+        "total_params": summary.total,
+        "trainable_percent": round(summary.percent, 4),
+    }
 
 
 def scalars(kind: str, values: Mapping[str, Any]) -> dict[str, float]:
     """The numbers of one ``metrics.jsonl`` event, named as the loggers record them."""
-    return {f"{kind}/{key}": float(value) for key, value in values.items()
-            if isinstance(value, int | float) and not isinstance(value, bool) and key != "step"}
+    return {
+        f"{kind}/{key}": float(value)
+        for key, value in values.items()
+        if isinstance(value, int | float) and not isinstance(value, bool) and key != "step"
+    }
 
 
-def open_loggers(names: Iterable[str], run_dir: Path, start_step: int, config: Mapping[str, Any],
-                 summary: Mapping[str, float]) -> list[ExperimentLogger]:
+def open_loggers(
+    names: Iterable[str],
+    run_dir: Path,
+    start_step: int,
+    config: Mapping[str, Any],
+    summary: Mapping[str, float],
+) -> list[ExperimentLogger]:
     """Start a logger for each name but ``jsonl`` (the tracker writes ``metrics.jsonl`` itself).
 
     Raises:
@@ -125,11 +136,18 @@ class TensorBoardLogger:
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError as exc:
-            raise ConfigError([f"TensorBoard logging is on (train.report_to or train.tensorboard) but it cannot be "
-                               f"imported ({exc}): `pip install tensorboard`, or leave it out (train.report_to "
-                               "without tensorboard, or train.tensorboard: false)"], what="training setup") from exc
+            raise ConfigError(
+                [
+                    f"TensorBoard logging is on (train.report_to or train.tensorboard) but it cannot be "
+                    f"imported ({exc}): `pip install tensorboard`, or leave it out (train.report_to "
+                    "without tensorboard, or train.tensorboard: false)"
+                ],
+                what="training setup",
+            ) from exc
         # purge_step drops events a crashed run wrote after the checkpoint being resumed from
-        self._writer = SummaryWriter(str(run_dir / TENSORBOARD_DIR), purge_step=start_step + 1 if start_step else None)
+        self._writer = SummaryWriter(
+            str(run_dir / TENSORBOARD_DIR), purge_step=start_step + 1 if start_step else None
+        )
 
     def start(self, config: Mapping[str, Any], summary: Mapping[str, float]) -> None:
         pass  # scalars only, as before report_to existed
@@ -161,9 +179,13 @@ class WandbLogger:
         previous = _run_ids(self._run_dir).get("wandb", {}) if self._start_step else {}
         # create_new: a run of our own even when the caller has one open; we log through its object
         self._run = self._wandb.init(
-            project=previous.get("project") or os.environ.get("WANDB_PROJECT") or "peftkit", name=self._run_dir.name,
-            dir=None if os.environ.get("WANDB_DIR") else str(self._run_dir), id=previous.get("id"),
-            resume="allow" if previous else None, reinit="create_new")
+            project=previous.get("project") or os.environ.get("WANDB_PROJECT") or "peftkit",
+            name=self._run_dir.name,
+            dir=None if os.environ.get("WANDB_DIR") else str(self._run_dir),
+            id=previous.get("id"),
+            resume="allow" if previous else None,
+            reinit="create_new",
+        )
         # after init: a resumed run may hold settings that changed since (log_every, eval_every ...)
         self._run.config.update({**config, **summary}, allow_val_change=True)
         _save_run_id(self._run_dir, "wandb", {"id": self._run.id, "project": self._run.project})
@@ -207,17 +229,24 @@ class MlflowLogger:
             self._client = MlflowClient(tracking_uri=self._uri)
             experiment, logged_params = self._open_run()
         except (MlflowException, ImportError) as exc:
-            raise ConfigError([f"train.report_to lists mlflow but MLflow cannot open the store {self._uri} "
-                               f"({str(exc).strip()}). "
-                               "Set MLFLOW_TRACKING_URI to a tracking server (http://...) or a database, or "
-                               "MLFLOW_ALLOW_FILE_STORE=true for a file store in the run directory; the default "
-                               "SQLite store there needs the full package (`pip install mlflow`: mlflow-skinny, "
-                               "which peftkit[tracking] installs, has no SQLite backend)"],
-                              what="training setup") from exc
-        params = [Param(key, value) for key, value in flat_params({**config, **summary}).items()
-                  if key not in logged_params]  # an MLflow param cannot change: a resumed run keeps the first
+            raise ConfigError(
+                [
+                    f"train.report_to lists mlflow but MLflow cannot open the store {self._uri} "
+                    f"({str(exc).strip()}). "
+                    "Set MLFLOW_TRACKING_URI to a tracking server (http://...) or a database, or "
+                    "MLFLOW_ALLOW_FILE_STORE=true for a file store in the run directory; the default "
+                    "SQLite store there needs the full package (`pip install mlflow`: mlflow-skinny, "
+                    "which peftkit[tracking] installs, has no SQLite backend)"
+                ],
+                what="training setup",
+            ) from exc
+        params = [
+            Param(key, value)
+            for key, value in flat_params({**config, **summary}).items()
+            if key not in logged_params
+        ]  # an MLflow param cannot change: a resumed run keeps the first
         for i in range(0, len(params), _MLFLOW_PARAMS_PER_CALL):
-            self._client.log_batch(self._run_id, params=params[i:i + _MLFLOW_PARAMS_PER_CALL])
+            self._client.log_batch(self._run_id, params=params[i : i + _MLFLOW_PARAMS_PER_CALL])
         self.where = f"mlflow run {self._run_id} in experiment {experiment!r} at {self._uri}"
 
     def _open_run(self) -> tuple[str, Mapping[str, str]]:
@@ -234,8 +263,10 @@ class MlflowLogger:
             if run is not None:
                 self._run_id = run.info.run_id
                 client.update_run(self._run_id, status="RUNNING")
-                self._logged = {key: max(m.step for m in client.get_metric_history(self._run_id, key))
-                                for key in run.data.metrics}
+                self._logged = {
+                    key: max(m.step for m in client.get_metric_history(self._run_id, key))
+                    for key in run.data.metrics
+                }
                 return client.get_experiment(run.info.experiment_id).name, run.data.params
         name = os.environ.get("MLFLOW_EXPERIMENT_NAME") or "peftkit"
         experiment = client.get_experiment_by_name(name)
@@ -246,7 +277,9 @@ class MlflowLogger:
                 experiment_id = client.create_experiment(name)
             except MlflowException:  # created by another process in between
                 experiment_id = client.get_experiment_by_name(name).experiment_id
-        run = client.create_run(experiment_id, run_name=self._run_dir.name, tags={"peftkit.run_dir": str(self._run_dir)})
+        run = client.create_run(
+            experiment_id, run_name=self._run_dir.name, tags={"peftkit.run_dir": str(self._run_dir)}
+        )
         self._run_id = run.info.run_id
         _save_run_id(self._run_dir, "mlflow", {"tracking_uri": self._uri, "run_id": self._run_id})
         return name, {}
@@ -255,7 +288,11 @@ class MlflowLogger:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        batch = [Metric(name, value, now, step) for name, value in metrics.items() if step > self._logged.get(name, -1)]
+        batch = [
+            Metric(name, value, now, step)
+            for name, value in metrics.items()
+            if step > self._logged.get(name, -1)
+        ]
         if batch:
             self._client.log_batch(self._run_id, metrics=batch)
 
@@ -289,8 +326,11 @@ def flat_params(data: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
     out = {}
     for key, value in data.items():
         name = f"{prefix}{key}"
-        if isinstance(value, Mapping) and value and all(
-                isinstance(k, str) and _MLFLOW_NAME.fullmatch(f"{name}.{k}") for k in value):
+        if (
+            isinstance(value, Mapping)
+            and value
+            and all(isinstance(k, str) and _MLFLOW_NAME.fullmatch(f"{name}.{k}") for k in value)
+        ):
             out.update(flat_params(value, f"{name}."))
         else:
             text = value if isinstance(value, str) else json.dumps(value, default=str)
@@ -302,9 +342,13 @@ def _import(module: str, package: str) -> Any:
     try:
         return importlib.import_module(module)
     except ImportError as exc:
-        raise ConfigError([f"train.report_to lists {package} but it cannot be imported ({exc}): "
-                           f"`pip install {package}`, or remove {package} from train.report_to"],
-                          what="training setup") from exc
+        raise ConfigError(
+            [
+                f"train.report_to lists {package} but it cannot be imported ({exc}): "
+                f"`pip install {package}`, or remove {package} from train.report_to"
+            ],
+            what="training setup",
+        ) from exc
 
 
 def _run_ids(run_dir: Path) -> dict[str, Any]:

@@ -69,9 +69,23 @@ from .schedule import lr_multiplier, make_scheduler, warmup_steps_for
 from .tracking import Tracker, format_seconds
 
 # Settings that change the weights a run ends with: a resume must use the ones the run started with.
-RESUME_FIELDS = ("steps", "epochs", "batch_size", "grad_accum", "lr", "weight_decay", "lora_plus_ratio",
-                 "schedule", "warmup_steps", "warmup_ratio", "max_grad_norm", "precision", "seed",
-                 "metric", "greater_is_better")
+RESUME_FIELDS = (
+    "steps",
+    "epochs",
+    "batch_size",
+    "grad_accum",
+    "lr",
+    "weight_decay",
+    "lora_plus_ratio",
+    "schedule",
+    "warmup_steps",
+    "warmup_ratio",
+    "max_grad_norm",
+    "precision",
+    "seed",
+    "metric",
+    "greater_is_better",
+)
 # With train.on_nonfinite "skip": this many skipped steps in a row, and the next non-finite step stops the
 # run. A few bad batches in a row happen (a spike in bf16); ten means the weights themselves went bad.
 MAX_SKIPS_IN_A_ROW = 10
@@ -156,7 +170,9 @@ class _Run:
     state: _State
     hook: Any = None  # the adapter's training hook (AdapterConfig.training_hook), e.g. AdaLoRA's allocator
     world: World = field(default_factory=World)
-    train_model: nn.Module | None = None  # what loss() gets: the model, or its DistributedDataParallel wrapper
+    train_model: nn.Module | None = (
+        None  # what loss() gets: the model, or its DistributedDataParallel wrapper
+    )
     evaluates: bool = False  # rank 0 has an evaluate function (the other ranks follow its decisions)
 
     @property
@@ -228,46 +244,117 @@ def fit(
     _check_world(world, len(train_examples))
     # rank 0's choices decide for every rank (the others may not even see its run directory)
     run_dir, resume, evaluates = distributed.broadcast(
-        (str(run_dir) if run_dir is not None else None, resume, evaluate is not None), world)
+        (str(run_dir) if run_dir is not None else None, resume, evaluate is not None), world
+    )
     run_dir = Path(run_dir) if run_dir is not None else None
-    if world.active and config.distributed == "fsdp" and distributed.any_across(
-            evaluates and evaluate is None, device, world):
-        raise ConfigError(["train.distributed: fsdp evaluates on every process (a sharded model's forward pass "
-                           "needs all of them): pass evaluate= on every rank, not only on rank 0"],
-                          what="distributed training")
+    if (
+        world.active
+        and config.distributed == "fsdp"
+        and distributed.any_across(evaluates and evaluate is None, device, world)
+    ):
+        raise ConfigError(
+            [
+                "train.distributed: fsdp evaluates on every process (a sharded model's forward pass "
+                "needs all of them): pass evaluate= on every rank, not only on rank 0"
+            ],
+            what="distributed training",
+        )
     if config.early_stopping_patience is not None and not evaluates:  # after the broadcast: every rank alike
-        raise ConfigError(["train.early_stopping_patience needs evaluation: pass evaluate= (a validation split)"],
-                          what="training config")
-    return _fit(model, train_examples, collate, loss, config, evaluate, evaluates, run_dir, resume,
-                adapter_name, log, device, world, run_config)
+        raise ConfigError(
+            ["train.early_stopping_patience needs evaluation: pass evaluate= (a validation split)"],
+            what="training config",
+        )
+    return _fit(
+        model,
+        train_examples,
+        collate,
+        loss,
+        config,
+        evaluate,
+        evaluates,
+        run_dir,
+        resume,
+        adapter_name,
+        log,
+        device,
+        world,
+        run_config,
+    )
 
 
-def _fit(model: nn.Module, train_examples: Sequence[Any], collate: Callable[[list[Any]], Any],
-         loss: Callable[[nn.Module, Any], torch.Tensor], config: TrainConfig,
-         evaluate: Callable[[nn.Module], Mapping[str, float]] | None, evaluates: bool, run_dir: Path | None,
-         resume: bool, adapter_name: str, log: Callable[[str], None], device: torch.device, world: World,
-         run_config: Mapping[str, Any] | None) -> FitResult:
+def _fit(
+    model: nn.Module,
+    train_examples: Sequence[Any],
+    collate: Callable[[list[Any]], Any],
+    loss: Callable[[nn.Module, Any], torch.Tensor],
+    config: TrainConfig,
+    evaluate: Callable[[nn.Module], Mapping[str, float]] | None,
+    evaluates: bool,
+    run_dir: Path | None,
+    resume: bool,
+    adapter_name: str,
+    log: Callable[[str], None],
+    device: torch.device,
+    world: World,
+    run_config: Mapping[str, Any] | None,
+) -> FitResult:
     adapter = _adapter_of(model, adapter_name)
     model.to(device)
-    plan = DataPlan.for_run(len(train_examples), config.batch_size, config.grad_accum, config.seed,
-                            config.steps, config.epochs, world.size)
+    plan = DataPlan.for_run(
+        len(train_examples),
+        config.batch_size,
+        config.grad_accum,
+        config.seed,
+        config.steps,
+        config.epochs,
+        world.size,
+    )
     warmup = warmup_steps_for(config.warmup_steps, config.warmup_ratio, plan.total_steps)
     optimizer = make_optimizer(model, config.lr, config.weight_decay, config.lora_plus_ratio)
     scheduler = make_scheduler(optimizer, config.schedule, warmup, plan.total_steps)
     # the direction actually used, so a checkpoint written before greater_is_better could be unset resumes
-    key = {**{name: getattr(config, name) for name in RESUME_FIELDS}, "greater_is_better": config.maximize,
-           "train_examples": len(train_examples), "device_type": device.type, "world_size": world.size}
+    key = {
+        **{name: getattr(config, name) for name in RESUME_FIELDS},
+        "greater_is_better": config.maximize,
+        "train_examples": len(train_examples),
+        "device_type": device.type,
+        "world_size": world.size,
+    }
     state, rng = _start(run_dir, resume, key, plan, model, optimizer, scheduler, config.seed, world)
-    run = _Run(model, train_examples, collate, loss, config, evaluate, run_dir, adapter, device, plan, warmup,
-               optimizer, scheduler, key, state, _training_hook(model, adapter, plan.total_steps), world,
-               evaluates=evaluates)
+    run = _Run(
+        model,
+        train_examples,
+        collate,
+        loss,
+        config,
+        evaluate,
+        run_dir,
+        adapter,
+        device,
+        plan,
+        warmup,
+        optimizer,
+        scheduler,
+        key,
+        state,
+        _training_hook(model, adapter, plan.total_steps),
+        world,
+        evaluates=evaluates,
+    )
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     if world.is_main:
         recorded = dict(run_config) if run_config is not None else {"train": dataclasses.asdict(config)}
-        tracker = Tracker(run_dir, state.step, plan.total_steps, report_to=reported_to(config),
-                          progress=config.progress, log=log, config=recorded,
-                          summary=parameter_counts(model) if run_dir is not None else None)
+        tracker = Tracker(
+            run_dir,
+            state.step,
+            plan.total_steps,
+            report_to=reported_to(config),
+            progress=config.progress,
+            log=log,
+            config=recorded,
+            summary=parameter_counts(model) if run_dir is not None else None,
+        )
     else:  # one voice: the other ranks neither log nor write
         tracker = Tracker(None, state.step, plan.total_steps, progress=False, log=_silent)
     status = "failed"  # what the experiment loggers record when an exception ends the run
@@ -289,9 +376,13 @@ def _silent(line: str) -> None:
 
 def _check_world(world: World, n_examples: int) -> None:
     if world.active and n_examples < world.size:
-        raise ConfigError([f"{n_examples} training example(s) for {world.size} processes: every process needs at "
-                           "least one example per step; use fewer processes (--nproc) or more training data"],
-                          what="distributed training")
+        raise ConfigError(
+            [
+                f"{n_examples} training example(s) for {world.size} processes: every process needs at "
+                "least one example per step; use fewer processes (--nproc) or more training data"
+            ],
+            what="distributed training",
+        )
 
 
 def _loop(run: _Run, tracker: Tracker, interrupt: SimpleNamespace) -> None:
@@ -302,14 +393,23 @@ def _loop(run: _Run, tracker: Tracker, interrupt: SimpleNamespace) -> None:
             # a crash after the last checkpoint, while final/ was written: the checkpoint holds the
             # same weights (restored into the model), so write final/ from them
             if not (run.run_dir / "final" / "training_info.json").is_file():
-                save_weights(run.model, run.run_dir / "final", run.adapter, {"step": state.step, "status": state.status})
+                save_weights(
+                    run.model,
+                    run.run_dir / "final",
+                    run.adapter,
+                    {"step": state.step, "status": state.status},
+                )
         distributed.barrier(run.world)
         return
     ranks = f" in each of {run.world.size} processes" if run.world.active else ""
-    tracker.text(f"training {plan.total_steps} steps of {plan.batch_size} x {plan.grad_accum} examples{ranks} "
-                 f"({plan.n} training examples) on {run.device}" + (f", from step {state.step}" if state.step else ""))
+    tracker.text(
+        f"training {plan.total_steps} steps of {plan.batch_size} x {plan.grad_accum} examples{ranks} "
+        f"({plan.n} training examples) on {run.device}" + (f", from step {state.step}" if state.step else "")
+    )
     if not run.evaluates and run.config.eval_every:
-        tracker.text(f"train.eval_every is {run.config.eval_every} but fit got no evaluate function: no evaluation")
+        tracker.text(
+            f"train.eval_every is {run.config.eval_every} but fit got no evaluate function: no evaluation"
+        )
     run.model.train()
     started, seconds_before = time.perf_counter(), state.train_seconds
     window = SimpleNamespace(losses=[], examples=0, seconds=0.0)
@@ -329,13 +429,17 @@ def _loop(run: _Run, tracker: Tracker, interrupt: SimpleNamespace) -> None:
         else:
             state.skipped_steps.append(state.step)
             state.skips_in_a_row += 1
-            tracker.text(f"step {state.step}/{plan.total_steps}: non-finite {skipped}; skipped its optimizer step "
-                         f"(train.on_nonfinite: skip): {len(state.skipped_steps)} skipped in all, "
-                         f"{state.skips_in_a_row} in a row (the run stops after {MAX_SKIPS_IN_A_ROW} in a row)")
+            tracker.text(
+                f"step {state.step}/{plan.total_steps}: non-finite {skipped}; skipped its optimizer step "
+                f"(train.on_nonfinite: skip): {len(state.skipped_steps)} skipped in all, "
+                f"{state.skips_in_a_row} in a row (the run stops after {MAX_SKIPS_IN_A_ROW} in a row)"
+            )
         window.examples += examples
         window.seconds += time.perf_counter() - step_started
         tracker.step_done(loss_value, examples / max(time.perf_counter() - step_started, 1e-9))
-        if run.config.log_every and (state.step % run.config.log_every == 0 or state.step == plan.total_steps):
+        if run.config.log_every and (
+            state.step % run.config.log_every == 0 or state.step == plan.total_steps
+        ):
             if window.losses:  # a window of skipped steps only has no loss to report
                 _log_train(run, tracker, window, grad_norm)
             window = SimpleNamespace(losses=[], examples=0, seconds=0.0)
@@ -346,16 +450,22 @@ def _loop(run: _Run, tracker: Tracker, interrupt: SimpleNamespace) -> None:
         interrupted = distributed.any_across(interrupt.requested, run.device, run.world)
         if state.status == "running" and interrupted:
             state.status = "interrupted"
-            state.stop_reason = f"interrupted (Ctrl-C) after step {state.step}; fit(..., resume=True) continues"
+            state.stop_reason = (
+                f"interrupted (Ctrl-C) after step {state.step}; fit(..., resume=True) continues"
+            )
         save_every = run.config.save_every
-        if run.run_dir is not None and (evaluated or state.status != "running" or (save_every and state.step % save_every == 0)):
+        if run.run_dir is not None and (
+            evaluated or state.status != "running" or (save_every and state.step % save_every == 0)
+        ):
             state.train_seconds = seconds_before + time.perf_counter() - started
             _checkpoint(run, tracker)
         if state.status != "running":
             break
     state.train_seconds = seconds_before + time.perf_counter() - started
     if state.status in ("completed", "early_stopped") and run.writes:
-        save_weights(run.model, run.run_dir / "final", run.adapter, {"step": state.step, "status": state.status})
+        save_weights(
+            run.model, run.run_dir / "final", run.adapter, {"step": state.step, "status": state.status}
+        )
     distributed.barrier(run.world)  # no rank returns (and reads final/) before rank 0 wrote it
     if state.status != "diverged":
         tracker.text(f"{state.stop_reason} in {format_seconds(state.train_seconds)}")
@@ -405,7 +515,11 @@ def _train_step(run: _Run) -> tuple[float, float, int, str | None] | None:
     if config.max_grad_norm is not None:
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm))
     else:
-        grad_norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params]))) if params else 0.0
+        grad_norm = (
+            float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params])))
+            if params
+            else 0.0
+        )
     if not math.isfinite(grad_norm):
         return _nonfinite(run, "gradient norm", grad_norm, n_examples, loss_value)
     run.optimizer.step()
@@ -415,15 +529,21 @@ def _train_step(run: _Run) -> tuple[float, float, int, str | None] | None:
     return loss_value, grad_norm, n_examples, None
 
 
-def _nonfinite(run: _Run, what: str, value: float, n_examples: int,
-               loss_value: float | None = None) -> tuple[float, float, int, str] | None:
+def _nonfinite(
+    run: _Run, what: str, value: float, n_examples: int, loss_value: float | None = None
+) -> tuple[float, float, int, str] | None:
     """Skip the step (``on_nonfinite: skip``, within the limit) or stop the run (None)."""
     state = run.state
     if run.config.on_nonfinite != "skip":
         return _diverged(run, what, value)
     if state.skips_in_a_row >= MAX_SKIPS_IN_A_ROW:
-        return _diverged(run, what, value, note=f" after {state.skips_in_a_row} skipped steps in a row (train.on_nonfinite: "
-                         f"skip skips at most {MAX_SKIPS_IN_A_ROW} in a row)")
+        return _diverged(
+            run,
+            what,
+            value,
+            note=f" after {state.skips_in_a_row} skipped steps in a row (train.on_nonfinite: "
+            f"skip skips at most {MAX_SKIPS_IN_A_ROW} in a row)",
+        )
     run.optimizer.zero_grad(set_to_none=True)
     # the schedule follows the step count, skipped or not, so that the rate at step s stays lr x m(s)
     run.scheduler.step()
@@ -434,10 +554,14 @@ def _nonfinite(run: _Run, what: str, value: float, n_examples: int,
 def _check_loss_tensor(value: Any) -> None:
     if not isinstance(value, torch.Tensor) or value.ndim != 0:
         shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
-        raise TypeError(f"loss(model, batch) must return a scalar tensor; got {shape}. Reduce it (e.g. .mean()).")
+        raise TypeError(
+            f"loss(model, batch) must return a scalar tensor; got {shape}. Reduce it (e.g. .mean())."
+        )
     if not value.requires_grad:
-        raise RuntimeError("loss(model, batch) returned a tensor that does not require grad: did it run under "
-                           "torch.no_grad(), detach the output, or are no parameters of the model trainable?")
+        raise RuntimeError(
+            "loss(model, batch) returned a tensor that does not require grad: did it run under "
+            "torch.no_grad(), detach the output, or are no parameters of the model trainable?"
+        )
 
 
 def _diverged(run: _Run, what: str, value: float, applied: bool = False, note: str = "") -> None:
@@ -446,18 +570,28 @@ def _diverged(run: _Run, what: str, value: float, applied: bool = False, note: s
     run.optimizer.zero_grad(set_to_none=True)
     root = run.run_dir / "checkpoints" if run.run_dir is not None else None
     last = latest_checkpoint(root) if root is not None and run.world.is_main else None
-    kept = (f"the last good checkpoint {last} is untouched (resume=True continues from it)" if last
-            else "no checkpoint had been written" if root is not None else "nothing was saved (run_dir is None)")
+    kept = (
+        f"the last good checkpoint {last} is untouched (resume=True continues from it)"
+        if last
+        else "no checkpoint had been written"
+        if root is not None
+        else "nothing was saved (run_dir is None)"
+    )
     fixes = [f"a lower learning rate (train.lr, now {config.lr:g})"]
     if config.precision == "bf16":
         fixes.append("full precision (train.precision: fp32)")
-    fixes.append("gradient clipping (train.max_grad_norm: 1.0)" if config.max_grad_norm is None
-                 else f"stronger gradient clipping (train.max_grad_norm, now {config.max_grad_norm:g})")
+    fixes.append(
+        "gradient clipping (train.max_grad_norm: 1.0)"
+        if config.max_grad_norm is None
+        else f"stronger gradient clipping (train.max_grad_norm, now {config.max_grad_norm:g})"
+    )
     if applied:
         where = f"after step {state.step} of {run.plan.total_steps}: training stopped and the model's weights are unusable"
     else:
-        where = (f"at step {state.step + 1} of {run.plan.total_steps}: training stopped before applying it, so the "
-                 f"model holds the weights after step {state.step}")
+        where = (
+            f"at step {state.step + 1} of {run.plan.total_steps}: training stopped before applying it, so the "
+            f"model holds the weights after step {state.step}"
+        )
     state.status = "diverged"
     state.stop_reason = f"non-finite {what} ({value}){note} {where}; {kept}. Try {', or '.join(fixes)}."
     return None
@@ -466,15 +600,28 @@ def _diverged(run: _Run, what: str, value: float, applied: bool = False, note: s
 def _log_train(run: _Run, tracker: Tracker, window: SimpleNamespace, grad_norm: float) -> None:
     state, plan = run.state, run.plan
     loss = sum(window.losses) / len(window.losses)
-    lr = run.config.lr * lr_multiplier(state.step - 1, schedule=run.config.schedule, warmup=run.warmup,
-                                       total=plan.total_steps)
+    lr = run.config.lr * lr_multiplier(
+        state.step - 1, schedule=run.config.schedule, warmup=run.warmup, total=plan.total_steps
+    )
     speed = window.examples / max(window.seconds, 1e-9)
     left = (plan.total_steps - state.step) * window.seconds / len(window.losses)
     epoch = plan.position_after(state.step - 1)["epoch"]
-    tracker.event("train", state.step, {"epoch": epoch, "loss": loss, "lr": lr, "grad_norm": grad_norm,
-                                        "examples_per_s": speed, "elapsed": state.train_seconds})
-    tracker.text(f"step {state.step}/{plan.total_steps} | epoch {epoch} | loss {loss:.4f} | lr {lr:.2e} | "
-                 f"{speed:.1f} ex/s | {format_seconds(state.train_seconds)} elapsed, ~{format_seconds(left)} left")
+    tracker.event(
+        "train",
+        state.step,
+        {
+            "epoch": epoch,
+            "loss": loss,
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "examples_per_s": speed,
+            "elapsed": state.train_seconds,
+        },
+    )
+    tracker.text(
+        f"step {state.step}/{plan.total_steps} | epoch {epoch} | loss {loss:.4f} | lr {lr:.2e} | "
+        f"{speed:.1f} ex/s | {format_seconds(state.train_seconds)} elapsed, ~{format_seconds(left)} left"
+    )
 
 
 def _maybe_evaluate(run: _Run, tracker: Tracker) -> bool:
@@ -492,8 +639,13 @@ def _maybe_evaluate(run: _Run, tracker: Tracker) -> bool:
     else:
         metrics = distributed.on_main(lambda: _evaluate(run), run.world, f"evaluating at step {state.step}")
     if config.metric not in metrics:
-        raise ConfigError([f"train.metric is {config.metric!r} but evaluate() returned only "
-                           f"{sorted(metrics) or 'no numbers'}: set train.metric to one of them"], what="evaluation")
+        raise ConfigError(
+            [
+                f"train.metric is {config.metric!r} but evaluate() returned only "
+                f"{sorted(metrics) or 'no numbers'}: set train.metric to one of them"
+            ],
+            what="evaluation",
+        )
     value = metrics[config.metric]
     state.history.append({"step": state.step, **metrics})
     if _better(value, state.best_metric, config.maximize):
@@ -504,25 +656,36 @@ def _maybe_evaluate(run: _Run, tracker: Tracker) -> bool:
         state.bad_evals += 1
     tracker.event("eval", state.step, {**metrics, "elapsed": state.train_seconds})
     shown = " | ".join(f"{k} {v:.4g}" for k, v in metrics.items())
-    tracker.text(f"eval at step {state.step}: {shown} (best {config.metric} {state.best_metric:.4g} at step {state.best_step})")
+    tracker.text(
+        f"eval at step {state.step}: {shown} (best {config.metric} {state.best_metric:.4g} at step {state.best_step})"
+    )
     patience = config.early_stopping_patience
     if patience is not None and state.bad_evals >= patience:
         state.status = "early_stopped"
-        state.stop_reason = (f"stopped early at step {state.step}: {config.metric} did not improve in {patience} "
-                             f"evaluation(s); best {state.best_metric:.4g} at step {state.best_step}")
+        state.stop_reason = (
+            f"stopped early at step {state.step}: {config.metric} did not improve in {patience} "
+            f"evaluation(s); best {state.best_metric:.4g} at step {state.best_step}"
+        )
     return True
 
 
 def _evaluate(run: _Run) -> dict[str, float]:
     """``run.evaluate`` on the bare model in eval mode, without grad and away from the training RNG."""
-    with preserved_rng(run.device), torch.no_grad(), torch.autocast(
-            run.device.type, dtype=torch.bfloat16, enabled=run.config.precision == "bf16"):
+    with (
+        preserved_rng(run.device),
+        torch.no_grad(),
+        torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=run.config.precision == "bf16"),
+    ):
         run.model.eval()
         try:
             metrics = dict(run.evaluate(run.model))
         finally:
             run.model.train()
-    return {k: float(v) for k, v in metrics.items() if isinstance(v, int | float | torch.Tensor) and not isinstance(v, bool)}
+    return {
+        k: float(v)
+        for k, v in metrics.items()
+        if isinstance(v, int | float | torch.Tensor) and not isinstance(v, bool)
+    }
 
 
 def _better(value: float, best: float | None, greater_is_better: bool) -> bool:
@@ -533,30 +696,56 @@ def _better(value: float, best: float | None, greater_is_better: bool) -> bool:
 
 def _checkpoint(run: _Run, tracker: Tracker) -> None:
     state = run.state
-    bad = [name for name, p in run.model.named_parameters() if p.requires_grad and not torch.isfinite(p).all()]
+    bad = [
+        name for name, p in run.model.named_parameters() if p.requires_grad and not torch.isfinite(p).all()
+    ]
     if bad:  # never overwrite a good checkpoint with broken weights
         _diverged(run, f"weights in {bad[:3]}", float("nan"), applied=True)
         tracker.text(state.stop_reason)
         return
-    trainer_state = {**dataclasses.asdict(state), "total_steps": run.plan.total_steps,
-                     "data_position": run.plan.position_after(state.step), "resume_key": run.resume_key}
+    trainer_state = {
+        **dataclasses.asdict(state),
+        "total_steps": run.plan.total_steps,
+        "data_position": run.plan.position_after(state.step),
+        "resume_key": run.resume_key,
+    }
     # every rank's generators (dropout differs per rank), sent to rank 0, which writes the checkpoint
     rng_states = distributed.gather(rng_state(run.device), run.world) if run.world.active else None
     if run.world.is_main:
-        save_checkpoint(run.run_dir / "checkpoints", state.step, run.model, run.optimizer, run.scheduler,
-                        trainer_state, run.device, run.adapter, rng_states=rng_states)
+        save_checkpoint(
+            run.run_dir / "checkpoints",
+            state.step,
+            run.model,
+            run.optimizer,
+            run.scheduler,
+            trainer_state,
+            run.device,
+            run.adapter,
+            rng_states=rng_states,
+        )
     distributed.barrier(run.world)  # no rank runs ahead of a checkpoint that may yet fail
 
 
-def _start(run_dir: Path | None, resume: bool, key: dict[str, Any], plan: DataPlan, model: nn.Module,
-           optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
-           seed: int, world: World) -> tuple[_State, dict[str, Any] | None]:
+def _start(
+    run_dir: Path | None,
+    resume: bool,
+    key: dict[str, Any],
+    plan: DataPlan,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    seed: int,
+    world: World,
+) -> tuple[_State, dict[str, Any] | None]:
     """A fresh state (and seeded generators), or the state and RNG of the newest checkpoint.
 
     Rank 0 finds and reads the checkpoint; every rank loads what it read, and its own RNG state.
     """
-    found = distributed.on_main(lambda: _find_checkpoint(run_dir, resume, key, plan, world.size), world,
-                                "looking for the checkpoint to resume from")
+    found = distributed.on_main(
+        lambda: _find_checkpoint(run_dir, resume, key, plan, world.size),
+        world,
+        "looking for the checkpoint to resume from",
+    )
     if found is None:
         # dropout masks differ between ranks, as they would between the examples of one process;
         # rank 0 (and a single process) uses the seed itself
@@ -573,8 +762,9 @@ def _start(run_dir: Path | None, resume: bool, key: dict[str, Any], plan: DataPl
     return state, files["rng"][world.rank]
 
 
-def _find_checkpoint(run_dir: Path | None, resume: bool, key: dict[str, Any], plan: DataPlan,
-                     world_size: int) -> tuple[Path, dict[str, Any], dict[str, Any]] | None:
+def _find_checkpoint(
+    run_dir: Path | None, resume: bool, key: dict[str, Any], plan: DataPlan, world_size: int
+) -> tuple[Path, dict[str, Any], dict[str, Any]] | None:
     """None for a fresh start, else the checkpoint to resume: its path, trainer state and files."""
     root = run_dir / "checkpoints" if run_dir is not None else None
     if root is not None:
@@ -583,22 +773,41 @@ def _find_checkpoint(run_dir: Path | None, resume: bool, key: dict[str, Any], pl
     latest = latest_checkpoint(root) if root is not None else None
     if not resume:
         if latest is not None:
-            raise ConfigError([f"{run_dir} already holds checkpoints of a run (newest: {latest.name}): pass "
-                               "resume=True to continue it, or choose a new or empty run_dir"], what="fit")
+            raise ConfigError(
+                [
+                    f"{run_dir} already holds checkpoints of a run (newest: {latest.name}): pass "
+                    "resume=True to continue it, or choose a new or empty run_dir"
+                ],
+                what="fit",
+            )
         return None
     if latest is None:
-        raise ConfigError([f"resume=True but {root} holds no complete checkpoint to resume from: "
-                           "run without resume to start afresh"], what="resume")
+        raise ConfigError(
+            [
+                f"resume=True but {root} holds no complete checkpoint to resume from: "
+                "run without resume to start afresh"
+            ],
+            what="resume",
+        )
     saved = read_trainer_state(latest)
     old = saved.get("resume_key", {})
-    problems = [f"{name}: the run used {old.get(name, RESUME_KEY_DEFAULTS.get(name))!r}, now {key[name]!r}"
-                + (f" (set train.greater_is_better: {str(old[name]).lower()} to resume it)" if name == "greater_is_better" else "")
-                for name in key if old.get(name, RESUME_KEY_DEFAULTS.get(name)) != key[name]]
+    problems = [
+        f"{name}: the run used {old.get(name, RESUME_KEY_DEFAULTS.get(name))!r}, now {key[name]!r}"
+        + (
+            f" (set train.greater_is_better: {str(old[name]).lower()} to resume it)"
+            if name == "greater_is_better"
+            else ""
+        )
+        for name in key
+        if old.get(name, RESUME_KEY_DEFAULTS.get(name)) != key[name]
+    ]
     if not problems and saved.get("data_position") != plan.position_after(saved["step"]):
         problems.append(f"data position {saved.get('data_position')} does not match step {saved['step']}")
     if problems:
-        problems.append("a resumed run must keep the settings that shape its weights; to change them, start a "
-                        "new run_dir (e.g. from the best adapter)")
+        problems.append(
+            "a resumed run must keep the settings that shape its weights; to change them, start a "
+            "new run_dir (e.g. from the best adapter)"
+        )
         raise ConfigError(problems, what=f"resume from {latest}")
     return latest, saved, read_checkpoint(latest, world_size)
 
@@ -606,11 +815,19 @@ def _find_checkpoint(run_dir: Path | None, resume: bool, key: dict[str, Any], pl
 def _result(run: _Run) -> FitResult:
     state = run.state
     return FitResult(
-        steps=state.step, losses=list(state.losses), history=[dict(h) for h in state.history],
-        best_metric=state.best_metric, best_step=state.best_step, stopped_early=state.status == "early_stopped",
-        stop_reason=state.stop_reason, train_seconds=state.train_seconds,
-        peak_memory_mb=peak_memory_mb(run.device), status=state.status, run_dir=run.run_dir,
-        skipped_steps=list(state.skipped_steps))
+        steps=state.step,
+        losses=list(state.losses),
+        history=[dict(h) for h in state.history],
+        best_metric=state.best_metric,
+        best_step=state.best_step,
+        stopped_early=state.status == "early_stopped",
+        stop_reason=state.stop_reason,
+        train_seconds=state.train_seconds,
+        peak_memory_mb=peak_memory_mb(run.device),
+        status=state.status,
+        run_dir=run.run_dir,
+        skipped_steps=list(state.skipped_steps),
+    )
 
 
 def _training_hook(model: nn.Module, adapter: str | None, total_steps: int) -> Any:
@@ -628,11 +845,15 @@ def _adapter_of(model: nn.Module, adapter_name: str) -> str | None:
     if not names:
         return None
     if adapter_name not in names:
-        raise ConfigError([f"adapter_name {adapter_name!r} is not on the model; its adapters: {names}"], what="fit")
+        raise ConfigError(
+            [f"adapter_name {adapter_name!r} is not on the model; its adapters: {names}"], what="fit"
+        )
     return adapter_name
 
 
-def _check_arguments(config: TrainConfig, examples: Sequence[Any], evaluate: Any, run_dir: Any, resume: bool) -> None:
+def _check_arguments(
+    config: TrainConfig, examples: Sequence[Any], evaluate: Any, run_dir: Any, resume: bool
+) -> None:
     problems = train_config_problems(config)
     if config.on_nonfinite not in ("stop", "skip"):
         problems.append(f"train.on_nonfinite: expected 'stop' or 'skip', got {config.on_nonfinite!r}")

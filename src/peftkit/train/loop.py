@@ -94,7 +94,9 @@ def _epochs(batches: Iterable[Batch], bounded: bool, epochs: int) -> Iterator[tu
             empty = False
             yield epoch, batch
         if empty:  # also catches a one-shot iterator that a second epoch finds exhausted
-            raise ValueError("`batches` yielded no batch: pass a non-empty, re-iterable collection of batches")
+            raise ValueError(
+                "`batches` yielded no batch: pass a non-empty, re-iterable collection of batches"
+            )
         epoch += 1
 
 

@@ -63,8 +63,12 @@ def param_groups(
     trainable = [p for p in model.parameters() if p.requires_grad]
     if not trainable:
         raise ConfigError(
-            ["the model has no trainable parameter: inject an adapter (peftkit.inject) or set "
-             "requires_grad=True on the parameters to fine-tune"], what="training setup")
+            [
+                "the model has no trainable parameter: inject an adapter (peftkit.inject) or set "
+                "requires_grad=True on the parameters to fine-tune"
+            ],
+            what="training setup",
+        )
     if lora_plus_ratio is None:
         groups = [{"params": trainable, "lr": lr, "weight_decay": weight_decay, "name": "params"}]
     else:
@@ -80,13 +84,21 @@ def _lora_plus_groups(model: nn.Module, lr: float, weight_decay: float, ratio: f
 
     if not adapter_names(model):
         raise ConfigError(
-            [f"lora_plus_ratio={ratio} needs a LoRA-family adapter on the model, and it has none "
-             "(full fine-tuning?): set train.lora_plus_ratio to null"], what="training setup")
+            [
+                f"lora_plus_ratio={ratio} needs a LoRA-family adapter on the model, and it has none "
+                "(full fine-tuning?): set train.lora_plus_ratio to null"
+            ],
+            what="training setup",
+        )
     groups = lora_plus_param_groups(model, lr, lr_ratio=ratio, weight_decay=weight_decay)
     if not any(g["name"] == "lora_plus_B" for g in groups):
         raise ConfigError(
-            [f"lora_plus_ratio={ratio} needs trainable LoRA B matrices, and the model's adapters have none "
-             "(LoRA+ applies to LoRA and DoRA only): set train.lora_plus_ratio to null"], what="training setup")
+            [
+                f"lora_plus_ratio={ratio} needs trainable LoRA B matrices, and the model's adapters have none "
+                "(LoRA+ applies to LoRA and DoRA only): set train.lora_plus_ratio to null"
+            ],
+            what="training setup",
+        )
     return groups
 
 

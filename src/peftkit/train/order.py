@@ -39,7 +39,7 @@ def shard(indices: list[int], rank: int, world_size: int) -> list[int]:
     evenly; a share is empty only when the batch has fewer examples than there are processes.
     """
     m = len(indices)
-    return indices[m * rank // world_size:m * (rank + 1) // world_size]
+    return indices[m * rank // world_size : m * (rank + 1) // world_size]
 
 
 @dataclass
@@ -64,8 +64,16 @@ class DataPlan:
     _cache: dict[int, list[int]] = field(default_factory=dict, repr=False)
 
     @classmethod
-    def for_run(cls, n: int, batch_size: int, grad_accum: int, seed: int, steps: int | None, epochs: int,
-                world_size: int = 1) -> DataPlan:
+    def for_run(
+        cls,
+        n: int,
+        batch_size: int,
+        grad_accum: int,
+        seed: int,
+        steps: int | None,
+        epochs: int,
+        world_size: int = 1,
+    ) -> DataPlan:
         """A plan of ``steps`` optimizer steps, or of ``epochs`` full passes when ``steps`` is None."""
         per_epoch = math.ceil(n / (batch_size * world_size))
         total = steps * grad_accum if steps is not None else epochs * per_epoch
@@ -99,7 +107,7 @@ class DataPlan:
         for micro in range(first, last):
             epoch, batch = divmod(micro, self.batches_per_epoch)
             order = self.permutation(epoch)
-            out.append(order[batch * size:(batch + 1) * size])
+            out.append(order[batch * size : (batch + 1) * size])
         return out
 
     def rank_batches(self, step: int, rank: int) -> list[list[int]]:

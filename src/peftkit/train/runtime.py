@@ -41,7 +41,11 @@ def to_device(batch: Any, device: torch.device) -> Any:
     if isinstance(batch, torch.Tensor):
         return batch.to(device)
     if isinstance(batch, Mapping):
-        return batch.to(device) if callable(getattr(batch, "to", None)) else {k: to_device(v, device) for k, v in batch.items()}
+        return (
+            batch.to(device)
+            if callable(getattr(batch, "to", None))
+            else {k: to_device(v, device) for k, v in batch.items()}
+        )
     if isinstance(batch, list | tuple):
         moved = [to_device(v, device) for v in batch]
         return type(batch)(*moved) if hasattr(batch, "_fields") else type(batch)(moved)  # namedtuples too
@@ -58,8 +62,10 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError([f"train.device is {name!r} but no CUDA GPU is available: use 'auto' or 'cpu'"],
-                          what="training setup")
+        raise ConfigError(
+            [f"train.device is {name!r} but no CUDA GPU is available: use 'auto' or 'cpu'"],
+            what="training setup",
+        )
     return device
 
 
@@ -75,30 +81,59 @@ def train_config_problems(config: TrainConfig) -> list[str]:
         ("batch_size", _is_int(config.batch_size, 1), "a positive integer"),
         ("grad_accum", _is_int(config.grad_accum, 1), "a positive integer"),
         ("lr", isinstance(config.lr, int | float) and config.lr > 0, "a positive number"),
-        ("weight_decay", isinstance(config.weight_decay, int | float) and config.weight_decay >= 0, "a number >= 0"),
-        ("lora_plus_ratio", config.lora_plus_ratio is None or (isinstance(config.lora_plus_ratio, int | float)
-                                                               and config.lora_plus_ratio > 0), "a positive number or null"),
+        (
+            "weight_decay",
+            isinstance(config.weight_decay, int | float) and config.weight_decay >= 0,
+            "a number >= 0",
+        ),
+        (
+            "lora_plus_ratio",
+            config.lora_plus_ratio is None
+            or (isinstance(config.lora_plus_ratio, int | float) and config.lora_plus_ratio > 0),
+            "a positive number or null",
+        ),
         ("schedule", config.schedule in SCHEDULES, f"one of {', '.join(SCHEDULES)}"),
-        ("warmup_steps", config.warmup_steps is None or _is_int(config.warmup_steps, 0), "an integer >= 0 or null"),
-        ("warmup_ratio", isinstance(config.warmup_ratio, int | float) and 0 <= config.warmup_ratio < 1, "in [0, 1)"),
-        ("max_grad_norm", config.max_grad_norm is None or (isinstance(config.max_grad_norm, int | float)
-                                                           and config.max_grad_norm > 0), "a positive number or null"),
+        (
+            "warmup_steps",
+            config.warmup_steps is None or _is_int(config.warmup_steps, 0),
+            "an integer >= 0 or null",
+        ),
+        (
+            "warmup_ratio",
+            isinstance(config.warmup_ratio, int | float) and 0 <= config.warmup_ratio < 1,
+            "in [0, 1)",
+        ),
+        (
+            "max_grad_norm",
+            config.max_grad_norm is None
+            or (isinstance(config.max_grad_norm, int | float) and config.max_grad_norm > 0),
+            "a positive number or null",
+        ),
         ("precision", config.precision in PRECISIONS, f"one of {', '.join(PRECISIONS)}"),
         ("eval_every", _is_int(config.eval_every, 0), "an integer >= 0"),
-        ("early_stopping_patience", config.early_stopping_patience is None
-         or _is_int(config.early_stopping_patience, 1), "a positive integer or null"),
+        (
+            "early_stopping_patience",
+            config.early_stopping_patience is None or _is_int(config.early_stopping_patience, 1),
+            "a positive integer or null",
+        ),
         ("save_every", _is_int(config.save_every, 0), "an integer >= 0"),
         ("log_every", _is_int(config.log_every, 0), "an integer >= 0"),
         ("seed", _is_int(config.seed, 0), "an integer >= 0"),
         ("metric", isinstance(config.metric, str) and config.metric != "", "a metric name"),
         ("distributed", config.distributed in DISTRIBUTED, f"one of {', '.join(DISTRIBUTED)}"),
     ]
-    problems = [f"train.{name}: expected {expected}, got {getattr(config, name)!r}" for name, ok, expected in checks if not ok]
+    problems = [
+        f"train.{name}: expected {expected}, got {getattr(config, name)!r}"
+        for name, ok, expected in checks
+        if not ok
+    ]
     if config.device != "auto":
         try:
             torch.device(config.device)
         except (RuntimeError, TypeError):
-            problems.append(f"train.device: expected 'auto', 'cpu', 'cuda' or 'cuda:N', got {config.device!r}")
+            problems.append(
+                f"train.device: expected 'auto', 'cpu', 'cuda' or 'cuda:N', got {config.device!r}"
+            )
     return problems + _report_to_problems(config)
 
 
@@ -110,11 +145,15 @@ def _report_to_problems(config: TrainConfig) -> list[str]:
         return [f"train.report_to: expected a list of names from {', '.join(known)} (or null), got {names!r}"]
     unknown = [name for name in names if name not in known]
     if unknown:
-        return [f"train.report_to: unknown {', '.join(map(repr, unknown))}; known: {', '.join(known)} "
-                "(or null: jsonl, plus tensorboard when train.tensorboard is true)"]
+        return [
+            f"train.report_to: unknown {', '.join(map(repr, unknown))}; known: {', '.join(known)} "
+            "(or null: jsonl, plus tensorboard when train.tensorboard is true)"
+        ]
     if not config.tensorboard and "tensorboard" in names:
-        return ["train.report_to lists tensorboard but train.tensorboard is false: drop one of the two "
-                "(when report_to is set, it alone decides)"]
+        return [
+            "train.report_to lists tensorboard but train.tensorboard is false: drop one of the two "
+            "(when report_to is set, it alone decides)"
+        ]
     return []
 
 
@@ -129,15 +168,24 @@ def gradient_checkpointing(model: nn.Module, enabled: bool) -> Iterator[None]:
     recomputes, so dropout masks (and gradients) are those of a run without checkpointing.
     """
     owner = next((m for m in model.modules() if hasattr(m, "gradient_checkpointing_enable")), None)
-    if not enabled or (owner is not None and any(getattr(m, "gradient_checkpointing", False) is True for m in owner.modules())):
+    if not enabled or (
+        owner is not None
+        and any(getattr(m, "gradient_checkpointing", False) is True for m in owner.modules())
+    ):
         yield  # off, or already on by the caller's choice: leave it as it is
         return
     if owner is None:
-        raise ConfigError([f"train.gradient_checkpointing needs a transformers model; {type(model).__name__} has no "
-                           "gradient_checkpointing_enable(). For your own module, wrap its blocks in "
-                           "torch.utils.checkpoint.checkpoint(..., use_reentrant=False) or turn the setting off"],
-                          what="training setup")
-    had_input_hooks = bool(getattr(owner, "_require_grads_hooks", None)) or hasattr(owner, "_require_grads_hook")
+        raise ConfigError(
+            [
+                f"train.gradient_checkpointing needs a transformers model; {type(model).__name__} has no "
+                "gradient_checkpointing_enable(). For your own module, wrap its blocks in "
+                "torch.utils.checkpoint.checkpoint(..., use_reentrant=False) or turn the setting off"
+            ],
+            what="training setup",
+        )
+    had_input_hooks = bool(getattr(owner, "_require_grads_hooks", None)) or hasattr(
+        owner, "_require_grads_hook"
+    )
     kwargs = {"use_reentrant": False}
     try:
         if hasattr(owner, "activation_checkpointing_enable"):  # transformers >= 5.2x renamed it
@@ -145,8 +193,10 @@ def gradient_checkpointing(model: nn.Module, enabled: bool) -> Iterator[None]:
         else:
             owner.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     except ValueError as exc:
-        raise ConfigError([f"train.gradient_checkpointing: {exc}; turn the setting off for this model"],
-                          what="training setup") from exc
+        raise ConfigError(
+            [f"train.gradient_checkpointing: {exc}; turn the setting off for this model"],
+            what="training setup",
+        ) from exc
     try:
         yield
     finally:
@@ -171,7 +221,9 @@ def interrupt_flag() -> Iterator[SimpleNamespace]:
     def request_stop(signum: int, frame: Any) -> None:
         flag.requested = True
         signal.signal(signal.SIGINT, previous)  # a second Ctrl-C aborts at once
-        sys.stderr.write("\nCtrl-C: stopping after this step and writing a checkpoint (press again to abort now)\n")
+        sys.stderr.write(
+            "\nCtrl-C: stopping after this step and writing a checkpoint (press again to abort now)\n"
+        )
 
     signal.signal(signal.SIGINT, request_stop)
     try:

@@ -67,9 +67,18 @@ class Tracker:
         summary: The run's parameter counts, which the loggers record.
     """
 
-    def __init__(self, run_dir: Path | None, start_step: int, total_steps: int, *, report_to: Sequence[str] = (),
-                 progress: bool, log: Callable[[str], None], config: Mapping[str, Any] | None = None,
-                 summary: Mapping[str, float] | None = None) -> None:
+    def __init__(
+        self,
+        run_dir: Path | None,
+        start_step: int,
+        total_steps: int,
+        *,
+        report_to: Sequence[str] = (),
+        progress: bool,
+        log: Callable[[str], None],
+        config: Mapping[str, Any] | None = None,
+        summary: Mapping[str, float] | None = None,
+    ) -> None:
         self._file = None
         self._loggers = []
         self._bar = None
@@ -123,4 +132,3 @@ class Tracker:
         if self._file is not None:
             self._file.close()
         finish_loggers(self._loggers, status)
-
