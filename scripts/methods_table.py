@@ -5,7 +5,7 @@ loaded for sequence classification, and the table records what it added. Run
 
     .venv/bin/python scripts/methods_table.py --write
 
-after adding or changing a method; ``tests/test_methods.py`` fails while the docs are out of date.
+after adding or changing a method; ``tests/core/test_registry.py`` fails while the docs are out of date.
 """
 
 from __future__ import annotations

@@ -217,10 +217,10 @@ def test_every_registered_method_has_a_contract_row():
 def test_lora_rows_cover_every_registered_lora_layer_kind():
     from torch import nn
 
-    from _tiny import build
     from peftkit.core import registry
+    from support.tiny import build
 
-    # rows of quantized backends (bitsandbytes) have their contract in tests/test_quantized.py
+    # rows of quantized backends (bitsandbytes) have their contract in tests/backends/test_bitsandbytes.py
     rows = [
         row
         for row in registry.method("LORA").rows

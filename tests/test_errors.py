@@ -12,7 +12,6 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import peftkit
-from _tiny import build
 from peftkit.errors import (
     AdapterFileError,
     AdapterMismatchError,
@@ -22,6 +21,7 @@ from peftkit.errors import (
     NoTargetMatchedError,
     UnsupportedLayerError,
 )
+from support.tiny import build
 
 
 def _snapshot(model: nn.Module):

@@ -64,7 +64,7 @@ def test_targets_that_match_nothing_name_the_field_the_suffix_and_inspect(tmp_pa
 @pytest.fixture(scope="module")
 def tiny_run(tiny_model_dir, reviews_csv, tmp_path_factory):  # noqa: F811
     from peftkit.run import runner
-    from test_runner import make_config
+    from support.runs import make_config
 
     out = tmp_path_factory.mktemp("runs") / "tiny"
     assert runner.train_run(

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from _tiny import KINDS, build
+from support.tiny import KINDS, build
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 

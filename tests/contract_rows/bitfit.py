@@ -4,9 +4,9 @@ plus norm layers, whose bias is a shift after normalisation."""
 import torch
 from torch import nn
 
-from _tiny import KINDS, Net, build
 from contract_rows import Row
 from peftkit.methods.bitfit import BitFitConfig
+from support.tiny import KINDS, Net, build
 
 NORM_KINDS = ["LayerNorm", "BatchNorm2d", "GroupNorm"]
 

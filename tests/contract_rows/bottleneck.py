@@ -12,9 +12,9 @@ from transformers import BertConfig, LlamaConfig
 from transformers.models.bert.modeling_bert import BertOutput
 from transformers.models.llama.modeling_llama import LlamaMLP
 
-from _tiny import Net, build
 from contract_rows import Row
 from peftkit.methods.bottleneck import BottleneckConfig
+from support.tiny import Net, build
 
 
 class ResidualNet(nn.Module):

@@ -4,9 +4,9 @@ import torch
 from torch import nn
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
-from _tiny import Net
 from contract_rows import Row
 from peftkit.methods.ln_tuning import LNTuningConfig
+from support.tiny import Net
 
 KINDS = ["LayerNorm", "LayerNormNoBias", "RMSNorm", "LlamaRMSNorm"]
 

@@ -1,8 +1,8 @@
 """LoRA and its variants (rsLoRA, DoRA) x inits."""
 
 import peftkit
-from _tiny import KINDS, MATRIX_KINDS
 from contract_rows import Row
+from support.tiny import KINDS, MATRIX_KINDS
 
 VARIANTS = {"lora": {}, "rslora": {"use_rslora": True}, "dora": {"use_dora": True}}
 SVD_INITS = {"pissa", "olora"}  # refused for non-matrix kinds; see test_errors.py

@@ -1,8 +1,8 @@
 """OFT (orthogonal finetuning): Cayley-Neumann and exact rotations, block sharing, COFT, random init."""
 
-from _tiny import KINDS
 from contract_rows import Row
 from peftkit.methods.oft import OFTConfig
+from support.tiny import KINDS
 
 # Input features each tiny layer rotates (Linear/Conv1D/Embedding: 6; Conv1d: 3x3; Conv2d: 3x3x3;
 # Conv3d: 2x2x2x2) and a block size dividing them, so that every layer has several blocks.

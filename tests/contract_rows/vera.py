@@ -1,8 +1,8 @@
 """VeRA: default init (starts at the base) and init_weights=False (b = 1, d random), on the matrix kinds."""
 
-from _tiny import MATRIX_KINDS
 from contract_rows import Row
 from peftkit.methods.vera import VeraConfig
+from support.tiny import MATRIX_KINDS
 
 
 def _config(init_weights):

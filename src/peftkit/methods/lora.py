@@ -73,7 +73,7 @@ class LoraConfig(AdapterConfig):
     # target_modules=None: the reference library's defaults per architecture (attention query and value
     # projections; for Phi also the MLP's fc1 and fc2), so a default adapter is the reference's own.
     # The reference's other entries (bloom, gemma, mixtral ...) name the same modules the structure does
-    # (tests/test_default_targets.py checks both). Any other architecture: the same roles, found by
+    # (tests/core/test_anatomy.py checks both). Any other architecture: the same roles, found by
     # structure (core/anatomy.py; a fused query-key-value projection where that is what exists).
     default_targets: ClassVar[dict[str, list[str]]] = {
         "bert": ["query", "value"],

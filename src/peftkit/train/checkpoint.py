@@ -16,7 +16,7 @@ as an uninterrupted one would have:
 
 A checkpoint is written into a hidden temporary directory beside its final name, every file and the
 directory are fsync'ed, and only then is it renamed into place: a crash leaves either no checkpoint or
-a complete one, and any ``step-*`` directory is complete (``tests/test_crash_resume.py`` kills a run
+a complete one, and any ``step-*`` directory is complete (``tests/train/test_crash_resume.py`` kills a run
 at every file operation of a save to prove it). A write that fails (disk full, read-only directory)
 raises :class:`~peftkit.errors.SaveError` naming the path and the fix, and leaves earlier checkpoints
 as they were. Pickled files are read with ``weights_only=True``.
