@@ -1,16 +1,104 @@
-"""LoRA on a Conv2d subclass whose constructor and forward differ from nn.Conv2d's (as EfficientNet
-ports' "same"-padding convolutions do): the adapter must follow the subclass's own forward."""
+"""LoRA-specific behaviour beyond the contract matrix and the parity tests.
+
+- PiSSA/OLoRA adapters saved with portable=True apply to the original base weights anywhere.
+- LoRA on a Conv2d subclass whose constructor and forward differ from nn.Conv2d's (as EfficientNet
+  ports' "same"-padding convolutions do): the adapter must follow the subclass's own forward.
+"""
 
 from __future__ import annotations
 
 import copy
+import json
 
+import peft
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 from torch import nn
+from transformers import LlamaConfig, LlamaForCausalLM
 
 import peftkit
+
+
+@pytest.fixture(scope="module")
+def llama():
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    return LlamaForCausalLM(cfg).eval()
+
+
+IDS = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(1))
+
+
+def _trained(base, **options):
+    model = peftkit.inject(
+        copy.deepcopy(base),
+        peftkit.LoraConfig(
+            r=4,
+            lora_alpha=8,
+            target_modules=["q_proj", "v_proj"],
+            rank_pattern={"v_proj": 2},
+            alpha_pattern={"v_proj": 4},
+            **options,
+        ),
+    )
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(3):
+        opt.zero_grad()
+        model(IDS, labels=IDS).loss.backward()
+        opt.step()
+    return model.eval()
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"init_lora_weights": "pissa"},
+        {"init_lora_weights": "olora"},
+        {"init_lora_weights": "pissa", "use_rslora": True},
+        {"init_lora_weights": "pissa", "use_dora": True},
+    ],
+    ids=["pissa", "olora", "pissa-rslora", "pissa-dora"],
+)
+def test_portable_adapter_gives_the_same_model_on_the_original_base(llama, tmp_path, options):
+    model = _trained(llama, **options)
+    with torch.no_grad():
+        expected = model(IDS).logits
+    peftkit.save_adapter(model, tmp_path, portable=True)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert (
+        config["init_lora_weights"] is True and config["r"] == 8 and config["rank_pattern"] == {"v_proj": 4}
+    )
+    tensors = load_file(tmp_path / "adapter_model.safetensors")
+    assert tensors["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"].shape == (8, 32)
+
+    ours = peftkit.load_adapter(copy.deepcopy(llama), tmp_path)  # no init re-run on the base
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(llama), tmp_path).eval()
+    with torch.no_grad():
+        assert (ours(IDS).logits - expected).abs().max() <= 1e-5
+        assert (theirs(IDS).logits - expected).abs().max() <= 1e-5
+
+
+def test_portable_changes_nothing_for_plain_inits(llama, tmp_path):
+    model = _trained(llama)
+    peftkit.save_adapter(model, tmp_path / "a")
+    peftkit.save_adapter(model, tmp_path / "b", portable=True)
+    a, b = (
+        load_file(tmp_path / "a" / "adapter_model.safetensors"),
+        load_file(tmp_path / "b" / "adapter_model.safetensors"),
+    )
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert (tmp_path / "a" / "adapter_config.json").read_text() == (
+        tmp_path / "b" / "adapter_config.json"
+    ).read_text()
 
 
 class SamePaddingConv(nn.Conv2d):
