@@ -63,7 +63,7 @@ test-fast: setup
 demo: setup
 	$(BIN)/peftkit demo
 
-# Side-by-side benchmark against the reference library (docs/performance.md): about 15 minutes on 2 quiet cores;
+# Side-by-side benchmark against the reference library (docs/performance.md), steady-state step times: under 15 minutes on 2 quiet cores;
 # options: make bench BENCH_ARGS="--reps 3 --only 'train-minilm-*'"
 bench: setup
 	$(BIN)/python -m benchmarks.run $(BENCH_ARGS)

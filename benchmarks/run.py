@@ -214,7 +214,11 @@ def default_output(args: argparse.Namespace, started: dt.datetime) -> Path:
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n\n")[0])
     parser.add_argument(
-        "--reps", type=int, default=5, help="repetitions of every (case, library) (default 5)"
+        "--reps",
+        type=int,
+        default=2,
+        help="repetitions of every (case, library), each in a fresh process (default 2; the steady "
+        "state comes from the timed steps within each process)",
     )
     parser.add_argument(
         "--steps",

@@ -70,12 +70,12 @@ def _full_case(case: dict[str, Any], cases: list[dict[str, Any]]) -> str | None:
 
 
 METRICS = {
-    "train": ["step_s", "peak_mb", "overhead_mb", "loaded_mb", "peak_rss_mb"],
+    "train": ["step_s", "first_step_s", "peak_mb", "overhead_mb", "loaded_mb", "peak_rss_mb"],
     "infer": ["base_s", "unmerged_s", "merged_s", "unmerged_overhead", "merged_overhead", "save_s", "load_s"],
     "mixed": ["single_s", "mixed_s", "mixed_over_single"],
 }
 RATIOS = {  # metrics compared peftkit / reference pair by pair
-    "train": ["step_s", "peak_mb", "overhead_mb"],
+    "train": ["step_s", "first_step_s", "peak_mb", "overhead_mb"],
     "infer": ["unmerged_s", "save_s", "load_s"],
     "mixed": ["mixed_s", "single_s"],
 }
@@ -292,10 +292,13 @@ def markdown(result: dict[str, Any]) -> str:
     full = {c["model"]: n for n, c in cases.items() if c["kind"] == "train" and c["method"] == "full"}
     if train or full:
         lines += [
-            "**Training step** (forward + backward + AdamW), seconds per step:",
+            "**Training step** (forward + backward + AdamW), seconds per step in the steady state: the "
+            "median of the timed full-size steps of each process, after one untimed full-size step. "
+            "'first' is that first step (optimizer state, kernel set-up, allocator growth):",
             "",
-            "| case | peftkit | peft | full FT | peftkit/peft | peftkit/full | peft/full |",
-            "|---|---|---|---|---|---|---|",
+            "| case | peftkit | peft | full FT | peftkit/peft | peftkit/full | peft/full | "
+            "first: peftkit | peft | full FT | first peftkit/peft |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for name, case in train.items():
             full_case = cases.get(full.get(case["model"], ""), {"libs": {}})
@@ -303,7 +306,9 @@ def markdown(result: dict[str, Any]) -> str:
             lines.append(
                 f"| {name} | {_med(case, PEFTKIT, 'step_s')} | {_med(case, REFERENCE, 'step_s')} | "
                 f"{_med(full_case, FULL, 'step_s')} | {_ratio(r.get('step_s peftkit/peft'))} | "
-                f"{_ratio(r.get('step_s peftkit/full'))} | {_ratio(r.get('step_s peft/full'))} |"
+                f"{_ratio(r.get('step_s peftkit/full'))} | {_ratio(r.get('step_s peft/full'))} | "
+                f"{_med(case, PEFTKIT, 'first_step_s')} | {_med(case, REFERENCE, 'first_step_s')} | "
+                f"{_med(full_case, FULL, 'first_step_s')} | {_ratio(r.get('first_step_s peftkit/peft'))} |"
             )
         lines += [
             "",

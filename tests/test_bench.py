@@ -304,6 +304,9 @@ def test_worker_records_what_the_summary_reads(one_thread, name, lib):
         assert metric in metrics
     if case.kind == "train":
         assert len(samples["step_s"]) == 2 and metrics["peak_mb"] >= metrics["loaded_mb"] > 0
+        # steady state: the full-size warm-up step is timed apart, and not among the timed steps
+        assert case.warmup >= 1 and not case.warmup_tokens and len(samples["warmup_s"]) == case.warmup
+        assert metrics["first_step_s"] == samples["warmup_s"][0] > 0
         assert (
             info["trainable_params"] == info["total_params"]
             if lib == "torch"
@@ -320,6 +323,12 @@ def test_worker_records_what_the_summary_reads(one_thread, name, lib):
         else:
             assert len(samples["mixed"]) == 2
             assert info["mixed_vs_single_a0_max_abs"] < 1e-5, "rows routed to a0 must equal the a0-only batch"
+
+
+def test_default_training_cases_time_the_steady_state():
+    train = [c for c in cases.default_cases() if c.kind == "train"]
+    assert train and all(c.timed >= 5 and c.warmup >= 1 and c.warmup_tokens == 0 for c in train)
+    assert run.parse_args([]).reps == 2, "make bench: several steps in each of fewer processes"
 
 
 def test_worker_rejects_full_fine_tuning_outside_training():
