@@ -59,9 +59,9 @@ _EXPORTS = {
     "LoraConfig": "methods.lora",
     "lora_plus_param_groups": "methods.lora",
     "OFTConfig": "methods.oft",
-    "PrefixTuningConfig": "methods.prompt",
-    "PromptEncoderConfig": "methods.prompt",
-    "PromptTuningConfig": "methods.prompt",
+    "PrefixTuningConfig": "methods.prefix_tuning",
+    "PromptEncoderConfig": "methods.p_tuning",
+    "PromptTuningConfig": "methods.prompt_tuning",
     "VeraConfig": "methods.vera",
 }
 
@@ -123,7 +123,9 @@ if TYPE_CHECKING:  # what type checkers and IDEs see
     from .methods.lokr import LoKrConfig
     from .methods.lora import LoraConfig, lora_plus_param_groups
     from .methods.oft import OFTConfig
-    from .methods.prompt import PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig
+    from .methods.p_tuning import PromptEncoderConfig
+    from .methods.prefix_tuning import PrefixTuningConfig
+    from .methods.prompt_tuning import PromptTuningConfig
     from .methods.vera import VeraConfig
 
 __all__ = [
