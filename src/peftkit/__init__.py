@@ -82,15 +82,16 @@ def __getattr__(name: str) -> Any:
         return value
     if name.startswith("__"):
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    # Classes are capitalised and submodules are not: a lower-case name never loads the methods.
+    config = _method_configs().get(name) if name[:1].isupper() else None
+    if config is not None:
+        return config
     try:  # a submodule not imported yet (`peftkit.errors`), as the eager package used to offer
         return importlib.import_module(f"{__name__}.{name}")
     except ModuleNotFoundError as exc:
         if exc.name != f"{__name__}.{name}":
             raise
-    config = _method_configs().get(name)
-    if config is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return config
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def __dir__() -> list[str]:
