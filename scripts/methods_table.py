@@ -83,17 +83,27 @@ def _reference_types() -> set[str]:
     return {t.value for t in PeftType}
 
 
+def page(peft_type: str) -> tuple[str, str]:
+    """The method's docs page (``docs/<its module>.md``) and the first paper the page cites, so that a new
+    method's row needs nothing but its page."""
+    name = registry.config_class(peft_type).__module__.rsplit(".", 1)[1] + ".md"
+    path = DOCS.parent / name
+    cited = re.search(r"arXiv:\d{4}\.\d{4,5}", path.read_text()) if path.exists() else None
+    return name, cited.group(0) if cited else "-"
+
+
 def table() -> str:
     reference = _reference_types()
     lines = [
-        "| method (`make_config` name) | adapted modules | parameters added | % of MiniLM | merges | layer kinds | reference parity |",
-        "| --- | ---: | ---: | ---: | --- | --- | --- |",
+        "| method (`make_config` name) | paper | adapted modules | parameters added | % of MiniLM | merges | layer kinds | reference parity |",
+        "| --- | --- | ---: | ---: | ---: | --- | --- | --- |",
     ]
     for peft_type in registry.registered_methods():
         row = measure(peft_type)
         kinds = re.sub(r"\b(torch\.nn|transformers)\.", "", str(row["kinds"]))
+        doc, paper = page(peft_type)
         lines.append(
-            f"| `{peft_type.lower()}` | {row['modules']} | {row['added']:,} | {row['percent']:.3f} | "
+            f"| [`{peft_type.lower()}`]({doc}) | {paper} | {row['modules']} | {row['added']:,} | {row['percent']:.3f} | "
             f"{'yes' if row['mergeable'] else 'no'} | {kinds} | {'yes' if peft_type in reference else 'none exists'} |"
         )
     return "\n".join(lines)

@@ -8,7 +8,9 @@ import torch
 from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM
 
 from contract_rows import Row
-from peftkit.methods.prompt import PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig
+from peftkit.methods.p_tuning import PromptEncoderConfig
+from peftkit.methods.prefix_tuning import PrefixTuningConfig
+from peftkit.methods.prompt_tuning import PromptTuningConfig
 
 KINDS = ["bert-cls", "llama-lm"]
 VOCAB = 50

@@ -23,7 +23,9 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 import peftkit
 from peftkit.core.inject import model_parts
 from peftkit.errors import AdapterNameError, ConfigError, PeftkitError, UnsupportedLayerError
-from peftkit.methods.prompt import PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig
+from peftkit.methods.p_tuning import PromptEncoderConfig
+from peftkit.methods.prefix_tuning import PrefixTuningConfig
+from peftkit.methods.prompt_tuning import PromptTuningConfig
 
 peft = pytest.importorskip("peft")
 pytestmark = [

@@ -1,12 +1,7 @@
-"""Soft prompts: prompt tuning, P-tuning and prefix tuning. They train no weight of the model.
+"""Soft prompts: what prompt tuning, P-tuning and prefix tuning share. They train no weight of the model.
 
-- **Prompt tuning** (Lester et al. 2021, arXiv:2104.08691): ``num_virtual_tokens`` trainable embeddings
-  in front of the input's word embeddings.
-- **P-tuning** (Liu et al. 2021, arXiv:2103.10385): the same virtual tokens, produced by a prompt encoder
-  (an MLP, or a bidirectional LSTM and an MLP, so that the tokens depend on each other).
-- **Prefix tuning** (Li & Liang 2021, arXiv:2101.00190): trainable keys and values in front of every
-  attention layer. With ``prefix_projection`` they come from a small embedding through a tanh MLP, the
-  paper's reparameterisation, which it found to stabilise training.
+Each method has its own file (``prompt_tuning.py``, ``p_tuning.py``, ``prefix_tuning.py``: its config and
+how it builds its part); this one holds their common config fields and the hook machinery.
 
 None of them wraps a layer. A :class:`PromptPart` (``model.peftkit_parts[name]``) installs two forward
 hooks on the user's own model: before the call it prepends the virtual tokens (or fills the key/value
@@ -22,9 +17,6 @@ virtual-token embeddings, the prompt encoder's output, or the flattened per-laye
 from __future__ import annotations
 
 import inspect
-import math
-import os
-import warnings
 import weakref
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -34,12 +26,9 @@ from torch import nn
 
 from ..core.config import AdapterConfig
 from ..core.layer import ModelPart
-from ..core.registry import register_method
 from ..errors import ConfigError, UnsupportedLayerError
 
 KEY = "prompt_embeddings"  # the one tensor the interchange format holds for all three methods
-_INITS = ("RANDOM", "TEXT", "SAMPLE_VOCAB")
-_ENCODERS = ("MLP", "LSTM")
 # AdapterConfig fields that choose layers; these methods choose none, and the reference format lacks them.
 _LAYER_FIELDS = (
     "target_modules",
@@ -49,10 +38,10 @@ _LAYER_FIELDS = (
     "rank_pattern",
     "alpha_pattern",
 )
-_CACHE_ARGS = ("cache", "past_key_values")  # transformers >= 5.x renamed past_key_values to cache
+CACHE_ARGS = ("cache", "past_key_values")  # transformers >= 5.x renamed past_key_values to cache
 
 
-def _positive_int(value: Any) -> bool:
+def positive_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
@@ -93,13 +82,13 @@ class PromptLearningConfig(AdapterConfig):
         for name in _LAYER_FIELDS:
             if getattr(self, name) not in (None, {}, []):
                 out.append(f"{name}: {self.peft_type} adapts no module; leave it out")
-        if not _positive_int(self.num_virtual_tokens):
+        if not positive_int(self.num_virtual_tokens):
             out.append(
                 f"num_virtual_tokens: required, a positive integer (e.g. 20); got {self.num_virtual_tokens!r}"
             )
         for name in ("token_dim", "num_attention_heads", "num_layers", "encoder_hidden_size"):
             value = getattr(self, name, None)
-            if value is not None and not _positive_int(value):
+            if value is not None and not positive_int(value):
                 out.append(f"{name}: a positive integer or None (read from the model); got {value!r}")
         if self.num_transformer_submodules not in (None, 1):
             out.append(
@@ -127,207 +116,6 @@ class PromptLearningConfig(AdapterConfig):
     def make_part(self, model: nn.Module) -> PromptPart:
         """The method's :class:`PromptPart`, from this (completed) config."""
         raise NotImplementedError
-
-
-@register_method("PROMPT_TUNING")
-@dataclass
-class PromptTuningConfig(PromptLearningConfig):
-    """Prompt tuning: ``num_virtual_tokens`` trainable embeddings before the input (Lester et al. 2021).
-
-    Attributes:
-        prompt_tuning_init: ``"RANDOM"`` (N(0, 1), as the reference), ``"TEXT"`` (the word embeddings
-            of ``prompt_tuning_init_text``, repeated or cut to length; the paper's ablation found inits
-            from real words better than random ones) or ``"SAMPLE_VOCAB"`` (embeddings of random
-            vocabulary tokens). Skipped under ``inference_mode`` (a loaded adapter overwrites it).
-        prompt_tuning_init_text: The text for ``"TEXT"``.
-        tokenizer_name_or_path: The tokenizer for ``"TEXT"`` (loaded with ``AutoTokenizer``).
-        tokenizer_kwargs: Extra ``AutoTokenizer.from_pretrained`` arguments for ``"TEXT"``
-            (``trust_remote_code`` is dropped, as the reference does).
-    """
-
-    prompt_tuning_init: str = "RANDOM"
-    prompt_tuning_init_text: str | None = None
-    tokenizer_name_or_path: str | None = None
-    tokenizer_kwargs: dict | None = None
-
-    def __post_init__(self) -> None:
-        if isinstance(self.tokenizer_name_or_path, os.PathLike):  # saved as JSON: keep a plain string
-            self.tokenizer_name_or_path = os.fspath(self.tokenizer_name_or_path)
-        super().__post_init__()
-
-    def problems(self) -> list[str]:
-        out = super().problems()
-        if self.prompt_tuning_init not in _INITS:
-            out.append(f"prompt_tuning_init: one of {', '.join(_INITS)}; got {self.prompt_tuning_init!r}")
-        if self.prompt_tuning_init == "TEXT":
-            if not self.prompt_tuning_init_text:
-                out.append("prompt_tuning_init_text: required (non-empty) with prompt_tuning_init='TEXT'")
-            if not self.tokenizer_name_or_path:
-                out.append("tokenizer_name_or_path: required with prompt_tuning_init='TEXT'")
-        elif self.tokenizer_kwargs:
-            out.append("tokenizer_kwargs: only used with prompt_tuning_init='TEXT'; remove it")
-        return out
-
-    def make_part(self, model: nn.Module) -> PromptPart:
-        total = self.num_virtual_tokens
-        embedding = nn.Embedding(total, self.token_dim)
-        if not self.inference_mode and self.prompt_tuning_init != "RANDOM":
-            words = model.get_input_embeddings().weight
-            ids = (
-                _text_ids(self, words.shape[0])
-                if self.prompt_tuning_init == "TEXT"
-                else (torch.randint(0, words.shape[0], (total,)).tolist())
-            )
-            with torch.no_grad():
-                embedding.weight.copy_(words.detach()[torch.tensor(ids, device=words.device)].float())
-        return SoftPromptPart(embedding, None, total)
-
-
-def _text_ids(config: PromptTuningConfig, vocab_size: int) -> list[int]:
-    """The init text's token ids, repeated or cut to ``num_virtual_tokens`` (as the reference does)."""
-    from transformers import AutoTokenizer
-
-    kwargs = dict(config.tokenizer_kwargs or {})
-    kwargs.pop("trust_remote_code", None)  # a saved config must not make loading run remote code
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(config.tokenizer_name_or_path, **kwargs)
-    except (OSError, ValueError) as exc:
-        raise ConfigError(
-            [
-                f"tokenizer_name_or_path: cannot load a tokenizer from {config.tokenizer_name_or_path!r} "
-                f"({exc})"
-            ],
-            what="PromptTuningConfig with prompt_tuning_init='TEXT'",
-        ) from exc
-    ids = list(tokenizer(config.prompt_tuning_init_text)["input_ids"])
-    if not ids or max(ids) >= vocab_size:
-        raise ConfigError(
-            [
-                f"prompt_tuning_init_text: tokenised to {ids[:8]!r}, which the model's {vocab_size}-word "
-                "embedding cannot look up; is tokenizer_name_or_path the model's own tokenizer?"
-            ],
-            what="PromptTuningConfig",
-        )
-    need = config.num_virtual_tokens
-    return (ids * math.ceil(need / len(ids)))[:need]
-
-
-@register_method("P_TUNING")
-@dataclass
-class PromptEncoderConfig(PromptLearningConfig):
-    """P-tuning: virtual tokens produced by a trainable prompt encoder (Liu et al. 2021).
-
-    Attributes:
-        encoder_reparameterization_type: ``"MLP"`` (three linear layers with ReLU) or ``"LSTM"`` (a
-            bidirectional LSTM, then a two-layer MLP).
-        encoder_hidden_size: Hidden width of the encoder; None: ``token_dim``.
-        encoder_num_layers: LSTM layers (the MLP always has two hidden layers, as in the reference).
-        encoder_dropout: Dropout between LSTM layers.
-    """
-
-    encoder_reparameterization_type: str = "MLP"
-    encoder_hidden_size: int | None = None
-    encoder_num_layers: int = 2
-    encoder_dropout: float = 0.0
-
-    def problems(self) -> list[str]:
-        out = super().problems()
-        if self.encoder_reparameterization_type not in _ENCODERS:
-            out.append(
-                f"encoder_reparameterization_type: one of {', '.join(_ENCODERS)}; got "
-                f"{self.encoder_reparameterization_type!r}"
-            )
-        if not _positive_int(self.encoder_num_layers):
-            out.append(f"encoder_num_layers: a positive integer; got {self.encoder_num_layers!r}")
-        if not isinstance(self.encoder_dropout, (int, float)) or not 0 <= self.encoder_dropout < 1:
-            out.append(f"encoder_dropout: must be in [0, 1); got {self.encoder_dropout!r}")
-        return out
-
-    def make_part(self, model: nn.Module) -> PromptPart:
-        total, dim, hidden = self.num_virtual_tokens, self.token_dim, self.encoder_hidden_size
-        encoder = None
-        if not self.inference_mode:  # a loaded (inference) adapter is the encoder's saved output alone
-            if self.encoder_reparameterization_type == "LSTM":
-                encoder = _LstmEncoder(dim, hidden, self.encoder_num_layers, float(self.encoder_dropout))
-            else:
-                if self.encoder_num_layers != 2:
-                    warnings.warn(
-                        f"P-tuning's MLP encoder always has 2 hidden layers; encoder_num_layers="
-                        f"{self.encoder_num_layers} only applies to the LSTM encoder",
-                        stacklevel=3,
-                    )
-                encoder = nn.Sequential(
-                    nn.Linear(dim, hidden),
-                    nn.ReLU(),
-                    nn.Linear(hidden, hidden),
-                    nn.ReLU(),
-                    nn.Linear(hidden, dim),
-                )
-        return SoftPromptPart(nn.Embedding(total, dim), encoder, total)
-
-
-class _LstmEncoder(nn.Module):
-    """P-tuning's LSTM head: a bidirectional LSTM over the virtual tokens, then a two-layer MLP."""
-
-    def __init__(self, dim: int, hidden: int, layers: int, dropout: float) -> None:
-        super().__init__()
-        self.lstm_head = nn.LSTM(
-            dim, hidden, num_layers=layers, dropout=dropout, bidirectional=True, batch_first=True
-        )
-        width = 2 * hidden  # both directions
-        self.mlp_head = nn.Sequential(nn.Linear(width, width), nn.ReLU(), nn.Linear(width, dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.mlp_head(self.lstm_head(x)[0])
-
-
-@register_method("PREFIX_TUNING")
-@dataclass
-class PrefixTuningConfig(PromptLearningConfig):
-    """Prefix tuning: trainable keys and values in front of every attention layer (Li & Liang 2021).
-
-    Attributes:
-        prefix_projection: Produce the prefix from a ``(num_virtual_tokens, token_dim)`` embedding through
-            ``Linear(token_dim, encoder_hidden_size) -> tanh -> Linear(.., num_layers * 2 * token_dim)``
-            while training (the paper's reparameterisation); only its output is saved.
-        encoder_hidden_size: Hidden width of that MLP; None: ``token_dim``.
-        init_weights: None (random) or ``"zero"`` (all prefix keys and values start at zero).
-    """
-
-    uses_cache: ClassVar[bool] = True
-
-    init_weights: str | None = None
-    encoder_hidden_size: int | None = None
-    prefix_projection: bool = False
-
-    def problems(self) -> list[str]:
-        out = super().problems()
-        if self.init_weights not in (None, "zero"):
-            out.append(f"init_weights: None or 'zero'; got {self.init_weights!r}")
-        if not isinstance(self.prefix_projection, bool):
-            out.append(f"prefix_projection: True or False; got {self.prefix_projection!r}")
-        return out
-
-    def make_part(self, model: nn.Module) -> PromptPart:
-        total, dim = self.num_virtual_tokens, self.token_dim
-        width = self.num_layers * 2 * dim  # per virtual token: a key and a value for every layer
-        encoder = None
-        if self.prefix_projection and not self.inference_mode:
-            embedding = nn.Embedding(total, dim)
-            encoder = nn.Sequential(
-                nn.Linear(dim, self.encoder_hidden_size),
-                nn.Tanh(),
-                nn.Linear(self.encoder_hidden_size, width),
-            )
-            last = encoder[-1]
-        else:
-            embedding = last = nn.Embedding(total, width)
-        if self.init_weights == "zero":
-            for tensor in last.parameters():
-                nn.init.zeros_(tensor)
-        heads = self.num_attention_heads
-        shape = (self.num_layers, heads, dim // heads)
-        return PrefixPart(embedding, encoder, total, shape, _cache_arg(model))
 
 
 # -- what the model offers ---------------------------------------------------------------------------
@@ -409,21 +197,6 @@ def _input_embeddings(model: nn.Module) -> nn.Module:
     if "inputs_embeds" not in inspect.signature(model.forward).parameters:
         raise UnsupportedLayerError(f"{type(model).__name__}.forward takes no inputs_embeds argument")
     return embeddings
-
-
-def _cache_arg(model: nn.Module) -> str:
-    """The forward argument taking a key/value cache, on the model or (through **kwargs) its backbone."""
-    params = inspect.signature(model.forward).parameters
-    backbone = getattr(model, "base_model", None)
-    passes_on = any(p.kind is p.VAR_KEYWORD for p in params.values()) and isinstance(backbone, nn.Module)
-    for group in (params, inspect.signature(backbone.forward).parameters if passes_on else {}):
-        for name in _CACHE_ARGS:
-            if name in group:
-                return name
-    raise UnsupportedLayerError(
-        f"{type(model).__name__}.forward accepts no key/value cache ({' or '.join(_CACHE_ARGS)}), which "
-        "prefix tuning fills with its prefix; use prompt tuning or P-tuning for this model"
-    )
 
 
 def _task_type(model: nn.Module) -> str:
@@ -511,7 +284,7 @@ class PromptPart(ModelPart):
         inputs = kwargs.get("inputs_embeds") if inputs is None else inputs
         if inputs is None:
             return (), kwargs  # the model raises its own error
-        cache = next((kwargs[a] for a in _CACHE_ARGS if kwargs.get(a) is not None), None)
+        cache = next((kwargs[a] for a in CACHE_ARGS if kwargs.get(a) is not None), None)
         past = cache.get_seq_length() if cache is not None else 0
         if past:
             _continue(kwargs, self.num_virtual_tokens, past, inputs.shape[1])
@@ -545,9 +318,9 @@ class SoftPromptPart(PromptPart):
         self._injected = weakref.ref(embeds)
         mask = kwargs.get("attention_mask")
         if mask is not None:
-            kwargs["attention_mask"] = _prepend(_two_d(mask), n, 1)
+            kwargs["attention_mask"] = prepend(two_d(mask), n, 1)
         if kwargs.get("token_type_ids") is not None:
-            kwargs["token_type_ids"] = _prepend(kwargs["token_type_ids"], n, 0)
+            kwargs["token_type_ids"] = prepend(kwargs["token_type_ids"], n, 0)
         positions = kwargs.get("position_ids")
         if positions is not None:  # virtual tokens take positions 0..n-1, the input's shift by n
             virtual = torch.arange(n, device=positions.device, dtype=positions.dtype)
@@ -560,46 +333,7 @@ class SoftPromptPart(PromptPart):
             and labels.shape[1] == length
             and (not labels.is_floating_point())
         ):  # token labels (language modelling, tagging): nothing to predict at virtual positions
-            kwargs["labels"] = _prepend(labels, n, -100)
-
-
-class PrefixPart(PromptPart):
-    """Prefix tuning: every attention layer's cache starts with the prefix's keys and values."""
-
-    def __init__(
-        self,
-        embedding: nn.Embedding,
-        encoder: nn.Module | None,
-        num_virtual_tokens: int,
-        shape: tuple[int, int, int],
-        cache_arg: str,
-    ) -> None:
-        super().__init__(embedding, encoder, num_virtual_tokens)
-        self.shape = shape  # (layers, key/value heads, head_dim)
-        self.cache_arg = cache_arg
-
-    def _first(self, model: nn.Module, kwargs: dict, inputs: torch.Tensor, cache: Any) -> None:
-        n, (layers, heads, head_dim), batch = self.num_virtual_tokens, self.shape, inputs.shape[0]
-        words = model.get_input_embeddings().weight  # keys and values in the hidden states' dtype
-        # Flat row layout (the reference's): [layer][key, value][head][head_dim] per virtual token.
-        kv = self.table().to(device=words.device, dtype=words.dtype)
-        kv = kv.view(n, layers, 2, heads, head_dim).permute(1, 2, 3, 0, 4)  # layers, 2, heads, n, head_dim
-        if cache is None:
-            from transformers import DynamicCache
-
-            cache = DynamicCache(config=model.config)
-        for layer in range(layers):
-            keys, values = (kv[layer, i].unsqueeze(0).expand(batch, -1, -1, -1) for i in (0, 1))
-            cache.update(keys, values, layer)
-        for name in _CACHE_ARGS:
-            kwargs.pop(name, None)
-        kwargs[self.cache_arg] = cache
-        mask = kwargs.get("attention_mask")
-        if mask is None:  # encoders size their mask from it: "no mask" must cover the prefix too
-            mask = torch.ones(inputs.shape[:2], dtype=torch.long, device=inputs.device)
-        kwargs["attention_mask"] = _prepend(_two_d(mask), n, 1)
-        if kwargs.get("position_ids") is not None:
-            kwargs["position_ids"] = kwargs["position_ids"] + n
+            kwargs["labels"] = prepend(labels, n, -100)
 
 
 def _continue(kwargs: dict, n: int, past: int, length: int) -> None:
@@ -607,9 +341,9 @@ def _continue(kwargs: dict, n: int, past: int, length: int) -> None:
     user's mask and positions over them."""
     mask = kwargs.get("attention_mask")
     if mask is not None:
-        mask = _two_d(mask)
+        mask = two_d(mask)
         if mask.shape[1] == past - n + length:
-            kwargs["attention_mask"] = _prepend(mask, n, 1)
+            kwargs["attention_mask"] = prepend(mask, n, 1)
         elif mask.shape[1] != past + length:
             raise ValueError(
                 f"attention_mask has {mask.shape[1]} columns, but the cache holds {past} positions ({n} of "
@@ -620,12 +354,12 @@ def _continue(kwargs: dict, n: int, past: int, length: int) -> None:
         kwargs["position_ids"] = kwargs["position_ids"] + n
 
 
-def _prepend(tensor: torch.Tensor, n: int, value: int) -> torch.Tensor:
+def prepend(tensor: torch.Tensor, n: int, value: int) -> torch.Tensor:
     pad = torch.full((tensor.shape[0], n), value, dtype=tensor.dtype, device=tensor.device)
     return torch.cat([pad, tensor], dim=1)
 
 
-def _two_d(mask: torch.Tensor) -> torch.Tensor:
+def two_d(mask: torch.Tensor) -> torch.Tensor:
     if not isinstance(mask, torch.Tensor) or mask.dim() != 2:
         got = getattr(mask, "shape", mask)
         raise ValueError(
@@ -644,7 +378,7 @@ def _trim(value: Any, n: int, total: int) -> Any:
         return tuple(_trim(v, n, total) for v in value)
     if hasattr(value, "keys") and hasattr(value, "__setitem__"):
         for key in list(value.keys()):
-            if "attention" not in key and key not in _CACHE_ARGS:
+            if "attention" not in key and key not in CACHE_ARGS:
                 value[key] = _trim(value[key], n, total)
     return value
 
@@ -666,3 +400,20 @@ def _as_kwargs(model: nn.Module, args: tuple, kwargs: dict) -> dict:
         else:
             out[name] = value
     return out
+
+
+# `from peftkit.methods.prompt import PromptTuningConfig` is what users were told before each method got
+# its own file; those names still resolve here (lazily: the method files import this one).
+_MOVED = {
+    "PromptTuningConfig": "prompt_tuning",
+    "PromptEncoderConfig": "p_tuning",
+    "PrefixTuningConfig": "prefix_tuning",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _MOVED:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(f"{__package__}.{_MOVED[name]}"), name)
