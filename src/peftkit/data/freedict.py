@@ -34,8 +34,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..errors import DataNotInstalledError
 from .registry import register_dataset
-from .rotten_tomatoes import DataNotInstalledError
 
 if TYPE_CHECKING:
     from ..run.schema import DataConfig
