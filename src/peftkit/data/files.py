@@ -33,7 +33,7 @@ from . import chat
 from .registry import bundled_datasets, dataset_loader
 
 if TYPE_CHECKING:
-    from ..run.schema import DataConfig
+    from .config import DataConfig
 
 SPLITS = ("train", "validation", "test")
 # File extension -> the ``datasets`` builder that reads it ("json" reads JSON Lines too).

@@ -38,7 +38,7 @@ from ..errors import DataNotInstalledError
 from .registry import register_dataset
 
 if TYPE_CHECKING:
-    from ..run.schema import DataConfig
+    from .config import DataConfig
 
 DICTD_FOLDER = Path("/usr/share/dictd")
 DATABASE = "freedict-eng-fra"

@@ -32,7 +32,7 @@ from ..errors import ConfigError
 from . import files as _files  # the module, not its names: files.py may import this module in turn
 
 if TYPE_CHECKING:
-    from ..run.schema import DataConfig
+    from .config import DataConfig
 
 SPLITS = ("train", "validation", "test")
 # Long enough for a TLS handshake on a slow link, short enough that a machine without a network

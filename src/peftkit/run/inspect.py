@@ -221,8 +221,9 @@ def _skeleton(name_or_path: str, task: str | None, config: Any) -> tuple[nn.Modu
         why = f"task {task}, as a sentence-transformers model ({declared[1]} declares {declared[0]} pooling)"
     else:
         why = f"task {config.task if config is not None else task}"
+    from ..models.config import ModelConfig
     from .runner import build_task
-    from .schema import ModelConfig, RunConfig
+    from .schema import RunConfig
 
     if config is None:  # a placeholder 2-class head: the head's size is the task's business
         config = RunConfig(task=task, model=ModelConfig(name_or_path=name_or_path, num_labels=2))
