@@ -30,7 +30,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigError
-from ..run.config import apply_overrides, parse_config, parse_yaml, resolved, to_dict
+from ..run.config import parse_config, resolved, to_dict
+from ..run.loader import apply_overrides, parse_yaml
 from ..run.schema import RunConfig
 
 if TYPE_CHECKING:

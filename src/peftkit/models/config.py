@@ -1,8 +1,14 @@
-"""The ``model:`` section of a run config: which pretrained model a task loads, and how."""
+"""The ``model:`` section of a run config: which pretrained model a task loads, and how.
+
+Its rules, each problem headed by its field path: :func:`model_problems` checks the values alone,
+:func:`model_source_problems` that the model can be found (without loading it). Which methods train on
+a quantized base is the backends' rule (``peftkit.backends.config``).
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 
 @dataclass
@@ -33,3 +39,47 @@ class ModelConfig:
     quantize: str | None = None
     double_quant: bool = True
     pooling: str = "auto"
+
+
+# the dtypes a task may load a base in (a task may accept fewer: image classification has no float16)
+DTYPES = ("float32", "bfloat16", "float16")
+POOLINGS = ("auto", "mean", "cls", "max", "last", "pooler")
+
+
+def model_problems(model: ModelConfig) -> list[str]:
+    """Every problem of the section's values, each headed by its field path."""
+    from ..backends.config import QUANT_TYPES
+
+    checks = [
+        ("dtype", model.dtype in DTYPES, f"one of {', '.join(DTYPES)}"),
+        (
+            "num_labels",
+            model.num_labels is None or model.num_labels >= 2,
+            "at least 2 classes, or null to count them from the data",
+        ),
+        (
+            "quantize",
+            model.quantize in (None, *QUANT_TYPES),
+            f"null, {', '.join(QUANT_TYPES[:-1])} or {QUANT_TYPES[-1]}",
+        ),
+        ("pooling", model.pooling in POOLINGS, f"one of {', '.join(POOLINGS)}"),
+    ]
+    return [
+        f"model.{name}: expected {expected}, got {getattr(model, name)!r}"
+        for name, ok, expected in checks
+        if not ok
+    ]
+
+
+def model_source_problems(model: ModelConfig) -> list[str]:
+    """What stops the model from being found: a name that is neither bundled, a local path nor a hub id,
+    or a ``gguf_file`` missing from its directory. Nothing is loaded."""
+    from . import source_problem
+
+    problem = source_problem(model.name_or_path, model.gguf_file)
+    if problem:
+        return [f"model.name_or_path: {problem.rstrip('; ')}"]
+    local = Path(model.name_or_path).expanduser()
+    if model.gguf_file and local.is_dir() and not (local / model.gguf_file).is_file():
+        return [f"model.gguf_file: {model.gguf_file!r} is not in {str(local)!r}"]
+    return []

@@ -39,3 +39,35 @@ class SelectConfig:
     seed: int | None = None
     init: str = "gradient"
     init_from: str | None = None
+
+
+def select_problems(select: SelectConfig) -> list[str]:
+    """Every problem of the ``select`` section's own values (how it combines with ``adapter`` is the run
+    config's rule), each headed by its field path."""
+    from .choose import INITS, RULES, parse_budget
+
+    sel = select
+    problems = []
+    if sel.budget is not None:
+        try:
+            parse_budget(sel.budget, 1)
+        except ValueError as exc:
+            problems.append(f"select.budget: {exc}")
+    if sel.score not in RULES:
+        problems.append(f"select.score: expected one of {', '.join(RULES)}, got {sel.score!r}")
+    if sel.probe_batches < 1:
+        problems.append(
+            f"select.probe_batches: expected a positive number of batches, got {sel.probe_batches}"
+        )
+    if sel.probe_batch_size is not None and sel.probe_batch_size < 1:
+        problems.append(
+            f"select.probe_batch_size: expected a positive number of examples, got {sel.probe_batch_size}"
+        )
+    if not 1 <= sel.min_rank <= sel.max_rank:
+        problems.append(
+            f"select.min_rank, select.max_rank: need 1 <= min_rank <= max_rank, got {sel.min_rank} "
+            f"and {sel.max_rank}"
+        )
+    if sel.init not in INITS:
+        problems.append(f"select.init: expected one of {', '.join(INITS)}, got {sel.init!r}")
+    return problems

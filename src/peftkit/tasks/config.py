@@ -1,9 +1,13 @@
 """The sections of a run config that tasks read beside the model and the data: ``eval:`` (how
-evaluation runs) and ``generation:`` (how the generation tasks decode)."""
+evaluation runs) and ``generation:`` (how the generation tasks decode), with their rules; each problem
+is headed by its field path. Which metrics exist is each task's own check, when it is built.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
+from ..data.config import SPLITS
 
 
 @dataclass
@@ -51,3 +55,43 @@ class GenerationSettings:
     num_beams: int = 1
     repetition_penalty: float = 1.0
     seed: int = 0
+
+
+def eval_problems(eval: EvalConfig) -> list[str]:
+    """Every problem of the ``eval`` section's values."""
+    checks = [
+        ("batch_size", eval.batch_size > 0, "a positive number of examples"),
+        ("split", eval.split in SPLITS, f"one of {', '.join(SPLITS)}"),
+        (
+            "max_new_tokens",
+            eval.max_new_tokens is None or eval.max_new_tokens > 0,
+            "a positive number of tokens, or null",
+        ),
+    ]
+    return [
+        f"eval.{name}: expected {expected}, got {getattr(eval, name)!r}"
+        for name, ok, expected in checks
+        if not ok
+    ]
+
+
+def generation_problems(generation: GenerationSettings) -> list[str]:
+    """Every problem of the ``generation`` section's values."""
+    g = generation
+    checks = [
+        ("max_new_tokens", g.max_new_tokens > 0, "a positive number of tokens"),
+        (
+            "temperature",
+            g.temperature is None or g.temperature >= 0,
+            "a non-negative temperature (0: greedy), or null",
+        ),
+        ("top_p", g.top_p is None or 0 < g.top_p <= 1, "a probability mass in (0, 1], or null"),
+        ("top_k", g.top_k is None or g.top_k > 0, "a positive number of tokens, or null"),
+        ("num_beams", g.num_beams >= 1, "a beam width of 1 or more (1: no beam search)"),
+        ("repetition_penalty", g.repetition_penalty > 0, "a positive penalty (1: off)"),
+    ]
+    return [
+        f"generation.{name}: expected {expected}, got {getattr(g, name)!r}"
+        for name, ok, expected in checks
+        if not ok
+    ]
