@@ -329,7 +329,7 @@ def _as_before(data: dict[str, Any], config: RunConfig) -> None:
     }:
         data["generation"] = {k: v for k, v in generation.items() if k != "max_new_tokens"}
     if isinstance(data.get("eval"), dict):
-        data["eval"]["max_new_tokens"] = settings_of(config).max_new_tokens
+        data["eval"]["max_new_tokens"] = settings_of(config.generation, config.eval).max_new_tokens
     if isinstance(data.get("train"), dict):
         data["train"]["greater_is_better"] = config.train.maximize
 

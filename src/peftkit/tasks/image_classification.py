@@ -21,23 +21,25 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .. import metrics
+from ..core.registry import DEFAULT_METHOD, FULL_FINE_TUNING
+from ..data.config import DataConfig
 from ..data.files import load_examples
 from ..errors import ConfigError
 from ..models import bundled_model_path
+from ..models.config import ModelConfig
 from ..models.efficientnet import HEAD, IMAGENET_MEAN, IMAGENET_STD, load_efficientnet_lite0
 from ..models.efficientnet import NAME as EFFICIENTNET
+from ..train.config import TrainConfig
 from .base import Batch, Example, eval_mode, majority_baseline, register_task
+from .config import EvalConfig
 from .probes import BehaviourProbe, head_input_features
-
-if TYPE_CHECKING:
-    from ..run.schema import RunConfig
 
 ROLES = ["image", "label"]
 METRICS = {"accuracy": metrics.accuracy, "macro_f1": metrics.macro_f1}
@@ -158,13 +160,16 @@ def pixel_values(images: Sequence[Any], image_size: int) -> torch.Tensor:
 class ImageClassificationTask:
     """Fine-tune an image classifier (the bundled EfficientNet-Lite0) on labelled images.
 
-    Read from the run config: ``model.name_or_path`` ("efficientnet-lite0" or an EfficientNet-Lite0
-    weights file), ``model.dtype``, ``model.num_labels``, the ``data`` section (``image_size``,
-    ``labels``, a bundled data set or files with ``image`` and ``label`` columns), ``eval.metrics``
-    and ``train.seed`` (which seeds the new head).
+    Built from the run-config sections it reads (each defaults to that section's defaults):
+    ``model`` (``name_or_path``: "efficientnet-lite0" or an EfficientNet-Lite0 weights file, ``dtype``,
+    ``num_labels``), ``data`` (``image_size``, ``labels``, a bundled data set or files with ``image`` and
+    ``label`` columns), ``eval`` (``metrics``), ``train`` (``seed``, which seeds the new head) and
+    ``adapter``, which it changes in place: unless the method is full fine-tuning or the section names
+    ``modules_to_save``, the new head ``_fc`` is trained in full beside the adapter.
 
     Attributes:
-        config: The whole run config.
+        model_config, data, eval: Those sections.
+        seed: Seeds the new head.
         image_size: Side of the square model inputs.
         labels: Class names in label-id order (None until given by ``data.labels``, the bundled data
             set or the data).
@@ -176,18 +181,34 @@ class ImageClassificationTask:
     default_metric = "accuracy"
     greater_is_better = True
 
-    def __init__(self, config: RunConfig) -> None:
-        self.config = config
-        self.image_size = config.data.image_size or DEFAULT_IMAGE_SIZE
-        names = config.data.labels or _bundled_class_names(config.data.name)
+    sections = ("model", "data", "eval", "train", "adapter")
+
+    def __init__(
+        self,
+        *,
+        model: ModelConfig | None = None,
+        data: DataConfig | None = None,
+        eval: EvalConfig | None = None,
+        train: TrainConfig | None = None,
+        adapter: dict[str, Any] | None = None,
+    ) -> None:
+        self.model_config = model or ModelConfig()
+        self.data = data or DataConfig()
+        self.eval = eval or EvalConfig()
+        self.seed = (train or TrainConfig()).seed
+        self.image_size = self.data.image_size or DEFAULT_IMAGE_SIZE
+        names = self.data.labels or _bundled_class_names(self.data.name)
         self.labels: list[str] | None = [str(n) for n in names] if names else None
         self.data_info: dict[str, Any] | None = None
         self._splits: dict[str, list[dict[str, Any]]] | None = None
-        problems = _config_problems(config)
+        problems = _config_problems(self.model_config, self.data, self.eval)
         if problems:
             raise ConfigError(problems, what="image-classification config")
-        adapter = config.adapter
-        if adapter.get("method", "lora") != "full" and adapter.get("modules_to_save") is None:
+        adapter = {"method": DEFAULT_METHOD} if adapter is None else adapter
+        if (
+            adapter.get("method", DEFAULT_METHOD) != FULL_FINE_TUNING
+            and adapter.get("modules_to_save") is None
+        ):
             adapter["modules_to_save"] = [HEAD]  # the fresh head trains in full beside the adapter
 
     # -- loading -----------------------------------------------------------------------------------
@@ -199,7 +220,7 @@ class ImageClassificationTask:
             ConfigError: bad data config, or label values that fit neither ``data.labels`` nor ids.
         """
         if self._splits is None:
-            splits = load_examples(self.config.data, ROLES)
+            splits = load_examples(self.data, ROLES)
             if self.labels is None:
                 self.labels = _names_from_values([e["label"] for part in splits.values() for e in part])
             self.data_info = dict(splits.info, labels=list(self.labels))
@@ -214,7 +235,7 @@ class ImageClassificationTask:
                 ``model.num_labels`` is below the number of classes, or the classes are unknown.
             DataNotInstalledError: the model's packages are not installed.
         """
-        model_cfg = self.config.model
+        model_cfg = self.model_config
         if self.labels is None and not model_cfg.num_labels:
             self.load_data()
         num_labels = model_cfg.num_labels or len(self.labels or [])
@@ -232,7 +253,7 @@ class ImageClassificationTask:
             )
         if problems:
             raise ConfigError(problems, what="image-classification config")
-        model = load_efficientnet_lite0(num_labels, self.image_size, weights, seed=self.config.train.seed)
+        model = load_efficientnet_lite0(num_labels, self.image_size, weights, seed=self.seed)
         return model.to(DTYPES[model_cfg.dtype])
 
     # -- batches and loss --------------------------------------------------------------------------
@@ -291,12 +312,12 @@ class ImageClassificationTask:
             labels = torch.tensor(targets[start : start + len(logits)], device=logits.device)
             total += F.cross_entropy(logits, labels, reduction="sum").item()
             predictions += logits.argmax(-1).tolist()
-        wanted = self.config.eval.metrics or list(METRICS)
+        wanted = self.eval.metrics or list(METRICS)
         return {"loss": total / len(examples), **{m: METRICS[m](predictions, targets) for m in wanted}}
 
     def baseline(self, splits: Mapping[str, Sequence[Example]]) -> dict[str, Any] | None:
         """The majority-class floor a comparison's rows must clear (:func:`majority_baseline`)."""
-        wanted = self.config.eval.metrics or list(METRICS)
+        wanted = self.eval.metrics or list(METRICS)
         return majority_baseline(splits, self.label_id, {m: METRICS[m] for m in wanted})
 
     def predict(self, model: nn.Module, inputs: Sequence[Any], batch_size: int) -> list[dict[str, Any]]:
@@ -362,24 +383,22 @@ class ImageClassificationTask:
             model.train(was_training)
 
 
-def _config_problems(config: RunConfig) -> list[str]:
+def _config_problems(model: ModelConfig, data: DataConfig, eval: EvalConfig) -> list[str]:
     """Every problem in the sections this task reads, so they can be reported together."""
     problems = []
-    if config.data.image_size is not None and config.data.image_size < MIN_IMAGE_SIZE:
+    if data.image_size is not None and data.image_size < MIN_IMAGE_SIZE:
         problems.append(
             f"data.image_size: expected at least {MIN_IMAGE_SIZE} pixels (the network downsamples 32x), "
-            f"got {config.data.image_size}"
+            f"got {data.image_size}"
         )
-    if config.model.dtype not in DTYPES:
-        problems.append(f"model.dtype: expected one of {', '.join(DTYPES)}, got {config.model.dtype!r}")
-    if config.model.num_labels is not None and config.model.num_labels < 2:
-        problems.append(
-            f"model.num_labels: expected 2 or more classes (or unset), got {config.model.num_labels}"
-        )
-    labels = config.data.labels
+    if model.dtype not in DTYPES:
+        problems.append(f"model.dtype: expected one of {', '.join(DTYPES)}, got {model.dtype!r}")
+    if model.num_labels is not None and model.num_labels < 2:
+        problems.append(f"model.num_labels: expected 2 or more classes (or unset), got {model.num_labels}")
+    labels = data.labels
     if labels is not None and (len(labels) < 2 or len({str(n) for n in labels}) != len(labels)):
         problems.append(f"data.labels: expected 2 or more distinct class names, got {labels!r}")
-    unknown = [m for m in config.eval.metrics if m not in METRICS]
+    unknown = [m for m in eval.metrics if m not in METRICS]
     if unknown:
         problems.append(
             f"eval.metrics: {unknown} unknown for image classification; known: {', '.join(METRICS)}"

@@ -12,23 +12,24 @@ The loss is cross entropy; evaluation reports loss, accuracy and macro-F1 (``pef
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .. import metrics
+from ..data.config import DataConfig
 from ..data.files import load_examples
 from ..data.general_text import GENERAL_TEXT_SOURCE, general_texts
 from ..errors import ConfigError
 from ..models import bundled_model_path, explain_missing, quiet_transformers
+from ..models.config import ModelConfig
+from ..train.config import TrainConfig
 from .base import Batch, Example, eval_mode, majority_baseline, register_task
+from .config import EvalConfig
 from .pooling import Pooling, choose_pooling
 from .probes import BehaviourProbe, mean_pooled
-
-if TYPE_CHECKING:
-    from ..run.schema import RunConfig
 
 ROLES = ["text", "label"]
 METRICS = {"accuracy": metrics.accuracy, "macro_f1": metrics.macro_f1}
@@ -39,8 +40,12 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 class TextClassificationTask:
     """Sequence classification of texts; see the module docstring for labels, batches and metrics.
 
+    Built from the run-config sections it reads (each defaults to that section's defaults): ``model``,
+    ``data``, ``eval`` (``metrics``) and ``train`` (``seed``, which seeds the fresh head).
+
     Attributes:
-        config: The whole run config.
+        model_config, data, eval: Those sections.
+        seed: Seeds the fresh head.
         labels: Class names in label-id order (None until given by ``data.labels``, the data or the model).
         tokenizer: The model's tokenizer (loaded with the model, or on first use).
         data_info: How the data was loaded and split (``peftkit.data.files.Splits.info``), once loaded.
@@ -51,15 +56,27 @@ class TextClassificationTask:
     default_metric = "accuracy"
     greater_is_better = True
 
-    def __init__(self, config: RunConfig) -> None:
-        self.config = config
-        self.labels: list[str] | None = [str(n) for n in config.data.labels] if config.data.labels else None
+    sections = ("model", "data", "eval", "train")
+
+    def __init__(
+        self,
+        *,
+        model: ModelConfig | None = None,
+        data: DataConfig | None = None,
+        eval: EvalConfig | None = None,
+        train: TrainConfig | None = None,
+    ) -> None:
+        self.model_config = model or ModelConfig()
+        self.data = data or DataConfig()
+        self.eval = eval or EvalConfig()
+        self.seed = (train or TrainConfig()).seed
+        self.labels: list[str] | None = [str(n) for n in self.data.labels] if self.data.labels else None
         self.tokenizer: Any = None
         self.data_info: dict[str, Any] | None = None
         self._ids: dict[Any, int] = {}
         self._splits: dict[str, list[dict[str, Any]]] | None = None
         self.pooling: Pooling | None = None  # chosen when the model loads
-        problems = _config_problems(config)
+        problems = _config_problems(self.model_config, self.data, self.eval)
         if problems:
             raise ConfigError(problems, what="text-classification config")
         if self.labels is not None:
@@ -69,7 +86,7 @@ class TextClassificationTask:
 
     def model_source(self) -> str:
         """A local directory (a bundled model's, or the given one) or a hub id."""
-        name = self.config.model.name_or_path
+        name = self.model_config.name_or_path
         return bundled_model_path(name) or name
 
     def load_data(self) -> dict[str, Sequence[Example]]:
@@ -79,10 +96,10 @@ class TextClassificationTask:
             ConfigError: bad data config, or label values that do not fit ``data.labels``.
         """
         if self._splits is None:
-            splits = load_examples(self.config.data, ROLES)
+            splits = load_examples(self.data, ROLES)
             values = [ex["label"] for part in splits.values() for ex in part]
             # a Hub data set names its classes (a ClassLabel column): 0/1 then read as negative/positive
-            declared = splits.info.get("class_names", {}).get(self.config.data.columns.get("label", "label"))
+            declared = splits.info.get("class_names", {}).get(self.data.columns.get("label", "label"))
             if declared:
                 _check_class_label(declared, self.labels, splits)
             self.labels, self._ids = label_mapping(values, self.labels or declared)
@@ -103,7 +120,7 @@ class TextClassificationTask:
         """
         from transformers import AutoConfig, AutoModelForSequenceClassification
 
-        model_cfg, data_cfg = self.config.model, self.config.data
+        model_cfg, data_cfg = self.model_config, self.data
         if self.labels is None and (data_cfg.name or data_cfg.files or data_cfg.hub):
             self.load_data()
         kwargs: dict[str, Any] = {"dtype": DTYPES[model_cfg.dtype]}
@@ -137,7 +154,7 @@ class TextClassificationTask:
             )
         source = self.model_source()
         # Seeding here makes the new head's initial weights, and so the whole run, reproducible.
-        torch.manual_seed(self.config.train.seed)
+        torch.manual_seed(self.seed)
         with quiet_transformers(), explain_missing(model_cfg.name_or_path):
             source_config = AutoConfig.from_pretrained(source, **_gguf(kwargs))
             self.pooling = self._choose_pooling(source, source_config)
@@ -163,11 +180,11 @@ class TextClassificationTask:
         from .pooled_classifier import POOLING_KEY
 
         exported = getattr(config, POOLING_KEY, None)
-        if exported and self.config.model.pooling in ("auto", exported):
+        if exported and self.model_config.pooling in ("auto", exported):
             return Pooling(
                 exported, False, f"a peftkit export whose config.json sets {POOLING_KEY}: {exported}"
             )
-        return choose_pooling(self.config.model.pooling, source, config)
+        return choose_pooling(self.model_config.pooling, source, config)
 
     @property
     def head_info(self) -> dict[str, Any] | None:
@@ -178,7 +195,7 @@ class TextClassificationTask:
         from transformers import AutoTokenizer
 
         if self.tokenizer is None:
-            with quiet_transformers(), explain_missing(self.config.model.name_or_path):
+            with quiet_transformers(), explain_missing(self.model_config.name_or_path):
                 tokenizer = AutoTokenizer.from_pretrained(source)
             if tokenizer.pad_token is None:  # decoder tokenizers often have none; batches need one
                 tokenizer.pad_token = tokenizer.eos_token
@@ -212,7 +229,7 @@ class TextClassificationTask:
                 texts,
                 padding=True,
                 truncation=True,
-                max_length=self.config.data.max_length,
+                max_length=self.data.max_length,
                 return_tensors="pt",
             )
         )
@@ -246,12 +263,12 @@ class TextClassificationTask:
             total += F.cross_entropy(logits.float(), labels, reduction="sum").item()
             for i, p in zip(idx, logits.argmax(-1).tolist()):
                 predictions[i] = p
-        wanted = self.config.eval.metrics or list(METRICS)
+        wanted = self.eval.metrics or list(METRICS)
         return {"loss": total / len(examples), **{m: METRICS[m](predictions, targets) for m in wanted}}
 
     def baseline(self, splits: Mapping[str, Sequence[Example]]) -> dict[str, Any] | None:
         """The majority-class floor a comparison's rows must clear (:func:`majority_baseline`)."""
-        wanted = self.config.eval.metrics or list(METRICS)
+        wanted = self.eval.metrics or list(METRICS)
         return majority_baseline(splits, self.label_id, {m: METRICS[m] for m in wanted})
 
     def predict(self, model: nn.Module, inputs: Sequence[Any], batch_size: int) -> list[dict[str, Any]]:
@@ -413,23 +430,19 @@ def _gguf(kwargs: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in kwargs.items() if k == "gguf_file"}
 
 
-def _config_problems(config: RunConfig) -> list[str]:
+def _config_problems(model: ModelConfig, data: DataConfig, eval: EvalConfig) -> list[str]:
     """Every problem in the sections this task reads, so they can be reported together."""
     problems = []
-    if config.model.dtype not in DTYPES:
-        problems.append(f"model.dtype: expected one of {', '.join(DTYPES)}, got {config.model.dtype!r}")
-    if config.model.num_labels is not None and config.model.num_labels < 2:
-        problems.append(
-            f"model.num_labels: expected 2 or more classes (or unset), got {config.model.num_labels}"
-        )
-    labels = config.data.labels
+    if model.dtype not in DTYPES:
+        problems.append(f"model.dtype: expected one of {', '.join(DTYPES)}, got {model.dtype!r}")
+    if model.num_labels is not None and model.num_labels < 2:
+        problems.append(f"model.num_labels: expected 2 or more classes (or unset), got {model.num_labels}")
+    labels = data.labels
     if labels is not None and (len(labels) < 2 or len({str(n) for n in labels}) != len(labels)):
         problems.append(f"data.labels: expected 2 or more distinct class names, got {labels!r}")
-    if config.data.max_length <= 0:
-        problems.append(
-            f"data.max_length: expected a positive number of tokens, got {config.data.max_length}"
-        )
-    unknown = [m for m in config.eval.metrics if m not in METRICS]
+    if data.max_length <= 0:
+        problems.append(f"data.max_length: expected a positive number of tokens, got {data.max_length}")
+    unknown = [m for m in eval.metrics if m not in METRICS]
     if unknown:
         problems.append(
             f"eval.metrics: {unknown} unknown for text classification; known: {', '.join(METRICS)}"
