@@ -42,7 +42,7 @@ class ModelConfig:
 
 
 # the dtypes a task may load a base in (a task may accept fewer: image classification has no float16)
-DTYPES = ("float32", "bfloat16", "float16")
+DTYPE_NAMES = ("float32", "bfloat16", "float16")
 POOLINGS = ("auto", "mean", "cls", "max", "last", "pooler")
 
 
@@ -51,7 +51,7 @@ def model_problems(model: ModelConfig) -> list[str]:
     from ..backends.config import QUANT_TYPES
 
     checks = [
-        ("dtype", model.dtype in DTYPES, f"one of {', '.join(DTYPES)}"),
+        ("dtype", model.dtype in DTYPE_NAMES, f"one of {', '.join(DTYPE_NAMES)}"),
         (
             "num_labels",
             model.num_labels is None or model.num_labels >= 2,

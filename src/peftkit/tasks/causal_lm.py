@@ -35,8 +35,8 @@ from ..data.config import DataConfig
 from ..data.files import load_examples
 from ..data.general_text import GENERAL_TEXT_SOURCE, general_texts
 from ..errors import ConfigError
-from ..models import bundled_model_path, explain_missing, quiet_transformers
 from ..models.config import ModelConfig
+from ..models.loading import DTYPES, load_pretrained, load_tokenizer, model_source
 from .base import Batch, Example, eval_mode, register_task
 from .config import EvalConfig, GenerationSettings
 from .conversation import IGNORE, ConversationEncoder, Message
@@ -44,7 +44,6 @@ from .generation import check_batch_size, generate_texts, pad, settings_of
 from .probes import BehaviourProbe
 
 ROLES = ["prompt", "response"]
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Metrics computed from generated text; "loss" and "perplexity" come from teacher forcing, always.
 TEXT_METRICS: dict[str, Callable[[Sequence[str], Sequence[str]], float]] = {
     "exact_match": text_metrics.exact_match,
@@ -98,8 +97,7 @@ class GenerationTask:
 
     def model_source(self) -> str:
         """A local directory (a bundled model's, or the given one) or a hub id."""
-        name = self.model_config.name_or_path
-        return bundled_model_path(name) or name
+        return model_source(self.model_config)
 
     def load_data(self) -> dict[str, Sequence[Example]]:
         """The configured splits (examples with the task's ``roles``), loaded once.
@@ -170,7 +168,7 @@ class CausalLMTask(GenerationTask):
         from transformers import AutoModelForCausalLM
 
         return load_pretrained(
-            AutoModelForCausalLM, self.model_config, self.model_source(), self._load_tokenizer
+            AutoModelForCausalLM, self.model_config, self.model_source(), self._load_tokenizer, ["lm_head"]
         )
 
     # -- encoding, batches and loss ----------------------------------------------------------------
@@ -311,52 +309,6 @@ def config_problems(
     if unknown:
         problems.append(f"eval.metrics: {unknown} unknown for text generation; known: {', '.join(known)}")
     return problems
-
-
-def load_pretrained(
-    auto_class: Any, model_config: ModelConfig, source: str, load_tokenizer: Callable[[], Any]
-) -> nn.Module:
-    """``auto_class.from_pretrained(source)`` in ``model.dtype`` (GGUF too), quietly, with the tokenizer.
-
-    Raises:
-        OSError: the model cannot be found (the message says where it was looked for).
-    """
-    kwargs: dict[str, Any] = {"dtype": DTYPES[model_config.dtype]}
-    if model_config.gguf_file:
-        kwargs["gguf_file"] = model_config.gguf_file
-    if model_config.quantize:
-        from ..backends.bitsandbytes import bnb_config
-
-        # Naming modules to skip replaces transformers' default list, which keeps lm_head dense.
-        kwargs["quantization_config"] = bnb_config(
-            model_config.quantize, model_config.double_quant, DTYPES[model_config.dtype], ["lm_head"]
-        )
-    with quiet_transformers(), explain_missing(model_config.name_or_path):
-        model = auto_class.from_pretrained(source, **kwargs)
-        tokenizer = load_tokenizer()
-    if model_config.quantize:
-        from ..backends.kbit import prepare_for_kbit_training
-
-        prepare_for_kbit_training(model)
-    if model.config.pad_token_id is None:
-        model.config.pad_token_id = tokenizer.pad_token_id
-    return model
-
-
-def load_tokenizer(model: ModelConfig, source: str) -> Any:
-    """The tokenizer at ``source`` (from ``model.gguf_file`` when set), with a pad token (EOS when it has none).
-
-    Raises:
-        OSError: the tokenizer cannot be found.
-    """
-    from transformers import AutoTokenizer
-
-    kwargs = {"gguf_file": model.gguf_file} if model.gguf_file else {}
-    with quiet_transformers(), explain_missing(model.name_or_path):
-        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
-    if tokenizer.pad_token is None:  # decoders often have none; batches need one (positions are masked)
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
 
 
 def token_nll(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:

@@ -23,14 +23,9 @@ from torch import nn
 from ..data.general_text import GENERAL_TEXT_SOURCE, general_texts
 from ..errors import ConfigError
 from ..models import explain_missing
+from ..models.loading import load_pretrained
 from .base import Batch, Example, eval_mode, register_task
-from .causal_lm import (
-    IGNORE,
-    GenerationTask,
-    load_pretrained,
-    role_text,
-    token_nll,
-)
+from .causal_lm import IGNORE, GenerationTask, role_text, token_nll
 from .generation import generate_texts, pad, settings_of
 from .probes import BehaviourProbe, mean_pooled
 
@@ -65,7 +60,9 @@ class Seq2SeqTask(GenerationTask):
                 ],
                 what="seq2seq config",
             )
-        return load_pretrained(AutoModelForSeq2SeqLM, self.model_config, source, self._load_tokenizer)
+        return load_pretrained(
+            AutoModelForSeq2SeqLM, self.model_config, source, self._load_tokenizer, ["lm_head"]
+        )
 
     def encode_source(self, source: str) -> list[int]:
         """Encoder token ids of a source text (with the tokenizer's special tokens), truncated."""
