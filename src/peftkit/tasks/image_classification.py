@@ -19,7 +19,7 @@ name ``modules_to_save``, the task sets it to ``["_fc"]`` (a plain ``nn.Module``
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +27,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import metrics
 from ..core.registry import DEFAULT_METHOD, FULL_FINE_TUNING
 from ..data.config import DataConfig
 from ..data.files import load_examples
@@ -36,14 +35,16 @@ from ..models import bundled_model_path
 from ..models.config import ModelConfig
 from ..models.efficientnet import HEAD, IMAGENET_MEAN, IMAGENET_STD, load_efficientnet_lite0
 from ..models.efficientnet import NAME as EFFICIENTNET
+from ..models.loading import DTYPES as MODEL_DTYPES
 from ..train.config import TrainConfig
-from .base import Batch, Example, eval_mode, majority_baseline, register_task
+from .base import Batch, Example, eval_mode, register_task
+from .classification import Classifier, head_problems, metric_problems
 from .config import EvalConfig
 from .probes import BehaviourProbe, head_input_features
 
 ROLES = ["image", "label"]
-METRICS = {"accuracy": metrics.accuracy, "macro_f1": metrics.macro_f1}
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+# the dtypes this task loads EfficientNet-Lite0 in (no float16)
+DTYPES = {name: MODEL_DTYPES[name] for name in ("float32", "bfloat16")}
 DEFAULT_IMAGE_SIZE = 64
 MIN_IMAGE_SIZE = 32
 _TENSOR_FILES = (".npy", ".pt", ".pth")
@@ -157,7 +158,7 @@ def pixel_values(images: Sequence[Any], image_size: int) -> torch.Tensor:
 
 
 @register_task("image-classification")
-class ImageClassificationTask:
+class ImageClassificationTask(Classifier):
     """Fine-tune an image classifier (the bundled EfficientNet-Lite0) on labelled images.
 
     Built from the run-config sections it reads (each defaults to that section's defaults):
@@ -180,6 +181,8 @@ class ImageClassificationTask:
     input_role = ROLES[0]  # the key `peftkit predict` reads from a JSON input
     default_metric = "accuracy"
     greater_is_better = True
+    empty_split_hint = "check data.split and data.max_eval_examples"
+    unnamed_label = "{}"
 
     sections = ("model", "data", "eval", "train", "adapter")
 
@@ -285,58 +288,14 @@ class ImageClassificationTask:
             batch["labels"] = torch.tensor([self.label_id(e["label"]) for e in examples], dtype=torch.long)
         return batch
 
-    def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
-        """Mean cross entropy of the model's logits against ``batch["labels"]``."""
-        if "labels" not in batch:
-            raise KeyError("the batch has no 'labels': training and evaluation need a label on every example")
-        logits = _logits(model, batch["pixel_values"])
-        return F.cross_entropy(logits, batch["labels"].to(logits.device))
+    def batch_logits(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+        return _logits(model, batch["pixel_values"])
 
-    # -- evaluation and prediction -----------------------------------------------------------------
+    def inputs(self, items: Sequence[Any]) -> Batch:
+        """Images: file paths, tensors, arrays, PIL images, or mappings with an ``"image"`` key."""
+        return {"pixel_values": pixel_values([_image_of(item) for item in items], self.image_size)}
 
-    def evaluate(self, model: nn.Module, examples: Sequence[Example], batch_size: int) -> dict[str, float]:
-        """Loss, accuracy and macro-F1 (or ``eval.metrics``) of ``model`` on labelled ``examples``.
-
-        Macro-F1 averages over the classes that occur in the targets or the predictions.
-
-        Raises:
-            ValueError: ``examples`` is empty.
-        """
-        if not examples:
-            raise ValueError(
-                "no examples to evaluate: the split is empty; check data.split and data.max_eval_examples"
-            )
-        targets = [self.label_id(e["label"]) for e in examples]
-        total, predictions = 0.0, []
-        for start, logits in self._forward(model, [_image_of(e) for e in examples], batch_size):
-            labels = torch.tensor(targets[start : start + len(logits)], device=logits.device)
-            total += F.cross_entropy(logits, labels, reduction="sum").item()
-            predictions += logits.argmax(-1).tolist()
-        wanted = self.eval.metrics or list(METRICS)
-        return {"loss": total / len(examples), **{m: METRICS[m](predictions, targets) for m in wanted}}
-
-    def baseline(self, splits: Mapping[str, Sequence[Example]]) -> dict[str, Any] | None:
-        """The majority-class floor a comparison's rows must clear (:func:`majority_baseline`)."""
-        wanted = self.eval.metrics or list(METRICS)
-        return majority_baseline(splits, self.label_id, {m: METRICS[m] for m in wanted})
-
-    def predict(self, model: nn.Module, inputs: Sequence[Any], batch_size: int) -> list[dict[str, Any]]:
-        """``{"label": name, "score": probability}`` of the most likely class for each image, in order.
-
-        Args:
-            model: The classifier (with or without an adapter).
-            inputs: Images: file paths, tensors, arrays, PIL images, or mappings with an ``"image"`` key.
-            batch_size: Images per forward pass.
-        """
-        names = self.labels or []
-        out: list[dict[str, Any]] = []
-        for _, logits in self._forward(model, [_image_of(i) for i in inputs], batch_size):
-            score, best = logits.softmax(-1).max(-1)
-            out += [
-                {"label": names[b] if b < len(names) else str(b), "score": s}
-                for b, s in zip(best.tolist(), score.tolist())
-            ]
-        return out
+    # -- evaluation and prediction (loss, evaluate, baseline, predict: Classifier) ------------------
 
     def behaviour_probe(self, model: nn.Module, n: int, batch_size: int) -> BehaviourProbe:
         """The pooled backbone features (the classifier head's input) of the first ``n`` test images:
@@ -364,24 +323,6 @@ class ImageClassificationTask:
                 features.append(head_input_features(heads, lambda p=pixels: _logits(model, p)))
         return BehaviourProbe("features", "held-out test images of the task", features=torch.cat(features))
 
-    def _forward(
-        self, model: nn.Module, images: Sequence[Any], batch_size: int
-    ) -> Iterator[tuple[int, torch.Tensor]]:
-        """``(start, logits)`` per batch, in eval mode without gradients; the mode is restored after."""
-        if batch_size <= 0:
-            raise ValueError(f"batch_size must be positive, got {batch_size}")
-        was_training = model.training
-        model.eval()
-        try:
-            with torch.no_grad():
-                for start in range(0, len(images), batch_size):
-                    yield (
-                        start,
-                        _logits(model, pixel_values(images[start : start + batch_size], self.image_size)),
-                    )
-        finally:
-            model.train(was_training)
-
 
 def _config_problems(model: ModelConfig, data: DataConfig, eval: EvalConfig) -> list[str]:
     """Every problem in the sections this task reads, so they can be reported together."""
@@ -391,19 +332,7 @@ def _config_problems(model: ModelConfig, data: DataConfig, eval: EvalConfig) -> 
             f"data.image_size: expected at least {MIN_IMAGE_SIZE} pixels (the network downsamples 32x), "
             f"got {data.image_size}"
         )
-    if model.dtype not in DTYPES:
-        problems.append(f"model.dtype: expected one of {', '.join(DTYPES)}, got {model.dtype!r}")
-    if model.num_labels is not None and model.num_labels < 2:
-        problems.append(f"model.num_labels: expected 2 or more classes (or unset), got {model.num_labels}")
-    labels = data.labels
-    if labels is not None and (len(labels) < 2 or len({str(n) for n in labels}) != len(labels)):
-        problems.append(f"data.labels: expected 2 or more distinct class names, got {labels!r}")
-    unknown = [m for m in eval.metrics if m not in METRICS]
-    if unknown:
-        problems.append(
-            f"eval.metrics: {unknown} unknown for image classification; known: {', '.join(METRICS)}"
-        )
-    return problems
+    return problems + head_problems(model, data, list(DTYPES)) + metric_problems(eval, "image classification")
 
 
 def _names_from_values(values: Sequence[Any]) -> list[str]:

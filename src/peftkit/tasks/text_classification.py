@@ -11,33 +11,31 @@ The loss is cross entropy; evaluation reports loss, accuracy and macro-F1 (``pef
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from .. import metrics
 from ..data.config import DataConfig
 from ..data.files import load_examples
 from ..data.general_text import GENERAL_TEXT_SOURCE, general_texts
 from ..errors import ConfigError
-from ..models import bundled_model_path, explain_missing, quiet_transformers
+from ..models import explain_missing, quiet_transformers
 from ..models.config import ModelConfig
+from ..models.loading import DTYPES, model_source, prepare_quantized, pretrained_kwargs
 from ..train.config import TrainConfig
-from .base import Batch, Example, eval_mode, majority_baseline, register_task
+from .base import Batch, Example, eval_mode, register_task
+from .classification import Classifier, head_problems, metric_problems
 from .config import EvalConfig
 from .pooling import Pooling, choose_pooling
 from .probes import BehaviourProbe, mean_pooled
 
 ROLES = ["text", "label"]
-METRICS = {"accuracy": metrics.accuracy, "macro_f1": metrics.macro_f1}
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @register_task("text-classification")
-class TextClassificationTask:
+class TextClassificationTask(Classifier):
     """Sequence classification of texts; see the module docstring for labels, batches and metrics.
 
     Built from the run-config sections it reads (each defaults to that section's defaults): ``model``,
@@ -86,8 +84,7 @@ class TextClassificationTask:
 
     def model_source(self) -> str:
         """A local directory (a bundled model's, or the given one) or a hub id."""
-        name = self.model_config.name_or_path
-        return bundled_model_path(name) or name
+        return model_source(self.model_config)
 
     def load_data(self) -> dict[str, Sequence[Example]]:
         """The configured splits (loaded once); fixes the label list from the data when unset.
@@ -123,9 +120,6 @@ class TextClassificationTask:
         model_cfg, data_cfg = self.model_config, self.data
         if self.labels is None and (data_cfg.name or data_cfg.files or data_cfg.hub):
             self.load_data()
-        kwargs: dict[str, Any] = {"dtype": DTYPES[model_cfg.dtype]}
-        if model_cfg.gguf_file:
-            kwargs["gguf_file"] = model_cfg.gguf_file
         head: dict[str, Any] = {}
         if self.labels is not None:
             num_labels = model_cfg.num_labels or len(self.labels)
@@ -145,13 +139,8 @@ class TextClassificationTask:
             )
         elif model_cfg.num_labels:
             head["num_labels"] = model_cfg.num_labels
-        if model_cfg.quantize:
-            from ..backends.bitsandbytes import bnb_config
-
-            # The fresh head must stay unquantized (transformers would quantize it, then fail on it).
-            kwargs["quantization_config"] = bnb_config(
-                model_cfg.quantize, model_cfg.double_quant, DTYPES[model_cfg.dtype], ["classifier", "score"]
-            )
+        # The fresh head must stay unquantized (transformers would quantize it, then fail on it).
+        kwargs = pretrained_kwargs(model_cfg, keep_dense=["classifier", "score"])
         source = self.model_source()
         # Seeding here makes the new head's initial weights, and so the whole run, reproducible.
         torch.manual_seed(self.seed)
@@ -163,10 +152,7 @@ class TextClassificationTask:
             else:
                 model = _pooled_model(source, self.pooling.mode, source_config, kwargs, head)
             self._load_tokenizer(source)
-        if model_cfg.quantize:
-            from ..backends.kbit import prepare_for_kbit_training
-
-            prepare_for_kbit_training(model)
+        prepare_quantized(model, model_cfg)
         if self.labels is None:
             self.labels = [str(model.config.id2label[i]) for i in range(model.config.num_labels)]
             self._ids = {name: i for i, name in enumerate(self.labels)}
@@ -237,56 +223,21 @@ class TextClassificationTask:
             batch["labels"] = torch.tensor([self.label_id(e["label"]) for e in examples])
         return batch
 
-    def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
-        """Mean cross entropy of the model's logits against ``batch["labels"]``."""
-        if "labels" not in batch:
-            raise KeyError("the batch has no 'labels': training and evaluation need a label on every example")
-        logits = _logits(model, batch)
-        return F.cross_entropy(logits.float(), batch["labels"].to(logits.device))
+    def batch_logits(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+        return _logits(model, batch).float()
 
-    # -- evaluation and prediction ---------------------------------------------------------------
+    def inputs(self, items: Sequence[Any]) -> Batch:
+        return self.collate([{"text": _text_of(item)} for item in items])
 
-    def evaluate(self, model: nn.Module, examples: Sequence[Example], batch_size: int) -> dict[str, float]:
-        """Loss, accuracy and macro-F1 (or ``eval.metrics``) of ``model`` on labelled ``examples``.
+    def order(self, items: Sequence[Any]) -> list[int]:
+        # Batching texts of similar length keeps padding, and so evaluation time, small.
+        return sorted(range(len(items)), key=lambda i: len(_text_of(items[i])))
 
-        Macro-F1 averages over the classes that occur in the targets or the predictions.
+    def class_names(self, model: nn.Module) -> list[str]:
+        """The task's labels, else the model's own (a merged, fine-tuned model loaded for prediction)."""
+        return self.labels or [str(model.config.id2label[i]) for i in range(model.config.num_labels)]
 
-        Raises:
-            ValueError: ``examples`` is empty.
-        """
-        if not examples:
-            raise ValueError("no examples to evaluate: the split is empty; check data.split or data.files")
-        targets = [self.label_id(e["label"]) for e in examples]
-        total, predictions = 0.0, [0] * len(examples)
-        for idx, logits in self._forward(model, examples, batch_size):
-            labels = torch.tensor([targets[i] for i in idx], device=logits.device)
-            total += F.cross_entropy(logits.float(), labels, reduction="sum").item()
-            for i, p in zip(idx, logits.argmax(-1).tolist()):
-                predictions[i] = p
-        wanted = self.eval.metrics or list(METRICS)
-        return {"loss": total / len(examples), **{m: METRICS[m](predictions, targets) for m in wanted}}
-
-    def baseline(self, splits: Mapping[str, Sequence[Example]]) -> dict[str, Any] | None:
-        """The majority-class floor a comparison's rows must clear (:func:`majority_baseline`)."""
-        wanted = self.eval.metrics or list(METRICS)
-        return majority_baseline(splits, self.label_id, {m: METRICS[m] for m in wanted})
-
-    def predict(self, model: nn.Module, inputs: Sequence[Any], batch_size: int) -> list[dict[str, Any]]:
-        """``{"label": name, "score": probability}`` of the most likely class for each input, in order.
-
-        Args:
-            model: The classifier (with or without an adapter).
-            inputs: Texts, or mappings with a ``"text"`` key.
-            batch_size: Texts per forward pass.
-        """
-        names = self.labels or [str(model.config.id2label[i]) for i in range(model.config.num_labels)]
-        out: list[dict[str, Any]] = [{}] * len(inputs)
-        for idx, logits in self._forward(model, inputs, batch_size):
-            probs = logits.float().softmax(-1)
-            score, best = probs.max(-1)
-            for i, b, s in zip(idx, best.tolist(), score.tolist()):
-                out[i] = {"label": names[b] if b < len(names) else f"LABEL_{b}", "score": s}
-        return out
+    # -- evaluation and prediction (loss, evaluate, baseline, predict: Classifier) ------------------
 
     def behaviour_probe(self, model: nn.Module, n: int, batch_size: int) -> BehaviourProbe:
         """Mean-pooled last hidden states (the sentence embedding of sentence-transformers models) of
@@ -301,25 +252,6 @@ class TextClassificationTask:
                 out = model(**{k: v.to(device) for k, v in batch.items()}, output_hidden_states=True)
                 features.append(mean_pooled(out.hidden_states[-1], batch["attention_mask"]))
         return BehaviourProbe("features", GENERAL_TEXT_SOURCE, features=torch.cat(features))
-
-    def _forward(
-        self, model: nn.Module, items: Sequence[Any], batch_size: int
-    ) -> Iterator[tuple[list[int], torch.Tensor]]:
-        """``(indices, logits)`` per batch, in eval mode without gradients; the mode is restored after."""
-        if batch_size <= 0:
-            raise ValueError(f"batch_size must be positive, got {batch_size}")
-        # Batching texts of similar length keeps padding, and so evaluation time, small.
-        order = sorted(range(len(items)), key=lambda i: len(_text_of(items[i])))
-        was_training = model.training
-        model.eval()
-        try:
-            with torch.no_grad():
-                for start in range(0, len(order), batch_size):
-                    idx = order[start : start + batch_size]
-                    batch = self.collate([{"text": _text_of(items[i])} for i in idx])
-                    yield idx, _logits(model, batch)
-        finally:
-            model.train(was_training)
 
 
 def _check_class_label(
@@ -432,22 +364,10 @@ def _gguf(kwargs: dict[str, Any]) -> dict[str, Any]:
 
 def _config_problems(model: ModelConfig, data: DataConfig, eval: EvalConfig) -> list[str]:
     """Every problem in the sections this task reads, so they can be reported together."""
-    problems = []
-    if model.dtype not in DTYPES:
-        problems.append(f"model.dtype: expected one of {', '.join(DTYPES)}, got {model.dtype!r}")
-    if model.num_labels is not None and model.num_labels < 2:
-        problems.append(f"model.num_labels: expected 2 or more classes (or unset), got {model.num_labels}")
-    labels = data.labels
-    if labels is not None and (len(labels) < 2 or len({str(n) for n in labels}) != len(labels)):
-        problems.append(f"data.labels: expected 2 or more distinct class names, got {labels!r}")
+    problems = head_problems(model, data, list(DTYPES))
     if data.max_length <= 0:
         problems.append(f"data.max_length: expected a positive number of tokens, got {data.max_length}")
-    unknown = [m for m in eval.metrics if m not in METRICS]
-    if unknown:
-        problems.append(
-            f"eval.metrics: {unknown} unknown for text classification; known: {', '.join(METRICS)}"
-        )
-    return problems
+    return problems + metric_problems(eval, "text classification")
 
 
 def _text_of(item: Any) -> str:
