@@ -58,10 +58,11 @@ def check_adapter(section: Any, problems: list[str]) -> dict[str, Any]:
         spec = _find(method)
         if spec is not None and not spec.config_cls.selectable:
             able = registry.methods_with("selectable")
+            switch = f", or switch to {able[0]}" if able else ""
             problems.append(
                 f"adapter.target_modules: `auto` chooses targets and ranks with peftkit.select, so it needs "
-                f"method: {' or '.join(able)} (got {method!r}); name the targets for {method}, or switch "
-                f"to {able[0]}"
+                f"method: {' or '.join(able) or 'one that declares selectable'} (got {method!r}); name the "
+                f"targets for {method}{switch}"
             )
             return {"method": method, **fields}
         problems += adapter_problems(method, {k: v for k, v in fields.items() if k != "target_modules"})

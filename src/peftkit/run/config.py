@@ -235,7 +235,7 @@ def _selection_problems(config: RunConfig) -> list[str]:
     elif method not in able:
         problems.append(
             f"select.init_from: the saved directions initialise the adapters selection chooses, so they "
-            f"need adapter.method={' or '.join(able)}, got {method!r}"
+            f"need adapter.method={' or '.join(able) or '(one that declares selectable)'}, got {method!r}"
         )
     elif not Path(sel.init_from).is_file():
         problems.append(
