@@ -325,7 +325,9 @@ def dump_config(config: RunConfig, path: str | os.PathLike | None = None) -> str
     return text
 
 
-# Re-exported: older code imports these from here.
+# This module's own names, and names older code imports from here although they live elsewhere now
+# (the sections with their owners, AUTO in select.choose, the adapter section's in run/adapter.py,
+# apply_overrides and parse_yaml in run/loader.py).
 __all__ = [
     "AUTO",
     "FULL_FINE_TUNING",
