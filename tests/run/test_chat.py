@@ -11,13 +11,16 @@ import pytest
 import torch
 
 from peftkit.cli import main
+from peftkit.data.config import DataConfig
 from peftkit.data.files import load_examples
 from peftkit.errors import ConfigError
+from peftkit.models.config import ModelConfig
 from peftkit.run.chat import chat_session
 from peftkit.run.config import load_config
 from peftkit.run.runner import predict_run, train_run
-from peftkit.run.schema import DataConfig, GenerationSettings, ModelConfig, RunConfig
+from peftkit.run.schema import RunConfig
 from peftkit.tasks.causal_lm import IGNORE, CausalLMTask
+from peftkit.tasks.config import GenerationSettings
 from peftkit.tasks.generation import generation_config, settings_of
 from support.generation import CHAT_TEMPLATE, char_tokenizer, make_task, tiny_llama
 
@@ -150,7 +153,7 @@ def test_an_end_of_turn_eos_in_the_template_is_not_doubled_and_the_last_turn_sto
 
 def test_system_prompt_is_added_where_the_conversation_has_none():
     task = make_task(CHAT_TEMPLATE, max_length=200)
-    task.config.data.system_prompt = "you translate"
+    task.data.system_prompt = "you translate"
     text = task.tokenizer.decode(task.encode({"prompt": "cat", "response": "chat"})[0])
     assert text.startswith("<s>system: you translate\n<s>user: cat")
     own = task.tokenizer.decode(task.encode({"messages": CONVERSATION})[0])
@@ -204,13 +207,7 @@ def test_chat_template_override_inline_or_from_a_file(model_dir, tmp_path, as_fi
     if as_file:
         (tmp_path / "t.jinja").write_text(template, encoding="utf-8")
         value = str(tmp_path / "t.jinja")
-    task = CausalLMTask(
-        RunConfig(
-            task="causal-lm",
-            model=ModelConfig(name_or_path=str(model_dir)),
-            data=DataConfig(chat_template=value),
-        )
-    )
+    task = CausalLMTask(model=ModelConfig(name_or_path=str(model_dir)), data=DataConfig(chat_template=value))
     assert task.tokenizer is None
     assert task._load_tokenizer().decode(task.encode_prompt("cat")) == "[user] cat\n[assistant] "
 
@@ -239,7 +236,7 @@ def test_a_bad_chat_template_is_a_config_error_at_load(tmp_path):
 def test_generation_defaults_are_greedy_and_settings_reach_the_generation_config():
     task = make_task(None)
     model = tiny_llama(len(task.tokenizer))
-    greedy = generation_config(settings_of(task.config), model, task.tokenizer, 0)
+    greedy = generation_config(settings_of(task.generation, task.eval), model, task.tokenizer, 0)
     assert (
         greedy.do_sample is False and greedy.num_beams == 1 and greedy.max_new_tokens == 8
     )  # eval.max_new_tokens=8
@@ -262,15 +259,15 @@ def test_generation_defaults_are_greedy_and_settings_reach_the_generation_config
 def test_sampling_repeats_with_its_seed_and_leaves_the_global_random_state_alone():
     task = make_task(None)
     model = tiny_llama(len(task.tokenizer), seed=3)
-    task.config.eval.max_new_tokens = None
-    task.config.generation = GenerationSettings(max_new_tokens=12, temperature=1.5, seed=7)
+    task.eval.max_new_tokens = None
+    task.generation = GenerationSettings(max_new_tokens=12, temperature=1.5, seed=7)
     torch.manual_seed(123)
     before = torch.rand(1)
     torch.manual_seed(123)
     first = task.predict(model, ["cat", "dog"], batch_size=2)
     assert torch.rand(1) == before  # the caller's random numbers are untouched
     assert task.predict(model, ["cat", "dog"], batch_size=2) == first
-    task.config.generation = GenerationSettings(max_new_tokens=12)
+    task.generation = GenerationSettings(max_new_tokens=12)
     assert task.predict(model, ["cat", "dog"], batch_size=2) != first  # greedy differs from a hot sample
 
 
@@ -419,7 +416,7 @@ def test_chat_fields_on_another_task_are_refused(tmp_path):
 def test_each_layout_trains_the_tiny_model_on_its_answers_only(tmp_path, row):
     path = write_jsonl(tmp_path / "chat.jsonl", [row] * 8)
     task = make_task(CHAT_TEMPLATE, max_length=200)
-    task.config.data.files = str(path)
+    task.data.files = str(path)
     examples = task.load_data()["train"]
     answers = [m["content"] for m in examples[0]["messages"] if m["role"] == "assistant"]
     assert trained_spans(task, examples[0]) == [f"{a}\n</s>" for a in answers]

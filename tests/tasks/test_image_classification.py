@@ -16,9 +16,11 @@ import peftkit
 from peftkit.core.layer import AdapterLayer
 from peftkit.data import DataNotInstalledError
 from peftkit.data import fashion_mnist as fm
+from peftkit.data.config import DataConfig
 from peftkit.errors import ConfigError
-from peftkit.run.schema import DataConfig, EvalConfig, ModelConfig, RunConfig
+from peftkit.models.config import ModelConfig
 from peftkit.tasks import task_class
+from peftkit.tasks.config import EvalConfig
 from peftkit.tasks.image_classification import ImageClassificationTask, pixel_values, to_chw
 from support.images import HAVE_EFFICIENTNET, needs_efficientnet, needs_fashion
 
@@ -43,13 +45,10 @@ def fake_fashion(tmp_path: Path) -> Path:
     return tmp_path
 
 
-def run_config(**data: object) -> RunConfig:
+def sections(**data: object) -> dict:
+    """The run-config sections the task is built from (as keywords)."""
     fields = {"name": "fashion_mnist", "image_size": 32, **data}
-    return RunConfig(
-        task="image-classification",
-        model=ModelConfig(name_or_path="efficientnet-lite0"),
-        data=DataConfig(**fields),
-    )
+    return {"model": ModelConfig(name_or_path="efficientnet-lite0"), "data": DataConfig(**fields)}
 
 
 class TinyCNN(nn.Module):
@@ -184,30 +183,30 @@ def test_image_files_are_read(tmp_path: Path) -> None:
 
 
 def test_task_is_registered_and_sets_the_head_to_train() -> None:
-    config = run_config()
-    config.adapter = {"method": "lora", "r": 4}
-    task = task_class("image-classification")(config)
+    given = sections()
+    given["adapter"] = {"method": "lora", "r": 4}
+    task = task_class("image-classification")(**given)
     assert isinstance(task, ImageClassificationTask) and task.default_metric == "accuracy"
-    assert config.adapter["modules_to_save"] == ["_fc"] and task.labels == fm.CLASS_NAMES
+    assert given["adapter"]["modules_to_save"] == ["_fc"] and task.labels == fm.CLASS_NAMES
     for adapter in ({"method": "full"}, {"method": "lora", "modules_to_save": ["x"]}):
-        config = run_config()
-        config.adapter = dict(adapter)
-        ImageClassificationTask(config)
-        assert config.adapter == adapter
+        given = sections()
+        given["adapter"] = dict(adapter)
+        ImageClassificationTask(**given)
+        assert given["adapter"] == adapter
 
 
 def test_config_problems_are_reported_together() -> None:
-    config = run_config(image_size=8, labels=["only"])
-    config.model = ModelConfig(name_or_path="efficientnet-lite0", dtype="float16", num_labels=1)
-    config.eval = EvalConfig(metrics=["bleu"])
+    given = sections(image_size=8, labels=["only"])
+    given["model"] = ModelConfig(name_or_path="efficientnet-lite0", dtype="float16", num_labels=1)
+    given["eval"] = EvalConfig(metrics=["bleu"])
     with pytest.raises(ConfigError) as info:
-        ImageClassificationTask(config)
+        ImageClassificationTask(**given)
     fields = [p.split(":")[0] for p in info.value.problems]
     assert fields == ["data.image_size", "model.dtype", "model.num_labels", "data.labels", "eval.metrics"]
 
 
 def test_labels_by_name_or_id() -> None:
-    task = ImageClassificationTask(run_config())
+    task = ImageClassificationTask(**sections())
     assert task.label_id("Bag") == 8 and task.label_id(3) == 3
     with pytest.raises(KeyError, match="neither a class name"):
         task.label_id(10)
@@ -217,7 +216,7 @@ def test_labels_by_name_or_id() -> None:
 
 def test_collate_loss_training_evaluate_predict() -> None:
     torch.manual_seed(0)
-    task = ImageClassificationTask(run_config())
+    task = ImageClassificationTask(**sections())
     train, held_out = synthetic_examples(80), synthetic_examples(20, seed=1)
     batch = task.collate(train[:6])
     assert batch["pixel_values"].shape == (6, 3, 32, 32) and batch["labels"].tolist() == [0, 1, 2, 3, 4, 5]
@@ -251,13 +250,11 @@ def test_data_from_files_with_class_names(tmp_path: Path) -> None:
         np.save(tmp_path / f"{i}.npy", example["image"].numpy())
         rows.append(f"{tmp_path / f'{i}.npy'},{'even' if example['label'] % 2 == 0 else 'odd'}")
     (tmp_path / "images.csv").write_text("\n".join(rows) + "\n")
-    config = RunConfig(
-        task="image-classification",
+    task = ImageClassificationTask(
         data=DataConfig(
             files=str(tmp_path / "images.csv"), columns={"image": "path", "label": "kind"}, image_size=32
         ),
     )
-    task = ImageClassificationTask(config)
     splits = task.load_data()
     assert task.labels == ["even", "odd"] and sum(len(v) for v in splits.values()) == 20
     batch = task.collate(splits["train"])
@@ -271,7 +268,7 @@ def test_data_from_files_with_class_names(tmp_path: Path) -> None:
 def lite0() -> nn.Module:
     if not HAVE_EFFICIENTNET:
         pytest.skip("EfficientNet-Lite0 packages not installed")
-    return ImageClassificationTask(run_config()).load_model()
+    return ImageClassificationTask(**sections()).load_model()
 
 
 @needs_efficientnet
@@ -294,16 +291,16 @@ def test_model_matches_the_package_model() -> None:
 
 @needs_efficientnet
 def test_load_model_config_errors(tmp_path: Path) -> None:
-    config = run_config()
-    config.model = ModelConfig(name_or_path=str(tmp_path / "nope.pth"), num_labels=5)
+    given = sections()
+    given["model"] = ModelConfig(name_or_path=str(tmp_path / "nope.pth"), num_labels=5)
     with pytest.raises(ConfigError) as info:
-        ImageClassificationTask(config).load_model()
+        ImageClassificationTask(**given).load_model()
     assert len(info.value.problems) == 2  # 5 < 10 classes, and the missing file
 
 
 @needs_efficientnet
 def test_batch_norm_statistics_stay_frozen_in_training(lite0: nn.Module) -> None:
-    task = ImageClassificationTask(run_config())
+    task = ImageClassificationTask(**sections())
     stats = {k: v.clone() for k, v in lite0.state_dict().items() if "running" in k}
     lite0.train()
     task.loss(lite0, task.collate(synthetic_examples(4))).backward()
@@ -338,7 +335,7 @@ def test_lora_on_efficientnet_convs(lite0: nn.Module, tmp_path: Path) -> None:
         trainable = {n for n, p in model.named_parameters() if p.requires_grad}
         assert trainable and all("lora_" in n or "_fc" in n for n in trainable)
         peftkit.save_adapter(model, tmp_path / "adapter")
-        fresh = ImageClassificationTask(run_config()).load_model()
+        fresh = ImageClassificationTask(**sections()).load_model()
         peftkit.load_adapter(fresh, tmp_path / "adapter")
         with torch.no_grad():
             assert torch.equal(fresh(x), adapted_out)
@@ -348,10 +345,10 @@ def test_lora_on_efficientnet_convs(lite0: nn.Module, tmp_path: Path) -> None:
         from safetensors.torch import save_file
 
         save_file(peftkit.unload(fresh, merge=True).state_dict(), tmp_path / "merged.safetensors")
-        config = run_config()
-        config.model = ModelConfig(name_or_path=str(tmp_path / "merged.safetensors"))
+        given = sections()
+        given["model"] = ModelConfig(name_or_path=str(tmp_path / "merged.safetensors"))
         with torch.no_grad():
-            assert torch.allclose(ImageClassificationTask(config).load_model()(x), adapted_out, atol=1e-4)
+            assert torch.allclose(ImageClassificationTask(**given).load_model()(x), adapted_out, atol=1e-4)
     finally:
         peftkit.unload(model)
     assert not any(isinstance(m, AdapterLayer) for m in lite0.modules())
@@ -365,7 +362,7 @@ def test_lora_learns_real_fashion_mnist() -> None:
     from peftkit.models.efficientnet import POINTWISE_CONVS
 
     torch.manual_seed(0)
-    task = ImageClassificationTask(run_config(max_train_examples=1280, max_eval_examples=300))
+    task = ImageClassificationTask(**sections(max_train_examples=1280, max_eval_examples=300))
     model, splits = task.load_model(), task.load_data()
     before = task.evaluate(model, splits["validation"], batch_size=100)
     peftkit.inject(

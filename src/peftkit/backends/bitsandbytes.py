@@ -28,7 +28,7 @@ from ..core import registry
 from ..core.registry import BaseAccess
 from ..errors import ConfigError, UnsupportedLayerError
 from ..methods.ia3 import IA3Adapter, IA3Linear
-from ..methods.lora import LoraAdapter, LoraLinear, _initialise
+from ..methods.lora import LoraAdapter, LoraLinear, initialise_linear
 
 if importlib.util.find_spec("bitsandbytes") is None:  # the package's guard skips this backend
     raise ImportError("bitsandbytes is not installed; `pip install bitsandbytes` for 4-bit/8-bit base models")
@@ -66,7 +66,7 @@ class LoraQuantLinear(LoraLinear):
         self.transposed = False
         self.lora_A = nn.Linear(base_layer.in_features, self.r, **kw)
         self.lora_B = nn.Linear(self.r, base_layer.out_features, **kw)
-        _initialise(self, self.lora_A.weight, self.lora_B.weight, torch.empty(0))
+        initialise_linear(self, self.lora_A.weight, self.lora_B.weight, torch.empty(0))
 
     def attach(self, base_layer: nn.Module) -> None:
         _make_trainable(base_layer)

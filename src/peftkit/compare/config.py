@@ -30,7 +30,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigError
-from ..run.config import apply_overrides, parse_config, parse_yaml, resolved, to_dict
+from ..run.config import parse_config, resolved, to_dict
+from ..run.loader import apply_overrides, parse_yaml
 from ..run.schema import RunConfig
 
 if TYPE_CHECKING:
@@ -328,7 +329,7 @@ def _as_before(data: dict[str, Any], config: RunConfig) -> None:
     }:
         data["generation"] = {k: v for k, v in generation.items() if k != "max_new_tokens"}
     if isinstance(data.get("eval"), dict):
-        data["eval"]["max_new_tokens"] = settings_of(config).max_new_tokens
+        data["eval"]["max_new_tokens"] = settings_of(config.generation, config.eval).max_new_tokens
     if isinstance(data.get("train"), dict):
         data["train"]["greater_is_better"] = config.train.maximize
 

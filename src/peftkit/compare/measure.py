@@ -157,11 +157,16 @@ def base_probe(task: Any, cache: Path, n: int, batch_size: int) -> BehaviourProb
     return probe
 
 
-def forgetting(task: Any, model: nn.Module, cache: Path, n: int, batch_size: int) -> dict[str, Any]:
-    """How far the tuned ``model`` moved from the base on held-out inputs (see ``peftkit.tasks.probes``)."""
+def forgetting(
+    task: Any, base_task: Any, model: nn.Module, cache: Path, n: int, batch_size: int
+) -> dict[str, Any]:
+    """How far the tuned ``model`` moved from the base on held-out inputs (see ``peftkit.tasks.probes``).
+
+    ``base_task`` is a fresh task of the same run: it loads the base model when ``cache`` has no probe.
+    """
     if not hasattr(task, "behaviour_probe"):
         return {"error": f"the {task.name} task has no behaviour probe"}
-    base = base_probe(type(task)(task.config), cache, n, batch_size)
+    base = base_probe(base_task, cache, n, batch_size)
     return behaviour_change(base, task.behaviour_probe(model, n, batch_size))
 
 

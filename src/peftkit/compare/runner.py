@@ -30,6 +30,7 @@ from typing import Any
 
 import yaml
 
+from ..core.registry import DEFAULT_METHOD
 from ..train.tracking import format_seconds
 from .config import CompareConfig, PlannedRun
 from .measure import BASELINE_FILE, baseline, probe_cache_path, python_command
@@ -112,7 +113,7 @@ def run_comparison(
     for index, run in enumerate(todo):
         left = _time_left(todo[index:], durations)
         log(
-            f"[{index + 1}/{len(todo)}] {run.label}: {run.config.adapter.get('method', 'lora')}"
+            f"[{index + 1}/{len(todo)}] {run.label}: {run.config.adapter.get('method', DEFAULT_METHOD)}"
             + (f" (about {format_seconds(left)} left in all)" if left is not None else "")
         )
         started = time.perf_counter()

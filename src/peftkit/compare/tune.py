@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..run.config import lr_candidates
+from ..run.adapter import lr_candidates
 from .config import PlannedRun, config_key, plan_run
 
 LR = "train.lr"

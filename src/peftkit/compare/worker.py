@@ -26,7 +26,7 @@ OK_STATUSES = ("completed", "early_stopped")
 def run_job(job: dict[str, Any]) -> dict[str, Any]:
     """Train and measure the run described by ``job``; returns (and writes) its record."""
     from ..run.config import load_config, to_dict
-    from ..run.runner import ADAPTER_DIR, FULL_MODEL_DIR, is_full_fine_tuning, load_run, train_run
+    from ..run.runner import ADAPTER_DIR, FULL_MODEL_DIR, build_task, is_full_fine_tuning, load_run, train_run
     from ..train.runtime import resolve_device
     from . import measure
 
@@ -80,6 +80,7 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
             try:
                 record["forgetting"] = measure.forgetting(
                     loaded.task,
+                    build_task(loaded.config),
                     loaded.model,
                     Path(job["probe_cache"]),
                     job["probe_examples"],

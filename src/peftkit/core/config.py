@@ -81,6 +81,17 @@ class AdapterConfig:
     # Model types whose ``default_targets`` entry is peftkit's own addition, not the reference library's.
     own_default_types: ClassVar[tuple[str, ...]] = ()
 
+    # -- capabilities: what rules outside methods/ ask a method, instead of testing its name ------------
+    # Trains on a base whose linear layers are quantized (model.quantize): a backend has quantized rows
+    # for its layers (backends/), or it wraps no linear layer (soft prompts, norms). Without it, a run
+    # config that quantizes the base is refused before anything loads.
+    quantizable: ClassVar[bool] = False
+    # peftkit.select can choose its targets and per-module ranks (``adapter.target_modules: auto``) and
+    # start its adapters along the probe's input directions (``select.init_from``).
+    selectable: ClassVar[bool] = False
+    # How reports name the method ("LoRA"); empty: its interchange name, peft_type.
+    display_name: ClassVar[str] = ""
+
     target_modules: list[str] | str | None = None
     exclude_modules: list[str] | str | None = None
     layers_to_transform: list[int] | int | None = None
@@ -157,6 +168,18 @@ class AdapterConfig:
         return out
 
     # -- hooks a method implements -----------------------------------------------------------------
+
+    @classmethod
+    def for_targets(cls, target_modules: list[str] | str) -> AdapterConfig:
+        """The method's default config on ``target_modules``: what ``peftkit inspect`` prices a candidate
+        target set with. A method whose defaults cannot stand alone overrides it."""
+        return cls(target_modules=target_modules)
+
+    def size_label(self) -> str:
+        """The method and its size as reports print them, e.g. "LoRA r=8" (the rank where it has one)."""
+        name = self.display_name or self.peft_type
+        rank = getattr(self, "r", None)
+        return f"{name} r={rank}" if isinstance(rank, int) and not isinstance(rank, bool) else name
 
     def layer_values(self, target: Any) -> dict[str, Any]:
         """Plain keyword values for the method's layer builder, for one resolved target."""

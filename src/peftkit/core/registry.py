@@ -13,6 +13,13 @@ from typing import Any
 
 from torch import nn
 
+# What a run config's ``adapter.method`` is when it names none (and what ``peftkit inspect`` prices
+# candidate targets with). The one place the default method is named outside its own file.
+DEFAULT_METHOD = "lora"
+# The ``adapter.method`` that trains every parameter instead of an adapter: not a registered method,
+# the baseline methods are compared with.
+FULL_FINE_TUNING = "full"
+
 Predicate = Callable[[nn.Module], "str | None"]
 """Returns None when the module is supported, else a short reason why it is not."""
 
@@ -191,6 +198,13 @@ def find_method(name: str) -> MethodSpec:
 def registered_methods() -> list[str]:
     _load_builtin_methods()
     return sorted(_METHODS)
+
+
+def methods_with(capability: str) -> list[str]:
+    """The registered methods (lower-case names, sorted) whose config class declares ``capability``
+    (an ``AdapterConfig`` class attribute such as ``"quantizable"``) true."""
+    _load_builtin_methods()
+    return sorted(t.lower() for t, spec in _METHODS.items() if getattr(spec.config_cls, capability, False))
 
 
 def dispatch(peft_type: str, module: nn.Module) -> tuple[LayerRow | None, str | None]:

@@ -7,8 +7,9 @@ without an edit here.
 import importlib
 import pkgutil
 
+from ..errors import DataNotInstalledError
 from .registry import bundled_datasets, dataset_loader, register_dataset
-from .rotten_tomatoes import DataNotInstalledError, load_splits
+from .rotten_tomatoes import load_splits
 
 for _info in pkgutil.iter_modules(__path__):
     importlib.import_module(f"{__name__}.{_info.name}")

@@ -23,9 +23,8 @@ from typing import Any
 
 import torch
 
-from ..errors import ConfigError, PeftkitError
+from ..errors import ConfigError, DataNotInstalledError, PeftkitError
 from .registry import register_dataset
-from .rotten_tomatoes import DataNotInstalledError
 
 NAME = "fashion_mnist"
 DEBIAN_PACKAGE = "dataset-fashion-mnist"

@@ -26,16 +26,13 @@ import lzma
 import random
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ..errors import ConfigError
 from . import chat
+from .config import SPLITS, DataConfig
 from .registry import bundled_datasets, dataset_loader
 
-if TYPE_CHECKING:
-    from ..run.schema import DataConfig
-
-SPLITS = ("train", "validation", "test")
 # File extension -> the ``datasets`` builder that reads it ("json" reads JSON Lines too).
 FORMATS = {
     ".csv": "csv",

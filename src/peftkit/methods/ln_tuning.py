@@ -56,6 +56,7 @@ class LNTuningConfig(AdapterConfig):
     )  # norm weights and biases: a few thousand parameters at BitFit-like rates
 
     fields_not_in_format: ClassVar[tuple[str, ...]] = _NOT_IN_REFERENCE
+    quantizable: ClassVar[bool] = True  # norms stay unquantized (backends/)
 
     # The reference 0.21.2 defaults (its LN-tuning target mapping), except "llava", whose default also
     # names non-norm modules (projector, embeddings, head) that this norm-only method cannot adapt.

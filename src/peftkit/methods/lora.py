@@ -94,6 +94,9 @@ class LoraConfig(AdapterConfig):
     }
     target_roles: ClassVar[tuple[str, ...]] = ("query", "value")
     own_default_types: ClassVar[tuple[str, ...]] = ("distilbert",)
+    quantizable: ClassVar[bool] = True  # capabilities (core/config.py): LoraQuantLinear in backends/,
+    selectable: ClassVar[bool] = True  # and peftkit.select allocates LoRA ranks
+    display_name: ClassVar[str] = "LoRA"
     reference_inert: ClassVar[dict[str, Any]] = {
         "alora_invocation_tokens": None,
         "arrow_config": None,
@@ -341,7 +344,7 @@ class LoraLinear(LoraAdapter):
                 f"init_lora_weights={self.init!r} needs r <= min(out, in) = {min(out_f, in_f)} for a "
                 f"{out_f}x{in_f} weight, got r={self.r}; lower r (or its rank_pattern entry)"
             )
-        _initialise(self, self.lora_A.weight, self.lora_B.weight, self.rows(weight.detach()))
+        initialise_linear(self, self.lora_A.weight, self.lora_B.weight, self.rows(weight.detach()))
 
     def lora_path(self, x, base_layer):
         return self.lora_B(self.lora_A(x))
@@ -494,8 +497,10 @@ def _with_params(conv: nn.Module, x: torch.Tensor, weight: torch.Tensor) -> torc
     return torch.func.functional_call(conv, params, (x,))
 
 
-def _initialise(adapter: LoraAdapter, a: torch.Tensor, b: torch.Tensor, rows: torch.Tensor) -> None:
-    """Set A and B of a linear LoRA; SVD/QR inits also remember A0, B0: the base keeps W - s B0 A0."""
+def initialise_linear(adapter: LoraAdapter, a: torch.Tensor, b: torch.Tensor, rows: torch.Tensor) -> None:
+    """Set A and B of a linear LoRA as its ``init`` says; SVD/QR inits also remember A0, B0: the base keeps
+    W - s B0 A0. ``rows`` is the base weight as ``out x in`` (unused by the random inits, so a quantized
+    layer passes an empty tensor). Quantized layers (backends/) initialise with it too."""
     init, r, s = adapter.init, adapter.r, adapter.scaling
     with torch.no_grad():
         if init is True:

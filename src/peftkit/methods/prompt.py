@@ -68,6 +68,7 @@ class PromptLearningConfig(AdapterConfig):
     fields_not_in_format: ClassVar[tuple[str, ...]] = _LAYER_FIELDS
 
     wraps_layers: ClassVar[bool] = False
+    quantizable: ClassVar[bool] = True  # the virtual tokens change inputs, never a quantized weight
     state_key_prefix: ClassVar[str] = "base_model."
     uses_cache: ClassVar[bool] = False  # prefix tuning: the virtual tokens live in the key/value cache
 

@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..data.rotten_tomatoes import DataNotInstalledError
+from ..errors import DataNotInstalledError
 from . import register_model
 
 NAME = "efficientnet-lite0"

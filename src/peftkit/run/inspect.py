@@ -6,7 +6,8 @@ For a model it reports:
   repeated blocks (``encoder.layer.N.attention.self.query`` in layers 0-5), with their shapes and
   parameter counts, and which methods can adapt each kind;
 * candidate ``target_modules`` values (each module name suffix, ``all-linear``) with the modules and
-  base parameters each one selects and the parameters a rank-8 LoRA on them would add;
+  base parameters each one selects and the parameters the default method (LoRA, rank 8) would add, as
+  its config class prices them (``for_targets``, ``size_label``);
 * the classification head a task adds (trained in full beside any adapter, so no target set names it);
 * the attention, feed-forward and norm layers found by structure (core/anatomy.py), which defaults
   build on where a method has no table entry for the model_type;
@@ -37,9 +38,9 @@ from torch import nn
 from .. import api
 from ..core import anatomy, registry, targeting
 from ..core.config import ALL_LINEAR
+from ..core.registry import DEFAULT_METHOD
 from ..errors import ConfigError, NoTargetMatchedError
 
-PROBE_RANK = 8  # the LoRA rank the candidate target sets are priced at
 MAX_SHOWN = 6
 
 
@@ -61,8 +62,10 @@ class TargetSet:
     spec: str  # as written in a config: "query", "all-linear"
     modules: int
     base_params: int
-    lora_params: int | None  # parameters a rank-PROBE_RANK LoRA on these modules adds (None: it cannot)
-    note: str = ""  # why LoRA cannot adapt them
+    # parameters the default method's config adds on these modules (None: it cannot adapt them); the name
+    # is kept from when that was always LoRA, since `peftkit inspect --json` writes it
+    lora_params: int | None
+    note: str = ""  # why the method cannot adapt them
 
 
 @dataclass
@@ -124,8 +127,10 @@ class ModelInspection:
                 lines.append(
                     f"    {g.pattern:<52} {_layer_range(g.layers):<13} {g.shape:<24} {g.params:>11,}"
                 )
-        lines += ["", f"candidate target_modules (LoRA r={PROBE_RANK} adds):"]
-        lines.append(f"  {'target_modules':<40} {'modules':>7} {'base params':>13} {'LoRA params':>12}")
+        priced = _priced_config(ALL_LINEAR)
+        method = priced.display_name or priced.peft_type
+        lines += ["", f"candidate target_modules ({priced.size_label()} adds):"]
+        lines.append(f"  {'target_modules':<40} {'modules':>7} {'base params':>13} {method + ' params':>12}")
         for t in self.target_sets:
             lora = f"{t.lora_params:>12,}" if t.lora_params is not None else f"{'-':>12}  ({t.note})"
             lines.append(f"  {t.spec:<40} {t.modules:>7} {t.base_params:>13,} {lora}")
@@ -221,8 +226,9 @@ def _skeleton(name_or_path: str, task: str | None, config: Any) -> tuple[nn.Modu
         why = f"task {task}, as a sentence-transformers model ({declared[1]} declares {declared[0]} pooling)"
     else:
         why = f"task {config.task if config is not None else task}"
+    from ..models.config import ModelConfig
     from .runner import build_task
-    from .schema import ModelConfig, RunConfig
+    from .schema import RunConfig
 
     if config is None:  # a placeholder 2-class head: the head's size is the task's business
         config = RunConfig(task=task, model=ModelConfig(name_or_path=name_or_path, num_labels=2))
@@ -341,11 +347,18 @@ def _layer_range(layers: list[int]) -> str:
 # -- candidate target sets -------------------------------------------------------------------------
 
 
+def _priced_config(spec: list[str] | str) -> Any:
+    """The config candidate target sets are priced with: the default method's own, on ``spec``."""
+    return registry.find_method(DEFAULT_METHOD).config_cls.for_targets(spec)
+
+
 def _target_sets(model: nn.Module, adaptable: list[tuple[str, nn.Module, list[str]]]) -> list[TargetSet]:
-    """Each module-name suffix LoRA can adapt (its last one or two name parts), and ``all-linear``."""
-    lora = [(name, module) for name, module, methods in adaptable if "lora" in methods]
+    """Each module-name suffix the default method can adapt (its last one or two name parts), and
+    ``all-linear``."""
+    priced = registry.find_method(DEFAULT_METHOD).peft_type.lower()
+    able = [(name, module) for name, module, methods in adaptable if priced in methods]
     specs: list[str] = []
-    for name, _ in lora:
+    for name, _ in able:
         parts = [p for p in _split_layer(name)[0].split(".") if p != "N"]
         for size in (1, 2):
             suffix = ".".join(parts[-size:])
@@ -353,12 +366,12 @@ def _target_sets(model: nn.Module, adaptable: list[tuple[str, nn.Module, list[st
                 specs.append(suffix)
     sets: list[TargetSet] = []
     for spec in specs:
-        chosen = [(n, m) for n, m in lora if targeting.name_matches([spec], n)]
+        chosen = [(n, m) for n, m in able if targeting.name_matches([spec], n)]
         if not chosen or any(s.modules == len(chosen) and spec.endswith("." + s.spec) for s in sets):
             continue  # "self.query" selects exactly what "query" does: show the shorter one only
         sets.append(_priced(model, spec, [spec], chosen))
     heads = targeting.output_head_names(model)  # a task's fresh head is already left out of `adaptable`
-    linear = [(n, m) for n, m in lora if isinstance(m, targeting.LINEAR_TYPES) and n not in heads]
+    linear = [(n, m) for n, m in able if isinstance(m, targeting.LINEAR_TYPES) and n not in heads]
     if linear:
         sets.append(_priced(model, ALL_LINEAR, ALL_LINEAR, linear))
     return sets
@@ -367,11 +380,11 @@ def _target_sets(model: nn.Module, adaptable: list[tuple[str, nn.Module, list[st
 def _priced(
     model: nn.Module, label: str, spec: list[str] | str, chosen: list[tuple[str, nn.Module]]
 ) -> TargetSet:
-    """The target set with the parameters a rank-PROBE_RANK LoRA on it adds (injected into a copy)."""
+    """The target set with the parameters the default method adds on it (injected into a copy)."""
     base = sum(_own_params(m) for _, m in chosen)
     try:
-        probe = api.inject(copy.deepcopy(model), api.make_config("lora", r=PROBE_RANK, target_modules=spec))
-    except Exception as exc:  # noqa: BLE001 - the reason LoRA cannot take these modules is the answer
+        probe = api.inject(copy.deepcopy(model), _priced_config(spec))
+    except Exception as exc:  # noqa: BLE001 - the reason the method cannot take these modules is the answer
         return TargetSet(label, len(chosen), base, None, _first_sentence(str(exc)))
     added = sum(count for *_, count in api.trainable_summary(probe, show=False).adapted)
     return TargetSet(label, len(chosen), base, added)

@@ -86,12 +86,12 @@ def is_full_fine_tuning(config: RunConfig) -> bool:
 
 
 def build_task(config: RunConfig) -> Task:
-    """The registered task of ``config.task``, constructed with the whole run config."""
+    """The registered task of ``config.task``, constructed with the sections it reads (``cls.sections``)."""
     try:
         cls = task_class(config.task)
     except KeyError as exc:
         raise ConfigError([f"task: {exc.args[0]}"], what="run config") from None
-    return cls(config)
+    return cls(**{section: getattr(config, section) for section in cls.sections})
 
 
 def adapt(model: nn.Module, config: RunConfig) -> nn.Module:
@@ -640,6 +640,7 @@ def with_generation(
         candidate = dataclasses.replace(loaded.config, generation=settings)
         problems += [p for p in value_problems(candidate) if p.startswith("generation.")]
         loaded.config.generation = settings
+        loaded.task.generation = settings  # the task holds its sections, not the run config
     if stream and inputs != 1:
         problems.append(
             f"--stream shows one answer as it is written; got {inputs} inputs (give one prompt, "

@@ -19,7 +19,9 @@ Batch = Mapping[str, Any]  # collated tensors (and anything else the task's loss
 
 
 class Task(Protocol):
-    """One kind of fine-tuning job. Instances are built from a run config: ``Task(config)``.
+    """One kind of fine-tuning job. Instances are built from the run-config sections the task reads,
+    named in ``sections`` and passed as keywords: ``TextClassificationTask(model=..., data=..., ...)``;
+    never the whole run config (its ``select`` and ``output_dir`` are the runner's business).
 
     The lifecycle: ``load_model()`` (model, plus tokenizer/processor kept on the task) ->
     ``load_data()`` -> ``collate`` batches for ``loss`` during training -> ``evaluate`` on a split ->
@@ -27,6 +29,8 @@ class Task(Protocol):
     """
 
     name: str
+    # the RunConfig sections the constructor takes as keywords, e.g. ("model", "data", "eval", "train")
+    sections: tuple[str, ...]
     default_metric: str  # the metric that picks the best checkpoint ("accuracy", "chrf", ...)
     input_role: str  # what predict reads from a mapping input ("text", "prompt", "image", "source")
     greater_is_better: bool

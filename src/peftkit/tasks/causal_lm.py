@@ -23,7 +23,7 @@ chat recipe trains on a ShareGPT file (``configs/chat-smollm2-lora.yaml``).
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -31,20 +31,19 @@ from torch import nn
 
 from .. import text_metrics
 from ..data import chat
+from ..data.config import DataConfig
 from ..data.files import load_examples
 from ..data.general_text import GENERAL_TEXT_SOURCE, general_texts
 from ..errors import ConfigError
-from ..models import bundled_model_path, explain_missing, quiet_transformers
+from ..models.config import ModelConfig
+from ..models.loading import DTYPES, load_pretrained, load_tokenizer, model_source
 from .base import Batch, Example, eval_mode, register_task
+from .config import EvalConfig, GenerationSettings
 from .conversation import IGNORE, ConversationEncoder, Message
 from .generation import check_batch_size, generate_texts, pad, settings_of
 from .probes import BehaviourProbe
 
-if TYPE_CHECKING:
-    from ..run.schema import ModelConfig, RunConfig
-
 ROLES = ["prompt", "response"]
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Metrics computed from generated text; "loss" and "perplexity" come from teacher forcing, always.
 TEXT_METRICS: dict[str, Callable[[Sequence[str], Sequence[str]], float]] = {
     "exact_match": text_metrics.exact_match,
@@ -56,8 +55,11 @@ class GenerationTask:
     """What the two generation tasks share: config checks, where the model comes from, data and tokenizer
     loaded once. ``roles`` names the example keys the data must provide.
 
+    Built from the run-config sections it reads (each defaults to that section's defaults): ``model``,
+    ``data``, ``eval`` (``metrics``) and ``generation`` (how answers are decoded).
+
     Attributes:
-        config: The whole run config.
+        model_config, data, eval, generation: Those sections.
         tokenizer: The model's tokenizer (loaded with the model, or on first use); may be set directly.
         data_info: How the data was loaded and split (``peftkit.data.files.Splits.info``), once loaded.
     """
@@ -72,19 +74,30 @@ class GenerationTask:
     default_metric = "chrf"
     greater_is_better = True
 
-    def __init__(self, config: RunConfig) -> None:
-        self.config = config
+    sections = ("model", "data", "eval", "generation")
+
+    def __init__(
+        self,
+        *,
+        model: ModelConfig | None = None,
+        data: DataConfig | None = None,
+        eval: EvalConfig | None = None,
+        generation: GenerationSettings | None = None,
+    ) -> None:
+        self.model_config = model or ModelConfig()
+        self.data = data or DataConfig()
+        self.eval = eval or EvalConfig()
+        self.generation = generation or GenerationSettings()
         self.tokenizer: Any = None
         self.data_info: dict[str, Any] | None = None
         self._splits: dict[str, list[dict[str, Any]]] | None = None
-        problems = config_problems(config)
+        problems = config_problems(self.model_config, self.data, self.eval, self.generation)
         if problems:
             raise ConfigError(problems, what=f"{self.name} config")
 
     def model_source(self) -> str:
         """A local directory (a bundled model's, or the given one) or a hub id."""
-        name = self.config.model.name_or_path
-        return bundled_model_path(name) or name
+        return model_source(self.model_config)
 
     def load_data(self) -> dict[str, Sequence[Example]]:
         """The configured splits (examples with the task's ``roles``), loaded once.
@@ -94,14 +107,14 @@ class GenerationTask:
             DataNotInstalledError: a bundled data set's package is not installed.
         """
         if self._splits is None:
-            splits = load_examples(self.config.data, self.roles, conversations=self.conversations)
+            splits = load_examples(self.data, self.roles, conversations=self.conversations)
             self.data_info = dict(splits.info)
             self._splits = dict(splits)
         return self._splits
 
     def _load_tokenizer(self) -> Any:
         if self.tokenizer is None:
-            self.tokenizer = load_tokenizer(self.config.model, self.model_source())
+            self.tokenizer = load_tokenizer(self.model_config, self.model_source())
         return self.tokenizer
 
     def _pad_id(self) -> int:
@@ -122,7 +135,7 @@ class GenerationTask:
             raise ValueError("no examples to evaluate: the split is empty; check data.split or data.files")
         mean_nll = teacher_forced_nll(model, self.collate, examples, batch_size)
         result = {"loss": mean_nll, "perplexity": text_metrics.perplexity(mean_nll)}
-        wanted = [m for m in (self.config.eval.metrics or list(TEXT_METRICS)) if m in TEXT_METRICS]
+        wanted = [m for m in (self.eval.metrics or list(TEXT_METRICS)) if m in TEXT_METRICS]
         if wanted:
             predictions = self.predict(model, examples, batch_size)
             references = [self.reference_text(e) for e in examples]
@@ -154,15 +167,17 @@ class CausalLMTask(GenerationTask):
         """
         from transformers import AutoModelForCausalLM
 
-        return load_pretrained(AutoModelForCausalLM, self.config, self.model_source(), self._load_tokenizer)
+        return load_pretrained(
+            AutoModelForCausalLM, self.model_config, self.model_source(), self._load_tokenizer, ["lm_head"]
+        )
 
     # -- encoding, batches and loss ----------------------------------------------------------------
 
     def _load_tokenizer(self) -> Any:
         if self.tokenizer is None:
-            self.tokenizer = load_tokenizer(self.config.model, self.model_source())
-            if self.config.data.chat_template:
-                self.tokenizer.chat_template = chat.load_template(self.config.data.chat_template)
+            self.tokenizer = load_tokenizer(self.model_config, self.model_source())
+            if self.data.chat_template:
+                self.tokenizer.chat_template = chat.load_template(self.data.chat_template)
         return self.tokenizer
 
     def conversation(self, item: Any, *, answered: bool = False) -> list[Message]:
@@ -182,7 +197,7 @@ class CausalLMTask(GenerationTask):
         if answered:
             last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
             messages = messages[: last + 1]
-        return chat.with_system(messages, self.config.data.system_prompt)
+        return chat.with_system(messages, self.data.system_prompt)
 
     def _encoder(self) -> ConversationEncoder:
         tokenizer = self._load_tokenizer()
@@ -196,7 +211,7 @@ class CausalLMTask(GenerationTask):
 
     def encode(self, example: Example) -> tuple[list[int], list[int]]:
         """``(input_ids, labels)`` of one example, truncated to ``data.max_length`` (labels -100 except on answers)."""
-        return self._encoder().encode(self.conversation(example, answered=True), self.config.data.max_length)
+        return self._encoder().encode(self.conversation(example, answered=True), self.data.max_length)
 
     def reference_text(self, example: Example) -> str:
         """The last answer of the conversation."""
@@ -226,7 +241,7 @@ class CausalLMTask(GenerationTask):
         text without the chat template, ``data.max_length`` tokens at most): what ``peftkit compare``
         measures forgetting with."""
         tokenizer = self._load_tokenizer()
-        limit = self.config.data.max_length
+        limit = self.data.max_length
         sequences = [tokenizer(t, truncation=True, max_length=limit)["input_ids"] for t in general_texts(n)]
 
         def collate(chunk: Sequence[Sequence[int]]) -> Batch:
@@ -252,7 +267,7 @@ class CausalLMTask(GenerationTask):
             streamer: A transformers streamer that gets the tokens of a single input as they come.
         """
         tokenizer = self._load_tokenizer()
-        limit = self.config.data.max_length
+        limit = self.data.max_length
         prompts = []
         for number, item in enumerate(inputs, 1):
             try:
@@ -264,7 +279,7 @@ class CausalLMTask(GenerationTask):
             tokenizer,
             prompts,
             batch_size,
-            settings_of(self.config),
+            settings_of(self.generation, self.eval),
             self._pad_id(),
             left_pad=True,
             streamer=streamer,
@@ -274,72 +289,26 @@ class CausalLMTask(GenerationTask):
 # -- shared with the seq2seq task -----------------------------------------------------------------
 
 
-def config_problems(config: RunConfig) -> list[str]:
+def config_problems(
+    model: ModelConfig, data: DataConfig, eval: EvalConfig, generation: GenerationSettings
+) -> list[str]:
     """Every problem in the config sections a text-generation task reads, to report together."""
     problems = []
-    if config.model.dtype not in DTYPES:
-        problems.append(f"model.dtype: expected one of {', '.join(DTYPES)}, got {config.model.dtype!r}")
-    if config.data.max_length < 2:
+    if model.dtype not in DTYPES:
+        problems.append(f"model.dtype: expected one of {', '.join(DTYPES)}, got {model.dtype!r}")
+    if data.max_length < 2:
         problems.append(
-            f"data.max_length: expected at least 2 tokens (prompt + answer), got {config.data.max_length}"
+            f"data.max_length: expected at least 2 tokens (prompt + answer), got {data.max_length}"
         )
-    length = settings_of(config).max_new_tokens
+    length = settings_of(generation, eval).max_new_tokens
     if length <= 0:
-        field_name = (
-            "eval.max_new_tokens" if config.eval.max_new_tokens is not None else "generation.max_new_tokens"
-        )
+        field_name = "eval.max_new_tokens" if eval.max_new_tokens is not None else "generation.max_new_tokens"
         problems.append(f"{field_name}: expected a positive number of tokens, got {length}")
     known = ["loss", "perplexity", *TEXT_METRICS]
-    unknown = [m for m in config.eval.metrics if m not in known]
+    unknown = [m for m in eval.metrics if m not in known]
     if unknown:
         problems.append(f"eval.metrics: {unknown} unknown for text generation; known: {', '.join(known)}")
     return problems
-
-
-def load_pretrained(
-    auto_class: Any, config: RunConfig, source: str, load_tokenizer: Callable[[], Any]
-) -> nn.Module:
-    """``auto_class.from_pretrained(source)`` in ``model.dtype`` (GGUF too), quietly, with the tokenizer.
-
-    Raises:
-        OSError: the model cannot be found (the message says where it was looked for).
-    """
-    kwargs: dict[str, Any] = {"dtype": DTYPES[config.model.dtype]}
-    if config.model.gguf_file:
-        kwargs["gguf_file"] = config.model.gguf_file
-    if config.model.quantize:
-        from ..backends.bitsandbytes import bnb_config
-
-        # Naming modules to skip replaces transformers' default list, which keeps lm_head dense.
-        kwargs["quantization_config"] = bnb_config(
-            config.model.quantize, config.model.double_quant, DTYPES[config.model.dtype], ["lm_head"]
-        )
-    with quiet_transformers(), explain_missing(config.model.name_or_path):
-        model = auto_class.from_pretrained(source, **kwargs)
-        tokenizer = load_tokenizer()
-    if config.model.quantize:
-        from ..backends.kbit import prepare_for_kbit_training
-
-        prepare_for_kbit_training(model)
-    if model.config.pad_token_id is None:
-        model.config.pad_token_id = tokenizer.pad_token_id
-    return model
-
-
-def load_tokenizer(model: ModelConfig, source: str) -> Any:
-    """The tokenizer at ``source`` (from ``model.gguf_file`` when set), with a pad token (EOS when it has none).
-
-    Raises:
-        OSError: the tokenizer cannot be found.
-    """
-    from transformers import AutoTokenizer
-
-    kwargs = {"gguf_file": model.gguf_file} if model.gguf_file else {}
-    with quiet_transformers(), explain_missing(model.name_or_path):
-        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
-    if tokenizer.pad_token is None:  # decoders often have none; batches need one (positions are masked)
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
 
 
 def token_nll(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:

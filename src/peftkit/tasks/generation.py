@@ -1,7 +1,7 @@
 """Text generation for the generation tasks: the run's decoding settings as a transformers
 ``GenerationConfig``, batched generation in input order, and streaming one answer to a terminal.
 
-The settings come from the run config's ``generation`` section (``peftkit.run.schema.GenerationSettings``):
+The settings come from the run config's ``generation`` section (``peftkit.tasks.config.GenerationSettings``):
 greedy unless sampling is asked for, so evaluation metrics are deterministic. Sampling draws from a
 generator seeded with ``generation.seed`` inside a forked random state, so a sampled evaluation can be
 repeated and does not disturb the caller's random numbers.
@@ -11,26 +11,24 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
 
 from ..models import quiet_transformers
 from .base import eval_mode
-
-if TYPE_CHECKING:
-    from ..run.schema import GenerationSettings, RunConfig
+from .config import EvalConfig, GenerationSettings
 
 
-def settings_of(config: RunConfig) -> GenerationSettings:
-    """The run's generation settings, with the older ``eval.max_new_tokens`` applied when it is set."""
+def settings_of(generation: GenerationSettings, eval: EvalConfig) -> GenerationSettings:
+    """The settings generation runs with: the ``generation`` section, with the older
+    ``eval.max_new_tokens`` applied when it is set."""
     import dataclasses
 
-    settings = config.generation
-    if config.eval.max_new_tokens is not None:
-        settings = dataclasses.replace(settings, max_new_tokens=config.eval.max_new_tokens)
-    return settings
+    if eval.max_new_tokens is not None:
+        return dataclasses.replace(generation, max_new_tokens=eval.max_new_tokens)
+    return generation
 
 
 def samples(settings: GenerationSettings) -> bool:

@@ -19,29 +19,32 @@ name ``modules_to_save``, the task sets it to ``["_fc"]`` (a plain ``nn.Module``
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import metrics
+from ..core.registry import DEFAULT_METHOD, FULL_FINE_TUNING
+from ..data.config import DataConfig
 from ..data.files import load_examples
 from ..errors import ConfigError
 from ..models import bundled_model_path
+from ..models.config import ModelConfig
 from ..models.efficientnet import HEAD, IMAGENET_MEAN, IMAGENET_STD, load_efficientnet_lite0
 from ..models.efficientnet import NAME as EFFICIENTNET
-from .base import Batch, Example, eval_mode, majority_baseline, register_task
+from ..models.loading import DTYPES as MODEL_DTYPES
+from ..train.config import TrainConfig
+from .base import Batch, Example, eval_mode, register_task
+from .classification import Classifier, head_problems, metric_problems
+from .config import EvalConfig
 from .probes import BehaviourProbe, head_input_features
 
-if TYPE_CHECKING:
-    from ..run.schema import RunConfig
-
 ROLES = ["image", "label"]
-METRICS = {"accuracy": metrics.accuracy, "macro_f1": metrics.macro_f1}
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+# the dtypes this task loads EfficientNet-Lite0 in (no float16)
+DTYPES = {name: MODEL_DTYPES[name] for name in ("float32", "bfloat16")}
 DEFAULT_IMAGE_SIZE = 64
 MIN_IMAGE_SIZE = 32
 _TENSOR_FILES = (".npy", ".pt", ".pth")
@@ -155,16 +158,19 @@ def pixel_values(images: Sequence[Any], image_size: int) -> torch.Tensor:
 
 
 @register_task("image-classification")
-class ImageClassificationTask:
+class ImageClassificationTask(Classifier):
     """Fine-tune an image classifier (the bundled EfficientNet-Lite0) on labelled images.
 
-    Read from the run config: ``model.name_or_path`` ("efficientnet-lite0" or an EfficientNet-Lite0
-    weights file), ``model.dtype``, ``model.num_labels``, the ``data`` section (``image_size``,
-    ``labels``, a bundled data set or files with ``image`` and ``label`` columns), ``eval.metrics``
-    and ``train.seed`` (which seeds the new head).
+    Built from the run-config sections it reads (each defaults to that section's defaults):
+    ``model`` (``name_or_path``: "efficientnet-lite0" or an EfficientNet-Lite0 weights file, ``dtype``,
+    ``num_labels``), ``data`` (``image_size``, ``labels``, a bundled data set or files with ``image`` and
+    ``label`` columns), ``eval`` (``metrics``), ``train`` (``seed``, which seeds the new head) and
+    ``adapter``, which it changes in place: unless the method is full fine-tuning or the section names
+    ``modules_to_save``, the new head ``_fc`` is trained in full beside the adapter.
 
     Attributes:
-        config: The whole run config.
+        model_config, data, eval: Those sections.
+        seed: Seeds the new head.
         image_size: Side of the square model inputs.
         labels: Class names in label-id order (None until given by ``data.labels``, the bundled data
             set or the data).
@@ -175,19 +181,37 @@ class ImageClassificationTask:
     input_role = ROLES[0]  # the key `peftkit predict` reads from a JSON input
     default_metric = "accuracy"
     greater_is_better = True
+    empty_split_hint = "check data.split and data.max_eval_examples"
+    unnamed_label = "{}"
 
-    def __init__(self, config: RunConfig) -> None:
-        self.config = config
-        self.image_size = config.data.image_size or DEFAULT_IMAGE_SIZE
-        names = config.data.labels or _bundled_class_names(config.data.name)
+    sections = ("model", "data", "eval", "train", "adapter")
+
+    def __init__(
+        self,
+        *,
+        model: ModelConfig | None = None,
+        data: DataConfig | None = None,
+        eval: EvalConfig | None = None,
+        train: TrainConfig | None = None,
+        adapter: dict[str, Any] | None = None,
+    ) -> None:
+        self.model_config = model or ModelConfig()
+        self.data = data or DataConfig()
+        self.eval = eval or EvalConfig()
+        self.seed = (train or TrainConfig()).seed
+        self.image_size = self.data.image_size or DEFAULT_IMAGE_SIZE
+        names = self.data.labels or _bundled_class_names(self.data.name)
         self.labels: list[str] | None = [str(n) for n in names] if names else None
         self.data_info: dict[str, Any] | None = None
         self._splits: dict[str, list[dict[str, Any]]] | None = None
-        problems = _config_problems(config)
+        problems = _config_problems(self.model_config, self.data, self.eval)
         if problems:
             raise ConfigError(problems, what="image-classification config")
-        adapter = config.adapter
-        if adapter.get("method", "lora") != "full" and adapter.get("modules_to_save") is None:
+        adapter = {"method": DEFAULT_METHOD} if adapter is None else adapter
+        if (
+            adapter.get("method", DEFAULT_METHOD) != FULL_FINE_TUNING
+            and adapter.get("modules_to_save") is None
+        ):
             adapter["modules_to_save"] = [HEAD]  # the fresh head trains in full beside the adapter
 
     # -- loading -----------------------------------------------------------------------------------
@@ -199,7 +223,7 @@ class ImageClassificationTask:
             ConfigError: bad data config, or label values that fit neither ``data.labels`` nor ids.
         """
         if self._splits is None:
-            splits = load_examples(self.config.data, ROLES)
+            splits = load_examples(self.data, ROLES)
             if self.labels is None:
                 self.labels = _names_from_values([e["label"] for part in splits.values() for e in part])
             self.data_info = dict(splits.info, labels=list(self.labels))
@@ -214,7 +238,7 @@ class ImageClassificationTask:
                 ``model.num_labels`` is below the number of classes, or the classes are unknown.
             DataNotInstalledError: the model's packages are not installed.
         """
-        model_cfg = self.config.model
+        model_cfg = self.model_config
         if self.labels is None and not model_cfg.num_labels:
             self.load_data()
         num_labels = model_cfg.num_labels or len(self.labels or [])
@@ -232,7 +256,7 @@ class ImageClassificationTask:
             )
         if problems:
             raise ConfigError(problems, what="image-classification config")
-        model = load_efficientnet_lite0(num_labels, self.image_size, weights, seed=self.config.train.seed)
+        model = load_efficientnet_lite0(num_labels, self.image_size, weights, seed=self.seed)
         return model.to(DTYPES[model_cfg.dtype])
 
     # -- batches and loss --------------------------------------------------------------------------
@@ -264,58 +288,14 @@ class ImageClassificationTask:
             batch["labels"] = torch.tensor([self.label_id(e["label"]) for e in examples], dtype=torch.long)
         return batch
 
-    def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
-        """Mean cross entropy of the model's logits against ``batch["labels"]``."""
-        if "labels" not in batch:
-            raise KeyError("the batch has no 'labels': training and evaluation need a label on every example")
-        logits = _logits(model, batch["pixel_values"])
-        return F.cross_entropy(logits, batch["labels"].to(logits.device))
+    def batch_logits(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+        return _logits(model, batch["pixel_values"])
 
-    # -- evaluation and prediction -----------------------------------------------------------------
+    def inputs(self, items: Sequence[Any]) -> Batch:
+        """Images: file paths, tensors, arrays, PIL images, or mappings with an ``"image"`` key."""
+        return {"pixel_values": pixel_values([_image_of(item) for item in items], self.image_size)}
 
-    def evaluate(self, model: nn.Module, examples: Sequence[Example], batch_size: int) -> dict[str, float]:
-        """Loss, accuracy and macro-F1 (or ``eval.metrics``) of ``model`` on labelled ``examples``.
-
-        Macro-F1 averages over the classes that occur in the targets or the predictions.
-
-        Raises:
-            ValueError: ``examples`` is empty.
-        """
-        if not examples:
-            raise ValueError(
-                "no examples to evaluate: the split is empty; check data.split and data.max_eval_examples"
-            )
-        targets = [self.label_id(e["label"]) for e in examples]
-        total, predictions = 0.0, []
-        for start, logits in self._forward(model, [_image_of(e) for e in examples], batch_size):
-            labels = torch.tensor(targets[start : start + len(logits)], device=logits.device)
-            total += F.cross_entropy(logits, labels, reduction="sum").item()
-            predictions += logits.argmax(-1).tolist()
-        wanted = self.config.eval.metrics or list(METRICS)
-        return {"loss": total / len(examples), **{m: METRICS[m](predictions, targets) for m in wanted}}
-
-    def baseline(self, splits: Mapping[str, Sequence[Example]]) -> dict[str, Any] | None:
-        """The majority-class floor a comparison's rows must clear (:func:`majority_baseline`)."""
-        wanted = self.config.eval.metrics or list(METRICS)
-        return majority_baseline(splits, self.label_id, {m: METRICS[m] for m in wanted})
-
-    def predict(self, model: nn.Module, inputs: Sequence[Any], batch_size: int) -> list[dict[str, Any]]:
-        """``{"label": name, "score": probability}`` of the most likely class for each image, in order.
-
-        Args:
-            model: The classifier (with or without an adapter).
-            inputs: Images: file paths, tensors, arrays, PIL images, or mappings with an ``"image"`` key.
-            batch_size: Images per forward pass.
-        """
-        names = self.labels or []
-        out: list[dict[str, Any]] = []
-        for _, logits in self._forward(model, [_image_of(i) for i in inputs], batch_size):
-            score, best = logits.softmax(-1).max(-1)
-            out += [
-                {"label": names[b] if b < len(names) else str(b), "score": s}
-                for b, s in zip(best.tolist(), score.tolist())
-            ]
-        return out
+    # -- evaluation and prediction (loss, evaluate, baseline, predict: Classifier) ------------------
 
     def behaviour_probe(self, model: nn.Module, n: int, batch_size: int) -> BehaviourProbe:
         """The pooled backbone features (the classifier head's input) of the first ``n`` test images:
@@ -343,48 +323,16 @@ class ImageClassificationTask:
                 features.append(head_input_features(heads, lambda p=pixels: _logits(model, p)))
         return BehaviourProbe("features", "held-out test images of the task", features=torch.cat(features))
 
-    def _forward(
-        self, model: nn.Module, images: Sequence[Any], batch_size: int
-    ) -> Iterator[tuple[int, torch.Tensor]]:
-        """``(start, logits)`` per batch, in eval mode without gradients; the mode is restored after."""
-        if batch_size <= 0:
-            raise ValueError(f"batch_size must be positive, got {batch_size}")
-        was_training = model.training
-        model.eval()
-        try:
-            with torch.no_grad():
-                for start in range(0, len(images), batch_size):
-                    yield (
-                        start,
-                        _logits(model, pixel_values(images[start : start + batch_size], self.image_size)),
-                    )
-        finally:
-            model.train(was_training)
 
-
-def _config_problems(config: RunConfig) -> list[str]:
+def _config_problems(model: ModelConfig, data: DataConfig, eval: EvalConfig) -> list[str]:
     """Every problem in the sections this task reads, so they can be reported together."""
     problems = []
-    if config.data.image_size is not None and config.data.image_size < MIN_IMAGE_SIZE:
+    if data.image_size is not None and data.image_size < MIN_IMAGE_SIZE:
         problems.append(
             f"data.image_size: expected at least {MIN_IMAGE_SIZE} pixels (the network downsamples 32x), "
-            f"got {config.data.image_size}"
+            f"got {data.image_size}"
         )
-    if config.model.dtype not in DTYPES:
-        problems.append(f"model.dtype: expected one of {', '.join(DTYPES)}, got {config.model.dtype!r}")
-    if config.model.num_labels is not None and config.model.num_labels < 2:
-        problems.append(
-            f"model.num_labels: expected 2 or more classes (or unset), got {config.model.num_labels}"
-        )
-    labels = config.data.labels
-    if labels is not None and (len(labels) < 2 or len({str(n) for n in labels}) != len(labels)):
-        problems.append(f"data.labels: expected 2 or more distinct class names, got {labels!r}")
-    unknown = [m for m in config.eval.metrics if m not in METRICS]
-    if unknown:
-        problems.append(
-            f"eval.metrics: {unknown} unknown for image classification; known: {', '.join(METRICS)}"
-        )
-    return problems
+    return problems + head_problems(model, data, list(DTYPES)) + metric_problems(eval, "image classification")
 
 
 def _names_from_values(values: Sequence[Any]) -> list[str]:

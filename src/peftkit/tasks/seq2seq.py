@@ -15,7 +15,7 @@ generated strings for sources.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
@@ -23,19 +23,11 @@ from torch import nn
 from ..data.general_text import GENERAL_TEXT_SOURCE, general_texts
 from ..errors import ConfigError
 from ..models import explain_missing
+from ..models.loading import load_pretrained
 from .base import Batch, Example, eval_mode, register_task
-from .causal_lm import (
-    IGNORE,
-    GenerationTask,
-    load_pretrained,
-    role_text,
-    token_nll,
-)
+from .causal_lm import IGNORE, GenerationTask, role_text, token_nll
 from .generation import generate_texts, pad, settings_of
 from .probes import BehaviourProbe, mean_pooled
-
-if TYPE_CHECKING:
-    pass
 
 ROLES = ["source", "target"]
 
@@ -57,23 +49,25 @@ class Seq2SeqTask(GenerationTask):
         """
         from transformers import AutoConfig, AutoModelForSeq2SeqLM
 
-        source, gguf = self.model_source(), self.config.model.gguf_file
-        with explain_missing(self.config.model.name_or_path):
+        source, gguf = self.model_source(), self.model_config.gguf_file
+        with explain_missing(self.model_config.name_or_path):
             model_config = AutoConfig.from_pretrained(source, **({"gguf_file": gguf} if gguf else {}))
         if not getattr(model_config, "is_encoder_decoder", False):
             raise ConfigError(
                 [
-                    f"model.name_or_path: {self.config.model.name_or_path!r} is a {model_config.model_type} model without "
+                    f"model.name_or_path: {self.model_config.name_or_path!r} is a {model_config.model_type} model without "
                     "an encoder-decoder structure; use task: causal-lm for decoder-only models"
                 ],
                 what="seq2seq config",
             )
-        return load_pretrained(AutoModelForSeq2SeqLM, self.config, source, self._load_tokenizer)
+        return load_pretrained(
+            AutoModelForSeq2SeqLM, self.model_config, source, self._load_tokenizer, ["lm_head"]
+        )
 
     def encode_source(self, source: str) -> list[int]:
         """Encoder token ids of a source text (with the tokenizer's special tokens), truncated."""
         ids = list(self._load_tokenizer()(source, add_special_tokens=True)["input_ids"])
-        return ids[: self.config.data.max_length]
+        return ids[: self.data.max_length]
 
     def encode_target(self, target: str) -> list[int]:
         """Decoder label ids of a target text, truncated, always ending with EOS."""
@@ -82,7 +76,7 @@ class Seq2SeqTask(GenerationTask):
         eos = tokenizer.eos_token_id
         if eos is not None and (not ids or ids[-1] != eos):
             ids.append(eos)
-        limit = self.config.data.max_length
+        limit = self.data.max_length
         return ids if len(ids) <= limit else ids[: limit - 1] + ids[-1:]
 
     def collate(self, examples: Sequence[Example]) -> Batch:
@@ -138,7 +132,7 @@ class Seq2SeqTask(GenerationTask):
             self._load_tokenizer(),
             sources,
             batch_size,
-            settings_of(self.config),
+            settings_of(self.generation, self.eval),
             self._pad_id(),
             left_pad=False,
             streamer=streamer,

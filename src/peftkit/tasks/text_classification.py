@@ -11,36 +11,39 @@ The loss is cross entropy; evaluation reports loss, accuracy and macro-F1 (``pef
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from .. import metrics
+from ..data.config import DataConfig
 from ..data.files import load_examples
 from ..data.general_text import GENERAL_TEXT_SOURCE, general_texts
 from ..errors import ConfigError
-from ..models import bundled_model_path, explain_missing, quiet_transformers
-from .base import Batch, Example, eval_mode, majority_baseline, register_task
+from ..models import explain_missing, quiet_transformers
+from ..models.config import ModelConfig
+from ..models.loading import DTYPES, model_source, prepare_quantized, pretrained_kwargs
+from ..train.config import TrainConfig
+from .base import Batch, Example, eval_mode, register_task
+from .classification import Classifier, head_problems, metric_problems
+from .config import EvalConfig
 from .pooling import Pooling, choose_pooling
 from .probes import BehaviourProbe, mean_pooled
 
-if TYPE_CHECKING:
-    from ..run.schema import RunConfig
-
 ROLES = ["text", "label"]
-METRICS = {"accuracy": metrics.accuracy, "macro_f1": metrics.macro_f1}
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @register_task("text-classification")
-class TextClassificationTask:
+class TextClassificationTask(Classifier):
     """Sequence classification of texts; see the module docstring for labels, batches and metrics.
 
+    Built from the run-config sections it reads (each defaults to that section's defaults): ``model``,
+    ``data``, ``eval`` (``metrics``) and ``train`` (``seed``, which seeds the fresh head).
+
     Attributes:
-        config: The whole run config.
+        model_config, data, eval: Those sections.
+        seed: Seeds the fresh head.
         labels: Class names in label-id order (None until given by ``data.labels``, the data or the model).
         tokenizer: The model's tokenizer (loaded with the model, or on first use).
         data_info: How the data was loaded and split (``peftkit.data.files.Splits.info``), once loaded.
@@ -51,15 +54,27 @@ class TextClassificationTask:
     default_metric = "accuracy"
     greater_is_better = True
 
-    def __init__(self, config: RunConfig) -> None:
-        self.config = config
-        self.labels: list[str] | None = [str(n) for n in config.data.labels] if config.data.labels else None
+    sections = ("model", "data", "eval", "train")
+
+    def __init__(
+        self,
+        *,
+        model: ModelConfig | None = None,
+        data: DataConfig | None = None,
+        eval: EvalConfig | None = None,
+        train: TrainConfig | None = None,
+    ) -> None:
+        self.model_config = model or ModelConfig()
+        self.data = data or DataConfig()
+        self.eval = eval or EvalConfig()
+        self.seed = (train or TrainConfig()).seed
+        self.labels: list[str] | None = [str(n) for n in self.data.labels] if self.data.labels else None
         self.tokenizer: Any = None
         self.data_info: dict[str, Any] | None = None
         self._ids: dict[Any, int] = {}
         self._splits: dict[str, list[dict[str, Any]]] | None = None
         self.pooling: Pooling | None = None  # chosen when the model loads
-        problems = _config_problems(config)
+        problems = _config_problems(self.model_config, self.data, self.eval)
         if problems:
             raise ConfigError(problems, what="text-classification config")
         if self.labels is not None:
@@ -69,8 +84,7 @@ class TextClassificationTask:
 
     def model_source(self) -> str:
         """A local directory (a bundled model's, or the given one) or a hub id."""
-        name = self.config.model.name_or_path
-        return bundled_model_path(name) or name
+        return model_source(self.model_config)
 
     def load_data(self) -> dict[str, Sequence[Example]]:
         """The configured splits (loaded once); fixes the label list from the data when unset.
@@ -79,10 +93,10 @@ class TextClassificationTask:
             ConfigError: bad data config, or label values that do not fit ``data.labels``.
         """
         if self._splits is None:
-            splits = load_examples(self.config.data, ROLES)
+            splits = load_examples(self.data, ROLES)
             values = [ex["label"] for part in splits.values() for ex in part]
             # a Hub data set names its classes (a ClassLabel column): 0/1 then read as negative/positive
-            declared = splits.info.get("class_names", {}).get(self.config.data.columns.get("label", "label"))
+            declared = splits.info.get("class_names", {}).get(self.data.columns.get("label", "label"))
             if declared:
                 _check_class_label(declared, self.labels, splits)
             self.labels, self._ids = label_mapping(values, self.labels or declared)
@@ -103,12 +117,9 @@ class TextClassificationTask:
         """
         from transformers import AutoConfig, AutoModelForSequenceClassification
 
-        model_cfg, data_cfg = self.config.model, self.config.data
+        model_cfg, data_cfg = self.model_config, self.data
         if self.labels is None and (data_cfg.name or data_cfg.files or data_cfg.hub):
             self.load_data()
-        kwargs: dict[str, Any] = {"dtype": DTYPES[model_cfg.dtype]}
-        if model_cfg.gguf_file:
-            kwargs["gguf_file"] = model_cfg.gguf_file
         head: dict[str, Any] = {}
         if self.labels is not None:
             num_labels = model_cfg.num_labels or len(self.labels)
@@ -128,16 +139,11 @@ class TextClassificationTask:
             )
         elif model_cfg.num_labels:
             head["num_labels"] = model_cfg.num_labels
-        if model_cfg.quantize:
-            from ..backends.bitsandbytes import bnb_config
-
-            # The fresh head must stay unquantized (transformers would quantize it, then fail on it).
-            kwargs["quantization_config"] = bnb_config(
-                model_cfg.quantize, model_cfg.double_quant, DTYPES[model_cfg.dtype], ["classifier", "score"]
-            )
+        # The fresh head must stay unquantized (transformers would quantize it, then fail on it).
+        kwargs = pretrained_kwargs(model_cfg, keep_dense=["classifier", "score"])
         source = self.model_source()
         # Seeding here makes the new head's initial weights, and so the whole run, reproducible.
-        torch.manual_seed(self.config.train.seed)
+        torch.manual_seed(self.seed)
         with quiet_transformers(), explain_missing(model_cfg.name_or_path):
             source_config = AutoConfig.from_pretrained(source, **_gguf(kwargs))
             self.pooling = self._choose_pooling(source, source_config)
@@ -146,10 +152,7 @@ class TextClassificationTask:
             else:
                 model = _pooled_model(source, self.pooling.mode, source_config, kwargs, head)
             self._load_tokenizer(source)
-        if model_cfg.quantize:
-            from ..backends.kbit import prepare_for_kbit_training
-
-            prepare_for_kbit_training(model)
+        prepare_quantized(model, model_cfg)
         if self.labels is None:
             self.labels = [str(model.config.id2label[i]) for i in range(model.config.num_labels)]
             self._ids = {name: i for i, name in enumerate(self.labels)}
@@ -163,11 +166,11 @@ class TextClassificationTask:
         from .pooled_classifier import POOLING_KEY
 
         exported = getattr(config, POOLING_KEY, None)
-        if exported and self.config.model.pooling in ("auto", exported):
+        if exported and self.model_config.pooling in ("auto", exported):
             return Pooling(
                 exported, False, f"a peftkit export whose config.json sets {POOLING_KEY}: {exported}"
             )
-        return choose_pooling(self.config.model.pooling, source, config)
+        return choose_pooling(self.model_config.pooling, source, config)
 
     @property
     def head_info(self) -> dict[str, Any] | None:
@@ -178,7 +181,7 @@ class TextClassificationTask:
         from transformers import AutoTokenizer
 
         if self.tokenizer is None:
-            with quiet_transformers(), explain_missing(self.config.model.name_or_path):
+            with quiet_transformers(), explain_missing(self.model_config.name_or_path):
                 tokenizer = AutoTokenizer.from_pretrained(source)
             if tokenizer.pad_token is None:  # decoder tokenizers often have none; batches need one
                 tokenizer.pad_token = tokenizer.eos_token
@@ -212,7 +215,7 @@ class TextClassificationTask:
                 texts,
                 padding=True,
                 truncation=True,
-                max_length=self.config.data.max_length,
+                max_length=self.data.max_length,
                 return_tensors="pt",
             )
         )
@@ -220,56 +223,21 @@ class TextClassificationTask:
             batch["labels"] = torch.tensor([self.label_id(e["label"]) for e in examples])
         return batch
 
-    def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
-        """Mean cross entropy of the model's logits against ``batch["labels"]``."""
-        if "labels" not in batch:
-            raise KeyError("the batch has no 'labels': training and evaluation need a label on every example")
-        logits = _logits(model, batch)
-        return F.cross_entropy(logits.float(), batch["labels"].to(logits.device))
+    def batch_logits(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+        return _logits(model, batch).float()
 
-    # -- evaluation and prediction ---------------------------------------------------------------
+    def inputs(self, items: Sequence[Any]) -> Batch:
+        return self.collate([{"text": _text_of(item)} for item in items])
 
-    def evaluate(self, model: nn.Module, examples: Sequence[Example], batch_size: int) -> dict[str, float]:
-        """Loss, accuracy and macro-F1 (or ``eval.metrics``) of ``model`` on labelled ``examples``.
+    def order(self, items: Sequence[Any]) -> list[int]:
+        # Batching texts of similar length keeps padding, and so evaluation time, small.
+        return sorted(range(len(items)), key=lambda i: len(_text_of(items[i])))
 
-        Macro-F1 averages over the classes that occur in the targets or the predictions.
+    def class_names(self, model: nn.Module) -> list[str]:
+        """The task's labels, else the model's own (a merged, fine-tuned model loaded for prediction)."""
+        return self.labels or [str(model.config.id2label[i]) for i in range(model.config.num_labels)]
 
-        Raises:
-            ValueError: ``examples`` is empty.
-        """
-        if not examples:
-            raise ValueError("no examples to evaluate: the split is empty; check data.split or data.files")
-        targets = [self.label_id(e["label"]) for e in examples]
-        total, predictions = 0.0, [0] * len(examples)
-        for idx, logits in self._forward(model, examples, batch_size):
-            labels = torch.tensor([targets[i] for i in idx], device=logits.device)
-            total += F.cross_entropy(logits.float(), labels, reduction="sum").item()
-            for i, p in zip(idx, logits.argmax(-1).tolist()):
-                predictions[i] = p
-        wanted = self.config.eval.metrics or list(METRICS)
-        return {"loss": total / len(examples), **{m: METRICS[m](predictions, targets) for m in wanted}}
-
-    def baseline(self, splits: Mapping[str, Sequence[Example]]) -> dict[str, Any] | None:
-        """The majority-class floor a comparison's rows must clear (:func:`majority_baseline`)."""
-        wanted = self.config.eval.metrics or list(METRICS)
-        return majority_baseline(splits, self.label_id, {m: METRICS[m] for m in wanted})
-
-    def predict(self, model: nn.Module, inputs: Sequence[Any], batch_size: int) -> list[dict[str, Any]]:
-        """``{"label": name, "score": probability}`` of the most likely class for each input, in order.
-
-        Args:
-            model: The classifier (with or without an adapter).
-            inputs: Texts, or mappings with a ``"text"`` key.
-            batch_size: Texts per forward pass.
-        """
-        names = self.labels or [str(model.config.id2label[i]) for i in range(model.config.num_labels)]
-        out: list[dict[str, Any]] = [{}] * len(inputs)
-        for idx, logits in self._forward(model, inputs, batch_size):
-            probs = logits.float().softmax(-1)
-            score, best = probs.max(-1)
-            for i, b, s in zip(idx, best.tolist(), score.tolist()):
-                out[i] = {"label": names[b] if b < len(names) else f"LABEL_{b}", "score": s}
-        return out
+    # -- evaluation and prediction (loss, evaluate, baseline, predict: Classifier) ------------------
 
     def behaviour_probe(self, model: nn.Module, n: int, batch_size: int) -> BehaviourProbe:
         """Mean-pooled last hidden states (the sentence embedding of sentence-transformers models) of
@@ -284,25 +252,6 @@ class TextClassificationTask:
                 out = model(**{k: v.to(device) for k, v in batch.items()}, output_hidden_states=True)
                 features.append(mean_pooled(out.hidden_states[-1], batch["attention_mask"]))
         return BehaviourProbe("features", GENERAL_TEXT_SOURCE, features=torch.cat(features))
-
-    def _forward(
-        self, model: nn.Module, items: Sequence[Any], batch_size: int
-    ) -> Iterator[tuple[list[int], torch.Tensor]]:
-        """``(indices, logits)`` per batch, in eval mode without gradients; the mode is restored after."""
-        if batch_size <= 0:
-            raise ValueError(f"batch_size must be positive, got {batch_size}")
-        # Batching texts of similar length keeps padding, and so evaluation time, small.
-        order = sorted(range(len(items)), key=lambda i: len(_text_of(items[i])))
-        was_training = model.training
-        model.eval()
-        try:
-            with torch.no_grad():
-                for start in range(0, len(order), batch_size):
-                    idx = order[start : start + batch_size]
-                    batch = self.collate([{"text": _text_of(items[i])} for i in idx])
-                    yield idx, _logits(model, batch)
-        finally:
-            model.train(was_training)
 
 
 def _check_class_label(
@@ -413,28 +362,12 @@ def _gguf(kwargs: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in kwargs.items() if k == "gguf_file"}
 
 
-def _config_problems(config: RunConfig) -> list[str]:
+def _config_problems(model: ModelConfig, data: DataConfig, eval: EvalConfig) -> list[str]:
     """Every problem in the sections this task reads, so they can be reported together."""
-    problems = []
-    if config.model.dtype not in DTYPES:
-        problems.append(f"model.dtype: expected one of {', '.join(DTYPES)}, got {config.model.dtype!r}")
-    if config.model.num_labels is not None and config.model.num_labels < 2:
-        problems.append(
-            f"model.num_labels: expected 2 or more classes (or unset), got {config.model.num_labels}"
-        )
-    labels = config.data.labels
-    if labels is not None and (len(labels) < 2 or len({str(n) for n in labels}) != len(labels)):
-        problems.append(f"data.labels: expected 2 or more distinct class names, got {labels!r}")
-    if config.data.max_length <= 0:
-        problems.append(
-            f"data.max_length: expected a positive number of tokens, got {config.data.max_length}"
-        )
-    unknown = [m for m in config.eval.metrics if m not in METRICS]
-    if unknown:
-        problems.append(
-            f"eval.metrics: {unknown} unknown for text classification; known: {', '.join(METRICS)}"
-        )
-    return problems
+    problems = head_problems(model, data, list(DTYPES))
+    if data.max_length <= 0:
+        problems.append(f"data.max_length: expected a positive number of tokens, got {data.max_length}")
+    return problems + metric_problems(eval, "text classification")
 
 
 def _text_of(item: Any) -> str:
