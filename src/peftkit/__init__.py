@@ -52,6 +52,8 @@ _EXPORTS = {
     "AdapterConfig": "core.config",
     "AdaLoraController": "methods.adalora",
     "lora_plus_param_groups": "methods.lora",
+    "set_base_dropout": "core.dropout",
+    "BASE_DROPOUT_MODES": "core.dropout",
 }
 
 
@@ -126,6 +128,8 @@ if TYPE_CHECKING:
     from .api import unload as unload
     from .api import unmerge as unmerge
     from .core.config import AdapterConfig as AdapterConfig
+    from .core.dropout import BASE_DROPOUT_MODES as BASE_DROPOUT_MODES
+    from .core.dropout import set_base_dropout as set_base_dropout
     from .methods.adalora import AdaLoraConfig as AdaLoraConfig
     from .methods.adalora import AdaLoraController as AdaLoraController
     from .methods.bitfit import BitFitConfig as BitFitConfig
