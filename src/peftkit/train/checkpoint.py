@@ -39,7 +39,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..core.io import write_error
+from ..core.io import save_adapter, write_error
+from ..core.state_dict import load_adapter_state_dict
 from ..errors import ConfigError
 
 CHECKPOINT_PREFIX = "step-"
@@ -289,9 +290,7 @@ def save_checkpoint(
             for rank, state in enumerate(rng_states):
                 torch.save(state, tmp / rank_rng_name(rank))
         if adapter_name is not None:
-            from .. import api
-
-            api.save_adapter(model, tmp / "adapter", adapter_name)
+            save_adapter(model, tmp / "adapter", adapter_name)
         (tmp / STATE_NAME).write_text(json.dumps(trainer_state, indent=1, allow_nan=True))
     for old in checkpoint_dirs(root)[:-keep]:
         _remove_directory(old)
@@ -392,9 +391,7 @@ def save_weights(model: nn.Module, directory: Path, adapter_name: str | None, in
     """
     with atomic_directory(directory) as tmp:
         if adapter_name is not None:
-            from .. import api
-
-            api.save_adapter(model, tmp, adapter_name)
+            save_adapter(model, tmp, adapter_name)
         else:
             save_file(trainable_state(model), str(tmp / MODEL_STATE_NAME))
         (tmp / TRAINING_INFO_NAME).write_text(json.dumps(info, indent=1, allow_nan=True))
@@ -407,14 +404,12 @@ def load_weights(model: nn.Module, directory: str | os.PathLike, adapter_name: s
     ``model`` must be built as for training (for an adapter: with the adapter injected under
     ``adapter_name``); the weights are copied into it in place.
     """
-    from .. import api
-
     directory = Path(directory)
     if (directory / MODEL_STATE_NAME).is_file():
         load_trainable_state(model, load_file(str(directory / MODEL_STATE_NAME)), source=str(directory))
     elif (directory / "adapter_model.safetensors").is_file():
         tensors = load_file(str(directory / "adapter_model.safetensors"))
-        api.load_adapter_state_dict(model, tensors, adapter_name)
+        load_adapter_state_dict(model, tensors, adapter_name)
     else:
         raise FileNotFoundError(
             f"{directory} holds neither {MODEL_STATE_NAME} nor an adapter: is it a "

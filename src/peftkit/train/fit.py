@@ -37,6 +37,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..core.inject import is_adapted, state_of
 from ..errors import ConfigError
 from . import distributed
 from .checkpoint import (
@@ -833,15 +834,11 @@ def _result(run: _Run) -> FitResult:
 def _training_hook(model: nn.Module, adapter: str | None, total_steps: int) -> Any:
     if adapter is None:
         return None
-    from .. import api
-
-    return api.adapter_config(model, adapter).training_hook(model, adapter, total_steps)
+    return state_of(model).configs[adapter].training_hook(model, adapter, total_steps)
 
 
 def _adapter_of(model: nn.Module, adapter_name: str) -> str | None:
-    from .. import api
-
-    names = api.adapter_names(model)
+    names = list(state_of(model).configs) if is_adapted(model) else []
     if not names:
         return None
     if adapter_name not in names:
