@@ -145,7 +145,7 @@ def train_run(config: RunConfig, *, resume: bool = False, log: Log = print) -> R
             ``resume`` is False.
     """
     from ..train.checkpoint import latest_checkpoint, load_weights, save_weights, seed_everything
-    from ..train.distributed import current_world, init_from_env, on_main
+    from ..train.distributed import current_world, ensure_process_group, on_main
     from ..train.fit import fit
     from ..train.runtime import resolve_device
 
@@ -153,8 +153,7 @@ def train_run(config: RunConfig, *, resume: bool = False, log: Log = print) -> R
     run_dir = Path(config.output_dir)
     # Under torchrun every rank runs this function; rank 0 alone owns output_dir (fit follows its
     # run_dir and resume decisions on every rank), the others train beside it and write nothing.
-    init_from_env(resolve_device(config.train.device).type)
-    main = current_world().is_main
+    main = ensure_process_group(resolve_device(config.train.device)).is_main
     if main:
         _check_run_dir(run_dir, config, resume, log)
         if resume and latest_checkpoint(run_dir / "checkpoints") is None:

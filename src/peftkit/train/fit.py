@@ -16,7 +16,7 @@ the schedule and the step count move on), the step is logged and counted, and on
 ``status="interrupted"``; a second Ctrl-C aborts at once.
 
 Several processes (``torchrun``, see ``docs/distributed.md``): ``fit`` starts the process group from
-the environment when none is running, gives every rank its share of each micro-batch (``order.py``),
+the environment when none is running (``distributed.ensure_process_group``), gives every rank its share of each micro-batch (``order.py``),
 trains through ``DistributedDataParallel`` (``distributed.py``), sums the loss over ranks, and lets
 rank 0 alone read and write the run directory, evaluate and log. One process runs the same code with
 every collective a no-op.
@@ -222,8 +222,8 @@ def fit(
             the experiment loggers of ``config.report_to`` record (wandb config, MLflow params);
             None records ``{"train": <config as a dict>}``. Nothing else reads it.
 
-    With several processes (``torch.distributed`` initialised, or ``torchrun``'s environment set,
-    in which case ``fit`` initialises it), every rank calls ``fit`` with the same model, examples and
+    With several processes (``torch.distributed`` initialised, or ``torchrun``'s environment set, in
+    which case ``fit`` starts the group for the rest of the process, destroyed at exit), every rank calls ``fit`` with the same model, examples and
     config; ``config.batch_size`` is per rank. Rank 0's ``run_dir``, ``resume`` and ``evaluate``
     decide for all: the other ranks never touch the run directory and need no ``evaluate``.
 
@@ -237,10 +237,9 @@ def fit(
     """
     _check_arguments(config, train_examples, evaluate, run_dir, resume)
     device = resolve_device(config.device)
-    # started here when torchrun's environment is set; left running, because a process group cannot be
-    # started twice under one torchrun (a second fit, or the caller's own collectives, reuse it)
-    distributed.init_from_env(device.type)
-    world = distributed.current_world()
+    # a script launched by torchrun may call fit without owning the group: it is then started for the
+    # rest of the process (distributed.ensure_process_group says why, and how it ends)
+    world = distributed.ensure_process_group(device)
     device = distributed.training_device(device, world)
     _check_world(world, len(train_examples))
     # rank 0's choices decide for every rank (the others may not even see its run directory)
