@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from .. import api
-from ..errors import AdapterMismatchError, ConfigError
+from ..errors import ConfigError
 from ..select.choose import is_auto
 from ..tasks import Task, task_class
 from .config import FULL_FINE_TUNING, dump_config, load_config, resolved, to_dict, value_problems
@@ -144,7 +144,7 @@ def train_run(config: RunConfig, *, resume: bool = False, log: Log = print) -> R
         ConfigError: the task refuses the config, or ``output_dir`` already holds a run and
             ``resume`` is False.
     """
-    from ..train.checkpoint import latest_checkpoint, load_weights, save_weights, seed_everything
+    from ..train.checkpoint import latest_checkpoint, save_weights, seed_everything
     from ..train.distributed import current_world, ensure_process_group, on_main
     from ..train.fit import fit
     from ..train.runtime import resolve_device
@@ -234,36 +234,22 @@ def train_run(config: RunConfig, *, resume: bool = False, log: Log = print) -> R
         adapter_name=ADAPTER_NAME,
         log=log,
         run_config=to_dict(as_given),
+        restore_best=True,  # the model ends with the best evaluated weights: tested and saved once below
     )
     if not result.ok:  # diverged or interrupted: keep the checkpoints as they are, report why
-        metrics.update(_fit_facts(result, None))
+        metrics.update(_fit_facts(result))
         if main:
             _write_json(run_dir / METRICS_NAME, metrics)
         return RunResult(run_dir, metrics, result)
     if not main:
-        metrics.update(_fit_facts(result, None))
+        metrics.update(_fit_facts(result))
         if config.train.distributed == "fsdp" and splits.get("test"):
             # a sharded model's forward pass gathers weights from every rank: take part in rank 0's
             # test evaluation (this rank's own numbers are not used)
             task.evaluate(model, splits["test"], batch_size)
         return RunResult(run_dir, metrics, result)
 
-    weights = next((run_dir / d for d in ("best", "final") if (run_dir / d).is_dir()), None)
-    if weights is not None:
-        try:
-            load_weights(model, weights, ADAPTER_NAME)
-        except AdapterMismatchError as exc:
-            # The adapter changed shape after the best checkpoint (AdaLoRA prunes its ranks as it trains):
-            # that checkpoint no longer fits the trained model, whose final weights are what it became.
-            if weights.name != "best" or not (run_dir / "final").is_dir():
-                raise
-            log(
-                f"best/ (step {getattr(result, 'best_step', '?')}) no longer fits the adapter's final shape "
-                f"({str(exc).split(':', 1)[0]}); using final/"
-            )
-            weights = run_dir / "final"
-            load_weights(model, weights, ADAPTER_NAME)
-    metrics.update(_fit_facts(result, weights))
+    metrics.update(_fit_facts(result))
     if splits.get("test"):
         metrics["test"] = task.evaluate(model, splits["test"], batch_size)
         log(f"test ({metrics['weights']}): {_format(metrics['test'])}")
@@ -429,11 +415,11 @@ def _evaluate_base(
         return task.evaluate(model, examples, batch_size)
 
 
-def _fit_facts(result: Any, weights: Path | None) -> dict[str, Any]:
+def _fit_facts(result: Any) -> dict[str, Any]:
     """The training loop's result as JSON-ready facts for ``metrics.json``."""
     facts = {
         "status": getattr(result, "status", "completed"),
-        "weights": weights.name if weights is not None else "last step",
+        "weights": getattr(result, "weights", "last step"),
         "best_step": getattr(result, "best_step", None),
         "best_validation": getattr(result, "best_metric", None),
         "steps": getattr(result, "steps", None),
