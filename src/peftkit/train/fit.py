@@ -16,10 +16,13 @@ the schedule and the step count move on), the step is logged and counted, and on
 ``status="interrupted"``; a second Ctrl-C aborts at once.
 
 Several processes (``torchrun``, see ``docs/distributed.md``): ``fit`` starts the process group from
-the environment when none is running (``distributed.ensure_process_group``), gives every rank its share of each micro-batch (``order.py``),
-trains through ``DistributedDataParallel`` (``distributed.py``), sums the loss over ranks, and lets
-rank 0 alone read and write the run directory, evaluate and log. One process runs the same code with
-every collective a no-op.
+the environment when none is running (``distributed.ensure_process_group``), gives every rank its
+share of each micro-batch (``order.py``), trains through ``DistributedDataParallel``
+(``distributed.py``), sums the loss over ranks, and lets rank 0 alone read and write the run
+directory, evaluate and log. One process runs the same code with every collective a no-op.
+
+``restore_best`` ends the run with the best evaluated weights in the model (:func:`_restore_best`), so
+that a caller tests and saves them as they are, once.
 """
 
 from __future__ import annotations
