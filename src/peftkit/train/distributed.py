@@ -133,9 +133,9 @@ def process_group(device: str | torch.device = "auto") -> Iterator[World]:
     if not _needs_group():
         yield current_world()
         return
-    _start(device)
-    previous = _exit_on_sigterm()
+    previous = _exit_on_sigterm()  # first: no moment with a group and SIGTERM still killing outright
     try:
+        _start(device)
         yield current_world()
     finally:
         _end(previous)
