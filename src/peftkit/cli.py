@@ -410,26 +410,26 @@ def _positive(text: str) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
+    from .run import runner
     from .run.config import load_config
-    from .train.distributed import launched_by_torchrun
+    from .train.distributed import launch, launched_world_size, process_group
 
     config = load_config(args.config, args.overrides)  # a bad config fails here, once, before any launch
-    world_size = int(os.environ.get("WORLD_SIZE", "1")) if launched_by_torchrun() else 1
+    world_size = launched_world_size()
     if args.nproc is not None and world_size > 1 and args.nproc != world_size:
         return _usage(
             "train",
             f"--nproc {args.nproc} but torchrun started {world_size} processes: drop --nproc under torchrun",
         )
     if args.nproc is not None and args.nproc > 1 and world_size == 1:
-        return _train_with_torchrun(args)
-    if world_size > 1:
-        result = _train_rank(config, args.resume)
-        if result is None:
-            return EXIT_OK  # a rank other than 0: rank 0 reports
-    else:
-        from .run.runner import train_run
-
-        result = train_run(config, resume=args.resume, log=print)
+        # this command again, in N processes started by torchrun
+        again = ["-m", "peftkit", "train", args.config, *args.overrides]
+        return launch(args.nproc, again + (["--resume"] if args.resume else []))
+    # under torchrun every rank trains, and this command owns the process group until it returns
+    with process_group(config.train.device) as world:
+        result = runner.train_run(config, resume=args.resume, log=print)
+    if not world.is_main:
+        return EXIT_OK  # rank 0 reports
     metrics = result.metrics
     if result.status == "interrupted":
         print(
@@ -447,48 +447,6 @@ def _train(args: argparse.Namespace) -> int:
     shown = ", ".join(f"{k} {v:.4f}" for k, v in test.items() if isinstance(v, float))
     print(f"done: {result.run_dir}" + (f" | test {shown}" if shown else " | no test split"))
     return EXIT_OK
-
-
-def _train_with_torchrun(args: argparse.Namespace) -> int:
-    """``peftkit train ... --nproc N``: this command again, in N processes started by torchrun."""
-    import subprocess
-
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc-per-node={args.nproc}",
-        "-m",
-        "peftkit",
-        "train",
-        args.config,
-        *args.overrides,
-    ] + (["--resume"] if args.resume else [])
-    # --standalone: a rendezvous on this machine at a free port; torchrun sets RANK, WORLD_SIZE ... per process
-    print(f"starting {args.nproc} training processes: {' '.join(command[1:])}", flush=True)
-    return subprocess.run(command).returncode
-
-
-def _train_rank(config: Any, resume: bool) -> Any:
-    """One rank's part of ``peftkit train`` under torchrun; the result on rank 0, None on the others.
-
-    Every rank runs :func:`~peftkit.run.runner.train_run` (model, data, ``fit``); rank 0 owns
-    ``output_dir`` and prints, the others train beside it and write nothing.
-    """
-    import torch
-
-    from .run.runner import train_run
-    from .train.distributed import current_world, init_from_env
-    from .train.runtime import resolve_device
-
-    started = init_from_env(resolve_device(config.train.device).type)
-    try:
-        result = train_run(config, resume=resume, log=print)
-        return result if current_world().is_main else None
-    finally:
-        if started:
-            torch.distributed.destroy_process_group()
 
 
 def _eval(args: argparse.Namespace) -> int:

@@ -2,7 +2,9 @@
 
     python -m torch.distributed.run --standalone --nproc-per-node 2 tests/train/_dist_child.py SCENARIO OUT
 
-Scenarios (each rank writes ``OUT/<scenario>-rank<r>.pt`` with what it saw):
+Scenarios (each rank writes ``OUT/<scenario>-rank<r>.pt`` with what it saw, and, as the very last thing
+it does before exiting, ``OUT/<scenario>-rank<r>-exit.json``: whether a process group or any thread
+besides the main one was still alive then; either aborts a rank at exit now and then):
 
 - ``main``: (1) ``fit`` on torchrun's environment alone (it starts the process group itself and leaves it up):
   tiny BERT + LoRA without dropout, 2 ranks x batch 3, accumulation 2, a micro-batch of one example
@@ -12,15 +14,22 @@ Scenarios (each rank writes ``OUT/<scenario>-rank<r>.pt`` with what it saw):
   trainable, with gradient checkpointing on a model whose embeddings are frozen. (3) The reference of
   the crash test: dropout on, a checkpoint every step. (4) ``train.distributed: fsdp``: the same run as
   (1) with the frozen base sharded by FSDP2.
+  The script destroys the group itself at the end.
 - ``crash``: the run of (3) in another directory; rank 1 SIGKILLs itself in step 5.
-- ``resume``: that run continued with ``resume=True``.
+- ``resume``: that run continued with ``resume=True``. Nothing in the script destroys the group ``fit``
+  started: peftkit must, at exit.
+- ``error``: ``fit`` raises on every rank (the loss fails in step 3); the script catches the error and
+  exits normally, again without destroying the group.
 """
 
 from __future__ import annotations
 
+import atexit
+import json
 import os
 import signal
 import sys
+import threading
 from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -174,6 +183,32 @@ def main_scenario(out: Path, rank: int) -> dict:
     return result
 
 
+def error_scenario(out: Path) -> dict:
+    calls = {"n": 0}
+
+    def loss(m, batch):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise ValueError("the loss failed in step 3")
+        return m(**batch).loss
+
+    try:
+        fit(tiny_bert(dropout=0.1), TRAIN, collate, loss, TrainConfig(**CRASH_CONFIG), log=lambda line: None)
+    except ValueError as exc:
+        return {"error": str(exc), "group_after": dist.is_initialized()}
+    return {"error": None}
+
+
+def record_exit(path: Path) -> None:
+    """Registered before anything starts a process group, so that it runs after every other exit hook."""
+
+    def record() -> None:
+        threads = [t.name for t in threading.enumerate() if t is not threading.main_thread()]
+        path.write_text(json.dumps({"group_alive": dist.is_initialized(), "threads": threads}))
+
+    atexit.register(record)
+
+
 def crash_scenario(out: Path, rank: int, resume: bool) -> dict:
     model = tiny_bert(dropout=0.1)
     steps = {"n": 0}
@@ -200,8 +235,11 @@ def crash_scenario(out: Path, rank: int, resume: bool) -> dict:
 def main() -> None:
     scenario, out = sys.argv[1], Path(sys.argv[2])
     rank = int(os.environ["RANK"])
+    record_exit(out / f"{scenario}-rank{rank}-exit.json")
     if scenario == "main":
         result = main_scenario(out, rank)
+    elif scenario == "error":
+        result = error_scenario(out)
     else:
         result = crash_scenario(out, rank, resume=scenario == "resume")
     torch.save(result, out / f"{scenario}-rank{rank}.pt")

@@ -359,6 +359,101 @@ def test_evaluation_history_best_checkpoint_and_files(tmp_path):
     assert_bit_identical(trainable(fresh), trainable(model))
 
 
+@pytest.mark.parametrize("full", [False, True], ids=["adapter", "full fine-tuning"])
+@pytest.mark.parametrize("with_run_dir", [True, False], ids=["run_dir", "no run_dir"])
+def test_restore_best_ends_with_the_best_weights_without_saving_them_again(tmp_path, full, with_run_dir):
+    """Issue 23: the caller saves the weights fit ends with once, instead of loading best/ back."""
+    scripted = iter([0.6, 0.9, 0.7])
+
+    def evaluate(model):
+        return {"accuracy": next(scripted)}
+
+    def build():
+        model = tiny_bert(lora=not full)
+        if full:
+            model.bert.embeddings.requires_grad_(False)  # a smaller "full" model: the rest trains
+        return model
+
+    seen = {}
+
+    def loss(model, batch):  # the weights before each step's first micro-batch: after step s-1
+        seen.setdefault(calls[0], trainable(model))
+        calls[0] += 1
+        return bert_loss(model, batch)
+
+    calls = [0]
+    model = build()
+    config = quiet(steps=6, batch_size=4, eval_every=2, metric="accuracy", greater_is_better=True)
+    run_dir = tmp_path / "run" if with_run_dir else None
+    writes = []
+    result = fit(
+        model,
+        make_examples(),
+        collate,
+        loss,
+        config,
+        evaluate=evaluate,
+        run_dir=run_dir,
+        log=writes.append,
+        restore_best=True,
+    )
+    assert result.best_step == 4 and result.weights == "best"
+    assert_bit_identical(trainable(model), seen[4])  # after step 4: before step 5's first micro-batch
+    if with_run_dir:
+        fresh = build()
+        peftkit.train.load_weights(fresh, run_dir / "best")
+        assert_bit_identical(trainable(fresh), trainable(model))
+    unrestored = fit(
+        build(), make_examples(), collate, bert_loss, config, evaluate=lambda m: {"accuracy": 1.0}
+    )
+    assert unrestored.weights == "final"  # without restore_best: the last step's, as before
+
+
+def test_restore_best_of_a_resumed_run_reads_the_best_weights_of_before_the_resume(tmp_path):
+    scripted = iter([0.9, 0.5, 0.6])
+    config = quiet(steps=6, batch_size=4, eval_every=2, metric="accuracy", greater_is_better=True)
+
+    def evaluate(model):
+        return {"accuracy": next(scripted)}
+
+    def stop_after_step_3(model, batch):
+        if stop_after_step_3.calls == 3:
+            raise KeyboardInterrupt  # a crash in step 4: checkpoints of steps 2 (best) and 3 are kept
+        stop_after_step_3.calls += 1
+        return bert_loss(model, batch)
+
+    stop_after_step_3.calls = 0
+    with pytest.raises(KeyboardInterrupt):
+        fit(
+            tiny_bert(),
+            make_examples(),
+            collate,
+            stop_after_step_3,
+            config,
+            evaluate=evaluate,
+            run_dir=tmp_path,
+            log=no_log,
+            restore_best=True,
+        )
+    model = tiny_bert()
+    result = fit(
+        model,
+        make_examples(),
+        collate,
+        bert_loss,
+        config,
+        evaluate=evaluate,
+        run_dir=tmp_path,
+        resume=True,
+        log=no_log,
+        restore_best=True,
+    )
+    assert result.best_step == 2 and result.weights == "best"
+    best = tiny_bert()
+    peftkit.train.load_weights(best, tmp_path / "best")
+    assert_bit_identical(trainable(model), trainable(best))
+
+
 def test_a_metric_evaluate_does_not_return_is_named():
     with pytest.raises(ConfigError, match=r"'f1'.*\['accuracy', 'loss'\]"):
         fit(

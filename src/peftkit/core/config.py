@@ -221,6 +221,17 @@ class AdapterConfig:
         gradients are still there. ``peftkit.train.fit`` does both; a hand-written loop calls them."""
         return None
 
+    def param_groups(
+        self, model: Any, lr: float, lr_ratio: float, weight_decay: float = 0.0
+    ) -> list[dict[str, Any]] | None:
+        """Optimizer groups for ``model`` when a run gives this method's parameters their own learning
+        rates (``train.lora_plus_ratio``: LoRA+), or None when the method has no such groups (the default).
+
+        The groups (``{"params", "lr", "weight_decay", "name"}``) cover every trainable parameter of the
+        whole model, those of other adapters and the rest included, each exactly once: the training loop
+        hands them to the optimizer as they are (after splitting off the parameters weight decay skips)."""
+        return None
+
     def build_part(self, model: Any, plan: Any) -> Any:
         """A :class:`~peftkit.core.layer.ModelPart` holding model-level adapter state, or None.
 

@@ -189,6 +189,14 @@ class LoraConfig(AdapterConfig):
     def extra_trainable(self, model: nn.Module, adapted: list[str]) -> list[str]:
         return trained_biases(model, adapted, self.bias)
 
+    def param_groups(
+        self, model: nn.Module, lr: float, lr_ratio: float, weight_decay: float = 0.0
+    ) -> list[dict[str, Any]] | None:
+        # LoRA+ needs B matrices to speed up: without a trainable one (the LoRA adapters are frozen,
+        # or inactive) the groups would be plain AdamW under another name
+        groups = lora_plus_param_groups(model, lr, lr_ratio=lr_ratio, weight_decay=weight_decay)
+        return groups if any(g["name"] == "lora_plus_B" for g in groups) else None
+
 
 # -- the adapter, shared by every layer kind --------------------------------------------------------
 

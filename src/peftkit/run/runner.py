@@ -30,10 +30,17 @@ import torch
 from torch import nn
 
 from .. import api
-from ..errors import AdapterMismatchError, ConfigError
+from ..errors import ConfigError
+from ..select import init as select_init
+from ..select import report as select_report
 from ..select.choose import is_auto
+from ..select.run import choose_for_run, require_selectable, select_for_run, start_from_directions
 from ..tasks import Task, task_class
-from .config import FULL_FINE_TUNING, dump_config, load_config, resolved, to_dict, value_problems
+from ..train.checkpoint import latest_checkpoint, load_weights, save_weights, seed_everything
+from ..train.distributed import World, ensure_process_group
+from ..train.fit import fit
+from ..train.runtime import resolve_device
+from .config import AUTO, FULL_FINE_TUNING, dump_config, load_config, resolved, to_dict, value_problems
 from .schema import RunConfig
 
 CONFIG_NAME = "config.yaml"
@@ -144,49 +151,73 @@ def train_run(config: RunConfig, *, resume: bool = False, log: Log = print) -> R
         ConfigError: the task refuses the config, or ``output_dir`` already holds a run and
             ``resume`` is False.
     """
-    from ..train.checkpoint import latest_checkpoint, load_weights, save_weights, seed_everything
-    from ..train.distributed import current_world, init_from_env, on_main
-    from ..train.fit import fit
-    from ..train.runtime import resolve_device
-
     config = resolved(config)
     run_dir = Path(config.output_dir)
     # Under torchrun every rank runs this function; rank 0 alone owns output_dir (fit follows its
     # run_dir and resume decisions on every rank), the others train beside it and write nothing.
-    init_from_env(resolve_device(config.train.device).type)
-    main = current_world().is_main
-    if main:
-        _check_run_dir(run_dir, config, resume, log)
-        if resume and latest_checkpoint(run_dir / "checkpoints") is None:
-            # killed before its first checkpoint: nothing to continue, so --resume starts the run over
-            log(f"no complete checkpoint in {run_dir / 'checkpoints'}: starting the run from step 0")
-            resume = False
+    world = ensure_process_group(resolve_device(config.train.device))
+    if world.is_main:
+        resume = _claim_run_dir(run_dir, config, resume, log)
     else:
         log = _silent
-    as_given = (
-        config  # what config.yaml records: `target_modules: auto` stays auto, the choice is in selection/
-    )
-
     task = build_task(config)
     model = task.load_model()
-    selected = None
-    if is_auto(config.adapter):
-        # before seeding: the probe must not shift the random numbers the adapter's init draws
-        selected = on_main(
-            lambda: _select(config, task, model, run_dir, resume, log),
-            current_world(),
-            "selecting the adapter's targets",
-        )
-        config = dataclasses.replace(config, adapter=selected["adapter"])
+    # before seeding: the probe must not shift the random numbers the adapter's init draws
+    chosen = (
+        choose_for_run(config, task, model, run_dir / SELECTION_DIR, resume, log, world)
+        if is_auto(config.adapter)
+        else None
+    )
+    trained = dataclasses.replace(config, adapter=chosen["adapter"]) if chosen else config
+    model, metrics = _adapt_seeded(model, trained, chosen, log)
+    splits = _load_splits(task, trained, log)
+    metrics.update(_before_training(task, model, splits, trained, chosen, world, log))
+    if world.is_main:
+        # only now, with the model, the targets and the data loaded: a config mistake found on the way
+        # leaves no half-made run behind that would make the corrected rerun ask for --resume.
+        # config.yaml keeps `target_modules: auto` as given; the choice is in selection/
+        dump_config(config, run_dir / CONFIG_NAME)
+    result = _fit(task, model, splits, trained, to_dict(config), run_dir, resume, log)
+    return _write_outputs(task, model, splits, trained, result, metrics, run_dir, world, log)
+
+
+def _claim_run_dir(run_dir: Path, config: RunConfig, resume: bool, log: Log) -> bool:
+    """Rank 0's check of ``output_dir`` before anything is loaded; whether to resume."""
+    _check_run_dir(run_dir, config, resume, log)
+    if resume and latest_checkpoint(run_dir / "checkpoints") is None:
+        # killed before its first checkpoint: nothing to continue, so --resume starts the run over
+        log(f"no complete checkpoint in {run_dir / 'checkpoints'}: starting the run from step 0")
+        return False
+    return resume
+
+
+def _adapt_seeded(
+    model: nn.Module, config: RunConfig, chosen: dict[str, Any] | None, log: Log
+) -> tuple[nn.Module, dict[str, Any]]:
+    """The adapter injected from a seeded start (or every parameter trainable); the first facts of
+    ``metrics.json``."""
     seed_everything(config.train.seed)  # the adapter's initialisation draws random numbers
     model = adapt(model, config)
-    _start_from_directions(model, config, selected, log)
-    full = is_full_fine_tuning(config)
+    init_from = None if is_full_fine_tuning(config) else config.select.init_from
+    start_from_directions(model, chosen, init_from, ADAPTER_NAME, log)
     summary = api.trainable_summary(model, show=False)
     log(
         f"{config.task}: {config.model.name_or_path} with {_method(config)}: trainable params "
         f"{summary.trainable:,} of {summary.total:,} ({summary.percent:.2f}%)"
     )
+    metrics = {
+        "task": config.task,
+        "model": config.model.name_or_path,
+        "method": _method(config),
+        "trainable_params": summary.trainable,
+        "total_params": summary.total,
+    }
+    return model, metrics
+
+
+def _load_splits(task: Task, config: RunConfig, log: Log) -> Mapping[str, Sequence[Any]]:
+    """The task's splits, checked as far as encoding them: what only encoding finds (a chat template that
+    refuses the data, a malformed record) stops the run here, before a run directory exists."""
     splits = task.load_data()
     log(
         "data: "
@@ -196,89 +227,102 @@ def train_run(config: RunConfig, *, resume: bool = False, log: Log = print) -> R
         raise ConfigError(
             ["data: the train split is empty; check data.files, data.split and data.max_train_examples"]
         )
-    # what only encoding finds (a chat template that refuses the data, a malformed record) stops the run
-    # here, before a run directory exists, rather than at the first training step
     task.collate(splits["train"][: config.train.batch_size])
-    batch_size = config.eval.batch_size
-    metrics: dict[str, Any] = {
-        "task": config.task,
-        "model": config.model.name_or_path,
-        "method": _method(config),
-        "trainable_params": summary.trainable,
-        "total_params": summary.total,
-    }
+    return splits
+
+
+def _before_training(
+    task: Task,
+    model: nn.Module,
+    splits: Mapping[str, Sequence[Any]],
+    config: RunConfig,
+    chosen: dict[str, Any] | None,
+    world: World,
+    log: Log,
+) -> dict[str, Any]:
+    """Facts for ``metrics.json`` known before training: the head, the selection, the untrained score."""
+    facts: dict[str, Any] = {}
     head = getattr(task, "head_info", None)
     if head:
-        metrics["head"] = head
+        facts["head"] = head
         log(f"head: {head['pooling']} pooling ({head['why']})")
-    if selected is not None:
-        metrics["selection"] = {k: v for k, v in selected.items() if k not in ("adapter", "init")}
-    if config.eval.before_training and splits.get("test") and main:
-        metrics["before"] = _evaluate_base(task, model, splits["test"], batch_size, full)
-        log(f"test before training: {_format(metrics['before'])}")
+    if chosen is not None:
+        facts["selection"] = {k: v for k, v in chosen.items() if k not in ("adapter", "init")}
+    if config.eval.before_training and splits.get("test") and world.is_main:
+        full = is_full_fine_tuning(config)
+        facts["before"] = _evaluate_base(task, model, splits["test"], config.eval.batch_size, full)
+        log(f"test before training: {_format(facts['before'])}")
+    return facts
 
-    if main:
-        # only now, with the model, the targets and the data loaded: a config mistake found on the way
-        # leaves no half-made run behind that would make the corrected rerun ask for --resume
-        dump_config(as_given, run_dir / CONFIG_NAME)
+
+def _fit(
+    task: Task,
+    model: nn.Module,
+    splits: Mapping[str, Sequence[Any]],
+    config: RunConfig,
+    recorded: dict[str, Any],
+    run_dir: Path,
+    resume: bool,
+    log: Log,
+) -> Any:
+    """The training loop, ending with the best evaluated weights in the model (``restore_best``)."""
     validation = splits.get("validation") or []
-    evaluate = (lambda m: task.evaluate(m, validation, batch_size)) if validation else None
-    result = fit(
+    batch_size = config.eval.batch_size
+    return fit(
         model,
         splits["train"],
         task.collate,
         task.loss,
         config.train,
-        evaluate=evaluate,
+        evaluate=(lambda m: task.evaluate(m, validation, batch_size)) if validation else None,
         run_dir=run_dir,
         resume=resume,
         adapter_name=ADAPTER_NAME,
         log=log,
-        run_config=to_dict(as_given),
+        run_config=recorded,
+        restore_best=True,
     )
+
+
+def _write_outputs(
+    task: Task,
+    model: nn.Module,
+    splits: Mapping[str, Sequence[Any]],
+    config: RunConfig,
+    result: Any,
+    metrics: dict[str, Any],
+    run_dir: Path,
+    world: World,
+    log: Log,
+) -> RunResult:
+    """The test score of the weights ``fit`` ended with, ``metrics.json``, and the adapter, written once."""
+    metrics.update(_fit_facts(result))
     if not result.ok:  # diverged or interrupted: keep the checkpoints as they are, report why
-        metrics.update(_fit_facts(result, None))
-        if main:
+        if world.is_main:
             _write_json(run_dir / METRICS_NAME, metrics)
         return RunResult(run_dir, metrics, result)
-    if not main:
-        metrics.update(_fit_facts(result, None))
+    if not world.is_main:
         if config.train.distributed == "fsdp" and splits.get("test"):
             # a sharded model's forward pass gathers weights from every rank: take part in rank 0's
             # test evaluation (this rank's own numbers are not used)
-            task.evaluate(model, splits["test"], batch_size)
+            task.evaluate(model, splits["test"], config.eval.batch_size)
         return RunResult(run_dir, metrics, result)
-
-    weights = next((run_dir / d for d in ("best", "final") if (run_dir / d).is_dir()), None)
-    if weights is not None:
-        try:
-            load_weights(model, weights, ADAPTER_NAME)
-        except AdapterMismatchError as exc:
-            # The adapter changed shape after the best checkpoint (AdaLoRA prunes its ranks as it trains):
-            # that checkpoint no longer fits the trained model, whose final weights are what it became.
-            if weights.name != "best" or not (run_dir / "final").is_dir():
-                raise
-            log(
-                f"best/ (step {getattr(result, 'best_step', '?')}) no longer fits the adapter's final shape "
-                f"({str(exc).split(':', 1)[0]}); using final/"
-            )
-            weights = run_dir / "final"
-            load_weights(model, weights, ADAPTER_NAME)
-    metrics.update(_fit_facts(result, weights))
     if splits.get("test"):
-        metrics["test"] = task.evaluate(model, splits["test"], batch_size)
+        metrics["test"] = task.evaluate(model, splits["test"], config.eval.batch_size)
         log(f"test ({metrics['weights']}): {_format(metrics['test'])}")
     data_info = getattr(task, "data_info", None) or getattr(splits, "info", None)
     if data_info:
         metrics["data"] = data_info
+    full = is_full_fine_tuning(config)
+    out = run_dir / (FULL_MODEL_DIR if full else ADAPTER_DIR)
     save_weights(
         model,
-        run_dir / (FULL_MODEL_DIR if full else ADAPTER_DIR),
+        out,
         None if full else ADAPTER_NAME,
         {"step": metrics.get("best_step"), "test": metrics.get("test")},
     )
     _write_json(run_dir / METRICS_NAME, metrics)
-    log(f"saved {run_dir / (FULL_MODEL_DIR if full else ADAPTER_DIR)}, {run_dir / METRICS_NAME}")
+    log(f"saved {out}, {run_dir / METRICS_NAME}")
     return RunResult(run_dir, metrics, result)
 
 
@@ -288,22 +332,9 @@ def select_run(config: RunConfig, out_dir: str | os.PathLike, log: Log = print) 
     the explanation (``selection.md``, ``selection.png``, ``selection.json``). Returns ``selected.yaml``'s path.
 
     Raises:
-        ConfigError: no budget, or a method other than LoRA.
+        ConfigError: no budget, or a method the selection cannot allocate for (LoRA's are).
     """
-    from ..select import init as select_init
-    from ..select import report as select_report
-    from ..select import select_for_run
-    from .config import AUTO
-
-    method = str(config.adapter.get("method", "lora")).lower()
-    if method != "lora":
-        raise ConfigError(
-            [
-                f"adapter.method: selection allocates LoRA targets and ranks, got {method!r}; set "
-                "adapter.method=lora (its other fields, e.g. r and lora_alpha, are kept)"
-            ],
-            what="run config",
-        )
+    require_selectable(config.adapter)
     config = resolved(config)
     task = build_task(config)
     model = task.load_model()
@@ -323,56 +354,6 @@ def select_run(config: RunConfig, out_dir: str | os.PathLike, log: Log = print) 
     dump_config(chosen, path)
     log(f"wrote {path} (train it: peftkit train {path}) and the explanation in {out / select_report.TABLE}")
     return path
-
-
-def _select(
-    config: RunConfig, task: Task, model: nn.Module, run_dir: Path, resume: bool, log: Log
-) -> dict[str, Any]:
-    """``adapter.target_modules: auto``: the chosen adapter section and its facts. The choice and its
-    explanation are kept in ``selection/``; a resumed run reuses it rather than probing again."""
-    from ..select import init as select_init
-    from ..select import report as select_report
-    from ..select import select_for_run
-
-    folder = run_dir / SELECTION_DIR
-    kept = folder / select_report.RECORD
-    if resume and kept.is_file():
-        record = json.loads(kept.read_text(encoding="utf-8"))
-        saved = folder / select_init.INIT_FILE
-        directions = select_init.load(saved) if saved.is_file() else {}
-        log(f"reusing the selection in {kept}")
-    else:
-        selection = select_for_run(config, task, model, log)
-        select_report.write(selection, folder)
-        record, directions = select_report.record(selection), selection.init
-        log(f"the choice and why: {folder / select_report.TABLE}")
-    return {
-        "adapter": record["adapter"],
-        "rule": record["rule"],
-        "budget": record["budget"],
-        "used": record["used"],
-        "modules": sum(1 for row in record["low_rank"] if row["rank"]),
-        "probe": record["probe"],
-        "init": directions,
-    }
-
-
-def _start_from_directions(
-    model: nn.Module, config: RunConfig, selected: dict[str, Any] | None, log: Log
-) -> None:
-    """Point the chosen modules' LoRA A along the probe's gradient directions (``select/init.py``): from
-    this run's own selection, or from ``select.init_from`` (what ``peftkit select`` wrote)."""
-    from ..select import init as select_init
-
-    if selected is not None:
-        directions, source = selected.get("init") or {}, "the probe"
-    elif config.select.init_from and not is_full_fine_tuning(config):
-        directions, source = select_init.load(config.select.init_from), config.select.init_from
-    else:
-        return
-    if directions:
-        count = select_init.apply(model, directions, ADAPTER_NAME)
-        log(f"LoRA A of {count} modules starts along the gradient directions from {source}")
 
 
 def _silent(line: str) -> None:
@@ -430,11 +411,11 @@ def _evaluate_base(
         return task.evaluate(model, examples, batch_size)
 
 
-def _fit_facts(result: Any, weights: Path | None) -> dict[str, Any]:
+def _fit_facts(result: Any) -> dict[str, Any]:
     """The training loop's result as JSON-ready facts for ``metrics.json``."""
     facts = {
         "status": getattr(result, "status", "completed"),
-        "weights": weights.name if weights is not None else "last step",
+        "weights": getattr(result, "weights", "last step"),
         "best_step": getattr(result, "best_step", None),
         "best_validation": getattr(result, "best_metric", None),
         "steps": getattr(result, "steps", None),
@@ -486,8 +467,6 @@ def load_run(run_dir: str | os.PathLike) -> LoadedRun:
     Raises:
         FileNotFoundError: ``run_dir`` is not a run directory, or holds no weights yet.
     """
-    from ..train.checkpoint import load_weights
-
     run_dir = Path(run_dir)
     if not (run_dir / CONFIG_NAME).is_file():
         hint = " (it is a file: give the run's output_dir)" if run_dir.is_file() else ""

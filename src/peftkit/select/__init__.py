@@ -5,7 +5,8 @@ See docs/select.md."""
 from . import init
 from .allocate import Allocation, allocate, random_allocation
 from .candidates import Candidates, LowRank, WholeParams, find_candidates
-from .choose import INITS, RULES, Selection, adapter_section, is_auto, parse_budget, select, select_for_run
+from .choose import INITS, RULES, Selection, adapter_section, is_auto, parse_budget, select
+from .run import select_for_run
 from .scores import SCORES, Scores, probe
 
 __all__ = [

@@ -1,13 +1,12 @@
 """Automatic selection end to end: candidates -> probe scores -> allocation -> a LoRA adapter section.
 
-:func:`select` works on any model given a few batches and a loss; :func:`select_for_run` does it for a
-run config (``adapter.target_modules: auto`` with ``select.budget``, or ``peftkit select``).
+:func:`select` works on any model given a few batches and a loss; ``run.py`` does it for a run config
+(``adapter.target_modules: auto`` with ``select.budget``, or ``peftkit select``).
 """
 
 from __future__ import annotations
 
 import math
-import random
 import re
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
@@ -16,7 +15,6 @@ from typing import Any
 
 from torch import nn
 
-from ..errors import ConfigError
 from .allocate import Allocation, allocate, random_allocation
 from .candidates import Candidates, find_candidates
 from .scores import SCORES, Scores, probe
@@ -204,63 +202,3 @@ def adapter_section(
 
 def is_auto(adapter: Mapping[str, Any]) -> bool:
     return isinstance(adapter, Mapping) and adapter.get("target_modules") == AUTO
-
-
-def select_for_run(config: Any, task: Any, model: nn.Module, log: Callable[[str], None] = print) -> Selection:
-    """Selection for a run config with ``select.budget`` set: probe batches drawn (seeded) from the task's
-    train split, the run's own loss, and the config's adapter fields as the starting point."""
-    sel = config.select
-    if sel.budget is None:
-        raise ConfigError(
-            [
-                "select.budget: automatic selection needs a budget, e.g. select.budget=0.5% or "
-                "select.budget=82944"
-            ],
-            what="run config",
-        )
-    train = task.load_data().get("train") or []
-    if not train:
-        raise ConfigError(
-            ["data: the train split is empty; the selection probe needs training examples"], what="run config"
-        )
-    size = sel.probe_batch_size or config.train.batch_size
-    seed = config.train.seed if sel.seed is None else sel.seed
-    order = list(range(len(train)))
-    random.Random(seed).shuffle(order)
-    # distinct examples while the split lasts, then around again (a split smaller than the probe)
-    needed = [order[k % len(order)] for k in range(size * sel.probe_batches)]
-    batches = [task.collate([train[j] for j in needed[i : i + size]]) for i in range(0, len(needed), size)]
-    base = {k: v for k, v in config.adapter.items() if k != "target_modules"}
-    saved = base.pop("modules_to_save", None)
-    always = None if saved is None else list(saved)
-    log(
-        f"selecting LoRA targets and ranks ({sel.score} score, budget {sel.budget}) from "
-        f"{len(batches)} probe batches of {size}"
-    )
-    selection = select(
-        model,
-        batches,
-        task.loss,
-        sel.budget,
-        rule=sel.score,
-        adapter=base,
-        min_rank=sel.min_rank,
-        max_rank=sel.max_rank,
-        whole_params=sel.whole_params,
-        embeddings=sel.embeddings,
-        always_trained=always,
-        seed=seed,
-        init=sel.init,
-    )
-    a = selection.allocation
-    cost = selection.scores.cost if selection.scores else None
-    log(
-        f"selected {len(a.ranks)} LoRA modules (ranks {min(a.ranks.values())}-{max(a.ranks.values())}) and "
-        f"{len(a.whole)} whole-parameter groups: {a.used:,} of {a.budget:,} parameters"
-        + (f"; probe {cost.forward_backward_passes} passes, {cost.seconds:.1f} s" if cost else "")
-    )
-    if sel.init == "gradient" and not selection.init:
-        log(
-            f"select.init=gradient: the {sel.score} rule gives no gradient directions, so LoRA's own init is used"
-        )
-    return selection

@@ -39,7 +39,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..core.io import write_error
+from ..core.io import save_adapter, write_error
+from ..core.state_dict import adapter_state_dict, load_adapter_state_dict
 from ..errors import ConfigError
 
 CHECKPOINT_PREFIX = "step-"
@@ -289,9 +290,7 @@ def save_checkpoint(
             for rank, state in enumerate(rng_states):
                 torch.save(state, tmp / rank_rng_name(rank))
         if adapter_name is not None:
-            from .. import api
-
-            api.save_adapter(model, tmp / "adapter", adapter_name)
+            save_adapter(model, tmp / "adapter", adapter_name)
         (tmp / STATE_NAME).write_text(json.dumps(trainer_state, indent=1, allow_nan=True))
     for old in checkpoint_dirs(root)[:-keep]:
         _remove_directory(old)
@@ -392,9 +391,7 @@ def save_weights(model: nn.Module, directory: Path, adapter_name: str | None, in
     """
     with atomic_directory(directory) as tmp:
         if adapter_name is not None:
-            from .. import api
-
-            api.save_adapter(model, tmp, adapter_name)
+            save_adapter(model, tmp, adapter_name)
         else:
             save_file(trainable_state(model), str(tmp / MODEL_STATE_NAME))
         (tmp / TRAINING_INFO_NAME).write_text(json.dumps(info, indent=1, allow_nan=True))
@@ -407,17 +404,44 @@ def load_weights(model: nn.Module, directory: str | os.PathLike, adapter_name: s
     ``model`` must be built as for training (for an adapter: with the adapter injected under
     ``adapter_name``); the weights are copied into it in place.
     """
-    from .. import api
-
     directory = Path(directory)
-    if (directory / MODEL_STATE_NAME).is_file():
-        load_trainable_state(model, load_file(str(directory / MODEL_STATE_NAME)), source=str(directory))
-    elif (directory / "adapter_model.safetensors").is_file():
-        tensors = load_file(str(directory / "adapter_model.safetensors"))
-        api.load_adapter_state_dict(model, tensors, adapter_name)
-    else:
-        raise FileNotFoundError(
-            f"{directory} holds neither {MODEL_STATE_NAME} nor an adapter: is it a "
-            "best/ or final/ folder written by peftkit.train.fit?"
-        )
+    full = (directory / MODEL_STATE_NAME).is_file()
+    put_weights(model, read_weights(directory), None if full else adapter_name, source=str(directory))
     return model
+
+
+def read_weights(directory: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The tensors of a folder :func:`save_weights` wrote (an adapter's, in the interchange format, or
+    ``model.safetensors``), on the CPU."""
+    directory = Path(directory)
+    for name in (MODEL_STATE_NAME, "adapter_model.safetensors"):
+        if (directory / name).is_file():
+            return load_file(str(directory / name))
+    raise FileNotFoundError(
+        f"{directory} holds neither {MODEL_STATE_NAME} nor an adapter: is it a "
+        "best/ or final/ folder written by peftkit.train.fit?"
+    )
+
+
+def weights_in_memory(model: nn.Module, adapter_name: str | None) -> dict[str, torch.Tensor]:
+    """CPU copies of the tensors :func:`save_weights` would write now, which :func:`put_weights` puts back."""
+    if adapter_name is None:
+        return trainable_state(model)
+    tensors = adapter_state_dict(model, adapter_name)
+    return {key: t.to("cpu", copy=True).contiguous() for key, t in tensors.items()}
+
+
+def put_weights(
+    model: nn.Module, tensors: dict[str, torch.Tensor], adapter_name: str | None, source: str
+) -> None:
+    """Copy :func:`weights_in_memory` or :func:`read_weights` tensors into ``model``; nothing is copied
+    unless all fit.
+
+    Raises:
+        AdapterMismatchError: the adapter's saved shapes changed since (AdaLoRA prunes its ranks).
+        ConfigError: full fine-tuning tensors of another model.
+    """
+    if adapter_name is None:
+        load_trainable_state(model, tensors, source=source)
+    else:
+        load_adapter_state_dict(model, tensors, adapter_name)

@@ -2,7 +2,8 @@
 
 ``fit`` stays one loop; this module holds the pieces that differ when it runs under ``torchrun``
 (or any launcher that sets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` and
-``MASTER_PORT``): who this process is (:class:`World`), starting the process group, wrapping the model
+``MASTER_PORT``): launching torchrun (:func:`launch`), who this process is (:class:`World`), the one
+owner that starts and ends the process group (:func:`process_group`), wrapping the model
 in ``DistributedDataParallel`` (``train.distributed: ddp``) or sharding its frozen base with FSDP2
 (``fsdp``), and the few collectives the loop uses (sum a loss, agree on a flag,
 hand rank 0's answer to everyone, gather every rank's random state).
@@ -21,8 +22,14 @@ Every helper is a no-op, or returns its input, in a single process, so the non-d
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import os
-from collections.abc import Callable
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -30,6 +37,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
+
+from .runtime import resolve_device
 
 T = TypeVar("T")
 
@@ -73,26 +82,122 @@ def current_world() -> World:
     return World(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
 
 
-def init_from_env(device_type: str) -> bool:
-    """Start the process group from ``torchrun``'s environment when it is set and none is running.
+def launched_world_size() -> int:
+    """The number of processes torchrun started for this job (1 when it did not start this process)."""
+    return int(os.environ["WORLD_SIZE"]) if launched_by_torchrun() else 1
 
-    The backend follows the device: NCCL for CUDA (each process then uses ``cuda:LOCAL_RANK``), gloo
-    for CPU. A process group the caller started is used as it is.
 
-    Args:
-        device_type: ``"cuda"`` or ``"cpu"``: the device the training will run on.
+def launch(nproc: int, args: Sequence[str]) -> int:
+    """Run ``python -m torch.distributed.run --standalone --nproc-per-node <nproc> <args>`` and wait for it.
+
+    ``--standalone`` runs the rendezvous on this machine at a free port; torchrun sets ``RANK``,
+    ``WORLD_SIZE`` ... for each process it starts. Several machines: launch torchrun yourself.
 
     Returns:
-        True when this call started the group. Destroy it (``torch.distributed.destroy_process_group``)
-        only when the process is done with it: under torchrun it cannot be started a second time.
+        torchrun's exit code (1 when any process failed, whatever that process's own code).
     """
-    if not dist.is_available() or dist.is_initialized() or not launched_by_torchrun():
-        return False
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={nproc}",
+        *args,
+    ]
+    print(f"starting {nproc} training processes: {' '.join(command[1:])}", flush=True)
+    return subprocess.run(command).returncode
+
+
+@contextlib.contextmanager
+def process_group(device: str | torch.device = "auto") -> Iterator[World]:
+    """Own the process group for the block: start it from torchrun's environment, and end it however the
+    block ends.
+
+    This is the one place peftkit starts and destroys a process group. The outermost caller enters it
+    (``peftkit train`` does, on every rank); a block inside a running group (an outer owner's, or one the
+    caller started with ``torch.distributed.init_process_group``) uses that group and ends nothing.
+
+    A group left running when the process exits is what aborts a rank at exit with "terminate called
+    without an active exception" (gloo's threads outlive the interpreter), so the group is destroyed on
+    every way out: the block returns, raises, is interrupted by Ctrl-C, or gets SIGTERM, which torchrun
+    sends the other ranks when one fails; while the block runs, SIGTERM raises ``SystemExit(143)`` (unless
+    the program installed its own handler), so that it unwinds like an error.
+
+    Args:
+        device: Where training runs (``"auto"``, ``"cpu"``, ``"cuda:1"`` ...): NCCL for CUDA, each process
+            on ``cuda:LOCAL_RANK``; gloo for CPU. Read only when a group is started.
+
+    Yields:
+        This process's :class:`World` (a single process outside torchrun).
+    """
+    if not _needs_group():
+        yield current_world()
+        return
+    previous = _exit_on_sigterm()  # first: no moment with a group and SIGTERM still killing outright
+    try:
+        _start(device)
+        yield current_world()
+    finally:
+        _end(previous)
+
+
+def ensure_process_group(device: str | torch.device = "auto") -> World:
+    """This process's :class:`World`, starting the group when torchrun's environment asks for one and no
+    owner started it (``fit`` or ``train_run`` called from a script launched by torchrun).
+
+    A group started here belongs to the rest of the process, because under torchrun a group cannot be
+    started twice: a second ``fit``, or the script's own collectives, use it. It is destroyed when the
+    process exits (an ``atexit`` hook; SIGTERM exits through it too), or earlier by the script
+    (``torch.distributed.destroy_process_group()``).
+    """
+    if _needs_group():
+        owner = contextlib.ExitStack()
+        owner.enter_context(process_group(device))
+        atexit.register(owner.close)
+    return current_world()
+
+
+def _needs_group() -> bool:
+    return dist.is_available() and not dist.is_initialized() and launched_by_torchrun()
+
+
+def _start(device: str | torch.device) -> None:
+    device_type = resolve_device(str(device)).type
     if device_type == "cuda":
         # set before the first collective: NCCL binds each process to the device current at init
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
-    return True
+
+
+def _exit_on_sigterm() -> Any:
+    """Make SIGTERM raise SystemExit(143) (main thread, default handler only); the handler to restore, or
+    None when none was installed."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    previous = signal.getsignal(signal.SIGTERM)
+    if previous not in (signal.SIG_DFL, None):
+        return None  # the program's own handler decides what SIGTERM does
+
+    def exit_now(signum: int, frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, exit_now)
+    return previous
+
+
+def _end(previous_handler: Any) -> None:
+    # signals wait until the group is down: a SIGTERM in the middle of destroy_process_group would leave
+    # it half destroyed; delivered after it, it finds the handler the program had before
+    masked = hasattr(signal, "pthread_sigmask") and threading.current_thread() is threading.main_thread()
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT}) if masked else None
+    try:
+        if dist.is_initialized():  # the program may have destroyed it itself
+            dist.destroy_process_group()
+    finally:
+        if previous_handler is not None:
+            signal.signal(signal.SIGTERM, previous_handler)
+        if before is not None:
+            signal.pthread_sigmask(signal.SIG_SETMASK, before)
 
 
 def training_device(device: torch.device, world: World) -> torch.device:

@@ -16,10 +16,13 @@ the schedule and the step count move on), the step is logged and counted, and on
 ``status="interrupted"``; a second Ctrl-C aborts at once.
 
 Several processes (``torchrun``, see ``docs/distributed.md``): ``fit`` starts the process group from
-the environment when none is running, gives every rank its share of each micro-batch (``order.py``),
-trains through ``DistributedDataParallel`` (``distributed.py``), sums the loss over ranks, and lets
-rank 0 alone read and write the run directory, evaluate and log. One process runs the same code with
-every collective a no-op.
+the environment when none is running (``distributed.ensure_process_group``), gives every rank its
+share of each micro-batch (``order.py``), trains through ``DistributedDataParallel``
+(``distributed.py``), sums the loss over ranks, and lets rank 0 alone read and write the run
+directory, evaluate and log. One process runs the same code with every collective a no-op.
+
+``restore_best`` ends the run with the best evaluated weights in the model (:func:`_restore_best`), so
+that a caller tests and saves them as they are, once.
 """
 
 from __future__ import annotations
@@ -37,20 +40,24 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import ConfigError
+from ..core.inject import is_adapted, state_of
+from ..errors import AdapterMismatchError, ConfigError
 from . import distributed
 from .checkpoint import (
     latest_checkpoint,
     load_trainable_state,
     preserved_rng,
+    put_weights,
     read_checkpoint,
     read_trainer_state,
+    read_weights,
     remove_stale_temporaries,
     rng_state,
     save_checkpoint,
     save_weights,
     seed_everything,
     set_rng_state,
+    weights_in_memory,
 )
 from .config import TrainConfig
 from .distributed import World
@@ -111,6 +118,9 @@ class FitResult:
         run_dir: Where files went (None when nothing was written).
         skipped_steps: Steps (1-based) whose update was skipped for a non-finite loss or gradient
             (``on_nonfinite: skip``); their entries in ``losses`` are the non-finite values.
+        weights: The weights the model holds on return: "best" (those of ``best_step``, put back by
+            ``restore_best``), "final" (the last step's of a run that ended as planned, as in ``final/``)
+            or "last step" (a run that diverged or was interrupted).
     """
 
     steps: int
@@ -125,6 +135,7 @@ class FitResult:
     status: str = "completed"
     run_dir: Path | None = None
     skipped_steps: list[int] = field(default_factory=list)
+    weights: str = "last step"
 
     @property
     def ok(self) -> bool:
@@ -174,6 +185,8 @@ class _Run:
         None  # what loss() gets: the model, or its DistributedDataParallel wrapper
     )
     evaluates: bool = False  # rank 0 has an evaluate function (the other ranks follow its decisions)
+    restore_best: bool = False
+    best_weights: dict[str, torch.Tensor] | None = None  # restore_best: what best/ holds, kept in memory
 
     @property
     def writes(self) -> bool:
@@ -194,13 +207,15 @@ def fit(
     adapter_name: str = "default",
     log: Callable[[str], None] = print,
     run_config: Mapping[str, Any] | None = None,
+    restore_best: bool = False,
 ) -> FitResult:
     """Train ``model`` in place on ``train_examples``.
 
     Seed the model's own initialisation (e.g. :func:`seed_everything` before ``peftkit.inject``)
     yourself; ``fit`` seeds the data order, dropout and everything after (``config.seed``). The model
     is moved to ``config.device`` and left there, in training mode, holding the weights of the last
-    step; ``run_dir/best/`` holds the best evaluated weights (:func:`peftkit.train.load_weights`).
+    step (or, with ``restore_best``, the best evaluated ones); ``run_dir/best/`` holds the best
+    evaluated weights (:func:`peftkit.train.load_weights`).
 
     Args:
         model: Any module. With a peftkit adapter, its trainable parameters are trained and
@@ -220,9 +235,14 @@ def fit(
         run_config: The whole run's settings as plain data (e.g. a YAML run config as a dict), which
             the experiment loggers of ``config.report_to`` record (wandb config, MLflow params);
             None records ``{"train": <config as a dict>}``. Nothing else reads it.
+        restore_best: When the run ends as planned, put the best evaluated weights back into the model
+            (``result.weights`` says which it holds). An adapter's are kept in memory (a CPU copy of what
+            ``best/`` holds); a fully fine-tuned model's are read back from ``best/`` (from memory without
+            a ``run_dir``), as are those of an evaluation before a resume. An adapter whose saved shape
+            changed since (AdaLoRA prunes its ranks) keeps its final weights.
 
-    With several processes (``torch.distributed`` initialised, or ``torchrun``'s environment set,
-    in which case ``fit`` initialises it), every rank calls ``fit`` with the same model, examples and
+    With several processes (``torch.distributed`` initialised, or ``torchrun``'s environment set, in
+    which case ``fit`` starts the group for the rest of the process, destroyed at exit), every rank calls ``fit`` with the same model, examples and
     config; ``config.batch_size`` is per rank. Rank 0's ``run_dir``, ``resume`` and ``evaluate``
     decide for all: the other ranks never touch the run directory and need no ``evaluate``.
 
@@ -236,10 +256,9 @@ def fit(
     """
     _check_arguments(config, train_examples, evaluate, run_dir, resume)
     device = resolve_device(config.device)
-    # started here when torchrun's environment is set; left running, because a process group cannot be
-    # started twice under one torchrun (a second fit, or the caller's own collectives, reuse it)
-    distributed.init_from_env(device.type)
-    world = distributed.current_world()
+    # a script launched by torchrun may call fit without owning the group: it is then started for the
+    # rest of the process (distributed.ensure_process_group says why, and how it ends)
+    world = distributed.ensure_process_group(device)
     device = distributed.training_device(device, world)
     _check_world(world, len(train_examples))
     # rank 0's choices decide for every rank (the others may not even see its run directory)
@@ -279,6 +298,7 @@ def fit(
         device,
         world,
         run_config,
+        restore_best,
     )
 
 
@@ -297,6 +317,7 @@ def _fit(
     device: torch.device,
     world: World,
     run_config: Mapping[str, Any] | None,
+    restore_best: bool,
 ) -> FitResult:
     adapter = _adapter_of(model, adapter_name)
     model.to(device)
@@ -340,6 +361,7 @@ def _fit(
         _training_hook(model, adapter, plan.total_steps),
         world,
         evaluates=evaluates,
+        restore_best=restore_best,
     )
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -364,10 +386,13 @@ def _fit(
             if rng is not None:
                 set_rng_state(rng)  # last, so that nothing between here and the first step draws from them
             _loop(run, tracker, interrupt)
+        result = _result(run)  # the peak memory of the training, before any weights are put back
+        if result.ok:
+            result.weights = _restore_best(run, tracker) if restore_best else "final"
         status = run.state.status
     finally:
         tracker.close(status)
-    return _result(run)
+    return result
 
 
 def _silent(line: str) -> None:
@@ -650,6 +675,12 @@ def _maybe_evaluate(run: _Run, tracker: Tracker) -> bool:
     state.history.append({"step": state.step, **metrics})
     if _better(value, state.best_metric, config.maximize):
         state.best_metric, state.best_step, state.bad_evals = value, state.step, 0
+        # an adapter's best weights stay in memory (they are small); a fully fine-tuned model's are read
+        # back from best/ at the end: a second copy of the model held through training would raise the
+        # run's peak memory by the model's size
+        if run.restore_best and (run.adapter is not None or run.run_dir is None):
+            run.best_weights = None  # the previous copy goes before the next is made
+            run.best_weights = weights_in_memory(run.model, run.adapter)
         if run.writes:
             save_weights(run.model, run.run_dir / "best", run.adapter, {"step": state.step, **metrics})
     else:
@@ -686,6 +717,34 @@ def _evaluate(run: _Run) -> dict[str, float]:
         for k, v in metrics.items()
         if isinstance(v, int | float | torch.Tensor) and not isinstance(v, bool)
     }
+
+
+def _restore_best(run: _Run, tracker: Tracker) -> str:
+    """Put the best evaluated weights back into the model at the end of a run; which it then holds."""
+    state = run.state
+    if state.best_step is None:
+        return "final"
+    if state.best_step == state.step:
+        return "best"  # the model holds them already
+    tensors = run.best_weights
+    if tensors is None:  # full fine-tuning, or evaluated before a resume: best/ has them; rank 0 reads it
+        best = run.run_dir / "best" if run.run_dir is not None else None
+        tensors = distributed.on_main(
+            lambda: read_weights(best) if best is not None and best.is_dir() else None,
+            run.world,
+            "reading best/",
+        )
+        if tensors is None:
+            return "final"
+    try:
+        put_weights(run.model, tensors, run.adapter, source=f"best weights (step {state.best_step})")
+    except AdapterMismatchError as exc:
+        tracker.text(
+            f"best/ (step {state.best_step}) no longer fits the adapter's final shape "
+            f"({str(exc).split(':', 1)[0]}); using final/"
+        )
+        return "final"
+    return "best"
 
 
 def _better(value: float, best: float | None, greater_is_better: bool) -> bool:
@@ -833,15 +892,11 @@ def _result(run: _Run) -> FitResult:
 def _training_hook(model: nn.Module, adapter: str | None, total_steps: int) -> Any:
     if adapter is None:
         return None
-    from .. import api
-
-    return api.adapter_config(model, adapter).training_hook(model, adapter, total_steps)
+    return state_of(model).configs[adapter].training_hook(model, adapter, total_steps)
 
 
 def _adapter_of(model: nn.Module, adapter_name: str) -> str | None:
-    from .. import api
-
-    names = api.adapter_names(model)
+    names = list(state_of(model).configs) if is_adapted(model) else []
     if not names:
         return None
     if adapter_name not in names:

@@ -4,8 +4,9 @@ Weight decay pulls weights towards zero. That is a sensible prior for weight mat
 biases and normalisation gains (a LayerNorm gain decayed to 0 switches its feature off) nor for
 scaling vectors such as IA3's, which start at 1; so every parameter of at most one dimension, and
 every parameter of a normalisation layer, goes to a group without decay (the usual practice since
-BERT). With ``lora_plus_ratio`` the groups of :func:`peftkit.lora_plus_param_groups` (A, B at a
-higher rate, embedding adapters, everything else) are each split the same way.
+BERT). With ``lora_plus_ratio`` the groups the adapters' methods ask for
+(:meth:`~peftkit.core.config.AdapterConfig.param_groups`; LoRA's: A, B at a higher rate, embedding
+adapters, everything else) are each split the same way.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..core.inject import is_adapted, state_of
 from ..errors import ConfigError
 
 
@@ -78,11 +80,10 @@ def param_groups(
 
 
 def _lora_plus_groups(model: nn.Module, lr: float, weight_decay: float, ratio: float) -> list[dict[str, Any]]:
-    # imported here: the adapter API imports every method, and only LoRA+ runs need it
-    from ..api import adapter_names
-    from ..methods.lora import lora_plus_param_groups
-
-    if not adapter_names(model):
+    # the groups come from the methods on the model (AdapterConfig.param_groups: LoRA's in methods/lora.py);
+    # each config class is asked once, since its groups cover the whole model
+    configs = list(state_of(model).configs.values()) if is_adapted(model) else []
+    if not configs:
         raise ConfigError(
             [
                 f"lora_plus_ratio={ratio} needs a LoRA-family adapter on the model, and it has none "
@@ -90,16 +91,17 @@ def _lora_plus_groups(model: nn.Module, lr: float, weight_decay: float, ratio: f
             ],
             what="training setup",
         )
-    groups = lora_plus_param_groups(model, lr, lr_ratio=ratio, weight_decay=weight_decay)
-    if not any(g["name"] == "lora_plus_B" for g in groups):
-        raise ConfigError(
-            [
-                f"lora_plus_ratio={ratio} needs trainable LoRA B matrices, and the model's adapters have none "
-                "(LoRA+ applies to LoRA and DoRA only): set train.lora_plus_ratio to null"
-            ],
-            what="training setup",
-        )
-    return groups
+    for config in {type(c): c for c in configs}.values():
+        groups = config.param_groups(model, lr, lr_ratio=ratio, weight_decay=weight_decay)
+        if groups is not None:
+            return groups
+    raise ConfigError(
+        [
+            f"lora_plus_ratio={ratio} needs trainable LoRA B matrices, and the model's adapters have none "
+            "(LoRA+ applies to LoRA and DoRA only): set train.lora_plus_ratio to null"
+        ],
+        what="training setup",
+    )
 
 
 def make_optimizer(
