@@ -47,16 +47,6 @@ SAME_LAYER_ALLOWED = {
     ("cli", "demo"): "`peftkit demo` runs the comparison the demo module ships",
 }
 
-# Today's violations, (importing file, imported part), being removed (issue 23). The list only shrinks:
-# a test fails when an entry no longer happens, so remove it with the import it names.
-KNOWN_VIOLATIONS = {
-    ("train/checkpoint.py", "api"),
-    ("train/experiment_logging.py", "api"),
-    ("train/fit.py", "api"),
-    ("train/optim.py", "api"),
-    ("train/optim.py", "methods"),
-}
-
 
 def broken_rule(imp: import_graph.Import) -> str | None:
     """The layer rule ``imp`` breaks, worded with the fix, or None."""
@@ -96,17 +86,8 @@ def test_every_part_of_the_package_is_in_a_layer():
 
 
 def test_no_module_imports_from_a_higher_layer_or_a_peer():
-    new = [
-        f"src/peftkit/{imp.file}:{imp.line}: {rule}"
-        for imp, rule in _violations()
-        if (imp.file, imp.target) not in KNOWN_VIOLATIONS
-    ]
+    new = [f"src/peftkit/{imp.file}:{imp.line}: {rule}" for imp, rule in _violations()]
     assert not new, "imports against the layer map (docs/architecture.md):\n" + "\n".join(new)
-
-
-def test_every_known_violation_still_exists_so_the_list_only_shrinks():
-    gone = KNOWN_VIOLATIONS - {(imp.file, imp.target) for imp, _ in _violations()}
-    assert not gone, f"fixed, so remove them from KNOWN_VIOLATIONS in {Path(__file__).name}: {sorted(gone)}"
 
 
 def _write(root: Path, files: dict[str, str]) -> Path:

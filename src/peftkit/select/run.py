@@ -32,14 +32,12 @@ def require_selectable(adapter: Mapping[str, Any]) -> None:
     Raises:
         ConfigError: ``adapter.method`` is not a method that declares itself selectable (LoRA).
     """
-    method = str(adapter.get("method", "lora")).lower()
+    method = str(adapter.get("method", registry.DEFAULT_METHOD)).lower()
     try:
         config_cls = registry.find_method(method).config_cls
     except KeyError:
         config_cls = None  # "full", or a typo the config check reports
-    # `selectable` is the methods' declared capability (AdapterConfig); until every method declares it,
-    # LoRA is the one that is
-    if not getattr(config_cls, "selectable", method == "lora"):
+    if config_cls is None or not config_cls.selectable:  # the method's declared capability
         raise ConfigError(
             [
                 f"adapter.method: selection allocates LoRA targets and ranks, got {method!r}; set "
