@@ -365,3 +365,10 @@ def test_lower_is_better_covers_losses_perplexities_and_error_rates():
     )
     assert not any(lower_is_better(m) for m in ("accuracy", "macro_f1", "chrf", "exact_match"))
     assert TrainConfig(metric="eval_perplexity").maximize is False
+
+
+def test_an_unknown_base_dropout_names_the_choices():
+    with pytest.raises(
+        ConfigError, match=r"model\.base_dropout: expected one of auto, keep, attention_off, off"
+    ):
+        parse_config({"model": {"base_dropout": "attention"}})

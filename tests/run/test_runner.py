@@ -113,6 +113,7 @@ def test_full_fine_tuning_trains_and_exports_every_parameter(tiny_model_dir, rev
     )
     result = runner.train_run(config, log=lambda line: None)
     assert result.ok and result.metrics["method"] == "full"
+    assert result.metrics["base_dropout"]["mode"] == "keep", "auto keeps full fine-tuning's own dropout"
     assert result.metrics["trainable_params"] == result.metrics["total_params"]
     assert (tmp_path / "full" / "model" / "model.safetensors").is_file()
     assert not (tmp_path / "full" / "adapter").exists()
@@ -322,3 +323,22 @@ def test_a_config_mistake_found_while_loading_leaves_no_run_behind(
     monkeypatch.chdir(tmp_path)
     with pytest.raises(ConfigError, match=r"e\.g\. output_dir=runs/x-2\)"):
         runner.train_run(make_config(tiny_model_dir, reviews_csv, out), log=lambda line: None)
+
+
+@pytest.mark.parametrize("mode", ["attention_off", "off"])
+def test_base_dropout_is_applied_to_the_base_only_and_recorded(tiny_model_dir, reviews_csv, tmp_path, mode):
+    config = make_config(
+        tiny_model_dir,
+        reviews_csv,
+        tmp_path / mode,
+        model={"base_dropout": mode},
+        train={"steps": 1, "eval_every": 0},
+    )
+    lines: list[str] = []
+    result = runner.train_run(config, log=lines.append)
+    recorded = result.metrics["base_dropout"]
+    assert recorded["mode"] == mode and recorded["attention_zeroed"] == 2  # the tiny BERT's 2 layers
+    assert (recorded["other_zeroed"] > 0) == (mode == "off")
+    assert any(line.startswith(f"base dropout {mode}") for line in lines)
+    saved = json.loads((tmp_path / mode / "metrics.json").read_text())
+    assert saved["base_dropout"] == recorded

@@ -7,13 +7,13 @@ its groups (``AdapterConfig.param_groups``, which LoRA implements in ``methods/l
 from __future__ import annotations
 
 import pytest
+from test_fit import tiny_bert
 
 import peftkit
 from peftkit.core.config import AdapterConfig
 from peftkit.errors import ConfigError
 from peftkit.methods.lora import LoraConfig
 from peftkit.train import param_groups
-from test_fit import tiny_bert
 
 
 def test_a_method_asks_for_no_groups_of_its_own_by_default():

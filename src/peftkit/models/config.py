@@ -30,6 +30,10 @@ class ModelConfig:
             classification head; "mean", "cls", "max" or "last" put the head on that pooling of the
             last hidden states; "pooler" forces the model's own head (BERT's pooler over [CLS], the
             last token for decoders). See docs/task-text-classification.md.
+        base_dropout: Dropout in the frozen base model: "keep" (the model's own), "attention_off"
+            (no dropout on attention weights), "off" (none in the base; a fresh task head keeps its
+            own), or "auto": :data:`PEFT_BASE_DROPOUT` for adapter runs, "keep" for full fine-tuning.
+            See docs/training.md, "Dropout in the frozen base".
     """
 
     name_or_path: str = "minilm"
@@ -39,11 +43,23 @@ class ModelConfig:
     quantize: str | None = None
     double_quant: bool = True
     pooling: str = "auto"
+    base_dropout: str = "auto"
 
 
 # the dtypes a task may load a base in (a task may accept fewer: image classification has no float16)
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
 POOLINGS = ("auto", "mean", "cls", "max", "last", "pooler")
+BASE_DROPOUTS = ("auto", "keep", "attention_off", "off")
+# What "auto" means for adapter runs, chosen from measured step time and quality (docs/training.md).
+PEFT_BASE_DROPOUT = "keep"
+
+
+def base_dropout_mode(model: ModelConfig, full_fine_tuning: bool) -> str:
+    """The mode ``model.base_dropout`` stands for: "auto" keeps full fine-tuning's dropout (everything
+    trains, so it regularises what trains) and applies :data:`PEFT_BASE_DROPOUT` to adapter runs."""
+    if model.base_dropout != "auto":
+        return model.base_dropout
+    return "keep" if full_fine_tuning else PEFT_BASE_DROPOUT
 
 
 def model_problems(model: ModelConfig) -> list[str]:
@@ -63,6 +79,7 @@ def model_problems(model: ModelConfig) -> list[str]:
             f"null, {', '.join(QUANT_TYPES[:-1])} or {QUANT_TYPES[-1]}",
         ),
         ("pooling", model.pooling in POOLINGS, f"one of {', '.join(POOLINGS)}"),
+        ("base_dropout", model.base_dropout in BASE_DROPOUTS, f"one of {', '.join(BASE_DROPOUTS)}"),
     ]
     return [
         f"model.{name}: expected {expected}, got {getattr(model, name)!r}"

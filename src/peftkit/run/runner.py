@@ -30,7 +30,10 @@ import torch
 from torch import nn
 
 from .. import api
+from ..core.dropout import set_base_dropout
+from ..core.registry import DEFAULT_METHOD
 from ..errors import ConfigError
+from ..models.config import base_dropout_mode
 from ..select import init as select_init
 from ..select import report as select_report
 from ..select.choose import is_auto
@@ -89,7 +92,7 @@ class LoadedRun:
 
 
 def is_full_fine_tuning(config: RunConfig) -> bool:
-    return str(config.adapter.get("method", "lora")).lower() == FULL_FINE_TUNING
+    return str(config.adapter.get("method", DEFAULT_METHOD)).lower() == FULL_FINE_TUNING
 
 
 def build_task(config: RunConfig) -> Task:
@@ -116,7 +119,7 @@ def adapt(model: nn.Module, config: RunConfig) -> nn.Module:
     fields = {k: v for k, v in config.adapter.items() if k != "method"}
     # the saved adapter_config.json names the base as others can find it, not as a path into .venv
     fields.setdefault("base_model_name_or_path", portable_name(config.model.name_or_path))
-    adapter = api.make_config(config.adapter.get("method", "lora"), **fields)
+    adapter = api.make_config(config.adapter.get("method", DEFAULT_METHOD), **fields)
     try:
         return api.inject(model, adapter, ADAPTER_NAME)
     except NoTargetMatchedError as exc:
@@ -162,6 +165,7 @@ def train_run(config: RunConfig, *, resume: bool = False, log: Log = print) -> R
         log = _silent
     task = build_task(config)
     model = task.load_model()
+    base_dropout = _set_base_dropout(model, config, log)
     # before seeding: the probe must not shift the random numbers the adapter's init draws
     chosen = (
         choose_for_run(config, task, model, run_dir / SELECTION_DIR, resume, log, world)
@@ -170,6 +174,7 @@ def train_run(config: RunConfig, *, resume: bool = False, log: Log = print) -> R
     )
     trained = dataclasses.replace(config, adapter=chosen["adapter"]) if chosen else config
     model, metrics = _adapt_seeded(model, trained, chosen, log)
+    metrics["base_dropout"] = base_dropout
     splits = _load_splits(task, trained, log)
     metrics.update(_before_training(task, model, splits, trained, chosen, world, log))
     if world.is_main:
@@ -189,6 +194,25 @@ def _claim_run_dir(run_dir: Path, config: RunConfig, resume: bool, log: Log) -> 
         log(f"no complete checkpoint in {run_dir / 'checkpoints'}: starting the run from step 0")
         return False
     return resume
+
+
+def _set_base_dropout(model: nn.Module, config: RunConfig, log: Log) -> dict[str, Any]:
+    """The frozen base's dropout as ``model.base_dropout`` says; a fresh task head keeps its own (everything
+    outside a transformers model's ``base_model``). What was done goes into ``metrics.json``."""
+    mode = base_dropout_mode(config.model, is_full_fine_tuning(config))
+    backbone = getattr(model, "base_model", model)
+    head = (
+        [name for name, child in model.named_children() if child is not backbone]
+        if backbone is not model
+        else []
+    )
+    report = set_base_dropout(model, mode, skip=head).as_dict()
+    if mode != "keep":
+        log(
+            f"base dropout {mode}: {report['attention_zeroed']} attention and {report['other_zeroed']} "
+            "other dropouts of the frozen base set to 0 (model.base_dropout)"
+        )
+    return report
 
 
 def _adapt_seeded(
@@ -431,7 +455,9 @@ def _fit_facts(result: Any) -> dict[str, Any]:
 
 def _method(config: RunConfig) -> str:
     return (
-        FULL_FINE_TUNING if is_full_fine_tuning(config) else str(config.adapter.get("method", "lora")).lower()
+        FULL_FINE_TUNING
+        if is_full_fine_tuning(config)
+        else str(config.adapter.get("method", DEFAULT_METHOD)).lower()
     )
 
 
