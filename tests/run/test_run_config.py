@@ -372,3 +372,10 @@ def test_an_unknown_base_dropout_names_the_choices():
         ConfigError, match=r"model\.base_dropout: expected one of auto, keep, attention_off, off"
     ):
         parse_config({"model": {"base_dropout": "attention"}})
+
+
+def test_a_bare_yaml_off_for_a_string_field_says_to_quote_it():
+    with pytest.raises(
+        ConfigError, match=r"model\.base_dropout: expected a string, got False \(bool\): quote"
+    ):
+        parse_config(parse_yaml("model: {base_dropout: off}"))

@@ -185,6 +185,8 @@ def coerce(value: Any, hint: Any) -> tuple[Any, str | None]:
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
         return (float(value), None) if ok else (_BAD, f"expected a number, got {show(value)}")
     if hint is str:
+        if isinstance(value, bool):  # YAML 1.1 reads bare off/on/no/yes as booleans
+            return _BAD, f'expected a string, got {show(value)}: quote the word, e.g. "off" or "no"'
         return (value, None) if isinstance(value, str) else (_BAD, f"expected a string, got {show(value)}")
     if origin in (list, tuple) and args:
         if not isinstance(value, list):
