@@ -383,3 +383,14 @@ def test_end_to_end_two_repetitions_of_one_case_in_fresh_processes(tmp_path):
     ratio = result["summary"]["cases"]["train-minilm-lora-qv"]["ratios"]["step_s peftkit/peft"]
     assert ratio["n"] == 2
     assert any(t["case"] == "train-minilm-lora-qv" for t in result["summary"]["targets"])
+
+
+def test_base_dropout_timing_runs_every_mode_interleaved(one_thread, tmp_path):
+    from benchmarks import base_dropout
+
+    out = base_dropout.main(
+        ["--weights", "tiny", "--rounds", "3", "--threads", "1", "--json", str(tmp_path / "s.json")]
+    )
+    assert all(f"  {mode} " in out for mode in base_dropout.MODES) and "x keep" in out
+    samples = json.loads((tmp_path / "s.json").read_text())["samples"]
+    assert {mode: len(v) for mode, v in samples.items()} == dict.fromkeys(base_dropout.MODES, 3)

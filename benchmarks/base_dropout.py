@@ -1,0 +1,80 @@
+"""Step time by the frozen base's dropout: ``python -m benchmarks.base_dropout [--case NAME] [--rounds 6]``.
+
+Builds one model per ``model.base_dropout`` mode (keep, attention_off, off) in this process, with the
+same adapter (peftkit) and batch, gives each one full-size warm-up step, then times ``--rounds`` rounds
+in which every mode takes one step, the order rotating per round, so the machine's drift hits all
+alike. Prints each mode's median step and its ratio to ``keep`` (docs/training.md, "Dropout in the
+frozen base"); ``--json FILE`` also writes the samples.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from benchmarks import cases, worker
+
+MODES = ("keep", "attention_off", "off")
+
+
+def main(argv: list[str] | None = None) -> str:
+    import torch
+
+    from peftkit import set_base_dropout
+
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.base_dropout", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument(
+        "--case", default="train-minilm-lora-qv", help="a training case (python -m benchmarks.run --list)"
+    )
+    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--weights", default="real", choices=cases.WEIGHTS)
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    case = {c.name: c for c in cases.default_cases()}[args.case]
+    nets, optimizers = {}, {}
+    for mode in MODES:
+        net = cases.load_model(case.model, args.weights)
+        backbone = net.base_model
+        head = [name for name, child in net.named_children() if child is not backbone]
+        set_base_dropout(net, mode, skip=head)
+        nets[mode] = cases.adapt(net, case, "peftkit").train()
+        optimizers[mode] = torch.optim.AdamW(
+            [p for p in nets[mode].parameters() if p.requires_grad], lr=worker.LEARNING_RATE
+        )
+    batch = cases.make_batch(case.model, nets["keep"].config.vocab_size, args.weights, 0)
+
+    def step(mode: str) -> float:
+        start = time.perf_counter()
+        nets[mode](**batch).loss.backward()
+        optimizers[mode].step()
+        optimizers[mode].zero_grad(set_to_none=True)
+        return time.perf_counter() - start
+
+    first = {mode: step(mode) for mode in MODES}
+    samples: dict[str, list[float]] = {mode: [] for mode in MODES}
+    for index in range(args.rounds):
+        for mode in MODES[index % len(MODES) :] + MODES[: index % len(MODES)]:
+            samples[mode].append(step(mode))
+    medians = {mode: statistics.median(values) for mode, values in samples.items()}
+    lines = [
+        f"{case.name}, {args.rounds} rounds, {args.threads} threads (median step after one full-size warm-up):",
+        *(
+            f"  {mode:14s} {medians[mode]:.3f} s  ({medians[mode] / medians['keep']:.2f} x keep; first step {first[mode]:.3f} s)"
+            for mode in MODES
+        ),
+    ]
+    if args.json:
+        args.json.write_text(json.dumps({"case": case.name, "first": first, "samples": samples}, indent=1))
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(main(sys.argv[1:]))
