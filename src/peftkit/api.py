@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import difflib
-import math
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -19,6 +18,7 @@ from .core import inject as _inject
 from .core import mixed as _mixed
 from .core import registry
 from .core.config import AdapterConfig
+from .core.counting import count_parameters
 from .core.inject import adapter_layers, model_parts, require_adapter, saved_modules, state_of
 from .core.io import load_adapter, read_adapter_config, save_adapter
 from .core.state_dict import adapter_state_dict, load_adapter_state_dict
@@ -326,13 +326,6 @@ class TrainableSummary:
         return "\n".join(lines)
 
 
-def _logical_numel(param: torch.Tensor) -> int:
-    """Elements of the weight a parameter stands for: a bitsandbytes 4-bit weight packs two values per
-    byte, so its storage's ``numel()`` is half of the (out, in) shape its ``quant_state`` records."""
-    shape = getattr(getattr(param, "quant_state", None), "shape", None)
-    return math.prod(shape) if shape is not None else param.numel()
-
-
 def trainable_summary(model: nn.Module, *, show: bool = True) -> TrainableSummary:
     """Which modules were adapted (kind, added parameters), trainable vs total parameters, and which
     matched modules could not be adapted. Prints the table unless ``show=False``."""
@@ -361,11 +354,7 @@ def trainable_summary(model: nn.Module, *, show: bool = True) -> TrainableSummar
                 if item[0] not in seen:
                     seen.add(item[0])
                     summary.skipped.append(item)
-    unique = {id(p): p for p in model.parameters()}.values()
-    # Every parameter the model holds, adapters and the originals modules_to_save keeps for the
-    # disabled path included (the reference library counts the same way).
-    summary.total = sum(_logical_numel(p) for p in unique)
-    summary.trainable = sum(_logical_numel(p) for p in unique if p.requires_grad)
+    summary.trainable, summary.total = count_parameters(model)
     if show:
         print(summary)
     return summary

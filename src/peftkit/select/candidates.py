@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from ..core import registry
+from ..core.counting import count_parameters
 from ..core.targeting import output_head_names, sequence_head_names, user_modules
 
 LORA = "LORA"
@@ -145,13 +146,8 @@ def find_candidates(
         }
         if biases:
             whole.append(WholeParams("(all biases)", "bias", "bias", biases))
-    total = sum(_logical_numel(p) for p in {id(p): p for p in model.parameters()}.values())
+    _, total = count_parameters(model)
     return Candidates(low_rank, whole, always, total)
-
-
-def _logical_numel(param: nn.Parameter) -> int:
-    shape = getattr(getattr(param, "quant_state", None), "shape", None)  # packed 4-bit storage
-    return _prod(shape) if shape is not None else param.numel()
 
 
 def _prod(values) -> int:

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import importlib
 import json
-import math
 import os
 import re
 import time
@@ -32,9 +31,9 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
-import torch
 from torch import nn
 
+from ..core.counting import count_parameters
 from ..errors import ConfigError
 from .config import TrainConfig
 
@@ -74,20 +73,12 @@ def reported_to(config: TrainConfig) -> list[str]:
 def parameter_counts(model: nn.Module) -> dict[str, float]:
     """The trainable-parameter summary the loggers record, counted as ``peftkit.trainable_summary`` and
     ``metrics.json`` count: every parameter once (tied weights too), adapters included."""
-    unique = {id(p): p for p in model.parameters()}.values()
-    total = sum(_logical_numel(p) for p in unique)
-    trainable = sum(_logical_numel(p) for p in unique if p.requires_grad)
+    trainable, total = count_parameters(model)
     return {
         "trainable_params": trainable,
         "total_params": total,
         "trainable_percent": round(100.0 * trainable / total if total else 0.0, 4),
     }
-
-
-def _logical_numel(param: torch.Tensor) -> int:
-    # a bitsandbytes 4-bit weight packs two values per byte: count the (out, in) shape its quant_state records
-    shape = getattr(getattr(param, "quant_state", None), "shape", None)
-    return math.prod(shape) if shape is not None else param.numel()
 
 
 def scalars(kind: str, values: Mapping[str, Any]) -> dict[str, float]:
