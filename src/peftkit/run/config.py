@@ -19,8 +19,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
-import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +33,7 @@ from ..models.config import ModelConfig, model_problems, model_source_problems
 from ..select.choose import AUTO
 from ..select.config import select_problems
 from ..tasks.config import EvalConfig, eval_problems, generation_problems
-from ..train.config import REPORT_TO, TrainConfig, lower_is_better
+from ..train.config import TrainConfig, train_problems
 from .adapter import (
     FULL_FINE_TUNING_LR_CANDIDATES,
     adapter_problems,
@@ -140,64 +139,11 @@ def _moved_max_new_tokens(
 
 # -- values ----------------------------------------------------------------------------------------
 
-Check = tuple[str, Callable[[Any], bool], str]
-_DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
-
-# (field, predicate on the value, what is expected) for the train section; the dataclass keeps no
-# validation of its own (it is a plain typed record shared by the library and the CLI).
-_TRAIN_CHECKS: list[Check] = [
-    (
-        "steps",
-        lambda v: v is None or v > 0,
-        "a positive number of optimizer steps, or null to run train.epochs",
-    ),
-    ("epochs", lambda v: v > 0, "a positive number of passes"),
-    ("batch_size", lambda v: v > 0, "a positive number of examples"),
-    ("grad_accum", lambda v: v > 0, "a positive number of forward passes per step"),
-    ("lr", lambda v: 0 < v < float("inf"), "a positive learning rate, e.g. 2e-4"),
-    ("weight_decay", lambda v: v >= 0, "a non-negative number"),
-    (
-        "lora_plus_ratio",
-        lambda v: v is None or v > 0,
-        "a positive ratio (16 in the LoRA+ paper), or null",
-    ),
-    ("schedule", lambda v: v in ("linear", "cosine", "constant"), "one of linear, cosine, constant"),
-    (
-        "warmup_steps",
-        lambda v: v is None or v >= 0,
-        "a non-negative number of steps, or null to use warmup_ratio",
-    ),
-    ("warmup_ratio", lambda v: 0 <= v < 1, "a fraction in [0, 1)"),
-    ("max_grad_norm", lambda v: v is None or v > 0, "a positive norm, or null for no clipping"),
-    ("precision", lambda v: v in ("fp32", "bf16"), "fp32 or bf16"),
-    ("eval_every", lambda v: v >= 0, "a non-negative number of steps (0: only at the end)"),
-    ("metric", lambda v: bool(v), "a metric name such as loss or accuracy"),
-    (
-        "early_stopping_patience",
-        lambda v: v is None or v > 0,
-        "a positive number of evaluations, or null",
-    ),
-    ("save_every", lambda v: v >= 0, "a non-negative number of steps (0: at evaluations and the end)"),
-    ("log_every", lambda v: v >= 0, "a non-negative number of steps"),
-    ("device", lambda v: _DEVICE.fullmatch(v) is not None, "auto, cpu, cuda, cuda:N or mps"),
-    (
-        "report_to",
-        lambda v: v is None or set(v) <= set(REPORT_TO),
-        f"a list of {', '.join(REPORT_TO)}, or null",
-    ),
-]
-
 
 def value_problems(config: RunConfig) -> list[str]:
     """Every problem of the config's values, section by section, then of how the sections combine (the
     names that must exist are :func:`reference_problems`'s)."""
-    train = config.train
-    problems = model_problems(config.model) + data_problems(config.data)
-    problems += [
-        f"train.{name}: expected {expected}, got {getattr(train, name)!r}"
-        for name, ok, expected in _TRAIN_CHECKS
-        if not ok(getattr(train, name))
-    ]
+    problems = model_problems(config.model) + data_problems(config.data) + train_problems(config.train)
     problems += eval_problems(config.eval) + generation_problems(config.generation)
     if not config.output_dir.strip():
         problems.append(f"output_dir: expected a directory path, got {config.output_dir!r}")
@@ -208,8 +154,6 @@ def value_problems(config: RunConfig) -> list[str]:
             problems.append(
                 f"data.{name}: only causal-lm runs read it (this run's task is {config.task!r}); remove it"
             )
-    if lower_is_better(train.metric) and train.greater_is_better is True:
-        problems.append(f"train.greater_is_better: a lower {train.metric} is better; set it to false")
     return problems
 
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import re
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 # The names train.report_to knows (peftkit.train.experiment_logging has a logger for each but jsonl,
 # the tracker's own file). A list of str, not of a Literal, so that an unknown name gets the message of
@@ -95,3 +97,65 @@ class TrainConfig:
         if self.greater_is_better is not None:
             return self.greater_is_better
         return not lower_is_better(self.metric)
+
+
+# -- the section's rules, as a run config's train: section reports them ---------------------------------
+
+_Check = tuple[str, Callable[[Any], bool], str]
+_DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+
+# (field, predicate on the value, what is expected) for the train section; the dataclass keeps no
+# validation of its own (it is a plain typed record shared by the library and the CLI).
+_TRAIN_CHECKS: list[_Check] = [
+    (
+        "steps",
+        lambda v: v is None or v > 0,
+        "a positive number of optimizer steps, or null to run train.epochs",
+    ),
+    ("epochs", lambda v: v > 0, "a positive number of passes"),
+    ("batch_size", lambda v: v > 0, "a positive number of examples"),
+    ("grad_accum", lambda v: v > 0, "a positive number of forward passes per step"),
+    ("lr", lambda v: 0 < v < float("inf"), "a positive learning rate, e.g. 2e-4"),
+    ("weight_decay", lambda v: v >= 0, "a non-negative number"),
+    (
+        "lora_plus_ratio",
+        lambda v: v is None or v > 0,
+        "a positive ratio (16 in the LoRA+ paper), or null",
+    ),
+    ("schedule", lambda v: v in ("linear", "cosine", "constant"), "one of linear, cosine, constant"),
+    (
+        "warmup_steps",
+        lambda v: v is None or v >= 0,
+        "a non-negative number of steps, or null to use warmup_ratio",
+    ),
+    ("warmup_ratio", lambda v: 0 <= v < 1, "a fraction in [0, 1)"),
+    ("max_grad_norm", lambda v: v is None or v > 0, "a positive norm, or null for no clipping"),
+    ("precision", lambda v: v in ("fp32", "bf16"), "fp32 or bf16"),
+    ("eval_every", lambda v: v >= 0, "a non-negative number of steps (0: only at the end)"),
+    ("metric", lambda v: bool(v), "a metric name such as loss or accuracy"),
+    (
+        "early_stopping_patience",
+        lambda v: v is None or v > 0,
+        "a positive number of evaluations, or null",
+    ),
+    ("save_every", lambda v: v >= 0, "a non-negative number of steps (0: at evaluations and the end)"),
+    ("log_every", lambda v: v >= 0, "a non-negative number of steps"),
+    ("device", lambda v: _DEVICE.fullmatch(v) is not None, "auto, cpu, cuda, cuda:N or mps"),
+    (
+        "report_to",
+        lambda v: v is None or set(v) <= set(REPORT_TO),
+        f"a list of {', '.join(REPORT_TO)}, or null",
+    ),
+]
+
+
+def train_problems(train: TrainConfig) -> list[str]:
+    """Every problem of a run config's ``train:`` values, each headed by its field path."""
+    problems = [
+        f"train.{name}: expected {expected}, got {getattr(train, name)!r}"
+        for name, ok, expected in _TRAIN_CHECKS
+        if not ok(getattr(train, name))
+    ]
+    if lower_is_better(train.metric) and train.greater_is_better is True:
+        problems.append(f"train.greater_is_better: a lower {train.metric} is better; set it to false")
+    return problems
