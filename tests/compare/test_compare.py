@@ -568,3 +568,19 @@ def test_a_finished_record_keeps_its_key_when_fields_are_added_later():
 
     old = load_config(Path(__file__).parent / "records" / "compare-record-config-2026-12-05.yaml")
     assert config_key(old) == "214ee16a13f67a84"
+
+
+def test_a_base_dropout_other_than_keep_changes_the_key_and_keep_does_not():
+    import dataclasses
+    from pathlib import Path
+
+    from peftkit.compare.config import config_key
+    from peftkit.run.config import load_config
+
+    old = load_config(Path(__file__).parent / "records" / "compare-record-config-2026-12-05.yaml")
+
+    def with_dropout(mode: str):
+        return config_key(dataclasses.replace(old, model=dataclasses.replace(old.model, base_dropout=mode)))
+
+    assert with_dropout("keep") == config_key(old) == "214ee16a13f67a84"
+    assert len({with_dropout("keep"), with_dropout("attention_off"), with_dropout("off")}) == 3

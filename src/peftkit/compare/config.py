@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..core.registry import FULL_FINE_TUNING
 from ..errors import ConfigError
 from ..run.config import parse_config, resolved, to_dict
 from ..run.loader import apply_overrides, parse_yaml
@@ -332,6 +333,16 @@ def _as_before(data: dict[str, Any], config: RunConfig) -> None:
         data["eval"]["max_new_tokens"] = settings_of(config.generation, config.eval).max_new_tokens
     if isinstance(data.get("train"), dict):
         data["train"]["greater_is_better"] = config.train.maximize
+    # model.base_dropout hashes as the mode it stands for: "keep" (what every run did before the field
+    # existed) hashes as before, and a changed default for "auto" changes the key of the runs it changes
+    if isinstance(data.get("model"), dict):
+        from ..models.config import base_dropout_mode
+
+        data["model"].pop("base_dropout", None)
+        full = str(config.adapter.get("method", "")).lower() == FULL_FINE_TUNING
+        mode = base_dropout_mode(config.model, full)
+        if mode != "keep":
+            data["model"]["base_dropout"] = mode
 
 
 def _settings(section: Mapping[str, Any], problems: list[str]) -> dict[str, Any]:
