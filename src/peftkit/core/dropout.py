@@ -3,7 +3,7 @@
 In parameter-efficient training the base's dropout regularises nothing that trains except through the
 activations the adapter sees (the adapters have their own dropout), yet on CPU it costs a quarter of a
 LoRA step: the masks are drawn for every activation, and attention dropout makes scaled-dot-product
-attention fall back to its unfused path (docs/performance.md, "Dropout in the frozen base").
+attention fall back to its unfused path (docs/training.md, "Dropout in the frozen base").
 
 Attention dropout is found on the module types that compute attention (their class name says
 "Attention", or ``nn.MultiheadAttention``), where transformers and torch keep it either as a dropout
