@@ -42,6 +42,7 @@ from ..core.layer import AdapterModule, adapter_dtype
 from ..core.registry import register_layer, register_method
 from ..core.targeting import HFConv1D, Target
 from ..errors import AdapterNameError, ConfigError
+from .lora import LoraConfig
 
 PEFT_TYPE = "ADALORA"
 _MASK_SUFFIX = ".lora_E"  # rank_pattern keys are "<module name>.lora_E", as the reference writes them
@@ -115,29 +116,11 @@ class AdaLoraConfig(AdapterConfig):
     # AdaLoraConfig extends LoraConfig in the reference library, so its files carry every LoRA key.
     # AdaLoRA ignores r (init_r is the rank) and use_rslora (its scale is always alpha / init_r).
     reference_inert: ClassVar[dict[str, Any]] = {
+        **LoraConfig.reference_inert,
         "r": ANY,
         "use_rslora": ANY,
         "bias": "none",
         "use_dora": False,
-        "alora_invocation_tokens": None,
-        "arrow_config": None,
-        "corda_config": None,
-        "eva_config": None,
-        "ensure_weight_tying": False,
-        "kasa_config": None,
-        "layer_replication": None,
-        "loftq_config": {},
-        "lora_bias": False,
-        "lora_ga_config": None,
-        "megatron_config": None,
-        "megatron_core": "megatron.core",
-        "monteclora_config": None,
-        "qalora_group_size": ANY,
-        "target_parameters": None,
-        "trainable_token_indices": None,
-        "use_bdlora": None,
-        "use_qalora": False,
-        "velora_config": None,
     }
 
     def __post_init__(self) -> None:
