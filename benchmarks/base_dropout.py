@@ -18,7 +18,7 @@ from pathlib import Path
 
 from benchmarks import cases, worker
 
-MODES = ("keep", "attention_off", "off")
+MODES = ("keep", "attention_off", "all_off")
 
 
 def main(argv: list[str] | None = None) -> str:

@@ -583,4 +583,4 @@ def test_a_base_dropout_other_than_keep_changes_the_key_and_keep_does_not():
         return config_key(dataclasses.replace(old, model=dataclasses.replace(old.model, base_dropout=mode)))
 
     assert with_dropout("keep") == config_key(old) == "214ee16a13f67a84"
-    assert len({with_dropout("keep"), with_dropout("attention_off"), with_dropout("off")}) == 3
+    assert len({with_dropout("keep"), with_dropout("attention_off"), with_dropout("all_off")}) == 3

@@ -74,7 +74,7 @@ def test_off_makes_a_training_forward_the_eval_forward_and_keep_changes_nothing(
         "other_zeroed": 0,
     }
     assert not torch.equal(forward(untouched, 0), forward(untouched, 1))
-    report = set_base_dropout(model, "off")
+    report = set_base_dropout(model, "all_off")
     assert report.attention == 2 and report.other > 0
     with torch.no_grad():
         expected = copy.deepcopy(model).eval()(input_ids=IDS).logits
@@ -84,7 +84,7 @@ def test_off_makes_a_training_forward_the_eval_forward_and_keep_changes_nothing(
 def test_skipped_modules_adapters_and_trained_copies_keep_their_dropout():
     model = tiny_bert()
     peftkit.inject(model, peftkit.LoraConfig(r=2, target_modules=["query"], lora_dropout=0.2))
-    report = set_base_dropout(model, "off", skip=["dropout"])  # the head's dropout, before the classifier
+    report = set_base_dropout(model, "all_off", skip=["dropout"])  # the head's dropout, before the classifier
     assert report.other > 0
     in_adapters = [m for n, m in model.named_modules() if isinstance(m, nn.Dropout) and ".adapters." in n]
     assert in_adapters and all(m.p == 0.2 for m in in_adapters)
@@ -98,9 +98,9 @@ def test_plain_modules_and_multihead_attention():
     model = nn.Sequential(nn.MultiheadAttention(8, 2, dropout=0.1), nn.Dropout(0.2), nn.Linear(8, 8))
     assert set_base_dropout(model, "attention_off").attention == 1
     assert model[0].dropout == 0.0 and model[1].p == 0.2
-    assert set_base_dropout(model, "off").other == 1 and model[1].p == 0.0
+    assert set_base_dropout(model, "all_off").other == 1 and model[1].p == 0.0
 
 
 def test_an_unknown_mode_names_the_choices():
-    with pytest.raises(ConfigError, match="keep, attention_off, off"):
+    with pytest.raises(ConfigError, match="keep, attention_off, all_off"):
         set_base_dropout(nn.Linear(2, 2), "attention")

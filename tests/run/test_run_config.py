@@ -369,7 +369,7 @@ def test_lower_is_better_covers_losses_perplexities_and_error_rates():
 
 def test_an_unknown_base_dropout_names_the_choices():
     with pytest.raises(
-        ConfigError, match=r"model\.base_dropout: expected one of auto, keep, attention_off, off"
+        ConfigError, match=r"model\.base_dropout: expected one of auto, keep, attention_off, all_off"
     ):
         parse_config({"model": {"base_dropout": "attention"}})
 

@@ -325,7 +325,7 @@ def test_a_config_mistake_found_while_loading_leaves_no_run_behind(
         runner.train_run(make_config(tiny_model_dir, reviews_csv, out), log=lambda line: None)
 
 
-@pytest.mark.parametrize("mode", ["attention_off", "off"])
+@pytest.mark.parametrize("mode", ["attention_off", "all_off"])
 def test_base_dropout_is_applied_to_the_base_only_and_recorded(tiny_model_dir, reviews_csv, tmp_path, mode):
     config = make_config(
         tiny_model_dir,
@@ -338,7 +338,7 @@ def test_base_dropout_is_applied_to_the_base_only_and_recorded(tiny_model_dir, r
     result = runner.train_run(config, log=lines.append)
     recorded = result.metrics["base_dropout"]
     assert recorded["mode"] == mode and recorded["attention_zeroed"] == 2  # the tiny BERT's 2 layers
-    assert (recorded["other_zeroed"] > 0) == (mode == "off")
+    assert (recorded["other_zeroed"] > 0) == (mode == "all_off")
     assert any(line.startswith(f"base dropout {mode}") for line in lines)
     saved = json.loads((tmp_path / mode / "metrics.json").read_text())
     assert saved["base_dropout"] == recorded

@@ -21,7 +21,8 @@ from torch import nn
 from ..errors import ConfigError
 from .layer import AdapterModule, ModelPart, ModulesToSave
 
-BASE_DROPOUT_MODES = ("keep", "attention_off", "off")
+# "all_off", not "off": YAML (and so a command-line override) reads a bare off as false
+BASE_DROPOUT_MODES = ("keep", "attention_off", "all_off")
 # where attention modules keep the probability of dropping attention weights
 _ATTENTION_DROPOUT_MODULES = ("dropout", "attn_dropout", "attention_dropout")
 _ATTENTION_DROPOUT_FLOATS = ("dropout", "attention_dropout", "attn_dropout", "dropout_p")
@@ -49,7 +50,7 @@ def set_base_dropout(model: nn.Module, mode: str, *, skip: Iterable[str] = ()) -
     Args:
         model: Any ``nn.Module`` (a transformers model, a torchvision CNN, a plain module).
         mode: "keep" changes nothing; "attention_off" sets the dropout on attention weights to 0;
-            "off" sets every dropout of the base to 0 (attention, hidden states, embeddings).
+            "all_off" sets every dropout of the base to 0 (attention, hidden states, embeddings).
         skip: Names of submodules left as they are, such as a freshly initialised task head that
             trains and keeps its own dropout.
 
@@ -83,7 +84,7 @@ def set_base_dropout(model: nn.Module, mode: str, *, skip: Iterable[str] = ()) -
             if isinstance(value, float) and value > 0:
                 setattr(module, attribute, 0.0)
                 report.attention += 1
-    if mode == "off":
+    if mode == "all_off":
         for name, module in model.named_modules():
             if any(name == s or name.startswith(s + ".") for s in skipped):
                 continue

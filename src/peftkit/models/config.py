@@ -31,7 +31,7 @@ class ModelConfig:
             last hidden states; "pooler" forces the model's own head (BERT's pooler over [CLS], the
             last token for decoders). See docs/task-text-classification.md.
         base_dropout: Dropout in the frozen base model: "keep" (the model's own), "attention_off"
-            (no dropout on attention weights), "off" (none in the base; a fresh task head keeps its
+            (no dropout on attention weights), "all_off" (none in the base; a fresh task head keeps its
             own), or "auto": :data:`PEFT_BASE_DROPOUT` for adapter runs, "keep" for full fine-tuning.
             See docs/training.md, "Dropout in the frozen base".
     """
@@ -49,7 +49,7 @@ class ModelConfig:
 # the dtypes a task may load a base in (a task may accept fewer: image classification has no float16)
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
 POOLINGS = ("auto", "mean", "cls", "max", "last", "pooler")
-BASE_DROPOUTS = ("auto", "keep", "attention_off", "off")
+BASE_DROPOUTS = ("auto", "keep", "attention_off", "all_off")
 # What "auto" means for adapter runs, chosen from measured step time and quality (docs/training.md).
 PEFT_BASE_DROPOUT = "keep"
 
