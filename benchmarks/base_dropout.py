@@ -25,6 +25,7 @@ def main(argv: list[str] | None = None) -> str:
     import torch
 
     from peftkit import set_base_dropout
+    from peftkit.core.dropout import head_outside_base
 
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks.base_dropout", description=__doc__.split("\n\n")[0]
@@ -42,9 +43,7 @@ def main(argv: list[str] | None = None) -> str:
     nets, optimizers = {}, {}
     for mode in MODES:
         net = cases.load_model(case.model, args.weights)
-        backbone = net.base_model
-        head = [name for name, child in net.named_children() if child is not backbone]
-        set_base_dropout(net, mode, skip=head)
+        set_base_dropout(net, mode, skip=head_outside_base(net))
         nets[mode] = cases.adapt(net, case, "peftkit").train()
         optimizers[mode] = torch.optim.AdamW(
             [p for p in nets[mode].parameters() if p.requires_grad], lr=worker.LEARNING_RATE

@@ -44,6 +44,15 @@ def _is_attention(module: nn.Module) -> bool:
     return isinstance(module, nn.MultiheadAttention) or "Attention" in type(module).__name__
 
 
+def head_outside_base(model: nn.Module) -> list[str]:
+    """Names of a transformers model's children outside its ``base_model`` (a task head and the dropout
+    before it): what a freshly initialised head that trains would keep. Empty for a plain module."""
+    backbone = getattr(model, "base_model", model)
+    if backbone is model:
+        return []
+    return [name for name, child in model.named_children() if child is not backbone]
+
+
 def set_base_dropout(model: nn.Module, mode: str, *, skip: Iterable[str] = ()) -> BaseDropout:
     """Set the base model's dropout as ``mode`` says, in place; call it before injecting adapters.
 

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from .. import api
-from ..core.dropout import set_base_dropout
+from ..core.dropout import head_outside_base, set_base_dropout
 from ..core.registry import DEFAULT_METHOD
 from ..errors import ConfigError
 from ..models.config import base_dropout_mode
@@ -200,13 +200,7 @@ def _set_base_dropout(model: nn.Module, config: RunConfig, log: Log) -> dict[str
     """The frozen base's dropout as ``model.base_dropout`` says; a fresh task head keeps its own (everything
     outside a transformers model's ``base_model``). What was done goes into ``metrics.json``."""
     mode = base_dropout_mode(config.model, is_full_fine_tuning(config))
-    backbone = getattr(model, "base_model", model)
-    head = (
-        [name for name, child in model.named_children() if child is not backbone]
-        if backbone is not model
-        else []
-    )
-    report = set_base_dropout(model, mode, skip=head).as_dict()
+    report = set_base_dropout(model, mode, skip=head_outside_base(model)).as_dict()
     if mode != "keep":
         log(
             f"base dropout {mode}: {report['attention_zeroed']} attention and {report['other_zeroed']} "
