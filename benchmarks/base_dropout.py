@@ -11,12 +11,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
 
-from benchmarks import cases, worker
+from benchmarks import cases, interleave, worker
 
 MODES = ("keep", "attention_off", "all_off")
 
@@ -50,19 +48,15 @@ def main(argv: list[str] | None = None) -> str:
         )
     batch = cases.make_batch(case.model, nets["keep"].config.vocab_size, args.weights, 0)
 
-    def step(mode: str) -> float:
-        start = time.perf_counter()
+    def step(mode: str) -> None:
         nets[mode](**batch).loss.backward()
         optimizers[mode].step()
         optimizers[mode].zero_grad(set_to_none=True)
-        return time.perf_counter() - start
 
-    first = {mode: step(mode) for mode in MODES}
-    samples: dict[str, list[float]] = {mode: [] for mode in MODES}
-    for index in range(args.rounds):
-        for mode in MODES[index % len(MODES) :] + MODES[: index % len(MODES)]:
-            samples[mode].append(step(mode))
-    medians = {mode: statistics.median(values) for mode, values in samples.items()}
+    first, samples = interleave.time_interleaved(
+        {mode: lambda m=mode: step(m) for mode in MODES}, args.rounds
+    )
+    medians = interleave.medians(samples)
     lines = [
         f"{case.name}, {args.rounds} rounds, {args.threads} threads (median step after one full-size warm-up):",
         *(

@@ -394,3 +394,56 @@ def test_base_dropout_timing_runs_every_mode_interleaved(one_thread, tmp_path):
     assert all(f"  {mode} " in out for mode in base_dropout.MODES) and "x keep" in out
     samples = json.loads((tmp_path / "s.json").read_text())["samples"]
     assert {mode: len(v) for mode, v in samples.items()} == dict.fromkeys(base_dropout.MODES, 3)
+
+
+def test_interleaving_rotates_the_order_and_times_every_setup_each_round():
+    from benchmarks import interleave
+
+    order = []
+    first, samples = interleave.time_interleaved({n: lambda n=n: order.append(n) for n in "abc"}, 3)
+    assert order == list("abc") + list("abc") + list("bca") + list("cab")  # warm-up, then rotated rounds
+    assert set(first) == set("abc") and {n: len(v) for n, v in samples.items()} == dict.fromkeys("abc", 3)
+    assert interleave.medians({"a": [3.0, 1.0, 2.0]}) == {"a": 2.0}
+
+
+@pytest.mark.parametrize(("case", "expected"), [("train-minilm-lora-qv", 3), ("train-minilm-full", 2)])
+def test_precision_timing_runs_every_precision_a_case_allows(one_thread, tmp_path, case, expected):
+    from benchmarks import precision
+
+    out = precision.main(
+        [
+            "--case",
+            case,
+            "--weights",
+            "tiny",
+            "--rounds",
+            "2",
+            "--threads",
+            "1",
+            "--json",
+            str(tmp_path / "p.json"),
+        ]
+    )
+    saved = json.loads((tmp_path / "p.json").read_text())
+    assert list(saved["samples"]) == list(precision.PRECISIONS[:expected]) and "x fp32" in out
+    assert ("bf16_base" in out) == (expected == 3)  # full fine-tuning has no bf16 base: it would train bf16
+
+
+def test_defaults_timing_sets_each_side_at_its_defaults(one_thread, tmp_path):
+    from benchmarks import defaults
+
+    out = defaults.main(
+        ["--weights", "tiny", "--rounds", "2", "--threads", "1", "--json", str(tmp_path / "d.json")]
+    )
+    saved = json.loads((tmp_path / "d.json").read_text())
+    assert list(saved["samples"]) == list(defaults.SETUPS) and "peftkit/peft" in out
+    import torch
+
+    from peftkit.train.runtime import resolve_precision
+
+    auto = resolve_precision(
+        "auto", torch.device("cpu")
+    )  # the suite pins it (conftest) unless told otherwise
+    assert saved["precision"] == {"peftkit": auto, "peft": "fp32", "full": auto, "full_fp32": "fp32"}
+    with pytest.raises(SystemExit):
+        defaults.main(["--case", "train-minilm-full", "--weights", "tiny"])
