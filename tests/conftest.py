@@ -9,6 +9,11 @@ import random
 import pytest
 import torch
 
+# train.precision "auto" resolves by the machine (bf16 where the CPU has AMX or AVX-512 BF16): the suite
+# pins it to fp32 so it computes alike everywhere (subprocesses inherit it). Tests of the detection
+# unset it; `PEFTKIT_AUTO_PRECISION=bf16 make test` runs the suite's auto runs under bf16 autocast.
+os.environ.setdefault("PEFTKIT_AUTO_PRECISION", "fp32")
+
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # Under `pytest -n 2` on a 2-core machine, two workers with two intra-op threads each
     # oversubscribe the cores and make tiny-model tests many times slower.

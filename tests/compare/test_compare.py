@@ -558,29 +558,59 @@ def test_a_row_at_the_majority_class_is_not_on_the_front_and_the_table_shows_the
     assert _title(summary).startswith("PEFT methods compared")  # no full fine-tuning run to set PEFT against
 
 
-def test_a_finished_record_keeps_its_key_when_fields_are_added_later():
+def _old_record_config():
     # config.yaml of the demo's lora seed-0 run as written before the generation section, data.hub,
-    # the chat fields, train.report_to and the null greater_is_better existed; its record's key then
+    # the chat fields, train.report_to, the null greater_is_better, model.base_dropout and
+    # train.precision "auto" existed
     from pathlib import Path
 
-    from peftkit.compare.config import config_key
     from peftkit.run.config import load_config
 
-    old = load_config(Path(__file__).parent / "records" / "compare-record-config-2026-12-05.yaml")
-    assert config_key(old) == "214ee16a13f67a84"
+    return load_config(Path(__file__).parent / "records" / "compare-record-config-2026-12-05.yaml")
+
+
+def _with(config, **sections):
+    import dataclasses
+
+    return dataclasses.replace(
+        config, **{name: dataclasses.replace(getattr(config, name), **v) for name, v in sections.items()}
+    )
+
+
+OLD_RECORD_KEY = "214ee16a13f67a84"  # the key that record was stored under
+
+
+def test_a_finished_record_keeps_its_key_when_fields_are_added_later():
+    from peftkit.compare.config import config_key
+
+    # at the settings it ran with (the base's dropout kept, fp32), the added fields change nothing
+    ran = _with(_old_record_config(), model={"base_dropout": "keep"}, train={"precision": "fp32"})
+    assert config_key(ran) == OLD_RECORD_KEY
+
+
+def test_a_changed_default_changes_the_key_of_the_runs_it_changes(monkeypatch):
+    from peftkit.compare.config import config_key
+
+    monkeypatch.setenv("PEFTKIT_AUTO_PRECISION", "fp32")  # a machine without native bf16
+    old = _old_record_config()  # as written: no base_dropout (so "auto"), and the whole train section
+    assert old.model.base_dropout == "auto" and old.train.precision == "fp32"
+    # a LoRA run's "auto" base dropout is now attention_off: the record no longer describes it
+    assert config_key(old) != OLD_RECORD_KEY
+    kept = _with(old, model={"base_dropout": "keep"}, train={"precision": "auto"})
+    assert config_key(kept) == OLD_RECORD_KEY  # "auto" precision resolves to fp32 there
+    monkeypatch.setenv("PEFTKIT_AUTO_PRECISION", "bf16")  # a machine with native bf16
+    assert config_key(kept) != OLD_RECORD_KEY
+    assert config_key(kept) == config_key(_with(kept, train={"precision": "bf16"}))
 
 
 def test_a_base_dropout_other_than_keep_changes_the_key_and_keep_does_not():
-    import dataclasses
-    from pathlib import Path
-
     from peftkit.compare.config import config_key
-    from peftkit.run.config import load_config
 
-    old = load_config(Path(__file__).parent / "records" / "compare-record-config-2026-12-05.yaml")
+    old = _with(_old_record_config(), train={"precision": "fp32"})
 
     def with_dropout(mode: str):
-        return config_key(dataclasses.replace(old, model=dataclasses.replace(old.model, base_dropout=mode)))
+        return config_key(_with(old, model={"base_dropout": mode}))
 
-    assert with_dropout("keep") == config_key(old) == "214ee16a13f67a84"
+    assert with_dropout("keep") == OLD_RECORD_KEY
+    assert with_dropout("auto") == with_dropout("attention_off")  # a LoRA run
     assert len({with_dropout("keep"), with_dropout("attention_off"), with_dropout("all_off")}) == 3

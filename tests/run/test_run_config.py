@@ -129,7 +129,7 @@ def test_a_key_without_a_close_match_lists_the_valid_keys():
         ("train.batch_size", 0, "a positive number of examples"),
         ("train.warmup_ratio", 1.5, "a fraction in [0, 1)"),
         ("train.device", "gpu", "auto, cpu, cuda, cuda:N or mps"),
-        ("train.precision", "fp16", "fp32 or bf16"),
+        ("train.precision", "fp16", "auto, fp32 or bf16"),
         ("train.early_stopping_patience", 0, "a positive number of evaluations"),
         ("data.split.test", 1.0, "a fraction in [0, 1)"),
         ("model.num_labels", 1, "at least 2 classes"),

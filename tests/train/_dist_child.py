@@ -46,7 +46,8 @@ torch.set_num_threads(1)
 
 TRAIN, VALIDATION = make_examples(37, 1), make_examples(8, 5)
 # 2 ranks x 3 = 6 examples a micro-batch: the 7th micro-batch of an epoch holds 37 - 36 = 1 example
-DDP_CONFIG = dict(
+DDP_CONFIG = dict(  # fp32 whatever the machine: the test compares one process with two, to float tolerance
+    precision="fp32",
     steps=4,
     batch_size=3,
     grad_accum=2,

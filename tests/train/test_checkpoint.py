@@ -201,6 +201,15 @@ def test_a_crash_while_writing_a_checkpoint_leaves_the_previous_one(tmp_path, mo
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-00000003", "step-00000006"]
 
 
+def test_resume_refuses_where_auto_precision_resolves_differently(tmp_path, monkeypatch):
+    # a checkpoint written where "auto" meant fp32, resumed where it means bf16 (another CPU)
+    monkeypatch.setenv("PEFTKIT_AUTO_PRECISION", "fp32")
+    _run(tmp_path, steps=4)
+    monkeypatch.setenv("PEFTKIT_AUTO_PRECISION", "bf16")
+    with pytest.raises(ConfigError, match="precision: the run used 'fp32', now 'bf16'"):
+        _run(tmp_path, steps=4, resume=True)
+
+
 def test_resume_refuses_without_a_checkpoint_and_with_changed_settings(tmp_path):
     with pytest.raises(RuntimeError, match="simulated crash"):
         _run(tmp_path, loss=CrashAt(3))  # before the first checkpoint

@@ -126,7 +126,15 @@ def test_gradient_accumulation_gives_the_loss_and_update_of_one_big_batch():
             examples,
             collate,
             bert_loss,
-            quiet(steps=1, batch_size=batch_size, grad_accum=grad_accum, lr=1e-2, weight_decay=0.1),
+            # fp32 whatever the machine: the comparison is to float tolerance
+            quiet(
+                steps=1,
+                batch_size=batch_size,
+                grad_accum=grad_accum,
+                lr=1e-2,
+                weight_decay=0.1,
+                precision="fp32",
+            ),
             log=no_log,
         )
         return result.losses[0], trainable(model)
@@ -206,6 +214,58 @@ def test_bf16_autocasts_the_forward_pass_on_cpu():
     )
     assert result.ok and seen == [torch.bfloat16] * 2
     assert all(p.dtype == torch.float32 for p in model.parameters())  # weights keep their dtype
+
+
+def test_auto_precision_is_bf16_where_the_cpu_has_it_and_fp32_elsewhere(monkeypatch):
+    from peftkit.train import runtime
+
+    cpu = torch.device("cpu")
+    monkeypatch.delenv(runtime.AUTO_PRECISION_ENV, raising=False)
+    assert (
+        runtime.resolve_precision("fp32", cpu) == "fp32" and runtime.resolve_precision("bf16", cpu) == "bf16"
+    )
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
+    assert runtime.native_bf16(cpu) and runtime.resolve_precision("auto", cpu) == "bf16"
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    assert runtime.resolve_precision("auto", cpu) == "fp32"
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    assert runtime.resolve_precision("auto", cpu) == "bf16"
+    # a torch without the probes falls back to fp32 instead of failing
+    monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported")
+    monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported")
+    assert runtime.resolve_precision("auto", cpu) == "fp32"
+    assert runtime.resolve_precision("auto", torch.device("meta")) == "fp32"
+
+
+def test_the_environment_pins_what_auto_precision_means(monkeypatch):
+    from peftkit.train import runtime
+
+    cpu = torch.device("cpu")
+    monkeypatch.setenv(runtime.AUTO_PRECISION_ENV, "bf16")
+    assert runtime.resolve_precision("auto", cpu) == "bf16"
+    assert runtime.resolve_precision("fp32", cpu) == "fp32"  # an explicit setting wins
+    monkeypatch.setenv(runtime.AUTO_PRECISION_ENV, "fp16")
+    with pytest.raises(ConfigError, match=r"PEFTKIT_AUTO_PRECISION is 'fp16': set it to fp32 or bf16"):
+        runtime.resolve_precision("auto", cpu)
+
+
+def test_a_run_reports_the_precision_auto_resolved_to(monkeypatch):
+    seen = []
+
+    def loss(model, batch):
+        out = model(**batch)
+        seen.append(out.logits.dtype)
+        return out.loss
+
+    lines = []
+    monkeypatch.setenv("PEFTKIT_AUTO_PRECISION", "bf16")
+    result = fit(tiny_bert(), make_examples(), collate, loss, quiet(steps=2, batch_size=8), log=lines.append)
+    assert result.precision == "bf16" and seen == [torch.bfloat16] * 2
+    assert any(line.startswith("training 2 steps") and "bf16 autocast" in line for line in lines)
+    monkeypatch.setenv("PEFTKIT_AUTO_PRECISION", "fp32")
+    result = fit(tiny_bert(), make_examples(), collate, loss, quiet(steps=2, batch_size=8), log=no_log)
+    assert result.precision == "fp32" and seen[2:] == [torch.float32] * 2
 
 
 def _tiny_llama() -> nn.Module:

@@ -333,6 +333,15 @@ def _as_before(data: dict[str, Any], config: RunConfig) -> None:
         data["eval"]["max_new_tokens"] = settings_of(config.generation, config.eval).max_new_tokens
     if isinstance(data.get("train"), dict):
         data["train"]["greater_is_better"] = config.train.maximize
+        # train.precision hashes as what it resolves to here: "auto" on a machine without native bf16
+        # is fp32, the old default, so those records stay finished; with bf16 the runs are new
+        from ..train.runtime import resolve_device, resolve_precision
+
+        try:
+            device = resolve_device(config.train.device)
+            data["train"]["precision"] = resolve_precision(config.train.precision, device)
+        except ConfigError:
+            pass  # a device this machine lacks: the run will say so; the key keeps the field as written
     # model.base_dropout hashes as the mode it stands for: "keep" (what every run did before the field
     # existed) hashes as before, and a changed default for "auto" changes the key of the runs it changes
     if isinstance(data.get("model"), dict):

@@ -441,6 +441,7 @@ def _fit_facts(result: Any) -> dict[str, Any]:
         "stop_reason": getattr(result, "stop_reason", None),
         "train_seconds": getattr(result, "train_seconds", None),
         "peak_memory_mb": getattr(result, "peak_memory_mb", None),
+        "precision": getattr(result, "precision", None),
     }
     losses = list(getattr(result, "losses", None) or [])
     facts["final_train_loss"] = losses[-1] if losses else None

@@ -40,7 +40,9 @@ class TrainConfig:
         on_nonfinite: What a step whose loss or gradient norm is NaN or inf does: "stop" the run
             (status "diverged") before applying it, or "skip" its optimizer step and go on; after
             ``fit.MAX_SKIPS_IN_A_ROW`` (10) skipped steps in a row the next one stops the run anyway.
-        precision: "fp32" or "bf16" (autocast on CPU and GPU; weights stay in their dtype).
+        precision: "auto" (the default): bf16 autocast where the device computes bf16 natively (a CUDA
+            GPU with bf16, a CPU with AMX or AVX-512 BF16), fp32 elsewhere; "fp32"; or "bf16"
+            (autocast on CPU and GPU; weights, adapters and optimizer state stay in their dtype).
         gradient_checkpointing: Recompute activations in the backward pass (saves memory).
         eval_every: Evaluate on the validation split every this many optimizer steps (0: only at the end).
         metric: The validation metric that picks the best checkpoint and drives early stopping.
@@ -75,7 +77,7 @@ class TrainConfig:
     warmup_ratio: float = 0.06
     max_grad_norm: float | None = 1.0
     on_nonfinite: Literal["stop", "skip"] = "stop"
-    precision: str = "fp32"
+    precision: str = "auto"
     gradient_checkpointing: bool = False
     eval_every: int = 0
     metric: str = "loss"
@@ -130,7 +132,7 @@ _TRAIN_CHECKS: list[_Check] = [
     ),
     ("warmup_ratio", lambda v: 0 <= v < 1, "a fraction in [0, 1)"),
     ("max_grad_norm", lambda v: v is None or v > 0, "a positive norm, or null for no clipping"),
-    ("precision", lambda v: v in ("fp32", "bf16"), "fp32 or bf16"),
+    ("precision", lambda v: v in ("auto", "fp32", "bf16"), "auto, fp32 or bf16"),
     ("eval_every", lambda v: v >= 0, "a non-negative number of steps (0: only at the end)"),
     ("metric", lambda v: bool(v), "a metric name such as loss or accuracy"),
     (

@@ -69,6 +69,7 @@ from .runtime import (
     interrupt_flag,
     peak_memory_mb,
     resolve_device,
+    resolve_precision,
     to_device,
     train_config_problems,
 )
@@ -121,6 +122,7 @@ class FitResult:
         weights: The weights the model holds on return: "best" (those of ``best_step``, put back by
             ``restore_best``), "final" (the last step's of a run that ended as planned, as in ``final/``)
             or "last step" (a run that diverged or was interrupted).
+        precision: The precision the steps ran in, "fp32" or "bf16" (``config.precision`` resolved).
     """
 
     steps: int
@@ -136,6 +138,7 @@ class FitResult:
     run_dir: Path | None = None
     skipped_steps: list[int] = field(default_factory=list)
     weights: str = "last step"
+    precision: str = "fp32"
 
     @property
     def ok(self) -> bool:
@@ -260,6 +263,9 @@ def fit(
     # rest of the process (distributed.ensure_process_group says why, and how it ends)
     world = distributed.ensure_process_group(device)
     device = distributed.training_device(device, world)
+    # "auto" becomes what this device runs (bf16 where native); everything after, the resume key included,
+    # sees the resolved value, so a checkpoint says what its steps actually computed in
+    config = dataclasses.replace(config, precision=resolve_precision(config.precision, device))
     _check_world(world, len(train_examples))
     # rank 0's choices decide for every rank (the others may not even see its run directory)
     run_dir, resume, evaluates = distributed.broadcast(
@@ -429,7 +435,9 @@ def _loop(run: _Run, tracker: Tracker, interrupt: SimpleNamespace) -> None:
     ranks = f" in each of {run.world.size} processes" if run.world.active else ""
     tracker.text(
         f"training {plan.total_steps} steps of {plan.batch_size} x {plan.grad_accum} examples{ranks} "
-        f"({plan.n} training examples) on {run.device}" + (f", from step {state.step}" if state.step else "")
+        f"({plan.n} training examples) on {run.device}"
+        + (", bf16 autocast" if run.config.precision == "bf16" else "")
+        + (f", from step {state.step}" if state.step else "")
     )
     if not run.evaluates and run.config.eval_every:
         tracker.text(
@@ -886,6 +894,7 @@ def _result(run: _Run) -> FitResult:
         status=state.status,
         run_dir=run.run_dir,
         skipped_steps=list(state.skipped_steps),
+        precision=run.config.precision,
     )
 
 

@@ -4,6 +4,7 @@ checkpointing and Ctrl-C handling."""
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import sys
 import threading
@@ -18,7 +19,10 @@ from ..errors import ConfigError
 from .config import REPORT_TO, TrainConfig
 from .schedule import SCHEDULES
 
-PRECISIONS = ("fp32", "bf16")
+PRECISIONS = ("auto", "fp32", "bf16")
+# What train.precision "auto" resolves to on this machine, when set (fp32 or bf16): a fleet of mixed
+# machines, or a test suite, that must compute alike everywhere pins it here instead of in every config.
+AUTO_PRECISION_ENV = "PEFTKIT_AUTO_PRECISION"
 DISTRIBUTED = ("ddp", "fsdp")
 
 
@@ -67,6 +71,40 @@ def resolve_device(name: str) -> torch.device:
             what="training setup",
         )
     return device
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` multiplies bfloat16 matrices in hardware: a CUDA GPU with bf16 support, or a
+    CPU with AMX or AVX-512 BF16 (where a training step under bf16 autocast measured 0.6-0.7x the fp32
+    one, docs/performance.md "bf16 on CPU"). Elsewhere bf16 is emulated and slower than fp32."""
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
+    if device.type == "cpu":
+        # private but long-standing torch.cpu probes; a torch without them reads as "no", i.e. fp32
+        probes = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
+        return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
+    return False
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``train.precision`` as a run uses it: "fp32" or "bf16". "auto" is bf16 autocast where the device
+    computes bf16 natively (:func:`native_bf16`) and fp32 elsewhere, unless ``$PEFTKIT_AUTO_PRECISION``
+    pins it.
+
+    Raises:
+        ConfigError: ``$PEFTKIT_AUTO_PRECISION`` holds something other than fp32 or bf16.
+    """
+    if precision != "auto":
+        return precision
+    pinned = os.environ.get(AUTO_PRECISION_ENV, "").strip()
+    if pinned:
+        if pinned not in ("fp32", "bf16"):
+            raise ConfigError(
+                [f"${AUTO_PRECISION_ENV} is {pinned!r}: set it to fp32 or bf16, or unset it to detect"],
+                what="training setup",
+            )
+        return pinned
+    return "bf16" if native_bf16(device) else "fp32"
 
 
 def _is_int(value: Any, minimum: int) -> bool:
