@@ -484,6 +484,47 @@ def test_the_choice_follows_the_validation_metric():
     assert choose(plan, {2: [rec(None, "failed")]}, True)["chosen"] is None
 
 
+def test_a_tie_in_the_search_goes_to_the_better_validation_curve():
+    # the demo's LoRA search at issue 24's defaults: 2e-3 and 5e-3 both peaked at 0.7673 on validation;
+    # 5e-3 got there sooner (0.739, 0.739, 0.767 against 0.660, 0.733, 0.767)
+    from types import SimpleNamespace
+
+    from peftkit.compare.tune import Trial, TunePlan, choose
+
+    plan = TunePlan(
+        "lora",
+        [{"train.lr": 5e-4}, {"train.lr": 2e-3}, {"train.lr": 5e-3}],
+        [
+            Trial(i, SimpleNamespace(seed=3, config=SimpleNamespace(train=SimpleNamespace(steps=60))))
+            for i in range(3)
+        ],
+    )
+
+    def rec(curve):
+        points = [[20 * (i + 1), v, 1.0, 0.5] for i, v in enumerate(curve)]
+        return {"best_validation": max(curve), "status": "completed", "curves": {"eval": points}}
+
+    records = {
+        0: [rec([0.642, 0.638, 0.651])],
+        1: [rec([0.660, 0.733, 0.767])],
+        2: [rec([0.739, 0.739, 0.767])],
+    }
+    outcome = choose(plan, records, greater_is_better=True)
+    assert outcome["chosen"] == {"train.lr": 5e-3} and outcome["edge"] == "highest"
+    assert outcome["candidates"][2]["curve_mean"] == pytest.approx((0.739 + 0.739 + 0.767) / 3)
+    # a strictly better best value still wins whatever its curve
+    records[1] = [rec([0.5, 0.5, 0.770])]
+    assert choose(plan, records, greater_is_better=True)["chosen"] == {"train.lr": 2e-3}
+    # lower is better: the lower curve wins the tie; records without curves fall back to the first listed
+    low = {1: [rec([0.9, 0.5])], 2: [rec([0.6, 0.5])]}
+    assert choose(plan, low, greater_is_better=False)["chosen"] == {"train.lr": 5e-3}
+    bare = {
+        1: [{"best_validation": 0.5, "status": "completed"}],
+        2: [{"best_validation": 0.5, "status": "completed"}],
+    }
+    assert choose(plan, bare, greater_is_better=True)["chosen"] == {"train.lr": 2e-3}
+
+
 @pytest.mark.slow
 def test_tuning_end_to_end_is_resumable_and_reported(tiny_model_dir, reviews_csv, tmp_path):  # noqa: F811
     from peftkit.compare.tune import read_outcomes

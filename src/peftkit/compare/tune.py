@@ -211,22 +211,23 @@ def choose(
                 "candidate": candidate,
                 "label": label(candidate),
                 "validation": statistics.mean(values) if values else None,
+                "curve_mean": _curve_mean(mine),
                 "per_seed": [r.get("best_validation") for r in mine],
                 "status": sorted({str(r.get("status")) for r in mine}) or ["missing"],
                 "seconds": sum(float(r.get("wall_seconds") or 0.0) for r in mine),
             }
         )
     usable = [r for r in rows if r["validation"] is not None]
+    sign = 1 if greater_is_better else -1
     best = None
-    if usable:  # the first of equals wins, so the result does not depend on float noise in ties' order
-        best = usable[0]
-        for row in usable[1:]:
-            better = (
-                row["validation"] > best["validation"]
-                if greater_is_better
-                else row["validation"] < best["validation"]
-            )
-            best = row if better else best
+    # Equal best values are common (accuracy on a few hundred examples moves in steps of 1/n): among them
+    # the candidate whose validation curve was better on average (it got there sooner and held it) wins,
+    # then the first listed, so the result does not depend on float noise in the order of ties.
+    for row in usable:
+        if best is None or sign * row["validation"] > sign * best["validation"]:
+            best = row
+        elif row["validation"] == best["validation"] and _ahead(row["curve_mean"], best["curve_mean"], sign):
+            best = row
     edge = None
     if best is not None and LR in best["candidate"]:
         rates = sorted({c[LR] for c in plan.candidates if LR in c})
@@ -244,6 +245,20 @@ def choose(
         "steps": plan.trials[0].run.config.train.steps if plan.trials else None,
         "seconds": sum(r["seconds"] for r in rows),
     }
+
+
+def _curve_mean(records: list[dict[str, Any]]) -> float | None:
+    """The mean over a candidate's trials of each trial's mean validation metric over its evaluations."""
+    means = []
+    for record in records:
+        values = [point[1] for point in (record.get("curves") or {}).get("eval") or [] if _finite(point[1])]
+        if values:
+            means.append(statistics.mean(values))
+    return statistics.mean(means) if means else None
+
+
+def _ahead(value: float | None, other: float | None, sign: int) -> bool:
+    return value is not None and (other is None or sign * value > sign * other)
 
 
 RunOne = Callable[[PlannedRun, Path, str], dict[str, Any] | None]
