@@ -182,7 +182,8 @@ def layer_delta(layer: AdapterLayer, adapter_name: str, *, additive_only: bool) 
         if "bias" in adapter.merge_into:
             # a copy: merging records state on some adapters (IA3 keeps the vector it merged)
             merged = copy.deepcopy(adapter).merged_tensors({k: base[k] for k in adapter.merge_into})
-            delta.bias = (merged["bias"] - base["bias"]).reshape(-1)
+            change = (merged["bias"] - base["bias"]).reshape(-1)
+            delta.bias = change if bool(change.any()) else None  # e.g. IA3 on a layer whose bias is zero
     return delta
 
 
