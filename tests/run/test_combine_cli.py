@@ -33,9 +33,12 @@ def runs(tiny_model_dir, reviews_csv, tmp_path_factory):
     return root
 
 
-def _logits(model, ids=torch.tensor([[2, 5, 9, 14, 3]])):
+IDS = torch.tensor([[2, 5, 9, 14, 3]])
+
+
+def _logits(model):
     with torch.no_grad():
-        return model(input_ids=ids).logits
+        return model(input_ids=IDS).logits
 
 
 def _base(run_dir):
