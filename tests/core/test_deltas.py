@@ -217,3 +217,8 @@ def test_as_matrix_puts_output_channels_in_rows():
     assert deltas.as_matrix(embedding, embedding.weight).shape == (4, 5)
     conv = nn.Conv2d(3, 6, 2)
     assert deltas.as_matrix(conv, conv.weight).shape == (6, 12)
+
+
+def test_the_references_svd_variant_names_point_to_peftkits_method():
+    [problem] = Options("ties_svd", density=0.5).problems()
+    assert "use method='ties'" in problem

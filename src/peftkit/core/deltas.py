@@ -217,7 +217,12 @@ class Options:
 
     def problems(self) -> list[str]:
         out = []
-        if self.method not in METHODS:
+        if isinstance(self.method, str) and self.method.endswith("_svd") and self.method[:-4] in METHODS:
+            out.append(
+                f"method: {self.method!r} is the reference library's name; peftkit's {self.method[:-4]!r} already "
+                f"works on the deltas and ends in a truncated SVD: use method={self.method[:-4]!r}"
+            )
+        elif self.method not in METHODS:
             out.append(f"method: must be one of {', '.join(METHODS)}; got {self.method!r}")
         out += truncation_problems(self.rank, self.energy)
         if self.method == "cat" and (self.rank is not None or self.energy is not None):
@@ -229,7 +234,7 @@ class Options:
             d = self.density
             if d is None or isinstance(d, bool) or not isinstance(d, (int, float)) or not 0 < d <= 1:
                 out.append(f"density: {self.method} needs the share of entries to keep, in (0, 1]; got {d!r}")
-        elif self.density is not None:
+        elif self.density is not None and self.method in METHODS:
             out.append(f"density: only ties, dare_* and magnitude_prune prune; {self.method} does not")
         if self.sign not in ("total", "frequency"):
             out.append(
