@@ -320,8 +320,8 @@ def combine(
 
     Args:
         model: A model holding the adapters, none of them merged.
-        adapters: Names of the adapters to combine (LoRA, rsLoRA, LoHa, LoKr, VeRA, linear parallel
-            bottlenecks: adapters whose delta does not depend on the weight).
+        adapters: Names of the adapters to combine (LoRA, rsLoRA, AdaLoRA, LoHa, LoKr, VeRA, linear
+            parallel bottlenecks: adapters whose delta does not depend on the weight).
         weights: One number per adapter; negative ones subtract it (task negation).
         method: ``"linear"``: ``sum w_i delta_i`` exactly, written as the concatenation of the adapters'
             factors (rank = the sum of their ranks), or truncated by SVD with ``rank`` / ``energy``.

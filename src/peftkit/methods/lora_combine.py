@@ -128,9 +128,7 @@ def combine(
             [d.get(module) for d in per_adapter], weights, options, module
         )
     heads, how = _combined_heads(model, adapters, weights, options)
-    report = CombineReport(
-        "combine", adapters, weights, {k: v for k, v in vars(options).items() if v is not None}, heads=how
-    )
+    report = CombineReport("combine", adapters, weights, _settings(options), heads=how)
     configs = [state_of(model).configs[a] for a in adapters]
     return _install(model, name, results, heads, configs, report)
 
@@ -201,6 +199,10 @@ def extract_lora(
             results[module_name] = _approximate(delta, rank, energy)
     head_values = {}
     for head in heads:
+        if head not in base:
+            raise NotCombinableError(
+                f"modules_to_save: the model has no module {head!r}; name modules of the base"
+            )
         other = _twin(tuned, head, base[head])
         head_values[head] = ("copied", {k: v.detach().clone() for k, v in other.state_dict().items()})
         carried.update(f"{head}.{k}" for k, _ in base[head].named_parameters())
@@ -318,6 +320,21 @@ def _approximate(delta: Delta, rank: int | None, energy: float | None) -> Result
     return left, right, delta.bias, report
 
 
+def _settings(options: Options) -> dict[str, Any]:
+    """The options that took part: DARE's seed and TIES's sign only where they were used."""
+    used = {
+        "method": options.method,
+        "rank": options.rank,
+        "energy": options.energy,
+        "density": options.density,
+    }
+    if options.method.startswith("dare"):
+        used["seed"] = options.seed
+    if options.method in ("ties", "dare_ties"):
+        used["sign"] = options.sign
+    return {k: v for k, v in used.items() if v is not None}
+
+
 def _truncation(rank: int | None, energy: float | None) -> dict[str, Any]:
     if rank is not None:
         return {"rank": rank}
@@ -373,7 +390,8 @@ def _lora_config(
     r = max(counts, key=lambda k: (counts[k], k))  # the most common rank; the others by pattern
     pattern = {re.escape(m): k for m, k in ranks.items() if k != r}
     biased = [m for m, (_, _, bias, _) in results.items() if bias is not None]
-    embeddings = [m for m in results if isinstance(dict(user_modules(model)).get(m), nn.Embedding)]
+    modules = dict(user_modules(model))
+    embeddings = [m for m in results if isinstance(modules.get(m), nn.Embedding)]
     if biased and embeddings:
         raise NotCombinableError(
             f"the result changes biases (in {biased[:3]}) and adapts embeddings ({embeddings[:3]}): a LoRA holds a "
