@@ -499,3 +499,16 @@ def test_lora_bias_is_refused_where_the_reference_refuses_it():
     model, _ = build("Embedding")
     with pytest.raises(Exception, match="not supported on embeddings"):
         peftkit.inject(model, peftkit.LoraConfig(lora_bias=True, target_modules=["layer"]))
+
+
+def test_a_bias_change_beside_an_embedding_adapter_is_refused(bert):
+    model = copy.deepcopy(bert)
+    peftkit.inject(model, _lora(r=2, lora_bias=True, target_modules=["query"]), "biased")
+    peftkit.inject(model, _lora(r=2, target_modules=["word_embeddings"]), "embedding")
+    with torch.no_grad():
+        model.encoder.layer[0].attention.self.query.adapters["biased"].lora_B.bias.normal_()
+    snap = _snapshot(model)
+    with pytest.raises(NotCombinableError, match="Combine or convert the embedding adapters separately"):
+        peftkit.combine(model, ["biased", "embedding"], [1, 1])
+    assert _unchanged(model, snap)
+    peftkit.combine(model, ["embedding"], [0.5], name="embedding_half")  # alone it is fine
