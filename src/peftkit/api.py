@@ -23,6 +23,8 @@ from .core.inject import adapter_layers, model_parts, require_adapter, saved_mod
 from .core.io import load_adapter, read_adapter_config, save_adapter
 from .core.state_dict import adapter_state_dict, load_adapter_state_dict
 from .errors import AdapterNameError, ConfigError
+from .methods import lora_combine as _combine
+from .methods.lora_combine import CombineReport, combine_report
 
 
 def inject(model: nn.Module, config: AdapterConfig, adapter_name: str = "default") -> nn.Module:
@@ -296,6 +298,129 @@ def _names(model: nn.Module, adapter_names: str | list[str] | None) -> list[str]
     return names
 
 
+def combine(
+    model: nn.Module,
+    adapters: Sequence[str],
+    weights: Sequence[float],
+    *,
+    method: str = "linear",
+    name: str = "combined",
+    rank: int | None = None,
+    energy: float | None = None,
+    density: float | None = None,
+    seed: int = 0,
+    sign: str = "total",
+) -> nn.Module:
+    """Add adapter ``name``: one plain LoRA holding a weighted combination of ``adapters``, made active.
+
+    Every method works on each adapter's effective delta per layer (its scaling, rsLoRA and per-module
+    rank and alpha applied), so adapters of different ranks, patterns and scalings combine as they act; a
+    layer an adapter leaves alone counts as a zero delta there. The result is exact for ``linear`` and
+    ``cat``; the other methods end in a truncated SVD whose error :func:`combine_report` gives per module.
+
+    Args:
+        model: A model holding the adapters, none of them merged.
+        adapters: Names of the adapters to combine (LoRA, rsLoRA, AdaLoRA, LoHa, LoKr, VeRA, linear
+            parallel bottlenecks: adapters whose delta does not depend on the weight).
+        weights: One number per adapter; negative ones subtract it (task negation).
+        method: ``"linear"``: ``sum w_i delta_i`` exactly, written as the concatenation of the adapters'
+            factors (rank = the sum of their ranks), or truncated by SVD with ``rank`` / ``energy``.
+            ``"cat"``: the same concatenation, never truncated. ``"svd"``: the sum truncated to ``rank``
+            (default: the largest source rank on each module). ``"ties"``: trim each delta to its
+            ``density`` largest entries, elect each entry's sign from the weighted deltas, average the
+            agreeing ones. ``"dare_linear"`` / ``"dare_ties"``: drop entries with probability
+            ``1 - density`` (masks seeded by ``seed``), rescale by ``1 / density``, then sum or TIES-merge.
+            ``"magnitude_prune"``: trim as TIES does, then sum. The last four are truncated like ``svd``.
+        name: The new adapter's name; must not exist yet.
+        rank: The rank to truncate to (``linear``, ``svd`` and the pruning methods).
+        energy: Instead of ``rank``: the smallest rank keeping this share of the squared singular values.
+        density: Share of entries kept by ``ties``, ``dare_*`` and ``magnitude_prune``, in (0, 1].
+        seed: Seed of DARE's masks: the same seed gives the same adapter on every machine.
+        sign: TIES's election: ``"total"`` (sign of the summed values) or ``"frequency"`` (of the count).
+
+    ``modules_to_save`` copies (classification heads): a copy only one adapter has is taken as it is;
+    copies of the same module in several adapters are combined as deltas from the model's own module.
+
+    Raises:
+        ConfigError: an unknown method or adapter, a weight per adapter missing, or an option the method
+            does not take (every problem is listed).
+        AdapterNameError: ``name`` exists already, or an adapter is merged (unmerge first).
+        NotCombinableError: an adapter is DoRA, IA3 or OFT (convert it with :func:`convert_to_lora`
+            first), or changes no weights (soft prompts, non-linear bottlenecks), or trains base biases.
+    """
+    return _combine.combine(
+        model,
+        adapters,
+        weights,
+        method=method,
+        name=name,
+        rank=rank,
+        energy=energy,
+        density=density,
+        seed=seed,
+        sign=sign,
+    )
+
+
+def convert_to_lora(
+    model: nn.Module,
+    adapter_name: str = "default",
+    *,
+    name: str | None = None,
+    rank: int | None = None,
+    energy: float | None = None,
+) -> nn.Module:
+    """Add a plain LoRA (``name``, default ``"<adapter_name>_lora"``) that approximates ``adapter_name``,
+    made active: for engines and tools that only read LoRA.
+
+    Each adapted layer's delta (LoHa, LoKr, VeRA, AdaLoRA, IA3, OFT, DoRA, linear bottleneck adapters:
+    what merging the adapter alone would add to the weight) is written as the truncated SVD of the delta;
+    a bias change (IA3, bottleneck) as LoRA's ``lora_bias``; ``modules_to_save`` copies as they are.
+    :func:`combine_report` gives each module's rank and relative Frobenius error.
+
+    Args:
+        rank: The rank of every module (lower where the delta's own rank is lower).
+        energy: Instead: per module, the smallest rank keeping this share of the squared singular values.
+            Neither: the exact delta (every singular value above float32 rounding).
+
+    Raises:
+        NotCombinableError: the adapter changes no weights (soft prompts, non-linear bottlenecks), rewrote
+            the base at init (PiSSA/OLoRA: save it with ``portable=True`` instead), or trains base biases.
+    """
+    return _combine.convert_to_lora(model, adapter_name, name=name, rank=rank, energy=energy)
+
+
+def extract_lora(
+    model: nn.Module,
+    finetuned: nn.Module,
+    *,
+    name: str = "extracted",
+    rank: int | None = None,
+    energy: float | None = None,
+    target_modules: list[str] | str | None = None,
+    modules_to_save: list[str] | None = None,
+) -> nn.Module:
+    """Add a plain LoRA ``name`` to ``model`` (the base) approximating ``finetuned``, the same architecture
+    after full fine-tuning: each layer's weight difference as its truncated SVD, bias changes as
+    ``lora_bias``, fresh classification heads (or ``modules_to_save``) copied in full. What changed but a
+    LoRA cannot hold (norms, embeddings not targeted) is listed in :func:`combine_report`'s ``not_carried``.
+
+    Args:
+        target_modules: Which layers (the usual matching rules); default: every layer a LoRA can adapt
+            except embeddings and heads.
+        rank / energy: As in :func:`convert_to_lora`.
+    """
+    return _combine.extract_lora(
+        model,
+        finetuned,
+        name=name,
+        rank=rank,
+        energy=energy,
+        target_modules=target_modules,
+        modules_to_save=modules_to_save,
+    )
+
+
 @dataclass
 class TrainableSummary:
     """What :func:`trainable_summary` found; ``str()`` gives the readable table."""
@@ -383,4 +508,9 @@ __all__ = [
     "prepare_for_kbit_training",
     "merge_report",
     "QuantizedMergeWarning",
+    "combine",
+    "convert_to_lora",
+    "extract_lora",
+    "combine_report",
+    "CombineReport",
 ]

@@ -42,5 +42,16 @@ def build(kind: str, seed: int = 0) -> tuple[Net, torch.Tensor]:
     return Net(layer, x), x
 
 
+def build_with_bias(kind: str, seed: int = 0) -> tuple[Net, torch.Tensor]:
+    """:func:`build` with the layer's bias drawn at random (GPT-2's Conv1D starts it at zero), for
+    adapters that change the bias: a zero bias would hide a change that does not come undone."""
+    model, x = build(kind, seed)
+    bias = getattr(model.layer, "bias", None)
+    if bias is not None:
+        with torch.no_grad():
+            bias.normal_(0, 0.5)
+    return model, x
+
+
 KINDS = ["Linear", "Conv1D", "Embedding", "Conv1d", "Conv2d", "Conv3d"]
 MATRIX_KINDS = {"Linear", "Conv1D"}  # kinds with a plain weight matrix (SVD / QR inits)

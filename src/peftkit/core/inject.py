@@ -33,6 +33,8 @@ class PeftState:
     plans: dict[str, Plan] = field(default_factory=dict)
     # requires_grad of every parameter before the first inject, restored by unload
     original_requires_grad: dict[str, bool] = field(default_factory=dict)
+    # adapter -> how it was made, for adapters written by peftkit.combine / convert_to_lora (their report)
+    reports: dict[str, object] = field(default_factory=dict)
 
 
 def is_adapted(model: object) -> bool:
@@ -299,7 +301,7 @@ def remove_adapter(model: nn.Module, adapter_name: str) -> None:
                 _set_child(model, wrapper.module_name, wrapper.base_layer)
     _remove_part(model, adapter_name)
     _restore_extra(state, adapter_name)
-    for store in (state.configs, state.plans, state.extra_trainable, state.extra_originals):
+    for store in (state.configs, state.plans, state.extra_trainable, state.extra_originals, state.reports):
         store.pop(adapter_name, None)
     if adapter_name in state.active:
         state.active.remove(adapter_name)

@@ -71,6 +71,13 @@ class AdapterModule(nn.Module):
         """The change this adapter makes to ``weight`` (in the base layer's own layout)."""
         raise NotImplementedError
 
+    def delta_factors(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``delta_weight(weight)`` as two factors ``(left, right)``, (out x k) and (k x fan_in), whose
+        product is the delta as a channel matrix (``core.deltas.as_matrix``: one row per output channel),
+        scaling included; None when the method has no such form. Lets adapters be combined exactly at
+        rank k instead of through an SVD of the dense delta."""
+        return None
+
     def attach(self, base_layer: nn.Module) -> None:
         """Called once the adapter sits on its layer; inits that rewrite the base weight (PiSSA) do it here."""
 

@@ -53,6 +53,10 @@ class LoraConfig(AdapterConfig):
             the base weight keeps the residual), ``"olora"`` (A, B from a QR decomposition, residual
             kept likewise), or ``False`` (random A and B: the adapter changes the output from the
             start; for tests).
+        lora_bias: Give B a bias ``b`` (the reference library's ``lora_bias``): the layer's output gains
+            ``s * b``, and a merge adds it to the base bias. It lets an adapter carry a change of the
+            bias, as ``peftkit.combine`` and ``convert_to_lora`` write when a source changed one. Not on
+            embeddings, nor with DoRA, PiSSA or OLoRA (as in the reference).
     """
 
     lr_candidates: ClassVar[tuple[float, ...]] = (
@@ -69,6 +73,7 @@ class LoraConfig(AdapterConfig):
     use_rslora: bool = False
     use_dora: bool = False
     init_lora_weights: bool | str = True
+    lora_bias: bool = False
 
     # target_modules=None: the reference library's defaults per architecture (attention query and value
     # projections; for Phi also the MLP's fc1 and fc2), so a default adapter is the reference's own.
@@ -106,7 +111,6 @@ class LoraConfig(AdapterConfig):
         "kasa_config": None,
         "layer_replication": None,
         "loftq_config": {},
-        "lora_bias": False,
         "lora_ga_config": None,
         "megatron_config": None,
         "megatron_core": "megatron.core",
@@ -154,6 +158,13 @@ class LoraConfig(AdapterConfig):
             )
         if any(isinstance(v, float) and not float(v).is_integer() for v in self.rank_pattern.values()):
             out.append(f"rank_pattern: ranks must be whole numbers, got {self.rank_pattern!r}")
+        if not isinstance(self.lora_bias, bool):
+            out.append(f"lora_bias: must be True or False, got {self.lora_bias!r}")
+        elif self.lora_bias and (self.use_dora or init not in (True, False)):
+            out.append(
+                "lora_bias: works with plain LoRA and init_lora_weights True or False only (as in the reference "
+                f"library), got use_dora={self.use_dora!r}, init_lora_weights={init!r}; drop one of them"
+            )
         return out
 
     def layer_values(self, target: Target) -> dict[str, Any]:
@@ -164,6 +175,7 @@ class LoraConfig(AdapterConfig):
             "use_rslora": bool(self.use_rslora),
             "use_dora": bool(self.use_dora),
             "init": self.init_lora_weights,
+            "lora_bias": bool(self.lora_bias),
         }
 
     def after_resolve(self, plan: Any) -> LoraConfig:
@@ -207,10 +219,18 @@ class LoraAdapter(AdapterModule):
     supports_svd_init = False
 
     def __init__(
-        self, r: int, alpha: float, dropout: float, use_rslora: bool, use_dora: bool, init: Any
+        self,
+        r: int,
+        alpha: float,
+        dropout: float,
+        use_rslora: bool,
+        use_dora: bool,
+        init: Any,
+        lora_bias: bool = False,
     ) -> None:
         super().__init__()
         self.r = r
+        self.lora_bias = lora_bias
         self.scaling = alpha / (math.sqrt(r) if use_rslora else r)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.use_dora = use_dora
@@ -223,12 +243,50 @@ class LoraAdapter(AdapterModule):
                 "support only True/'default', 'gaussian' or False. Exclude these modules or change the init."
             )
 
-    # kind-specific: the unscaled low-rank path, its weight in row view, and the base weight's row view
+    # kind-specific: the unscaled low-rank path, and the base weight's row view
     def lora_path(self, x: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
         raise NotImplementedError
 
+    def factor_params(self) -> tuple[nn.Parameter, nn.Parameter]:
+        """(B, A): the parameters whose product, each flattened to a matrix, is the unscaled row view."""
+        roles = self.param_roles()
+        return roles["B"][0], roles["A"][0]
+
+    def lora_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """B as (out x r) and A as (r x fan_in): a conv's B (out, r, 1, ...) and A (r, in, *kernel) flattened."""
+        b, a = self.factor_params()
+        return b.reshape(b.shape[0], -1), a.reshape(a.shape[0], -1)
+
     def lora_rows(self) -> torch.Tensor:
-        raise NotImplementedError
+        b, a = self.lora_factors()
+        return b @ a
+
+    def delta_factors(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        if self.use_dora:  # the delta depends on the weight through DoRA's norm
+            return None
+        b, a = self.lora_factors()
+        return self.scaling * b, a
+
+    def set_delta(self, left: torch.Tensor, right: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+        """Hold the delta ``left @ right`` (a channel matrix, ``core.deltas.as_matrix``; left is out x r)
+        and the bias change ``bias`` exactly: ``B = left / s``, ``A = right``, ``b = bias / s``."""
+        b, a = self.factor_params()
+        with torch.no_grad():
+            b.copy_((left / self.scaling).reshape(b.shape))
+            a.copy_(right.reshape(a.shape))
+            if bias is not None:
+                self.lora_B.bias.copy_((bias / self.scaling).reshape(self.lora_B.bias.shape))
+
+    def _new_bias(self, base_layer: nn.Module, b: nn.Module) -> None:
+        """lora_bias: B's bias starts at zero (with the default init); merging needs a base bias to add to."""
+        if not self.lora_bias:
+            return
+        if self.init is not False:
+            nn.init.zeros_(b.bias)
+        if getattr(base_layer, "bias", None) is None:
+            self.mergeable = False  # forward works; a merge would have no bias to take s * b
+        else:
+            self.merge_into = ("weight", "bias")
 
     def rows(self, weight: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -310,6 +368,18 @@ class LoraAdapter(AdapterModule):
             return self.merged_weight(weight) - weight
         return self.unrows(self.scaling * self.lora_rows().to(weight.dtype), weight)
 
+    def merged_tensors(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        out = {"weight": self.merged_weight(tensors["weight"])}
+        if "bias" in tensors:
+            out["bias"] = tensors["bias"] + self.scaling * self.lora_B.bias.to(tensors["bias"].dtype)
+        return out
+
+    def unmerged_tensors(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        out = {"weight": self.unmerged_weight(tensors["weight"])}
+        if "bias" in tensors:
+            out["bias"] = tensors["bias"] - self.scaling * self.lora_B.bias.to(tensors["bias"].dtype)
+        return out
+
     def merged_weight(self, weight: torch.Tensor) -> torch.Tensor:
         if not self.use_dora:
             return super().merged_weight(weight)
@@ -345,7 +415,7 @@ class LoraLinear(LoraAdapter):
         out_f, in_f = (weight.shape[1], weight.shape[0]) if self.transposed else weight.shape
         kw = {"bias": False, "device": weight.device, "dtype": _adapter_dtype(weight)}
         self.lora_A = nn.Linear(in_f, self.r, **kw)
-        self.lora_B = nn.Linear(self.r, out_f, **kw)
+        self.lora_B = nn.Linear(self.r, out_f, **{**kw, "bias": self.lora_bias})
         self._new_magnitude((out_f,), weight)
         if self.rewrites_base and self.r > min(out_f, in_f):
             raise UnsupportedLayerError(
@@ -353,6 +423,7 @@ class LoraLinear(LoraAdapter):
                 f"{out_f}x{in_f} weight, got r={self.r}; lower r (or its rank_pattern entry)"
             )
         initialise_linear(self, self.lora_A.weight, self.lora_B.weight, self.rows(weight.detach()))
+        self._new_bias(base_layer, self.lora_B)
 
     def lora_path(self, x, base_layer):
         return self.lora_B(self.lora_A(x))
@@ -362,8 +433,10 @@ class LoraLinear(LoraAdapter):
         # (lora_kernels) instead of the base call plus delta_output; the rest takes the general path.
         a, b = self.lora_A.weight, self.lora_B.weight
         p = self.dropout.p if isinstance(self.dropout, nn.Dropout) and self.dropout.training else 0.0
-        if not lora_kernels.fusable(base_layer, x, a, b) or (
-            self.use_dora and (p > 0 or torch.is_autocast_enabled(x.device.type))
+        if (
+            self.lora_bias
+            or not lora_kernels.fusable(base_layer, x, a, b)
+            or (self.use_dora and (p > 0 or torch.is_autocast_enabled(x.device.type)))
         ):
             lora_kernels.calls["general"] += 1
             return None
@@ -377,14 +450,11 @@ class LoraLinear(LoraAdapter):
     def routed_output(cls, adapters, slots, x, base_layer, cache):
         # Plain LoRA adapters of any ranks: one batched product for the whole mixed batch (the general
         # fallback would run the layer once per group of rows). DoRA rescales per adapter: fallback.
-        if any(a.use_dora for a in adapters) or x.dim() < 2:
+        if any(a.use_dora or a.lora_bias for a in adapters) or x.dim() < 2:
             return None
         return lora_kernels.routed_lora(
             [(a.lora_A.weight, a.lora_B.weight, a.scaling) for a in adapters], slots, x, base_layer(x), cache
         )
-
-    def lora_rows(self):
-        return self.lora_B.weight @ self.lora_A.weight
 
     def rows(self, weight):
         return weight.T if self.transposed else weight
@@ -404,6 +474,11 @@ class LoraEmbedding(LoraAdapter):
 
     def __init__(self, base_layer: nn.Embedding, **values: Any) -> None:
         values["dropout"] = 0.0  # the input is token ids
+        if values.get("lora_bias"):
+            raise UnsupportedLayerError(
+                "lora_bias=True is not supported on embeddings (nor in the reference library): an embedding has no "
+                "bias to merge into; exclude the embedding from target_modules or set lora_bias=False"
+            )
         super().__init__(**values)
         weight = base_layer.weight
         num, dim = weight.shape
@@ -422,9 +497,6 @@ class LoraEmbedding(LoraAdapter):
 
     def lora_path(self, x, base_layer):
         return F.embedding(x, self.lora_embedding_A.T, **self._lookup) @ self.lora_embedding_B.T
-
-    def lora_rows(self):
-        return self.lora_embedding_B @ self.lora_embedding_A
 
     def rows(self, weight):
         return weight.T
@@ -463,7 +535,7 @@ class LoraConv(LoraAdapter):
             padding_mode=base_layer.padding_mode,
             **kw,
         )
-        self.lora_B = conv(self.r, base_layer.out_channels, 1, **kw)
+        self.lora_B = conv(self.r, base_layer.out_channels, 1, **{**kw, "bias": self.lora_bias})
         ones = (1,) * (weight.dim() - 2)
         self._new_magnitude((1, base_layer.out_channels, *ones), weight)  # the reference's layout
         if self.init is True:
@@ -472,15 +544,16 @@ class LoraConv(LoraAdapter):
         elif self.init == "gaussian":
             nn.init.normal_(self.lora_A.weight, std=1 / self.r)
             nn.init.zeros_(self.lora_B.weight)
+        self._new_bias(base_layer, self.lora_B)
 
     def lora_path(self, x, base_layer):
         if self.through_base:
             kernel = self.unrows(self.lora_rows(), base_layer.weight)
-            return _with_params(base_layer, x, kernel)
+            out = _with_params(base_layer, x, kernel)
+            if self.lora_bias:
+                out = out + self.lora_B.bias.view(1, -1, *[1] * (out.dim() - 2))
+            return out
         return self.lora_B(self.lora_A(x))
-
-    def lora_rows(self):
-        return self.lora_B.weight.reshape(-1, self.r) @ self.lora_A.weight.reshape(self.r, -1)
 
     def rows(self, weight):
         return weight.reshape(weight.shape[0], -1)
