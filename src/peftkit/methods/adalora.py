@@ -117,6 +117,7 @@ class AdaLoraConfig(AdapterConfig):
     # AdaLoRA ignores r (init_r is the rank) and use_rslora (its scale is always alpha / init_r).
     reference_inert: ClassVar[dict[str, Any]] = {
         **LoraConfig.reference_inert,
+        "target_parameters": None,
         "r": ANY,
         "use_rslora": ANY,
         "bias": "none",

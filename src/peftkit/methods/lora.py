@@ -23,10 +23,11 @@ from ..core.config import ANY, AdapterConfig
 from ..core.inject import adapter_layers, state_of, trained_biases
 from ..core.layer import AdapterModule
 from ..core.layer import adapter_dtype as _adapter_dtype
-from ..core.registry import register_layer, register_method
+from ..core.registry import register_layer, register_method, register_parameter
 from ..core.targeting import HFConv1D, Target
 from ..errors import UnsupportedLayerError
 from . import dora, lora_kernels
+from .lora_parameters import LoraParameters, check_parameter
 
 PEFT_TYPE = "LORA"
 _INITS = (True, False, "gaussian", "pissa", "olora")
@@ -53,6 +54,13 @@ class LoraConfig(AdapterConfig):
             the base weight keeps the residual), ``"olora"`` (A, B from a QR decomposition, residual
             kept likewise), or ``False`` (random A and B: the adapter changes the output from the
             start; for tests).
+        target_parameters: ``nn.Parameter`` tensors to adapt directly, by full name or ``.``-suffix, for
+            weights no linear layer holds: the stacked experts of a mixture-of-experts model
+            (``["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]``, a low-rank delta per expert) or a
+            router's weight (``"mlp.gate.weight"``). The reference library's field, with its tensor layout
+            (``methods/lora_parameters.py``, docs/moe.md); works beside ``target_modules`` (``[]`` for
+            none). ``exclude_modules`` / ``layers_to_transform`` do not filter it, as in the reference.
+            ``target_modules="all-linear"`` adds the stacked experts and routers a MoE model has.
     """
 
     lr_candidates: ClassVar[tuple[float, ...]] = (
@@ -69,6 +77,7 @@ class LoraConfig(AdapterConfig):
     use_rslora: bool = False
     use_dora: bool = False
     init_lora_weights: bool | str = True
+    target_parameters: list[str] | None = None
 
     # target_modules=None: the reference library's defaults per architecture (attention query and value
     # projections; for Phi also the MLP's fc1 and fc2), so a default adapter is the reference's own.
@@ -112,7 +121,6 @@ class LoraConfig(AdapterConfig):
         "megatron_core": "megatron.core",
         "monteclora_config": None,
         "qalora_group_size": ANY,
-        "target_parameters": None,
         "trainable_token_indices": None,
         "use_bdlora": None,
         "use_qalora": False,
@@ -122,6 +130,10 @@ class LoraConfig(AdapterConfig):
     def __post_init__(self) -> None:
         if self.init_lora_weights == "default":
             self.init_lora_weights = True
+        if isinstance(self.target_parameters, (tuple, set)):
+            self.target_parameters = sorted(self.target_parameters)
+        if self.target_parameters == []:  # the reference writes [] for "none"
+            self.target_parameters = None
         super().__post_init__()
 
     @classmethod
@@ -154,9 +166,50 @@ class LoraConfig(AdapterConfig):
             )
         if any(isinstance(v, float) and not float(v).is_integer() for v in self.rank_pattern.values()):
             out.append(f"rank_pattern: ranks must be whole numbers, got {self.rank_pattern!r}")
+        return out + self._parameter_problems()
+
+    def _parameter_problems(self) -> list[str]:
+        names = self.target_parameters
+        if names is None:
+            return []
+        if not isinstance(names, list) or not all(isinstance(n, str) and n for n in names):
+            return [
+                f"target_parameters: expected a list of parameter names (the reference library takes no regex "
+                f"here), got {names!r}"
+            ]
+        out = []
+        if isinstance(self.lora_dropout, (int, float)) and self.lora_dropout:
+            out.append(
+                "lora_dropout: must be 0 with target_parameters: a parameter's delta is added to the weight, so "
+                "there is no adapter input to drop out (the reference library refuses it too)"
+            )
+        if self.use_dora:
+            out.append(
+                "use_dora: DoRA is not available with target_parameters (nor in the reference library)"
+            )
         return out
 
+    def parameter_targets(self) -> list[str] | None:
+        return self.target_parameters
+
     def layer_values(self, target: Target) -> dict[str, Any]:
+        if target.parameters:
+            # a fused gate-and-up expert weight (maps=2) chosen by all-linear gets twice the rank and alpha,
+            # as the reference library gives it (two rank-r LoRAs in the unfused layout)
+            per = {
+                name: {
+                    "r": int(p.rank or self.r * p.maps),
+                    "alpha": float(p.alpha or self.lora_alpha * p.maps),
+                }
+                for name, p in target.parameters.items()
+            }
+            return {
+                "parameters": per,
+                "dropout": float(self.lora_dropout),
+                "use_rslora": bool(self.use_rslora),
+                "use_dora": bool(self.use_dora),
+                "init": self.init_lora_weights,
+            }
         return {
             "r": int(target.rank or self.r),
             "alpha": float(target.alpha or self.lora_alpha),
@@ -167,11 +220,28 @@ class LoraConfig(AdapterConfig):
         }
 
     def after_resolve(self, plan: Any) -> LoraConfig:
+        config = self
         # Readers of the interchange format expect fan_in_fan_out=True for GPT-2's transposed Conv1D
         # weights (the reference library warns and corrects it otherwise).
-        if not self.fan_in_fan_out and HFConv1D and any(isinstance(t.module, HFConv1D) for t in plan.targets):
-            return self.replace(fan_in_fan_out=True)
-        return self
+        conv1d = HFConv1D and any(isinstance(t.module, HFConv1D) and not t.parameters for t in plan.targets)
+        if not self.fan_in_fan_out and conv1d:
+            config = config.replace(fan_in_fan_out=True)
+        grown = plan.all_linear
+        if grown is not None:
+            # all-linear also took stacked experts and routers: record explicit lists (and the fused weights'
+            # ranks), which the reference library reads as the same adapter on any architecture
+            config = config.replace(
+                target_modules=grown.target_modules,
+                target_parameters=list(
+                    dict.fromkeys((self.target_parameters or []) + grown.target_parameters)
+                ),
+                rank_pattern={**self.rank_pattern, **{k: self.r * m for k, m in grown.fused_rank.items()}},
+                alpha_pattern={
+                    **self.alpha_pattern,
+                    **{k: self.lora_alpha * m for k, m in grown.fused_alpha.items()},
+                },
+            )
+        return config
 
     def portable(self) -> LoraConfig:
         if not isinstance(self.init_lora_weights, str) or self.init_lora_weights == "gaussian":
@@ -552,6 +622,9 @@ if HFConv1D:
     register_layer(PEFT_TYPE, "Conv1D (GPT-2)", (HFConv1D,), LoraLinear)
 register_layer(PEFT_TYPE, "Embedding", (nn.Embedding,), LoraEmbedding)
 register_layer(PEFT_TYPE, "Conv", (nn.Conv1d, nn.Conv2d, nn.Conv3d), LoraConv, check=_conv_check)
+register_parameter(
+    PEFT_TYPE, "Parameter (2-D weight or 3-D expert stack)", LoraParameters, check=check_parameter
+)
 
 
 def lora_plus_param_groups(
@@ -573,7 +646,7 @@ def lora_plus_param_groups(
     claimed: set[int] = set()
     for _, layer in adapter_layers(model):
         for adapter in layer.adapters.values():
-            if not isinstance(adapter, LoraAdapter):
+            if not isinstance(adapter, (LoraAdapter, LoraParameters)):
                 continue
             roles = adapter.param_roles()
             embedding = roles.pop("embedding", False)
