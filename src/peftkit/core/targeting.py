@@ -152,8 +152,10 @@ def resolve(model: nn.Module, config: AdapterConfig, require_every_entry: bool =
     parameter_spec = config.parameter_targets() or []
     plan = Plan(model_type=getattr(getattr(model, "config", None), "model_type", None))
     if targets_spec is None and config.wraps_layers:
-        plan.default = default_targets(model, config, structure=not parameter_spec)
-        targets_spec = plan.default.spec if plan.default is not None else []
+        plan.default = default_targets(model, config, structure=not parameter_spec) or DefaultTargets(
+            [], "none beside target_parameters (no table entry for this model_type)", "table"
+        )
+        targets_spec = plan.default.spec
     save_specs = list(config.modules_to_save or [])
     names = [n for n, _ in user_modules(model) if n]
     # The reference library matches modules_to_save by a plain suffix (so "classifier" also takes

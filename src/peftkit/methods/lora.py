@@ -227,6 +227,15 @@ class LoraConfig(AdapterConfig):
         if not self.fan_in_fan_out and conv1d:
             config = config.replace(fan_in_fan_out=True)
         grown = plan.all_linear
+        if grown is not None and (self.lora_dropout or self.use_dora):
+            owners = sorted({t.name.rpartition(".")[2] for t in plan.targets if t.parameters})
+            raise UnsupportedLayerError(
+                f"all-linear also chose {len(grown.target_parameters)} kind(s) of weights held as parameters "
+                f"({', '.join(grown.target_parameters)}: stacked experts, routers), which LoRA cannot adapt with "
+                f"{'lora_dropout' if self.lora_dropout else 'use_dora'} (its delta is added to the weight, as in the "
+                "reference library). Set lora_dropout=0 and use_dora=False, or leave them out with "
+                f"exclude_modules={owners!r}."
+            )
         if grown is not None:
             # all-linear also took stacked experts and routers: record explicit lists (and the fused weights'
             # ranks), which the reference library reads as the same adapter on any architecture
