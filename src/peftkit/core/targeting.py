@@ -319,6 +319,22 @@ def _resolve_parameters(
                 wanted.get(full, 1),
             )
     plan.targets += list(by_module.values())
+    _refuse_parameter_mistakes(config, spec, hit, names, unsupported, unfiltered, require_every_entry)
+    if wanted:
+        plan.all_linear = _recorded_all_linear(plan, [n for n, _ in user_modules(model) if n], names)
+
+
+def _refuse_parameter_mistakes(
+    config: AdapterConfig,
+    spec: list[str],
+    hit: set[str],
+    names: list[str],
+    unsupported: list[str],
+    unfiltered: list[str],
+    require_every_entry: bool,
+) -> None:
+    """Raise for a target_parameters entry matching nothing or naming a parameter the method cannot take;
+    warn when exclude_modules / layers_to_transform would have left a named parameter out."""
     missing = [s for s in spec if s not in hit]
     if missing and (require_every_entry or not hit):
         raise NoTargetMatchedError(_no_parameter_message(missing, names))
@@ -334,10 +350,8 @@ def _resolve_parameters(
             f"would leave out ({', '.join(unfiltered[:3])}{' ...' if len(unfiltered) > 3 else ''}): like the "
             "reference library, peftkit applies those filters to target_modules only, so that both select the "
             "same. Name only the parameters you want in target_parameters.",
-            stacklevel=4,
+            stacklevel=6,
         )
-    if wanted:
-        plan.all_linear = _recorded_all_linear(plan, [n for n, _ in user_modules(model) if n], names)
 
 
 def _check_parameter_owner(full: str, module_name: str, module_targets: set[str], shared: str | None) -> None:

@@ -26,7 +26,7 @@ from ..core.layer import adapter_dtype as _adapter_dtype
 from ..core.registry import register_layer, register_method, register_parameter
 from ..core.targeting import HFConv1D, Target
 from ..errors import UnsupportedLayerError
-from . import dora, lora_kernels
+from . import dora, lora_kernels, lora_parameters
 from .lora_parameters import LoraParameters, check_parameter
 
 PEFT_TYPE = "LORA"
@@ -166,57 +166,24 @@ class LoraConfig(AdapterConfig):
             )
         if any(isinstance(v, float) and not float(v).is_integer() for v in self.rank_pattern.values()):
             out.append(f"rank_pattern: ranks must be whole numbers, got {self.rank_pattern!r}")
-        return out + self._parameter_problems()
-
-    def _parameter_problems(self) -> list[str]:
-        names = self.target_parameters
-        if names is None:
-            return []
-        if not isinstance(names, list) or not all(isinstance(n, str) and n for n in names):
-            return [
-                f"target_parameters: expected a list of parameter names (the reference library takes no regex "
-                f"here), got {names!r}"
-            ]
-        out = []
-        if isinstance(self.lora_dropout, (int, float)) and self.lora_dropout:
-            out.append(
-                "lora_dropout: must be 0 with target_parameters: a parameter's delta is added to the weight, so "
-                "there is no adapter input to drop out (the reference library refuses it too)"
-            )
-        if self.use_dora:
-            out.append(
-                "use_dora: DoRA is not available with target_parameters (nor in the reference library)"
-            )
-        return out
+        return out + lora_parameters.config_problems(self.target_parameters, self.lora_dropout, self.use_dora)
 
     def parameter_targets(self) -> list[str] | None:
         return self.target_parameters
 
     def layer_values(self, target: Target) -> dict[str, Any]:
-        if target.parameters:
-            # a fused gate-and-up expert weight (maps=2) chosen by all-linear gets twice the rank and alpha,
-            # as the reference library gives it (two rank-r LoRAs in the unfused layout)
-            per = {
-                name: {
-                    "r": int(p.rank or self.r * p.maps),
-                    "alpha": float(p.alpha or self.lora_alpha * p.maps),
-                }
-                for name, p in target.parameters.items()
-            }
-            return {
-                "parameters": per,
-                "dropout": float(self.lora_dropout),
-                "use_rslora": bool(self.use_rslora),
-                "use_dora": bool(self.use_dora),
-                "init": self.init_lora_weights,
-            }
-        return {
-            "r": int(target.rank or self.r),
-            "alpha": float(target.alpha or self.lora_alpha),
+        common = {
             "dropout": float(self.lora_dropout),
             "use_rslora": bool(self.use_rslora),
             "use_dora": bool(self.use_dora),
             "init": self.init_lora_weights,
+        }
+        if target.parameters:
+            return lora_parameters.layer_values(target, self.r, self.lora_alpha, common)
+        return {
+            "r": int(target.rank or self.r),
+            "alpha": float(target.alpha or self.lora_alpha),
+            **common,
         }
 
     def after_resolve(self, plan: Any) -> LoraConfig:
@@ -226,30 +193,8 @@ class LoraConfig(AdapterConfig):
         conv1d = HFConv1D and any(isinstance(t.module, HFConv1D) and not t.parameters for t in plan.targets)
         if not self.fan_in_fan_out and conv1d:
             config = config.replace(fan_in_fan_out=True)
-        grown = plan.all_linear
-        if grown is not None and (self.lora_dropout or self.use_dora):
-            owners = sorted({t.name.rpartition(".")[2] for t in plan.targets if t.parameters})
-            raise UnsupportedLayerError(
-                f"all-linear also chose {len(grown.target_parameters)} kind(s) of weights held as parameters "
-                f"({', '.join(grown.target_parameters)}: stacked experts, routers), which LoRA cannot adapt with "
-                f"{'lora_dropout' if self.lora_dropout else 'use_dora'} (its delta is added to the weight, as in the "
-                "reference library). Set lora_dropout=0 and use_dora=False, or leave them out with "
-                f"exclude_modules={owners!r}."
-            )
-        if grown is not None:
-            # all-linear also took stacked experts and routers: record explicit lists (and the fused weights'
-            # ranks), which the reference library reads as the same adapter on any architecture
-            config = config.replace(
-                target_modules=grown.target_modules,
-                target_parameters=list(
-                    dict.fromkeys((self.target_parameters or []) + grown.target_parameters)
-                ),
-                rank_pattern={**self.rank_pattern, **{k: self.r * m for k, m in grown.fused_rank.items()}},
-                alpha_pattern={
-                    **self.alpha_pattern,
-                    **{k: self.lora_alpha * m for k, m in grown.fused_alpha.items()},
-                },
-            )
+        if plan.all_linear is not None:
+            config = lora_parameters.record_all_linear(config, plan)
         return config
 
     def portable(self) -> LoraConfig:

@@ -144,4 +144,62 @@ def check_parameter(module: nn.Module, name: str, param: nn.Parameter) -> str | 
     return None
 
 
+# -- what LoraConfig asks of this file ---------------------------------------------------------------
+
+
+def config_problems(names: Any, lora_dropout: Any, use_dora: Any) -> list[str]:
+    """The problems of a ``target_parameters`` value beside the rest of a LoRA config."""
+    if names is None:
+        return []
+    if not isinstance(names, list) or not all(isinstance(n, str) and n for n in names):
+        return [
+            "target_parameters: expected a list of parameter names (the reference library takes no regex "
+            f"here), got {names!r}"
+        ]
+    out = []
+    if isinstance(lora_dropout, (int, float)) and lora_dropout:
+        out.append(
+            "lora_dropout: must be 0 with target_parameters: a parameter's delta is added to the weight, so "
+            "there is no adapter input to drop out (the reference library refuses it too)"
+        )
+    if use_dora:
+        out.append("use_dora: DoRA is not available with target_parameters (nor in the reference library)")
+    return out
+
+
+def layer_values(target: Any, r: int, alpha: float, common: dict[str, Any]) -> dict[str, Any]:
+    """The builder's values for a parameter target: a rank and alpha per parameter. A fused gate-and-up
+    expert weight chosen by all-linear (``maps=2``) gets twice both, as the reference library gives it
+    (two rank-r LoRAs in the unfused layout are one rank-2r LoRA on the fused weight)."""
+    per = {
+        name: {"r": int(p.rank or r * p.maps), "alpha": float(p.alpha or alpha * p.maps)}
+        for name, p in target.parameters.items()
+    }
+    return {"parameters": per, **common}
+
+
+def record_all_linear(config: Any, plan: Any) -> Any:
+    """``config`` as saved after all-linear also took stacked experts and routers (``plan.all_linear``):
+    explicit target lists and the fused weights' rank and alpha, which the reference library reads as the
+    same adapter on any architecture. Refuses, before anything changes, options those weights cannot take."""
+    grown = plan.all_linear
+    if config.lora_dropout or config.use_dora:
+        owners = sorted({t.name.rpartition(".")[2] for t in plan.targets if t.parameters})
+        raise UnsupportedLayerError(
+            f"all-linear also chose weights held as parameters ({', '.join(grown.target_parameters)}: stacked "
+            f"experts, routers), which LoRA cannot adapt with {'lora_dropout' if config.lora_dropout else 'use_dora'}"
+            " (the delta is added to the weight, as in the reference library). Set lora_dropout=0 and "
+            f"use_dora=False, or leave them out with exclude_modules={owners!r}."
+        )
+    return config.replace(
+        target_modules=grown.target_modules,
+        target_parameters=list(dict.fromkeys((config.target_parameters or []) + grown.target_parameters)),
+        rank_pattern={**config.rank_pattern, **{k: config.r * m for k, m in grown.fused_rank.items()}},
+        alpha_pattern={
+            **config.alpha_pattern,
+            **{k: config.lora_alpha * m for k, m in grown.fused_alpha.items()},
+        },
+    )
+
+
 __all__ = ["LoraParameter", "LoraParameters", "check_parameter"]
