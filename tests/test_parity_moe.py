@@ -104,16 +104,16 @@ def _trained_b(tensors: dict[str, torch.Tensor]) -> None:
     assert b_keys and all(tensors[k].abs().max() > 0 for k in b_keys)
 
 
-def _pair(direction: str, base: nn.Module, name: str, directory: Path) -> tuple[nn.Module, nn.Module]:
+def _pair(direction: str, base: nn.Module, options: dict, directory: Path) -> tuple[nn.Module, nn.Module]:
     torch.manual_seed(0)
     if direction == "peftkit->peft":
-        ours = peftkit.inject(copy.deepcopy(base), peftkit.LoraConfig(**_options(name)))
+        ours = peftkit.inject(copy.deepcopy(base), peftkit.LoraConfig(**copy.deepcopy(options)))
         _train(ours)
         _trained_b(peftkit.adapter_state_dict(ours))
         peftkit.save_adapter(ours, directory)
         theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), directory).eval()
     else:
-        theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**_options(name)))
+        theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**copy.deepcopy(options)))
         _train(theirs)
         _trained_b(get_peft_model_state_dict(theirs))
         theirs.save_pretrained(directory)
@@ -126,7 +126,7 @@ def _pair(direction: str, base: nn.Module, name: str, directory: Path) -> tuple[
 @pytest.mark.parametrize("direction", ["peftkit->peft", "peft->peftkit"])
 def test_outputs_agree_unmerged_merged_and_unloaded(bases, direction, arch, name, tmp_path):
     base = _logits(bases[arch])
-    ours, theirs = _pair(direction, bases[arch], name, tmp_path / "adapter")
+    ours, theirs = _pair(direction, bases[arch], _options(name), tmp_path / "adapter")
     _close(ours, theirs, base)
     peftkit.merge(ours, safe=True)
     theirs.merge_adapter()
@@ -148,6 +148,42 @@ def test_a_fresh_adapter_has_the_same_tensors_and_targets_in_both(bases, arch, n
         assert written[0][key] == written[1][key], key
     # the same parameters named (as sets: the reference writes a set as a list in any order)
     assert set(written[0]["target_parameters"] or []) == set(written[1]["target_parameters"] or [])
+
+
+@pytest.fixture(scope="module")
+def gpt_oss():
+    return tiny_transformers_moe("gpt_oss")
+
+
+@pytest.mark.parametrize("direction", ["peftkit->peft", "peft->peftkit"])
+def test_transposed_stacks_agree_gpt_oss(gpt_oss, direction, tmp_path):
+    """gpt-oss stores its stacks (experts, in, out) (``is_transposed``) and routes with ``mlp.router``."""
+    options = {
+        "r": 2,
+        "lora_alpha": 4,
+        "target_modules": ["q_proj"],
+        "target_parameters": [*EXPERTS, "router.weight"],
+    }
+    base = _logits(gpt_oss)
+    ours, theirs = _pair(direction, gpt_oss, options, tmp_path / "adapter")
+    _close(ours, theirs, base)
+    peftkit.merge(ours, safe=True)
+    theirs.merge_adapter()
+    _close(ours, theirs, base)
+
+
+def test_all_linear_beyond_the_references_table_still_interchanges(gpt_oss, tmp_path):
+    """The reference's all-linear leaves gpt-oss's experts out (gpt_oss is not in its v4->v5 conversion
+    table); peftkit's takes them and records explicit lists, which the reference loads as the same adapter."""
+    theirs_fresh = peft.get_peft_model(copy.deepcopy(gpt_oss), peft.LoraConfig(target_modules="all-linear"))
+    assert not any("experts" in k for k in get_peft_model_state_dict(theirs_fresh))
+    base = _logits(gpt_oss)
+    ours = peftkit.inject(copy.deepcopy(gpt_oss), peftkit.LoraConfig(r=2, target_modules="all-linear"))
+    _train(ours)
+    peftkit.save_adapter(ours, tmp_path / "a")
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(gpt_oss), tmp_path / "a").eval()
+    assert any("experts" in k for k in get_peft_model_state_dict(theirs))
+    _close(ours, theirs, base)
 
 
 def test_all_linear_with_the_router_in_full_loads_in_the_reference(bases, tmp_path):

@@ -46,6 +46,22 @@ def tiny_transformers_moe(arch: str, seed: int = 0) -> nn.Module:
     elif arch == "olmoe":
         config = transformers.OlmoeConfig(**TINY, intermediate_size=16, num_experts=4, num_experts_per_tok=2)
         model = transformers.OlmoeForCausalLM(config)
+    elif (
+        arch == "gpt_oss"
+    ):  # stacks stored (experts, in, out): is_transposed; per-expert biases; router "router"
+        config = transformers.GptOssConfig(
+            **TINY,
+            intermediate_size=16,
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            head_dim=16,
+            layer_types=["full_attention"] * TINY["num_hidden_layers"],
+        )
+        model = transformers.GptOssForCausalLM(config)
+        with torch.no_grad():  # its init leaves experts, biases and router at zero
+            for param in model.parameters():
+                param.normal_(0.0, 0.2)
+        return model.eval()
     else:
         raise ValueError(arch)
     with torch.no_grad():
