@@ -16,11 +16,13 @@ from torch import nn
 from . import methods  # noqa: F401  (registers the built-in methods)
 from .core import inject as _inject
 from .core import mixed as _mixed
-from .core import registry
+from .core import moe, registry
+from .core.anatomy import user_modules
 from .core.config import AdapterConfig
 from .core.counting import count_parameters
 from .core.inject import adapter_layers, model_parts, require_adapter, saved_modules, state_of
 from .core.io import load_adapter, read_adapter_config, save_adapter
+from .core.layer import ParameterAdapter
 from .core.state_dict import adapter_state_dict, load_adapter_state_dict
 from .errors import AdapterNameError, ConfigError
 from .methods import lora_combine as _combine
@@ -425,11 +427,15 @@ def extract_lora(
 class TrainableSummary:
     """What :func:`trainable_summary` found; ``str()`` gives the readable table."""
 
-    adapted: list[tuple[str, str, str, int]] = field(default_factory=list)  # module, kind, adapter, params
-    skipped: list[tuple[str, str, str]] = field(default_factory=list)  # module, type, reason
+    # module (or module.parameter, for a parameter adapted directly), kind, adapter, params
+    adapted: list[tuple[str, str, str, int]] = field(default_factory=list)
+    skipped: list[tuple[str, str, str]] = field(default_factory=list)  # module or parameter, type, reason
     modules_to_save: list[tuple[str, str, int]] = field(default_factory=list)  # module, adapter, params
+    # mixture-of-experts weights held as parameters, and routers: name, what it is, what was done with it
+    experts: list[tuple[str, str, str]] = field(default_factory=list)
     trainable: int = 0
     total: int = 0
+    _parameter_rows: set[str] = field(default_factory=set, repr=False)  # adapted rows that are parameters
 
     @property
     def percent(self) -> float:
@@ -444,8 +450,20 @@ class TrainableSummary:
         if self.skipped:
             lines.append(f"matched but not adapted ({len(self.skipped)}):")
             lines += [f"  {name} ({kind}): {reason}" for name, kind, reason in self.skipped]
+        if self.experts:
+            lines.append(f"mixture of experts: {len(self.experts)} expert weights and routers:")
+            lines += [f"  {name:<54} {what:<30} {status}" for name, what, status in self.experts]
+            if any(status.startswith("frozen") for *_, status in self.experts):
+                lines.append(
+                    "  (frozen ones: target_modules='all-linear' or target_parameters=[...] adapts them; "
+                    "modules_to_save=[<router>] trains a router in full; docs/moe.md)"
+                )
+        by_parameter = sum(1 for name, *_ in self.adapted if name in self._parameter_rows)
+        counts = f"adapted modules: {len(self.adapted) - by_parameter}"
+        if by_parameter:
+            counts += f" | adapted parameters: {by_parameter}"
         lines.append(
-            f"adapted modules: {len(self.adapted)} | trainable params: {self.trainable:,} || "
+            f"{counts} | trainable params: {self.trainable:,} || "
             f"all params: {self.total:,} || trainable%: {self.percent:.4f}"
         )
         return "\n".join(lines)
@@ -459,6 +477,14 @@ def trainable_summary(model: nn.Module, *, show: bool = True) -> TrainableSummar
     if state is not None:
         for name, layer in adapter_layers(model):
             for adapter_name, adapter in layer.adapters.items():
+                if isinstance(adapter, ParameterAdapter):  # one row per parameter adapted directly
+                    for pname, count in adapter.parameter_sizes().items():
+                        shape = tuple(getattr(layer.base_layer, pname).shape)
+                        summary.adapted.append(
+                            (f"{name}.{pname}", f"{adapter.describe(pname)} {shape}", adapter_name, count)
+                        )
+                        summary._parameter_rows.add(f"{name}.{pname}")
+                    continue
                 kind = f"{type(adapter).__name__}({type(layer.base_layer).__name__})"
                 summary.adapted.append(
                     (name, kind, adapter_name, sum(p.numel() for p in adapter.parameters()))
@@ -479,10 +505,46 @@ def trainable_summary(model: nn.Module, *, show: bool = True) -> TrainableSummar
                 if item[0] not in seen:
                     seen.add(item[0])
                     summary.skipped.append(item)
+    summary.experts = _experts_report(model)
     summary.trainable, summary.total = count_parameters(model)
     if show:
         print(summary)
     return summary
+
+
+def _experts_report(model: nn.Module) -> list[tuple[str, str, str]]:
+    """Every stacked expert weight and router of a MoE model, with what was done with it: adapted (by which
+    adapters, how), trained in full, or frozen. Listed whether or not anything was adapted."""
+    layers, saved = dict(adapter_layers(model)), dict(saved_modules(model))
+    modules = dict(user_modules(model))
+    rows = []
+
+    def status(module: str, pname: str | None) -> str:
+        layer = layers.get(module)
+        if layer is not None:
+            how = [
+                f"{n} ({a.describe(pname) if isinstance(a, ParameterAdapter) else type(a).__name__})"
+                for n, a in layer.adapters.items()
+                if (pname in a.merge_into if isinstance(a, ParameterAdapter) else pname is None)
+            ]
+            if how:
+                return "adapted: " + ", ".join(how)
+        if module in saved:
+            return f"trained in full (modules_to_save): {', '.join(saved[module].copies)}"
+        param = getattr(modules.get(module), pname or "weight", None)
+        if isinstance(param, torch.Tensor) and param.requires_grad:
+            return "trainable in full (its requires_grad is set)"
+        return "frozen, not adapted"
+
+    for block in moe.find(model):
+        for weight in block.weights:
+            module, _, pname = weight.name.rpartition(".")
+            rows.append((weight.name, f"{weight.role} {weight.shape}", status(module, pname)))
+        if block.router is not None:
+            shape = tuple(modules[block.router].weight.shape)
+            router = status(block.router, None) if block.router_linear else status(block.router, "weight")
+            rows.append((block.router, f"router {shape}", router))
+    return rows
 
 
 __all__ = [

@@ -129,7 +129,8 @@ class AdapterConfig:
                     except re.error as exc:
                         out.append(f"{name}: {value!r} is not a valid regular expression ({exc})")
             elif isinstance(value, list):
-                if not value:
+                # [] is how the reference library says "no modules, only target_parameters"
+                if not value and not (name == "target_modules" and self.parameter_targets()):
                     out.append(f"{name}: empty list; give at least one module name, or None")
                 if not all(isinstance(v, str) and v for v in value):
                     out.append(f"{name}: every entry must be a non-empty string, got {value!r}")
@@ -168,6 +169,12 @@ class AdapterConfig:
         return out
 
     # -- hooks a method implements -----------------------------------------------------------------
+
+    def parameter_targets(self) -> list[str] | None:
+        """Names of ``nn.Parameter`` tensors to adapt directly (the reference library's LoRA field
+        ``target_parameters``: full names or ``.``-suffixes, e.g. ``"mlp.experts.gate_up_proj"``), for a
+        method that registered a parameter row (``registry.register_parameter``); None by default."""
+        return None
 
     @classmethod
     def for_targets(cls, target_modules: list[str] | str) -> AdapterConfig:

@@ -35,6 +35,7 @@ class AdapterModule(nn.Module):
     merge_into: tuple[str, ...] = ("weight",)
     # "input" / "output" when the adapter transforms the base layer's input or output instead of adding
     # a delta: the layer calls ``transform`` there, so the base runs once and such adapters compose.
+    # "parameters" for a ParameterAdapter: the base runs once with its parameters changed.
     transforms: str | None = None
 
     def delta_output(self, x: torch.Tensor, base_out: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
@@ -113,6 +114,43 @@ class AdapterModule(nn.Module):
         return dict(self.state_dict())
 
 
+class ParameterAdapter(AdapterModule):
+    """An adapter on named ``nn.Parameter`` tensors of its base module (the reference library's
+    ``target_parameters``), for weights that no linear layer holds: the stacked experts of a
+    mixture-of-experts block, a router's scoring weight.
+
+    The module's forward is not known (it may index one expert's slice, or hand the whole stack to a
+    grouped kernel), so the delta cannot be added to an output. Instead the layer calls the base module
+    once with ``W + delta`` in place of each adapted ``W`` (``torch.func.functional_call``), and merging
+    writes the same sum into ``W``: merged and unmerged outputs agree by construction. ``merge_into`` is
+    the adapted parameters' names on the base module; a method implements :meth:`parameter_delta`.
+    """
+
+    transforms = "parameters"
+
+    def __init__(self, names: list[str]) -> None:
+        super().__init__()
+        self.merge_into = tuple(names)
+
+    def parameter_delta(self, name: str) -> torch.Tensor:
+        """The change to parameter ``name``, in its own shape (and the adapter's dtype)."""
+        raise NotImplementedError
+
+    def parameter_sizes(self) -> dict[str, int]:
+        """How many trainable numbers the adapter holds for each parameter (for summaries)."""
+        raise NotImplementedError
+
+    def describe(self, name: str) -> str:
+        """How reports name the adapter on parameter ``name`` (e.g. "LoRA r=8 per expert")."""
+        return type(self).__name__
+
+    def merged_tensors(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {n: t + self.parameter_delta(n).to(t.dtype) for n, t in tensors.items()}
+
+    def unmerged_tensors(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {n: t - self.parameter_delta(n).to(t.dtype) for n, t in tensors.items()}
+
+
 def adapter_dtype(weight: torch.Tensor) -> torch.dtype:
     """The dtype of an adapter's own tensors for a base weight: float32 for half-precision (and
     integer, i.e. quantized) bases, since an adapter is small and its updates would not survive bf16
@@ -165,7 +203,7 @@ class AdapterLayer(nn.Module):
         for adapter in live:
             if adapter.transforms == "input":
                 base_in = adapter.transform(base_in)
-        out = self.base_layer(base_in, *args, **kwargs)
+        out = self._call_base(live, base_in, args, kwargs)
         for adapter in live:
             if adapter.transforms == "output":
                 out = adapter.transform(out)
@@ -177,6 +215,24 @@ class AdapterLayer(nn.Module):
             for adapter in adding:
                 out = out + adapter.delta_output(x, plain, self.base_layer)
         return out
+
+    def _call_base(self, live: list[AdapterModule], x: torch.Tensor, args: tuple, kwargs: dict):
+        """The base layer on ``x``, with the live parameter adapters' deltas added to its parameters."""
+        changing = [a for a in live if a.transforms == "parameters"]
+        if not changing:
+            return self.base_layer(x, *args, **kwargs)
+        deltas: dict[str, torch.Tensor] = {}
+        for adapter in changing:
+            for name in adapter.merge_into:
+                delta = adapter.parameter_delta(name)
+                deltas[name] = delta if name not in deltas else deltas[name] + delta
+        params = {}
+        for name, delta in deltas.items():
+            weight = getattr(self.base_layer, name)
+            # the sum rounded once, in the merge's compute dtype: merged and unmerged outputs agree exactly
+            compute = _compute_dtype(weight)
+            params[name] = (weight.to(compute) + delta.to(compute)).to(weight.dtype)
+        return torch.func.functional_call(self.base_layer, params, (x, *args), kwargs)
 
     # -- merging, written once for every method --------------------------------------------------
 

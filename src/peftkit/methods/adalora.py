@@ -118,6 +118,7 @@ class AdaLoraConfig(AdapterConfig):
     reference_inert: ClassVar[dict[str, Any]] = {
         **LoraConfig.reference_inert,
         "lora_bias": False,  # a LoRA field, not implemented for AdaLoRA
+        "target_parameters": None,
         "r": ANY,
         "use_rslora": ANY,
         "bias": "none",

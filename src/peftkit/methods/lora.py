@@ -23,10 +23,11 @@ from ..core.config import ANY, AdapterConfig
 from ..core.inject import adapter_layers, state_of, trained_biases
 from ..core.layer import AdapterModule
 from ..core.layer import adapter_dtype as _adapter_dtype
-from ..core.registry import register_layer, register_method
+from ..core.registry import register_layer, register_method, register_parameter
 from ..core.targeting import HFConv1D, Target
 from ..errors import UnsupportedLayerError
-from . import dora, lora_kernels
+from . import dora, lora_kernels, lora_parameters
+from .lora_parameters import LoraParameters, check_parameter
 
 PEFT_TYPE = "LORA"
 _INITS = (True, False, "gaussian", "pissa", "olora")
@@ -57,6 +58,13 @@ class LoraConfig(AdapterConfig):
             ``s * b``, and a merge adds it to the base bias. It lets an adapter carry a change of the
             bias, as ``peftkit.combine`` and ``convert_to_lora`` write when a source changed one. Not on
             embeddings, nor with DoRA, PiSSA or OLoRA (as in the reference).
+        target_parameters: ``nn.Parameter`` tensors to adapt directly, by full name or ``.``-suffix, for
+            weights no linear layer holds: the stacked experts of a mixture-of-experts model
+            (``["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]``, a low-rank delta per expert) or a
+            router's weight (``"mlp.gate.weight"``). The reference library's field, with its tensor layout
+            (``methods/lora_parameters.py``, docs/moe.md); works beside ``target_modules`` (``[]`` for
+            none). ``exclude_modules`` / ``layers_to_transform`` do not filter it, as in the reference.
+            ``target_modules="all-linear"`` adds the stacked experts and routers a MoE model has.
     """
 
     lr_candidates: ClassVar[tuple[float, ...]] = (
@@ -74,6 +82,7 @@ class LoraConfig(AdapterConfig):
     use_dora: bool = False
     init_lora_weights: bool | str = True
     lora_bias: bool = False
+    target_parameters: list[str] | None = None
 
     # target_modules=None: the reference library's defaults per architecture (attention query and value
     # projections; for Phi also the MLP's fc1 and fc2), so a default adapter is the reference's own.
@@ -116,7 +125,6 @@ class LoraConfig(AdapterConfig):
         "megatron_core": "megatron.core",
         "monteclora_config": None,
         "qalora_group_size": ANY,
-        "target_parameters": None,
         "trainable_token_indices": None,
         "use_bdlora": None,
         "use_qalora": False,
@@ -126,6 +134,10 @@ class LoraConfig(AdapterConfig):
     def __post_init__(self) -> None:
         if self.init_lora_weights == "default":
             self.init_lora_weights = True
+        if isinstance(self.target_parameters, (tuple, set)):
+            self.target_parameters = sorted(self.target_parameters)
+        if self.target_parameters == []:  # the reference writes [] for "none"
+            self.target_parameters = None
         super().__post_init__()
 
     @classmethod
@@ -165,25 +177,42 @@ class LoraConfig(AdapterConfig):
                 "lora_bias: works with plain LoRA and init_lora_weights True or False only (as in the reference "
                 f"library), got use_dora={self.use_dora!r}, init_lora_weights={init!r}; drop one of them"
             )
-        return out
+        if self.lora_bias and self.target_parameters:
+            out.append(
+                "lora_bias: the reference library refuses it on target_parameters (a stacked weight has no bias "
+                "for B's bias to merge into); drop one of them"
+            )
+        return out + lora_parameters.config_problems(self.target_parameters, self.lora_dropout, self.use_dora)
+
+    def parameter_targets(self) -> list[str] | None:
+        return self.target_parameters
 
     def layer_values(self, target: Target) -> dict[str, Any]:
-        return {
-            "r": int(target.rank or self.r),
-            "alpha": float(target.alpha or self.lora_alpha),
+        common = {
             "dropout": float(self.lora_dropout),
             "use_rslora": bool(self.use_rslora),
             "use_dora": bool(self.use_dora),
             "init": self.init_lora_weights,
+        }
+        if target.parameters:  # lora_bias is refused with parameter targets (problems)
+            return lora_parameters.layer_values(target, self.r, self.lora_alpha, common)
+        return {
+            "r": int(target.rank or self.r),
+            "alpha": float(target.alpha or self.lora_alpha),
             "lora_bias": bool(self.lora_bias),
+            **common,
         }
 
     def after_resolve(self, plan: Any) -> LoraConfig:
+        config = self
         # Readers of the interchange format expect fan_in_fan_out=True for GPT-2's transposed Conv1D
         # weights (the reference library warns and corrects it otherwise).
-        if not self.fan_in_fan_out and HFConv1D and any(isinstance(t.module, HFConv1D) for t in plan.targets):
-            return self.replace(fan_in_fan_out=True)
-        return self
+        conv1d = HFConv1D and any(isinstance(t.module, HFConv1D) and not t.parameters for t in plan.targets)
+        if not self.fan_in_fan_out and conv1d:
+            config = config.replace(fan_in_fan_out=True)
+        if plan.all_linear is not None:
+            config = lora_parameters.record_all_linear(config, plan)
+        return config
 
     def portable(self) -> LoraConfig:
         if not isinstance(self.init_lora_weights, str) or self.init_lora_weights == "gaussian":
@@ -625,6 +654,9 @@ if HFConv1D:
     register_layer(PEFT_TYPE, "Conv1D (GPT-2)", (HFConv1D,), LoraLinear)
 register_layer(PEFT_TYPE, "Embedding", (nn.Embedding,), LoraEmbedding)
 register_layer(PEFT_TYPE, "Conv", (nn.Conv1d, nn.Conv2d, nn.Conv3d), LoraConv, check=_conv_check)
+register_parameter(
+    PEFT_TYPE, "Parameter (2-D weight or 3-D expert stack)", LoraParameters, check=check_parameter
+)
 
 
 def lora_plus_param_groups(
@@ -646,7 +678,7 @@ def lora_plus_param_groups(
     claimed: set[int] = set()
     for _, layer in adapter_layers(model):
         for adapter in layer.adapters.values():
-            if not isinstance(adapter, LoraAdapter):
+            if not isinstance(adapter, (LoraAdapter, LoraParameters)):
                 continue
             roles = adapter.param_roles()
             embedding = roles.pop("embedding", False)
