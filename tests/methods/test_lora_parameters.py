@@ -290,9 +290,18 @@ def test_config_refuses_what_parameters_cannot_do():
 def test_all_linear_with_dropout_on_a_moe_model_says_how_to_fix_it(bases):
     model = copy.deepcopy(bases["qwen3_moe"])
     with pytest.raises(
-        UnsupportedLayerError, match=r"lora_dropout=0 .* exclude_modules=\['experts', 'gate'\]"
+        UnsupportedLayerError,
+        match=r"with lora_dropout .* lora_dropout=0, .* exclude_modules=\['experts', 'gate'\]",
     ):
         peftkit.inject(model, peftkit.LoraConfig(target_modules="all-linear", lora_dropout=0.1))
+    with pytest.raises(UnsupportedLayerError, match=r"with lora_bias .* lora_bias=False"):
+        peftkit.inject(
+            model, peftkit.LoraConfig(target_modules="all-linear", lora_dropout=0.0, lora_bias=True)
+        )
+    with pytest.raises(
+        ConfigError, match=r"lora_bias: the reference library refuses it on target_parameters"
+    ):
+        peftkit.LoraConfig(target_parameters=["mlp.experts.down_proj"], lora_bias=True)
     assert not any(isinstance(m, AdapterLayer) for m in model.modules())
     # leaving the experts and routers out is the other way
     config = peftkit.LoraConfig(
