@@ -27,6 +27,7 @@ from ..core.registry import register_layer, register_method, register_parameter
 from ..core.targeting import HFConv1D, Target
 from ..errors import UnsupportedLayerError
 from . import dora, lora_kernels, lora_parameters
+from .lora_mha import LoraMultiheadAttention, check_attention
 from .lora_parameters import LoraParameters, check_parameter
 
 PEFT_TYPE = "LORA"
@@ -576,6 +577,9 @@ if HFConv1D:
     register_layer(PEFT_TYPE, "Conv1D (GPT-2)", (HFConv1D,), LoraLinear)
 register_layer(PEFT_TYPE, "Embedding", (nn.Embedding,), LoraEmbedding)
 register_layer(PEFT_TYPE, "Conv", (nn.Conv1d, nn.Conv2d, nn.Conv3d), LoraConv, check=_conv_check)
+register_layer(
+    PEFT_TYPE, "MultiheadAttention", (nn.MultiheadAttention,), LoraMultiheadAttention, check=check_attention
+)
 register_parameter(
     PEFT_TYPE, "Parameter (2-D weight or 3-D expert stack)", LoraParameters, check=check_parameter
 )
@@ -600,7 +604,7 @@ def lora_plus_param_groups(
     claimed: set[int] = set()
     for _, layer in adapter_layers(model):
         for adapter in layer.adapters.values():
-            if not isinstance(adapter, (LoraAdapter, LoraParameters)):
+            if not isinstance(adapter, (LoraAdapter, LoraParameters, LoraMultiheadAttention)):
                 continue
             roles = adapter.param_roles()
             embedding = roles.pop("embedding", False)
