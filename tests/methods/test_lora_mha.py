@@ -48,11 +48,14 @@ def test_the_delta_is_low_rank_on_both_weights_and_merges_exactly(kind):
     adapter = model.attn.adapters["default"]
     s = 4 / 2
     a, b = adapter.in_proj.lora_A.weight, adapter.in_proj.lora_B.weight
+    a2, b2 = adapter.out_proj.lora_A.weight, adapter.out_proj.lora_B.weight
     assert torch.allclose(adapter.parameter_delta("in_proj_weight"), s * b @ a)
+    # out_proj's counts twice, as in every released reference version (methods/lora_mha.py)
+    assert torch.allclose(adapter.parameter_delta("out_proj.weight"), 2 * s * b2 @ a2)
     expected = copy.deepcopy(base)
     with torch.no_grad():
         expected.in_proj_weight += s * b @ a
-        expected.out_proj.weight += adapter.parameter_delta("out_proj.weight")
+        expected.out_proj.weight += 2 * s * b2 @ a2
         want = model.head(expected(x, x, x)[0])
         assert torch.allclose(model(x), want, atol=1e-6)
         unmerged = model(x)

@@ -5,12 +5,20 @@ The module holds its query, key and value projections packed in one parameter, `
 is no linear layer to wrap, and a wrapper on ``out_proj`` would be bypassed. As in the reference library
 (its ``lora.MultiheadAttention``), the module itself is the target, and the adapter is a rank-r delta on
 each of the two weights: ``in_proj_weight + s * B A`` with A (r x E), B (3E x r), and
-``out_proj.weight + s * B' A'`` with A' (r x E), B' (E x r). The core runs the module once with both sums
+``out_proj.weight + 2 s * B' A'`` with A' (r x E), B' (E x r) (the 2: below). The core runs the module once with both sums
 (``core.layer.ParameterAdapter``) and a merge writes them in, so merged and unmerged outputs agree.
 
 Saved under the reference's names, so files interchange both ways: ``<mha>.lora_A.weight``,
 ``<mha>.lora_B.weight`` (the packed projection) and ``<mha>.base_layer.out_proj.lora_A.weight``,
 ``<mha>.base_layer.out_proj.lora_B.weight``.
+
+The output projection's delta counts twice: ``out_proj.weight + 2 s B' A'``. That is what every released
+version of the reference computes (up to 0.21.2, measured): its merge writes ``W + s B' A'`` into out_proj
+and then merges out_proj's own LoRA layer on top, in its forward as in ``merge_adapter``; a fix is
+proposed upstream (huggingface/peft PR #3774, open). An adapter's tensors only mean the same model in
+both libraries with the same rule, so peftkit follows it: a rank-r LoRA on out_proj with twice the
+scale, which trains as well as any other scale. Should the reference change, ``OUT_PROJ_SCALE`` and a
+``peft_version`` check on loading (as OFT's config has) are where peftkit follows.
 
 Limits, all the reference's: query, key and value of one width (``kdim == vdim == embed_dim``, so the
 projection is packed); no DoRA and no SVD inits (no single weight matrix); ``lora_dropout`` cannot apply,
@@ -31,6 +39,8 @@ from ..errors import UnsupportedLayerError
 from .lora_parameters import LoraParameter
 
 IN_PROJ, OUT_PROJ = "in_proj_weight", "out_proj.weight"
+# the reference applies out_proj's delta twice (module docstring); its files mean that
+OUT_PROJ_SCALE = 2
 
 
 class LoraMultiheadAttention(ParameterAdapter):
@@ -75,6 +85,7 @@ class LoraMultiheadAttention(ParameterAdapter):
         super().__init__([IN_PROJ, OUT_PROJ])
         self.in_proj = LoraParameter(base_layer, IN_PROJ, r, alpha, use_rslora, init)
         self.out_proj = LoraParameter(base_layer.out_proj, "weight", r, alpha, use_rslora, init)
+        self.out_proj.scaling *= OUT_PROJ_SCALE
 
     def _pair(self, name: str) -> LoraParameter:
         return self.in_proj if name == IN_PROJ else self.out_proj
@@ -86,7 +97,7 @@ class LoraMultiheadAttention(ParameterAdapter):
         return {n: sum(p.numel() for p in self._pair(n).parameters()) for n in self.merge_into}
 
     def describe(self, name: str) -> str:
-        return f"LoRA r={self._pair(name).r}"
+        return f"LoRA r={self._pair(name).r}" + (f" at {OUT_PROJ_SCALE}x scale" if name == OUT_PROJ else "")
 
     def interchange_state(self, portable: bool = False) -> dict[str, torch.Tensor]:
         # the reference wraps out_proj in a LoRA linear inside its wrapper's base_layer
