@@ -119,6 +119,13 @@ def test_separate_query_key_value_weights_are_refused_when_named_skipped_by_rege
     peftkit.inject(model, _lora(target_modules=r"attn|head"))
     summary = peftkit.trainable_summary(model, show=False)
     assert [n for n, *_ in summary.adapted] == ["head"] and summary.skipped[0][0] == "attn"
+    # all-linear reports both, and does not suggest naming an attention module LoRA cannot take
+    model = peftkit.inject(SelfAttention(kdim=4), peftkit.LoraConfig(target_modules="all-linear"))
+    skipped = {n: why for n, _, why in peftkit.trainable_summary(model, show=False).skipped}
+    assert (
+        sorted(skipped) == ["attn", "attn.out_proj"]
+        and "target the attention" not in skipped["attn.out_proj"]
+    )
 
 
 @pytest.mark.parametrize(

@@ -437,7 +437,7 @@ def _no_parameter_message(missing: list[str], names: list[str]) -> str:
 
 def _bypassed_reason(model: nn.Module, peft_type: str, attention: str) -> str:
     reason = f"out_proj of nn.MultiheadAttention {attention!r}, which reads its weight without calling it"
-    if registry.has_row_for(peft_type, model.get_submodule(attention)):
+    if registry.dispatch(peft_type, model.get_submodule(attention))[0] is not None:
         reason += (
             f"; target the attention module ({attention.rsplit('.', 1)[-1]!r}) to adapt both its projections"
         )
