@@ -240,5 +240,7 @@ def test_lora_rows_cover_every_registered_lora_layer_kind():
         if not row.build.__module__.startswith("peftkit.backends.")
     ]
     kinds = {row.kind for row in rows}
-    assert kinds == {"Linear", "Conv1D (GPT-2)", "Embedding", "Conv"}
+    assert kinds == {"Linear", "Conv1D (GPT-2)", "Embedding", "Conv", "MultiheadAttention"}
     assert isinstance(build("Conv3d")[0].layer, nn.Conv3d)
+    lora_kinds = {kind for row in ROWS if row.name.startswith("lora-mha") for kind in row.kinds}
+    assert {"MHA", "MHABatchFirst", "TransformerEncoder"} <= lora_kinds

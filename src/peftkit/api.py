@@ -22,7 +22,7 @@ from .core.config import AdapterConfig
 from .core.counting import count_parameters
 from .core.inject import adapter_layers, model_parts, require_adapter, saved_modules, state_of
 from .core.io import load_adapter, read_adapter_config, save_adapter
-from .core.layer import ParameterAdapter
+from .core.layer import ParameterAdapter, base_tensor
 from .core.state_dict import adapter_state_dict, load_adapter_state_dict
 from .errors import AdapterNameError, ConfigError
 from .methods import lora_combine as _combine
@@ -477,9 +477,9 @@ def trainable_summary(model: nn.Module, *, show: bool = True) -> TrainableSummar
     if state is not None:
         for name, layer in adapter_layers(model):
             for adapter_name, adapter in layer.adapters.items():
-                if isinstance(adapter, ParameterAdapter):  # one row per parameter adapted directly
+                if isinstance(adapter, ParameterAdapter) and adapter.per_parameter:  # one row per parameter
                     for pname, count in adapter.parameter_sizes().items():
-                        shape = tuple(getattr(layer.base_layer, pname).shape)
+                        shape = tuple(base_tensor(layer.base_layer, pname).shape)
                         summary.adapted.append(
                             (f"{name}.{pname}", f"{adapter.describe(pname)} {shape}", adapter_name, count)
                         )

@@ -136,3 +136,17 @@ def test_the_cli_prints_the_head_the_structure_and_the_sources(st_dir, capsys):
     assert "head the task adds (trained in full beside any adapter: modules_to_save):\n  classifier " in out
     assert "(found by structure: attention query, attention value)" in out
     assert "no default" not in out and "matched 0 modules" not in out
+
+
+def test_attention_modules_are_priced_whole_and_their_out_proj_is_not_offered():
+    from peftkit.run.inspect import _adaptable, _target_sets
+    from support.attention import Encoder
+
+    model = Encoder()
+    adaptable = {name: methods for name, _, methods in _adaptable(model)}
+    assert "encoder.layers.0.self_attn" in adaptable and "lora" in adaptable["encoder.layers.0.self_attn"]
+    assert not any(name.endswith("out_proj") for name in adaptable)  # read, never called
+    sets = {s.spec: s for s in _target_sets(model, _adaptable(model))}
+    assert sets["self_attn"].lora_params == 2 * 8 * (8 + 3 * 8 + 8 + 8)  # both projections, r=8
+    # all-linear: two attention modules, two linear1, two linear2, and the head (no transformers config)
+    assert sets["all-linear"].modules == 7 and sets["all-linear"].lora_params is not None

@@ -26,6 +26,11 @@ class AdapterModule(nn.Module):
     """
 
     mergeable: bool = True
+    # Why merge() refuses an adapter with ``mergeable = False``, for the error (e.g. a grouped convolution's
+    # LoRA, whose delta is a dense kernel the grouped weight cannot hold).
+    unmergeable_reason: str = ""
+    # None when per_example_adapters (core/mixed.py) can route examples through the adapter; else why not.
+    unroutable: str | None = None
     # True when the adapter's effect is a fixed delta whatever else is merged (LoRA); False when it
     # depends on the weight it is applied to (DoRA's normalisation).
     additive: bool = True
@@ -117,16 +122,25 @@ class AdapterModule(nn.Module):
 class ParameterAdapter(AdapterModule):
     """An adapter on named ``nn.Parameter`` tensors of its base module (the reference library's
     ``target_parameters``), for weights that no linear layer holds: the stacked experts of a
-    mixture-of-experts block, a router's scoring weight.
+    mixture-of-experts block, a router's scoring weight; or for a module that reads its weights without
+    calling a layer (``nn.MultiheadAttention``'s packed projection and its ``out_proj``).
 
     The module's forward is not known (it may index one expert's slice, or hand the whole stack to a
     grouped kernel), so the delta cannot be added to an output. Instead the layer calls the base module
     once with ``W + delta`` in place of each adapted ``W`` (``torch.func.functional_call``), and merging
     writes the same sum into ``W``: merged and unmerged outputs agree by construction. ``merge_into`` is
-    the adapted parameters' names on the base module; a method implements :meth:`parameter_delta`.
+    the adapted parameters' names on the base module (dotted for a submodule's: ``"out_proj.weight"``);
+    a method implements :meth:`parameter_delta`.
     """
 
     transforms = "parameters"
+    # Reports list one row per adapted parameter (target_parameters); False: the module itself was the
+    # target and is listed once, as a module adapter is.
+    per_parameter: bool = True
+    unroutable = (
+        "they adapt parameters (target_parameters, e.g. stacked experts), whose modules see tokens gathered "
+        "from the whole batch rather than examples (the reference library refuses it too)"
+    )
 
     def __init__(self, names: list[str]) -> None:
         super().__init__()
@@ -158,6 +172,12 @@ def adapter_dtype(weight: torch.Tensor) -> torch.dtype:
     if not weight.is_floating_point() or weight.dtype in (torch.float16, torch.bfloat16):
         return torch.float32
     return weight.dtype
+
+
+def base_tensor(module: nn.Module, name: str) -> torch.Tensor:
+    """The tensor ``name`` of ``module``; a dotted name reaches into a submodule (``"out_proj.weight"``)."""
+    owner, _, leaf = name.rpartition(".")
+    return getattr(module.get_submodule(owner) if owner else module, leaf)
 
 
 def _compute_dtype(weight: torch.Tensor) -> torch.dtype:
@@ -228,7 +248,7 @@ class AdapterLayer(nn.Module):
                 deltas[name] = delta if name not in deltas else deltas[name] + delta
         params = {}
         for name, delta in deltas.items():
-            weight = getattr(self.base_layer, name)
+            weight = base_tensor(self.base_layer, name)
             # the sum rounded once, in the merge's compute dtype: merged and unmerged outputs agree exactly
             compute = _compute_dtype(weight)
             params[name] = (weight.to(compute) + delta.to(compute)).to(weight.dtype)
@@ -246,7 +266,7 @@ class AdapterLayer(nn.Module):
         access = registry.base_access(self.base_layer)
         if access is not None:
             return {k: access.read(self.base_layer, k) for k in wanted}
-        tensors = {k: getattr(self.base_layer, k) for k in wanted}
+        tensors = {k: base_tensor(self.base_layer, k) for k in wanted}
         for key, tensor in tensors.items():
             if not tensor.is_floating_point():
                 raise UnsupportedLayerError(
@@ -264,7 +284,7 @@ class AdapterLayer(nn.Module):
             if access is not None:
                 errors.append(access.write(self.base_layer, key, tensor))
             else:
-                target = getattr(self.base_layer, key)
+                target = base_tensor(self.base_layer, key)
                 target.data.copy_(tensor.to(target.dtype))
         errors = [e for e in errors if e]
         # The worst error over the tensors written (weight and bias), for merge reports.
@@ -303,8 +323,9 @@ class AdapterLayer(nn.Module):
         for name in names:
             adapter = self.adapters[name]
             if not adapter.mergeable:
+                why = f" ({adapter.unmergeable_reason})" if adapter.unmergeable_reason else ""
                 raise AdapterNameError(
-                    f"adapter {name!r} on {self.module_name!r} ({type(adapter).__name__}) cannot be merged; "
+                    f"adapter {name!r} on {self.module_name!r} ({type(adapter).__name__}) cannot be merged{why}; "
                     "keep it unmerged, or unload(merge=False)"
                 )
         # A non-additive adapter (DoRA rescales the whole weight) gives a different result merged

@@ -266,6 +266,12 @@ def dispatch(peft_type: str, module: nn.Module) -> tuple[LayerRow | None, str | 
     return None, reason
 
 
+def has_row_for(peft_type: str, module: nn.Module) -> bool:
+    """Whether some dispatch row of ``peft_type`` is for ``module``'s type (whatever its checks say)."""
+    load_backend_for(module)
+    return any(isinstance(module, row.base_types) for row in method(peft_type).rows)
+
+
 def supported_kinds(peft_type: str) -> str:
     """The layer types ``peft_type`` adapts, for messages. A type that subclasses another one listed
     (a quantized ``Linear4bit`` is an ``nn.Linear``) is left out: the list names the general kinds, the

@@ -47,9 +47,10 @@ class Target:
 
 @dataclass
 class AllLinearParameters:
-    """What ``all-linear`` added beyond linear layers on a mixture-of-experts model, as a config records it:
-    explicit lists the reference library reads the same way (it does not expand all-linear like this on
-    every architecture, so a recorded ``"all-linear"`` would not be enough)."""
+    """What ``all-linear`` added beyond linear layers (stacked experts and routers on a mixture-of-experts
+    model, whole ``nn.MultiheadAttention`` modules), as a config records it: explicit lists the reference
+    library reads the same way (it does not expand all-linear like this on every architecture, so a
+    recorded ``"all-linear"`` would not be enough)."""
 
     target_modules: list[str] | str  # the linear modules chosen
     target_parameters: list[str]  # the stacked expert weights and router weights chosen
@@ -172,8 +173,9 @@ def resolve(model: nn.Module, config: AdapterConfig, require_every_entry: bool =
     hit_entries: set[str] = set()
     explicit_unsupported: list[str] = []
     # nn.MultiheadAttention reads out_proj.weight directly instead of calling out_proj: a wrapper
-    # there would be silently bypassed.
-    bypassed = {id(m.out_proj) for m in model.modules() if isinstance(m, nn.MultiheadAttention)}
+    # there would be silently bypassed. A method adapting the attention module itself covers it there.
+    bypassed = {id(m.out_proj): n for n, m in user_modules(model) if isinstance(m, nn.MultiheadAttention)}
+    covered: set[int] = set()  # out_proj of an attention module adapted as a whole
     seen: dict[int, str] = {}
     for name, module in user_modules(model):
         if not name or name in plan.modules_to_save or name.startswith(saved_prefixes):
@@ -182,6 +184,8 @@ def resolve(model: nn.Module, config: AdapterConfig, require_every_entry: bool =
             continue
         if isinstance(targets_spec, list):
             hit_entries.update(s for s in targets_spec if name == s or name.endswith("." + s))
+        if id(module) in covered:
+            continue  # adapted with its attention module
         if id(module) in seen:
             raise UnsupportedLayerError(
                 f"{name!r} is the same module object as {seen[id(module)]!r} (shared or tied weights); "
@@ -189,9 +193,11 @@ def resolve(model: nn.Module, config: AdapterConfig, require_every_entry: bool =
             )
         seen[id(module)] = name
         if id(module) in bypassed:
-            row, reason = None, "out_proj of nn.MultiheadAttention, which reads its weight without calling it"
+            row, reason = None, _bypassed_reason(model, peft_type, bypassed[id(module)])
         else:
             row, reason = registry.dispatch(peft_type, module)
+        if row is not None and isinstance(module, nn.MultiheadAttention):
+            covered.add(id(module.out_proj))
         if row is None:
             plan.skipped.append((name, type(module).__name__, reason or "unsupported"))
             if isinstance(targets_spec, list):
@@ -211,6 +217,12 @@ def resolve(model: nn.Module, config: AdapterConfig, require_every_entry: bool =
         _resolve_parameters(
             model, config, plan, parameter_spec, targets_spec == ALL_LINEAR, require_every_entry
         )
+    if targets_spec == ALL_LINEAR and plan.all_linear is None and covered:
+        # The reference's all-linear wraps each out_proj as a linear layer (which the attention module
+        # never calls) instead of the attention module: recorded as the explicit names chosen, which the
+        # reference reads as this adapter.
+        chosen = [t.name for t in plan.targets]
+        plan.all_linear = AllLinearParameters(anatomy.target_spec(names, [chosen])[0], [])
     _refuse_mistakes(
         plan, config, targets_spec, hit_entries, explicit_unsupported, names, require_every_entry
     )
@@ -423,6 +435,15 @@ def _no_parameter_message(missing: list[str], names: list[str]) -> str:
     )
 
 
+def _bypassed_reason(model: nn.Module, peft_type: str, attention: str) -> str:
+    reason = f"out_proj of nn.MultiheadAttention {attention!r}, which reads its weight without calling it"
+    if registry.dispatch(peft_type, model.get_submodule(attention))[0] is not None:
+        reason += (
+            f"; target the attention module ({attention.rsplit('.', 1)[-1]!r}) to adapt both its projections"
+        )
+    return reason
+
+
 def _selected(
     name: str, module: nn.Module, config: AdapterConfig, targets_spec: list[str] | str, heads: set[str]
 ) -> bool:
@@ -430,7 +451,12 @@ def _selected(
     if config.exclude_modules and name_matches(config.exclude_modules, name):
         return False
     if targets_spec == ALL_LINEAR:
-        if not isinstance(module, LINEAR_TYPES) or name in heads:
+        # nn.MultiheadAttention holds linear maps it reads as weights: all-linear takes the module
+        # where the method adapts it as a whole
+        attention = isinstance(module, nn.MultiheadAttention) and registry.has_row_for(
+            config.peft_type, module
+        )
+        if not (isinstance(module, LINEAR_TYPES) or attention) or name in heads:
             return False
     elif not name_matches(targets_spec, name):
         return False

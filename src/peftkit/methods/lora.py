@@ -27,6 +27,7 @@ from ..core.registry import register_layer, register_method, register_parameter
 from ..core.targeting import HFConv1D, Target
 from ..errors import UnsupportedLayerError
 from . import dora, lora_kernels, lora_parameters
+from .lora_mha import LoraMultiheadAttention, check_attention
 from .lora_parameters import LoraParameters, check_parameter
 
 PEFT_TYPE = "LORA"
@@ -542,13 +543,35 @@ class LoraEmbedding(LoraAdapter):
 
 class LoraConv(LoraAdapter):
     """LoRA on ``nn.Conv1d/2d/3d``: A is a conv with the base's kernel, stride, padding and dilation
-    into r channels, B a 1x1 conv back out; their product is a kernel of the base's shape."""
+    into r channels, B a 1x1 conv back out; their product is a kernel of the base's shape.
+
+    On a grouped or depthwise convolution (``groups = G > 1``) the layout is the reference library's: A
+    still reads every input channel, and B is a grouped 1x1 conv (G groups of r/G channels each, so r must
+    be a multiple of G). Their product is then a dense kernel that the grouped weight cannot hold: such an
+    adapter is not mergeable (the reference refuses too). DoRA's norm there follows the reference as well:
+    the product ``B.reshape(-1, r) @ A.reshape(r, -1)`` read in the kernel's shape (not the kernel the
+    adapter applies), so that trained magnitudes mean the same in both libraries.
+    """
 
     channel_dim = 1
 
     def __init__(self, base_layer: nn.modules.conv._ConvNd, **values: Any) -> None:
         super().__init__(**values)
         weight = base_layer.weight
+        self.groups = base_layer.groups
+        if self.r % self.groups:
+            fit = -(-self.r // self.groups) * self.groups
+            raise UnsupportedLayerError(
+                f"LoRA on a convolution with groups={self.groups} needs a rank divisible by {self.groups} (B is "
+                f"a grouped 1x1 convolution, the reference library's layout); got r={self.r}. Give this layer "
+                f"r={fit} through rank_pattern, or leave it out (exclude_modules)."
+            )
+        if self.groups > 1:
+            self.mergeable = False
+            self.unmergeable_reason = (
+                f"on a convolution with groups={self.groups} LoRA's delta is a dense kernel, which the grouped "
+                "weight cannot hold; the reference library refuses it too"
+            )
         kw = {"bias": False, "device": weight.device, "dtype": _adapter_dtype(weight)}
         conv = next(c for c in (nn.Conv1d, nn.Conv2d, nn.Conv3d) if isinstance(base_layer, c))
         # A subclass whose forward does more than the convolution (e.g. TensorFlow-style "same"
@@ -564,7 +587,9 @@ class LoraConv(LoraAdapter):
             padding_mode=base_layer.padding_mode,
             **kw,
         )
-        self.lora_B = conv(self.r, base_layer.out_channels, 1, **{**kw, "bias": self.lora_bias})
+        self.lora_B = conv(
+            self.r, base_layer.out_channels, 1, groups=self.groups, **{**kw, "bias": self.lora_bias}
+        )
         ones = (1,) * (weight.dim() - 2)
         self._new_magnitude((1, base_layer.out_channels, *ones), weight)  # the reference's layout
         if self.init is True:
@@ -576,13 +601,26 @@ class LoraConv(LoraAdapter):
         self._new_bias(base_layer, self.lora_B)
 
     def lora_path(self, x, base_layer):
-        if self.through_base:
-            kernel = self.unrows(self.lora_rows(), base_layer.weight)
-            out = _with_params(base_layer, x, kernel)
+        if not self.through_base:
+            return self.lora_B(self.lora_A(x))
+        if self.groups == 1:
+            out = _with_params(base_layer, x, self.unrows(self.lora_rows(), base_layer.weight))
             if self.lora_bias:
                 out = out + self.lora_B.bias.view(1, -1, *[1] * (out.dim() - 2))
             return out
-        return self.lora_B(self.lora_A(x))
+        # The base's own forward convolves each group of input channels apart, but A reads them all: A's
+        # kernel cut by input group runs as G groups of r outputs, and summing the groups gives A's output.
+        a = self.lora_A.weight
+        per_group = a.unflatten(1, (self.groups, -1)).transpose(0, 1).flatten(0, 1)  # (G*r, in/G, *k)
+        return self.lora_B(_with_params(base_layer, x, per_group).unflatten(1, (self.groups, self.r)).sum(1))
+
+    def lora_rows(self):
+        product = self.lora_B.weight.reshape(-1, self.r) @ self.lora_A.weight.reshape(self.r, -1)
+        return product.reshape(self.lora_B.weight.shape[0], -1)  # grouped: in the kernel's shape, see above
+
+    def delta_factors(self, weight):
+        # a grouped B is not one (out x r) matrix: combine and convert read the dense delta instead
+        return super().delta_factors(weight) if self.groups == 1 else None
 
     def rows(self, weight):
         return weight.reshape(weight.shape[0], -1)
@@ -603,7 +641,7 @@ def _with_params(conv: nn.Module, x: torch.Tensor, weight: torch.Tensor) -> torc
     """``conv``'s own forward on ``x`` with ``weight`` in place of its kernel and no bias."""
     params = {"weight": weight}
     if conv.bias is not None:
-        params["bias"] = torch.zeros(conv.bias.shape, dtype=weight.dtype, device=weight.device)
+        params["bias"] = torch.zeros(weight.shape[0], dtype=weight.dtype, device=weight.device)
     return torch.func.functional_call(conv, params, (x,))
 
 
@@ -643,17 +681,14 @@ def initialise_linear(adapter: LoraAdapter, a: torch.Tensor, b: torch.Tensor, ro
         adapter.register_buffer("init_B", b.detach().float().clone(), persistent=False)
 
 
-def _conv_check(module: nn.Module) -> str | None:
-    if module.groups != 1:
-        return f"groups={module.groups} (grouped or depthwise convolution) is not supported by LoRA"
-    return None
-
-
 register_layer(PEFT_TYPE, "Linear", (nn.Linear,), LoraLinear)
 if HFConv1D:
     register_layer(PEFT_TYPE, "Conv1D (GPT-2)", (HFConv1D,), LoraLinear)
 register_layer(PEFT_TYPE, "Embedding", (nn.Embedding,), LoraEmbedding)
-register_layer(PEFT_TYPE, "Conv", (nn.Conv1d, nn.Conv2d, nn.Conv3d), LoraConv, check=_conv_check)
+register_layer(PEFT_TYPE, "Conv", (nn.Conv1d, nn.Conv2d, nn.Conv3d), LoraConv)
+register_layer(
+    PEFT_TYPE, "MultiheadAttention", (nn.MultiheadAttention,), LoraMultiheadAttention, check=check_attention
+)
 register_parameter(
     PEFT_TYPE, "Parameter (2-D weight or 3-D expert stack)", LoraParameters, check=check_parameter
 )
@@ -678,7 +713,7 @@ def lora_plus_param_groups(
     claimed: set[int] = set()
     for _, layer in adapter_layers(model):
         for adapter in layer.adapters.values():
-            if not isinstance(adapter, (LoraAdapter, LoraParameters)):
+            if not isinstance(adapter, (LoraAdapter, LoraParameters, LoraMultiheadAttention)):
                 continue
             roles = adapter.param_roles()
             embedding = roles.pop("embedding", False)

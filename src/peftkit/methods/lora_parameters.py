@@ -179,9 +179,10 @@ def layer_values(target: Any, r: int, alpha: float, common: dict[str, Any]) -> d
 
 
 def record_all_linear(config: Any, plan: Any) -> Any:
-    """``config`` as saved after all-linear also took stacked experts and routers (``plan.all_linear``):
-    explicit target lists and the fused weights' rank and alpha, which the reference library reads as the
-    same adapter on any architecture. Refuses, before anything changes, options those weights cannot take."""
+    """``config`` as saved after all-linear also took stacked experts and routers, or whole
+    ``nn.MultiheadAttention`` modules (``plan.all_linear``): explicit target lists and the fused weights' rank
+    and alpha, which the reference library reads as the same adapter on any architecture. Refuses, before
+    anything changes, options the parameters cannot take."""
     grown = plan.all_linear
     blocking = [
         name
@@ -192,7 +193,7 @@ def record_all_linear(config: Any, plan: Any) -> Any:
         )
         if on
     ]
-    if blocking:
+    if grown.target_parameters and blocking:
         owners = sorted({t.name.rpartition(".")[2] for t in plan.targets if t.parameters})
         raise UnsupportedLayerError(
             f"all-linear also chose weights held as parameters ({', '.join(grown.target_parameters)}: stacked "

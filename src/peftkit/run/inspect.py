@@ -276,9 +276,11 @@ def _transformers_skeleton(path: str) -> nn.Module:
 def _adaptable(model: nn.Module) -> list[tuple[str, nn.Module, list[str]]]:
     """``(name, module, methods that can adapt it)`` for every module some method can adapt."""
     methods = [m for m in registry.registered_methods() if registry.method(m).rows]
+    # read by its attention module, never called: targeting refuses it
+    unreachable = {id(m.out_proj) for m in model.modules() if isinstance(m, nn.MultiheadAttention)}
     out = []
     for name, module in targeting.user_modules(model):
-        if not name:
+        if not name or id(module) in unreachable:
             continue
         able = [m.lower() for m in methods if registry.dispatch(m, module)[0] is not None]
         if able:
@@ -304,6 +306,8 @@ def _shape(module: nn.Module) -> str:
         return f"{module.in_channels} -> {module.out_channels}, k{'x'.join(map(str, module.kernel_size))}" + (
             f", groups {module.groups}" if module.groups > 1 else ""
         )
+    if isinstance(module, nn.MultiheadAttention):
+        return f"{module.embed_dim}, {module.num_heads} heads"
     weight = getattr(module, "weight", None)
     if isinstance(weight, torch.Tensor) and weight.dim() <= 2:
         return "x".join(map(str, weight.shape))
@@ -381,7 +385,9 @@ def _target_sets(model: nn.Module, adaptable: list[tuple[str, nn.Module, list[st
             continue  # "self.query" selects exactly what "query" does: show the shorter one only
         sets.append(_priced(model, spec, [spec], chosen))
     heads = targeting.output_head_names(model)  # a task's fresh head is already left out of `adaptable`
-    linear = [(n, m) for n, m in able if isinstance(m, targeting.LINEAR_TYPES) and n not in heads]
+    # all-linear also takes nn.MultiheadAttention modules whole where the method adapts them
+    linear_kinds = (*targeting.LINEAR_TYPES, nn.MultiheadAttention)
+    linear = [(n, m) for n, m in able if isinstance(m, linear_kinds) and n not in heads]
     if linear:
         sets.append(_priced(model, ALL_LINEAR, ALL_LINEAR, linear))
         held = _expert_parameters(model)
