@@ -192,6 +192,12 @@ class AdapterConfig:
         """Plain keyword values for the method's layer builder, for one resolved target."""
         raise NotImplementedError(f"{type(self).__name__} must implement layer_values()")
 
+    def extra_targets(self, model: Any, plan: Any) -> list[Any]:
+        """Targets beyond what ``target_modules`` selects (``targeting.Target`` with its own ``values``,
+        maybe ``follows`` another), appended to ``plan.targets``: LoRA's ``trainable_token_indices``
+        embeddings, the modules sharing a trained embedding's weight. None by default."""
+        return []
+
     def after_resolve(self, plan: Any) -> AdapterConfig:
         """The config to record once targets are known (e.g. facts about the layers that were found)."""
         return self
