@@ -37,19 +37,22 @@ def _rows(model) -> torch.Tensor:
 
 
 @pytest.mark.parametrize(
-    "indices,problem",
-    [
-        ([], "non-empty list"),
-        ([1, -2], "non-negative"),
-        ([3, 3, 4], "more than once"),
-        ([1, True], "integer"),
-    ],
+    "indices,problem", [([1, -2], "non-negative"), ([3, 3, 4], "more than once"), ([1, True], "integer")]
 )
 def test_token_indices_are_checked(indices, problem):
     with pytest.raises(ConfigError, match=problem):
         peftkit.TrainableTokensConfig(token_indices=indices)
     with pytest.raises(ConfigError, match=problem):
         peftkit.LoraConfig(trainable_token_indices={"embed_tokens": indices})
+
+
+def test_no_token_indices_is_a_valid_config_but_nothing_to_inject(bases):
+    # [] is the reference's default (and a run fills it from data.add_special_tokens)
+    config = peftkit.TrainableTokensConfig()
+    with pytest.raises(ConfigError, match="token_indices: empty"):
+        peftkit.inject(copy.deepcopy(bases[False]), config)
+    with pytest.raises(ConfigError, match="non-empty list"):
+        peftkit.LoraConfig(trainable_token_indices=[])
 
 
 def test_an_index_past_the_embedding_says_to_resize_first(bases):

@@ -112,6 +112,7 @@ class LoraConfig(AdapterConfig):
     quantizable: ClassVar[bool] = True  # capabilities (core/config.py): LoraQuantLinear in backends/,
     selectable: ClassVar[bool] = True  # and peftkit.select allocates LoRA ranks
     display_name: ClassVar[str] = "LoRA"
+    trains_tokens: ClassVar[bool] = True  # trainable_token_indices
     reference_inert: ClassVar[dict[str, Any]] = {
         "alora_invocation_tokens": None,
         "arrow_config": None,
@@ -196,6 +197,14 @@ class LoraConfig(AdapterConfig):
             "alpha": float(target.alpha or self.lora_alpha),
             **common,
         }
+
+    def with_trained_tokens(self, indices: list[int], layers: list[str]) -> LoraConfig:
+        given = self.trainable_token_indices
+        rows = dict(given) if isinstance(given, dict) else ({layers[0]: list(given)} if given else {})
+        for layer in layers:
+            rows[layer] = list(dict.fromkeys([*rows.get(layer, []), *indices]))
+        # a list is the reference's spelling of "the input embedding"
+        return self.replace(trainable_token_indices=rows[layers[0]] if list(rows) == layers[:1] else rows)
 
     def extra_targets(self, model: nn.Module, plan: Any) -> list[Target]:
         if self.trainable_token_indices is None:

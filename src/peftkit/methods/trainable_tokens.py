@@ -48,7 +48,7 @@ from ..core.layer import adapter_dtype as _adapter_dtype
 from ..core.registry import register_layer, register_method
 from ..core.targeting import Plan, Target
 from ..core.tying import shared_weights
-from ..errors import NoTargetMatchedError, UnsupportedLayerError
+from ..errors import ConfigError, NoTargetMatchedError, UnsupportedLayerError
 
 PEFT_TYPE = "TRAINABLE_TOKENS"
 DELTA = "trainable_tokens_delta"
@@ -75,6 +75,7 @@ class TrainableTokensConfig(AdapterConfig):
     # embedding rows move far more per step than LoRA's low-rank factors need to
     lr_candidates: ClassVar[tuple[float, ...]] = (1e-3, 3e-3, 1e-2)
     display_name: ClassVar[str] = "trainable tokens"
+    trains_tokens: ClassVar[bool] = True
     fields_not_in_format: ClassVar[tuple[str, ...]] = (
         "exclude_modules",
         "layers_to_transform",
@@ -94,13 +95,22 @@ class TrainableTokensConfig(AdapterConfig):
 
     def problems(self) -> list[str]:
         out = super().problems()
-        out += index_problems("token_indices", self.token_indices)
+        # [] is the reference's default, and a run fills it from data.add_special_tokens: refused at inject
+        out += index_problems("token_indices", self.token_indices, empty=True)
         if not isinstance(self.init_weights, bool):
             out.append(f"init_weights: must be True or False, got {self.init_weights!r}")
         for name in ("rank_pattern", "alpha_pattern"):
             if getattr(self, name):
                 out.append(f"{name}: trainable tokens have no rank or alpha; leave it empty")
         return out
+
+    def with_trained_tokens(self, indices: list[int], layers: list[str]) -> TrainableTokensConfig:
+        targets = self.target_modules
+        if isinstance(targets, list) or (targets is None and len(layers) > 1):
+            targets = list(dict.fromkeys([*(targets or []), *layers]))
+        return self.replace(
+            token_indices=list(dict.fromkeys([*self.token_indices, *indices])), target_modules=targets
+        )
 
     def default_target_spec(self, model: nn.Module) -> list[str] | str | None:
         return [input_embedding_name(model)]
@@ -116,6 +126,14 @@ class TrainableTokensConfig(AdapterConfig):
         return {"token_indices": list(self.token_indices), "init_weights": bool(self.init_weights)}
 
     def extra_targets(self, model: nn.Module, plan: Plan) -> list[Target]:
+        if not self.token_indices:
+            raise ConfigError(
+                [
+                    "token_indices: empty; list the ids of the tokens whose rows to train (in a run, "
+                    "data.add_special_tokens fills it with the ids of the tokens it adds)"
+                ],
+                what=type(self).__name__,
+            )
         # a target holding the same weight as an earlier one (both sides of a tie named) follows it
         first: dict[int, str] = {}
         for target in plan.targets:
@@ -128,9 +146,9 @@ class TrainableTokensConfig(AdapterConfig):
         return followers(model, sources, plan.targets, key_prefix="", saved=True)
 
 
-def index_problems(name: str, indices: Any) -> list[str]:
-    """What is wrong with a list of token indices (the reference's ``token_indices``)."""
-    if not isinstance(indices, list) or not indices:
+def index_problems(name: str, indices: Any, empty: bool = False) -> list[str]:
+    """What is wrong with a list of token indices (the reference's ``token_indices``); ``empty`` allows []."""
+    if not isinstance(indices, list) or not (indices or empty):
         return [f"{name}: expected a non-empty list of token ids, got {indices!r}"]
     if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in indices):
         return [f"{name}: every token id must be a non-negative integer, got {indices!r}"]
