@@ -118,6 +118,7 @@ class AdaLoraConfig(AdapterConfig):
     reference_inert: ClassVar[dict[str, Any]] = {
         **LoraConfig.reference_inert,
         "target_parameters": None,
+        "trainable_token_indices": None,  # a LoRA field peftkit's AdaLoRA does not take
         "r": ANY,
         "use_rslora": ANY,
         "bias": "none",
