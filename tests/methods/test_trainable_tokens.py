@@ -46,6 +46,11 @@ def test_token_indices_are_checked(indices, problem):
         peftkit.LoraConfig(trainable_token_indices={"embed_tokens": indices})
 
 
+def test_all_linear_is_not_a_place_for_token_rows():
+    with pytest.raises(ConfigError, match="all-linear.*embed_tokens"):
+        peftkit.TrainableTokensConfig(token_indices=[1], target_modules="all-linear")
+
+
 def test_no_token_indices_is_a_valid_config_but_nothing_to_inject(bases):
     # [] is the reference's default (and a run fills it from data.add_special_tokens)
     config = peftkit.TrainableTokensConfig()

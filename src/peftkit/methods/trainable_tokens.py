@@ -42,7 +42,7 @@ from torch import nn
 
 from ..core import registry
 from ..core.anatomy import user_modules
-from ..core.config import AdapterConfig
+from ..core.config import ALL_LINEAR, AdapterConfig
 from ..core.layer import AdapterModule
 from ..core.layer import adapter_dtype as _adapter_dtype
 from ..core.registry import register_layer, register_method
@@ -102,6 +102,11 @@ class TrainableTokensConfig(AdapterConfig):
         for name in ("rank_pattern", "alpha_pattern"):
             if getattr(self, name):
                 out.append(f"{name}: trainable tokens have no rank or alpha; leave it empty")
+        if self.target_modules == ALL_LINEAR:
+            out.append(
+                "target_modules: 'all-linear' would train token rows of every linear layer; leave it unset (the "
+                "input embedding) or name the embedding and an untied output head, e.g. ['embed_tokens', 'lm_head']"
+            )
         return out
 
     def with_trained_tokens(self, indices: list[int], layers: list[str]) -> TrainableTokensConfig:
