@@ -121,10 +121,11 @@ class TrainableTokensConfig(AdapterConfig):
         return [input_embedding_name(model)]
 
     def after_resolve(self, plan: Plan) -> TrainableTokensConfig:
-        if self.target_modules is None and plan.default is not None:
-            # the reference records the embedding it chose by name (a string), so both read the file alike
-            spec = plan.default.spec
-            return self.replace(target_modules=spec[0] if isinstance(spec, list) and len(spec) == 1 else spec)
+        if self.target_modules is None:
+            # the reference records the embedding it chose by its full name (a string), so both read the
+            # file alike; a string is a full-match regex, and a full name matches itself
+            chosen = [t.name for t in plan.targets if t.follows is None]
+            return self.replace(target_modules=chosen[0] if len(chosen) == 1 else chosen)
         return self
 
     def layer_values(self, target: Target) -> dict[str, Any]:
