@@ -56,8 +56,11 @@ def tied_with(
     if param is None:
         return []
     shared = shared_weights(model) if shared is None else shared
+    holders = shared.get(id(param), [])
+    if not holders:
+        return []
     mine = {f"{name}.{tensor}" if name else tensor for name, m in user_modules(model) if m is module}
-    return [n for n in shared.get(id(param), []) if n not in mine]
+    return [n for n in holders if n not in mine]
 
 
 def refuse_rewritten_ties(model: nn.Module, built: Iterable[tuple[Any, Any]]) -> None:
