@@ -16,7 +16,7 @@ from torch import nn
 from . import methods  # noqa: F401  (registers the built-in methods)
 from .core import inject as _inject
 from .core import mixed as _mixed
-from .core import moe, registry
+from .core import moe, registry, tying
 from .core.anatomy import user_modules
 from .core.config import AdapterConfig
 from .core.counting import count_parameters
@@ -156,13 +156,22 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> nn.Module:
     return model
 
 
-def merge(model: nn.Module, adapter_names: str | list[str] | None = None, *, safe: bool = False) -> nn.Module:
+def merge(
+    model: nn.Module, adapter_names: str | list[str] | None = None, *, safe: bool = False, untie: bool = False
+) -> nn.Module:
     """Fold adapters (default: the active ones) into the base weights; reversible with :func:`unmerge`.
 
     With ``safe=True`` every new weight is first computed out of place and checked for NaN/inf;
     :class:`~peftkit.errors.UnsafeMergeError` names the adapter and module, and no weight is changed.
     Merging refuses (before any change) an adapter that cannot be merged exactly, e.g. a DoRA adapter
     active beside another adapter on the same layer.
+
+    A merge into a weight other modules share (LoRA on ``embed_tokens`` of a model whose ``lm_head`` is
+    tied to it) would change them too: it raises :class:`~peftkit.errors.TiedWeightsError` unless
+    ``untie=True``, which first gives the other modules their own copy of the weight (and sets
+    ``config.tie_word_embeddings`` False, so a saved model stores both matrices). The copy stays after
+    :func:`unmerge`. Trainable tokens change both sides of a tie on purpose and merge without it
+    (docs/tokens.md).
     """
     names = _names(model, adapter_names)
     parts = model_parts(model)
@@ -174,11 +183,15 @@ def merge(model: nn.Module, adapter_names: str | list[str] | None = None, *, saf
             )
     layers = [(layer, [n for n in names if n in layer.adapters]) for _, layer in adapter_layers(model)]
     layers = [(layer, wanted) for layer, wanted in layers if wanted]
+    tied = tying.tied_merges(model, layers)
+    if not untie:
+        tying.refuse(tied)
     for layer, wanted in layers:  # refuse, or find a non-finite result, before touching any weight
         if safe:  # computing every merged weight twice is the price of a check that changes nothing
             layer.merge(wanted, safe=True, check_only=True)
         else:
             layer.check_mergeable([n for n in wanted if n not in layer.merged])
+    tying.untie(model, tied)
     for layer, wanted in layers:
         layer.quantization_error = None
         layer.merge(wanted)
@@ -227,7 +240,7 @@ def unmerge(model: nn.Module, adapter_names: str | list[str] | None = None) -> n
 
 
 def unload(
-    model: nn.Module, *, merge: bool = False, safe: bool = True, dequantize: bool = False
+    model: nn.Module, *, merge: bool = False, safe: bool = True, dequantize: bool = False, untie: bool = False
 ) -> nn.Module:
     """Remove every adapter and put the original module objects back.
 
@@ -238,6 +251,11 @@ def unload(
     With ``dequantize=True`` every quantized layer (bitsandbytes) is first replaced by a dense
     ``nn.Linear`` in its compute dtype, so ``merge=True`` is exact and the result is a plain 16/32-bit
     model; without it a merge into a quantized layer re-quantizes (see :func:`merge`).
+
+    ``untie`` is :func:`merge`'s, for adapters on tied weights. When the returned model's input and output
+    embeddings no longer share a weight (a ``modules_to_save`` copy of a tied embedding now stands in its
+    place), its ``config.tie_word_embeddings`` is set to False with a warning, so that saving and
+    reloading keep both.
     """
     state = state_of(model)
     if dequantize:
@@ -246,10 +264,20 @@ def unload(
         unmerge(model)  # merges made into the quantized weights come off before the exact dense merge
         _dequantize(model)
     if merge:
-        _merge(model, list(state.active), safe=safe)
+        _merge(model, list(state.active), safe=safe, untie=untie)
     else:
         unmerge(model)
-    return _inject.unload(model, restore_base=not merge)
+    tied_before = tying.shared_weights(model)
+    _inject.unload(model, restore_base=not merge)
+    changed = tying.settle_tie_flags(model) if tied_before else []
+    if changed and not untie:
+        warnings.warn(
+            f"the input and output embeddings of {', '.join(changed)} no longer share one weight (a trained copy "
+            "replaced one of them); config.tie_word_embeddings was set to False so that save_pretrained and "
+            "from_pretrained keep both",
+            stacklevel=2,
+        )
+    return model
 
 
 def quantize(

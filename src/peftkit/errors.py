@@ -63,6 +63,11 @@ class UnsafeMergeError(PeftkitError, ArithmeticError):
     """Merging an adapter would write non-finite values into the base weights."""
 
 
+class TiedWeightsError(PeftkitError, ValueError):
+    """A merge would write into a weight other modules share (tied input and output embeddings), which would
+    change them too; the message names the option that unties them first."""
+
+
 class DataNotInstalledError(PeftkitError, ModuleNotFoundError):
     """A data set or model that ships inside a pip or Debian package was not found: the message says how
     to install it."""

@@ -86,6 +86,9 @@ def test_a_sentence_transformers_directory_shows_the_classifier_the_task_adds(st
     _no_zero_matches(report)
     defaults = {d.method: d for d in report.defaults}
     for method in LAYER_METHODS:
+        if method == "trainable_tokens":  # which tokens is the user's to say: no default to price
+            assert defaults[method].note.startswith("needs token_indices")
+            continue
         assert defaults[method].added_params is not None, (method, defaults[method].note)
         assert not any(t.startswith("classifier") for t in defaults[method].targets)
     lora = defaults["lora"]
@@ -126,7 +129,8 @@ def test_inspect_says_where_each_default_came_from(mpnet_dir, tmp_path):
     assert sources["ln_tuning"] == "peftkit default for bert"
     assert sources["bottleneck"] == "peftkit default for bert (houlsby)"
     mpnet = {d.method: d.source for d in inspect_model(str(mpnet_dir)).defaults}
-    assert all(mpnet[m].startswith("found by structure") for m in LAYER_METHODS if m != "bitfit")
+    own_rules = ("bitfit", "trainable_tokens")  # every bias; the input embedding's rows
+    assert all(mpnet[m].startswith("found by structure") for m in LAYER_METHODS if m not in own_rules)
 
 
 def test_the_cli_prints_the_head_the_structure_and_the_sources(st_dir, capsys):

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ..errors import AdapterNameError, UnsupportedLayerError
-from . import pretrained
+from . import pretrained, tying
 from .config import AdapterConfig
 from .layer import AdapterLayer, AdapterModule, ModelPart, ModelParts, ModulesToSave
 from .targeting import Plan, recorded_targets, resolve, sequence_head_names
@@ -154,13 +154,19 @@ def inject(
     part = config.build_part(model, plan)
     shared = {} if part is None else {"part": part}
     built = []
+    by_name: dict[str, AdapterModule] = {}
     for target in plan.targets:
+        values = config.layer_values(target) if target.values is None else dict(target.values)
+        if target.follows is not None:
+            values["follows"] = by_name[target.follows]
         try:
-            adapter = target.row.build(target.module, **config.layer_values(target), **shared)
+            adapter = target.row.build(target.module, **values, **shared)
         except UnsupportedLayerError as exc:
             raise UnsupportedLayerError(f"{target.name}: {exc}") from None
         _check_compatible(existing.get(target.name), AdapterLayer, target.name, adapter)
         built.append((target, adapter))
+        by_name[target.name] = adapter
+    tying.refuse_rewritten_ties(model, built)
     for name in plan.modules_to_save:
         _check_compatible(existing.get(name), ModulesToSave, name, None)
 

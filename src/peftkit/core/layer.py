@@ -40,17 +40,24 @@ class AdapterModule(nn.Module):
     merge_into: tuple[str, ...] = ("weight",)
     # "input" / "output" when the adapter transforms the base layer's input or output instead of adding
     # a delta: the layer calls ``transform`` there, so the base runs once and such adapters compose.
-    # "parameters" for a ParameterAdapter: the base runs once with its parameters changed.
+    # "parameters" when the base runs once with its ``merge_into`` tensors changed as ``merged_tensors``
+    # changes them (a ParameterAdapter; trainable tokens, which replace rows of an embedding).
     transforms: str | None = None
+    # True when a change to a weight other modules share (tied embeddings) is meant for all of them: the
+    # method puts an adapter on every module holding the weight that makes the same change (trainable
+    # tokens: a token's row is both its input embedding and its output weight), so a merge into the
+    # shared tensor keeps merged == unmerged. False: merging into a shared weight is refused (core/tying.py).
+    keeps_ties: bool = False
 
     def delta_output(self, x: torch.Tensor, base_out: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
         """What this adapter adds to ``base_out`` (the base layer's output for input ``x``)."""
         raise NotImplementedError
 
     def fused_output(self, x: torch.Tensor, base_layer: nn.Module) -> torch.Tensor | None:
-        """The whole output ``base_layer(x) + delta_output(...)`` in one step, or None for the general
-        path. Asked only when this adapter is the one live adapter on its layer and the layer is called
-        with ``x`` alone; a method overrides it where computing both together saves time or memory."""
+        """The layer's whole output with this adapter (``base_layer(x) + delta_output(...)``, or the
+        base around its ``transform``) in one step, or None for the general path. Asked only when this
+        adapter is the one live adapter on its layer and the layer is called with ``x`` alone; a method
+        overrides it where computing both together saves time or memory."""
         return None
 
     @classmethod
@@ -213,7 +220,7 @@ class AdapterLayer(nn.Module):
         if routing is not None:
             return routing.layer_forward(self, x, args, kwargs)
         live = [self.adapters[n] for n in self.active if n not in self.merged]
-        if len(live) == 1 and live[0].transforms is None and not args and not kwargs:
+        if len(live) == 1 and not args and not kwargs:
             fused = live[0].fused_output(x, self.base_layer)
             if fused is not None:
                 return fused
@@ -237,21 +244,20 @@ class AdapterLayer(nn.Module):
         return out
 
     def _call_base(self, live: list[AdapterModule], x: torch.Tensor, args: tuple, kwargs: dict):
-        """The base layer on ``x``, with the live parameter adapters' deltas added to its parameters."""
+        """The base layer on ``x``, its parameters changed by the live adapters with ``transforms =
+        "parameters"`` exactly as merging them would change them (``merged_tensors`` in the merge's
+        compute dtype, in the same order, rounded once): merged and unmerged outputs agree exactly."""
         changing = [a for a in live if a.transforms == "parameters"]
         if not changing:
             return self.base_layer(x, *args, **kwargs)
-        deltas: dict[str, torch.Tensor] = {}
+        params: dict[str, torch.Tensor] = {}
         for adapter in changing:
+            current = {}
             for name in adapter.merge_into:
-                delta = adapter.parameter_delta(name)
-                deltas[name] = delta if name not in deltas else deltas[name] + delta
-        params = {}
-        for name, delta in deltas.items():
-            weight = base_tensor(self.base_layer, name)
-            # the sum rounded once, in the merge's compute dtype: merged and unmerged outputs agree exactly
-            compute = _compute_dtype(weight)
-            params[name] = (weight.to(compute) + delta.to(compute)).to(weight.dtype)
+                weight = base_tensor(self.base_layer, name)  # a dotted name reaches a submodule's tensor
+                current[name] = params[name] if name in params else weight.to(_compute_dtype(weight))
+            params.update(adapter.merged_tensors(current))
+        params = {n: t.to(base_tensor(self.base_layer, n).dtype) for n, t in params.items()}
         return torch.func.functional_call(self.base_layer, params, (x, *args), kwargs)
 
     # -- merging, written once for every method --------------------------------------------------

@@ -11,6 +11,7 @@ import difflib
 import re
 import warnings
 from dataclasses import dataclass, field
+from typing import Any
 
 from torch import nn
 
@@ -43,6 +44,11 @@ class Target:
     alpha: float | None = None  # per-module override from alpha_pattern
     # for a parameter target (row is a ParameterRow): the module's adapted parameters, in registration order
     parameters: dict[str, ParameterTarget] = field(default_factory=dict)
+    # a target added by the config's ``extra_targets`` hook: the builder's plain values (instead of
+    # ``config.layer_values(target)``), and the earlier target whose adapter this one's shares tensors with
+    # (a module holding the same weight: tied embeddings); its builder gets that adapter as ``follows=``
+    values: dict[str, Any] | None = None
+    follows: str | None = None
 
 
 @dataclass
@@ -226,7 +232,24 @@ def resolve(model: nn.Module, config: AdapterConfig, require_every_entry: bool =
     _refuse_mistakes(
         plan, config, targets_spec, hit_entries, explicit_unsupported, names, require_every_entry
     )
+    _add_extra_targets(model, config, plan)
     return plan
+
+
+def _add_extra_targets(model: nn.Module, config: AdapterConfig, plan: Plan) -> None:
+    """Append the targets the config adds beyond its target_modules (``extra_targets``: LoRA's
+    ``trainable_token_indices``, the tied output head of trainable tokens); one module cannot take two."""
+    extra = config.extra_targets(model, plan)
+    taken = {t.name: "adapted by target_modules" for t in plan.targets}
+    taken.update(dict.fromkeys(plan.modules_to_save, "trained in full (modules_to_save)"))
+    for target in extra:
+        if target.name in taken:
+            raise UnsupportedLayerError(
+                f"{target.name!r} is {taken[target.name]} and also a target of {config.peft_type}'s "
+                f"{target.row.kind}; one module takes one adapter per name. Drop it from one of the two."
+            )
+        taken[target.name] = f"a target of {target.row.kind}"
+    plan.targets += extra
 
 
 # -- parameters adapted directly (target_parameters; all-linear on stacked experts) -----------------

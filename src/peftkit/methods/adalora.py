@@ -119,6 +119,7 @@ class AdaLoraConfig(AdapterConfig):
         **LoraConfig.reference_inert,
         "lora_bias": False,  # a LoRA field, not implemented for AdaLoRA
         "target_parameters": None,
+        "trainable_token_indices": None,  # a LoRA field peftkit's AdaLoRA does not take
         "r": ANY,
         "use_rslora": ANY,
         "bias": "none",

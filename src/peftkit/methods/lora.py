@@ -26,7 +26,7 @@ from ..core.layer import adapter_dtype as _adapter_dtype
 from ..core.registry import register_layer, register_method, register_parameter
 from ..core.targeting import HFConv1D, Target
 from ..errors import UnsupportedLayerError
-from . import dora, lora_kernels, lora_parameters
+from . import dora, lora_kernels, lora_parameters, trainable_tokens
 from .lora_mha import LoraMultiheadAttention, check_attention
 from .lora_parameters import LoraParameters, check_parameter
 
@@ -66,6 +66,11 @@ class LoraConfig(AdapterConfig):
             (``methods/lora_parameters.py``, docs/moe.md); works beside ``target_modules`` (``[]`` for
             none). ``exclude_modules`` / ``layers_to_transform`` do not filter it, as in the reference.
             ``target_modules="all-linear"`` adds the stacked experts and routers a MoE model has.
+        trainable_token_indices: Also train these tokens' embedding rows (and nothing else of the
+            embedding), e.g. tokens just added to the tokenizer: a list of token ids for the input
+            embedding, or a dict layer name -> token ids (``{"embed_tokens": [...], "lm_head": [...]}`` for a
+            model whose output head is not tied to the embedding). A tied output head follows the embedding.
+            The reference library's field and tensors (``methods/trainable_tokens.py``, docs/tokens.md).
     """
 
     lr_candidates: ClassVar[tuple[float, ...]] = (
@@ -84,6 +89,7 @@ class LoraConfig(AdapterConfig):
     init_lora_weights: bool | str = True
     lora_bias: bool = False
     target_parameters: list[str] | None = None
+    trainable_token_indices: list[int] | dict[str, list[int]] | None = None
 
     # target_modules=None: the reference library's defaults per architecture (attention query and value
     # projections; for Phi also the MLP's fc1 and fc2), so a default adapter is the reference's own.
@@ -112,6 +118,7 @@ class LoraConfig(AdapterConfig):
     quantizable: ClassVar[bool] = True  # capabilities (core/config.py): LoraQuantLinear in backends/,
     selectable: ClassVar[bool] = True  # and peftkit.select allocates LoRA ranks
     display_name: ClassVar[str] = "LoRA"
+    trains_tokens: ClassVar[bool] = True  # trainable_token_indices
     reference_inert: ClassVar[dict[str, Any]] = {
         "alora_invocation_tokens": None,
         "arrow_config": None,
@@ -126,7 +133,6 @@ class LoraConfig(AdapterConfig):
         "megatron_core": "megatron.core",
         "monteclora_config": None,
         "qalora_group_size": ANY,
-        "trainable_token_indices": None,
         "use_bdlora": None,
         "use_qalora": False,
         "velora_config": None,
@@ -183,6 +189,12 @@ class LoraConfig(AdapterConfig):
                 "lora_bias: the reference library refuses it on target_parameters (a stacked weight has no bias "
                 "for B's bias to merge into); drop one of them"
             )
+        tokens = self.trainable_token_indices
+        if isinstance(tokens, dict):
+            for layer, indices in tokens.items():
+                out += trainable_tokens.index_problems(f"trainable_token_indices[{layer!r}]", indices)
+        elif tokens is not None:
+            out += trainable_tokens.index_problems("trainable_token_indices", tokens)
         return out + lora_parameters.config_problems(self.target_parameters, self.lora_dropout, self.use_dora)
 
     def parameter_targets(self) -> list[str] | None:
@@ -203,6 +215,19 @@ class LoraConfig(AdapterConfig):
             "lora_bias": bool(self.lora_bias),
             **common,
         }
+
+    def with_trained_tokens(self, indices: list[int], layers: list[str]) -> LoraConfig:
+        given = self.trainable_token_indices
+        rows = dict(given) if isinstance(given, dict) else ({layers[0]: list(given)} if given else {})
+        for layer in layers:
+            rows[layer] = list(dict.fromkeys([*rows.get(layer, []), *indices]))
+        # a list is the reference's spelling of "the input embedding"
+        return self.replace(trainable_token_indices=rows[layers[0]] if list(rows) == layers[:1] else rows)
+
+    def extra_targets(self, model: nn.Module, plan: Any) -> list[Target]:
+        if self.trainable_token_indices is None:
+            return []
+        return trainable_tokens.token_targets(model, self.trainable_token_indices, plan)
 
     def after_resolve(self, plan: Any) -> LoraConfig:
         config = self
