@@ -31,6 +31,7 @@ REQUIRED = {
     "PROMPT_TUNING": {"num_virtual_tokens": 20},
     "PREFIX_TUNING": {"num_virtual_tokens": 20},
     "P_TUNING": {"num_virtual_tokens": 20},
+    "TRAINABLE_TOKENS": {"token_indices": [100, 101, 102]},  # say, three tokens added to the vocabulary
 }
 
 

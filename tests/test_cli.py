@@ -21,7 +21,7 @@ from peftkit import cli
 from peftkit.cli import main, parse_inputs
 from peftkit.run import runner
 
-COMMANDS = ["train", "eval", "predict", "merge", "inspect", "compare", "report", "demo"]
+COMMANDS = ["train", "eval", "predict", "merge", "combine", "convert", "inspect", "compare", "report", "demo"]
 GOOD = """\
 task: text-classification
 model: {name_or_path: minilm}
@@ -67,6 +67,8 @@ def test_help_lists_every_command_and_the_exit_codes(capsys):
         ("eval", "usage: peftkit eval [-h] [--split {train,validation,test}]"),
         ("predict", "usage: peftkit predict [-h] [--batch-size BATCH_SIZE] [--input-key KEY]"),
         ("merge", "usage: peftkit merge [-h] RUN_DIR OUT_DIR"),
+        ("combine", "usage: peftkit combine [-h] --weights W [W ...]"),
+        ("convert", "usage: peftkit convert [-h] --to {lora} [--rank RANK | --energy E] --out DIR"),
         ("inspect", "usage: peftkit inspect [-h] [--task TASK] [--json] MODEL"),
         ("compare", "usage: peftkit compare [-h] [--seeds SEEDS] [--only ONLY]"),
         ("report", "usage: peftkit report [-h] DIR"),

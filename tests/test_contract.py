@@ -214,6 +214,19 @@ def test_every_registered_method_has_a_contract_row():
     assert set(registry.registered_methods()) <= covered
 
 
+def test_every_method_adapting_parameters_has_a_contract_row_with_parameter_targets():
+    from peftkit.core import registry
+
+    adapting = {t for t in registry.registered_methods() if registry.adapts_parameters(t)}
+    covered = set()
+    for row in ROWS:
+        for kind in row.kinds:
+            config = row.config(kind)
+            if config.parameter_targets() or config.target_modules == "all-linear":
+                covered.add(type(config).peft_type)
+    assert adapting and adapting <= covered
+
+
 def test_lora_rows_cover_every_registered_lora_layer_kind():
     from torch import nn
 
@@ -227,5 +240,7 @@ def test_lora_rows_cover_every_registered_lora_layer_kind():
         if not row.build.__module__.startswith("peftkit.backends.")
     ]
     kinds = {row.kind for row in rows}
-    assert kinds == {"Linear", "Conv1D (GPT-2)", "Embedding", "Conv"}
+    assert kinds == {"Linear", "Conv1D (GPT-2)", "Embedding", "Conv", "MultiheadAttention"}
     assert isinstance(build("Conv3d")[0].layer, nn.Conv3d)
+    lora_kinds = {kind for row in ROWS if row.name.startswith("lora-mha") for kind in row.kinds}
+    assert {"MHA", "MHABatchFirst", "TransformerEncoder"} <= lora_kinds

@@ -83,13 +83,13 @@ def test_unsupported_layer_type_names_the_supported_types():
 
 
 def test_regex_matching_unsupported_modules_skips_and_reports_them():
-    model = nn.Sequential(nn.Conv2d(4, 4, 3, groups=4), nn.Conv2d(4, 4, 1))
+    model = nn.Sequential(nn.MultiheadAttention(4, 2, kdim=2, vdim=2), nn.Conv2d(4, 4, 1))
     peftkit.inject(model, peftkit.LoraConfig(target_modules=r"\d"))
     summary = peftkit.trainable_summary(model, show=False)
     assert [a[0] for a in summary.adapted] == ["1"]
-    assert summary.skipped[0][0] == "0" and "groups=4" in summary.skipped[0][2]
+    assert summary.skipped[0][0] == "0" and "kdim=2" in summary.skipped[0][2]
     assert "matched but not adapted" in str(summary)
-    with pytest.raises(UnsupportedLayerError, match="groups=4"):
+    with pytest.raises(UnsupportedLayerError, match="kdim=2"):
         peftkit.inject(copy.deepcopy(model), peftkit.LoraConfig(target_modules=["0"]), "other")
 
 

@@ -16,13 +16,17 @@ from torch import nn
 from . import methods  # noqa: F401  (registers the built-in methods)
 from .core import inject as _inject
 from .core import mixed as _mixed
-from .core import registry
+from .core import moe, registry, tying
+from .core.anatomy import user_modules
 from .core.config import AdapterConfig
 from .core.counting import count_parameters
 from .core.inject import adapter_layers, model_parts, require_adapter, saved_modules, state_of
 from .core.io import load_adapter, read_adapter_config, save_adapter
+from .core.layer import ParameterAdapter, base_tensor
 from .core.state_dict import adapter_state_dict, load_adapter_state_dict
 from .errors import AdapterNameError, ConfigError
+from .methods import lora_combine as _combine
+from .methods.lora_combine import CombineReport, combine_report
 
 
 def inject(model: nn.Module, config: AdapterConfig, adapter_name: str = "default") -> nn.Module:
@@ -152,13 +156,22 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> nn.Module:
     return model
 
 
-def merge(model: nn.Module, adapter_names: str | list[str] | None = None, *, safe: bool = False) -> nn.Module:
+def merge(
+    model: nn.Module, adapter_names: str | list[str] | None = None, *, safe: bool = False, untie: bool = False
+) -> nn.Module:
     """Fold adapters (default: the active ones) into the base weights; reversible with :func:`unmerge`.
 
     With ``safe=True`` every new weight is first computed out of place and checked for NaN/inf;
     :class:`~peftkit.errors.UnsafeMergeError` names the adapter and module, and no weight is changed.
     Merging refuses (before any change) an adapter that cannot be merged exactly, e.g. a DoRA adapter
     active beside another adapter on the same layer.
+
+    A merge into a weight other modules share (LoRA on ``embed_tokens`` of a model whose ``lm_head`` is
+    tied to it) would change them too: it raises :class:`~peftkit.errors.TiedWeightsError` unless
+    ``untie=True``, which first gives the other modules their own copy of the weight (and sets
+    ``config.tie_word_embeddings`` False, so a saved model stores both matrices). The copy stays after
+    :func:`unmerge`. Trainable tokens change both sides of a tie on purpose and merge without it
+    (docs/tokens.md).
     """
     names = _names(model, adapter_names)
     parts = model_parts(model)
@@ -170,11 +183,15 @@ def merge(model: nn.Module, adapter_names: str | list[str] | None = None, *, saf
             )
     layers = [(layer, [n for n in names if n in layer.adapters]) for _, layer in adapter_layers(model)]
     layers = [(layer, wanted) for layer, wanted in layers if wanted]
+    tied = tying.tied_merges(model, layers)
+    if not untie:
+        tying.refuse(tied)
     for layer, wanted in layers:  # refuse, or find a non-finite result, before touching any weight
         if safe:  # computing every merged weight twice is the price of a check that changes nothing
             layer.merge(wanted, safe=True, check_only=True)
         else:
             layer.check_mergeable([n for n in wanted if n not in layer.merged])
+    tying.untie(model, tied)
     for layer, wanted in layers:
         layer.quantization_error = None
         layer.merge(wanted)
@@ -223,7 +240,7 @@ def unmerge(model: nn.Module, adapter_names: str | list[str] | None = None) -> n
 
 
 def unload(
-    model: nn.Module, *, merge: bool = False, safe: bool = True, dequantize: bool = False
+    model: nn.Module, *, merge: bool = False, safe: bool = True, dequantize: bool = False, untie: bool = False
 ) -> nn.Module:
     """Remove every adapter and put the original module objects back.
 
@@ -234,6 +251,11 @@ def unload(
     With ``dequantize=True`` every quantized layer (bitsandbytes) is first replaced by a dense
     ``nn.Linear`` in its compute dtype, so ``merge=True`` is exact and the result is a plain 16/32-bit
     model; without it a merge into a quantized layer re-quantizes (see :func:`merge`).
+
+    ``untie`` is :func:`merge`'s, for adapters on tied weights. When the returned model's input and output
+    embeddings no longer share a weight (a ``modules_to_save`` copy of a tied embedding now stands in its
+    place), its ``config.tie_word_embeddings`` is set to False with a warning, so that saving and
+    reloading keep both.
     """
     state = state_of(model)
     if dequantize:
@@ -242,10 +264,20 @@ def unload(
         unmerge(model)  # merges made into the quantized weights come off before the exact dense merge
         _dequantize(model)
     if merge:
-        _merge(model, list(state.active), safe=safe)
+        _merge(model, list(state.active), safe=safe, untie=untie)
     else:
         unmerge(model)
-    return _inject.unload(model, restore_base=not merge)
+    tied_before = tying.shared_weights(model)
+    _inject.unload(model, restore_base=not merge)
+    changed = tying.settle_tie_flags(model) if tied_before else []
+    if changed and not untie:
+        warnings.warn(
+            f"the input and output embeddings of {', '.join(changed)} no longer share one weight (a trained copy "
+            "replaced one of them); config.tie_word_embeddings was set to False so that save_pretrained and "
+            "from_pretrained keep both",
+            stacklevel=2,
+        )
+    return model
 
 
 def quantize(
@@ -296,15 +328,142 @@ def _names(model: nn.Module, adapter_names: str | list[str] | None) -> list[str]
     return names
 
 
+def combine(
+    model: nn.Module,
+    adapters: Sequence[str],
+    weights: Sequence[float],
+    *,
+    method: str = "linear",
+    name: str = "combined",
+    rank: int | None = None,
+    energy: float | None = None,
+    density: float | None = None,
+    seed: int = 0,
+    sign: str = "total",
+) -> nn.Module:
+    """Add adapter ``name``: one plain LoRA holding a weighted combination of ``adapters``, made active.
+
+    Every method works on each adapter's effective delta per layer (its scaling, rsLoRA and per-module
+    rank and alpha applied), so adapters of different ranks, patterns and scalings combine as they act; a
+    layer an adapter leaves alone counts as a zero delta there. The result is exact for ``linear`` and
+    ``cat``; the other methods end in a truncated SVD whose error :func:`combine_report` gives per module.
+
+    Args:
+        model: A model holding the adapters, none of them merged.
+        adapters: Names of the adapters to combine (LoRA, rsLoRA, AdaLoRA, LoHa, LoKr, VeRA, linear
+            parallel bottlenecks: adapters whose delta does not depend on the weight).
+        weights: One number per adapter; negative ones subtract it (task negation).
+        method: ``"linear"``: ``sum w_i delta_i`` exactly, written as the concatenation of the adapters'
+            factors (rank = the sum of their ranks), or truncated by SVD with ``rank`` / ``energy``.
+            ``"cat"``: the same concatenation, never truncated. ``"svd"``: the sum truncated to ``rank``
+            (default: the largest source rank on each module). ``"ties"``: trim each delta to its
+            ``density`` largest entries, elect each entry's sign from the weighted deltas, average the
+            agreeing ones. ``"dare_linear"`` / ``"dare_ties"``: drop entries with probability
+            ``1 - density`` (masks seeded by ``seed``), rescale by ``1 / density``, then sum or TIES-merge.
+            ``"magnitude_prune"``: trim as TIES does, then sum. The last four are truncated like ``svd``.
+        name: The new adapter's name; must not exist yet.
+        rank: The rank to truncate to (``linear``, ``svd`` and the pruning methods).
+        energy: Instead of ``rank``: the smallest rank keeping this share of the squared singular values.
+        density: Share of entries kept by ``ties``, ``dare_*`` and ``magnitude_prune``, in (0, 1].
+        seed: Seed of DARE's masks: the same seed gives the same adapter on every machine.
+        sign: TIES's election: ``"total"`` (sign of the summed values) or ``"frequency"`` (of the count).
+
+    ``modules_to_save`` copies (classification heads): a copy only one adapter has is taken as it is;
+    copies of the same module in several adapters are combined as deltas from the model's own module.
+
+    Raises:
+        ConfigError: an unknown method or adapter, a weight per adapter missing, or an option the method
+            does not take (every problem is listed).
+        AdapterNameError: ``name`` exists already, or an adapter is merged (unmerge first).
+        NotCombinableError: an adapter is DoRA, IA3 or OFT (convert it with :func:`convert_to_lora`
+            first), or changes no weights (soft prompts, non-linear bottlenecks), or trains base biases.
+    """
+    return _combine.combine(
+        model,
+        adapters,
+        weights,
+        method=method,
+        name=name,
+        rank=rank,
+        energy=energy,
+        density=density,
+        seed=seed,
+        sign=sign,
+    )
+
+
+def convert_to_lora(
+    model: nn.Module,
+    adapter_name: str = "default",
+    *,
+    name: str | None = None,
+    rank: int | None = None,
+    energy: float | None = None,
+) -> nn.Module:
+    """Add a plain LoRA (``name``, default ``"<adapter_name>_lora"``) that approximates ``adapter_name``,
+    made active: for engines and tools that only read LoRA.
+
+    Each adapted layer's delta (LoHa, LoKr, VeRA, AdaLoRA, IA3, OFT, DoRA, linear bottleneck adapters:
+    what merging the adapter alone would add to the weight) is written as the truncated SVD of the delta;
+    a bias change (IA3, bottleneck) as LoRA's ``lora_bias``; ``modules_to_save`` copies as they are.
+    :func:`combine_report` gives each module's rank and relative Frobenius error.
+
+    Args:
+        rank: The rank of every module (lower where the delta's own rank is lower).
+        energy: Instead: per module, the smallest rank keeping this share of the squared singular values.
+            Neither: the exact delta (every singular value above float32 rounding).
+
+    Raises:
+        NotCombinableError: the adapter changes no weights (soft prompts, non-linear bottlenecks), rewrote
+            the base at init (PiSSA/OLoRA: save it with ``portable=True`` instead), or trains base biases.
+    """
+    return _combine.convert_to_lora(model, adapter_name, name=name, rank=rank, energy=energy)
+
+
+def extract_lora(
+    model: nn.Module,
+    finetuned: nn.Module,
+    *,
+    name: str = "extracted",
+    rank: int | None = None,
+    energy: float | None = None,
+    target_modules: list[str] | str | None = None,
+    modules_to_save: list[str] | None = None,
+) -> nn.Module:
+    """Add a plain LoRA ``name`` to ``model`` (the base) approximating ``finetuned``, the same architecture
+    after full fine-tuning: each layer's weight difference as its truncated SVD, bias changes as
+    ``lora_bias``, fresh classification heads (or ``modules_to_save``) copied in full. What changed but a
+    LoRA cannot hold (norms, embeddings not targeted) is listed in :func:`combine_report`'s ``not_carried``.
+
+    Args:
+        target_modules: Which layers (the usual matching rules); default: every layer a LoRA can adapt
+            except embeddings and heads.
+        rank / energy: As in :func:`convert_to_lora`.
+    """
+    return _combine.extract_lora(
+        model,
+        finetuned,
+        name=name,
+        rank=rank,
+        energy=energy,
+        target_modules=target_modules,
+        modules_to_save=modules_to_save,
+    )
+
+
 @dataclass
 class TrainableSummary:
     """What :func:`trainable_summary` found; ``str()`` gives the readable table."""
 
-    adapted: list[tuple[str, str, str, int]] = field(default_factory=list)  # module, kind, adapter, params
-    skipped: list[tuple[str, str, str]] = field(default_factory=list)  # module, type, reason
+    # module (or module.parameter, for a parameter adapted directly), kind, adapter, params
+    adapted: list[tuple[str, str, str, int]] = field(default_factory=list)
+    skipped: list[tuple[str, str, str]] = field(default_factory=list)  # module or parameter, type, reason
     modules_to_save: list[tuple[str, str, int]] = field(default_factory=list)  # module, adapter, params
+    # mixture-of-experts weights held as parameters, and routers: name, what it is, what was done with it
+    experts: list[tuple[str, str, str]] = field(default_factory=list)
     trainable: int = 0
     total: int = 0
+    _parameter_rows: set[str] = field(default_factory=set, repr=False)  # adapted rows that are parameters
 
     @property
     def percent(self) -> float:
@@ -319,8 +478,20 @@ class TrainableSummary:
         if self.skipped:
             lines.append(f"matched but not adapted ({len(self.skipped)}):")
             lines += [f"  {name} ({kind}): {reason}" for name, kind, reason in self.skipped]
+        if self.experts:
+            lines.append(f"mixture of experts: {len(self.experts)} expert weights and routers:")
+            lines += [f"  {name:<54} {what:<30} {status}" for name, what, status in self.experts]
+            if any(status.startswith("frozen") for *_, status in self.experts):
+                lines.append(
+                    "  (frozen ones: target_modules='all-linear' or target_parameters=[...] adapts them; "
+                    "modules_to_save=[<router>] trains a router in full; docs/moe.md)"
+                )
+        by_parameter = sum(1 for name, *_ in self.adapted if name in self._parameter_rows)
+        counts = f"adapted modules: {len(self.adapted) - by_parameter}"
+        if by_parameter:
+            counts += f" | adapted parameters: {by_parameter}"
         lines.append(
-            f"adapted modules: {len(self.adapted)} | trainable params: {self.trainable:,} || "
+            f"{counts} | trainable params: {self.trainable:,} || "
             f"all params: {self.total:,} || trainable%: {self.percent:.4f}"
         )
         return "\n".join(lines)
@@ -334,6 +505,14 @@ def trainable_summary(model: nn.Module, *, show: bool = True) -> TrainableSummar
     if state is not None:
         for name, layer in adapter_layers(model):
             for adapter_name, adapter in layer.adapters.items():
+                if isinstance(adapter, ParameterAdapter) and adapter.per_parameter:  # one row per parameter
+                    for pname, count in adapter.parameter_sizes().items():
+                        shape = tuple(base_tensor(layer.base_layer, pname).shape)
+                        summary.adapted.append(
+                            (f"{name}.{pname}", f"{adapter.describe(pname)} {shape}", adapter_name, count)
+                        )
+                        summary._parameter_rows.add(f"{name}.{pname}")
+                    continue
                 kind = f"{type(adapter).__name__}({type(layer.base_layer).__name__})"
                 summary.adapted.append(
                     (name, kind, adapter_name, sum(p.numel() for p in adapter.parameters()))
@@ -354,10 +533,46 @@ def trainable_summary(model: nn.Module, *, show: bool = True) -> TrainableSummar
                 if item[0] not in seen:
                     seen.add(item[0])
                     summary.skipped.append(item)
+    summary.experts = _experts_report(model)
     summary.trainable, summary.total = count_parameters(model)
     if show:
         print(summary)
     return summary
+
+
+def _experts_report(model: nn.Module) -> list[tuple[str, str, str]]:
+    """Every stacked expert weight and router of a MoE model, with what was done with it: adapted (by which
+    adapters, how), trained in full, or frozen. Listed whether or not anything was adapted."""
+    layers, saved = dict(adapter_layers(model)), dict(saved_modules(model))
+    modules = dict(user_modules(model))
+    rows = []
+
+    def status(module: str, pname: str | None) -> str:
+        layer = layers.get(module)
+        if layer is not None:
+            how = [
+                f"{n} ({a.describe(pname) if isinstance(a, ParameterAdapter) else type(a).__name__})"
+                for n, a in layer.adapters.items()
+                if (pname in a.merge_into if isinstance(a, ParameterAdapter) else pname is None)
+            ]
+            if how:
+                return "adapted: " + ", ".join(how)
+        if module in saved:
+            return f"trained in full (modules_to_save): {', '.join(saved[module].copies)}"
+        param = getattr(modules.get(module), pname or "weight", None)
+        if isinstance(param, torch.Tensor) and param.requires_grad:
+            return "trainable in full (its requires_grad is set)"
+        return "frozen, not adapted"
+
+    for block in moe.find(model):
+        for weight in block.weights:
+            module, _, pname = weight.name.rpartition(".")
+            rows.append((weight.name, f"{weight.role} {weight.shape}", status(module, pname)))
+        if block.router is not None:
+            shape = tuple(modules[block.router].weight.shape)
+            router = status(block.router, None) if block.router_linear else status(block.router, "weight")
+            rows.append((block.router, f"router {shape}", router))
+    return rows
 
 
 __all__ = [
@@ -383,4 +598,9 @@ __all__ = [
     "prepare_for_kbit_training",
     "merge_report",
     "QuantizedMergeWarning",
+    "combine",
+    "convert_to_lora",
+    "extract_lora",
+    "combine_report",
+    "CombineReport",
 ]

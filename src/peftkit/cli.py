@@ -1,6 +1,7 @@
 """The ``peftkit`` command line. Thin by design: parse, call a library function, print.
 
-``train`` / ``eval`` / ``predict`` / ``merge`` call :mod:`peftkit.run.runner`, ``inspect`` calls
+``train`` / ``eval`` / ``predict`` / ``merge`` call :mod:`peftkit.run.runner`, ``combine`` and ``convert``
+:mod:`peftkit.run.combine`, ``inspect`` calls
 :mod:`peftkit.run.inspect`, ``compare`` and ``demo`` call :mod:`peftkit.compare`, ``report`` calls
 :mod:`peftkit.report`. Exit codes: 0 ok, 1 failure (a file
 missing at run time, training diverged, a model that cannot be loaded ...), 2 usage or config error
@@ -36,6 +37,8 @@ examples:
   peftkit predict runs/instruct-smollm2-lora --stream --max-new-tokens 64 <<< "Name three colours."
   peftkit chat runs/instruct-smollm2-lora --temperature 0.7
   peftkit merge runs/sentiment-minilm-lora exports/sentiment-minilm
+  peftkit combine runs/a runs/b --weights 1 1 --method ties --density 0.5 --out exports/a-plus-b
+  peftkit convert runs/sentiment-minilm-loha --to lora --energy 0.99 --out exports/as-lora
   peftkit inspect minilm
   peftkit select configs/sentiment-minilm-lora.yaml --budget 0.4%
   peftkit compare configs/compare-sentiment-minilm.yaml --seeds 1 train.steps=40
@@ -56,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_predict(commands)
     _add_chat(commands)
     _add_merge(commands)
+    _add_combine(commands)
+    _add_convert(commands)
     _add_inspect(commands)
     _add_select(commands)
     _add_compare(commands)
@@ -244,6 +249,95 @@ def _add_merge(commands: Any) -> None:
     sub.add_argument("run_dir", metavar="RUN_DIR", help="a run's output_dir")
     sub.add_argument(
         "out_dir", metavar="OUT_DIR", help="where the merged model goes (must not exist, or be empty)"
+    )
+
+
+def _add_combine(commands: Any) -> None:
+    sub = _command(
+        commands,
+        "combine",
+        "combine saved adapters into one plain LoRA (weighted sum, SVD, TIES, DARE ...)",
+        "Load the adapters (run directories or adapter directories, all of one base model) onto their base, "
+        "combine their weight deltas with the weights and method given, and save one plain LoRA adapter to OUT, "
+        "in the format the reference library (PEFT) loads, with combine_report.json (each module's rank and "
+        "approximation error). linear and cat are exact; the other methods end in a truncated SVD. See "
+        "docs/combine.md.",
+        _combine,
+    )
+    sub.add_argument(
+        "sources", nargs="+", metavar="ADAPTER_DIR", help="run directories or adapter directories"
+    )
+    sub.add_argument(
+        "--weights",
+        nargs="+",
+        required=True,
+        metavar="W",
+        help="one weight per adapter, e.g. --weights 1 0.5 or --weights=1,-1 (negative: subtract)",
+    )
+    sub.add_argument(
+        "--method",
+        default="linear",
+        choices=["linear", "cat", "svd", "ties", "dare_linear", "dare_ties", "magnitude_prune"],
+        help="how the deltas are combined (default: linear, the exact weighted sum)",
+    )
+    _add_truncation(sub)
+    sub.add_argument(
+        "--density", type=float, default=None, help="share of entries kept (ties, dare_*, magnitude_prune)"
+    )
+    sub.add_argument("--seed", type=int, default=0, help="seed of DARE's random masks (default 0)")
+    sub.add_argument("--sign", default="total", choices=["total", "frequency"], help="TIES's sign election")
+    sub.add_argument(
+        "--out", required=True, metavar="DIR", help="where the adapter goes (must not exist, or be empty)"
+    )
+    sub.add_argument(
+        "--base", default=None, metavar="MODEL", help="the base model (default: the adapters' own)"
+    )
+    sub.add_argument("--name", default="combined", help=argparse.SUPPRESS)
+
+
+def _add_convert(commands: Any) -> None:
+    sub = _command(
+        commands,
+        "convert",
+        "write any additive adapter, or a full fine-tune's difference, as a plain LoRA",
+        "Write SOURCE as a plain LoRA adapter in OUT, for engines and tools that only read LoRA: an adapter "
+        "(LoHa, LoKr, VeRA, AdaLoRA, IA3, OFT, DoRA, a linear bottleneck) by a truncated SVD of each layer's "
+        "delta; a full fine-tuning run or a fine-tuned model directory (with --base) by a truncated SVD of each "
+        "layer's weight difference. Prints each module's realised rank and relative error, also written to "
+        "OUT/combine_report.json. See docs/combine.md.",
+        _convert,
+    )
+    sub.add_argument(
+        "source",
+        metavar="SOURCE",
+        help="a run directory, an adapter directory, or a fine-tuned model directory (config.json)",
+    )
+    sub.add_argument("--to", required=True, choices=["lora"], help="the format to write (lora)")
+    _add_truncation(sub)
+    sub.add_argument(
+        "--out", required=True, metavar="DIR", help="where the adapter goes (must not exist, or be empty)"
+    )
+    sub.add_argument(
+        "--base", default=None, metavar="MODEL", help="the base model (default: the source's own)"
+    )
+    sub.add_argument(
+        "--targets",
+        default=None,
+        metavar="NAMES",
+        help="extraction only: comma-separated module names or suffixes to hold (default: every layer a LoRA "
+        "can adapt but embeddings and heads)",
+    )
+
+
+def _add_truncation(sub: argparse.ArgumentParser) -> None:
+    group = sub.add_mutually_exclusive_group()
+    group.add_argument("--rank", type=_positive, default=None, help="the rank of every module")
+    group.add_argument(
+        "--energy",
+        type=float,
+        default=None,
+        metavar="E",
+        help="per module, the smallest rank keeping this share of the squared singular values, e.g. 0.99",
     )
 
 
@@ -555,6 +649,47 @@ def _merge(args: argparse.Namespace) -> int:
 
     out = merge_run(args.run_dir, args.out_dir)
     print(f"merged model saved to {out}; load it with {merged_loader(out)}")
+    return EXIT_OK
+
+
+def _combine(args: argparse.Namespace) -> int:
+    from .run.combine import combine_dirs
+
+    try:
+        weights = [float(w) for token in args.weights for w in token.split(",") if w.strip()]
+    except ValueError:
+        return _usage("combine", f"--weights takes numbers, got {' '.join(args.weights)!r}")
+    report = combine_dirs(
+        args.sources,
+        weights,
+        args.out,
+        base=args.base,
+        name=args.name,
+        method=args.method,
+        rank=args.rank,
+        energy=args.energy,
+        density=args.density,
+        seed=args.seed,
+        sign=args.sign,
+    )
+    print(report)
+    print(
+        f"saved {args.out} (a plain LoRA; load it with peftkit.load_adapter or peft.PeftModel.from_pretrained)"
+    )
+    return EXIT_OK
+
+
+def _convert(args: argparse.Namespace) -> int:
+    from .run.combine import convert_dir
+
+    targets = [t.strip() for t in args.targets.split(",") if t.strip()] if args.targets else None
+    report = convert_dir(
+        args.source, args.out, base=args.base, rank=args.rank, energy=args.energy, target_modules=targets
+    )
+    print(report)
+    print(
+        f"saved {args.out} (a plain LoRA; load it with peftkit.load_adapter or peft.PeftModel.from_pretrained)"
+    )
     return EXIT_OK
 
 

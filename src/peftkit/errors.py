@@ -63,6 +63,11 @@ class UnsafeMergeError(PeftkitError, ArithmeticError):
     """Merging an adapter would write non-finite values into the base weights."""
 
 
+class TiedWeightsError(PeftkitError, ValueError):
+    """A merge would write into a weight other modules share (tied input and output embeddings), which would
+    change them too; the message names the option that unties them first."""
+
+
 class DataNotInstalledError(PeftkitError, ModuleNotFoundError):
     """A data set or model that ships inside a pip or Debian package was not found: the message says how
     to install it."""
@@ -75,3 +80,9 @@ class BaseModelMismatchWarning(UserWarning):
 class UnloadableCheckpointError(PeftkitError, ValueError):
     """A save was refused because what it would write could not be loaded back as the model it came from
     (e.g. ``save_pretrained`` on part of an adapted model: base weights under adapter-layer names)."""
+
+
+class NotCombinableError(PeftkitError, ValueError):
+    """An adapter cannot be combined with others, or turned into a plain LoRA, as asked: its effect is not
+    a fixed change of layer weights (a soft prompt, a non-linear bottleneck), or not an additive one (DoRA,
+    IA3 and OFT rescale or turn the weight they are applied to). The message names the fix."""

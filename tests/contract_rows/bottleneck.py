@@ -14,7 +14,7 @@ from transformers.models.llama.modeling_llama import LlamaMLP
 
 from contract_rows import Row
 from peftkit.methods.bottleneck import BottleneckConfig
-from support.tiny import Net, build
+from support.tiny import Net, build, build_with_bias
 
 
 class ResidualNet(nn.Module):
@@ -46,11 +46,11 @@ def _build(kind: str):
     return build(kind)
 
 
-def _config(placement):
+def _config(placement, non_linearity="gelu"):
     return lambda kind: BottleneckConfig(
         placement=placement,
         bottleneck_size=3,
-        non_linearity="gelu",
+        non_linearity=non_linearity,
         target_modules=["layer"],
         modules_to_save=["head"],
     )
@@ -70,5 +70,15 @@ ROWS = [
         kinds=["Linear", "Conv1D", "LlamaMLP", "BertOutput"],
         mergeable=False,
         build=_build,
+    ),
+    # no activation on a linear layer: a fixed weight and bias change, so it merges (docs/bottleneck.md)
+    *(
+        Row(
+            name=f"bottleneck-{placement}-identity",
+            config=_config(placement, "identity"),
+            kinds=["Linear", "Conv1D"],
+            build=build_with_bias,
+        )
+        for placement in ("houlsby", "parallel")
     ),
 ]

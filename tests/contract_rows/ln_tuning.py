@@ -1,4 +1,5 @@
-"""LN tuning on each normalisation layer kind it supports."""
+"""LN tuning on each normalisation layer kind it supports, and on the linear, conv and embedding layers the
+reference library's LN tuning also takes (a full trainable copy each)."""
 
 import torch
 from torch import nn
@@ -6,12 +7,19 @@ from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 from contract_rows import Row
 from peftkit.methods.ln_tuning import LNTuningConfig
+from support import tiny
 from support.tiny import Net
 
-KINDS = ["LayerNorm", "LayerNormNoBias", "RMSNorm", "LlamaRMSNorm"]
+NORM_KINDS = ["LayerNorm", "LayerNormNoBias", "RMSNorm", "LlamaRMSNorm"]
+LAYER_KINDS = ["Linear", "Conv1D", "Embedding", "Conv2d", "Conv2dGroups"]
+KINDS = NORM_KINDS + LAYER_KINDS
 
 
 def build(kind: str, seed: int = 0) -> tuple[Net, torch.Tensor]:
+    if kind in tiny.GROUPED_KINDS:
+        return tiny.build_grouped(kind, seed)
+    if kind in LAYER_KINDS:
+        return tiny.build(kind, seed)
     torch.manual_seed(seed)
     layer = {
         "LayerNorm": lambda: nn.LayerNorm(6),

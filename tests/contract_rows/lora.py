@@ -2,7 +2,7 @@
 
 import peftkit
 from contract_rows import Row
-from support.tiny import KINDS, MATRIX_KINDS
+from support.tiny import KINDS, MATRIX_KINDS, build_with_bias
 
 VARIANTS = {"lora": {}, "rslora": {"use_rslora": True}, "dora": {"use_dora": True}}
 SVD_INITS = {"pissa", "olora"}  # refused for non-matrix kinds; see test_errors.py
@@ -29,3 +29,12 @@ ROWS = [
     for variant, options in VARIANTS.items()
     for init in ("default", "gaussian", "pissa", "olora")
 ]
+# lora_bias: B's bias, merged into the base bias (not on embeddings, nor with the SVD inits)
+ROWS.append(
+    Row(
+        name="lora-bias-default",
+        config=_config(True, {"lora_bias": True}),
+        kinds=[k for k in KINDS if k != "Embedding"],
+        build=build_with_bias,
+    )
+)

@@ -95,3 +95,43 @@ def test_new_wrappers_and_adapters_take_the_models_mode(mode):
     peftkit.inject(model, peftkit.LoraConfig(r=2, target_modules=["query"], lora_dropout=0.5))
     peftkit.inject(model, peftkit.PromptTuningConfig(num_virtual_tokens=2), "p")
     assert {m.training for m in model.modules()} == {mode == "train"}
+
+
+def _encoder(nested: bool) -> nn.TransformerEncoder:
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+    return nn.TransformerEncoder(layer, num_layers=2, enable_nested_tensor=nested).eval()
+
+
+@pytest.mark.parametrize("nested", [False, True], ids=["plain", "nested"])
+@pytest.mark.parametrize(
+    "config",
+    [
+        peftkit.LoraConfig(r=2, target_modules=["linear1"], init_lora_weights=False),
+        peftkit.IA3Config(target_modules=["linear2"], feedforward_modules=[], init_ia3_weights=False),
+    ],
+    ids=["lora", "ia3"],
+)
+def test_torch_transformer_encoder_runs_its_adapters_in_eval_mode(config, nested):
+    # In eval mode, with frozen weights, torch's encoder layer runs a fused kernel on the weights it reads
+    # from its children, never calling them: without the no-op hook every adapter there would be skipped.
+    base = _encoder(nested)
+    x, pad = torch.randn(2, 3, 16), torch.tensor([[False, False, True], [False, False, False]])
+    model = peftkit.inject(_encoder(nested), config)
+    torch.backends.mha.set_fastpath_enabled(False)  # the regular path everywhere: what the adapter computes
+    try:
+        with torch.no_grad():
+            expected, expected_padded = model(x), model(x, src_key_padding_mask=pad)
+    finally:
+        torch.backends.mha.set_fastpath_enabled(True)
+    with torch.no_grad():
+        assert (model(x) - base(x)).abs().max() > 1e-2
+        assert torch.allclose(model(x), expected, atol=1e-5)
+        padded = model(x, src_key_padding_mask=pad)  # the encoder would pack a nested tensor here
+        assert torch.allclose(padded[~pad], expected_padded[~pad], atol=1e-5)
+    assert model.use_nested_tensor is False
+    peftkit.unload(model)
+    assert model.use_nested_tensor is nested
+    assert not any(m._forward_pre_hooks for m in model.modules())
+    with torch.no_grad():
+        assert torch.equal(model(x), base(x))

@@ -158,9 +158,10 @@ def test_trained_biases_come_back_on_unload_delete_and_failed_load(tmp_path):
 
 
 def test_multihead_attention_out_proj_is_skipped_not_silently_bypassed():
+    # a method without a row for the attention module: its out_proj (read, never called) is reported
     torch.manual_seed(0)
     model = nn.Sequential(nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True))
-    peftkit.inject(model, peftkit.LoraConfig(target_modules="all-linear", init_lora_weights=False))
+    peftkit.inject(model, peftkit.IA3Config(target_modules="all-linear", init_ia3_weights=False))
     summary = peftkit.trainable_summary(model, show=False)
     assert sorted(n for n, *_ in summary.adapted) == ["0.linear1", "0.linear2"]
     assert summary.skipped[0][0] == "0.self_attn.out_proj" and "MultiheadAttention" in summary.skipped[0][2]

@@ -19,6 +19,7 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 from transformers.models.t5.modeling_t5 import T5LayerNorm
+from transformers.pytorch_utils import Conv1D
 
 import peftkit
 from peftkit.core.inject import adapter_layers
@@ -310,13 +311,51 @@ def test_norms_without_parameters_and_other_modules_are_refused_when_named_skipp
         peftkit.inject(
             Stack(nn.LayerNorm(6, elementwise_affine=False)), LNTuningConfig(target_modules=["norm"])
         )
-    with pytest.raises(UnsupportedLayerError, match=r"proj \(Linear.*\*RMSNorm/\*LayerNorm classes"):
-        peftkit.inject(Stack(nn.LayerNorm(6)), LNTuningConfig(target_modules=["proj", "norm"]))
+    model = nn.Sequential(nn.Linear(6, 6), nn.GELU(), nn.LayerNorm(6))
+    with pytest.raises(
+        UnsupportedLayerError, match=r"1 \(GELU.*\*RMSNorm/\*LayerNorm classes, torch.nn.Linear"
+    ):
+        peftkit.inject(model, LNTuningConfig(target_modules=["1", "2"]))
     with pytest.raises(UnsupportedLayerError, match="more than a weight and a bias"):
         peftkit.inject(Stack(ScaledRMSNorm(6)), LNTuningConfig(target_modules=["norm"]))
-    model = peftkit.inject(Stack(nn.LayerNorm(6)), LNTuningConfig(target_modules=r"(proj|norm)"))
-    assert [n for n, _ in adapter_layers(model)] == ["norm"]
-    assert [s[0] for s in peftkit.trainable_summary(model, show=False).skipped] == ["proj"]
+    peftkit.inject(model, LNTuningConfig(target_modules=r"\d"))
+    assert [n for n, _ in adapter_layers(model)] == ["0", "2"]
+    assert [s[0] for s in peftkit.trainable_summary(model, show=False).skipped] == ["1"]
+
+
+LAYERS = {
+    "Linear": (lambda: nn.Linear(6, 4), lambda: torch.randn(3, 6)),
+    "Conv1D": (lambda: Conv1D(4, 6), lambda: torch.randn(3, 6)),
+    "Conv2dGroups": (lambda: nn.Conv2d(4, 6, 3, groups=2), lambda: torch.randn(2, 4, 5, 5)),
+    "Embedding": (lambda: nn.Embedding(10, 4, padding_idx=0), lambda: torch.randint(0, 10, (2, 5))),
+}
+
+
+@pytest.mark.parametrize("kind", list(LAYERS))
+def test_linear_conv_and_embedding_layers_are_tuned_as_full_copies(kind):
+    """The reference's LN tuning copies any module it is pointed at (its custom-model tests tune a Linear):
+    these layers' outputs are affine in their weight and bias, so the delta form holds for them too."""
+    torch.manual_seed(0)
+    make, inputs = LAYERS[kind]
+    model, x = nn.Sequential(make()).eval(), inputs()
+    peftkit.inject(model, LNTuningConfig(target_modules=["0"]))
+    adapter = model[0].adapters["default"]
+    assert sum(p.numel() for p in adapter.parameters()) == sum(
+        p.numel() for p in model[0].base_layer.parameters()
+    )
+    _perturb(model, "default", seed=1)
+    with torch.no_grad():
+        expected = adapter.ln_tuning_layers(x)
+        assert torch.allclose(model(x), expected, atol=1e-6)
+        peftkit.merge(model, safe=True)
+        assert torch.allclose(model(x), expected, atol=1e-6)
+
+
+def test_a_quantized_weight_is_refused():
+    layer = nn.Linear(6, 4)
+    layer.weight = nn.Parameter(torch.zeros(4, 6, dtype=torch.int8), requires_grad=False)
+    with pytest.raises(UnsupportedLayerError, match="stored as torch.int8"):
+        peftkit.inject(nn.Sequential(layer), LNTuningConfig(target_modules=["0"]))
 
 
 def test_layer_without_bias_merges_only_its_weight():

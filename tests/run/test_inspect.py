@@ -86,6 +86,9 @@ def test_a_sentence_transformers_directory_shows_the_classifier_the_task_adds(st
     _no_zero_matches(report)
     defaults = {d.method: d for d in report.defaults}
     for method in LAYER_METHODS:
+        if method == "trainable_tokens":  # which tokens is the user's to say: no default to price
+            assert defaults[method].note.startswith("needs token_indices")
+            continue
         assert defaults[method].added_params is not None, (method, defaults[method].note)
         assert not any(t.startswith("classifier") for t in defaults[method].targets)
     lora = defaults["lora"]
@@ -126,7 +129,8 @@ def test_inspect_says_where_each_default_came_from(mpnet_dir, tmp_path):
     assert sources["ln_tuning"] == "peftkit default for bert"
     assert sources["bottleneck"] == "peftkit default for bert (houlsby)"
     mpnet = {d.method: d.source for d in inspect_model(str(mpnet_dir)).defaults}
-    assert all(mpnet[m].startswith("found by structure") for m in LAYER_METHODS if m != "bitfit")
+    own_rules = ("bitfit", "trainable_tokens")  # every bias; the input embedding's rows
+    assert all(mpnet[m].startswith("found by structure") for m in LAYER_METHODS if m not in own_rules)
 
 
 def test_the_cli_prints_the_head_the_structure_and_the_sources(st_dir, capsys):
@@ -136,3 +140,17 @@ def test_the_cli_prints_the_head_the_structure_and_the_sources(st_dir, capsys):
     assert "head the task adds (trained in full beside any adapter: modules_to_save):\n  classifier " in out
     assert "(found by structure: attention query, attention value)" in out
     assert "no default" not in out and "matched 0 modules" not in out
+
+
+def test_attention_modules_are_priced_whole_and_their_out_proj_is_not_offered():
+    from peftkit.run.inspect import _adaptable, _target_sets
+    from support.attention import Encoder
+
+    model = Encoder()
+    adaptable = {name: methods for name, _, methods in _adaptable(model)}
+    assert "encoder.layers.0.self_attn" in adaptable and "lora" in adaptable["encoder.layers.0.self_attn"]
+    assert not any(name.endswith("out_proj") for name in adaptable)  # read, never called
+    sets = {s.spec: s for s in _target_sets(model, _adaptable(model))}
+    assert sets["self_attn"].lora_params == 2 * 8 * (8 + 3 * 8 + 8 + 8)  # both projections, r=8
+    # all-linear: two attention modules, two linear1, two linear2, and the head (no transformers config)
+    assert sets["all-linear"].modules == 7 and sets["all-linear"].lora_params is not None

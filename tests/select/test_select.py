@@ -514,3 +514,10 @@ def test_directions_that_do_not_fit_the_adapter_are_refused_with_the_fix(tmp_pat
     (tmp_path / "bad.safetensors").write_text("not a tensor file")
     with pytest.raises(ConfigError, match="is not a safetensors file"):
         select_init.load(tmp_path / "bad.safetensors")
+
+
+def test_grouped_convolutions_and_attention_modules_are_no_low_rank_candidates():
+    # LoRA takes them, but a grouped conv's ranks come in multiples of its groups and its delta is dense,
+    # and nn.MultiheadAttention has no single weight: the budget model prices neither
+    model = nn.Sequential(nn.Conv2d(4, 4, 3, groups=2), nn.Conv2d(4, 4, 1), nn.MultiheadAttention(4, 2))
+    assert [c.name for c in find_candidates(model, always_trained=[]).low_rank] == ["1"]

@@ -354,6 +354,48 @@ def test_lora_on_efficientnet_convs(lite0: nn.Module, tmp_path: Path) -> None:
     assert not any(isinstance(m, AdapterLayer) for m in lite0.modules())
 
 
+@needs_efficientnet
+def test_lora_on_efficientnet_depthwise_convs(lite0: nn.Module, tmp_path: Path) -> None:
+    # block 0's depthwise conv is a plain nn.Conv2d (32 channels); block 1's keeps the package's "SAME"
+    # padding module (96 channels, stride 2), so the adapter runs through that module's own forward
+    import torch.nn.functional as F
+
+    from peftkit.errors import AdapterNameError
+
+    names = ["_blocks.0._depthwise_conv", "_blocks.1._depthwise_conv"]
+    config = peftkit.make_config(
+        "lora", r=32, target_modules=names, rank_pattern={names[1]: 96}, modules_to_save=["_fc"]
+    )
+    x = pixel_values([e["image"] for e in synthetic_examples(2)], 32)
+    with torch.no_grad():
+        base = lite0(x)
+    model = peftkit.inject(lite0, config)
+    try:
+        seen = {}
+        layer = model._blocks[1]._depthwise_conv
+        hook = layer.register_forward_hook(lambda m, args, out: seen.update(x=args[0], out=out))
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(std=0.05)
+            adapted = model(x)
+        hook.remove()
+        assert not torch.allclose(adapted, base, atol=1e-4)
+        adapter, conv = layer.adapters["default"], layer.base_layer
+        assert adapter.through_base and adapter.lora_B.weight.shape == (96, 1, 1, 1)
+        a_out = F.conv2d(conv.static_padding(seen["x"]), adapter.lora_A.weight, stride=conv.stride)
+        expected = conv(seen["x"]) + adapter.scaling * adapter.lora_B(a_out)
+        assert torch.allclose(seen["out"], expected, atol=1e-5)
+        with pytest.raises(AdapterNameError, match="groups=32 LoRA's delta is a dense kernel"):
+            peftkit.merge(model)
+        peftkit.save_adapter(model, tmp_path / "adapter")
+        fresh = peftkit.load_adapter(ImageClassificationTask(**sections()).load_model(), tmp_path / "adapter")
+        with torch.no_grad():
+            assert torch.equal(fresh(x), adapted)
+    finally:
+        peftkit.unload(model)
+
+
 @pytest.mark.slow
 @needs_fashion
 @needs_efficientnet

@@ -60,6 +60,11 @@ class LoraQuantLinear(LoraLinear):
                 f"DoRA (use_dora=True) is not supported on a quantized {type(base_layer).__name__}; use plain "
                 "LoRA (use_dora=False), or leave these layers unquantized (quantize(..., skip=[...]))"
             )
+        if values.get("lora_bias"):
+            raise UnsupportedLayerError(
+                f"lora_bias=True is not supported on a quantized {type(base_layer).__name__}; use lora_bias=False, "
+                "or leave these layers unquantized (quantize(..., skip=[...]))"
+            )
         LoraAdapter.__init__(self, **values)
         device = base_layer.weight.device
         kw = {"bias": False, "device": device, "dtype": torch.float32}

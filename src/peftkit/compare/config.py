@@ -309,6 +309,7 @@ ADDED_LATER = {
         "hub_splits": {},
         "system_prompt": None,
         "chat_template": None,
+        "add_special_tokens": None,
     },
     "train": {"report_to": None},
 }

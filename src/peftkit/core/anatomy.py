@@ -446,8 +446,9 @@ def _attention(tree: _Tree, unit: list[str], width: int) -> Attention | None:
             mha,
             note=(
                 f"{_pattern(mha)} is nn.MultiheadAttention: its query, key and value projections are one "
-                "parameter (in_proj_weight) and it reads out_proj's weight without calling it, so no layer of it "
-                "can be adapted"
+                "parameter (in_proj_weight) and it reads out_proj's weight without calling it, so no projection "
+                "of it can be adapted alone (a method adapting the whole module takes it when target_modules "
+                "names it, docs/targets.md)"
             ),
         )
     linears = [lin for part in unit for lin in tree.linears(part)]

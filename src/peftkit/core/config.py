@@ -91,6 +91,9 @@ class AdapterConfig:
     selectable: ClassVar[bool] = False
     # How reports name the method ("LoRA"); empty: its interchange name, peft_type.
     display_name: ClassVar[str] = ""
+    # Trains the embedding rows of chosen tokens (``with_trained_tokens``): a run's data.add_special_tokens
+    # needs it, or the new tokens' rows would stay as initialised.
+    trains_tokens: ClassVar[bool] = False
 
     target_modules: list[str] | str | None = None
     exclude_modules: list[str] | str | None = None
@@ -129,7 +132,8 @@ class AdapterConfig:
                     except re.error as exc:
                         out.append(f"{name}: {value!r} is not a valid regular expression ({exc})")
             elif isinstance(value, list):
-                if not value:
+                # [] is how the reference library says "no modules, only target_parameters"
+                if not value and not (name == "target_modules" and self.parameter_targets()):
                     out.append(f"{name}: empty list; give at least one module name, or None")
                 if not all(isinstance(v, str) and v for v in value):
                     out.append(f"{name}: every entry must be a non-empty string, got {value!r}")
@@ -169,6 +173,12 @@ class AdapterConfig:
 
     # -- hooks a method implements -----------------------------------------------------------------
 
+    def parameter_targets(self) -> list[str] | None:
+        """Names of ``nn.Parameter`` tensors to adapt directly (the reference library's LoRA field
+        ``target_parameters``: full names or ``.``-suffixes, e.g. ``"mlp.experts.gate_up_proj"``), for a
+        method that registered a parameter row (``registry.register_parameter``); None by default."""
+        return None
+
     @classmethod
     def for_targets(cls, target_modules: list[str] | str) -> AdapterConfig:
         """The method's default config on ``target_modules``: what ``peftkit inspect`` prices a candidate
@@ -184,6 +194,18 @@ class AdapterConfig:
     def layer_values(self, target: Any) -> dict[str, Any]:
         """Plain keyword values for the method's layer builder, for one resolved target."""
         raise NotImplementedError(f"{type(self).__name__} must implement layer_values()")
+
+    def with_trained_tokens(self, indices: list[int], layers: list[str]) -> AdapterConfig:
+        """This config also training the rows of ``indices`` in each of ``layers`` (full module names: the
+        input embedding, then the output head when it is not tied to it), for methods that declare
+        ``trains_tokens``; the token ids it already lists are kept."""
+        raise NotImplementedError(f"{type(self).__name__} does not train token rows (trains_tokens is False)")
+
+    def extra_targets(self, model: Any, plan: Any) -> list[Any]:
+        """Targets beyond what ``target_modules`` selects (``targeting.Target`` with its own ``values``,
+        maybe ``follows`` another), appended to ``plan.targets``: LoRA's ``trainable_token_indices``
+        embeddings, the modules sharing a trained embedding's weight. None by default."""
+        return []
 
     def after_resolve(self, plan: Any) -> AdapterConfig:
         """The config to record once targets are known (e.g. facts about the layers that were found)."""

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ..errors import AdapterNameError, UnsupportedLayerError
-from . import pretrained
+from . import pretrained, tying
 from .config import AdapterConfig
 from .layer import AdapterLayer, AdapterModule, ModelPart, ModelParts, ModulesToSave
 from .targeting import Plan, recorded_targets, resolve, sequence_head_names
@@ -33,6 +33,10 @@ class PeftState:
     plans: dict[str, Plan] = field(default_factory=dict)
     # requires_grad of every parameter before the first inject, restored by unload
     original_requires_grad: dict[str, bool] = field(default_factory=dict)
+    # adapter -> how it was made, for adapters written by peftkit.combine / convert_to_lora (their report)
+    reports: dict[str, object] = field(default_factory=dict)
+    # torch TransformerEncoders whose use_nested_tensor inject switched off, switched back on by unload
+    nested_off: list[nn.Module] = field(default_factory=list)
 
 
 def is_adapted(model: object) -> bool:
@@ -150,13 +154,19 @@ def inject(
     part = config.build_part(model, plan)
     shared = {} if part is None else {"part": part}
     built = []
+    by_name: dict[str, AdapterModule] = {}
     for target in plan.targets:
+        values = config.layer_values(target) if target.values is None else dict(target.values)
+        if target.follows is not None:
+            values["follows"] = by_name[target.follows]
         try:
-            adapter = target.row.build(target.module, **config.layer_values(target), **shared)
+            adapter = target.row.build(target.module, **values, **shared)
         except UnsupportedLayerError as exc:
             raise UnsupportedLayerError(f"{target.name}: {exc}") from None
         _check_compatible(existing.get(target.name), AdapterLayer, target.name, adapter)
         built.append((target, adapter))
+        by_name[target.name] = adapter
+    tying.refuse_rewritten_ties(model, built)
     for name in plan.modules_to_save:
         _check_compatible(existing.get(name), ModulesToSave, name, None)
 
@@ -187,6 +197,8 @@ def inject(
         model._modules[PARTS_ATTR][adapter_name] = part.to(_device_of(model)).train(model.training)
         part.attach(model)
 
+    _keep_torch_regular_path(model, state)
+
     state.configs[adapter_name] = config
     state.plans[adapter_name] = plan
     named = dict(model.named_parameters())
@@ -197,6 +209,37 @@ def inject(
     set_active(model, [adapter_name])  # also freezes it when config.inference_mode is set
     pretrained.install(model)  # save_pretrained writes the adapter, not base weights under adapter names
     return model
+
+
+def _regular_path(module: nn.Module, args: tuple) -> None:
+    """A forward pre-hook that does nothing: its presence is what makes torch take the regular path."""
+
+
+def _keep_torch_regular_path(model: nn.Module, state: PeftState) -> None:
+    """Make torch's ``nn.TransformerEncoderLayer`` and ``nn.TransformerEncoder`` call the adapted modules.
+
+    In eval mode, with the base frozen (so no weight it reads requires grad), the encoder layer runs one
+    fused kernel on its children's weights (``self.linear1.weight``, ``self.self_attn.in_proj_weight`` ...)
+    read directly, never calling the children: every adapter and trained copy inside would be skipped, the
+    output silently the base model's (the reference library's adapters are skipped there too). torch takes
+    the regular path when a forward hook is attached inside the layer, so each wrapper there gets a no-op
+    one. The encoder, given a padding mask, would also pack its input into a nested tensor for that fused
+    kernel, which the regular path cannot take: its ``use_nested_tensor`` (a speed option, the same
+    outputs) is switched off while it holds adapters, and back on by ``unload``.
+    """
+    for layer in model.modules():
+        wrappers = [m for m in layer.modules() if isinstance(m, (AdapterLayer, ModulesToSave))]
+        if isinstance(layer, nn.TransformerEncoderLayer):
+            for module in wrappers:
+                if _regular_path not in module._forward_pre_hooks.values():
+                    module.register_forward_pre_hook(_regular_path)
+        elif (
+            isinstance(layer, nn.TransformerEncoder)
+            and wrappers
+            and getattr(layer, "use_nested_tensor", False)
+        ):
+            layer.use_nested_tensor = False
+            state.nested_off.append(layer)
 
 
 def _check_compatible(wrapper: nn.Module | None, wanted: type, name: str, adapter: nn.Module | None) -> None:
@@ -299,7 +342,7 @@ def remove_adapter(model: nn.Module, adapter_name: str) -> None:
                 _set_child(model, wrapper.module_name, wrapper.base_layer)
     _remove_part(model, adapter_name)
     _restore_extra(state, adapter_name)
-    for store in (state.configs, state.plans, state.extra_trainable, state.extra_originals):
+    for store in (state.configs, state.plans, state.extra_trainable, state.extra_originals, state.reports):
         store.pop(adapter_name, None)
     if adapter_name in state.active:
         state.active.remove(adapter_name)
@@ -350,6 +393,8 @@ def unload(model: nn.Module, restore_base: bool = True) -> nn.Module:
         _remove_part(model, name)
     for name, param in model.named_parameters():
         param.requires_grad_(state.original_requires_grad.get(name, param.requires_grad))
+    for encoder in state.nested_off:
+        encoder.use_nested_tensor = True
     pretrained.uninstall(model)
     del model.__dict__[STATE_ATTR]
     return model

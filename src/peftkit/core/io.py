@@ -61,6 +61,8 @@ def base_fingerprint(model: nn.Module, module_names: list[str]) -> str:
     for name in sorted(module_names):
         module = modules.get(name)
         weight = getattr(module, "weight", None)
+        if module is None:  # a parameter adapted directly (target_parameters): its own shape
+            weight = _parameter(modules, name)
         shape = tuple(weight.shape) if isinstance(weight, torch.Tensor) else ()
         access = registry.base_access(module) if module is not None else None
         if access is not None and access.shape is not None:
@@ -71,9 +73,16 @@ def base_fingerprint(model: nn.Module, module_names: list[str]) -> str:
     return digest.hexdigest()[:16]
 
 
+def _parameter(modules: dict[str, nn.Module], name: str) -> torch.Tensor | None:
+    owner, _, param = name.rpartition(".")
+    return getattr(modules.get(owner), param, None)
+
+
 def _fingerprint_of(model: nn.Module, adapter_name: str) -> str:
     plan = state_of(model).plans[adapter_name]
-    return base_fingerprint(model, [t.name for t in plan.targets] + plan.modules_to_save)
+    names = [t.name for t in plan.targets if not t.parameters]
+    names += [p.full_name for t in plan.targets for p in t.parameters.values()]
+    return base_fingerprint(model, names + plan.modules_to_save)
 
 
 def _atomic_write(path: Path, write) -> Path:

@@ -26,6 +26,11 @@ class AdapterModule(nn.Module):
     """
 
     mergeable: bool = True
+    # Why merge() refuses an adapter with ``mergeable = False``, for the error (e.g. a grouped convolution's
+    # LoRA, whose delta is a dense kernel the grouped weight cannot hold).
+    unmergeable_reason: str = ""
+    # None when per_example_adapters (core/mixed.py) can route examples through the adapter; else why not.
+    unroutable: str | None = None
     # True when the adapter's effect is a fixed delta whatever else is merged (LoRA); False when it
     # depends on the weight it is applied to (DoRA's normalisation).
     additive: bool = True
@@ -35,16 +40,24 @@ class AdapterModule(nn.Module):
     merge_into: tuple[str, ...] = ("weight",)
     # "input" / "output" when the adapter transforms the base layer's input or output instead of adding
     # a delta: the layer calls ``transform`` there, so the base runs once and such adapters compose.
+    # "parameters" when the base runs once with its ``merge_into`` tensors changed as ``merged_tensors``
+    # changes them (a ParameterAdapter; trainable tokens, which replace rows of an embedding).
     transforms: str | None = None
+    # True when a change to a weight other modules share (tied embeddings) is meant for all of them: the
+    # method puts an adapter on every module holding the weight that makes the same change (trainable
+    # tokens: a token's row is both its input embedding and its output weight), so a merge into the
+    # shared tensor keeps merged == unmerged. False: merging into a shared weight is refused (core/tying.py).
+    keeps_ties: bool = False
 
     def delta_output(self, x: torch.Tensor, base_out: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
         """What this adapter adds to ``base_out`` (the base layer's output for input ``x``)."""
         raise NotImplementedError
 
     def fused_output(self, x: torch.Tensor, base_layer: nn.Module) -> torch.Tensor | None:
-        """The whole output ``base_layer(x) + delta_output(...)`` in one step, or None for the general
-        path. Asked only when this adapter is the one live adapter on its layer and the layer is called
-        with ``x`` alone; a method overrides it where computing both together saves time or memory."""
+        """The layer's whole output with this adapter (``base_layer(x) + delta_output(...)``, or the
+        base around its ``transform``) in one step, or None for the general path. Asked only when this
+        adapter is the one live adapter on its layer and the layer is called with ``x`` alone; a method
+        overrides it where computing both together saves time or memory."""
         return None
 
     @classmethod
@@ -70,6 +83,13 @@ class AdapterModule(nn.Module):
     def delta_weight(self, weight: torch.Tensor) -> torch.Tensor:
         """The change this adapter makes to ``weight`` (in the base layer's own layout)."""
         raise NotImplementedError
+
+    def delta_factors(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``delta_weight(weight)`` as two factors ``(left, right)``, (out x k) and (k x fan_in), whose
+        product is the delta as a channel matrix (``core.deltas.as_matrix``: one row per output channel),
+        scaling included; None when the method has no such form. Lets adapters be combined exactly at
+        rank k instead of through an SVD of the dense delta."""
+        return None
 
     def attach(self, base_layer: nn.Module) -> None:
         """Called once the adapter sits on its layer; inits that rewrite the base weight (PiSSA) do it here."""
@@ -106,6 +126,52 @@ class AdapterModule(nn.Module):
         return dict(self.state_dict())
 
 
+class ParameterAdapter(AdapterModule):
+    """An adapter on named ``nn.Parameter`` tensors of its base module (the reference library's
+    ``target_parameters``), for weights that no linear layer holds: the stacked experts of a
+    mixture-of-experts block, a router's scoring weight; or for a module that reads its weights without
+    calling a layer (``nn.MultiheadAttention``'s packed projection and its ``out_proj``).
+
+    The module's forward is not known (it may index one expert's slice, or hand the whole stack to a
+    grouped kernel), so the delta cannot be added to an output. Instead the layer calls the base module
+    once with ``W + delta`` in place of each adapted ``W`` (``torch.func.functional_call``), and merging
+    writes the same sum into ``W``: merged and unmerged outputs agree by construction. ``merge_into`` is
+    the adapted parameters' names on the base module (dotted for a submodule's: ``"out_proj.weight"``);
+    a method implements :meth:`parameter_delta`.
+    """
+
+    transforms = "parameters"
+    # Reports list one row per adapted parameter (target_parameters); False: the module itself was the
+    # target and is listed once, as a module adapter is.
+    per_parameter: bool = True
+    unroutable = (
+        "they adapt parameters (target_parameters, e.g. stacked experts), whose modules see tokens gathered "
+        "from the whole batch rather than examples (the reference library refuses it too)"
+    )
+
+    def __init__(self, names: list[str]) -> None:
+        super().__init__()
+        self.merge_into = tuple(names)
+
+    def parameter_delta(self, name: str) -> torch.Tensor:
+        """The change to parameter ``name``, in its own shape (and the adapter's dtype)."""
+        raise NotImplementedError
+
+    def parameter_sizes(self) -> dict[str, int]:
+        """How many trainable numbers the adapter holds for each parameter (for summaries)."""
+        raise NotImplementedError
+
+    def describe(self, name: str) -> str:
+        """How reports name the adapter on parameter ``name`` (e.g. "LoRA r=8 per expert")."""
+        return type(self).__name__
+
+    def merged_tensors(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {n: t + self.parameter_delta(n).to(t.dtype) for n, t in tensors.items()}
+
+    def unmerged_tensors(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {n: t - self.parameter_delta(n).to(t.dtype) for n, t in tensors.items()}
+
+
 def adapter_dtype(weight: torch.Tensor) -> torch.dtype:
     """The dtype of an adapter's own tensors for a base weight: float32 for half-precision (and
     integer, i.e. quantized) bases, since an adapter is small and its updates would not survive bf16
@@ -113,6 +179,12 @@ def adapter_dtype(weight: torch.Tensor) -> torch.dtype:
     if not weight.is_floating_point() or weight.dtype in (torch.float16, torch.bfloat16):
         return torch.float32
     return weight.dtype
+
+
+def base_tensor(module: nn.Module, name: str) -> torch.Tensor:
+    """The tensor ``name`` of ``module``; a dotted name reaches into a submodule (``"out_proj.weight"``)."""
+    owner, _, leaf = name.rpartition(".")
+    return getattr(module.get_submodule(owner) if owner else module, leaf)
 
 
 def _compute_dtype(weight: torch.Tensor) -> torch.dtype:
@@ -148,7 +220,7 @@ class AdapterLayer(nn.Module):
         if routing is not None:
             return routing.layer_forward(self, x, args, kwargs)
         live = [self.adapters[n] for n in self.active if n not in self.merged]
-        if len(live) == 1 and live[0].transforms is None and not args and not kwargs:
+        if len(live) == 1 and not args and not kwargs:
             fused = live[0].fused_output(x, self.base_layer)
             if fused is not None:
                 return fused
@@ -158,7 +230,7 @@ class AdapterLayer(nn.Module):
         for adapter in live:
             if adapter.transforms == "input":
                 base_in = adapter.transform(base_in)
-        out = self.base_layer(base_in, *args, **kwargs)
+        out = self._call_base(live, base_in, args, kwargs)
         for adapter in live:
             if adapter.transforms == "output":
                 out = adapter.transform(out)
@@ -170,6 +242,23 @@ class AdapterLayer(nn.Module):
             for adapter in adding:
                 out = out + adapter.delta_output(x, plain, self.base_layer)
         return out
+
+    def _call_base(self, live: list[AdapterModule], x: torch.Tensor, args: tuple, kwargs: dict):
+        """The base layer on ``x``, its parameters changed by the live adapters with ``transforms =
+        "parameters"`` exactly as merging them would change them (``merged_tensors`` in the merge's
+        compute dtype, in the same order, rounded once): merged and unmerged outputs agree exactly."""
+        changing = [a for a in live if a.transforms == "parameters"]
+        if not changing:
+            return self.base_layer(x, *args, **kwargs)
+        params: dict[str, torch.Tensor] = {}
+        for adapter in changing:
+            current = {}
+            for name in adapter.merge_into:
+                weight = base_tensor(self.base_layer, name)  # a dotted name reaches a submodule's tensor
+                current[name] = params[name] if name in params else weight.to(_compute_dtype(weight))
+            params.update(adapter.merged_tensors(current))
+        params = {n: t.to(base_tensor(self.base_layer, n).dtype) for n, t in params.items()}
+        return torch.func.functional_call(self.base_layer, params, (x, *args), kwargs)
 
     # -- merging, written once for every method --------------------------------------------------
 
@@ -183,7 +272,7 @@ class AdapterLayer(nn.Module):
         access = registry.base_access(self.base_layer)
         if access is not None:
             return {k: access.read(self.base_layer, k) for k in wanted}
-        tensors = {k: getattr(self.base_layer, k) for k in wanted}
+        tensors = {k: base_tensor(self.base_layer, k) for k in wanted}
         for key, tensor in tensors.items():
             if not tensor.is_floating_point():
                 raise UnsupportedLayerError(
@@ -201,7 +290,7 @@ class AdapterLayer(nn.Module):
             if access is not None:
                 errors.append(access.write(self.base_layer, key, tensor))
             else:
-                target = getattr(self.base_layer, key)
+                target = base_tensor(self.base_layer, key)
                 target.data.copy_(tensor.to(target.dtype))
         errors = [e for e in errors if e]
         # The worst error over the tensors written (weight and bias), for merge reports.
@@ -240,8 +329,9 @@ class AdapterLayer(nn.Module):
         for name in names:
             adapter = self.adapters[name]
             if not adapter.mergeable:
+                why = f" ({adapter.unmergeable_reason})" if adapter.unmergeable_reason else ""
                 raise AdapterNameError(
-                    f"adapter {name!r} on {self.module_name!r} ({type(adapter).__name__}) cannot be merged; "
+                    f"adapter {name!r} on {self.module_name!r} ({type(adapter).__name__}) cannot be merged{why}; "
                     "keep it unmerged, or unload(merge=False)"
                 )
         # A non-additive adapter (DoRA rescales the whole weight) gives a different result merged

@@ -162,6 +162,17 @@ def check_names(model: nn.Module, names: Sequence[str | None]) -> list[str | Non
             f"per_example_adapters needs unmerged adapters, but {merged} are merged into the base weights, "
             f"which every example would then see; call peftkit.unmerge(model) first"
         )
+    unroutable: dict[str, list[str]] = {}  # reason -> adapter names
+    for _, layer in adapter_layers(model):
+        for n, adapter in layer.adapters.items():
+            if n in names and adapter.unroutable and n not in unroutable.setdefault(adapter.unroutable, []):
+                unroutable[adapter.unroutable].append(n)
+    for reason, refused in unroutable.items():
+        if refused:
+            raise AdapterNameError(
+                f"per_example_adapters cannot route adapter(s) {sorted(refused)}: {reason}; run them in "
+                "separate batches"
+            )
     parts = model_parts(model)
     whole = sorted({n for n in names if n in parts and not parts[n].mergeable})
     if whole:

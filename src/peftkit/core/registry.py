@@ -34,11 +34,26 @@ class LayerRow:
     check: Predicate | None = None  # extra configuration check on a module of a matching type
 
 
+ParameterCheck = Callable[[nn.Module, str, nn.Parameter], "str | None"]
+"""(module, parameter name, parameter) -> None when the parameter can be adapted, else why not."""
+
+
+@dataclass
+class ParameterRow:
+    """How a method adapts ``nn.Parameter`` targets (the reference library's ``target_parameters``): one
+    adapter module per owning module, covering every targeted parameter of it."""
+
+    kind: str  # human name, e.g. "Parameter (2-D or 3-D)"
+    build: Callable[..., nn.Module]  # (owning module, **plain values) -> per-adapter module
+    check: ParameterCheck | None = None
+
+
 @dataclass
 class MethodSpec:
     peft_type: str
     config_cls: type
     rows: list[LayerRow] = field(default_factory=list)
+    parameter_rows: list[ParameterRow] = field(default_factory=list)
 
 
 _METHODS: dict[str, MethodSpec] = {}
@@ -165,6 +180,35 @@ def register_layer(
         spec.rows.append(row)
 
 
+def register_parameter(
+    peft_type: str, kind: str, build: Callable[..., nn.Module], check: ParameterCheck | None = None
+) -> None:
+    """Declare that ``peft_type`` adapts parameters named by ``target_parameters``: ``build(module,
+    **values)`` makes the adapter for the module owning them, ``check`` refuses a parameter it cannot take."""
+    spec = _METHODS.setdefault(peft_type, MethodSpec(peft_type, object))
+    spec.parameter_rows.append(ParameterRow(kind, build, check))
+
+
+def adapts_parameters(peft_type: str) -> bool:
+    """Whether ``peft_type`` registered a way to adapt parameters (``register_parameter``)."""
+    return bool(method(peft_type).parameter_rows)
+
+
+def dispatch_parameter(
+    peft_type: str, module: nn.Module, name: str, param: nn.Parameter
+) -> tuple[ParameterRow | None, str | None]:
+    """First parameter row accepting ``module``'s parameter ``name``, or (None, why not)."""
+    rows = method(peft_type).parameter_rows
+    if not rows:
+        return None, f"{peft_type} adapts modules, not parameters (no target_parameters support)"
+    reason = None
+    for row in rows:
+        reason = row.check(module, name, param) if row.check else None
+        if reason is None:
+            return row, None
+    return None, reason
+
+
 def method(peft_type: str) -> MethodSpec:
     if peft_type not in _METHODS:
         _load_builtin_methods()
@@ -220,6 +264,12 @@ def dispatch(peft_type: str, module: nn.Module) -> tuple[LayerRow | None, str | 
     if reason is None:
         reason = f"type {type(module).__name__} is not supported"  # the caller lists what is
     return None, reason
+
+
+def has_row_for(peft_type: str, module: nn.Module) -> bool:
+    """Whether some dispatch row of ``peft_type`` is for ``module``'s type (whatever its checks say)."""
+    load_backend_for(module)
+    return any(isinstance(module, row.base_types) for row in method(peft_type).rows)
 
 
 def supported_kinds(peft_type: str) -> str:

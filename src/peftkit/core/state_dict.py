@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from ..errors import AdapterFileError, AdapterMismatchError
+from . import tying
 from .inject import adapter_layers, model_parts, require_adapter, saved_modules, state_of
 from .targeting import user_modules
 
@@ -181,13 +182,17 @@ def load_adapter_state_dict(
             "diverged; use an earlier checkpoint of it. (peftkit.core.io.read_adapter_tensors reads the raw tensors "
             "for inspection.)"
         )
+    _check_shared_slots(adapter_name, slots, tensors)
     if check_only:
         return report
     with torch.no_grad():
+        layers = dict(adapter_layers(model))
         for module, weight, saved in base_writes:
+            tied = tying.tied_with(model, layers[module].base_layer, "weight")
+            also = f"; {', '.join(tied)} holds the same tensor (tied) and changes with it" if tied else ""
             warnings.warn(
                 f"the adapter file carries a base weight for {module!r} that differs from the model's; it "
-                "replaces the model's weight (as the reference library does) and stays after unload()",
+                f"replaces the model's weight (as the reference library does) and stays after unload(){also}",
                 stacklevel=3,
             )
             weight.copy_(saved.to(device=weight.device, dtype=weight.dtype))
@@ -199,6 +204,29 @@ def load_adapter_state_dict(
         if part is not None:
             part.loaded({key: tensors[key] for key in report.loaded})
     return report
+
+
+def _check_shared_slots(
+    adapter_name: str, slots: dict[str, tuple[torch.Tensor, str]], tensors: dict[str, torch.Tensor]
+) -> None:
+    """Keys saved twice for one tensor (trainable tokens on tied embeddings write the embedding's rows under
+    the output head too, as the reference does) must hold the same values: which copy to believe is not
+    for a loader to guess."""
+    by_tensor: dict[int, list[str]] = {}
+    for key, (slot, _) in slots.items():
+        if key in tensors:
+            by_tensor.setdefault(id(slot), []).append(key)
+    for keys in by_tensor.values():
+        first = tensors[keys[0]]
+        differ = [
+            k for k in keys[1:] if tensors[k].shape != first.shape or not torch.equal(tensors[k], first)
+        ]
+        if differ:
+            raise AdapterFileError(
+                f"refusing adapter {adapter_name!r}: {keys[0]} and {differ[0]} are one tensor of this model (tied "
+                "weights) but the file holds different values for them; it was edited, or saved from a model "
+                "whose weights were not tied. Untie the model's weights to load each side separately."
+            )
 
 
 def _kind(tensor: torch.Tensor) -> str:

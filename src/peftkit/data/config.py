@@ -52,6 +52,11 @@ class DataConfig:
         system_prompt: Causal-LM tasks: a system message put first in every conversation that has none.
         chat_template: Causal-LM tasks: a Jinja chat template (inline, or the path of a file holding
             one) used instead of the tokenizer's own.
+        add_special_tokens: Causal-LM tasks: tokens added to the tokenizer as special tokens (a chat
+            template's ``<|im_start|>``, ``<|im_end|>`` for a base model), or already in it and to be
+            trained anyway. The model's embeddings grow to hold new ones (new rows start at the mean of the
+            existing rows), the adapter trains their rows (trainable tokens, docs/tokens.md), and the
+            tokenizer is saved beside the adapter.
     """
 
     name: str | None = None
@@ -69,6 +74,7 @@ class DataConfig:
     hub_splits: dict[str, str] = field(default_factory=dict)
     system_prompt: str | None = None
     chat_template: str | None = None
+    add_special_tokens: list[str] | None = None
 
 
 def data_problems(data: DataConfig) -> list[str]:
@@ -103,6 +109,18 @@ def data_problems(data: DataConfig) -> list[str]:
         for name, ok, expected in checks
         if not ok
     ]
+    tokens = data.add_special_tokens
+    if tokens is not None:
+        if not tokens or not all(isinstance(t, str) and t.strip() for t in tokens):
+            problems.append(
+                f"data.add_special_tokens: expected a list of non-empty token strings, e.g. "
+                f'["<|im_start|>", "<|im_end|>"], got {tokens!r}'
+            )
+        elif len(set(tokens)) != len(tokens):
+            repeated = sorted({t for t in tokens if tokens.count(t) > 1})
+            problems.append(
+                f"data.add_special_tokens: {repeated} listed more than once; list each token once"
+            )
     split = data.split
     if 0 <= split.validation < 1 and 0 <= split.test < 1 and split.validation + split.test >= 1:
         problems.append(

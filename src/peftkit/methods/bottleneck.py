@@ -53,6 +53,9 @@ ACTIVATIONS: dict[str, type[nn.Module] | Any] = {
     "tanh": nn.Tanh,
     "sigmoid": nn.Sigmoid,
     "leaky_relu": nn.LeakyReLU,
+    # No activation: on a linear layer the adapter is then a fixed change of its weight and bias, so it
+    # merges and converts exactly to LoRA (a parallel linear adapter *is* a LoRA, He et al. section 3).
+    "identity": nn.Identity,
 }
 
 # Where each placement puts adapters, per model_type. A string is a regular expression over the full
@@ -116,7 +119,8 @@ class BottleneckConfig(AdapterConfig):
         bottleneck_size: A fixed bottleneck width instead; overrides ``reduction_factor``.
             ``rank_pattern`` gives per-module widths (regex on the end of the module name -> width).
         non_linearity: Activation between down and up projections: relu, gelu, gelu_tanh, silu (or
-            swish), tanh, sigmoid, leaky_relu.
+            swish), tanh, sigmoid, leaky_relu, or identity (none: on a linear layer the adapter can then
+            be merged, and written as a LoRA with ``peftkit.convert_to_lora``).
         scaling: Factor on the adapter's output; None means 1.0 for sequential placements and 4.0 for
             parallel (He et al.). ``alpha_pattern`` gives per-module factors.
         dropout: Dropout on the adapter's input while training.
@@ -239,6 +243,56 @@ class BottleneckAdapter(AdapterModule):
         """The scaled adapter path in the adapter's own dtype."""
         h = self.dropout(h.to(self.adapter_down.weight.dtype))
         return self.scaling * self.adapter_up(self.act(self.adapter_down(h)))
+
+    def make_linear(self, base_layer: nn.Module) -> None:
+        """With no activation, on a Linear or Conv1D layer: the adapter changes the weight and bias by fixed
+        amounts (see :meth:`merged_tensors`), so it can be merged, and written as a LoRA."""
+        self.transposed = not isinstance(base_layer, nn.Linear)
+        has_bias = getattr(base_layer, "bias", None) is not None
+        self.mergeable = has_bias  # the adapter's own biases need a base bias to land in
+        self.merge_into = ("weight", "bias")
+        # A sequential adapter maps the layer's output, so its change scales with the weight (like IA3).
+        self.additive = self.parallel
+
+    def _maps(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(s U D, s (U d + u)): the adapter's path ``h -> M h + c`` as a matrix and a vector."""
+        up, down = self.adapter_up, self.adapter_down
+        m = self.scaling * up.weight.to(dtype) @ down.weight.to(dtype)
+        c = self.scaling * (up.weight.to(dtype) @ down.bias.to(dtype) + up.bias.to(dtype))
+        return m, c
+
+    def _rows(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight.T if self.transposed else weight
+
+    def delta_factors(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        if not self.mergeable:
+            return None
+        up, down = self.adapter_up.weight.to(weight.dtype), self.adapter_down.weight.to(weight.dtype)
+        # parallel: W x + s U D x;  sequential: (I + s U D) W x, i.e. s U (D W) on top of W x
+        return self.scaling * up, down if self.parallel else down @ self._rows(weight)
+
+    def delta_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        left, right = self.delta_factors(weight)
+        delta = left @ right
+        return delta.T if self.transposed else delta
+
+    def merged_tensors(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        weight, bias = tensors["weight"], tensors["bias"]
+        m, c = self._maps(weight.dtype)
+        if self.parallel:  # W x + b + M x + c
+            return {"weight": weight + self.delta_weight(weight), "bias": bias + c}
+        # (I + M)(W x + b) + c
+        return {"weight": weight + self.delta_weight(weight), "bias": bias + m @ bias + c}
+
+    def unmerged_tensors(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        weight, bias = tensors["weight"], tensors["bias"]
+        m, c = self._maps(weight.dtype)
+        if self.parallel:
+            rows = self._rows(weight) - m
+            return {"weight": rows.T if self.transposed else rows, "bias": bias - c}
+        grow = torch.eye(m.shape[0], dtype=m.dtype, device=m.device) + m
+        rows = torch.linalg.solve(grow, self._rows(weight))
+        return {"weight": rows.T if self.transposed else rows, "bias": torch.linalg.solve(grow, bias - c)}
 
     def delta_output(self, x: torch.Tensor, base_out: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
         if not isinstance(base_out, torch.Tensor):
@@ -393,7 +447,10 @@ def _no_adapters_inside(module: nn.Module) -> str | None:
 
 
 def _build_linear(base_layer: nn.Module, **values: Any) -> BottleneckAdapter:
-    return BottleneckAdapter(*_widths(base_layer), base_layer.weight, **values)
+    adapter = BottleneckAdapter(*_widths(base_layer), base_layer.weight, **values)
+    if values["non_linearity"] == "identity":
+        adapter.make_linear(base_layer)
+    return adapter
 
 
 def _build_block(base_layer: nn.Module, **values: Any) -> BottleneckAdapter:

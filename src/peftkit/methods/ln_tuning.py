@@ -13,6 +13,11 @@ layer currently holds: the output changes by ``norm(x; w_base + delta) - norm(x;
 one layer add up, merging writes ``w + delta`` (and ``b + delta_b``) into the base layer, and ``disable()``
 gives the base exactly. With one adapter this is what the reference's forward (run the copy) and merge
 (swap in the copy) compute, up to float rounding.
+
+The reference copies whatever module it is pointed at, and its custom-model tests tune a ``Linear`` this
+way. peftkit takes the other layer kinds whose output is affine in their own weight and bias, where the
+same delta form holds: linear layers (and GPT-2's ``Conv1D``), convolutions (grouped ones included) and
+embeddings, each trained in full as a copy.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from torch import nn
 from ..core.config import ALL_LINEAR, AdapterConfig
 from ..core.layer import AdapterModule
 from ..core.registry import register_layer, register_method
-from ..core.targeting import Plan, Target
+from ..core.targeting import HFConv1D, Plan, Target
 
 PEFT_TYPE = "LN_TUNING"
 
@@ -101,8 +106,9 @@ class LNTuningConfig(AdapterConfig):
         out = super().problems()
         if self.target_modules == ALL_LINEAR:
             out.append(
-                "target_modules: 'all-linear' selects linear layers, but LN tuning tunes normalisation layers; "
-                "name them (e.g. ['input_layernorm', 'post_attention_layernorm']) or leave None for the default"
+                "target_modules: 'all-linear' would train a full copy of every linear layer (full fine-tuning at "
+                "twice the memory); name the layers to tune (e.g. ['input_layernorm', 'post_attention_layernorm']) "
+                "or leave None for the norm layers"
             )
         for name in _NOT_IN_REFERENCE:
             if getattr(self, name) not in (None, [], {}, ""):
@@ -127,7 +133,8 @@ class LNTuningConfig(AdapterConfig):
 
 
 class LNTuningNorm(AdapterModule):
-    """A trainable copy of one normalisation layer, applied as a delta on its parameters.
+    """A trainable copy of one normalisation layer (or linear, conv or embedding layer), applied as a
+    delta on its parameters.
 
     ``ln_tuning_layers`` is the copy (the reference's name, hence the saved keys); the original
     parameters are kept as non-persistent buffers to express the copy as a delta on the base layer.
@@ -197,9 +204,24 @@ def _named_norm_check(module: nn.Module) -> str | None:
     return problem
 
 
+def _dense_check(module: nn.Module) -> str | None:
+    weight = module._parameters.get("weight")
+    if not isinstance(weight, nn.Parameter):
+        return f"{type(module).__name__} holds no weight parameter"
+    if not weight.is_floating_point():
+        return f"its weight is stored as {weight.dtype} (quantized?); LN tuning trains a floating-point copy"
+    return None
+
+
 register_layer(PEFT_TYPE, "LayerNorm", (nn.LayerNorm,), LNTuningNorm, check=_affine_check)
 register_layer(PEFT_TYPE, "RMSNorm", (nn.RMSNorm,), LNTuningNorm, check=_affine_check)
 register_layer(PEFT_TYPE, "RMSNorm (model's own)", (NamedNorm,), LNTuningNorm, check=_named_norm_check)
+# layers whose output is affine in their weight and bias too: the same delta form (module docstring)
+register_layer(PEFT_TYPE, "Linear", (nn.Linear,), LNTuningNorm, check=_dense_check)
+if HFConv1D:
+    register_layer(PEFT_TYPE, "Conv1D (GPT-2)", (HFConv1D,), LNTuningNorm, check=_dense_check)
+register_layer(PEFT_TYPE, "Conv", (nn.Conv1d, nn.Conv2d, nn.Conv3d), LNTuningNorm, check=_dense_check)
+register_layer(PEFT_TYPE, "Embedding", (nn.Embedding,), LNTuningNorm, check=_dense_check)
 
 
 __all__ = ["LNTuningConfig", "LNTuningNorm", "NamedNorm"]

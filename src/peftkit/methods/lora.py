@@ -23,10 +23,12 @@ from ..core.config import ANY, AdapterConfig
 from ..core.inject import adapter_layers, state_of, trained_biases
 from ..core.layer import AdapterModule
 from ..core.layer import adapter_dtype as _adapter_dtype
-from ..core.registry import register_layer, register_method
+from ..core.registry import register_layer, register_method, register_parameter
 from ..core.targeting import HFConv1D, Target
 from ..errors import UnsupportedLayerError
-from . import dora, lora_kernels
+from . import dora, lora_kernels, lora_parameters, trainable_tokens
+from .lora_mha import LoraMultiheadAttention, check_attention
+from .lora_parameters import LoraParameters, check_parameter
 
 PEFT_TYPE = "LORA"
 _INITS = (True, False, "gaussian", "pissa", "olora")
@@ -53,6 +55,22 @@ class LoraConfig(AdapterConfig):
             the base weight keeps the residual), ``"olora"`` (A, B from a QR decomposition, residual
             kept likewise), or ``False`` (random A and B: the adapter changes the output from the
             start; for tests).
+        lora_bias: Give B a bias ``b`` (the reference library's ``lora_bias``): the layer's output gains
+            ``s * b``, and a merge adds it to the base bias. It lets an adapter carry a change of the
+            bias, as ``peftkit.combine`` and ``convert_to_lora`` write when a source changed one. Not on
+            embeddings, nor with DoRA, PiSSA or OLoRA (as in the reference).
+        target_parameters: ``nn.Parameter`` tensors to adapt directly, by full name or ``.``-suffix, for
+            weights no linear layer holds: the stacked experts of a mixture-of-experts model
+            (``["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]``, a low-rank delta per expert) or a
+            router's weight (``"mlp.gate.weight"``). The reference library's field, with its tensor layout
+            (``methods/lora_parameters.py``, docs/moe.md); works beside ``target_modules`` (``[]`` for
+            none). ``exclude_modules`` / ``layers_to_transform`` do not filter it, as in the reference.
+            ``target_modules="all-linear"`` adds the stacked experts and routers a MoE model has.
+        trainable_token_indices: Also train these tokens' embedding rows (and nothing else of the
+            embedding), e.g. tokens just added to the tokenizer: a list of token ids for the input
+            embedding, or a dict layer name -> token ids (``{"embed_tokens": [...], "lm_head": [...]}`` for a
+            model whose output head is not tied to the embedding). A tied output head follows the embedding.
+            The reference library's field and tensors (``methods/trainable_tokens.py``, docs/tokens.md).
     """
 
     lr_candidates: ClassVar[tuple[float, ...]] = (
@@ -69,6 +87,9 @@ class LoraConfig(AdapterConfig):
     use_rslora: bool = False
     use_dora: bool = False
     init_lora_weights: bool | str = True
+    lora_bias: bool = False
+    target_parameters: list[str] | None = None
+    trainable_token_indices: list[int] | dict[str, list[int]] | None = None
 
     # target_modules=None: the reference library's defaults per architecture (attention query and value
     # projections; for Phi also the MLP's fc1 and fc2), so a default adapter is the reference's own.
@@ -97,6 +118,7 @@ class LoraConfig(AdapterConfig):
     quantizable: ClassVar[bool] = True  # capabilities (core/config.py): LoraQuantLinear in backends/,
     selectable: ClassVar[bool] = True  # and peftkit.select allocates LoRA ranks
     display_name: ClassVar[str] = "LoRA"
+    trains_tokens: ClassVar[bool] = True  # trainable_token_indices
     reference_inert: ClassVar[dict[str, Any]] = {
         "alora_invocation_tokens": None,
         "arrow_config": None,
@@ -106,14 +128,11 @@ class LoraConfig(AdapterConfig):
         "kasa_config": None,
         "layer_replication": None,
         "loftq_config": {},
-        "lora_bias": False,
         "lora_ga_config": None,
         "megatron_config": None,
         "megatron_core": "megatron.core",
         "monteclora_config": None,
         "qalora_group_size": ANY,
-        "target_parameters": None,
-        "trainable_token_indices": None,
         "use_bdlora": None,
         "use_qalora": False,
         "velora_config": None,
@@ -122,6 +141,10 @@ class LoraConfig(AdapterConfig):
     def __post_init__(self) -> None:
         if self.init_lora_weights == "default":
             self.init_lora_weights = True
+        if isinstance(self.target_parameters, (tuple, set)):
+            self.target_parameters = sorted(self.target_parameters)
+        if self.target_parameters == []:  # the reference writes [] for "none"
+            self.target_parameters = None
         super().__post_init__()
 
     @classmethod
@@ -154,24 +177,68 @@ class LoraConfig(AdapterConfig):
             )
         if any(isinstance(v, float) and not float(v).is_integer() for v in self.rank_pattern.values()):
             out.append(f"rank_pattern: ranks must be whole numbers, got {self.rank_pattern!r}")
-        return out
+        if not isinstance(self.lora_bias, bool):
+            out.append(f"lora_bias: must be True or False, got {self.lora_bias!r}")
+        elif self.lora_bias and (self.use_dora or init not in (True, False)):
+            out.append(
+                "lora_bias: works with plain LoRA and init_lora_weights True or False only (as in the reference "
+                f"library), got use_dora={self.use_dora!r}, init_lora_weights={init!r}; drop one of them"
+            )
+        if self.lora_bias and self.target_parameters:
+            out.append(
+                "lora_bias: the reference library refuses it on target_parameters (a stacked weight has no bias "
+                "for B's bias to merge into); drop one of them"
+            )
+        tokens = self.trainable_token_indices
+        if isinstance(tokens, dict):
+            for layer, indices in tokens.items():
+                out += trainable_tokens.index_problems(f"trainable_token_indices[{layer!r}]", indices)
+        elif tokens is not None:
+            out += trainable_tokens.index_problems("trainable_token_indices", tokens)
+        return out + lora_parameters.config_problems(self.target_parameters, self.lora_dropout, self.use_dora)
+
+    def parameter_targets(self) -> list[str] | None:
+        return self.target_parameters
 
     def layer_values(self, target: Target) -> dict[str, Any]:
-        return {
-            "r": int(target.rank or self.r),
-            "alpha": float(target.alpha or self.lora_alpha),
+        common = {
             "dropout": float(self.lora_dropout),
             "use_rslora": bool(self.use_rslora),
             "use_dora": bool(self.use_dora),
             "init": self.init_lora_weights,
         }
+        if target.parameters:  # lora_bias is refused with parameter targets (problems)
+            return lora_parameters.layer_values(target, self.r, self.lora_alpha, common)
+        return {
+            "r": int(target.rank or self.r),
+            "alpha": float(target.alpha or self.lora_alpha),
+            "lora_bias": bool(self.lora_bias),
+            **common,
+        }
+
+    def with_trained_tokens(self, indices: list[int], layers: list[str]) -> LoraConfig:
+        given = self.trainable_token_indices
+        rows = dict(given) if isinstance(given, dict) else ({layers[0]: list(given)} if given else {})
+        for layer in layers:
+            rows[layer] = list(dict.fromkeys([*rows.get(layer, []), *indices]))
+        # a list is the reference's spelling of "the input embedding"
+        return self.replace(trainable_token_indices=rows[layers[0]] if list(rows) == layers[:1] else rows)
+
+    def extra_targets(self, model: nn.Module, plan: Any) -> list[Target]:
+        if self.trainable_token_indices is None:
+            return []
+        return trainable_tokens.token_targets(model, self.trainable_token_indices, plan)
 
     def after_resolve(self, plan: Any) -> LoraConfig:
+        config = self
         # Readers of the interchange format expect fan_in_fan_out=True for GPT-2's transposed Conv1D
         # weights (the reference library warns and corrects it otherwise).
-        if not self.fan_in_fan_out and HFConv1D and any(isinstance(t.module, HFConv1D) for t in plan.targets):
-            return self.replace(fan_in_fan_out=True)
-        return self
+        conv1d = HFConv1D and any(isinstance(t.module, HFConv1D) and not t.parameters for t in plan.targets)
+        if not self.fan_in_fan_out and conv1d:
+            config = config.replace(fan_in_fan_out=True)
+        if plan.all_linear is not None:
+            config = lora_parameters.record_all_linear(config, plan)
+        return config
 
     def portable(self) -> LoraConfig:
         if not isinstance(self.init_lora_weights, str) or self.init_lora_weights == "gaussian":
@@ -207,10 +274,18 @@ class LoraAdapter(AdapterModule):
     supports_svd_init = False
 
     def __init__(
-        self, r: int, alpha: float, dropout: float, use_rslora: bool, use_dora: bool, init: Any
+        self,
+        r: int,
+        alpha: float,
+        dropout: float,
+        use_rslora: bool,
+        use_dora: bool,
+        init: Any,
+        lora_bias: bool = False,
     ) -> None:
         super().__init__()
         self.r = r
+        self.lora_bias = lora_bias
         self.scaling = alpha / (math.sqrt(r) if use_rslora else r)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.use_dora = use_dora
@@ -223,12 +298,50 @@ class LoraAdapter(AdapterModule):
                 "support only True/'default', 'gaussian' or False. Exclude these modules or change the init."
             )
 
-    # kind-specific: the unscaled low-rank path, its weight in row view, and the base weight's row view
+    # kind-specific: the unscaled low-rank path, and the base weight's row view
     def lora_path(self, x: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
         raise NotImplementedError
 
+    def factor_params(self) -> tuple[nn.Parameter, nn.Parameter]:
+        """(B, A): the parameters whose product, each flattened to a matrix, is the unscaled row view."""
+        roles = self.param_roles()
+        return roles["B"][0], roles["A"][0]
+
+    def lora_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """B as (out x r) and A as (r x fan_in): a conv's B (out, r, 1, ...) and A (r, in, *kernel) flattened."""
+        b, a = self.factor_params()
+        return b.reshape(b.shape[0], -1), a.reshape(a.shape[0], -1)
+
     def lora_rows(self) -> torch.Tensor:
-        raise NotImplementedError
+        b, a = self.lora_factors()
+        return b @ a
+
+    def delta_factors(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        if self.use_dora:  # the delta depends on the weight through DoRA's norm
+            return None
+        b, a = self.lora_factors()
+        return self.scaling * b, a
+
+    def set_delta(self, left: torch.Tensor, right: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+        """Hold the delta ``left @ right`` (a channel matrix, ``core.deltas.as_matrix``; left is out x r)
+        and the bias change ``bias`` exactly: ``B = left / s``, ``A = right``, ``b = bias / s``."""
+        b, a = self.factor_params()
+        with torch.no_grad():
+            b.copy_((left / self.scaling).reshape(b.shape))
+            a.copy_(right.reshape(a.shape))
+            if bias is not None:
+                self.lora_B.bias.copy_((bias / self.scaling).reshape(self.lora_B.bias.shape))
+
+    def _new_bias(self, base_layer: nn.Module, b: nn.Module) -> None:
+        """lora_bias: B's bias starts at zero (with the default init); merging needs a base bias to add to."""
+        if not self.lora_bias:
+            return
+        if self.init is not False:
+            nn.init.zeros_(b.bias)
+        if getattr(base_layer, "bias", None) is None:
+            self.mergeable = False  # forward works; a merge would have no bias to take s * b
+        else:
+            self.merge_into = ("weight", "bias")
 
     def rows(self, weight: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -310,6 +423,18 @@ class LoraAdapter(AdapterModule):
             return self.merged_weight(weight) - weight
         return self.unrows(self.scaling * self.lora_rows().to(weight.dtype), weight)
 
+    def merged_tensors(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        out = {"weight": self.merged_weight(tensors["weight"])}
+        if "bias" in tensors:
+            out["bias"] = tensors["bias"] + self.scaling * self.lora_B.bias.to(tensors["bias"].dtype)
+        return out
+
+    def unmerged_tensors(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        out = {"weight": self.unmerged_weight(tensors["weight"])}
+        if "bias" in tensors:
+            out["bias"] = tensors["bias"] - self.scaling * self.lora_B.bias.to(tensors["bias"].dtype)
+        return out
+
     def merged_weight(self, weight: torch.Tensor) -> torch.Tensor:
         if not self.use_dora:
             return super().merged_weight(weight)
@@ -345,7 +470,7 @@ class LoraLinear(LoraAdapter):
         out_f, in_f = (weight.shape[1], weight.shape[0]) if self.transposed else weight.shape
         kw = {"bias": False, "device": weight.device, "dtype": _adapter_dtype(weight)}
         self.lora_A = nn.Linear(in_f, self.r, **kw)
-        self.lora_B = nn.Linear(self.r, out_f, **kw)
+        self.lora_B = nn.Linear(self.r, out_f, **{**kw, "bias": self.lora_bias})
         self._new_magnitude((out_f,), weight)
         if self.rewrites_base and self.r > min(out_f, in_f):
             raise UnsupportedLayerError(
@@ -353,6 +478,7 @@ class LoraLinear(LoraAdapter):
                 f"{out_f}x{in_f} weight, got r={self.r}; lower r (or its rank_pattern entry)"
             )
         initialise_linear(self, self.lora_A.weight, self.lora_B.weight, self.rows(weight.detach()))
+        self._new_bias(base_layer, self.lora_B)
 
     def lora_path(self, x, base_layer):
         return self.lora_B(self.lora_A(x))
@@ -362,8 +488,10 @@ class LoraLinear(LoraAdapter):
         # (lora_kernels) instead of the base call plus delta_output; the rest takes the general path.
         a, b = self.lora_A.weight, self.lora_B.weight
         p = self.dropout.p if isinstance(self.dropout, nn.Dropout) and self.dropout.training else 0.0
-        if not lora_kernels.fusable(base_layer, x, a, b) or (
-            self.use_dora and (p > 0 or torch.is_autocast_enabled(x.device.type))
+        if (
+            self.lora_bias
+            or not lora_kernels.fusable(base_layer, x, a, b)
+            or (self.use_dora and (p > 0 or torch.is_autocast_enabled(x.device.type)))
         ):
             lora_kernels.calls["general"] += 1
             return None
@@ -377,14 +505,11 @@ class LoraLinear(LoraAdapter):
     def routed_output(cls, adapters, slots, x, base_layer, cache):
         # Plain LoRA adapters of any ranks: one batched product for the whole mixed batch (the general
         # fallback would run the layer once per group of rows). DoRA rescales per adapter: fallback.
-        if any(a.use_dora for a in adapters) or x.dim() < 2:
+        if any(a.use_dora or a.lora_bias for a in adapters) or x.dim() < 2:
             return None
         return lora_kernels.routed_lora(
             [(a.lora_A.weight, a.lora_B.weight, a.scaling) for a in adapters], slots, x, base_layer(x), cache
         )
-
-    def lora_rows(self):
-        return self.lora_B.weight @ self.lora_A.weight
 
     def rows(self, weight):
         return weight.T if self.transposed else weight
@@ -404,6 +529,11 @@ class LoraEmbedding(LoraAdapter):
 
     def __init__(self, base_layer: nn.Embedding, **values: Any) -> None:
         values["dropout"] = 0.0  # the input is token ids
+        if values.get("lora_bias"):
+            raise UnsupportedLayerError(
+                "lora_bias=True is not supported on embeddings (nor in the reference library): an embedding has no "
+                "bias to merge into; exclude the embedding from target_modules or set lora_bias=False"
+            )
         super().__init__(**values)
         weight = base_layer.weight
         num, dim = weight.shape
@@ -423,9 +553,6 @@ class LoraEmbedding(LoraAdapter):
     def lora_path(self, x, base_layer):
         return F.embedding(x, self.lora_embedding_A.T, **self._lookup) @ self.lora_embedding_B.T
 
-    def lora_rows(self):
-        return self.lora_embedding_B @ self.lora_embedding_A
-
     def rows(self, weight):
         return weight.T
 
@@ -441,13 +568,35 @@ class LoraEmbedding(LoraAdapter):
 
 class LoraConv(LoraAdapter):
     """LoRA on ``nn.Conv1d/2d/3d``: A is a conv with the base's kernel, stride, padding and dilation
-    into r channels, B a 1x1 conv back out; their product is a kernel of the base's shape."""
+    into r channels, B a 1x1 conv back out; their product is a kernel of the base's shape.
+
+    On a grouped or depthwise convolution (``groups = G > 1``) the layout is the reference library's: A
+    still reads every input channel, and B is a grouped 1x1 conv (G groups of r/G channels each, so r must
+    be a multiple of G). Their product is then a dense kernel that the grouped weight cannot hold: such an
+    adapter is not mergeable (the reference refuses too). DoRA's norm there follows the reference as well:
+    the product ``B.reshape(-1, r) @ A.reshape(r, -1)`` read in the kernel's shape (not the kernel the
+    adapter applies), so that trained magnitudes mean the same in both libraries.
+    """
 
     channel_dim = 1
 
     def __init__(self, base_layer: nn.modules.conv._ConvNd, **values: Any) -> None:
         super().__init__(**values)
         weight = base_layer.weight
+        self.groups = base_layer.groups
+        if self.r % self.groups:
+            fit = -(-self.r // self.groups) * self.groups
+            raise UnsupportedLayerError(
+                f"LoRA on a convolution with groups={self.groups} needs a rank divisible by {self.groups} (B is "
+                f"a grouped 1x1 convolution, the reference library's layout); got r={self.r}. Give this layer "
+                f"r={fit} through rank_pattern, or leave it out (exclude_modules)."
+            )
+        if self.groups > 1:
+            self.mergeable = False
+            self.unmergeable_reason = (
+                f"on a convolution with groups={self.groups} LoRA's delta is a dense kernel, which the grouped "
+                "weight cannot hold; the reference library refuses it too"
+            )
         kw = {"bias": False, "device": weight.device, "dtype": _adapter_dtype(weight)}
         conv = next(c for c in (nn.Conv1d, nn.Conv2d, nn.Conv3d) if isinstance(base_layer, c))
         # A subclass whose forward does more than the convolution (e.g. TensorFlow-style "same"
@@ -463,7 +612,9 @@ class LoraConv(LoraAdapter):
             padding_mode=base_layer.padding_mode,
             **kw,
         )
-        self.lora_B = conv(self.r, base_layer.out_channels, 1, **kw)
+        self.lora_B = conv(
+            self.r, base_layer.out_channels, 1, groups=self.groups, **{**kw, "bias": self.lora_bias}
+        )
         ones = (1,) * (weight.dim() - 2)
         self._new_magnitude((1, base_layer.out_channels, *ones), weight)  # the reference's layout
         if self.init is True:
@@ -472,15 +623,29 @@ class LoraConv(LoraAdapter):
         elif self.init == "gaussian":
             nn.init.normal_(self.lora_A.weight, std=1 / self.r)
             nn.init.zeros_(self.lora_B.weight)
+        self._new_bias(base_layer, self.lora_B)
 
     def lora_path(self, x, base_layer):
-        if self.through_base:
-            kernel = self.unrows(self.lora_rows(), base_layer.weight)
-            return _with_params(base_layer, x, kernel)
-        return self.lora_B(self.lora_A(x))
+        if not self.through_base:
+            return self.lora_B(self.lora_A(x))
+        if self.groups == 1:
+            out = _with_params(base_layer, x, self.unrows(self.lora_rows(), base_layer.weight))
+            if self.lora_bias:
+                out = out + self.lora_B.bias.view(1, -1, *[1] * (out.dim() - 2))
+            return out
+        # The base's own forward convolves each group of input channels apart, but A reads them all: A's
+        # kernel cut by input group runs as G groups of r outputs, and summing the groups gives A's output.
+        a = self.lora_A.weight
+        per_group = a.unflatten(1, (self.groups, -1)).transpose(0, 1).flatten(0, 1)  # (G*r, in/G, *k)
+        return self.lora_B(_with_params(base_layer, x, per_group).unflatten(1, (self.groups, self.r)).sum(1))
 
     def lora_rows(self):
-        return self.lora_B.weight.reshape(-1, self.r) @ self.lora_A.weight.reshape(self.r, -1)
+        product = self.lora_B.weight.reshape(-1, self.r) @ self.lora_A.weight.reshape(self.r, -1)
+        return product.reshape(self.lora_B.weight.shape[0], -1)  # grouped: in the kernel's shape, see above
+
+    def delta_factors(self, weight):
+        # a grouped B is not one (out x r) matrix: combine and convert read the dense delta instead
+        return super().delta_factors(weight) if self.groups == 1 else None
 
     def rows(self, weight):
         return weight.reshape(weight.shape[0], -1)
@@ -501,7 +666,7 @@ def _with_params(conv: nn.Module, x: torch.Tensor, weight: torch.Tensor) -> torc
     """``conv``'s own forward on ``x`` with ``weight`` in place of its kernel and no bias."""
     params = {"weight": weight}
     if conv.bias is not None:
-        params["bias"] = torch.zeros(conv.bias.shape, dtype=weight.dtype, device=weight.device)
+        params["bias"] = torch.zeros(weight.shape[0], dtype=weight.dtype, device=weight.device)
     return torch.func.functional_call(conv, params, (x,))
 
 
@@ -541,17 +706,17 @@ def initialise_linear(adapter: LoraAdapter, a: torch.Tensor, b: torch.Tensor, ro
         adapter.register_buffer("init_B", b.detach().float().clone(), persistent=False)
 
 
-def _conv_check(module: nn.Module) -> str | None:
-    if module.groups != 1:
-        return f"groups={module.groups} (grouped or depthwise convolution) is not supported by LoRA"
-    return None
-
-
 register_layer(PEFT_TYPE, "Linear", (nn.Linear,), LoraLinear)
 if HFConv1D:
     register_layer(PEFT_TYPE, "Conv1D (GPT-2)", (HFConv1D,), LoraLinear)
 register_layer(PEFT_TYPE, "Embedding", (nn.Embedding,), LoraEmbedding)
-register_layer(PEFT_TYPE, "Conv", (nn.Conv1d, nn.Conv2d, nn.Conv3d), LoraConv, check=_conv_check)
+register_layer(PEFT_TYPE, "Conv", (nn.Conv1d, nn.Conv2d, nn.Conv3d), LoraConv)
+register_layer(
+    PEFT_TYPE, "MultiheadAttention", (nn.MultiheadAttention,), LoraMultiheadAttention, check=check_attention
+)
+register_parameter(
+    PEFT_TYPE, "Parameter (2-D weight or 3-D expert stack)", LoraParameters, check=check_parameter
+)
 
 
 def lora_plus_param_groups(
@@ -573,7 +738,7 @@ def lora_plus_param_groups(
     claimed: set[int] = set()
     for _, layer in adapter_layers(model):
         for adapter in layer.adapters.values():
-            if not isinstance(adapter, LoraAdapter):
+            if not isinstance(adapter, (LoraAdapter, LoraParameters, LoraMultiheadAttention)):
                 continue
             roles = adapter.param_roles()
             embedding = roles.pop("embedding", False)

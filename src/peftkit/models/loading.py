@@ -88,3 +88,31 @@ def load_tokenizer(model: ModelConfig, source: str) -> Any:
     if tokenizer.pad_token is None:  # decoders often have none; batches need one (positions are masked)
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def add_tokens(tokenizer: Any, tokens: list[str]) -> list[int]:
+    """Add ``tokens`` to ``tokenizer`` as special tokens (never split, left out of decoded text) where it lacks
+    them; returns the ids of all of them, in order (tokens it already had keep their ids)."""
+    tokenizer.add_tokens(list(tokens), special_tokens=True)
+    return [int(i) for i in tokenizer.convert_tokens_to_ids(list(tokens))]
+
+
+def grow_embeddings(model: nn.Module, size: int) -> int:
+    """Give ``model``'s token embeddings (and an output head not tied to them) ``size`` rows when they have
+    fewer; returns how many rows were added.
+
+    New rows start at the mean of the existing rows of the same matrix: a neutral start (a new token
+    neither dominates the output nor sits far from every other input), and a deterministic one, unlike
+    transformers' own ``mean_resizing``, which samples them, so a rebuilt run gets the same base model.
+    """
+    embedding = model.get_input_embeddings()
+    old = embedding.weight.shape[0]
+    if size <= old:
+        return 0
+    model.resize_token_embeddings(size, mean_resizing=False)
+    heads = [model.get_input_embeddings(), model.get_output_embeddings()]
+    grown = {id(m.weight): m.weight for m in heads if m is not None and m.weight.shape[0] == size}
+    with torch.no_grad():
+        for weight in grown.values():  # a tied pair is one tensor: written once
+            weight[old:] = weight[:old].float().mean(dim=0, keepdim=True).to(weight.dtype)
+    return size - old

@@ -43,6 +43,7 @@ from .adapter import (
 )
 from .loader import apply_overrides, load_dataclass, parse_yaml, show
 from .schema import RunConfig
+from .tokens import token_problems
 
 # -- loading ---------------------------------------------------------------------------------------
 
@@ -149,12 +150,12 @@ def value_problems(config: RunConfig) -> list[str]:
         problems.append(f"output_dir: expected a directory path, got {config.output_dir!r}")
     problems += quantize_problems(config.model.quantize, method_name(config.adapter))
     problems += select_problems(config.select) + _selection_problems(config)
-    for name in ("system_prompt", "chat_template"):
+    for name in ("system_prompt", "chat_template", "add_special_tokens"):
         if getattr(config.data, name) is not None and config.task != "causal-lm":
             problems.append(
                 f"data.{name}: only causal-lm runs read it (this run's task is {config.task!r}); remove it"
             )
-    return problems
+    return problems + token_problems(config.data.add_special_tokens, method_name(config.adapter))
 
 
 def _selection_problems(config: RunConfig) -> list[str]:

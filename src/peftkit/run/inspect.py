@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from .. import api
-from ..core import anatomy, registry, targeting
+from ..core import anatomy, moe, registry, targeting
 from ..core.config import ALL_LINEAR
 from ..core.registry import DEFAULT_METHOD
 from ..errors import ConfigError, NoTargetMatchedError
@@ -101,6 +101,7 @@ class ModelInspection:
     loaded_as: str = ""  # how the model was built, when not from its config alone
     head: list[HeadModule] = field(default_factory=list)
     structure: list[str] = field(default_factory=list)  # core/anatomy.py's summary
+    experts: list[str] = field(default_factory=list)  # core/moe.py's summary: stacked experts, routers
     groups: list[ModuleGroup] = field(default_factory=list)
     kinds: dict[str, list[str]] = field(default_factory=dict)  # kind -> methods that adapt it
     target_sets: list[TargetSet] = field(default_factory=list)
@@ -132,7 +133,8 @@ class ModelInspection:
         lines += ["", f"candidate target_modules ({priced.size_label()} adds):"]
         lines.append(f"  {'target_modules':<40} {'modules':>7} {'base params':>13} {method + ' params':>12}")
         for t in self.target_sets:
-            lora = f"{t.lora_params:>12,}" if t.lora_params is not None else f"{'-':>12}  ({t.note})"
+            lora = f"{t.lora_params:>12,}" if t.lora_params is not None else f"{'-':>12}"
+            lora += f"  ({t.note})" if t.note else ""
             lines.append(f"  {t.spec:<40} {t.modules:>7} {t.base_params:>13,} {lora}")
         if self.head:
             lines += ["", "head the task adds (trained in full beside any adapter: modules_to_save):"]
@@ -142,6 +144,13 @@ class ModelInspection:
             "found by structure (what defaults use where a method has no entry for this model_type):",
         ]
         lines += [f"  {line}" for line in self.structure]
+        if self.experts:
+            lines += ["", "mixture of experts held as parameters (no linear layer holds them; docs/moe.md):"]
+            lines += [f"  {line}" for line in self.experts]
+            lines.append(
+                "  all-linear adapts these expert weights and routers too (LoRA, as target_parameters); "
+                "modules_to_save=[<router>] trains a router in full instead"
+            )
         lines += ["", "default targets of each method (target_modules unset):"]
         for d in self.defaults:
             added = "-" if d.added_params is None else f"+{d.added_params:,} params"
@@ -187,6 +196,7 @@ def inspect_model(name_or_path: str, *, task: str | None = None, config: Any = N
     heads = targeting.sequence_head_names(model)
     report.head = _head(model, heads)
     report.structure = anatomy.find(model).summary()
+    report.experts = moe.summary(moe.find(model))
     report.target_sets = _target_sets(model, [a for a in adaptable if not _under(a[0], heads)])
     report.defaults = [_method_default(model, peft_type) for peft_type in registry.registered_methods()]
     return report
@@ -266,9 +276,11 @@ def _transformers_skeleton(path: str) -> nn.Module:
 def _adaptable(model: nn.Module) -> list[tuple[str, nn.Module, list[str]]]:
     """``(name, module, methods that can adapt it)`` for every module some method can adapt."""
     methods = [m for m in registry.registered_methods() if registry.method(m).rows]
+    # read by its attention module, never called: targeting refuses it
+    unreachable = {id(m.out_proj) for m in model.modules() if isinstance(m, nn.MultiheadAttention)}
     out = []
     for name, module in targeting.user_modules(model):
-        if not name:
+        if not name or id(module) in unreachable:
             continue
         able = [m.lower() for m in methods if registry.dispatch(m, module)[0] is not None]
         if able:
@@ -294,6 +306,8 @@ def _shape(module: nn.Module) -> str:
         return f"{module.in_channels} -> {module.out_channels}, k{'x'.join(map(str, module.kernel_size))}" + (
             f", groups {module.groups}" if module.groups > 1 else ""
         )
+    if isinstance(module, nn.MultiheadAttention):
+        return f"{module.embed_dim}, {module.num_heads} heads"
     weight = getattr(module, "weight", None)
     if isinstance(weight, torch.Tensor) and weight.dim() <= 2:
         return "x".join(map(str, weight.shape))
@@ -371,10 +385,31 @@ def _target_sets(model: nn.Module, adaptable: list[tuple[str, nn.Module, list[st
             continue  # "self.query" selects exactly what "query" does: show the shorter one only
         sets.append(_priced(model, spec, [spec], chosen))
     heads = targeting.output_head_names(model)  # a task's fresh head is already left out of `adaptable`
-    linear = [(n, m) for n, m in able if isinstance(m, targeting.LINEAR_TYPES) and n not in heads]
+    # all-linear also takes nn.MultiheadAttention modules whole where the method adapts them
+    linear_kinds = (*targeting.LINEAR_TYPES, nn.MultiheadAttention)
+    linear = [(n, m) for n, m in able if isinstance(m, linear_kinds) and n not in heads]
     if linear:
         sets.append(_priced(model, ALL_LINEAR, ALL_LINEAR, linear))
+        held = _expert_parameters(model)
+        if held and sets[-1].lora_params is not None:  # all-linear took them too
+            sets[-1].modules += len(held)
+            sets[-1].base_params += sum(held.values())
+            sets[-1].note = f"incl. {len(held)} expert weights and routers held as parameters"
     return sets
+
+
+def _expert_parameters(model: nn.Module) -> dict[str, int]:
+    """Stacked expert weights and non-linear routers' weights (what all-linear adds), with their sizes."""
+    modules = dict(anatomy.user_modules(model))
+    sizes = {}
+    for block in moe.find(model):
+        names = [w.name for w in block.weights]
+        if block.router_weight and not block.router_linear:
+            names.append(block.router_weight)
+        for name in names:
+            owner, _, pname = name.rpartition(".")
+            sizes[name] = getattr(modules[owner], pname).numel()
+    return sizes
 
 
 def _priced(

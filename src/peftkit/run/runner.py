@@ -45,6 +45,7 @@ from ..train.fit import fit
 from ..train.runtime import resolve_device
 from .config import AUTO, FULL_FINE_TUNING, dump_config, load_config, resolved, to_dict, value_problems
 from .schema import RunConfig
+from .tokens import with_new_tokens
 
 CONFIG_NAME = "config.yaml"
 METRICS_NAME = "metrics.json"
@@ -52,6 +53,7 @@ ADAPTER_DIR = "adapter"
 FULL_MODEL_DIR = "model"
 ADAPTER_NAME = "default"
 SELECTION_DIR = "selection"  # what `adapter.target_modules: auto` chose, and why
+TOKENIZER_MARKER = "tokenizer_config.json"  # a tokenizer saved beside the weights (data.add_special_tokens)
 
 Log = Callable[[str], None]
 
@@ -104,10 +106,12 @@ def build_task(config: RunConfig) -> Task:
     return cls(**{section: getattr(config, section) for section in cls.sections})
 
 
-def adapt(model: nn.Module, config: RunConfig) -> nn.Module:
+def adapt(model: nn.Module, config: RunConfig, new_tokens: Sequence[int] = ()) -> nn.Module:
     """Inject the configured adapter, or make every parameter trainable (``method: full``).
 
-    Seed first (``seed_everything``) where the adapter's random initialisation must be reproducible.
+    ``new_tokens``: ids of tokens added to the tokenizer (``data.add_special_tokens``), whose embedding rows
+    the adapter trains as well (``run/tokens.py``). Seed first (``seed_everything``) where the adapter's
+    random initialisation must be reproducible.
     """
     if is_full_fine_tuning(config):
         for parameter in model.parameters():
@@ -120,6 +124,8 @@ def adapt(model: nn.Module, config: RunConfig) -> nn.Module:
     # the saved adapter_config.json names the base as others can find it, not as a path into .venv
     fields.setdefault("base_model_name_or_path", portable_name(config.model.name_or_path))
     adapter = api.make_config(config.adapter.get("method", DEFAULT_METHOD), **fields)
+    if new_tokens:
+        adapter = with_new_tokens(adapter, model, list(new_tokens))
     try:
         return api.inject(model, adapter, ADAPTER_NAME)
     except NoTargetMatchedError as exc:
@@ -173,7 +179,8 @@ def train_run(config: RunConfig, *, resume: bool = False, log: Log = print) -> R
         else None
     )
     trained = dataclasses.replace(config, adapter=chosen["adapter"]) if chosen else config
-    model, metrics = _adapt_seeded(model, trained, chosen, log)
+    new_tokens = _new_tokens(task, log)
+    model, metrics = _adapt_seeded(model, trained, chosen, log, new_tokens)
     metrics["base_dropout"] = base_dropout
     splits = _load_splits(task, trained, log)
     metrics.update(_before_training(task, model, splits, trained, chosen, world, log))
@@ -196,6 +203,14 @@ def _claim_run_dir(run_dir: Path, config: RunConfig, resume: bool, log: Log) -> 
     return resume
 
 
+def _new_tokens(task: Task, log: Log) -> list[int]:
+    """The ids of the tokens ``data.add_special_tokens`` gave the tokenizer (none for other tasks)."""
+    ids = list(getattr(task, "new_token_ids", list)())
+    if ids:
+        log(f"new tokens: ids {ids} (data.add_special_tokens); their embedding rows train with the adapter")
+    return ids
+
+
 def _set_base_dropout(model: nn.Module, config: RunConfig, log: Log) -> dict[str, Any]:
     """The frozen base's dropout as ``model.base_dropout`` says; a fresh task head keeps its own (everything
     outside a transformers model's ``base_model``). What was done goes into ``metrics.json``."""
@@ -210,12 +225,16 @@ def _set_base_dropout(model: nn.Module, config: RunConfig, log: Log) -> dict[str
 
 
 def _adapt_seeded(
-    model: nn.Module, config: RunConfig, chosen: dict[str, Any] | None, log: Log
+    model: nn.Module,
+    config: RunConfig,
+    chosen: dict[str, Any] | None,
+    log: Log,
+    new_tokens: Sequence[int] = (),
 ) -> tuple[nn.Module, dict[str, Any]]:
     """The adapter injected from a seeded start (or every parameter trainable); the first facts of
     ``metrics.json``."""
     seed_everything(config.train.seed)  # the adapter's initialisation draws random numbers
-    model = adapt(model, config)
+    model = adapt(model, config, new_tokens)
     init_from = None if is_full_fine_tuning(config) else config.select.init_from
     start_from_directions(model, chosen, init_from, ADAPTER_NAME, log)
     summary = api.trainable_summary(model, show=False)
@@ -339,6 +358,11 @@ def _write_outputs(
         None if full else ADAPTER_NAME,
         {"step": metrics.get("best_step"), "test": metrics.get("test")},
     )
+    if config.data.add_special_tokens:
+        # the tokenizer that holds the new tokens goes beside the weights: AutoTokenizer reads it from the
+        # adapter directory, as serving engines that take an adapter's own tokenizer do, and load_run uses it
+        with _no_progress_bars():
+            task.tokenizer.save_pretrained(out)
     _write_json(run_dir / METRICS_NAME, metrics)
     log(f"saved {out}, {run_dir / METRICS_NAME}")
     return RunResult(run_dir, metrics, result)
@@ -499,6 +523,8 @@ def load_run(run_dir: str | os.PathLike) -> LoadedRun:
     full = is_full_fine_tuning(config)
     weights = _weights_dir(run_dir, full)
     task = build_task(config)
+    if (weights / TOKENIZER_MARKER).is_file() and hasattr(task, "tokenizer"):
+        task.tokenizer = _saved_tokenizer(weights)  # the run's own, holding its added tokens
     model = task.load_model()
     if full:
         load_weights(model, weights)
@@ -506,6 +532,15 @@ def load_run(run_dir: str | os.PathLike) -> LoadedRun:
         api.load_adapter(model, weights, ADAPTER_NAME)
     model.eval()
     return LoadedRun(config, task, model, weights)
+
+
+def _saved_tokenizer(directory: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    from ..models import quiet_transformers
+
+    with quiet_transformers():
+        return AutoTokenizer.from_pretrained(str(directory))
 
 
 def _weights_dir(run_dir: Path, full: bool) -> Path:
@@ -705,7 +740,9 @@ def merge_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
     if not is_full_fine_tuning(loaded.config):
         # checked for NaN/inf before any weight changes; a 4/8-bit base (model.quantize) is exported
         # dense, so the merge is exact and the directory loads without bitsandbytes
-        model = api.unload(model, merge=True, dequantize=bool(loaded.config.model.quantize))
+        # untie: LoRA on a tied embedding merges into the embedding alone, the head keeps its own copy
+        # (docs/tokens.md); trainable tokens keep a tie as it is
+        model = api.unload(model, merge=True, dequantize=bool(loaded.config.model.quantize), untie=True)
     if not callable(getattr(model, "save_pretrained", None)):
         raise TypeError(
             f"merge exports transformers models (with save_pretrained); this run's model is a "

@@ -4,7 +4,7 @@ Two kinds of candidate, with their exact costs in trainable parameters:
 
 - :class:`LowRank`: a LoRA adapter on one module that LoRA supports (linear, GPT-2 Conv1D, conv,
   embedding; the registry's dispatch table decides, so quantized layers count when their backend is
-  loaded). A rank-``k`` adapter on a weight whose 2-D view is ``rows x cols`` costs ``k * (rows + cols)``
+  loaded; not grouped convolutions, nor ``nn.MultiheadAttention``, which has no ``weight``). A rank-``k`` adapter on a weight whose 2-D view is ``rows x cols`` costs ``k * (rows + cols)``
   (DoRA adds one magnitude per output channel once the module is chosen).
 - :class:`WholeParams`: parameters trained in full. A normalisation layer (LayerNorm, RMSNorm,
   BatchNorm, GroupNorm ...) is trained as a full copy (``modules_to_save``); a small output head that is
@@ -115,8 +115,10 @@ def find_candidates(
     whole: list[WholeParams] = []
     # a tied parameter (an output head sharing the input embedding) is known by its first name only
     canonical = {id(p): n for n, p in model.named_parameters()}
+    # read by its attention module, never called: targeting refuses it (LoRA adapts the attention whole)
+    unreachable = {id(m.out_proj) for m in model.modules() if isinstance(m, nn.MultiheadAttention)}
     for name, module in user_modules(model):
-        if not name or name in always or name.startswith(always_prefixes):
+        if not name or name in always or name.startswith(always_prefixes) or id(module) in unreachable:
             continue
         own = {canonical[id(p)]: p.numel() for _, p in module.named_parameters(recurse=False)}
         if is_norm(module):
@@ -130,6 +132,9 @@ def find_candidates(
             continue
         weight = getattr(module, "weight", None)
         if weight is None or weight.dim() < 2 or (isinstance(module, nn.Embedding) and not embeddings):
+            continue
+        if getattr(module, "groups", 1) != 1:
+            # a grouped conv's LoRA has ranks in multiples of its groups and a dense delta: not priced here
             continue
         shape = getattr(getattr(weight, "quant_state", None), "shape", None) or weight.shape
         # the stored layout's 2-D view: (out, in) for Linear, (in, out) for GPT-2's Conv1D, (out, in*k*k)

@@ -36,7 +36,14 @@ from ..data.files import load_examples
 from ..data.general_text import GENERAL_TEXT_SOURCE, general_texts
 from ..errors import ConfigError
 from ..models.config import ModelConfig
-from ..models.loading import DTYPES, load_pretrained, load_tokenizer, model_source
+from ..models.loading import (
+    DTYPES,
+    add_tokens,
+    grow_embeddings,
+    load_pretrained,
+    load_tokenizer,
+    model_source,
+)
 from .base import Batch, Example, eval_mode, register_task
 from .config import EvalConfig, GenerationSettings
 from .conversation import IGNORE, ConversationEncoder, Message
@@ -167,9 +174,18 @@ class CausalLMTask(GenerationTask):
         """
         from transformers import AutoModelForCausalLM
 
-        return load_pretrained(
+        model = load_pretrained(
             AutoModelForCausalLM, self.model_config, self.model_source(), self._load_tokenizer, ["lm_head"]
         )
+        if self.data.add_special_tokens:
+            rows = max([len(self._load_tokenizer()), *(i + 1 for i in self.new_token_ids())])
+            grow_embeddings(model, rows)  # rows for the tokens the tokenizer gained
+        return model
+
+    def new_token_ids(self) -> list[int]:
+        """The ids of ``data.add_special_tokens`` in the tokenizer, which gets those it lacks (the loaded
+        one already has them; a tokenizer set on the task directly gets them here)."""
+        return add_tokens(self._load_tokenizer(), self.data.add_special_tokens or [])
 
     # -- encoding, batches and loss ----------------------------------------------------------------
 
@@ -178,6 +194,7 @@ class CausalLMTask(GenerationTask):
             self.tokenizer = load_tokenizer(self.model_config, self.model_source())
             if self.data.chat_template:
                 self.tokenizer.chat_template = chat.load_template(self.data.chat_template)
+            add_tokens(self.tokenizer, self.data.add_special_tokens or [])
         return self.tokenizer
 
     def conversation(self, item: Any, *, answered: bool = False) -> list[Message]:
