@@ -38,24 +38,15 @@ def main(argv: list[str] | None = None) -> str:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     case = {c.name: c for c in cases.default_cases()}[args.case]
-    nets, optimizers = {}, {}
+    nets = {}
     for mode in MODES:
         net = cases.load_model(case.model, args.weights)
         set_base_dropout(net, mode, skip=head_outside_base(net))
         nets[mode] = cases.adapt(net, case, "peftkit").train()
-        optimizers[mode] = torch.optim.AdamW(
-            [p for p in nets[mode].parameters() if p.requires_grad], lr=worker.LEARNING_RATE
-        )
     batch = cases.make_batch(case.model, nets["keep"].config.vocab_size, args.weights, 0)
 
-    def step(mode: str) -> None:
-        nets[mode](**batch).loss.backward()
-        optimizers[mode].step()
-        optimizers[mode].zero_grad(set_to_none=True)
-
-    first, samples = interleave.time_interleaved(
-        {mode: lambda m=mode: step(m) for mode in MODES}, args.rounds
-    )
+    steps = {mode: interleave.training_step(nets[mode], batch, worker.LEARNING_RATE) for mode in MODES}
+    first, samples = interleave.time_interleaved(steps, args.rounds)
     medians = interleave.medians(samples)
     lines = [
         f"{case.name}, {args.rounds} rounds, {args.threads} threads (median step after one full-size warm-up):",

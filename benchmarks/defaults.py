@@ -17,7 +17,6 @@ Prints the medians and the ratios the issue-24 targets are stated in (docs/perfo
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import sys
 from pathlib import Path
@@ -62,21 +61,13 @@ def main(argv: list[str] | None = None) -> str:
             set_base_dropout(net, mode, skip=head_outside_base(net))
         lib = {"peftkit": "peftkit", "peft": "peft"}.get(setup, cases.FULL)
         nets[setup] = cases.adapt(net, case, lib).train()
-    optimizers = {
-        s: torch.optim.AdamW([w for w in net.parameters() if w.requires_grad], lr=worker.LEARNING_RATE)
-        for s, net in nets.items()
-    }
     batch = cases.make_batch(case.model, nets["peft"].config.vocab_size, args.weights, 0)
 
-    def step(setup: str) -> None:
-        bf16 = precision[setup] == "bf16"
-        with torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext():
-            loss = nets[setup](**batch).loss
-        loss.float().backward()
-        optimizers[setup].step()
-        optimizers[setup].zero_grad(set_to_none=True)
-
-    first, samples = interleave.time_interleaved({s: lambda s=s: step(s) for s in SETUPS}, args.rounds)
+    steps = {
+        s: interleave.training_step(nets[s], batch, worker.LEARNING_RATE, bf16=precision[s] == "bf16")
+        for s in SETUPS
+    }
+    first, samples = interleave.time_interleaved(steps, args.rounds)
     m = interleave.medians(samples)
     lines = [
         f"{case.name}, {args.rounds} rounds, {args.threads} threads, precision auto = {auto} here "

@@ -7,9 +7,11 @@ set-up takes one step, the order rotating per round.
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
 from collections.abc import Callable
+from typing import Any
 
 
 def time_interleaved(
@@ -34,3 +36,20 @@ def time_interleaved(
 
 def medians(samples: dict[str, list[float]]) -> dict[str, float]:
     return {name: statistics.median(values) for name, values in samples.items()}
+
+
+def training_step(net: Any, batch: dict[str, Any], lr: float, bf16: bool = False) -> Callable[[], None]:
+    """One forward + backward + AdamW step of ``net`` on ``batch`` (optionally under bf16 autocast), as a
+    callable for :func:`time_interleaved`; the optimizer is built here, over the trainable parameters."""
+    import torch
+
+    optimizer = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=lr)
+
+    def step() -> None:
+        with torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext():
+            loss = net(**batch).loss
+        loss.float().backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step

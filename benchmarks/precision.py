@@ -16,7 +16,6 @@ Prints each precision's median step and its ratio to ``fp32`` (docs/performance.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import sys
 from pathlib import Path
@@ -55,25 +54,13 @@ def main(argv: list[str] | None = None) -> str:
     lib = cases.FULL if case.method == "full" else args.lib
     precisions = PRECISIONS if lib != cases.FULL else PRECISIONS[:2]
     nets = {p: build(case, lib, p, args.weights) for p in precisions}
-    optimizers = {
-        p: torch.optim.AdamW([w for w in net.parameters() if w.requires_grad], lr=worker.LEARNING_RATE)
-        for p, net in nets.items()
-    }
     batch = cases.make_batch(case.model, nets["fp32"].config.vocab_size, args.weights, 0)
 
-    def step(precision: str) -> None:
-        autocast = (
-            torch.autocast("cpu", dtype=torch.bfloat16)
-            if precision == "autocast"
-            else contextlib.nullcontext()
-        )
-        with autocast:
-            loss = nets[precision](**batch).loss
-        loss.float().backward()
-        optimizers[precision].step()
-        optimizers[precision].zero_grad(set_to_none=True)
-
-    first, samples = interleave.time_interleaved({p: lambda p=p: step(p) for p in precisions}, args.rounds)
+    steps = {
+        p: interleave.training_step(nets[p], batch, worker.LEARNING_RATE, bf16=p == "autocast")
+        for p in precisions
+    }
+    first, samples = interleave.time_interleaved(steps, args.rounds)
     medians = interleave.medians(samples)
     lines = [
         f"{case.name} ({lib}), {args.rounds} rounds, {args.threads} threads (median step after one full-size warm-up):",
