@@ -20,6 +20,16 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module of tiny-model tests (``pytest.mark.usefixtures("one_thread")``):
+    on a shared 2-core machine two spinning OpenMP threads made such files ~20x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 # A tiny text-classification world shared by the run-level tests: a saved BERT and a CSV of reviews.
 POSITIVE = ["good", "great", "fun", "moving", "clever"]
 NEGATIVE = ["bad", "awful", "dull", "boring", "clumsy"]

@@ -30,7 +30,10 @@ import peftkit.errors
 from peftkit.core.inject import adapter_layers
 from peftkit.core.layer import AdapterLayer
 
-pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning"),
+    pytest.mark.usefixtures("one_thread"),
+]
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
@@ -96,16 +99,6 @@ def _tiny_gpt2() -> nn.Module:
         eos_token_id=0,
     )
     return GPT2LMHeadModel(config).eval()
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These models are tiny: one intra-op thread is fastest, and on a shared 2-core machine two
-    spinning OpenMP threads made the file ~20x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module", autouse=True)

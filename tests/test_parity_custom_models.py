@@ -27,12 +27,15 @@ from peftkit.errors import AdapterNameError, UnsupportedLayerError
 from peftkit.methods.ln_tuning import LNTuningConfig
 from support.attention import WIDTH, Encoder
 
-pytestmark = pytest.mark.filterwarnings(
-    "ignore:.*is_gradient_checkpointing.*:FutureWarning",
-    "ignore:Unsupported layer type:UserWarning",  # the reference's LN tuning on any non-linear module
-    "ignore:LoRA adapter added to ConvNd layer with groups:UserWarning",
-    "ignore:All adapters are already merged:UserWarning",  # the reference's MHA merges inside its forward
-)
+pytestmark = [
+    pytest.mark.filterwarnings(
+        "ignore:.*is_gradient_checkpointing.*:FutureWarning",
+        "ignore:Unsupported layer type:UserWarning",  # the reference's LN tuning on any non-linear module
+        "ignore:LoRA adapter added to ConvNd layer with groups:UserWarning",
+        "ignore:All adapters are already merged:UserWarning",  # the reference's MHA merges inside its forward
+    ),
+    pytest.mark.usefixtures("one_thread"),
+]
 
 peft = pytest.importorskip("peft")
 from peft.utils import get_peft_model_state_dict  # noqa: E402
@@ -173,14 +176,6 @@ CASES = [
         "TransformerEncoder LoRA", "TransformerEncoder", "lora", {"target_modules": ["self_attn", "linear1"]}
     ),
 ]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(autouse=True)

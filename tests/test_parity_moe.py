@@ -21,9 +21,12 @@ from torch import nn
 import peftkit
 from support.moe import ARCHS, batch, tiny_transformers_moe
 
-pytestmark = pytest.mark.filterwarnings(
-    "ignore:.*is_gradient_checkpointing.*:FutureWarning", "ignore:.*eos_token_id.*"
-)
+pytestmark = [
+    pytest.mark.filterwarnings(
+        "ignore:.*is_gradient_checkpointing.*:FutureWarning", "ignore:.*eos_token_id.*"
+    ),
+    pytest.mark.usefixtures("one_thread"),
+]
 
 peft = pytest.importorskip("peft")
 from peft.utils import get_peft_model_state_dict  # noqa: E402
@@ -54,14 +57,6 @@ CONFIGS: dict[str, dict] = {
         "target_parameters": ["self_attn.q_proj.weight", "self_attn.o_proj.weight"],
     },
 }
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -22,10 +22,13 @@ from torch import nn
 import peftkit
 from support.tokens import NEW, logits, tiny_llama, train
 
-pytestmark = pytest.mark.filterwarnings(
-    "ignore:.*is_gradient_checkpointing.*:FutureWarning",
-    "ignore:.*tie_word_embeddings.*:UserWarning",  # the reference's own warnings on tied models
-)
+pytestmark = [
+    pytest.mark.filterwarnings(
+        "ignore:.*is_gradient_checkpointing.*:FutureWarning",
+        "ignore:.*tie_word_embeddings.*:UserWarning",  # the reference's own warnings on tied models
+    ),
+    pytest.mark.usefixtures("one_thread"),
+]
 
 peft = pytest.importorskip("peft")
 
@@ -47,14 +50,6 @@ CASES: dict[str, tuple[bool, str, dict]] = {
         {**LORA, "trainable_token_indices": {"embed_tokens": NEW, "lm_head": NEW[:2]}},
     ),
 }
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

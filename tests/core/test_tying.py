@@ -17,13 +17,7 @@ from peftkit.core import tying
 from peftkit.errors import TiedWeightsError, UnsupportedLayerError
 from support.tokens import logits, tiny_llama, train
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one intra-op thread is fastest
 
 
 @pytest.fixture(scope="module")

@@ -33,6 +33,7 @@ pytestmark = [
     # LoRA-style rank_pattern check does not know AdaLoRA's keys (AdaLoRA then applies them correctly).
     pytest.mark.filterwarnings("ignore:.*LoRA tensor\\(s\\) have invalid shape"),
     pytest.mark.filterwarnings("ignore:The following rank_pattern keys did not match"),
+    pytest.mark.usefixtures("one_thread"),
 ]
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -49,14 +50,6 @@ SCHEDULE = {
 }
 TARGETS = ["query", "value"]
 STEPS, LR = 8, 1e-2
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -21,14 +21,7 @@ from peftkit.methods.bitfit import BitFitBias, BitFitConfig
 DOC = Path(__file__).resolve().parents[2] / "docs" / "bitfit.md"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Small models: one intra-op thread is fastest, and two spinning threads on a shared 2-core
-    machine made these tests many times slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one intra-op thread is fastest
 
 
 class Block(nn.Module):

@@ -32,20 +32,11 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning"),
     pytest.mark.filterwarnings("ignore:Unsupported layer type:UserWarning"),
     pytest.mark.filterwarnings("ignore:All adapters are already merged:UserWarning"),
+    pytest.mark.usefixtures("one_thread"),
 ]
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "ln_tuning.md"
 ATOL = 1e-5  # fp32 max abs difference allowed between the two libraries' logits
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Small models: one intra-op thread is fastest, and two spinning threads on a shared 2-core
-    machine made these tests many times slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _tiny_llama() -> nn.Module:

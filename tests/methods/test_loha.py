@@ -35,20 +35,14 @@ except ImportError:  # pragma: no cover - the reference library is a test depend
 needs_peft = pytest.mark.skipif(
     peft is None, reason="parity needs the reference library: pip install peft==0.21.2"
 )
-pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning"),
+    pytest.mark.usefixtures("one_thread"),
+]
 
 ATOL = 1e-5  # fp32 max abs difference allowed between the two libraries' outputs
 STEPS, LR = 3, 1e-2
 DOCS = Path(__file__).resolve().parents[2] / "docs"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Small models: one intra-op thread is fastest and leaves the shared cores alone."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 # -- shared parity helpers (also used by test_lokr.py) ---------------------------------------------

@@ -10,7 +10,7 @@ import itertools
 
 import pytest
 import torch
-from test_loha import (  # noqa: F401  (one_thread is an autouse fixture)
+from test_loha import (
     CNN_TARGETS,
     DIRECTIONS,
     check_pair,
@@ -21,7 +21,6 @@ from test_loha import (  # noqa: F401  (one_thread is an autouse fixture)
     make_pair,
     minilm_batch,
     needs_peft,
-    one_thread,
     peft,
     tiny_cnn,
 )
@@ -32,6 +31,8 @@ from peftkit.core.layer import AdapterLayer
 from peftkit.errors import ConfigError
 from peftkit.methods.loha import LoHaConfig
 from peftkit.methods.lokr import LoKrAdapter, LoKrConfig, factorization, kron
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one intra-op thread is fastest
 
 if peft is not None:
     from peft.tuners.lokr.layer import factorization as reference_factorization

@@ -17,15 +17,10 @@ from peftkit.core.layer import AdapterLayer
 from peftkit.errors import AdapterNameError, ConfigError, NoTargetMatchedError, UnsupportedLayerError
 from support.moe import ARCHS, MoEBlock, batch, tiny_transformers_moe
 
-pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning"),
+    pytest.mark.usefixtures("one_thread"),
+]
 
 
 @pytest.fixture(scope="module")

@@ -32,12 +32,7 @@ TARGETS = ["query", "value"]
 STEPS, LR = 3, 1e-2
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one intra-op thread is fastest
 
 
 def _rotation(rows=3, b=4, seed=0, scale=0.3, **kw) -> OFTRotation:

@@ -15,13 +15,7 @@ from peftkit.core.layer import AdapterLayer
 from peftkit.errors import AdapterFileError, ConfigError, NoTargetMatchedError, UnsupportedLayerError
 from support.tokens import NEW, VOCAB, batch, logits, tiny_llama, train
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one intra-op thread is fastest
 
 
 @pytest.fixture(scope="module")

@@ -32,12 +32,7 @@ DOCS = Path(__file__).resolve().parents[2] / "docs" / "vera.md"
 QUIET_NO_PROJECTION = pytest.mark.filterwarnings("ignore:Specified to not:UserWarning")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one intra-op thread is fastest
 
 
 class Two(nn.Module):
