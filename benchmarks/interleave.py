@@ -7,10 +7,12 @@ set-up takes one step, the order rotating per round.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import statistics
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 
@@ -53,3 +55,14 @@ def training_step(net: Any, batch: dict[str, Any], lr: float, bf16: bool = False
         optimizer.zero_grad(set_to_none=True)
 
     return step
+
+
+def add_arguments(parser: argparse.ArgumentParser, case: str, rounds: int = 6) -> None:
+    """The options every single-question timing takes: the case, rounds, threads, weights, a JSON file."""
+    from benchmarks import cases
+
+    parser.add_argument("--case", default=case, help="a training case (python -m benchmarks.run --list)")
+    parser.add_argument("--rounds", type=int, default=rounds)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--weights", default="real", choices=cases.WEIGHTS)
+    parser.add_argument("--json", type=Path, default=None)

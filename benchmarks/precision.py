@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
 from benchmarks import cases, interleave, worker
 
@@ -40,14 +39,8 @@ def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks.precision", description=__doc__.split("\n\n")[0]
     )
-    parser.add_argument(
-        "--case", default="train-minilm-lora-qv", help="a training case (python -m benchmarks.run --list)"
-    )
+    interleave.add_arguments(parser, case="train-minilm-lora-qv")
     parser.add_argument("--lib", default="peftkit", choices=cases.LIBS, help="the library of a PEFT case")
-    parser.add_argument("--rounds", type=int, default=6)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--weights", default="real", choices=cases.WEIGHTS)
-    parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     case = {c.name: c for c in cases.default_cases()}[args.case]

@@ -39,7 +39,9 @@ peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 
 from peft.utils import get_peft_model_state_dict  # noqa: E402
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM  # noqa: E402
+from transformers import GPT2Config, GPT2LMHeadModel  # noqa: E402
+
+from support.tokens import tiny_llama  # noqa: E402
 
 ATOL = 1e-5  # fp32 max abs difference allowed between the two libraries' outputs
 BATCH, SEQ, VOCAB = 2, 8, 100
@@ -67,21 +69,6 @@ LLAMA = ModelCase(
 )
 GPT2 = ModelCase("gpt2", ["c_attn", "c_proj", "c_fc"], "CAUSAL_LM", fan_in_fan_out=True)
 MODELS = {case.name: case for case in (MINILM, LLAMA, GPT2)}
-
-
-def _tiny_llama() -> nn.Module:
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=VOCAB,
-        max_position_embeddings=64,
-        tie_word_embeddings=False,
-    )
-    return LlamaForCausalLM(config).eval()
 
 
 def _tiny_gpt2() -> nn.Module:
@@ -133,7 +120,7 @@ def base_models():
         minilm = AutoModelForSequenceClassification.from_pretrained(gt.get_model_path(), num_labels=2).eval()
     finally:
         transformers.logging.set_verbosity(verbosity)
-    yield {"minilm": minilm, "llama": _tiny_llama(), "gpt2": _tiny_gpt2()}
+    yield {"minilm": minilm, "llama": tiny_llama(tied=False, vocab=VOCAB), "gpt2": _tiny_gpt2()}
 
 
 def _batch(case: ModelCase, vocab: int) -> dict[str, torch.Tensor]:
