@@ -342,3 +342,13 @@ def test_base_dropout_is_applied_to_the_base_only_and_recorded(tiny_model_dir, r
     assert any(line.startswith(f"base dropout {mode}") for line in lines)
     saved = json.loads((tmp_path / mode / "metrics.json").read_text())
     assert saved["base_dropout"] == recorded
+
+
+def test_a_bad_auto_precision_setting_stops_the_run_before_anything_is_written(
+    tiny_model_dir, reviews_csv, tmp_path, monkeypatch
+):
+    out = tmp_path / "out"
+    monkeypatch.setenv("PEFTKIT_AUTO_PRECISION", "fast")
+    with pytest.raises(ConfigError, match=r"PEFTKIT_AUTO_PRECISION is 'fast': set it to fp32 or bf16"):
+        runner.train_run(make_config(tiny_model_dir, reviews_csv, out), log=lambda line: None)
+    assert not out.exists()

@@ -42,7 +42,7 @@ from ..tasks import Task, task_class
 from ..train.checkpoint import latest_checkpoint, load_weights, save_weights, seed_everything
 from ..train.distributed import World, ensure_process_group
 from ..train.fit import fit
-from ..train.runtime import resolve_device
+from ..train.runtime import resolve_device, resolve_precision
 from .config import AUTO, FULL_FINE_TUNING, dump_config, load_config, resolved, to_dict, value_problems
 from .schema import RunConfig
 from .tokens import with_new_tokens
@@ -164,7 +164,11 @@ def train_run(config: RunConfig, *, resume: bool = False, log: Log = print) -> R
     run_dir = Path(config.output_dir)
     # Under torchrun every rank runs this function; rank 0 alone owns output_dir (fit follows its
     # run_dir and resume decisions on every rank), the others train beside it and write nothing.
-    world = ensure_process_group(resolve_device(config.train.device))
+    device = resolve_device(config.train.device)
+    resolve_precision(
+        config.train.precision, device
+    )  # a bad $PEFTKIT_AUTO_PRECISION stops before anything is written
+    world = ensure_process_group(device)
     if world.is_main:
         resume = _claim_run_dir(run_dir, config, resume, log)
     else:
