@@ -659,6 +659,9 @@ def _combine(args: argparse.Namespace) -> int:
         weights = [float(w) for token in args.weights for w in token.split(",") if w.strip()]
     except ValueError:
         return _usage("combine", f"--weights takes numbers, got {' '.join(args.weights)!r}")
+    missing = _missing_source("combine", args.sources)
+    if missing is not None:
+        return missing
     report = combine_dirs(
         args.sources,
         weights,
@@ -679,10 +682,25 @@ def _combine(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _missing_source(command: str, sources: list[str]) -> int | None:
+    """A usage error (exit 2) for the first source directory that does not exist, before anything loads."""
+    for source in sources:
+        if not Path(source).exists():
+            return _usage(
+                command,
+                f"{source!r} does not exist (relative paths start from {str(Path.cwd())!r}); give the "
+                "output_dir of `peftkit train`, or a directory written by save_adapter / save_pretrained",
+            )
+    return None
+
+
 def _convert(args: argparse.Namespace) -> int:
     from .run.combine import convert_dir
 
     targets = [t.strip() for t in args.targets.split(",") if t.strip()] if args.targets else None
+    missing = _missing_source("convert", [args.source])
+    if missing is not None:
+        return missing
     report = convert_dir(
         args.source, args.out, base=args.base, rank=args.rank, energy=args.energy, target_modules=targets
     )

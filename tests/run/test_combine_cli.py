@@ -92,6 +92,11 @@ def test_combine_usage_errors_exit_with_2(runs, tmp_path, capsys):
     assert "ties needs the share of entries to keep" in capsys.readouterr().err
     assert main(["combine", *sources, "--weights", "1", "x", "--out", str(tmp_path / "x")]) == 2
     assert main(["combine", *sources, "--weights", "1", "1"]) == 2  # --out is required
+    typo = str(runs / "lroa")
+    assert main(["combine", typo, sources[1], "--weights", "1", "1", "--out", str(tmp_path / "x")]) == 2
+    assert f"{typo!r} does not exist" in capsys.readouterr().err
+    assert main(["convert", typo, "--to", "lora", "--out", str(tmp_path / "x")]) == 2
+    assert f"{typo!r} does not exist" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
 
 
