@@ -31,7 +31,7 @@ LAYERS = [
     ["tasks"],
     ["select"],
     ["run", "integrations"],
-    ["compare"],
+    ["compare", "serve"],
     ["cli", "demo", "__main__"],
 ]
 LAYER = {part: n for n, parts in enumerate(LAYERS) for part in parts}
