@@ -65,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_select(commands)
     _add_compare(commands)
     _add_report(commands)
+    _add_serve(commands)
     _add_demo(commands)
     return parser
 
@@ -708,6 +709,125 @@ def _convert(args: argparse.Namespace) -> int:
     print(
         f"saved {args.out} (a plain LoRA; load it with peftkit.load_adapter or peft.PeftModel.from_pretrained)"
     )
+    return EXIT_OK
+
+
+def _add_serve(commands: Any) -> None:
+    sub = _command(
+        commands,
+        "serve",
+        "serve a base model and many adapters over an OpenAI-compatible HTTP API",
+        "Serve BASE (a run directory, a model directory or a bundled model name) with adapters chosen per "
+        "request by the `model` field: /v1/models, /v1/completions, /v1/chat/completions (streaming too), "
+        "/v1/classify for text-classification runs, and vLLM's /v1/load_lora_adapter and "
+        "/v1/unload_lora_adapter. Requests for different adapters are batched together. Stop it with "
+        "Ctrl-C: requests in flight finish first. See docs/serving.md and docs/security.md.",
+        _serve,
+    )
+    sub.add_argument(
+        "base", metavar="BASE", help="a run directory, a model directory or a bundled model name"
+    )
+    sub.add_argument(
+        "--adapter",
+        action="append",
+        default=[],
+        metavar="NAME=DIR",
+        help="an adapter to serve as NAME (a run directory or an adapter directory); repeatable. A run "
+        "given as BASE serves its own adapter under the run directory's name",
+    )
+    sub.add_argument(
+        "--adapters-dir",
+        metavar="DIR",
+        help="a directory of adapters: a request for NAME loads DIR/NAME on first use; clients may also "
+        "load from it at runtime",
+    )
+    sub.add_argument(
+        "--allow-load-from",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="another directory /v1/load_lora_adapter may load from (runtime loading is off without "
+        "--adapters-dir or this)",
+    )
+    sub.add_argument(
+        "--max-adapters",
+        type=int,
+        default=8,
+        metavar="N",
+        help="adapters resident at once (LRU beyond; default 8)",
+    )
+    sub.add_argument(
+        "--task",
+        choices=["causal-lm", "text-classification"],
+        help="BASE's task when it is not a run (default causal-lm)",
+    )
+    sub.add_argument("--name", help="the model id of the base in the API (default: the model's name)")
+    sub.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)"
+    )
+    sub.add_argument("--port", type=int, default=8000)
+    sub.add_argument(
+        "--api-key",
+        help="require `Authorization: Bearer KEY` on every /v1 endpoint (or set $PEFTKIT_API_KEY, which "
+        "keeps the key out of the process list)",
+    )
+    sub.add_argument(
+        "--max-batch", type=int, default=16, metavar="N", help="most rows per forward pass (default 16)"
+    )
+    sub.add_argument(
+        "--max-queue",
+        type=int,
+        default=256,
+        metavar="N",
+        help="most requests waiting or running; beyond: HTTP 429 (default 256)",
+    )
+    sub.add_argument(
+        "--request-timeout",
+        type=float,
+        default=120.0,
+        metavar="S",
+        help="seconds a request may take; beyond: HTTP 504 (default 120)",
+    )
+    sub.add_argument(
+        "--batch-window-ms",
+        type=float,
+        default=5.0,
+        metavar="MS",
+        help="how long a classification request waits for others to batch with (default 5)",
+    )
+    sub.add_argument(
+        "--drain-seconds",
+        type=float,
+        default=30.0,
+        metavar="S",
+        help="on shutdown, how long requests in flight may take to finish (default 30)",
+    )
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from .serve.server import ServerOptions, run_server
+
+    options = ServerOptions(
+        base=args.base,
+        adapters=args.adapter,
+        adapters_dir=args.adapters_dir,
+        allow_load_from=args.allow_load_from,
+        max_adapters=args.max_adapters,
+        task=args.task,
+        name=args.name,
+        host=args.host,
+        port=args.port,
+        api_key=args.api_key,
+        max_batch=args.max_batch,
+        max_queue=args.max_queue,
+        request_timeout=args.request_timeout,
+        batch_window_ms=args.batch_window_ms,
+        drain_seconds=args.drain_seconds,
+    )
+    try:
+        run_server(options, log=lambda line: print(line, flush=True))
+    except FileNotFoundError as exc:
+        return _usage("serve", str(exc))
     return EXIT_OK
 
 
