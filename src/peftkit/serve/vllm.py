@@ -41,8 +41,9 @@ MAX_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
 DEFAULT_MAX_LORA_RANK = 16
 # vllm/lora/peft_helper.py: the fields PEFTHelper.from_dict requires.
 REQUIRED_FIELDS = ("r", "lora_alpha", "target_modules")
-# PEFT inits that rewrite the base weights when PEFT loads the adapter; vLLM serves the unchanged base.
-BASE_REWRITING_INITS = ("pissa", "olora", "corda", "loftq")
+# init_lora_weights strings vLLM accepts (PEFTHelper._init_is_supported): inits that only set the first
+# adapter weights. Any other (PiSSA, OLoRA, CorDA, LoftQ) rewrote the base weights, which vLLM serves unchanged.
+PLAIN_INITS = ("gaussian", "eva", "orthogonal", "mica", "lora_ga")
 # Heads vLLM's newest releases accept in modules_to_save, for classification models only.
 CLASSIFIER_HEADS = ("classifier", "score")
 PREFIX = "base_model.model."
@@ -227,7 +228,7 @@ def check_vllm(path: str | os.PathLike, name: str | None = None) -> VllmReport:
     if peft_type.upper() != "LORA":
         report.findings.append(_method_finding(peft_type, directory, merge))
         return report  # vLLM fails on the first tensor name; the LoRA rules below do not apply
-    report.findings += _config_findings(config, directory, merge)
+    report.findings += _config_findings(config, directory, merge) + _unsupported_findings(config, merge)
     shapes = _tensor_shapes(directory, report)
     module_ranks: dict[str, int] = {}
     if shapes is not None:
@@ -288,6 +289,7 @@ def _method_finding(peft_type: str, directory: Path, merge: str) -> Finding:
 
 
 def _config_findings(config: dict[str, Any], directory: Path, merge: str) -> list[Finding]:
+    """The fields vLLM needs, and the features its PEFTHelper refuses: DoRA, biases, modules_to_save."""
     out: list[Finding] = []
     missing = [key for key in REQUIRED_FIELDS if key not in config]
     if missing:
@@ -352,14 +354,20 @@ def _config_findings(config: dict[str, Any], directory: Path, merge: str) -> lis
                 "declares them, e.g. Llama, Mistral, Qwen2)",
             )
         )
+    return out
+
+
+def _unsupported_findings(config: dict[str, Any], merge: str) -> list[Finding]:
+    """Features that change what the adapter computes and that vLLM does not implement, and notes."""
+    out: list[Finding] = []
     init = config.get("init_lora_weights")
-    if isinstance(init, str) and init.lower().split("_")[0] in BASE_REWRITING_INITS:
+    if isinstance(init, str) and init.lower() not in PLAIN_INITS:
         out.append(
             Finding(
                 "error",
                 "init",
-                f"init_lora_weights: {init!r} rewrites the base weights when the adapter is loaded; vLLM serves "
-                "the unchanged base, so its outputs would be wrong (newest vLLM refuses it)",
+                f"init_lora_weights: {init!r} rewrote the base weights (PiSSA, OLoRA, CorDA, LoftQ), and vLLM serves "
+                "the unchanged base: recent vLLM refuses it, older releases serve wrong outputs",
                 "save it in portable form: peftkit.save_adapter(model, DIR, portable=True) (the reference library: "
                 "path_initial_model_for_weight_conversion), which writes an equivalent plain LoRA",
             )
