@@ -283,8 +283,16 @@ def _method_finding(peft_type: str, directory: Path, merge: str) -> Finding:
         "error",
         "method",
         problem,
-        f"write it as a plain LoRA with `peftkit convert {directory} --to lora --out OUT` (LoHa, LoKr, VeRA, "
-        f"AdaLoRA, IA3, OFT, linear bottlenecks; see docs/combine.md) and check OUT; or {merge}",
+        f"write it as a plain LoRA with {_convert_hint(directory)} (LoHa, LoKr, VeRA, AdaLoRA, IA3, OFT, linear "
+        f"bottlenecks) and check OUT; or {merge}",
+    )
+
+
+def _convert_hint(directory: Path) -> str:
+    # the exact delta of these methods is often of full rank: a rank vLLM takes must be asked for
+    return (
+        f"`peftkit convert {directory} --to lora --rank R --out OUT` (R at most 512, the largest "
+        "--max-lora-rank; OUT/combine_report.json gives each module's error; docs/combine.md)"
     )
 
 
@@ -302,9 +310,7 @@ def _config_findings(config: dict[str, Any], directory: Path, merge: str) -> lis
                 "save the adapter again with save_adapter or save_pretrained, which write every field",
             )
         )
-    convert = (
-        f"`peftkit convert {directory} --to lora --out OUT` (its delta as a plain LoRA, docs/combine.md)"
-    )
+    convert = _convert_hint(directory)
     if config.get("use_dora"):
         out.append(
             Finding(
@@ -321,7 +327,7 @@ def _config_findings(config: dict[str, Any], directory: Path, merge: str) -> lis
                 "error",
                 "bias",
                 f'bias: "{bias}" trains base-layer biases, and vLLM refuses adapters with bias other than "none" '
-                "(releases before late 2025 needed --enable-lora-bias; the flag is gone since)",
+                "(until vLLM dropped LoRA bias in October 2025, PR #25807, it needed --enable-lora-bias)",
                 f'retrain with bias: "none"; or, biases included, {merge}',
             )
         )
