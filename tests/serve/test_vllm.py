@@ -273,7 +273,10 @@ def test_a_run_directory_is_checked_through_its_adapter(tmp_path):
         .startswith(f"instruct-lora={(run / 'adapter').resolve()}")
     )
     _edit_config(run / "adapter", use_dora=True)
-    assert f"peftkit merge {run} OUT_DIR" in _only(check_vllm(run), "dora").fix
+    fix = _only(check_vllm(run), "dora").fix
+    assert (
+        f"peftkit merge {run} OUT_DIR" in fix and f"peftkit convert {run} --to lora" in fix
+    )  # the run's base
 
 
 def test_an_unfinished_run_is_checked_through_its_latest_checkpoint(tmp_path):

@@ -225,16 +225,17 @@ def check_vllm(path: str | os.PathLike, name: str | None = None) -> VllmReport:
     )
     run_dir = source if directory != source.resolve() else None
     merge = _merge_hint(run_dir)
+    given = run_dir or directory  # what peftkit convert is given: a run brings its own base model
     if peft_type.upper() != "LORA":
-        report.findings.append(_method_finding(peft_type, directory, merge))
+        report.findings.append(_method_finding(peft_type, given, merge))
         return report  # vLLM fails on the first tensor name; the LoRA rules below do not apply
-    report.findings += _config_findings(config, directory, merge) + _unsupported_findings(config, merge)
+    report.findings += _config_findings(config, given, merge) + _unsupported_findings(config, merge)
     shapes = _tensor_shapes(directory, report)
     module_ranks: dict[str, int] = {}
     if shapes is not None:
         findings, module_ranks = _tensor_findings(config, shapes, report, merge)
         report.findings += findings
-    report.findings += _rank_findings(config, report, module_ranks)
+    report.findings += _rank_findings(config, report, module_ranks, given)
     if report.base_model is None:
         report.findings.append(
             Finding(
@@ -589,7 +590,9 @@ def _module_findings(modules: dict[str, tuple[str, tuple[int, ...]]], merge: str
     return out
 
 
-def _rank_findings(config: dict[str, Any], report: VllmReport, module_ranks: dict[str, int]) -> list[Finding]:
+def _rank_findings(
+    config: dict[str, Any], report: VllmReport, module_ranks: dict[str, int], given: Path
+) -> list[Finding]:
     out: list[Finding] = []
     r = config.get("r")
     pattern = config.get("rank_pattern") or {}
@@ -611,7 +614,7 @@ def _rank_findings(config: dict[str, Any], report: VllmReport, module_ranks: dic
                 "rank",
                 f"rank {report.rank} is above {MAX_LORA_RANKS[-1]}, the largest --max-lora-rank vLLM offers "
                 f"({', '.join(map(str, MAX_LORA_RANKS))})",
-                f"write it at a lower rank: `peftkit convert {report.directory} --to lora --rank "
+                f"write it at a lower rank: `peftkit convert {given} --to lora --rank "
                 f"{MAX_LORA_RANKS[-1]} --out OUT` (a truncated SVD; see docs/combine.md), or merge it",
             )
         )
