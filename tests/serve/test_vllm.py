@@ -249,6 +249,18 @@ def test_base_rewriting_inits_trained_tokens_and_missing_weights_are_refused(tmp
     assert _levels(check_vllm(empty)) == {("error", "weights")}
 
 
+def test_a_config_without_peft_type_is_read_as_lora_and_one_without_r_is_refused(tmp_path):
+    directory = _lora(tmp_path)
+    config = json.loads((directory / "adapter_config.json").read_text())
+    del config["peft_type"]
+    (directory / "adapter_config.json").write_text(json.dumps(config))
+    report = check_vllm(directory)
+    assert report.accepted and _levels(report) == {("warning", "config")}  # vLLM never reads peft_type
+    del config["lora_alpha"]
+    (directory / "adapter_config.json").write_text(json.dumps(config))
+    assert ("error", "config") in _levels(check_vllm(directory))
+
+
 def test_tensors_vllm_cannot_parse_are_refused(tmp_path):
     directory = _lora(tmp_path)
     save_file(

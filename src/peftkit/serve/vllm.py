@@ -212,7 +212,7 @@ def check_vllm(path: str | os.PathLike, name: str | None = None) -> VllmReport:
     source = Path(path)
     directory = adapter_directory(source).resolve()
     config = _read_config(directory)
-    peft_type = str(config.get("peft_type") or "?")
+    peft_type = str(config.get("peft_type") or "LORA")  # vLLM never reads it: LoRA is all it assumes
     default_name = source.resolve().name if directory != source.resolve() else directory.name
     report = VllmReport(
         source=source,
@@ -229,6 +229,16 @@ def check_vllm(path: str | os.PathLike, name: str | None = None) -> VllmReport:
     if peft_type.upper() != "LORA":
         report.findings.append(_method_finding(peft_type, given, merge))
         return report  # vLLM fails on the first tensor name; the LoRA rules below do not apply
+    if not config.get("peft_type"):
+        report.findings.append(
+            Finding(
+                "warning",
+                "config",
+                "adapter_config.json has no peft_type: vLLM does not read it, but the reference library and "
+                "peftkit cannot load the adapter",
+                'add "peft_type": "LORA" to adapter_config.json',
+            )
+        )
     report.findings += _config_findings(config, given, merge) + _unsupported_findings(config, merge)
     shapes = _tensor_shapes(directory, report)
     module_ranks: dict[str, int] = {}
