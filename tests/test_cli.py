@@ -21,7 +21,19 @@ from peftkit import cli
 from peftkit.cli import main, parse_inputs
 from peftkit.run import runner
 
-COMMANDS = ["train", "eval", "predict", "merge", "combine", "convert", "inspect", "compare", "report", "demo"]
+COMMANDS = [
+    "train",
+    "eval",
+    "predict",
+    "merge",
+    "combine",
+    "convert",
+    "export",
+    "inspect",
+    "compare",
+    "report",
+    "demo",
+]
 GOOD = """\
 task: text-classification
 model: {name_or_path: minilm}
@@ -69,6 +81,7 @@ def test_help_lists_every_command_and_the_exit_codes(capsys):
         ("merge", "usage: peftkit merge [-h] RUN_DIR OUT_DIR"),
         ("combine", "usage: peftkit combine [-h] --weights W [W ...]"),
         ("convert", "usage: peftkit convert [-h] --to {lora} [--rank RANK | --energy E] --out DIR"),
+        ("export", "usage: peftkit export [-h] [--check {vllm}] [--name NAME] [--json]"),
         ("inspect", "usage: peftkit inspect [-h] [--task TASK] [--json] MODEL"),
         ("compare", "usage: peftkit compare [-h] [--seeds SEEDS] [--only ONLY]"),
         ("report", "usage: peftkit report [-h] DIR"),

@@ -1,7 +1,7 @@
 """The ``peftkit`` command line. Thin by design: parse, call a library function, print.
 
 ``train`` / ``eval`` / ``predict`` / ``merge`` call :mod:`peftkit.run.runner`, ``combine`` and ``convert``
-:mod:`peftkit.run.combine`, ``inspect`` calls
+:mod:`peftkit.run.combine`, ``export --check vllm`` :mod:`peftkit.serve.vllm`, ``inspect`` calls
 :mod:`peftkit.run.inspect`, ``compare`` and ``demo`` call :mod:`peftkit.compare`, ``report`` calls
 :mod:`peftkit.report`. Exit codes: 0 ok, 1 failure (a file
 missing at run time, training diverged, a model that cannot be loaded ...), 2 usage or config error
@@ -39,6 +39,7 @@ examples:
   peftkit merge runs/sentiment-minilm-lora exports/sentiment-minilm
   peftkit combine runs/a runs/b --weights 1 1 --method ties --density 0.5 --out exports/a-plus-b
   peftkit convert runs/sentiment-minilm-loha --to lora --energy 0.99 --out exports/as-lora
+  peftkit export --check vllm runs/instruct-smollm2-lora
   peftkit inspect minilm
   peftkit select configs/sentiment-minilm-lora.yaml --budget 0.4%
   peftkit compare configs/compare-sentiment-minilm.yaml --seeds 1 train.steps=40
@@ -61,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_merge(commands)
     _add_combine(commands)
     _add_convert(commands)
+    _add_export(commands)
     _add_inspect(commands)
     _add_select(commands)
     _add_compare(commands)
@@ -328,6 +330,33 @@ def _add_convert(commands: Any) -> None:
         help="extraction only: comma-separated module names or suffixes to hold (default: every layer a LoRA "
         "can adapt but embeddings and heads)",
     )
+
+
+def _add_export(commands: Any) -> None:
+    sub = _command(
+        commands,
+        "export",
+        "check that a serving engine would accept a saved adapter (--check vllm)",
+        "With --check vllm: read the adapter in ADAPTER_DIR (an adapter directory, or a run directory's adapter) "
+        "and report whether vLLM would serve it: LoRA only, no DoRA, bias none, no modules_to_save, a rank vLLM's "
+        "--max-lora-rank allows, modules vLLM adapts. Each problem is printed with its fix; when it passes, the "
+        "`vllm serve` command line that serves it. Exit 0 when vLLM would accept it, 1 when not. See docs/vllm.md; "
+        "for a merged model directory, use `peftkit merge`.",
+        _export,
+    )
+    sub.add_argument(
+        "adapter_dir", nargs="?", metavar="ADAPTER_DIR", help="an adapter directory or a run's output_dir"
+    )
+    sub.add_argument(
+        "--check",
+        choices=["vllm"],
+        default=None,
+        help="the engine whose rules the adapter is checked against",
+    )
+    sub.add_argument(
+        "--name", default=None, help="the name to serve it under (default: the directory's name)"
+    )
+    sub.add_argument("--json", action="store_true", help="print the report as JSON")
 
 
 def _add_truncation(sub: argparse.ArgumentParser) -> None:
@@ -829,6 +858,24 @@ def _serve(args: argparse.Namespace) -> int:
     except FileNotFoundError as exc:
         return _usage("serve", str(exc))
     return EXIT_OK
+def _export(args: argparse.Namespace) -> int:
+    if args.check is None:
+        return _usage(
+            "export",
+            "say what to export for: `peftkit export --check vllm ADAPTER_DIR` checks whether vLLM would serve "
+            "the adapter (and prints the `vllm serve` command); for a merged model directory that any engine "
+            "loads, use `peftkit merge RUN_DIR OUT_DIR`",
+        )
+    if args.adapter_dir is None:
+        return _usage("export", "give the adapter to check: `peftkit export --check vllm ADAPTER_DIR`")
+    from .serve.vllm import check_vllm
+
+    try:
+        report = check_vllm(args.adapter_dir, name=args.name)
+    except FileNotFoundError as exc:  # nothing to check: a wrong path, not a refused adapter
+        return _usage("export", str(exc))
+    print(json.dumps(report.to_dict(), indent=2) if args.json else report)
+    return EXIT_OK if report.accepted else EXIT_FAILURE
 
 
 def _inspect(args: argparse.Namespace) -> int:
