@@ -143,7 +143,9 @@ if TYPE_CHECKING:
     from .methods.adalora import AdaLoraConfig as AdaLoraConfig
     from .methods.adalora import AdaLoraController as AdaLoraController
     from .methods.bitfit import BitFitConfig as BitFitConfig
+    from .methods.boft import BOFTConfig as BOFTConfig
     from .methods.bottleneck import BottleneckConfig as BottleneckConfig
+    from .methods.hra import HRAConfig as HRAConfig
     from .methods.ia3 import IA3Config as IA3Config
     from .methods.ln_tuning import LNTuningConfig as LNTuningConfig
     from .methods.loha import LoHaConfig as LoHaConfig

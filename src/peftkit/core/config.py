@@ -310,6 +310,12 @@ class AdapterConfig:
         """Rewrite reference-library values that mean the same to peftkit once saved (none by default)."""
         return data
 
+    def matching_tensors(self, tensors: dict[str, Any]) -> AdapterConfig:
+        """The config that the saved ``tensors`` (interchange keys) were written with, where a reference
+        file's config does not say it all (BOFT: the reference ignores its butterfly factor without its
+        CUDA extension). Called by ``load_adapter`` before injecting; unchanged by default."""
+        return self
+
     def replace(self, **changes: Any) -> AdapterConfig:
         return dataclasses.replace(self, **changes)
 

@@ -382,6 +382,7 @@ def load_adapter(
     """
     config = read_adapter_config(directory).replace(inference_mode=not is_trainable)
     tensors, metadata = read_adapter_tensors(directory, allow_pickle=allow_pickle)
+    config = config.matching_tensors(tensors)
     previous = list(state_of(model).active) if "_peftkit" in model.__dict__ else []
     inject(model, config, adapter_name, require_every_entry=False)
     try:
