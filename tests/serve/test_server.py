@@ -534,7 +534,7 @@ def test_a_client_that_goes_away_frees_its_row(small_server):
     deadline = time.monotonic() + 5
     while built.engine.load and time.monotonic() < deadline:
         time.sleep(0.01)
-    assert built.engine.load == 0 and built.pool.known["beta"].in_use == 0
+    assert built.engine.load == 0 and built.pool.get("beta").in_use == 0
 
 
 def test_least_recently_used_adapters_make_room(world, small_server):
@@ -542,7 +542,7 @@ def test_least_recently_used_adapters_make_room(world, small_server):
     api = client(url)
     for name in NAMES + NAMES[:2]:
         api.completions.create(model=name, prompt="say cat", max_tokens=2, temperature=0)
-        resident = [a.name for a in built.pool.known.values() if a.resident]
+        resident = [a.name for a in built.pool.resident()]
         assert len(resident) <= 2 and name in resident
     assert len(peftkit.adapter_names(built.base.model)) == 2
     with ThreadPoolExecutor(4) as pool:  # four adapters at once through two slots: they take turns
@@ -568,11 +568,11 @@ def test_unloading_an_adapter_in_use_lets_its_request_finish(small_server):
         running = pool.submit(
             api.completions.create, model="gamma", prompt="say sea", max_tokens=30, temperature=0
         )
-        while not getattr(built.pool.known.get("gamma"), "in_use", 0):
+        while not getattr(built.pool.get("gamma"), "in_use", 0):
             time.sleep(0.005)
         assert httpx.post(f"{url}/v1/unload_lora_adapter", json={"lora_name": "gamma"}).status_code == 200
         assert running.result().usage.completion_tokens == 30
-    assert "gamma" not in built.pool.known
+    assert built.pool.get("gamma") is None
     assert len(peftkit.adapter_names(built.base.model)) == 0  # it left with its last request
 
 

@@ -39,6 +39,9 @@ class PeftState:
     nested_off: list[nn.Module] = field(default_factory=list)
 
 
+# what mixed-batch routing keeps on a layer between forwards (core/mixed.py); dropped when an adapter leaves
+ROUTED_CACHE_ATTR = "routed_cache"
+
 def is_adapted(model: object) -> bool:
     """Whether adapters were injected into ``model`` itself (not only into a module inside it)."""
     return model is not None and STATE_ATTR in getattr(model, "__dict__", {})
@@ -330,6 +333,7 @@ def remove_adapter(model: nn.Module, adapter_name: str) -> None:
     state = state_of(model)
     for _, layer in adapter_layers(model):
         if adapter_name in layer.adapters:
+            layer.__dict__.pop(ROUTED_CACHE_ATTR, None)
             layer.adapters[adapter_name].detach_from(layer.base_layer)
             layer.adapters[adapter_name].release(layer.base_layer)
             del layer.adapters[adapter_name]

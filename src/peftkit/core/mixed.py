@@ -19,10 +19,15 @@ import torch
 from torch import nn
 
 from ..errors import AdapterNameError
-from .inject import adapter_layers, model_parts, saved_modules, state_of
+from .inject import ROUTED_CACHE_ATTR, adapter_layers, model_parts, saved_modules, state_of
 from .layer import AdapterLayer, ModulesToSave
 
 ROUTING_ATTR = "routing"  # stored in the wrappers' __dict__; absent or None means "not routed"
+# Per layer, what routed_output prepared for a set of adapters (LoRA: their concatenated factors) is kept
+# across routing blocks (ROUTED_CACHE_ATTR, emptied when an adapter leaves the layer): a server opens one
+# block per decode step, and the same rows keep the same adapters for many steps. The entries check the
+# tensors' versions; the last few sets are kept.
+ROUTED_CACHE_SETS = 4
 
 
 class Routing:
@@ -32,7 +37,6 @@ class Routing:
         self.names = list(names)
         self._groups: dict[torch.device, list[tuple[str | None, torch.Tensor]]] = {}
         self._slots: dict[tuple, torch.Tensor] = {}
-        self._caches: dict[int, dict] = {}  # per layer (by id), for routed_output; dropped with the routing
 
     def groups(self, device: torch.device) -> list[tuple[str | None, torch.Tensor]]:
         """(name, row indices) per distinct name, in order of first appearance; built once per device."""
@@ -69,8 +73,9 @@ class Routing:
         adapters = [layer.adapters[n] for n in present]
         kind = type(adapters[0])
         if not args and not kwargs and all(type(a) is kind for a in adapters):
-            cache = self._caches.setdefault(id(layer), {})
-            out = kind.routed_output(adapters, self.slots(present, x.device), x, layer.base_layer, cache)
+            out = kind.routed_output(
+                adapters, self.slots(present, x.device), x, layer.base_layer, _routed_cache(layer, present)
+            )
             if out is not None:
                 return out
         return self._by_groups(x, args, kwargs, lambda name, *a, **k: _alone(layer, name, *a, **k))
@@ -118,6 +123,18 @@ class Routing:
                 out = part.new_empty((batch, *part.shape[1:]))
             out.index_copy_(0, rows, part)
         return out
+
+
+def _routed_cache(layer: AdapterLayer, present: list[str]) -> dict:
+    caches = layer.__dict__.setdefault(ROUTED_CACHE_ATTR, {})  # insertion order: the oldest set first
+    key = tuple(present)
+    cache = caches.pop(key, None)
+    if cache is None:
+        cache = {}
+        while len(caches) >= ROUTED_CACHE_SETS:
+            del caches[next(iter(caches))]
+    caches[key] = cache  # now the newest
+    return cache
 
 
 def _alone(layer: AdapterLayer, name: str | None, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:

@@ -210,7 +210,7 @@ def routed_lora(
     matmul costs about the reading of ``x`` whatever ``R`` is, so this stays near the single-adapter
     cost; masked columns add exact zeros. Past ``R > min(in, out) / 4`` (many adapters) it
     would approach a full matmul, and per-example gathered ``bmm`` takes over instead.
-    ``cache`` (kept by the caller while the routing lasts) holds the concatenation between forwards.
+    ``cache`` (kept by the caller between forwards for this set of adapters) holds the concatenation.
     """
     a_cat, b_cat, owner = _concatenated(adapters, cache)
     dtype = a_cat.dtype
@@ -241,7 +241,8 @@ def _concatenated(adapters: list[tuple[torch.Tensor, torch.Tensor, float]], cach
     b_cat = torch.cat([b * s for _, b, s in adapters], dim=1)
     owner = torch.cat([torch.full((a.shape[0],), i, device=a.device) for i, (a, _, _) in enumerate(adapters)])
     if not torch.is_grad_enabled():
-        cache.update(key=key, value=(a_cat, b_cat, owner))
+        # the sources are kept with the key: while they live, no new tensor can take their ids
+        cache.update(key=key, value=(a_cat, b_cat, owner), sources=[t for a, b, _ in adapters for t in (a, b)])
     return a_cat, b_cat, owner
 
 

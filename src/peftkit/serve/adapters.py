@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 import re
+import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -84,7 +85,9 @@ class AdapterPool:
         self.load_roots = [p.resolve() for p in load_roots] + (
             [adapters_dir.resolve()] if adapters_dir else []
         )
-        self.known: dict[str, ServedAdapter] = {}
+        self._known: dict[str, ServedAdapter] = {}
+        # the HTTP threads look names up while the worker loads and evicts: one lock over the registry
+        self._lock = threading.RLock()
         self._counter = itertools.count()
 
     # -- names and lookup ---------------------------------------------------------------------------
@@ -100,7 +103,8 @@ class AdapterPool:
 
     def find(self, name: str) -> ServedAdapter | None:
         """The adapter called ``name``: registered, or found in ``adapters_dir`` (registered then)."""
-        adapter = self.known.get(name)
+        with self._lock:
+            adapter = self._known.get(name)
         if adapter is not None or self.adapters_dir is None or not NAME_PATTERN.fullmatch(name):
             return adapter
         candidate = self.adapters_dir / name
@@ -110,17 +114,33 @@ class AdapterPool:
             directory, run = adapter_directory(candidate)
         except FileNotFoundError:
             return None
-        adapter = ServedAdapter(name, directory, str(candidate), run_labels(run))
-        self.known[name] = adapter
-        return adapter
+        with self._lock:
+            return self._known.setdefault(
+                name, ServedAdapter(name, directory, str(candidate), run_labels(run))
+            )
+
+    def get(self, name: str) -> ServedAdapter | None:
+        """The registered adapter called ``name`` (None if there is none)."""
+        with self._lock:
+            return self._known.get(name)
+
+    def resident(self) -> list[ServedAdapter]:
+        with self._lock:
+            return [a for a in self._known.values() if a.resident]
+
+    def forget(self, adapter: ServedAdapter) -> None:
+        """Drop ``adapter`` from the registry (its files were refused: do not retry them for every request)."""
+        with self._lock:
+            if self._known.get(adapter.name) is adapter:
+                del self._known[adapter.name]
 
     def available(self) -> list[ServedAdapter]:
         """Registered adapters and those ``adapters_dir`` holds, by name."""
         if self.adapters_dir is not None and self.adapters_dir.is_dir():
             for child in sorted(self.adapters_dir.iterdir()):
-                if child.name not in self.known:
-                    self.find(child.name)
-        return sorted(self.known.values(), key=lambda a: a.name)
+                self.find(child.name)
+        with self._lock:
+            return sorted(self._known.values(), key=lambda a: a.name)
 
     def register(self, name: str, path: str | Path, *, runtime: bool = False) -> ServedAdapter:
         """Make ``name`` known as the adapter at ``path`` (loaded on first use, or by :meth:`make_resident`).
@@ -130,7 +150,7 @@ class AdapterPool:
                 holding no adapter.
         """
         self.check_name(name)
-        if name in self.known:
+        if self.get(name) is not None:
             raise AdapterRefused(f"The lora adapter '{name}' has already been loaded.")
         if runtime:
             self._check_root(Path(path))
@@ -139,7 +159,10 @@ class AdapterPool:
         except FileNotFoundError as exc:
             raise AdapterRefused(f"cannot load adapter {name!r}: {exc}", 404 if runtime else 400) from None
         adapter = ServedAdapter(name, directory, str(path), run_labels(run))
-        self.known[name] = adapter
+        with self._lock:
+            if name in self._known:
+                raise AdapterRefused(f"The lora adapter '{name}' has already been loaded.")
+            self._known[name] = adapter
         return adapter
 
     def _check_root(self, path: Path) -> None:
@@ -171,7 +194,7 @@ class AdapterPool:
         adapter.last_used = time.monotonic()
         if adapter.resident:
             return True
-        resident = [a for a in self.known.values() if a.resident]
+        resident = self.resident()
         while len(resident) >= self.max_resident:
             idle = [a for a in resident if a.in_use == 0]
             if not idle:
@@ -214,7 +237,8 @@ class AdapterPool:
         Raises:
             AdapterRefused: (404) no adapter of that name is known.
         """
-        adapter = self.known.pop(name, None)
+        with self._lock:
+            adapter = self._known.pop(name, None)
         if adapter is None:
             raise AdapterRefused(f"The lora adapter '{name}' cannot be found.", 404)
         adapter.retired = True

@@ -121,7 +121,7 @@ def create_app(
             try:
                 await asyncio.wrap_future(engine.call(lambda: _resident_or_wait(pool, adapter)))
             except AdapterRefused as exc:
-                pool.known.pop(adapter.name, None)
+                pool.forget(adapter)
                 raise HttpError(exc.status, str(exc)) from None
         return adapter
 
@@ -319,13 +319,13 @@ def create_app(
         req: LoadAdapterRequest = await body(request, LoadAdapterRequest)
 
         def load() -> None:
-            if req.load_inplace and req.lora_name in pool.known:
+            if req.load_inplace and pool.get(req.lora_name) is not None:
                 pool.unload(req.lora_name)
             adapter = pool.register(req.lora_name, req.lora_path, runtime=True)
             try:
                 pool.make_resident(adapter, over_limit=True)
             except AdapterRefused:
-                pool.known.pop(adapter.name, None)
+                pool.forget(adapter)
                 raise
 
         try:

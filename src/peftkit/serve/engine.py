@@ -287,7 +287,7 @@ class Engine:
             if not self.pool.make_resident(adapter):
                 return False
         except AdapterRefused as exc:
-            self.pool.known.pop(adapter.name, None)  # do not try the broken files for every request
+            self.pool.forget(adapter)
             self._refuse(job, exc.status, str(exc))
             return False
         adapter.in_use += 1
@@ -376,7 +376,11 @@ class Engine:
     def _hold_classify(self, job: Job) -> bool:
         if self._hold(job):
             return True
-        if job.adapter is not None and not job.adapter.retired and job.adapter.name in self.pool.known:
+        if (
+            job.adapter is not None
+            and not job.adapter.retired
+            and self.pool.get(job.adapter.name) is job.adapter
+        ):
             with self._wake:  # no free slot: try again with the next batch
                 self._classify.append(job)
         return False

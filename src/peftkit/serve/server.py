@@ -107,7 +107,7 @@ def build_server(options: ServerOptions, log: Callable[[str], None] = print) -> 
     for name, path in named:
         try:
             adapter = pool.register(name, path)
-            if len([a for a in pool.known.values() if a.resident]) < options.max_adapters:
+            if len(pool.resident()) < options.max_adapters:
                 pool.make_resident(adapter)  # check it now; beyond the bound it loads on first use
         except AdapterRefused as exc:
             refused.append(f"--adapter {name}={path}: {exc}")
