@@ -144,6 +144,7 @@ if TYPE_CHECKING:
     from .methods.adalora import AdaLoraController as AdaLoraController
     from .methods.bitfit import BitFitConfig as BitFitConfig
     from .methods.bottleneck import BottleneckConfig as BottleneckConfig
+    from .methods.c3a import C3AConfig as C3AConfig
     from .methods.fourierft import FourierFTConfig as FourierFTConfig
     from .methods.ia3 import IA3Config as IA3Config
     from .methods.ln_tuning import LNTuningConfig as LNTuningConfig
