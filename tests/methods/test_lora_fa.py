@@ -167,6 +167,27 @@ def test_refuses_models_it_cannot_train():
         LoraFAOptimizer([nn.Parameter(torch.zeros(2))], {}, betas=(0.9, 1.0))
 
 
+def test_a_run_trains_with_it_through_train_optimizer():
+    from peftkit.train import fit
+    from support.training import bert_loss, collate, make_examples, no_log, quiet, tiny_bert
+
+    model = tiny_bert()  # LoRA on the query and value projections
+    adapters = [m.adapters["default"] for m in model.modules() if hasattr(m, "adapters")]
+    a_before = [a.lora_A.weight.detach().clone() for a in adapters]
+    b_before = [a.lora_B.weight.detach().clone() for a in adapters]
+    result = fit(
+        model,
+        make_examples(),
+        collate,
+        bert_loss,
+        quiet(steps=2, batch_size=8, optimizer="lora_fa"),
+        log=no_log,
+    )
+    assert result.ok
+    assert all(torch.equal(a.lora_A.weight, before) for a, before in zip(adapters, a_before, strict=True))
+    assert all(not torch.equal(a.lora_B.weight, before) for a, before in zip(adapters, b_before, strict=True))
+
+
 def test_docs_example_runs(tmp_path, monkeypatch, capsys):
     blocks = re.findall(r"```python\n(.*?)```", DOCS.read_text(), re.S)
     assert blocks, "docs/lora_fa.md has no python example"

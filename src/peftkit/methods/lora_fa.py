@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from ..core.inject import adapter_layers, state_of
+from ..core.registry import register_optimizer
 from ..errors import ConfigError
 from .lora import LoraAdapter
 
@@ -199,6 +200,14 @@ class LoraFAOptimizer(torch.optim.Optimizer):
                 if group["weight_decay"] > 0.0:  # decoupled, after the step (the transformers AdamW)
                     p.add_(p, alpha=-group["lr"] * group["weight_decay"])
         return loss
+
+
+def _build(model: nn.Module, lr: float, weight_decay: float = 0.0) -> LoraFAOptimizer:
+    return lora_fa_optimizer(model, lr=lr, weight_decay=weight_decay)
+
+
+# ``train.optimizer: lora_fa`` in a run config (``peftkit.train.make_optimizer``)
+register_optimizer("lora_fa", _build)
 
 
 __all__ = ["FrozenA", "LoraFAOptimizer", "lora_fa_optimizer"]
