@@ -57,7 +57,8 @@ class C3AConfig(AdapterConfig):
             starts at the base.
     """
 
-    lr_candidates: ClassVar[tuple[float, ...]] = (1e-3, 3e-3, 1e-2)  # the paper tunes 1e-3 to 1e-1
+    # kernels scaled by 1 / in: higher learning rates than LoRA's matrices
+    lr_candidates: ClassVar[tuple[float, ...]] = (1e-3, 3e-3, 1e-2)
     # the reference C3AConfig has no rank / alpha patterns (block_size_pattern instead) nor exclude_modules
     fields_not_in_format: ClassVar[tuple[str, ...]] = ("rank_pattern", "alpha_pattern", "exclude_modules")
     display_name: ClassVar[str] = "C3A"

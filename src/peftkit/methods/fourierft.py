@@ -1,7 +1,7 @@
 """FourierFT: a weight update learned as a few Fourier coefficients (Gao et al. 2024, arXiv:2405.03003).
 
 A frozen weight W (out x in) gets an update that lives in the frequency domain: n entries of an
-out x in spectrum F are trainable, all others are zero, and (paper, eq. 3-4)
+out x in spectrum F are trainable, all others are zero, and
 
     delta W = alpha * Re(IDFT2(F))        IDFT2 the 2-D inverse DFT, with its 1 / (out * in)
 
@@ -79,11 +79,8 @@ class FourierFTConfig(AdapterConfig):
             ``True``: spectrum zero, the adapted model starts at the base.
     """
 
-    lr_candidates: ClassVar[tuple[float, ...]] = (
-        1e-3,
-        3e-3,
-        1e-2,
-    )  # spectral entries: the paper's 1e-3 to 1e-1
+    # a few spectral coefficients per layer: higher learning rates than LoRA's matrices
+    lr_candidates: ClassVar[tuple[float, ...]] = (1e-3, 3e-3, 1e-2)
     # the reference FourierFTConfig has no rank or alpha patterns (n_frequency_pattern instead)
     fields_not_in_format: ClassVar[tuple[str, ...]] = ("rank_pattern", "alpha_pattern")
     display_name: ClassVar[str] = "FourierFT"
