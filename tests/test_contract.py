@@ -54,8 +54,10 @@ class Case:
         self.fresh_out = self.out()
 
     def train(self, steps: int = 3) -> None:
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=self.row.lr)
+        if self.row.optimizer is not None:
+            opt = self.row.optimizer(self.model, self.row.lr)
+        else:
+            opt = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=self.row.lr)
         target = torch.randn(self.base_out.shape, generator=torch.Generator().manual_seed(1))
         for _ in range(steps):
             opt.zero_grad()
@@ -160,7 +162,13 @@ def test_training_changes_only_adapter_and_saved_module_parameters(args):
         assert any(".copies.default." in n for n in changed)
     # the declared trainable set is exactly the adapter's own tensors plus the head copy
     trainable = {n for n, p in c.model.named_parameters() if p.requires_grad}
-    assert trainable == adapter_params and trainable, "trainable must be exactly the adapter's own tensors"
+    if c.row.optimizer is not None:  # a method's optimizer may freeze some of them (LoRA-FA's A), for good
+        assert trainable and trainable <= adapter_params, "trainable must be adapter tensors only"
+        assert not changed & (adapter_params - trainable), "an adapter tensor frozen by the optimizer changed"
+    else:
+        assert trainable == adapter_params and trainable, (
+            "trainable must be exactly the adapter's own tensors"
+        )
 
 
 @pytest.mark.parametrize("args", CASES)

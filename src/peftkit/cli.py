@@ -858,6 +858,8 @@ def _serve(args: argparse.Namespace) -> int:
     except FileNotFoundError as exc:
         return _usage("serve", str(exc))
     return EXIT_OK
+
+
 def _export(args: argparse.Namespace) -> int:
     if args.check is None:
         return _usage(

@@ -43,6 +43,8 @@ class Row:
         dtypes: The dtypes to test.
         tol: Allowed fp32 difference for merged vs unmerged outputs.
         lr: Learning rate for the few training steps (big enough to move every adapter tensor).
+        optimizer: ``(model, lr) -> optimizer`` for those steps when the method trains through its own
+            (LoRA-FA's, which also freezes A); None: AdamW over the trainable parameters.
     """
 
     name: str
@@ -55,6 +57,7 @@ class Row:
     dtypes: list[str] = field(default_factory=lambda: list(DTYPES))
     tol: float = 1e-5
     lr: float = 5e-2
+    optimizer: Callable[[nn.Module, float], torch.optim.Optimizer] | None = None
 
 
 def all_rows() -> list[Row]:

@@ -7,6 +7,7 @@ its groups (``AdapterConfig.param_groups``, which LoRA implements in ``methods/l
 from __future__ import annotations
 
 import pytest
+import torch
 from test_fit import tiny_bert
 
 import peftkit
@@ -49,3 +50,37 @@ def test_lora_plus_without_a_method_that_defines_groups_is_refused_with_the_fix(
         param_groups(model, lr=1e-3, lora_plus_ratio=16)
     with pytest.raises(ConfigError, match=r"needs a LoRA-family adapter on the model.*full fine-tuning"):
         param_groups(tiny_bert(lora=False), lr=1e-3, lora_plus_ratio=16)
+
+
+def test_an_optimizer_a_method_registers_is_built_by_name_and_others_are_refused(monkeypatch):
+    from peftkit.core import registry
+    from peftkit.train import make_optimizer
+    from peftkit.train.runtime import train_config_problems
+    from support.training import quiet
+
+    built = []
+
+    def build(model, lr, weight_decay):
+        built.append((lr, weight_decay))
+        return torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr)
+
+    monkeypatch.setitem(registry._OPTIMIZERS, "toy_sgd", build)
+    model = tiny_bert()
+    assert isinstance(make_optimizer(model, 1e-3, 0.1, optimizer="toy_sgd"), torch.optim.SGD)
+    assert built == [(1e-3, 0.1)]
+    assert isinstance(make_optimizer(model, 1e-3), torch.optim.AdamW)
+    with pytest.raises(
+        ConfigError, match=r"'nadam' is not an optimizer peftkit knows; choose one of adamw, "
+    ):
+        make_optimizer(model, 1e-3, optimizer="nadam")
+    with pytest.raises(ConfigError, match="lora_plus_ratio=16 sets AdamW's groups"):
+        make_optimizer(model, 1e-3, lora_plus_ratio=16, optimizer="toy_sgd")
+    assert any(
+        p.startswith("train.optimizer: expected one of adamw")
+        for p in train_config_problems(quiet(optimizer="x"))
+    )
+    assert any(
+        p.startswith("train.lora_plus_ratio:")
+        for p in train_config_problems(quiet(optimizer="toy_sgd", lora_plus_ratio=16))
+    )
+    assert train_config_problems(quiet(optimizer="toy_sgd")) == []

@@ -311,7 +311,7 @@ ADDED_LATER = {
         "chat_template": None,
         "add_special_tokens": None,
     },
-    "train": {"report_to": None},
+    "train": {"report_to": None, "optimizer": "adamw"},
 }
 
 

@@ -42,6 +42,7 @@ class PeftState:
 # what mixed-batch routing keeps on a layer between forwards (core/mixed.py); dropped when an adapter leaves
 ROUTED_CACHE_ATTR = "routed_cache"
 
+
 def is_adapted(model: object) -> bool:
     """Whether adapters were injected into ``model`` itself (not only into a module inside it)."""
     return model is not None and STATE_ATTR in getattr(model, "__dict__", {})

@@ -291,3 +291,35 @@ def supported_kinds(peft_type: str) -> str:
 
 def config_class(peft_type: str) -> Any:
     return method(peft_type).config_cls
+
+
+# -- optimizers a method brings -------------------------------------------------------------------------
+
+OptimizerBuilder = Callable[..., Any]
+"""``(model, lr, weight_decay) -> torch.optim.Optimizer``: an optimizer over the model's trainable
+parameters that a method trains its adapters with (LoRA-FA's), chosen by name (``train.optimizer``)."""
+
+# The optimizer a run gets when it names none: AdamW, built by the training loop itself.
+DEFAULT_OPTIMIZER = "adamw"
+_OPTIMIZERS: dict[str, OptimizerBuilder] = {}
+
+
+def register_optimizer(name: str, build: OptimizerBuilder) -> None:
+    """Make the optimizer ``build`` available as ``name`` (``train.optimizer: <name>``)."""
+    if name == DEFAULT_OPTIMIZER:
+        raise ValueError(
+            f"{name!r} is the training loop's own AdamW; register the optimizer under another name"
+        )
+    _OPTIMIZERS[name] = build
+
+
+def optimizer_builder(name: str) -> OptimizerBuilder | None:
+    """The builder registered as ``name``, or None."""
+    _load_builtin_methods()
+    return _OPTIMIZERS.get(name)
+
+
+def registered_optimizers() -> list[str]:
+    """Every optimizer a run can name: the default AdamW and those methods registered."""
+    _load_builtin_methods()
+    return [DEFAULT_OPTIMIZER, *sorted(_OPTIMIZERS)]

@@ -184,7 +184,15 @@ def resolve(model: nn.Module, config: AdapterConfig, require_every_entry: bool =
     covered: set[int] = set()  # out_proj of an attention module adapted as a whole
     seen: dict[int, str] = {}
     for name, module in user_modules(model):
-        if not name or name in plan.modules_to_save or name.startswith(saved_prefixes):
+        if not name or name.startswith(saved_prefixes):
+            continue
+        if name in plan.modules_to_save:
+            # The reference library's rule: modules_to_save wins over target_modules, so a named module
+            # that is also saved is trained in full, and its entry counts as matched (its custom-model
+            # cases name one module in both).
+            if isinstance(targets_spec, list) and _selected(name, module, config, targets_spec, heads):
+                hit_entries.update(s for s in targets_spec if name == s or name.endswith("." + s))
+                plan.skipped.append((name, type(module).__name__, "trained in full (modules_to_save)"))
             continue
         if not _selected(name, module, config, targets_spec, heads):
             continue

@@ -242,7 +242,9 @@ def _concatenated(adapters: list[tuple[torch.Tensor, torch.Tensor, float]], cach
     owner = torch.cat([torch.full((a.shape[0],), i, device=a.device) for i, (a, _, _) in enumerate(adapters)])
     if not torch.is_grad_enabled():
         # the sources are kept with the key: while they live, no new tensor can take their ids
-        cache.update(key=key, value=(a_cat, b_cat, owner), sources=[t for a, b, _ in adapters for t in (a, b)])
+        cache.update(
+            key=key, value=(a_cat, b_cat, owner), sources=[t for a, b, _ in adapters for t in (a, b)]
+        )
     return a_cat, b_cat, owner
 
 

@@ -33,6 +33,9 @@ class TrainConfig:
         weight_decay: AdamW weight decay (never applied to biases and norm parameters).
         lora_plus_ratio: LoRA+ (arXiv:2402.12354): B matrices learn this many times faster than A;
             None = plain AdamW. Only for LoRA-family adapters.
+        optimizer: "adamw" (the default), or an optimizer a method registers: "lora_fa" trains LoRA
+            adapters with A frozen and B's gradient projected (LoRA-FA, docs/lora_fa.md). Not with
+            ``lora_plus_ratio``.
         schedule: "linear", "cosine" or "constant" after warm-up.
         warmup_steps: Linear warm-up steps; ``warmup_ratio`` is used when this is None.
         warmup_ratio: Warm-up as a fraction of all optimizer steps.
@@ -72,6 +75,7 @@ class TrainConfig:
     lr: float = 2e-4
     weight_decay: float = 0.0
     lora_plus_ratio: float | None = None
+    optimizer: str = "adamw"
     schedule: str = "linear"
     warmup_steps: int | None = None
     warmup_ratio: float = 0.06
@@ -123,6 +127,11 @@ _TRAIN_CHECKS: list[_Check] = [
         "lora_plus_ratio",
         lambda v: v is None or v > 0,
         "a positive ratio (16 in the LoRA+ paper), or null",
+    ),
+    (
+        "optimizer",
+        lambda v: isinstance(v, str) and v != "",
+        "adamw, or an optimizer a method registers (lora_fa)",
     ),
     ("schedule", lambda v: v in ("linear", "cosine", "constant"), "one of linear, cosine, constant"),
     (

@@ -85,6 +85,7 @@ RESUME_FIELDS = (
     "lr",
     "weight_decay",
     "lora_plus_ratio",
+    "optimizer",
     "schedule",
     "warmup_steps",
     "warmup_ratio",
@@ -98,7 +99,7 @@ RESUME_FIELDS = (
 # run. A few bad batches in a row happen (a spike in bf16); ten means the weights themselves went bad.
 MAX_SKIPS_IN_A_ROW = 10
 # resume-key fields added after checkpoints of earlier versions were written: the value those meant
-RESUME_KEY_DEFAULTS = {"world_size": 1}
+RESUME_KEY_DEFAULTS = {"world_size": 1, "optimizer": "adamw"}
 
 
 @dataclass
@@ -337,7 +338,9 @@ def _fit(
         world.size,
     )
     warmup = warmup_steps_for(config.warmup_steps, config.warmup_ratio, plan.total_steps)
-    optimizer = make_optimizer(model, config.lr, config.weight_decay, config.lora_plus_ratio)
+    optimizer = make_optimizer(
+        model, config.lr, config.weight_decay, config.lora_plus_ratio, config.optimizer
+    )
     scheduler = make_scheduler(optimizer, config.schedule, warmup, plan.total_steps)
     # the direction actually used, so a checkpoint written before greater_is_better could be unset resumes
     key = {

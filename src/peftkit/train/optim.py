@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..core import registry
 from ..core.inject import is_adapted, state_of
 from ..errors import ConfigError
 
@@ -105,7 +106,31 @@ def _lora_plus_groups(model: nn.Module, lr: float, weight_decay: float, ratio: f
 
 
 def make_optimizer(
-    model: nn.Module, lr: float, weight_decay: float = 0.0, lora_plus_ratio: float | None = None
-) -> torch.optim.AdamW:
-    """AdamW over :func:`param_groups` (PyTorch's default implementation for the device)."""
-    return torch.optim.AdamW(param_groups(model, lr, weight_decay, lora_plus_ratio), lr=lr)
+    model: nn.Module,
+    lr: float,
+    weight_decay: float = 0.0,
+    lora_plus_ratio: float | None = None,
+    optimizer: str = registry.DEFAULT_OPTIMIZER,
+) -> torch.optim.Optimizer:
+    """AdamW over :func:`param_groups` (PyTorch's default implementation for the device), or the optimizer
+    a method registered as ``optimizer`` (``registry.register_optimizer``: LoRA-FA's ``"lora_fa"``), which
+    builds its own groups over the model's trainable parameters.
+
+    Raises:
+        ConfigError: ``optimizer`` names no registered optimizer, or is combined with ``lora_plus_ratio``.
+    """
+    if optimizer == registry.DEFAULT_OPTIMIZER:
+        return torch.optim.AdamW(param_groups(model, lr, weight_decay, lora_plus_ratio), lr=lr)
+    build = registry.optimizer_builder(optimizer)
+    problems = []
+    if build is None:
+        known = ", ".join(registry.registered_optimizers())
+        problems.append(f"optimizer={optimizer!r} is not an optimizer peftkit knows; choose one of {known}")
+    if lora_plus_ratio is not None:
+        problems.append(
+            f"lora_plus_ratio={lora_plus_ratio} sets AdamW's groups, and optimizer={optimizer!r} builds its own: "
+            "set one of them (train.lora_plus_ratio: null, or train.optimizer: adamw)"
+        )
+    if problems:
+        raise ConfigError(problems, what="training setup")
+    return build(model, lr, weight_decay)

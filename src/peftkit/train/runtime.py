@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..core import registry
 from ..errors import ConfigError
 from .config import REPORT_TO, TrainConfig
 from .schedule import SCHEDULES
@@ -130,6 +131,11 @@ def train_config_problems(config: TrainConfig) -> list[str]:
             or (isinstance(config.lora_plus_ratio, int | float) and config.lora_plus_ratio > 0),
             "a positive number or null",
         ),
+        (
+            "optimizer",
+            config.optimizer in registry.registered_optimizers(),
+            f"one of {', '.join(registry.registered_optimizers())}",
+        ),
         ("schedule", config.schedule in SCHEDULES, f"one of {', '.join(SCHEDULES)}"),
         (
             "warmup_steps",
@@ -172,6 +178,11 @@ def train_config_problems(config: TrainConfig) -> list[str]:
             problems.append(
                 f"train.device: expected 'auto', 'cpu', 'cuda' or 'cuda:N', got {config.device!r}"
             )
+    if config.optimizer != registry.DEFAULT_OPTIMIZER and config.lora_plus_ratio is not None:
+        problems.append(
+            f"train.lora_plus_ratio: sets AdamW's groups, and train.optimizer {config.optimizer!r} builds its "
+            "own; set lora_plus_ratio to null or optimizer to adamw"
+        )
     return problems + _report_to_problems(config)
 
 
