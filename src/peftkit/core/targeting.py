@@ -185,6 +185,10 @@ def resolve(model: nn.Module, config: AdapterConfig, require_every_entry: bool =
     seen: dict[int, str] = {}
     for name, module in user_modules(model):
         if not name or name in plan.modules_to_save or name.startswith(saved_prefixes):
+            if name in plan.modules_to_save and isinstance(targets_spec, list):
+                # named in both: trained in full and not adapted, as the reference library does (its
+                # custom-model matrix has such cases), so the entry is not a name matching nothing
+                hit_entries.update(s for s in targets_spec if name == s or name.endswith("." + s))
             continue
         if not _selected(name, module, config, targets_spec, heads):
             continue
