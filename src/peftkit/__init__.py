@@ -145,6 +145,8 @@ if TYPE_CHECKING:
     from .methods.bitfit import BitFitConfig as BitFitConfig
     from .methods.boft import BOFTConfig as BOFTConfig
     from .methods.bottleneck import BottleneckConfig as BottleneckConfig
+    from .methods.gralora import GraloraConfig as GraloraConfig
+    from .methods.hira import HiraConfig as HiraConfig
     from .methods.hra import HRAConfig as HRAConfig
     from .methods.ia3 import IA3Config as IA3Config
     from .methods.ln_tuning import LNTuningConfig as LNTuningConfig
