@@ -57,8 +57,6 @@ _EXPORTS = {
     "AdapterConfig": "core.config",
     "AdaLoraController": "methods.adalora",
     "lora_plus_param_groups": "methods.lora",
-    "lora_fa_optimizer": "methods.lora_fa",
-    "LoraFAOptimizer": "methods.lora_fa",
     "set_base_dropout": "core.dropout",
     "BASE_DROPOUT_MODES": "core.dropout",
 }
@@ -149,6 +147,8 @@ if TYPE_CHECKING:
     from .methods.bottleneck import BottleneckConfig as BottleneckConfig
     from .methods.c3a import C3AConfig as C3AConfig
     from .methods.fourierft import FourierFTConfig as FourierFTConfig
+    from .methods.gralora import GraloraConfig as GraloraConfig
+    from .methods.hira import HiraConfig as HiraConfig
     from .methods.hra import HRAConfig as HRAConfig
     from .methods.ia3 import IA3Config as IA3Config
     from .methods.ln_tuning import LNTuningConfig as LNTuningConfig
@@ -156,8 +156,6 @@ if TYPE_CHECKING:
     from .methods.lokr import LoKrConfig as LoKrConfig
     from .methods.lora import LoraConfig as LoraConfig
     from .methods.lora import lora_plus_param_groups as lora_plus_param_groups
-    from .methods.lora_fa import LoraFAOptimizer as LoraFAOptimizer
-    from .methods.lora_fa import lora_fa_optimizer as lora_fa_optimizer
     from .methods.oft import OFTConfig as OFTConfig
     from .methods.p_tuning import PromptEncoderConfig as PromptEncoderConfig
     from .methods.prefix_tuning import PrefixTuningConfig as PrefixTuningConfig

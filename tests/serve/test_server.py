@@ -505,7 +505,12 @@ def test_a_full_queue_answers_429_and_the_server_goes_on(small_server):
         with pytest.raises(openai.RateLimitError, match="--max-queue is 1"):
             api.completions.create(model="beta", prompt="say dog", max_tokens=2)
         assert first.result().usage.completion_tokens == 20
-    assert api.completions.create(model="beta", prompt="say dog", max_tokens=2, temperature=0).usage.completion_tokens == 2
+    assert (
+        api.completions.create(
+            model="beta", prompt="say dog", max_tokens=2, temperature=0
+        ).usage.completion_tokens
+        == 2
+    )
 
 
 def test_a_request_past_its_timeout_gets_504_and_frees_its_row(small_server):
@@ -519,7 +524,12 @@ def test_a_request_past_its_timeout_gets_504_and_frees_its_row(small_server):
     while built.engine.load and time.monotonic() < deadline:
         time.sleep(0.01)
     assert built.engine.load == 0
-    assert api.completions.create(model="alpha", prompt="say cat", max_tokens=2, temperature=0).usage.completion_tokens == 2
+    assert (
+        api.completions.create(
+            model="alpha", prompt="say cat", max_tokens=2, temperature=0
+        ).usage.completion_tokens
+        == 2
+    )
 
 
 def test_a_client_that_goes_away_frees_its_row(small_server):
@@ -591,7 +601,12 @@ def test_a_failing_forward_fails_its_requests_not_the_server(small_server):
     api = client(url)
     with pytest.raises(openai.InternalServerError):
         api.completions.create(model="alpha", prompt="say cat", max_tokens=3)
-    assert api.completions.create(model="alpha", prompt="say cat", max_tokens=3, temperature=0).usage.completion_tokens == 3
+    assert (
+        api.completions.create(
+            model="alpha", prompt="say cat", max_tokens=3, temperature=0
+        ).usage.completion_tokens
+        == 3
+    )
 
 
 def test_classification_batches_adapters_with_their_own_heads(tmp_path):

@@ -74,7 +74,68 @@ class Conv2d2(nn.Module):
         return self.sm(self.lin1(self.flat(self.relu(self.conv2d(h)))))
 
 
-MODELS: dict[str, Callable[[], nn.Module]] = {"MLP": MLP, "MLP2": MLP2, "Conv2d": Conv2d, "Conv2d2": Conv2d2}
+class EmbConv1D(nn.Module):
+    """An embedding of 100 tokens into 5 features, then GPT-2's Conv1D 5 -> 1 on each position.
+
+    The reference feeds this model token ids; the harness feeds every model the same float batch, so the
+    ids are drawn from it (any ids below 100 exercise the same layers)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from transformers.pytorch_utils import Conv1D
+
+        self.emb = nn.Embedding(100, 5)
+        self.conv1d = Conv1D(1, 5)
+        self.relu = nn.ReLU()
+        self.flat = nn.Flatten()
+        self.lin0 = nn.Linear(10, 2)
+        self.sm = nn.LogSoftmax(dim=-1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ids = (x * 1000).long().remainder(100) if x.is_floating_point() else x
+        return self.sm(self.lin0(self.flat(self.relu(self.conv1d(self.emb(ids))))))
+
+
+class Conv1d(nn.Module):
+    """The input as one 10-step channel, a 1 -> 1 conv with a kernel of 2."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1d = nn.Conv1d(1, 1, 2)
+        self.relu = nn.ReLU()
+        self.flat = nn.Flatten()
+        self.lin0 = nn.Linear(9, 2)
+        self.sm = nn.LogSoftmax(dim=-1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.sm(self.lin0(self.flat(self.relu(self.conv1d(x.reshape(-1, 1, 10))))))
+
+
+class Conv3d(nn.Module):
+    """The input stacked three times into 5-channel 3x3x3 volumes, a 5 -> 10 conv with a 3x3x3 kernel."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv3d = nn.Conv3d(5, 10, 3)
+        self.relu = nn.ReLU()
+        self.flat = nn.Flatten()
+        self.lin0 = nn.Linear(10, 2)
+        self.sm = nn.LogSoftmax(dim=-1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.stack([x] * 3, dim=-1).reshape(-1, 5, 3, 3, 3)
+        return self.sm(self.lin0(self.flat(self.relu(self.conv3d(h)))))
+
+
+MODELS: dict[str, Callable[[], nn.Module]] = {
+    "MLP": MLP,
+    "MLP2": MLP2,
+    "Conv2d": Conv2d,
+    "Conv2d2": Conv2d2,
+    "EmbConv1D": EmbConv1D,
+    "Conv1d": Conv1d,
+    "Conv3d": Conv3d,
+}
 
 
 def base(model_id: str) -> nn.Module:
