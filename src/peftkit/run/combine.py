@@ -26,7 +26,7 @@ from ..errors import ConfigError
 from ..models import bundled_model_path, bundled_name, quiet_transformers
 from ..train.checkpoint import load_weights
 from .config import load_config
-from .runner import CONFIG_NAME, FULL_MODEL_DIR, _weights_dir, build_task, is_full_fine_tuning
+from .runner import CONFIG_NAME, FULL_MODEL_DIR, build_task, is_full_fine_tuning, weights_dir
 
 REPORT_NAME = "combine_report.json"
 # transformers Auto class per reference task_type, for adapters saved without a run config
@@ -64,7 +64,7 @@ def find_source(path: str | os.PathLike) -> Source:
                 ],
                 what="source",
             )
-        return Source(_weights_dir(path, full=False), config)
+        return Source(weights_dir(path, full=False), config)
     if (path / ADAPTER_CONFIG).is_file():
         return Source(path)
     raise FileNotFoundError(

@@ -525,7 +525,7 @@ def load_run(run_dir: str | os.PathLike) -> LoadedRun:
         )
     config = load_config(run_dir / CONFIG_NAME)
     full = is_full_fine_tuning(config)
-    weights = _weights_dir(run_dir, full)
+    weights = weights_dir(run_dir, full)
     task = build_task(config)
     if (weights / TOKENIZER_MARKER).is_file() and hasattr(task, "tokenizer"):
         task.tokenizer = _saved_tokenizer(weights)  # the run's own, holding its added tokens
@@ -547,7 +547,9 @@ def _saved_tokenizer(directory: Path) -> Any:
         return AutoTokenizer.from_pretrained(str(directory))
 
 
-def _weights_dir(run_dir: Path, full: bool) -> Path:
+def weights_dir(run_dir: Path, full: bool) -> Path:
+    """The directory holding the run's trained weights: its adapter/ (model/), else best/, final/ or the
+    latest checkpoint (raises FileNotFoundError naming where it looked)."""
     marker = "model.safetensors" if full else "adapter_config.json"
     candidates = [run_dir / (FULL_MODEL_DIR if full else ADAPTER_DIR), run_dir / "best", run_dir / "final"]
     checkpoints = sorted((run_dir / "checkpoints").glob("step-*"), reverse=True)

@@ -1,4 +1,6 @@
-"""Serving one base model with many adapters: ``peftkit serve`` (docs/serving.md).
+"""Serving adapters: ``peftkit serve`` (one base, many adapters, OpenAI's API; docs/serving.md) and
+``peftkit export --check vllm`` (would vLLM serve this adapter; docs/vllm.md).
 
-Imported only by the command line: it needs the ``serve`` extra (FastAPI, uvicorn).
+The server needs the ``serve`` extra (FastAPI, uvicorn), imported only when it is built; the vLLM check
+needs nothing beyond peftkit.
 """

@@ -19,7 +19,7 @@ from torch import nn
 from ..errors import ConfigError
 from ..models.config import ModelConfig
 from ..run.config import load_config
-from ..run.runner import CONFIG_NAME, _weights_dir, build_task, is_full_fine_tuning, load_run
+from ..run.runner import CONFIG_NAME, build_task, is_full_fine_tuning, load_run, weights_dir
 from ..tasks import task_class
 
 GENERATE, CLASSIFY = "generate", "classify"
@@ -104,7 +104,7 @@ def _from_run(run_dir: Path, task: str | None, name: str | None) -> ServedBase:
     built = build_task(config)
     model = built.load_model().eval()
     served = _served(base_id, str(config.model.name_or_path), config.task, built, model, run_dir)
-    served.adapter = (run_dir.name, _weights_dir(run_dir, full=False))
+    served.adapter = (run_dir.name, weights_dir(run_dir, full=False))
     return served
 
 
@@ -161,7 +161,7 @@ def adapter_directory(path: str | os.PathLike) -> tuple[Path, Path | None]:
     """
     path = Path(path)
     if (path / CONFIG_NAME).is_file():
-        return _weights_dir(path, full=False), path
+        return weights_dir(path, full=False), path
     if (path / "adapter_config.json").is_file():
         run = path.parent if (path.parent / CONFIG_NAME).is_file() else None
         return path, run
