@@ -152,6 +152,7 @@ if TYPE_CHECKING:
     from .methods.lokr import LoKrConfig as LoKrConfig
     from .methods.lora import LoraConfig as LoraConfig
     from .methods.lora import lora_plus_param_groups as lora_plus_param_groups
+    from .methods.miss import MissConfig as MissConfig
     from .methods.oft import OFTConfig as OFTConfig
     from .methods.p_tuning import PromptEncoderConfig as PromptEncoderConfig
     from .methods.prefix_tuning import PrefixTuningConfig as PrefixTuningConfig
