@@ -145,6 +145,7 @@ if TYPE_CHECKING:
     from .methods.bitfit import BitFitConfig as BitFitConfig
     from .methods.boft import BOFTConfig as BOFTConfig
     from .methods.bottleneck import BottleneckConfig as BottleneckConfig
+    from .methods.delora import DeloraConfig as DeloraConfig
     from .methods.hra import HRAConfig as HRAConfig
     from .methods.ia3 import IA3Config as IA3Config
     from .methods.ln_tuning import LNTuningConfig as LNTuningConfig
