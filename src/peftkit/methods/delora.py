@@ -65,6 +65,8 @@ class DeloraConfig(AdapterConfig):
     init_weights: bool = True
     lambda_pattern: dict[str, float] = field(default_factory=dict)
 
+    display_name: ClassVar[str] = "DeLoRA"
+
     # The reference library uses LoRA's defaults per architecture for DeLoRA too.
     default_targets: ClassVar[dict[str, list[str]]] = LoraConfig.default_targets
     target_roles: ClassVar[tuple[str, ...]] = LoraConfig.target_roles

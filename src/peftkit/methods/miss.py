@@ -70,6 +70,8 @@ class MissConfig(AdapterConfig):
     init_weights: bool | str = True
     bias: str = "none"
 
+    display_name: ClassVar[str] = "MiSS"
+
     # The reference library uses LoRA's defaults per architecture for MiSS too.
     default_targets: ClassVar[dict[str, list[str]]] = LoraConfig.default_targets
     target_roles: ClassVar[tuple[str, ...]] = LoraConfig.target_roles

@@ -72,6 +72,8 @@ class RoadConfig(AdapterConfig):
     group_size: int = 64
     init_weights: bool = True
 
+    display_name: ClassVar[str] = "RoAd"
+
     # The reference library uses LoRA's defaults per architecture for RoAd too.
     default_targets: ClassVar[dict[str, list[str]]] = LoraConfig.default_targets
     target_roles: ClassVar[tuple[str, ...]] = LoraConfig.target_roles
