@@ -232,6 +232,7 @@ def test_max_tokens_ends_with_length(server):
         ({"model": "alpha", "prompt": "x", "logprobs": 2}, "logprobs"),
         ({"model": "alpha", "prompt": "x", "max_tokens": 100000}, "maximum context length is 256"),
         ({"prompt": "x"}, "model: Field required"),
+        ({"model": "alpha", "prompt": ""}, "prompt: encodes to no tokens"),
     ],
 )
 def test_bad_bodies_are_refused_naming_the_field(server, body, message):

@@ -216,3 +216,62 @@ def per_example_adapters(model: nn.Module, names: Sequence[str | None]) -> Itera
     finally:
         for wrapper, before in zip(wrappers, previous):
             wrapper.__dict__[ROUTING_ATTR] = before
+
+
+class Router:
+    """:func:`per_example_adapters` for a model that routes batch after batch (a server routes every decode
+    step): the wrappers are found and every adapter's routability checked once, and again only when the
+    model's set of adapters changes, instead of walking the whole model for each batch.
+
+    Merging or unmerging adapters while a router is in use is not seen (it is checked with the adapter
+    set); servers never merge.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self._key: tuple[str, ...] | None = None
+        self._wrappers: list[nn.Module] = []
+        self._refused: dict[str, str] = {}  # adapter name -> why it cannot be routed
+
+    def _refresh(self) -> None:
+        state = state_of(self.model)
+        key = tuple(state.configs)
+        if key == self._key:
+            return
+        self._wrappers = [w for _, w in adapter_layers(self.model)] + [
+            w for _, w in saved_modules(self.model)
+        ]
+        self._refused = {}
+        for name in key:
+            try:
+                check_names(self.model, [name])
+            except (AdapterNameError, ValueError) as exc:
+                self._refused[name] = str(exc)
+        self._key = key
+
+    @contextlib.contextmanager
+    def route(self, names: Sequence[str | None]) -> Iterator[nn.Module]:
+        """Within the block, example ``i`` goes through adapter ``names[i]`` alone (None: the base)."""
+        if self.model.training:
+            raise RuntimeError(
+                "routing is for inference and the model is in training mode; call model.eval() first"
+            )
+        self._refresh()
+        names = list(names)
+        unknown = sorted({repr(n) for n in names if n is not None and n not in self._key})  # type: ignore[operator]
+        if unknown or not names:
+            raise AdapterNameError(
+                f"no adapter named {', '.join(unknown)} on this model" if unknown else "route() got no names"
+            )
+        refused = sorted({n for n in names if n in self._refused})
+        if refused:
+            raise AdapterNameError(self._refused[refused[0]])
+        routing = Routing(names)
+        previous = [w.__dict__.get(ROUTING_ATTR) for w in self._wrappers]
+        for wrapper in self._wrappers:
+            wrapper.__dict__[ROUTING_ATTR] = routing
+        try:
+            yield self.model
+        finally:
+            for wrapper, before in zip(self._wrappers, previous):
+                wrapper.__dict__[ROUTING_ATTR] = before

@@ -208,6 +208,10 @@ def create_app(
         req: Any, adapter: ServedAdapter | None, prompts: list[list[int]], limit: int, chat: bool
     ) -> Response:
         for prompt in prompts:
+            if not prompt:
+                raise HttpError(
+                    400, f"{'messages' if chat else 'prompt'}: encodes to no tokens; send some text"
+                )
             if len(prompt) + limit > base.context:
                 raise HttpError(
                     400,

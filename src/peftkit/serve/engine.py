@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from .. import api
+from ..core.mixed import Router
 from .adapters import AdapterPool, AdapterRefused, ServedAdapter
 from .decode import DecodeBatch, Row, Sampling
 from .model import ServedBase
@@ -102,6 +103,7 @@ class Engine:
         self._running: list[Job] = []  # rows of the decode batch, in its order
         self._admitting: list[Job] = []  # taken from the queue, being prefilled
         self._ops: list[tuple[Callable[[], Any], concurrent.futures.Future]] = []
+        self._router = Router(base.model)  # finds the adapter layers once per set of adapters, not per step
         self._wake = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
@@ -210,8 +212,8 @@ class Engine:
         gone = [i for i, j in enumerate(self._running) if j.cancelled or now > j.deadline]
         if gone:
             for i in gone:
-                self._timed_out(self._running[i])
                 self._finish(self._running[i])
+                self._timed_out(self._running[i])
             self.batch.drop(gone)
             with self._wake:
                 self._running = [j for i, j in enumerate(self._running) if i not in set(gone)]
@@ -315,8 +317,8 @@ class Engine:
 
     def _done(self, job: Job) -> None:
         assert job.row is not None
+        self._finish(job)  # before the answer goes out: whoever reads it sees the adapter released
         job.send("done", job.row.finish, len(job.prompt), len(job.row.generated))
-        self._finish(job)
 
     def _finish(self, job: Job) -> None:
         if job.holds_adapter and job.adapter is not None:
@@ -325,18 +327,16 @@ class Engine:
 
     @contextlib.contextmanager
     def _routing(self, routes: list[str | None]) -> Iterator[None]:
-        """Each row through its own adapter (mixed), or the batch's one adapter switched on."""
+        """Each row through its own adapter (mixed), or the batch's one adapter made active (switching)."""
         model = self.base.model
         if "_peftkit" not in model.__dict__ or not api.adapter_names(model):
             yield
-        elif self.mixed:
-            with api.per_example_adapters(model, routes):
-                yield
-        elif routes[0] is None:
-            with api.disable(model):
+        elif self.mixed or routes[0] is None:  # the base rows of a switching batch: routed to no adapter
+            with self._router.route(routes):
                 yield
         else:
-            api.set_active(model, routes[0])
+            if api.active_adapters(model) != [routes[0]]:  # switch only when the batch's adapter changes
+                api.set_active(model, routes[0])
             yield
 
     # -- classification ------------------------------------------------------------------------------
@@ -365,7 +365,7 @@ class Engine:
             self._fail(held, traceback.format_exc())
             return
         for job in held:
-            self._finish(job)
+            self._finish(job)  # before the answers go out
         start = 0
         for job in held:
             labels = (job.adapter.labels if job.adapter else None) or self.base.labels or []
@@ -396,8 +396,8 @@ class Engine:
     def _fail(self, jobs: list[Job], trace: str) -> None:
         self.log(f"peftkit serve: a batch failed; its {len(jobs)} request(s) get HTTP 500:\n{trace}")
         for job in jobs:
-            job.send("error", 500, "the server failed while running this request (see the server log)")
             self._finish(job)
+            job.send("error", 500, "the server failed while running this request (see the server log)")
 
 
 def _route(job: Job) -> str | None:
