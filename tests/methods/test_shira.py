@@ -139,6 +139,23 @@ def test_the_saved_file_carries_the_positions_and_loading_keeps_them(tmp_path):
     assert torch.equal(loaded(cm.inputs(1)), ours(cm.inputs(1)))
 
 
+def test_two_adapters_on_one_layer_add_their_sparse_deltas_and_merge_together():
+    model, x = cm.base("MLP"), cm.inputs(1)
+    base = model(x)
+    peftkit.inject(model, ShiraConfig(r=1, random_seed=1, target_modules=["lin0"], init_weights=False), "a")
+    peftkit.inject(model, ShiraConfig(r=1, random_seed=2, target_modules=["lin0"], init_weights=False), "b")
+    peftkit.set_active(model, ["a", "b"])
+    weight = model.lin0.base_layer.weight.detach().clone()
+    both = sum(model.lin0.adapters[n].delta_weight(weight) for n in ("a", "b"))
+    with torch.no_grad():
+        unmerged = model(x)
+        peftkit.merge(model)
+        assert torch.allclose(model.lin0.base_layer.weight, weight + both, atol=1e-6)
+        assert (model(x) - unmerged).abs().max() <= 1e-5 and (unmerged - base).abs().max() > 1e-3
+        peftkit.unmerge(model)
+    assert (model.lin0.base_layer.weight - weight).abs().max() <= 1e-6
+
+
 # -- parity with the reference library ------------------------------------------------------------
 
 # The reference matrix's 5 SHiRA cases (name, model, options), then what it does not cover.

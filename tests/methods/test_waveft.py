@@ -207,6 +207,27 @@ def test_a_bf16_base_gets_a_float32_spectrum_and_merges():
     assert (model(x).float() - unmerged.float()).abs().max() <= 0.05
 
 
+def test_gpt2_defaults_to_the_mlp_output_conv1d_and_records_fan_in_fan_out(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    base = GPT2LMHeadModel(GPT2Config(n_embd=16, n_layer=1, n_head=2, vocab_size=32, n_positions=16)).eval()
+    ids = torch.randint(0, 32, (2, 6), generator=torch.Generator().manual_seed(1))
+    ours = peftkit.inject(copy.deepcopy(base), WaveFTConfig(n_frequency=20, init_weights=False))
+    assert list(peftkit.adapter_state_dict(ours)) == [
+        "base_model.model.transformer.h.0.mlp.c_proj.waveft_spectrum"
+    ]
+    assert peftkit.adapter_config(ours).fan_in_fan_out is True
+    peftkit.save_adapter(ours, tmp_path)
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path).eval()
+    with torch.no_grad():
+        expected = ours(ids).logits
+        assert (expected - base(ids).logits).abs().max() > 1e-4
+        assert (theirs(ids).logits - expected).abs().max() <= 1e-5
+        peftkit.merge(ours)
+        assert (ours(ids).logits - expected).abs().max() <= 1e-5
+
+
 # -- parity with the reference library ------------------------------------------------------------
 
 # The reference matrix's WaveFT cases (it lists these 10 twice), then what it does not cover.
