@@ -35,13 +35,14 @@ def mpnet_dir(tmp_path_factory) -> Path:
     (folder / "vocab.txt").write_text("\n".join(VOCAB) + "\n")
     MPNetTokenizer(vocab_file=str(folder / "vocab.txt")).save_pretrained(folder)
     torch.manual_seed(0)
-    # 64 wide: the narrowest every method's defaults fit (MiSS shards of r=64 input features, as the reference)
+    # 256 wide: the narrowest every method's defaults fit (C3A blocks of 256, MiSS shards of r=64 input
+    # features, as the reference)
     config = MPNetConfig(
         vocab_size=len(VOCAB),
-        hidden_size=64,
+        hidden_size=256,
         num_hidden_layers=2,
         num_attention_heads=4,
-        intermediate_size=128,
+        intermediate_size=512,
         max_position_embeddings=64,
     )
     MPNetForMaskedLM(config).save_pretrained(folder)
@@ -62,7 +63,7 @@ def st_dir(mpnet_dir, tmp_path_factory) -> Path:
     (folder / "1_Pooling" / "config.json").write_text(
         json.dumps(
             {
-                "word_embedding_dimension": 64,
+                "word_embedding_dimension": 256,
                 "pooling_mode_mean_tokens": True,
                 "pooling_mode_cls_token": False,
             }
@@ -82,7 +83,7 @@ def test_a_sentence_transformers_directory_shows_the_classifier_the_task_adds(st
     assert report.model_class == "PooledModelForSequenceClassification" and report.model_type == "mpnet"
     if task is None:  # not the checkpoint's MPNetForMaskedLM: the model training would adapt
         assert "sentence-transformers" in report.loaded_as and "mean pooling" in report.loaded_as
-    assert [(h.name, h.shape) for h in report.head] == [("classifier", "64 -> 2")]
+    assert [(h.name, h.shape) for h in report.head] == [("classifier", "256 -> 2")]
     assert not any(g.pattern.startswith("lm_head") for g in report.groups)
     _no_zero_matches(report)
     defaults = {d.method: d for d in report.defaults}
