@@ -292,11 +292,12 @@ class VBLoRALinear(AdapterModule):
     def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The assembled A (r x in) and B (out x r)."""
         logits_a, logits_b = self.vblora_logits_A, self.vblora_logits_B
-        if self.training and torch.isinf(logits_a[0, 0]).any():
+        # training (a trainable adapter in train mode) would go on from logits that are -inf off the top k
+        if self.training and logits_a.requires_grad and torch.isinf(logits_a[0, 0]).any():
             raise AdapterFileError(
                 "this VB-LoRA adapter was loaded from a save_only_topk_weights file, which keeps only each "
                 "sub-vector's top-k logits: it serves inference and merging, not training. Train from a file "
-                "saved with save_only_topk_weights=False, or call model.eval()"
+                "saved with save_only_topk_weights=False (loaded with is_trainable=False, or in eval mode, it runs)"
             )
         bank = self._part.vblora_vector_bank.to(device=logits_a.device, dtype=logits_a.dtype)
         a = self._mixed(logits_a, bank).reshape(logits_a.shape[0], -1)  # (r, in/b, b) -> r x in
