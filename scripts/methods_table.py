@@ -33,6 +33,7 @@ REQUIRED = {
     "P_TUNING": {"num_virtual_tokens": 20},
     "TRAINABLE_TOKENS": {"token_indices": [100, 101, 102]},  # say, three tokens added to the vocabulary
     "C3A": {"block_size": 128},  # the default 256 does not divide MiniLM's 384
+    "VBLORA": {"vector_length": 128},  # the default 256 does not divide MiniLM's 384
 }
 
 
