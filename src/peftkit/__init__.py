@@ -57,6 +57,8 @@ _EXPORTS = {
     "AdapterConfig": "core.config",
     "AdaLoraController": "methods.adalora",
     "lora_plus_param_groups": "methods.lora",
+    "lora_fa_optimizer": "methods.lora_fa",
+    "LoraFAOptimizer": "methods.lora_fa",
     "set_base_dropout": "core.dropout",
     "BASE_DROPOUT_MODES": "core.dropout",
 }
@@ -157,6 +159,8 @@ if TYPE_CHECKING:
     from .methods.lokr import LoKrConfig as LoKrConfig
     from .methods.lora import LoraConfig as LoraConfig
     from .methods.lora import lora_plus_param_groups as lora_plus_param_groups
+    from .methods.lora_fa import LoraFAOptimizer as LoraFAOptimizer
+    from .methods.lora_fa import lora_fa_optimizer as lora_fa_optimizer
     from .methods.miss import MissConfig as MissConfig
     from .methods.oft import OFTConfig as OFTConfig
     from .methods.p_tuning import PromptEncoderConfig as PromptEncoderConfig

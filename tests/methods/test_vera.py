@@ -444,3 +444,25 @@ def test_docs_example_runs(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     exec(compile(blocks[0], str(DOCS), "exec"), {"__name__": "__docs__"})
     assert "VeRA trained 144 parameters" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        lambda: VeraConfig(r=4, target_modules=["0", "2"], init_weights=False),
+        lambda: peftkit.make_config("randlora", r=4, target_modules=["0", "2"], init_weights=False),
+        lambda: peftkit.make_config("vblora", r=4, target_modules=["0", "2"], vector_length=4, num_vectors=8),
+    ],
+    ids=["vera", "randlora", "vblora"],
+)
+def test_shared_parts_on_an_nn_sequential_model(config):
+    # the model-level part (shared matrices, vector bank) is a child of the model: an nn.Sequential calls
+    # every child in turn, so the container must pass its input through
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
+    x = torch.randn(3, 16)
+    peftkit.inject(model, config())
+    out = model(x)
+    assert out.shape == (3, 4)
+    peftkit.merge(model)
+    torch.testing.assert_close(model(x), out, atol=1e-5, rtol=1e-4)  # RandLoRA's bases are bf16

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 from torch import nn
@@ -448,3 +449,8 @@ class ModelPart(nn.Module):
 
 class ModelParts(nn.ModuleDict):
     """The container registered on a model as ``peftkit_parts``: adapter name -> :class:`ModelPart`."""
+
+    def forward(self, x: Any, *args: Any, **kwargs: Any) -> Any:
+        # An nn.Sequential model calls every child in turn, this container included (it is registered
+        # as a child so that .to(), state_dict() and parameters() see the parts): pass the input through.
+        return x
