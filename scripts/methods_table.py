@@ -109,6 +109,10 @@ def table() -> str:
             f"| [`{peft_type.lower()}`]({doc}) | {paper} | {row['modules']} | {row['added']:,} | {row['percent']:.3f} | "
             f"{'yes' if row['mergeable'] else 'no'} | {kinds} | {'yes' if peft_type in reference else 'none exists'} |"
         )
+    lines += ["", "**Pick it when** (each method's `pick_when`):", ""]
+    for peft_type in registry.registered_methods():
+        doc, _ = page(peft_type)
+        lines.append(f"- [`{peft_type.lower()}`]({doc}): {registry.config_class(peft_type).pick_when}")
     return "\n".join(lines)
 
 

@@ -96,3 +96,9 @@ def test_methods_page_example_runs(capsys):
     assert set(printed) == {"lora", "ia3", "vera", "prompt_tuning"}
     for method, trainable in printed.items():  # the adapter plus the classifier copy (770)
         assert int(trainable) == methods_table.measure(method.upper())["added"] + 770, method
+
+
+def test_every_method_says_when_to_pick_it():
+    # docs/methods.md lists each method with its `pick_when` line (scripts/methods_table.py)
+    missing = [m for m in registry.registered_methods() if not registry.config_class(m).pick_when.strip()]
+    assert not missing, f"methods without a pick_when line: {missing}"

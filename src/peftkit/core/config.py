@@ -73,6 +73,8 @@ class AdapterConfig:
     # points a factor ~3 apart around where the method's published runs train. Methods with few
     # parameters and no rank (IA3, soft prompts) train at far higher rates than LoRA; see docs/compare.md.
     lr_candidates: ClassVar[tuple[float, ...]] = (3e-4, 1e-3, 3e-3)
+    # One line for docs/methods.md: when a practitioner would pick this method ("you want ...").
+    pick_when: ClassVar[str] = ""
     # What target_modules=None adapts on an architecture the method's ``default_targets`` table (the
     # reference library's, by model_type) lacks: the modules in these roles of core/anatomy.py, found
     # by structure. Each role must be found, except the optional ones.

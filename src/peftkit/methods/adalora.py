@@ -80,6 +80,8 @@ class AdaLoraConfig(AdapterConfig):
             the adapter changes the output from the start (for tests).
     """
 
+    pick_when = "you want LoRA at a fixed total rank budget and accept a rank schedule while training: the controller moves rank to the modules that need it"
+
     init_r: int = 12
     target_r: int = 8
     tinit: int = 0

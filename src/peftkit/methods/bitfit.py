@@ -61,6 +61,10 @@ class BitFitConfig(AdapterConfig):
             to train only the biases of linear and convolution layers. Explicit targets ignore it.
     """
 
+    pick_when = (
+        "you want the smallest possible baseline (biases only, merges for free) on a base that has biases"
+    )
+
     lr_candidates: ClassVar[tuple[float, ...]] = (
         1e-3,
         3e-3,

@@ -70,6 +70,8 @@ class BOFTConfig(AdapterConfig):
             ``R ~ N(0, 0.1²)``, ``s ~ N(1, 0.1²)`` (the adapter changes the output at once; for tests).
     """
 
+    pick_when = "you want orthogonal fine-tuning (keeps the angles between pretrained neurons; robust to overfitting) with fewer parameters than OFT's blocks"
+
     fields_not_in_format: ClassVar[tuple[str, ...]] = (
         "rank_pattern",
         "alpha_pattern",

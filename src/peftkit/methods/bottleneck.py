@@ -126,6 +126,8 @@ class BottleneckConfig(AdapterConfig):
         dropout: Dropout on the adapter's input while training.
     """
 
+    pick_when = "you want the classic adapters (Houlsby, Pfeiffer, parallel) or a nonlinear adapter, and accept a small inference cost: they never merge"
+
     lr_candidates: ClassVar[tuple[float, ...]] = (
         5e-4,
         2e-3,

@@ -57,6 +57,8 @@ class C3AConfig(AdapterConfig):
             starts at the base.
     """
 
+    pick_when = "you want a high-rank delta for very few parameters (block-circulant, computed by FFT) on linear layers whose sizes the block size divides"
+
     # kernels scaled by 1 / in: higher learning rates than LoRA's matrices
     lr_candidates: ClassVar[tuple[float, ...]] = (1e-3, 3e-3, 1e-2)
     # the reference C3AConfig has no rank / alpha patterns (block_size_pattern instead) nor exclude_modules

@@ -56,6 +56,8 @@ class DeloraConfig(AdapterConfig):
             end (as ``rank_pattern``).
     """
 
+    pick_when = "you want LoRA-like deltas whose size is bounded (normalised and scaled by a learned lambda): robust to the learning rate and to long training"
+
     fields_not_in_format: ClassVar[tuple[str, ...]] = ("alpha_pattern",)  # not in the reference
 
     r: int = 8

@@ -80,6 +80,8 @@ class FourierFTConfig(AdapterConfig):
             ``True``: spectrum zero, the adapted model starts at the base.
     """
 
+    pick_when = "you need the fewest trainable parameters on linear layers: a fixed number of spectral coefficients per layer, whatever its width"
+
     # a few spectral coefficients per layer: higher learning rates than LoRA's matrices
     lr_candidates: ClassVar[tuple[float, ...]] = (1e-3, 3e-3, 1e-2)
     # the reference FourierFTConfig has no rank or alpha patterns (n_frequency_pattern instead)

@@ -60,6 +60,8 @@ class GraloraConfig(AdapterConfig):
             ``False``: B Kaiming-uniform as well (for tests).
     """
 
+    pick_when = "LoRA at a high rank stops improving: the same parameters as a k x k grid of small pairs give more expressive, local updates"
+
     # the reference's GraLoRA config has none of these fields: left out of the file while unset
     fields_not_in_format: ClassVar[tuple[str, ...]] = ("exclude_modules", "rank_pattern", "alpha_pattern")
 

@@ -61,6 +61,8 @@ class HiraConfig(AdapterConfig):
             tests).
     """
 
+    pick_when = "you want a high-rank update at LoRA's parameter count, shaped by the pretrained weight (the delta is W0 times a low-rank matrix, entry-wise)"
+
     fields_not_in_format: ClassVar[tuple[str, ...]] = ("alpha_pattern",)  # HiRA has no alpha
 
     r: int = 32

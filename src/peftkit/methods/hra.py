@@ -65,6 +65,8 @@ class HRAConfig(AdapterConfig):
         bias: Base biases to train and save as well: "none", "all" or "hra_only" (adapted layers').
     """
 
+    pick_when = "you want an orthogonal update from a chain of a few Householder reflections: fewer parameters than OFT, merges exactly"
+
     fields_not_in_format: ClassVar[tuple[str, ...]] = (
         "rank_pattern",
         "alpha_pattern",

@@ -67,6 +67,8 @@ class IA3Config(AdapterConfig):
             ``False`` draws them from N(0, 1), for tests.
     """
 
+    pick_when = "you want the fewest parameters that still merge: one scaling vector per key, value and feed-forward input; strong in few-shot settings"
+
     lr_candidates: ClassVar[tuple[float, ...]] = (
         3e-3,
         1e-2,

@@ -54,6 +54,8 @@ class LNTuningConfig(AdapterConfig):
     explicitly, as the reference's saved configs do, so either library reads a saved adapter the same way.
     """
 
+    pick_when = "you want a near-free baseline, or a domain shift where the normalisation layers matter; combines with other methods"
+
     lr_candidates: ClassVar[tuple[float, ...]] = (
         1e-3,
         3e-3,

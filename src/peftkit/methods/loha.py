@@ -147,6 +147,8 @@ class LoHaConfig(AdapterConfig):
             equal to the base; ``False``: all random (the adapter changes the output at once; for tests).
     """
 
+    pick_when = "you want a higher-rank delta than LoRA's at the same parameter count (a Hadamard product of two low-rank pairs), e.g. diffusion models and convolutions"
+
     r: int = 8
     alpha: float = 8
     rank_dropout: float = 0.0

@@ -84,6 +84,8 @@ class LoKrConfig(AdapterConfig):
             zero, the rest Kaiming-uniform; ``False``: all random (for tests).
     """
 
+    pick_when = "you want the smallest parameter count for a large delta (a Kronecker product), e.g. diffusion models and convolutions"
+
     r: int = 8
     alpha: float = 8
     rank_dropout: float = 0.0

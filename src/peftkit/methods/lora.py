@@ -73,6 +73,8 @@ class LoraConfig(AdapterConfig):
             The reference library's field and tensors (``methods/trainable_tokens.py``, docs/tokens.md).
     """
 
+    pick_when = "the default: well studied, merges exactly, serves in vLLM, and has the most variants (rsLoRA, DoRA, PiSSA and OLoRA inits, LoRA+, LoRA-FA)"
+
     lr_candidates: ClassVar[tuple[float, ...]] = (
         5e-4,
         2e-3,

@@ -59,6 +59,8 @@ class MissConfig(AdapterConfig):
         bias: Base biases to train and save as well: "none", "all" or "MiSS_only" (adapted layers').
     """
 
+    pick_when = "you want LoRA's parameter count with faster convergence: shards of one shared matrix added to the weight, on linear layers"
+
     fields_not_in_format: ClassVar[tuple[str, ...]] = (
         "rank_pattern",
         "alpha_pattern",

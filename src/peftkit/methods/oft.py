@@ -93,6 +93,8 @@ class OFTConfig(AdapterConfig):
         num_cayley_neumann_terms: Terms of that series (at least 2).
     """
 
+    pick_when = "you want to keep the pretrained neurons' relations (an orthogonal rotation per block), e.g. controllable generation, with stable training"
+
     fields_not_in_format: ClassVar[tuple[str, ...]] = (
         "rank_pattern",
         "alpha_pattern",

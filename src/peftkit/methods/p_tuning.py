@@ -30,6 +30,8 @@ class PromptEncoderConfig(PromptLearningConfig):
         encoder_dropout: Dropout between LSTM layers.
     """
 
+    pick_when = "you tune soft prompts for understanding tasks and want an encoder (MLP or LSTM) to make their training stabler than prompt tuning's"
+
     encoder_reparameterization_type: str = "MLP"
     encoder_hidden_size: int | None = None
     encoder_num_layers: int = 2

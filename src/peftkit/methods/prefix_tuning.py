@@ -31,6 +31,8 @@ class PrefixTuningConfig(PromptLearningConfig):
         init_weights: None (random) or ``"zero"`` (all prefix keys and values start at zero).
     """
 
+    pick_when = "you generate with a decoder or seq2seq model and want trained keys and values in every layer, without changing any weight"
+
     uses_cache: ClassVar[bool] = True
 
     init_weights: str | None = None

@@ -34,6 +34,8 @@ class PromptTuningConfig(PromptLearningConfig):
             (``trust_remote_code`` is dropped, as the reference does).
     """
 
+    pick_when = "you have a large model and many tasks: a few virtual token embeddings per task make the smallest files (weak on small models)"
+
     prompt_tuning_init: str = "RANDOM"
     prompt_tuning_init_text: str | None = None
     tokenizer_name_or_path: str | None = None

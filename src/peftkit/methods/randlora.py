@@ -88,6 +88,8 @@ class RandLoraConfig(AdapterConfig):
             changes the output at once (for tests).
     """
 
+    pick_when = "you want full-rank updates at a small parameter count: learned scalings of frozen random bases shared by all layers"
+
     # the reference RandLoraConfig has no per-module patterns or exclude list
     fields_not_in_format: ClassVar[tuple[str, ...]] = ("rank_pattern", "alpha_pattern", "exclude_modules")
 

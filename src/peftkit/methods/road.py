@@ -66,6 +66,8 @@ class RoadConfig(AdapterConfig):
             ``θ ~ N(0, 0.5²)``, ``α ~ N(1, 0.5²)`` (the adapter changes the output at once; for tests).
     """
 
+    pick_when = "you serve many adapters in mixed batches: a 2-D rotation and scale per pair of output features is the cheapest to route per request"
+
     fields_not_in_format: ClassVar[tuple[str, ...]] = _NOT_IN_REFERENCE
 
     variant: str = "road_1"

@@ -72,6 +72,8 @@ class TrainableTokensConfig(AdapterConfig):
             random values (for tests).
     """
 
+    pick_when = "you added tokens (e.g. chat special tokens) and want to train only their embedding rows, alone or beside LoRA"
+
     # embedding rows move far more per step than LoRA's low-rank factors need to
     lr_candidates: ClassVar[tuple[float, ...]] = (1e-3, 3e-3, 1e-2)
     display_name: ClassVar[str] = "trainable tokens"

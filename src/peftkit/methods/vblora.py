@@ -72,6 +72,8 @@ class VBLoRAConfig(AdapterConfig):
         init_logits_std: The logits start normal with this standard deviation.
     """
 
+    pick_when = "storage matters most: every layer's low-rank factors are mixtures of one shared bank of vectors, so files are tiny"
+
     # the reference VBLoRAConfig has no per-module rank or alpha patterns
     fields_not_in_format: ClassVar[tuple[str, ...]] = ("rank_pattern", "alpha_pattern")
 

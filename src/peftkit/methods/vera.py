@@ -63,6 +63,8 @@ class VeraConfig(AdapterConfig):
             d ~ N(0, 1) (the adapter changes the output at once; for tests).
     """
 
+    pick_when = "you keep many adapters per base: two scaling vectors per layer around frozen random matrices shared by all layers, far fewer parameters than LoRA"
+
     lr_candidates: ClassVar[tuple[float, ...]] = (
         3e-3,
         1e-2,

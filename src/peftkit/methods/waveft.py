@@ -84,6 +84,8 @@ class WaveFTConfig(AdapterConfig):
             N(0, 0.01^2).
     """
 
+    pick_when = "you want FourierFT's tiny budgets with updates localised in the weight: a few wavelet coefficients per layer"
+
     # a few coefficients per layer: rates like FourierFT's
     lr_candidates: ClassVar[tuple[float, ...]] = FourierFTConfig.lr_candidates
     # the reference WaveFTConfig has no rank or alpha patterns (n_frequency_pattern instead)
