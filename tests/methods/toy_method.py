@@ -27,6 +27,8 @@ class ToyConfig(AdapterConfig):
     scale: Multiplies the update.
     """
 
+    pick_when = "you are testing that a method registered from outside peftkit works everywhere"
+
     scale: float = 1.0
 
     def problems(self) -> list[str]:
