@@ -67,6 +67,11 @@ class RoadConfig(AdapterConfig):
     """
 
     pick_when = "you serve many adapters in mixed batches: a 2-D rotation and scale per pair of output features is the cheapest to route per request"
+    lr_candidates: ClassVar[tuple[float, ...]] = (
+        1e-3,
+        3e-3,
+        1e-2,
+    )  # a rotation and scale per pair of features: few parameters, trained at LoRA's rates and above in its paper
 
     fields_not_in_format: ClassVar[tuple[str, ...]] = _NOT_IN_REFERENCE
 

@@ -73,6 +73,11 @@ class VBLoRAConfig(AdapterConfig):
     """
 
     pick_when = "storage matters most: every layer's low-rank factors are mixtures of one shared bank of vectors, so files are tiny"
+    lr_candidates: ClassVar[tuple[float, ...]] = (
+        1e-3,
+        3e-3,
+        1e-2,
+    )  # its paper trains the logits at 1e-2 and the bank at 1e-3
 
     # the reference VBLoRAConfig has no per-module rank or alpha patterns
     fields_not_in_format: ClassVar[tuple[str, ...]] = ("rank_pattern", "alpha_pattern")
