@@ -792,6 +792,11 @@ def _add_serve(commands: Any) -> None:
     )
     sub.add_argument("--name", help="the model id of the base in the API (default: the model's name)")
     sub.add_argument(
+        "--device",
+        default="auto",
+        help="auto (a CUDA GPU when there is one, else the CPU), cpu, cuda, cuda:1 ...",
+    )
+    sub.add_argument(
         "--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)"
     )
     sub.add_argument("--port", type=int, default=8000)
@@ -852,6 +857,7 @@ def _serve(args: argparse.Namespace) -> int:
         request_timeout=args.request_timeout,
         batch_window_ms=args.batch_window_ms,
         drain_seconds=args.drain_seconds,
+        device=args.device,
     )
     try:
         run_server(options, log=lambda line: print(line, flush=True))

@@ -29,6 +29,8 @@ def world(tmp_path_factory):
 def test_a_missing_base_is_a_usage_error(tmp_path, capsys):
     assert main(["serve", str(tmp_path / "nope")]) == 2
     assert "does not exist" in capsys.readouterr().err
+    assert main(["serve", "smolm2-135m-instruct"]) == 2  # a typo: refused at once, not after hub retries
+    assert "did you mean 'smollm2-135m-instruct'" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
@@ -38,6 +40,7 @@ def test_a_missing_base_is_a_usage_error(tmp_path, capsys):
         (["--adapter", "=x"], "expected NAME=DIR"),
         (["--max-adapters", "0"], "--max-adapters: expected at least 1"),
         (["--adapters-dir", "/no/such/dir"], "--adapters-dir: '/no/such/dir' is not a directory"),
+        (["--device", "cuda:7"], "--device cuda:7: no such device here"),
     ],
 )
 def test_bad_options_stop_it_before_it_serves(world, capsys, extra, says):

@@ -14,7 +14,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from ..errors import ConfigError
+from ..run.runner import CONFIG_NAME as RUN_CONFIG
+from ..train.runtime import resolve_device
 from .adapters import AdapterPool, AdapterRefused
 from .engine import Engine
 from .model import ServedBase, load_base
@@ -41,6 +45,7 @@ class ServerOptions:
     request_timeout: float = 120.0
     batch_window_ms: float = 5.0
     drain_seconds: float = 30.0
+    device: str = "auto"
     mixed: bool = True
 
 
@@ -80,14 +85,15 @@ def build_server(options: ServerOptions, log: Callable[[str], None] = print) -> 
     problems = _option_problems(options)
     if problems:
         raise ConfigError(problems, what="serve")
-    if not Path(options.base).exists() and ("/" in options.base or options.base.startswith(".")):
-        raise ConfigError(
-            [
-                f"BASE: {options.base!r} does not exist; give a run directory, a model directory or a bundled model name"
-            ],
-            what="serve",
-        )
+    if not (Path(options.base) / RUN_CONFIG).is_file():
+        from ..models import source_problem
+
+        problem = source_problem(options.base, None)
+        if problem:
+            raise ConfigError([f"BASE: {problem.rstrip('; ')}; or give a run directory"], what="serve")
+    device = _device(options.device)
     base = load_base(options.base, task=options.task, name=options.name)
+    base.model.to(device)  # before any adapter: each loads where its layer is
     adapters_dir = Path(options.adapters_dir) if options.adapters_dir else None
     pool = AdapterPool(
         base.model,
@@ -126,6 +132,16 @@ def build_server(options: ServerOptions, log: Callable[[str], None] = print) -> 
     api_key = options.api_key or os.environ.get(API_KEY_ENV) or None
     app = create_app(base, pool, engine, api_key=api_key, drain_seconds=options.drain_seconds, log=log)
     return Server(base, pool, engine, app)
+
+
+def _device(name: str) -> torch.device:
+    try:
+        return resolve_device(name)
+    except (ConfigError, RuntimeError):
+        raise ConfigError(
+            [f"--device {name}: no such device here (no CUDA GPU is available?); use auto or cpu"],
+            what="serve",
+        ) from None
 
 
 def _option_problems(options: ServerOptions) -> list[str]:
