@@ -40,7 +40,7 @@ def test_a_missing_base_is_a_usage_error(tmp_path, capsys):
         (["--adapter", "=x"], "expected NAME=DIR"),
         (["--max-adapters", "0"], "--max-adapters: expected at least 1"),
         (["--adapters-dir", "/no/such/dir"], "--adapters-dir: '/no/such/dir' is not a directory"),
-        (["--device", "cuda:7"], "--device cuda:7: no such device here"),
+        (["--device", "cuda:99"], "--device cuda:99: no such device here"),
     ],
 )
 def test_bad_options_stop_it_before_it_serves(world, capsys, extra, says):

@@ -136,7 +136,10 @@ def build_server(options: ServerOptions, log: Callable[[str], None] = print) -> 
 
 def _device(name: str) -> torch.device:
     try:
-        return resolve_device(name)
+        device = resolve_device(name)
+        if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+            raise RuntimeError(f"{torch.cuda.device_count()} CUDA device(s)")
+        return device
     except (ConfigError, RuntimeError):
         raise ConfigError(
             [f"--device {name}: no such device here (no CUDA GPU is available?); use auto or cpu"],
