@@ -272,3 +272,18 @@ def test_the_shipped_debates_csv_is_a_three_class_file():
     counts = collections.Counter(e["label"] for e in splits["train"])
     assert set(counts) == {"Democratic", "Moderator", "Republican"}
     assert data_files.file_format(DEBATES_CSV) == "csv"
+
+
+@pytest.mark.parametrize(
+    ("text", "line"),
+    [
+        ('[\n{"text": "a", "label": 1}\n', "line 1:"),  # JSON Lines whose first line is broken (found by fuzzing)
+        ('[1, 2\n{"text": "a", "label": 1}\n', "line 1:"),
+        ('[\n  {"text": "a", "label": 1},\n  {"text": "b" "label": 0}\n]\n', "line 3:"),  # one broken document
+    ],
+)
+def test_a_broken_json_file_names_its_first_broken_line(tmp_path, text, line):
+    path = tmp_path / "rows.jsonl"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=line):
+        load_examples(DataConfig(files=str(path)), ["text", "label"])

@@ -263,6 +263,13 @@ def _lines(raw: bytes, encoding: str = "utf-8") -> tuple[list[str], str | None]:
     return [line.decode(encoding) for line in lines], None
 
 
+def _is_object_line(line: str) -> bool:
+    try:
+        return isinstance(json.loads(line), dict)
+    except (ValueError, RecursionError):
+        return False
+
+
 def _broken_json_line(raw: bytes, encoding: str = "utf-8") -> str | None:
     lines, problem = _lines(raw, encoding)
     if problem or not raw.strip():
@@ -271,7 +278,9 @@ def _broken_json_line(raw: bytes, encoding: str = "utf-8") -> str | None:
         try:
             rows = json.loads(raw)
         except json.JSONDecodeError as exc:
-            if exc.msg != "Extra data":  # "Extra data": a first line that is a whole array; scan the lines
+            # "Extra data": a first line that is a whole array; a later line that is an object by itself: JSON
+            # Lines whose first line is broken. Either way the lines are scanned; otherwise it is one document.
+            if exc.msg != "Extra data" and not any(_is_object_line(line) for line in lines[1:]):
                 return f"line {exc.lineno}: not valid JSON ({exc.msg}, column {exc.colno})"
         else:
             if isinstance(rows, list) and all(isinstance(row, dict) for row in rows):
