@@ -12,26 +12,28 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..core import registry
 from ..core.config import ANY, AdapterConfig
 from ..core.inject import adapter_layers, state_of, trained_biases
 from ..core.layer import AdapterModule
 from ..core.layer import adapter_dtype as _adapter_dtype
 from ..core.registry import register_layer, register_method, register_parameter
 from ..core.targeting import HFConv1D, Target
-from ..errors import UnsupportedLayerError
+from ..errors import ConfigError, UnsupportedLayerError
 from . import dora, lora_kernels, lora_parameters, trainable_tokens
 from .lora_mha import LoraMultiheadAttention, check_attention
 from .lora_parameters import LoraParameters, check_parameter
 
 PEFT_TYPE = "LORA"
-_INITS = (True, False, "gaussian", "pissa", "olora")
+_INITS = (True, False, "gaussian", "pissa", "olora", "loftq")
+_LOFTQ_KEYS = ("loftq_bits", "loftq_iter")
 _PISSA_NITER = re.compile(r"pissa_niter_(\d+)$")
 
 
@@ -53,8 +55,12 @@ class LoraConfig(AdapterConfig):
         init_lora_weights: ``True`` / ``"default"`` (A Kaiming-uniform, B zero), ``"gaussian"``
             (A ~ N(0, 1/r)), ``"pissa"`` / ``"pissa_niter_K"`` (A, B from the top-r singular vectors;
             the base weight keeps the residual), ``"olora"`` (A, B from a QR decomposition, residual
-            kept likewise), or ``False`` (random A and B: the adapter changes the output from the
-            start; for tests).
+            kept likewise), ``"loftq"`` (LoftQ, Li et al. 2023: the base weight becomes its 4- or 8-bit
+            quantization Q and s B A the best rank-r fit of what Q lost, alternating ``loftq_iter``
+            times; needs bitsandbytes), or ``False`` (random A and B: the adapter changes the output
+            from the start; for tests).
+        loftq_config: LoftQ's options, the reference library's keys: ``{"loftq_bits": 4 or 8,
+            "loftq_iter": N >= 1}``; only with ``init_lora_weights="loftq"``.
         lora_bias: Give B a bias ``b`` (the reference library's ``lora_bias``): the layer's output gains
             ``s * b``, and a merge adds it to the base bias. It lets an adapter carry a change of the
             bias, as ``peftkit.combine`` and ``convert_to_lora`` write when a source changed one. Not on
@@ -90,6 +96,7 @@ class LoraConfig(AdapterConfig):
     lora_bias: bool = False
     target_parameters: list[str] | None = None
     trainable_token_indices: list[int] | dict[str, list[int]] | None = None
+    loftq_config: dict[str, int] = field(default_factory=dict)
 
     # target_modules=None: the reference library's defaults per architecture (attention query and value
     # projections; for Phi also the MLP's fc1 and fc2), so a default adapter is the reference's own.
@@ -127,7 +134,6 @@ class LoraConfig(AdapterConfig):
         "ensure_weight_tying": False,
         "kasa_config": None,
         "layer_replication": None,
-        "loftq_config": {},
         "lora_ga_config": None,
         "megatron_config": None,
         "megatron_core": "megatron.core",
@@ -173,8 +179,9 @@ class LoraConfig(AdapterConfig):
         if init not in _INITS and not (isinstance(init, str) and _PISSA_NITER.match(init)):
             out.append(
                 f"init_lora_weights: must be one of default/True, False, 'gaussian', 'pissa', "
-                f"'pissa_niter_K', 'olora'; got {init!r}"
+                f"'pissa_niter_K', 'olora', 'loftq'; got {init!r}"
             )
+        out += _loftq_problems(init, self.loftq_config)
         if any(isinstance(v, float) and not float(v).is_integer() for v in self.rank_pattern.values()):
             out.append(f"rank_pattern: ranks must be whole numbers, got {self.rank_pattern!r}")
         if not isinstance(self.lora_bias, bool):
@@ -207,6 +214,8 @@ class LoraConfig(AdapterConfig):
             "use_dora": bool(self.use_dora),
             "init": self.init_lora_weights,
         }
+        if self.init_lora_weights == "loftq":
+            common["init_options"] = {k: int(self.loftq_config.get(k, 1)) for k in _LOFTQ_KEYS}
         if target.parameters:  # lora_bias is refused with parameter targets (problems)
             return lora_parameters.layer_values(target, self.r, self.lora_alpha, common)
         return {
@@ -240,7 +249,23 @@ class LoraConfig(AdapterConfig):
             config = lora_parameters.record_all_linear(config, plan)
         return config
 
+    def matching_tensors(self, tensors: dict[str, Any]) -> LoraConfig:
+        # A saved LoftQ adapter belongs on the base LoftQ left (Q, saved by the user): loading does not
+        # quantize again (the reference's default for inits it cannot re-run from the files either).
+        if self.init_lora_weights == "loftq":
+            return self.replace(init_lora_weights=True, loftq_config={})
+        return self
+
     def portable(self) -> LoraConfig:
+        if self.init_lora_weights == "loftq":
+            raise ConfigError(
+                [
+                    "portable=True: a LoftQ adapter completes its quantized base Q, which differs from the "
+                    "original weights by more than any low-rank adapter can hold; save it with portable=False "
+                    "and ship the base as LoftQ left it (model.save_pretrained after inject)"
+                ],
+                what="LoRA save",
+            )
         if not isinstance(self.init_lora_weights, str) or self.init_lora_weights == "gaussian":
             return self
         # Twice the rank at the same scaling: alpha/r (or alpha/sqrt(r) under rsLoRA) is unchanged.
@@ -265,6 +290,38 @@ class LoraConfig(AdapterConfig):
         return groups if any(g["name"] == "lora_plus_B" for g in groups) else None
 
 
+def _loftq_problems(init: Any, options: Any) -> list[str]:
+    if init != "loftq":
+        return (
+            [
+                f"loftq_config: used only with init_lora_weights='loftq' (got {init!r}); drop it or set that init"
+            ]
+            if options
+            else []
+        )
+    if not isinstance(options, dict) or not options:
+        return [
+            "loftq_config: init_lora_weights='loftq' needs it, e.g. {'loftq_bits': 4, 'loftq_iter': 1} "
+            "(the reference library's keys)"
+        ]
+    out = [
+        f"loftq_config: unknown key {k!r}; its keys are {', '.join(_LOFTQ_KEYS)}"
+        for k in options
+        if k not in _LOFTQ_KEYS
+    ]
+    bits, iters = options.get("loftq_bits", 4), options.get("loftq_iter", 1)
+    if bits not in (4, 8) or isinstance(bits, bool):
+        out.append(f"loftq_config.loftq_bits: 4 (NF4) or 8 (LLM.int8()), got {bits!r}")
+    if isinstance(iters, bool) or not isinstance(iters, int) or iters < 1:
+        out.append(f"loftq_config.loftq_iter: a whole number >= 1, got {iters!r}")
+    elif registry.quantizer(int(bits) if bits in (4, 8) else 4) is None:
+        out.append(
+            "init_lora_weights: 'loftq' quantizes with bitsandbytes, which is not installed; "
+            "`pip install bitsandbytes` (or choose another init)"
+        )
+    return out
+
+
 # -- the adapter, shared by every layer kind --------------------------------------------------------
 
 
@@ -282,16 +339,20 @@ class LoraAdapter(AdapterModule):
         use_dora: bool,
         init: Any,
         lora_bias: bool = False,
+        init_options: dict[str, int] | None = None,
     ) -> None:
         super().__init__()
         self.r = r
+        self.init_options = dict(init_options or {})
         self.lora_bias = lora_bias
         self.scaling = alpha / (math.sqrt(r) if use_rslora else r)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.use_dora = use_dora
         self.additive = not use_dora
         self.init = init
-        self.rewrites_base = init == "olora" or (isinstance(init, str) and init.startswith("pissa"))
+        self.rewrites_base = init in ("olora", "loftq") or (
+            isinstance(init, str) and init.startswith("pissa")
+        )
         if isinstance(init, str) and init != "gaussian" and not self.supports_svd_init:
             raise UnsupportedLayerError(
                 f"init_lora_weights={init!r} needs a linear weight matrix; {type(self).__name__} layers "
@@ -365,6 +426,10 @@ class LoraAdapter(AdapterModule):
 
     def attach(self, base_layer: nn.Module) -> None:
         weight = base_layer.weight
+        quantized = self.__dict__.pop("_loftq_base", None)
+        if quantized is not None:  # LoftQ: the base becomes its quantization, which the adapter completes
+            with torch.no_grad():
+                weight.data.copy_(self.unrows(quantized, weight).to(weight.dtype))
         if self._rewrites_base():  # PiSSA / OLoRA: the base keeps the residual
             with torch.no_grad():
                 residual = self.rows(weight.float()) - self.scaling * self._init_rows()
@@ -392,6 +457,8 @@ class LoraAdapter(AdapterModule):
         return state
 
     def detach_from(self, base_layer: nn.Module) -> None:
+        # LoftQ's base keeps its quantization: the original weights are not held (that would double the
+        # model's memory), and the quantized base is what LoftQ's adapter was made for.
         if self._rewrites_base():
             weight = base_layer.weight
             with torch.no_grad():
@@ -472,6 +539,8 @@ class LoraLinear(LoraAdapter):
         self.lora_A = nn.Linear(in_f, self.r, **kw)
         self.lora_B = nn.Linear(self.r, out_f, **{**kw, "bias": self.lora_bias})
         self._new_magnitude((out_f,), weight)
+        if self.init == "loftq":
+            _check_loftq(base_layer, self.init_options.get("loftq_bits", 4))
         if self.rewrites_base and self.r > min(out_f, in_f):
             raise UnsupportedLayerError(
                 f"init_lora_weights={self.init!r} needs r <= min(out, in) = {min(out_f, in_f)} for a "
@@ -686,6 +755,9 @@ def initialise_linear(adapter: LoraAdapter, a: torch.Tensor, b: torch.Tensor, ro
             return
         if init is False:
             return
+        if init == "loftq":
+            _loftq(adapter, a, b, rows)
+            return
         if init == "olora":
             # OLoRA (Büyükakyüz 2024): orthonormal B from the QR factors of W, A the matching rows of R.
             q, rr = torch.linalg.qr(rows.float())
@@ -704,6 +776,47 @@ def initialise_linear(adapter: LoraAdapter, a: torch.Tensor, b: torch.Tensor, ro
         # Kept (not saved) to restore the base on unload and for portable saves.
         adapter.register_buffer("init_A", a.detach().float().clone(), persistent=False)
         adapter.register_buffer("init_B", b.detach().float().clone(), persistent=False)
+
+
+def _check_loftq(base_layer: nn.Module, bits: int) -> None:
+    if type(base_layer) is not nn.Linear:
+        raise UnsupportedLayerError(
+            f"init_lora_weights='loftq' quantizes nn.Linear weights (what bitsandbytes stores in 4/8 bits); "
+            f"got {type(base_layer).__name__}. Leave it out (exclude_modules) or use another init."
+        )
+    if bits == 4 and base_layer.in_features % 64:
+        raise UnsupportedLayerError(
+            f"init_lora_weights='loftq' with 4 bits needs in_features divisible by 64 (bitsandbytes' block, and "
+            f"peftkit.quantize leaves other layers dense); got {base_layer.in_features}. Leave this layer out "
+            "(exclude_modules) or use loftq_bits: 8."
+        )
+    if registry.quantizer(bits) is None:
+        raise UnsupportedLayerError(
+            "init_lora_weights='loftq' quantizes with bitsandbytes, which is not installed; `pip install bitsandbytes`"
+        )
+
+
+def _loftq(adapter: LoraAdapter, a: torch.Tensor, b: torch.Tensor, rows: torch.Tensor) -> None:
+    """LoftQ (Li et al. 2023, arXiv:2310.08659, Algorithm 1): alternate Q = quant(W - s B A) and s B A =
+    the rank-r SVD of W - Q, from B A = 0, ``loftq_iter`` times. The base is set to Q at attach.
+
+    The reference library sets A = R, B = L for L R the SVD fit, whatever the scaling: its adapter adds
+    s L R, exact only at lora_alpha = r. Here L R is split as sqrt(S/s) on each side (PiSSA's split), the
+    same factors at s = 1 and the same product s B A = L R at any alpha.
+    """
+    quantize = registry.quantizer(adapter.init_options.get("loftq_bits", 4))
+    weight = rows.float()
+    r, s = adapter.r, adapter.scaling
+    low_rank = torch.zeros_like(weight)
+    for _ in range(adapter.init_options.get("loftq_iter", 1)):
+        quantized = quantize(weight - low_rank)
+        u, sv, vh = torch.linalg.svd(weight - quantized, full_matrices=False)
+        root = torch.sqrt(sv[:r] / s)
+        left, right = u[:, :r] * root, root[:, None] * vh[:r]
+        low_rank = s * left @ right
+    with torch.no_grad():
+        b.copy_(left), a.copy_(right)
+    adapter.__dict__["_loftq_base"] = quantized  # not a buffer: written into the base at attach, then dropped
 
 
 register_layer(PEFT_TYPE, "Linear", (nn.Linear,), LoraLinear)
