@@ -60,6 +60,12 @@ class LoraQuantLinear(LoraLinear):
                 f"DoRA (use_dora=True) is not supported on a quantized {type(base_layer).__name__}; use plain "
                 "LoRA (use_dora=False), or leave these layers unquantized (quantize(..., skip=[...]))"
             )
+        if values.get("init") == "lora_ga":
+            raise UnsupportedLayerError(
+                f"init_lora_weights='lora_ga' offsets the base weight by its first B A, which this quantized "
+                f"{type(base_layer).__name__} cannot hold exactly (the reference refuses it too): use an unquantized "
+                "base (model.quantize: null), or another init"
+            )
         if values.get("init") == "loftq":
             raise UnsupportedLayerError(
                 f"init_lora_weights='loftq' needs the full-precision weights, and this {type(base_layer).__name__} "

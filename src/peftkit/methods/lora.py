@@ -27,12 +27,12 @@ from ..core.layer import adapter_dtype as _adapter_dtype
 from ..core.registry import register_layer, register_method, register_parameter
 from ..core.targeting import HFConv1D, Target
 from ..errors import ConfigError, UnsupportedLayerError
-from . import dora, lora_kernels, lora_parameters, trainable_tokens
+from . import dora, lora_ga, lora_kernels, lora_parameters, trainable_tokens
 from .lora_mha import LoraMultiheadAttention, check_attention
 from .lora_parameters import LoraParameters, check_parameter
 
 PEFT_TYPE = "LORA"
-_INITS = (True, False, "gaussian", "pissa", "olora", "loftq")
+_INITS = (True, False, "gaussian", "pissa", "olora", "loftq", "lora_ga")
 _LOFTQ_KEYS = ("loftq_bits", "loftq_iter")
 _PISSA_NITER = re.compile(r"pissa_niter_(\d+)$")
 
@@ -57,10 +57,15 @@ class LoraConfig(AdapterConfig):
             the base weight keeps the residual), ``"olora"`` (A, B from a QR decomposition, residual
             kept likewise), ``"loftq"`` (LoftQ, Li et al. 2023: the base weight becomes its 4- or 8-bit
             quantization Q and s B A the best rank-r fit of what Q lost, alternating ``loftq_iter``
-            times; needs bitsandbytes), or ``False`` (random A and B: the adapter changes the output
+            times; needs bitsandbytes), ``"lora_ga"`` (LoRA-GA, Wang et al. 2024: A and B from the SVD of
+            the weight's gradient on a few batches, ``methods/lora_ga.py``; the base keeps
+            ``W - s B A``), or ``False`` (random A and B: the adapter changes the output
             from the start; for tests).
         loftq_config: LoftQ's options, the reference library's keys: ``{"loftq_bits": 4 or 8,
             "loftq_iter": N >= 1}``; only with ``init_lora_weights="loftq"``.
+        lora_ga_config: LoRA-GA's options, the reference library's ``LoraGAConfig`` keys: ``direction``
+            ("ArB2r", "A2rBr", "ArBr", "random"), ``scale`` ("stable", "weight_svd", "gd_scale", "unit"),
+            ``stable_gamma``; None: their defaults (ArB2r, stable, 16). Only with ``init_lora_weights="lora_ga"``.
         lora_bias: Give B a bias ``b`` (the reference library's ``lora_bias``): the layer's output gains
             ``s * b``, and a merge adds it to the base bias. It lets an adapter carry a change of the
             bias, as ``peftkit.combine`` and ``convert_to_lora`` write when a source changed one. Not on
@@ -97,6 +102,7 @@ class LoraConfig(AdapterConfig):
     target_parameters: list[str] | None = None
     trainable_token_indices: list[int] | dict[str, list[int]] | None = None
     loftq_config: dict[str, int] = field(default_factory=dict)
+    lora_ga_config: dict[str, Any] | None = None
 
     # target_modules=None: the reference library's defaults per architecture (attention query and value
     # projections; for Phi also the MLP's fc1 and fc2), so a default adapter is the reference's own.
@@ -134,7 +140,6 @@ class LoraConfig(AdapterConfig):
         "ensure_weight_tying": False,
         "kasa_config": None,
         "layer_replication": None,
-        "lora_ga_config": None,
         "megatron_config": None,
         "megatron_core": "megatron.core",
         "monteclora_config": None,
@@ -159,6 +164,9 @@ class LoraConfig(AdapterConfig):
         # not matter once an adapter is saved: its tensors are the trained ones.
         if data.get("init_lora_weights") in ("orthogonal", "eva", "mica"):
             data = {**data, "init_lora_weights": True, "eva_config": None}
+        # The reference keeps lora_ga_config when it converts a LoRA-GA adapter to plain LoRA (init True).
+        if data.get("init_lora_weights") != "lora_ga" and data.get("lora_ga_config") is not None:
+            data = {**data, "lora_ga_config": None}
         return data
 
     def problems(self) -> list[str]:
@@ -182,6 +190,11 @@ class LoraConfig(AdapterConfig):
                 f"'pissa_niter_K', 'olora', 'loftq'; got {init!r}"
             )
         out += _loftq_problems(init, self.loftq_config)
+        if self.lora_ga_config is not None and init != "lora_ga":
+            out.append(
+                f"lora_ga_config: used only with init_lora_weights='lora_ga' (got {init!r}); drop it or set that init"
+            )
+        out += lora_ga.options_problems(self.lora_ga_config)
         if any(isinstance(v, float) and not float(v).is_integer() for v in self.rank_pattern.values()):
             out.append(f"rank_pattern: ranks must be whole numbers, got {self.rank_pattern!r}")
         if not isinstance(self.lora_bias, bool):
@@ -216,6 +229,8 @@ class LoraConfig(AdapterConfig):
         }
         if self.init_lora_weights == "loftq":
             common["init_options"] = {k: int(self.loftq_config.get(k, 1)) for k in _LOFTQ_KEYS}
+        elif self.init_lora_weights == "lora_ga":
+            common["init_options"] = {**lora_ga.DEFAULTS, **(self.lora_ga_config or {})}
         if target.parameters:  # lora_bias is refused with parameter targets (problems)
             return lora_parameters.layer_values(target, self.r, self.lora_alpha, common)
         return {
@@ -252,8 +267,12 @@ class LoraConfig(AdapterConfig):
     def matching_tensors(self, tensors: dict[str, Any]) -> LoraConfig:
         # A saved LoftQ adapter belongs on the base LoftQ left (Q, saved by the user): loading does not
         # quantize again (the reference's default for inits it cannot re-run from the files either).
+        # LoRA-GA's gradients are gone by then: the base must be the offset one it left (or the adapter
+        # was saved portable, init True), as in the reference.
         if self.init_lora_weights == "loftq":
             return self.replace(init_lora_weights=True, loftq_config={})
+        if self.init_lora_weights == "lora_ga":
+            return self.replace(init_lora_weights=True, lora_ga_config=None)
         return self
 
     def portable(self) -> LoraConfig:
@@ -350,7 +369,7 @@ class LoraAdapter(AdapterModule):
         self.use_dora = use_dora
         self.additive = not use_dora
         self.init = init
-        self.rewrites_base = init in ("olora", "loftq") or (
+        self.rewrites_base = init in ("olora", "loftq", "lora_ga") or (
             isinstance(init, str) and init.startswith("pissa")
         )
         if isinstance(init, str) and init != "gaussian" and not self.supports_svd_init:
@@ -546,7 +565,8 @@ class LoraLinear(LoraAdapter):
                 f"init_lora_weights={self.init!r} needs r <= min(out, in) = {min(out_f, in_f)} for a "
                 f"{out_f}x{in_f} weight, got r={self.r}; lower r (or its rank_pattern entry)"
             )
-        initialise_linear(self, self.lora_A.weight, self.lora_B.weight, self.rows(weight.detach()))
+        grad = self.rows(lora_ga.take_gradient(base_layer)) if self.init == "lora_ga" else None
+        initialise_linear(self, self.lora_A.weight, self.lora_B.weight, self.rows(weight.detach()), grad)
         self._new_bias(base_layer, self.lora_B)
 
     def lora_path(self, x, base_layer):
@@ -739,10 +759,17 @@ def _with_params(conv: nn.Module, x: torch.Tensor, weight: torch.Tensor) -> torc
     return torch.func.functional_call(conv, params, (x,))
 
 
-def initialise_linear(adapter: LoraAdapter, a: torch.Tensor, b: torch.Tensor, rows: torch.Tensor) -> None:
+def initialise_linear(
+    adapter: LoraAdapter,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    rows: torch.Tensor,
+    grad: torch.Tensor | None = None,
+) -> None:
     """Set A and B of a linear LoRA as its ``init`` says; SVD/QR inits also remember A0, B0: the base keeps
     W - s B0 A0. ``rows`` is the base weight as ``out x in`` (unused by the random inits, so a quantized
-    layer passes an empty tensor). Quantized layers (backends/) initialise with it too."""
+    layer passes an empty tensor), ``grad`` its gradient likewise (LoRA-GA's). Quantized layers
+    (backends/) initialise with it too."""
     init, r, s = adapter.init, adapter.r, adapter.scaling
     with torch.no_grad():
         if init is True:
@@ -758,7 +785,10 @@ def initialise_linear(adapter: LoraAdapter, a: torch.Tensor, b: torch.Tensor, ro
         if init == "loftq":
             _loftq(adapter, a, b, rows)
             return
-        if init == "olora":
+        if init == "lora_ga":
+            new_a, new_b = lora_ga.factors(grad, rows, r, s, adapter.init_options)
+            a.copy_(new_a), b.copy_(new_b)
+        elif init == "olora":
             # OLoRA (Büyükakyüz 2024): orthonormal B from the QR factors of W, A the matching rows of R.
             q, rr = torch.linalg.qr(rows.float())
             b.copy_(q[:, :r]), a.copy_(rr[:r])
