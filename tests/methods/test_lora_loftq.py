@@ -166,6 +166,9 @@ def test_saved_adapter_loads_in_the_reference_on_the_quantized_base(
         LlamaForCausalLM.from_pretrained(tmp_path / "base").eval(), tmp_path / "adapter"
     )
     assert (_logits(ours) - expected).abs().max() <= 1e-5
+    # loading re-runs LoftQ (deterministic): on the original base it quantizes it as training did
+    again = peftkit.load_adapter(copy.deepcopy(llama), tmp_path / "adapter")
+    assert (_logits(again) - expected).abs().max() <= 1e-5
     # the reference re-runs LoftQ on the loaded base (on its GPU; here its code on the CPU), then loads the
     # saved factors over its own: quantizing an already quantized base leaves it as it was
     monkeypatch.setattr(peft.tuners.lora.layer, "loftq_init", reference_loftq_init)

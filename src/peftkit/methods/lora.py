@@ -265,15 +265,23 @@ class LoraConfig(AdapterConfig):
         return config
 
     def matching_tensors(self, tensors: dict[str, Any]) -> LoraConfig:
-        # A saved LoftQ adapter belongs on the base LoftQ left (Q, saved by the user): loading does not
-        # quantize again (the reference's default for inits it cannot re-run from the files either).
-        # LoRA-GA's gradients are gone by then: the base must be the offset one it left (or the adapter
-        # was saved portable, init True), as in the reference.
-        if self.init_lora_weights == "loftq":
-            return self.replace(init_lora_weights=True, loftq_config={})
+        # LoRA-GA's gradients are gone by then: the base must be the offset one it left (or the adapter was
+        # saved portable, init True), as in the reference. LoftQ is re-run, as the reference does: it is
+        # deterministic, so the original base gets the training's Q again, and a base already holding Q
+        # keeps it (quantizing a quantized weight changes nothing); the saved factors then replace its own.
         if self.init_lora_weights == "lora_ga":
             return self.replace(init_lora_weights=True, lora_ga_config=None)
         return self
+
+    def needs_init_data(self) -> bool:
+        return self.init_lora_weights == "lora_ga"
+
+    def init_from_data(self, model: nn.Module, train_step: Any) -> None:
+        if self.needs_init_data():
+            lora_ga.estimate_gradients(model, self, train_step)
+
+    def export_portable(self) -> bool:
+        return self.init_lora_weights == "lora_ga"
 
     def portable(self) -> LoraConfig:
         if self.init_lora_weights == "loftq":

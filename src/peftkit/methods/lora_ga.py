@@ -123,8 +123,8 @@ def take_gradient(base_layer: nn.Module) -> torch.Tensor:
             [
                 "init_lora_weights: 'lora_ga' starts from the weight gradients of a few training batches, and this "
                 f"{type(base_layer).__name__} has none: call peftkit.methods.lora_ga.estimate_gradients(model, "
-                "config, train_step) before inject (a run config does it on train batches, "
-                "adapter.lora_ga_batches), or choose another init"
+                "config, train_step) before inject (a run does it on select.probe_batches training batches), or "
+                "choose another init"
             ],
             what="LoRA-GA",
         )
