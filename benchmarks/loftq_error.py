@@ -29,25 +29,25 @@ def _load():
     from peftkit.models import bundled_model_path
 
     path = bundled_model_path("smollm2-135m-instruct")
-    return AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32).eval()
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
 
 
 def _weights(model) -> dict[str, object]:
     return {n: m.weight.detach().clone() for n, m in model.named_modules() if n.split(".")[-1] in TYPES}
 
 
-def measure(r: int, iters: list[int]) -> dict[str, dict[str, float]]:
-    """Per layer name: ``{"alone": err, "iter_K": err ...}``."""
+def measure(r: int, iters: list[int], layers: list[int] | None = None) -> dict[str, dict[str, float]]:
+    """Per layer name: ``{"alone": err, "iter_K": err ...}``; ``layers``: only these decoder layers."""
     import torch
 
     import peftkit
     from peftkit.core import registry
 
     original = _weights(_load())
+    if layers is not None:
+        original = {n: w for n, w in original.items() if int(n.split(".")[2]) in layers}
     quantize = registry.quantizer(4)
     rows: dict[str, dict[str, float]] = defaultdict(dict)
-    for name, w in original.items():
-        rows[name]["alone"] = float((w - quantize(w)).norm() / w.norm())
     for k in iters:
         start = time.perf_counter()
         model = peftkit.inject(
@@ -58,6 +58,7 @@ def measure(r: int, iters: list[int]) -> dict[str, dict[str, float]]:
                 target_modules=list(TYPES),
                 init_lora_weights="loftq",
                 loftq_config={"loftq_bits": 4, "loftq_iter": k},
+                layers_to_transform=layers,
             ),
         )
         for name, layer in model.named_modules():
@@ -70,6 +71,11 @@ def measure(r: int, iters: list[int]) -> dict[str, dict[str, float]]:
                     )
                 w = original[name]
                 rows[name][f"iter_{k}"] = float((w - approx).norm() / w.norm())
+                if k == 1:  # the first iteration's base is Q(W) itself
+                    rows[name]["alone"] = float((w - layer.base_layer.weight.detach()).norm() / w.norm())
+        for name, w in original.items():
+            if "alone" not in rows[name]:
+                rows[name]["alone"] = float((w - quantize(w)).norm() / w.norm())
         print(f"loftq_iter={k}: {time.perf_counter() - start:.0f} s for {len(original)} layers", flush=True)
     return dict(rows)
 
@@ -93,14 +99,17 @@ def main(argv: list[str] | None = None) -> str:
     )
     parser.add_argument("--r", type=int, default=16)
     parser.add_argument("--iters", type=int, nargs="+", default=[1, 5])
+    parser.add_argument("--layers", type=int, nargs="+", help="only these decoder layers (default: all 30)")
     parser.add_argument("--json", help="also write every layer's errors here")
     args = parser.parse_args(argv)
-    rows = measure(args.r, args.iters)
+    rows = measure(args.r, args.iters, args.layers)
     out = table(rows, args.iters)
     print(out)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"r": args.r, "iters": args.iters, "layers": rows}, f, indent=1)
+            json.dump(
+                {"r": args.r, "iters": args.iters, "decoder_layers": args.layers, "layers": rows}, f, indent=1
+            )
     return out
 
 

@@ -19,7 +19,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core import registry
 from ..core.config import ANY, AdapterConfig
 from ..core.inject import adapter_layers, state_of, trained_biases
 from ..core.layer import AdapterModule
@@ -27,13 +26,12 @@ from ..core.layer import adapter_dtype as _adapter_dtype
 from ..core.registry import register_layer, register_method, register_parameter
 from ..core.targeting import HFConv1D, Target
 from ..errors import ConfigError, UnsupportedLayerError
-from . import dora, lora_ga, lora_kernels, lora_parameters, trainable_tokens
+from . import dora, loftq, lora_ga, lora_kernels, lora_parameters, trainable_tokens
 from .lora_mha import LoraMultiheadAttention, check_attention
 from .lora_parameters import LoraParameters, check_parameter
 
 PEFT_TYPE = "LORA"
 _INITS = (True, False, "gaussian", "pissa", "olora", "loftq", "lora_ga")
-_LOFTQ_KEYS = ("loftq_bits", "loftq_iter")
 _PISSA_NITER = re.compile(r"pissa_niter_(\d+)$")
 
 
@@ -189,7 +187,7 @@ class LoraConfig(AdapterConfig):
                 f"init_lora_weights: must be one of default/True, False, 'gaussian', 'pissa', "
                 f"'pissa_niter_K', 'olora', 'loftq'; got {init!r}"
             )
-        out += _loftq_problems(init, self.loftq_config)
+        out += loftq.problems(init, self.loftq_config)
         if self.lora_ga_config is not None and init != "lora_ga":
             out.append(
                 f"lora_ga_config: used only with init_lora_weights='lora_ga' (got {init!r}); drop it or set that init"
@@ -228,7 +226,7 @@ class LoraConfig(AdapterConfig):
             "init": self.init_lora_weights,
         }
         if self.init_lora_weights == "loftq":
-            common["init_options"] = {k: int(self.loftq_config.get(k, 1)) for k in _LOFTQ_KEYS}
+            common["init_options"] = loftq.options(self.loftq_config)
         elif self.init_lora_weights == "lora_ga":
             common["init_options"] = {**lora_ga.DEFAULTS, **(self.lora_ga_config or {})}
         if target.parameters:  # lora_bias is refused with parameter targets (problems)
@@ -315,38 +313,6 @@ class LoraConfig(AdapterConfig):
         # or inactive) the groups would be plain AdamW under another name
         groups = lora_plus_param_groups(model, lr, lr_ratio=lr_ratio, weight_decay=weight_decay)
         return groups if any(g["name"] == "lora_plus_B" for g in groups) else None
-
-
-def _loftq_problems(init: Any, options: Any) -> list[str]:
-    if init != "loftq":
-        return (
-            [
-                f"loftq_config: used only with init_lora_weights='loftq' (got {init!r}); drop it or set that init"
-            ]
-            if options
-            else []
-        )
-    if not isinstance(options, dict) or not options:
-        return [
-            "loftq_config: init_lora_weights='loftq' needs it, e.g. {'loftq_bits': 4, 'loftq_iter': 1} "
-            "(the reference library's keys)"
-        ]
-    out = [
-        f"loftq_config: unknown key {k!r}; its keys are {', '.join(_LOFTQ_KEYS)}"
-        for k in options
-        if k not in _LOFTQ_KEYS
-    ]
-    bits, iters = options.get("loftq_bits", 4), options.get("loftq_iter", 1)
-    if bits not in (4, 8) or isinstance(bits, bool):
-        out.append(f"loftq_config.loftq_bits: 4 (NF4) or 8 (LLM.int8()), got {bits!r}")
-    if isinstance(iters, bool) or not isinstance(iters, int) or iters < 1:
-        out.append(f"loftq_config.loftq_iter: a whole number >= 1, got {iters!r}")
-    elif registry.quantizer(int(bits) if bits in (4, 8) else 4) is None:
-        out.append(
-            "init_lora_weights: 'loftq' quantizes with bitsandbytes, which is not installed; "
-            "`pip install bitsandbytes` (or choose another init)"
-        )
-    return out
 
 
 # -- the adapter, shared by every layer kind --------------------------------------------------------
@@ -567,7 +533,7 @@ class LoraLinear(LoraAdapter):
         self.lora_B = nn.Linear(self.r, out_f, **{**kw, "bias": self.lora_bias})
         self._new_magnitude((out_f,), weight)
         if self.init == "loftq":
-            _check_loftq(base_layer, self.init_options.get("loftq_bits", 4))
+            loftq.check_layer(base_layer, self.init_options["loftq_bits"])
         if self.rewrites_base and self.r > min(out_f, in_f):
             raise UnsupportedLayerError(
                 f"init_lora_weights={self.init!r} needs r <= min(out, in) = {min(out_f, in_f)} for a "
@@ -790,8 +756,9 @@ def initialise_linear(
             return
         if init is False:
             return
-        if init == "loftq":
-            _loftq(adapter, a, b, rows)
+        if init == "loftq":  # the base becomes Q at attach (a plain attribute: not kept after that)
+            new_a, new_b, adapter.__dict__["_loftq_base"] = loftq.factors(rows, r, s, **adapter.init_options)
+            a.copy_(new_a), b.copy_(new_b)
             return
         if init == "lora_ga":
             new_a, new_b = lora_ga.factors(grad, rows, r, s, adapter.init_options)
@@ -814,47 +781,6 @@ def initialise_linear(
         # Kept (not saved) to restore the base on unload and for portable saves.
         adapter.register_buffer("init_A", a.detach().float().clone(), persistent=False)
         adapter.register_buffer("init_B", b.detach().float().clone(), persistent=False)
-
-
-def _check_loftq(base_layer: nn.Module, bits: int) -> None:
-    if type(base_layer) is not nn.Linear:
-        raise UnsupportedLayerError(
-            f"init_lora_weights='loftq' quantizes nn.Linear weights (what bitsandbytes stores in 4/8 bits); "
-            f"got {type(base_layer).__name__}. Leave it out (exclude_modules) or use another init."
-        )
-    if bits == 4 and base_layer.in_features % 64:
-        raise UnsupportedLayerError(
-            f"init_lora_weights='loftq' with 4 bits needs in_features divisible by 64 (bitsandbytes' block, and "
-            f"peftkit.quantize leaves other layers dense); got {base_layer.in_features}. Leave this layer out "
-            "(exclude_modules) or use loftq_bits: 8."
-        )
-    if registry.quantizer(bits) is None:
-        raise UnsupportedLayerError(
-            "init_lora_weights='loftq' quantizes with bitsandbytes, which is not installed; `pip install bitsandbytes`"
-        )
-
-
-def _loftq(adapter: LoraAdapter, a: torch.Tensor, b: torch.Tensor, rows: torch.Tensor) -> None:
-    """LoftQ (Li et al. 2023, arXiv:2310.08659, Algorithm 1): alternate Q = quant(W - s B A) and s B A =
-    the rank-r SVD of W - Q, from B A = 0, ``loftq_iter`` times. The base is set to Q at attach.
-
-    The reference library sets A = R, B = L for L R the SVD fit, whatever the scaling: its adapter adds
-    s L R, exact only at lora_alpha = r. Here L R is split as sqrt(S/s) on each side (PiSSA's split), the
-    same factors at s = 1 and the same product s B A = L R at any alpha.
-    """
-    quantize = registry.quantizer(adapter.init_options.get("loftq_bits", 4))
-    weight = rows.float()
-    r, s = adapter.r, adapter.scaling
-    low_rank = torch.zeros_like(weight)
-    for _ in range(adapter.init_options.get("loftq_iter", 1)):
-        quantized = quantize(weight - low_rank)
-        u, sv, vh = torch.linalg.svd(weight - quantized, full_matrices=False)
-        root = torch.sqrt(sv[:r] / s)
-        left, right = u[:, :r] * root, root[:, None] * vh[:r]
-        low_rank = s * left @ right
-    with torch.no_grad():
-        b.copy_(left), a.copy_(right)
-    adapter.__dict__["_loftq_base"] = quantized  # not a buffer: written into the base at attach, then dropped
 
 
 register_layer(PEFT_TYPE, "Linear", (nn.Linear,), LoraLinear)
