@@ -185,7 +185,7 @@ class LoraConfig(AdapterConfig):
         if init not in _INITS and not (isinstance(init, str) and _PISSA_NITER.match(init)):
             out.append(
                 f"init_lora_weights: must be one of default/True, False, 'gaussian', 'pissa', "
-                f"'pissa_niter_K', 'olora', 'loftq'; got {init!r}"
+                f"'pissa_niter_K', 'olora', 'loftq', 'lora_ga'; got {init!r}"
             )
         out += loftq.problems(init, self.loftq_config)
         if self.lora_ga_config is not None and init != "lora_ga":
