@@ -60,6 +60,18 @@ class LoraQuantLinear(LoraLinear):
                 f"DoRA (use_dora=True) is not supported on a quantized {type(base_layer).__name__}; use plain "
                 "LoRA (use_dora=False), or leave these layers unquantized (quantize(..., skip=[...]))"
             )
+        if values.get("init") == "lora_ga":
+            raise UnsupportedLayerError(
+                f"init_lora_weights='lora_ga' offsets the base weight by its first B A, which this quantized "
+                f"{type(base_layer).__name__} cannot hold exactly (the reference refuses it too): use an unquantized "
+                "base (model.quantize: null), or another init"
+            )
+        if values.get("init") == "loftq":
+            raise UnsupportedLayerError(
+                f"init_lora_weights='loftq' needs the full-precision weights, and this {type(base_layer).__name__} "
+                "is already quantized: load the model unquantized (model.quantize: null, or no "
+                "quantization_config), inject with LoftQ, which quantizes the base itself, and save that base"
+            )
         if values.get("lora_bias"):
             raise UnsupportedLayerError(
                 f"lora_bias=True is not supported on a quantized {type(base_layer).__name__}; use lora_bias=False, "
@@ -284,6 +296,35 @@ def register() -> None:
 
 
 registry.register_backend("bitsandbytes", register)
+
+
+# -- round trips for inits that must see the quantized weight (LoRA's LoftQ) ----------------------
+
+
+def _roundtrip_nf4(weight: torch.Tensor) -> torch.Tensor:
+    """NF4 with 64-value blocks and float32 scales (no double quantization), as the reference library's
+    LoftQ quantizes: the weight a 4-bit base holds once this weight is loaded into it."""
+    bnb = _bnb()
+    packed = bnb.nn.Params4bit(
+        weight.detach().float().cpu(),
+        requires_grad=False,
+        blocksize=BLOCKSIZE,
+        compress_statistics=False,
+        quant_type="nf4",
+    ).to(weight.device)
+    return bnb.functional.dequantize_4bit(packed.data, packed.quant_state).float()
+
+
+def _roundtrip_int8(weight: torch.Tensor) -> torch.Tensor:
+    """LLM.int8()'s row-wise absmax, dequantized as bitsandbytes does (``CB * SCB / 127``)."""
+    bnb = _bnb()
+    packed = bnb.nn.Int8Params(weight.detach().float().cpu(), requires_grad=False, has_fp16_weights=False)
+    packed = packed.to(weight.device)
+    return bnb.functional.int8_vectorwise_dequant(packed.data, packed.SCB).float()
+
+
+registry.register_quantizer(4, _roundtrip_nf4)
+registry.register_quantizer(8, _roundtrip_int8)
 
 
 # -- quantizing a loaded model in place -----------------------------------------------------------

@@ -237,6 +237,20 @@ class AdapterConfig:
         """Names of base-model parameters this adapter also trains and saves (none by default)."""
         return []
 
+    def needs_init_data(self) -> bool:
+        """Whether :meth:`init_from_data` must run on training batches before ``inject`` (LoRA-GA's
+        gradients); False by default."""
+        return False
+
+    def init_from_data(self, model: Any, train_step: Any) -> None:
+        """Prepare ``model`` for this config's init with ``train_step`` (forward and backward passes of the
+        training loss on a few batches), before ``inject``. Nothing by default."""
+
+    def export_portable(self) -> bool:
+        """Whether a run exports this adapter with ``portable=True``: its init rewrote the base in a way
+        loading the files cannot redo (LoRA-GA: the gradients are gone). False by default."""
+        return False
+
     def training_hook(self, model: Any, adapter_name: str, total_steps: int) -> Any:
         """An object a training loop drives each step (AdaLoRA's rank allocation), or None.
 

@@ -158,8 +158,9 @@ def layer_delta(layer: AdapterLayer, adapter_name: str, *, additive_only: bool) 
         )
     if adapter.rewrites_base:
         raise NotCombinableError(
-            f"{where} rewrote the base weight at init (PiSSA/OLoRA); save it with portable=True and load that "
-            "plain LoRA onto the original base, then combine or convert the loaded one"
+            f"{where} rewrote the base weight at init (PiSSA/OLoRA/LoRA-GA; LoftQ); save it with portable=True "
+            "and load that plain LoRA onto the original base, then combine or convert the loaded one (a LoftQ "
+            "adapter belongs to its quantized base and has no portable form)"
         )
     if additive_only and not adapter.additive:
         raise NotCombinableError(

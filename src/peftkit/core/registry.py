@@ -148,6 +148,23 @@ def base_access(module: nn.Module) -> BaseAccess | None:
     return next((a for a in _ACCESS if isinstance(module, a.base_types)), None)
 
 
+# Round-trip quantizers by number of bits (4: NF4, 8: LLM.int8()): a dense float weight (out x in) ->
+# the weight its quantized copy dequantizes to. Backends register them; inits that must see what a
+# quantized base will hold (LoRA's LoftQ) look them up without importing a quantization library.
+_QUANTIZERS: dict[int, Callable[[Any], Any]] = {}
+
+
+def register_quantizer(bits: int, roundtrip: Callable[[Any], Any]) -> None:
+    """Make ``roundtrip(weight) -> dequantized(quantized(weight))`` the ``bits``-bit quantizer."""
+    _QUANTIZERS[bits] = roundtrip
+
+
+def quantizer(bits: int) -> Callable[[Any], Any] | None:
+    """The ``bits``-bit round-trip quantizer a backend registered, or None (no backend installed)."""
+    _ensure_backends()
+    return _QUANTIZERS.get(bits)
+
+
 def register_method(peft_type: str) -> Callable[[type], type]:
     """Class decorator for a method's config dataclass; ``peft_type`` is the interchange name (e.g. "LORA")."""
 

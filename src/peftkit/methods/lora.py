@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
@@ -25,13 +25,13 @@ from ..core.layer import AdapterModule
 from ..core.layer import adapter_dtype as _adapter_dtype
 from ..core.registry import register_layer, register_method, register_parameter
 from ..core.targeting import HFConv1D, Target
-from ..errors import UnsupportedLayerError
-from . import dora, lora_kernels, lora_parameters, trainable_tokens
+from ..errors import ConfigError, UnsupportedLayerError
+from . import dora, loftq, lora_ga, lora_kernels, lora_parameters, trainable_tokens
 from .lora_mha import LoraMultiheadAttention, check_attention
 from .lora_parameters import LoraParameters, check_parameter
 
 PEFT_TYPE = "LORA"
-_INITS = (True, False, "gaussian", "pissa", "olora")
+_INITS = (True, False, "gaussian", "pissa", "olora", "loftq", "lora_ga")
 _PISSA_NITER = re.compile(r"pissa_niter_(\d+)$")
 
 
@@ -53,8 +53,17 @@ class LoraConfig(AdapterConfig):
         init_lora_weights: ``True`` / ``"default"`` (A Kaiming-uniform, B zero), ``"gaussian"``
             (A ~ N(0, 1/r)), ``"pissa"`` / ``"pissa_niter_K"`` (A, B from the top-r singular vectors;
             the base weight keeps the residual), ``"olora"`` (A, B from a QR decomposition, residual
-            kept likewise), or ``False`` (random A and B: the adapter changes the output from the
-            start; for tests).
+            kept likewise), ``"loftq"`` (LoftQ, Li et al. 2023: the base weight becomes its 4- or 8-bit
+            quantization Q and s B A the best rank-r fit of what Q lost, alternating ``loftq_iter``
+            times; needs bitsandbytes), ``"lora_ga"`` (LoRA-GA, Wang et al. 2024: A and B from the SVD of
+            the weight's gradient on a few batches, ``methods/lora_ga.py``; the base keeps
+            ``W - s B A``), or ``False`` (random A and B: the adapter changes the output
+            from the start; for tests).
+        loftq_config: LoftQ's options, the reference library's keys: ``{"loftq_bits": 4 or 8,
+            "loftq_iter": N >= 1}``; only with ``init_lora_weights="loftq"``.
+        lora_ga_config: LoRA-GA's options, the reference library's ``LoraGAConfig`` keys: ``direction``
+            ("ArB2r", "A2rBr", "ArBr", "random"), ``scale`` ("stable", "weight_svd", "gd_scale", "unit"),
+            ``stable_gamma``; None: their defaults (ArB2r, stable, 16). Only with ``init_lora_weights="lora_ga"``.
         lora_bias: Give B a bias ``b`` (the reference library's ``lora_bias``): the layer's output gains
             ``s * b``, and a merge adds it to the base bias. It lets an adapter carry a change of the
             bias, as ``peftkit.combine`` and ``convert_to_lora`` write when a source changed one. Not on
@@ -92,6 +101,8 @@ class LoraConfig(AdapterConfig):
     lora_bias: bool = False
     target_parameters: list[str] | None = None
     trainable_token_indices: list[int] | dict[str, list[int]] | None = None
+    loftq_config: dict[str, int] = field(default_factory=dict)
+    lora_ga_config: dict[str, Any] | None = None
 
     # target_modules=None: the reference library's defaults per architecture (attention query and value
     # projections; for Phi also the MLP's fc1 and fc2), so a default adapter is the reference's own.
@@ -129,8 +140,6 @@ class LoraConfig(AdapterConfig):
         "ensure_weight_tying": False,
         "kasa_config": None,
         "layer_replication": None,
-        "loftq_config": {},
-        "lora_ga_config": None,
         "megatron_config": None,
         "megatron_core": "megatron.core",
         "monteclora_config": None,
@@ -155,6 +164,9 @@ class LoraConfig(AdapterConfig):
         # not matter once an adapter is saved: its tensors are the trained ones.
         if data.get("init_lora_weights") in ("orthogonal", "eva", "mica"):
             data = {**data, "init_lora_weights": True, "eva_config": None}
+        # The reference keeps lora_ga_config when it converts a LoRA-GA adapter to plain LoRA (init True).
+        if data.get("init_lora_weights") != "lora_ga" and data.get("lora_ga_config") is not None:
+            data = {**data, "lora_ga_config": None}
         return data
 
     def problems(self) -> list[str]:
@@ -175,8 +187,14 @@ class LoraConfig(AdapterConfig):
         if init not in _INITS and not (isinstance(init, str) and _PISSA_NITER.match(init)):
             out.append(
                 f"init_lora_weights: must be one of default/True, False, 'gaussian', 'pissa', "
-                f"'pissa_niter_K', 'olora'; got {init!r}"
+                f"'pissa_niter_K', 'olora', 'loftq', 'lora_ga'; got {init!r}"
             )
+        out += loftq.problems(init, self.loftq_config)
+        if self.lora_ga_config is not None and init != "lora_ga":
+            out.append(
+                f"lora_ga_config: used only with init_lora_weights='lora_ga' (got {init!r}); drop it or set that init"
+            )
+        out += lora_ga.options_problems(self.lora_ga_config)
         if any(isinstance(v, float) and not float(v).is_integer() for v in self.rank_pattern.values()):
             out.append(f"rank_pattern: ranks must be whole numbers, got {self.rank_pattern!r}")
         if not isinstance(self.lora_bias, bool):
@@ -209,6 +227,10 @@ class LoraConfig(AdapterConfig):
             "use_dora": bool(self.use_dora),
             "init": self.init_lora_weights,
         }
+        if self.init_lora_weights == "loftq":
+            common["init_options"] = loftq.options(self.loftq_config)
+        elif self.init_lora_weights == "lora_ga":
+            common["init_options"] = {**lora_ga.DEFAULTS, **(self.lora_ga_config or {})}
         if target.parameters:  # lora_bias is refused with parameter targets (problems)
             return lora_parameters.layer_values(target, self.r, self.lora_alpha, common)
         return {
@@ -242,7 +264,35 @@ class LoraConfig(AdapterConfig):
             config = lora_parameters.record_all_linear(config, plan)
         return config
 
+    def matching_tensors(self, tensors: dict[str, Any]) -> LoraConfig:
+        # LoRA-GA's gradients are gone by then: the base must be the offset one it left (or the adapter was
+        # saved portable, init True), as in the reference. LoftQ is re-run, as the reference does: it is
+        # deterministic, so the original base gets the training's Q again, and a base already holding Q
+        # keeps it (quantizing a quantized weight changes nothing); the saved factors then replace its own.
+        if self.init_lora_weights == "lora_ga":
+            return self.replace(init_lora_weights=True, lora_ga_config=None)
+        return self
+
+    def needs_init_data(self) -> bool:
+        return self.init_lora_weights == "lora_ga"
+
+    def init_from_data(self, model: nn.Module, train_step: Any) -> None:
+        if self.needs_init_data():
+            lora_ga.estimate_gradients(model, self, train_step)
+
+    def export_portable(self) -> bool:
+        return self.init_lora_weights == "lora_ga"
+
     def portable(self) -> LoraConfig:
+        if self.init_lora_weights == "loftq":
+            raise ConfigError(
+                [
+                    "portable=True: a LoftQ adapter completes its quantized base Q, which differs from the "
+                    "original weights by more than any low-rank adapter can hold; save it with portable=False "
+                    "and ship the base as LoftQ left it (model.save_pretrained after inject)"
+                ],
+                what="LoRA save",
+            )
         if not isinstance(self.init_lora_weights, str) or self.init_lora_weights == "gaussian":
             return self
         # Twice the rank at the same scaling: alpha/r (or alpha/sqrt(r) under rsLoRA) is unchanged.
@@ -284,16 +334,20 @@ class LoraAdapter(AdapterModule):
         use_dora: bool,
         init: Any,
         lora_bias: bool = False,
+        init_options: dict[str, int] | None = None,
     ) -> None:
         super().__init__()
         self.r = r
+        self.init_options = dict(init_options or {})
         self.lora_bias = lora_bias
         self.scaling = alpha / (math.sqrt(r) if use_rslora else r)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.use_dora = use_dora
         self.additive = not use_dora
         self.init = init
-        self.rewrites_base = init == "olora" or (isinstance(init, str) and init.startswith("pissa"))
+        self.rewrites_base = init in ("olora", "loftq", "lora_ga") or (
+            isinstance(init, str) and init.startswith("pissa")
+        )
         if isinstance(init, str) and init != "gaussian" and not self.supports_svd_init:
             raise UnsupportedLayerError(
                 f"init_lora_weights={init!r} needs a linear weight matrix; {type(self).__name__} layers "
@@ -367,6 +421,10 @@ class LoraAdapter(AdapterModule):
 
     def attach(self, base_layer: nn.Module) -> None:
         weight = base_layer.weight
+        quantized = self.__dict__.pop("_loftq_base", None)
+        if quantized is not None:  # LoftQ: the base becomes its quantization, which the adapter completes
+            with torch.no_grad():
+                weight.data.copy_(self.unrows(quantized, weight).to(weight.dtype))
         if self._rewrites_base():  # PiSSA / OLoRA: the base keeps the residual
             with torch.no_grad():
                 residual = self.rows(weight.float()) - self.scaling * self._init_rows()
@@ -394,6 +452,8 @@ class LoraAdapter(AdapterModule):
         return state
 
     def detach_from(self, base_layer: nn.Module) -> None:
+        # LoftQ's base keeps its quantization: the original weights are not held (that would double the
+        # model's memory), and the quantized base is what LoftQ's adapter was made for.
         if self._rewrites_base():
             weight = base_layer.weight
             with torch.no_grad():
@@ -474,12 +534,15 @@ class LoraLinear(LoraAdapter):
         self.lora_A = nn.Linear(in_f, self.r, **kw)
         self.lora_B = nn.Linear(self.r, out_f, **{**kw, "bias": self.lora_bias})
         self._new_magnitude((out_f,), weight)
+        if self.init == "loftq":
+            loftq.check_layer(base_layer, self.init_options["loftq_bits"])
         if self.rewrites_base and self.r > min(out_f, in_f):
             raise UnsupportedLayerError(
                 f"init_lora_weights={self.init!r} needs r <= min(out, in) = {min(out_f, in_f)} for a "
                 f"{out_f}x{in_f} weight, got r={self.r}; lower r (or its rank_pattern entry)"
             )
-        initialise_linear(self, self.lora_A.weight, self.lora_B.weight, self.rows(weight.detach()))
+        grad = self.rows(lora_ga.take_gradient(base_layer)) if self.init == "lora_ga" else None
+        initialise_linear(self, self.lora_A.weight, self.lora_B.weight, self.rows(weight.detach()), grad)
         self._new_bias(base_layer, self.lora_B)
 
     def lora_path(self, x, base_layer):
@@ -672,10 +735,17 @@ def _with_params(conv: nn.Module, x: torch.Tensor, weight: torch.Tensor) -> torc
     return torch.func.functional_call(conv, params, (x,))
 
 
-def initialise_linear(adapter: LoraAdapter, a: torch.Tensor, b: torch.Tensor, rows: torch.Tensor) -> None:
+def initialise_linear(
+    adapter: LoraAdapter,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    rows: torch.Tensor,
+    grad: torch.Tensor | None = None,
+) -> None:
     """Set A and B of a linear LoRA as its ``init`` says; SVD/QR inits also remember A0, B0: the base keeps
     W - s B0 A0. ``rows`` is the base weight as ``out x in`` (unused by the random inits, so a quantized
-    layer passes an empty tensor). Quantized layers (backends/) initialise with it too."""
+    layer passes an empty tensor), ``grad`` its gradient likewise (LoRA-GA's). Quantized layers
+    (backends/) initialise with it too."""
     init, r, s = adapter.init, adapter.r, adapter.scaling
     with torch.no_grad():
         if init is True:
@@ -688,7 +758,14 @@ def initialise_linear(adapter: LoraAdapter, a: torch.Tensor, b: torch.Tensor, ro
             return
         if init is False:
             return
-        if init == "olora":
+        if init == "loftq":  # the base becomes Q at attach (a plain attribute: not kept after that)
+            new_a, new_b, adapter.__dict__["_loftq_base"] = loftq.factors(rows, r, s, **adapter.init_options)
+            a.copy_(new_a), b.copy_(new_b)
+            return
+        if init == "lora_ga":
+            new_a, new_b = lora_ga.factors(grad, rows, r, s, adapter.init_options)
+            a.copy_(new_a), b.copy_(new_b)
+        elif init == "olora":
             # OLoRA (Büyükakyüz 2024): orthonormal B from the QR factors of W, A the matching rows of R.
             q, rr = torch.linalg.qr(rows.float())
             b.copy_(q[:, :r]), a.copy_(rr[:r])

@@ -63,6 +63,7 @@ class LoraMultiheadAttention(ParameterAdapter):
         use_dora: bool,
         init: Any,
         lora_bias: bool = False,
+        init_options: dict[str, int] | None = None,  # LoftQ's; string inits are refused here
     ) -> None:
         if lora_bias:
             raise UnsupportedLayerError(

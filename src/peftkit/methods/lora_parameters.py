@@ -80,6 +80,7 @@ class LoraParameters(ParameterAdapter):
         use_rslora: bool,
         use_dora: bool,
         init: Any,
+        init_options: dict[str, int] | None = None,  # LoftQ's; string inits are refused here
     ) -> None:
         names = ", ".join(parameters)
         if dropout:

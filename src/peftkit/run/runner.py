@@ -106,11 +106,17 @@ def build_task(config: RunConfig) -> Task:
     return cls(**{section: getattr(config, section) for section in cls.sections})
 
 
-def adapt(model: nn.Module, config: RunConfig, new_tokens: Sequence[int] = ()) -> nn.Module:
+def adapt(
+    model: nn.Module,
+    config: RunConfig,
+    new_tokens: Sequence[int] = (),
+    train_step: Callable[[], None] | None = None,
+) -> nn.Module:
     """Inject the configured adapter, or make every parameter trainable (``method: full``).
 
     ``new_tokens``: ids of tokens added to the tokenizer (``data.add_special_tokens``), whose embedding rows
-    the adapter trains as well (``run/tokens.py``). Seed first (``seed_everything``) where the adapter's
+    the adapter trains as well (``run/tokens.py``). ``train_step``: forward and backward passes on a few
+    training batches, for an init that starts from the loss's gradients (LoRA-GA). Seed first (``seed_everything``) where the adapter's
     random initialisation must be reproducible.
     """
     if is_full_fine_tuning(config):
@@ -126,6 +132,16 @@ def adapt(model: nn.Module, config: RunConfig, new_tokens: Sequence[int] = ()) -
     adapter = api.make_config(config.adapter.get("method", DEFAULT_METHOD), **fields)
     if new_tokens:
         adapter = with_new_tokens(adapter, model, list(new_tokens))
+    if adapter.needs_init_data():
+        if train_step is None:
+            raise ConfigError(
+                [
+                    "adapter: its init starts from the gradients of a few training batches (LoRA-GA), and none were "
+                    "given: pass adapt(..., train_step=...), as `peftkit train` does, or choose another init"
+                ],
+                what="run config",
+            )
+        adapter.init_from_data(model, train_step)
     try:
         return api.inject(model, adapter, ADAPTER_NAME)
     except NoTargetMatchedError as exc:
@@ -184,7 +200,7 @@ def train_run(config: RunConfig, *, resume: bool = False, log: Log = print) -> R
     )
     trained = dataclasses.replace(config, adapter=chosen["adapter"]) if chosen else config
     new_tokens = _new_tokens(task, log)
-    model, metrics = _adapt_seeded(model, trained, chosen, log, new_tokens)
+    model, metrics = _adapt_seeded(model, trained, chosen, log, new_tokens, task)
     metrics["base_dropout"] = base_dropout
     splits = _load_splits(task, trained, log)
     metrics.update(_before_training(task, model, splits, trained, chosen, world, log))
@@ -234,11 +250,13 @@ def _adapt_seeded(
     chosen: dict[str, Any] | None,
     log: Log,
     new_tokens: Sequence[int] = (),
+    task: Task | None = None,
 ) -> tuple[nn.Module, dict[str, Any]]:
     """The adapter injected from a seeded start (or every parameter trainable); the first facts of
     ``metrics.json``."""
     seed_everything(config.train.seed)  # the adapter's initialisation draws random numbers
-    model = adapt(model, config, new_tokens)
+    step = _init_step(task, model, config, log) if task is not None and _needs_init_data(config) else None
+    model = adapt(model, config, new_tokens, step)
     init_from = None if is_full_fine_tuning(config) else config.select.init_from
     start_from_directions(model, chosen, init_from, ADAPTER_NAME, log)
     summary = api.trainable_summary(model, show=False)
@@ -254,6 +272,36 @@ def _adapt_seeded(
         "total_params": summary.total,
     }
     return model, metrics
+
+
+def _needs_init_data(config: RunConfig) -> bool:
+    if is_full_fine_tuning(config):
+        return False
+    fields = {k: v for k, v in config.adapter.items() if k != "method"}
+    return api.make_config(config.adapter.get("method", DEFAULT_METHOD), **fields).needs_init_data()
+
+
+def _init_step(task: Task, model: nn.Module, config: RunConfig, log: Log) -> Callable[[], None]:
+    """Forward and backward passes on the first ``select.probe_batches`` training batches (of
+    ``select.probe_batch_size``, else ``train.batch_size``), for an init that starts from gradients."""
+    train = task.load_data().get("train") or []
+    if not train:
+        raise ConfigError(
+            [
+                "data: the train split is empty, and the adapter's init starts from training batches' gradients"
+            ],
+            what="run config",
+        )
+    size = config.select.probe_batch_size or config.train.batch_size
+    examples = list(train[: size * config.select.probe_batches])
+    batches = [task.collate(examples[i : i + size]) for i in range(0, len(examples), size)]
+    log(f"adapter init: the adapted weights' gradients on {len(batches)} training batches of {size}")
+
+    def step() -> None:
+        for batch in batches:
+            task.loss(model, batch).backward()
+
+    return step
 
 
 def _load_splits(task: Task, config: RunConfig, log: Log) -> Mapping[str, Sequence[Any]]:
@@ -361,6 +409,8 @@ def _write_outputs(
         out,
         None if full else ADAPTER_NAME,
         {"step": metrics.get("best_step"), "test": metrics.get("test")},
+        # an init that loading cannot redo (LoRA-GA) is exported relative to the original base
+        portable=not full and api.adapter_config(model, ADAPTER_NAME).export_portable(),
     )
     if config.data.add_special_tokens:
         # the tokenizer that holds the new tokens goes beside the weights: AutoTokenizer reads it from the

@@ -381,17 +381,20 @@ def load_checkpoint(
 # ------------------------------------------------------------------------------- best/ and final/
 
 
-def save_weights(model: nn.Module, directory: Path, adapter_name: str | None, info: dict[str, Any]) -> Path:
+def save_weights(
+    model: nn.Module, directory: Path, adapter_name: str | None, info: dict[str, Any], portable: bool = False
+) -> Path:
     """Write the model's trained weights to ``directory`` atomically (``best/``, ``final/``).
 
     With an adapter: the interchange format (``peftkit.save_adapter``). For full fine-tuning:
     ``model.safetensors`` with every trainable parameter and persistent buffer (the model's
     ``state_dict`` keys), which ``model.load_state_dict(load_file(...), strict=False)`` reads.
-    ``info`` (step, metrics) goes to ``training_info.json`` beside them.
+    ``info`` (step, metrics) goes to ``training_info.json`` beside them. ``portable``: an adapter whose
+    init rewrote the base is written relative to the original base (``save_adapter(portable=True)``).
     """
     with atomic_directory(directory) as tmp:
         if adapter_name is not None:
-            save_adapter(model, tmp, adapter_name)
+            save_adapter(model, tmp, adapter_name, portable=portable)
         else:
             save_file(trainable_state(model), str(tmp / MODEL_STATE_NAME))
         (tmp / TRAINING_INFO_NAME).write_text(json.dumps(info, indent=1, allow_nan=True))
