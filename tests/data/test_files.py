@@ -277,9 +277,10 @@ def test_the_shipped_debates_csv_is_a_three_class_file():
 @pytest.mark.parametrize(
     ("text", "line"),
     [
-        ('[\n{"text": "a", "label": 1}\n', "line 1:"),  # JSON Lines whose first line is broken (found by fuzzing)
+        # JSON Lines whose first line is broken (found by fuzzing), then one broken document
+        ('[\n{"text": "a", "label": 1}\n', "line 1:"),
         ('[1, 2\n{"text": "a", "label": 1}\n', "line 1:"),
-        ('[\n  {"text": "a", "label": 1},\n  {"text": "b" "label": 0}\n]\n', "line 3:"),  # one broken document
+        ('[\n  {"text": "a", "label": 1},\n  {"text": "b" "label": 0}\n]\n', "line 3:"),
     ],
 )
 def test_a_broken_json_file_names_its_first_broken_line(tmp_path, text, line):
