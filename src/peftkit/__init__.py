@@ -57,6 +57,8 @@ _EXPORTS = {
     "AdapterConfig": "core.config",
     "AdaLoraController": "methods.adalora",
     "lora_plus_param_groups": "methods.lora",
+    "inject_eva": "methods.lora_eva",
+    "inject_corda": "methods.lora_corda",
     "set_base_dropout": "core.dropout",
     "BASE_DROPOUT_MODES": "core.dropout",
 }
@@ -156,6 +158,8 @@ if TYPE_CHECKING:
     from .methods.lokr import LoKrConfig as LoKrConfig
     from .methods.lora import LoraConfig as LoraConfig
     from .methods.lora import lora_plus_param_groups as lora_plus_param_groups
+    from .methods.lora_corda import inject_corda as inject_corda
+    from .methods.lora_eva import inject_eva as inject_eva
     from .methods.oft import OFTConfig as OFTConfig
     from .methods.p_tuning import PromptEncoderConfig as PromptEncoderConfig
     from .methods.prefix_tuning import PrefixTuningConfig as PrefixTuningConfig

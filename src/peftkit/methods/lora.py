@@ -1,4 +1,5 @@
-"""LoRA (Hu et al. 2021, arXiv:2106.09685) with rsLoRA scaling, DoRA, PiSSA / OLoRA inits and LoRA+.
+"""LoRA (Hu et al. 2021, arXiv:2106.09685) with rsLoRA scaling, DoRA, PiSSA / OLoRA / EVA / CorDA inits
+and LoRA+.
 
 A frozen weight W gets a trainable low-rank update: ``h = W x + s * B A x`` with A (r x in),
 B (out x r) and ``s = alpha / r`` (rsLoRA, Kalajdzievski 2023: ``alpha / sqrt(r)``, which keeps the
@@ -25,13 +26,14 @@ from ..core.layer import AdapterModule
 from ..core.layer import adapter_dtype as _adapter_dtype
 from ..core.registry import register_layer, register_method, register_parameter
 from ..core.targeting import HFConv1D, Target
-from ..errors import UnsupportedLayerError
-from . import dora, lora_kernels, lora_parameters, trainable_tokens
+from ..errors import ConfigError, UnsupportedLayerError
+from . import dora, lora_corda, lora_data, lora_eva, lora_kernels, lora_parameters, trainable_tokens
 from .lora_mha import LoraMultiheadAttention, check_attention
 from .lora_parameters import LoraParameters, check_parameter
 
 PEFT_TYPE = "LORA"
-_INITS = (True, False, "gaussian", "pissa", "olora")
+_INITS = (True, False, "gaussian", "pissa", "olora", "eva", "corda")
+_DATA_INITS = ("eva", "corda")  # started from activations: peftkit.inject_eva / inject_corda
 _PISSA_NITER = re.compile(r"pissa_niter_(\d+)$")
 
 
@@ -53,8 +55,15 @@ class LoraConfig(AdapterConfig):
         init_lora_weights: ``True`` / ``"default"`` (A Kaiming-uniform, B zero), ``"gaussian"``
             (A ~ N(0, 1/r)), ``"pissa"`` / ``"pissa_niter_K"`` (A, B from the top-r singular vectors;
             the base weight keeps the residual), ``"olora"`` (A, B from a QR decomposition, residual
-            kept likewise), or ``False`` (random A and B: the adapter changes the output from the
-            start; for tests).
+            kept likewise), ``"eva"`` (A on the top directions of each layer's inputs, ranks
+            redistributed by explained variance, B zero: ``peftkit.inject_eva``, ``methods/lora_eva.py``),
+            ``"corda"`` (A, B from the SVD of W times the inputs' covariance, residual kept:
+            ``peftkit.inject_corda``, ``methods/lora_corda.py``), or ``False`` (random A and B: the
+            adapter changes the output from the start; for tests).
+        eva_config: EVA's options as a dict (``rho``, ``tau``, ``use_label_mask``, ``label_mask_value``,
+            ``whiten``, ``adjust_scaling_factors``; the reference library's ``EvaConfig``).
+        corda_config: CorDA's options as a dict (``corda_method``: "ipm" or "kpm", ...; the reference
+            library's ``CordaConfig``).
         lora_bias: Give B a bias ``b`` (the reference library's ``lora_bias``): the layer's output gains
             ``s * b``, and a merge adds it to the base bias. It lets an adapter carry a change of the
             bias, as ``peftkit.combine`` and ``convert_to_lora`` write when a source changed one. Not on
@@ -90,6 +99,8 @@ class LoraConfig(AdapterConfig):
     lora_bias: bool = False
     target_parameters: list[str] | None = None
     trainable_token_indices: list[int] | dict[str, list[int]] | None = None
+    eva_config: dict[str, Any] | None = None
+    corda_config: dict[str, Any] | None = None
 
     # target_modules=None: the reference library's defaults per architecture (attention query and value
     # projections; for Phi also the MLP's fc1 and fc2), so a default adapter is the reference's own.
@@ -122,8 +133,6 @@ class LoraConfig(AdapterConfig):
     reference_inert: ClassVar[dict[str, Any]] = {
         "alora_invocation_tokens": None,
         "arrow_config": None,
-        "corda_config": None,
-        "eva_config": None,
         "ensure_weight_tying": False,
         "kasa_config": None,
         "layer_replication": None,
@@ -151,6 +160,7 @@ class LoraConfig(AdapterConfig):
     def normalise_reference(cls, data: dict[str, Any]) -> dict[str, Any]:
         # Reference inits that only choose the starting A and B (and leave the base weight alone) do
         # not matter once an adapter is saved: its tensors are the trained ones.
+        # EVA's saved config keeps "eva" (and its ranks in rank_pattern); loading needs no data.
         if data.get("init_lora_weights") in ("orthogonal", "eva", "mica"):
             data = {**data, "init_lora_weights": True, "eva_config": None}
         return data
@@ -173,7 +183,13 @@ class LoraConfig(AdapterConfig):
         if init not in _INITS and not (isinstance(init, str) and _PISSA_NITER.match(init)):
             out.append(
                 f"init_lora_weights: must be one of default/True, False, 'gaussian', 'pissa', "
-                f"'pissa_niter_K', 'olora'; got {init!r}"
+                f"'pissa_niter_K', 'olora', 'eva', 'corda'; got {init!r}"
+            )
+        out += lora_eva.eva_problems(self.eva_config) + lora_corda.corda_problems(self.corda_config)
+        if init in _DATA_INITS and self.target_parameters:
+            out.append(
+                f"init_lora_weights={init!r} starts from linear layers' inputs; target_parameters has none: "
+                "drop target_parameters or use another init"
             )
         if any(isinstance(v, float) and not float(v).is_integer() for v in self.rank_pattern.values()):
             out.append(f"rank_pattern: ranks must be whole numbers, got {self.rank_pattern!r}")
@@ -241,7 +257,7 @@ class LoraConfig(AdapterConfig):
         return config
 
     def portable(self) -> LoraConfig:
-        if not isinstance(self.init_lora_weights, str) or self.init_lora_weights == "gaussian":
+        if not _rewrites_base(self.init_lora_weights):  # EVA only chooses the starting A
             return self
         # Twice the rank at the same scaling: alpha/r (or alpha/sqrt(r) under rsLoRA) is unchanged.
         grow = math.sqrt(2) if self.use_rslora else 2
@@ -291,7 +307,7 @@ class LoraAdapter(AdapterModule):
         self.use_dora = use_dora
         self.additive = not use_dora
         self.init = init
-        self.rewrites_base = init == "olora" or (isinstance(init, str) and init.startswith("pissa"))
+        self.rewrites_base = _rewrites_base(init)
         if isinstance(init, str) and init != "gaussian" and not self.supports_svd_init:
             raise UnsupportedLayerError(
                 f"init_lora_weights={init!r} needs a linear weight matrix; {type(self).__name__} layers "
@@ -477,7 +493,8 @@ class LoraLinear(LoraAdapter):
                 f"init_lora_weights={self.init!r} needs r <= min(out, in) = {min(out_f, in_f)} for a "
                 f"{out_f}x{in_f} weight, got r={self.r}; lower r (or its rank_pattern entry)"
             )
-        initialise_linear(self, self.lora_A.weight, self.lora_B.weight, self.rows(weight.detach()))
+        start = lora_data.supplied(base_layer) if self.init in _DATA_INITS else None
+        initialise_linear(self, self.lora_A.weight, self.lora_B.weight, self.rows(weight.detach()), start)
         self._new_bias(base_layer, self.lora_B)
 
     def lora_path(self, x, base_layer):
@@ -670,11 +687,33 @@ def _with_params(conv: nn.Module, x: torch.Tensor, weight: torch.Tensor) -> torc
     return torch.func.functional_call(conv, params, (x,))
 
 
-def initialise_linear(adapter: LoraAdapter, a: torch.Tensor, b: torch.Tensor, rows: torch.Tensor) -> None:
+def _rewrites_base(init: Any) -> bool:
+    """Whether the init moves part of W into the adapter (the base keeps the residual)."""
+    return init in ("olora", "corda") or (isinstance(init, str) and init.startswith("pissa"))
+
+
+def initialise_linear(
+    adapter: LoraAdapter, a: torch.Tensor, b: torch.Tensor, rows: torch.Tensor, start: Any = None
+) -> None:
     """Set A and B of a linear LoRA as its ``init`` says; SVD/QR inits also remember A0, B0: the base keeps
     W - s B0 A0. ``rows`` is the base weight as ``out x in`` (unused by the random inits, so a quantized
-    layer passes an empty tensor). Quantized layers (backends/) initialise with it too."""
+    layer passes an empty tensor). Quantized layers (backends/) initialise with it too. ``start``: what a
+    data-aware init computed for this layer (EVA: A's rows; CorDA: ``(A0, B0)``, ``methods/lora_data.py``)."""
     init, r, s = adapter.init, adapter.r, adapter.scaling
+    if init in _DATA_INITS and start is None:
+        name = f"peftkit.inject_{init}(model, config, batches)"
+        raise ConfigError(
+            [
+                f"init_lora_weights={init!r} starts from the layers' inputs on a few batches of data: inject with "
+                f"{name} (a run config feeds it the run's training data)"
+                + (
+                    "; a saved CorDA adapter loads without data when saved with portable=True"
+                    if init == "corda"
+                    else ""
+                )
+            ],
+            what="LoRA init",
+        )
     with torch.no_grad():
         if init is True:
             nn.init.kaiming_uniform_(a, a=math.sqrt(5))
@@ -686,7 +725,14 @@ def initialise_linear(adapter: LoraAdapter, a: torch.Tensor, b: torch.Tensor, ro
             return
         if init is False:
             return
-        if init == "olora":
+        if init == "eva":  # A on the inputs' top directions; B zero, nothing subtracted from the base
+            if tuple(start.shape) != tuple(a.shape):
+                raise ConfigError([f"EVA directions are {tuple(start.shape)}, LoRA A is {tuple(a.shape)}"])
+            a.copy_(start.to(a.dtype)), nn.init.zeros_(b)
+            return
+        if init == "corda":  # methods/lora_corda.py: from the SVD of W C
+            a.copy_(start[0].to(a.dtype)), b.copy_(start[1].to(b.dtype))
+        elif init == "olora":
             # OLoRA (Büyükakyüz 2024): orthonormal B from the QR factors of W, A the matching rows of R.
             q, rr = torch.linalg.qr(rows.float())
             b.copy_(q[:, :r]), a.copy_(rr[:r])
