@@ -130,6 +130,7 @@ class LoraConfig(AdapterConfig):
     selectable: ClassVar[bool] = True  # and peftkit.select allocates LoRA ranks
     display_name: ClassVar[str] = "LoRA"
     trains_tokens: ClassVar[bool] = True  # trainable_token_indices
+    data_inits: ClassVar[tuple[str, ...]] = _DATA_INITS  # inits a run feeds its training data to
     reference_inert: ClassVar[dict[str, Any]] = {
         "alora_invocation_tokens": None,
         "arrow_config": None,
@@ -212,6 +213,33 @@ class LoraConfig(AdapterConfig):
         elif tokens is not None:
             out += trainable_tokens.index_problems("trainable_token_indices", tokens)
         return out + lora_parameters.config_problems(self.target_parameters, self.lora_dropout, self.use_dora)
+
+    def needs_data(self) -> bool:
+        return self.init_lora_weights in _DATA_INITS
+
+    def saves_portable(self) -> bool:
+        return self.init_lora_weights == "corda"
+
+    def inject_from_data(
+        self, model: nn.Module, batches: list[Any], forward: Any, adapter_name: str = "default"
+    ) -> dict[str, Any]:
+        if self.init_lora_weights == "eva":
+            plan = lora_eva.inject_eva(model, self, batches, adapter_name, forward)
+            kept = [r for r in plan.ranks.values() if r]
+            return {
+                "init": "eva",
+                "batches": len(batches),
+                "forward_passes": plan.steps,
+                "converged": plan.converged,
+                "modules": len(kept),
+                "ranks": f"{min(kept)}-{max(kept)}",
+            }
+        lora_corda.inject_corda(model, self, batches, adapter_name, forward)
+        return {
+            "init": "corda",
+            "corda_method": lora_corda.corda_options(self).corda_method,
+            "batches": len(batches),
+        }
 
     def parameter_targets(self) -> list[str] | None:
         return self.target_parameters

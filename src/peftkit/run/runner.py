@@ -37,7 +37,13 @@ from ..models.config import base_dropout_mode
 from ..select import init as select_init
 from ..select import report as select_report
 from ..select.choose import is_auto
-from ..select.run import choose_for_run, require_selectable, select_for_run, start_from_directions
+from ..select.run import (
+    choose_for_run,
+    inject_from_data,
+    require_selectable,
+    select_for_run,
+    start_from_directions,
+)
 from ..tasks import Task, task_class
 from ..train.checkpoint import latest_checkpoint, load_weights, save_weights, seed_everything
 from ..train.distributed import World, ensure_process_group
@@ -106,12 +112,20 @@ def build_task(config: RunConfig) -> Task:
     return cls(**{section: getattr(config, section) for section in cls.sections})
 
 
-def adapt(model: nn.Module, config: RunConfig, new_tokens: Sequence[int] = ()) -> nn.Module:
+def adapt(
+    model: nn.Module,
+    config: RunConfig,
+    new_tokens: Sequence[int] = (),
+    task: Task | None = None,
+    log: Log = print,
+    facts: dict[str, Any] | None = None,
+) -> nn.Module:
     """Inject the configured adapter, or make every parameter trainable (``method: full``).
 
     ``new_tokens``: ids of tokens added to the tokenizer (``data.add_special_tokens``), whose embedding rows
     the adapter trains as well (``run/tokens.py``). Seed first (``seed_everything``) where the adapter's
-    random initialisation must be reproducible.
+    random initialisation must be reproducible. An init that starts from activations (LoRA's EVA, CorDA)
+    reads ``task``'s training batches; what it found goes into ``facts["data_init"]``.
     """
     if is_full_fine_tuning(config):
         for parameter in model.parameters():
@@ -127,7 +141,20 @@ def adapt(model: nn.Module, config: RunConfig, new_tokens: Sequence[int] = ()) -
     if new_tokens:
         adapter = with_new_tokens(adapter, model, list(new_tokens))
     try:
-        return api.inject(model, adapter, ADAPTER_NAME)
+        if not adapter.needs_data():
+            return api.inject(model, adapter, ADAPTER_NAME)
+        if task is None:
+            raise ConfigError(
+                [
+                    f"adapter.init_lora_weights: {adapter.init_lora_weights!r} starts from the run's training data; "
+                    "adapt() needs the task (adapt(model, config, task=task))"
+                ],
+                what="run config",
+            )
+        found = inject_from_data(model, adapter, config, task, ADAPTER_NAME, log)
+        if facts is not None:
+            facts["data_init"] = found
+        return model
     except NoTargetMatchedError as exc:
         # a config mistake (exit 2) named by its field, with the command that lists what there is
         message = str(exc).replace(
@@ -184,7 +211,7 @@ def train_run(config: RunConfig, *, resume: bool = False, log: Log = print) -> R
     )
     trained = dataclasses.replace(config, adapter=chosen["adapter"]) if chosen else config
     new_tokens = _new_tokens(task, log)
-    model, metrics = _adapt_seeded(model, trained, chosen, log, new_tokens)
+    model, metrics = _adapt_seeded(model, trained, chosen, log, new_tokens, task)
     metrics["base_dropout"] = base_dropout
     splits = _load_splits(task, trained, log)
     metrics.update(_before_training(task, model, splits, trained, chosen, world, log))
@@ -234,11 +261,13 @@ def _adapt_seeded(
     chosen: dict[str, Any] | None,
     log: Log,
     new_tokens: Sequence[int] = (),
+    task: Task | None = None,
 ) -> tuple[nn.Module, dict[str, Any]]:
     """The adapter injected from a seeded start (or every parameter trainable); the first facts of
     ``metrics.json``."""
     seed_everything(config.train.seed)  # the adapter's initialisation draws random numbers
-    model = adapt(model, config, new_tokens)
+    facts: dict[str, Any] = {}
+    model = adapt(model, config, new_tokens, task, log, facts)
     init_from = None if is_full_fine_tuning(config) else config.select.init_from
     start_from_directions(model, chosen, init_from, ADAPTER_NAME, log)
     summary = api.trainable_summary(model, show=False)
@@ -252,6 +281,7 @@ def _adapt_seeded(
         "method": _method(config),
         "trainable_params": summary.trainable,
         "total_params": summary.total,
+        **facts,
     }
     return model, metrics
 
