@@ -170,3 +170,20 @@ def test_errors_name_the_fix(llama):
         peftkit.inject_corda(
             copy.deepcopy(llama), _config("ipm").replace(target_modules=["embed_tokens"]), _batches(2)
         )
+
+
+def test_gpt2_conv1d_weights_are_read_transposed():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    base = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64, n_positions=32)).eval()
+    model = copy.deepcopy(base)
+    config = peftkit.LoraConfig(
+        r=4,
+        init_lora_weights="corda",
+        corda_config={"corda_method": "kpm"},
+        target_modules=["c_attn", "c_fc"],
+    )
+    peftkit.inject_corda(model, config, _batches(4))
+    with torch.no_grad():
+        assert (model(IDS).logits - base(IDS).logits).abs().max() <= 1e-5
