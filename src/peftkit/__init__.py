@@ -59,6 +59,8 @@ _EXPORTS = {
     "lora_plus_param_groups": "methods.lora",
     "lora_fa_optimizer": "methods.lora_fa",
     "LoraFAOptimizer": "methods.lora_fa",
+    "inject_eva": "methods.lora_eva",
+    "inject_corda": "methods.lora_corda",
     "set_base_dropout": "core.dropout",
     "BASE_DROPOUT_MODES": "core.dropout",
 }
@@ -159,6 +161,8 @@ if TYPE_CHECKING:
     from .methods.lokr import LoKrConfig as LoKrConfig
     from .methods.lora import LoraConfig as LoraConfig
     from .methods.lora import lora_plus_param_groups as lora_plus_param_groups
+    from .methods.lora_corda import inject_corda as inject_corda
+    from .methods.lora_eva import inject_eva as inject_eva
     from .methods.lora_fa import LoraFAOptimizer as LoraFAOptimizer
     from .methods.lora_fa import lora_fa_optimizer as lora_fa_optimizer
     from .methods.miss import MissConfig as MissConfig

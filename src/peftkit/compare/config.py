@@ -281,13 +281,26 @@ def plan_run(
         return None
 
 
+def _init_reads_data(config: RunConfig) -> bool:
+    """The adapter's init starts from the probe batches (LoRA's EVA, CorDA: the method's ``data_inits``)."""
+    from ..core import registry
+
+    adapter = config.adapter if isinstance(config.adapter, dict) else {}
+    try:
+        cls = registry.find_method(str(adapter.get("method", registry.DEFAULT_METHOD))).config_cls
+    except KeyError:
+        return False
+    return adapter.get("init_lora_weights") in getattr(cls, "data_inits", ())
+
+
 def config_key(config: RunConfig) -> str:
     """A short hash of everything that decides a run's outcome (``select`` only when the run selects its
-    targets, so that a new selection setting does not make every other finished run stale)."""
+    targets or its init reads the probe batches, so that a new selection setting does not make every other
+    finished run stale)."""
     from ..select.choose import is_auto
 
     data = to_dict(config)
-    if not is_auto(config.adapter) and not config.select.init_from:
+    if not is_auto(config.adapter) and not config.select.init_from and not _init_reads_data(config):
         data.pop("select", None)
     elif isinstance(data.get("select"), dict):
         # fields added later, at the values that reproduce what runs did before they existed: records

@@ -251,6 +251,22 @@ class AdapterConfig:
         loading the files cannot redo (LoRA-GA: the gradients are gone). False by default."""
         return False
 
+    def saves_portable(self) -> bool:
+        """Whether saved files always take the :meth:`portable` form: the init rewrote the base weights in a
+        way no reader can repeat from the file alone (CorDA's decomposition needs the data)."""
+        return False
+
+    def needs_data(self) -> bool:
+        """Whether the adapter starts from the model's activations on a few batches (LoRA's EVA and CorDA
+        inits): it is then injected by :meth:`inject_from_data`, not ``inject``."""
+        return False
+
+    def inject_from_data(
+        self, model: Any, batches: list[Any], forward: Any, adapter_name: str = "default"
+    ) -> dict[str, Any]:
+        """Inject into ``model`` starting from ``forward(model, batch)`` over ``batches``; facts for a report."""
+        raise NotImplementedError(f"{type(self).__name__} does not start from data")
+
     def training_hook(self, model: Any, adapter_name: str, total_steps: int) -> Any:
         """An object a training loop drives each step (AdaLoRA's rank allocation), or None.
 

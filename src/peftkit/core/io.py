@@ -175,7 +175,8 @@ def save_adapter(
         portable: For adapters whose init rewrote the base weights (PiSSA, OLoRA): save an equivalent
             plain adapter relative to the *original* weights (LoRA at twice the rank), which serving
             engines and other readers that do not re-run the init apply correctly. Other adapters are
-            saved unchanged.
+            saved unchanged. Adapters whose config's ``saves_portable()`` is true (CorDA: its
+            decomposition needs the data) are always saved so.
 
     Raises:
         AdapterMismatchError: a module the adapter was built on no longer carries it (it was replaced or
@@ -186,7 +187,9 @@ def save_adapter(
 
     Whatever the error, nothing on disk is changed.
     """
-    require_adapter(model, adapter_name, AdapterMismatchError)
+    state = require_adapter(model, adapter_name, AdapterMismatchError)
+    # an init no reader can re-run from the file alone (CorDA needs the data): portable whatever was asked
+    portable = portable or state.configs[adapter_name].saves_portable()
     lost = _incomplete_modules(model, adapter_name)
     if lost:
         raise AdapterMismatchError(

@@ -1,4 +1,5 @@
-"""LoRA (Hu et al. 2021, arXiv:2106.09685) with rsLoRA scaling, DoRA, PiSSA / OLoRA inits and LoRA+.
+"""LoRA (Hu et al. 2021, arXiv:2106.09685) with rsLoRA scaling, DoRA, PiSSA / OLoRA / EVA / CorDA inits
+and LoRA+.
 
 A frozen weight W gets a trainable low-rank update: ``h = W x + s * B A x`` with A (r x in),
 B (out x r) and ``s = alpha / r`` (rsLoRA, Kalajdzievski 2023: ``alpha / sqrt(r)``, which keeps the
@@ -26,12 +27,23 @@ from ..core.layer import adapter_dtype as _adapter_dtype
 from ..core.registry import register_layer, register_method, register_parameter
 from ..core.targeting import HFConv1D, Target
 from ..errors import ConfigError, UnsupportedLayerError
-from . import dora, loftq, lora_ga, lora_kernels, lora_parameters, trainable_tokens
+from . import (
+    dora,
+    loftq,
+    lora_corda,
+    lora_data,
+    lora_eva,
+    lora_ga,
+    lora_kernels,
+    lora_parameters,
+    trainable_tokens,
+)
 from .lora_mha import LoraMultiheadAttention, check_attention
 from .lora_parameters import LoraParameters, check_parameter
 
 PEFT_TYPE = "LORA"
-_INITS = (True, False, "gaussian", "pissa", "olora", "loftq", "lora_ga")
+_INITS = (True, False, "gaussian", "pissa", "olora", "loftq", "lora_ga", "eva", "corda")
+_DATA_INITS = ("eva", "corda")  # started from activations: peftkit.inject_eva / inject_corda
 _PISSA_NITER = re.compile(r"pissa_niter_(\d+)$")
 
 
@@ -40,46 +52,53 @@ _PISSA_NITER = re.compile(r"pissa_niter_(\d+)$")
 class LoraConfig(AdapterConfig):
     """LoRA and its variants.
 
-    Attributes:
-        r: Rank of the update (per-module overrides via ``rank_pattern``).
-        lora_alpha: Scale numerator; the update is multiplied by ``lora_alpha / r``.
-        lora_dropout: Dropout on the adapter's input during training.
-        bias: Which base biases to train and save with the adapter: "none", "all", or "lora_only"
-            (biases of adapted layers). Trained biases cannot be switched off by ``disable()``.
-        fan_in_fan_out: Recorded for the interchange format; peftkit reads the layout from the layer
-            type itself (GPT-2's ``Conv1D`` stores its weight transposed).
-        use_rslora: Scale by ``lora_alpha / sqrt(r)`` instead of ``lora_alpha / r``.
-        use_dora: DoRA: also learn a per-output-channel magnitude (see ``methods/dora.py``).
-        init_lora_weights: ``True`` / ``"default"`` (A Kaiming-uniform, B zero), ``"gaussian"``
-            (A ~ N(0, 1/r)), ``"pissa"`` / ``"pissa_niter_K"`` (A, B from the top-r singular vectors;
-            the base weight keeps the residual), ``"olora"`` (A, B from a QR decomposition, residual
-            kept likewise), ``"loftq"`` (LoftQ, Li et al. 2023: the base weight becomes its 4- or 8-bit
-            quantization Q and s B A the best rank-r fit of what Q lost, alternating ``loftq_iter``
-            times; needs bitsandbytes), ``"lora_ga"`` (LoRA-GA, Wang et al. 2024: A and B from the SVD of
-            the weight's gradient on a few batches, ``methods/lora_ga.py``; the base keeps
-            ``W - s B A``), or ``False`` (random A and B: the adapter changes the output
-            from the start; for tests).
-        loftq_config: LoftQ's options, the reference library's keys: ``{"loftq_bits": 4 or 8,
-            "loftq_iter": N >= 1}``; only with ``init_lora_weights="loftq"``.
-        lora_ga_config: LoRA-GA's options, the reference library's ``LoraGAConfig`` keys: ``direction``
-            ("ArB2r", "A2rBr", "ArBr", "random"), ``scale`` ("stable", "weight_svd", "gd_scale", "unit"),
-            ``stable_gamma``; None: their defaults (ArB2r, stable, 16). Only with ``init_lora_weights="lora_ga"``.
-        lora_bias: Give B a bias ``b`` (the reference library's ``lora_bias``): the layer's output gains
-            ``s * b``, and a merge adds it to the base bias. It lets an adapter carry a change of the
-            bias, as ``peftkit.combine`` and ``convert_to_lora`` write when a source changed one. Not on
-            embeddings, nor with DoRA, PiSSA or OLoRA (as in the reference).
-        target_parameters: ``nn.Parameter`` tensors to adapt directly, by full name or ``.``-suffix, for
-            weights no linear layer holds: the stacked experts of a mixture-of-experts model
-            (``["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]``, a low-rank delta per expert) or a
-            router's weight (``"mlp.gate.weight"``). The reference library's field, with its tensor layout
-            (``methods/lora_parameters.py``, docs/moe.md); works beside ``target_modules`` (``[]`` for
-            none). ``exclude_modules`` / ``layers_to_transform`` do not filter it, as in the reference.
-            ``target_modules="all-linear"`` adds the stacked experts and routers a MoE model has.
-        trainable_token_indices: Also train these tokens' embedding rows (and nothing else of the
-            embedding), e.g. tokens just added to the tokenizer: a list of token ids for the input
-            embedding, or a dict layer name -> token ids (``{"embed_tokens": [...], "lm_head": [...]}`` for a
-            model whose output head is not tied to the embedding). A tied output head follows the embedding.
-            The reference library's field and tensors (``methods/trainable_tokens.py``, docs/tokens.md).
+        Attributes:
+            r: Rank of the update (per-module overrides via ``rank_pattern``).
+            lora_alpha: Scale numerator; the update is multiplied by ``lora_alpha / r``.
+            lora_dropout: Dropout on the adapter's input during training.
+            bias: Which base biases to train and save with the adapter: "none", "all", or "lora_only"
+                (biases of adapted layers). Trained biases cannot be switched off by ``disable()``.
+            fan_in_fan_out: Recorded for the interchange format; peftkit reads the layout from the layer
+                type itself (GPT-2's ``Conv1D`` stores its weight transposed).
+            use_rslora: Scale by ``lora_alpha / sqrt(r)`` instead of ``lora_alpha / r``.
+            use_dora: DoRA: also learn a per-output-channel magnitude (see ``methods/dora.py``).
+            init_lora_weights: ``True`` / ``"default"`` (A Kaiming-uniform, B zero), ``"gaussian"``
+                (A ~ N(0, 1/r)), ``"pissa"`` / ``"pissa_niter_K"`` (A, B from the top-r singular vectors;
+                the base weight keeps the residual), ``"olora"`` (A, B from a QR decomposition, residual
+                kept likewise), ``"loftq"`` (LoftQ, Li et al. 2023: the base weight becomes its 4- or 8-bit
+                quantization Q and s B A the best rank-r fit of what Q lost, alternating ``loftq_iter``
+                times; needs bitsandbytes), ``"lora_ga"`` (LoRA-GA, Wang et al. 2024: A and B from the SVD of
+                the weight's gradient on a few batches, ``methods/lora_ga.py``; the base keeps
+                ``W - s B A``),         loftq_config: LoftQ's options, the reference library's keys: ``{"loftq_bits": 4 or 8,
+                "loftq_iter": N >= 1}``; only with ``init_lora_weights="loftq"``.
+            lora_ga_config: LoRA-GA's options, the reference library's ``LoraGAConfig`` keys: ``direction``
+                ("ArB2r", "A2rBr", "ArBr", "random"), ``scale`` ("stable", "weight_svd", "gd_scale", "unit"),
+                ``stable_gamma``; None: their defaults (ArB2r, stable, 16). Only with ``init_lora_weights="lora_ga"``.
+    ``"eva"`` (A on the top directions of each layer's inputs, ranks
+                redistributed by explained variance, B zero: ``peftkit.inject_eva``, ``methods/lora_eva.py``),
+                ``"corda"`` (A, B from the SVD of W times the inputs' covariance, residual kept:
+                ``peftkit.inject_corda``, ``methods/lora_corda.py``), or ``False`` (random A and B: the
+                adapter changes the output from the start; for tests).
+            eva_config: EVA's options as a dict (``rho``, ``tau``, ``use_label_mask``, ``label_mask_value``,
+                ``whiten``, ``adjust_scaling_factors``; the reference library's ``EvaConfig``).
+            corda_config: CorDA's options as a dict (``corda_method``: "ipm" or "kpm", ...; the reference
+                library's ``CordaConfig``).
+            lora_bias: Give B a bias ``b`` (the reference library's ``lora_bias``): the layer's output gains
+                ``s * b``, and a merge adds it to the base bias. It lets an adapter carry a change of the
+                bias, as ``peftkit.combine`` and ``convert_to_lora`` write when a source changed one. Not on
+                embeddings, nor with DoRA, PiSSA or OLoRA (as in the reference).
+            target_parameters: ``nn.Parameter`` tensors to adapt directly, by full name or ``.``-suffix, for
+                weights no linear layer holds: the stacked experts of a mixture-of-experts model
+                (``["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]``, a low-rank delta per expert) or a
+                router's weight (``"mlp.gate.weight"``). The reference library's field, with its tensor layout
+                (``methods/lora_parameters.py``, docs/moe.md); works beside ``target_modules`` (``[]`` for
+                none). ``exclude_modules`` / ``layers_to_transform`` do not filter it, as in the reference.
+                ``target_modules="all-linear"`` adds the stacked experts and routers a MoE model has.
+            trainable_token_indices: Also train these tokens' embedding rows (and nothing else of the
+                embedding), e.g. tokens just added to the tokenizer: a list of token ids for the input
+                embedding, or a dict layer name -> token ids (``{"embed_tokens": [...], "lm_head": [...]}`` for a
+                model whose output head is not tied to the embedding). A tied output head follows the embedding.
+                The reference library's field and tensors (``methods/trainable_tokens.py``, docs/tokens.md).
     """
 
     pick_when = "the default: well studied, merges exactly, serves in vLLM, and has the most variants (rsLoRA, DoRA, PiSSA and OLoRA inits, LoRA+, LoRA-FA)"
@@ -103,6 +122,8 @@ class LoraConfig(AdapterConfig):
     trainable_token_indices: list[int] | dict[str, list[int]] | None = None
     loftq_config: dict[str, int] = field(default_factory=dict)
     lora_ga_config: dict[str, Any] | None = None
+    eva_config: dict[str, Any] | None = None
+    corda_config: dict[str, Any] | None = None
 
     # target_modules=None: the reference library's defaults per architecture (attention query and value
     # projections; for Phi also the MLP's fc1 and fc2), so a default adapter is the reference's own.
@@ -132,11 +153,10 @@ class LoraConfig(AdapterConfig):
     selectable: ClassVar[bool] = True  # and peftkit.select allocates LoRA ranks
     display_name: ClassVar[str] = "LoRA"
     trains_tokens: ClassVar[bool] = True  # trainable_token_indices
+    data_inits: ClassVar[tuple[str, ...]] = _DATA_INITS  # inits a run feeds its training data to
     reference_inert: ClassVar[dict[str, Any]] = {
         "alora_invocation_tokens": None,
         "arrow_config": None,
-        "corda_config": None,
-        "eva_config": None,
         "ensure_weight_tying": False,
         "kasa_config": None,
         "layer_replication": None,
@@ -162,6 +182,7 @@ class LoraConfig(AdapterConfig):
     def normalise_reference(cls, data: dict[str, Any]) -> dict[str, Any]:
         # Reference inits that only choose the starting A and B (and leave the base weight alone) do
         # not matter once an adapter is saved: its tensors are the trained ones.
+        # EVA's saved config keeps "eva" (and its ranks in rank_pattern); loading needs no data.
         if data.get("init_lora_weights") in ("orthogonal", "eva", "mica"):
             data = {**data, "init_lora_weights": True, "eva_config": None}
         # The reference keeps lora_ga_config when it converts a LoRA-GA adapter to plain LoRA (init True).
@@ -187,7 +208,13 @@ class LoraConfig(AdapterConfig):
         if init not in _INITS and not (isinstance(init, str) and _PISSA_NITER.match(init)):
             out.append(
                 f"init_lora_weights: must be one of default/True, False, 'gaussian', 'pissa', "
-                f"'pissa_niter_K', 'olora', 'loftq', 'lora_ga'; got {init!r}"
+                f"'pissa_niter_K', 'olora', 'loftq', 'lora_ga', 'eva', 'corda'; got {init!r}"
+            )
+        out += lora_eva.eva_problems(self.eva_config) + lora_corda.corda_problems(self.corda_config)
+        if init in _DATA_INITS and self.target_parameters:
+            out.append(
+                f"init_lora_weights={init!r} starts from linear layers' inputs; target_parameters has none: "
+                "drop target_parameters or use another init"
             )
         out += loftq.problems(init, self.loftq_config)
         if self.lora_ga_config is not None and init != "lora_ga":
@@ -216,6 +243,33 @@ class LoraConfig(AdapterConfig):
         elif tokens is not None:
             out += trainable_tokens.index_problems("trainable_token_indices", tokens)
         return out + lora_parameters.config_problems(self.target_parameters, self.lora_dropout, self.use_dora)
+
+    def needs_data(self) -> bool:
+        return self.init_lora_weights in _DATA_INITS
+
+    def saves_portable(self) -> bool:
+        return self.init_lora_weights == "corda"
+
+    def inject_from_data(
+        self, model: nn.Module, batches: list[Any], forward: Any, adapter_name: str = "default"
+    ) -> dict[str, Any]:
+        if self.init_lora_weights == "eva":
+            plan = lora_eva.inject_eva(model, self, batches, adapter_name, forward)
+            kept = [r for r in plan.ranks.values() if r]
+            return {
+                "init": "eva",
+                "batches": len(batches),
+                "forward_passes": plan.steps,
+                "converged": plan.converged,
+                "modules": len(kept),
+                "ranks": f"{min(kept)}-{max(kept)}",
+            }
+        lora_corda.inject_corda(model, self, batches, adapter_name, forward)
+        return {
+            "init": "corda",
+            "corda_method": lora_corda.corda_options(self).corda_method,
+            "batches": len(batches),
+        }
 
     def parameter_targets(self) -> list[str] | None:
         return self.target_parameters
@@ -293,7 +347,7 @@ class LoraConfig(AdapterConfig):
                 ],
                 what="LoRA save",
             )
-        if not isinstance(self.init_lora_weights, str) or self.init_lora_weights == "gaussian":
+        if not _rewrites_base(self.init_lora_weights):  # EVA and gaussian only choose the starting A
             return self
         # Twice the rank at the same scaling: alpha/r (or alpha/sqrt(r) under rsLoRA) is unchanged.
         grow = math.sqrt(2) if self.use_rslora else 2
@@ -345,9 +399,7 @@ class LoraAdapter(AdapterModule):
         self.use_dora = use_dora
         self.additive = not use_dora
         self.init = init
-        self.rewrites_base = init in ("olora", "loftq", "lora_ga") or (
-            isinstance(init, str) and init.startswith("pissa")
-        )
+        self.rewrites_base = _rewrites_base(init)
         if isinstance(init, str) and init != "gaussian" and not self.supports_svd_init:
             raise UnsupportedLayerError(
                 f"init_lora_weights={init!r} needs a linear weight matrix; {type(self).__name__} layers "
@@ -542,7 +594,8 @@ class LoraLinear(LoraAdapter):
                 f"{out_f}x{in_f} weight, got r={self.r}; lower r (or its rank_pattern entry)"
             )
         grad = self.rows(lora_ga.take_gradient(base_layer)) if self.init == "lora_ga" else None
-        initialise_linear(self, self.lora_A.weight, self.lora_B.weight, self.rows(weight.detach()), grad)
+        start = lora_data.supplied(base_layer) if self.init in _DATA_INITS else grad
+        initialise_linear(self, self.lora_A.weight, self.lora_B.weight, self.rows(weight.detach()), start)
         self._new_bias(base_layer, self.lora_B)
 
     def lora_path(self, x, base_layer):
@@ -735,18 +788,36 @@ def _with_params(conv: nn.Module, x: torch.Tensor, weight: torch.Tensor) -> torc
     return torch.func.functional_call(conv, params, (x,))
 
 
+def _rewrites_base(init: Any) -> bool:
+    """Whether the init moves part of W into the adapter or changes W (the base keeps the residual)."""
+    return init in ("olora", "corda", "loftq", "lora_ga") or (
+        isinstance(init, str) and init.startswith("pissa")
+    )
+
+
 def initialise_linear(
-    adapter: LoraAdapter,
-    a: torch.Tensor,
-    b: torch.Tensor,
-    rows: torch.Tensor,
-    grad: torch.Tensor | None = None,
+    adapter: LoraAdapter, a: torch.Tensor, b: torch.Tensor, rows: torch.Tensor, start: Any = None
 ) -> None:
     """Set A and B of a linear LoRA as its ``init`` says; SVD/QR inits also remember A0, B0: the base keeps
     W - s B0 A0. ``rows`` is the base weight as ``out x in`` (unused by the random inits, so a quantized
-    layer passes an empty tensor), ``grad`` its gradient likewise (LoRA-GA's). Quantized layers
-    (backends/) initialise with it too."""
+    layer passes an empty tensor). Quantized layers (backends/) initialise with it too. ``start``: what a
+    data-aware init computed for this layer: LoRA-GA the weight's gradient (``out x in``), EVA A's rows,
+    CorDA ``(A0, B0)`` (``methods/lora_data.py``)."""
     init, r, s = adapter.init, adapter.r, adapter.scaling
+    if init in _DATA_INITS and start is None:
+        name = f"peftkit.inject_{init}(model, config, batches)"
+        raise ConfigError(
+            [
+                f"init_lora_weights={init!r} starts from the layers' inputs on a few batches of data: inject with "
+                f"{name} (a run config feeds it the run's training data)"
+                + (
+                    "; a saved CorDA adapter loads without data when saved with portable=True"
+                    if init == "corda"
+                    else ""
+                )
+            ],
+            what="LoRA init",
+        )
     with torch.no_grad():
         if init is True:
             nn.init.kaiming_uniform_(a, a=math.sqrt(5))
@@ -762,9 +833,17 @@ def initialise_linear(
             new_a, new_b, adapter.__dict__["_loftq_base"] = loftq.factors(rows, r, s, **adapter.init_options)
             a.copy_(new_a), b.copy_(new_b)
             return
+        if init == "eva":  # A on the inputs' top directions; B zero, nothing subtracted from the base
+            if tuple(start.shape) != tuple(a.shape):
+                raise ConfigError([f"EVA directions are {tuple(start.shape)}, LoRA A is {tuple(a.shape)}"])
+            a.copy_(start.to(a.dtype)), nn.init.zeros_(b)
+            return
+        # the inits below choose A0, B0 and leave the base W - s B0 A0 (after the chain)
         if init == "lora_ga":
-            new_a, new_b = lora_ga.factors(grad, rows, r, s, adapter.init_options)
+            new_a, new_b = lora_ga.factors(start, rows, r, s, adapter.init_options)
             a.copy_(new_a), b.copy_(new_b)
+        elif init == "corda":  # methods/lora_corda.py: from the SVD of W C
+            a.copy_(start[0].to(a.dtype)), b.copy_(start[1].to(b.dtype))
         elif init == "olora":
             # OLoRA (Büyükakyüz 2024): orthonormal B from the QR factors of W, A the matching rows of R.
             q, rr = torch.linalg.qr(rows.float())

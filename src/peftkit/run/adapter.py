@@ -53,6 +53,7 @@ def check_adapter(section: Any, problems: list[str]) -> dict[str, Any]:
             for key in fields
         ]
         return {"method": FULL_FINE_TUNING}
+    problems += data_init_problems(method, fields)
     if fields.get("target_modules") == AUTO:
         # chosen by `select` before training; the rest of the section must be a valid config of the method
         spec = _find(method)
@@ -69,6 +70,33 @@ def check_adapter(section: Any, problems: list[str]) -> dict[str, Any]:
         return {"method": method, **fields}
     problems += adapter_problems(method, fields)
     return {"method": method, **fields}
+
+
+def data_init_problems(method: str, fields: Mapping[str, Any]) -> list[str]:
+    """An init that starts from the run's data (LoRA's EVA and CorDA: ``data_inits`` on the config class)
+    named for a method without it, or beside ``target_modules: auto`` (which chooses ranks and A itself)."""
+    init = fields.get("init_lora_weights")
+    if not isinstance(init, str):
+        return []
+    able = [
+        m
+        for m in registry.methods_with("data_inits")
+        if init in registry.find_method(m).config_cls.data_inits
+    ]
+    if not able:
+        return []
+    if method.lower() not in able:
+        return [
+            f"adapter.init_lora_weights: {init!r} starts {' or '.join(able)} from the run's training data; "
+            f"method {method!r} has no such init: set adapter.method: {able[0]} (or drop init_lora_weights)"
+        ]
+    if fields.get("target_modules") == AUTO:
+        return [
+            f"adapter.init_lora_weights: {init!r} starts the adapter from the data itself, and "
+            "`target_modules: auto` chooses targets, ranks and A from its own probe; name the targets "
+            f"(e.g. all-linear) for {init}, or drop init_lora_weights for the selection"
+        ]
+    return []
 
 
 def _find(method: str) -> registry.MethodSpec | None:

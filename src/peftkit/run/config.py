@@ -26,7 +26,7 @@ from typing import Any
 import yaml
 
 from ..backends.config import quantize_problems
-from ..core.registry import FULL_FINE_TUNING, methods_with
+from ..core.registry import FULL_FINE_TUNING, find_method, methods_with
 from ..data.config import SPLITS, DataConfig, data_problems, data_source_problems
 from ..errors import ConfigError
 from ..models.config import ModelConfig, model_problems, model_source_problems
@@ -172,7 +172,13 @@ def _selection_problems(config: RunConfig) -> list[str]:
     if sel.init_from is None:
         return problems
     method, able = method_name(config.adapter), methods_with("selectable")
-    if auto:
+    init = config.adapter.get("init_lora_weights") if isinstance(config.adapter, dict) else None
+    if isinstance(init, str) and init in getattr(_config_class(method), "data_inits", ()):
+        problems.append(
+            f"select.init_from: the saved gradient directions would overwrite the A that "
+            f"init_lora_weights={init!r} computes; drop one of them"
+        )
+    elif auto:
         problems.append(
             "select.init_from: a run that selects (target_modules: auto) starts from its own "
             "probe's directions; drop select.init_from, or train the selected.yaml it belongs to"
@@ -188,6 +194,13 @@ def _selection_problems(config: RunConfig) -> list[str]:
             "`peftkit select` writes beside selected.yaml (or set select.init_from: null)"
         )
     return problems
+
+
+def _config_class(method: str) -> Any:
+    try:
+        return find_method(method).config_cls
+    except KeyError:
+        return None
 
 
 def reference_problems(config: RunConfig) -> list[str]:

@@ -37,7 +37,13 @@ from ..models.config import base_dropout_mode
 from ..select import init as select_init
 from ..select import report as select_report
 from ..select.choose import is_auto
-from ..select.run import choose_for_run, require_selectable, select_for_run, start_from_directions
+from ..select.run import (
+    choose_for_run,
+    inject_from_data,
+    require_selectable,
+    select_for_run,
+    start_from_directions,
+)
 from ..tasks import Task, task_class
 from ..train.checkpoint import latest_checkpoint, load_weights, save_weights, seed_everything
 from ..train.distributed import World, ensure_process_group
@@ -111,13 +117,18 @@ def adapt(
     config: RunConfig,
     new_tokens: Sequence[int] = (),
     train_step: Callable[[], None] | None = None,
+    task: Task | None = None,
+    log: Log = print,
+    facts: dict[str, Any] | None = None,
 ) -> nn.Module:
     """Inject the configured adapter, or make every parameter trainable (``method: full``).
 
     ``new_tokens``: ids of tokens added to the tokenizer (``data.add_special_tokens``), whose embedding rows
     the adapter trains as well (``run/tokens.py``). ``train_step``: forward and backward passes on a few
-    training batches, for an init that starts from the loss's gradients (LoRA-GA). Seed first (``seed_everything``) where the adapter's
-    random initialisation must be reproducible.
+    training batches, for an init that starts from the loss's gradients (LoRA-GA). An init that starts from
+    activations (LoRA's EVA, CorDA) reads ``task``'s training batches; what it found goes into
+    ``facts["data_init"]``. Seed first (``seed_everything``) where the adapter's random initialisation must
+    be reproducible.
     """
     if is_full_fine_tuning(config):
         for parameter in model.parameters():
@@ -143,7 +154,20 @@ def adapt(
             )
         adapter.init_from_data(model, train_step)
     try:
-        return api.inject(model, adapter, ADAPTER_NAME)
+        if not adapter.needs_data():
+            return api.inject(model, adapter, ADAPTER_NAME)
+        if task is None:
+            raise ConfigError(
+                [
+                    f"adapter.init_lora_weights: {adapter.init_lora_weights!r} starts from the run's training data; "
+                    "adapt() needs the task (adapt(model, config, task=task))"
+                ],
+                what="run config",
+            )
+        found = inject_from_data(model, adapter, config, task, ADAPTER_NAME, log)
+        if facts is not None:
+            facts["data_init"] = found
+        return model
     except NoTargetMatchedError as exc:
         # a config mistake (exit 2) named by its field, with the command that lists what there is
         message = str(exc).replace(
@@ -256,7 +280,8 @@ def _adapt_seeded(
     ``metrics.json``."""
     seed_everything(config.train.seed)  # the adapter's initialisation draws random numbers
     step = _init_step(task, model, config, log) if task is not None and _needs_init_data(config) else None
-    model = adapt(model, config, new_tokens, step)
+    facts: dict[str, Any] = {}
+    model = adapt(model, config, new_tokens, step, task, log, facts)
     init_from = None if is_full_fine_tuning(config) else config.select.init_from
     start_from_directions(model, chosen, init_from, ADAPTER_NAME, log)
     summary = api.trainable_summary(model, show=False)
@@ -270,6 +295,7 @@ def _adapt_seeded(
         "method": _method(config),
         "trainable_params": summary.trainable,
         "total_params": summary.total,
+        **facts,
     }
     return model, metrics
 

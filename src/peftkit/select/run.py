@@ -47,6 +47,44 @@ def require_selectable(adapter: Mapping[str, Any]) -> None:
         )
 
 
+def probe_batches(config: Any, task: Any, who: str) -> list[Any]:
+    """``select.probe_batches`` batches of ``select.probe_batch_size`` (or ``train.batch_size``) training
+    examples, drawn seeded (``select.seed``, or ``train.seed``): what the selection probe and the inits that
+    start from data (EVA, CorDA) read.
+
+    Raises:
+        ConfigError: the train split is empty (``who`` names what needed it).
+    """
+    sel = config.select
+    train = task.load_data().get("train") or []
+    if not train:
+        raise ConfigError(
+            [f"data: the train split is empty; {who} needs training examples"], what="run config"
+        )
+    size = sel.probe_batch_size or config.train.batch_size
+    seed = config.train.seed if sel.seed is None else sel.seed
+    order = list(range(len(train)))
+    random.Random(seed).shuffle(order)
+    # distinct examples while the split lasts, then around again (a split smaller than the probe)
+    needed = [order[k % len(order)] for k in range(size * sel.probe_batches)]
+    return [task.collate([train[j] for j in needed[i : i + size]]) for i in range(0, len(needed), size)]
+
+
+def inject_from_data(
+    model: nn.Module, adapter: Any, config: Any, task: Any, name: str, log: Log
+) -> dict[str, Any]:
+    """Inject an adapter whose init starts from activations (LoRA's EVA, CorDA) on the probe batches of the
+    run's training split, run through the task's own loss; the facts for ``metrics.json``."""
+    init = getattr(adapter, "init_lora_weights", "data")
+    batches = probe_batches(config, task, f"init_lora_weights={init!r}")
+    log(
+        f"{init}: reading the target layers' inputs on {len(batches)} training batches (select.probe_batches)"
+    )
+    facts = adapter.inject_from_data(model, batches, lambda m, b: task.loss(m, b), name)
+    log(f"{init}: " + ", ".join(f"{k} {v}" for k, v in facts.items() if k != "init"))
+    return facts
+
+
 def select_for_run(config: Any, task: Any, model: nn.Module, log: Log = print) -> Selection:
     """Selection for a run config with ``select.budget`` set: probe batches drawn (seeded) from the task's
     train split, the run's own loss, and the config's adapter fields as the starting point."""
@@ -59,18 +97,9 @@ def select_for_run(config: Any, task: Any, model: nn.Module, log: Log = print) -
             ],
             what="run config",
         )
-    train = task.load_data().get("train") or []
-    if not train:
-        raise ConfigError(
-            ["data: the train split is empty; the selection probe needs training examples"], what="run config"
-        )
+    batches = probe_batches(config, task, "the selection probe")
     size = sel.probe_batch_size or config.train.batch_size
     seed = config.train.seed if sel.seed is None else sel.seed
-    order = list(range(len(train)))
-    random.Random(seed).shuffle(order)
-    # distinct examples while the split lasts, then around again (a split smaller than the probe)
-    needed = [order[k % len(order)] for k in range(size * sel.probe_batches)]
-    batches = [task.collate([train[j] for j in needed[i : i + size]]) for i in range(0, len(needed), size)]
     base = {k: v for k, v in config.adapter.items() if k != "target_modules"}
     saved = base.pop("modules_to_save", None)
     always = None if saved is None else list(saved)
