@@ -203,3 +203,28 @@ def assert_parity(direction: str, model_id: str, ours_config, theirs_config, dir
     assert_close(
         peftkit.unload(ours, merge=True), theirs.merge_and_unload(), reference, "merged and unloaded"
     )
+
+
+def assert_same_fresh_adapter(ours: nn.Module, theirs: nn.Module, ours_config, directory: Path, keys) -> None:
+    """A fresh adapter from the same config, injected by peftkit (``ours``) and by the reference (``theirs``):
+    the same tensor names and shapes, each library reads the other's adapter_config.json without a warning,
+    and the config fields ``keys`` are equal in the config, both readings and the reference's file."""
+    import json
+    import warnings
+
+    import peft
+    from peft.utils import get_peft_model_state_dict
+
+    shapes = {k: tuple(v.shape) for k, v in peftkit.adapter_state_dict(ours).items()}
+    assert shapes == {k: tuple(v.shape) for k, v in get_peft_model_state_dict(theirs).items()}
+    peftkit.save_adapter(ours, directory / "ours")
+    theirs.save_pretrained(directory / "theirs")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # neither library meets a key it does not know
+        read_theirs = peft.PeftConfig.from_pretrained(directory / "ours")
+        read_ours = peftkit.read_adapter_config(directory / "theirs")
+    written = json.loads((directory / "theirs" / "adapter_config.json").read_text())
+    for key in keys:
+        assert (
+            getattr(read_theirs, key) == getattr(ours_config, key) == getattr(read_ours, key) == written[key]
+        ), key

@@ -352,6 +352,23 @@ class AdapterConfig:
         return dataclasses.replace(self, **changes)
 
 
+def no_patterns_problems(config: AdapterConfig, method: str, why: str, fix: str) -> list[str]:
+    """Problems for a method whose format has no per-module rank or alpha, when ``rank_pattern`` or
+    ``alpha_pattern`` is set: each names the field, ``why`` the method has none, and the ``fix``."""
+    return [
+        f"{name}: {method} has no per-module rank or alpha ({why}); {fix.format(name=name)}"
+        for name in ("rank_pattern", "alpha_pattern")
+        if getattr(config, name, None)
+    ]
+
+
+def with_layout_of(config: Any, plan: Any, conv1d_type: Any) -> Any:
+    """``config`` with ``fan_in_fan_out`` true exactly when the planned targets are GPT-2 ``Conv1D`` layers:
+    what readers of the interchange format expect (the reference library warns and flips it otherwise)."""
+    conv1d = bool(conv1d_type) and any(isinstance(t.module, conv1d_type) for t in plan.targets)
+    return config if conv1d == config.fan_in_fan_out else config.replace(fan_in_fan_out=conv1d)
+
+
 def _jsonable(data: dict[str, Any]) -> dict[str, Any]:
     out = {}
     for key, value in data.items():

@@ -35,7 +35,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ..core.config import AdapterConfig
+from ..core.config import AdapterConfig, no_patterns_problems
 from ..core.inject import trained_biases
 from ..core.layer import AdapterModule, adapter_dtype
 from ..core.registry import register_layer, register_method
@@ -124,12 +124,12 @@ class BOFTConfig(AdapterConfig):
                 "fan_in_fan_out: BOFT adapts nn.Linear and nn.Conv2d, whose weights are stored (out, in); "
                 "leave it False (the reference resets it to False too)"
             )
-        for name in ("rank_pattern", "alpha_pattern"):
-            if getattr(self, name):
-                out.append(
-                    f"{name}: BOFT has no per-module rank or alpha (the reference format has no {name}); "
-                    "use one block configuration for all targets, or inject separate adapters"
-                )
+        out += no_patterns_problems(
+            self,
+            "BOFT",
+            "the reference format has no such field",
+            "use one block configuration for all targets, or inject separate adapters",
+        )
         return out
 
     def layer_values(self, target: Target) -> dict[str, Any]:

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core.config import AdapterConfig
+from ..core.config import AdapterConfig, with_layout_of
 from ..core.inject import trained_biases
 from ..core.layer import AdapterModule
 from ..core.layer import adapter_dtype as _adapter_dtype
@@ -144,10 +144,7 @@ class FourierFTConfig(AdapterConfig):
         }
 
     def after_resolve(self, plan: Any) -> FourierFTConfig:
-        # The reference sets fan_in_fan_out exactly when the targets are GPT-2 Conv1D layers (it warns
-        # and flips it otherwise), so record it that way.
-        conv1d = bool(HFConv1D) and any(isinstance(t.module, HFConv1D) for t in plan.targets)
-        return self if conv1d == self.fan_in_fan_out else self.replace(fan_in_fan_out=conv1d)
+        return with_layout_of(self, plan, HFConv1D)
 
     def extra_trainable(self, model: nn.Module, adapted: list[str]) -> list[str]:
         return trained_biases(model, adapted, self.bias)

@@ -37,7 +37,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ..core.config import AdapterConfig
+from ..core.config import AdapterConfig, no_patterns_problems
 from ..core.inject import trained_biases
 from ..core.layer import AdapterModule, adapter_dtype
 from ..core.registry import register_layer, register_method
@@ -101,12 +101,12 @@ class HRAConfig(AdapterConfig):
                 out.append(f"{name}: must be True or False, got {getattr(self, name)!r}")
         if self.bias not in ("none", "all", "hra_only"):
             out.append(f"bias: must be 'none', 'all' or 'hra_only', got {self.bias!r}")
-        for name in ("rank_pattern", "alpha_pattern"):
-            if getattr(self, name):
-                out.append(
-                    f"{name}: HRA has no per-module rank or alpha (the reference format has no {name}); "
-                    "use one r for all targets, or inject separate adapters"
-                )
+        out += no_patterns_problems(
+            self,
+            "HRA",
+            "the reference format has no such field",
+            "use one r for all targets, or inject separate adapters",
+        )
         return out
 
     def layer_values(self, target: Target) -> dict[str, Any]:

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core.config import AdapterConfig
+from ..core.config import AdapterConfig, no_patterns_problems
 from ..core.inject import trained_biases
 from ..core.layer import AdapterModule, adapter_dtype
 from ..core.registry import register_layer, register_method
@@ -95,12 +95,12 @@ class MissConfig(AdapterConfig):
         # the reference accepts any "<name>_only" (its docs say "MiSS_only")
         if self.bias not in ("none", "all", "MiSS_only", "miss_only"):
             out.append(f"bias: must be 'none', 'all' or 'MiSS_only', got {self.bias!r}")
-        for name in ("rank_pattern", "alpha_pattern"):
-            if getattr(self, name):
-                out.append(
-                    f"{name}: MiSS has no per-module rank or alpha (the reference format has no {name}); "
-                    "use one r for all targets, or inject separate adapters"
-                )
+        out += no_patterns_problems(
+            self,
+            "MiSS",
+            "the reference format has no such field",
+            "use one r for all targets, or inject separate adapters",
+        )
         return out
 
     def layer_values(self, target: Target) -> dict[str, Any]:

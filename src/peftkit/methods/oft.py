@@ -41,7 +41,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ..core.config import AdapterConfig
+from ..core.config import AdapterConfig, no_patterns_problems
 from ..core.inject import trained_biases
 from ..core.layer import AdapterModule
 from ..core.layer import adapter_dtype as _adapter_dtype
@@ -156,12 +156,12 @@ class OFTConfig(AdapterConfig):
         for name in ("fan_in_fan_out", "init_weights", "coft", "block_share", "use_cayley_neumann"):
             if not _flag(getattr(self, name)):
                 out.append(f"{name}: must be True or False, got {getattr(self, name)!r}")
-        for name in ("rank_pattern", "alpha_pattern"):
-            if getattr(self, name):
-                out.append(
-                    f"{name}: OFT has no per-module rank or alpha (the reference format has no {name}); "
-                    "use one oft_block_size for all targets, or inject separate adapters"
-                )
+        out += no_patterns_problems(
+            self,
+            "OFT",
+            "the reference format has no such field",
+            "use one oft_block_size for all targets, or inject separate adapters",
+        )
         return out
 
     @classmethod

@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core.config import AdapterConfig
+from ..core.config import AdapterConfig, no_patterns_problems, with_layout_of
 from ..core.inject import trained_biases
 from ..core.layer import AdapterModule, ModelPart
 from ..core.layer import adapter_dtype as _adapter_dtype
@@ -128,12 +128,12 @@ class RandLoraConfig(AdapterConfig):
             out.append(f"randlora_alpha: must be a finite number (the reference uses 20 * r), got {alpha!r}")
         if self.bias not in ("none", "all", "randlora_only"):
             out.append(f"bias: must be 'none', 'all' or 'randlora_only', got {self.bias!r}")
-        for name in ("rank_pattern", "alpha_pattern"):
-            if getattr(self, name):
-                out.append(
-                    f"{name}: RandLoRA has no per-module rank or alpha (every layer slices the same shared "
-                    f"bases of rank r); remove {name}, or use LoRA for per-module ranks"
-                )
+        out += no_patterns_problems(
+            self,
+            "RandLoRA",
+            "every layer slices the same shared bases of rank r",
+            "remove {name}, or use LoRA for per-module ranks",
+        )
         return out
 
     def layer_values(self, target: Target) -> dict[str, Any]:
@@ -145,10 +145,7 @@ class RandLoraConfig(AdapterConfig):
         }
 
     def after_resolve(self, plan: Any) -> RandLoraConfig:
-        # Readers of the interchange format expect fan_in_fan_out=True exactly when the targets are
-        # GPT-2 Conv1D layers (the reference library warns and flips it otherwise).
-        conv1d = bool(HFConv1D) and any(isinstance(t.module, HFConv1D) for t in plan.targets)
-        return self if conv1d == self.fan_in_fan_out else self.replace(fan_in_fan_out=conv1d)
+        return with_layout_of(self, plan, HFConv1D)
 
     def build_part(self, model: nn.Module, plan: Any) -> RandLoraBases:
         # The bases are as large as the largest target in each dimension, as in the reference.

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core.config import AdapterConfig
+from ..core.config import AdapterConfig, no_patterns_problems, with_layout_of
 from ..core.inject import trained_biases
 from ..core.layer import AdapterModule, ModelPart
 from ..core.layer import adapter_dtype as _adapter_dtype
@@ -143,12 +143,7 @@ class VBLoRAConfig(AdapterConfig):
                 out.append(f"{name}: must be a finite number >= 0, got {value!r}")
         if self.bias not in ("none", "all", "vblora_only"):
             out.append(f"bias: must be 'none', 'all' or 'vblora_only', got {self.bias!r}")
-        for name in ("rank_pattern", "alpha_pattern"):
-            if getattr(self, name):
-                out.append(
-                    f"{name}: VB-LoRA has no per-module rank or alpha (the reference format has none); "
-                    f"remove {name}"
-                )
+        out += no_patterns_problems(self, "VB-LoRA", "the reference format has none", "remove {name}")
         return out
 
     def layer_values(self, target: Target) -> dict[str, Any]:
@@ -161,10 +156,7 @@ class VBLoRAConfig(AdapterConfig):
         }
 
     def after_resolve(self, plan: Any) -> VBLoRAConfig:
-        # Readers of the interchange format expect fan_in_fan_out=True exactly when the targets are
-        # GPT-2 Conv1D layers (the reference library warns and flips it otherwise).
-        conv1d = bool(HFConv1D) and any(isinstance(t.module, HFConv1D) for t in plan.targets)
-        return self if conv1d == self.fan_in_fan_out else self.replace(fan_in_fan_out=conv1d)
+        return with_layout_of(self, plan, HFConv1D)
 
     def build_part(self, model: nn.Module, plan: Any) -> VectorBank:
         weights = [t.module.weight for t in plan.targets]

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core.config import AdapterConfig
+from ..core.config import AdapterConfig, no_patterns_problems, with_layout_of
 from ..core.inject import trained_biases
 from ..core.layer import AdapterModule, ModelPart
 from ..core.layer import adapter_dtype as _adapter_dtype
@@ -110,12 +110,12 @@ class VeraConfig(AdapterConfig):
             out.append(f"bias: must be 'none', 'all' or 'vera_only', got {self.bias!r}")
         if not isinstance(self.init_weights, bool):
             out.append(f"init_weights: must be True or False, got {self.init_weights!r}")
-        for name in ("rank_pattern", "alpha_pattern"):
-            if getattr(self, name):
-                out.append(
-                    f"{name}: VeRA has no per-module rank or alpha (every layer slices the same shared A and "
-                    f"B of rank r); remove {name}, or use LoRA for per-module ranks"
-                )
+        out += no_patterns_problems(
+            self,
+            "VeRA",
+            "every layer slices the same shared A and B of rank r",
+            "remove {name}, or use LoRA for per-module ranks",
+        )
         return out
 
     def layer_values(self, target: Target) -> dict[str, Any]:
@@ -127,10 +127,7 @@ class VeraConfig(AdapterConfig):
         }
 
     def after_resolve(self, plan: Any) -> VeraConfig:
-        # Readers of the interchange format expect fan_in_fan_out=True exactly when the targets are
-        # GPT-2 Conv1D layers (the reference library warns and flips it otherwise).
-        conv1d = bool(HFConv1D) and any(isinstance(t.module, HFConv1D) for t in plan.targets)
-        return self if conv1d == self.fan_in_fan_out else self.replace(fan_in_fan_out=conv1d)
+        return with_layout_of(self, plan, HFConv1D)
 
     def build_part(self, model: nn.Module, plan: Any) -> VeraProjections:
         # The shared matrices are as large as the largest target in each dimension (section 3.1).
