@@ -20,7 +20,7 @@ from torch import nn
 import peftkit
 from peftkit.errors import ConfigError, UnsupportedLayerError
 from peftkit.methods.c3a import C3AConfig, C3ALinear, block_correlation, circulant_blocks
-from support import reference_mlp
+from support import custom_models as cm
 
 peft = pytest.importorskip("peft")
 from peft.tuners.c3a.utils import BlockCircularConvolution, get_circulant_fast  # noqa: E402
@@ -98,7 +98,7 @@ def test_inits(init, bound):
 
 
 def test_block_size_must_divide_both_sizes_and_patterns_set_it_per_module():
-    model = reference_mlp.base()
+    model = cm.base("MLP")
     with pytest.raises(
         UnsupportedLayerError, match=r"lin1: block_size=5 does not divide .*in 20, out 2.* e\.g\. 2"
     ):
@@ -114,7 +114,7 @@ def test_block_size_must_divide_both_sizes_and_patterns_set_it_per_module():
 def test_two_adapters_on_one_layer_add_up():
     """The reference chains a second active adapter onto the first one's output (its forward overwrites x);
     peftkit adds their updates, as their merge does, so merged and unmerged agree."""
-    model, x = reference_mlp.base(), reference_mlp.inputs(1)
+    model, x = cm.base("MLP"), cm.inputs(1)
     config = C3AConfig(block_size=5, target_modules=["lin0"], init_weights="gaussian")
     peftkit.inject(model, config)
     peftkit.inject(model, config, "other")
@@ -130,7 +130,7 @@ def test_two_adapters_on_one_layer_add_up():
 
 
 def test_a_bf16_base_gets_a_float32_kernel_and_merges():
-    model, x = reference_mlp.base().to(torch.bfloat16), reference_mlp.inputs(1).to(torch.bfloat16)
+    model, x = cm.base("MLP").to(torch.bfloat16), cm.inputs(1).to(torch.bfloat16)
     peftkit.inject(model, C3AConfig(block_size=10, target_modules=["lin0"]))
     assert model.lin0.adapters["default"].c3a_kernel.dtype == torch.float32
     unmerged = model(x)
@@ -170,8 +170,9 @@ CASES = {
 @pytest.mark.parametrize("direction", ["peftkit->peft", "peft->peftkit"])
 def test_reference_cases_agree_both_ways(direction, case, tmp_path):
     options = CASES[case]
-    reference_mlp.two_way(
+    cm.assert_parity(
         direction,
+        "MLP",
         C3AConfig(**copy.deepcopy(options)),
         peft.C3AConfig(**copy.deepcopy(options)),
         tmp_path / "adapter",
@@ -181,8 +182,8 @@ def test_reference_cases_agree_both_ways(direction, case, tmp_path):
 @pytest.mark.parametrize("case", list(CASES))
 def test_a_fresh_adapter_has_the_same_tensors_in_both(case):
     options = CASES[case]
-    ours = peftkit.inject(reference_mlp.base(), C3AConfig(**copy.deepcopy(options)))
-    theirs = peft.get_peft_model(reference_mlp.base(), peft.C3AConfig(**copy.deepcopy(options)))
+    ours = peftkit.inject(cm.base("MLP"), C3AConfig(**copy.deepcopy(options)))
+    theirs = peft.get_peft_model(cm.base("MLP"), peft.C3AConfig(**copy.deepcopy(options)))
     shapes = {k: tuple(v.shape) for k, v in peftkit.adapter_state_dict(ours).items()}
     assert shapes == {k: tuple(v.shape) for k, v in get_peft_model_state_dict(theirs).items()}
     assert peftkit.trainable_summary(ours, show=False).trainable == sum(
@@ -195,8 +196,9 @@ def test_random_inits_agree_both_ways(init, tmp_path):
     options = {"block_size": 5, "target_modules": ["lin0", "lin1"], "init_weights": init}
     options["block_size_pattern"] = {"lin1": 2}
     for direction in ("peftkit->peft", "peft->peftkit"):
-        reference_mlp.two_way(
+        cm.assert_parity(
             direction,
+            "MLP",
             C3AConfig(**copy.deepcopy(options)),
             peft.C3AConfig(**copy.deepcopy(options)),
             tmp_path / direction.replace(">", ""),
@@ -205,15 +207,15 @@ def test_random_inits_agree_both_ways(init, tmp_path):
 
 def test_configs_read_in_both_libraries_without_warnings(tmp_path):
     options = CASES["Vanilla MLP 7 C3A"]
-    ours = peftkit.inject(reference_mlp.base(), C3AConfig(**copy.deepcopy(options)))
+    ours = peftkit.inject(cm.base("MLP"), C3AConfig(**copy.deepcopy(options)))
     peftkit.save_adapter(ours, tmp_path / "ours")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         theirs = peft.PeftConfig.from_pretrained(tmp_path / "ours")
-        peft.get_peft_model(reference_mlp.base(), peft.C3AConfig(**copy.deepcopy(options))).save_pretrained(
+        peft.get_peft_model(cm.base("MLP"), peft.C3AConfig(**copy.deepcopy(options))).save_pretrained(
             tmp_path / "theirs"
         )
-        mine = peftkit.load_adapter(reference_mlp.base(), tmp_path / "theirs")
+        mine = peftkit.load_adapter(cm.base("MLP"), tmp_path / "theirs")
     assert isinstance(theirs, peft.C3AConfig)
     assert theirs.block_size_pattern == {"lin0": 5, "lin1": 10}
     assert peftkit.adapter_config(mine).block_size_pattern == {"lin0": 5, "lin1": 10}

@@ -20,7 +20,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 import peftkit
 from peftkit.errors import ConfigError, UnsupportedLayerError
 from peftkit.methods.fourierft import FourierFTConfig, FourierFTLinear, spectral_positions
-from support import reference_mlp
+from support import custom_models as cm
 
 peft = pytest.importorskip("peft")
 from peft.utils import get_peft_model_state_dict  # noqa: E402
@@ -72,7 +72,7 @@ def test_every_config_problem_is_reported_at_once():
 
 def test_positions_and_delta_equal_the_references():
     for seed in (777, 3):
-        base = reference_mlp.base()
+        base = cm.base("MLP")
         config = {"n_frequency": 7, "target_modules": ["lin0", "lin1"], "random_loc_seed": seed}
         ours = peftkit.inject(copy.deepcopy(base), FourierFTConfig(**config))
         theirs = peft.get_peft_model(copy.deepcopy(base), peft.FourierFTConfig(**copy.deepcopy(config)))
@@ -101,7 +101,7 @@ def test_the_delta_is_the_scaled_real_inverse_dft_of_the_sparse_spectrum():
 
 
 def test_init_weights_chooses_a_zero_or_normal_spectrum():
-    model, x = reference_mlp.base(), reference_mlp.inputs(1)
+    model, x = cm.base("MLP"), cm.inputs(1)
     before = model(x)
     peftkit.inject(model, FourierFTConfig(n_frequency=10, target_modules=["lin0"], init_weights=True))
     assert torch.equal(model(x), before)
@@ -112,21 +112,21 @@ def test_init_weights_chooses_a_zero_or_normal_spectrum():
 
 
 def test_n_frequency_pattern_gives_modules_their_own_size_and_too_many_is_refused():
-    model = reference_mlp.base()
+    model = cm.base("MLP")
     peftkit.inject(
         model,
         FourierFTConfig(n_frequency=30, n_frequency_pattern={"lin1": 4}, target_modules=["lin0", "lin1"]),
     )
     assert model.lin0.adapters["default"].fourierft_spectrum.shape == (30,)
     assert model.lin1.adapters["default"].fourierft_spectrum.shape == (4,)
-    model = reference_mlp.base()
+    model = cm.base("MLP")
     with pytest.raises(UnsupportedLayerError, match=r"n_frequency=50 is more than the 2 x 20 = 40"):
         peftkit.inject(model, FourierFTConfig(n_frequency=50, target_modules=["lin0", "lin1"]))
     assert isinstance(model.lin0, nn.Linear)
 
 
 def test_a_bf16_base_gets_a_float32_spectrum_and_merges():
-    model, x = reference_mlp.base().to(torch.bfloat16), reference_mlp.inputs(1).to(torch.bfloat16)
+    model, x = cm.base("MLP").to(torch.bfloat16), cm.inputs(1).to(torch.bfloat16)
     peftkit.inject(model, FourierFTConfig(n_frequency=10, scaling=1.0, target_modules=["lin0"]))
     assert model.lin0.adapters["default"].fourierft_spectrum.dtype == torch.float32
     unmerged = model(x)
@@ -187,8 +187,9 @@ CASES = {
 @pytest.mark.parametrize("direction", ["peftkit->peft", "peft->peftkit"])
 def test_reference_cases_agree_both_ways(direction, case, tmp_path):
     options = CASES[case]
-    reference_mlp.two_way(
+    cm.assert_parity(
         direction,
+        "MLP",
         FourierFTConfig(**copy.deepcopy(options)),
         peft.FourierFTConfig(**copy.deepcopy(options)),
         tmp_path / "adapter",
@@ -198,8 +199,8 @@ def test_reference_cases_agree_both_ways(direction, case, tmp_path):
 @pytest.mark.parametrize("case", list(CASES))
 def test_a_fresh_adapter_has_the_same_tensors_in_both(case):
     options = CASES[case]
-    ours = peftkit.inject(reference_mlp.base(), FourierFTConfig(**copy.deepcopy(options)))
-    theirs = peft.get_peft_model(reference_mlp.base(), peft.FourierFTConfig(**copy.deepcopy(options)))
+    ours = peftkit.inject(cm.base("MLP"), FourierFTConfig(**copy.deepcopy(options)))
+    theirs = peft.get_peft_model(cm.base("MLP"), peft.FourierFTConfig(**copy.deepcopy(options)))
     shapes = {k: tuple(v.shape) for k, v in peftkit.adapter_state_dict(ours).items()}
     assert shapes == {k: tuple(v.shape) for k, v in get_peft_model_state_dict(theirs).items()}
     assert peftkit.trainable_summary(ours, show=False).trainable == sum(
@@ -209,15 +210,15 @@ def test_a_fresh_adapter_has_the_same_tensors_in_both(case):
 
 def test_configs_read_in_both_libraries_without_warnings(tmp_path):
     options = CASES["Vanilla MLP 7 FourierFT"]
-    ours = peftkit.inject(reference_mlp.base(), FourierFTConfig(**copy.deepcopy(options)))
+    ours = peftkit.inject(cm.base("MLP"), FourierFTConfig(**copy.deepcopy(options)))
     peftkit.save_adapter(ours, tmp_path / "ours")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         theirs = peft.PeftConfig.from_pretrained(tmp_path / "ours")
-        peft.get_peft_model(
-            reference_mlp.base(), peft.FourierFTConfig(**copy.deepcopy(options))
-        ).save_pretrained(tmp_path / "theirs")
-        mine = peftkit.load_adapter(reference_mlp.base(), tmp_path / "theirs")
+        peft.get_peft_model(cm.base("MLP"), peft.FourierFTConfig(**copy.deepcopy(options))).save_pretrained(
+            tmp_path / "theirs"
+        )
+        mine = peftkit.load_adapter(cm.base("MLP"), tmp_path / "theirs")
     assert isinstance(theirs, peft.FourierFTConfig)
     assert theirs.n_frequency_pattern == {"lin0": 5, "lin1": 10}
     assert peftkit.adapter_config(mine).n_frequency_pattern == {"lin0": 5, "lin1": 10}

@@ -22,7 +22,7 @@ from torch import nn
 import peftkit
 from peftkit.errors import ConfigError
 from peftkit.methods.lora_fa import FrozenA, LoraFAOptimizer, lora_fa_optimizer
-from support import reference_mlp
+from support import custom_models as cm
 
 peft = pytest.importorskip("peft")
 lorafa = pytest.importorskip("peft.optimizers.lorafa")
@@ -52,7 +52,7 @@ def _train(model: nn.Module, optimizer: torch.optim.Optimizer, steps: int = STEP
     model.train()
     for step in range(steps):
         torch.manual_seed(100 + step)  # the same dropout masks on both sides
-        model(reference_mlp.inputs(10 + step))[:, 0].mean().backward()
+        model(cm.inputs(10 + step))[:, 0].mean().backward()
         optimizer.step()
         optimizer.zero_grad()
     model.eval()
@@ -79,9 +79,9 @@ def test_updates_match_the_references_optimizer(case, autocast, tmp_path, monkey
         monkeypatch.setattr(lorafa, "is_bf16_available", lambda: False)
     options = CASES[case]
     torch.manual_seed(0)
-    theirs = peft.get_peft_model(reference_mlp.base(), peft.LoraConfig(**copy.deepcopy(options)))
+    theirs = peft.get_peft_model(cm.base("MLP"), peft.LoraConfig(**copy.deepcopy(options)))
     theirs.save_pretrained(tmp_path)
-    ours = peftkit.load_adapter(reference_mlp.base(), tmp_path, is_trainable=True)
+    ours = peftkit.load_adapter(cm.base("MLP"), tmp_path, is_trainable=True)
     start = {n: b.clone() for n, b in _lora_b(ours, theirs=False).items()}
     _train(ours, lora_fa_optimizer(ours, lr=LR, weight_decay=0.1))
     _train(
@@ -97,13 +97,13 @@ def test_updates_match_the_references_optimizer(case, autocast, tmp_path, monkey
     for name in mine:
         assert (mine[name] - start[name]).abs().max() > LR, f"{name}: B did not train"
         assert (mine[name] - reference[name]).abs().max() <= tolerance, name
-    a, b = reference_mlp.out(ours), reference_mlp.out(theirs)
+    a, b = cm.out(ours), cm.out(theirs)
     assert (a - b).abs().max() <= (1e-3 if autocast else 1e-5)
 
 
 def test_a_is_frozen_and_only_b_and_other_trainables_get_optimizer_state(tmp_path):
     model = peftkit.inject(
-        reference_mlp.base(), peftkit.LoraConfig(r=4, target_modules=["lin0"], modules_to_save=["lin1"])
+        cm.base("MLP"), peftkit.LoraConfig(r=4, target_modules=["lin0"], modules_to_save=["lin1"])
     )
     a_before = model.lin0.adapters["default"].lora_A.weight.detach().clone()
     optimizer = lora_fa_optimizer(model, lr=LR)
@@ -121,7 +121,7 @@ def test_a_is_frozen_and_only_b_and_other_trainables_get_optimizer_state(tmp_pat
 
 def test_files_are_plain_lora_files_the_reference_loads(tmp_path):
     model = peftkit.inject(
-        reference_mlp.base(), peftkit.LoraConfig(r=4, lora_alpha=8, target_modules=["lin0", "lin1"])
+        cm.base("MLP"), peftkit.LoraConfig(r=4, lora_alpha=8, target_modules=["lin0", "lin1"])
     )
     a_init = model.lin0.adapters["default"].lora_A.weight.detach().clone()
     _train(model, lora_fa_optimizer(model, lr=LR))
@@ -132,9 +132,9 @@ def test_files_are_plain_lora_files_the_reference_loads(tmp_path):
         keys = set(handle.keys())
         assert torch.equal(handle.get_tensor("base_model.model.lin0.lora_A.weight"), a_init)
     assert keys == {f"base_model.model.{n}.lora_{s}.weight" for n in ("lin0", "lin1") for s in "AB"}
-    theirs = peft.PeftModel.from_pretrained(reference_mlp.base(), tmp_path).eval()
+    theirs = peft.PeftModel.from_pretrained(cm.base("MLP"), tmp_path).eval()
     assert isinstance(theirs.peft_config["default"], peft.LoraConfig)
-    assert (reference_mlp.out(theirs) - reference_mlp.out(model)).abs().max() <= 1e-6
+    assert (cm.out(theirs) - cm.out(model)).abs().max() <= 1e-6
 
 
 def test_the_projection_is_the_least_squares_fit_of_the_full_gradient():
@@ -152,10 +152,8 @@ def test_the_projection_is_the_least_squares_fit_of_the_full_gradient():
 
 def test_refuses_models_it_cannot_train():
     with pytest.raises(ConfigError, match="no trainable one"):
-        lora_fa_optimizer(
-            peftkit.inject(reference_mlp.base(), peftkit.IA3Config(target_modules=["lin0"])), lr=LR
-        )
-    dora = peftkit.inject(reference_mlp.base(), peftkit.LoraConfig(target_modules=["lin0"], use_dora=True))
+        lora_fa_optimizer(peftkit.inject(cm.base("MLP"), peftkit.IA3Config(target_modules=["lin0"])), lr=LR)
+    dora = peftkit.inject(cm.base("MLP"), peftkit.LoraConfig(target_modules=["lin0"], use_dora=True))
     with pytest.raises(ConfigError, match="DoRA"):
         lora_fa_optimizer(dora, lr=LR)
     embedding = nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 2))
