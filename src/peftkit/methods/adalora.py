@@ -119,8 +119,10 @@ class AdaLoraConfig(AdapterConfig):
     # AdaLoRA ignores r (init_r is the rank) and use_rslora (its scale is always alpha / init_r).
     reference_inert: ClassVar[dict[str, Any]] = {
         **LoraConfig.reference_inert,
-        "loftq_config": {},  # LoRA fields (LoftQ, LoRA-GA), not implemented for AdaLoRA
+        "loftq_config": {},  # LoRA fields (LoftQ, LoRA-GA, EVA, CorDA), not implemented for AdaLoRA
         "lora_ga_config": None,
+        "eva_config": None,
+        "corda_config": None,
         "lora_bias": False,  # a LoRA field, not implemented for AdaLoRA
         "target_parameters": None,
         "trainable_token_indices": None,  # a LoRA field peftkit's AdaLoRA does not take
