@@ -60,3 +60,11 @@ def test_adapter_specs():
     assert parse_adapter("a=runs/x") == ("a", "runs/x")
     assert parse_adapter("runs/support-lora/") == ("support-lora", "runs/support-lora/")
     assert parse_adapter("v1.2=dir=with=equals") == ("v1.2", "dir=with=equals")
+
+
+def test_the_base_runs_adapter_can_be_named(runs):
+    built = build_server(
+        ServerOptions(base=str(runs / "first"), adapters=[f"sentiment={runs / 'first'}"]),
+        log=lambda line: None,
+    )
+    assert [a.name for a in built.pool.available()] == ["sentiment"]

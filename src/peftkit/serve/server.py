@@ -103,10 +103,15 @@ def build_server(options: ServerOptions, log: Callable[[str], None] = print) -> 
         load_roots=[Path(p) for p in options.allow_load_from],
     )
     named = [parse_adapter(spec) for spec in options.adapters]
+    # the run given as BASE serves its adapter under the run directory's name, unless an --adapter names
+    # that run already (e.g. --adapter sentiment=RUN to choose the name)
+    given = {Path(path).resolve() for _, path in named}
     if (
         base.adapter is not None
         and base.adapter[0] not in {n for n, _ in named}
         and base.adapter[0] != base.id
+        and Path(options.base).resolve() not in given
+        and base.adapter[1].resolve() not in given
     ):
         named.insert(0, (base.adapter[0], str(base.adapter[1])))
     refused = []
