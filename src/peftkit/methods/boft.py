@@ -35,6 +35,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from ..core import checks
 from ..core.config import AdapterConfig, no_patterns_problems
 from ..core.inject import trained_biases
 from ..core.layer import AdapterModule, adapter_dtype
@@ -111,14 +112,9 @@ class BOFTConfig(AdapterConfig):
         factor = self.boft_n_butterfly_factor
         if not (_whole(factor) and factor >= 1):
             out.append(f"boft_n_butterfly_factor: must be an integer >= 1 (1 = OFT), got {factor!r}")
-        dropout = self.boft_dropout
-        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
-            out.append(f"boft_dropout: must be in [0, 1), got {dropout!r}")
-        if self.bias not in ("none", "all", "boft_only"):
-            out.append(f"bias: must be 'none', 'all' or 'boft_only', got {self.bias!r}")
-        for name in ("fan_in_fan_out", "init_weights"):
-            if not isinstance(getattr(self, name), bool):
-                out.append(f"{name}: must be True or False, got {getattr(self, name)!r}")
+        out += checks.dropout(self, "boft_dropout")
+        out += checks.bias_mode(self, "boft_only")
+        out += checks.booleans(self, "fan_in_fan_out", "init_weights")
         if self.fan_in_fan_out is True:
             out.append(
                 "fan_in_fan_out: BOFT adapts nn.Linear and nn.Conv2d, whose weights are stored (out, in); "

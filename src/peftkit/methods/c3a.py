@@ -24,6 +24,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from ..core import checks
 from ..core.config import AdapterConfig
 from ..core.inject import trained_biases
 from ..core.layer import AdapterModule
@@ -87,11 +88,8 @@ class C3AConfig(AdapterConfig):
 
     def problems(self) -> list[str]:
         out = super().problems()
-        b = self.block_size
-        if isinstance(b, bool) or not isinstance(b, int) or b <= 0:
-            out.append(f"block_size: must be a positive integer, got {b!r}")
-        if self.bias not in ("none", "all", "c3a_only"):
-            out.append(f"bias: must be 'none', 'all' or 'c3a_only', got {self.bias!r}")
+        out += checks.positive_ints(self, "block_size")
+        out += checks.bias_mode(self, "c3a_only")
         init = self.init_weights
         if not any(init is i or (isinstance(i, str) and init == i) for i in _INITS):
             out.append(f"init_weights: must be one of {', '.join(map(repr, _INITS))}; got {init!r}")

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..core import checks
 from ..core.config import AdapterConfig
 from ..core.inject import trained_biases
 from ..core.layer import AdapterModule, adapter_dtype
@@ -76,18 +77,11 @@ class DeloraConfig(AdapterConfig):
 
     def problems(self) -> list[str]:
         out = super().problems()
-        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
-            out.append(f"r: must be a positive integer, got {self.r!r}")
-        lam = self.delora_lambda
-        if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not math.isfinite(lam):
-            out.append(f"delora_lambda: must be a number, got {lam!r}")
-        dropout = self.module_dropout
-        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
-            out.append(f"module_dropout: must be in [0, 1), got {dropout!r}")
-        if self.bias not in ("none", "all", "delora_only"):
-            out.append(f"bias: must be 'none', 'all' or 'delora_only', got {self.bias!r}")
-        if not isinstance(self.init_weights, bool):
-            out.append(f"init_weights: must be True or False, got {self.init_weights!r}")
+        out += checks.positive_ints(self, "r")
+        out += checks.finite(self, "delora_lambda")
+        out += checks.dropout(self, "module_dropout")
+        out += checks.bias_mode(self, "delora_only")
+        out += checks.booleans(self, "init_weights")
         ranks = self.rank_pattern.values() if isinstance(self.rank_pattern, dict) else []
         if any(isinstance(v, float) and not float(v).is_integer() for v in ranks):
             out.append(f"rank_pattern: ranks must be whole numbers, got {self.rank_pattern!r}")

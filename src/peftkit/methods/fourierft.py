@@ -19,7 +19,6 @@ changes the output. ``init_weights=True`` starts it at zero.
 from __future__ import annotations
 
 import functools
-import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -27,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..core import checks
 from ..core.config import AdapterConfig, with_layout_of
 from ..core.inject import trained_biases
 from ..core.layer import AdapterModule
@@ -113,21 +113,11 @@ class FourierFTConfig(AdapterConfig):
 
     def problems(self) -> list[str]:
         out = super().problems()
-        n = self.n_frequency
-        if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
-            out.append(f"n_frequency: must be a positive integer, got {n!r}")
-        s = self.scaling
-        if isinstance(s, bool) or not isinstance(s, (int, float)) or not math.isfinite(s):
-            out.append(f"scaling: must be a finite number (the paper uses 100 to 300), got {s!r}")
-        seed = self.random_loc_seed
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            out.append(f"random_loc_seed: must be an integer seed, got {seed!r}")
-        if not isinstance(self.fan_in_fan_out, bool):
-            out.append(f"fan_in_fan_out: must be True or False, got {self.fan_in_fan_out!r}")
-        if self.bias not in ("none", "all", "fourier_only"):
-            out.append(f"bias: must be 'none', 'all' or 'fourier_only', got {self.bias!r}")
-        if not isinstance(self.init_weights, bool):
-            out.append(f"init_weights: must be True or False, got {self.init_weights!r}")
+        out += checks.positive_ints(self, "n_frequency")
+        out += checks.finite(self, "scaling", "the paper uses 100 to 300")
+        out += checks.seeds(self, "random_loc_seed")
+        out += checks.booleans(self, "fan_in_fan_out", "init_weights")
+        out += checks.bias_mode(self, "fourier_only")
         out += positive_int_pattern("n_frequency_pattern", self.n_frequency_pattern, "n_frequency")
         return out + no_rank_patterns(self, "FourierFT", "n_frequency_pattern")
 

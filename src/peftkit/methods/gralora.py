@@ -29,6 +29,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from ..core import checks
 from ..core.config import AdapterConfig
 from ..core.inject import trained_biases
 from ..core.layer import AdapterModule, adapter_dtype
@@ -95,17 +96,9 @@ class GraloraConfig(AdapterConfig):
             )
         if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or self.alpha <= 0:
             out.append(f"alpha: must be a positive number, got {self.alpha!r}")
-        if (
-            isinstance(self.gralora_dropout, bool)
-            or not isinstance(self.gralora_dropout, (int, float))
-            or not 0 <= self.gralora_dropout < 1
-        ):
-            out.append(f"gralora_dropout: must be in [0, 1), got {self.gralora_dropout!r}")
-        for name in ("fan_in_fan_out", "init_weights"):
-            if not isinstance(getattr(self, name), bool):
-                out.append(f"{name}: must be True or False, got {getattr(self, name)!r}")
-        if self.bias not in ("none", "all", "gralora_only"):
-            out.append(f"bias: must be 'none', 'all' or 'gralora_only', got {self.bias!r}")
+        out += checks.dropout(self, "gralora_dropout")
+        out += checks.booleans(self, "fan_in_fan_out", "init_weights")
+        out += checks.bias_mode(self, "gralora_only")
         for name in ("exclude_modules", "rank_pattern", "alpha_pattern"):
             if getattr(self, name):
                 out.append(

@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..core import checks
 from ..core.config import AdapterConfig
 from ..core.layer import AdapterModule, adapter_dtype
 from ..core.registry import register_layer, register_method
@@ -88,16 +89,9 @@ class HiraConfig(AdapterConfig):
 
     def problems(self) -> list[str]:
         out = super().problems()
-        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
-            out.append(f"r: must be a positive integer, got {self.r!r}")
-        if (
-            isinstance(self.hira_dropout, bool)
-            or not isinstance(self.hira_dropout, (int, float))
-            or not 0 <= self.hira_dropout < 1
-        ):
-            out.append(f"hira_dropout: must be in [0, 1), got {self.hira_dropout!r}")
-        if not isinstance(self.fan_in_fan_out, bool):
-            out.append(f"fan_in_fan_out: must be True or False, got {self.fan_in_fan_out!r}")
+        out += checks.positive_ints(self, "r")
+        out += checks.dropout(self, "hira_dropout")
+        out += checks.booleans(self, "fan_in_fan_out")
         if not (isinstance(self.init_weights, bool) or self.init_weights == "gaussian"):
             out.append(f"init_weights: must be True, False or 'gaussian', got {self.init_weights!r}")
         if self.alpha_pattern:

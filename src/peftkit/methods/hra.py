@@ -37,6 +37,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from ..core import checks
 from ..core.config import AdapterConfig, no_patterns_problems
 from ..core.inject import trained_biases
 from ..core.layer import AdapterModule, adapter_dtype
@@ -96,11 +97,8 @@ class HRAConfig(AdapterConfig):
         out = super().problems()
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
             out.append(f"r: the number of reflections must be a positive integer, got {self.r!r}")
-        for name in ("apply_GS", "init_weights"):
-            if not isinstance(getattr(self, name), bool):
-                out.append(f"{name}: must be True or False, got {getattr(self, name)!r}")
-        if self.bias not in ("none", "all", "hra_only"):
-            out.append(f"bias: must be 'none', 'all' or 'hra_only', got {self.bias!r}")
+        out += checks.booleans(self, "apply_GS", "init_weights")
+        out += checks.bias_mode(self, "hra_only")
         out += no_patterns_problems(
             self,
             "HRA",

@@ -28,6 +28,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from ..core import checks
 from ..core.config import AdapterConfig
 from ..core.registry import register_layer, register_method
 from ..core.targeting import Target
@@ -104,9 +105,7 @@ class LoKrConfig(AdapterConfig):
 
     def problems(self) -> list[str]:
         out = super().problems() + lycoris_problems(self, inits=(True, False, "lycoris"))
-        for name in ("decompose_both", "rank_dropout_scale"):
-            if not isinstance(getattr(self, name), bool):
-                out.append(f"{name}: must be True or False, got {getattr(self, name)!r}")
+        out += checks.booleans(self, "decompose_both", "rank_dropout_scale")
         factor = self.decompose_factor
         if isinstance(factor, bool) or not isinstance(factor, int) or not (factor == -1 or factor > 0):
             out.append(

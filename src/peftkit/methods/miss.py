@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..core import checks
 from ..core.config import AdapterConfig, no_patterns_problems
 from ..core.inject import trained_biases
 from ..core.layer import AdapterModule, adapter_dtype
@@ -81,13 +82,8 @@ class MissConfig(AdapterConfig):
 
     def problems(self) -> list[str]:
         out = super().problems()
-        for name in ("r", "mini_r"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                out.append(f"{name}: must be a positive integer, got {value!r}")
-        dropout = self.miss_dropout
-        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
-            out.append(f"miss_dropout: must be in [0, 1), got {dropout!r}")
+        out += checks.positive_ints(self, "r", "mini_r")
+        out += checks.dropout(self, "miss_dropout")
         if not any(self.init_weights is i or (isinstance(i, str) and self.init_weights == i) for i in _INITS):
             out.append(
                 f"init_weights: must be True (balance), 'bat', 'mini' or False (random), got {self.init_weights!r}"

@@ -41,6 +41,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from ..core import checks
 from ..core.config import AdapterConfig, no_patterns_problems
 from ..core.inject import trained_biases
 from ..core.layer import AdapterModule
@@ -137,14 +138,8 @@ class OFTConfig(AdapterConfig):
             )
         if _count(size) and size == 1:
             out.append("oft_block_size: 1 gives 1x1 blocks, which cannot rotate anything; use 2 or more")
-        if (
-            isinstance(self.module_dropout, bool)
-            or not isinstance(self.module_dropout, (int, float))
-            or not 0 <= self.module_dropout < 1
-        ):
-            out.append(f"module_dropout: must be in [0, 1), got {self.module_dropout!r}")
-        if self.bias not in ("none", "all", "oft_only"):
-            out.append(f"bias: must be 'none', 'all' or 'oft_only', got {self.bias!r}")
+        out += checks.dropout(self, "module_dropout")
+        out += checks.bias_mode(self, "oft_only")
         if isinstance(self.eps, bool) or not isinstance(self.eps, (int, float)) or not self.eps > 0:
             out.append(f"eps: COFT's radius must be a positive number, got {self.eps!r}")
         terms = self.num_cayley_neumann_terms

@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..core import checks
 from ..core.config import AdapterConfig, no_patterns_problems, with_layout_of
 from ..core.inject import trained_biases
 from ..core.layer import AdapterModule, ModelPart
@@ -51,7 +52,7 @@ from ..core.registry import register_layer, register_method
 from ..core.targeting import HFConv1D, Target
 from ..errors import UnsupportedLayerError
 from .lora import LoraConfig
-from .vera import _in_out
+from .vera import in_out, largest_in_out
 
 PEFT_TYPE = "RANDLORA"
 # Model-level keys of the shared bases in the interchange format; every layer also saves them under
@@ -112,22 +113,14 @@ class RandLoraConfig(AdapterConfig):
 
     def problems(self) -> list[str]:
         out = super().problems()
-        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
-            out.append(f"r: must be a positive integer, got {self.r!r}")
-        key = self.projection_prng_key
-        if isinstance(key, bool) or not isinstance(key, int):
-            out.append(f"projection_prng_key: must be an integer seed, got {key!r}")
-        for name in ("save_projection", "sparse", "very_sparse", "fan_in_fan_out", "init_weights"):
-            if not isinstance(getattr(self, name), bool):
-                out.append(f"{name}: must be True or False, got {getattr(self, name)!r}")
-        p = self.randlora_dropout
-        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p < 1:
-            out.append(f"randlora_dropout: must be in [0, 1), got {p!r}")
-        alpha = self.randlora_alpha
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
-            out.append(f"randlora_alpha: must be a finite number (the reference uses 20 * r), got {alpha!r}")
-        if self.bias not in ("none", "all", "randlora_only"):
-            out.append(f"bias: must be 'none', 'all' or 'randlora_only', got {self.bias!r}")
+        out += checks.positive_ints(self, "r")
+        out += checks.seeds(self, "projection_prng_key")
+        out += checks.booleans(
+            self, "save_projection", "sparse", "very_sparse", "fan_in_fan_out", "init_weights"
+        )
+        out += checks.dropout(self, "randlora_dropout")
+        out += checks.finite(self, "randlora_alpha", "the reference uses 20 * r")
+        out += checks.bias_mode(self, "randlora_only")
         out += no_patterns_problems(
             self,
             "RandLoRA",
@@ -149,8 +142,7 @@ class RandLoraConfig(AdapterConfig):
 
     def build_part(self, model: nn.Module, plan: Any) -> RandLoraBases:
         # The bases are as large as the largest target in each dimension, as in the reference.
-        sizes = [_in_out(t.module) for t in plan.targets]
-        in_max, out_max = max(s[0] for s in sizes), max(s[1] for s in sizes)
+        in_max, out_max = largest_in_out(plan)
         bases = random_bases(self.r, out_max, in_max, self.projection_prng_key, self.sparse, self.very_sparse)
         return RandLoraBases(*bases, save_projection=self.save_projection)
 
@@ -266,7 +258,7 @@ class RandLoraLinear(AdapterModule):
         super().__init__()
         weight = base_layer.weight
         self.transposed = not isinstance(base_layer, nn.Linear)
-        self.in_features, self.out_features = _in_out(base_layer)
+        self.in_features, self.out_features = in_out(base_layer)
         self.min_dim = min(self.in_features, self.out_features)
         self.max_dim = max(self.in_features, self.out_features)
         self.num_bases = num_bases(self.min_dim, r)

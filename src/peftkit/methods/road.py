@@ -32,6 +32,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from ..core import checks
 from ..core.config import AdapterConfig
 from ..core.layer import AdapterModule, adapter_dtype
 from ..core.registry import register_layer, register_method
@@ -93,8 +94,7 @@ class RoadConfig(AdapterConfig):
         size = self.group_size
         if isinstance(size, bool) or not isinstance(size, int) or size <= 0 or size % 2:
             out.append(f"group_size: must be a positive even integer (pairs of features), got {size!r}")
-        if not isinstance(self.init_weights, bool):
-            out.append(f"init_weights: must be True or False, got {self.init_weights!r}")
+        out += checks.booleans(self, "init_weights")
         for name in _NOT_IN_REFERENCE:
             if getattr(self, name) not in (None, [], {}, ""):
                 hint = (

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..core import checks
 from ..core.config import AdapterConfig
 from ..core.layer import AdapterModule
 from ..core.layer import adapter_dtype as _adapter_dtype
@@ -99,9 +100,7 @@ class ShiraConfig(AdapterConfig):
         seed = self.random_seed
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
             out.append(f"random_seed: must be an integer seed or None, got {seed!r}")
-        for name in ("fan_in_fan_out", "init_weights"):
-            if not isinstance(getattr(self, name), bool):
-                out.append(f"{name}: must be True or False, got {getattr(self, name)!r}")
+        out += checks.booleans(self, "fan_in_fan_out", "init_weights")
         return out + no_rank_patterns(self, "SHiRA", "r")
 
     def size_label(self) -> str:

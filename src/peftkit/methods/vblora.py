@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..core import checks
 from ..core.config import AdapterConfig, no_patterns_problems, with_layout_of
 from ..core.inject import trained_biases
 from ..core.layer import AdapterModule, ModelPart
@@ -40,7 +41,7 @@ from ..core.layer import adapter_dtype as _adapter_dtype
 from ..core.registry import register_layer, register_method
 from ..core.targeting import HFConv1D, Target
 from ..errors import AdapterFileError, UnsupportedLayerError
-from .vera import _in_out
+from .vera import in_out
 
 PEFT_TYPE = "VBLORA"
 KEY_BANK = "base_model.vblora_vector_bank"
@@ -124,25 +125,17 @@ class VBLoRAConfig(AdapterConfig):
 
     def problems(self) -> list[str]:
         out = super().problems()
-        for name in ("r", "num_vectors", "vector_length", "topk"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                out.append(f"{name}: must be a positive integer, got {value!r}")
+        out += checks.positive_ints(self, "r", "num_vectors", "vector_length", "topk")
         k, n = self.topk, self.num_vectors
         if isinstance(k, int) and isinstance(n, int) and 0 < n < k:
             out.append(f"topk: cannot pick {k} of num_vectors={n} bank vectors; use topk <= num_vectors")
-        for name in ("save_only_topk_weights", "fan_in_fan_out"):
-            if not isinstance(getattr(self, name), bool):
-                out.append(f"{name}: must be True or False, got {getattr(self, name)!r}")
-        p = self.vblora_dropout
-        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p < 1:
-            out.append(f"vblora_dropout: must be in [0, 1), got {p!r}")
+        out += checks.booleans(self, "save_only_topk_weights", "fan_in_fan_out")
+        out += checks.dropout(self, "vblora_dropout")
         for name in ("init_vector_bank_bound", "init_logits_std"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
                 out.append(f"{name}: must be a finite number >= 0, got {value!r}")
-        if self.bias not in ("none", "all", "vblora_only"):
-            out.append(f"bias: must be 'none', 'all' or 'vblora_only', got {self.bias!r}")
+        out += checks.bias_mode(self, "vblora_only")
         out += no_patterns_problems(self, "VB-LoRA", "the reference format has none", "remove {name}")
         return out
 
@@ -224,7 +217,7 @@ class VBLoRALinear(AdapterModule):
         super().__init__()
         weight = base_layer.weight
         self.transposed = not isinstance(base_layer, nn.Linear)
-        self.in_features, self.out_features = _in_out(base_layer)
+        self.in_features, self.out_features = in_out(base_layer)
         num_vectors, length = part.vblora_vector_bank.shape
         wrong = [
             f"{n} {s}" for n, s in (("input", self.in_features), ("output", self.out_features)) if s % length

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..core import checks
 from ..core.config import AdapterConfig, no_patterns_problems, with_layout_of
 from ..core.inject import trained_biases
 from ..core.layer import AdapterModule, ModelPart
@@ -94,22 +95,12 @@ class VeraConfig(AdapterConfig):
 
     def problems(self) -> list[str]:
         out = super().problems()
-        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
-            out.append(f"r: must be a positive integer, got {self.r!r}")
-        key = self.projection_prng_key
-        if isinstance(key, bool) or not isinstance(key, int):
-            out.append(f"projection_prng_key: must be an integer seed, got {key!r}")
-        if not isinstance(self.save_projection, bool):
-            out.append(f"save_projection: must be True or False, got {self.save_projection!r}")
-        if not isinstance(self.vera_dropout, (int, float)) or not 0 <= self.vera_dropout < 1:
-            out.append(f"vera_dropout: must be in [0, 1), got {self.vera_dropout!r}")
-        d0 = self.d_initial
-        if isinstance(d0, bool) or not isinstance(d0, (int, float)) or not math.isfinite(d0):
-            out.append(f"d_initial: must be a finite number (the paper recommends <= 0.1), got {d0!r}")
-        if self.bias not in ("none", "all", "vera_only"):
-            out.append(f"bias: must be 'none', 'all' or 'vera_only', got {self.bias!r}")
-        if not isinstance(self.init_weights, bool):
-            out.append(f"init_weights: must be True or False, got {self.init_weights!r}")
+        out += checks.positive_ints(self, "r")
+        out += checks.seeds(self, "projection_prng_key")
+        out += checks.booleans(self, "save_projection", "fan_in_fan_out", "init_weights")
+        out += checks.dropout(self, "vera_dropout")
+        out += checks.finite(self, "d_initial", "the paper recommends <= 0.1")
+        out += checks.bias_mode(self, "vera_only")
         out += no_patterns_problems(
             self,
             "VeRA",
@@ -131,8 +122,7 @@ class VeraConfig(AdapterConfig):
 
     def build_part(self, model: nn.Module, plan: Any) -> VeraProjections:
         # The shared matrices are as large as the largest target in each dimension (section 3.1).
-        sizes = [_in_out(t.module) for t in plan.targets]
-        in_max, out_max = max(s[0] for s in sizes), max(s[1] for s in sizes)
+        in_max, out_max = largest_in_out(plan)
         return VeraProjections(self.r, in_max, out_max, self.projection_prng_key, self.save_projection)
 
     def extra_trainable(self, model: nn.Module, adapted: list[str]) -> list[str]:
@@ -142,10 +132,17 @@ class VeraConfig(AdapterConfig):
 # -- the shared projections ---------------------------------------------------------------------------
 
 
-def _in_out(module: nn.Module) -> tuple[int, int]:
+def in_out(module: nn.Module) -> tuple[int, int]:
     """(in, out) of a Linear (weight out x in) or GPT-2 Conv1D (weight in x out)."""
     rows, cols = module.weight.shape
     return (cols, rows) if isinstance(module, nn.Linear) else (rows, cols)
+
+
+def largest_in_out(plan: Any) -> tuple[int, int]:
+    """The largest (in, out) over the planned targets, each dimension on its own: the size of the shared
+    matrices that every target slices (VeRA, RandLoRA)."""
+    sizes = [in_out(t.module) for t in plan.targets]
+    return max(s[0] for s in sizes), max(s[1] for s in sizes)
 
 
 def _kaiming_uniform(shape: tuple[int, int], generator: torch.Generator) -> torch.Tensor:
@@ -208,7 +205,7 @@ class VeraLinear(AdapterModule):
         super().__init__()
         weight = base_layer.weight
         self.transposed = not isinstance(base_layer, nn.Linear)
-        self.in_features, self.out_features = _in_out(base_layer)
+        self.in_features, self.out_features = in_out(base_layer)
         _check_fits(part, r, self.in_features, self.out_features)
         # A plain attribute, not a submodule: the part is registered once on the model, and its
         # buffers must not reappear among every layer's adapter tensors.
@@ -267,4 +264,4 @@ if HFConv1D:
     register_layer(PEFT_TYPE, "Conv1D (GPT-2)", (HFConv1D,), VeraLinear)
 
 
-__all__ = ["VeraConfig", "VeraLinear", "VeraProjections", "shared_projections"]
+__all__ = ["VeraConfig", "VeraLinear", "VeraProjections", "in_out", "largest_in_out", "shared_projections"]

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import functools
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -32,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..core import checks
 from ..core.config import AdapterConfig
 from ..core.inject import trained_biases
 from ..core.layer import AdapterModule
@@ -116,25 +116,16 @@ class WaveFTConfig(AdapterConfig):
 
     def problems(self) -> list[str]:
         out = super().problems()
-        n = self.n_frequency
-        if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
-            out.append(f"n_frequency: must be a positive integer, got {n!r}")
-        s = self.scaling
-        if isinstance(s, bool) or not isinstance(s, (int, float)) or not math.isfinite(s):
-            out.append(f"scaling: must be a finite number (the reference's default is 25), got {s!r}")
+        out += checks.positive_ints(self, "n_frequency")
+        out += checks.finite(self, "scaling", "the reference's default is 25")
         if self.wavelet_family not in WAVELET_FAMILIES:
             out.append(
                 f"wavelet_family: {self.wavelet_family!r} is not one of db1-db10, sym2-sym10, coif1-coif4 "
                 "(the wavelets the reference library can build)"
             )
-        seed = self.random_loc_seed
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            out.append(f"random_loc_seed: must be an integer seed, got {seed!r}")
-        for name in ("use_idwt", "fan_in_fan_out", "proportional_parameters", "init_weights"):
-            if not isinstance(getattr(self, name), bool):
-                out.append(f"{name}: must be True or False, got {getattr(self, name)!r}")
-        if self.bias not in ("none", "all", "waveft_only"):
-            out.append(f"bias: must be 'none', 'all' or 'waveft_only', got {self.bias!r}")
+        out += checks.seeds(self, "random_loc_seed")
+        out += checks.booleans(self, "use_idwt", "fan_in_fan_out", "proportional_parameters", "init_weights")
+        out += checks.bias_mode(self, "waveft_only")
         out += positive_int_pattern("n_frequency_pattern", self.n_frequency_pattern, "n_frequency")
         return out + no_rank_patterns(self, "WaveFT", "n_frequency_pattern")
 
