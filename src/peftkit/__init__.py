@@ -55,6 +55,7 @@ _EXPORTS = {
         "api",
     ),
     "AdapterConfig": "core.config",
+    "FreshAdapterWarning": "errors",
     "AdaLoraController": "methods.adalora",
     "lora_plus_param_groups": "methods.lora",
     "lora_fa_optimizer": "methods.lora_fa",
@@ -144,6 +145,7 @@ if TYPE_CHECKING:
     from .core.config import AdapterConfig as AdapterConfig
     from .core.dropout import BASE_DROPOUT_MODES as BASE_DROPOUT_MODES
     from .core.dropout import set_base_dropout as set_base_dropout
+    from .errors import FreshAdapterWarning as FreshAdapterWarning
     from .methods.adalora import AdaLoraConfig as AdaLoraConfig
     from .methods.adalora import AdaLoraController as AdaLoraController
     from .methods.bitfit import BitFitConfig as BitFitConfig

@@ -24,7 +24,7 @@ from .core.inject import adapter_layers, model_parts, require_adapter, saved_mod
 from .core.io import load_adapter, read_adapter_config, save_adapter
 from .core.layer import ParameterAdapter, base_tensor
 from .core.state_dict import adapter_state_dict, load_adapter_state_dict
-from .errors import AdapterNameError, ConfigError
+from .errors import AdapterNameError, ConfigError, FreshAdapterWarning
 from .methods import lora_combine as _combine
 from .methods.lora_combine import CombineReport, combine_report
 
@@ -41,7 +41,10 @@ def inject(model: nn.Module, config: AdapterConfig, adapter_name: str = "default
         UnsupportedLayerError: a named target is of a type the method cannot adapt.
         AdapterNameError: ``adapter_name`` is taken or malformed.
     """
-    return _inject.inject(model, config, adapter_name)
+    _inject.inject(model, config, adapter_name)
+    for message in config.fresh_start_warnings(model, adapter_name):
+        warnings.warn(message, FreshAdapterWarning, stacklevel=2)
+    return model
 
 
 def make_config(method: str, **fields: Any) -> AdapterConfig:

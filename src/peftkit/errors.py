@@ -73,6 +73,11 @@ class DataNotInstalledError(PeftkitError, ModuleNotFoundError):
     to install it."""
 
 
+class FreshAdapterWarning(UserWarning):
+    """A freshly injected adapter starts somewhere that is known to hurt training (FourierFT's random
+    spectrum on a narrow layer); the message says by how much and what to set instead."""
+
+
 class BaseModelMismatchWarning(UserWarning):
     """An adapter is being loaded onto a model that differs from the one it was saved from."""
 

@@ -111,6 +111,50 @@ def test_init_weights_chooses_a_zero_or_normal_spectrum():
     assert trainable == {"lin0.adapters.normal.fourierft_spectrum": 10}
 
 
+def _square(width: int = 64) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(width, width), nn.ReLU(), nn.Linear(width, width))
+
+
+def test_a_random_start_that_moves_the_weights_far_warns_with_the_numbers_and_the_fix():
+    model = _square()
+    with pytest.warns(peftkit.FreshAdapterWarning) as caught:
+        peftkit.inject(model, FourierFTConfig(n_frequency=100, target_modules=["0", "2"]))
+    (message,) = [str(w.message) for w in caught]
+    worst = max(model[i].adapters["default"].start_change(model[i].base_layer) for i in (0, 2))
+    assert "moves 2 of 2 adapted weights by more than 25% of their norm" in message
+    assert f"by {worst:.0%} (scaling=150, n_frequency=100)" in message
+    assert "init_weights=True" in message and "lower scaling" in message
+
+
+@pytest.mark.parametrize(
+    "options", [{"init_weights": True}, {"scaling": 1.0}], ids=["zero start", "small scaling"]
+)
+def test_a_start_near_the_base_does_not_warn(options):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", peftkit.FreshAdapterWarning)
+        peftkit.inject(_square(), FourierFTConfig(n_frequency=100, target_modules=["0", "2"], **options))
+
+
+def test_loading_a_saved_random_start_adapter_does_not_warn(tmp_path):
+    with pytest.warns(peftkit.FreshAdapterWarning):
+        model = peftkit.inject(_square(), FourierFTConfig(n_frequency=100, target_modules=["0"]))
+    peftkit.save_adapter(model, tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", peftkit.FreshAdapterWarning)
+        peftkit.load_adapter(_square(), tmp_path)
+
+
+@pytest.mark.parametrize("shape, n", [((64, 64), 100), ((48, 80), 700), ((20, 10), 30)])
+def test_the_start_change_from_parseval_matches_the_inverse_dft(shape, n):
+    torch.manual_seed(1)
+    base = nn.Linear(shape[1], shape[0])
+    layer = FourierFTLinear(base, n, 150.0, 777, init_weights=False)
+    exact = (layer.delta_weight(base.weight).norm() / base.weight.norm()).item()
+    # exact but for the positions whose mirror position was drawn too: a few percent at most
+    assert layer.start_change(base) == pytest.approx(exact, rel=0.05)
+
+
 def test_n_frequency_pattern_gives_modules_their_own_size_and_too_many_is_refused():
     model = cm.base("MLP")
     peftkit.inject(

@@ -213,6 +213,12 @@ class AdapterConfig:
         """The config to record once targets are known (e.g. facts about the layers that were found)."""
         return self
 
+    def fresh_start_warnings(self, model: Any, adapter_name: str) -> list[str]:
+        """Warnings about where a freshly injected adapter ``adapter_name`` starts training from, shown by
+        ``peftkit.inject`` (a run's too); loading saved tensors replaces the start, so loading does not ask.
+        None by default."""
+        return []
+
     def portable(self) -> AdapterConfig:
         """The config matching ``interchange_state(portable=True)`` tensors (unchanged by default)."""
         return self
