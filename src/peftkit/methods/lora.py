@@ -13,7 +13,6 @@ shared ``LoraAdapter`` and the linear one are here; embeddings and convolutions 
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -35,6 +34,7 @@ from . import (
     lora_data,
     lora_eva,
     lora_ga,
+    lora_init,
     lora_kernels,
     lora_parameters,
     trainable_tokens,
@@ -43,9 +43,6 @@ from .lora_mha import LoraMultiheadAttention
 from .lora_parameters import LoraParameters, check_parameter
 
 PEFT_TYPE = "LORA"
-_INITS = (True, False, "gaussian", "pissa", "olora", "loftq", "lora_ga", "eva", "corda")
-_DATA_INITS = ("eva", "corda")  # started from activations: peftkit.inject_eva / inject_corda
-_PISSA_NITER = re.compile(r"pissa_niter_(\d+)$")
 
 
 @register_method(PEFT_TYPE)
@@ -154,7 +151,7 @@ class LoraConfig(AdapterConfig):
     selectable: ClassVar[bool] = True  # and peftkit.select allocates LoRA ranks
     display_name: ClassVar[str] = "LoRA"
     trains_tokens: ClassVar[bool] = True  # trainable_token_indices
-    data_inits: ClassVar[tuple[str, ...]] = _DATA_INITS  # inits a run feeds its training data to
+    data_inits: ClassVar[tuple[str, ...]] = lora_init.DATA_INITS  # inits a run feeds its training data to
     reference_inert: ClassVar[dict[str, Any]] = {
         "alora_invocation_tokens": None,
         "arrow_config": None,
@@ -206,13 +203,13 @@ class LoraConfig(AdapterConfig):
         if self.bias not in ("none", "all", "lora_only"):
             out.append(f"bias: must be 'none', 'all' or 'lora_only', got {self.bias!r}")
         init = self.init_lora_weights
-        if init not in _INITS and not (isinstance(init, str) and _PISSA_NITER.match(init)):
+        if init not in lora_init.INITS and not (isinstance(init, str) and lora_init.PISSA_NITER.match(init)):
             out.append(
                 f"init_lora_weights: must be one of default/True, False, 'gaussian', 'pissa', "
                 f"'pissa_niter_K', 'olora', 'loftq', 'lora_ga', 'eva', 'corda'; got {init!r}"
             )
         out += lora_eva.eva_problems(self.eva_config) + lora_corda.corda_problems(self.corda_config)
-        if init in _DATA_INITS and self.target_parameters:
+        if init in lora_init.DATA_INITS and self.target_parameters:
             out.append(
                 f"init_lora_weights={init!r} starts from linear layers' inputs; target_parameters has none: "
                 "drop target_parameters or use another init"
@@ -246,7 +243,7 @@ class LoraConfig(AdapterConfig):
         return out + lora_parameters.config_problems(self.target_parameters, self.lora_dropout, self.use_dora)
 
     def needs_data(self) -> bool:
-        return self.init_lora_weights in _DATA_INITS
+        return self.init_lora_weights in lora_init.DATA_INITS
 
     def saves_portable(self) -> bool:
         return self.init_lora_weights == "corda"
@@ -348,7 +345,7 @@ class LoraConfig(AdapterConfig):
                 ],
                 what="LoRA save",
             )
-        if not _rewrites_base(self.init_lora_weights):  # EVA and gaussian only choose the starting A
+        if not lora_init.rewrites_base(self.init_lora_weights):  # EVA and gaussian only choose the starting A
             return self
         # Twice the rank at the same scaling: alpha/r (or alpha/sqrt(r) under rsLoRA) is unchanged.
         grow = math.sqrt(2) if self.use_rslora else 2
@@ -400,7 +397,7 @@ class LoraAdapter(AdapterModule):
         self.use_dora = use_dora
         self.additive = not use_dora
         self.init = init
-        self.rewrites_base = _rewrites_base(init)
+        self.rewrites_base = lora_init.rewrites_base(init)
         if isinstance(init, str) and init != "gaussian" and not self.supports_svd_init:
             raise UnsupportedLayerError(
                 f"init_lora_weights={init!r} needs a linear weight matrix; {type(self).__name__} layers "
@@ -595,8 +592,10 @@ class LoraLinear(LoraAdapter):
                 f"{out_f}x{in_f} weight, got r={self.r}; lower r (or its rank_pattern entry)"
             )
         grad = self.rows(lora_ga.take_gradient(base_layer)) if self.init == "lora_ga" else None
-        start = lora_data.supplied(base_layer) if self.init in _DATA_INITS else grad
-        initialise_linear(self, self.lora_A.weight, self.lora_B.weight, self.rows(weight.detach()), start)
+        start = lora_data.supplied(base_layer) if self.init in lora_init.DATA_INITS else grad
+        lora_init.initialise_linear(
+            self, self.lora_A.weight, self.lora_B.weight, self.rows(weight.detach()), start
+        )
         self._new_bias(base_layer, self.lora_B)
 
     def lora_path(self, x, base_layer):
@@ -641,82 +640,6 @@ class LoraLinear(LoraAdapter):
 
     def param_roles(self):
         return {"A": [self.lora_A.weight], "B": [self.lora_B.weight]}
-
-
-def _rewrites_base(init: Any) -> bool:
-    """Whether the init moves part of W into the adapter or changes W (the base keeps the residual)."""
-    return init in ("olora", "corda", "loftq", "lora_ga") or (
-        isinstance(init, str) and init.startswith("pissa")
-    )
-
-
-def initialise_linear(
-    adapter: LoraAdapter, a: torch.Tensor, b: torch.Tensor, rows: torch.Tensor, start: Any = None
-) -> None:
-    """Set A and B of a linear LoRA as its ``init`` says; SVD/QR inits also remember A0, B0: the base keeps
-    W - s B0 A0. ``rows`` is the base weight as ``out x in`` (unused by the random inits, so a quantized
-    layer passes an empty tensor). Quantized layers (backends/) initialise with it too. ``start``: what a
-    data-aware init computed for this layer: LoRA-GA the weight's gradient (``out x in``), EVA A's rows,
-    CorDA ``(A0, B0)`` (``methods/lora_data.py``)."""
-    init, r, s = adapter.init, adapter.r, adapter.scaling
-    if init in _DATA_INITS and start is None:
-        name = f"peftkit.inject_{init}(model, config, batches)"
-        raise ConfigError(
-            [
-                f"init_lora_weights={init!r} starts from the layers' inputs on a few batches of data: inject with "
-                f"{name} (a run config feeds it the run's training data)"
-                + (
-                    "; a saved CorDA adapter loads without data when saved with portable=True"
-                    if init == "corda"
-                    else ""
-                )
-            ],
-            what="LoRA init",
-        )
-    with torch.no_grad():
-        if init is True:
-            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
-            nn.init.zeros_(b)
-            return
-        if init == "gaussian":
-            nn.init.normal_(a, std=1 / r)
-            nn.init.zeros_(b)
-            return
-        if init is False:
-            return
-        if init == "loftq":  # the base becomes Q at attach (a plain attribute: not kept after that)
-            new_a, new_b, adapter.__dict__["_loftq_base"] = loftq.factors(rows, r, s, **adapter.init_options)
-            a.copy_(new_a), b.copy_(new_b)
-            return
-        if init == "eva":  # A on the inputs' top directions; B zero, nothing subtracted from the base
-            if tuple(start.shape) != tuple(a.shape):
-                raise ConfigError([f"EVA directions are {tuple(start.shape)}, LoRA A is {tuple(a.shape)}"])
-            a.copy_(start.to(a.dtype)), nn.init.zeros_(b)
-            return
-        # the inits below choose A0, B0 and leave the base W - s B0 A0 (after the chain)
-        if init == "lora_ga":
-            new_a, new_b = lora_ga.factors(start, rows, r, s, adapter.init_options)
-            a.copy_(new_a), b.copy_(new_b)
-        elif init == "corda":  # methods/lora_corda.py: from the SVD of W C
-            a.copy_(start[0].to(a.dtype)), b.copy_(start[1].to(b.dtype))
-        elif init == "olora":
-            # OLoRA (Büyükakyüz 2024): orthonormal B from the QR factors of W, A the matching rows of R.
-            q, rr = torch.linalg.qr(rows.float())
-            b.copy_(q[:, :r]), a.copy_(rr[:r])
-        else:
-            # PiSSA (Meng et al. 2024): W = U S V^T; B = U_r sqrt(S_r / s), A = sqrt(S_r / s) V_r^T so
-            # that s B A is the principal rank-r part of W. "pissa_niter_K" uses a randomised SVD.
-            match = _PISSA_NITER.match(init)
-            if match:
-                u, sv, v = torch.svd_lowrank(rows.float(), q=r, niter=int(match.group(1)))
-                vh = v.T
-            else:
-                u, sv, vh = torch.linalg.svd(rows.float(), full_matrices=False)
-            root = torch.sqrt(sv[:r] / s)
-            b.copy_(u[:, :r] * root), a.copy_(root[:, None] * vh[:r])
-        # Kept (not saved) to restore the base on unload and for portable saves.
-        adapter.register_buffer("init_A", a.detach().float().clone(), persistent=False)
-        adapter.register_buffer("init_B", b.detach().float().clone(), persistent=False)
 
 
 register_layer(PEFT_TYPE, "Linear", (nn.Linear,), LoraLinear)
