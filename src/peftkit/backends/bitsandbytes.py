@@ -28,7 +28,8 @@ from ..core import registry
 from ..core.registry import BaseAccess
 from ..errors import ConfigError, UnsupportedLayerError
 from ..methods.ia3 import IA3Adapter, IA3Linear
-from ..methods.lora import LoraAdapter, LoraLinear, initialise_linear
+from ..methods.lora import LoraAdapter, LoraLinear
+from ..methods.lora_init import initialise_linear
 
 if importlib.util.find_spec("bitsandbytes") is None:  # the package's guard skips this backend
     raise ImportError("bitsandbytes is not installed; `pip install bitsandbytes` for 4-bit/8-bit base models")

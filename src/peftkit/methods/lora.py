@@ -6,13 +6,13 @@ B (out x r) and ``s = alpha / r`` (rsLoRA, Kalajdzievski 2023: ``alpha / sqrt(r)
 update's scale stable as r grows). B starts at zero, so the adapted model starts equal to the base.
 
 One adapter class per base layer kind; they share everything but how the kind stores its weight,
-which each expresses as a 2-D "row view" (one row per output channel) used by merge and DoRA.
+which each expresses as a 2-D "row view" (one row per output channel) used by merge and DoRA. The
+shared ``LoraAdapter`` and the linear one are here; embeddings and convolutions in ``lora_layers.py``.
 """
 
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -34,17 +34,15 @@ from . import (
     lora_data,
     lora_eva,
     lora_ga,
+    lora_init,
     lora_kernels,
     lora_parameters,
     trainable_tokens,
 )
-from .lora_mha import LoraMultiheadAttention, check_attention
+from .lora_mha import LoraMultiheadAttention
 from .lora_parameters import LoraParameters, check_parameter
 
 PEFT_TYPE = "LORA"
-_INITS = (True, False, "gaussian", "pissa", "olora", "loftq", "lora_ga", "eva", "corda")
-_DATA_INITS = ("eva", "corda")  # started from activations: peftkit.inject_eva / inject_corda
-_PISSA_NITER = re.compile(r"pissa_niter_(\d+)$")
 
 
 @register_method(PEFT_TYPE)
@@ -153,7 +151,7 @@ class LoraConfig(AdapterConfig):
     selectable: ClassVar[bool] = True  # and peftkit.select allocates LoRA ranks
     display_name: ClassVar[str] = "LoRA"
     trains_tokens: ClassVar[bool] = True  # trainable_token_indices
-    data_inits: ClassVar[tuple[str, ...]] = _DATA_INITS  # inits a run feeds its training data to
+    data_inits: ClassVar[tuple[str, ...]] = lora_init.DATA_INITS  # inits a run feeds its training data to
     reference_inert: ClassVar[dict[str, Any]] = {
         "alora_invocation_tokens": None,
         "arrow_config": None,
@@ -205,13 +203,13 @@ class LoraConfig(AdapterConfig):
         if self.bias not in ("none", "all", "lora_only"):
             out.append(f"bias: must be 'none', 'all' or 'lora_only', got {self.bias!r}")
         init = self.init_lora_weights
-        if init not in _INITS and not (isinstance(init, str) and _PISSA_NITER.match(init)):
+        if init not in lora_init.INITS and not (isinstance(init, str) and lora_init.PISSA_NITER.match(init)):
             out.append(
                 f"init_lora_weights: must be one of default/True, False, 'gaussian', 'pissa', "
                 f"'pissa_niter_K', 'olora', 'loftq', 'lora_ga', 'eva', 'corda'; got {init!r}"
             )
         out += lora_eva.eva_problems(self.eva_config) + lora_corda.corda_problems(self.corda_config)
-        if init in _DATA_INITS and self.target_parameters:
+        if init in lora_init.DATA_INITS and self.target_parameters:
             out.append(
                 f"init_lora_weights={init!r} starts from linear layers' inputs; target_parameters has none: "
                 "drop target_parameters or use another init"
@@ -245,7 +243,7 @@ class LoraConfig(AdapterConfig):
         return out + lora_parameters.config_problems(self.target_parameters, self.lora_dropout, self.use_dora)
 
     def needs_data(self) -> bool:
-        return self.init_lora_weights in _DATA_INITS
+        return self.init_lora_weights in lora_init.DATA_INITS
 
     def saves_portable(self) -> bool:
         return self.init_lora_weights == "corda"
@@ -347,7 +345,7 @@ class LoraConfig(AdapterConfig):
                 ],
                 what="LoRA save",
             )
-        if not _rewrites_base(self.init_lora_weights):  # EVA and gaussian only choose the starting A
+        if not lora_init.rewrites_base(self.init_lora_weights):  # EVA and gaussian only choose the starting A
             return self
         # Twice the rank at the same scaling: alpha/r (or alpha/sqrt(r) under rsLoRA) is unchanged.
         grow = math.sqrt(2) if self.use_rslora else 2
@@ -399,7 +397,7 @@ class LoraAdapter(AdapterModule):
         self.use_dora = use_dora
         self.additive = not use_dora
         self.init = init
-        self.rewrites_base = _rewrites_base(init)
+        self.rewrites_base = lora_init.rewrites_base(init)
         if isinstance(init, str) and init != "gaussian" and not self.supports_svd_init:
             raise UnsupportedLayerError(
                 f"init_lora_weights={init!r} needs a linear weight matrix; {type(self).__name__} layers "
@@ -594,8 +592,10 @@ class LoraLinear(LoraAdapter):
                 f"{out_f}x{in_f} weight, got r={self.r}; lower r (or its rank_pattern entry)"
             )
         grad = self.rows(lora_ga.take_gradient(base_layer)) if self.init == "lora_ga" else None
-        start = lora_data.supplied(base_layer) if self.init in _DATA_INITS else grad
-        initialise_linear(self, self.lora_A.weight, self.lora_B.weight, self.rows(weight.detach()), start)
+        start = lora_data.supplied(base_layer) if self.init in lora_init.DATA_INITS else grad
+        lora_init.initialise_linear(
+            self, self.lora_A.weight, self.lora_B.weight, self.rows(weight.detach()), start
+        )
         self._new_bias(base_layer, self.lora_B)
 
     def lora_path(self, x, base_layer):
@@ -642,236 +642,10 @@ class LoraLinear(LoraAdapter):
         return {"A": [self.lora_A.weight], "B": [self.lora_B.weight]}
 
 
-class LoraEmbedding(LoraAdapter):
-    """LoRA on ``nn.Embedding``: A (r x vocab) is looked up like an embedding table, then B (dim x r)."""
-
-    def __init__(self, base_layer: nn.Embedding, **values: Any) -> None:
-        values["dropout"] = 0.0  # the input is token ids
-        if values.get("lora_bias"):
-            raise UnsupportedLayerError(
-                "lora_bias=True is not supported on embeddings (nor in the reference library): an embedding has no "
-                "bias to merge into; exclude the embedding from target_modules or set lora_bias=False"
-            )
-        super().__init__(**values)
-        weight = base_layer.weight
-        num, dim = weight.shape
-        kw = {"device": weight.device, "dtype": _adapter_dtype(weight)}
-        # Parameters, not modules: the interchange names are ".lora_embedding_A" with no ".weight".
-        self.lora_embedding_A = nn.Parameter(torch.randn(self.r, num, **kw))
-        self.lora_embedding_B = nn.Parameter(torch.randn(dim, self.r, **kw))
-        self._lookup = {
-            k: getattr(base_layer, k)
-            for k in ("padding_idx", "max_norm", "norm_type", "scale_grad_by_freq", "sparse")
-        }
-        self._new_magnitude((dim,), weight)
-        if self.init is not False:  # the LoRA paper's embedding init: A zero, B normal
-            nn.init.zeros_(self.lora_embedding_A)
-            nn.init.normal_(self.lora_embedding_B)
-
-    def lora_path(self, x, base_layer):
-        return F.embedding(x, self.lora_embedding_A.T, **self._lookup) @ self.lora_embedding_B.T
-
-    def rows(self, weight):
-        return weight.T
-
-    def unrows(self, rows, like):
-        return rows.T
-
-    def base_without_bias(self, x, base_layer):
-        return F.embedding(x, base_layer.weight, **self._lookup)
-
-    def param_roles(self):
-        return {"A": [self.lora_embedding_A], "B": [self.lora_embedding_B], "embedding": True}
-
-
-class LoraConv(LoraAdapter):
-    """LoRA on ``nn.Conv1d/2d/3d``: A is a conv with the base's kernel, stride, padding and dilation
-    into r channels, B a 1x1 conv back out; their product is a kernel of the base's shape.
-
-    On a grouped or depthwise convolution (``groups = G > 1``) the layout is the reference library's: A
-    still reads every input channel, and B is a grouped 1x1 conv (G groups of r/G channels each, so r must
-    be a multiple of G). Their product is then a dense kernel that the grouped weight cannot hold: such an
-    adapter is not mergeable (the reference refuses too). DoRA's norm there follows the reference as well:
-    the product ``B.reshape(-1, r) @ A.reshape(r, -1)`` read in the kernel's shape (not the kernel the
-    adapter applies), so that trained magnitudes mean the same in both libraries.
-    """
-
-    channel_dim = 1
-
-    def __init__(self, base_layer: nn.modules.conv._ConvNd, **values: Any) -> None:
-        super().__init__(**values)
-        weight = base_layer.weight
-        self.groups = base_layer.groups
-        if self.r % self.groups:
-            fit = -(-self.r // self.groups) * self.groups
-            raise UnsupportedLayerError(
-                f"LoRA on a convolution with groups={self.groups} needs a rank divisible by {self.groups} (B is "
-                f"a grouped 1x1 convolution, the reference library's layout); got r={self.r}. Give this layer "
-                f"r={fit} through rank_pattern, or leave it out (exclude_modules)."
-            )
-        if self.groups > 1:
-            self.mergeable = False
-            self.unmergeable_reason = (
-                f"on a convolution with groups={self.groups} LoRA's delta is a dense kernel, which the grouped "
-                "weight cannot hold; the reference library refuses it too"
-            )
-        kw = {"bias": False, "device": weight.device, "dtype": _adapter_dtype(weight)}
-        conv = next(c for c in (nn.Conv1d, nn.Conv2d, nn.Conv3d) if isinstance(base_layer, c))
-        # A subclass whose forward does more than the convolution (e.g. TensorFlow-style "same"
-        # padding first, as EfficientNet ports do) is run as itself, with the low-rank kernel swapped in.
-        self.through_base = type(base_layer).forward is not conv.forward
-        self.lora_A = conv(
-            base_layer.in_channels,
-            self.r,
-            base_layer.kernel_size,
-            base_layer.stride,
-            base_layer.padding,
-            base_layer.dilation,
-            padding_mode=base_layer.padding_mode,
-            **kw,
-        )
-        self.lora_B = conv(
-            self.r, base_layer.out_channels, 1, groups=self.groups, **{**kw, "bias": self.lora_bias}
-        )
-        ones = (1,) * (weight.dim() - 2)
-        self._new_magnitude((1, base_layer.out_channels, *ones), weight)  # the reference's layout
-        if self.init is True:
-            nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
-            nn.init.zeros_(self.lora_B.weight)
-        elif self.init == "gaussian":
-            nn.init.normal_(self.lora_A.weight, std=1 / self.r)
-            nn.init.zeros_(self.lora_B.weight)
-        self._new_bias(base_layer, self.lora_B)
-
-    def lora_path(self, x, base_layer):
-        if not self.through_base:
-            return self.lora_B(self.lora_A(x))
-        if self.groups == 1:
-            out = _with_params(base_layer, x, self.unrows(self.lora_rows(), base_layer.weight))
-            if self.lora_bias:
-                out = out + self.lora_B.bias.view(1, -1, *[1] * (out.dim() - 2))
-            return out
-        # The base's own forward convolves each group of input channels apart, but A reads them all: A's
-        # kernel cut by input group runs as G groups of r outputs, and summing the groups gives A's output.
-        a = self.lora_A.weight
-        per_group = a.unflatten(1, (self.groups, -1)).transpose(0, 1).flatten(0, 1)  # (G*r, in/G, *k)
-        return self.lora_B(_with_params(base_layer, x, per_group).unflatten(1, (self.groups, self.r)).sum(1))
-
-    def lora_rows(self):
-        product = self.lora_B.weight.reshape(-1, self.r) @ self.lora_A.weight.reshape(self.r, -1)
-        return product.reshape(self.lora_B.weight.shape[0], -1)  # grouped: in the kernel's shape, see above
-
-    def delta_factors(self, weight):
-        # a grouped B is not one (out x r) matrix: combine and convert read the dense delta instead
-        return super().delta_factors(weight) if self.groups == 1 else None
-
-    def rows(self, weight):
-        return weight.reshape(weight.shape[0], -1)
-
-    def unrows(self, rows, like):
-        return rows.reshape(like.shape)
-
-    def base_without_bias(self, x, base_layer):
-        if self.through_base:
-            return _with_params(base_layer, x, base_layer.weight.to(x.dtype))
-        return base_layer._conv_forward(x, base_layer.weight.to(x.dtype), None)
-
-    def param_roles(self):
-        return {"A": [self.lora_A.weight], "B": [self.lora_B.weight]}
-
-
-def _with_params(conv: nn.Module, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """``conv``'s own forward on ``x`` with ``weight`` in place of its kernel and no bias."""
-    params = {"weight": weight}
-    if conv.bias is not None:
-        params["bias"] = torch.zeros(weight.shape[0], dtype=weight.dtype, device=weight.device)
-    return torch.func.functional_call(conv, params, (x,))
-
-
-def _rewrites_base(init: Any) -> bool:
-    """Whether the init moves part of W into the adapter or changes W (the base keeps the residual)."""
-    return init in ("olora", "corda", "loftq", "lora_ga") or (
-        isinstance(init, str) and init.startswith("pissa")
-    )
-
-
-def initialise_linear(
-    adapter: LoraAdapter, a: torch.Tensor, b: torch.Tensor, rows: torch.Tensor, start: Any = None
-) -> None:
-    """Set A and B of a linear LoRA as its ``init`` says; SVD/QR inits also remember A0, B0: the base keeps
-    W - s B0 A0. ``rows`` is the base weight as ``out x in`` (unused by the random inits, so a quantized
-    layer passes an empty tensor). Quantized layers (backends/) initialise with it too. ``start``: what a
-    data-aware init computed for this layer: LoRA-GA the weight's gradient (``out x in``), EVA A's rows,
-    CorDA ``(A0, B0)`` (``methods/lora_data.py``)."""
-    init, r, s = adapter.init, adapter.r, adapter.scaling
-    if init in _DATA_INITS and start is None:
-        name = f"peftkit.inject_{init}(model, config, batches)"
-        raise ConfigError(
-            [
-                f"init_lora_weights={init!r} starts from the layers' inputs on a few batches of data: inject with "
-                f"{name} (a run config feeds it the run's training data)"
-                + (
-                    "; a saved CorDA adapter loads without data when saved with portable=True"
-                    if init == "corda"
-                    else ""
-                )
-            ],
-            what="LoRA init",
-        )
-    with torch.no_grad():
-        if init is True:
-            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
-            nn.init.zeros_(b)
-            return
-        if init == "gaussian":
-            nn.init.normal_(a, std=1 / r)
-            nn.init.zeros_(b)
-            return
-        if init is False:
-            return
-        if init == "loftq":  # the base becomes Q at attach (a plain attribute: not kept after that)
-            new_a, new_b, adapter.__dict__["_loftq_base"] = loftq.factors(rows, r, s, **adapter.init_options)
-            a.copy_(new_a), b.copy_(new_b)
-            return
-        if init == "eva":  # A on the inputs' top directions; B zero, nothing subtracted from the base
-            if tuple(start.shape) != tuple(a.shape):
-                raise ConfigError([f"EVA directions are {tuple(start.shape)}, LoRA A is {tuple(a.shape)}"])
-            a.copy_(start.to(a.dtype)), nn.init.zeros_(b)
-            return
-        # the inits below choose A0, B0 and leave the base W - s B0 A0 (after the chain)
-        if init == "lora_ga":
-            new_a, new_b = lora_ga.factors(start, rows, r, s, adapter.init_options)
-            a.copy_(new_a), b.copy_(new_b)
-        elif init == "corda":  # methods/lora_corda.py: from the SVD of W C
-            a.copy_(start[0].to(a.dtype)), b.copy_(start[1].to(b.dtype))
-        elif init == "olora":
-            # OLoRA (Büyükakyüz 2024): orthonormal B from the QR factors of W, A the matching rows of R.
-            q, rr = torch.linalg.qr(rows.float())
-            b.copy_(q[:, :r]), a.copy_(rr[:r])
-        else:
-            # PiSSA (Meng et al. 2024): W = U S V^T; B = U_r sqrt(S_r / s), A = sqrt(S_r / s) V_r^T so
-            # that s B A is the principal rank-r part of W. "pissa_niter_K" uses a randomised SVD.
-            match = _PISSA_NITER.match(init)
-            if match:
-                u, sv, v = torch.svd_lowrank(rows.float(), q=r, niter=int(match.group(1)))
-                vh = v.T
-            else:
-                u, sv, vh = torch.linalg.svd(rows.float(), full_matrices=False)
-            root = torch.sqrt(sv[:r] / s)
-            b.copy_(u[:, :r] * root), a.copy_(root[:, None] * vh[:r])
-        # Kept (not saved) to restore the base on unload and for portable saves.
-        adapter.register_buffer("init_A", a.detach().float().clone(), persistent=False)
-        adapter.register_buffer("init_B", b.detach().float().clone(), persistent=False)
-
-
 register_layer(PEFT_TYPE, "Linear", (nn.Linear,), LoraLinear)
 if HFConv1D:
     register_layer(PEFT_TYPE, "Conv1D (GPT-2)", (HFConv1D,), LoraLinear)
-register_layer(PEFT_TYPE, "Embedding", (nn.Embedding,), LoraEmbedding)
-register_layer(PEFT_TYPE, "Conv", (nn.Conv1d, nn.Conv2d, nn.Conv3d), LoraConv)
-register_layer(
-    PEFT_TYPE, "MultiheadAttention", (nn.MultiheadAttention,), LoraMultiheadAttention, check=check_attention
-)
+# Embedding, Conv and MultiheadAttention rows follow, in that order, from lora_layers.py.
 register_parameter(
     PEFT_TYPE, "Parameter (2-D weight or 3-D expert stack)", LoraParameters, check=check_parameter
 )
@@ -914,4 +688,4 @@ def lora_plus_param_groups(
     ]
 
 
-__all__ = ["LoraConfig", "LoraLinear", "LoraEmbedding", "LoraConv", "lora_plus_param_groups"]
+__all__ = ["LoraConfig", "LoraAdapter", "LoraLinear", "lora_plus_param_groups"]
