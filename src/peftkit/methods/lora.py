@@ -50,53 +50,53 @@ PEFT_TYPE = "LORA"
 class LoraConfig(AdapterConfig):
     """LoRA and its variants.
 
-        Attributes:
-            r: Rank of the update (per-module overrides via ``rank_pattern``).
-            lora_alpha: Scale numerator; the update is multiplied by ``lora_alpha / r``.
-            lora_dropout: Dropout on the adapter's input during training.
-            bias: Which base biases to train and save with the adapter: "none", "all", or "lora_only"
-                (biases of adapted layers). Trained biases cannot be switched off by ``disable()``.
-            fan_in_fan_out: Recorded for the interchange format; peftkit reads the layout from the layer
-                type itself (GPT-2's ``Conv1D`` stores its weight transposed).
-            use_rslora: Scale by ``lora_alpha / sqrt(r)`` instead of ``lora_alpha / r``.
-            use_dora: DoRA: also learn a per-output-channel magnitude (see ``methods/dora.py``).
-            init_lora_weights: ``True`` / ``"default"`` (A Kaiming-uniform, B zero), ``"gaussian"``
-                (A ~ N(0, 1/r)), ``"pissa"`` / ``"pissa_niter_K"`` (A, B from the top-r singular vectors;
-                the base weight keeps the residual), ``"olora"`` (A, B from a QR decomposition, residual
-                kept likewise), ``"loftq"`` (LoftQ, Li et al. 2023: the base weight becomes its 4- or 8-bit
-                quantization Q and s B A the best rank-r fit of what Q lost, alternating ``loftq_iter``
-                times; needs bitsandbytes), ``"lora_ga"`` (LoRA-GA, Wang et al. 2024: A and B from the SVD of
-                the weight's gradient on a few batches, ``methods/lora_ga.py``; the base keeps
-                ``W - s B A``),         loftq_config: LoftQ's options, the reference library's keys: ``{"loftq_bits": 4 or 8,
-                "loftq_iter": N >= 1}``; only with ``init_lora_weights="loftq"``.
-            lora_ga_config: LoRA-GA's options, the reference library's ``LoraGAConfig`` keys: ``direction``
-                ("ArB2r", "A2rBr", "ArBr", "random"), ``scale`` ("stable", "weight_svd", "gd_scale", "unit"),
-                ``stable_gamma``; None: their defaults (ArB2r, stable, 16). Only with ``init_lora_weights="lora_ga"``.
-    ``"eva"`` (A on the top directions of each layer's inputs, ranks
-                redistributed by explained variance, B zero: ``peftkit.inject_eva``, ``methods/lora_eva.py``),
-                ``"corda"`` (A, B from the SVD of W times the inputs' covariance, residual kept:
-                ``peftkit.inject_corda``, ``methods/lora_corda.py``), or ``False`` (random A and B: the
-                adapter changes the output from the start; for tests).
-            eva_config: EVA's options as a dict (``rho``, ``tau``, ``use_label_mask``, ``label_mask_value``,
-                ``whiten``, ``adjust_scaling_factors``; the reference library's ``EvaConfig``).
-            corda_config: CorDA's options as a dict (``corda_method``: "ipm" or "kpm", ...; the reference
-                library's ``CordaConfig``).
-            lora_bias: Give B a bias ``b`` (the reference library's ``lora_bias``): the layer's output gains
-                ``s * b``, and a merge adds it to the base bias. It lets an adapter carry a change of the
-                bias, as ``peftkit.combine`` and ``convert_to_lora`` write when a source changed one. Not on
-                embeddings, nor with DoRA, PiSSA or OLoRA (as in the reference).
-            target_parameters: ``nn.Parameter`` tensors to adapt directly, by full name or ``.``-suffix, for
-                weights no linear layer holds: the stacked experts of a mixture-of-experts model
-                (``["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]``, a low-rank delta per expert) or a
-                router's weight (``"mlp.gate.weight"``). The reference library's field, with its tensor layout
-                (``methods/lora_parameters.py``, docs/moe.md); works beside ``target_modules`` (``[]`` for
-                none). ``exclude_modules`` / ``layers_to_transform`` do not filter it, as in the reference.
-                ``target_modules="all-linear"`` adds the stacked experts and routers a MoE model has.
-            trainable_token_indices: Also train these tokens' embedding rows (and nothing else of the
-                embedding), e.g. tokens just added to the tokenizer: a list of token ids for the input
-                embedding, or a dict layer name -> token ids (``{"embed_tokens": [...], "lm_head": [...]}`` for a
-                model whose output head is not tied to the embedding). A tied output head follows the embedding.
-                The reference library's field and tensors (``methods/trainable_tokens.py``, docs/tokens.md).
+    Attributes:
+        r: Rank of the update (per-module overrides via ``rank_pattern``).
+        lora_alpha: Scale numerator; the update is multiplied by ``lora_alpha / r``.
+        lora_dropout: Dropout on the adapter's input during training.
+        bias: Which base biases to train and save with the adapter: "none", "all", or "lora_only"
+            (biases of adapted layers). Trained biases cannot be switched off by ``disable()``.
+        fan_in_fan_out: Recorded for the interchange format; peftkit reads the layout from the layer
+            type itself (GPT-2's ``Conv1D`` stores its weight transposed).
+        use_rslora: Scale by ``lora_alpha / sqrt(r)`` instead of ``lora_alpha / r``.
+        use_dora: DoRA: also learn a per-output-channel magnitude (see ``methods/dora.py``).
+        init_lora_weights: ``True`` / ``"default"`` (A Kaiming-uniform, B zero), ``"gaussian"``
+            (A ~ N(0, 1/r)), ``"pissa"`` / ``"pissa_niter_K"`` (A, B from the top-r singular vectors;
+            the base weight keeps the residual), ``"olora"`` (A, B from a QR decomposition, residual
+            kept likewise), ``"loftq"`` (LoftQ, Li et al. 2023: the base weight becomes its 4- or 8-bit
+            quantization Q and s B A the best rank-r fit of what Q lost, alternating ``loftq_iter``
+            times; needs bitsandbytes), ``"lora_ga"`` (LoRA-GA, Wang et al. 2024: A and B from the SVD of
+            the weight's gradient on a few batches, ``methods/lora_ga.py``; the base keeps
+            ``W - s B A``), ``"eva"`` (A on the top directions of each layer's inputs, ranks
+            redistributed by explained variance, B zero: ``peftkit.inject_eva``, ``methods/lora_eva.py``),
+            ``"corda"`` (A, B from the SVD of W times the inputs' covariance, residual kept:
+            ``peftkit.inject_corda``, ``methods/lora_corda.py``), or ``False`` (random A and B: the
+            adapter changes the output from the start; for tests).
+        loftq_config: LoftQ's options, the reference library's keys: ``{"loftq_bits": 4 or 8,
+            "loftq_iter": N >= 1}``; only with ``init_lora_weights="loftq"``.
+        lora_ga_config: LoRA-GA's options, the reference library's ``LoraGAConfig`` keys: ``direction``
+            ("ArB2r", "A2rBr", "ArBr", "random"), ``scale`` ("stable", "weight_svd", "gd_scale", "unit"),
+            ``stable_gamma``; None: their defaults (ArB2r, stable, 16). Only with ``init_lora_weights="lora_ga"``.
+        eva_config: EVA's options as a dict (``rho``, ``tau``, ``use_label_mask``, ``label_mask_value``,
+            ``whiten``, ``adjust_scaling_factors``; the reference library's ``EvaConfig``).
+        corda_config: CorDA's options as a dict (``corda_method``: "ipm" or "kpm", ...; the reference
+            library's ``CordaConfig``).
+        lora_bias: Give B a bias ``b`` (the reference library's ``lora_bias``): the layer's output gains
+            ``s * b``, and a merge adds it to the base bias. It lets an adapter carry a change of the
+            bias, as ``peftkit.combine`` and ``convert_to_lora`` write when a source changed one. Not on
+            embeddings, nor with DoRA, PiSSA or OLoRA (as in the reference).
+        target_parameters: ``nn.Parameter`` tensors to adapt directly, by full name or ``.``-suffix, for
+            weights no linear layer holds: the stacked experts of a mixture-of-experts model
+            (``["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]``, a low-rank delta per expert) or a
+            router's weight (``"mlp.gate.weight"``). The reference library's field, with its tensor layout
+            (``methods/lora_parameters.py``, docs/moe.md); works beside ``target_modules`` (``[]`` for
+            none). ``exclude_modules`` / ``layers_to_transform`` do not filter it, as in the reference.
+            ``target_modules="all-linear"`` adds the stacked experts and routers a MoE model has.
+        trainable_token_indices: Also train these tokens' embedding rows (and nothing else of the
+            embedding), e.g. tokens just added to the tokenizer: a list of token ids for the input
+            embedding, or a dict layer name -> token ids (``{"embed_tokens": [...], "lm_head": [...]}`` for a
+            model whose output head is not tied to the embedding). A tied output head follows the embedding.
+            The reference library's field and tensors (``methods/trainable_tokens.py``, docs/tokens.md).
     """
 
     pick_when = "the default: well studied, merges exactly, serves in vLLM, and has the most variants (rsLoRA, DoRA, PiSSA and OLoRA inits, LoRA+, LoRA-FA)"
