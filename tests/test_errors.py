@@ -101,6 +101,43 @@ def test_svd_inits_refuse_non_matrix_layers_before_touching_the_model():
     assert _same(model, snap)
 
 
+@pytest.mark.parametrize("kind", ["Embedding", "Conv1d", "Conv2d", "Conv3d"])
+@pytest.mark.parametrize(
+    "init, error, match",
+    [
+        ("lora_ga", ConfigError, r"targets no nn.Linear \(or GPT-2 Conv1D\) layer"),
+        ("eva", UnsupportedLayerError, r"not linear layers: layer \("),
+        ("corda", UnsupportedLayerError, r"not linear layers: layer \("),
+    ],
+)
+def test_data_inits_refuse_non_matrix_layers_before_touching_the_model(kind, init, error, match):
+    # they read a weight matrix and its gradient or inputs: the contract rows run them on the matrix kinds
+    model, x = build(kind)
+    snap = _snapshot(model)
+    config = peftkit.LoraConfig(target_modules=["layer"], init_lora_weights=init)
+    with pytest.raises(error, match=match):  # through the hooks a run calls
+        if config.needs_init_data():
+            config.init_from_data(model, lambda: model(x).float().pow(2).mean().backward())
+        config.inject_from_data(model, [x], lambda m, batch: m(batch))
+    assert _same(model, snap)
+    assert all(p.requires_grad and p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize(
+    "kind, match", [("Conv1D", "quantizes nn.Linear weights"), ("Conv2d", "linear weight matrix")]
+)
+def test_loftq_refuses_layers_it_cannot_quantize_before_touching_the_model(kind, match):
+    pytest.importorskip("bitsandbytes")
+    model, _ = build(kind)
+    snap = _snapshot(model)
+    config = peftkit.LoraConfig(
+        target_modules=["layer"], init_lora_weights="loftq", loftq_config={"loftq_bits": 8, "loftq_iter": 1}
+    )
+    with pytest.raises(UnsupportedLayerError, match=match):
+        peftkit.inject(model, config)
+    assert _same(model, snap)
+
+
 def test_duplicate_adapter_name_is_refused_and_model_unchanged():
     model = _model()
     peftkit.inject(model, peftkit.LoraConfig(target_modules=["query"]), "a")
