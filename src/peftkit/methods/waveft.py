@@ -86,8 +86,9 @@ class WaveFTConfig(AdapterConfig):
 
     pick_when = "you want FourierFT's tiny budgets with updates localised in the weight: a few wavelet coefficients per layer"
 
-    # a few coefficients per layer: rates like FourierFT's
-    lr_candidates: ClassVar[tuple[float, ...]] = FourierFTConfig.lr_candidates
+    # Each coefficient moves a small patch of the weight at full strength (scaling 25), where FourierFT's
+    # spreads over all of it: the methods experiment chose 1e-3, and 1e-2 and above fell to the majority class.
+    lr_candidates: ClassVar[tuple[float, ...]] = (3e-4, 1e-3, 3e-3)
     # the reference WaveFTConfig has no rank or alpha patterns (n_frequency_pattern instead)
     fields_not_in_format: ClassVar[tuple[str, ...]] = ("rank_pattern", "alpha_pattern")
     display_name: ClassVar[str] = "WaveFT"
