@@ -8,6 +8,7 @@ training loop and the interchange format all take part; every run takes a second
 from __future__ import annotations
 
 import json
+import warnings
 
 import pytest
 import torch
@@ -138,6 +139,26 @@ def test_every_adapter_method_name_goes_through_make_config(tiny_model_dir, revi
     )
     model = runner.adapt(runner.build_task(config).load_model(), config)
     assert type(peftkit.adapter_config(model)) is peftkit.IA3Config
+
+
+def test_a_warned_adapter_start_is_a_line_of_the_run_log_not_a_python_warning(
+    tiny_model_dir, reviews_csv, tmp_path
+):
+    # the tiny BERT's 32 x 32 attention weights: FourierFT's default random start moves them far
+    adapter = {"method": "fourierft", "n_frequency": 64, "target_modules": ["query", "value"]}
+    config = make_config(tiny_model_dir, reviews_csv, tmp_path / "fourierft", adapter=adapter)
+    lines = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        runner.adapt(runner.build_task(config).load_model(), config, log=lines.append)
+    (line,) = [line for line in lines if line.startswith("warning: FourierFT's random start")]
+    assert "Set init_weights=True" in line
+    quiet = make_config(
+        tiny_model_dir, reviews_csv, tmp_path / "zero", adapter={**adapter, "init_weights": True}
+    )
+    lines.clear()
+    runner.adapt(runner.build_task(quiet).load_model(), quiet, log=lines.append)
+    assert not [line for line in lines if line.startswith("warning:")]
 
 
 @register_task("test-nan-loss")

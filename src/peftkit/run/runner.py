@@ -21,6 +21,7 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +33,7 @@ from torch import nn
 from .. import api
 from ..core.dropout import head_outside_base, set_base_dropout
 from ..core.registry import DEFAULT_METHOD
-from ..errors import ConfigError
+from ..errors import ConfigError, FreshAdapterWarning
 from ..models.config import base_dropout_mode
 from ..select import init as select_init
 from ..select import report as select_report
@@ -155,7 +156,7 @@ def adapt(
         adapter.init_from_data(model, train_step)
     try:
         if not adapter.needs_data():
-            return api.inject(model, adapter, ADAPTER_NAME)
+            return _inject_logging_start(model, adapter, log)
         if task is None:
             raise ConfigError(
                 [
@@ -298,6 +299,20 @@ def _adapt_seeded(
         **facts,
     }
     return model, metrics
+
+
+def _inject_logging_start(model: nn.Module, adapter: Any, log: Log) -> nn.Module:
+    """``api.inject``, with its warnings about where the adapter starts as lines of the run's log, read
+    beside the rest, instead of Python warnings that print a source line."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", FreshAdapterWarning)
+        api.inject(model, adapter, ADAPTER_NAME)
+    for warning in caught:
+        if issubclass(warning.category, FreshAdapterWarning):
+            log(f"warning: {warning.message}")
+        else:
+            warnings.showwarning(warning.message, warning.category, warning.filename, warning.lineno)
+    return model
 
 
 def _needs_init_data(config: RunConfig) -> bool:
