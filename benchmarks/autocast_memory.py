@@ -4,10 +4,11 @@
 
 Each arm trains MiniLM for ``--steps`` steps of 16 examples whose lengths are drawn from 10-64 tokens
 (seeded, the same lengths for every arm), in a process of its own, and reports that process's maximum
-resident memory. Arms: LoRA on query and value at rank 8; "spread", LoRA on 24 modules (value, attention
-output, intermediate and output of every layer) at ranks 1-6, as a budgeted selection chooses; each under
-fp32, bf16 autocast, autocast with lengths padded to a multiple of 16, and autocast with oneDNN's primitive
-cache off. docs/performance.md ("bf16 on CPU") explains the result.
+resident memory and the training loop's wall time (run it on a quiet machine for the times). Targets:
+LoRA on query and value at rank 8; "spread", LoRA on 24 modules (value, attention output, intermediate
+and output of every layer) at ranks 1-6, as a budgeted selection chooses. Arms: fp32, bf16 autocast,
+autocast with lengths padded to a multiple of 8 and of 16, and autocast with oneDNN's primitive cache
+off. docs/performance.md ("bf16 on CPU") explains the result.
 """
 
 from __future__ import annotations
@@ -18,18 +19,20 @@ import random
 import resource
 import subprocess
 import sys
+import time
 
 ARMS = {
     "fp32": {"precision": "fp32"},
     "autocast": {"precision": "bf16"},
+    "autocast, pad 8": {"precision": "bf16", "pad": 8},
     "autocast, pad 16": {"precision": "bf16", "pad": 16},
     "autocast, no primitive cache": {"precision": "bf16", "env": {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "0"}},
 }
 SPREAD = ["attention.self.value", "attention.output.dense", "intermediate.dense", "output.dense"]
 
 
-def train(targets: str, precision: str, pad: int, steps: int) -> float:
-    """Train and return the process's peak resident memory in MB."""
+def train(targets: str, precision: str, pad: int, steps: int) -> tuple[float, float]:
+    """Train; the process's peak resident memory in MB and the training loop's seconds."""
     import torch
     from transformers import AutoModelForSequenceClassification
 
@@ -48,6 +51,7 @@ def train(targets: str, precision: str, pad: int, steps: int) -> float:
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     lengths = random.Random(0)
     labels = torch.zeros(16, dtype=torch.long)
+    start = time.perf_counter()
     for _ in range(steps):
         length = lengths.randint(10, 64)
         length = -(-length // pad) * pad
@@ -57,7 +61,8 @@ def train(targets: str, precision: str, pad: int, steps: int) -> float:
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    seconds = time.perf_counter() - start
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, seconds
 
 
 def main() -> None:
@@ -67,7 +72,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.one:
         targets, precision, pad = args.one
-        print(f"{train(targets, precision, int(pad), args.steps):.0f}")
+        peak, seconds = train(targets, precision, int(pad), args.steps)
+        print(f"{peak:.0f} {seconds:.2f}")
         return
     print(f"| targets | {' | '.join(ARMS)} |")
     print(f"|---|{'---|' * len(ARMS)}")
@@ -85,7 +91,8 @@ def main() -> None:
             command += [targets, arm["precision"], str(arm.get("pad", 1))]
             env = {**os.environ, **arm.get("env", {})}
             result = subprocess.run(command, env=env, capture_output=True, text=True, check=True)
-            cells.append(f"{float(result.stdout.strip().splitlines()[-1]):,.0f} MB")
+            peak, seconds = map(float, result.stdout.strip().splitlines()[-1].split())
+            cells.append(f"{peak:,.0f} MB, {seconds:.1f} s")
         print(f"| {label} | {' | '.join(cells)} |", flush=True)
 
 

@@ -145,6 +145,16 @@ def test_loading_a_saved_random_start_adapter_does_not_warn(tmp_path):
         peftkit.load_adapter(_square(), tmp_path)
 
 
+def test_a_model_on_the_meta_device_is_priced_without_a_warning():
+    # peftkit inspect counts parameters on a meta copy of the model: there are no values to measure
+    with torch.device("meta"):
+        model = _square()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", peftkit.FreshAdapterWarning)
+        peftkit.inject(model, FourierFTConfig(n_frequency=100, target_modules=["0", "2"]))
+    assert peftkit.trainable_summary(model, show=False).trainable == 200
+
+
 @pytest.mark.parametrize("shape, n", [((64, 64), 100), ((48, 80), 700), ((20, 10), 30)])
 def test_the_start_change_from_parseval_matches_the_inverse_dft(shape, n):
     torch.manual_seed(1)

@@ -151,6 +151,7 @@ class FourierFTConfig(AdapterConfig):
                 for name, layer in adapter_layers(model)
                 if adapter_name in layer.adapters
                 and isinstance(adapter := layer.adapters[adapter_name], FourierFTLinear)
+                and not adapter.fourierft_spectrum.is_meta  # a model priced on the meta device has no values
             ),
             reverse=True,
         )
