@@ -644,6 +644,20 @@ def test_a_changed_default_changes_the_key_of_the_runs_it_changes(monkeypatch):
     assert config_key(kept) == config_key(_with(kept, train={"precision": "bf16"}))
 
 
+def test_padding_changes_the_key_only_of_runs_it_pads():
+    from peftkit.compare.config import config_key
+
+    fp32 = _with(_old_record_config(), model={"base_dropout": "keep"}, train={"precision": "fp32"})
+    # fp32: "auto" pads to the longest example, as every run did before the field existed
+    assert config_key(_with(fp32, data={"pad_to_multiple_of": "auto"})) == OLD_RECORD_KEY
+    assert config_key(_with(fp32, data={"pad_to_multiple_of": 1})) == OLD_RECORD_KEY
+    assert config_key(_with(fp32, data={"pad_to_multiple_of": 8})) != OLD_RECORD_KEY
+    # bf16: "auto" is 8, the same run as asking for 8
+    bf16 = _with(fp32, train={"precision": "bf16"})
+    assert config_key(bf16) == config_key(_with(bf16, data={"pad_to_multiple_of": 8}))
+    assert config_key(bf16) != config_key(_with(bf16, data={"pad_to_multiple_of": 1}))
+
+
 def test_a_base_dropout_other_than_keep_changes_the_key_and_keep_does_not():
     from peftkit.compare.config import config_key
 

@@ -379,3 +379,19 @@ def test_a_bare_yaml_off_for_a_string_field_says_to_quote_it():
         ConfigError, match=r"model\.base_dropout: expected a string, got False \(bool\): quote"
     ):
         parse_config(parse_yaml("model: {base_dropout: off}"))
+
+
+@pytest.mark.parametrize("value", [0, -8, 2.5, True, "eight"])
+def test_pad_to_multiple_of_is_a_positive_count_or_auto(value):
+    data = {
+        "task": "text-classification",
+        "model": {"name_or_path": "minilm"},
+        "data": {"name": "rotten_tomatoes"},
+    }
+    problems = problems_of({**data, "data": {**data["data"], "pad_to_multiple_of": value}})
+    assert any(
+        p.startswith("data.pad_to_multiple_of") and ("positive number of tokens" in p or "expected" in p)
+        for p in problems
+    ), problems
+    for fine in ("auto", 1, 8):
+        parse_config({**data, "data": {**data["data"], "pad_to_multiple_of": fine}})

@@ -161,6 +161,34 @@ def test_a_warned_adapter_start_is_a_line_of_the_run_log_not_a_python_warning(
     assert not [line for line in lines if line.startswith("warning:")]
 
 
+@pytest.mark.parametrize(
+    "precision, dtype, given, padded",
+    [
+        ("fp32", "float32", "auto", 1),
+        ("bf16", "float32", "auto", 8),
+        ("fp32", "bfloat16", "auto", 8),
+        ("bf16", "float32", 1, 1),
+        ("fp32", "float32", 16, 16),
+    ],
+)
+def test_auto_padding_follows_the_precision_the_run_computes_in(
+    tiny_model_dir, reviews_csv, tmp_path, precision, dtype, given, padded
+):
+    from peftkit.run.config import with_padding
+
+    config = make_config(
+        tiny_model_dir, reviews_csv, tmp_path, data={"pad_to_multiple_of": given}, model={"dtype": dtype}
+    )
+    assert with_padding(config, precision).data.pad_to_multiple_of == padded
+
+
+def test_the_run_directory_keeps_the_padding_it_trained_with(trained):
+    from peftkit.run.config import load_config
+
+    # the suite pins auto precision to fp32 (tests/conftest.py): auto padding is the longest example
+    assert load_config(trained.run_dir / "config.yaml").data.pad_to_multiple_of == 1
+
+
 @register_task("test-nan-loss")
 class NanLossTask(TextClassificationTask):
     """Text classification whose loss becomes NaN: a stand-in for a run that diverges."""

@@ -3,6 +3,7 @@ and one slow run of SmolLM2 + LoRA on the real English-French dictionary."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import random
@@ -74,6 +75,20 @@ def test_collate_pads_right_and_masks_padding():
     for row, n in enumerate(lengths):
         assert (batch["input_ids"][row, n:] == task.tokenizer.pad_token_id).all()
         assert (batch["labels"][row, n:] == IGNORE).all()
+
+
+def test_collate_pads_to_a_multiple_and_the_loss_stays_the_same():
+    plain, padded = make_task(), make_task()
+    padded.data = dataclasses.replace(padded.data, pad_to_multiple_of=16)
+    lengths = [len(plain.encode(e)[0]) for e in EXAMPLES]
+    batch = padded.collate(EXAMPLES)
+    assert batch["input_ids"].shape[1] == -(-max(lengths) // 16) * 16
+    assert batch["attention_mask"].sum(1).tolist() == lengths
+    model = tiny_llama(len(plain.tokenizer))
+    with torch.no_grad():
+        assert plain.loss(model, plain.collate(EXAMPLES)).item() == pytest.approx(
+            padded.loss(model, batch).item(), rel=1e-5
+        )
 
 
 def test_loss_counts_only_answer_tokens():

@@ -198,6 +198,29 @@ def test_collate_pads_to_the_longest_text_and_truncates(tiny_model_dir):
     assert "labels" not in task.collate([{"text": "fun"}])
 
 
+def test_collate_pads_to_a_multiple_but_never_past_max_length(tiny_model_dir):
+    batch_of = [{"text": "good film", "label": "pos"}, {"text": "the plot was bad", "label": "neg"}]
+    task = TextClassificationTask(
+        **sections(tiny_model_dir, labels=["neg", "pos"], max_length=16, pad_to_multiple_of=4)
+    )
+    batch = task.collate(batch_of)
+    assert batch["input_ids"].shape == (2, 8)  # the longest, 6 tokens, rounded up to 8
+    assert batch["attention_mask"].tolist() == [[1] * 4 + [0] * 4, [1] * 6 + [0] * 2]
+    assert (batch["input_ids"][:, 6:] == task._load_tokenizer(task.model_source()).pad_token_id).all()
+    assert (batch["token_type_ids"][:, 6:] == 0).all()
+    capped = TextClassificationTask(
+        **sections(tiny_model_dir, labels=["neg", "pos"], max_length=7, pad_to_multiple_of=4)
+    )
+    assert capped.collate(batch_of)["input_ids"].shape == (2, 7)  # 8 would pass max_length: stop there
+    # the padding is masked: the classifier's logits do not move
+    model = task.load_model().eval()
+    plain = TextClassificationTask(**sections(tiny_model_dir, labels=["neg", "pos"], max_length=16))
+    with torch.no_grad():
+        assert torch.allclose(
+            task.batch_logits(model, batch), plain.batch_logits(model, plain.collate(batch_of)), atol=1e-5
+        )
+
+
 def test_loss_is_cross_entropy_and_training_lowers_it(tiny_model_dir):
     task = TextClassificationTask(**sections(tiny_model_dir, labels=["neg", "pos", "meh"]))
     model = task.load_model()

@@ -356,6 +356,17 @@ def _as_before(data: dict[str, Any], config: RunConfig) -> None:
             data["train"]["precision"] = resolve_precision(config.train.precision, device)
         except ConfigError:
             pass  # a device this machine lacks: the run will say so; the key keeps the field as written
+    # data.pad_to_multiple_of hashes as the multiple it resolves to: 1 (every run before the field
+    # existed) hashes as before; bf16 runs, which now pad to 8, are new runs
+    if isinstance(data.get("data"), dict) and isinstance(data.get("train"), dict):
+        from ..run.config import with_padding
+
+        data["data"].pop("pad_to_multiple_of", None)
+        precision = data["train"].get("precision")
+        if precision in ("fp32", "bf16"):
+            multiple = with_padding(config, precision).data.pad_to_multiple_of
+            if multiple != 1:
+                data["data"]["pad_to_multiple_of"] = multiple
     # model.base_dropout hashes as the mode it stands for: "keep" (what every run did before the field
     # existed) hashes as before, and a changed default for "auto" changes the key of the runs it changes
     if isinstance(data.get("model"), dict):

@@ -260,6 +260,19 @@ def resolved(config: RunConfig) -> RunConfig:
     )
 
 
+def with_padding(config: RunConfig, precision: str) -> RunConfig:
+    """``config`` with ``data.pad_to_multiple_of: auto`` resolved for a run computing in ``precision``
+    ("fp32" or "bf16", ``train.precision`` resolved): 8 when its matrix products run in bf16 or fp16
+    (autocast, or a half-precision base), where each new sequence length costs compiled kernels
+    (docs/performance.md, "bf16 on CPU") and tensor cores want multiples of 8; else 1. The resolved value
+    is what the run directory's config.yaml keeps, so evaluating the run later pads as it trained."""
+    if config.data.pad_to_multiple_of != "auto":
+        return config
+    half = precision == "bf16" or config.model.dtype in ("bfloat16", "float16")
+    data = dataclasses.replace(config.data, pad_to_multiple_of=8 if half else 1)
+    return dataclasses.replace(config, data=data)
+
+
 def _bundled_models() -> list[str]:
     from ..models import bundled_models
 

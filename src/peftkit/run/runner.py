@@ -50,7 +50,16 @@ from ..train.checkpoint import latest_checkpoint, load_weights, save_weights, se
 from ..train.distributed import World, ensure_process_group
 from ..train.fit import fit
 from ..train.runtime import resolve_device, resolve_precision
-from .config import AUTO, FULL_FINE_TUNING, dump_config, load_config, resolved, to_dict, value_problems
+from .config import (
+    AUTO,
+    FULL_FINE_TUNING,
+    dump_config,
+    load_config,
+    resolved,
+    to_dict,
+    value_problems,
+    with_padding,
+)
 from .schema import RunConfig
 from .tokens import with_new_tokens
 
@@ -206,9 +215,8 @@ def train_run(config: RunConfig, *, resume: bool = False, log: Log = print) -> R
     # Under torchrun every rank runs this function; rank 0 alone owns output_dir (fit follows its
     # run_dir and resume decisions on every rank), the others train beside it and write nothing.
     device = resolve_device(config.train.device)
-    resolve_precision(
-        config.train.precision, device
-    )  # a bad $PEFTKIT_AUTO_PRECISION stops before anything is written
+    # a bad $PEFTKIT_AUTO_PRECISION stops here, before anything is written
+    config = with_padding(config, resolve_precision(config.train.precision, device))
     world = ensure_process_group(device)
     if world.is_main:
         resume = _claim_run_dir(run_dir, config, resume, log)

@@ -31,7 +31,7 @@ from torch import nn
 
 from .. import text_metrics
 from ..data import chat
-from ..data.config import DataConfig
+from ..data.config import DataConfig, padding_multiple
 from ..data.files import load_examples
 from ..data.general_text import GENERAL_TEXT_SOURCE, general_texts
 from ..errors import ConfigError
@@ -242,8 +242,9 @@ class CausalLMTask(GenerationTask):
     def collate(self, examples: Sequence[Example]) -> Batch:
         """Right-padded ``input_ids``, ``attention_mask`` and ``labels`` (-100 on prompt and padding)."""
         encoded = [self.encode(e) for e in examples]
-        ids, mask = pad([e[0] for e in encoded], self._pad_id(), side="right")
-        labels, _ = pad([e[1] for e in encoded], IGNORE, side="right")
+        width = {"multiple": padding_multiple(self.data), "limit": self.data.max_length}
+        ids, mask = pad([e[0] for e in encoded], self._pad_id(), side="right", **width)
+        labels, _ = pad([e[1] for e in encoded], IGNORE, side="right", **width)
         return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
     def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..data.config import padded_width
 from ..models import quiet_transformers
 from .base import eval_mode
 from .config import EvalConfig, GenerationSettings
@@ -70,9 +71,12 @@ def stop_ids(model: nn.Module, tokenizer: Any) -> list[int] | None:
     return list(dict.fromkeys(ids)) or None
 
 
-def pad(sequences: Sequence[Sequence[int]], value: int, side: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(padded [B, T], mask [B, T])``: sequences padded with ``value`` on the ``side`` ("left"/"right")."""
-    width = max((len(s) for s in sequences), default=0)
+def pad(
+    sequences: Sequence[Sequence[int]], value: int, side: str, multiple: int = 1, limit: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(padded [B, T], mask [B, T])``: sequences padded with ``value`` on the ``side`` ("left"/"right"),
+    T the longest length, rounded up by :func:`padded_width`."""
+    width = padded_width(max((len(s) for s in sequences), default=0), multiple, limit)
     out = torch.full((len(sequences), width), value, dtype=torch.long)
     mask = torch.zeros((len(sequences), width), dtype=torch.long)
     for i, seq in enumerate(sequences):

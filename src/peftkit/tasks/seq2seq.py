@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..data.config import padding_multiple
 from ..data.general_text import GENERAL_TEXT_SOURCE, general_texts
 from ..errors import ConfigError
 from ..models import explain_missing
@@ -81,10 +82,11 @@ class Seq2SeqTask(GenerationTask):
 
     def collate(self, examples: Sequence[Example]) -> Batch:
         """``input_ids`` / ``attention_mask`` of the sources and ``labels`` of the targets (-100 padded)."""
-        ids, mask = pad(
-            [self.encode_source(role_text(e, "source")) for e in examples], self._pad_id(), side="right"
-        )
-        labels, _ = pad([self.encode_target(role_text(e, "target")) for e in examples], IGNORE, side="right")
+        width = {"multiple": padding_multiple(self.data), "limit": self.data.max_length}
+        sources = [self.encode_source(role_text(e, "source")) for e in examples]
+        ids, mask = pad(sources, self._pad_id(), side="right", **width)
+        targets = [self.encode_target(role_text(e, "target")) for e in examples]
+        labels, _ = pad(targets, IGNORE, side="right", **width)
         return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
     def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:

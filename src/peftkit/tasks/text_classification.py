@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..data.config import DataConfig
+from ..data.config import DataConfig, padded_width, padding_multiple
 from ..data.files import load_examples
 from ..data.general_text import GENERAL_TEXT_SOURCE, general_texts
 from ..errors import ConfigError
@@ -206,8 +206,8 @@ class TextClassificationTask(Classifier):
         raise KeyError(f"label {value!r} is not one of the labels {self.labels}; add it to data.labels")
 
     def collate(self, examples: Sequence[Example]) -> Batch:
-        """Token ids and attention mask padded to the batch's longest text; ``labels`` when every
-        example has a label."""
+        """Token ids and attention mask padded to the batch's longest text (rounded up to
+        ``data.pad_to_multiple_of``); ``labels`` when every example has a label."""
         tokenizer = self._load_tokenizer(self.model_source())
         texts = [_text_of(e) for e in examples]
         batch = dict(
@@ -219,6 +219,14 @@ class TextClassificationTask(Classifier):
                 return_tensors="pt",
             )
         )
+        longest = batch["input_ids"].shape[1]
+        extra = padded_width(longest, padding_multiple(self.data), self.data.max_length) - longest
+        if extra:  # the tokenizer's own pad_to_multiple_of would pad past max_length
+            for key, value in batch.items():
+                fill = tokenizer.pad_token_id if key == "input_ids" else 0
+                side = value.new_full((value.shape[0], extra), fill)
+                right = tokenizer.padding_side == "right"
+                batch[key] = torch.cat([value, side] if right else [side, value], dim=1)
         if examples and all(isinstance(e, Mapping) and "label" in e for e in examples):
             batch["labels"] = torch.tensor([self.label_id(e["label"]) for e in examples])
         return batch
