@@ -8,7 +8,8 @@ VARIANTS = {"lora": {}, "rslora": {"use_rslora": True}, "dora": {"use_dora": Tru
 SVD_INITS = {"pissa", "olora"}  # refused for non-matrix kinds; see test_errors.py
 
 
-def _config(init, options):
+def lora_row_config(init, options):
+    """The config every LoRA row builds: rank 2 on ``layer``, the head saved, ``init`` and ``options``."""
     return lambda kind: peftkit.LoraConfig(
         r=2,
         lora_alpha=4,
@@ -22,7 +23,7 @@ def _config(init, options):
 ROWS = [
     Row(
         name=f"lora-{variant}-{init}" if variant != "lora" else f"lora-{init}",
-        config=_config(init, options),
+        config=lora_row_config(init, options),
         kinds=sorted(MATRIX_KINDS) if init in SVD_INITS else list(KINDS),
         rewrites_base=init in SVD_INITS,
     )
@@ -33,7 +34,7 @@ ROWS = [
 ROWS.append(
     Row(
         name="lora-bias-default",
-        config=_config(True, {"lora_bias": True}),
+        config=lora_row_config(True, {"lora_bias": True}),
         kinds=[k for k in KINDS if k != "Embedding"],
         build=build_with_bias,
     )

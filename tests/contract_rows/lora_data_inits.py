@@ -8,21 +8,14 @@ see test_errors.py). LoftQ quantizes ``nn.Linear`` weights as bitsandbytes store
 import torch
 from torch import nn
 
-import peftkit
 from contract_rows import Row, inject_with_data
+from contract_rows.lora import lora_row_config
 from peftkit.core import registry
 from support.tiny import MATRIX_KINDS, Net, build
 
 
 def _config(init, **options):
-    return lambda kind: peftkit.LoraConfig(
-        r=2,
-        lora_alpha=4,
-        target_modules=["layer"],
-        modules_to_save=["head"],
-        init_lora_weights=init,
-        **options,
-    )
+    return lora_row_config(init, options)
 
 
 def _build_wide(kind: str, seed: int = 0) -> tuple[Net, torch.Tensor]:
