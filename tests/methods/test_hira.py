@@ -10,9 +10,7 @@ random init, which that matrix does not cover.
 from __future__ import annotations
 
 import copy
-import json
 import re
-import warnings
 from pathlib import Path
 
 import pytest
@@ -26,7 +24,6 @@ from peftkit.methods.hira import HiraConfig
 from support import custom_models as cm
 
 peft = pytest.importorskip("peft")
-from peft.utils import get_peft_model_state_dict  # noqa: E402
 
 pytestmark = [
     pytest.mark.usefixtures("one_thread"),  # tiny models: one intra-op thread is fastest
@@ -268,20 +265,8 @@ def test_a_fresh_adapter_has_the_same_tensors_and_config_in_both(case, tmp_path)
     ours_config, theirs_config = _configs(options)
     ours = peftkit.inject(cm.base(model_id), ours_config)
     theirs = peft.get_peft_model(cm.base(model_id), theirs_config)
-    shapes = {k: tuple(v.shape) for k, v in peftkit.adapter_state_dict(ours).items()}
-    assert shapes == {k: tuple(v.shape) for k, v in get_peft_model_state_dict(theirs).items()}
-    peftkit.save_adapter(ours, tmp_path / "ours")
-    theirs.save_pretrained(tmp_path / "theirs")
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # neither library meets a key it does not know
-        warnings.filterwarnings("ignore", "HiRA rank_pattern", UserWarning)  # ours, on purpose
-        read_theirs = peft.PeftConfig.from_pretrained(tmp_path / "ours")
-        read_ours = peftkit.read_adapter_config(tmp_path / "theirs")
-    written = json.loads((tmp_path / "theirs" / "adapter_config.json").read_text())
-    for key in ("r", "hira_dropout", "init_weights", "fan_in_fan_out", "rank_pattern"):
-        assert (
-            getattr(read_theirs, key) == getattr(ours_config, key) == getattr(read_ours, key) == written[key]
-        )
+    keys = ("r", "hira_dropout", "init_weights", "fan_in_fan_out", "rank_pattern")
+    cm.assert_same_fresh_adapter(ours, theirs, ours_config, tmp_path, keys, ignore=("HiRA rank_pattern",))
 
 
 def test_docs_example_runs(capsys):

@@ -10,9 +10,7 @@ several bases per layer and GPT-2's Conv1D, which that matrix does not cover.
 from __future__ import annotations
 
 import copy
-import json
 import re
-import warnings
 from pathlib import Path
 
 import pytest
@@ -401,18 +399,8 @@ def test_a_fresh_adapter_has_the_same_tensors_and_config_in_both(case, tmp_path)
     for key, tensor in ours_state.items():  # the bases equal, and so does the initial gamma
         if "lambda" not in key and ".lin1.weight" not in key and ".lin1.bias" not in key:
             assert torch.equal(tensor, theirs_state[key]), key
-    peftkit.save_adapter(ours, tmp_path / "ours")
-    theirs.save_pretrained(tmp_path / "theirs")
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # neither library meets a key it does not know
-        warnings.filterwarnings("ignore", "Specified to not save", UserWarning)  # peft's own notice
-        read_theirs = peft.PeftConfig.from_pretrained(tmp_path / "ours")
-        read_ours = peftkit.read_adapter_config(tmp_path / "theirs")
-    written = json.loads((tmp_path / "theirs" / "adapter_config.json").read_text())
-    for key in ("r", "randlora_alpha", "sparse", "very_sparse", "save_projection", "projection_prng_key"):
-        assert (
-            getattr(read_theirs, key) == getattr(ours_config, key) == getattr(read_ours, key) == written[key]
-        )
+    keys = ("r", "randlora_alpha", "sparse", "very_sparse", "save_projection", "projection_prng_key")
+    cm.assert_same_fresh_adapter(ours, theirs, ours_config, tmp_path, keys, ignore=("Specified to not save",))
 
 
 def test_docs_example_runs(capsys):

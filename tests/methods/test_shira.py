@@ -8,9 +8,7 @@ unloaded, float32 max abs diff <= 1e-5; plus a random init and a bigger r, which
 from __future__ import annotations
 
 import copy
-import json
 import re
-import warnings
 from pathlib import Path
 
 import pytest
@@ -203,17 +201,8 @@ def test_a_fresh_adapter_has_the_same_tensors_and_config_in_both(case, tmp_path)
     assert peftkit.trainable_summary(ours, show=False).trainable == sum(
         p.numel() for p in theirs.parameters() if p.requires_grad
     )
-    peftkit.save_adapter(ours, tmp_path / "ours")
-    theirs.save_pretrained(tmp_path / "theirs")
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # neither library meets a key it does not know
-        read_theirs = peft.PeftConfig.from_pretrained(tmp_path / "ours")
-        read_ours = peftkit.read_adapter_config(tmp_path / "theirs")
-    written = json.loads((tmp_path / "theirs" / "adapter_config.json").read_text())
-    for key in ("r", "mask_type", "random_seed", "init_weights", "fan_in_fan_out"):
-        assert (
-            getattr(read_theirs, key) == getattr(ours_config, key) == getattr(read_ours, key) == written[key]
-        )
+    keys = ("r", "mask_type", "random_seed", "init_weights", "fan_in_fan_out")
+    cm.assert_same_fresh_adapter(ours, theirs, ours_config, tmp_path, keys)
 
 
 def test_docs_example_runs(capsys):

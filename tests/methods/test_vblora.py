@@ -10,9 +10,7 @@ that matrix does not cover.
 from __future__ import annotations
 
 import copy
-import json
 import re
-import warnings
 from pathlib import Path
 
 import pytest
@@ -26,7 +24,6 @@ from peftkit.methods.vblora import VBLoRAConfig, VBLoRALinear, VectorBank
 from support import custom_models as cm
 
 peft = pytest.importorskip("peft")
-from peft.utils import get_peft_model_state_dict  # noqa: E402
 
 pytestmark = [
     pytest.mark.usefixtures("one_thread"),  # tiny models: one intra-op thread is fastest
@@ -312,21 +309,8 @@ def test_a_fresh_adapter_has_the_same_tensors_and_config_in_both(case, tmp_path)
     ours_config, theirs_config = _configs(options)
     ours = peftkit.inject(cm.base(model_id), ours_config)
     theirs = peft.get_peft_model(cm.base(model_id), theirs_config)
-    ours_state, theirs_state = peftkit.adapter_state_dict(ours), get_peft_model_state_dict(theirs)
-    assert {k: (tuple(v.shape), v.dtype) for k, v in ours_state.items()} == {
-        k: (tuple(v.shape), v.dtype) for k, v in theirs_state.items()
-    }
-    peftkit.save_adapter(ours, tmp_path / "ours")
-    theirs.save_pretrained(tmp_path / "theirs")
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # neither library meets a key it does not know
-        read_theirs = peft.PeftConfig.from_pretrained(tmp_path / "ours")
-        read_ours = peftkit.read_adapter_config(tmp_path / "theirs")
-    written = json.loads((tmp_path / "theirs" / "adapter_config.json").read_text())
-    for key in ("r", "num_vectors", "vector_length", "topk", "save_only_topk_weights", "init_logits_std"):
-        assert (
-            getattr(read_theirs, key) == getattr(ours_config, key) == getattr(read_ours, key) == written[key]
-        )
+    keys = ("r", "num_vectors", "vector_length", "topk", "save_only_topk_weights", "init_logits_std")
+    cm.assert_same_fresh_adapter(ours, theirs, ours_config, tmp_path, keys, dtypes=True)
 
 
 def test_docs_example_runs(capsys):

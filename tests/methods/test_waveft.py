@@ -12,7 +12,6 @@ from __future__ import annotations
 import copy
 import json
 import re
-import warnings
 from pathlib import Path
 
 import pytest
@@ -34,7 +33,6 @@ from support import custom_models as cm
 peft = pytest.importorskip("peft")
 from peft.tuners.waveft.constants import WAVELET_REDUCTIONS  # noqa: E402
 from peft.tuners.waveft.waverec2d import waverec2d  # noqa: E402
-from peft.utils import get_peft_model_state_dict  # noqa: E402
 
 pytestmark = [
     pytest.mark.usefixtures("one_thread"),  # tiny models: one intra-op thread is fastest
@@ -306,25 +304,19 @@ def test_a_fresh_adapter_has_the_same_tensors_and_config_in_both(case, tmp_path)
     ours_config, theirs_config = _configs(options)
     ours = peftkit.inject(cm.base(model_id), ours_config)
     theirs = peft.get_peft_model(cm.base(model_id), theirs_config)
-    shapes = {k: tuple(v.shape) for k, v in peftkit.adapter_state_dict(ours).items()}
-    assert shapes == {k: tuple(v.shape) for k, v in get_peft_model_state_dict(theirs).items()}
-    peftkit.save_adapter(ours, tmp_path / "ours")
-    theirs.save_pretrained(tmp_path / "theirs")
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # neither library meets a key it does not know
-        read_theirs = peft.PeftConfig.from_pretrained(tmp_path / "ours")
-        read_ours = peftkit.read_adapter_config(tmp_path / "theirs")
-    written = json.loads((tmp_path / "theirs" / "adapter_config.json").read_text())
-    for key in (
+    keys = (
         "n_frequency",
         "scaling",
         "wavelet_family",
         "use_idwt",
         "proportional_parameters",
         "fan_in_fan_out",
-    ):
-        assert getattr(read_theirs, key) == getattr(read_ours, key) == written[key], key
-    assert read_ours.n_frequency_pattern == written["n_frequency_pattern"]
+    )
+    cm.assert_same_fresh_adapter(ours, theirs, ours_config, tmp_path, keys, config_keys=False)
+    assert (
+        peftkit.read_adapter_config(tmp_path / "theirs").n_frequency_pattern
+        == json.loads((tmp_path / "theirs" / "adapter_config.json").read_text())["n_frequency_pattern"]
+    )
 
 
 def test_docs_example_runs(capsys):

@@ -205,26 +205,40 @@ def assert_parity(direction: str, model_id: str, ours_config, theirs_config, dir
     )
 
 
-def assert_same_fresh_adapter(ours: nn.Module, theirs: nn.Module, ours_config, directory: Path, keys) -> None:
+def assert_same_fresh_adapter(
+    ours: nn.Module,
+    theirs: nn.Module,
+    ours_config,
+    directory: Path,
+    keys,
+    *,
+    dtypes: bool = False,
+    ignore: tuple[str, ...] = (),
+    config_keys: bool = True,
+) -> None:
     """A fresh adapter from the same config, injected by peftkit (``ours``) and by the reference (``theirs``):
-    the same tensor names and shapes, each library reads the other's adapter_config.json without a warning,
-    and the config fields ``keys`` are equal in the config, both readings and the reference's file."""
+    the same tensor names and shapes (and dtypes with ``dtypes``), each library reads the other's
+    adapter_config.json without a warning (but those matching a message in ``ignore``), and the config fields
+    ``keys`` are equal in both readings, the reference's file and (with ``config_keys``) the config itself."""
     import json
     import warnings
 
     import peft
     from peft.utils import get_peft_model_state_dict
 
-    shapes = {k: tuple(v.shape) for k, v in peftkit.adapter_state_dict(ours).items()}
-    assert shapes == {k: tuple(v.shape) for k, v in get_peft_model_state_dict(theirs).items()}
+    def layout(state):
+        return {k: (tuple(v.shape), v.dtype) if dtypes else tuple(v.shape) for k, v in state.items()}
+
+    assert layout(peftkit.adapter_state_dict(ours)) == layout(get_peft_model_state_dict(theirs))
     peftkit.save_adapter(ours, directory / "ours")
     theirs.save_pretrained(directory / "theirs")
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # neither library meets a key it does not know
+        for message in ignore:
+            warnings.filterwarnings("ignore", message, UserWarning)
         read_theirs = peft.PeftConfig.from_pretrained(directory / "ours")
         read_ours = peftkit.read_adapter_config(directory / "theirs")
     written = json.loads((directory / "theirs" / "adapter_config.json").read_text())
     for key in keys:
-        assert (
-            getattr(read_theirs, key) == getattr(ours_config, key) == getattr(read_ours, key) == written[key]
-        ), key
+        assert getattr(read_theirs, key) == getattr(read_ours, key) == written[key], key
+        assert not config_keys or getattr(ours_config, key) == written[key], key
