@@ -110,6 +110,11 @@ class AdapterConfig:
     inference_mode: bool = False
 
     def __post_init__(self) -> None:
+        # The reference writes null for an unset per-module pattern (rank_pattern, n_frequency_pattern ...):
+        # every method reads it as empty, so it is normalised here once.
+        for f in dataclasses.fields(self):
+            if f.name.endswith("_pattern") and f.default_factory is dict and getattr(self, f.name) is None:
+                setattr(self, f.name, {})
         if isinstance(self.target_modules, str) and self.target_modules.lower() == ALL_LINEAR:
             self.target_modules = ALL_LINEAR
         for name in ("target_modules", "exclude_modules", "modules_to_save", "layers_pattern"):

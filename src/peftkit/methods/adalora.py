@@ -132,11 +132,6 @@ class AdaLoraConfig(AdapterConfig):
         "use_dora": False,
     }
 
-    def __post_init__(self) -> None:
-        if self.rank_pattern is None:  # the reference's spelling of "not pruned"
-            self.rank_pattern = {}
-        super().__post_init__()
-
     @classmethod
     def normalise_reference(cls, data: dict[str, Any]) -> dict[str, Any]:
         data = dict(data)

@@ -81,11 +81,6 @@ class C3AConfig(AdapterConfig):
     target_roles: ClassVar[tuple[str, ...]] = LoraConfig.target_roles
     own_default_types: ClassVar[tuple[str, ...]] = LoraConfig.own_default_types
 
-    def __post_init__(self) -> None:
-        if self.block_size_pattern is None:
-            self.block_size_pattern = {}
-        super().__post_init__()
-
     def problems(self) -> list[str]:
         out = super().problems()
         out += checks.positive_ints(self, "block_size")

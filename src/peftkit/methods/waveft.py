@@ -110,11 +110,6 @@ class WaveFTConfig(AdapterConfig):
     target_roles: ClassVar[tuple[str, ...]] = FourierFTConfig.target_roles
     own_default_types: ClassVar[tuple[str, ...]] = FourierFTConfig.own_default_types
 
-    def __post_init__(self) -> None:
-        if self.n_frequency_pattern is None:
-            self.n_frequency_pattern = {}
-        super().__post_init__()
-
     def problems(self) -> list[str]:
         out = super().problems()
         out += checks.positive_ints(self, "n_frequency")
